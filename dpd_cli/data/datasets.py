@@ -1,0 +1,280 @@
+"""The dataset registry: every dataset becomes uint8 tensors ``[N, C, H, W]`` plus labels.
+
+Names: ``fashion-mnist-mini`` (embedded, offline), ``fashion-mnist``, ``mnist``, ``cifar10``,
+``cifar100``, ``svhn`` (torchvision; downloaded into the dataset cache on first use, or read
+from ``--data-dir``) and ``imagefolder`` (``<dir>/train/<class>/*`` and ``<dir>/test/<class>/*``;
+decoded once and cached).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpd_cli import paths
+from dpd_cli.errors import DataError
+
+__all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx"]
+
+MINI_DIR = Path(__file__).parent / "mini"
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+#: Per-channel (mean, std) of the training sets, in [0, 1] pixel units.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion-mnist-mini": ((0.2861,), (0.3530,)),
+    "fashion-mnist": ((0.2861,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class Dataset:
+    """A labelled image dataset held as uint8 tensors on the CPU."""
+
+    name: str
+    classes: list[str]
+    train_images: torch.Tensor  # (N, C, H, W) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor  # (M, C, H, W) uint8
+    test_labels: torch.Tensor  # (M,) int64
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.train_labels, minlength=self.n_classes).tolist()
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read one (optionally gzipped) IDX file, the MNIST family's format, as a uint8 tensor."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+            raise ValueError("not a uint8 IDX file")
+        shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+        n = 1
+        for s in shape:
+            n *= s
+        body = data[4 + 4 * ndim :]
+        if len(body) != n:
+            raise ValueError(f"expected {n} bytes of data, found {len(body)}")
+    except (OSError, ValueError, struct.error, EOFError) as e:
+        raise DataError(f"{path} is not a readable IDX file ({e}). Re-download the dataset or point --data-dir elsewhere.") from e
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_idx_dataset(name: str, folder: Path, classes: list[str]) -> Dataset:
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    found = {s: _find_idx(folder, s) for s in stems}
+    missing = [s for s, p in found.items() if p is None]
+    if missing:
+        raise DataError(
+            f"{folder} does not hold the {name} files: missing {', '.join(m + '[.gz]' for m in missing)}. "
+            f"Point --data-dir at the folder with the four IDX files, or leave it out to download."
+        )
+    tr_x, tr_y, te_x, te_y = (read_idx(found[s]) for s in stems)  # type: ignore[arg-type]
+    if tr_x.shape[0] != tr_y.shape[0] or te_x.shape[0] != te_y.shape[0]:
+        raise DataError(f"{folder}: image and label files of {name} have different lengths. Re-download the dataset.")
+    mean, std = NORMALIZATION[name]
+    return Dataset(name, classes, tr_x[:, None].contiguous(), tr_y.long(), te_x[:, None].contiguous(), te_y.long(), mean, std)
+
+
+def _torchvision(name: str, data_dir: Path | None) -> Dataset:
+    import torchvision.datasets as tvd
+
+    root = Path(data_dir) if data_dir is not None else paths.data_root()
+    download = data_dir is None
+    try:
+        if name in ("mnist", "fashion-mnist"):
+            cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+            # Files given directly (the four IDX files in data_dir) or torchvision's layout.
+            if data_dir is not None and _find_idx(root, "train-images-idx3-ubyte"):
+                folder = root
+            else:
+                cls(str(root), train=True, download=download)
+                cls(str(root), train=False, download=download)
+                folder = root / cls.__name__ / "raw"
+            classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
+            return _load_idx_dataset(name, folder, classes)
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            tr = cls(str(root), train=True, download=download)
+            te = cls(str(root), train=False, download=download)
+            to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731  (N,H,W,C) -> (N,C,H,W)
+            classes = list(tr.classes)
+            tr_x, tr_y, te_x, te_y = to_t(tr.data), torch.tensor(tr.targets), to_t(te.data), torch.tensor(te.targets)
+        elif name == "svhn":
+            tr = tvd.SVHN(str(root), split="train", download=download)
+            te = tvd.SVHN(str(root), split="test", download=download)
+            classes = [str(i) for i in range(10)]
+            tr_x, tr_y = torch.from_numpy(tr.data).contiguous(), torch.from_numpy(tr.labels)
+            te_x, te_y = torch.from_numpy(te.data).contiguous(), torch.from_numpy(te.labels)
+        else:  # pragma: no cover - guarded by settings validation
+            raise DataError(f"unknown dataset {name!r}")
+    except DataError:
+        raise
+    except (RuntimeError, OSError) as e:
+        how = "could not be downloaded" if download else f"was not found in {root}"
+        raise DataError(
+            f"Dataset {name} {how} ({e}). Download it on a machine with internet access and pass "
+            f"--data-dir to the folder holding it, or set DPD_DATA_ROOT."
+        ) from e
+    mean, std = NORMALIZATION[name]
+    return Dataset(name, classes, tr_x, tr_y.long(), te_x, te_y.long(), mean, std)
+
+
+def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    items = []
+    for label, c in enumerate(classes):
+        for f in sorted((split_dir / c).iterdir()):
+            if f.suffix.lower() in _IMAGE_SUFFIXES:
+                items.append((f, label))
+    return classes, items
+
+
+def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int] | None) -> torch.Tensor:
+    from PIL import Image
+
+    def one(item):
+        with Image.open(item[0]) as im:
+            im = im.convert(mode)
+            if size is not None and im.size != size:
+                im = im.resize(size, Image.BILINEAR)
+            return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.size[1], im.size[0], -1)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        arrays = list(pool.map(one, items))
+    return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
+
+
+def _imagefolder(data_dir: Path) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    from dpd_cli import storage
+
+    root = Path(data_dir)
+    train_dir, test_dir = root / "train", root / "test"
+    if not train_dir.is_dir() or not test_dir.is_dir():
+        raise DataError(
+            f"{root} is not an image folder: it needs train/<class>/<images> and test/<class>/<images>. "
+            f"For the CIFAR-10 JPEG copy, unpack the archive and point --data-dir at the unpacked folder."
+        )
+    classes, train_items = _list_images(train_dir)
+    test_classes, test_items = _list_images(test_dir)
+    if not classes or not train_items:
+        raise DataError(f"{train_dir} holds no class folders with images.")
+    if test_classes != classes:
+        raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
+    listing = hashlib.sha256()
+    for f, label in train_items + test_items:
+        st = f.stat()
+        listing.update(f"{f.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = paths.cache_root() / f"imagefolder-{listing.hexdigest()[:20]}.safetensors"
+    if cache.is_file():
+        try:
+            t, _ = storage.load_tensors(cache, "dpd.imagecache")
+            mean = tuple(t["mean"].tolist())
+            std = tuple(t["std"].tolist())
+            return Dataset("imagefolder", classes, t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], mean, std)
+        except Exception:  # a broken cache is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    try:
+        with Image.open(train_items[0][0]) as im:
+            mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
+            size = im.size
+        tr_x = _decode(train_items, mode, size)
+        te_x = _decode(test_items, mode, size)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"Could not decode an image under {root}: {e}. Remove or fix that file.") from e
+    tr_y = torch.tensor([lab for _, lab in train_items])
+    te_y = torch.tensor([lab for _, lab in test_items])
+    pixels = tr_x.double() / 255
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    try:
+        storage.save_tensors(
+            cache,
+            {"train_images": tr_x, "train_labels": tr_y, "test_images": te_x, "test_labels": te_y,
+             "mean": torch.tensor(mean), "std": torch.tensor(std)},
+            "dpd.imagecache",
+            {"source": str(root.resolve()), "classes": classes},
+        )
+    except Exception:  # the cache is an optimisation; an unwritable cache dir must not stop the run
+        pass
+    return Dataset("imagefolder", classes, tr_x, tr_y, te_x, te_y, mean, std)
+
+
+def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
+    counts = ds.class_counts()
+    if min(counts) < per_class:
+        raise DataError(
+            f"--train-per-class {per_class} is more than the smallest class of {ds.name} holds ({min(counts)}). "
+            f"Use at most {min(counts)}."
+        )
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(ds.n_classes):
+        idx = torch.nonzero(ds.train_labels == c).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    keep_t = torch.cat(keep).sort().values
+    return Dataset(ds.name, ds.classes, ds.train_images[keep_t], ds.train_labels[keep_t], ds.test_images, ds.test_labels, ds.mean, ds.std)
+
+
+def load_dataset(name: str, data_dir: Path | None = None, train_per_class: int | None = None, seed: int = 0) -> Dataset:
+    """Load a dataset from the registry.
+
+    Args:
+        name: A registry name (``dpd_cli.settings.DATASET_NAMES``).
+        data_dir: Folder with the dataset's files; ``None`` uses the cache and downloads.
+        train_per_class: Keep this many training images per class (seeded, class-balanced).
+        seed: Seed of that subset.
+
+    Returns:
+        The dataset as CPU uint8 tensors.
+
+    Raises:
+        DataError: Unknown name, missing or unreadable files, failed download.
+    """
+    if data_dir is not None and not Path(data_dir).exists():
+        raise DataError(f"--data-dir {data_dir} does not exist. Point it at the folder holding the {name} files.")
+    if name == "fashion-mnist-mini":
+        ds = _load_idx_dataset(name, MINI_DIR, FASHION_CLASSES)
+    elif name == "imagefolder":
+        if data_dir is None:
+            raise DataError("Dataset imagefolder needs --data-dir with train/<class>/ and test/<class>/ folders.")
+        ds = _imagefolder(Path(data_dir))
+    else:
+        ds = _torchvision(name, data_dir)
+    if train_per_class is not None:
+        ds = _per_class_subset(ds, train_per_class, seed)
+    return ds

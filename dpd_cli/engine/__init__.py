@@ -1,0 +1,1 @@
+"""The engine: experts, distillation, evaluation. No Typer or Rich in here."""

@@ -1,0 +1,94 @@
+"""Small pieces every engine entry point uses: devices, threads, seeds, data on device."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+
+import torch
+
+from dpd_cli import __version__
+from dpd_cli.data import Dataset, Preprocess, fit_zca
+from dpd_cli.errors import DataError, DeviceError
+from dpd_cli.models import ModelSpec, default_depth
+
+__all__ = ["resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions", "distributed_shard"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            built = "built with CUDA " + torch.version.cuda if torch.version.cuda else "built without CUDA"
+            raise DeviceError(f"--device {name} was asked for, but no CUDA GPU is available (torch {torch.__version__}, {built}). Use --device cpu or --device auto.")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0.")
+        return dev
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError("--device mps was asked for, but MPS is not available. Use --device cpu or auto.")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_threads(threads: int | None) -> int:
+    """Use one intra-op thread per available core unless told otherwise (oversubscription is slow).
+
+    Under torchrun the cores are split between the local ranks.
+    """
+    if threads:
+        n = threads
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n)
+    return n
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed derived from ``seed`` and any keys, stable across runs and platforms."""
+    h = hashlib.sha256(repr((seed,) + keys).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def build_preprocess(ds: Dataset, zca: bool) -> Preprocess:
+    pre = Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std))
+    if zca:
+        pre.zca_mean, pre.zca_matrix, pre.zca_inverse = fit_zca(pre.normalize(ds.train_images))
+    return pre
+
+
+def model_spec(settings, ds: Dataset, name: str | None = None) -> ModelSpec:
+    c, h, w = ds.image_shape
+    depth = settings.depth or default_depth((h, w))
+    spec = ModelSpec(name or settings.model, c, (h, w), ds.n_classes, settings.width, depth, settings.norm, settings.pool)
+    if spec.name == "convnet":
+        side = min(h, w) + (4 if (c == 1 and (h, w) == (28, 28)) else 0)
+        if side >> depth < 1:
+            raise DataError(f"--depth {depth} is too deep for {h}x{w} images: use at most {max(1, side.bit_length() - 1)}.")
+    return spec
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+
+    return {
+        "dpd": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def distributed_shard() -> tuple[int, int]:
+    """``(rank, world size)`` from torchrun's environment; ``(0, 1)`` under plain python."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

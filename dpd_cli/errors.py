@@ -1,0 +1,60 @@
+"""User-facing errors.
+
+The engine raises these; ``dpd_cli.cli.app`` turns them into a one-paragraph message on
+stderr and exit code 2. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "UserError",
+    "SettingsError",
+    "DataError",
+    "ExpertsError",
+    "StorageError",
+    "OutputExistsError",
+    "DeviceError",
+    "DivergedError",
+    "EXIT_OK",
+    "EXIT_USER_ERROR",
+    "EXIT_BELOW_THRESHOLD",
+    "EXIT_INTERRUPTED",
+]
+
+#: Exit codes of the ``dpd`` command (also documented in docs/guide.md).
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_BELOW_THRESHOLD = 3  # ``dpd evaluate --fail-under`` and the mean accuracy was lower
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Something the user can fix: the message says what is wrong and how to fix it."""
+
+
+class SettingsError(UserError):
+    """Invalid flags, environment variables or config file."""
+
+
+class DataError(UserError):
+    """A dataset is unknown, missing or unusable for the request."""
+
+
+class ExpertsError(UserError):
+    """No experts, or experts that do not fit the settings."""
+
+
+class StorageError(UserError):
+    """A file is missing, corrupted, foreign, or cannot be written."""
+
+
+class OutputExistsError(UserError):
+    """An output already exists and neither ``--force`` nor ``--resume`` was given."""
+
+
+class DeviceError(UserError):
+    """The requested device is not available."""
+
+
+class DivergedError(UserError):
+    """Distillation produced a NaN/Inf loss or a non-positive learning rate."""

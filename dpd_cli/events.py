@@ -1,0 +1,176 @@
+"""Typed progress events the engine emits and the views (Rich, plain, JSON, tests) consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "Event",
+    "Sink",
+    "ListSink",
+    "NullSink",
+    "Message",
+    "ExpertsStarted",
+    "ExpertSkipped",
+    "ExpertStarted",
+    "ExpertEpoch",
+    "ExpertDone",
+    "DistillStarted",
+    "DistillIteration",
+    "CheckpointSaved",
+    "DistillDone",
+    "EvalStarted",
+    "EvalEpoch",
+    "EvalRunDone",
+    "EvalDone",
+]
+
+
+class Event:
+    """Base class of every event."""
+
+
+class Sink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+class NullSink:
+    def emit(self, event: Event) -> None:
+        pass
+
+
+class ListSink:
+    """Collects events; for tests and library use."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+@dataclass
+class Message(Event):
+    text: str
+    level: str = "info"  # info | warning
+
+
+# --- experts -----------------------------------------------------------------------------
+@dataclass
+class ExpertsStarted(Event):
+    folder: str
+    indices: list[int]  # experts this process will train (its shard, unfinished ones)
+    total: int
+    epochs: int
+    n_params: int
+    device: str
+
+
+@dataclass
+class ExpertSkipped(Event):
+    index: int
+    path: str
+
+
+@dataclass
+class ExpertStarted(Event):
+    index: int
+
+
+@dataclass
+class ExpertEpoch(Event):
+    index: int
+    epoch: int
+    epochs: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    images_per_s: float
+
+
+@dataclass
+class ExpertDone(Event):
+    index: int
+    path: str
+    test_acc: float
+    seconds: float
+
+
+# --- distill -----------------------------------------------------------------------------
+@dataclass
+class DistillStarted(Event):
+    run_dir: str
+    start_iteration: int
+    iterations: int
+    layers: list[tuple[str, int]]  # (name, size)
+    n_params: int
+    n_images: int
+    n_experts: int
+    device: str
+    memory: str
+    prune_ratio: float
+
+
+@dataclass
+class DistillIteration(Event):
+    iteration: int  # 1-based count of finished iterations
+    iterations: int
+    loss: float
+    lr: float
+    start_epoch: int
+    pruned: list[int]  # per layer, this iteration
+    pruned_total: list[int]  # per layer, summed over the run so far
+    iterations_done: int  # iterations counted in pruned_total
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointSaved(Event):
+    iteration: int
+    path: str
+
+
+@dataclass
+class DistillDone(Event):
+    run_dir: str
+    iteration: int
+    loss: float
+    lr: float
+    seconds: float
+
+
+# --- evaluate ----------------------------------------------------------------------------
+@dataclass
+class EvalStarted(Event):
+    jobs: list[tuple[str, str, int]]  # (source, model, run index)
+    epochs: int
+    device: str
+
+
+@dataclass
+class EvalEpoch(Event):
+    source: str
+    model: str
+    run: int
+    epoch: int
+    epochs: int
+    loss: float
+
+
+@dataclass
+class EvalRunDone(Event):
+    source: str
+    model: str
+    run: int
+    accuracy: float
+    seconds: float
+
+
+@dataclass
+class EvalDone(Event):
+    results: list[dict]

@@ -1,0 +1,171 @@
+"""Network definitions, sized from the image shape (28-64 px) and built from a plain spec.
+
+The ConvNet follows MTT/DC: ``depth`` x [conv3x3(width) -> norm -> ReLU -> pool 2x2], then a
+linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT.
+Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 32 px.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a network; stored as JSON in every file."""
+
+    name: str
+    channels: int
+    image_size: tuple[int, int]
+    n_classes: int
+    width: int = 128
+    depth: int = 3
+    norm: str = "instance"
+    pool: str = "avg"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
+
+    def tag(self) -> str:
+        """Folder-friendly name, e.g. ``convnet-w128-d3-instance-avg``."""
+        if self.name == "convnet":
+            return f"convnet-w{self.width}-d{self.depth}-{self.norm}-{self.pool}"
+        return f"{self.name}-{self.norm}"
+
+
+def default_depth(image_size: tuple[int, int]) -> int:
+    """ConvNet depth from resolution: 3 for 28-32 px, 4 for 64 px (MTT), within [1, 5]."""
+    side = min(image_size)
+    if side == 28:
+        side = 32  # the first conv pads 28 px grayscale images to 32 px
+    return max(1, min(5, round(math.log2(side)) - 2))
+
+
+def _norm(kind: str, c: int) -> nn.Module:
+    if kind == "instance":
+        return nn.GroupNorm(c, c, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(c)
+    return nn.Identity()
+
+
+class ConvNet(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        c, (h, w) = spec.channels, spec.image_size
+        for d in range(spec.depth):
+            pad = 3 if (d == 0 and spec.channels == 1 and spec.image_size == (28, 28)) else 1
+            self.add_module(f"conv{d + 1}", nn.Conv2d(c, spec.width, 3, padding=pad))
+            self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width))
+            self.add_module(f"act{d + 1}", nn.ReLU(inplace=True))
+            self.add_module(f"pool{d + 1}", nn.AvgPool2d(2, 2) if spec.pool == "avg" else nn.MaxPool2d(2, 2))
+            h, w = (h + 2 * pad - 2) // 2, (w + 2 * pad - 2) // 2
+            c = spec.width
+        if h < 1 or w < 1:
+            raise ValueError(f"ConvNet depth {spec.depth} is too deep for {spec.image_size} images")
+        self.depth = spec.depth
+        self.fc = nn.Linear(c * h * w, spec.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for d in range(1, self.depth + 1):
+            x = getattr(self, f"pool{d}")(getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x))))
+        return self.fc(x.flatten(1))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = _norm(norm, cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (3x3 stem, no max-pool), as in the DC/MTT benchmarks."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.conv1 = nn.Conv2d(spec.channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = _norm(spec.norm, 64)
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
+            blocks.append(_BasicBlock(cin, cout, stride, spec.norm))
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, spec.n_classes)
+
+    def forward(self, x):
+        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class VGG11(nn.Module):
+    """VGG-11 with the chosen norm; pools are skipped once the feature map is 1 px."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        layers, c, side = [], spec.channels, min(spec.image_size)
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+            if v == "M":
+                if side >= 2:
+                    layers.append(nn.MaxPool2d(2, 2))
+                    side //= 2
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), _norm(spec.norm, v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, spec.n_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class AlexNet(nn.Module):
+    """The small-image AlexNet of the DC benchmark (no norm layers)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        pad = 4 if spec.channels == 1 else 2
+        self.features = nn.Sequential(
+            nn.Conv2d(spec.channels, 128, 5, 1, pad), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 192, 5, 1, 2), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(192, 256, 3, 1, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 192, 3, 1, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(192, 192, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+        )
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, spec.channels, *spec.image_size)).numel()
+        self.fc = nn.Linear(n, spec.n_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+_BUILDERS = {"convnet": ConvNet, "resnet18": ResNet18, "vgg11": VGG11, "alexnet": AlexNet}
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the network for ``spec`` with PyTorch's default initialisation (seed beforehand)."""
+    return _BUILDERS[spec.name](spec)

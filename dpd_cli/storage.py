@@ -1,0 +1,297 @@
+"""All file I/O: safetensors with validated metadata, atomic writes, locks, lazy slices.
+
+Every format written here carries ``format`` and ``format_version`` in its metadata; other
+metadata values are JSON. Loading validates the header before any tensor is touched and
+never unpickles anything.
+
+Example:
+    >>> save_tensors(path, {"images": x}, "dpd.synthetic", {"dataset": "cifar10"})
+    >>> tensors, meta = load_tensors(path, "dpd.synthetic")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpd_cli import __version__
+from dpd_cli.errors import OutputExistsError, StorageError
+
+__all__ = [
+    "FORMAT_VERSIONS",
+    "atomic_write",
+    "atomic_write_text",
+    "save_tensors",
+    "load_tensors",
+    "read_header",
+    "TensorFile",
+    "lock_dir",
+]
+
+#: The version of each format this release writes and reads.
+FORMAT_VERSIONS = {
+    "dpd.trajectory": 1,
+    "dpd.synthetic": 1,
+    "dpd.checkpoint": 1,
+    "dpd.prune_counts": 1,
+    "dpd.imagecache": 1,
+    "dpd.preprocess": 1,
+}
+
+_MAX_HEADER = 64 * 1024 * 1024  # bytes; safetensors' own limit is 100 MB
+_RESERVED = ("format", "format_version", "dpd_version")
+
+
+def _hint_for(fmt: str) -> str:
+    return {
+        "dpd.trajectory": "Delete it and rerun `dpd experts` (finished experts are skipped).",
+        "dpd.synthetic": "Rerun `dpd distill` with --resume to rewrite it from the last checkpoint.",
+        "dpd.checkpoint": "Delete the checkpoints/ folder's broken file; --resume falls back to an older one.",
+    }.get(fmt, "Delete it and recreate it with dpd.")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """Write ``path`` through a temporary file in the same folder, fsync, then rename.
+
+    A killed process leaves either the old file or the new one, never a partial one.
+
+    Raises:
+        StorageError: The folder is missing, read-only or the disk is full.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise StorageError(_os_message(path, e)) from e
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise StorageError(_os_message(path, e)) from e
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(p: str | Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(p)
+
+
+def _os_message(path: Path, e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"No space left on the device while writing {path}. Free some space and rerun (add --resume where it applies)."
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Cannot write {path}: {e.strerror}. Choose a writable output folder (--out) or fix its permissions."
+    return f"Cannot write {path}: {e.strerror or e}. Check the output folder."
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def _encode_meta(fmt: str, meta: Mapping[str, Any]) -> dict[str, str]:
+    out = {"format": fmt, "format_version": str(FORMAT_VERSIONS[fmt]), "dpd_version": __version__}
+    for k, v in meta.items():
+        if k in _RESERVED:
+            raise ValueError(f"metadata key {k!r} is reserved")
+        out[k] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta: Mapping[str, Any] | None = None) -> None:
+    """Save tensors atomically as safetensors, with JSON metadata.
+
+    Example:
+        >>> save_tensors(Path("x.safetensors"), {"a": torch.zeros(2)}, "dpd.synthetic", {"note": 1})
+    """
+    from safetensors.torch import save
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    blob = save(clean, metadata=_encode_meta(fmt, meta or {}))
+    with atomic_write(Path(path)) as f:
+        f.write(blob)
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read and check a safetensors header without loading tensors.
+
+    Returns:
+        ``(tensor entries {name: {dtype, shape, data_offsets}}, raw metadata)``.
+
+    Raises:
+        StorageError: Missing, truncated, foreign or inconsistent file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StorageError(f"{path} does not exist.")
+    if path.is_dir():
+        raise StorageError(f"{path} is a folder, not a safetensors file.")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise StorageError(f"{path} is empty or truncated ({size} bytes): not a safetensors file.")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or n > size - 8:
+                raise StorageError(f"{path} is not a valid safetensors file (header length {n} does not fit a {size}-byte file); it may be truncated or of another format.")
+            raw = f.read(n)
+    except OSError as e:
+        raise StorageError(f"Cannot read {path}: {e.strerror or e}.") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StorageError(f"{path} is not a valid safetensors file: its header is not JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise StorageError(f"{path} is not a valid safetensors file: its header is not a table.")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise StorageError(f"{path} has malformed metadata (must map text to text).")
+    end = 0
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise StorageError(f"{path}: tensor entry {name!r} is malformed.")
+        end = max(end, int(entry["data_offsets"][1]))
+    if 8 + n + end != size:
+        raise StorageError(f"{path} is truncated or padded: the header describes {8 + n + end} bytes, the file has {size}. {_hint_for(meta.get('format', ''))}")
+    return header, meta
+
+
+def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, Any]:
+    found = raw.get("format")
+    if fmt is not None and found != fmt:
+        what = f"a {found!r} file" if found else "not a file written by dpd"
+        raise StorageError(f"{path} is {what}; expected a {fmt!r} file. Check the path.")
+    if found in FORMAT_VERSIONS:
+        version = raw.get("format_version", "")
+        if version != str(FORMAT_VERSIONS[found]):
+            raise StorageError(
+                f"{path} is {found} format version {version or '?'}, this dpd ({__version__}) reads version "
+                f"{FORMAT_VERSIONS[found]}. Use the dpd version that wrote it, or recreate the file."
+            )
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in _RESERVED:
+            meta[k] = v
+            continue
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            raise StorageError(f"{path}: metadata entry {k!r} is not valid JSON. {_hint_for(found or '')}") from None
+    return meta
+
+
+def load_tensors(path: Path, fmt: str | None = None, required: Mapping[str, tuple[torch.dtype, int | None]] | None = None):
+    """Load every tensor of a safetensors file after validating its header.
+
+    Args:
+        path: The file.
+        fmt: Expected ``format`` metadata (``None`` accepts any).
+        required: ``{name: (dtype, ndim or None)}`` that must be present.
+
+    Returns:
+        ``(tensors, metadata)`` with metadata values decoded from JSON.
+
+    Raises:
+        StorageError: Anything wrong with the file, naming the path.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    header, raw = read_header(path)
+    meta = _decode_meta(path, raw, fmt)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise StorageError(f"{path} is corrupted ({e}). {_hint_for(fmt or '')}") from e
+    for name, (dtype, ndim) in (required or {}).items():
+        t = tensors.get(name)
+        if t is None:
+            raise StorageError(f"{path} lacks the tensor {name!r}. {_hint_for(fmt or '')}")
+        if t.dtype != dtype or (ndim is not None and t.dim() != ndim):
+            raise StorageError(f"{path}: tensor {name!r} is {t.dtype} with shape {tuple(t.shape)}; expected {dtype} with {ndim} dimensions.")
+    return tensors, meta
+
+
+class TensorFile:
+    """A safetensors file opened for lazy reads (``safe_open`` + ``get_slice``).
+
+    Example:
+        >>> with TensorFile(path, "dpd.trajectory") as f:
+        ...     rows = f.rows("trajectory", [3, 5])   # reads two rows, not the file
+    """
+
+    def __init__(self, path: Path, fmt: str | None = None):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self.header, raw = read_header(self.path)
+        self.meta = _decode_meta(self.path, raw, fmt)
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+        except Exception as e:  # SafetensorError and OS errors
+            raise StorageError(f"{self.path} cannot be opened ({e}).") from e
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        sl = self._handle.get_slice(name)
+        return torch.stack([sl[i : i + 1][0] for i in indices])
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def lock_dir(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` for the duration; a second process gets a clear error.
+
+    Uses ``flock``: the kernel releases it when the process dies, so a kill leaves no stale lock.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise StorageError(_os_message(folder / ".lock", e)) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(
+                f"Another dpd process is writing {what} in {folder}. Wait for it to finish, or choose another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
