@@ -152,13 +152,19 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     init: Literal["real", "noise"] = Field("real", description="Initialise images from real samples or noise.")
     dsa: bool = Field(True, description="Differentiable siamese augmentation in student steps.")
     checkpoint_every: int = Field(100, ge=1, description="Iterations between checkpoints.")
-    log_every: int = Field(10, ge=1, description="Iterations between metric flushes (host syncs).")
+    log_every: int | None = Field(
+        None, ge=1, description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU)."
+    )
     out: Path | None = Field(None, description="Run directory (default: runs/<dataset>-ipc<ipc>-rho<ratio>-s<seed>).")
+    resume: bool = Field(False, description="Continue the run in --out from its last checkpoint.")
+    force: bool = Field(False, description="Overwrite an existing run in --out.")
 
     @model_validator(mode="after")
-    def _start_epochs(self) -> "DistillSettings":
-        if self.batch_syn is not None and self.batch_syn > self.ipc * 1000:
-            raise ValueError("--batch-syn is larger than any synthetic set this IPC can make")
+    def _flags_agree(self) -> "DistillSettings":
+        if self.resume and self.force:
+            raise ValueError("can't use both --resume and --force: --resume continues the run, --force starts it over")
+        if self.prune_warmup >= self.iterations and self.prune_ratio > 0:
+            raise ValueError(f"--prune-warmup {self.prune_warmup} leaves no pruned iteration of {self.iterations}")
         return self
 
 

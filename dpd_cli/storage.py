@@ -48,6 +48,13 @@ FORMAT_VERSIONS = {
     "dpd.preprocess": 1,
 }
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # mkstemp creates 0600; outputs get the usual mode
 _MAX_HEADER = 64 * 1024 * 1024  # bytes; safetensors' own limit is 100 MB
 _RESERVED = ("format", "format_version", "dpd_version")
 
@@ -76,6 +83,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
     except OSError as e:
         raise StorageError(_os_message(path, e)) from e
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

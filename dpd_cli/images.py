@@ -1,0 +1,42 @@
+"""Image grids as PNG (rows = classes), written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dpd_cli.storage import atomic_write
+
+__all__ = ["save_grid"]
+
+
+def save_grid(images01: torch.Tensor, labels: torch.Tensor, n_classes: int, path: Path, max_per_class: int = 10, scale: int = 2) -> Path:
+    """Save pixels in [0, 1] ``(n, C, H, W)`` as a grid, one row per class, upscaled ``scale`` x.
+
+    Returns:
+        The path written.
+    """
+    from PIL import Image
+
+    images01 = images01.detach().float().cpu().clamp(0, 1)
+    rows = []
+    per_class = 0
+    for c in range(n_classes):
+        sel = images01[labels.cpu() == c][:max_per_class]
+        rows.append(sel)
+        per_class = max(per_class, len(sel))
+    n, ch, h, w = len(rows), images01.shape[1], images01.shape[2], images01.shape[3]
+    pad = 2
+    canvas = torch.ones(ch, n * (h + pad) + pad, per_class * (w + pad) + pad)
+    for r, sel in enumerate(rows):
+        for k, img in enumerate(sel):
+            y, x = pad + r * (h + pad), pad + k * (w + pad)
+            canvas[:, y : y + h, x : x + w] = img
+    arr = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    im = Image.fromarray(arr[:, :, 0] if ch == 1 else arr, mode="L" if ch == 1 else "RGB")
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    with atomic_write(Path(path)) as f:
+        im.save(f, format="PNG")
+    return Path(path)
