@@ -387,3 +387,19 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     storage.atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def summarize(run_dir: Path) -> dict:
+    """A short description of a finished or partial run, from its files."""
+    run_dir = Path(run_dir)
+    t, meta = load_synthetic(run_dir / SYNTHETIC)
+    return {
+        "run_dir": str(run_dir),
+        "synthetic": str(run_dir / SYNTHETIC),
+        "dataset": meta["dataset"],
+        "n_images": len(t["labels"]),
+        "ipc": meta.get("ipc"),
+        "iteration": meta.get("iteration"),
+        "iterations": meta.get("iterations"),
+        "lr": float(t["lr"]),
+    }

@@ -254,3 +254,31 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def summarize(folder: Path) -> dict:
+    """What is in an experts folder, from metadata only (no trajectory is loaded)."""
+    folder = Path(folder)
+    out: dict = {"folder": str(folder), "experts": []}
+    mpath = folder / MANIFEST
+    if mpath.exists():
+        try:
+            out["compat"] = json.loads(mpath.read_text())["compat"]
+        except (OSError, ValueError, KeyError, TypeError):
+            out["compat"] = None
+    for f in sorted(folder.glob("expert_*.safetensors")):
+        try:
+            header, raw = storage.read_header(f)
+            tf = storage.TensorFile(f, TRAJECTORY)
+            acc = tf.meta.get("test_accuracy") or [float("nan")]
+            out["experts"].append({
+                "file": f.name,
+                "index": tf.meta.get("index"),
+                "epochs": tf.meta.get("epochs"),
+                "final_test_accuracy": acc[-1],
+                "train_images_per_s": tf.meta.get("train_images_per_s"),
+            })
+            tf.close()
+        except StorageError as e:
+            out.setdefault("invalid", []).append({"file": f.name, "error": str(e)})
+    return out

@@ -1,0 +1,50 @@
+"""The ``dpd`` command: one Typer app, one module per command."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dpd_cli import __version__
+from dpd_cli.cli.distill import distill
+from dpd_cli.cli.evaluate import evaluate
+from dpd_cli.cli.experts import experts
+from dpd_cli.cli.inspect import inspect
+
+app = typer.Typer(
+    name="dpd",
+    help="Dataset distillation by trajectory matching with Difference-Driven Pruning.\n\n"
+    "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR.\n\n"
+    "Exit codes: 0 ok, 2 user error, 3 accuracy below --fail-under, 130 interrupted; anything else is a bug.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dpd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    pass
+
+
+app.command(no_args_is_help=False)(experts)
+app.command()(distill)
+app.command()(evaluate)
+app.command()(inspect)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

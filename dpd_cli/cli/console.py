@@ -1,0 +1,285 @@
+"""Consoles and progress views: Rich live views on a terminal, plain lines otherwise, nothing with --quiet.
+
+Progress and diagnostics go to stderr; results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import deque
+from functools import cache
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from dpd_cli.events import (
+    CheckpointSaved,
+    DistillDone,
+    DistillIteration,
+    DistillStarted,
+    EvalDone,
+    EvalEpoch,
+    EvalRunDone,
+    EvalStarted,
+    Event,
+    ExpertDone,
+    ExpertEpoch,
+    ExpertsStarted,
+    ExpertSkipped,
+    ExpertStarted,
+    Message,
+    NullSink,
+)
+
+__all__ = ["error_console", "out_console", "make_sink", "print_json", "sparkline"]
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+@cache
+def error_console() -> Console:
+    return Console(stderr=True)
+
+
+@cache
+def out_console() -> Console:
+    return Console()
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """Unicode sparkline of ``values``, averaged down to at most ``width`` points."""
+    vals = [v for v in values if math.isfinite(v)]
+    if len(vals) > width:
+        chunks = [vals[i * len(vals) // width : (i + 1) * len(vals) // width] for i in range(width)]
+        vals = [sum(c) / len(c) for c in chunks if c]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    return "".join(_SPARK[round((v - lo) / span * (len(_SPARK) - 1))] for v in vals)
+
+
+def make_sink(kind: str, quiet: bool, json_mode: bool = False):
+    """The progress sink for a command: Rich live view on a TTY, plain lines otherwise, none when quiet."""
+    if quiet or json_mode:
+        return NullSink()
+    con = error_console()
+    interactive = con.is_terminal and not con.is_dumb_terminal
+    views = {"experts": (ExpertsLive, ExpertsPlain), "distill": (DistillLive, DistillPlain), "evaluate": (EvalLive, EvalPlain)}
+    live_cls, plain_cls = views[kind]
+    return live_cls(con) if interactive else plain_cls(con)
+
+
+class _Plain:
+    def __init__(self, console: Console):
+        self.c = console
+
+    def line(self, text: str) -> None:
+        self.c.print(text, highlight=False, soft_wrap=True)
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, Message):
+            self.line(("Warning: " if event.level == "warning" else "") + event.text)
+            return
+        self.handle(event)
+
+    def handle(self, event: Event) -> None:  # pragma: no cover - overridden
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# --- experts --------------------------------------------------------------------------------
+class ExpertsPlain(_Plain):
+    def handle(self, e: Event) -> None:
+        if isinstance(e, ExpertsStarted):
+            self.line(f"experts: {len(e.indices)} to train of {e.total} in {e.folder} ({e.epochs} epochs, {e.n_params:,} parameters, {e.device})")
+        elif isinstance(e, ExpertSkipped):
+            self.line(f"expert {e.index}: already finished, skipped")
+        elif isinstance(e, ExpertEpoch):
+            self.line(f"expert {e.index} epoch {e.epoch}/{e.epochs}: loss {e.train_loss:.4f} train {e.train_acc:.1%} test {e.test_acc:.1%} ({e.images_per_s:,.0f} img/s)")
+        elif isinstance(e, ExpertDone):
+            self.line(f"expert {e.index}: done, test accuracy {e.test_acc:.1%} ({e.seconds:.1f} s) -> {e.path}")
+
+
+class ExpertsLive(_Plain):
+    def __init__(self, console: Console):
+        super().__init__(console)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.live: Live | None = None
+        self.status = Text("")
+        self.t_experts = self.t_epochs = None
+
+    def handle(self, e: Event) -> None:
+        if isinstance(e, ExpertsStarted):
+            self.line(f"Training {len(e.indices)} of {e.total} experts into {e.folder} ({e.n_params:,} parameters, {e.device})")
+            self.t_experts = self.progress.add_task("experts", total=len(e.indices))
+            self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
+            self.live = Live(Group(self.progress, self.status), console=self.c, refresh_per_second=4, transient=False)
+            self.live.start()
+        elif isinstance(e, ExpertSkipped):
+            self.line(f"expert {e.index}: already finished, skipped")
+        elif isinstance(e, ExpertStarted) and self.t_epochs is not None:
+            self.progress.reset(self.t_epochs)
+            self.progress.update(self.t_epochs, description=f"expert {e.index}")
+        elif isinstance(e, ExpertEpoch):
+            self.progress.update(self.t_epochs, completed=e.epoch)
+            self.status.plain = f"loss {e.train_loss:.4f}   train {e.train_acc:.1%}   test {e.test_acc:.1%}   {e.images_per_s:,.0f} img/s"
+        elif isinstance(e, ExpertDone):
+            self.progress.advance(self.t_experts)
+            self.c.print(f"expert {e.index}: test accuracy {e.test_acc:.1%} ({e.seconds:.1f} s)", highlight=False)
+
+    def close(self) -> None:
+        if self.live:
+            self.live.stop()
+
+
+# --- distill --------------------------------------------------------------------------------
+def _trend(losses: deque) -> str:
+    if len(losses) < 4:
+        return ""
+    half = len(losses) // 2
+    a = sum(list(losses)[:half]) / half
+    b = sum(list(losses)[half:]) / (len(losses) - half)
+    change = (b - a) / abs(a) if a else 0.0
+    return "↓" if change < -0.01 else "↑" if change > 0.01 else "→"
+
+
+class DistillPlain(_Plain):
+    """Periodic lines: about 20 per run, and at least one every 30 s."""
+
+    def handle(self, e: Event) -> None:
+        if isinstance(e, DistillStarted):
+            self.start = e
+            self.every = max(1, (e.iterations - e.start_iteration) // 20)
+            self.t_last = time.monotonic()
+            self.losses: deque = deque(maxlen=50)
+            what = "resuming at" if e.start_iteration else "starting"
+            self.line(f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
+                      f"{e.n_experts} experts, rho {e.prune_ratio:g}, memory {e.memory}, {e.device} -> {e.run_dir}")
+        elif isinstance(e, DistillIteration):
+            self.losses.append(e.loss)
+            now = time.monotonic()
+            if e.iteration % self.every == 0 or e.iteration == e.iterations or now - self.t_last > 30:
+                self.t_last = now
+                total = sum(e.pruned)
+                self.line(f"iter {e.iteration}/{e.iterations}: loss {e.loss:.4f} (mean {sum(self.losses) / len(self.losses):.4f}) "
+                          f"alpha {e.lr:.5g} start {e.start_epoch} pruned {total:,} ({total / self.start.n_params:.2%}) {e.seconds:.2f} s/it")
+        elif isinstance(e, DistillDone):
+            self.line(f"distill: done, {e.iteration} iterations in {e.seconds:.0f} s -> {e.run_dir}")
+
+
+class DistillLive(_Plain):
+    MAX_ROWS = 14
+
+    def __init__(self, console: Console):
+        super().__init__(console)
+        self.progress = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        self.live: Live | None = None
+        self.losses: deque = deque(maxlen=50)
+        self.last: DistillIteration | None = None
+        self.ckpt = ""
+
+    def handle(self, e: Event) -> None:
+        if isinstance(e, DistillStarted):
+            self.start = e
+            self.task = self.progress.add_task("distill", total=e.iterations, completed=e.start_iteration, rate="")
+            self.t0, self.i0 = time.monotonic(), e.start_iteration
+            self.live = Live(self.render(), console=self.c, refresh_per_second=4)
+            self.live.start()
+        elif isinstance(e, DistillIteration):
+            self.losses.append(e.loss)
+            self.last = e
+            rate = (e.iteration - self.i0) / max(1e-9, time.monotonic() - self.t0)
+            self.progress.update(self.task, completed=e.iteration, rate=f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it")
+            if self.live:
+                self.live.update(self.render())
+        elif isinstance(e, CheckpointSaved):
+            self.ckpt = f"checkpoint @ {e.iteration}"
+        elif isinstance(e, DistillDone):
+            self.close()
+            self.line(f"Done: {e.iteration} iterations in {e.seconds:.0f} s, final loss {e.loss:.4f}, alpha {e.lr:.5g} -> {e.run_dir}")
+
+    def render(self):
+        s = self.start
+        parts = [self.progress]
+        e = self.last
+        if e is not None:
+            mean = sum(self.losses) / len(self.losses)
+            parts.append(Text.from_markup(
+                f"loss [bold]{e.loss:.4f}[/]  mean(last {len(self.losses)}) {mean:.4f} {_trend(self.losses)}   "
+                f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}   {s.memory} memory   {self.ckpt}"))
+            table = Table(title=None, expand=False, pad_edge=False, show_edge=False)
+            table.add_column("layer")
+            table.add_column("size", justify="right")
+            table.add_column("pruned now", justify="right")
+            table.add_column("%", justify="right")
+            table.add_column("mean % so far", justify="right")
+            table.add_column("")
+            rows = []
+            for (name, size), now, total in zip(s.layers, e.pruned, e.pruned_total, strict=True):
+                mean_pct = 100 * total / (size * e.iterations_done) if e.iterations_done else 0.0
+                rows.append((mean_pct, name, size, now))
+            rows.sort(key=lambda r: -r[0])
+            top = max((r[0] for r in rows), default=0.0) or 1.0
+            for rank, (mean_pct, name, size, now) in enumerate(rows[: self.MAX_ROWS]):
+                style = "bold red" if rank < 3 and mean_pct > 0 else ""
+                bar = "█" * int(round(12 * mean_pct / top)) if mean_pct > 0 else ""
+                table.add_row(Text(name, style=style), f"{size:,}", f"{now:,}", f"{100 * now / size:.1f}", f"{mean_pct:.2f}", Text(bar, style="red"))
+            if len(rows) > self.MAX_ROWS:
+                table.add_row(f"... {len(rows) - self.MAX_ROWS} more layers", "", "", "", "", "")
+            parts.append(table)
+        return Group(*parts)
+
+    def close(self) -> None:
+        if self.live:
+            self.live.stop()
+            self.live = None
+
+
+# --- evaluate -------------------------------------------------------------------------------
+class EvalPlain(_Plain):
+    def handle(self, e: Event) -> None:
+        if isinstance(e, EvalStarted):
+            self.line(f"evaluate: {len(e.jobs)} trainings of {e.epochs} epochs on {e.device}")
+        elif isinstance(e, EvalRunDone):
+            self.line(f"{e.source} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%} ({e.seconds:.0f} s)")
+
+
+class EvalLive(_Plain):
+    def __init__(self, console: Console):
+        super().__init__(console)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.live: Live | None = None
+
+    def handle(self, e: Event) -> None:
+        if isinstance(e, EvalStarted):
+            self.t_runs = self.progress.add_task("trainings", total=len(e.jobs))
+            self.t_epochs = self.progress.add_task("epochs   ", total=e.epochs)
+            self.live = Live(self.progress, console=self.c, refresh_per_second=4)
+            self.live.start()
+        elif isinstance(e, EvalEpoch):
+            self.progress.update(self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{e.source}/{e.model} #{e.run}")
+        elif isinstance(e, EvalRunDone):
+            self.progress.advance(self.t_runs)
+            self.c.print(f"{e.source} / {e.model} run {e.run}: {e.accuracy:.2%}", highlight=False)
+        elif isinstance(e, EvalDone):
+            self.close()
+
+    def close(self) -> None:
+        if self.live:
+            self.live.stop()
+            self.live = None

@@ -1,0 +1,63 @@
+"""The one place where user errors become a message and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import typer
+
+from dpd_cli import interrupt
+from dpd_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+
+__all__ = ["handle_errors", "fail"]
+
+
+def _debug() -> bool:
+    return os.environ.get("DPD_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
+    """Print ``Error: message`` to stderr and return the Exit to raise."""
+    from dpd_cli.cli.console import error_console
+
+    error_console().print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    if code == EXIT_USER_ERROR and not _debug():
+        error_console().print("[dim](Set DPD_DEBUG=1 to see the traceback.)[/]", highlight=False)
+    return typer.Exit(code)
+
+
+def _on_sigint(signum, frame) -> None:
+    if interrupt.requested():
+        # Second Ctrl-C: leave at once.
+        raise KeyboardInterrupt
+    interrupt.request()
+    print("\nStopping at the next safe point (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Translate user errors and interruptions into messages and exit codes (2, 130)."""
+    interrupt.clear()
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread (e.g. inside some test runners)
+        pass
+    try:
+        yield
+    except UserError as e:
+        if _debug():
+            raise
+        raise fail(str(e)) from None
+    except interrupt.Interrupted as e:
+        raise fail(f"Interrupted: {e.resume_hint}.", EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        raise fail("Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue.", EXIT_INTERRUPTED) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        interrupt.clear()

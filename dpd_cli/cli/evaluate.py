@@ -1,0 +1,2 @@
+def evaluate() -> None:
+    """Evaluate (being written)."""
