@@ -34,9 +34,14 @@ class Event:
 class Sink(Protocol):
     def emit(self, event: Event) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class NullSink:
     def emit(self, event: Event) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -48,6 +53,9 @@ class ListSink:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+
+    def close(self) -> None:
+        pass
 
     def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]

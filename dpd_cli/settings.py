@@ -185,6 +185,7 @@ class EvalSettings(RunFields):
     baseline: list[Literal["random", "full"]] = Field([], description="Also evaluate baselines: random, full.")
     full_epochs: int = Field(20, ge=1, description="Epochs for the full-data baseline.")
     fail_under: float | None = Field(None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy (%) is below this.")
+    data_dir: Path | None = Field(None, description="Folder with the dataset's files, if not where the run found them.")
 
     @field_validator("models", "baseline", mode="before")
     @classmethod

@@ -1,2 +1,89 @@
-def evaluate() -> None:
-    """Evaluate (being written)."""
+"""``dpd evaluate``: honest test accuracy of a synthetic set, with baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from dpd_cli.cli.console import error_console, make_sink, out_console, print_json
+from dpd_cli.cli.errors import handle_errors
+from dpd_cli.cli.options import Config, Json, Quiet, flags_from, setting
+from dpd_cli.errors import EXIT_BELOW_THRESHOLD
+
+_C = "evaluate"
+
+
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run directory, a synthetic.safetensors file, or a checkpoint.", show_default=False)],
+    models: Annotated[Optional[str], setting(_C, "models")] = None,
+    runs: Annotated[Optional[int], setting(_C, "runs")] = None,
+    protocol: Annotated[Optional[str], setting(_C, "protocol")] = None,
+    epochs: Annotated[Optional[int], setting(_C, "epochs")] = None,
+    lr: Annotated[Optional[float], setting(_C, "lr")] = None,
+    batch: Annotated[Optional[int], setting(_C, "batch")] = None,
+    momentum: Annotated[Optional[float], setting(_C, "momentum")] = None,
+    weight_decay: Annotated[Optional[float], setting(_C, "weight_decay")] = None,
+    dsa: Annotated[Optional[bool], setting(_C, "dsa", "--dsa/--no-dsa")] = None,
+    baseline: Annotated[Optional[str], setting(_C, "baseline")] = None,
+    full_epochs: Annotated[Optional[int], setting(_C, "full_epochs")] = None,
+    fail_under: Annotated[Optional[float], setting(_C, "fail_under")] = None,
+    data_dir: Annotated[Optional[Path], setting(_C, "data_dir")] = None,
+    seed: Annotated[Optional[int], setting(_C, "seed")] = None,
+    device: Annotated[Optional[str], setting(_C, "device")] = None,
+    threads: Annotated[Optional[int], setting(_C, "threads")] = None,
+    config: Config = None,
+    quiet: Quiet = False,
+    json_out: Json = False,
+) -> None:
+    """Train fresh networks on a synthetic set and report real test accuracy (mean ± std over runs).
+
+    Exit code 3 when --fail-under is given and a distilled mean accuracy is below it.
+    """
+    flags = flags_from(locals())
+    flags.pop("target")
+    with handle_errors():
+        from dpd_cli.engine import evaluate as engine
+        from dpd_cli.settings import resolve
+
+        s = resolve(_C, flags, config)
+        sink = make_sink(_C, quiet, json_out)
+        try:
+            result = engine.run(s, target, sink)
+        finally:
+            sink.close()
+        if not result["results"]:
+            return  # a non-zero torchrun rank: rank 0 reports
+        below = [r for r in result["results"] if r["source"] == "distilled" and s.fail_under is not None and 100 * r["mean"] < s.fail_under]
+        if json_out:
+            print_json({**result, "fail_under": s.fail_under, "passed": not below})
+        elif not quiet:
+            out_console().print(results_table(result["results"]))
+            out_console().print(f"Saved to {result['eval_file']}", highlight=False)
+    if below:
+        worst = min(below, key=lambda r: r["mean"])
+        error_console().print(
+            f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {s.fail_under:g}%.",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_BELOW_THRESHOLD)
+
+
+def results_table(entries: list[dict]) -> Table:
+    """Rows = architectures, columns = distilled / random / full, cells = mean ± std (%)."""
+    sources = [src for src in ("distilled", "random", "full") if any(e["source"] == src for e in entries)]
+    first = entries[0]
+    table = Table(title=f"Test accuracy, {first['dataset']}, IPC {first['ipc']}, protocol {first['protocol']} "
+                        f"({first['runs']} run{'s' if first['runs'] > 1 else ''} each)")
+    table.add_column("model")
+    for src in sources:
+        table.add_column({"distilled": "distilled", "random": "random real", "full": "full data"}[src], justify="right")
+    for model in dict.fromkeys(e["model"] for e in entries):
+        cells = []
+        for src in sources:
+            hit = [e for e in entries if e["model"] == model and e["source"] == src]
+            cells.append(f"{100 * hit[-1]['mean']:.2f} ± {100 * hit[-1]['std']:.2f}" if hit else "")
+        table.add_row(model, *cells)
+    return table

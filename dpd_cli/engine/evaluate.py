@@ -1,0 +1,210 @@
+"""``dpd evaluate``: train fresh networks on a synthetic set and test them on the real test set.
+
+The test images go through the synthetic set's own normalisation and ZCA (stored in the
+file), exactly as the training images did. Each reported accuracy is the final network's
+(never the best over test evaluations). Baselines use the identical protocol:
+
+* ``random``: a seeded, class-balanced random subset of the real training set with the
+  same images per class;
+* ``full``: all real training data, ``full_epochs`` epochs.
+
+Under the ``mtt`` protocol the distilled set trains at its learned alpha; baselines have
+no learned alpha and train at the fixed protocol's lr (0.01). Every entry records its lr.
+
+Under torchrun, the (source, model, run) trainings are sharded across ranks and gathered
+on rank 0, which writes ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from dpd_cli import interrupt, storage
+from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.engine.common import derive_seed, distributed_shard, resolve_device, set_threads, versions
+from dpd_cli.engine.distill import SYNTHETIC, load_synthetic
+from dpd_cli.engine.train import accuracy, train_epoch
+from dpd_cli.errors import DataError, StorageError
+from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, NullSink, Sink
+from dpd_cli.models import ModelSpec, build_model
+from dpd_cli.settings import EvalSettings
+
+__all__ = ["run", "EVAL_FILE", "PROTOCOLS", "random_subset", "load_eval", "eval_path"]
+
+EVAL_FILE = "eval.json"
+#: Protocol defaults: epochs and lr (None = the learned alpha).
+PROTOCOLS = {"mtt": {"epochs": 1000, "lr": None}, "fixed": {"epochs": 300, "lr": 0.01}}
+_BASELINE_LR = 0.01
+
+
+def eval_path(target: Path) -> Path:
+    """Where results for ``target`` go: ``RUN/eval.json``, or ``<file>.eval.json`` for a bare file."""
+    target = Path(target)
+    return target / EVAL_FILE if target.is_dir() else target.with_name(target.stem + ".eval.json")
+
+
+def load_eval(path: Path) -> dict:
+    """Read an eval.json, validated; a missing file is an empty result list."""
+    if not Path(path).exists():
+        return {"format": "dpd.eval", "format_version": 1, "results": []}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("format") != "dpd.eval" or not isinstance(data.get("results"), list):
+            raise ValueError("not a dpd.eval file")
+    except (OSError, ValueError, AttributeError) as e:
+        raise StorageError(f"{path} is not a readable dpd evaluation file ({e}). Move it aside and rerun.") from e
+    return data
+
+
+def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of a seeded, class-balanced random subset (``per_class`` of each class)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(n_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < per_class:
+            raise DataError(f"The random baseline needs {per_class} images of class {c}, the training set has {len(idx)}.")
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(picks)
+
+
+def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> float:
+    torch.manual_seed(seed)
+    net = build_model(spec).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)  # x0.1 at half
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    for epoch in range(1, epochs + 1):
+        if interrupt.requested():
+            raise interrupt.Interrupted("evaluation stopped; finished results were not written, rerun the same command")
+        loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa)
+        sched.step()
+        on_epoch(epoch, loss_sum)
+    return accuracy(net, x_test, y_test)
+
+
+def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
+    """Evaluate the synthetic set in ``target`` (a run dir, synthetic.safetensors or a checkpoint).
+
+    Returns:
+        ``{"target", "eval_file", "results": [entry, ...]}``; entries as stored in eval.json.
+
+    Raises:
+        UserError: Unreadable synthetic set, dataset problems, bad device.
+    """
+    s = settings
+    sink = sink or NullSink()
+    target = Path(target)
+    if not target.exists():
+        raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
+    file = target / SYNTHETIC if target.is_dir() else target
+    if target.is_dir() and not file.exists():
+        raise StorageError(f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first.")
+    tensors, meta = load_synthetic(file)
+    set_threads(s.threads)
+    device = resolve_device(s.device)
+    run_settings = meta.get("settings", {})
+    data_dir = s.data_dir or run_settings.get("data_dir")
+    ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None)
+    pre = Preprocess.from_tensors(tensors)
+    base_spec = ModelSpec.from_dict(meta["model"])
+    if ds.n_classes != base_spec.n_classes or tuple(ds.image_shape) != tuple(tensors["images"].shape[1:]):
+        raise DataError(
+            f"The synthetic set ({tuple(tensors['images'].shape[1:])} images, {base_spec.n_classes} classes) does not fit "
+            f"dataset {ds.name} ({ds.image_shape}, {ds.n_classes} classes). Check --data-dir."
+        )
+    x_test = pre.apply(ds.test_images).to(device)
+    y_test = ds.test_labels.to(device)
+
+    protocol = PROTOCOLS[s.protocol]
+    epochs = s.epochs or protocol["epochs"]
+    learned_lr = float(tensors["lr"])
+    ipc = int(meta.get("ipc") or len(tensors["labels"]) // base_spec.n_classes)
+    sources = ["distilled", *s.baseline]
+    jobs = [(src, m, r) for src in sources for m in s.models for r in range(s.runs)]
+    rank, world = distributed_shard()
+    mine = jobs[rank::world]
+    sink.emit(EvalStarted(mine, epochs, str(device)))
+
+    data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def data_for(src: str, r: int):
+        if src == "distilled":
+            return tensors["images"].to(device), tensors["labels"].to(device)
+        if src == "random":
+            idx = random_subset(ds.train_labels, ds.n_classes, ipc, derive_seed(s.seed, "random-subset", r))
+            return pre.apply(ds.train_images[idx]).to(device), ds.train_labels[idx].to(device)
+        if "full" not in data_cache:
+            data_cache["full"] = (pre.apply(ds.train_images).to(device), ds.train_labels.to(device))
+        return data_cache["full"]
+
+    def lr_for(src: str) -> float:
+        if s.lr is not None:
+            return s.lr
+        if src == "distilled":
+            return protocol["lr"] if protocol["lr"] is not None else learned_lr
+        return protocol["lr"] if protocol["lr"] is not None else _BASELINE_LR
+
+    outcomes = []
+    for src, m, r in mine:
+        spec = ModelSpec(m, base_spec.channels, base_spec.image_size, base_spec.n_classes,
+                         base_spec.width, base_spec.depth, base_spec.norm, base_spec.pool)
+        n_epochs = s.full_epochs if src == "full" else epochs
+        seed = derive_seed(s.seed, src, m, r)
+        x, y = data_for(src, r)
+        t0 = time.perf_counter()
+
+        def on_epoch(epoch, loss_sum, src=src, m=m, r=r, n=len(y), total=n_epochs):
+            if epoch == total or epoch % max(1, total // 50) == 0:
+                sink.emit(EvalEpoch(src, m, r, epoch, total, float(loss_sum) / n))
+
+        acc = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(src), s, seed, device, on_epoch)
+        dt = time.perf_counter() - t0
+        outcomes.append({"source": src, "model": m, "run": r, "accuracy": acc, "seed": seed, "seconds": dt,
+                         "epochs": n_epochs, "lr": lr_for(src)})
+        sink.emit(EvalRunDone(src, m, r, acc, dt))
+
+    if world > 1:
+        outcomes = _gather(outcomes)
+        if rank != 0:
+            return {"target": str(target), "eval_file": None, "results": []}
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    entries = []
+    for src in sources:
+        for m in s.models:
+            rows = sorted((o for o in outcomes if o["source"] == src and o["model"] == m), key=lambda o: o["run"])
+            accs = [o["accuracy"] for o in rows]
+            mean = sum(accs) / len(accs)
+            std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))  # population std, as MTT reports
+            entries.append({
+                "source": src, "model": m, "protocol": s.protocol, "epochs": rows[0]["epochs"], "lr": rows[0]["lr"],
+                "runs": len(accs), "accuracies": accs, "mean": mean, "std": std, "seeds": [o["seed"] for o in rows],
+                "seconds_per_run": sum(o["seconds"] for o in rows) / len(rows),
+                "ipc": ipc, "dataset": ds.name, "iteration": meta.get("iteration"), "synthetic": str(file),
+                "timestamp": stamp, "settings": s.model_dump(mode="json"), "versions": versions(),
+            })
+    out_file = eval_path(target)
+    record = load_eval(out_file)
+    record["results"].extend(entries)
+    storage.atomic_write_text(out_file, json.dumps(record, indent=2))
+    sink.emit(EvalDone(entries))
+    return {"target": str(target), "eval_file": str(out_file), "results": entries}
+
+
+def _gather(outcomes: list[dict]) -> list[dict]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, outcomes)
+    return [o for part in gathered for o in part]
