@@ -1,0 +1,32 @@
+"""Fixtures for end-to-end CLI tests: isolated dirs, plain output, tiny settings."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from dpd_cli.cli.app import app
+
+#: Flags that make every command tiny: 8-channel ConvNet on 20 images per class.
+TINY = ["--width", "8", "--depth", "2", "--train-per-class", "20", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("DPD_EXPERTS_ROOT", str(tmp_path / "experts-root"))
+    monkeypatch.setenv("DPD_DATA_ROOT", str(tmp_path / "data-root"))
+    monkeypatch.setenv("DPD_CACHE_ROOT", str(tmp_path / "cache-root"))
+    monkeypatch.delenv("DPD_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def dpd():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
