@@ -184,6 +184,7 @@ class EvalSettings(RunFields):
     dsa: bool = Field(True, description="DSA while training the evaluation networks.")
     baseline: list[Literal["random", "full"]] = Field([], description="Also evaluate baselines: random, full.")
     full_epochs: int = Field(20, ge=1, description="Epochs for the full-data baseline.")
+    distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
     fail_under: float | None = Field(None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy (%) is below this.")
     data_dir: Path | None = Field(None, description="Folder with the dataset's files, if not where the run found them.")
 
@@ -206,6 +207,12 @@ class EvalSettings(RunFields):
         if not out:
             raise ValueError("give at least one model")
         return out
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "EvalSettings":
+        if not self.distilled and not self.baseline:
+            raise ValueError("--no-distilled leaves nothing to evaluate: add --baseline random and/or full")
+        return self
 
 
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {

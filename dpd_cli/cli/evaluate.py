@@ -29,6 +29,7 @@ def evaluate(
     dsa: Annotated[Optional[bool], setting(_C, "dsa", "--dsa/--no-dsa")] = None,
     baseline: Annotated[Optional[str], setting(_C, "baseline")] = None,
     full_epochs: Annotated[Optional[int], setting(_C, "full_epochs")] = None,
+    distilled: Annotated[Optional[bool], setting(_C, "distilled", "--distilled/--no-distilled")] = None,
     fail_under: Annotated[Optional[float], setting(_C, "fail_under")] = None,
     data_dir: Annotated[Optional[Path], setting(_C, "data_dir")] = None,
     seed: Annotated[Optional[int], setting(_C, "seed")] = None,

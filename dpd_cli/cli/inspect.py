@@ -1,2 +1,433 @@
-def inspect() -> None:
-    """Inspect (being written)."""
+"""``dpd inspect``: what a run directory, an experts folder or a dpd file holds, and whether it is intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from dpd_cli.cli.console import error_console, out_console, print_json, sparkline
+from dpd_cli.cli.errors import handle_errors
+from dpd_cli.cli.options import Json
+
+__all__ = ["inspect"]
+
+PLOT_NOTE = "--plot needs matplotlib, which is not installed: `pip install matplotlib` (or `pip install 'dpd-cli[plot]'`). Nothing was plotted."
+_MAX_LAYER_ROWS = 15
+_MAX_EXPERT_ROWS = 20
+_META_WIDTH = 52  # characters of a metadata value shown before "…"
+_SOURCES = {"distilled": "distilled", "random": "random real", "full": "full data"}
+
+
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A run directory, an experts folder, or a .safetensors file written by dpd.", show_default=False)],
+    json_out: Json = False,
+    export_grid: Annotated[
+        Optional[Path],
+        typer.Option("--export-grid", metavar="FILE.png", show_default=False,
+                     help="Write the synthetic images as a PNG grid, one row per class (a run, or a synthetic/checkpoint file)."),
+    ] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option("--plot", metavar="FILE.png", show_default=False,
+                     help="Draw loss, alpha and per-layer prune % (a run) or parameter distance and accuracy (experts) "
+                          "as a PNG; needs matplotlib."),
+    ] = None,
+    expert_epochs: Annotated[
+        Optional[int],
+        typer.Option("--expert-epochs", min=1, show_default=False,
+                     help="M of the experts' parameter distance |theta_t - theta_t+M| (default: 2, as distill)."),
+    ] = None,
+) -> None:
+    """Show what a run directory, an experts folder or a dpd .safetensors file holds, and check its files.
+
+    Broken files inside a folder are reported, not fatal. Exit code 2 when PATH itself is missing or unreadable.
+    """
+    with handle_errors():
+        from dpd_cli.engine import inspect as engine
+        from dpd_cli.errors import SettingsError
+
+        for flag, value in (("--export-grid", export_grid), ("--plot", plot)):
+            if value is not None and value.suffix.lower() != ".png":
+                raise SettingsError(f"{flag} writes a PNG image; give a file name ending in .png (got {value}).")
+        kind = engine.detect(path)
+        if export_grid is not None and kind == "experts":
+            raise SettingsError(f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory.")
+        if plot is not None and kind == "file":
+            raise SettingsError(f"--plot draws a run directory or an experts folder, not a single file. Try `dpd inspect {path.parent} --plot {plot}`.")
+
+        facts = engine.inspect(path, expert_epochs)
+        exports: dict[str, Any] = {}
+        if export_grid is not None:
+            exports["grid"] = engine.export_grid(path, export_grid)
+        if plot is not None:
+            written = engine.plot(facts, plot)
+            exports["plot"] = {"path": str(written) if written else None, "note": None if written else PLOT_NOTE}
+
+    if json_out:
+        print_json({**facts, "exports": exports})
+    else:
+        con = out_console()
+        {"run": _show_run, "experts": _show_experts, "file": _show_file}[facts["kind"]](con, facts)
+        _show_exports(con, exports)
+    if plot is not None and not exports["plot"]["path"]:
+        error_console().print(Text(f"Note: {PLOT_NOTE}"))
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "?" if x is None else f"{x:.{digits}g}"
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "?" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _heading(con: Console, text: str) -> None:
+    con.print()
+    con.print(Text(text, style="bold"))
+
+
+def _put(con: Console, renderable: RenderableType | str, style: str = "") -> None:
+    """Print indented by two columns; wrapped lines keep the indent."""
+    if isinstance(renderable, str):
+        renderable = Text(renderable, style=style)
+    con.print(Padding(renderable, (0, 0, 0, 2), expand=False), highlight=False)
+
+
+def _facts_grid(rows: list[tuple[str, str]]) -> Table:
+    """Aligned ``key  value`` lines; values wrap under themselves."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for k, v in rows:
+        if v:
+            grid.add_row(k, _cell(v))
+    return grid
+
+
+def _cell(value: str | Text) -> Text:
+    """Table cells as Text: file names and metadata may contain ``[...]``, which is not markup."""
+    return value if isinstance(value, Text) else Text(str(value))
+
+
+def _add_row(table: Table, *cells: str | Text) -> None:
+    table.add_row(*(_cell(c) for c in cells))
+
+
+def _table(*columns: tuple[str, str]) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
+    return table
+
+
+def _warnings(con: Console, warnings: list[str]) -> None:
+    if not warnings:
+        return
+    _heading(con, f"Warnings ({len(warnings)})")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="yellow")
+    grid.add_column(overflow="fold")
+    for w in warnings:
+        grid.add_row("!", _cell(w))
+    _put(con, grid)
+
+
+def _show_exports(con: Console, exports: dict) -> None:
+    grid = exports.get("grid")
+    if grid:
+        src = Path(grid["source"]).name
+        con.print()
+        con.print(Text(f"Wrote {grid['path']}: {grid['n_images']} images from {src} (iteration {grid['iteration']})."))
+    p = exports.get("plot")
+    if p and p["path"]:
+        con.print(Text(f"Wrote {p['path']}."))
+
+
+def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
+    if ev is None:
+        return
+    _heading(con, f"Evaluation ({ev['file']}): test accuracy %, mean ± std (runs)")
+    if not ev["results"]:
+        _put(con, "no results" + ("" if ev["valid"] else " (the file is unreadable; see the warnings)"))
+        return
+    results = ev["results"]
+    sources = [s for s in _SOURCES if any(r["source"] == s for r in results)]
+    sources += sorted({r["source"] for r in results} - set(sources))
+    table = _table(("model", "left"), ("protocol", "left"), *[(_SOURCES.get(s, s), "right") for s in sources])
+    for model, protocol in dict.fromkeys((r["model"], r["protocol"]) for r in results):
+        cells = []
+        for s in sources:
+            hit = [r for r in results if (r["model"], r["protocol"], r["source"]) == (model, protocol, s)]
+            if hit:
+                r = hit[-1]
+                mean = "?" if r["mean"] is None else f"{100 * r['mean']:.2f}"
+                std = "?" if r["std"] is None else f"{100 * r['std']:.2f}"
+                cells.append(f"{mean} ± {std} ({r['runs']})")
+            else:
+                cells.append("")
+        _add_row(table, model, str(protocol), *cells)
+    _put(con, table)
+    stale = sorted({r["iteration"] for r in results if r["source"] == "distilled" and r["iteration"] is not None and iteration is not None and r["iteration"] != iteration})
+    if stale:
+        _put(con, f"Some distilled results are for iteration {', '.join(map(str, stale))}; the run is now at {iteration}. "
+                  "Rerun `dpd evaluate` for current numbers.", "dim")
+    older = ev["n_entries"] - len(results)
+    if older > 0:
+        _put(con, f"The latest result per model, protocol and source is shown; {ev['file']} holds {older} older one{'s' if older > 1 else ''}.", "dim")
+
+
+def _prune_table(con: Console, pruning: dict, title: str) -> None:
+    n_it = pruning["iterations_pruned"]
+    _heading(con, title)
+    if not n_it:
+        _put(con, "No iteration pruned anything yet (prune ratio 0 is plain MTT, or the warm-up is not over).")
+        return
+    _put(con, f"{pruning['overall_pct']:.2f}% of the {pruning['n_params']:,} parameters per iteration, over {n_it:,} pruned "
+              f"iteration{'s' if n_it != 1 else ''}; {pruning['ever_pct']:.1f}% were pruned at least once.")
+    table = _table(("layer", "left"), ("shape", "left"), ("params", "right"), ("mean %", "right"), ("ever %", "right"), ("", "left"))
+    layers = pruning["layers"]
+    top = max((r["mean_pct"] for r in layers), default=0.0) or 1.0
+    for rank, r in enumerate(layers[:_MAX_LAYER_ROWS]):
+        bar = "█" * round(10 * r["mean_pct"] / top) if r["mean_pct"] > 0 else ""
+        name = Text(r["name"], style="bold red" if rank < 3 and r["mean_pct"] > 0 else "")
+        _add_row(table, name, "×".join(map(str, r["shape"])) or "scalar", f"{r['size']:,}", f"{r['mean_pct']:.2f}", f"{r['ever_pct']:.1f}", Text(bar, style="red"))
+    if len(layers) > _MAX_LAYER_ROWS:
+        _add_row(table, Text(f"... {len(layers) - _MAX_LAYER_ROWS} more layers (--json lists all)", style="dim"), "", "", "", "", "")
+    _put(con, table)
+    _put(con, "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once.", "dim")
+
+
+# --- run --------------------------------------------------------------------------------------
+def _show_run(con: Console, f: dict) -> None:
+    s = f["settings"]
+    st = f["state"]
+    syn = f["synthetic"]
+    con.print(Text.assemble(("Run directory ", "bold"), f["path"]))
+    images = ""
+    if syn:
+        images = f", {syn['n_images']} images ({syn['ipc']} per class, {'×'.join(map(str, syn['image_shape']))})"
+    elif s.get("ipc"):
+        images = f", {s['ipc']} per class"
+    rho = s.get("prune_ratio")
+    if rho is None:
+        pruning = ""
+    elif rho == 0:
+        pruning = "ratio 0: no pruning (plain MTT)"
+    else:
+        warm = f", warm-up {s['prune_warmup']}" if s.get("prune_warmup") else ""
+        pruning = f"ratio {rho:g}, scope {s.get('prune_scope')}, criterion {s.get('prune_criterion')}{warm}"
+    distill = ""
+    if s:
+        distill = (f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
+                   f"{s.get('max_start_epoch')}, memory {s.get('memory')}, seed {s.get('seed')}")
+    experts = f["experts_folder"] or ""
+    if experts and f["n_experts"]:
+        experts += f" ({f['n_experts']} experts)"
+    _put(con, _facts_grid([
+        ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
+        ("model", f["model_tag"] or ""),
+        ("pruning", pruning),
+        ("distill", distill),
+        ("experts", experts),
+        ("state", _state_line(st, f["path"])),
+    ]))
+
+    loss, alpha = f["loss"], f["alpha"]
+    if loss or alpha:
+        _heading(con, "Curves")
+        rows = []
+        if loss:
+            rows.append(("loss", f"{sparkline(loss['values'], 30)}  first {_num(loss['first'])}, last {_num(loss['last'])}, "
+                                 f"min {_num(loss['min'])} at iteration {loss['min_iteration']}"))
+        if alpha:
+            start = f" (start {_num(f['alpha_initial'])})" if f["alpha_initial"] is not None else ""
+            rows.append(("α (lr)", f"{sparkline(alpha['values'], 30)}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}"))
+        _put(con, _facts_grid(rows))
+    elif st["iteration"]:
+        _put(con, "(no readable metrics.jsonl: no curves)", "dim")
+
+    if f["pruning"]:
+        _prune_table(con, f["pruning"], "Pruning by layer (most pruned first)")
+    _evaluation(con, f["evaluation"], st["iteration"])
+
+    _heading(con, "Files")
+    table = _table(("file", "left"), ("size", "right"), ("status", "left"))
+    for entry in f["files"]:
+        status = {True: Text("ok", style="green"), False: Text("INVALID", style="bold red"), None: Text("-", style="dim")}[entry["valid"]]
+        _add_row(table, entry["name"], _size(entry["size"]), status)
+    _put(con, table)
+    _warnings(con, f["warnings"])
+    if f["evaluation"] is None and st["status"] == "finished":
+        con.print()
+        con.print(Text(f"Next: dpd evaluate {f['path']}"))
+
+
+def _state_line(st: dict, path: str) -> str:
+    done, planned = st["iteration"], st["iterations"]
+    of = f"{done}/{planned} iterations" if planned else f"{done} iterations"
+    if st["status"] == "finished":
+        return f"finished ({of})"
+    if st["status"] == "running":
+        return f"running ({of} so far; a dpd process holds the run's lock)"
+    if st["status"] == "resumable":
+        return (f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "
+                f"`dpd distill` command with --resume)")
+    return f"stopped at {of}; no checkpoint to resume from (rerun `dpd distill` with --force to start over)"
+
+
+# --- experts ----------------------------------------------------------------------------------
+def _show_experts(con: Console, f: dict) -> None:
+    con.print(Text.assemble(("Experts folder ", "bold"), f["path"]))
+    tr = f["training"]
+    training = ", ".join(x for x in [
+        f"lr {tr['lr']:g}" if tr.get("lr") is not None else "",
+        f"momentum {tr['momentum']:g}" if tr.get("momentum") else "",
+        f"weight decay {tr['weight_decay']:g}" if tr.get("weight_decay") else "",
+        f"batch {tr['batch']}" if tr.get("batch") else "",
+        "" if tr.get("dsa") is None else f"DSA {'on' if tr['dsa'] else 'off'}",
+        "" if tr.get("zca") is None else f"ZCA {'on' if tr['zca'] else 'off'}",
+        f"{tr['train_per_class']} images per class" if tr.get("train_per_class") else "",
+        f"seed {tr['seed']}" if tr.get("seed") is not None else "",
+    ] if x)
+    count = f"{f['count']}"
+    if f["n_compatible"] != f["count"]:
+        count += f" ({f['n_compatible']} usable, see the warnings)"
+    acc = f["accuracy"]
+    accuracy = ""
+    if acc["mean"] is not None:
+        accuracy = f"final test accuracy {_pct(acc['mean'])} mean (min {_pct(acc['min'])}, max {_pct(acc['max'])})"
+    model = f["model_tag"] or "?"
+    if f["n_params"]:
+        model += f", {f['n_params']:,} parameters"
+    _put(con, _facts_grid([
+        ("experts", count),
+        ("dataset", f["dataset"] or "?"),
+        ("model", model),
+        ("epochs", str(f["epochs"]) if f["epochs"] is not None else ""),
+        ("training", training),
+        ("accuracy", accuracy),
+    ]))
+
+    d = f["distance"]
+    if d and d["values"]:
+        _heading(con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {d['n_experts']} experts)")
+        v = d["values"]
+        _put(con, f"{sparkline(v, 40)}  t=0: {_num(v[0])}, t={d['t'][-1]}: {_num(v[-1])}, max {_num(max(v))}")
+        if d["n_experts_total"] > d["n_experts"]:
+            _put(con, f"Computed on the first {d['n_experts']} of {d['n_experts_total']} experts, to stay fast.", "dim")
+
+    if f["experts"]:
+        _heading(con, "Experts")
+        table = _table(("file", "left"), ("epochs", "right"), ("final test acc", "right"), ("status", "left"))
+        for e in f["experts"][:_MAX_EXPERT_ROWS]:
+            if not e["valid"]:
+                status = Text("INVALID", style="bold red")
+            elif not e.get("compatible"):
+                status = Text("mismatch", style="yellow")
+            else:
+                status = Text("ok", style="green")
+            _add_row(table, e["file"], str(e.get("epochs", "")), _pct(e.get("final_test_accuracy")) if e["valid"] else "", status)
+        if len(f["experts"]) > _MAX_EXPERT_ROWS:
+            _add_row(table, Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"), "", "", "")
+        _put(con, table)
+    _warnings(con, f["warnings"])
+
+
+# --- single file ------------------------------------------------------------------------------
+_DETAIL_LABELS = {
+    "dataset": "dataset", "n_images": "images", "image_shape": "image shape", "n_classes": "classes", "ipc": "per class",
+    "iteration": "iteration", "iterations": "of", "alpha": "alpha", "zca": "ZCA", "model_tag": "model", "index": "expert",
+    "epochs": "epochs", "n_params": "parameters", "final_test_accuracy": "final test acc", "fingerprint": "fingerprint",
+}
+
+
+def _detail(key: str, value: Any) -> str:
+    if value is None:
+        return "?"
+    if key == "final_test_accuracy":
+        return _pct(value)
+    if key == "alpha":
+        return _num(value, 5)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return "×".join(map(str, value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _compact(value: Any) -> tuple[str, bool]:
+    """A one-line rendering of a metadata value, and whether it was cut."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "), default=str)
+    if len(text) <= _META_WIDTH:
+        return text, False
+    return text[: _META_WIDTH - 1] + "…", True
+
+
+def _show_file(con: Console, f: dict) -> None:
+    con.print(Text.assemble(("File ", "bold"), f["path"], f" ({_size(f['size'])})"))
+    fmt = f["format"] or "none (not a dpd file)"
+    if f["format_version"]:
+        fmt += f" version {f['format_version']}"
+    rows = [
+        ("format", fmt),
+        ("written by", f"dpd {f['dpd_version']}" if f["dpd_version"] else "?"),
+        ("status", "valid" if f["valid"] else "INVALID: " + " ".join(f["problems"])),
+    ]
+    if f["part_of"]:
+        what = "run" if f["part_of"]["kind"] == "run" else "experts folder"
+        rows.append(("part of", f"{what} {f['part_of']['path']} (`dpd inspect {f['part_of']['path']}` shows all of it)"))
+    details = f["details"] or {}
+    if f["format"] in ("dpd.synthetic", "dpd.checkpoint") and details:
+        d = details
+        rows += [
+            ("dataset", f"{d['dataset']}, {d['n_classes']} classes" + (", ZCA" if d["zca"] else "")),
+            ("images", f"{d['n_images']} ({d['ipc']} per class, {_detail('image_shape', d['image_shape'])})"),
+            ("iteration", f"{d['iteration']} of {d['iterations']}"),
+            ("α (lr)", _num(d["alpha"], 5)),
+            ("model", d["model_tag"] or "?"),
+        ]
+    elif f["format"] != "dpd.prune_counts":  # prune counts get their table below
+        rows += [(_DETAIL_LABELS.get(k, k), _detail(k, v)) for k, v in details.items()]
+    _put(con, _facts_grid(rows))
+
+    _heading(con, f"Tensors ({len(f['tensors'])})")
+    table = _table(("name", "left"), ("dtype", "left"), ("shape", "left"), ("size", "right"))
+    for t in f["tensors"]:
+        _add_row(table, t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", _size(t["bytes"]))
+    _put(con, table)
+
+    if f["metadata"]:
+        _heading(con, "Metadata")
+        table = _table(("key", "left"), ("value", "left"))
+        cut = False
+        for k, v in sorted(f["metadata"].items()):
+            text, was_cut = _compact(v)
+            cut |= was_cut
+            _add_row(table, k, text)
+        _put(con, table)
+        if cut:
+            _put(con, "Long values are cut (…); --json shows them in full.", "dim")
+    if f["format"] == "dpd.prune_counts" and details:
+        _prune_table(con, details, "Pruning by layer (most pruned first)")
+    _evaluation(con, f["evaluation"], details.get("iteration"))
+    _warnings(con, f["warnings"])

@@ -127,14 +127,18 @@ class VGG11(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         layers, c, side = [], spec.channels, min(spec.image_size)
+        # Grayscale 28 px is padded to 32 px by the first conv (as in DC/MTT): at 28 px the last two
+        # convs would see 1x1 maps, where instance norm outputs a constant whatever the input.
+        pad = 3 if (spec.channels == 1 and spec.image_size == (28, 28)) else 1
+        side += 2 * (pad - 1)
         for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
             if v == "M":
                 if side >= 2:
                     layers.append(nn.MaxPool2d(2, 2))
                     side //= 2
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), _norm(spec.norm, v), nn.ReLU(inplace=True)]
-                c = v
+                layers += [nn.Conv2d(c, v, 3, padding=pad), _norm(spec.norm, v), nn.ReLU(inplace=True)]
+                c, pad = v, 1
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(512, spec.n_classes)
 

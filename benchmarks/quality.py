@@ -1,0 +1,193 @@
+"""Quality benchmark: experts -> distill (several prune settings) -> evaluate, over seeds, with baselines.
+
+Writes ``results.json`` and ``results.md`` (mean ± std over seeds; each seed's figure is the mean
+over its evaluation runs) into ``--out``. Every piece is resumable: rerunning the same command skips
+finished experts, distillations and evaluations, so it can be stopped and continued.
+
+Examples (from the repository root):
+
+    # The embedded dataset, quick preset, IPC 1 and 10, MTT (rho 0) vs DPD (rho 0.05), 3 seeds:
+    python benchmarks/quality.py --config examples/quick.toml --ipc 1 10 --ratios 0 0.05 --seeds 0 1 2 \
+        --out bench-out/quality-mini
+
+    # A prune-ratio sweep over both scopes at IPC 1:
+    python benchmarks/quality.py --config examples/quick.toml --ipc 1 --ratios 0 0.01 0.05 0.1 0.2 \
+        --scopes global layer --seeds 0 1 2 --out bench-out/sweep-mini
+
+Per-IPC distillation overrides go in ``--ipc-settings '{"10": {"syn_steps": 10, "iterations": 100}}'``;
+any other setting of a command can be overridden with ``--set experts.num=3`` style flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dpd_cli import __version__
+from dpd_cli.engine import distill, evaluate, experts
+from dpd_cli.engine.distill import SYNTHETIC, load_synthetic
+from dpd_cli.errors import StorageError
+from dpd_cli.settings import resolve
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {"experts": {}, "distill": {}, "evaluate": {}}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        command, _, field = key.partition(".")
+        out[command][field] = _parse_value(value)
+    return out
+
+
+def _done_distill(run_dir: Path, iterations: int) -> bool:
+    try:
+        _, meta = load_synthetic(run_dir / SYNTHETIC)
+        return int(meta["iteration"]) >= iterations
+    except StorageError:
+        return False
+
+
+def _eval_entries(target: Path, source: str, model: str) -> list[dict]:
+    try:
+        data = evaluate.load_eval(evaluate.eval_path(target))
+    except StorageError:
+        return []
+    return [e for e in data["results"] if e["source"] == source and e["model"] == model]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="Preset with [experts], [distill], [evaluate] tables.")
+    p.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05])
+    p.add_argument("--scopes", nargs="+", default=["global"], choices=["global", "layer"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--baselines", nargs="*", default=["random", "full"], choices=["random", "full"])
+    p.add_argument("--ipc-settings", type=json.loads, default={}, help="JSON: {ipc: {distill setting: value}}.")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="command.field=value override (repeatable).")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+
+    over = _overrides(args.sets)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)  # noqa: E731
+    records: list[dict] = []
+    timings: dict[str, float] = {}
+
+    def timed(key: str, fn):
+        t = time.perf_counter()
+        result = fn()
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+        return result
+
+    for seed in args.seeds:
+        ex_settings = resolve("experts", {**over["experts"], "seed": seed, "out": out / f"experts-s{seed}"}, args.config)
+        log(f"seed {seed}: experts -> {ex_settings.out}")
+        folder = timed("experts", lambda: experts.run(ex_settings))
+        for ipc in args.ipc:
+            extra = args.ipc_settings.get(str(ipc), {})
+            for scope in args.scopes:
+                for ratio in args.ratios:
+                    if ratio == 0 and scope != args.scopes[0]:
+                        continue  # rho = 0 is MTT whatever the scope
+                    name = f"ipc{ipc}-rho{ratio:g}-{scope}-s{seed}"
+                    run_dir = out / name
+                    flags = {**over["distill"], **extra, "ipc": ipc, "prune_ratio": ratio, "prune_scope": scope, "seed": seed,
+                             "experts": folder, "out": run_dir}
+                    ds = resolve("distill", flags, args.config)
+                    if _done_distill(run_dir, ds.iterations):
+                        log(f"{name}: distilled already")
+                    else:
+                        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+                        ds = resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, args.config)
+                        log(f"{name}: distilling ({ds.iterations} iterations, N={ds.syn_steps})")
+                        timed(f"distill ipc{ipc}", lambda ds=ds: distill.run(ds))
+                    ev = resolve("evaluate", {**over["evaluate"], "seed": seed, "baseline": []}, args.config)
+                    for model in ev.models:
+                        if not _eval_entries(run_dir, "distilled", model):
+                            log(f"{name}: evaluating {model}")
+                            timed(f"evaluate ipc{ipc}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), run_dir))
+                        e = _eval_entries(run_dir, "distilled", model)[-1]
+                        records.append({"seed": seed, "ipc": ipc, "source": "distilled", "ratio": ratio, "scope": scope,
+                                        "model": model, "mean": e["mean"], "accuracies": e["accuracies"], "run_dir": str(run_dir)})
+            # Baselines: once per seed and IPC, evaluated through the rho-0 run's synthetic file for the data and transform.
+            base_dir = out / f"ipc{ipc}-rho{args.ratios[0]:g}-{args.scopes[0]}-s{seed}"
+            for b in args.baselines:
+                if b == "full" and ipc != args.ipc[0]:
+                    continue  # the full-data baseline does not depend on the IPC
+                ev = resolve("evaluate", {**over["evaluate"], "seed": seed, "baseline": [b], "distilled": False}, args.config)
+                for model in ev.models:
+                    if not _eval_entries(base_dir, b, model):
+                        log(f"seed {seed} ipc {ipc}: baseline {b} / {model}")
+                        timed(f"baseline {b}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), base_dir))
+                    e = _eval_entries(base_dir, b, model)[-1]
+                    records.append({"seed": seed, "ipc": ipc if b == "random" else None, "source": b, "ratio": None, "scope": None,
+                                    "model": model, "mean": e["mean"], "accuracies": e["accuracies"]})
+
+    summary = _summarise(records)
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": Path(args.config).read_text(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "versions": {"dpd": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "wall_s": time.perf_counter() - t_start,
+        "seconds_by_stage": timings,
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=2))
+    (out / "results.md").write_text(_markdown(summary, meta))
+    print(_markdown(summary, meta))
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def _summarise(records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        key = (r["model"], r["source"], r["ipc"], r["ratio"], r["scope"])
+        groups.setdefault(key, []).append(r["mean"])
+    rows = []
+    for (model, source, ipc, ratio, scope), vals in groups.items():
+        m, s = _stats(vals)
+        rows.append({"model": model, "source": source, "ipc": ipc, "ratio": ratio, "scope": scope,
+                     "mean": m, "std": s, "n_seeds": len(vals), "per_seed": vals})
+    return rows
+
+
+def _markdown(summary: list[dict], meta: dict) -> str:
+    lines = ["| model | IPC | method | test accuracy (%) | seeds |", "|---|---|---|---|---|"]
+    order = {"random": 0, "distilled": 1, "full": 2}
+    for r in sorted(summary, key=lambda r: (r["model"], r["ipc"] if r["ipc"] is not None else 10**9, order[r["source"]], r["scope"] or "", r["ratio"] or 0)):
+        if r["source"] == "distilled":
+            method = "MTT (rho 0)" if r["ratio"] == 0 else f"DPD rho {r['ratio']:g} {r['scope']}"
+        else:
+            method = {"random": "random real subset", "full": "full training set"}[r["source"]]
+        ipc = "all" if r["ipc"] is None else str(r["ipc"])
+        lines.append(f"| {r['model']} | {ipc} | {method} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {r['n_seeds']} |")
+    lines.append("")
+    lines.append(f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}; " +
+                 ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["seconds_by_stage"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

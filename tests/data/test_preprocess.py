@@ -1,0 +1,153 @@
+"""Normalisation and ZCA whitening: values against a numpy reference, round trips, fingerprints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpd_cli.data import Preprocess, fit_zca
+from dpd_cli.data.preprocess import ZCA_EPS
+from tests.helpers import assert_close
+
+
+def _pixels(n=64, c=3, side=4, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Correlated channels so whitening has something to undo.
+    base = torch.randint(0, 200, (n, 1, side, side), generator=g)
+    noise = torch.randint(0, 56, (n, c, side, side), generator=g)
+    return (base + noise).to(torch.uint8)
+
+
+def _pre(c=3) -> Preprocess:
+    return Preprocess(torch.linspace(0.3, 0.5, c), torch.linspace(0.2, 0.3, c))
+
+
+def _with_zca(pre: Preprocess, pixels: torch.Tensor, eps: float = ZCA_EPS) -> Preprocess:
+    pre.zca_mean, pre.zca_matrix, pre.zca_inverse = fit_zca(pre.normalize(pixels), eps)
+    return pre
+
+
+def test_normalize_values():
+    pre = _pre()
+    px = _pixels(n=4)
+    x = pre.normalize(px)
+    assert x.dtype == torch.float32 and x.shape == px.shape
+    ref = (px.double() / 255 - pre.mean.double().view(1, -1, 1, 1)) / pre.std.double().view(1, -1, 1, 1)
+    assert_close(x, ref.float())
+
+
+def test_normalize_invert_round_trip():
+    pre = _pre()
+    px = _pixels(n=8)
+    back = pre.invert(pre.apply(px))
+    assert back.min() >= 0 and back.max() <= 1
+    assert_close(back, px.float() / 255, atol=1e-6, rtol=0)
+
+
+def test_invert_clamps():
+    pre = _pre(1)
+    x = torch.full((1, 1, 2, 2), 100.0)
+    assert torch.equal(pre.invert(x), torch.ones(1, 1, 2, 2))
+
+
+def test_apply_in_chunks_equals_one_chunk():
+    pre = _with_zca(_pre(), _pixels())
+    px = _pixels(n=10, seed=3)
+    assert_close(pre.apply(px, batch=3), pre.apply(px, batch=4096), atol=1e-6, rtol=0)
+
+
+def test_apply_empty_batch():
+    pre = _pre()
+    out = pre.apply(torch.zeros(0, 3, 4, 4, dtype=torch.uint8))
+    assert out.shape == (0, 3, 4, 4)
+
+
+def test_fit_zca_matches_numpy_reference():
+    x = _pre().normalize(_pixels())
+    mean, w, w_inv = fit_zca(x)
+    flat = x.flatten(1).double().numpy()
+    mu = flat.mean(0)
+    cov = (flat - mu).T @ (flat - mu) / (flat.shape[0] - 1)
+    s, u = np.linalg.eigh(cov)
+    s = np.clip(s, 0, None)
+    ref_w = u @ np.diag(1 / np.sqrt(s + ZCA_EPS)) @ u.T
+    ref_inv = u @ np.diag(np.sqrt(s + ZCA_EPS)) @ u.T
+    assert mean.dtype == w.dtype == w_inv.dtype == torch.float32
+    assert_close(mean.double(), torch.from_numpy(mu), atol=1e-6, rtol=1e-6)
+    assert_close(w.double(), torch.from_numpy(ref_w), atol=1e-5, rtol=1e-5)
+    assert_close(w_inv.double(), torch.from_numpy(ref_inv), atol=1e-5, rtol=1e-5)
+    assert_close(w.double(), w.double().T, atol=1e-6, rtol=0)  # symmetric
+    assert_close(w.double() @ w_inv.double(), torch.eye(w.shape[0], dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_zca_whitens():
+    pre = _with_zca(_pre(), _pixels(n=200))
+    z = pre.apply(_pixels(n=200)).flatten(1).double()
+    cov = torch.cov(z.T)
+    # With eps the whitened covariance is U diag(S / (S + eps)) U^T: identity on the strong directions,
+    # shrunk on the weak ones. Check exactly that, and that off-diagonal correlation is gone.
+    x = pre.normalize(_pixels(n=200)).flatten(1).double()
+    s, u = torch.linalg.eigh(torch.cov(x.T))
+    s = s.clamp_min(0)
+    expected = (u * (s / (s + ZCA_EPS))) @ u.T
+    assert_close(cov, expected, atol=1e-4, rtol=0)
+    # The strong directions really are whitened to unit variance.
+    strong = s > 10 * ZCA_EPS
+    assert strong.any()
+    proj = torch.diagonal(u.T @ cov @ u)
+    assert_close(proj[strong], torch.ones(int(strong.sum()), dtype=torch.float64), atol=0.1, rtol=0)
+    assert z.mean(0).abs().max() < 1e-4
+
+
+def test_zca_apply_invert_round_trip():
+    px = _pixels()
+    pre = _with_zca(_pre(), px)
+    back = pre.invert(pre.apply(px))
+    assert_close(back, px.float() / 255, atol=1e-4, rtol=0)
+
+
+def test_tensors_from_tensors_round_trip():
+    px = _pixels()
+    plain = _pre()
+    zca = _with_zca(_pre(), px)
+    for pre in (plain, zca):
+        t = pre.tensors()
+        assert all(v.dtype == torch.float32 and v.is_contiguous() for v in t.values())
+        assert set(t) == ({"norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse"} if pre.has_zca else {"norm_mean", "norm_std"})
+        again = Preprocess.from_tensors(t)
+        assert again.has_zca == pre.has_zca
+        assert torch.equal(again.apply(px), pre.apply(px))
+        assert again.fingerprint() == pre.fingerprint()
+
+
+def test_tensors_survive_storage(tmp_path):
+    from dpd_cli import storage
+
+    px = _pixels()
+    pre = _with_zca(_pre(), px)
+    storage.save_tensors(tmp_path / "p.safetensors", pre.tensors(), "dpd.preprocess")
+    t, _ = storage.load_tensors(tmp_path / "p.safetensors", "dpd.preprocess")
+    assert torch.equal(Preprocess.from_tensors(t).apply(px), pre.apply(px))
+
+
+def test_fingerprint_equal_and_different():
+    px = _pixels()
+    a, b = _pre(), _pre()
+    assert a.fingerprint() == b.fingerprint()
+    assert len(a.fingerprint()) == 16
+    c = Preprocess(a.mean + 0.01, a.std)
+    assert c.fingerprint() != a.fingerprint()
+    za, zb = _with_zca(_pre(), px), _with_zca(_pre(), px)
+    assert za.fingerprint() == zb.fingerprint() != a.fingerprint()
+    zc = _with_zca(_pre(), _pixels(seed=5))
+    assert zc.fingerprint() != za.fingerprint()
+    zd = _with_zca(_pre(), px, eps=0.5)
+    assert zd.fingerprint() != za.fingerprint()
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_to_device_keeps_values(c):
+    pre = _with_zca(_pre(c), _pixels(c=c))
+    moved = pre.to("cpu")
+    assert all(torch.equal(x, y) for x, y in zip(moved.tensors().values(), pre.tensors().values()))

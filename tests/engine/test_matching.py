@@ -1,0 +1,430 @@
+"""Trajectory matching with the DPD mask, checked against plain references in float64.
+
+* the loss against its formula;
+* rho = 0 against a naive MTT unroll, bit for bit;
+* the mask against a sort-based reference (global / per layer, abs / relative);
+* the low-memory meta-gradient against the full unroll;
+* gradients against finite differences (torch.autograd.gradcheck).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpd_cli.augment import dsa
+from dpd_cli.engine.matching import (
+    MetaResult,
+    PruneConfig,
+    StepPlan,
+    _inner_grad,
+    matching_loss,
+    meta_gradient,
+    prune_count,
+    prune_keep_mask,
+)
+from dpd_cli.models import FlatModel, build_model
+from tests.helpers import assert_close, tiny_spec
+
+DT = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures and references
+
+
+class Problem:
+    """A tiny distillation problem: student net, synthetic set, expert start and target."""
+
+    def __init__(self, n_images=6, side=8, width=4, n_classes=3, seed=0):
+        torch.manual_seed(seed)
+        self.fm = FlatModel(build_model(tiny_spec(1, side, n_classes, width, 2)).to(DT))
+        self.images = torch.randn(n_images, 1, side, side, dtype=DT)
+        self.labels = torch.arange(n_images) % n_classes
+        self.start = self.fm.flatten()
+        # The target: where a few real SGD steps on other data lead, plus noise so residuals vary.
+        theta = self.start.clone()
+        other = torch.randn(12, 1, side, side, dtype=DT)
+        other_y = torch.arange(12) % n_classes
+        for _ in range(3):
+            t = theta.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(self.fm(t, other), other_y), t)
+            theta = (t - 0.05 * g).detach()
+        self.target = theta + 0.01 * torch.randn_like(theta)
+        self.lr = torch.tensor(0.02, dtype=DT)
+        self.sizes = [layer.numel for layer in self.fm.layers]
+
+    def run(self, plan, prune=PruneConfig(), memory="full", images=None, lr=None) -> MetaResult:
+        return meta_gradient(
+            self.fm,
+            self.images if images is None else images,
+            self.labels,
+            self.lr if lr is None else lr,
+            self.start,
+            self.target,
+            plan,
+            prune,
+            self.sizes,
+            memory,
+        )
+
+
+@pytest.fixture
+def prob() -> Problem:
+    return Problem()
+
+
+def naive_unroll(fm, x, labels, a, start, batches, seeds):
+    """theta <- theta - a * grad CE, a plain loop with create_graph, written without the package."""
+    theta = start.detach().requires_grad_(True)
+    for idx, seed in zip(batches, seeds):
+        xb = x if idx is None else x[idx]
+        yb = labels if idx is None else labels[idx]
+        if seed is not None:
+            xb = dsa(xb, seed)
+        ce = F.cross_entropy(fm(theta, xb), yb)
+        (g,) = torch.autograd.grad(ce, theta, create_graph=True)
+        theta = theta - a * g
+    return theta
+
+
+def naive_mtt(prob: Problem, batches, seeds, keep=None):
+    """MTT's loss ||theta_N - target||^2 / ||start - target||^2 (masked if keep given) and its grads."""
+    x = prob.images.detach().clone().requires_grad_(True)
+    a = prob.lr.detach().clone().requires_grad_(True)
+    end = naive_unroll(prob.fm, x, prob.labels, a, prob.start, batches, seeds)
+    if keep is None:
+        loss = ((end - prob.target) ** 2).sum() / ((prob.start - prob.target) ** 2).sum()
+    else:
+        m = keep.to(DT)
+        loss = (m * (end - prob.target) ** 2).sum() / (m * (prob.start - prob.target) ** 2).sum()
+    gx, ga = torch.autograd.grad(loss, [x, a])
+    return loss.detach(), gx, ga, end.detach()
+
+
+def reference_keep(end, target, start, ratio, scope, criterion, sizes, eps=1e-12):
+    """Sort-based reference of the DPD mask: False on the ceil(ratio * n) largest residuals."""
+    delta = (end - target).abs()
+    if criterion == "relative":
+        delta = delta / ((start - target).abs() + eps)
+    keep = torch.ones(delta.numel(), dtype=torch.bool)
+    groups = [(0, delta.numel())] if scope == "global" else []
+    if scope == "layer":
+        offset = 0
+        for s in sizes:
+            groups.append((offset, s))
+            offset += s
+    for offset, n in groups:
+        k = min(n - 1, math.ceil(ratio * n - 1e-9)) if n > 1 else 0
+        order = sorted(range(n), key=lambda i: -delta[offset + i].item())
+        for i in order[:k]:
+            keep[offset + i] = False
+    return keep
+
+
+def assert_rel_close(a, b, rel=1e-10):
+    scale = b.abs().max().item()
+    assert scale > 0
+    err = (a - b).abs().max().item() / scale
+    assert err <= rel, f"relative error {err:.3g} > {rel:g}"
+
+
+PLAIN = StepPlan([None, None, None], [None, None, None])
+
+
+def batched_plan():
+    return StepPlan([torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), torch.tensor([5, 0, 1])], [None, None, None])
+
+
+def dsa_plan():
+    return StepPlan([torch.tensor([0, 1, 2, 3]), None, torch.tensor([4, 5, 0, 2])], [11, 12, 13])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_matching_loss_formula_by_hand():
+    end = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
+    target = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=DT)
+    start = torch.tensor([2.0, 1.0, -1.0, 1.5], dtype=DT)
+    # sum (end - target)^2 = 1 + 4 + 0.25 + 4 = 9.25; sum (start - target)^2 = 4 + 1 + 4 + 0.25 = 9.25
+    assert matching_loss(end, target, start, None).item() == 1.0
+    start2 = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=DT)  # 1 + 1 + 0 + 0 = 2
+    assert matching_loss(end, target, start2, None).item() == 9.25 / 2
+    keep = torch.tensor([True, False, True, False])
+    # kept: (1 + 0.25) / (4 + 4) with start
+    assert matching_loss(end, target, start, keep).item() == 1.25 / 8.0
+    all_kept = torch.ones(4, dtype=torch.bool)
+    assert matching_loss(end, target, start2, all_kept).item() == 9.25 / 2
+
+
+def test_matching_loss_gradient_by_hand():
+    end = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
+    target = torch.tensor([0.0, 0.0, 1.0], dtype=DT)
+    start = torch.tensor([2.0, 1.0, -1.0], dtype=DT)
+    keep = torch.tensor([True, False, True])
+    (g,) = torch.autograd.grad(matching_loss(end, target, start, keep), end)
+    denom = 4.0 + 4.0
+    assert torch.equal(g, torch.tensor([2 * 1.0 / denom, 0.0, 2 * -0.5 / denom], dtype=DT))
+
+
+# ----------------------------------------------------------------------------------------------
+# prune_count and the mask
+
+
+@pytest.mark.parametrize(
+    "ratio,n,expected",
+    [(0.0, 100, 0), (-0.1, 100, 0), (0.05, 255, 13), (0.1, 10, 1), (0.3, 10, 3), (0.01, 100, 1),
+     (0.001, 10, 1), (0.5, 3, 2), (0.999, 2, 1), (0.9, 1, 0), (0.07, 100, 7)],
+)
+def test_prune_count(ratio, n, expected):
+    assert prune_count(ratio, n) == expected
+
+
+def test_mask_none_when_ratio_zero(prob):
+    assert prune_keep_mask(prob.start + 1, prob.target, prob.start, PruneConfig(0.0), prob.sizes) is None
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("criterion", ["abs", "relative"])
+@pytest.mark.parametrize("ratio", [0.01, 0.05, 0.3, 0.9])
+def test_mask_matches_sort_reference(scope, criterion, ratio):
+    g = torch.Generator().manual_seed(int(ratio * 1000) + len(scope) + len(criterion))
+    sizes = [36, 4, 4, 4, 144, 4, 4, 4, 48, 3, 1]
+    p = sum(sizes)
+    end, target, start = (torch.randn(p, generator=g, dtype=DT) for _ in range(3))
+    keep = prune_keep_mask(end, target, start, PruneConfig(ratio, scope, criterion), sizes)
+    ref = reference_keep(end, target, start, ratio, scope, criterion, sizes)
+    assert keep.dtype == torch.bool and keep.shape == (p,)
+    assert torch.equal(keep, ref)
+    if scope == "global":
+        assert int((~keep).sum()) == math.ceil(ratio * p)
+    else:
+        offset = 0
+        for s in sizes:
+            expected = 0 if s == 1 else min(s - 1, math.ceil(ratio * s))
+            assert int((~keep[offset : offset + s]).sum()) == expected
+            offset += s
+
+
+def test_mask_prunes_largest_global():
+    end = torch.tensor([0.0, 5.0, 1.0, -7.0, 2.0, 0.5, 0.1, 3.0, -0.2, 0.3], dtype=DT)
+    zero = torch.zeros(10, dtype=DT)
+    keep = prune_keep_mask(end, zero, zero, PruneConfig(0.2), [10])
+    assert (~keep).nonzero().flatten().tolist() == [1, 3]
+
+
+def test_mask_layer_scope_is_per_layer():
+    # Layer 0 has all the large residuals; global pruning takes them all, per-layer takes from each.
+    end = torch.tensor([10.0, 20.0, 30.0, 40.0, 0.1, 0.2, 0.3, 0.4], dtype=DT)
+    zero = torch.zeros(8, dtype=DT)
+    g = prune_keep_mask(end, zero, zero, PruneConfig(0.25, "global"), [4, 4])
+    l = prune_keep_mask(end, zero, zero, PruneConfig(0.25, "layer"), [4, 4])
+    assert (~g).nonzero().flatten().tolist() == [2, 3]
+    assert (~l).nonzero().flatten().tolist() == [3, 7]
+
+
+def test_mask_relative_criterion():
+    end = torch.tensor([2.0, 2.0, 0.5, 0.5], dtype=DT)
+    target = torch.zeros(4, dtype=DT)
+    start = torch.tensor([100.0, 1.0, 0.01, 1.0], dtype=DT)
+    # abs: entries 0, 1 tie as largest; relative: 0.5/0.01 = 50 is by far the largest
+    rel = prune_keep_mask(end, target, start, PruneConfig(0.25, criterion="relative"), [4])
+    assert (~rel).nonzero().flatten().tolist() == [2]
+    ab = prune_keep_mask(end, target, start, PruneConfig(0.25, criterion="abs"), [4])
+    assert int((~ab).sum()) == 1 and not ab[2] is False and ab[2] and ab[3]
+
+
+def test_mask_ignores_autograd_history(prob):
+    end = (prob.start * 1.1).requires_grad_(True)
+    keep = prune_keep_mask(end * 2, prob.target, prob.start, PruneConfig(0.1), prob.sizes)
+    assert not keep.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# rho = 0 is exactly MTT
+
+
+@pytest.mark.parametrize("plan", [PLAIN, batched_plan()], ids=["all-images", "batches"])
+def test_rho_zero_equals_naive_mtt_bit_for_bit(prob, plan):
+    res = prob.run(plan)
+    loss, gx, ga, _ = naive_mtt(prob, plan.batches, plan.seeds)
+    assert res.keep is None
+    assert torch.equal(res.loss, loss)
+    assert torch.equal(res.grad_images, gx)
+    assert torch.equal(res.grad_lr, ga)
+    assert not res.loss.requires_grad and res.loss.dim() == 0
+    assert res.grad_images.shape == prob.images.shape and res.grad_images.dtype == DT
+    assert res.grad_lr.dim() == 0
+    assert gx.abs().sum() > 0 and ga != 0
+
+
+def test_rho_zero_with_dsa_equals_naive(prob):
+    plan = dsa_plan()
+    res = prob.run(plan)
+    loss, gx, ga, _ = naive_mtt(prob, plan.batches, plan.seeds)
+    assert torch.equal(res.loss, loss) and torch.equal(res.grad_images, gx) and torch.equal(res.grad_lr, ga)
+
+
+def test_batches_only_touch_their_images(prob):
+    plan = StepPlan([torch.tensor([0, 1]), torch.tensor([1, 2])], [None, None])
+    res = prob.run(plan)
+    assert (res.grad_images[3:] == 0).all()
+    assert (res.grad_images[:3].flatten(1).abs().sum(1) > 0).all()
+
+
+def test_loss_is_one_with_zero_steps_like_start(prob):
+    # N = 0: the student is the start, and the normalised loss is exactly 1.
+    res = prob.run(StepPlan([], []))
+    assert res.loss.item() == 1.0
+
+
+def test_inputs_are_not_modified(prob):
+    before = [t.clone() for t in (prob.images, prob.lr, prob.start, prob.target)]
+    for memory in ("full", "low"):
+        prob.run(dsa_plan(), PruneConfig(0.1), memory)
+    for b, t in zip(before, (prob.images, prob.lr, prob.start, prob.target)):
+        assert torch.equal(b, t) and not t.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# With pruning
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("criterion", ["abs", "relative"])
+def test_pruned_meta_gradient_equals_naive_with_reference_mask(prob, scope, criterion):
+    plan = batched_plan()
+    cfg = PruneConfig(0.1, scope, criterion)
+    res = prob.run(plan, cfg)
+    _, _, _, end = naive_mtt(prob, plan.batches, plan.seeds)
+    ref = reference_keep(end, prob.target, prob.start, 0.1, scope, criterion, prob.sizes)
+    assert torch.equal(res.keep, ref)
+    loss, gx, ga, _ = naive_mtt(prob, plan.batches, plan.seeds, keep=ref)
+    assert torch.equal(res.loss, loss)
+    assert torch.equal(res.grad_images, gx)
+    assert torch.equal(res.grad_lr, ga)
+    # Pruning really changes the result.
+    plain = prob.run(plan)
+    assert res.loss < plain.loss
+    assert not torch.allclose(res.grad_images, plain.grad_images)
+
+
+def test_pruned_loss_drops_the_largest_residuals(prob):
+    res = prob.run(PLAIN, PruneConfig(0.05))
+    _, _, _, end = naive_mtt(prob, PLAIN.batches, PLAIN.seeds)
+    delta = (end - prob.target).abs()
+    k = math.ceil(0.05 * prob.fm.n_params)
+    assert int((~res.keep).sum()) == k
+    assert delta[~res.keep].min() >= delta[res.keep].max()
+
+
+# ----------------------------------------------------------------------------------------------
+# Low memory == full unroll
+
+
+@pytest.mark.parametrize("plan", [PLAIN, batched_plan(), dsa_plan()], ids=["all-images", "batches", "dsa"])
+@pytest.mark.parametrize("prune", [PruneConfig(0.0), PruneConfig(0.1), PruneConfig(0.2, "layer", "relative")],
+                         ids=["mtt", "global", "layer-relative"])
+def test_low_memory_equals_full(prob, plan, prune):
+    full = prob.run(plan, prune, "full")
+    low = prob.run(plan, prune, "low")
+    assert (full.keep is None) == (low.keep is None) == (prune.ratio == 0)
+    if full.keep is not None:
+        assert torch.equal(full.keep, low.keep)
+    assert_rel_close(low.loss, full.loss, 1e-12)
+    assert_rel_close(low.grad_images, full.grad_images)
+    assert_rel_close(low.grad_lr, full.grad_lr)
+    assert low.grad_images.shape == full.grad_images.shape and low.grad_lr.shape == full.grad_lr.shape
+
+
+def test_low_memory_long_unroll_float32():
+    # The default dtype of the tool: agreement to float32 rounding over 8 steps.
+    prob = Problem()
+    prob.fm.module.float()
+    prob.images, prob.start, prob.target, prob.lr = (t.float() for t in (prob.images, prob.start, prob.target, prob.lr))
+    plan = StepPlan([None] * 8, [100 + i for i in range(8)])
+    full = prob.run(plan, PruneConfig(0.05), "full")
+    low = prob.run(plan, PruneConfig(0.05), "low")
+    assert torch.equal(full.keep, low.keep)
+    assert_close(low.grad_images, full.grad_images, rtol=1e-4, atol=1e-4 * full.grad_images.abs().max().item())
+    assert_close(low.grad_lr, full.grad_lr, rtol=1e-4, atol=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite differences
+
+
+def test_gradcheck_loss_wrt_images_two_step_unroll():
+    """gradcheck of the package's unroll + loss w.r.t. the synthetic images, mask held fixed."""
+    prob = Problem(n_images=4, side=6, width=2)
+    plan = StepPlan([None, torch.tensor([0, 2, 3])], [7, None])
+    keep = prob.run(plan, PruneConfig(0.1)).keep
+    assert keep is not None and (~keep).any()
+    fm, labels, a, start, target = prob.fm, prob.labels, prob.lr, prob.start, prob.target
+
+    def loss_of(x):
+        # _meta_full's logic as a function of X.
+        theta = start.detach().requires_grad_(True)
+        for idx, seed in zip(plan.batches, plan.seeds):
+            theta = theta - a * _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True)
+        return matching_loss(theta, target, start, keep)
+
+    x = prob.images.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss_of, (x,), eps=1e-6, atol=1e-7, rtol=1e-4)
+
+
+class _MetaLoss(torch.autograd.Function):
+    """The loss with meta_gradient's own gradients, so gradcheck tests those against finite differences."""
+
+    @staticmethod
+    def forward(ctx, x, a, prob, plan, prune, memory):
+        res = prob.run(plan, prune, memory, images=x, lr=a)
+        ctx.save_for_backward(res.grad_images, res.grad_lr)
+        return res.loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gx, ga = ctx.saved_tensors
+        return grad_out * gx, grad_out * ga, None, None, None, None
+
+
+@pytest.mark.parametrize("memory", ["full", "low"])
+def test_gradcheck_meta_gradient(memory):
+    prob = Problem(n_images=4, side=6, width=2)
+    plan = StepPlan([None, torch.tensor([1, 2, 3])], [None, 3])
+    prune = PruneConfig(0.1, "layer")
+    x = prob.images.clone().requires_grad_(True)
+    a = prob.lr.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x_, a_: _MetaLoss.apply(x_, a_, prob, plan, prune, memory), (x, a), eps=1e-6, atol=1e-7, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("memory", ["full", "low"])
+@pytest.mark.parametrize("ratio", [0.0, 0.1])
+def test_grad_lr_finite_difference(prob, memory, ratio):
+    plan = dsa_plan()
+    prune = PruneConfig(ratio)
+    res = prob.run(plan, prune, memory)
+    h = 1e-6
+    up = prob.run(plan, prune, memory, lr=prob.lr + h).loss
+    down = prob.run(plan, prune, memory, lr=prob.lr - h).loss
+    fd = (up - down) / (2 * h)
+    assert res.grad_lr.abs() > 1e-3
+    assert_close(res.grad_lr, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_a_descent_step_lowers_the_loss(prob):
+    # The sign of both gradients is right: a small step against them lowers the loss.
+    plan = batched_plan()
+    res = prob.run(plan, PruneConfig(0.05))
+    step = 1e-3 / res.grad_images.abs().max()
+    after = prob.run(plan, PruneConfig(0.05), images=prob.images - step * res.grad_images)
+    assert after.loss < res.loss
+    after_lr = prob.run(plan, PruneConfig(0.05), lr=prob.lr - 1e-4 * res.grad_lr.sign())
+    assert after_lr.loss < res.loss

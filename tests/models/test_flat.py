@@ -1,0 +1,103 @@
+"""The flat-parameter view: forward, layout, views, in-place load, gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dpd_cli.models import FlatModel, build_model
+from tests.helpers import assert_close, tiny_spec
+
+
+def _fm(dtype=torch.float32) -> FlatModel:
+    return FlatModel(build_model(tiny_spec()).to(dtype))
+
+
+def test_forward_equals_module():
+    fm = _fm()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(fm(fm.flatten(), x), fm.module(x))
+
+
+def test_flatten_is_a_detached_copy_in_parameter_order():
+    fm = _fm()
+    flat = fm.flatten()
+    params = list(fm.module.parameters())
+    assert flat.shape == (fm.n_params,) == (sum(p.numel() for p in params),)
+    assert not flat.requires_grad
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.zero_()
+    assert not all((p == 0).all() for p in params)  # the module is untouched
+
+
+def test_layout():
+    fm = _fm()
+    # conv(1->4, 3x3), GN(4), conv(4->4), GN(4), fc(4*2*2 -> 3)
+    assert fm.layout == [
+        ["conv1.weight", [4, 1, 3, 3]], ["conv1.bias", [4]], ["norm1.weight", [4]], ["norm1.bias", [4]],
+        ["conv2.weight", [4, 4, 3, 3]], ["conv2.bias", [4]], ["norm2.weight", [4]], ["norm2.bias", [4]],
+        ["fc.weight", [3, 16]], ["fc.bias", [3]],
+    ]
+    offsets = [layer.offset for layer in fm.layers]
+    numels = [layer.numel for layer in fm.layers]
+    assert offsets == [0, 36, 40, 44, 48, 192, 196, 200, 204, 252]
+    assert fm.n_params == 255 == offsets[-1] + numels[-1]
+
+
+def test_unflatten_views_map_onto_the_right_parameters():
+    fm = _fm()
+    flat = fm.flatten()
+    views = fm.unflatten(flat)
+    assert list(views) == [n for n, _ in fm.module.named_parameters()]
+    for (name, p), layer in zip(fm.module.named_parameters(), fm.layers):
+        v = views[name]
+        assert v.shape == p.shape and torch.equal(v, p.detach())
+        assert v.data_ptr() == flat[layer.offset :].data_ptr()  # a view, not a copy
+    flat[fm.layers[-1].offset] = 123.0
+    assert views["fc.bias"][0] == 123.0
+
+
+def test_load_round_trip():
+    fm = _fm()
+    original = fm.flatten()
+    new = torch.randn(fm.n_params)
+    fm.load_(new)
+    assert torch.equal(fm.flatten(), new)
+    assert torch.equal(fm.module.fc.bias.detach(), new[-3:])
+    assert torch.equal(fm.module.conv1.weight.detach(), new[:36].view(4, 1, 3, 3))
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(fm.module(x), fm(new, x))
+    fm.load_(original)
+    assert torch.equal(fm.flatten(), original)
+
+
+def test_layer_ids():
+    fm = _fm()
+    ids = fm.layer_ids()
+    assert ids.shape == (fm.n_params,) and ids.dtype == torch.int64
+    assert torch.equal(torch.bincount(ids), torch.tensor([layer.numel for layer in fm.layers]))
+    for i, layer in enumerate(fm.layers):
+        assert (ids[layer.offset : layer.offset + layer.numel] == i).all()
+    # boundaries: exactly where the layer index changes
+    changes = (ids[1:] != ids[:-1]).nonzero().flatten() + 1
+    assert changes.tolist() == [layer.offset for layer in fm.layers[1:]]
+    assert ids[0] == 0 and ids[-1] == len(fm.layers) - 1
+
+
+def test_gradient_through_flat_vector_equals_module_gradients():
+    fm = _fm(torch.float64)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    flat = fm.flatten().requires_grad_(True)
+    (g_flat,) = torch.autograd.grad(F.cross_entropy(fm(flat, x), y), flat)
+    F.cross_entropy(fm.module(x), y).backward()
+    g_module = torch.cat([p.grad.reshape(-1) for p in fm.module.parameters()])
+    assert_close(g_flat, g_module, rtol=1e-12, atol=1e-14)
+    assert g_flat.abs().sum() > 0
+
+
+def test_functional_call_leaves_module_parameters_alone():
+    fm = _fm()
+    before = fm.flatten()
+    fm(torch.randn(fm.n_params), torch.randn(2, 1, 8, 8))
+    assert torch.equal(fm.flatten(), before)

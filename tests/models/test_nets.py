@@ -1,0 +1,98 @@
+"""Networks: output shapes at every supported resolution, MTT's ConvNet size, specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dpd_cli.models import ModelSpec, build_model, default_depth
+from tests.helpers import tiny_spec
+
+SIZES = [(1, 28), (3, 32), (3, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _plain_conv(monkeypatch):
+    # oneDNN builds a kernel per new shape, which costs seconds on a small CPU; the results are the same.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18", "vgg11", "alexnet"])
+@pytest.mark.parametrize("channels,side", SIZES, ids=[f"{c}x{s}" for c, s in SIZES])
+def test_forward_shape_and_input_dependence(name, channels, side):
+    spec = ModelSpec(name, channels, (side, side), 10, width=8, depth=default_depth((side, side)))
+    net = build_model(spec)
+    x = torch.randn(2, channels, side, side)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (2, 10) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    # Each image's logits depend on that image (a norm over a 1x1 map would make them constant).
+    assert not torch.allclose(y[0], y[1], atol=1e-6)
+
+
+def test_default_depth():
+    assert default_depth((28, 28)) == 3
+    assert default_depth((32, 32)) == 3
+    assert default_depth((64, 64)) == 4
+    assert default_depth((16, 16)) == 2
+    assert default_depth((8, 8)) == 1
+    assert default_depth((64, 32)) == 3  # the short side decides
+    assert default_depth((512, 512)) == 5  # capped
+
+
+def test_convnet_cifar10_parameter_count_is_mtt():
+    net = build_model(ModelSpec("convnet", 3, (32, 32), 10, width=128, depth=3))
+    assert sum(p.numel() for p in net.parameters()) == 320_010
+    names = [n for n, _ in net.named_parameters()]
+    assert names[:4] == ["conv1.weight", "conv1.bias", "norm1.weight", "norm1.bias"]
+    assert names[-2:] == ["fc.weight", "fc.bias"]
+    assert isinstance(net.norm1, nn.GroupNorm) and net.norm1.num_groups == 128
+    assert isinstance(net.pool1, nn.AvgPool2d)
+
+
+def test_convnet_grayscale_28_is_padded_to_32():
+    a = build_model(ModelSpec("convnet", 1, (28, 28), 10, width=8, depth=3))
+    b = build_model(ModelSpec("convnet", 1, (32, 32), 10, width=8, depth=3))
+    assert a.conv1.padding == (3, 3)
+    assert a.fc.in_features == b.fc.in_features == 8 * 4 * 4
+
+
+def test_convnet_variants():
+    spec = ModelSpec("convnet", 3, (8, 8), 3, width=4, depth=2, norm="batch", pool="max")
+    net = build_model(spec)
+    assert isinstance(net.norm1, nn.BatchNorm2d) and isinstance(net.pool2, nn.MaxPool2d)
+    none = build_model(ModelSpec("convnet", 3, (8, 8), 3, width=4, depth=2, norm="none"))
+    assert isinstance(none.norm1, nn.Identity)
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+
+
+def test_convnet_too_deep():
+    with pytest.raises(ValueError, match="too deep"):
+        build_model(ModelSpec("convnet", 3, (8, 8), 3, width=4, depth=4))
+
+
+def test_tiny_spec_forward_and_backward():
+    net = build_model(tiny_spec())
+    y = net(torch.randn(5, 1, 8, 8))
+    assert y.shape == (5, 3)
+    y.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_spec_round_trip_and_tag():
+    spec = ModelSpec("convnet", 3, (32, 32), 10, width=64, depth=3, norm="batch", pool="max")
+    d = spec.to_dict()
+    assert d["image_size"] == [32, 32]
+    assert ModelSpec.from_dict(d) == spec
+    assert spec.tag() == "convnet-w64-d3-batch-max"
+    assert ModelSpec("vgg11", 3, (32, 32), 10).tag() == "vgg11-instance"
+
+
+def test_seeded_build_is_reproducible():
+    torch.manual_seed(3)
+    a = build_model(tiny_spec())
+    torch.manual_seed(3)
+    b = build_model(tiny_spec())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -1,0 +1,164 @@
+"""DSA: shapes, determinism from the seed, differentiability, and what each family does."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dpd_cli import augment
+from dpd_cli.augment import OPS, _FNS, dsa
+from tests.helpers import assert_close
+
+
+def _x(n=8, c=3, side=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, side, side, generator=g, dtype=dtype)
+
+
+def _only(op):
+    return lambda x, seed: dsa(x, seed, ops=(op,))
+
+
+def test_ops_table_matches_public_names():
+    assert set(_FNS) == set(OPS) == {"color", "crop", "cutout", "flip", "scale", "rotate"}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_op_keeps_shape_and_dtype(op, dtype):
+    x = _x(n=3, c=3, side=10, dtype=dtype)
+    y = _only(op)(x, 7)
+    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    assert torch.isfinite(y).all()
+    # non-square images too
+    z = _only(op)(torch.randn(2, 1, 6, 9, dtype=dtype), 3)
+    assert z.shape == (2, 1, 6, 9)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_same_seed_same_output_different_seed_differs(op):
+    x = _x()
+    assert torch.equal(_only(op)(x, 11), _only(op)(x, 11))
+    outs = [_only(op)(x, s) for s in range(4)]
+    assert all(not torch.equal(outs[0], o) for o in outs[1:])
+    assert not torch.equal(outs[0], x)
+
+
+def test_dsa_same_seed_same_output_different_seeds_differ():
+    x = _x()
+    assert torch.equal(dsa(x, 123), dsa(x, 123))
+    outs = [dsa(x, s) for s in range(10)]
+    for i in range(len(outs)):
+        for j in range(i + 1, len(outs)):
+            assert not torch.equal(outs[i], outs[j]), (i, j)
+
+
+def test_dsa_does_not_touch_global_rng():
+    torch.manual_seed(5)
+    random.seed(5)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(5)
+    random.seed(5)
+    dsa(_x(), 42)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_dsa_chooses_the_op_from_the_seed_and_all_six_appear(monkeypatch):
+    x = _x()
+    seen = []
+    originals = dict(_FNS)
+    for name, fn in originals.items():
+        monkeypatch.setitem(_FNS, name, lambda x, g, _fn=fn, _name=name: (seen.append(_name), _fn(x, g))[1])
+    for seed in range(60):
+        y = dsa(x, seed)
+        expected_op = OPS[random.Random(seed).randrange(len(OPS))]
+        assert seen[-1] == expected_op
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(y, originals[expected_op](x, g))
+    assert set(seen) == set(OPS)
+    # ops= restricts the choice
+    seen.clear()
+    for seed in range(20):
+        dsa(x, seed, ops=("flip", "crop"))
+    assert set(seen) == {"flip", "crop"}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_gradcheck(op):
+    # Every family is affine in x once its random parameters are fixed by the seed.
+    x = _x(n=2, c=2, side=5, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: _only(op)(t, 5), (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_reaches_every_image(op):
+    x = _x(n=4).requires_grad_(True)
+    _only(op)(x, 9).square().sum().backward()
+    assert x.grad is not None
+    assert (x.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_flip_all_and_none(monkeypatch):
+    x = _x()
+    monkeypatch.setattr(augment, "_FLIP", 1.01)
+    assert torch.equal(_only("flip")(x, 0), x.flip(3))
+    monkeypatch.setattr(augment, "_FLIP", 0.0)
+    assert torch.equal(_only("flip")(x, 0), x)
+
+
+def test_flip_is_per_image():
+    x = _x(n=32)
+    y = _only("flip")(x, 1)
+    flipped = [torch.equal(a, b.flip(2)) for a, b in zip(y, x)]
+    same = [torch.equal(a, b) for a, b in zip(y, x)]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert 4 < sum(flipped) < 28
+
+
+def test_crop_is_a_translation_with_zero_fill():
+    x = torch.rand(16, 2, 8, 8) + 1  # strictly positive, so shifted-in zeros are visible
+    y = _only("crop")(x, 4)
+    for a, b in zip(y, x):
+        found = False
+        for dx in range(-1, 2):
+            for dy in range(-1, 2):
+                ref = torch.zeros_like(b)
+                # out[i, j] = in[i + dx, j + dy], zeros outside
+                src = b[:, max(dx, 0) : 8 + min(dx, 0), max(dy, 0) : 8 + min(dy, 0)]
+                ref[:, max(-dx, 0) : 8 + min(-dx, 0), max(-dy, 0) : 8 + min(-dy, 0)] = src
+                found |= torch.equal(a, ref)
+        assert found
+
+
+def test_cutout_zeroes_a_half_size_square():
+    x = torch.rand(16, 3, 8, 8) + 1
+    y = _only("cutout")(x, 2)
+    holes = (y == 0).all(1)  # (N, H, W): a hole covers every channel
+    assert torch.equal(y == 0, holes.unsqueeze(1).expand_as(y))
+    for hole, a, b in zip(holes, y, x):
+        rows = hole.any(1).nonzero().flatten()
+        cols = hole.any(0).nonzero().flatten()
+        # the square may be clipped at the border, never larger than 4x4, always a full rectangle
+        assert 1 <= len(rows) <= 4 and 1 <= len(cols) <= 4
+        assert hole.sum() == len(rows) * len(cols)
+        assert torch.equal(a[:, ~hole], b[:, ~hole])
+    assert (holes.flatten(1).sum(1) == 16).any()
+
+
+def test_color_parameters_in_range():
+    x = _x(n=64, c=3)
+    y = _only("color")(x, 8)
+    # the global mean moves by the brightness shift only (saturation and contrast keep means): |shift| <= 0.5
+    shift = y.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))
+    assert shift.abs().max() <= 0.5 + 1e-5
+    assert shift.abs().max() > 0.2  # and it is really drawn
+
+
+@pytest.mark.parametrize("op", ["scale", "rotate"])
+def test_affine_ops_keep_a_constant_image_inside(op):
+    # A constant image stays constant near the centre (the grid only moves pixels around).
+    x = torch.full((4, 1, 9, 9), 2.0)
+    y = _only(op)(x, 3)
+    assert_close(y[:, :, 4, 4], torch.full((4, 1), 2.0))

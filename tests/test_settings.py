@@ -1,0 +1,266 @@
+"""Settings resolution: defaults < config file < DPD_* env < flags, strict keys, all errors at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpd_cli.errors import SettingsError
+from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings, env_var, resolve, settings_hash
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(command: str, flags=None, config=None, env=None) -> str:
+    with pytest.raises(SettingsError) as info:
+        resolve(command, flags or {}, config=config, env=env if env is not None else {})
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precedence
+
+
+def test_defaults_when_nothing_given():
+    s = resolve("distill", {}, env={})
+    assert isinstance(s, DistillSettings)
+    assert s == DistillSettings()
+    assert (s.ipc, s.prune_ratio, s.dataset, s.memory) == (10, 0.05, "fashion-mnist-mini", "full")
+
+
+def test_env_var_names():
+    assert env_var("prune_ratio") == "DPD_PRUNE_RATIO"
+    assert env_var("ipc") == "DPD_IPC"
+
+
+def test_precedence_defaults_file_env_flags(tmp_path):
+    cfg = _write(
+        tmp_path / "c.toml",
+        "ipc = 3\nseed = 4\nsyn_steps = 7\nlr_img = 5.0\niterations = 9\n"
+        "[distill]\nipc = 4\nseed = 5\n",
+    )
+    # file only: the [distill] table wins over the top-level key
+    s = resolve("distill", {}, config=cfg, env={})
+    assert (s.ipc, s.seed, s.syn_steps, s.lr_img, s.iterations) == (4, 5, 7, 5.0, 9)
+    # env beats the file (both its top level and its table)
+    env = {"DPD_IPC": "6", "DPD_SYN_STEPS": "8"}
+    s = resolve("distill", {}, config=cfg, env=env)
+    assert (s.ipc, s.seed, s.syn_steps, s.lr_img) == (6, 5, 8, 5.0)
+    # flags beat env; None means "flag not given"
+    s = resolve("distill", {"ipc": 2, "syn_steps": None, "lr_img": 1.5}, config=cfg, env=env)
+    assert (s.ipc, s.seed, s.syn_steps, s.lr_img) == (2, 5, 8, 1.5)
+    # untouched fields keep their defaults
+    assert s.prune_ratio == DistillSettings().prune_ratio
+
+
+def test_table_of_another_command_does_not_apply(tmp_path):
+    cfg = _write(tmp_path / "c.toml", "seed = 1\n[experts]\nseed = 9\nepochs = 3\n[distill]\nipc = 2\n")
+    d = resolve("distill", {}, config=cfg, env={})
+    e = resolve("experts", {}, config=cfg, env={})
+    assert (d.seed, d.ipc) == (1, 2)
+    assert (e.seed, e.epochs) == (9, 3)
+
+
+def test_top_level_key_of_another_command_is_ignored(tmp_path):
+    # ipc belongs to distill only; experts must accept the shared file and ignore it.
+    cfg = _write(tmp_path / "c.toml", "ipc = 3\nepochs = 4\n")
+    e = resolve("experts", {}, config=cfg, env={})
+    assert e.epochs == 4 and not hasattr(e, "ipc")
+
+
+def test_dashed_keys_in_file(tmp_path):
+    cfg = _write(tmp_path / "c.toml", 'prune-ratio = 0.2\n[distill]\nprune-scope = "layer"\n')
+    s = resolve("distill", {}, config=cfg, env={})
+    assert (s.prune_ratio, s.prune_scope) == (0.2, "layer")
+
+
+def test_empty_env_value_is_ignored():
+    s = resolve("distill", {}, env={"DPD_IPC": ""})
+    assert s.ipc == 10
+
+
+def test_env_defaults_to_os_environ(monkeypatch):
+    monkeypatch.setenv("DPD_PRUNE_RATIO", "0.25")
+    assert resolve("distill", {}).prune_ratio == 0.25
+
+
+def test_env_bool_and_path(tmp_path):
+    s = resolve("distill", {}, env={"DPD_ZCA": "true", "DPD_OUT": str(tmp_path / "run")})
+    assert s.zca is True and s.out == tmp_path / "run"
+
+
+def test_json_and_yaml_files(tmp_path):
+    j = _write(tmp_path / "c.json", json.dumps({"ipc": 3, "distill": {"prune_ratio": 0.1}}))
+    y = _write(tmp_path / "c.yaml", "ipc: 5\ndistill:\n  prune_ratio: 0.2\n  prune_scope: layer\n")
+    s = resolve("distill", {}, config=j, env={})
+    assert (s.ipc, s.prune_ratio) == (3, 0.1)
+    s = resolve("distill", {}, config=y, env={})
+    assert (s.ipc, s.prune_ratio, s.prune_scope) == (5, 0.2, "layer")
+
+
+def test_empty_yaml_file_is_defaults(tmp_path):
+    y = _write(tmp_path / "c.yml", "")
+    assert resolve("distill", {}, config=y, env={}) == DistillSettings()
+
+
+# ----------------------------------------------------------------------------------------------
+# Unknown keys and tables
+
+
+def test_unknown_keys_and_tables_all_reported(tmp_path):
+    cfg = _write(tmp_path / "c.toml", "ipc = 3\nprune_ratoi = 0.1\n[distil]\nx = 1\n[distill]\nipcc = 2\n")
+    msg = _error("distill", config=cfg)
+    assert msg == (
+        f"Config file {cfg}: unknown key 'prune_ratoi' (did you mean 'prune_ratio'?); "
+        "unknown table [distil] (did you mean 'distill'?); tables: experts, distill, evaluate; "
+        "unknown key 'ipcc' in [distill] (did you mean 'ipc'?). Run `dpd distill --help` for the valid settings."
+    )
+
+
+def test_key_of_another_command_inside_table_is_an_error(tmp_path):
+    cfg = _write(tmp_path / "c.toml", "[experts]\nipc = 3\n")
+    msg = _error("experts", config=cfg)
+    assert "unknown key 'ipc' in [experts]" in msg
+
+
+def test_unknown_flag_is_an_error():
+    assert _error("experts", flags={"ipc": 3}) == "Unknown setting 'ipc' for `dpd experts`."
+
+
+def test_missing_config_file(tmp_path):
+    msg = _error("distill", config=tmp_path / "nope.toml")
+    assert msg == f"Config file {tmp_path / 'nope.toml'} does not exist. Check the --config path."
+
+
+def test_non_table_file(tmp_path):
+    j = _write(tmp_path / "c.json", "[1, 2]")
+    assert "must hold a table of settings" in _error("distill", config=j)
+
+
+# ----------------------------------------------------------------------------------------------
+# Syntax errors
+
+
+def test_toml_syntax_error_names_the_line(tmp_path):
+    cfg = _write(tmp_path / "c.toml", "ipc = 3\nseed = = 1\n")
+    msg = _error("distill", config=cfg)
+    assert msg.startswith(f"Config file {cfg} has a syntax error")
+    assert "line 2" in msg
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "ipc: 3\nseed: [1\n")
+    msg = _error("distill", config=cfg)
+    assert msg.startswith(f"Config file {cfg} has a syntax error (line 3, column 1)")
+
+
+def test_json_syntax_error_names_the_line(tmp_path):
+    cfg = _write(tmp_path / "c.json", '{\n  "ipc": 3,\n}\n')
+    msg = _error("distill", config=cfg)
+    assert msg.startswith(f"Config file {cfg} is not valid JSON")
+    assert "line 3" in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Value errors
+
+
+def test_range_errors_reported_at_once_naming_flags():
+    msg = _error("distill", flags={"ipc": 0, "prune_ratio": 1.0, "iterations": 0})
+    assert msg == (
+        "Invalid settings for `dpd distill`: "
+        "--ipc: Input should be greater than or equal to 1 (got 0); "
+        "--iterations: Input should be greater than or equal to 1 (got 0); "
+        "--prune-ratio: Input should be less than 1 (got 1.0). See `dpd distill --help`."
+    )
+
+
+def test_negative_prune_ratio():
+    msg = _error("distill", flags={"prune_ratio": -0.1})
+    assert "--prune-ratio: Input should be greater than or equal to 0 (got -0.1)" in msg
+
+
+def test_zero_epochs():
+    msg = _error("experts", flags={"epochs": 0})
+    assert "--epochs: Input should be greater than or equal to 1 (got 0)" in msg
+    msg = _error("evaluate", flags={"epochs": 0})
+    assert "--epochs: Input should be greater than or equal to 1 (got 0)" in msg
+
+
+def test_errors_name_the_source(tmp_path):
+    cfg = _write(tmp_path / "c.toml", "iterations = 0\n")
+    msg = _error("distill", config=cfg, env={"DPD_IPC": "0"})
+    assert "env DPD_IPC: Input should be greater than or equal to 1 (got '0')" in msg
+    assert "config key 'iterations': Input should be greater than or equal to 1 (got 0)" in msg
+
+
+def test_resume_with_force_is_refused():
+    msg = _error("distill", flags={"resume": True, "force": True})
+    assert "can't use both --resume and --force" in msg
+    # either one alone is fine
+    assert resolve("distill", {"resume": True}, env={}).resume
+    assert resolve("distill", {"force": True}, env={}).force
+
+
+def test_prune_warmup_must_leave_pruned_iterations():
+    assert "--prune-warmup 5 leaves no pruned iteration of 5" in _error(
+        "distill", flags={"prune_warmup": 5, "iterations": 5}
+    )
+    # no pruning at all: any warmup is fine
+    assert resolve("distill", {"prune_warmup": 5, "iterations": 5, "prune_ratio": 0.0}, env={}).prune_ratio == 0
+
+
+def test_unknown_dataset_suggests():
+    msg = _error("experts", flags={"dataset": "cifar1O"})
+    assert "unknown dataset 'cifar1o' (did you mean 'cifar10'?)" in msg
+
+
+def test_imagefolder_needs_data_dir(tmp_path):
+    assert "dataset 'imagefolder' needs --data-dir" in _error("experts", flags={"dataset": "imagefolder"})
+    s = resolve("experts", {"dataset": "imagefolder", "data_dir": str(tmp_path)}, env={})
+    assert isinstance(s, ExpertSettings) and s.data_dir == tmp_path
+
+
+def test_device_forms():
+    assert resolve("experts", {"device": "CUDA:1"}, env={}).device == "cuda:1"
+    assert "unknown device 'gpu'" in _error("experts", flags={"device": "gpu"})
+
+
+# ----------------------------------------------------------------------------------------------
+# EvalSettings
+
+
+def test_models_comma_splitting():
+    s = resolve("evaluate", {"models": "convnet, VGG11,,alexnet"}, env={})
+    assert isinstance(s, EvalSettings)
+    assert s.models == ["convnet", "vgg11", "alexnet"]
+    assert resolve("evaluate", {}, env={"DPD_MODELS": "resnet18,convnet"}).models == ["resnet18", "convnet"]
+    assert resolve("evaluate", {"baseline": "random,full"}, env={}).baseline == ["random", "full"]
+
+
+def test_models_unknown_and_empty():
+    assert "unknown model 'convnt' (did you mean 'convnet'?)" in _error("evaluate", flags={"models": "convnt"})
+    assert "give at least one model" in _error("evaluate", flags={"models": " , "})
+
+
+def test_models_from_file_list(tmp_path):
+    cfg = _write(tmp_path / "c.toml", '[evaluate]\nmodels = ["alexnet", "convnet"]\n')
+    assert resolve("evaluate", {}, config=cfg, env={}).models == ["alexnet", "convnet"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_settings_are_frozen_and_hash_is_stable():
+    a = resolve("distill", {"ipc": 2}, env={})
+    b = resolve("distill", {"ipc": 2}, env={})
+    c = resolve("distill", {"ipc": 3}, env={})
+    with pytest.raises(Exception):
+        a.ipc = 5  # type: ignore[misc]
+    assert settings_hash(a) == settings_hash(b) != settings_hash(c)
+    assert settings_hash(a, exclude={"ipc"}) == settings_hash(c, exclude={"ipc"})
