@@ -106,7 +106,9 @@ def _plan(rng: random.Random, n_images: int, s: DistillSettings, device) -> matc
     batches: list[torch.Tensor | None] = []
     seeds: list[int | None] = []
     batch = s.batch_syn or n_images
-    order_gen = torch.Generator().manual_seed(rng.getrandbits(63))
+    # Permutations are drawn on the device itself: no host-to-device copy (and sync) per step.
+    order_gen = torch.Generator(device=device)
+    order_gen.manual_seed(rng.getrandbits(63))
     order = None
     pos = n_images
     for _ in range(s.syn_steps):
@@ -115,7 +117,7 @@ def _plan(rng: random.Random, n_images: int, s: DistillSettings, device) -> matc
         else:
             # Walk through a permutation, as an epoch over the synthetic set would (MTT).
             if pos + batch > n_images:
-                order, pos = torch.randperm(n_images, generator=order_gen).to(device, non_blocking=True), 0
+                order, pos = torch.randperm(n_images, generator=order_gen, device=device), 0
             batches.append(order[pos : pos + batch])
             pos += batch
         seeds.append(rng.getrandbits(63) if s.dsa else None)
@@ -247,7 +249,7 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
             pending = []
             window_t0 = time.perf_counter()
 
-        def save_all(iteration: int, final: bool) -> None:
+        def save_all(iteration: int) -> None:
             flush()
             tensors = {"images": images, "labels": labels, "lr": lr, "momentum_images": mom_images, "momentum_lr": mom_lr,
                        "prune_counts": prune_counts, **pre.tensors()}
@@ -261,12 +263,12 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
 
         for it in range(start_it, s.iterations):
             if interrupt.requested():
-                save_all(it, final=False)
+                save_all(it)
                 raise interrupt.Interrupted(f"stopped after iteration {it}; rerun the same command with --resume to continue {run_dir}")
             rng = random.Random(derive_seed(s.seed, "iteration", it))
             e = rng.randrange(len(experts))
             t = rng.randrange(s.max_start_epoch)
-            start, target = (v.to(device, non_blocking=True) for v in experts.pair(e, t, s.expert_epochs))
+            start, target = (_to_device(v, device) for v in experts.pair(e, t, s.expert_epochs))
             plan = _plan(rng, len(images), s, device)
             cfg = matching.PruneConfig(_ratio_at(s, it), s.prune_scope, s.prune_criterion)
             res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, cfg, sizes, s.memory)
@@ -286,10 +288,17 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
             if len(pending) >= log_every:
                 flush()
             if (it + 1) % s.checkpoint_every == 0 and it + 1 < s.iterations:
-                save_all(it + 1, final=False)
-        save_all(s.iterations, final=True)
+                save_all(it + 1)
+        save_all(s.iterations)
         sink.emit(DistillDone(str(run_dir), s.iterations, last_loss, float(lr), time.perf_counter() - t_run))
     return run_dir
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU -> device without a stream sync: copies from pinned memory are truly asynchronous."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _ratio_at(s: DistillSettings, it: int) -> float:
