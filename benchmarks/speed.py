@@ -73,6 +73,7 @@ SMOKE = {
     "steps": "2,4,8",
     "iters": 1,
     "worker_timeout": 300,
+    "threads": 1,  # a validation run on a possibly busy machine: 2 OpenMP threads on shared cores crawl
 }
 
 
@@ -141,6 +142,7 @@ def environment(args, dev: torch.device) -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "device": str(dev),
         "cudnn_benchmark": bool(args.cudnn_benchmark) if dev.type == "cuda" else None,
+        "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
@@ -593,7 +595,8 @@ def low_growth(done: list[dict]) -> list[dict]:
             out.append({
                 "ipc": ipc, "from_steps": a["steps"], "to_steps": b["steps"],
                 "peak_growth_pct": 100 * (b["peak_bytes"] / a["peak_bytes"] - 1),
-                "above_base_growth_pct": 100 * ((b["peak_bytes"] - b["base_bytes"]) / max(1, a["peak_bytes"] - a["base_bytes"]) - 1),
+                "above_base_growth_pct": (100 * ((b["peak_bytes"] - b["base_bytes"]) / (a["peak_bytes"] - a["base_bytes"]) - 1)
+                                          if a["peak_bytes"] - a["base_bytes"] > 2**20 else None),
             })
     return out
 
@@ -609,6 +612,10 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"## dpd speed — {env.get('gpu') or env['cpu']} ({env['device']}, torch {env['torch']}, "
              f"{env['torch_threads']} threads via torch.set_num_threads)", ""]
+    la = env.get("loadavg_start")
+    if la is not None and env["device"] == "cpu" and la > 0.5:
+        lines += [f"**warning:** 1-min load average was {la:.1f} at the start ({env['cores_available']} cores): other processes "
+                  "were using the CPU, so these timings are not trustworthy (OpenMP threads slow down badly on shared cores).", ""]
     if "experts" in result:
         e = result["experts"]
         lines += [
@@ -648,8 +655,9 @@ def markdown(result: dict) -> str:
         for g in d.get("low_growth", []):
             lines.append("")
             lines.append(f"low-memory peak growth, IPC {g['ipc']}, N {g['from_steps']} → {g['to_steps']}: "
-                         f"{g['peak_growth_pct']:+.1f}% of the peak ({g['above_base_growth_pct']:+.1f}% of the part above the "
-                         f"pre-iteration baseline)")
+                         f"{g['peak_growth_pct']:+.1f}% of the peak"
+                         + ("" if g["above_base_growth_pct"] is None else
+                            f" ({g['above_base_growth_pct']:+.1f}% of the part above the pre-iteration baseline)"))
         bad = [r for r in d["configs"] if "finite" in r and not r["finite"]]
         if bad:
             lines.append(f"\nwarning: non-finite loss in {len(bad)} configuration(s); timings may not be representative")
@@ -710,8 +718,10 @@ def parse(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
+        threads = args.threads
         for k, v in SMOKE.items():
             setattr(args, k, v)
+        args.threads = threads or SMOKE["threads"]
     args.threads = args.threads or default_threads()
     bad = [s for s in args.only.split(",") if s not in SECTIONS]
     if bad:
@@ -745,6 +755,7 @@ def main(argv=None) -> int:
         if args.smoke or "ref" in args.modes:
             result["reference_check"] = check_against_dpd(str(dev))
     result["total_wall_s"] = time.perf_counter() - t0
+    result["environment"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["total_cpu_s_this_process"] = time.process_time()
     text = markdown(result)
     print(text)

@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,14 @@ MODEL_NAMES = ("convnet", "resnet18", "vgg11", "alexnet")
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: Any, info) -> Any:
+        # Path("") is the current folder: an empty --out or --data-dir must not silently mean ".".
+        if isinstance(v, str) and not v.strip() and "Path" in str(cls.model_fields[info.field_name].annotation):
+            raise ValueError("the path is empty; give a path, or leave the setting out for the default")
+        return v
 
 
 class DataFields(_Settings):
@@ -237,6 +246,8 @@ def _did_you_mean(word: str, options) -> str:
 
 
 def _load_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise SettingsError(f"Config file {path} is a folder. Give the path of a TOML, JSON or YAML settings file.")
     if not path.is_file():
         raise SettingsError(f"Config file {path} does not exist. Check the --config path.")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -251,7 +262,10 @@ def _load_file(path: Path) -> dict[str, Any]:
                 raise SettingsError(f"{path} is YAML but PyYAML is not installed: `pip install pyyaml`, or use TOML.") from e
             data = yaml.safe_load(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
             data = tomllib.loads(text)
     except SettingsError:
@@ -259,16 +273,28 @@ def _load_file(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise SettingsError(f"Config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from e
     except Exception as e:  # tomllib.TOMLDecodeError and yaml.YAMLError both say where
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" (line {mark.line + 1}, column {mark.column + 1})"
-        raise SettingsError(f"Config file {path} has a syntax error{where}: {e}. Fix that line and run again.") from e
+        where, problem = _syntax_error_position(e, text)
+        raise SettingsError(f"Config file {path} has a syntax error{where}: {problem}. Fix that line and run again.") from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SettingsError(f"Config file {path} must hold a table of settings (key = value), not {type(data).__name__}.")
     return data
+
+
+def _syntax_error_position(e: Exception, text: str) -> tuple[str, str]:
+    """``(" (line L, column C)", one-line problem)`` from a TOML or YAML parse error."""
+    mark = getattr(e, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        problem = " ".join(p for p in (getattr(e, "problem", None), getattr(e, "context", None)) if p)
+        return f" (line {mark.line + 1}, column {mark.column + 1})", problem or str(e).splitlines()[0]
+    msg = " ".join(str(e).split())
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)", msg)  # tomllib.TOMLDecodeError
+    if m:
+        return f" (line {m.group(1)}, column {m.group(2)})", (msg[: m.start()] + msg[m.end() :]).strip()
+    if "(at end of document)" in msg:
+        return f" (line {text.count(chr(10)) + 1}, at the end of the file)", msg.replace("(at end of document)", "").strip()
+    return "", msg
 
 
 def _all_known_fields() -> set[str]:
@@ -326,6 +352,8 @@ def resolve(
     sources: dict[str, str] = {}
     merged: dict[str, Any] = {}
     if config is not None:
+        if not str(config).strip():
+            raise SettingsError("--config is empty. Give the path of a TOML, JSON or YAML settings file, or leave --config out.")
         for k, v in _file_values(command, cls, _load_file(Path(config)), Path(config)).items():
             merged[k] = v
             sources[k] = f"config key {k!r}"

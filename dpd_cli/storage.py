@@ -36,6 +36,7 @@ __all__ = [
     "read_header",
     "TensorFile",
     "lock_dir",
+    "remove_stale_temps",
 ]
 
 #: The version of each format this release writes and reads.
@@ -95,6 +96,22 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.*.tmp``) a killed ``atomic_write`` left in ``folder``.
+
+    Call it only while holding ``lock_dir`` on the folder: another process's temp file is in use.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            _unlink_quietly(p)
+            removed.append(p)
+    return removed
 
 
 def _unlink_quietly(p: str | Path) -> None:
@@ -166,6 +183,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise StorageError(f"Cannot read {path}: {e.strerror or e}.") from e
     try:
         header = json.loads(raw)
+    except RecursionError:
+        raise StorageError(f"{path} is not a valid safetensors file: its header is nested too deeply.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StorageError(f"{path} is not a valid safetensors file: its header is not JSON ({e}).") from None
     if not isinstance(header, dict):
@@ -175,9 +194,16 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise StorageError(f"{path} has malformed metadata (must map text to text).")
     end = 0
     for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not {"dtype", "shape", "data_offsets"} <= entry.keys()
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+        ):
             raise StorageError(f"{path}: tensor entry {name!r} is malformed.")
-        end = max(end, int(entry["data_offsets"][1]))
+        end = max(end, offsets[1])
     if 8 + n + end != size:
         raise StorageError(f"{path} is truncated or padded: the header describes {8 + n + end} bytes, the file has {size}. {_hint_for(meta.get('format', ''))}")
     return header, meta
@@ -202,7 +228,7 @@ def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, 
             continue
         try:
             meta[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise StorageError(f"{path}: metadata entry {k!r} is not valid JSON. {_hint_for(found or '')}") from None
     return meta
 
@@ -263,11 +289,17 @@ class TensorFile:
         return tuple(self.header[name]["shape"])
 
     def rows(self, name: str, indices: list[int]) -> torch.Tensor:
-        sl = self._handle.get_slice(name)
-        return torch.stack([sl[i : i + 1][0] for i in indices])
+        try:
+            sl = self._handle.get_slice(name)
+            return torch.stack([sl[i : i + 1][0] for i in indices])
+        except Exception as e:  # SafetensorError, and OS errors if the file changed underneath
+            raise StorageError(f"{self.path}: cannot read rows {indices} of {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name)
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as e:
+            raise StorageError(f"{self.path}: cannot read {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
 
     def close(self) -> None:
         self._handle = None

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 
 import typer
+from rich.markup import escape
 
 from dpd_cli import interrupt
 from dpd_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
@@ -24,7 +25,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     """Print ``Error: message`` to stderr and return the Exit to raise."""
     from dpd_cli.cli.console import error_console
 
-    error_console().print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    error_console().print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if code == EXIT_USER_ERROR and not _debug():
         error_console().print("[dim](Set DPD_DEBUG=1 to see the traceback.)[/]", highlight=False)
     return typer.Exit(code)

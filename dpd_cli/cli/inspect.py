@@ -26,7 +26,7 @@ _SOURCES = {"distilled": "distilled", "random": "random real", "full": "full dat
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A run directory, an experts folder, or a .safetensors file written by dpd.", show_default=False)],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A run directory, an experts folder, or a .safetensors file written by dpd.", show_default=False)],
     json_out: Json = False,
     export_grid: Annotated[
         Optional[Path],
@@ -60,7 +60,8 @@ def inspect(
         if export_grid is not None and kind == "experts":
             raise SettingsError(f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory.")
         if plot is not None and kind == "file":
-            raise SettingsError(f"--plot draws a run directory or an experts folder, not a single file. Try `dpd inspect {path.parent} --plot {plot}`.")
+            raise SettingsError(f"--plot draws a run directory or an experts folder, not a single file ({path}). "
+                                "Pass the folder the file belongs to.")
 
         facts = engine.inspect(path, expert_epochs)
         exports: dict[str, Any] = {}

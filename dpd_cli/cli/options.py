@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from dpd_cli.settings import COMMAND_SETTINGS, env_var
 
@@ -18,7 +19,8 @@ def setting(command: str, field: str, *decls: str):
     default = f.default
     shown = "" if default is None or default == [] else f" (default: {default})"
     decls = decls or ("--" + field.replace("_", "-"),)
-    return typer.Option(*decls, help=f"{f.description}{shown} [env var: {env_var(field)}]", show_default=False)
+    # Typer renders help with Rich: "\\[" keeps the bracket literal instead of reading it as markup.
+    return typer.Option(*decls, help=escape(f"{f.description}{shown} [env var: {env_var(field)}]"), show_default=False)
 
 
 Config = Annotated[

@@ -142,6 +142,8 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
             raise DataError(f"unknown dataset {name!r}")
     except DataError:
         raise
+    except ImportError as e:  # SVHN's .mat files need scipy
+        raise DataError(f"Reading {name} needs the package {e.name or 'scipy'}: `pip install {e.name or 'scipy'}`.") from e
     except (RuntimeError, OSError) as e:
         how = "could not be downloaded" if download else f"was not found in {root}"
         raise DataError(
@@ -156,8 +158,9 @@ def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     items = []
     for label, c in enumerate(classes):
-        for f in sorted((split_dir / c).iterdir()):
-            if f.suffix.lower() in _IMAGE_SUFFIXES:
+        # Any depth below the class folder (Tiny ImageNet keeps train/<wnid>/images/*.JPEG).
+        for f in sorted((split_dir / c).rglob("*")):
+            if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file():
                 items.append((f, label))
     return classes, items
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from dpd_cli.data import Dataset, Preprocess, fit_zca
 from dpd_cli.errors import DataError, DeviceError
 from dpd_cli.models import ModelSpec, default_depth
 
-__all__ = ["resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions", "distributed_shard"]
+__all__ = ["dataset_key", "resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions", "distributed_shard"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,6 +30,8 @@ def resolve_device(name: str) -> torch.device:
             built = "built with CUDA " + torch.version.cuda if torch.version.cuda else "built without CUDA"
             raise DeviceError(f"--device {name} was asked for, but no CUDA GPU is available (torch {torch.__version__}, {built}). Use --device cpu or --device auto.")
         dev = torch.device(name)
+        if dev.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0.")
         return dev
@@ -75,6 +78,13 @@ def model_spec(settings, ds: Dataset, name: str | None = None) -> ModelSpec:
         if side >> depth < 1:
             raise DataError(f"--depth {depth} is too deep for {h}x{w} images: use at most {max(1, side.bit_length() - 1)}.")
     return spec
+
+
+def dataset_key(settings) -> str:
+    """The dataset's name for folders and compatibility checks; image folders are told apart by their folder name."""
+    if settings.dataset == "imagefolder":
+        return f"imagefolder-{Path(settings.data_dir).resolve().name}"
+    return settings.dataset
 
 
 def versions() -> dict[str, str]:

@@ -27,7 +27,7 @@ import torch
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine import matching
-from dpd_cli.engine.common import derive_seed, model_spec, resolve_device, set_threads, versions
+from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, versions
 from dpd_cli.engine.experts import ExpertSet, default_folder
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
@@ -64,9 +64,9 @@ def _check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> N
     found_spec = experts.spec.to_dict()
     want_spec = spec.to_dict()
     diffs = [f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}" for k, v in want_spec.items() if found_spec.get(k) != v]
-    for key in ("dataset", "zca"):
-        if experts.compat.get(key) != getattr(s, key):
-            diffs.append(f"{key}: experts have {experts.compat.get(key)!r}, settings give {getattr(s, key)!r}")
+    for key, want in (("dataset", dataset_key(s)), ("zca", s.zca)):
+        if experts.compat.get(key) != want:
+            diffs.append(f"{key}: experts have {experts.compat.get(key)!r}, settings give {want!r}")
     if diffs:
         raise ExpertsError(
             f"The experts in {experts.folder} do not fit these settings ({'; '.join(diffs)}). "
@@ -179,7 +179,7 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
     log_every = s.log_every or (1 if device.type == "cpu" else 10)
     ds = load_dataset(s.dataset, s.data_dir, s.train_per_class, s.seed)
     spec = model_spec(s, ds)
-    experts = ExpertSet(s.experts or default_folder(ds.name, spec.tag(), s.zca))
+    experts = ExpertSet(s.experts or default_folder(dataset_key(s), spec.tag(), s.zca))
     _check_experts(experts, s, spec)
     pre = experts.preprocess
     run_dir = Path(s.out) if s.out else default_run_dir(s)
@@ -231,9 +231,10 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
                     last = latest_checkpoint(run_dir)
                     kept = f"the last good checkpoint ({last[0].name}) is kept" if last else "no checkpoint was written yet"
                     what = f"loss became {loss}" if not (loss == loss and abs(loss) != float("inf")) else f"the learning rate alpha became {a}"
+                    how = "rerun with --resume to continue from that checkpoint, or --force to start over" if last else "rerun with --force"
                     raise DivergedError(
                         f"Distillation diverged at iteration {p['iteration']}: {what}; {kept}. Lower --lr-img or --lr-lr "
-                        "(or --lr-teacher), then rerun with --resume (resuming from that checkpoint) or --force."
+                        f"(or --lr-teacher), then {how}."
                     )
                 if sum(pr):
                     iters_pruned += 1
@@ -361,7 +362,8 @@ def _load_checkpoint(run_dir: Path, shash: str, device, image_shape):
         if meta.get("settings_hash") != shash:
             raise OutputExistsError(
                 f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
-                "settings (only --iterations, --checkpoint-every, --log-every, --device may change), or use --force to start over."
+                "settings (only --iterations, --checkpoint-every, --log-every, --device, --threads, --experts, --data-dir may change), "
+                "or use --force to start over."
             )
         if tuple(t["images"].shape) != tuple(image_shape):
             raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {tuple(image_shape)}.")

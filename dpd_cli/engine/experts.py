@@ -23,6 +23,7 @@ from dpd_cli import paths, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine.common import (
     build_preprocess,
+    dataset_key,
     derive_seed,
     distributed_shard,
     model_spec,
@@ -56,6 +57,7 @@ def expert_path(folder: Path, index: int) -> Path:
 
 def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
     d = {k: getattr(settings, k) for k in _COMPAT_FIELDS}
+    d["dataset"] = dataset_key(settings)
     d["model"] = spec.to_dict()
     return d
 
@@ -116,7 +118,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     device = resolve_device(settings.device)
     ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed)
     spec = model_spec(settings, ds)
-    folder = Path(settings.out) if settings.out else default_folder(ds.name, spec.tag(), settings.zca)
+    folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
     rank, world = distributed_shard()
     lock_name = folder if world == 1 else folder / f".rank{rank}"
     compat = _compat(settings, spec)

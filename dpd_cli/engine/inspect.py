@@ -25,7 +25,7 @@ from dpd_cli.engine import distill as _distill
 from dpd_cli.engine import experts as _experts
 from dpd_cli.errors import StorageError
 
-__all__ = ["inspect", "detect", "export_grid", "plot", "has_matplotlib", "MAX_DISTANCE_EXPERTS", "DEFAULT_EXPERT_EPOCHS"]
+__all__ = ["inspect", "detect", "export_grid", "plot", "MAX_DISTANCE_EXPERTS", "DEFAULT_EXPERT_EPOCHS"]
 
 #: Experts read for the parameter-distance curve (each one is read row by row, in full).
 MAX_DISTANCE_EXPERTS = 10
@@ -698,10 +698,10 @@ def _distances(files: list[storage.TensorFile], m: int, epochs: int, warnings: l
         window: list[torch.Tensor] = []
         dist = torch.zeros(n_t, dtype=torch.float64)
         for e in range(epochs + 1):
-            window.append(tf.rows("trajectory", [e])[0].double())  # (P,)
+            window.append(tf.rows("trajectory", [e])[0])  # (P,) float32
             if len(window) > m:
                 start = window.pop(0)
-                dist[e - m] = torch.linalg.vector_norm(window[-1] - start)
+                dist[e - m] = torch.linalg.vector_norm(window[-1] - start, dtype=torch.float64)
         if not torch.isfinite(dist).all():
             warnings.append(f"{tf.path.name} holds NaN or Inf parameters; it is left out of the distance. Delete it and rerun `dpd experts`.")
             continue
@@ -852,14 +852,6 @@ def export_grid(path: Path, out: Path) -> dict:
     raise StorageError(f"No synthetic images to draw in {path}: {' '.join(errors) or 'it has no synthetic.safetensors or checkpoint yet.'}")
 
 
-def has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def plot(facts: dict, out: Path) -> Path | None:
     """Draw a run's loss, α and per-layer prune %, or an experts folder's distance and accuracy curves.
 
@@ -868,6 +860,7 @@ def plot(facts: dict, out: Path) -> Path | None:
     """
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     if facts["kind"] == "run":
@@ -890,7 +883,7 @@ def plot(facts: dict, out: Path) -> Path | None:
         ax_d, ax_a = fig.subplots(1, 2)
         d = facts.get("distance") or {}
         _line(ax_d, {"iterations": d.get("t", []), "values": d.get("values", [])},
-              f"‖θ_t − θ_(t+{d.get('m', DEFAULT_EXPERT_EPOCHS)})‖ (mean of {d.get('n_experts', 0)} experts)", "start epoch t")
+              f"‖θ(t) − θ(t+{d.get('m', DEFAULT_EXPERT_EPOCHS)})‖ (mean of {d.get('n_experts', 0)} experts)", "start epoch t")
         for e in facts["experts"]:
             if e.get("compatible") and e.get("test_accuracy"):
                 ax_a.plot([100 * a if a is not None else float("nan") for a in e["test_accuracy"]], color="0.75", linewidth=0.8)
@@ -898,6 +891,7 @@ def plot(facts: dict, out: Path) -> Path | None:
         ax_a.plot([100 * a if a is not None else float("nan") for a in mean], color="tab:blue", label="mean")
         ax_a.set_title("test accuracy (%)")
         ax_a.set_xlabel("epoch")
+        ax_a.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(f"{facts['path']} ({facts['count']} experts)")
     else:
         raise ValueError("plot needs a run or an experts folder")
@@ -909,9 +903,12 @@ def plot(facts: dict, out: Path) -> Path | None:
 
 
 def _line(ax, curve: dict | None, title: str, xlabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     if curve and curve.get("values"):
         ax.plot(curve["iterations"], curve["values"], marker="." if len(curve["values"]) < 50 else None)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (H100/H200, no internet). From the repository root:
+#
+#     bash benchmarks/gpu_check.sh [CIFAR_TGZ]          # default data/cifar10-jpeg.tar.gz (or env CIFAR_TGZ)
+#     bash benchmarks/gpu_check.sh --smoke              # the Python parts on CPU at toy size (validates this script)
+#
+# Everything goes to ${OUT:-bench-out}/: gpu_check.log, summary.md (also printed at the end), and one
+# JSON + Markdown file per measurement. Each step runs under `timeout`, cut to what is left of a
+# total budget (BUDGET_S, default 450 s), so a hang cannot eat the machine's time. Steps:
+#   1. torch (from .whl/*.whl if `import torch` fails) and the package (pip install -e ., or PYTHONPATH)
+#   2. CUDA vs CPU: meta_gradient in float64, both memory modes (benchmarks/cuda_check.py)
+#   3. `dpd experts` + `dpd distill --device cuda` end to end on the embedded dataset, a few iterations
+#   4. CIFAR-10 (JPEG copy), unpacked to /tmp: `dpd experts` (1 expert, 2 epochs, ConvNet-128) images/s;
+#      speed.py experts + eval sections (dpd vs bare loop); speed.py distill: IPC 10 and 50, N = 30,
+#      full vs low vs reference MTT, s/iteration and torch.cuda.max_memory_allocated, starting from
+#      the real expert of step 4 (full IPC 50 is skipped if its estimate exceeds 80% of GPU memory)
+#   5. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+
+SMOKE=0
+if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; shift; fi
+OUT="${OUT:-bench-out}"
+CIFAR_TGZ="${1:-${CIFAR_TGZ:-data/cifar10-jpeg.tar.gz}}"
+if (( SMOKE )) && [[ ! -f "$CIFAR_TGZ" && -f ../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz ]]; then
+  CIFAR_TGZ=../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz
+fi
+BUDGET_S="${BUDGET_S:-450}"
+PY="${PYTHON:-python3}"
+WORK="${WORK:-/tmp/dpd-gpu-check}"
+START=$SECONDS
+
+mkdir -p "$OUT" "$WORK"
+OUT="$(cd "$OUT" && pwd)"
+rm -f "$OUT/summary.md" "$OUT/steps.tsv"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+# Keep every dpd default location inside the scratch folder.
+export DPD_EXPERTS_ROOT="$WORK/experts-root" DPD_CACHE_ROOT="$WORK/cache" DPD_DATA_ROOT="$WORK/data"
+export NO_COLOR=1 COLUMNS=120 PYTHONUNBUFFERED=1
+export PY WORK OUT CIFAR_TGZ SMOKE
+
+if (( SMOKE )); then
+  DEVICE=cpu; WIDTH=16
+  SPEED_COMMON=(--device cpu --threads 1 --width 16)
+else
+  DEVICE=cuda; WIDTH=128
+  SPEED_COMMON=(--device cuda)
+fi
+export DEVICE WIDTH
+
+remaining() { echo $(( BUDGET_S - (SECONDS - START) )); }
+
+# step NAME MAX_SECONDS COMMAND...: run under timeout (capped by the remaining budget), record rc and time.
+# COMMAND may be one of the functions below: they are exported and run in a child bash (timeout needs a program).
+step() {
+  local name=$1 max=$2; shift 2
+  local left; left=$(remaining)
+  local t=$(( max < left ? max : left ))
+  if (( t < 15 )); then
+    printf '%s\tskipped: out of time budget\t0\n' "$name" >> "$OUT/steps.tsv"
+    echo "=== $name: SKIPPED (budget: ${left}s left)"
+    return 124
+  fi
+  echo "=== $name (timeout ${t}s, $(( SECONDS - START ))s elapsed)"
+  local t0=$SECONDS rc
+  if declare -F "$1" > /dev/null; then
+    timeout -k 10 "$t" bash -c "$1"
+  else
+    timeout -k 10 "$t" "$@"
+  fi
+  rc=$?
+  local status="ok"
+  (( rc == 124 || rc == 137 )) && status="TIMEOUT after ${t}s"
+  (( rc != 0 && rc != 124 && rc != 137 )) && status="FAILED (exit $rc)"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$(( SECONDS - t0 ))" >> "$OUT/steps.tsv"
+  return $rc
+}
+
+# ---------------------------------------------------------------- 1. torch and the package
+install() {
+  if ! "$PY" -c 'import torch' 2>/dev/null; then
+    if compgen -G ".whl/*.whl" > /dev/null; then
+      "$PY" -m pip install --no-index --find-links .whl .whl/*.whl \
+        || "$PY" -m pip install --break-system-packages --no-index --find-links .whl .whl/*.whl || return 1
+    else
+      echo "torch is not importable and there is no .whl/ folder to install it from"; return 1
+    fi
+  fi
+  local deps=(typer rich pydantic safetensors platformdirs PIL numpy)
+  local pipargs=(--no-build-isolation -e .)
+  if "$PY" -c "import $(IFS=,; echo "${deps[*]}")" 2>/dev/null; then
+    pipargs=(--no-deps "${pipargs[@]}")
+  else
+    pipargs=(--no-index --find-links .whl "${pipargs[@]}")
+  fi
+  "$PY" -m pip install -q "${pipargs[@]}" || "$PY" -m pip install -q --break-system-packages "${pipargs[@]}" \
+    || { echo "pip install failed: using PYTHONPATH=$PWD"; }
+  PYTHONPATH="$PWD" "$PY" -c 'import dpd_cli, torch; print("dpd", dpd_cli.__version__, "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
+}
+export -f install
+if (( SMOKE )); then
+  echo "=== smoke: using the installed package, no pip"
+else
+  step "install torch + dpd" 150 install
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package is pure Python: works even if pip could not install it
+
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+[[ -z "$GPU_NAME" ]] && GPU_NAME="none (smoke: CPU)"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+echo "GPU: $GPU_NAME"
+
+# ---------------------------------------------------------------- 2. CUDA vs CPU, float64
+step "cuda vs cpu (float64 meta_gradient)" 120 "$PY" benchmarks/cuda_check.py --device "$DEVICE" --out "$OUT/cuda_check.json"
+
+# ---------------------------------------------------------------- 3. the CLI on the device
+cli_e2e() {
+  local d="$WORK/cli"
+  rm -rf "$d"
+  "$PY" -m dpd_cli experts --dataset fashion-mnist-mini --num 1 --epochs 2 --width 16 --train-per-class 100 \
+      --device "$DEVICE" --out "$d/experts" --quiet || return 1
+  for mem in full low; do
+    "$PY" -m dpd_cli distill --dataset fashion-mnist-mini --width 16 --train-per-class 100 --experts "$d/experts" \
+        --ipc 2 --iterations 3 --syn-steps 5 --expert-epochs 1 --max-start-epoch 1 --memory "$mem" \
+        --device "$DEVICE" --out "$d/run-$mem" --force --json > "$d/distill-$mem.json" || return 1
+    echo "dpd distill --memory $mem --device $DEVICE: $(tr -d '\n' < "$d/distill-$mem.json" | head -c 300)"
+  done
+}
+export -f cli_e2e
+step "dpd experts + distill --device $DEVICE (CLI)" 120 cli_e2e
+
+# ---------------------------------------------------------------- 4. CIFAR-10 (JPEG copy)
+CIFAR_DIR="$WORK/cifar10-jpeg"
+unpack() {
+  [[ -f "$CIFAR_TGZ" ]] || { echo "no CIFAR archive at $CIFAR_TGZ (pass its path as the first argument or CIFAR_TGZ)"; return 1; }
+  rm -rf "$CIFAR_DIR" && mkdir -p "$CIFAR_DIR"
+  if (( SMOKE )); then   # 20 images per class and split: exercises the imagefolder path in seconds
+    tar -xzf "$CIFAR_TGZ" -C "$CIFAR_DIR" --wildcards '*/00[01]?.jpg'
+  else
+    tar -xzf "$CIFAR_TGZ" -C "$CIFAR_DIR"
+  fi
+  echo "unpacked $(find "$CIFAR_DIR" -name '*.jpg' | wc -l) images to $CIFAR_DIR"
+}
+export CIFAR_DIR
+export -f unpack
+EXPERTS_ARG=()
+if step "unpack CIFAR-10 JPEG" 60 unpack; then
+  export E_EPOCHS=2 E_EXTRA=""
+  (( SMOKE )) && E_EXTRA="--train-per-class 10"
+  experts_cli() {
+    rm -rf "$WORK/experts-cifar"
+    # shellcheck disable=SC2086  # E_EXTRA is a list of plain words
+    "$PY" -m dpd_cli experts --dataset imagefolder --data-dir "$CIFAR_DIR" --num 1 --epochs "$E_EPOCHS" --width "$WIDTH" \
+        $E_EXTRA --device "$DEVICE" --out "$WORK/experts-cifar" --quiet --json > "$OUT/experts-cli-cifar.json"
+  }
+  export -f experts_cli
+  if step "dpd experts CIFAR-10 (1 expert, $E_EPOCHS epochs, ConvNet-$WIDTH)" 150 experts_cli; then
+    EXPERTS_ARG=(--experts "$WORK/experts-cifar")
+  fi
+  if (( SMOKE )); then
+    X_ARGS=(--expert-images 128 --expert-reps 2 --eval-ipc 2 --eval-epochs 2 --eval-reps 2)
+    D_ARGS=(--ipc 1,2 --steps 2 --modes full,low,ref --iters 1)
+  else
+    X_ARGS=(--expert-images 25600 --expert-reps 3 --eval-epochs 50 --eval-reps 3)
+    D_ARGS=(--ipc 10,50 --steps 30 --modes full,low,ref --iters 3 --worker-timeout 150)
+  fi
+  step "speed.py experts+eval (CIFAR-10)" 150 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" --dataset imagefolder \
+      --data-dir "$CIFAR_DIR" --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
+  step "speed.py distill (CIFAR-10, IPC 10/50, N 30)" 300 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" --dataset imagefolder \
+      --data-dir "$CIFAR_DIR" --only distill "${D_ARGS[@]}" "${EXPERTS_ARG[@]}" --out "$OUT/speed-distill.json"
+  if (( ! SMOKE )); then
+    step "speed.py distill, cudnn.benchmark on (IPC 10, N 30)" 90 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" --cudnn-benchmark \
+        --dataset imagefolder --data-dir "$CIFAR_DIR" --only distill --ipc 10 --steps 30 --modes full,low --iters 3 \
+        --worker-timeout 60 "${EXPERTS_ARG[@]}" --out "$OUT/speed-distill-cudnn-benchmark.json"
+  fi
+fi
+
+# ---------------------------------------------------------------- summary
+{
+  echo "# dpd GPU check — $GPU_NAME"
+  echo
+  "$PY" -c 'import torch, platform; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}")' 2>/dev/null
+  echo "total wall time $(( SECONDS - START )) s of a ${BUDGET_S} s budget"
+  echo
+  echo "| step | status | seconds |"
+  echo "|---|---|---|"
+  while IFS=$'\t' read -r name status secs; do echo "| $name | $status | $secs |"; done < "$OUT/steps.tsv"
+  echo
+  [[ -f "$OUT/cuda_check.md" ]] && cat "$OUT/cuda_check.md" && echo
+  if [[ -f "$OUT/experts-cli-cifar.json" ]]; then
+    "$PY" - "$OUT/experts-cli-cifar.json" <<'PY'
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+    for e in s.get("experts", []):
+        print(f"`dpd experts` on CIFAR-10 (JPEG copy): {e['train_images_per_s']:.0f} training images/s over {e['epochs']} epochs "
+              f"(as the CLI reports it: epoch time without test evaluation), final test accuracy {100 * e['final_test_accuracy']:.1f}%")
+except Exception as err:  # noqa: BLE001
+    print(f"(could not read {sys.argv[1]}: {err})")
+PY
+    echo
+  fi
+  for f in speed-experts-eval speed-distill speed-distill-cudnn-benchmark; do
+    [[ -f "$OUT/$f.md" ]] && { echo "<!-- $f -->"; cat "$OUT/$f.md"; echo; }
+  done
+} > "$OUT/summary.md"
+cat "$OUT/summary.md"
+echo "(everything is in $OUT/)"
