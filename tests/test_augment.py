@@ -120,16 +120,21 @@ def test_flip_is_per_image():
 def test_crop_is_a_translation_with_zero_fill():
     x = torch.rand(16, 2, 8, 8) + 1  # strictly positive, so shifted-in zeros are visible
     y = _only("crop")(x, 4)
+    shifts = []
     for a, b in zip(y, x):
-        found = False
-        for dx in range(-1, 2):
+        found = []
+        for dx in range(-1, 2):  # 12.5% of 8 px
             for dy in range(-1, 2):
                 ref = torch.zeros_like(b)
                 # out[i, j] = in[i + dx, j + dy], zeros outside
                 src = b[:, max(dx, 0) : 8 + min(dx, 0), max(dy, 0) : 8 + min(dy, 0)]
                 ref[:, max(-dx, 0) : 8 + min(-dx, 0), max(-dy, 0) : 8 + min(-dy, 0)] = src
-                found |= torch.equal(a, ref)
-        assert found
+                if torch.equal(a, ref):
+                    found.append((dx, dy))
+        assert len(found) == 1
+        shifts.append(found[0])
+    # both axes move, in both directions, independently per image
+    assert {dx for dx, _ in shifts} == {-1, 0, 1} and {dy for _, dy in shifts} == {-1, 0, 1}
 
 
 def test_cutout_zeroes_a_half_size_square():

@@ -6,6 +6,7 @@ import gzip
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -145,7 +146,7 @@ def test_imagefolder_loads(tmp_path):
     assert ds.test_images.shape == (4, 3, 8, 8)
     assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_labels.tolist() == [0, 0, 1, 1]
     # Pixels are decoded in (C, H, W) order.
-    png = torch.from_numpy(__import__("numpy").array(Image.open(root / "train" / "dog" / "1.png")))
+    png = torch.from_numpy(np.array(Image.open(root / "train" / "dog" / "1.png")))
     assert torch.equal(ds.train_images[4], png.permute(2, 0, 1))
     expected_mean = (ds.train_images.double() / 255).mean(dim=(0, 2, 3))
     torch.testing.assert_close(torch.tensor(ds.mean, dtype=torch.float64), expected_mean)

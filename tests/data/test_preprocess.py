@@ -136,8 +136,10 @@ def test_fingerprint_equal_and_different():
     a, b = _pre(), _pre()
     assert a.fingerprint() == b.fingerprint()
     assert len(a.fingerprint()) == 16
-    c = Preprocess(a.mean + 0.01, a.std)
+    c = Preprocess(a.mean + 1e-3, a.std)
     assert c.fingerprint() != a.fingerprint()
+    d = Preprocess(a.mean, a.std.flip(0))
+    assert d.fingerprint() != a.fingerprint()
     za, zb = _with_zca(_pre(), px), _with_zca(_pre(), px)
     assert za.fingerprint() == zb.fingerprint() != a.fingerprint()
     zc = _with_zca(_pre(), _pixels(seed=5))
