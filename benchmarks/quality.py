@@ -80,6 +80,9 @@ def main() -> None:
     p.add_argument("--baselines", nargs="*", default=["random", "full"], choices=["random", "full"])
     p.add_argument("--ipc-settings", type=json.loads, default={}, help="JSON: {ipc: {distill setting: value}}.")
     p.add_argument("--set", dest="sets", action="append", default=[], help="command.field=value override (repeatable).")
+    p.add_argument("--shared-experts", action="store_true",
+                   help="Train experts once (with the first seed) and distil every seed from them; seeds then vary "
+                        "distillation and evaluation only. Saves most of the time on small machines.")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -98,7 +101,8 @@ def main() -> None:
         return result
 
     for seed in args.seeds:
-        ex_settings = resolve("experts", {**over["experts"], "seed": seed, "out": out / f"experts-s{seed}"}, args.config)
+        ex_seed = args.seeds[0] if args.shared_experts else seed
+        ex_settings = resolve("experts", {**over["experts"], "seed": ex_seed, "out": out / f"experts-s{ex_seed}"}, args.config)
         log(f"seed {seed}: experts -> {ex_settings.out}")
         folder = timed("experts", lambda: experts.run(ex_settings))
         for ipc in args.ipc:
@@ -145,6 +149,7 @@ def main() -> None:
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": Path(args.config).read_text(),
+        "shared_experts": args.shared_experts,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "versions": {"dpd": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "wall_s": time.perf_counter() - t_start,

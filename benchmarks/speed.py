@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from dpd_cli.augment import dsa
 from dpd_cli.data import load_dataset
+from dpd_cli.engine import distill as distill_engine
 from dpd_cli.engine import matching
 from dpd_cli.engine.common import build_preprocess
 from dpd_cli.engine.train import train_epoch
@@ -70,7 +71,7 @@ SMOKE = {
     "eval_epochs": 3,
     "eval_reps": 2,
     "ipc": "2",
-    "steps": "2,4,8",
+    "steps": "2,4",
     "iters": 1,
     "worker_timeout": 300,
     "threads": 1,  # a validation run on a possibly busy machine: 2 OpenMP threads on shared cores crawl
@@ -335,19 +336,10 @@ def _vm_size_bytes() -> int | None:
         return None
 
 
-def _plan(rng: random.Random, n_images: int, batch_syn: int, n_steps: int, use_dsa: bool) -> matching.StepPlan:
-    """Per-step batches and DSA seeds, as engine.distill._plan draws them."""
-    batches, seeds, order, pos = [], [], None, n_images
-    for _ in range(n_steps):
-        if batch_syn >= n_images:
-            batches.append(None)
-        else:
-            if pos + batch_syn > n_images:
-                order, pos = torch.randperm(n_images, generator=torch.Generator().manual_seed(rng.getrandbits(63))), 0
-            batches.append(order[pos : pos + batch_syn])
-            pos += batch_syn
-        seeds.append(rng.getrandbits(63) if use_dsa else None)
-    return matching.StepPlan(batches, seeds)
+def _plan(rng: random.Random, n_images: int, batch_syn: int, n_steps: int, use_dsa: bool, dev) -> matching.StepPlan:
+    """Per-step batches and DSA seeds, drawn by the engine's own planner (engine.distill._plan)."""
+    s = DistillSettings(syn_steps=n_steps, batch_syn=batch_syn if batch_syn < n_images else None, dsa=use_dsa)
+    return distill_engine._plan(rng, n_images, s, dev)
 
 
 def distill_worker(cfg: dict) -> dict:
@@ -376,6 +368,9 @@ def distill_worker(cfg: dict) -> dict:
         m = min(ds_s.expert_epochs, experts.epochs)
         start_cpu, target_cpu = experts.pair(0, 0, m)
         source = f"expert 0 of {experts.folder}, epochs 0 and {m}"
+
+        def fetch_rows():  # per iteration, from the file, as the real loop does
+            return experts.pair(0, 0, m)
     else:
         experts = None
         spec = make_spec(ds, cfg["width"])
@@ -383,6 +378,9 @@ def distill_worker(cfg: dict) -> dict:
         start_cpu = FlatModel(build_model(spec)).flatten()
         target_cpu = start_cpu + 0.01 * torch.randn_like(start_cpu)
         source = "random: PyTorch init, target = start + 0.01 N(0,1)"
+
+        def fetch_rows():
+            return start_cpu, target_cpu
 
     idx = class_balanced(ds.train_labels, ds.n_classes, cfg["ipc"], seed=0)
     images = pre.apply(ds.train_images[idx]).to(dev)
@@ -398,7 +396,7 @@ def distill_worker(cfg: dict) -> dict:
 
         def one_iteration(it: int) -> torch.Tensor:
             # The same DSA seeds as dpd's iteration ``it`` (the reference draws its own batch order).
-            seeds = _plan(random.Random(it), n_images, batch_syn, n_steps, cfg["dsa"]).seeds
+            seeds = _plan(random.Random(it), n_images, batch_syn, n_steps, cfg["dsa"], dev).seeds
             return ref.iteration(start_buf, target_buf, seeds)
 
         n_params = sum(t.numel() for t in start_buf)
@@ -413,10 +411,11 @@ def distill_worker(cfg: dict) -> dict:
         n_params = fm.n_params
 
         def one_iteration(it: int) -> torch.Tensor:
-            # The body of engine.distill.run's loop, minus logging and checkpoints.
+            # The body of engine.distill.run's loop (its own helpers where it has them), minus logging
+            # and checkpoints.
             rng = random.Random(it)
-            start, target = (v.to(dev, non_blocking=True) for v in (start_cpu, target_cpu))
-            plan = _plan(rng, n_images, batch_syn, n_steps, cfg["dsa"])
+            start, target = (distill_engine._to_device(v, dev) for v in fetch_rows())
+            plan = _plan(rng, n_images, batch_syn, n_steps, cfg["dsa"], dev)
             res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, prune, sizes, mode)
             with torch.no_grad():
                 mom_images.mul_(0.5).add_(res.grad_images)
@@ -436,10 +435,12 @@ def distill_worker(cfg: dict) -> dict:
     else:
         base = _rss_bytes()
     losses = [one_iteration(0)]  # warm-up, untimed (its memory peak counts: it is the same work)
-    times = []
+    times, cpu_times = [], []
     for it in range(1, cfg["iters"] + 1):
+        c0 = time.process_time()
         t = timed(dev, lambda: losses.append(one_iteration(it)))
         times.append(t)
+        cpu_times.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _rss_bytes()
     losses_f = [float(v) for v in losses]
     return {
@@ -457,8 +458,12 @@ def distill_worker(cfg: dict) -> dict:
         "seconds": times,
         "s_per_it": _median(times),
         "s_per_step": _median(times) / n_steps,
+        # CPU seconds of this process per iteration: on a CPU run, well below threads x s_per_it
+        # means the threads were waiting for cores (other load), i.e. the timing is not clean.
+        "cpu_s_per_it": _median(cpu_times),
         "base_bytes": base,
         "peak_bytes": peak,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else None,
         "memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)",
         "losses": losses_f,
         "finite": all(math.isfinite(v) for v in losses_f),
@@ -691,7 +696,7 @@ def markdown(result: dict) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="every section at toy size (validates the script, < 1 min)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes and 1 thread for every option not given (validates the script, < 1 min)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: experts,distill,eval")
     p.add_argument("--out", help="write all numbers as JSON here")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -712,7 +717,7 @@ def parse(argv=None):
     g.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step (default all)")
     g.add_argument("--prune-ratio", type=float, default=DistillSettings().prune_ratio, help="rho for dpd (default: dpd's default)")
     g.add_argument("--experts", default=None, help="an experts folder: use expert 0's epochs 0 and M instead of random parameters")
-    g.add_argument("--mem-limit-gb", type=float, default=None, help="skip configurations estimated above this (default 80%% of RAM / GPU memory)")
+    g.add_argument("--mem-limit-gb", type=float, default=None, help="skip configurations whose estimated peak exceeds this many GiB (default 80%% of RAM / GPU memory)")
     g.add_argument("--worker-timeout", type=float, default=3600, help="seconds per configuration (default 3600)")
     g = p.add_argument_group("eval")
     g.add_argument("--eval-ipc", type=int, default=10, help="images per class (default 10)")
@@ -720,11 +725,10 @@ def parse(argv=None):
     g.add_argument("--eval-reps", type=int, default=5, help="repetitions per trainer (default 5)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.smoke:
-        threads = args.threads
+    if args.smoke:  # toy sizes for every option left at its default
         for k, v in SMOKE.items():
-            setattr(args, k, v)
-        args.threads = threads or SMOKE["threads"]
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
     args.threads = args.threads or default_threads()
     bad = [s for s in args.only.split(",") if s not in SECTIONS]
     if bad:

@@ -1,18 +1,23 @@
 """Cooperative stop requests (Ctrl-C), polled by the engine at safe points.
 
-The CLI installs a SIGINT handler: the first Ctrl-C calls ``request()``; the engine notices
-at its next safe point (end of a distillation iteration, a training batch), saves what is
-finished and raises ``Interrupted``. A second Ctrl-C raises KeyboardInterrupt at once.
+The CLI installs a SIGINT handler. Inside the engine's work loops (``with safe_points():``)
+the first Ctrl-C calls ``request()``; the engine notices at its next safe point (end of a
+distillation iteration, a training batch), saves what is finished and raises
+``Interrupted``. Outside those loops (loading data, opening experts) there is nothing to
+save, so the first Ctrl-C quits at once, as a second Ctrl-C always does.
 Library users who install nothing get Python's default behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
-__all__ = ["Interrupted", "request", "requested", "clear"]
+__all__ = ["Interrupted", "request", "requested", "clear", "check", "safe_points", "in_safe_points"]
 
 _flag = threading.Event()
+_depth = 0  # nesting of safe_points() (the main thread only: signal handlers run there)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -33,3 +38,24 @@ def requested() -> bool:
 
 def clear() -> None:
     _flag.clear()
+
+
+def check(resume_hint: str) -> None:
+    """Raise ``Interrupted(resume_hint)`` if a stop was requested; a no-op otherwise (no device sync)."""
+    if _flag.is_set():
+        raise Interrupted(resume_hint)
+
+
+@contextlib.contextmanager
+def safe_points() -> Iterator[None]:
+    """Mark a loop that polls ``requested()``: a first Ctrl-C inside it waits for the next safe point."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+
+
+def in_safe_points() -> bool:
+    return _depth > 0

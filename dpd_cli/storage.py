@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "FORMAT_VERSIONS",
     "atomic_write",
     "atomic_write_text",
+    "append_text",
     "save_tensors",
     "load_tensors",
     "read_header",
@@ -98,16 +100,18 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
+def remove_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
     """Delete the temporary files (``.NAME.*.tmp``) a killed ``atomic_write`` left in ``folder``.
 
-    Call it only while holding ``lock_dir`` on the folder: another process's temp file is in use.
+    Call it only while holding ``lock_dir`` on the folder (or, with ``names``, on those files):
+    another process's temp file is in use.
 
     Returns:
         The files removed.
     """
     removed = []
-    for p in Path(folder).glob(".*.tmp"):
+    patterns = [f".{glob.escape(n)}.*.tmp" for n in names] if names is not None else [".*.tmp"]
+    for p in (p for pattern in patterns for p in Path(folder).glob(pattern)):
         if p.is_file():
             _unlink_quietly(p)
             removed.append(p)
@@ -125,6 +129,29 @@ def _os_message(path: Path, e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"Cannot write {path}: {e.strerror}. Choose a writable output folder (--out) or fix its permissions."
     return f"Cannot write {path}: {e.strerror or e}. Check the output folder."
+
+
+def append_text(path: Path, text: str, sync: bool = False) -> None:
+    """Append ``text`` to ``path``; if that fails (disk full), cut the file back to where it was.
+
+    Raises:
+        StorageError: The folder is missing or read-only, or the disk is full.
+    """
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            start = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)  # no torn line left behind
+                raise
+    except OSError as e:
+        raise StorageError(_os_message(path, e)) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -312,24 +339,22 @@ class TensorFile:
 
 
 @contextlib.contextmanager
-def lock_dir(folder: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.lock`` for the duration; a second process gets a clear error.
+def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait for it to finish, or choose another --out.") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/<name>`` for the duration; a second process gets a clear error.
 
     Uses ``flock``: the kernel releases it when the process dies, so a kill leaves no stale lock.
     """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(folder / name, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
-        raise StorageError(_os_message(folder / ".lock", e)) from e
+        raise StorageError(_os_message(folder / name, e)) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputExistsError(
-                f"Another dpd process is writing {what} in {folder}. Wait for it to finish, or choose another --out."
-            ) from None
+            raise OutputExistsError(f"Another dpd process is writing {what} in {folder}. {advice}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield

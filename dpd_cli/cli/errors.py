@@ -32,8 +32,8 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
 
 
 def _on_sigint(signum, frame) -> None:
-    if interrupt.requested():
-        # Second Ctrl-C: leave at once.
+    if interrupt.requested() or not interrupt.in_safe_points():
+        # Second Ctrl-C, or nothing to finish (loading data): leave at once; every write is atomic.
         raise KeyboardInterrupt
     interrupt.request()
     print("\nStopping at the next safe point (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)

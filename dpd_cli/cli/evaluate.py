@@ -10,14 +10,15 @@ from rich.table import Table
 
 from dpd_cli.cli.console import error_console, make_sink, out_console, print_json
 from dpd_cli.cli.errors import handle_errors
-from dpd_cli.cli.options import Config, Json, Quiet, flags_from, setting
+from dpd_cli.cli.options import Config, Json, Quiet, flags_from, raw_path, setting
 from dpd_cli.errors import EXIT_BELOW_THRESHOLD
 
 _C = "evaluate"
 
 
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A run directory, a synthetic.safetensors file, or a checkpoint.", show_default=False)],
+    target: Annotated[Path, typer.Argument(help="A run directory, a synthetic.safetensors file, or a checkpoint.", show_default=False,
+                                           parser=raw_path)],
     models: Annotated[Optional[str], setting(_C, "models")] = None,
     runs: Annotated[Optional[int], setting(_C, "runs")] = None,
     protocol: Annotated[Optional[str], setting(_C, "protocol")] = None,

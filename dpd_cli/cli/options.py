@@ -10,7 +10,12 @@ from rich.markup import escape
 
 from dpd_cli.settings import COMMAND_SETTINGS, env_var
 
-__all__ = ["setting", "Config", "Quiet", "Json", "Verbose", "flags_from"]
+__all__ = ["setting", "raw_path", "Config", "Quiet", "Json", "Verbose", "flags_from"]
+
+
+def raw_path(value: str) -> str:
+    """Keep a path flag as typed: Click would turn ``""`` into ``Path(".")``; the settings refuse an empty path."""
+    return value
 
 
 def setting(command: str, field: str, *decls: str):
@@ -20,12 +25,14 @@ def setting(command: str, field: str, *decls: str):
     shown = "" if default is None or default == [] else f" (default: {default})"
     decls = decls or ("--" + field.replace("_", "-"),)
     # Typer renders help with Rich: "\\[" keeps the bracket literal instead of reading it as markup.
-    return typer.Option(*decls, help=escape(f"{f.description}{shown} [env var: {env_var(field)}]"), show_default=False)
+    extra = {"parser": raw_path, "metavar": "PATH"} if "Path" in str(f.annotation) else {}
+    return typer.Option(*decls, help=escape(f"{f.description}{shown} [env var: {env_var(field)}]"), show_default=False, **extra)
 
 
 Config = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="Settings file (TOML, JSON or YAML); flags > DPD_* env > file > defaults.", show_default=False),
+    typer.Option("--config", "-c", help="Settings file (TOML, JSON or YAML); flags > DPD_* env > file > defaults.", show_default=False,
+                 parser=raw_path, metavar="FILE"),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (errors still go to stderr).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout; no progress output.")]

@@ -108,6 +108,10 @@ def _load_idx_dataset(name: str, folder: Path, classes: list[str]) -> Dataset:
     return Dataset(name, classes, tr_x[:, None].contiguous(), tr_y.long(), te_x[:, None].contiguous(), te_y.long(), mean, std)
 
 
+#: What a given --data-dir must hold for the torchvision datasets read through torchvision.
+_EXPECTED = {"cifar10": ("cifar-10-batches-py/",), "cifar100": ("cifar-100-python/",), "svhn": ("train_32x32.mat", "test_32x32.mat")}
+
+
 def _torchvision(name: str, data_dir: Path | None) -> Dataset:
     import torchvision.datasets as tvd
 
@@ -116,15 +120,22 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
     try:
         if name in ("mnist", "fashion-mnist"):
             cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-            # Files given directly (the four IDX files in data_dir) or torchvision's layout.
-            if data_dir is not None and _find_idx(root, "train-images-idx3-ubyte"):
-                folder = root
+            # Files given directly (the four IDX files in data_dir) or torchvision's layout. A given
+            # folder is read as it is (never downloaded into), so a missing file is named, not guessed.
+            if data_dir is not None:
+                raw = root / cls.__name__ / "raw"
+                folder = raw if _find_idx(raw, "train-images-idx3-ubyte") else root
             else:
                 cls(str(root), train=True, download=download)
                 cls(str(root), train=False, download=download)
                 folder = root / cls.__name__ / "raw"
             classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
             return _load_idx_dataset(name, folder, classes)
+        if data_dir is not None and not all((root / f).exists() for f in _EXPECTED[name]):
+            raise DataError(
+                f"--data-dir {root} does not hold the {name} files: expected {' and '.join(_EXPECTED[name])} in it "
+                f"(as torchvision unpacks them). Point --data-dir at the folder holding them, or leave it out to download."
+            )
         if name in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
             tr = cls(str(root), train=True, download=download)
@@ -195,7 +206,12 @@ def _imagefolder(data_dir: Path) -> Dataset:
     classes, train_items = _list_images(train_dir)
     test_classes, test_items = _list_images(test_dir)
     if not classes or not train_items:
-        raise DataError(f"{train_dir} holds no class folders with images.")
+        raise DataError(f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))}).")
+    if len(classes) < 2:
+        raise DataError(
+            f"{train_dir} has only one class folder ({classes[0]!r}); classification needs at least 2. "
+            "Put each class's images in its own folder under train/ and test/."
+        )
     if test_classes != classes:
         raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
     listing = hashlib.sha256()

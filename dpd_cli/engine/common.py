@@ -12,10 +12,10 @@ import torch
 
 from dpd_cli import __version__
 from dpd_cli.data import Dataset, Preprocess, fit_zca
-from dpd_cli.errors import DataError, DeviceError
+from dpd_cli.errors import DataError, DeviceError, StorageError
 from dpd_cli.models import ModelSpec, default_depth
 
-__all__ = ["dataset_key", "resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions", "distributed_shard"]
+__all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions", "distributed_shard"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +78,30 @@ def model_spec(settings, ds: Dataset, name: str | None = None) -> ModelSpec:
         if side >> depth < 1:
             raise DataError(f"--depth {depth} is too deep for {h}x{w} images: use at most {max(1, side.bit_length() - 1)}.")
     return spec
+
+
+def spec_from_meta(path: Path, value) -> ModelSpec:
+    """The ``model`` metadata entry of a dpd file as a ModelSpec, checked field by field.
+
+    Raises:
+        StorageError: The entry is missing or malformed (the file is damaged or foreign).
+    """
+    from dpd_cli.settings import MODEL_NAMES
+
+    def pos_int(v) -> bool:
+        return type(v) is int and 1 <= v <= 1 << 20
+
+    ok = (
+        isinstance(value, dict)
+        and set(value) == {"name", "channels", "image_size", "n_classes", "width", "depth", "norm", "pool"}
+        and value["name"] in MODEL_NAMES
+        and all(pos_int(value[k]) for k in ("channels", "n_classes", "width", "depth"))
+        and isinstance(value["image_size"], list) and len(value["image_size"]) == 2 and all(pos_int(v) for v in value["image_size"])
+        and value["norm"] in ("instance", "batch", "none") and value["pool"] in ("avg", "max")
+    )
+    if not ok:
+        raise StorageError(f"{path}: the metadata entry 'model' is missing or malformed ({str(value)[:200]}); the file is damaged or was not written by dpd.")
+    return ModelSpec.from_dict(value)
 
 
 def dataset_key(settings) -> str:

@@ -12,6 +12,8 @@ Run directory::
 Everything random in iteration ``i`` is derived from ``(seed, i)``: the expert, the start
 epoch, the mini-batches and the DSA seeds. A resume therefore needs only the iteration
 number besides the tensors, and reproduces an uninterrupted run exactly on the same device.
+A run stopped before its first checkpoint is resumed from iteration 0, which is the same thing.
+Temporary files a killed process left (``.*.tmp``) are deleted once the lock is held.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine import matching
-from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, versions
+from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, spec_from_meta, versions
 from dpd_cli.engine.experts import ExpertSet, default_folder
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
@@ -139,22 +141,62 @@ def _prepare_run_dir(run_dir: Path, s: DistillSettings) -> None:
 
 
 def load_synthetic(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load and validate a synthetic set (``synthetic.safetensors`` or a checkpoint)."""
+    """Load and validate a synthetic set (``synthetic.safetensors`` or a checkpoint).
+
+    Every tensor and metadata entry that a command uses is checked (names, dtypes, shapes,
+    finiteness, label range, class names) so that a damaged or foreign file is refused here
+    with a ``StorageError``, never half-used.
+    """
     path = Path(path)
     header, raw = storage.read_header(path)
     fmt = raw.get("format")
     if fmt not in ("dpd.synthetic", "dpd.checkpoint"):
         raise StorageError(f"{path} is not a synthetic set or checkpoint written by dpd distill (format {fmt!r}).")
-    t, meta = storage.load_tensors(
-        path, fmt, {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0), "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
-    )
-    if len(t["images"]) != len(t["labels"]):
-        raise StorageError(f"{path}: {len(t['images'])} images but {len(t['labels'])} labels.")
-    if not torch.isfinite(t["images"]).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
-        raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
+    required = {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0), "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
+    if fmt == "dpd.checkpoint":
+        required.update(momentum_images=(torch.float32, 4), momentum_lr=(torch.float32, 0), prune_counts=(torch.int32, 1))
+    t, meta = storage.load_tensors(path, fmt, required)
+    hint = "It is damaged or was not written by this dpd."
     for k in ("model", "classes", "dataset"):
         if k not in meta:
             raise StorageError(f"{path} lacks the metadata entry {k!r}; it was not written by this dpd.")
+    spec = spec_from_meta(path, meta["model"])
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) != spec.n_classes or not all(isinstance(c, str) for c in classes):
+        raise StorageError(f"{path}: the metadata entry 'classes' is not a list of {spec.n_classes} class names. {hint}")
+    if not isinstance(meta["dataset"], str) or not meta["dataset"]:
+        raise StorageError(f"{path}: the metadata entry 'dataset' is not a dataset name. {hint}")
+    for k, kind in (("settings", dict), ("iteration", int), ("iterations", int), ("ipc", int)):
+        if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool)):
+            raise StorageError(f"{path}: the metadata entry {k!r} is malformed ({str(meta[k])[:100]}). {hint}")
+    if fmt == "dpd.checkpoint" and not (isinstance(meta.get("iteration"), int) and meta["iteration"] >= 0):
+        raise StorageError(f"{path}: a checkpoint needs a non-negative 'iteration' metadata entry. {hint}")
+    images, labels = t["images"], t["labels"]
+    if tuple(images.shape[1:]) != (spec.channels, *spec.image_size) or len(images) == 0:
+        raise StorageError(f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, {spec.image_size[0]}, {spec.image_size[1]}) images. {hint}")
+    if len(images) != len(labels):
+        raise StorageError(f"{path}: {len(images)} images but {len(labels)} labels.")
+    if labels.min() < 0 or labels.max() >= spec.n_classes:
+        raise StorageError(f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {hint}")
+    if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
+        raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
+    c, d = spec.channels, spec.channels * spec.image_size[0] * spec.image_size[1]
+    shapes = {"norm_mean": (c,), "norm_std": (c,)}
+    zca = [k for k in ("zca_mean", "zca_matrix", "zca_inverse") if k in t]
+    if zca:
+        if len(zca) != 3:
+            raise StorageError(f"{path} holds only part of the ZCA transform ({', '.join(zca)}). {hint}")
+        shapes.update(zca_mean=(d,), zca_matrix=(d, d), zca_inverse=(d, d))
+    if fmt == "dpd.checkpoint":
+        shapes.update(momentum_images=tuple(images.shape), momentum_lr=())
+    for k, shape in shapes.items():
+        v = t[k]
+        if tuple(v.shape) != shape or v.dtype != torch.float32 or not torch.isfinite(v).all():
+            raise StorageError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. {hint}")
+    if not (t["norm_std"] > 0).all():
+        raise StorageError(f"{path}: the normalisation std must be positive. {hint}")
+    if fmt == "dpd.checkpoint" and (t["prune_counts"] < 0).any():
+        raise StorageError(f"{path}: negative prune counts. {hint}")
     return t, meta
 
 
@@ -183,11 +225,20 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
     _check_experts(experts, s, spec)
     pre = experts.preprocess
     run_dir = Path(s.out) if s.out else default_run_dir(s)
-    if s.resume and not latest_checkpoint(run_dir):
+    if s.resume and not latest_checkpoint(run_dir) and not (run_dir / SETTINGS).exists():
         raise StorageError(f"Nothing to resume in {run_dir}: it has no checkpoint. Run without --resume to start it.")
     shash = settings_hash(s, exclude=_RESUMABLE)
 
-    with storage.lock_dir(run_dir, "a distillation run"):
+    with storage.lock_dir(run_dir, "a distillation run"), interrupt.safe_points():
+        # Temp files of a killed process; with the lock held no other process is writing here.
+        storage.remove_stale_temps(run_dir)
+        storage.remove_stale_temps(run_dir / CHECKPOINTS)
+        resume = s.resume
+        if resume and not latest_checkpoint(run_dir):
+            # Stopped before the first checkpoint: every choice is seeded, so starting over is the exact resume.
+            _check_recorded_settings(run_dir, shash)
+            sink.emit(Message(f"{run_dir} has no checkpoint yet: starting from iteration 0."))
+            resume = False
         _prepare_run_dir(run_dir, s)
         torch.manual_seed(derive_seed(s.seed, "student"))
         net = build_model(spec).to(device)
@@ -202,10 +253,11 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
         mom_lr = torch.zeros_like(lr)
         prune_counts = torch.zeros(fm.n_params, dtype=torch.int32, device=device)
         start_it = 0
-        if s.resume:
-            start_it, images, lr, mom_images, mom_lr, prune_counts = _load_checkpoint(run_dir, shash, device, images.shape)
+        if resume:
+            start_it, images, lr, mom_images, mom_lr, prune_counts = _load_checkpoint(run_dir, shash, device, images.shape, fm.n_params)
             _truncate_metrics(run_dir / METRICS, start_it)
         else:
+            _truncate_metrics(run_dir / METRICS, 0)  # lines of a run stopped before its first checkpoint
             storage.atomic_write_text(run_dir / SETTINGS, json.dumps(_settings_record(s, shash, experts, spec), indent=2))
         pruned_total = _layer_totals(prune_counts, layer_ids, n_layers)
         iters_pruned = sum(1 for i in range(start_it) if _ratio_at(s, i) > 0)
@@ -351,7 +403,25 @@ def _write_outputs(run_dir, images, labels, lr, prune_counts, pre, ds, fm, meta,
     save_grid(pre.invert(images), labels, ds.n_classes, run_dir / GRID)
 
 
-def _load_checkpoint(run_dir: Path, shash: str, device, image_shape):
+def _other_settings(run_dir: Path) -> OutputExistsError:
+    return OutputExistsError(
+        f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
+        "settings (only --iterations, --checkpoint-every, --log-every, --device, --threads, --experts, --data-dir may change), "
+        "or use --force to start over."
+    )
+
+
+def _check_recorded_settings(run_dir: Path, shash: str) -> None:
+    """Refuse to resume a checkpoint-less run whose settings.json records other settings."""
+    try:
+        recorded = json.loads((run_dir / SETTINGS).read_text(encoding="utf-8")).get("settings_hash")
+    except (OSError, ValueError, AttributeError) as e:
+        raise StorageError(f"{run_dir / SETTINGS} is unreadable ({e}) and there is no checkpoint to resume. Start over with --force.") from e
+    if recorded != shash:
+        raise _other_settings(run_dir)
+
+
+def _load_checkpoint(run_dir: Path, shash: str, device, image_shape, n_params: int):
     errors = []
     for path in latest_checkpoint(run_dir):
         try:
@@ -360,13 +430,11 @@ def _load_checkpoint(run_dir: Path, shash: str, device, image_shape):
             errors.append(str(e))
             continue
         if meta.get("settings_hash") != shash:
-            raise OutputExistsError(
-                f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
-                "settings (only --iterations, --checkpoint-every, --log-every, --device, --threads, --experts, --data-dir may change), "
-                "or use --force to start over."
-            )
+            raise _other_settings(run_dir)
         if tuple(t["images"].shape) != tuple(image_shape):
             raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {tuple(image_shape)}.")
+        if t["prune_counts"].numel() != n_params:
+            raise StorageError(f"{path}: prune counts for {t['prune_counts'].numel()} parameters, the model has {n_params}. Start over with --force.")
         return (
             int(meta["iteration"]),
             t["images"].to(device),
@@ -379,11 +447,7 @@ def _load_checkpoint(run_dir: Path, shash: str, device, image_shape):
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-    except OSError as e:
-        raise StorageError(storage._os_message(path, e)) from e
+    storage.append_text(path, "".join(line + "\n" for line in lines))
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -13,11 +13,17 @@ no learned alpha and train at the fixed protocol's lr (0.01). Every entry record
 
 Under torchrun, the (source, model, run) trainings are sharded across ranks and gathered
 on rank 0, which writes ``eval.json``.
+
+Each finished training is appended to ``eval.partial.jsonl`` next to ``eval.json``, keyed by
+the synthetic set's content and the settings that change its result; an interrupted
+evaluation rerun with the same command reuses them, and the file is removed once
+``eval.json`` is written. A lock file keeps two evaluations from writing the same results.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import random
@@ -32,7 +38,7 @@ from dpd_cli.engine.common import derive_seed, distributed_shard, resolve_device
 from dpd_cli.engine.distill import SYNTHETIC, load_synthetic
 from dpd_cli.engine.train import accuracy, train_epoch
 from dpd_cli.errors import DataError, StorageError
-from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, NullSink, Sink
+from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
 from dpd_cli.models import ModelSpec, build_model
 from dpd_cli.settings import EvalSettings
 
@@ -83,8 +89,7 @@ def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, see
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     for epoch in range(1, epochs + 1):
-        if interrupt.requested():
-            raise interrupt.Interrupted("evaluation stopped; finished results were not written, rerun the same command")
+        interrupt.check("evaluation stopped")  # run() re-raises with what was kept
         loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa)
         sched.step()
         on_epoch(epoch, loss_sum)
@@ -102,6 +107,8 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     """
     s = settings
     sink = sink or NullSink()
+    if not str(target).strip():
+        raise StorageError("The target is empty. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
     target = Path(target)
     if not target.exists():
         raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
@@ -120,6 +127,12 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         raise DataError(
             f"The synthetic set ({tuple(tensors['images'].shape[1:])} images, {base_spec.n_classes} classes) does not fit "
             f"dataset {ds.name} ({ds.image_shape}, {ds.n_classes} classes). Check --data-dir."
+        )
+    if list(meta["classes"]) != list(ds.classes):
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(meta["classes"], ds.classes)) if a != b]
+        raise DataError(
+            f"The synthetic set's classes differ from those of dataset {ds.name} (label {'; '.join(diff[:3])}"
+            f"{'; ...' if len(diff) > 3 else ''}): its labels would be scored against the wrong classes. Check --data-dir."
         )
     x_test = pre.apply(ds.test_images).to(device)
     y_test = ds.test_labels.to(device)
@@ -153,51 +166,113 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
             return protocol["lr"] if protocol["lr"] is not None else learned_lr
         return protocol["lr"] if protocol["lr"] is not None else _BASELINE_LR
 
-    outcomes = []
-    for src, m, r in mine:
-        spec = ModelSpec(m, base_spec.channels, base_spec.image_size, base_spec.n_classes,
-                         base_spec.width, base_spec.depth, base_spec.norm, base_spec.pool)
-        n_epochs = s.full_epochs if src == "full" else epochs
-        seed = derive_seed(s.seed, src, m, r)
-        x, y = data_for(src, r)
-        t0 = time.perf_counter()
-
-        def on_epoch(epoch, loss_sum, src=src, m=m, r=r, n=len(y), total=n_epochs):
-            if epoch == total or epoch % max(1, total // 50) == 0:
-                sink.emit(EvalEpoch(src, m, r, epoch, total, float(loss_sum) / n))
-
-        acc = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(src), s, seed, device, on_epoch)
-        dt = time.perf_counter() - t0
-        outcomes.append({"source": src, "model": m, "run": r, "accuracy": acc, "seed": seed, "seconds": dt,
-                         "epochs": n_epochs, "lr": lr_for(src)})
-        sink.emit(EvalRunDone(src, m, r, acc, dt))
-
-    if world > 1:
-        outcomes = _gather(outcomes)
-        if rank != 0:
-            return {"target": str(target), "eval_file": None, "results": []}
-
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    entries = []
-    for src in sources:
-        for m in s.models:
-            rows = sorted((o for o in outcomes if o["source"] == src and o["model"] == m), key=lambda o: o["run"])
-            accs = [o["accuracy"] for o in rows]
-            mean = sum(accs) / len(accs)
-            std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))  # population std, as MTT reports
-            entries.append({
-                "source": src, "model": m, "protocol": s.protocol, "epochs": rows[0]["epochs"], "lr": rows[0]["lr"],
-                "runs": len(accs), "accuracies": accs, "mean": mean, "std": std, "seeds": [o["seed"] for o in rows],
-                "seconds_per_run": sum(o["seconds"] for o in rows) / len(rows),
-                "ipc": ipc, "dataset": ds.name, "iteration": meta.get("iteration"), "synthetic": str(file),
-                "timestamp": stamp, "settings": s.model_dump(mode="json"), "versions": versions(),
-            })
     out_file = eval_path(target)
-    record = load_eval(out_file)
-    record["results"].extend(entries)
-    storage.atomic_write_text(out_file, json.dumps(record, indent=2))
+    partial = out_file.with_suffix(".partial.jsonl")  # finished trainings of an interrupted evaluation
+    fingerprint = _fingerprint(tensors)
+    keys = {job: _job_key(s, fingerprint, *job) for job in mine}
+    lock = f".{out_file.name}.lock" if world == 1 else f".{out_file.name}.rank{rank}.lock"
+    with storage.lock_dir(out_file.parent, f"an evaluation of {file}", lock, "Wait for it to finish."), interrupt.safe_points():
+        done = _load_partial(partial, {k: job for job, k in keys.items()})
+        if done:
+            sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))
+        outcomes = []
+        for src, m, r in mine:
+            if (src, m, r) in done:
+                outcomes.append(done[(src, m, r)])
+                continue
+            spec = ModelSpec(m, base_spec.channels, base_spec.image_size, base_spec.n_classes,
+                             base_spec.width, base_spec.depth, base_spec.norm, base_spec.pool)
+            n_epochs = s.full_epochs if src == "full" else epochs
+            seed = derive_seed(s.seed, src, m, r)
+            x, y = data_for(src, r)
+            t0 = time.perf_counter()
+
+            def on_epoch(epoch, loss_sum, src=src, m=m, r=r, n=len(y), total=n_epochs):
+                if epoch == total or epoch % max(1, total // 50) == 0:
+                    sink.emit(EvalEpoch(src, m, r, epoch, total, float(loss_sum) / n))
+
+            try:
+                acc = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(src), s, seed, device, on_epoch)
+            except interrupt.Interrupted:
+                kept = f"{len(outcomes)} finished training(s) are kept in {partial}" if outcomes else "no training had finished"
+                raise interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue") from None
+            dt = time.perf_counter() - t0
+            outcome = {"source": src, "model": m, "run": r, "accuracy": acc, "seed": seed, "seconds": dt,
+                       "epochs": n_epochs, "lr": lr_for(src)}
+            _append_partial(partial, keys[(src, m, r)], outcome)
+            outcomes.append(outcome)
+            sink.emit(EvalRunDone(src, m, r, acc, dt))
+
+        if world > 1:
+            outcomes = _gather(outcomes)
+            if rank != 0:
+                return {"target": str(target), "eval_file": None, "results": []}
+
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        entries = []
+        for src in sources:
+            for m in s.models:
+                rows = sorted((o for o in outcomes if o["source"] == src and o["model"] == m), key=lambda o: o["run"])
+                accs = [o["accuracy"] for o in rows]
+                mean = sum(accs) / len(accs)
+                std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))  # population std, as MTT reports
+                entries.append({
+                    "source": src, "model": m, "protocol": s.protocol, "epochs": rows[0]["epochs"], "lr": rows[0]["lr"],
+                    "runs": len(accs), "accuracies": accs, "mean": mean, "std": std, "seeds": [o["seed"] for o in rows],
+                    "seconds_per_run": sum(o["seconds"] for o in rows) / len(rows),
+                    "ipc": ipc, "dataset": ds.name, "iteration": meta.get("iteration"), "synthetic": str(file),
+                    "timestamp": stamp, "settings": s.model_dump(mode="json"), "versions": versions(),
+                })
+        record = load_eval(out_file)
+        record["results"].extend(entries)
+        storage.atomic_write_text(out_file, json.dumps(record, indent=2))
+        partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
     return {"target": str(target), "eval_file": str(out_file), "results": entries}
+
+
+# Settings that only choose which trainings run (or where): a finished training is reused across them.
+_NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled"}
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _job_key(s: EvalSettings, fingerprint: str, src: str, model: str, run: int) -> str:
+    """Identifies one training: the synthetic set, every setting that changes its result, and (source, model, run)."""
+    data = {"settings": s.model_dump(mode="json", exclude=_NOT_IN_JOB_KEY & set(type(s).model_fields)),
+            "synthetic": fingerprint, "job": [src, model, run]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_partial(path: Path, wanted: dict[str, tuple]) -> dict[tuple, dict]:
+    """Finished trainings recorded in ``path`` whose key is wanted; torn or foreign lines are skipped."""
+    done: dict[tuple, dict] = {}
+    if not path.exists():
+        return done
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return done
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            job = wanted.get(rec["key"])
+            o = rec["outcome"]
+            if job is not None and [o["source"], o["model"], o["run"]] == list(job) and isinstance(o["accuracy"], float):
+                done[job] = o
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _append_partial(path: Path, key: str, outcome: dict) -> None:
+    storage.append_text(path, json.dumps({"key": key, "outcome": outcome}) + "\n", sync=True)
 
 
 def _gather(outcomes: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli import paths, storage
+from dpd_cli import interrupt, paths, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine.common import (
     build_preprocess,
@@ -29,6 +29,7 @@ from dpd_cli.engine.common import (
     model_spec,
     resolve_device,
     set_threads,
+    spec_from_meta,
     versions,
 )
 from dpd_cli.engine.train import accuracy, train_epoch
@@ -40,6 +41,7 @@ from dpd_cli.settings import ExpertSettings
 __all__ = ["run", "default_folder", "ExpertSet", "expert_path", "MANIFEST"]
 
 MANIFEST = "experts.json"
+_MANIFEST_VERSION = 1
 PREPROCESS = "preprocess.safetensors"
 TRAJECTORY = "dpd.trajectory"
 
@@ -66,10 +68,7 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
     """Refuse a folder whose experts were trained differently; else (re)write the manifest."""
     mpath = folder / MANIFEST
     if mpath.exists():
-        try:
-            found = json.loads(mpath.read_text())["compat"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StorageError(f"{mpath} is unreadable or not a dpd experts manifest ({e}). Remove the folder or choose another --out.") from e
+        found = _read_manifest(mpath)["compat"]
         diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v]
         if diffs:
             raise ExpertsError(
@@ -77,12 +76,11 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
                 "Mixing them would corrupt distillation: use the same settings, or pass another --out."
             )
         if (folder / PREPROCESS).exists():
-            t, _ = storage.load_tensors(folder / PREPROCESS, "dpd.preprocess")
-            return Preprocess.from_tensors(t)
+            return _load_preprocess(folder / PREPROCESS, ModelSpec.from_dict(compat["model"]))
     storage.save_tensors(folder / PREPROCESS, pre.tensors(), "dpd.preprocess", {"fingerprint": pre.fingerprint()})
     manifest = {
         "format": "dpd.experts",
-        "format_version": 1,
+        "format_version": _MANIFEST_VERSION,
         "compat": compat,
         "settings": settings.model_dump(mode="json"),
         "preprocess_fingerprint": pre.fingerprint(),
@@ -90,6 +88,44 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
     }
     storage.atomic_write_text(mpath, json.dumps(manifest, indent=2, sort_keys=True))
     return pre
+
+
+def _read_manifest(mpath: Path) -> dict:
+    """``experts.json``, checked: a dpd experts manifest of the version this dpd reads."""
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise StorageError(f"{mpath} is missing or unreadable ({e}); {mpath.parent} is not a complete experts folder. "
+                           "Rerun `dpd experts` with --out pointing at it (finished experts are kept), or choose another folder.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "dpd.experts" or not isinstance(manifest.get("compat"), dict):
+        raise StorageError(f"{mpath} is not a dpd experts manifest. Remove it and rerun `dpd experts`, or choose another folder.")
+    if manifest.get("format_version") != _MANIFEST_VERSION:
+        raise StorageError(
+            f"{mpath} is dpd.experts format version {manifest.get('format_version')!r}; this dpd reads version {_MANIFEST_VERSION}. "
+            "Use the dpd version that wrote it, or train the experts again into another folder."
+        )
+    return manifest
+
+
+def _load_preprocess(path: Path, spec: ModelSpec) -> Preprocess:
+    """The folder's normalisation/ZCA tensors, checked against the image shape of ``spec``."""
+    if not path.exists():
+        raise StorageError(f"{path} is missing; {path.parent} is not a complete experts folder. "
+                           "Rerun `dpd experts` with --out pointing at it (finished experts are kept).")
+    t, _ = storage.load_tensors(path, "dpd.preprocess", {"norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)})
+    c, d = spec.channels, spec.channels * spec.image_size[0] * spec.image_size[1]
+    shapes = {"norm_mean": (c,), "norm_std": (c,)}
+    zca = [k for k in ("zca_mean", "zca_matrix", "zca_inverse") if k in t]
+    if zca:
+        shapes.update(zca_mean=(d,), zca_matrix=(d, d), zca_inverse=(d, d))
+    for k, shape in shapes.items():
+        v = t.get(k)
+        if v is None or tuple(v.shape) != shape or v.dtype != torch.float32 or not torch.isfinite(v).all():
+            got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
+            raise StorageError(f"{path}: tensor {k!r} is {got}, expected finite float32 {shape}. Delete the file and rerun `dpd experts`.")
+    if not (t["norm_std"] > 0).all():
+        raise StorageError(f"{path}: the normalisation std must be positive. Delete the file and rerun `dpd experts`.")
+    return Preprocess.from_tensors(t)
 
 
 def _finished(path: Path) -> bool:
@@ -123,7 +159,9 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     lock_name = folder if world == 1 else folder / f".rank{rank}"
     compat = _compat(settings, spec)
 
-    with storage.lock_dir(lock_name, "experts"):
+    with storage.lock_dir(lock_name, "experts"), interrupt.safe_points():
+        # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
+        storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)])
         pre = _check_or_write_manifest(folder, compat, settings, build_preprocess(ds, settings.zca))
         x_train = pre.apply(ds.train_images).to(device)
         y_train = ds.train_labels.to(device)
@@ -139,8 +177,15 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
                 todo.append(i)
         n_params = FlatModel(build_model(spec)).n_params
         sink.emit(ExpertsStarted(str(folder), todo, settings.num, settings.epochs, n_params, str(device)))
-        for i in todo:
-            _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink)
+        for n, i in enumerate(todo):
+            try:
+                _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink)
+            except interrupt.Interrupted:
+                kept = len(mine) - len(todo) + n
+                raise interrupt.Interrupted(
+                    f"stopped while training expert {i}; the {kept} finished expert(s) in {folder} are kept. "
+                    "Rerun the same command to train the rest (finished experts are skipped)"
+                ) from None
     return folder
 
 
@@ -216,17 +261,18 @@ class ExpertSet:
                 f"No experts found in {self.folder}. Train them first with `dpd experts` (same --dataset, "
                 "--model, --width, --zca), or pass --experts pointing at an experts folder."
             )
-        try:
-            self.manifest = json.loads(mpath.read_text())
-            self.compat = self.manifest["compat"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ExpertsError(f"{mpath} is missing or unreadable ({e}); {self.folder} is not a complete experts folder.") from e
+        self.manifest = _read_manifest(mpath)
+        self.compat = self.manifest["compat"]
         self.files = [storage.TensorFile(f, TRAJECTORY) for f in files]
         first = self.files[0]
         self.meta = first.meta
-        self.spec = ModelSpec.from_dict(self.meta["model"])
-        self.layout = self.meta["layout"]
-        self.epochs = int(self.meta["epochs"])
+        self.spec = spec_from_meta(first.path, self.meta.get("model"))
+        self.layout = self.meta.get("layout")
+        self.epochs = self.meta.get("epochs")
+        if not (isinstance(self.layout, list) and self.layout and all(_is_layer(x) for x in self.layout)):
+            raise StorageError(f"{first.path}: the metadata entry 'layout' is missing or malformed. Delete that file and rerun `dpd experts`.")
+        if type(self.epochs) is not int or self.epochs < 1:
+            raise StorageError(f"{first.path}: the metadata entry 'epochs' is missing or malformed. Delete that file and rerun `dpd experts`.")
         n_params = sum(_numel(s) for _, s in self.layout)
         for f in self.files:
             shape = f.shape("trajectory") if "trajectory" in f.header else None
@@ -237,8 +283,13 @@ class ExpertSet:
                 )
             if f.meta.get("model") != self.meta["model"] or f.meta.get("layout") != self.layout:
                 raise ExpertsError(f"{f.path} was trained with another model than {first.path}. Keep one model per folder.")
-        pre_t, _ = storage.load_tensors(self.folder / PREPROCESS, "dpd.preprocess")
-        self.preprocess = Preprocess.from_tensors(pre_t)
+        self.preprocess = _load_preprocess(self.folder / PREPROCESS, self.spec)
+        recorded = self.meta.get("preprocess_fingerprint")
+        if recorded is not None and recorded != self.preprocess.fingerprint():
+            raise StorageError(
+                f"{self.folder / PREPROCESS} is not the normalisation the experts were trained with (fingerprint "
+                f"{self.preprocess.fingerprint()}, experts recorded {recorded}). Restore it, or train the experts again."
+            )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -249,6 +300,12 @@ class ExpertSet:
         if not torch.isfinite(rows).all():
             raise StorageError(f"{self.files[index].path} holds NaN or Inf parameters at epoch {t} or {t + m}. Delete it and rerun `dpd experts`.")
         return rows[0], rows[1]
+
+
+def _is_layer(entry) -> bool:
+    """``[name, [d0, d1, ...]]`` as ``FlatModel.layout`` writes it."""
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
+            and all(type(d) is int and 0 < d <= 1 << 24 for d in entry[1]))
 
 
 def _numel(shape) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpd_cli import interrupt
 from dpd_cli.augment import dsa
 
 __all__ = ["train_epoch", "accuracy"]
@@ -31,6 +32,9 @@ def train_epoch(
 
     Returns:
         ``(summed loss, number correct)`` as device tensors: no host sync inside the loop.
+
+    Raises:
+        Interrupted: A stop was requested (checked before every batch).
     """
     net.train()
     n = x.shape[0]
@@ -38,6 +42,7 @@ def train_epoch(
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for i in range(0, n, batch):
+        interrupt.check("training stopped mid-epoch")  # callers re-raise with their own resume hint
         idx = order[i : i + batch]
         xb, yb = x[idx], y[idx]
         if augment:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.models import FlatModel, build_model
+from dpd_cli.models import FlatModel, ModelSpec, build_model
 from tests.helpers import assert_close, tiny_spec
 
 
@@ -101,3 +102,35 @@ def test_functional_call_leaves_module_parameters_alone():
     before = fm.flatten()
     fm(torch.randn(fm.n_params), torch.randn(2, 1, 8, 8))
     assert torch.equal(fm.flatten(), before)
+
+
+@pytest.mark.parametrize("norm,pool", [("instance", "avg"), ("none", "max"), ("instance", "max")])
+def test_convnet_fast_path_equals_functional_call_with_double_backward(norm, pool):
+    """ConvNet.forward_flat must match functional_call, including the second-order terms distillation uses."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    spec = ModelSpec("convnet", 1, (28, 28), 3, width=4, depth=2, norm=norm, pool=pool)
+    fm = FlatModel(build_model(spec).double())
+    assert fm.module.supports_forward_flat
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1])
+
+    def meta(forward):
+        theta = fm.flatten().requires_grad_(True)
+        ce = torch.nn.functional.cross_entropy(forward(theta, x), y)
+        (g,) = torch.autograd.grad(ce, theta, create_graph=True)
+        return torch.autograd.grad((g * g).sum(), [x, theta])
+
+    fast = meta(fm)
+    slow = meta(lambda theta, xx: functional_call(fm.module, fm.unflatten(theta), (xx,)))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_batchnorm_convnet_uses_functional_call():
+    spec = ModelSpec("convnet", 1, (8, 8), 3, width=4, depth=2, norm="batch")
+    fm = FlatModel(build_model(spec))
+    assert not fm.module.supports_forward_flat
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(fm(fm.flatten(), x), fm.module(x))
