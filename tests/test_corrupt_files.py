@@ -14,7 +14,6 @@ import json
 import pickle
 import random
 import re
-import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -505,4 +504,3 @@ def test_corrupt_synthetic_in_a_run_dir_keeps_message_actionable(tmp_path):
     (run / "synthetic.safetensors").write_bytes(synthetic_blob()[:-10])
     msg = assert_refused(lambda: load_synthetic(run / "synthetic.safetensors"), run / "synthetic.safetensors")
     assert "Rerun `dpd distill` with --resume" in msg
-    shutil.rmtree(run)

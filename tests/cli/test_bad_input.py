@@ -280,7 +280,7 @@ _NEEDS_NO_GPU = {"experts-cuda-absent", "distill-cuda1-absent", "evaluate-cuda-a
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, shared, tmp_path, monkeypatch):
+def test_bad_input(case: Case, shared, tmp_path):
     if case.id in _NEEDS_NO_GPU and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     if case.setup is not None:

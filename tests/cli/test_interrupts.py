@@ -37,8 +37,10 @@ from tests.cli.conftest import TINY
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses fork, POSIX signals and /proc/self/fd")
 
 ITER = 14
+#: Bit-identical resumes are promised on the same device; CPU makes them so on a GPU machine too.
+CPU = ["--device", "cpu"]
 DISTILL = ["--ipc", "2", "--batch-syn", "7", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
-           "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "2", "--quiet", *TINY]
+           "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "2", *CPU, "--quiet", *TINY]
 
 ZYGOTE = r'''
 import json, os, signal, sys, time, traceback
@@ -362,7 +364,7 @@ def test_second_ctrl_c_quits_at_once_and_a_second_writer_is_refused(zygote, expe
 
 def test_ctrl_c_during_experts_keeps_finished_experts(zygote, tmp_path, env):
     out = tmp_path / "ex"
-    args = ["experts", "--num", "3", "--epochs", "3", "--out", out, "--quiet", *TINY]
+    args = ["experts", "--num", "3", "--epochs", "3", "--out", out, *CPU, "--quiet", *TINY]
     child = zygote.start(args, tmp_path, env)
     wait_for((out / "expert_00001.safetensors").exists, child)
     t0 = time.monotonic()
@@ -384,7 +386,7 @@ def test_ctrl_c_during_evaluate_keeps_finished_trainings(zygote, experts, tmp_pa
     assert dpd("distill", "--experts", experts, *DISTILL, "--iterations", 2, "--out", run).exit_code == 0
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    args = ["evaluate", run, "--runs", "3", "--epochs", "60", "--threads", "1", "--quiet"]
+    args = ["evaluate", run, "--runs", "3", "--epochs", "60", "--threads", "1", *CPU, "--quiet"]
     partial = run / "eval.partial.jsonl"
     child = zygote.start(args, tmp_path, env)
     wait_for(lambda: partial.exists() and partial.read_text().count("\n") >= 1, child)
@@ -432,8 +434,6 @@ def _sigint_in_step(monkeypatch, step: int, times: int) -> None:
 
 
 def _no_live_left() -> None:
-    from rich.live import Live  # noqa: F401
-
     assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
     assert type(sys.stdout).__name__ != "FileProxy" and type(sys.stderr).__name__ != "FileProxy"
 
@@ -502,6 +502,49 @@ def test_disk_full_during_distill_then_resume(experts, tmp_path):
     assert "Traceback" not in r.output
     assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.safetensors"))
     r = dpd(*args, "--resume")  # space freed: --resume starts the checkpoint-less run over
+    assert r.exit_code == 0, r.output
+    assert metric_lines(run) == 4
+
+
+def test_disk_full_while_appending_metrics_leaves_no_torn_line(experts, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    args = ["distill", "--experts", experts, *DISTILL, "--iterations", 4, "--out", run]
+    calls = []
+
+    class HalfThenFull:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def fake_open(path, *a, **k):
+        f = open(path, *a, **k)
+        if str(path).endswith("metrics.jsonl"):
+            calls.append(1)
+            if len(calls) == 3:
+                return HalfThenFull(f)
+        return f
+
+    monkeypatch.setattr(storage, "open", fake_open, raising=False)
+    r = dpd(*args)
+    assert r.exit_code == 2
+    assert f"Error: No space left on the device while writing {run}/metrics.jsonl." in r.output
+    text = (run / "metrics.jsonl").read_text()
+    assert text.endswith("}\n") and text.count("\n") == 2  # cut back: no torn third line
+    monkeypatch.delattr(storage, "open")
+    r = dpd(*args, "--resume")
     assert r.exit_code == 0, r.output
     assert metric_lines(run) == 4
 
