@@ -722,13 +722,15 @@ def _inspect_file(path: Path) -> dict:
     fmt = raw.get("format")
     version = raw.get("format_version")
     known = fmt in storage.FORMAT_VERSIONS
+    # A foreign file or another format version is refused, as every dpd command would refuse it.
     if fmt is None:
-        warnings.append("This file has no dpd format metadata: it was not written by dpd, and dpd commands will not read it.")
-    elif not known:
-        warnings.append(f"Format {fmt!r} is not one dpd writes ({', '.join(storage.FORMAT_VERSIONS)}).")
-    elif version != str(storage.FORMAT_VERSIONS[fmt]):
-        warnings.append(f"This dpd reads {fmt} version {storage.FORMAT_VERSIONS[fmt]}, the file is version {version or '?'}: "
-                        "use the dpd version that wrote it, or recreate the file.")
+        raise StorageError(f"{path} is a safetensors file without dpd format metadata: it was not written by dpd. "
+                           "`dpd inspect` reads run directories, experts folders and the files dpd writes.")
+    if not known:
+        raise StorageError(f"{path} has format {fmt!r}, which is not one dpd writes ({', '.join(storage.FORMAT_VERSIONS)}).")
+    if version != str(storage.FORMAT_VERSIONS[fmt]):
+        raise StorageError(f"{path} is {fmt} format version {version or '?'}; this dpd reads version "
+                           f"{storage.FORMAT_VERSIONS[fmt]}. Use the dpd version that wrote it, or recreate the file.")
 
     tensors = [
         {"name": name, "dtype": e["dtype"], "shape": list(e["shape"]), "bytes": int(e["data_offsets"][1]) - int(e["data_offsets"][0])}
