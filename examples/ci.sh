@@ -12,7 +12,7 @@ export DPD_EXPERTS_ROOT="$WORK/experts"   # keep everything of this job in one f
 
 dpd experts  --config examples/quick.toml --quiet
 dpd distill  --config examples/quick.toml --ipc 1 --out "$WORK/run" --force --quiet
-dpd evaluate "$WORK/run" --config examples/quick.toml --runs 2 --json --fail-under "$GATE" > "$WORK/eval-result.json"
+dpd evaluate "$WORK/run" --config examples/quick.toml --runs 2 --baseline random --json --fail-under "$GATE" > "$WORK/eval-result.json"
 
 python3 - "$WORK/eval-result.json" <<'PY'
 import json, sys
