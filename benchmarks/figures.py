@@ -1,6 +1,10 @@
 """Figures for docs/results.md from benchmark outputs (needs matplotlib: pip install -e ".[plot]").
 
     python benchmarks/figures.py bench-out/quality-mini docs/figures
+    python benchmarks/figures.py bench-out/quality-mini/results.json docs/figures --only accuracy_vs_rho
+
+The first argument is a ``quality.py`` output folder (its results.json) or a results JSON file.
+``--only`` writes just the named figures (file names without .png), leaving the others alone.
 
 Writes: accuracy_vs_rho.png (if the results hold several ratios), loss_curves.png (MTT vs DPD
 runs of seed 0), grid_ipc*.png (distilled images of seed 0), layer_pruning.png (mean % pruned
@@ -9,8 +13,8 @@ per layer, DPD run of seed 0).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -33,15 +37,18 @@ def _smooth(v: list[float], k: int = 10) -> list[float]:
     return [sum(v[max(0, i - k + 1) : i + 1]) / len(v[max(0, i - k + 1) : i + 1]) for i in range(len(v))]
 
 
-def main(src: Path, dst: Path) -> None:
+FIGURES = ("accuracy_vs_rho", "loss_curves", "grids", "layer_pruning")
+
+
+def main(src: Path, dst: Path, only: tuple[str, ...] = FIGURES) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    data = json.loads((src / "results.json").read_text())
+    data = json.loads((src / "results.json" if src.is_dir() else src).read_text())
     summary = data["summary"]
     ipcs = sorted({r["ipc"] for r in summary if r["source"] == "distilled"})
 
     # Accuracy vs rho, one line per (IPC, scope); random baseline dashed.
     ratios = sorted({r["ratio"] for r in summary if r["source"] == "distilled"})
-    if len(ratios) > 2:
+    if "accuracy_vs_rho" in only and len(ratios) > 2:
         fig, ax = plt.subplots(figsize=(6, 4))
         for ipc in ipcs:
             for scope in ("global", "layer"):
@@ -62,6 +69,15 @@ def main(src: Path, dst: Path) -> None:
         plt.close(fig)
 
     runs = {Path(r["run_dir"]).name: Path(r["run_dir"]) for r in data["records"] if r.get("run_dir")}
+    if "loss_curves" in only:
+        _loss_curves(runs, ipcs, dst)
+    if "grids" in only:
+        _grids(runs, ipcs, dst)
+    if "layer_pruning" in only:
+        _layer_pruning(runs, dst)
+
+
+def _loss_curves(runs: dict[str, Path], ipcs: list[int], dst: Path) -> None:
     fig, axes = plt.subplots(1, len(ipcs), figsize=(5 * len(ipcs), 3.5), squeeze=False)
     for ax, ipc in zip(axes[0], ipcs):
         for name, run in sorted(runs.items()):
@@ -75,12 +91,16 @@ def main(src: Path, dst: Path) -> None:
     fig.savefig(dst / "loss_curves.png", dpi=120)
     plt.close(fig)
 
+
+def _grids(runs: dict[str, Path], ipcs: list[int], dst: Path) -> None:
     for ipc in ipcs:
         dpd_runs = [run for name, run in sorted(runs.items()) if name.startswith(f"ipc{ipc}-") and name.endswith("-s0") and "rho0-" not in name]
         if dpd_runs:
             t, meta = load_synthetic(dpd_runs[0] / "synthetic.safetensors")
             save_grid(Preprocess.from_tensors(t).invert(t["images"]), t["labels"], len(meta["classes"]), dst / f"grid_ipc{ipc}.png")
 
+
+def _layer_pruning(runs: dict[str, Path], dst: Path) -> None:
     dpd_run = next((run for name, run in sorted(runs.items()) if name.endswith("-s0") and "rho0-" not in name), None)
     if dpd_run is not None:
         t, meta = storage.load_tensors(dpd_run / "prune_frequency.safetensors", "dpd.prune_counts")
@@ -101,4 +121,9 @@ def main(src: Path, dst: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, help="quality.py output folder or results JSON file")
+    p.add_argument("dst", type=Path, help="folder for the PNG files")
+    p.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
+    a = p.parse_args()
+    main(a.results, a.dst, tuple(a.only))
