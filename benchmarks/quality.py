@@ -1,4 +1,4 @@
-"""Quality benchmark: experts -> distill (several prune settings) -> evaluate, over seeds, with baselines.
+r"""Quality benchmark: experts -> distill (several prune settings) -> evaluate, over seeds, with baselines.
 
 Writes ``results.json`` and ``results.md`` (mean ± std over seeds; each seed's figure is the mean
 over its evaluation runs) into ``--out``. Every piece is resumable: rerunning the same command skips

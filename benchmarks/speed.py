@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed benchmarks for dpd: expert training, distillation (full vs low memory vs reference MTT), evaluation.
+r"""Speed benchmarks for dpd: expert training, distillation (full vs low memory vs reference MTT), evaluation.
 
     python benchmarks/speed.py --smoke                          # every section at toy size (< 1 min)
     python benchmarks/speed.py --out bench-out/speed-cpu.json   # the real CPU measurement
