@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-__all__ = ["assert_close", "tiny_spec"]
+__all__ = ["assert_close", "make_image_folder", "tiny_spec"]
 
 
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, **kwargs) -> None:
@@ -23,3 +25,18 @@ def tiny_spec(channels: int = 1, side: int = 8, n_classes: int = 3, width: int =
     from dpd_cli.models import ModelSpec
 
     return ModelSpec("convnet", channels, (side, side), n_classes, width=width, depth=depth)
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_split=(3, 2), side=8) -> Path:
+    """A tiny ``imagefolder`` dataset of seeded random RGB PNGs (train/<class>, test/<class>) plus one non-image file."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in zip(("train", "test"), per_split):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                arr = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr, "RGB").save(root / split / c / f"{i}.png")
+    (root / "train" / classes[0] / "notes.txt").write_text("not an image")
+    return root

@@ -171,6 +171,16 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+
+def _same_dataset(name, key) -> bool:
+    """Whether an expert file's ``dataset`` (a registry name) matches experts.json's dataset key.
+
+    The key tells image folders apart by folder name (``imagefolder-<folder>``); the files store
+    the registry name ``imagefolder``.
+    """
+    return name == key or (name == "imagefolder" and isinstance(key, str) and key.startswith("imagefolder-"))
+
+
 def _short_error(e: Exception, path: Path, name: str) -> str:
     """The error message with the (long) path replaced by the name shown next to it."""
     return str(e).replace(str(path), name)
@@ -617,7 +627,7 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
             problems.append(f"its parameter layout differs from {ref['file']}'s")
         if int(epochs) != int(ref["meta"]["epochs"]):
             problems.append(f"{epochs} epochs, {ref['file']} has {ref['meta']['epochs']}")
-        if compat and meta.get("dataset") != compat.get("dataset"):
+        if compat and not _same_dataset(meta.get("dataset"), compat.get("dataset")):
             problems.append(f"dataset {meta.get('dataset')!r}, experts.json says {compat.get('dataset')!r}")
         if preprocess and meta.get("preprocess_fingerprint") not in (None, preprocess["fingerprint"]):
             problems.append("it saw another normalisation/ZCA than preprocess.safetensors")

@@ -13,7 +13,7 @@ import torch
 from dpd_cli import interrupt, storage
 from dpd_cli.cli.inspect import PLOT_NOTE
 from dpd_cli.events import DistillIteration
-from tests.helpers import assert_close
+from tests.helpers import assert_close, make_image_folder
 
 _DISTILL = {"width": 4, "depth": 2, "ipc": 1, "iterations": 3, "syn_steps": 2, "max_start_epoch": 1, "train_per_class": 20,
             "lr_img": 10, "threads": 1}
@@ -236,6 +236,19 @@ def test_experts_text_and_warnings(dpd, built, tmp_path):
     text = " ".join(data["warnings"])
     assert "experts.json is missing" in text and "expert_00002.safetensors is truncated" in text
 
+
+
+def test_image_folder_experts_are_usable(dpd, tmp_path):
+    # experts.json keys image folders by folder name ("imagefolder-<name>"); the files say "imagefolder"
+    root = make_image_folder(tmp_path / "pets", per_split=(4, 2))
+    out = tmp_path / "ex-pets"
+    _ok(dpd("experts", "--dataset", "imagefolder", "--data-dir", root, "--num", "2", "--epochs", "1",
+            "--width", "4", "--depth", "1", "--batch", "4", "--threads", "1", "--out", out, "--quiet"))
+    r = dpd("inspect", out, "--json", "--expert-epochs", "1")
+    _ok(r)
+    data = json.loads(r.stdout)
+    assert data["dataset"] == "imagefolder-pets"
+    assert data["n_compatible"] == 2 and data["warnings"] == []
 
 # --- single files -----------------------------------------------------------------------------
 def test_single_files(dpd, built):

@@ -14,6 +14,7 @@ from PIL import Image
 from dpd_cli.data import load_dataset
 from dpd_cli.data.datasets import FASHION_CLASSES, MINI_DIR, NORMALIZATION, read_idx
 from dpd_cli.errors import DataError
+from tests.helpers import make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +127,8 @@ def test_read_idx_missing_file(tmp_path):
 # Image folders
 
 
-def _make_folder(root: Path, classes=("cat", "dog"), per_split=(3, 2), side=8) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for split, n in zip(("train", "test"), per_split):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                arr = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(arr, "RGB").save(root / split / c / f"{i}.png")
-    (root / "train" / classes[0] / "notes.txt").write_text("not an image")
-    return root
-
-
 def test_imagefolder_loads(tmp_path):
-    root = _make_folder(tmp_path / "imgs")
+    root = make_image_folder(tmp_path / "imgs")
     ds = load_dataset("imagefolder", data_dir=root)
     assert ds.classes == ["cat", "dog"]
     assert ds.train_images.shape == (6, 3, 8, 8) and ds.train_images.dtype == torch.uint8
@@ -156,7 +145,7 @@ def test_imagefolder_second_load_hits_cache(tmp_path, monkeypatch):
     import dpd_cli.data.datasets as datasets
     from dpd_cli import paths
 
-    root = _make_folder(tmp_path / "imgs")
+    root = make_image_folder(tmp_path / "imgs")
     first = load_dataset("imagefolder", data_dir=root)
     caches = list(paths.cache_root().glob("imagefolder-*.safetensors"))
     assert len(caches) == 1 and caches[0].parent == tmp_path / "cache-root"
@@ -174,7 +163,7 @@ def test_imagefolder_second_load_hits_cache(tmp_path, monkeypatch):
 def test_imagefolder_broken_cache_is_rebuilt(tmp_path):
     from dpd_cli import paths
 
-    root = _make_folder(tmp_path / "imgs")
+    root = make_image_folder(tmp_path / "imgs")
     first = load_dataset("imagefolder", data_dir=root)
     (cache,) = paths.cache_root().glob("imagefolder-*.safetensors")
     cache.write_bytes(b"garbage")
@@ -184,7 +173,7 @@ def test_imagefolder_broken_cache_is_rebuilt(tmp_path):
 
 
 def test_imagefolder_class_mismatch(tmp_path):
-    root = _make_folder(tmp_path / "imgs")
+    root = make_image_folder(tmp_path / "imgs")
     (root / "test" / "dog").rename(root / "test" / "bird")
     with pytest.raises(DataError, match=r"train/ and test/ have different class folders \(\['cat', 'dog'\] vs \['bird', 'cat'\]\)"):
         load_dataset("imagefolder", data_dir=root)
@@ -197,7 +186,7 @@ def test_imagefolder_without_splits(tmp_path):
 
 
 def test_imagefolder_undecodable_image(tmp_path):
-    root = _make_folder(tmp_path / "imgs")
+    root = make_image_folder(tmp_path / "imgs")
     (root / "train" / "dog" / "9.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="Could not decode an image"):
         load_dataset("imagefolder", data_dir=root)
