@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (H100/H200, no internet). From the repository root:
+# One prepared run for a GPU machine (H100/H200, possibly without internet). From the repository root:
 #
 #     bash benchmarks/gpu_check.sh [CIFAR_TGZ]          # default data/cifar10-jpeg.tar.gz (or env CIFAR_TGZ)
 #     bash benchmarks/gpu_check.sh --smoke              # the Python parts on CPU at toy size (validates this script)
