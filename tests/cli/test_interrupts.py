@@ -434,6 +434,10 @@ def _sigint_in_step(monkeypatch, step: int, times: int) -> None:
 
 
 def _no_live_left() -> None:
+    # Rich's Live.stop() signals its refresh thread without joining it: give a stopped one a moment to end.
+    deadline = time.monotonic() + 2.0
+    while [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
     assert type(sys.stdout).__name__ != "FileProxy" and type(sys.stderr).__name__ != "FileProxy"
 
