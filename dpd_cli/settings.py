@@ -149,7 +149,7 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     lr_lr: float = Field(1e-5, ge=0, description="Learning rate of the learnable step size alpha.")
     lr_teacher: float = Field(0.01, gt=0, description="Initial student step size alpha_0.")
     batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
-    prune_ratio: float = Field(0.05, ge=0, lt=1, description="rho: fraction of parameters pruned from the loss; 0 is MTT.")
+    prune_ratio: float = Field(0.01, ge=0, lt=1, description="rho: fraction of parameters pruned from the loss; 0 is MTT.")
     prune_scope: Literal["global", "layer"] = Field("global", description="Rank parameters globally or within each layer.")
     prune_criterion: Literal["abs", "relative"] = Field(
         "abs", description="abs: |student - target|; relative: that divided by |start - target| + eps."

@@ -30,7 +30,7 @@ def test_defaults_when_nothing_given():
     s = resolve("distill", {}, env={})
     assert isinstance(s, DistillSettings)
     assert s == DistillSettings()
-    assert (s.ipc, s.prune_ratio, s.dataset, s.memory) == (10, 0.05, "fashion-mnist-mini", "full")
+    assert (s.ipc, s.prune_ratio, s.dataset, s.memory) == (10, 0.01, "fashion-mnist-mini", "full")
 
 
 def test_env_var_names():
