@@ -177,6 +177,7 @@ class EvalRunDone(Event):
     run: int
     accuracy: float
     seconds: float
+    diverged_epoch: int | None = None  # first epoch whose training loss was NaN/Inf
 
 
 @dataclass

@@ -256,7 +256,11 @@ class EvalPlain(_Plain):
         if isinstance(e, EvalStarted):
             self.line(f"evaluate: {len(e.jobs)} trainings of {e.epochs} epochs on {e.device}")
         elif isinstance(e, EvalRunDone):
-            self.line(f"{e.source} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%} ({e.seconds:.0f} s)")
+            self.line(f"{e.source} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%} ({e.seconds:.0f} s){_diverged(e)}")
+
+
+def _diverged(e: EvalRunDone) -> str:
+    return f", diverged: training loss NaN/Inf from epoch {e.diverged_epoch}" if e.diverged_epoch else ""
 
 
 class EvalLive(_Plain):
@@ -275,7 +279,7 @@ class EvalLive(_Plain):
             self.progress.update(self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{e.source}/{e.model} #{e.run}")
         elif isinstance(e, EvalRunDone):
             self.progress.advance(self.t_runs)
-            self.c.print(f"{e.source} / {e.model} run {e.run}: {e.accuracy:.2%}", highlight=False)
+            self.c.print(f"{e.source} / {e.model} run {e.run}: {e.accuracy:.2%}{_diverged(e)}", highlight=False)
         elif isinstance(e, EvalDone):
             self.close()
 

@@ -63,6 +63,9 @@ def evaluate(
             print_json({**result, "fail_under": s.fail_under, "passed": not below})
         elif not quiet:
             out_console().print(results_table(result["results"]))
+            note = divergence_note(result["results"])
+            if note:
+                out_console().print(note, highlight=False)
             out_console().print(f"Saved to {result['eval_file']}", highlight=False)
     if below:
         worst = min(below, key=lambda r: r["mean"])
@@ -89,3 +92,17 @@ def results_table(entries: list[dict]) -> Table:
             cells.append(f"{100 * hit[-1]['mean']:.2f} ± {100 * hit[-1]['std']:.2f}" if hit else "")
         table.add_row(model, *cells)
     return table
+
+
+def divergence_note(entries: list[dict]) -> str | None:
+    """A paragraph on trainings whose loss became NaN/Inf (they count at the accuracy they ended with)."""
+    hit = [e for e in entries if e.get("diverged_runs")]
+    if not hit:
+        return None
+    n = sum(len(e["diverged_runs"]) for e in hit)
+    total = sum(e["runs"] for e in entries)
+    where = "; ".join(f"{e['source']} / {e['model']} run{'s' if len(e['diverged_runs']) > 1 else ''} "
+                      f"{', '.join(map(str, e['diverged_runs']))} (lr {e['lr']:.4g})" for e in hit)
+    return (f"{n} of {total} trainings diverged (training loss became NaN/Inf): {where}. They count in the means at "
+            "the accuracy they ended with. A lower learning rate usually trains them: rerun with --lr (e.g. half "
+            "the one shown); networks without normalisation layers (alexnet) are the most sensitive.")

@@ -181,7 +181,8 @@ def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
                 r = hit[-1]
                 mean = "?" if r["mean"] is None else f"{100 * r['mean']:.2f}"
                 std = "?" if r["std"] is None else f"{100 * r['std']:.2f}"
-                cells.append(f"{mean} ± {std} ({r['runs']})")
+                bad = f", {len(r['diverged_runs'])} diverged" if r["diverged_runs"] else ""
+                cells.append(f"{mean} ± {std} ({r['runs']}{bad})")
             else:
                 cells.append("")
         _add_row(table, model, str(protocol), *cells)

@@ -81,19 +81,28 @@ def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: in
     return torch.cat(picks)
 
 
-def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> float:
+def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> tuple[float, int | None]:
+    """Train one fresh network and test it.
+
+    Returns:
+        ``(test accuracy, first epoch whose loss was NaN/Inf or None)``; a diverged network still
+        counts at the accuracy it ends with (no run is ever dropped from a mean).
+    """
     torch.manual_seed(seed)
     net = build_model(spec).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)  # x0.1 at half
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # kept on the device: no sync per epoch
     for epoch in range(1, epochs + 1):
         interrupt.check("evaluation stopped")  # run() re-raises with what was kept
         loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa)
         sched.step()
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss_sum), epoch, first_bad)
         on_epoch(epoch, loss_sum)
-    return accuracy(net, x_test, y_test)
+    diverged = int(first_bad.item())
+    return accuracy(net, x_test, y_test), (diverged or None)
 
 
 def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
@@ -192,16 +201,16 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
                     sink.emit(EvalEpoch(src, m, r, epoch, total, float(loss_sum) / n))
 
             try:
-                acc = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(src), s, seed, device, on_epoch)
+                acc, diverged = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(src), s, seed, device, on_epoch)
             except interrupt.Interrupted:
                 kept = f"{len(outcomes)} finished training(s) are kept in {partial}" if outcomes else "no training had finished"
                 raise interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue") from None
             dt = time.perf_counter() - t0
             outcome = {"source": src, "model": m, "run": r, "accuracy": acc, "seed": seed, "seconds": dt,
-                       "epochs": n_epochs, "lr": lr_for(src)}
+                       "epochs": n_epochs, "lr": lr_for(src), "diverged_epoch": diverged}
             _append_partial(partial, keys[(src, m, r)], outcome)
             outcomes.append(outcome)
-            sink.emit(EvalRunDone(src, m, r, acc, dt))
+            sink.emit(EvalRunDone(src, m, r, acc, dt, diverged))
 
         if world > 1:
             outcomes = _gather(outcomes)
@@ -219,6 +228,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
                 entries.append({
                     "source": src, "model": m, "protocol": s.protocol, "epochs": rows[0]["epochs"], "lr": rows[0]["lr"],
                     "runs": len(accs), "accuracies": accs, "mean": mean, "std": std, "seeds": [o["seed"] for o in rows],
+                    "diverged_runs": [o["run"] for o in rows if o.get("diverged_epoch")],
                     "seconds_per_run": sum(o["seconds"] for o in rows) / len(rows),
                     "ipc": ipc, "dataset": ds.name, "iteration": meta.get("iteration"), "synthetic": str(file),
                     "timestamp": stamp, "settings": s.model_dump(mode="json"), "versions": versions(),

@@ -300,6 +300,7 @@ def _latest_evaluations(path: Path, warnings: list[str], name: str) -> dict | No
             "mean": _finite(e.get("mean")),
             "std": _finite(e.get("std")),
             "runs": e.get("runs", len(accs) or None),
+            "diverged_runs": [r for r in e.get("diverged_runs", []) if isinstance(r, int)] if isinstance(e.get("diverged_runs"), list) else [],
             "accuracies": [_finite(a) for a in accs],
             "epochs": e.get("epochs"),
             "lr": _finite(e.get("lr")),
@@ -723,6 +724,12 @@ def _distances(files: list[storage.TensorFile], m: int, epochs: int, warnings: l
 
 # --- single file ------------------------------------------------------------------------------
 def _inspect_file(path: Path) -> dict:
+    if path.suffix in (".json", ".jsonl"):
+        beside = path.with_name(path.name[: -len(".eval.json")] + ".safetensors") if path.name.endswith(".eval.json") else None
+        hint = (f"`dpd inspect {beside}` shows this evaluation with the set it scores." if beside and beside.exists()
+                else _file_hint(path))
+        raise StorageError(f"{path} is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, "
+                           f"experts folders and safetensors files. {hint}")
     try:
         header, raw = storage.read_header(path)
     except StorageError as e:

@@ -330,6 +330,15 @@ def test_non_safetensors_files_are_user_errors(dpd, tmp_path, content, phrase):
     _user_error(dpd("inspect", path), phrase, "`dpd inspect` reads a run directory")
 
 
+def test_json_files_point_to_what_inspect_reads(dpd, built, tmp_path):
+    _user_error(dpd("inspect", built["run"] / "eval.json"), "eval.json is a JSON file (plain text: open it directly)",
+                f"`dpd inspect {built['run']}` shows the rest of the run.")
+    shutil.copy(built["run"] / "synthetic.safetensors", tmp_path / "best.safetensors")
+    (tmp_path / "best.eval.json").write_text(json.dumps(EVAL))
+    _user_error(dpd("inspect", tmp_path / "best.eval.json"),
+                f"`dpd inspect {tmp_path / 'best.safetensors'}` shows this evaluation with the set it scores.")
+
+
 def test_missing_path_and_foreign_folder(dpd, built, tmp_path):
     _user_error(dpd("inspect", tmp_path / "nope"), "nope does not exist.")
     (tmp_path / "notes").mkdir()

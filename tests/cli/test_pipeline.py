@@ -146,3 +146,16 @@ def test_evaluate_reports_and_gates(dpd, experts, tmp_path):
     r = dpd("evaluate", run, "--epochs", "1", "--runs", "1", "--fail-under", "99.9", "--quiet", "--threads", "1")
     assert r.exit_code == 3
     assert "below threshold" in r.output
+
+
+def test_evaluate_says_when_a_training_diverges(dpd, experts, tmp_path):
+    run = tmp_path / "run"
+    assert dpd("distill", "--experts", experts, "--out", run, *DISTILL).exit_code == 0
+    r = dpd("evaluate", run, "--epochs", "6", "--runs", "2", "--batch", "4", "--lr", "1e9", "--threads", "1")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())  # undo Rich's wrapping
+    assert "diverged: training loss NaN/Inf from epoch" in out
+    assert "2 of 2 trainings diverged" in out and "rerun with --lr" in out
+    r = dpd("inspect", run)
+    assert r.exit_code == 0, r.output
+    assert "(2, 2 diverged)" in " ".join(r.output.split())

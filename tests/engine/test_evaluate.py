@@ -1,0 +1,133 @@
+"""``dpd evaluate``'s engine: the test transform, the random baseline, divergence, eval.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.engine import evaluate as E
+from dpd_cli.engine.common import derive_seed
+from dpd_cli.engine.distill import load_synthetic
+from dpd_cli.settings import resolve
+from tests.helpers import tiny_spec
+
+_TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def zca_run(tmp_path_factory) -> Path:
+    """A finished 2-iteration run distilled with ZCA whitening from two tiny ZCA experts."""
+    from dpd_cli.engine import distill, experts
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("DPD_EXPERTS_ROOT", "experts-root"), ("DPD_DATA_ROOT", "data-root"), ("DPD_CACHE_ROOT", "cache-root")):
+            mp.setenv(var, str(tmp / sub))
+        experts.run(resolve("experts", {**_TINY, "num": 2, "epochs": 2, "zca": True, "dsa": False, "out": tmp / "ex"}))
+        distill.run(resolve("distill", {**_TINY, "zca": True, "ipc": 2, "iterations": 2, "syn_steps": 2, "max_start_epoch": 1,
+                                        "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8, "experts": tmp / "ex", "out": tmp / "run"}))
+    return tmp / "run"
+
+
+@pytest.fixture
+def run_copy(zca_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(zca_run, run, ignore=shutil.ignore_patterns(".*lock*"))
+    return run
+
+
+def _settings(**flags):
+    return resolve("evaluate", {"epochs": 1, "runs": 2, "threads": 1, **flags})
+
+
+def _record_trainings(monkeypatch) -> list[dict]:
+    """Replace the training with a recorder (accuracy 0.5): what each training would have been given."""
+    calls: list[dict] = []
+
+    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch):
+        calls.append({"x": x.clone(), "y": y.clone(), "x_test": x_test.clone(), "y_test": y_test.clone(), "lr": lr, "seed": seed})
+        return 0.5, None
+
+    monkeypatch.setattr(E, "_train_and_test", fake)
+    return calls
+
+
+def test_zca_run_applies_its_transform_to_test_and_baseline_images(run_copy, monkeypatch):
+    calls = _record_trainings(monkeypatch)
+    E.run(_settings(baseline=["random"]), run_copy)
+    tensors, _ = load_synthetic(run_copy / "synthetic.safetensors")
+    pre = Preprocess.from_tensors(tensors)
+    assert pre.has_zca
+    ds = load_dataset("fashion-mnist-mini")
+    expected_test = pre.apply(ds.test_images)
+    assert not torch.allclose(expected_test, pre.normalize(ds.test_images), atol=1e-2)  # ZCA changes the images
+    distilled, random_ = calls[:2], calls[2:]
+    for c in calls:
+        assert torch.equal(c["x_test"], expected_test)
+        assert torch.equal(c["y_test"], ds.test_labels)
+    for c in distilled:
+        assert torch.equal(c["x"], tensors["images"])
+    for r, c in enumerate(random_):
+        idx = E.random_subset(ds.train_labels, ds.n_classes, 2, derive_seed(0, "random-subset", r))
+        assert torch.equal(c["x"], pre.apply(ds.train_images[idx]))  # baseline images whitened as well
+
+
+def test_random_baseline_is_class_balanced_and_seeded(run_copy, monkeypatch):
+    calls = _record_trainings(monkeypatch)
+    E.run(_settings(baseline=["random"], distilled=False, runs=2), run_copy)
+    E.run(_settings(baseline=["random"], distilled=False, runs=2), run_copy)
+    E.run(_settings(baseline=["random"], distilled=False, runs=2, seed=1), run_copy)
+    first, again, other = calls[0:2], calls[2:4], calls[4:6]
+    for c in calls:
+        assert torch.bincount(c["y"], minlength=10).tolist() == [2] * 10  # IPC 2 of every class
+    for a, b in zip(first, again):
+        assert torch.equal(a["x"], b["x"]) and a["seed"] == b["seed"]  # same seed: same subsets, same nets
+    assert not torch.equal(first[0]["x"], first[1]["x"])  # each run draws its own subset
+    assert not torch.equal(first[0]["x"], other[0]["x"])  # another --seed draws others
+
+
+def test_random_subset_indices():
+    labels = torch.arange(5).repeat_interleave(7)  # 5 classes x 7
+    idx = E.random_subset(labels, 5, 3, seed=11)
+    assert torch.bincount(labels[idx], minlength=5).tolist() == [3] * 5
+    assert len(set(idx.tolist())) == 15
+    assert torch.equal(idx, E.random_subset(labels, 5, 3, seed=11))
+    assert not torch.equal(idx, E.random_subset(labels, 5, 3, seed=12))
+
+
+def _blobs(n: int = 12, side: int = 8, n_classes: int = 3):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n_classes).repeat(n // n_classes)
+    x = torch.randn(n, 1, side, side, generator=g) + y.view(-1, 1, 1, 1).float()
+    return x, y
+
+
+@pytest.mark.parametrize("lr, diverges", [(0.01, False), (1e9, True)])
+def test_train_and_test_reports_divergence(lr, diverges):
+    x, y = _blobs()
+    s = _settings(dsa=False, batch=4)
+    epochs_seen = []
+    acc, diverged = E._train_and_test(tiny_spec(), x, y, x, y, 4, lr, s, 0, torch.device("cpu"),
+                                      lambda epoch, loss: epochs_seen.append((epoch, float(loss))))
+    assert 0.0 <= acc <= 1.0 and len(epochs_seen) == 4
+    if diverges:
+        first_bad = next(epoch for epoch, loss in epochs_seen if not torch.isfinite(torch.tensor(loss)))
+        assert diverged == first_bad
+    else:
+        assert diverged is None and all(torch.isfinite(torch.tensor(loss)) for _, loss in epochs_seen)
+
+
+def test_diverged_runs_are_recorded_and_still_counted(run_copy):
+    result = E.run(_settings(lr=1e9, runs=2, epochs=6, batch=4), run_copy)
+    entry = result["results"][0]
+    assert entry["diverged_runs"] == [0, 1]
+    assert entry["mean"] == sum(entry["accuracies"]) / 2  # no run is dropped from the mean
+    stored = json.loads((run_copy / "eval.json").read_text())["results"][-1]
+    assert stored["diverged_runs"] == [0, 1]
+    sane = E.run(_settings(runs=1), run_copy)["results"][0]
+    assert sane["diverged_runs"] == []
