@@ -104,5 +104,5 @@ def divergence_note(entries: list[dict]) -> str | None:
     where = "; ".join(f"{e['source']} / {e['model']} run{'s' if len(e['diverged_runs']) > 1 else ''} "
                       f"{', '.join(map(str, e['diverged_runs']))} (lr {e['lr']:.4g})" for e in hit)
     return (f"{n} of {total} trainings diverged (training loss became NaN/Inf): {where}. They count in the means at "
-            "the accuracy they ended with. A lower learning rate usually trains them: rerun with --lr (e.g. half "
-            "the one shown); networks without normalisation layers (alexnet) are the most sensitive.")
+            "the accuracy they ended with. A lower learning rate usually trains them: rerun with a lower --lr than "
+            "the one shown; networks without normalisation layers (alexnet) are the most sensitive.")

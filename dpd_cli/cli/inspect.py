@@ -181,12 +181,16 @@ def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
                 r = hit[-1]
                 mean = "?" if r["mean"] is None else f"{100 * r['mean']:.2f}"
                 std = "?" if r["std"] is None else f"{100 * r['std']:.2f}"
-                bad = f", {len(r['diverged_runs'])} diverged" if r["diverged_runs"] else ""
-                cells.append(f"{mean} ± {std} ({r['runs']}{bad})")
+                cells.append(f"{mean} ± {std} ({r['runs']}){'*' if r['diverged_runs'] else ''}")
             else:
                 cells.append("")
         _add_row(table, model, str(protocol), *cells)
     _put(con, table)
+    diverged = [r for r in results if r["diverged_runs"]]
+    if diverged:
+        which = "; ".join(f"{_SOURCES.get(r['source'], r['source'])} / {r['model']}: {len(r['diverged_runs'])} of {r['runs']}" for r in diverged)
+        _put(con, f"* Trainings whose loss became NaN/Inf ({which}); they count in the mean. "
+                  "A lower `dpd evaluate --lr` usually trains them.", "dim")
     stale = sorted({r["iteration"] for r in results if r["source"] == "distilled" and r["iteration"] is not None and iteration is not None and r["iteration"] != iteration})
     if stale:
         _put(con, f"Some distilled results are for iteration {', '.join(map(str, stale))}; the run is now at {iteration}. "

@@ -162,6 +162,11 @@ def _numel(shape) -> int:
     return n
 
 
+def _int_list(x) -> list[int]:
+    """The integers of a JSON list (anything else, e.g. a field older files lack, is an empty list)."""
+    return [v for v in x if isinstance(v, int) and not isinstance(v, bool)] if isinstance(x, list) else []
+
+
 def _finite(x) -> float | None:
     """A float, or None for NaN/Inf/non-numbers (JSON has no NaN)."""
     try:
@@ -300,7 +305,7 @@ def _latest_evaluations(path: Path, warnings: list[str], name: str) -> dict | No
             "mean": _finite(e.get("mean")),
             "std": _finite(e.get("std")),
             "runs": e.get("runs", len(accs) or None),
-            "diverged_runs": [r for r in e.get("diverged_runs", []) if isinstance(r, int)] if isinstance(e.get("diverged_runs"), list) else [],
+            "diverged_runs": _int_list(e.get("diverged_runs")),
             "accuracies": [_finite(a) for a in accs],
             "epochs": e.get("epochs"),
             "lr": _finite(e.get("lr")),

@@ -330,6 +330,22 @@ def test_non_safetensors_files_are_user_errors(dpd, tmp_path, content, phrase):
     _user_error(dpd("inspect", path), phrase, "`dpd inspect` reads a run directory")
 
 
+def test_diverged_runs_shown_and_malformed_ones_ignored(dpd, built, tmp_path):
+    run = _copy_run(built, tmp_path)
+    ev = json.loads(json.dumps(EVAL))
+    ev["results"][1]["diverged_runs"] = [2, "x", True]  # one real run index among junk
+    ev["results"][2]["diverged_runs"] = "not a list"
+    (run / "eval.json").write_text(json.dumps(ev))
+    r = dpd("inspect", run)
+    _ok(r)
+    out = " ".join(r.output.split())
+    assert "41.00 ± 0.80 (3)*" in out and "71.00 ± 0.82 (3) " in out
+    assert "* Trainings whose loss became NaN/Inf (random real / convnet: 1 of 3); they count in the mean." in out
+    assert max(len(line) for line in r.output.splitlines()) <= 80
+    data = json.loads(dpd("inspect", run, "--json").stdout)
+    assert [e["diverged_runs"] for e in data["evaluation"]["results"] if e["source"] == "random"] == [[2]]
+
+
 def test_json_files_point_to_what_inspect_reads(dpd, built, tmp_path):
     _user_error(dpd("inspect", built["run"] / "eval.json"), "eval.json is a JSON file (plain text: open it directly)",
                 f"`dpd inspect {built['run']}` shows the rest of the run.")

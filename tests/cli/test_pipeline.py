@@ -155,7 +155,8 @@ def test_evaluate_says_when_a_training_diverges(dpd, experts, tmp_path):
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())  # undo Rich's wrapping
     assert "diverged: training loss NaN/Inf from epoch" in out
-    assert "2 of 2 trainings diverged" in out and "rerun with --lr" in out
+    assert "2 of 2 trainings diverged" in out and "rerun with a lower --lr" in out
     r = dpd("inspect", run)
     assert r.exit_code == 0, r.output
-    assert "(2, 2 diverged)" in " ".join(r.output.split())
+    out = " ".join(r.output.split())
+    assert "(2)*" in out and "(distilled / convnet: 2 of 2)" in out
