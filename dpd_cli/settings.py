@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: Datasets the registry knows (``dpd_cli.data``); kept here so validation needs no torch.
-DATASET_NAMES = ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
+DATASET_NAMES = ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "imagefolder")
 #: Networks ``dpd_cli.models`` can build.
 MODEL_NAMES = ("convnet", "resnet18", "vgg11", "alexnet")
 
@@ -73,7 +73,9 @@ class DataFields(_Settings):
         description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
         "Default: the dpd dataset cache, downloading on first use.",
     )
-    zca: bool = Field(False, description="ZCA-whiten images (eps 0.1, fitted on the training set).")
+    zca: bool = Field(
+        False, description="ZCA-whiten images as MTT: eps 0.1, fitted on the raw [0, 1] training pixels, no mean/std normalisation."
+    )
     train_per_class: int | None = Field(
         None, ge=1, description="Use only this many training images per class (seeded, class-balanced)."
     )
@@ -87,9 +89,11 @@ class DataFields(_Settings):
         return v
 
     @model_validator(mode="after")
-    def _imagefolder_needs_dir(self) -> "DataFields":
+    def _folder_datasets_need_dir(self) -> "DataFields":
         if self.dataset == "imagefolder" and self.data_dir is None:
             raise ValueError("dataset 'imagefolder' needs --data-dir pointing at a folder with train/ and test/")
+        if self.dataset == "tiny-imagenet" and self.data_dir is None:
+            raise ValueError("dataset 'tiny-imagenet' needs --data-dir pointing at the unpacked tiny-imagenet-200 folder")
         return self
 
 

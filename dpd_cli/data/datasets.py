@@ -2,8 +2,9 @@
 
 Names: ``fashion-mnist-mini`` (embedded, offline), ``fashion-mnist``, ``mnist``, ``cifar10``,
 ``cifar100``, ``svhn`` (torchvision; downloaded into the dataset cache on first use, or read
-from ``--data-dir``) and ``imagefolder`` (``<dir>/train/<class>/*`` and ``<dir>/test/<class>/*``;
-decoded once and cached).
+from ``--data-dir``), ``tiny-imagenet`` (the unpacked tiny-imagenet-200 folder) and
+``imagefolder`` (``<dir>/train/<class>/*`` and ``<dir>/test/<class>/*``). Image folders are
+decoded once and cached.
 """
 
 from __future__ import annotations
@@ -26,14 +27,22 @@ MINI_DIR = Path(__file__).parent / "mini"
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
-#: Per-channel (mean, std) of the training sets, in [0, 1] pixel units.
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+#: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off. The datasets MTT's
+#: reference code defines use its constants: CIFAR-10's for CIFAR-10 *and* CIFAR-100, ImageNet's
+#: for Tiny ImageNet. The others carry the constants of the dataset-condensation benchmark code
+#: MTT descends from (MNIST, Fashion-MNIST, SVHN); image folders compute theirs from the training
+#: images. docs/algorithm.md lists them.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist-mini": ((0.2861,), (0.3530,)),
     "fashion-mnist": ((0.2861,), (0.3530,)),
     "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": _CIFAR10_STATS,
+    "cifar100": _CIFAR10_STATS,  # MTT normalises CIFAR-100 with CIFAR-10's constants
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "tiny-imagenet": _IMAGENET_STATS,
 }
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -192,10 +201,6 @@ def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int] | No
 
 
 def _imagefolder(data_dir: Path) -> Dataset:
-    from PIL import Image, UnidentifiedImageError
-
-    from dpd_cli import storage
-
     root = Path(data_dir)
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
@@ -205,6 +210,54 @@ def _imagefolder(data_dir: Path) -> Dataset:
         )
     classes, train_items = _list_images(train_dir)
     test_classes, test_items = _list_images(test_dir)
+    _check_classes(root, train_dir, classes, train_items)
+    if test_classes != classes:
+        raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
+    return _decoded_folder("imagefolder", root, classes, train_items, test_items, stats=None)
+
+
+def _tiny_imagenet(data_dir: Path) -> Dataset:
+    """Tiny ImageNet (200 classes, 64x64): ``train/<wnid>/images/*.JPEG``; the labelled validation set
+    serves as the test set, either as published (``val/images/*.JPEG`` + ``val/val_annotations.txt``)
+    or split into class folders (``val/images/<wnid>/*.JPEG``, the layout MTT's code reads)."""
+    root = Path(data_dir)
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir() or not val_dir.is_dir():
+        raise DataError(
+            f"{root} is not a Tiny ImageNet folder: it needs train/<wnid>/images/*.JPEG and val/ "
+            "(the unpacked tiny-imagenet-200 archive). Point --data-dir at that folder."
+        )
+    classes, train_items = _list_images(train_dir)
+    _check_classes(root, train_dir, classes, train_items)
+    images = val_dir / "images"
+    annotations = val_dir / "val_annotations.txt"
+    if images.is_dir() and any(p.is_dir() for p in images.iterdir()):
+        val_classes, test_items = _list_images(images)
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise DataError(f"{images} has class folders that train/ lacks: {', '.join(unknown[:5])}.")
+        index = {c: i for i, c in enumerate(classes)}
+        test_items = [(f, index[val_classes[label]]) for f, label in test_items]
+    elif annotations.is_file():
+        index = {c: i for i, c in enumerate(classes)}
+        test_items = []
+        for n, line in enumerate(annotations.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            parts = line.split("\t")
+            if not line.strip():
+                continue
+            if len(parts) < 2 or parts[1] not in index:
+                raise DataError(f"{annotations}, line {n}: expected '<file>\\t<wnid>' with a wnid from train/, got {line[:80]!r}.")
+            test_items.append((images / parts[0], index[parts[1]]))
+        missing = [f for f, _ in test_items if not f.is_file()]
+        if missing:
+            raise DataError(f"{annotations} names {len(missing)} image(s) missing from {images}, e.g. {missing[0].name}.")
+    else:
+        raise DataError(f"{val_dir} holds neither val_annotations.txt nor class folders under images/: "
+                        "unpack the tiny-imagenet-200 archive as published.")
+    return _decoded_folder("tiny-imagenet", root, classes, train_items, test_items, stats=NORMALIZATION["tiny-imagenet"])
+
+
+def _check_classes(root: Path, train_dir: Path, classes: list[str], train_items: list) -> None:
     if not classes or not train_items:
         raise DataError(f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))}).")
     if len(classes) < 2:
@@ -212,19 +265,28 @@ def _imagefolder(data_dir: Path) -> Dataset:
             f"{train_dir} has only one class folder ({classes[0]!r}); classification needs at least 2. "
             "Put each class's images in its own folder under train/ and test/."
         )
-    if test_classes != classes:
-        raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
-    listing = hashlib.sha256()
+
+
+def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test_items, stats) -> Dataset:
+    """Decode listed image files into a Dataset, through a cache keyed by the files' names, sizes and times.
+
+    ``stats`` is the (mean, std) pair; ``None`` computes it from the training images.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from dpd_cli import storage
+
+    listing = hashlib.sha256(name.encode())
     for f, label in train_items + test_items:
         st = f.stat()
         listing.update(f"{f.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = paths.cache_root() / f"imagefolder-{listing.hexdigest()[:20]}.safetensors"
+    cache = paths.cache_root() / f"{name}-{listing.hexdigest()[:20]}.safetensors"
     if cache.is_file():
         try:
             t, _ = storage.load_tensors(cache, "dpd.imagecache")
             mean = tuple(t["mean"].tolist())
             std = tuple(t["std"].tolist())
-            return Dataset("imagefolder", classes, t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], mean, std)
+            return Dataset(name, classes, t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], mean, std)
         except Exception:  # a broken cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
     try:
@@ -237,9 +299,12 @@ def _imagefolder(data_dir: Path) -> Dataset:
         raise DataError(f"Could not decode an image under {root}: {e}. Remove or fix that file.") from e
     tr_y = torch.tensor([lab for _, lab in train_items])
     te_y = torch.tensor([lab for _, lab in test_items])
-    pixels = tr_x.double() / 255
-    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    if stats is None:
+        pixels = tr_x.double() / 255
+        mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    else:
+        mean, std = stats
     try:
         storage.save_tensors(
             cache,
@@ -250,7 +315,7 @@ def _imagefolder(data_dir: Path) -> Dataset:
         )
     except Exception:  # the cache is an optimisation; an unwritable cache dir must not stop the run
         pass
-    return Dataset("imagefolder", classes, tr_x, tr_y, te_x, te_y, mean, std)
+    return Dataset(name, classes, tr_x, tr_y, te_x, te_y, mean, std)
 
 
 def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
@@ -292,6 +357,10 @@ def load_dataset(name: str, data_dir: Path | None = None, train_per_class: int |
         if data_dir is None:
             raise DataError("Dataset imagefolder needs --data-dir with train/<class>/ and test/<class>/ folders.")
         ds = _imagefolder(Path(data_dir))
+    elif name == "tiny-imagenet":
+        if data_dir is None:
+            raise DataError("Dataset tiny-imagenet needs --data-dir: the unpacked tiny-imagenet-200 folder (train/, val/).")
+        ds = _tiny_imagenet(Path(data_dir))
     else:
         ds = _torchvision(name, data_dir)
     if train_per_class is not None:

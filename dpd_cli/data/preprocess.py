@@ -1,8 +1,15 @@
 """From uint8 pixels to the "training space" the networks see, and back.
 
-Training space = per-channel normalisation, then (optionally) ZCA whitening with eps 0.1
-fitted on the normalised training set, as MTT does. The same transform must be applied to
-the test set at evaluation time, so it is stored with every expert and synthetic set.
+Training space, as MTT builds it (docs/algorithm.md, "Preprocessing and ZCA"):
+
+* without ZCA: pixels in [0, 1], normalised per channel with the dataset's mean and std;
+* with ZCA: pixels in [0, 1] with **no** normalisation (``mean`` 0, ``std`` 1 are stored so
+  that one formula covers both cases), then ZCA whitening with eps 0.1 fitted on those raw
+  [0, 1] training pixels -- kornia's ``ZCAWhitening(eps=0.1)``, which MTT uses.
+
+The mapping is always ``x = ZCA((pixels / 255 - mean) / std)`` with ZCA the identity when
+absent. The same transform must be applied to the test set at evaluation time, so it is
+stored with every expert and synthetic set.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Preprocess", "fit_zca", "ZCA_EPS"]
+__all__ = ["Preprocess", "fit_zca", "ZCA_EPS", "PREPROCESS_SCHEME"]
 
 ZCA_EPS = 0.1
+#: Version of the recipe above. 1 (dpd 0.1) fitted ZCA on *normalised* pixels and normalised
+#: CIFAR-100 with its own statistics; 2 is MTT's preprocessing. Experts folders record it.
+PREPROCESS_SCHEME = 2
 
 
 @dataclass
@@ -80,7 +90,7 @@ class Preprocess:
 
 
 def fit_zca(x: torch.Tensor, eps: float = ZCA_EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit ZCA whitening on normalised images ``(N, C, H, W)``.
+    """Fit ZCA whitening on images ``(N, C, H, W)`` (dpd passes raw [0, 1] pixels, as MTT).
 
     ``W = U diag(1/sqrt(S + eps)) U^T`` from the eigen-decomposition ``cov = U diag(S) U^T``,
     with ``cov`` the (N-1)-normalised covariance of the flattened images (kornia's ZCAWhitening,

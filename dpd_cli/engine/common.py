@@ -63,9 +63,16 @@ def derive_seed(seed: int, *keys) -> int:
 
 
 def build_preprocess(ds: Dataset, zca: bool) -> Preprocess:
-    pre = Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std))
-    if zca:
-        pre.zca_mean, pre.zca_matrix, pre.zca_inverse = fit_zca(pre.normalize(ds.train_images))
+    """The training-space transform of ``ds`` as MTT builds it (see ``dpd_cli.data.preprocess``).
+
+    With ZCA, no mean/std normalisation: the whitening is fitted on the raw [0, 1] pixels of
+    the training images (MTT loads them with ``ToTensor()`` only when ``--zca`` is on).
+    """
+    if not zca:
+        return Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std))
+    c = ds.image_shape[0]
+    pre = Preprocess(torch.zeros(c), torch.ones(c))  # identity normalisation: x = pixels / 255
+    pre.zca_mean, pre.zca_matrix, pre.zca_inverse = fit_zca(pre.normalize(ds.train_images))
     return pre
 
 

@@ -30,7 +30,8 @@ from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine import matching
 from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, spec_from_meta, versions
-from dpd_cli.engine.experts import ExpertSet, default_folder
+from dpd_cli.data.preprocess import PREPROCESS_SCHEME
+from dpd_cli.engine.experts import ExpertSet, default_folder, old_preprocess_message
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
 from dpd_cli.images import save_grid
@@ -63,6 +64,8 @@ def latest_checkpoint(run_dir: Path) -> list[Path]:
 
 
 def _check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> None:
+    if experts.preprocess_scheme != PREPROCESS_SCHEME:
+        raise ExpertsError(old_preprocess_message(experts.folder, experts.compat))
     found_spec = experts.spec.to_dict()
     want_spec = spec.to_dict()
     diffs = [f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}" for k, v in want_spec.items() if found_spec.get(k) != v]

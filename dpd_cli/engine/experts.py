@@ -21,6 +21,7 @@ import torch
 
 from dpd_cli import interrupt, paths, storage
 from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.engine.common import (
     build_preprocess,
     dataset_key,
@@ -61,14 +62,43 @@ def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
     d = {k: getattr(settings, k) for k in _COMPAT_FIELDS}
     d["dataset"] = dataset_key(settings)
     d["model"] = spec.to_dict()
+    d["preprocess_scheme"] = PREPROCESS_SCHEME
     return d
+
+
+def preprocess_scheme(compat: dict) -> int:
+    """The preprocessing recipe (``dpd_cli.data.preprocess.PREPROCESS_SCHEME``) a folder's experts saw.
+
+    Folders written by dpd 0.1 lack the entry: their preprocessing differs from today's only with
+    ZCA (fitted on normalised pixels then) and for CIFAR-100 (normalised with its own statistics).
+    """
+    scheme = compat.get("preprocess_scheme")
+    if scheme is not None:
+        return scheme
+    return 1 if compat.get("zca") or compat.get("dataset") == "cifar100" else PREPROCESS_SCHEME
+
+
+def old_preprocess_message(folder: Path, compat: dict) -> str:
+    """Why experts trained with dpd 0.1's preprocessing cannot be mixed with today's, and what to do."""
+    what = ("ZCA fitted on mean/std-normalised pixels" if compat.get("zca")
+            else "CIFAR-100 normalised with its own statistics")
+    return (
+        f"The experts in {folder} were trained with dpd 0.1's preprocessing ({what}). This dpd preprocesses as "
+        "MTT does (ZCA fitted on the raw [0, 1] pixels with no normalisation; CIFAR-100 normalised with CIFAR-10's "
+        "constants), and experts, synthetic images and test images must share one preprocessing. Train new experts "
+        "with `dpd experts` into another folder (--out, or delete this one), or keep using dpd 0.1 for it. "
+        "Synthetic sets already distilled from these experts still evaluate correctly: each file carries its own preprocessing."
+    )
 
 
 def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSettings, pre: Preprocess) -> Preprocess:
     """Refuse a folder whose experts were trained differently; else (re)write the manifest."""
     mpath = folder / MANIFEST
     if mpath.exists():
-        found = _read_manifest(mpath)["compat"]
+        found = dict(_read_manifest(mpath)["compat"])
+        found["preprocess_scheme"] = preprocess_scheme(found)
+        if found["preprocess_scheme"] != compat["preprocess_scheme"]:
+            raise ExpertsError(old_preprocess_message(folder, found))
         diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v]
         if diffs:
             raise ExpertsError(
@@ -263,6 +293,7 @@ class ExpertSet:
             )
         self.manifest = _read_manifest(mpath)
         self.compat = self.manifest["compat"]
+        self.preprocess_scheme = preprocess_scheme(self.compat)
         self.files = [storage.TensorFile(f, TRAJECTORY) for f in files]
         first = self.files[0]
         self.meta = first.meta

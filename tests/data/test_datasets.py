@@ -209,3 +209,62 @@ def test_idx_dataset_from_data_dir_missing_files(tmp_path):
     (tmp_path / "mn").mkdir()
     with pytest.raises(DataError):
         load_dataset("mnist", data_dir=tmp_path / "mn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny ImageNet (both validation layouts)
+
+
+def _tiny_imagenet(root: Path, split_val: bool) -> Path:
+    """A miniature tiny-imagenet-200 folder: 2 wnids, train/<wnid>/images/*.JPEG, val as published or split."""
+    g = torch.Generator().manual_seed(1)
+    wnids = ["n01443537", "n01629819"]
+
+    def save(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(arr, "RGB").save(path, format="JPEG")
+
+    for w in wnids:
+        for i in range(3):
+            save(root / "train" / w / "images" / f"{w}_{i}.JPEG")
+        (root / "train" / w / f"{w}_boxes.txt").write_text("")
+    lines = []
+    for i, w in enumerate([wnids[1], wnids[0], wnids[1]]):
+        name = f"val_{i}.JPEG"
+        save(root / "val" / "images" / (f"{w}/{name}" if split_val else name))
+        lines.append(f"{name}\t{w}\t0\t0\t7\t7")
+    if not split_val:
+        (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("split_val", [False, True])
+def test_tiny_imagenet_loads_both_val_layouts(tmp_path, split_val):
+    from dpd_cli.data.datasets import NORMALIZATION
+
+    root = _tiny_imagenet(tmp_path / "tiny", split_val)
+    ds = load_dataset("tiny-imagenet", data_dir=root)
+    assert ds.name == "tiny-imagenet" and ds.classes == ["n01443537", "n01629819"]
+    assert ds.train_images.shape == (6, 3, 8, 8) and ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(ds.test_labels.tolist()) == [0, 1, 1] and len(ds.test_images) == 3
+    if not split_val:  # annotation order: val_0 -> wnid 1, val_1 -> wnid 0, val_2 -> wnid 1
+        assert ds.test_labels.tolist() == [1, 0, 1]
+        png = torch.from_numpy(np.array(Image.open(root / "val" / "images" / "val_1.JPEG").convert("RGB")))
+        assert torch.equal(ds.test_images[1], png.permute(2, 0, 1))
+    assert (ds.mean, ds.std) == NORMALIZATION["tiny-imagenet"]
+
+
+def test_tiny_imagenet_bad_annotations(tmp_path):
+    root = _tiny_imagenet(tmp_path / "tiny", split_val=False)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\t0\t0\t7\t7\n")
+    with pytest.raises(DataError, match=r"line 1: expected '<file>\\t<wnid>' with a wnid from train/"):
+        load_dataset("tiny-imagenet", data_dir=root)
+
+
+def test_tiny_imagenet_needs_its_layout(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")  # train/ and test/, no val/
+    with pytest.raises(DataError, match="is not a Tiny ImageNet folder"):
+        load_dataset("tiny-imagenet", data_dir=root)
+    with pytest.raises(DataError, match="Dataset tiny-imagenet needs --data-dir"):
+        load_dataset("tiny-imagenet")

@@ -153,3 +153,78 @@ def test_to_device_keeps_values(c):
     pre = _with_zca(_pre(c), _pixels(c=c))
     moved = pre.to("cpu")
     assert all(torch.equal(x, y) for x, y in zip(moved.tensors().values(), pre.tensors().values()))
+
+
+# --- MTT's preprocessing: ZCA on raw [0, 1] pixels, no normalisation --------------------------
+def _rgb_dataset(n=300, side=6, seed=0):
+    from dpd_cli.data import Dataset
+
+    px = _pixels(n=n, c=3, side=side, seed=seed)
+    labels = torch.arange(n) % 3
+    return Dataset("cifar10", ["a", "b", "c"], px, labels, px[:10], labels[:10], (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+
+
+def _zca_reference_float64(pixels: torch.Tensor, eps: float = ZCA_EPS):
+    """ZCA from its definition, in float64 numpy, on pixels / 255 with nothing subtracted or divided first."""
+    x = pixels.double().numpy().reshape(len(pixels), -1) / 255.0
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / (len(x) - 1)
+    u, s, _ = np.linalg.svd(cov)  # kornia's route (SVD of the covariance)
+    w = u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T
+    return mu, w
+
+
+def test_zca_fitted_on_raw_pixels_without_normalisation():
+    from dpd_cli.engine.common import build_preprocess
+
+    ds = _rgb_dataset()
+    pre = build_preprocess(ds, zca=True)
+    # The stored normalisation is the identity, so the documented mapping ZCA((p/255 - mean)/std) holds.
+    assert torch.equal(pre.mean, torch.zeros(3)) and torch.equal(pre.std, torch.ones(3))
+    mu, w = _zca_reference_float64(ds.train_images)
+    test = ds.test_images
+    expected = (test.double().numpy().reshape(len(test), -1) / 255.0 - mu) @ w
+    assert_close(pre.apply(test).flatten(1).double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    assert_close(pre.zca_mean.double(), torch.from_numpy(mu), rtol=1e-6, atol=1e-7)
+
+
+def test_zca_agrees_with_kornia_zca_whitening():
+    kornia = pytest.importorskip("kornia")
+    from dpd_cli.engine.common import build_preprocess
+
+    ds = _rgb_dataset()
+    pre = build_preprocess(ds, zca=True)
+    raw = ds.train_images.float() / 255  # what MTT's ToTensor() gives
+    zca = kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True).fit(raw)
+    ours, theirs = pre.apply(ds.test_images), zca(ds.test_images.float() / 255)
+    # kornia fits in float32 and dpd in float64: equal to float32 rounding of a well-conditioned map.
+    assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert_close(pre.invert(ours), zca.inverse_transform(theirs).clamp(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_zca_regularises_as_mtt_not_as_normalised_input():
+    """The same eps on normalised pixels regularises less: the fitted maps must differ (this was dpd 0.1's bug)."""
+    from dpd_cli.engine.common import build_preprocess
+
+    ds = _rgb_dataset()
+    new = build_preprocess(ds, zca=True)
+    old = _with_zca(Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std)), ds.train_images)
+    assert (new.apply(ds.test_images) - old.apply(ds.test_images)).abs().max() > 0.1
+
+
+def test_without_zca_the_dataset_constants_normalise():
+    from dpd_cli.engine.common import build_preprocess
+
+    ds = _rgb_dataset()
+    pre = build_preprocess(ds, zca=False)
+    assert not pre.has_zca
+    assert_close(pre.mean, torch.tensor(ds.mean)) and assert_close(pre.std, torch.tensor(ds.std))
+
+
+def test_normalisation_constants_follow_mtt():
+    from dpd_cli.data.datasets import NORMALIZATION
+
+    cifar10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    assert NORMALIZATION["cifar10"] == cifar10
+    assert NORMALIZATION["cifar100"] == cifar10  # MTT uses CIFAR-10's constants for CIFAR-100
+    assert NORMALIZATION["tiny-imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's
