@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
@@ -121,6 +121,7 @@ class DistillStarted(Event):
     device: str
     memory: str
     prune_ratio: float
+    prune_rule: str = ""  # scope/criterion/direction/mask/mode, e.g. global/abs/largest/step/loss
 
 
 @dataclass
@@ -132,9 +133,8 @@ class DistillIteration(Event):
     start_epoch: int
     pruned: list[int]  # per layer, this iteration
     pruned_total: list[int]  # per layer, summed over the run so far
-    iterations_done: int  # iterations counted in pruned_total
+    iterations_pruned: int  # iterations that pruned anything, counted in pruned_total
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

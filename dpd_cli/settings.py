@@ -79,6 +79,11 @@ class DataFields(_Settings):
     train_per_class: int | None = Field(
         None, ge=1, description="Use only this many training images per class (seeded, class-balanced)."
     )
+    val_per_class: int | None = Field(
+        None, ge=1,
+        description="Hold out this many training images per class as a validation split (the same split for "
+        "experts, distill and evaluate); experts and distillation never see them. Needed by evaluate --select val.",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -155,8 +160,23 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
     prune_ratio: float = Field(0.01, ge=0, lt=1, description="rho: fraction of parameters pruned from the loss; 0 is MTT.")
     prune_scope: Literal["global", "layer"] = Field("global", description="Rank parameters globally or within each layer.")
-    prune_criterion: Literal["abs", "relative"] = Field(
-        "abs", description="abs: |student - target|; relative: that divided by |start - target| + eps."
+    prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = Field(
+        "abs",
+        description="Score that ranks parameters: abs |student - target|; relative: that divided by |start - target| + eps; "
+        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.",
+    )
+    prune_direction: Literal["largest", "smallest"] = Field(
+        "largest", description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection)."
+    )
+    prune_mask: Literal["step", "ema"] = Field(
+        "step", description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's score."
+    )
+    prune_ema_beta: float | None = Field(
+        None, description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9)."
+    )
+    prune_mode: Literal["loss", "network"] = Field(
+        "loss", description="loss: prune from the loss only; network: also freeze the pruned parameters at the "
+        "expert's start during the unroll (mask from earlier iterations)."
     )
     prune_warmup: int = Field(0, ge=0, description="No pruning during the first K iterations.")
     memory: Literal["full", "low"] = Field(
@@ -165,6 +185,11 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     init: Literal["real", "noise"] = Field("real", description="Initialise images from real samples or noise.")
     dsa: bool = Field(True, description="Differentiable siamese augmentation in student steps.")
     checkpoint_every: int = Field(100, ge=1, description="Iterations between checkpoints.")
+    keep_checkpoints: Literal["latest", "all"] | int = Field(
+        "latest",
+        description="Checkpoints kept besides checkpoint 0 (the initial images) and the newest two: latest (no others), "
+        "all, or N (every N-th), so that evaluate --select can pick among them.",
+    )
     log_every: int | None = Field(
         None, ge=1, description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU)."
     )
@@ -172,13 +197,38 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     resume: bool = Field(False, description="Continue the run in --out from its last checkpoint.")
     force: bool = Field(False, description="Overwrite an existing run in --out.")
 
+    @field_validator("keep_checkpoints", mode="before")
+    @classmethod
+    def _keep_form(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            if v.isdigit():
+                v = int(v)
+            elif v not in ("latest", "all"):
+                raise ValueError("use latest, all, or a positive N to keep every N-th checkpoint")
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"keep {v} of the checkpoints? Use latest, all, or a positive N to keep every N-th")
+        return v
+
     @model_validator(mode="after")
     def _flags_agree(self) -> "DistillSettings":
         if self.resume and self.force:
             raise ValueError("can't use both --resume and --force: --resume continues the run, --force starts it over")
         if self.prune_warmup >= self.iterations and self.prune_ratio > 0:
             raise ValueError(f"--prune-warmup {self.prune_warmup} leaves no pruned iteration of {self.iterations}")
+        if self.prune_ema_beta is not None:
+            if self.prune_mask != "ema":
+                raise ValueError("--prune-ema-beta is the moving average's weight: it needs --prune-mask ema "
+                                 f"(the mask is {self.prune_mask!r})")
+            if not 0 <= self.prune_ema_beta < 1:
+                raise ValueError(f"--prune-ema-beta must lie in [0, 1) (got {self.prune_ema_beta:g}): 0 uses only "
+                                 "the current iteration, values near 1 a long memory")
         return self
+
+    @property
+    def ema_beta(self) -> float:
+        """The moving average's weight of the past (0.9 unless --prune-ema-beta says otherwise)."""
+        return 0.9 if self.prune_ema_beta is None else self.prune_ema_beta
 
 
 class EvalSettings(RunFields):
@@ -195,7 +245,14 @@ class EvalSettings(RunFields):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
     dsa: bool = Field(True, description="DSA while training the evaluation networks.")
-    baseline: list[Literal["random", "full"]] = Field([], description="Also evaluate baselines: random, full.")
+    baseline: list[Literal["random", "full", "init"]] = Field(
+        [], description="Also evaluate baselines: random (real images), full (all training data), init (the run's initial images)."
+    )
+    select: Literal["val", "final", "test-max"] | None = Field(
+        None,
+        description="Which of a run's kept checkpoints to report: val (best on the validation split; the default when the "
+        "run has one and several checkpoints), final, or test-max (best on the test set: optimistic, as published tables).",
+    )
     full_epochs: int = Field(20, ge=1, description="Epochs for the full-data baseline.")
     distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
     fail_under: float | None = Field(None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy (%) is below this.")

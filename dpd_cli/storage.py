@@ -30,6 +30,7 @@ from dpd_cli.errors import OutputExistsError, StorageError
 
 __all__ = [
     "FORMAT_VERSIONS",
+    "READABLE_VERSIONS",
     "atomic_write",
     "atomic_write_text",
     "append_text",
@@ -41,15 +42,17 @@ __all__ = [
     "remove_stale_temps",
 ]
 
-#: The version of each format this release writes and reads.
+#: The version of each format this release writes.
 FORMAT_VERSIONS = {
     "dpd.trajectory": 1,
     "dpd.synthetic": 1,
-    "dpd.checkpoint": 1,
+    "dpd.checkpoint": 2,
     "dpd.prune_counts": 1,
     "dpd.imagecache": 1,
     "dpd.preprocess": 1,
 }
+#: The versions of each format this release reads (older files stay usable).
+READABLE_VERSIONS = {fmt: (v,) for fmt, v in FORMAT_VERSIONS.items()} | {"dpd.checkpoint": (1, 2)}
 
 def _current_umask() -> int:
     mask = os.umask(0o022)
@@ -243,10 +246,10 @@ def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, 
         raise StorageError(f"{path} is {what}; expected a {fmt!r} file. Check the path.")
     if found in FORMAT_VERSIONS:
         version = raw.get("format_version", "")
-        if version != str(FORMAT_VERSIONS[found]):
+        if version not in {str(v) for v in READABLE_VERSIONS[found]}:
             raise StorageError(
                 f"{path} is {found} format version {version or '?'}, this dpd ({__version__}) reads version "
-                f"{FORMAT_VERSIONS[found]}. Use the dpd version that wrote it, or recreate the file."
+                f"{' or '.join(map(str, READABLE_VERSIONS[found]))}. Use the dpd version that wrote it, or recreate the file."
             )
     meta: dict[str, Any] = {}
     for k, v in raw.items():

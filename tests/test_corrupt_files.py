@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 
 import dpd_cli
 from dpd_cli import storage
-from dpd_cli.engine.distill import load_synthetic
+from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.engine.experts import MANIFEST, PREPROCESS, ExpertSet
 from dpd_cli.errors import StorageError, UserError
 from dpd_cli.models import FlatModel, build_model

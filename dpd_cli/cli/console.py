@@ -168,7 +168,9 @@ class DistillPlain(_Plain):
             self.losses: deque = deque(maxlen=50)
             what = "resuming at" if e.start_iteration else "starting"
             self.line(f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
-                      f"{e.n_experts} experts, rho {e.prune_ratio:g}, memory {e.memory}, {e.device} -> {e.run_dir}")
+                      f"{e.n_experts} experts, rho {e.prune_ratio:g}"
+                      + (f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else "")
+                      + f", memory {e.memory}, {e.device} -> {e.run_dir}")
         elif isinstance(e, DistillIteration):
             self.losses.append(e.loss)
             now = time.monotonic()
@@ -221,7 +223,9 @@ class DistillLive(_Plain):
             mean = sum(self.losses) / len(self.losses)
             parts.append(Text.from_markup(
                 f"loss [bold]{e.loss:.4f}[/]  mean(last {len(self.losses)}) {mean:.4f} {_trend(self.losses)}   "
-                f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}   {s.memory} memory   {self.ckpt}"))
+                f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}"
+                + (f" ({s.prune_rule})" if s.prune_ratio > 0 and s.prune_rule else "")
+                + f"   {s.memory} memory   {self.ckpt}"))
             table = Table(title=None, expand=False, pad_edge=False, show_edge=False)
             table.add_column("layer")
             table.add_column("size", justify="right")
@@ -231,7 +235,7 @@ class DistillLive(_Plain):
             table.add_column("")
             rows = []
             for (name, size), now, total in zip(s.layers, e.pruned, e.pruned_total, strict=True):
-                mean_pct = 100 * total / (size * e.iterations_done) if e.iterations_done else 0.0
+                mean_pct = 100 * total / (size * e.iterations_pruned) if e.iterations_pruned else 0.0
                 rows.append((mean_pct, name, size, now))
             rows.sort(key=lambda r: -r[0])
             top = max((r[0] for r in rows), default=0.0) or 1.0

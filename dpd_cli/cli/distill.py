@@ -28,6 +28,10 @@ def distill(
     zca: Annotated[Optional[bool], setting(_C, "zca", "--zca/--no-zca")] = None,
     prune_scope: Annotated[Optional[str], setting(_C, "prune_scope")] = None,
     prune_criterion: Annotated[Optional[str], setting(_C, "prune_criterion")] = None,
+    prune_direction: Annotated[Optional[str], setting(_C, "prune_direction")] = None,
+    prune_mask: Annotated[Optional[str], setting(_C, "prune_mask")] = None,
+    prune_ema_beta: Annotated[Optional[float], setting(_C, "prune_ema_beta")] = None,
+    prune_mode: Annotated[Optional[str], setting(_C, "prune_mode")] = None,
     prune_warmup: Annotated[Optional[int], setting(_C, "prune_warmup")] = None,
     memory: Annotated[Optional[str], setting(_C, "memory")] = None,
     init: Annotated[Optional[str], setting(_C, "init")] = None,
@@ -39,7 +43,9 @@ def distill(
     pool: Annotated[Optional[str], setting(_C, "pool")] = None,
     data_dir: Annotated[Optional[Path], setting(_C, "data_dir")] = None,
     train_per_class: Annotated[Optional[int], setting(_C, "train_per_class")] = None,
+    val_per_class: Annotated[Optional[int], setting(_C, "val_per_class")] = None,
     checkpoint_every: Annotated[Optional[int], setting(_C, "checkpoint_every")] = None,
+    keep_checkpoints: Annotated[Optional[str], setting(_C, "keep_checkpoints")] = None,
     log_every: Annotated[Optional[int], setting(_C, "log_every")] = None,
     out: Annotated[Optional[Path], setting(_C, "out")] = None,
     resume: Annotated[Optional[bool], setting(_C, "resume", "--resume")] = None,
@@ -71,7 +77,7 @@ def distill(
             print_json(summary)
         elif not quiet:
             out_console().print(
-                f"Synthetic set: {run_dir / engine.SYNTHETIC} ({summary['n_images']} images, alpha {summary['lr']:.5g}). "
+                f"Synthetic set: {summary['synthetic']} ({summary['n_images']} images, alpha {summary['lr']:.5g}). "
                 f"Next: dpd evaluate {run_dir}",
                 highlight=False, soft_wrap=True,
             )

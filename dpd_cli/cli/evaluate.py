@@ -29,6 +29,7 @@ def evaluate(
     weight_decay: Annotated[Optional[float], setting(_C, "weight_decay")] = None,
     dsa: Annotated[Optional[bool], setting(_C, "dsa", "--dsa/--no-dsa")] = None,
     baseline: Annotated[Optional[str], setting(_C, "baseline")] = None,
+    select: Annotated[Optional[str], setting(_C, "select")] = None,
     full_epochs: Annotated[Optional[int], setting(_C, "full_epochs")] = None,
     distilled: Annotated[Optional[bool], setting(_C, "distilled", "--distilled/--no-distilled")] = None,
     fail_under: Annotated[Optional[float], setting(_C, "fail_under")] = None,

@@ -29,6 +29,7 @@ def experts(
     zca: Annotated[Optional[bool], setting(_C, "zca", "--zca/--no-zca")] = None,
     data_dir: Annotated[Optional[Path], setting(_C, "data_dir")] = None,
     train_per_class: Annotated[Optional[int], setting(_C, "train_per_class")] = None,
+    val_per_class: Annotated[Optional[int], setting(_C, "val_per_class")] = None,
     out: Annotated[Optional[Path], setting(_C, "out")] = None,
     seed: Annotated[Optional[int], setting(_C, "seed")] = None,
     device: Annotated[Optional[str], setting(_C, "device")] = None,

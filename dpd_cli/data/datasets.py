@@ -50,7 +50,11 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".t
 
 @dataclass
 class Dataset:
-    """A labelled image dataset held as uint8 tensors on the CPU."""
+    """A labelled image dataset held as uint8 tensors on the CPU.
+
+    With a validation split, ``val_*`` hold the images taken out of the training set and
+    ``val_indices`` their positions in the original training order; otherwise they are empty.
+    """
 
     name: str
     classes: list[str]
@@ -60,6 +64,18 @@ class Dataset:
     test_labels: torch.Tensor  # (M,) int64
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val_images: torch.Tensor | None = None  # (V, C, H, W) uint8
+    val_labels: torch.Tensor | None = None  # (V,) int64
+    val_indices: torch.Tensor | None = None  # (V,) int64, into the original training set
+
+    @property
+    def val_fingerprint(self) -> str | None:
+        """Identifies the validation split: SHA-256 (16 hex digits) of its indices and labels."""
+        if self.val_indices is None:
+            return None
+        h = hashlib.sha256(self.val_indices.numpy().tobytes())
+        h.update(self.val_labels.numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def n_classes(self) -> int:
@@ -318,6 +334,32 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
     return Dataset(name, classes, tr_x, tr_y, te_x, te_y, mean, std)
 
 
+#: The validation split depends on the dataset and its size only (not on --seed), so that experts,
+#: distillation and evaluation, whatever their seeds, agree on which images it holds.
+_VAL_SEED = int.from_bytes(hashlib.sha256(b"dpd validation split").digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _holdout(ds: Dataset, per_class: int) -> Dataset:
+    """Take a seeded, class-balanced validation split of ``per_class`` images per class out of the training set."""
+    counts = ds.class_counts()
+    if min(counts) <= per_class:
+        c = counts.index(min(counts))
+        raise DataError(
+            f"--val-per-class {per_class} would leave no training image of class {ds.classes[c]!r}, which has "
+            f"{min(counts)}. Use at most {min(counts) - 1} (a few percent of a class is usual)."
+        )
+    g = torch.Generator().manual_seed(_VAL_SEED)
+    picks = []
+    for c in range(ds.n_classes):
+        idx = torch.nonzero(ds.train_labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    val = torch.cat(picks).sort().values
+    rest = torch.ones(len(ds.train_labels), dtype=torch.bool)
+    rest[val] = False
+    return Dataset(ds.name, ds.classes, ds.train_images[rest], ds.train_labels[rest], ds.test_images, ds.test_labels,
+                   ds.mean, ds.std, ds.train_images[val], ds.train_labels[val], val)
+
+
 def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
     counts = ds.class_counts()
     if min(counts) < per_class:
@@ -331,17 +373,27 @@ def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
         idx = torch.nonzero(ds.train_labels == c).flatten()
         keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     keep_t = torch.cat(keep).sort().values
-    return Dataset(ds.name, ds.classes, ds.train_images[keep_t], ds.train_labels[keep_t], ds.test_images, ds.test_labels, ds.mean, ds.std)
+    return Dataset(ds.name, ds.classes, ds.train_images[keep_t], ds.train_labels[keep_t], ds.test_images, ds.test_labels,
+                   ds.mean, ds.std, ds.val_images, ds.val_labels, ds.val_indices)
 
 
-def load_dataset(name: str, data_dir: Path | None = None, train_per_class: int | None = None, seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: Path | None = None,
+    train_per_class: int | None = None,
+    seed: int = 0,
+    val_per_class: int | None = None,
+) -> Dataset:
     """Load a dataset from the registry.
 
     Args:
         name: A registry name (``dpd_cli.settings.DATASET_NAMES``).
         data_dir: Folder with the dataset's files; ``None`` uses the cache and downloads.
-        train_per_class: Keep this many training images per class (seeded, class-balanced).
+        train_per_class: Keep this many training images per class (seeded, class-balanced), taken
+            after the validation split.
         seed: Seed of that subset.
+        val_per_class: Hold out this many training images per class as a validation split
+            (class-balanced, the same for a given dataset whatever the seed).
 
     Returns:
         The dataset as CPU uint8 tensors.
@@ -363,6 +415,8 @@ def load_dataset(name: str, data_dir: Path | None = None, train_per_class: int |
         ds = _tiny_imagenet(Path(data_dir))
     else:
         ds = _torchvision(name, data_dir)
+    if val_per_class is not None:
+        ds = _holdout(ds, val_per_class)
     if train_per_class is not None:
         ds = _per_class_subset(ds, train_per_class, seed)
     return ds

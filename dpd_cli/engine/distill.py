@@ -1,56 +1,57 @@
-"""``dpd distill``: the distillation loop around ``matching.meta_gradient``.
+"""``dpd distill``: the distillation loop, as one recipe object around ``matching.meta_gradient``.
 
-Run directory::
+``DistillRecipe`` is what the CLI, the tests and the benchmarks all drive::
 
-    settings.json                 resolved settings, versions, experts folder, settings hash
-    synthetic.safetensors         images (training space), labels, lr (alpha), normalisation/ZCA
-    checkpoints/ckpt-NNNNNN.safetensors   everything needed for an exact resume (last two kept)
-    metrics.jsonl                 one JSON line per iteration
-    prune_frequency.safetensors   per-parameter prune counter (P,), with the layer layout
-    grid.png                      the synthetic images, de-normalised, ZCA undone
+    with DistillRecipe(settings, sink) as recipe:   # setup(): experts, data, run dir, state (fresh or resumed)
+        recipe.step()                               # one iteration
+        recipe.checkpoint()                         # exact-resume state + outputs
+        run_dir = recipe.train()                    # steps until done, with checkpoints and Ctrl-C handling
 
-Everything random in iteration ``i`` is derived from ``(seed, i)``: the expert, the start
-epoch, the mini-batches and the DSA seeds. A resume therefore needs only the iteration
-number besides the tensors, and reproduces an uninterrupted run exactly on the same device.
-A run stopped before its first checkpoint is resumed from iteration 0, which is the same thing.
+The state that must survive a resume lives in one ``DistillState``; a checkpoint holds exactly it.
+Everything random in iteration ``i`` is derived from ``(seed, i)``: the expert, the start epoch,
+the mini-batches and the DSA seeds. A resume therefore needs only the state, and reproduces an
+uninterrupted run exactly on the same device. The run directory's files are described in
+``dpd_cli.artifacts.run``; checkpoint 0 (the initial images) is always written and kept.
 Temporary files a killed process left (``.*.tmp``) are deleted once the lock is held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dpd_cli import interrupt, storage
+from dpd_cli import interrupt, paths, storage
+from dpd_cli.artifacts import metrics as metrics_file
+from dpd_cli.artifacts import preprocess as preprocess_file
+from dpd_cli.artifacts import prune_counts as prune_file
+from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.data import Preprocess, load_dataset
-from dpd_cli.engine import matching
-from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, spec_from_meta, versions
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.engine.experts import ExpertSet, default_folder, old_preprocess_message
+from dpd_cli.engine import matching
+from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, versions
+from dpd_cli.engine.experts import MANIFEST, ExpertSet, old_preprocess_message, validation_record
+from dpd_cli.engine.pruning import PruneConfig, Pruner
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
 from dpd_cli.images import save_grid
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.settings import DistillSettings, settings_hash
 
-__all__ = ["run", "default_run_dir", "RUN_FILES", "SYNTHETIC", "load_synthetic", "latest_checkpoint"]
+__all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize", "prune_config"]
 
-SYNTHETIC = "synthetic.safetensors"
-SETTINGS = "settings.json"
-METRICS = "metrics.jsonl"
-PRUNE = "prune_frequency.safetensors"
-GRID = "grid.png"
-CHECKPOINTS = "checkpoints"
-RUN_FILES = (SETTINGS, SYNTHETIC, METRICS, PRUNE, GRID, CHECKPOINTS, "eval.json")
-_KEEP_CHECKPOINTS = 2
 # Settings that may change between a run and its resume.
-_RESUMABLE = {"iterations", "checkpoint_every", "log_every", "device", "threads", "out", "experts", "resume", "force", "data_dir"}
-
+_RESUMABLE = {"iterations", "checkpoint_every", "keep_checkpoints", "log_every", "device", "threads", "out", "experts",
+              "resume", "force", "data_dir"}
+# Settings an experts folder decides unless the user gives them (the network, the data it saw).
+_FROM_EXPERTS = ("dataset", "data_dir", "zca", "train_per_class", "val_per_class", "model", "width", "depth", "norm", "pool")
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
 
 
@@ -58,24 +59,441 @@ def default_run_dir(s: DistillSettings) -> Path:
     return Path("runs") / f"{s.dataset}-ipc{s.ipc}-rho{s.prune_ratio:g}-s{s.seed}"
 
 
-def latest_checkpoint(run_dir: Path) -> list[Path]:
-    """Checkpoint files, newest first."""
-    return sorted((Path(run_dir) / CHECKPOINTS).glob("ckpt-*.safetensors"), reverse=True)
+def prune_config(s: DistillSettings) -> PruneConfig:
+    return PruneConfig(s.prune_ratio, s.prune_scope, s.prune_criterion, s.prune_direction, s.prune_mask, s.ema_beta, s.prune_mode)
 
 
-def _check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> None:
+def prune_rule(s: DistillSettings) -> dict:
+    """The prune settings in force, as recorded next to the counts and in every metrics line."""
+    rule = {"ratio": s.prune_ratio, "scope": s.prune_scope, "criterion": s.prune_criterion, "direction": s.prune_direction,
+            "mask": s.prune_mask, "mode": s.prune_mode, "warmup": s.prune_warmup}
+    if s.prune_mask == "ema":
+        rule["ema_beta"] = s.ema_beta
+    return rule
+
+
+@dataclass
+class DistillState:
+    """Everything an exact resume needs besides the settings and the iteration's seeds."""
+
+    iteration: int  # iterations finished
+    images: torch.Tensor  # (n, C, H, W) training space
+    lr: torch.Tensor  # () alpha
+    momentum_images: torch.Tensor  # like images
+    momentum_lr: torch.Tensor  # ()
+    prune_counts: torch.Tensor  # (P,) int32: how often each parameter was pruned
+    prune_state: torch.Tensor | None = None  # (P,): EMA of scores, or the previous scores (network mode)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"images": self.images, "lr": self.lr, "momentum_images": self.momentum_images,
+               "momentum_lr": self.momentum_lr, "prune_counts": self.prune_counts}
+        if self.prune_state is not None:
+            out["prune_state"] = self.prune_state.float()
+        return out
+
+
+class DistillRecipe:
+    """One distillation run: ``setup``, ``step``, ``checkpoint``, ``train``, ``close``.
+
+    Args:
+        settings: Resolved ``dpd distill`` settings. Fields the user did not set (``model_fields_set``)
+            among the dataset and network settings are taken from the experts folder.
+        sink: Receives progress events.
+    """
+
+    def __init__(self, settings: DistillSettings, sink: Sink | None = None):
+        self.s = settings
+        self.sink = sink or NullSink()
+        self._stack = contextlib.ExitStack()
+        self._pending: list[dict] = []  # per-iteration records not yet on disk; device tensors until flushed
+        self._window_t0 = 0.0
+        self.last_loss = float("nan")
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> "DistillRecipe":
+        try:
+            self.setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock and the experts' files."""
+        self._stack.close()
+
+    def setup(self) -> None:
+        """Find and check the experts, load the data, lock the run directory, start or resume the state.
+
+        Raises:
+            UserError: Missing/mismatched experts, impossible IPC, existing output, nothing to resume.
+        """
+        s = self.s
+        set_threads(s.threads)
+        self.device = resolve_device(s.device)
+        self.log_every = s.log_every or (1 if self.device.type == "cpu" else 10)
+        # Cheap checks first: the experts folder is read (headers only) before any dataset is loaded.
+        self.experts = self._stack.enter_context(_closing(self._open_experts()))
+        s = self.s  # now with the settings adopted from the experts folder
+        ds = load_dataset(s.dataset, s.data_dir, s.train_per_class, s.seed, s.val_per_class)
+        self.ds = ds
+        self.spec = model_spec(s, ds)
+        _check_experts(self.experts, s, self.spec)
+        self.pre = self.experts.preprocess
+        self.run_dir = Path(s.out) if s.out else default_run_dir(s)
+        if s.resume and not layout.checkpoints(self.run_dir) and not (self.run_dir / layout.SETTINGS).exists():
+            raise StorageError(f"Nothing to resume in {self.run_dir}: it has no checkpoint. Run without --resume to start it.")
+        self.shash = settings_hash(s, exclude=_RESUMABLE)
+
+        self._stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run"))
+        self._stack.enter_context(interrupt.safe_points())
+        # Temp files of a killed process; with the lock held no other process is writing here.
+        storage.remove_stale_temps(self.run_dir)
+        storage.remove_stale_temps(self.run_dir / layout.CHECKPOINTS)
+        resume = s.resume
+        if resume and not layout.checkpoints(self.run_dir):
+            # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.
+            _check_recorded_settings(self.run_dir, self.shash)
+            self.sink.emit(Message(f"{self.run_dir} has no checkpoint yet: starting from iteration 0."))
+            resume = False
+        _prepare_run_dir(self.run_dir, s)
+
+        torch.manual_seed(derive_seed(s.seed, "student"))
+        self.fm = FlatModel(build_model(self.spec).to(self.device))
+        self.sizes = [layer.numel for layer in self.fm.layers]
+        self.layer_ids = self.fm.layer_ids(self.device)
+        images, self.labels = _init_images(s, ds, self.pre, self.device)
+        if resume:
+            self.state = self._load_state(images.shape)
+            metrics_file.truncate(self.run_dir / layout.METRICS, self.state.iteration)
+        else:
+            self.state = DistillState(0, images, torch.tensor(s.lr_teacher, device=self.device), torch.zeros_like(images),
+                                      torch.zeros((), device=self.device),
+                                      torch.zeros(self.fm.n_params, dtype=torch.int32, device=self.device))
+            metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
+            preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
+            storage.atomic_write_text(self.run_dir / layout.SETTINGS, json.dumps(self._settings_record(), indent=2))
+        self.pruner = Pruner(prune_config(s), self.sizes, self.state.prune_state)
+        self.pruned_total = _layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
+        self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self._ratio_at(i) > 0)
+        self.sink.emit(DistillStarted(str(self.run_dir), self.state.iteration, s.iterations,
+                                      [(layer.name, layer.numel) for layer in self.fm.layers], self.fm.n_params,
+                                      len(images), len(self.experts), str(self.device), s.memory, s.prune_ratio,
+                                      _rule_text(s)))
+        if not resume:
+            self.checkpoint()  # checkpoint 0: the real images the run starts from, always kept
+
+    # --- one iteration --------------------------------------------------------------------------
+    def step(self) -> None:
+        """Run iteration ``state.iteration``: unroll, mask, meta-gradient, update images and alpha."""
+        s, st = self.s, self.state
+        it = st.iteration
+        rng = random.Random(derive_seed(s.seed, "iteration", it))
+        e = rng.randrange(len(self.experts))
+        t = rng.randrange(s.max_start_epoch)
+        start, target = (_to_device(v, self.device) for v in self.experts.pair(e, t, s.expert_epochs))
+        plan = _plan(rng, len(st.images), s, self.device)
+        ratio = self._ratio_at(it)
+        unroll_keep = self.pruner.unroll_keep(ratio)
+        res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
+                                     loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep)
+        self.pruner.commit()
+        with torch.no_grad():
+            # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
+            st.momentum_images.mul_(_MOMENTUM).add_(res.grad_images)
+            st.images.sub_(s.lr_img * st.momentum_images)
+            st.momentum_lr.mul_(_MOMENTUM).add_(res.grad_lr)
+            st.lr.sub_(s.lr_lr * st.momentum_lr)
+            if res.keep is None:
+                pruned = torch.zeros(len(self.sizes), device=self.device)
+            else:
+                dropped = (~res.keep).to(torch.int32)
+                st.prune_counts.add_(dropped)
+                pruned = torch.zeros(len(self.sizes), device=self.device).index_add_(0, self.layer_ids, dropped.float())
+        st.prune_state = self.pruner.state
+        st.iteration = it + 1
+        self._pending.append({"iteration": it + 1, "loss": res.loss.float(), "lr": st.lr.clone(), "pruned": pruned,
+                              "expert": e, "start_epoch": t})
+
+    def _ratio_at(self, it: int) -> float:
+        return 0.0 if it < self.s.prune_warmup else self.s.prune_ratio
+
+    # --- outputs --------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the pending iterations' metrics (one host sync for the window) and emit their events.
+
+        Raises:
+            DivergedError: A loss became NaN/Inf or alpha non-positive.
+        """
+        if not self._pending:
+            return
+        s, pending = self.s, self._pending
+        losses = torch.stack([p["loss"] for p in pending]).tolist()
+        lrs = torch.stack([p["lr"] for p in pending]).tolist()
+        pruned = torch.stack([p["pruned"] for p in pending]).round().long().tolist()
+        dt = (time.perf_counter() - self._window_t0) / len(pending)
+        rule = _rule_text(s) if s.prune_ratio > 0 else None
+        records = []
+        for p, loss, a, pr in zip(pending, losses, lrs, pruned, strict=True):
+            if not (loss == loss and abs(loss) != float("inf")) or not (a > 0 and a == a):
+                raise self._diverged(p["iteration"], loss, a)
+            if sum(pr):
+                self.iterations_pruned += 1
+            self.pruned_total = [a_ + b_ for a_, b_ in zip(self.pruned_total, pr, strict=True)]
+            rec = {"iteration": p["iteration"], "loss": loss, "lr": a, "expert": p["expert"], "start_epoch": p["start_epoch"],
+                   "pruned": {layer.name: c for layer, c in zip(self.fm.layers, pr, strict=True)},
+                   "pruned_fraction": sum(pr) / self.fm.n_params, "seconds": dt}
+            if rule:
+                rec["prune_rule"] = rule
+            records.append(rec)
+            self.sink.emit(DistillIteration(p["iteration"], s.iterations, loss, a, p["start_epoch"], pr, list(self.pruned_total),
+                                            self.iterations_pruned, dt))
+            self.last_loss = loss
+        metrics_file.append(self.run_dir / layout.METRICS, records)
+        self._pending = []
+        self._window_t0 = time.perf_counter()
+
+    def _diverged(self, iteration: int, loss: float, a: float) -> DivergedError:
+        last = layout.checkpoints(self.run_dir)
+        kept = f"the last good checkpoint ({last[0].name}) is kept" if last else "no checkpoint was written yet"
+        what = f"loss became {loss}" if not (loss == loss and abs(loss) != float("inf")) else f"the learning rate alpha became {a}"
+        how = "rerun with --resume to continue from that checkpoint, or --force to start over" if last else "rerun with --force"
+        return DivergedError(f"Distillation diverged at iteration {iteration}: {what}; {kept}. Lower --lr-img or --lr-lr "
+                             f"(or --lr-teacher), then {how}.")
+
+    def checkpoint(self) -> Path:
+        """Flush the metrics, write the checkpoint of the current iteration and refresh the outputs."""
+        self.flush()
+        s, st = self.s, self.state
+        meta = self._meta(st.iteration)
+        path = layout.checkpoint_path(self.run_dir, st.iteration)
+        synthetic_file.save_checkpoint(path, {**st.tensors(), "labels": self.labels}, self.pre, meta)
+        kept = {layout.checkpoint_iteration(p): p for p in layout.checkpoints(self.run_dir)}
+        for it in layout.checkpoints_to_delete(list(kept), s.keep_checkpoints, s.checkpoint_every):
+            kept[it].unlink(missing_ok=True)
+        synthetic_file.save_synthetic(self.run_dir / layout.SYNTHETIC, st.images, self.labels, st.lr, self.pre, meta)
+        prune_file.save(self.run_dir / layout.PRUNE, st.prune_counts, self.fm.layout, self.iterations_pruned, st.iteration,
+                        prune_rule(s))
+        save_grid(self.pre.invert(st.images), self.labels, self.ds.n_classes, self.run_dir / layout.GRID)
+        self.sink.emit(CheckpointSaved(st.iteration, str(path)))
+        return path
+
+    def train(self) -> Path:
+        """Iterate until ``--iterations``, checkpointing every ``--checkpoint-every`` and on a stop request.
+
+        Returns:
+            The run directory.
+
+        Raises:
+            Interrupted: A stop was requested; a checkpoint was written first.
+            DivergedError: See ``flush``.
+        """
+        s = self.s
+        t_run = time.perf_counter()
+        self._window_t0 = t_run
+        while self.state.iteration < s.iterations:
+            if interrupt.requested():
+                self.checkpoint()
+                raise interrupt.Interrupted(
+                    f"stopped after iteration {self.state.iteration}; rerun the same command with --resume to continue {self.run_dir}")
+            self.step()
+            if len(self._pending) >= self.log_every:
+                self.flush()
+            if self.state.iteration % s.checkpoint_every == 0 and self.state.iteration < s.iterations:
+                self.checkpoint()
+        self.checkpoint()
+        self.sink.emit(DistillDone(str(self.run_dir), s.iterations, self.last_loss, float(self.state.lr), time.perf_counter() - t_run))
+        return self.run_dir
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _open_experts(self) -> ExpertSet:
+        """The experts folder, and the settings it decides that the user did not give."""
+        s = self.s
+        folder = Path(s.experts) if s.experts else _choose_experts_folder(s, self.sink)
+        experts = ExpertSet(folder)
+        given = s.model_fields_set
+        recorded = experts.manifest.get("settings") or {}
+        adopted = {k: recorded[k] for k in _FROM_EXPERTS if k not in given and k in recorded}
+        spec = experts.spec
+        adopted.update({k: getattr(spec, k) for k in ("width", "depth", "norm", "pool") if k not in given})
+        if "model" not in given:
+            adopted["model"] = spec.name
+        if adopted:
+            self.s = type(s).model_validate({**{k: getattr(s, k) for k in given}, **adopted})
+        _check_experts_before_data(experts, self.s)
+        return experts
+
+    def _settings_record(self) -> dict:
+        s = self.s
+        return {
+            "command": "distill",
+            "settings": s.model_dump(mode="json"),
+            "settings_hash": self.shash,
+            "experts_folder": str(self.experts.folder.resolve()),
+            "n_experts": len(self.experts),
+            "model": self.spec.to_dict(),
+            "validation": validation_record(self.ds),
+            "versions": versions(),
+        }
+
+    def _meta(self, iteration: int) -> dict:
+        s, ds = self.s, self.ds
+        return {
+            "dataset": ds.name,
+            "classes": ds.classes,
+            "model": self.spec.to_dict(),
+            "iteration": iteration,
+            "iterations": s.iterations,
+            "ipc": s.ipc,
+            "zca": s.zca,
+            "settings": s.model_dump(mode="json"),
+            "settings_hash": self.shash,
+            "experts_folder": str(self.experts.folder.resolve()),
+            "preprocess_fingerprint": self.pre.fingerprint(),
+            "validation": None if ds.val_indices is None else {"per_class": s.val_per_class, "fingerprint": ds.val_fingerprint},
+            "prune_rule": prune_rule(s),
+            "versions": versions(),
+        }
+
+    def _load_state(self, image_shape) -> DistillState:
+        errors = []
+        for path in layout.checkpoints(self.run_dir):
+            try:
+                t, meta = synthetic_file.load(path)
+            except StorageError as e:
+                errors.append(str(e))
+                continue
+            if meta.get("settings_hash") != self.shash:
+                raise _other_settings(self.run_dir)
+            if tuple(t["images"].shape) != tuple(image_shape):
+                raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {tuple(image_shape)}.")
+            if t["prune_counts"].numel() != self.fm.n_params:
+                raise StorageError(f"{path}: prune counts for {t['prune_counts'].numel()} parameters, the model has "
+                                   f"{self.fm.n_params}. Start over with --force.")
+            iteration = int(meta["iteration"])
+            if iteration > self.s.iterations:
+                raise OutputExistsError(
+                    f"{self.run_dir} has a checkpoint at iteration {iteration}, past --iterations {self.s.iterations}: resuming "
+                    f"would label that later state as iteration {self.s.iterations}. Resume with --iterations {iteration} or more, "
+                    "evaluate an earlier checkpoint directly (dpd evaluate RUN/checkpoints/ckpt-NNNNNN.safetensors), or use --force to start over."
+                )
+            dev = self.device
+            state = t.get("prune_state")
+            return DistillState(iteration, t["images"].to(dev), t["lr"].to(dev), t["momentum_images"].to(dev),
+                                t["momentum_lr"].to(dev), t["prune_counts"].to(dev), None if state is None else state.to(dev))
+        raise StorageError(f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} Start over with --force.")
+
+
+def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
+    """Distil a synthetic set; resumable, deterministic under ``settings.seed``.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        UserError: Missing/mismatched experts, impossible IPC, existing output, divergence.
+        Interrupted: A stop was requested; a checkpoint was written first.
+    """
+    with DistillRecipe(settings, sink) as recipe:
+        return recipe.train()
+
+
+@contextlib.contextmanager
+def _closing(experts: ExpertSet):
+    try:
+        yield experts
+    finally:
+        close = getattr(experts, "close", None)
+        if close is not None:
+            close()
+
+
+def _rule_text(s: DistillSettings) -> str:
+    """``global/abs/largest/step/loss`` (``ema0.9`` for the EMA mask): which parameters are pruned, and how."""
+    mask = f"ema{s.ema_beta:g}" if s.prune_mask == "ema" else "step"
+    return f"{s.prune_scope}/{s.prune_criterion}/{s.prune_direction}/{mask}/{s.prune_mode}"
+
+
+def _experts_folders(root: Path) -> list[Path]:
+    """Every experts folder (holding experts.json and at least one expert) under ``root``, newest first."""
+    found = []
+    for manifest in root.glob(f"**/{MANIFEST}"):
+        files = list(manifest.parent.glob("expert_*.safetensors"))
+        if files:
+            found.append((max(f.stat().st_mtime for f in files), manifest.parent))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
+    """The experts folder the user most plausibly means when --experts is not given, announced on the first line.
+
+    Candidates are the folders under the experts root whose manifest agrees with every dataset or
+    network setting the user gave; the most recently written one wins.
+    """
+    root = paths.experts_root()
+    given = s.model_fields_set
+    candidates = []
+    for folder in _experts_folders(root):
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            compat, recorded = manifest["compat"], manifest.get("settings") or {}
+            model = compat["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if "dataset" in given and compat.get("dataset") != dataset_key(s):
+            continue
+        if any(k in given and getattr(s, k) != compat.get(k) for k in ("zca", "val_per_class", "train_per_class")):
+            continue
+        if any(k in given and getattr(s, k) != model.get(k) for k in ("width", "depth", "norm", "pool")):
+            continue
+        if "model" in given and s.model != model.get("name"):
+            continue
+        candidates.append((folder, recorded))
+    if not candidates:
+        others = _experts_folders(root)
+        if not others:
+            raise ExpertsError(
+                f"No experts found in the experts root {root} (set by DPD_EXPERTS_ROOT). Train them first with `dpd experts` "
+                "(same --dataset, --model, --width, --zca), or pass --experts pointing at an experts folder."
+            )
+        wanted = ", ".join(f"{k} {getattr(s, k)}" for k in ("dataset", "model", "width", "depth", "norm", "pool", "zca",
+                                                             "train_per_class", "val_per_class") if k in given)
+        raise ExpertsError(
+            f"None of the experts folders under {root} fits these settings ({wanted}): "
+            + ", ".join(str(p) for p in others[:8]) + ("..." if len(others) > 8 else "")
+            + ". Train matching experts first with `dpd experts`, leave those settings out, or pass --experts."
+        )
+    folder = candidates[0][0]
+    more = f"the newest of {len(candidates)} matching folders; " if len(candidates) > 1 else ""
+    sink.emit(Message(f"Using experts {folder} ({more}pass --experts to choose another)."))
+    return folder
+
+
+def _check_experts_before_data(experts: ExpertSet, s: DistillSettings) -> None:
+    """What can be checked from the manifest alone, before any dataset is loaded."""
     if experts.preprocess_scheme != PREPROCESS_SCHEME:
         raise ExpertsError(old_preprocess_message(experts.folder, experts.compat))
-    found_spec = experts.spec.to_dict()
-    want_spec = spec.to_dict()
-    diffs = [f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}" for k, v in want_spec.items() if found_spec.get(k) != v]
-    for key, want in (("dataset", dataset_key(s)), ("zca", s.zca)):
+    diffs = []
+    for key, want in (("dataset", dataset_key(s)), ("zca", s.zca), ("val_per_class", s.val_per_class)):
         if experts.compat.get(key) != want:
             diffs.append(f"{key}: experts have {experts.compat.get(key)!r}, settings give {want!r}")
     if diffs:
         raise ExpertsError(
-            f"The experts in {experts.folder} do not fit these settings ({'; '.join(diffs)}). "
-            "Distil with the settings the experts were trained with, or train matching experts with `dpd experts`."
+            f"The experts in {experts.folder} do not fit these settings ({'; '.join(diffs)}). Leave those settings out "
+            "to use the experts' own, or train matching experts with `dpd experts`."
+        )
+
+
+def _check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> None:
+    found_spec = experts.spec.to_dict()
+    diffs = [f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}" for k, v in spec.to_dict().items() if found_spec.get(k) != v]
+    if diffs:
+        raise ExpertsError(
+            f"The experts in {experts.folder} do not fit these settings ({'; '.join(diffs)}). Leave the network settings "
+            "out to use the experts' own, or train matching experts with `dpd experts`."
         )
     # Start epochs t are 0..T+-1 and the target is t+M, so T+ - 1 + M must be an epoch the experts have.
     if s.max_start_epoch - 1 + s.expert_epochs > experts.epochs:
@@ -130,7 +548,8 @@ def _plan(rng: random.Random, n_images: int, s: DistillSettings, device) -> matc
 
 
 def _prepare_run_dir(run_dir: Path, s: DistillSettings) -> None:
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    """Refuse an existing run unless --resume (its files are this run's: the settings hash was checked) or --force."""
+    existing = [f for f in layout.RUN_FILES if (run_dir / f).exists()]
     if not existing or s.resume:
         return
     if not s.force:
@@ -141,213 +560,8 @@ def _prepare_run_dir(run_dir: Path, s: DistillSettings) -> None:
     for f in existing:
         p = run_dir / f
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def load_synthetic(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load and validate a synthetic set (``synthetic.safetensors`` or a checkpoint).
-
-    Every tensor and metadata entry that a command uses is checked (names, dtypes, shapes,
-    finiteness, label range, class names) so that a damaged or foreign file is refused here
-    with a ``StorageError``, never half-used.
-    """
-    path = Path(path)
-    header, raw = storage.read_header(path)
-    fmt = raw.get("format")
-    if fmt not in ("dpd.synthetic", "dpd.checkpoint"):
-        raise StorageError(f"{path} is not a synthetic set or checkpoint written by dpd distill (format {fmt!r}).")
-    required = {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0), "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
-    if fmt == "dpd.checkpoint":
-        required.update(momentum_images=(torch.float32, 4), momentum_lr=(torch.float32, 0), prune_counts=(torch.int32, 1))
-    t, meta = storage.load_tensors(path, fmt, required)
-    hint = "It is damaged or was not written by this dpd."
-    for k in ("model", "classes", "dataset"):
-        if k not in meta:
-            raise StorageError(f"{path} lacks the metadata entry {k!r}; it was not written by this dpd.")
-    spec = spec_from_meta(path, meta["model"])
-    classes = meta["classes"]
-    if not isinstance(classes, list) or len(classes) != spec.n_classes or not all(isinstance(c, str) for c in classes):
-        raise StorageError(f"{path}: the metadata entry 'classes' is not a list of {spec.n_classes} class names. {hint}")
-    if not isinstance(meta["dataset"], str) or not meta["dataset"]:
-        raise StorageError(f"{path}: the metadata entry 'dataset' is not a dataset name. {hint}")
-    for k, kind in (("settings", dict), ("iteration", int), ("iterations", int), ("ipc", int)):
-        if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool)):
-            raise StorageError(f"{path}: the metadata entry {k!r} is malformed ({str(meta[k])[:100]}). {hint}")
-    if fmt == "dpd.checkpoint" and not (isinstance(meta.get("iteration"), int) and meta["iteration"] >= 0):
-        raise StorageError(f"{path}: a checkpoint needs a non-negative 'iteration' metadata entry. {hint}")
-    images, labels = t["images"], t["labels"]
-    if tuple(images.shape[1:]) != (spec.channels, *spec.image_size) or len(images) == 0:
-        raise StorageError(f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, {spec.image_size[0]}, {spec.image_size[1]}) images. {hint}")
-    if len(images) != len(labels):
-        raise StorageError(f"{path}: {len(images)} images but {len(labels)} labels.")
-    if labels.min() < 0 or labels.max() >= spec.n_classes:
-        raise StorageError(f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {hint}")
-    if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
-        raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
-    c, d = spec.channels, spec.channels * spec.image_size[0] * spec.image_size[1]
-    shapes = {"norm_mean": (c,), "norm_std": (c,)}
-    zca = [k for k in ("zca_mean", "zca_matrix", "zca_inverse") if k in t]
-    if zca:
-        if len(zca) != 3:
-            raise StorageError(f"{path} holds only part of the ZCA transform ({', '.join(zca)}). {hint}")
-        shapes.update(zca_mean=(d,), zca_matrix=(d, d), zca_inverse=(d, d))
-    if fmt == "dpd.checkpoint":
-        shapes.update(momentum_images=tuple(images.shape), momentum_lr=())
-    for k, shape in shapes.items():
-        v = t[k]
-        if tuple(v.shape) != shape or v.dtype != torch.float32 or not torch.isfinite(v).all():
-            raise StorageError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. {hint}")
-    if not (t["norm_std"] > 0).all():
-        raise StorageError(f"{path}: the normalisation std must be positive. {hint}")
-    if fmt == "dpd.checkpoint" and (t["prune_counts"] < 0).any():
-        raise StorageError(f"{path}: negative prune counts. {hint}")
-    return t, meta
-
-
-def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
-    """Distil a synthetic set; resumable, deterministic under ``settings.seed``.
-
-    Args:
-        settings: Resolved ``dpd distill`` settings.
-        sink: Receives progress events.
-
-    Returns:
-        The run directory.
-
-    Raises:
-        UserError: Missing/mismatched experts, impossible IPC, existing output, divergence.
-        Interrupted: A stop was requested; a checkpoint was written first.
-    """
-    s = settings
-    sink = sink or NullSink()
-    set_threads(s.threads)
-    device = resolve_device(s.device)
-    log_every = s.log_every or (1 if device.type == "cpu" else 10)
-    ds = load_dataset(s.dataset, s.data_dir, s.train_per_class, s.seed)
-    spec = model_spec(s, ds)
-    experts = ExpertSet(s.experts or default_folder(dataset_key(s), spec.tag(), s.zca))
-    _check_experts(experts, s, spec)
-    pre = experts.preprocess
-    run_dir = Path(s.out) if s.out else default_run_dir(s)
-    if s.resume and not latest_checkpoint(run_dir) and not (run_dir / SETTINGS).exists():
-        raise StorageError(f"Nothing to resume in {run_dir}: it has no checkpoint. Run without --resume to start it.")
-    shash = settings_hash(s, exclude=_RESUMABLE)
-
-    with storage.lock_dir(run_dir, "a distillation run"), interrupt.safe_points():
-        # Temp files of a killed process; with the lock held no other process is writing here.
-        storage.remove_stale_temps(run_dir)
-        storage.remove_stale_temps(run_dir / CHECKPOINTS)
-        resume = s.resume
-        if resume and not latest_checkpoint(run_dir):
-            # Stopped before the first checkpoint: every choice is seeded, so starting over is the exact resume.
-            _check_recorded_settings(run_dir, shash)
-            sink.emit(Message(f"{run_dir} has no checkpoint yet: starting from iteration 0."))
-            resume = False
-        _prepare_run_dir(run_dir, s)
-        torch.manual_seed(derive_seed(s.seed, "student"))
-        net = build_model(spec).to(device)
-        fm = FlatModel(net)
-        sizes = [layer.numel for layer in fm.layers]
-        layer_ids = fm.layer_ids(device)
-        n_layers = len(sizes)
-
-        images, labels = _init_images(s, ds, pre, device)
-        lr = torch.tensor(s.lr_teacher, device=device)
-        mom_images = torch.zeros_like(images)
-        mom_lr = torch.zeros_like(lr)
-        prune_counts = torch.zeros(fm.n_params, dtype=torch.int32, device=device)
-        start_it = 0
-        if resume:
-            start_it, images, lr, mom_images, mom_lr, prune_counts = _load_checkpoint(run_dir, shash, device, images.shape, fm.n_params)
-            _truncate_metrics(run_dir / METRICS, start_it)
-        else:
-            _truncate_metrics(run_dir / METRICS, 0)  # lines of a run stopped before its first checkpoint
-            storage.atomic_write_text(run_dir / SETTINGS, json.dumps(_settings_record(s, shash, experts, spec), indent=2))
-        pruned_total = _layer_totals(prune_counts, layer_ids, n_layers)
-        iters_pruned = sum(1 for i in range(start_it) if _ratio_at(s, i) > 0)
-
-        sink.emit(DistillStarted(str(run_dir), start_it, s.iterations, [(layer.name, layer.numel) for layer in fm.layers],
-                                 fm.n_params, len(images), len(experts), str(device), s.memory, s.prune_ratio))
-        pending: list[dict] = []  # per-iteration records not yet on disk; device tensors until flushed
-        window_t0 = time.perf_counter()
-        last_loss, t_run = float("nan"), time.perf_counter()
-
-        def flush() -> None:
-            nonlocal pending, window_t0, pruned_total, iters_pruned, last_loss
-            if not pending:
-                return
-            # One host sync for the whole window.
-            losses = torch.stack([p["loss"] for p in pending]).tolist()
-            lrs = torch.stack([p["lr"] for p in pending]).tolist()
-            pruned = torch.stack([p["pruned"] for p in pending]).round().long().tolist()
-            dt = (time.perf_counter() - window_t0) / len(pending)
-            lines = []
-            for p, loss, a, pr in zip(pending, losses, lrs, pruned, strict=True):
-                if not (loss == loss and abs(loss) != float("inf")) or not (a > 0 and a == a):
-                    last = latest_checkpoint(run_dir)
-                    kept = f"the last good checkpoint ({last[0].name}) is kept" if last else "no checkpoint was written yet"
-                    what = f"loss became {loss}" if not (loss == loss and abs(loss) != float("inf")) else f"the learning rate alpha became {a}"
-                    how = "rerun with --resume to continue from that checkpoint, or --force to start over" if last else "rerun with --force"
-                    raise DivergedError(
-                        f"Distillation diverged at iteration {p['iteration']}: {what}; {kept}. Lower --lr-img or --lr-lr "
-                        f"(or --lr-teacher), then {how}."
-                    )
-                if sum(pr):
-                    iters_pruned += 1
-                pruned_total = [a_ + b_ for a_, b_ in zip(pruned_total, pr, strict=True)]
-                rec = {"iteration": p["iteration"], "loss": loss, "lr": a, "expert": p["expert"], "start_epoch": p["start_epoch"],
-                       "pruned": {layer.name: c for layer, c in zip(fm.layers, pr, strict=True)},
-                       "pruned_fraction": sum(pr) / fm.n_params, "seconds": dt}
-                lines.append(json.dumps(rec))
-                sink.emit(DistillIteration(p["iteration"], s.iterations, loss, a, p["start_epoch"], pr, list(pruned_total),
-                                           iters_pruned, dt))
-                last_loss = loss
-            _append_lines(run_dir / METRICS, lines)
-            pending = []
-            window_t0 = time.perf_counter()
-
-        def save_all(iteration: int) -> None:
-            flush()
-            tensors = {"images": images, "labels": labels, "lr": lr, "momentum_images": mom_images, "momentum_lr": mom_lr,
-                       "prune_counts": prune_counts, **pre.tensors()}
-            meta = _synthetic_meta(s, shash, ds, spec, iteration, experts, pre)
-            ckpt = run_dir / CHECKPOINTS / f"ckpt-{iteration:06d}.safetensors"
-            storage.save_tensors(ckpt, tensors, "dpd.checkpoint", meta)
-            for old in latest_checkpoint(run_dir)[_KEEP_CHECKPOINTS:]:
-                old.unlink(missing_ok=True)
-            _write_outputs(run_dir, images, labels, lr, prune_counts, pre, ds, fm, meta, iters_pruned)
-            sink.emit(CheckpointSaved(iteration, str(ckpt)))
-
-        for it in range(start_it, s.iterations):
-            if interrupt.requested():
-                save_all(it)
-                raise interrupt.Interrupted(f"stopped after iteration {it}; rerun the same command with --resume to continue {run_dir}")
-            rng = random.Random(derive_seed(s.seed, "iteration", it))
-            e = rng.randrange(len(experts))
-            t = rng.randrange(s.max_start_epoch)
-            start, target = (_to_device(v, device) for v in experts.pair(e, t, s.expert_epochs))
-            plan = _plan(rng, len(images), s, device)
-            cfg = matching.PruneConfig(_ratio_at(s, it), s.prune_scope, s.prune_criterion)
-            res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, cfg, sizes, s.memory)
-            with torch.no_grad():
-                # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
-                mom_images.mul_(_MOMENTUM).add_(res.grad_images)
-                images.sub_(s.lr_img * mom_images)
-                mom_lr.mul_(_MOMENTUM).add_(res.grad_lr)
-                lr.sub_(s.lr_lr * mom_lr)
-                if res.keep is None:
-                    pruned = torch.zeros(n_layers, device=device)
-                else:
-                    dropped = (~res.keep).to(torch.int32)
-                    prune_counts.add_(dropped)
-                    pruned = torch.zeros(n_layers, device=device).index_add_(0, layer_ids, dropped.float())
-            pending.append({"iteration": it + 1, "loss": res.loss.float(), "lr": lr.clone(), "pruned": pruned, "expert": e, "start_epoch": t})
-            if len(pending) >= log_every:
-                flush()
-            if (it + 1) % s.checkpoint_every == 0 and it + 1 < s.iterations:
-                save_all(it + 1)
-        save_all(s.iterations)
-        sink.emit(DistillDone(str(run_dir), s.iterations, last_loss, float(lr), time.perf_counter() - t_run))
-    return run_dir
+    for stale in run_dir.glob("eval.partial.jsonl"):
+        stale.unlink()
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -357,123 +571,36 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _ratio_at(s: DistillSettings, it: int) -> float:
-    return 0.0 if it < s.prune_warmup else s.prune_ratio
-
-
 def _layer_totals(prune_counts: torch.Tensor, layer_ids: torch.Tensor, n_layers: int) -> list[int]:
-    totals = torch.zeros(n_layers, dtype=torch.float64, device=prune_counts.device).index_add_(0, layer_ids, prune_counts.double())
+    totals = torch.zeros(n_layers, dtype=torch.int64, device=prune_counts.device).index_add_(0, layer_ids, prune_counts.long())
     return [int(v) for v in totals.tolist()]
-
-
-def _settings_record(s: DistillSettings, shash: str, experts: ExpertSet, spec: ModelSpec) -> dict:
-    return {
-        "command": "distill",
-        "settings": s.model_dump(mode="json"),
-        "settings_hash": shash,
-        "experts_folder": str(experts.folder.resolve()),
-        "n_experts": len(experts),
-        "model": spec.to_dict(),
-        "versions": versions(),
-    }
-
-
-def _synthetic_meta(s, shash, ds, spec, iteration, experts, pre) -> dict:
-    return {
-        "dataset": ds.name,
-        "classes": ds.classes,
-        "model": spec.to_dict(),
-        "iteration": iteration,
-        "iterations": s.iterations,
-        "ipc": s.ipc,
-        "zca": s.zca,
-        "settings": s.model_dump(mode="json"),
-        "settings_hash": shash,
-        "experts_folder": str(experts.folder.resolve()),
-        "preprocess_fingerprint": pre.fingerprint(),
-        "versions": versions(),
-    }
-
-
-def _write_outputs(run_dir, images, labels, lr, prune_counts, pre, ds, fm, meta, iters_pruned) -> None:
-    storage.save_tensors(run_dir / SYNTHETIC, {"images": images, "labels": labels, "lr": lr, **pre.tensors()}, "dpd.synthetic", meta)
-    storage.save_tensors(
-        run_dir / PRUNE,
-        {"counts": prune_counts},
-        "dpd.prune_counts",
-        {"layout": fm.layout, "iterations_pruned": iters_pruned, "iteration": meta["iteration"]},
-    )
-    save_grid(pre.invert(images), labels, ds.n_classes, run_dir / GRID)
 
 
 def _other_settings(run_dir: Path) -> OutputExistsError:
     return OutputExistsError(
         f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
-        "settings (only --iterations, --checkpoint-every, --log-every, --device, --threads, --experts, --data-dir may change), "
-        "or use --force to start over."
+        "settings (only --iterations, --checkpoint-every, --keep-checkpoints, --log-every, --device, --threads, --experts, "
+        "--data-dir may change), or use --force to start over."
     )
 
 
 def _check_recorded_settings(run_dir: Path, shash: str) -> None:
     """Refuse to resume a checkpoint-less run whose settings.json records other settings."""
     try:
-        recorded = json.loads((run_dir / SETTINGS).read_text(encoding="utf-8")).get("settings_hash")
+        recorded = json.loads((run_dir / layout.SETTINGS).read_text(encoding="utf-8")).get("settings_hash")
     except (OSError, ValueError, AttributeError) as e:
-        raise StorageError(f"{run_dir / SETTINGS} is unreadable ({e}) and there is no checkpoint to resume. Start over with --force.") from e
+        raise StorageError(f"{run_dir / layout.SETTINGS} is unreadable ({e}) and there is no checkpoint to resume. Start over with --force.") from e
     if recorded != shash:
         raise _other_settings(run_dir)
-
-
-def _load_checkpoint(run_dir: Path, shash: str, device, image_shape, n_params: int):
-    errors = []
-    for path in latest_checkpoint(run_dir):
-        try:
-            t, meta = load_synthetic(path)
-        except StorageError as e:
-            errors.append(str(e))
-            continue
-        if meta.get("settings_hash") != shash:
-            raise _other_settings(run_dir)
-        if tuple(t["images"].shape) != tuple(image_shape):
-            raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {tuple(image_shape)}.")
-        if t["prune_counts"].numel() != n_params:
-            raise StorageError(f"{path}: prune counts for {t['prune_counts'].numel()} parameters, the model has {n_params}. Start over with --force.")
-        return (
-            int(meta["iteration"]),
-            t["images"].to(device),
-            t["lr"].to(device),
-            t["momentum_images"].to(device),
-            t["momentum_lr"].to(device),
-            t["prune_counts"].to(device),
-        )
-    raise StorageError(f"No loadable checkpoint in {run_dir / CHECKPOINTS}: {' '.join(errors)} Start over with --force.")
-
-
-def _append_lines(path: Path, lines: list[str]) -> None:
-    storage.append_text(path, "".join(line + "\n" for line in lines))
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric lines past the checkpoint being resumed from (and any torn last line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    storage.atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def summarize(run_dir: Path) -> dict:
     """A short description of a finished or partial run, from its files."""
     run_dir = Path(run_dir)
-    t, meta = load_synthetic(run_dir / SYNTHETIC)
+    t, meta = synthetic_file.load(run_dir / layout.SYNTHETIC)
     return {
         "run_dir": str(run_dir),
-        "synthetic": str(run_dir / SYNTHETIC),
+        "synthetic": str(run_dir / layout.SYNTHETIC),
         "dataset": meta["dataset"],
         "n_images": len(t["labels"]),
         "ipc": meta.get("ipc"),

@@ -35,7 +35,8 @@ import torch
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine.common import derive_seed, distributed_shard, resolve_device, set_threads, versions
-from dpd_cli.engine.distill import SYNTHETIC, load_synthetic
+from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.artifacts.run import SYNTHETIC
 from dpd_cli.engine.train import accuracy, train_epoch
 from dpd_cli.errors import DataError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
@@ -124,7 +125,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     file = target / SYNTHETIC if target.is_dir() else target
     if target.is_dir() and not file.exists():
         raise StorageError(f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first.")
-    tensors, meta = load_synthetic(file)
+    tensors, meta = synthetic_file.load(file)
     set_threads(s.threads)
     device = resolve_device(s.device)
     run_settings = meta.get("settings", {})

@@ -47,7 +47,7 @@ PREPROCESS = "preprocess.safetensors"
 TRAJECTORY = "dpd.trajectory"
 
 # Settings that must agree for experts to share one folder.
-_COMPAT_FIELDS = ("dataset", "train_per_class", "zca", "epochs", "lr", "momentum", "weight_decay", "batch", "dsa", "seed")
+_COMPAT_FIELDS = ("dataset", "train_per_class", "val_per_class", "zca", "epochs", "lr", "momentum", "weight_decay", "batch", "dsa", "seed")
 
 
 def default_folder(dataset: str, spec_tag: str, zca: bool) -> Path:
@@ -59,6 +59,7 @@ def expert_path(folder: Path, index: int) -> Path:
 
 
 def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
+    # dpd 0.1 manifests lack val_per_class: None there means the same as here (no split).
     d = {k: getattr(settings, k) for k in _COMPAT_FIELDS}
     d["dataset"] = dataset_key(settings)
     d["model"] = spec.to_dict()
@@ -78,6 +79,14 @@ def preprocess_scheme(compat: dict) -> int:
     return 1 if compat.get("zca") or compat.get("dataset") == "cifar100" else PREPROCESS_SCHEME
 
 
+def validation_record(ds) -> dict | None:
+    """Which training images a dataset's validation split holds (for manifests and run settings)."""
+    if ds.val_indices is None:
+        return None
+    per_class = len(ds.val_indices) // ds.n_classes
+    return {"per_class": per_class, "fingerprint": ds.val_fingerprint, "indices": ds.val_indices.tolist()}
+
+
 def old_preprocess_message(folder: Path, compat: dict) -> str:
     """Why experts trained with dpd 0.1's preprocessing cannot be mixed with today's, and what to do."""
     what = ("ZCA fitted on mean/std-normalised pixels" if compat.get("zca")
@@ -91,8 +100,11 @@ def old_preprocess_message(folder: Path, compat: dict) -> str:
     )
 
 
-def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSettings, pre: Preprocess) -> Preprocess:
-    """Refuse a folder whose experts were trained differently; else (re)write the manifest."""
+def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSettings, make_pre, validation: dict | None) -> Preprocess:
+    """Refuse a folder whose experts were trained differently; else (re)write the manifest.
+
+    ``make_pre()`` builds the preprocessing; it is called only for a new folder (a ZCA fit takes a while).
+    """
     mpath = folder / MANIFEST
     if mpath.exists():
         found = dict(_read_manifest(mpath)["compat"])
@@ -100,6 +112,9 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
             raise ExpertsError(old_preprocess_message(folder, found))
         diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v]
+        recorded = (_read_manifest(mpath).get("validation") or {}).get("fingerprint")
+        if validation and recorded and recorded != validation["fingerprint"]:
+            diffs.append("the validation split holds other images (the dataset changed)")
         if diffs:
             raise ExpertsError(
                 f"The experts folder {folder} holds experts trained with other settings ({'; '.join(diffs)}). "
@@ -107,6 +122,7 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
             )
         if (folder / PREPROCESS).exists():
             return _load_preprocess(folder / PREPROCESS, ModelSpec.from_dict(compat["model"]))
+    pre = make_pre()
     storage.save_tensors(folder / PREPROCESS, pre.tensors(), "dpd.preprocess", {"fingerprint": pre.fingerprint()})
     manifest = {
         "format": "dpd.experts",
@@ -114,6 +130,7 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
         "compat": compat,
         "settings": settings.model_dump(mode="json"),
         "preprocess_fingerprint": pre.fingerprint(),
+        "validation": validation,
         "versions": versions(),
     }
     storage.atomic_write_text(mpath, json.dumps(manifest, indent=2, sort_keys=True))
@@ -182,7 +199,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     sink = sink or NullSink()
     set_threads(settings.threads)
     device = resolve_device(settings.device)
-    ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed)
+    ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class)
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
     rank, world = distributed_shard()
@@ -192,7 +209,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     with storage.lock_dir(lock_name, "experts"), interrupt.safe_points():
         # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
         storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)])
-        pre = _check_or_write_manifest(folder, compat, settings, build_preprocess(ds, settings.zca))
+        pre = _check_or_write_manifest(folder, compat, settings, lambda: build_preprocess(ds, settings.zca), validation_record(ds))
         x_train = pre.apply(ds.train_images).to(device)
         y_train = ds.train_labels.to(device)
         x_test = pre.apply(ds.test_images).to(device)

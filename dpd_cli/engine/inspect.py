@@ -21,7 +21,10 @@ from typing import Any
 import torch
 
 from dpd_cli import storage
-from dpd_cli.engine import distill as _distill
+from dpd_cli.artifacts import metrics as metrics_file
+from dpd_cli.artifacts import prune_counts as prune_file
+from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.engine import experts as _experts
 from dpd_cli.errors import StorageError
 
@@ -33,7 +36,6 @@ MAX_DISTANCE_EXPERTS = 10
 DEFAULT_EXPERT_EPOCHS = 2
 
 _EVAL_FILE = "eval.json"
-_RUN_MARKERS = (_distill.SETTINGS, _distill.SYNTHETIC, _distill.CHECKPOINTS)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Tensors ``load_synthetic`` / a resume need, as (header dtype, ndim): checked from the header only.
 _SYNTHETIC_TENSORS = {"images": ("F32", 4), "labels": ("I64", 1), "lr": ("F32", 0), "norm_mean": ("F32", 1), "norm_std": ("F32", 1)}
@@ -46,7 +48,7 @@ _WHAT_WORKS = (
 
 # --- detection --------------------------------------------------------------------------------
 def _is_run(folder: Path) -> bool:
-    return any((folder / m).exists() for m in _RUN_MARKERS)
+    return layout.is_run(folder)
 
 
 def _is_experts(folder: Path) -> bool:
@@ -64,7 +66,7 @@ def _kind_of_folder(folder: Path) -> str | None:
 def _container(path: Path) -> tuple[str, Path] | None:
     """The run or experts folder a file belongs to (a checkpoint's run is two levels up)."""
     parent = path.parent
-    if parent.name == _distill.CHECKPOINTS and _is_run(parent.parent):
+    if parent.name == layout.CHECKPOINTS and _is_run(parent.parent):
         return "run", parent.parent
     kind = _kind_of_folder(parent) if parent.is_dir() else None
     return (kind, parent) if kind else None
@@ -318,23 +320,6 @@ def _latest_evaluations(path: Path, warnings: list[str], name: str) -> dict | No
 
 
 # --- run directory ----------------------------------------------------------------------------
-def _read_metrics(path: Path) -> tuple[list[dict], int, int]:
-    """Records sorted by iteration (the last line wins for a repeated iteration), bad lines, all lines."""
-    by_it: dict[int, dict] = {}
-    bad = total = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            total += 1
-            try:
-                rec = json.loads(line)
-                by_it[int(rec["iteration"])] = rec
-            except (ValueError, KeyError, TypeError):
-                bad += 1
-    return [by_it[i] for i in sorted(by_it)], bad, total
-
-
 def _curve(records: list[dict], key: str) -> dict | None:
     pts = [(int(r["iteration"]), _finite(r.get(key))) for r in records]
     pts = [(i, v) for i, v in pts if v is not None]
@@ -346,44 +331,6 @@ def _curve(records: list[dict], key: str) -> dict | None:
             "max": max(vals)}
 
 
-def prune_stats(counts: torch.Tensor, layout: list, iterations_pruned: int) -> dict:
-    """Per-layer prune statistics from the per-parameter counter.
-
-    ``mean_pct`` = how much of the layer was pruned in an average pruned iteration:
-    ``100 · Σ counts[layer] / (layer size · iterations_pruned)``. ``ever_pct``: the share of the
-    layer's parameters pruned at least once. Layers come most-pruned first.
-
-    Raises:
-        StorageError: The layout does not add up to the counter's length.
-    """
-    sizes = [_numel(shape) for _, shape in layout]
-    if sum(sizes) != counts.numel():
-        raise StorageError(f"the layer layout covers {sum(sizes)} parameters but the counter has {counts.numel()}.")
-    counts = counts.to(torch.int64)
-    layers = []
-    for (name, shape), seg in zip(layout, torch.split(counts, sizes), strict=True):  # seg: (layer size,)
-        total = int(seg.sum())
-        size = seg.numel()
-        layers.append({
-            "name": name,
-            "shape": list(shape),
-            "size": size,
-            "pruned": total,  # parameter-iterations pruned
-            "mean_pct": 100.0 * total / (size * iterations_pruned) if iterations_pruned and size else 0.0,
-            "ever_pct": 100.0 * int((seg > 0).sum()) / size if size else 0.0,
-            "max_count": int(seg.max()) if size else 0,
-        })
-    layers.sort(key=lambda r: (-r["mean_pct"], r["name"]))
-    n = counts.numel()
-    return {
-        "iterations_pruned": iterations_pruned,
-        "n_params": n,
-        "overall_pct": 100.0 * int(counts.sum()) / (n * iterations_pruned) if iterations_pruned and n else 0.0,
-        "ever_pct": 100.0 * int((counts > 0).sum()) / n if n else 0.0,
-        "layers": layers,
-    }
-
-
 def _inspect_run(run_dir: Path) -> dict:
     warnings: list[str] = []
     errors: dict[str, str] = {}  # file name -> why it is invalid
@@ -391,14 +338,14 @@ def _inspect_run(run_dir: Path) -> dict:
 
     # Settings: settings.json, else the settings recorded in the synthetic set / a checkpoint.
     record: dict = {}
-    spath = run_dir / _distill.SETTINGS
+    spath = run_dir / layout.SETTINGS
     if spath.exists():
         try:
             record = json.loads(spath.read_text(encoding="utf-8"))
             if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
                 raise ValueError("no 'settings' table")
         except (OSError, ValueError) as e:
-            errors[_distill.SETTINGS] = f"settings.json is not a readable dpd settings file ({e})."
+            errors[layout.SETTINGS] = f"settings.json is not a readable dpd settings file ({e})."
             record = {}
     else:
         warnings.append("settings.json is missing; the settings below come from the synthetic set or a checkpoint.")
@@ -406,10 +353,10 @@ def _inspect_run(run_dir: Path) -> dict:
     # The synthetic set, fully loaded and validated (it is small: the images plus a few vectors).
     synthetic = None
     syn_meta: dict | None = None
-    syn_path = run_dir / _distill.SYNTHETIC
+    syn_path = run_dir / layout.SYNTHETIC
     if syn_path.exists():
         try:
-            t, syn_meta = _distill.load_synthetic(syn_path)
+            t, syn_meta = synthetic_file.load(syn_path)
             synthetic = {
                 "dataset": syn_meta.get("dataset"),
                 "n_images": len(t["labels"]),
@@ -420,16 +367,16 @@ def _inspect_run(run_dir: Path) -> dict:
                 "alpha": _finite(t["lr"]),
                 "zca": "zca_matrix" in t,
             }
-            formats[_distill.SYNTHETIC] = "dpd.synthetic"
+            formats[layout.SYNTHETIC] = "dpd.synthetic"
             del t
         except StorageError as e:
-            errors[_distill.SYNTHETIC] = _short_error(e, syn_path, _distill.SYNTHETIC)
+            errors[layout.SYNTHETIC] = _short_error(e, syn_path, layout.SYNTHETIC)
             syn_meta = None
 
     # Checkpoints, newest first; header-level checks are enough to know a resume can read them.
     checkpoints = []
-    for p in _distill.latest_checkpoint(run_dir):
-        name = f"{_distill.CHECKPOINTS}/{p.name}"
+    for p in layout.checkpoints(run_dir):
+        name = f"{layout.CHECKPOINTS}/{p.name}"
         try:
             tf = _open_checked(p, "dpd.checkpoint", _CHECKPOINT_TENSORS)
             checkpoints.append({"name": name, "iteration": tf.meta.get("iteration"), "meta": tf.meta})
@@ -446,14 +393,14 @@ def _inspect_run(run_dir: Path) -> dict:
 
     # Metrics.
     records: list[dict] = []
-    mpath = run_dir / _distill.METRICS
+    mpath = run_dir / layout.METRICS
     if mpath.exists():
         try:
-            records, bad, total = _read_metrics(mpath)
+            records, bad, total = metrics_file.read(mpath)
             if bad:
-                errors[_distill.METRICS] = f"metrics.jsonl: {bad} of {total} lines are not metric records (skipped)."
+                errors[layout.METRICS] = f"metrics.jsonl: {bad} of {total} lines are not metric records (skipped)."
         except OSError as e:
-            errors[_distill.METRICS] = f"metrics.jsonl cannot be read ({e.strerror or e})."
+            errors[layout.METRICS] = f"metrics.jsonl cannot be read ({e.strerror or e})."
 
     # State: iterations done and planned, from the newest of the synthetic set, checkpoints and metrics.
     metas = [m for m in [syn_meta, (newest_ckpt or {}).get("meta")] if m]
@@ -485,18 +432,18 @@ def _inspect_run(run_dir: Path) -> dict:
 
     # Pruning statistics.
     pruning = None
-    ppath = run_dir / _distill.PRUNE
+    ppath = run_dir / layout.PRUNE
     if ppath.exists():
         try:
             t, pmeta = storage.load_tensors(ppath, "dpd.prune_counts", {"counts": (torch.int32, 1)})
-            formats[_distill.PRUNE] = "dpd.prune_counts"
+            formats[layout.PRUNE] = "dpd.prune_counts"
             try:
-                pruning = prune_stats(t["counts"], pmeta["layout"], int(pmeta.get("iterations_pruned") or 0))
+                pruning = prune_file.layer_stats(t["counts"], pmeta["layout"], int(pmeta.get("iterations_pruned") or 0))
             except (KeyError, TypeError, ValueError, StorageError) as e:
                 raise StorageError(f"{ppath}: cannot read the layer statistics ({e}).") from e
             pruning["iteration"] = pmeta.get("iteration")
         except StorageError as e:
-            errors[_distill.PRUNE] = _short_error(e, ppath, _distill.PRUNE)
+            errors[layout.PRUNE] = _short_error(e, ppath, layout.PRUNE)
 
     evaluation = _latest_evaluations(run_dir / _EVAL_FILE, warnings, _EVAL_FILE)
     if evaluation and not evaluation["valid"]:
@@ -531,10 +478,10 @@ def _inspect_run(run_dir: Path) -> dict:
 def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -> list[dict]:
     """Every visible file of the run (checkpoints included), with its size and validity."""
     paths = [p for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
-    ck = run_dir / _distill.CHECKPOINTS
+    ck = run_dir / layout.CHECKPOINTS
     if ck.is_dir():
         paths += [p for p in ck.iterdir() if p.is_file() and not p.name.startswith(".")]
-    order = {n: i for i, n in enumerate(_distill.RUN_FILES)}
+    order = {n: i for i, n in enumerate(layout.RUN_FILES)}
 
     def key(p: Path):
         top = p.relative_to(run_dir).parts[0]
@@ -545,7 +492,7 @@ def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -
         name = str(p.relative_to(run_dir))
         if name in errors:
             out.append(_file_entry(p, name, False, errors[name], formats.get(name)))
-        elif name in formats or name == _distill.SETTINGS or name == _distill.METRICS or name == _EVAL_FILE:
+        elif name in formats or name == layout.SETTINGS or name == layout.METRICS or name == _EVAL_FILE:
             out.append(_file_entry(p, name, True, None, formats.get(name)))
         elif p.suffix == ".safetensors":
             try:  # a file this command did not otherwise read
@@ -801,7 +748,7 @@ def _file_hint(path: Path) -> str:
 def _file_details(path: Path, fmt: str) -> dict:
     """Format-specific facts, after the checks the commands that read the file would make."""
     if fmt in ("dpd.synthetic", "dpd.checkpoint"):
-        t, meta = _distill.load_synthetic(path)
+        t, meta = synthetic_file.load(path)
         return {
             "dataset": meta.get("dataset"),
             "n_images": len(t["labels"]),
@@ -832,7 +779,7 @@ def _file_details(path: Path, fmt: str) -> dict:
         }
     if fmt == "dpd.prune_counts":
         t, meta = storage.load_tensors(path, fmt, {"counts": (torch.int32, 1)})
-        return prune_stats(t["counts"], meta["layout"], int(meta.get("iterations_pruned") or 0))
+        return prune_file.layer_stats(t["counts"], meta["layout"], int(meta.get("iterations_pruned") or 0))
     if fmt == "dpd.preprocess":
         with storage.TensorFile(path, fmt) as tf:
             _check_header_tensors(tf, {"norm_mean": ("F32", 1), "norm_std": ("F32", 1)})
@@ -860,13 +807,13 @@ def export_grid(path: Path, out: Path) -> dict:
     kind = detect(path)
     if kind == "experts":
         raise StorageError(f"{path} is an experts folder: it holds trajectories, not images. Pass a run directory to --export-grid.")
-    candidates = [path] if kind == "file" else [path / _distill.SYNTHETIC, *_distill.latest_checkpoint(path)]
+    candidates = [path] if kind == "file" else [path / layout.SYNTHETIC, *layout.checkpoints(path)]
     errors = []
     for p in candidates:
         if not p.exists():
             continue
         try:
-            t, meta = _distill.load_synthetic(p)
+            t, meta = synthetic_file.load(p)
         except StorageError as e:
             errors.append(str(e))
             continue

@@ -1,33 +1,34 @@
-"""Trajectory matching with the DPD mask: the student unroll, the mask, the loss, the meta-gradient.
+"""Trajectory matching: the student unroll, the (masked) loss and the meta-gradient.
 
-Notation (DESIGN.md section 2): a student starts at the expert's epoch-t parameters
-``start`` = theta*_t and takes N SGD steps on the synthetic images X with learnable step
-size alpha::
+Notation (docs/algorithm.md): a student starts at the expert's epoch-t parameters ``start`` =
+theta*_t and takes N SGD steps on the synthetic images X with learnable step size alpha::
 
-    theta_{n+1} = theta_n - alpha * grad_theta CE(f(DSA(X_{b_n}); theta_n), Y_{b_n})
+    theta_{n+1} = theta_n - alpha * u * grad_theta CE(f(DSA(X_{b_n}); theta_n), Y_{b_n})
 
-The residual ``delta = |theta_N - target|`` (target = theta*_{t+M}) ranks parameters; the
-ceil(rho * P) largest (global scope; per layer: ceil(rho * P_l) within each layer) are
-pruned from
+where u is 1 everywhere, or in DPD's ``network`` mode 0 on the parameters frozen at theta*_t
+(``unroll_keep``). The loss against the target theta*_{t+M} keeps the parameters of the mask m
+(``loss_mask``; which parameters is ``dpd_cli.engine.pruning``'s business)::
 
-    L = sum(m * (theta_N - target)^2) / sum(m * (start - target)^2),   m = 0 on pruned, 1 elsewhere.
+    L = sum(m * (theta_N - target)^2) / sum(m * (start - target)^2)
 
-rho = 0 takes the plain MTT path (no mask is built or multiplied in).
+With no mask this is exactly MTT's loss (no mask is built or multiplied in).
 
 Two ways to get dL/dX and dL/dalpha, equal up to rounding:
 
 * ``full``: keep all N steps' double-backward graph alive and call autograd once (MTT).
-* ``low``: keep only the N flat parameter vectors; walk backwards recomputing one step's
-  graph at a time. With lambda = dL/dtheta_{n+1} and g_n = grad_theta CE at step n:
-      dL/dalpha += -<lambda, g_n>
-      dL/dX     += -alpha * (d g_n / dX)^T lambda          (vector-Jacobian product)
-      lambda    <- lambda - alpha * (d g_n / d theta_n)^T lambda   (vector-Hessian product)
-  Peak memory is one step's graph, flat in N. This is exact, not TESLA's approximation.
+* ``low``: keep only the N+1 flat parameter vectors (one preallocated (N+1, P) buffer); walk
+  backwards recomputing one step's graph at a time. With lambda = dL/dtheta_{n+1},
+  mu = u * lambda and g_n = grad_theta CE at step n:
+      dL/dalpha += -<mu, g_n>
+      dL/dX     += -alpha * (d g_n / dX)^T mu          (vector-Jacobian product)
+      lambda    <- lambda - alpha * (d g_n / d theta_n)^T mu   (vector-Hessian product)
+  Peak memory is one step's graph plus the buffer, flat in N. This is exact, not TESLA's
+  approximation.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,10 @@ import torch.nn.functional as F
 from dpd_cli.augment import dsa
 from dpd_cli.models import FlatModel
 
-__all__ = ["StepPlan", "PruneConfig", "prune_count", "prune_keep_mask", "matching_loss", "meta_gradient", "MetaResult"]
+__all__ = ["StepPlan", "MaskFn", "matching_loss", "meta_gradient", "MetaResult"]
+
+#: ``(theta_N, target, start) -> keep`` (bool (P,), False = left out of the loss) or ``None`` (keep all).
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -55,65 +59,12 @@ class StepPlan:
         return len(self.seeds)
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    ratio: float = 0.0  # rho
-    scope: str = "global"  # global | layer
-    criterion: str = "abs"  # abs | relative
-    eps: float = 1e-12  # relative criterion: delta / (|start - target| + eps)
-
-
 @dataclass
 class MetaResult:
     loss: torch.Tensor  # () detached
     grad_images: torch.Tensor  # like X
     grad_lr: torch.Tensor  # () like alpha
-    keep: torch.Tensor | None  # (P,) bool, False = pruned; None when rho = 0
-
-
-def prune_count(ratio: float, n: int) -> int:
-    """ceil(rho * n), never all of them (the loss needs at least one parameter)."""
-    if ratio <= 0 or n <= 1:
-        return 0
-    return min(n - 1, math.ceil(round(ratio * n, 9)))
-
-
-def prune_keep_mask(
-    student_end: torch.Tensor,
-    target: torch.Tensor,
-    start: torch.Tensor,
-    cfg: PruneConfig,
-    layer_sizes: list[int],
-) -> torch.Tensor | None:
-    """The DPD mask as a bool ``(P,)`` tensor, True = kept; ``None`` when nothing is pruned.
-
-    Args:
-        student_end: theta_N (its values only are used).
-        target: theta*_{t+M}.
-        start: theta*_t (only for the relative criterion).
-        cfg: ratio, scope and criterion.
-        layer_sizes: P_l for each layer in flat order (sums to P).
-    """
-    if cfg.ratio <= 0:
-        return None
-    with torch.no_grad():
-        delta = (student_end.detach() - target).abs()
-        if cfg.criterion == "relative":
-            delta = delta / ((start - target).abs() + cfg.eps)
-        keep = torch.ones_like(delta, dtype=torch.bool)
-        if cfg.scope == "global":
-            k = prune_count(cfg.ratio, delta.numel())
-            if k:
-                keep[torch.topk(delta, k, sorted=False).indices] = False
-        else:
-            offset = 0
-            for size in layer_sizes:
-                k = prune_count(cfg.ratio, size)
-                if k:
-                    idx = torch.topk(delta[offset : offset + size], k, sorted=False).indices
-                    keep[offset + idx] = False
-                offset += size
-    return keep
+    keep: torch.Tensor | None  # (P,) bool loss mask, False = pruned; None when nothing is pruned
 
 
 def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -143,11 +94,12 @@ def meta_gradient(
     start: torch.Tensor,
     target: torch.Tensor,
     plan: StepPlan,
-    prune: PruneConfig,
-    layer_sizes: list[int],
     memory: str = "full",
+    *,
+    loss_mask: MaskFn | None = None,
+    unroll_keep: torch.Tensor | None = None,
 ) -> MetaResult:
-    """Unroll the student, build the DPD mask, and return the loss and its gradients.
+    """Unroll the student, build the loss mask, and return the loss and its gradients.
 
     Args:
         fm: Flat view of the student network.
@@ -156,44 +108,49 @@ def meta_gradient(
         lr: alpha, a 0-dim tensor.
         start, target: theta*_t and theta*_{t+M}, ``(P,)``.
         plan: Per-step batches and DSA seeds (N = ``len(plan)``).
-        prune: The DPD settings for this iteration.
-        layer_sizes: P_l per layer.
         memory: ``full`` or ``low``.
+        loss_mask: Called once with (theta_N detached, target, start) for the loss mask; ``None``
+            means MTT's unmasked loss.
+        unroll_keep: bool ``(P,)``: only these parameters move during the unroll, the others stay
+            at ``start`` (DPD's ``network`` mode); ``None`` lets every parameter move.
 
     Returns:
-        Loss, dL/dX, dL/dalpha and the mask used.
+        Loss, dL/dX, dL/dalpha and the loss mask used.
     """
+    u = None if unroll_keep is None else unroll_keep.to(start.dtype)
     if memory == "low":
-        return _meta_low(fm, images, labels, lr, start, target, plan, prune, layer_sizes)
-    return _meta_full(fm, images, labels, lr, start, target, plan, prune, layer_sizes)
+        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u)
+    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u)
 
 
-def _meta_full(fm, images, labels, lr, start, target, plan, prune, layer_sizes) -> MetaResult:
+def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u) -> MetaResult:
     x = images.detach().requires_grad_(True)
     a = lr.detach().requires_grad_(True)
     theta = start.detach().requires_grad_(True)
     with torch.enable_grad():
         for idx, seed in zip(plan.batches, plan.seeds, strict=True):
             g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True)
-            theta = theta - a * g
-        keep = prune_keep_mask(theta, target, start, prune, layer_sizes)
+            theta = theta - a * (g if u is None else u * g)
+        keep = None if loss_mask is None else loss_mask(theta.detach(), target, start)
         loss = matching_loss(theta, target, start, keep)
         gx, ga = torch.autograd.grad(loss, [x, a])
     return MetaResult(loss.detach(), gx, ga, keep)
 
 
-def _meta_low(fm, images, labels, lr, start, target, plan, prune, layer_sizes) -> MetaResult:
+def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u) -> MetaResult:
     a = lr.detach()
-    # Forward: only the flat vectors theta_0..theta_N are kept.  (N+1) x (P,)
-    thetas = [start.detach()]
+    n_steps = len(plan)
+    # Forward: only theta_0..theta_N are kept, in one buffer allocated once.   (N+1, P)
+    thetas = torch.empty((n_steps + 1, start.numel()), dtype=start.dtype, device=start.device)
+    thetas[0] = start.detach()
     with torch.enable_grad():
-        for idx, seed in zip(plan.batches, plan.seeds, strict=True):
-            theta = thetas[-1].requires_grad_(True)
+        for n, (idx, seed) in enumerate(zip(plan.batches, plan.seeds, strict=True)):
+            theta = thetas[n].detach().requires_grad_(True)
             g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False)
-            thetas.append((theta.detach() - a * g).detach())
-            thetas[-2] = theta.detach()
-        end = thetas[-1].requires_grad_(True)
-        keep = prune_keep_mask(end, target, start, prune, layer_sizes)
+            with torch.no_grad():
+                torch.sub(thetas[n], a * (g if u is None else u * g), out=thetas[n + 1])
+        end = thetas[n_steps].detach().requires_grad_(True)
+        keep = None if loss_mask is None else loss_mask(end.detach(), target, start)
         loss = matching_loss(end, target, start, keep)
         (lam,) = torch.autograd.grad(loss, end)  # dL/dtheta_N
     # Backward: recompute one step's graph at a time.
@@ -201,12 +158,12 @@ def _meta_low(fm, images, labels, lr, start, target, plan, prune, layer_sizes) -
     grad_x = torch.zeros_like(x)
     grad_a = torch.zeros_like(a)
     with torch.enable_grad():
-        for n in range(len(plan) - 1, -1, -1):
+        for n in range(n_steps - 1, -1, -1):
             theta = thetas[n].detach().requires_grad_(True)
             g = _inner_grad(fm, theta, x, labels, plan.batches[n], plan.seeds[n], create_graph=True)
-            grad_a -= (lam * g.detach()).sum()
-            d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=lam)
+            mu = lam if u is None else u * lam
+            grad_a -= (mu * g.detach()).sum()
+            d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
             grad_x.sub_(a * d_x)
             lam = lam - a * d_theta
-            thetas[n + 1] = None  # free as we go
     return MetaResult(loss.detach(), grad_x, grad_a, keep)

@@ -28,9 +28,10 @@ from typer.testing import CliRunner
 
 from dpd_cli import storage
 from dpd_cli.cli.app import app
+from dpd_cli.artifacts import run as layout
 from dpd_cli.engine import distill as distill_engine
 from dpd_cli.engine import matching
-from dpd_cli.engine.distill import load_synthetic
+from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.engine.experts import ExpertSet
 from tests.cli.conftest import TINY
 
@@ -223,6 +224,8 @@ def assert_only_complete_files(run: Path) -> None:
             continue
         if p.name == "prune_frequency.safetensors":
             storage.load_tensors(p, "dpd.prune_counts", {"counts": (torch.int32, 1)})
+        elif p.name == "preprocess.safetensors":
+            storage.load_tensors(p, "dpd.preprocess", {"norm_mean": (torch.float32, 1)})
         else:
             load_synthetic(p)
     json.loads((run / "settings.json").read_text())
@@ -306,13 +309,14 @@ def test_kills_and_ctrl_c_then_resume_equal_an_uninterrupted_run(zygote, experts
     assert not list(part.rglob("*.tmp"))
 
 
-def test_killed_before_the_first_checkpoint_resumes_from_zero(experts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_zero", [True, False], ids=["from-checkpoint-0", "no-checkpoint-at-all"])
+def test_killed_before_the_first_checkpoint_resumes_from_zero(experts, tmp_path, monkeypatch, checkpoint_zero):
     args = ["distill", "--experts", experts, *DISTILL, "--iterations", 4]
     full, part = tmp_path / "full", tmp_path / "part"
     assert dpd(*args, "--out", full).exit_code == 0
     real, calls = matching.meta_gradient, []
 
-    def dies_in_step_2(*a, **k):  # a process dying after iteration 1: settings.json and one metric line, no checkpoint
+    def dies_in_step_2(*a, **k):  # a process dying after iteration 1: settings.json, checkpoint 0 and one metric line
         calls.append(1)
         if len(calls) == 2:
             raise SystemExit(137)
@@ -321,7 +325,10 @@ def test_killed_before_the_first_checkpoint_resumes_from_zero(experts, tmp_path,
     monkeypatch.setattr(matching, "meta_gradient", dies_in_step_2)
     assert dpd(*args, "--out", part).exit_code == 137
     monkeypatch.setattr(matching, "meta_gradient", real)
-    assert (part / "settings.json").exists() and metric_lines(part) == 1 and not distill_engine.latest_checkpoint(part)
+    assert (part / "settings.json").exists() and metric_lines(part) == 1
+    assert [p.name for p in layout.checkpoints(part)] == ["ckpt-000000.safetensors"]
+    if not checkpoint_zero:  # as if it died while writing checkpoint 0: settings.json only
+        shutil.rmtree(part / "checkpoints")
     (part / ".synthetic.safetensors.x1y2.tmp").write_bytes(b"partial")  # what a SIGKILL mid-write leaves
     r = dpd(*args, "--out", part, "--resume", "--quiet")
     assert r.exit_code == 0, r.output
@@ -355,7 +362,7 @@ def test_second_ctrl_c_quits_at_once_and_a_second_writer_is_refused(zygote, expe
     assert time.monotonic() - t0 < 2
     assert "Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue." in child.stderr
     assert "Traceback" not in child.stderr
-    assert [p.name for p in distill_engine.latest_checkpoint(run)] == ["ckpt-000002.safetensors"]  # nothing for the broken step
+    assert [p.name for p in layout.checkpoints(run)] == ["ckpt-000002.safetensors", "ckpt-000000.safetensors"]  # nothing for the broken step
     assert not list(run.rglob("*.tmp"))
     r = dpd(*args, "--resume")
     assert r.exit_code == 0, r.output
@@ -452,10 +459,10 @@ def test_ctrl_c_inside_rich_live_view(live_views, monkeypatch, experts, tmp_path
     assert "Traceback" not in r.output and "Stopping at the next safe point (Ctrl-C again to quit at once)" in r.output
     if times == 1:
         assert f"Interrupted: stopped after iteration 3; rerun the same command with --resume to continue {run}." in r.output
-        assert distill_engine.latest_checkpoint(run)[0].name == "ckpt-000003.safetensors"
+        assert layout.checkpoints(run)[0].name == "ckpt-000003.safetensors"
     else:
         assert "Interrupted. Finished pieces are kept" in r.output
-        assert distill_engine.latest_checkpoint(run)[0].name == "ckpt-000002.safetensors"
+        assert layout.checkpoints(run)[0].name == "ckpt-000002.safetensors"
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is restored
     _no_live_left()
     assert not list(run.rglob("*.tmp"))
@@ -504,8 +511,10 @@ def test_disk_full_during_distill_then_resume(experts, tmp_path):
     assert f"Error: No space left on the device while writing {run}/checkpoints/ckpt-000002.safetensors. " \
            "Free some space and rerun (add --resume where it applies)." in r.output
     assert "Traceback" not in r.output
-    assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.safetensors"))
-    r = dpd(*args, "--resume")  # space freed: --resume starts the checkpoint-less run over
+    assert not list(run.rglob("*.tmp")) and not (run / "checkpoints" / "ckpt-000002.safetensors").exists()
+    assert_only_complete_files(run)  # checkpoint 0 and the outputs written with it are whole
+    assert load_synthetic(run / "synthetic.safetensors")[1]["iteration"] == 0
+    r = dpd(*args, "--resume")  # space freed: --resume continues from checkpoint 0
     assert r.exit_code == 0, r.output
     assert metric_lines(run) == 4
 
@@ -597,7 +606,7 @@ def test_read_only_output_folder(experts, tmp_path, monkeypatch):
 
 
 def test_read_only_file_system_mid_run(monkeypatch, experts, tmp_path):
-    """EROFS while saving the synthetic set: the message says so; the checkpoint written before is intact."""
+    """EROFS while saving the synthetic set: the message says so; the checkpoint written before it is intact."""
     run = tmp_path / "run"
     real = storage.tempfile.mkstemp
 
@@ -610,7 +619,7 @@ def test_read_only_file_system_mid_run(monkeypatch, experts, tmp_path):
     r = dpd("distill", "--experts", experts, *DISTILL, "--iterations", 4, "--out", run)
     assert r.exit_code == 2
     assert f"Error: Cannot write {run}/synthetic.safetensors: Read-only file system. Choose a writable output folder (--out)" in r.output
-    load_synthetic(run / "checkpoints" / "ckpt-000002.safetensors")
+    load_synthetic(run / "checkpoints" / "ckpt-000000.safetensors")  # the synthetic set is first written with checkpoint 0
     assert not (run / "synthetic.safetensors").exists() and not list(run.rglob("*.tmp"))
 
 

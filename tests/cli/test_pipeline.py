@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpd_cli.engine.experts import ExpertSet
-from dpd_cli.engine.matching import prune_count
+from dpd_cli.engine.pruning import prune_count
 from tests.cli.conftest import TINY
 
 DISTILL = ["--ipc", "1", "--iterations", "4", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
@@ -73,7 +73,9 @@ def test_distill_writes_complete_run(dpd, experts, tmp_path):
     assert r.exit_code == 0, r.output
     for name in ("settings.json", "synthetic.safetensors", "metrics.jsonl", "prune_frequency.safetensors", "grid.png"):
         assert (run / name).is_file(), name
-    assert len(list((run / "checkpoints").glob("ckpt-*.safetensors"))) == 2
+    # Checkpoint 0 (the initial images) and the newest two.
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.safetensors")) == [
+        "ckpt-000000.safetensors", "ckpt-000002.safetensors", "ckpt-000004.safetensors"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1, 2, 3, 4]
     n_params = ExpertSet(experts).files[0].shape("trajectory")[1]
@@ -100,7 +102,7 @@ def test_distill_refuses_existing_run_then_resumes(dpd, experts, tmp_path):
 
 
 def test_resume_equals_uninterrupted(dpd, experts, tmp_path):
-    from dpd_cli.engine.distill import load_synthetic
+    from dpd_cli.artifacts.synthetic import load as load_synthetic
 
     base = ["distill", "--experts", experts, *DISTILL[2:]]  # drop "--ipc 1": use 2 to exercise batches
     common = [*base, "--ipc", "2", "--batch-syn", "7"]

@@ -42,7 +42,7 @@ def test_old_folders_refused_only_when_preprocessing_changed(dpd, tmp_path, zca)
 
 
 def test_zca_run_stores_identity_normalisation_and_evaluates_with_its_transform(dpd, tmp_path):
-    from dpd_cli.engine.distill import load_synthetic
+    from dpd_cli.artifacts.synthetic import load as load_synthetic
 
     out = tmp_path / "ex"
     assert dpd("experts", "--num", "1", "--epochs", "2", "--zca", "--out", out, *TINY).exit_code == 0

@@ -12,7 +12,7 @@ import torch
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine import evaluate as E
 from dpd_cli.engine.common import derive_seed
-from dpd_cli.engine.distill import load_synthetic
+from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.settings import resolve
 from tests.helpers import tiny_spec
 

@@ -16,16 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from dpd_cli.augment import dsa
-from dpd_cli.engine.matching import (
-    MetaResult,
-    PruneConfig,
-    StepPlan,
-    _inner_grad,
-    matching_loss,
-    meta_gradient,
-    prune_count,
-    prune_keep_mask,
-)
+from dpd_cli.engine.matching import MetaResult, StepPlan, _inner_grad, matching_loss, meta_gradient
+from dpd_cli.engine.pruning import PruneConfig, prune_count, prune_keep_mask
 from dpd_cli.models import FlatModel, build_model
 from tests.helpers import assert_close, tiny_spec
 
@@ -58,6 +50,8 @@ class Problem:
         self.sizes = [layer.numel for layer in self.fm.layers]
 
     def run(self, plan, prune=PruneConfig(), memory="full", images=None, lr=None) -> MetaResult:
+        """meta_gradient with this iteration's (step) mask of ``prune``, as a plain DPD run builds it."""
+        mask = None if prune.ratio <= 0 else (lambda e, t, s: prune_keep_mask(e, t, s, prune, self.sizes))
         return meta_gradient(
             self.fm,
             self.images if images is None else images,
@@ -66,9 +60,8 @@ class Problem:
             self.start,
             self.target,
             plan,
-            prune,
-            self.sizes,
             memory,
+            loss_mask=mask,
         )
 
 

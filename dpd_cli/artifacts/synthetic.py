@@ -1,0 +1,149 @@
+"""``synthetic.safetensors`` and ``checkpoints/ckpt-NNNNNN.safetensors``.
+
+A synthetic set is standalone: images (training space), labels, the learned alpha and the full
+preprocessing, so it evaluates anywhere. A checkpoint holds the exact-resume state: the same
+tensors plus both optimisers' momentum, the prune counters and (for the EMA / network-mode masks)
+the prune state. From format version 2 a checkpoint stores only the normalisation and refers to
+its run's ``preprocess.safetensors`` for the ZCA matrices (two 3072 x 3072 matrices for CIFAR,
+75 MB, would otherwise be copied into every kept checkpoint); version 1 checkpoints carry them.
+
+``load`` is the one strict reader (every tensor and metadata entry a command uses is checked, so
+a damaged or foreign file is refused, never half-used); ``check`` lists its problems instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpd_cli import storage
+from dpd_cli.artifacts import preprocess as preprocess_file
+from dpd_cli.artifacts import run as layout
+from dpd_cli.data import Preprocess
+from dpd_cli.errors import StorageError
+
+__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "save_synthetic", "save_checkpoint", "load", "check", "STATE_TENSORS"]
+
+SYNTHETIC_FORMAT = "dpd.synthetic"
+CHECKPOINT_FORMAT = "dpd.checkpoint"
+#: The resume state a checkpoint adds to the synthetic set (``prune_state`` only when the mask keeps one).
+STATE_TENSORS = ("momentum_images", "momentum_lr", "prune_counts", "prune_state")
+_HINT = "It is damaged or was not written by this dpd."
+
+
+def save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, pre: Preprocess,
+                   meta: Mapping[str, Any]) -> None:
+    """Write a standalone synthetic set (atomically)."""
+    storage.save_tensors(path, {"images": images, "labels": labels, "lr": lr, **pre.tensors()}, SYNTHETIC_FORMAT, meta)
+
+
+def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], pre: Preprocess, meta: Mapping[str, Any]) -> None:
+    """Write a checkpoint (atomically): ``tensors`` = images, labels, lr and ``STATE_TENSORS``.
+
+    Only the normalisation goes in; the ZCA transform stays in the run's preprocess.safetensors,
+    identified by ``preprocess_fingerprint`` in the metadata.
+    """
+    norm = {k: v for k, v in pre.tensors().items() if k.startswith("norm_")}
+    meta = {**meta, "preprocess_fingerprint": pre.fingerprint(), "zca": pre.has_zca}
+    storage.save_tensors(path, {**tensors, **norm}, CHECKPOINT_FORMAT, meta)
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    return path.parent.parent if path.parent.name == layout.CHECKPOINTS else None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and validate a synthetic set or a checkpoint.
+
+    The returned tensors always hold the complete preprocessing (``norm_*`` and, with ZCA,
+    ``zca_*``): a version 2 checkpoint's ZCA comes from its run's preprocess.safetensors.
+
+    Raises:
+        StorageError: Anything wrong with the file (or the preprocessing it refers to), naming the path.
+    """
+    from dpd_cli.engine.common import spec_from_meta
+
+    path = Path(path)
+    _, raw = storage.read_header(path)
+    fmt = raw.get("format")
+    if fmt not in (SYNTHETIC_FORMAT, CHECKPOINT_FORMAT):
+        raise StorageError(f"{path} is not a synthetic set or checkpoint written by dpd distill (format {fmt!r}).")
+    required = {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0),
+                "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
+    if fmt == CHECKPOINT_FORMAT:
+        required.update(momentum_images=(torch.float32, 4), momentum_lr=(torch.float32, 0), prune_counts=(torch.int32, 1))
+    t, meta = storage.load_tensors(path, fmt, required)
+    for k in ("model", "classes", "dataset"):
+        if k not in meta:
+            raise StorageError(f"{path} lacks the metadata entry {k!r}; it was not written by this dpd.")
+    spec = spec_from_meta(path, meta["model"])
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) != spec.n_classes or not all(isinstance(c, str) for c in classes):
+        raise StorageError(f"{path}: the metadata entry 'classes' is not a list of {spec.n_classes} class names. {_HINT}")
+    if not isinstance(meta["dataset"], str) or not meta["dataset"]:
+        raise StorageError(f"{path}: the metadata entry 'dataset' is not a dataset name. {_HINT}")
+    for k, kind in (("settings", dict), ("iteration", int), ("iterations", int), ("ipc", int)):
+        if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool)):
+            raise StorageError(f"{path}: the metadata entry {k!r} is malformed ({str(meta[k])[:100]}). {_HINT}")
+    if fmt == CHECKPOINT_FORMAT and not (isinstance(meta.get("iteration"), int) and meta["iteration"] >= 0):
+        raise StorageError(f"{path}: a checkpoint needs a non-negative 'iteration' metadata entry. {_HINT}")
+    images, labels = t["images"], t["labels"]
+    if tuple(images.shape[1:]) != (spec.channels, *spec.image_size) or len(images) == 0:
+        raise StorageError(f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, "
+                           f"{spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}")
+    if len(images) != len(labels):
+        raise StorageError(f"{path}: {len(images)} images but {len(labels)} labels.")
+    if labels.min() < 0 or labels.max() >= spec.n_classes:
+        raise StorageError(f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {_HINT}")
+    if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
+        raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
+    if fmt == CHECKPOINT_FORMAT:
+        _check_state(path, t, images.shape)
+        if meta.get("zca") is True and "zca_matrix" not in t:
+            t.update(_run_zca(path, meta, spec))
+    preprocess_file.check_tensors(path, t, spec.channels, spec.image_size, _HINT)
+    return t, meta
+
+
+def _check_state(path: Path, t: dict[str, torch.Tensor], image_shape) -> None:
+    shapes = {"momentum_images": tuple(image_shape), "momentum_lr": ()}
+    for k, shape in shapes.items():
+        v = t[k]
+        if tuple(v.shape) != shape or not torch.isfinite(v).all():
+            raise StorageError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. {_HINT}")
+    if (t["prune_counts"] < 0).any():
+        raise StorageError(f"{path}: negative prune counts. {_HINT}")
+    state = t.get("prune_state")
+    if state is not None and (state.dtype != torch.float32 or tuple(state.shape) != tuple(t["prune_counts"].shape)
+                              or not torch.isfinite(state).all()):
+        raise StorageError(f"{path}: tensor 'prune_state' is {state.dtype} {tuple(state.shape)}, expected finite float32 "
+                           f"{tuple(t['prune_counts'].shape)}. {_HINT}")
+
+
+def _run_zca(path: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
+    """The ZCA tensors a version 2 checkpoint refers to, from its run's preprocess.safetensors."""
+    run_dir = _run_dir_of(path)
+    source = (run_dir / layout.PREPROCESS) if run_dir is not None else None
+    if source is None or not source.exists():
+        raise StorageError(
+            f"{path} is a checkpoint of a ZCA run: its ZCA matrices live in the run directory's {layout.PREPROCESS}, "
+            f"which is {'missing' if source is not None else 'not next to it'}. Keep checkpoints inside their run "
+            f"directory (RUN/{layout.CHECKPOINTS}/), or use the run's synthetic.safetensors, which is standalone."
+        )
+    pre = preprocess_file.load(source, spec.channels, spec.image_size, "Rerun `dpd distill --resume` to rewrite it.")
+    if pre.fingerprint() != meta.get("preprocess_fingerprint"):
+        raise StorageError(f"{source} is not the preprocessing {path.name} was written with (fingerprint "
+                           f"{pre.fingerprint()}, the checkpoint records {meta.get('preprocess_fingerprint')}).")
+    return {k: v for k, v in pre.tensors().items() if k.startswith("zca_")}
+
+
+def check(path: Path) -> list[str]:
+    """The problems ``load`` would refuse ``path`` for (empty when it loads)."""
+    try:
+        load(path)
+    except StorageError as e:
+        return [str(e)]
+    return []

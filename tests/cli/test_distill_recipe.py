@@ -1,0 +1,132 @@
+"""dpd distill as a recipe: kept checkpoints, prune masks that carry state, resume limits, experts chosen for the user."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpd_cli import storage
+from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts.synthetic import load as load_synthetic
+from tests.cli.conftest import TINY
+
+PLAIN = ["--ipc", "1", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1", "--lr-img", "10",
+         "--lr-lr", "1e-8", "--checkpoint-every", "2", "--threads", "1"]
+DISTILL = [*PLAIN, *TINY]
+
+
+@pytest.fixture
+def experts(dpd, tmp_path) -> Path:
+    out = tmp_path / "ex"
+    r = dpd("experts", "--num", "2", "--epochs", "3", "--out", out, *TINY)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def ckpts(run: Path) -> list[int]:
+    return sorted(layout.checkpoint_iteration(p) for p in layout.checkpoints(run))
+
+
+@pytest.mark.parametrize(("keep", "expected"), [("latest", [0, 8, 10]), ("all", [0, 2, 4, 6, 8, 10]), ("2", [0, 4, 8, 10])])
+def test_keep_checkpoints(dpd, experts, tmp_path, keep, expected):
+    run = tmp_path / "run"
+    r = dpd("distill", "--experts", experts, "--out", run, *DISTILL, "--iterations", "10", "--keep-checkpoints", keep)
+    assert r.exit_code == 0, r.output
+    assert ckpts(run) == expected
+    # Checkpoint 0 holds the real images the run started from; the last one the final set.
+    first, _ = load_synthetic(layout.checkpoint_path(run, 0))
+    last, meta = load_synthetic(layout.checkpoint_path(run, 10))
+    final, _ = load_synthetic(run / "synthetic.safetensors")
+    assert torch.equal(last["images"], final["images"]) and meta["iteration"] == 10
+    assert not torch.equal(first["images"], final["images"])
+
+
+def test_resume_below_the_checkpoint_is_refused(dpd, experts, tmp_path):
+    run = tmp_path / "run"
+    args = ["distill", "--experts", experts, "--out", run, *DISTILL]
+    assert dpd(*args, "--iterations", "6").exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = dpd(*args, "--iterations", "4", "--resume")
+    assert r.exit_code == 2
+    assert "has a checkpoint at iteration 6, past --iterations 4" in r.output and "--iterations 6 or more" in r.output
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    r = dpd(*args, "--iterations", "6", "--resume")  # at the checkpoint already: nothing to do, labels stay right
+    assert r.exit_code == 0, r.output
+    assert load_synthetic(run / "synthetic.safetensors")[1]["iteration"] == 6
+
+
+@pytest.mark.parametrize("prune", [
+    ["--prune-ratio", "0.1", "--prune-mask", "ema", "--prune-ema-beta", "0.7"],
+    ["--prune-ratio", "0.1", "--prune-mode", "network", "--prune-criterion", "layer-z"],
+    ["--prune-ratio", "0.25", "--prune-mode", "network", "--prune-mask", "ema", "--prune-direction", "smallest",
+     "--prune-criterion", "layer-rank", "--prune-scope", "layer"],
+], ids=["ema", "network-step", "network-ema-smallest"])
+def test_stateful_masks_resume_exactly(dpd, experts, tmp_path, prune):
+    args = ["distill", "--experts", experts, *DISTILL, *prune]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert dpd(*args, "--iterations", "6", "--out", full).exit_code == 0
+    assert dpd(*args, "--iterations", "3", "--out", part).exit_code == 0
+    r = dpd(*args, "--iterations", "6", "--out", part, "--resume")
+    assert r.exit_code == 0, r.output
+    a, ma = load_synthetic(full / "synthetic.safetensors")
+    b, _ = load_synthetic(part / "synthetic.safetensors")
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["lr"], b["lr"])
+    ck, _ = load_synthetic(layout.checkpoint_path(full, 6))
+    assert ck["prune_state"].shape == ck["prune_counts"].shape  # the state a resume needs is in the checkpoint
+    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                         for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(full) == strip(part)
+    records = strip(full)
+    assert records[0]["prune_rule"] == ma["settings"]["prune_scope"] + "/" + ma["settings"]["prune_criterion"] + "/" + \
+        ma["settings"]["prune_direction"] + "/" + ("ema0.7" if "0.7" in prune else "ema0.9" if "ema" in prune else "step") + \
+        "/" + ma["settings"]["prune_mode"]
+    if "network" in prune:  # the first iteration has no earlier scores: it prunes nothing
+        assert sum(records[0]["pruned"].values()) == 0 and sum(records[1]["pruned"].values()) > 0
+
+
+def test_rho_zero_is_plain_mtt_with_no_prune_state(dpd, experts, tmp_path):
+    run = tmp_path / "run"
+    r = dpd("distill", "--experts", experts, "--out", run, *DISTILL, "--iterations", "2", "--prune-ratio", "0")
+    assert r.exit_code == 0, r.output
+    t, meta = load_synthetic(layout.checkpoint_path(run, 2))
+    assert "prune_state" not in t and int(t["prune_counts"].sum()) == 0
+    assert all("prune_rule" not in json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_zca_checkpoints_refer_to_the_run_preprocessing(dpd, tmp_path):
+    ex, run = tmp_path / "ex", tmp_path / "run"
+    assert dpd("experts", "--num", "1", "--epochs", "2", "--zca", "--out", ex, *TINY).exit_code == 0
+    r = dpd("distill", "--experts", ex, "--out", run, *DISTILL, "--iterations", "2")
+    assert r.exit_code == 0, r.output
+    ckpt = layout.checkpoint_path(run, 2)
+    header, raw = storage.read_header(ckpt)
+    assert "zca_matrix" not in header and raw["format_version"] == "2"  # the matrices are not copied into checkpoints
+    t, _ = load_synthetic(ckpt)
+    s, _ = load_synthetic(run / "synthetic.safetensors")
+    assert torch.equal(t["zca_matrix"], s["zca_matrix"]) and torch.equal(t["zca_mean"], s["zca_mean"])
+    assert os.path.getsize(ckpt) < os.path.getsize(run / "synthetic.safetensors")
+    alone = tmp_path / "alone.safetensors"
+    shutil.copy(ckpt, alone)
+    with pytest.raises(storage.StorageError, match="its ZCA matrices live in the run directory's preprocess.safetensors"):
+        load_synthetic(alone)
+
+
+def test_distill_finds_the_experts_and_takes_their_network(dpd, tmp_path):
+    """No --experts, no --dataset, no --width: the only experts folder under the root is used and announced."""
+    r = dpd("experts", "--num", "1", "--epochs", "3", *TINY)  # the default folder under DPD_EXPERTS_ROOT
+    assert r.exit_code == 0, r.output
+    (folder,) = [p.parent for p in (tmp_path / "experts-root").rglob("experts.json")]
+    plain = PLAIN  # no network or data settings
+    r = dpd("distill", *plain, "--iterations", "2", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0].startswith(f"Using experts {folder} (pass --experts to choose another).")
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())["settings"]
+    assert (settings["width"], settings["depth"], settings["train_per_class"]) == (8, 2, 20)  # from the folder
+    # A given setting the folder does not fit is still an error, naming what was asked.
+    r = dpd("distill", *plain, "--width", "16", "--iterations", "2", "--out", tmp_path / "run2")
+    assert r.exit_code == 2 and "None of the experts folders under" in r.output and "width 16" in r.output
