@@ -155,9 +155,10 @@ class DistillDone(Event):
 # --- evaluate ----------------------------------------------------------------------------
 @dataclass
 class EvalStarted(Event):
-    jobs: list[tuple[str, str, int]]  # (source, model, run index)
+    jobs: list[tuple[str, str, int, int | None]]  # (source, model, run index, checkpoint iteration or None)
     epochs: int
     device: str
+    select: str | None = None  # val | final | test-max: how the distilled set's checkpoint is chosen
 
 
 @dataclass
@@ -168,6 +169,7 @@ class EvalEpoch(Event):
     epoch: int
     epochs: int
     loss: float
+    iteration: int | None = None  # the checkpoint trained on
 
 
 @dataclass
@@ -178,6 +180,8 @@ class EvalRunDone(Event):
     accuracy: float
     seconds: float
     diverged_epoch: int | None = None  # first epoch whose training loss was NaN/Inf
+    iteration: int | None = None  # the checkpoint trained on
+    val_accuracy: float | None = None  # on the validation split, when the run has one
 
 
 @dataclass

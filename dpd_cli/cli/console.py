@@ -255,12 +255,26 @@ class DistillLive(_Plain):
 
 
 # --- evaluate -------------------------------------------------------------------------------
+def _set_name(source: str, iteration: int | None, several: bool) -> str:
+    """``distilled``, or ``checkpoint 300`` when the run's checkpoints are compared."""
+    if source == "distilled" and several and iteration is not None:
+        return f"checkpoint {iteration}"
+    return source
+
+
+def _val(e: EvalRunDone) -> str:
+    return f" (validation {e.val_accuracy:.2%})" if e.val_accuracy is not None else ""
+
+
 class EvalPlain(_Plain):
     def handle(self, e: Event) -> None:
         if isinstance(e, EvalStarted):
-            self.line(f"evaluate: {len(e.jobs)} trainings of {e.epochs} epochs on {e.device}")
+            self.several = len({j[3] for j in e.jobs if j[0] == "distilled"}) > 1
+            how = f", choosing the checkpoint by {e.select}" if self.several and e.select else ""
+            self.line(f"evaluate: {len(e.jobs)} trainings of {e.epochs} epochs on {e.device}{how}")
         elif isinstance(e, EvalRunDone):
-            self.line(f"{e.source} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%} ({e.seconds:.0f} s){_diverged(e)}")
+            name = _set_name(e.source, e.iteration, getattr(self, "several", False))
+            self.line(f"{name} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%}{_val(e)} ({e.seconds:.0f} s){_diverged(e)}")
 
 
 def _diverged(e: EvalRunDone) -> str:
@@ -268,22 +282,43 @@ def _diverged(e: EvalRunDone) -> str:
 
 
 class EvalLive(_Plain):
+    """An overall bar, one line per set (each checkpoint of the run, each baseline), and the current training's epochs."""
+
     def __init__(self, console: Console):
         super().__init__(console)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         self.live: Live | None = None
+        self.sets: dict = {}
+        self.accs: dict = {}
 
     def handle(self, e: Event) -> None:
         if isinstance(e, EvalStarted):
-            self.t_runs = self.progress.add_task("trainings", total=len(e.jobs))
-            self.t_epochs = self.progress.add_task("epochs   ", total=e.epochs)
+            self.several = len({j[3] for j in e.jobs if j[0] == "distilled"}) > 1
+            self.t_runs = self.progress.add_task("all trainings", total=len(e.jobs), acc="")
+            for source, _, _, it in e.jobs:
+                key = (source, it)
+                if key not in self.sets:
+                    self.sets[key] = self.progress.add_task(f"  {_set_name(source, it, self.several)}", total=0, acc="")
+                self.progress.update(self.sets[key], total=self.progress.tasks[self.sets[key]].total + 1)
+            self.t_epochs = self.progress.add_task("epochs   ", total=e.epochs, acc="")
             self.live = Live(self.progress, console=self.c, refresh_per_second=4)
             self.live.start()
         elif isinstance(e, EvalEpoch):
-            self.progress.update(self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{e.source}/{e.model} #{e.run}")
+            name = _set_name(e.source, e.iteration, self.several)
+            self.progress.update(self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{name}/{e.model} #{e.run}")
         elif isinstance(e, EvalRunDone):
             self.progress.advance(self.t_runs)
-            self.c.print(f"{e.source} / {e.model} run {e.run}: {e.accuracy:.2%}{_diverged(e)}", highlight=False)
+            key = (e.source, e.iteration)
+            self.accs.setdefault(key, []).append((e.accuracy, e.val_accuracy))
+            accs = self.accs[key]
+            mean = sum(a for a, _ in accs) / len(accs)
+            vals = [v for _, v in accs if v is not None]
+            text = f"test {mean:.2%}" + (f"  val {sum(vals) / len(vals):.2%}" if vals else "")
+            if key in self.sets:
+                self.progress.update(self.sets[key], advance=1, acc=text)
+            self.c.print(f"{_set_name(e.source, e.iteration, self.several)} / {e.model} run {e.run}: {e.accuracy:.2%}{_val(e)}"
+                         f"{_diverged(e)}", highlight=False)
         elif isinstance(e, EvalDone):
             self.close()
 

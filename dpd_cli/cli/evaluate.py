@@ -64,10 +64,12 @@ def evaluate(
             print_json({**result, "fail_under": s.fail_under, "passed": not below})
         elif not quiet:
             out_console().print(results_table(result["results"]))
-            note = divergence_note(result["results"])
-            if note:
-                out_console().print(note, highlight=False)
+            for note in (selection_note(result["results"]), divergence_note(result["results"])):
+                if note:
+                    out_console().print(note, highlight=False)
             out_console().print(f"Saved to {result['eval_file']}", highlight=False)
+    for warning in result.get("warnings", []):
+        error_console().print(f"Warning: {warning}", highlight=False, soft_wrap=True)
     if below:
         worst = min(below, key=lambda r: r["mean"])
         error_console().print(
@@ -79,20 +81,37 @@ def evaluate(
 
 def results_table(entries: list[dict]) -> Table:
     """Rows = architectures, columns = distilled / random / full, cells = mean ± std (%)."""
-    sources = [src for src in ("distilled", "random", "full") if any(e["source"] == src for e in entries)]
+    sources = [src for src in ("distilled", "init", "random", "full") if any(e["source"] == src for e in entries)]
     first = entries[0]
     table = Table(title=f"Test accuracy, {first['dataset']}, IPC {first['ipc']}, protocol {first['protocol']} "
                         f"({first['runs']} run{'s' if first['runs'] > 1 else ''} each)")
     table.add_column("model")
     for src in sources:
-        table.add_column({"distilled": "distilled", "random": "random real", "full": "full data"}[src], justify="right")
+        table.add_column({"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}[src],
+                         justify="right")
     for model in dict.fromkeys(e["model"] for e in entries):
         cells = []
         for src in sources:
             hit = [e for e in entries if e["model"] == model and e["source"] == src]
-            cells.append(f"{100 * hit[-1]['mean']:.2f} ± {100 * hit[-1]['std']:.2f}" if hit else "")
+            mark = "†" if hit and hit[-1].get("optimistic") else ""
+            cells.append(f"{100 * hit[-1]['mean']:.2f} ± {100 * hit[-1]['std']:.2f}{mark}" if hit else "")
         table.add_row(model, *cells)
     return table
+
+
+def selection_note(entries: list[dict]) -> str | None:
+    """Which checkpoint the distilled column is, and how it was chosen (optimistic when by test accuracy)."""
+    lines = []
+    for e in entries:
+        if e["source"] != "distilled" or len(e.get("checkpoints") or []) < 2:
+            continue
+        its = [c["iteration"] for c in e["checkpoints"]]
+        how = {"val": f"the best validation accuracy ({100 * e['val_accuracy']:.2f}%)",
+               "test-max": "the best TEST accuracy: optimistic, selected on the test set as published tables are",
+               "final": "the last one"}[e["select"]]
+        lines.append(f"{e['model']}: distilled = checkpoint {e['selected_iteration']} of {len(its)} ({', '.join(map(str, its))}), "
+                     f"chosen by {how}; the final set scores {100 * e['final_accuracy']:.2f}%.")
+    return "\n".join(lines) or None
 
 
 def divergence_note(entries: list[dict]) -> str | None:

@@ -22,7 +22,7 @@ PLOT_NOTE = "--plot needs matplotlib, which is not installed: `pip install matpl
 _MAX_LAYER_ROWS = 15
 _MAX_EXPERT_ROWS = 20
 _META_WIDTH = 52  # characters of a metadata value shown before "…"
-_SOURCES = {"distilled": "distilled", "random": "random real", "full": "full data"}
+_SOURCES = {"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}
 
 
 def inspect(
@@ -181,7 +181,8 @@ def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
                 r = hit[-1]
                 mean = "?" if r["mean"] is None else f"{100 * r['mean']:.2f}"
                 std = "?" if r["std"] is None else f"{100 * r['std']:.2f}"
-                cells.append(f"{mean} ± {std} ({r['runs']}){'*' if r['diverged_runs'] else ''}")
+                mark = ("*" if r["diverged_runs"] else "") + ("†" if r.get("optimistic") else "") + ("!" if r.get("below_baselines") else "")
+                cells.append(f"{mean} ± {std} ({r['runs']}){mark}")
             else:
                 cells.append("")
         _add_row(table, model, str(protocol), *cells)
@@ -191,6 +192,15 @@ def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
         which = "; ".join(f"{_SOURCES.get(r['source'], r['source'])} / {r['model']}: {len(r['diverged_runs'])} of {r['runs']}" for r in diverged)
         _put(con, f"* Trainings whose loss became NaN/Inf ({which}); they count in the mean. "
                   "A lower `dpd evaluate --lr` usually trains them.", "dim")
+    for r in results:
+        if r["source"] == "distilled" and r.get("select") in ("val", "test-max"):
+            how = (f"best validation accuracy, {100 * r['val_accuracy']:.2f}%" if r["select"] == "val" and r.get("val_accuracy") is not None
+                   else "best TEST accuracy (†: optimistic, selected on the test set as published tables are)")
+            final = "" if r.get("final_accuracy") is None else f"; the final set scores {100 * r['final_accuracy']:.2f}%"
+            _put(con, f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}, chosen by {how}{final}.", "dim")
+        if r.get("below_baselines"):
+            _put(con, f"! {r['model']}: the distilled set scores below {' and '.join(_SOURCES.get(b, b) for b in r['below_baselines'])} "
+                      "by more than the spread: distillation made the images worse.", "bold red")
     stale = sorted({r["iteration"] for r in results if r["source"] == "distilled" and r["iteration"] is not None and iteration is not None and r["iteration"] != iteration})
     if stale:
         _put(con, f"Some distilled results are for iteration {', '.join(map(str, stale))}; the run is now at {iteration}. "

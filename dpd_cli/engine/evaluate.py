@@ -28,17 +28,20 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.engine.common import derive_seed, distributed_shard, resolve_device, set_threads, versions
+from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.run import SYNTHETIC
 from dpd_cli.engine.train import accuracy, train_epoch
-from dpd_cli.errors import DataError, StorageError
+from dpd_cli.errors import DataError, SettingsError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
 from dpd_cli.models import ModelSpec, build_model
 from dpd_cli.settings import EvalSettings
@@ -82,12 +85,17 @@ def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: in
     return torch.cat(picks)
 
 
-def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> tuple[float, int | None]:
-    """Train one fresh network and test it.
+class TrainResult(NamedTuple):
+    test_accuracy: float
+    diverged_epoch: int | None  # first epoch whose training loss was NaN/Inf
+    val_accuracy: float | None  # on the validation split, when there is one
 
-    Returns:
-        ``(test accuracy, first epoch whose loss was NaN/Inf or None)``; a diverged network still
-        counts at the accuracy it ends with (no run is ever dropped from a mean).
+
+def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch,
+                    x_val=None, y_val=None) -> TrainResult:
+    """Train one fresh network and test it (and measure it on the validation split if given).
+
+    A diverged network still counts at the accuracy it ends with (no run is ever dropped from a mean).
     """
     torch.manual_seed(seed)
     net = build_model(spec).to(device)
@@ -103,39 +111,227 @@ def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, see
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss_sum), epoch, first_bad)
         on_epoch(epoch, loss_sum)
     diverged = int(first_bad.item())
-    return accuracy(net, x_test, y_test), (diverged or None)
+    val = accuracy(net, x_val, y_val) if x_val is not None else None
+    return TrainResult(accuracy(net, x_test, y_test), diverged or None, val)
 
 
-def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
-    """Evaluate the synthetic set in ``target`` (a run dir, synthetic.safetensors or a checkpoint).
+@dataclass
+class _Set:
+    """One set of images to train on: a checkpoint, the final synthetic set, or a baseline's source."""
 
-    Returns:
-        ``{"target", "eval_file", "results": [entry, ...]}``; entries as stored in eval.json.
+    source: str  # distilled | random | full | init
+    iteration: int | None  # the checkpoint's iteration (distilled and init)
+    path: Path | None
+    tensors: dict | None = None
 
-    Raises:
-        UserError: Unreadable synthetic set, dataset problems, bad device.
-    """
-    s = settings
-    sink = sink or NullSink()
+
+def _targets(target: Path) -> tuple[Path, Path | None]:
+    """(the file whose set is reported as "final", the run directory or None for a bare file)."""
     if not str(target).strip():
         raise StorageError("The target is empty. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
     target = Path(target)
     if not target.exists():
         raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
-    file = target / SYNTHETIC if target.is_dir() else target
-    if target.is_dir() and not file.exists():
+    if not target.is_dir():
+        return target, None
+    if (target / "experts.json").exists() or any(target.glob("expert_*.safetensors")):
+        raise StorageError(
+            f"{target} is an experts folder (from `dpd experts`): it holds trajectories, not images to evaluate. "
+            f"Distil a synthetic set from it first (`dpd distill --experts {target}`), then evaluate the run directory."
+        )
+    file = target / SYNTHETIC
+    if not file.exists():
         raise StorageError(f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first.")
+    return file, target
+
+
+def _choose_select(s: EvalSettings, run_dir: Path | None, checkpoints: list[Path], has_val: bool) -> str:
+    """The --select mode in force; refuses the combinations that cannot work, saying what would."""
+    n = len(checkpoints)
+    if s.select is None:
+        return "val" if has_val and n > 1 and s.distilled else "final"
+    if s.select == "final":
+        return "final"
+    if run_dir is None:
+        raise SettingsError(f"--select {s.select} compares a run's checkpoints: give the run directory, not a single file.")
+    if n <= 1:
+        raise SettingsError(
+            f"--select {s.select} picks among a run's kept checkpoints, but {run_dir} keeps {n}. Distil with "
+            "--keep-checkpoints all (or N) to keep them, or use --select final."
+        )
+    if s.select == "val" and not has_val:
+        raise SettingsError(
+            f"--select val needs a validation split, and {run_dir} has none. Train experts and distil with "
+            "--val-per-class K (e.g. 50) to hold one out, use --select final, or --select test-max (optimistic)."
+        )
+    return s.select
+
+
+def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
+    """Evaluate the synthetic set in ``target`` (a run dir, synthetic.safetensors or a checkpoint).
+
+    With ``--select val`` or ``test-max`` every kept checkpoint of the run is trained on (the same
+    network seeds for each), and the one with the best mean validation (or test) accuracy is reported.
+
+    Returns:
+        ``{"target", "eval_file", "results": [entry, ...]}``; entries as stored in eval.json.
+
+    Raises:
+        UserError: Unreadable synthetic set, dataset problems, bad device, impossible selection.
+    """
+    s = settings
+    sink = sink or NullSink()
+    file, run_dir = _targets(target)
+    target = Path(target)
     tensors, meta = synthetic_file.load(file)
+    validation = meta.get("validation") or None
+    checkpoints = sorted(layout.checkpoints(run_dir), key=layout.checkpoint_iteration) if run_dir is not None else []
+    select = _choose_select(s, run_dir, checkpoints, validation is not None)
     set_threads(s.threads)
     device = resolve_device(s.device)
     run_settings = meta.get("settings", {})
     data_dir = s.data_dir or run_settings.get("data_dir")
-    ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None)
+    ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None,
+                      val_per_class=validation["per_class"] if validation else None)
+    if validation and ds.val_fingerprint != validation.get("fingerprint"):
+        raise DataError(f"The validation split of dataset {ds.name} is not the one {file} was distilled with (the dataset "
+                        "changed?). Point --data-dir at the dataset the run used.")
     pre = Preprocess.from_tensors(tensors)
     base_spec = ModelSpec.from_dict(meta["model"])
-    if ds.n_classes != base_spec.n_classes or tuple(ds.image_shape) != tuple(tensors["images"].shape[1:]):
+    _check_dataset(ds, base_spec, tensors, meta)
+    x_test = pre.apply(ds.test_images).to(device)
+    y_test = ds.test_labels.to(device)
+    x_val = pre.apply(ds.val_images).to(device) if validation else None
+    y_val = ds.val_labels.to(device) if validation else None
+
+    protocol = PROTOCOLS[s.protocol]
+    epochs = s.epochs or protocol["epochs"]
+    learned_lr = float(tensors["lr"])
+    ipc = int(meta.get("ipc") or len(tensors["labels"]) // base_spec.n_classes)
+
+    # The sets: the final set, or every kept checkpoint; then the baselines.
+    sets: list[_Set] = []
+    if s.distilled:
+        if select == "final":
+            sets.append(_Set("distilled", meta.get("iteration"), file, tensors))
+        else:
+            sets += [_Set("distilled", layout.checkpoint_iteration(p), p) for p in checkpoints]
+    for b in s.baseline:
+        if b == "init":
+            zero = layout.checkpoint_path(run_dir, 0) if run_dir is not None else None
+            if zero is None or not zero.exists():
+                raise StorageError(
+                    f"--baseline init trains on the run's initial images, kept in checkpoint 0, which "
+                    f"{'a bare file has no' if run_dir is None else str(run_dir) + ' lacks (distilled by dpd 0.1?)'}. "
+                    "Give a run directory distilled by this dpd, or leave init out."
+                )
+            sets.append(_Set("init", 0, zero))
+        else:
+            sets.append(_Set(b, None, None))
+    for st in sets:
+        if st.path is not None and st.tensors is None:
+            st.tensors, _ = synthetic_file.load(st.path)
+            if Preprocess.from_tensors(st.tensors).fingerprint() != pre.fingerprint():
+                raise StorageError(f"{st.path} was written with another preprocessing than {file}: not the same run.")
+
+    jobs = [(st, m, r) for st in sets for m in s.models for r in range(s.runs)]
+    rank, world = distributed_shard()
+    mine = jobs[rank::world]
+    sink.emit(EvalStarted([(st.source, m, r, st.iteration) for st, m, r in mine], epochs, str(device),
+                          select if s.distilled else None))
+
+    data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def data_for(st: _Set, r: int):
+        if st.tensors is not None:
+            return st.tensors["images"].to(device), st.tensors["labels"].to(device)
+        if st.source == "random":
+            idx = random_subset(ds.train_labels, ds.n_classes, ipc, derive_seed(s.seed, "random-subset", r))
+            return pre.apply(ds.train_images[idx]).to(device), ds.train_labels[idx].to(device)
+        if "full" not in data_cache:
+            data_cache["full"] = (pre.apply(ds.train_images).to(device), ds.train_labels.to(device))
+        return data_cache["full"]
+
+    def lr_for(st: _Set) -> float:
+        if s.lr is not None:
+            return s.lr
+        if protocol["lr"] is not None:
+            return protocol["lr"]
+        if st.source == "distilled":
+            return float(st.tensors["lr"])  # each checkpoint trains at the step size it had learned then
+        if st.source == "init":
+            return learned_lr  # what distillation added: the same protocol, the final set's alpha
+        return _BASELINE_LR
+
+    out_file = eval_path(target)
+    partial = out_file.with_suffix(".partial.jsonl")  # finished trainings of an interrupted evaluation
+    fingerprints = {id(st): _fingerprint(st.tensors) if st.tensors is not None else None for st in sets}
+    keys = {(id(st), m, r): _job_key(s, fingerprints[id(st)], st.source, m, r) for st, m, r in mine}
+    lock = f".{out_file.name}.lock" if world == 1 else f".{out_file.name}.rank{rank}.lock"
+    with storage.lock_dir(out_file.parent, f"an evaluation of {file}", lock, "Wait for it to finish."), interrupt.safe_points():
+        done = _load_partial(partial, {k: job for job, k in keys.items()})
+        if done:
+            sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))
+        outcomes = []
+        for st, m, r in mine:
+            job = (id(st), m, r)
+            if job in done:
+                outcomes.append({**done[job], "iteration": st.iteration})
+                continue
+            spec = ModelSpec(m, base_spec.channels, base_spec.image_size, base_spec.n_classes,
+                             base_spec.width, base_spec.depth, base_spec.norm, base_spec.pool)
+            n_epochs = s.full_epochs if st.source == "full" else epochs
+            seed = derive_seed(s.seed, "distilled" if st.source == "init" else st.source, m, r)
+            x, y = data_for(st, r)
+            t0 = time.perf_counter()
+
+            def on_epoch(epoch, loss_sum, st=st, m=m, r=r, n=len(y), total=n_epochs):
+                if epoch == total or epoch % max(1, total // 50) == 0:
+                    sink.emit(EvalEpoch(st.source, m, r, epoch, total, float(loss_sum) / n, st.iteration))
+
+            try:
+                res = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(st), s, seed, device, on_epoch, x_val, y_val)
+            except interrupt.Interrupted:
+                kept = f"{len(outcomes)} finished training(s) are kept in {partial}" if outcomes else "no training had finished"
+                raise interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue") from None
+            dt = time.perf_counter() - t0
+            outcome = {"source": st.source, "model": m, "run": r, "accuracy": res.test_accuracy, "seed": seed, "seconds": dt,
+                       "epochs": n_epochs, "lr": lr_for(st), "diverged_epoch": res.diverged_epoch,
+                       "val_accuracy": res.val_accuracy, "iteration": st.iteration}
+            _append_partial(partial, keys[job], outcome)
+            outcomes.append(outcome)
+            sink.emit(EvalRunDone(st.source, m, r, res.test_accuracy, dt, res.diverged_epoch, st.iteration, res.val_accuracy))
+
+        if world > 1:
+            outcomes = _gather(outcomes)
+            if rank != 0:
+                return {"target": str(target), "eval_file": None, "results": [], "warnings": []}
+
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        common = {"protocol": s.protocol, "ipc": ipc, "dataset": ds.name, "synthetic": str(file), "timestamp": stamp,
+                  "settings": s.model_dump(mode="json"), "versions": versions()}
+        entries = []
+        for source in dict.fromkeys(st.source for st in sets):
+            for m in s.models:
+                rows = [o for o in outcomes if o["source"] == source and o["model"] == m]
+                if source == "distilled":
+                    entries.append({**_distilled_entry(rows, select, meta.get("iteration")), **common})
+                else:
+                    entries.append({**_summary(rows), "source": source, "model": m, **common,
+                                    "iteration": 0 if source == "init" else None})
+        warnings = _below_baselines(entries)
+        record = load_eval(out_file)
+        record["results"].extend(entries)
+        storage.atomic_write_text(out_file, json.dumps(record, indent=2))
+        partial.unlink(missing_ok=True)
+    sink.emit(EvalDone(entries))
+    return {"target": str(target), "eval_file": str(out_file), "results": entries, "warnings": warnings}
+
+
+def _check_dataset(ds, spec: ModelSpec, tensors: dict, meta: dict) -> None:
+    if ds.n_classes != spec.n_classes or tuple(ds.image_shape) != tuple(tensors["images"].shape[1:]):
         raise DataError(
-            f"The synthetic set ({tuple(tensors['images'].shape[1:])} images, {base_spec.n_classes} classes) does not fit "
+            f"The synthetic set ({tuple(tensors['images'].shape[1:])} images, {spec.n_classes} classes) does not fit "
             f"dataset {ds.name} ({ds.image_shape}, {ds.n_classes} classes). Check --data-dir."
         )
     if list(meta["classes"]) != list(ds.classes):
@@ -144,106 +340,68 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
             f"The synthetic set's classes differ from those of dataset {ds.name} (label {'; '.join(diff[:3])}"
             f"{'; ...' if len(diff) > 3 else ''}): its labels would be scored against the wrong classes. Check --data-dir."
         )
-    x_test = pre.apply(ds.test_images).to(device)
-    y_test = ds.test_labels.to(device)
 
-    protocol = PROTOCOLS[s.protocol]
-    epochs = s.epochs or protocol["epochs"]
-    learned_lr = float(tensors["lr"])
-    ipc = int(meta.get("ipc") or len(tensors["labels"]) // base_spec.n_classes)
-    sources = (["distilled"] if s.distilled else []) + list(s.baseline)
-    jobs = [(src, m, r) for src in sources for m in s.models for r in range(s.runs)]
-    rank, world = distributed_shard()
-    mine = jobs[rank::world]
-    sink.emit(EvalStarted(mine, epochs, str(device)))
 
-    data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
-    def data_for(src: str, r: int):
-        if src == "distilled":
-            return tensors["images"].to(device), tensors["labels"].to(device)
-        if src == "random":
-            idx = random_subset(ds.train_labels, ds.n_classes, ipc, derive_seed(s.seed, "random-subset", r))
-            return pre.apply(ds.train_images[idx]).to(device), ds.train_labels[idx].to(device)
-        if "full" not in data_cache:
-            data_cache["full"] = (pre.apply(ds.train_images).to(device), ds.train_labels.to(device))
-        return data_cache["full"]
 
-    def lr_for(src: str) -> float:
-        if s.lr is not None:
-            return s.lr
-        if src == "distilled":
-            return protocol["lr"] if protocol["lr"] is not None else learned_lr
-        return protocol["lr"] if protocol["lr"] is not None else _BASELINE_LR
+def _summary(rows: list[dict]) -> dict:
+    """mean ± population std (as MTT reports) of one set's trainings, with everything per run."""
+    rows = sorted(rows, key=lambda o: o["run"])
+    accs = [o["accuracy"] for o in rows]
+    mean = _mean(accs)
+    vals = [o.get("val_accuracy") for o in rows]
+    return {
+        "model": rows[0]["model"], "epochs": rows[0]["epochs"], "lr": rows[0]["lr"], "runs": len(accs), "accuracies": accs,
+        "mean": mean, "std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)), "seeds": [o["seed"] for o in rows],
+        "diverged_runs": [o["run"] for o in rows if o.get("diverged_epoch")],
+        "seconds_per_run": _mean([o["seconds"] for o in rows]),
+        "val_accuracy": _mean(vals) if all(v is not None for v in vals) else None,
+    }
 
-    out_file = eval_path(target)
-    partial = out_file.with_suffix(".partial.jsonl")  # finished trainings of an interrupted evaluation
-    fingerprint = _fingerprint(tensors)
-    keys = {job: _job_key(s, fingerprint, *job) for job in mine}
-    lock = f".{out_file.name}.lock" if world == 1 else f".{out_file.name}.rank{rank}.lock"
-    with storage.lock_dir(out_file.parent, f"an evaluation of {file}", lock, "Wait for it to finish."), interrupt.safe_points():
-        done = _load_partial(partial, {k: job for job, k in keys.items()})
-        if done:
-            sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))
-        outcomes = []
-        for src, m, r in mine:
-            if (src, m, r) in done:
-                outcomes.append(done[(src, m, r)])
-                continue
-            spec = ModelSpec(m, base_spec.channels, base_spec.image_size, base_spec.n_classes,
-                             base_spec.width, base_spec.depth, base_spec.norm, base_spec.pool)
-            n_epochs = s.full_epochs if src == "full" else epochs
-            seed = derive_seed(s.seed, src, m, r)
-            x, y = data_for(src, r)
-            t0 = time.perf_counter()
 
-            def on_epoch(epoch, loss_sum, src=src, m=m, r=r, n=len(y), total=n_epochs):
-                if epoch == total or epoch % max(1, total // 50) == 0:
-                    sink.emit(EvalEpoch(src, m, r, epoch, total, float(loss_sum) / n))
+def _distilled_entry(rows: list[dict], select: str, final_iteration: int | None) -> dict:
+    """The distilled set's entry: the selected checkpoint's summary, the final one's accuracy, every checkpoint's means."""
+    by_it: dict = {}
+    for o in rows:
+        by_it.setdefault(o["iteration"], []).append(o)
+    per = {it: _summary(group) for it, group in sorted(by_it.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}
+    final_it = max(per, key=lambda it: -1 if it is None else it)
+    if select == "val":
+        chosen = max(per, key=lambda it: (per[it]["val_accuracy"], it))  # ties: the later checkpoint
+    elif select == "test-max":
+        chosen = max(per, key=lambda it: (per[it]["mean"], it))
+    else:
+        chosen = final_it
+    entry = {**per[chosen], "source": "distilled", "select": select, "selected_iteration": chosen,
+             "iteration": chosen if chosen is not None else final_iteration,
+             "final_accuracy": per[final_it]["mean"], "optimistic": select == "test-max"}
+    if len(per) > 1:
+        entry["checkpoints"] = [{"iteration": it, "mean": v["mean"], "std": v["std"], "val_accuracy": v["val_accuracy"],
+                                 "accuracies": v["accuracies"], "lr": v["lr"]} for it, v in per.items()]
+    return entry
 
-            try:
-                acc, diverged = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(src), s, seed, device, on_epoch)
-            except interrupt.Interrupted:
-                kept = f"{len(outcomes)} finished training(s) are kept in {partial}" if outcomes else "no training had finished"
-                raise interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue") from None
-            dt = time.perf_counter() - t0
-            outcome = {"source": src, "model": m, "run": r, "accuracy": acc, "seed": seed, "seconds": dt,
-                       "epochs": n_epochs, "lr": lr_for(src), "diverged_epoch": diverged}
-            _append_partial(partial, keys[(src, m, r)], outcome)
-            outcomes.append(outcome)
-            sink.emit(EvalRunDone(src, m, r, acc, dt, diverged))
 
-        if world > 1:
-            outcomes = _gather(outcomes)
-            if rank != 0:
-                return {"target": str(target), "eval_file": None, "results": []}
-
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        entries = []
-        for src in sources:
-            for m in s.models:
-                rows = sorted((o for o in outcomes if o["source"] == src and o["model"] == m), key=lambda o: o["run"])
-                accs = [o["accuracy"] for o in rows]
-                mean = sum(accs) / len(accs)
-                std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))  # population std, as MTT reports
-                entries.append({
-                    "source": src, "model": m, "protocol": s.protocol, "epochs": rows[0]["epochs"], "lr": rows[0]["lr"],
-                    "runs": len(accs), "accuracies": accs, "mean": mean, "std": std, "seeds": [o["seed"] for o in rows],
-                    "diverged_runs": [o["run"] for o in rows if o.get("diverged_epoch")],
-                    "seconds_per_run": sum(o["seconds"] for o in rows) / len(rows),
-                    "ipc": ipc, "dataset": ds.name, "iteration": meta.get("iteration"), "synthetic": str(file),
-                    "timestamp": stamp, "settings": s.model_dump(mode="json"), "versions": versions(),
-                })
-        record = load_eval(out_file)
-        record["results"].extend(entries)
-        storage.atomic_write_text(out_file, json.dumps(record, indent=2))
-        partial.unlink(missing_ok=True)
-    sink.emit(EvalDone(entries))
-    return {"target": str(target), "eval_file": str(out_file), "results": entries}
+def _below_baselines(entries: list[dict]) -> list[str]:
+    """Warnings for a distilled set below the init or random baseline by more than the larger of the two spreads."""
+    notes = []
+    for d in (e for e in entries if e["source"] == "distilled"):
+        for b in (e for e in entries if e["source"] in ("init", "random") and e["model"] == d["model"]):
+            gap = b["mean"] - d["mean"]
+            if gap > max(d["std"], b["std"]):
+                what = "its own initial images" if b["source"] == "init" else "random real images"
+                notes.append(
+                    f"The distilled set ({d['model']}) scores {100 * d['mean']:.2f}%, {100 * gap:.2f} points below {what} "
+                    f"({100 * b['mean']:.2f}%) trained the same way: distillation made these images worse. Check the "
+                    "learning rates (--lr-img, --lr-teacher) and the experts' accuracy."
+                )
+                d.setdefault("below_baselines", []).append(b["source"])
+    return notes
 
 
 # Settings that only choose which trainings run (or where): a finished training is reused across them.
-_NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled"}
+_NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled", "select"}
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -275,7 +433,7 @@ def _load_partial(path: Path, wanted: dict[str, tuple]) -> dict[tuple, dict]:
             rec = json.loads(line)
             job = wanted.get(rec["key"])
             o = rec["outcome"]
-            if job is not None and [o["source"], o["model"], o["run"]] == list(job) and isinstance(o["accuracy"], float):
+            if job is not None and [o["model"], o["run"]] == list(job[1:]) and isinstance(o["accuracy"], float):
                 done[job] = o
         except (ValueError, KeyError, TypeError):
             continue

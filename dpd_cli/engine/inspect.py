@@ -296,7 +296,7 @@ def _latest_evaluations(path: Path, warnings: list[str], name: str) -> dict | No
         latest[key] = e
     if skipped:
         warnings.append(f"{name}: {skipped} entr{'y' if skipped == 1 else 'ies'} without source/model/mean skipped.")
-    order = {"distilled": 0, "random": 1, "full": 2}
+    order = {"distilled": 0, "init": 1, "random": 2, "full": 3}
     results = []
     for e in sorted(latest.values(), key=lambda e: (str(e["model"]), str(e.get("protocol")), order.get(e["source"], 9))):
         accs = e.get("accuracies") if isinstance(e.get("accuracies"), list) else []
@@ -315,6 +315,12 @@ def _latest_evaluations(path: Path, warnings: list[str], name: str) -> dict | No
             "dataset": e.get("dataset"),
             "iteration": e.get("iteration"),
             "timestamp": e.get("timestamp"),
+            "select": e.get("select") if isinstance(e.get("select"), str) else None,
+            "selected_iteration": e.get("selected_iteration") if isinstance(e.get("selected_iteration"), int) else None,
+            "val_accuracy": _finite(e.get("val_accuracy")),
+            "final_accuracy": _finite(e.get("final_accuracy")),
+            "optimistic": e.get("optimistic") is True,
+            "below_baselines": [b for b in e.get("below_baselines") or [] if isinstance(b, str)],
         })
     return {"file": name, "valid": True, "error": None, "n_entries": len(data["results"]), "results": results}
 

@@ -130,3 +130,53 @@ def test_distill_finds_the_experts_and_takes_their_network(dpd, tmp_path):
     # A given setting the folder does not fit is still an error, naming what was asked.
     r = dpd("distill", *plain, "--width", "16", "--iterations", "2", "--out", tmp_path / "run2")
     assert r.exit_code == 2 and "None of the experts folders under" in r.output and "width 16" in r.output
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate --select through the CLI, with real (tiny) trainings
+
+
+@pytest.fixture
+def val_run(dpd, tmp_path) -> Path:
+    ex, run = tmp_path / "exv", tmp_path / "runv"
+    assert dpd("experts", "--num", "1", "--epochs", "3", "--val-per-class", "5", "--out", ex, *TINY).exit_code == 0
+    r = dpd("distill", "--experts", ex, "--out", run, *DISTILL, "--iterations", "4", "--keep-checkpoints", "all")
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.mark.parametrize("select", ["val", "final", "test-max"])
+def test_evaluate_select_modes(dpd, val_run, select):
+    r = dpd("evaluate", val_run, "--select", select, "--epochs", "2", "--runs", "1", "--baseline", "init", "--json",
+            "--threads", "1")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    d = next(e for e in data["results"] if e["source"] == "distilled")
+    init = next(e for e in data["results"] if e["source"] == "init")
+    assert d["select"] == select and init["iteration"] == 0
+    per = {c["iteration"]: c for c in d.get("checkpoints", [])}
+    if select == "final":
+        assert d["selected_iteration"] == 4 and not per
+    else:
+        assert sorted(per) == [0, 2, 4]
+        key = "val_accuracy" if select == "val" else "mean"
+        best = max(per, key=lambda it: (per[it][key], it))
+        assert d["selected_iteration"] == best and d["mean"] == per[best]["mean"]
+        assert d["optimistic"] == (select == "test-max")
+    assert d["final_accuracy"] == (per[4]["mean"] if per else d["mean"])
+    assert 0 <= d["val_accuracy"] <= 1
+    r = dpd("inspect", val_run)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    if select == "test-max":
+        assert "best TEST accuracy (†: optimistic" in out
+    if select == "val":
+        assert "chosen by best validation accuracy" in out
+
+
+def test_evaluate_select_val_without_a_split(dpd, experts, tmp_path):
+    run = tmp_path / "run"
+    assert dpd("distill", "--experts", experts, "--out", run, *DISTILL, "--iterations", "2").exit_code == 0
+    r = dpd("evaluate", run, "--select", "val", "--epochs", "1", "--runs", "1", "--threads", "1")
+    assert r.exit_code == 2 and "--select val needs a validation split" in r.output and "Traceback" not in r.output
+    assert not (run / "eval.json").exists()

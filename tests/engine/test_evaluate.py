@@ -49,9 +49,10 @@ def _record_trainings(monkeypatch) -> list[dict]:
     """Replace the training with a recorder (accuracy 0.5): what each training would have been given."""
     calls: list[dict] = []
 
-    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch):
-        calls.append({"x": x.clone(), "y": y.clone(), "x_test": x_test.clone(), "y_test": y_test.clone(), "lr": lr, "seed": seed})
-        return 0.5, None
+    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
+        calls.append({"x": x.clone(), "y": y.clone(), "x_test": x_test.clone(), "y_test": y_test.clone(), "lr": lr, "seed": seed,
+                      "x_val": x_val, "y_val": y_val})
+        return E.TrainResult(0.5, None, None if x_val is None else 0.5)
 
     monkeypatch.setattr(E, "_train_and_test", fake)
     return calls
@@ -112,8 +113,8 @@ def test_train_and_test_reports_divergence(lr, diverges):
     x, y = _blobs()
     s = _settings(dsa=False, batch=4)
     epochs_seen = []
-    acc, diverged = E._train_and_test(tiny_spec(), x, y, x, y, 4, lr, s, 0, torch.device("cpu"),
-                                      lambda epoch, loss: epochs_seen.append((epoch, float(loss))))
+    acc, diverged, _ = E._train_and_test(tiny_spec(), x, y, x, y, 4, lr, s, 0, torch.device("cpu"),
+                                         lambda epoch, loss: epochs_seen.append((epoch, float(loss))))
     assert 0.0 <= acc <= 1.0 and len(epochs_seen) == 4
     if diverges:
         first_bad = next(epoch for epoch, loss in epochs_seen if not torch.isfinite(torch.tensor(loss)))
