@@ -38,6 +38,7 @@ __all__ = [
     "read_header",
     "TensorFile",
     "lock_dir",
+    "lock_shard",
     "remove_stale_temps",
 ]
 
@@ -338,25 +339,79 @@ class TensorFile:
         self.close()
 
 
+#: ``flock`` errors that mean the file system does not do locks (NFS without a lock daemon, some
+#: parallel and FUSE file systems), as opposed to another process holding the lock.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+
 @contextlib.contextmanager
-def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait for it to finish, or choose another --out.") -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/<name>`` for the duration; a second process gets a clear error.
+def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait for it to finish, or choose another --out.",
+             shared: bool = False) -> Iterator[None]:
+    """Hold a lock on ``folder/<name>`` for the duration; a conflicting process gets a clear error.
 
     Uses ``flock``: the kernel releases it when the process dies, so a kill leaves no stale lock.
+    A lock belongs to one open file description: a second ``lock_dir`` in the same process
+    conflicts with the first just as another process would.
+
+    Args:
+        folder: The folder to lock (created if missing).
+        what: What is being written, for the message (``"experts"``).
+        name: The lock file's name in ``folder``.
+        advice: The message's last sentence.
+        shared: Take a shared lock: any number of shared holders together, but none alongside an
+            exclusive holder (see ``lock_shard``).
+
+    Raises:
+        OutputExistsError: Another holder conflicts.
+        StorageError: The folder cannot be written, or its file system does not support locks.
     """
     folder = Path(folder)
+    path = folder / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / name, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
-        raise StorageError(_os_message(folder / name, e)) from e
+        raise StorageError(_os_message(path, e)) from e
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputExistsError(f"Another dpd process is writing {what} in {folder}. {advice}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                raise StorageError(
+                    f"Cannot lock {path}: its file system does not support file locks ({e.strerror}; NFS without a lock service and some "
+                    "parallel file systems lack them). dpd locks every folder it writes so that two processes never write the same "
+                    "files. Use a folder on a local disk: choose it with --out (for dpd evaluate, copy the run there first)."
+                ) from None
+            raise StorageError(f"Cannot lock {path}: {e.strerror or e}. Check the output folder.") from e
+        if not shared:  # who holds it, for people looking; several shared holders would write over each other
+            with contextlib.suppress(OSError):  # a full disk must not stop the command here, but at its first real write
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_shard(folder: Path, what: str, rank: int, world: int, name: str = ".lock",
+               advice: str = "Wait for it to finish, or choose another --out.") -> Iterator[None]:
+    """Lock ``folder`` for one process of a torchrun job, or exclusively for a plain process.
+
+    A plain process (``world == 1``) takes ``folder/<name>`` exclusively. Rank ``r`` of a job takes
+    ``folder/<name>`` shared, so the job's ranks work side by side while any plain process is
+    kept out, and ``folder/<stem>.rank<r>.lock`` exclusively, so a second job's rank ``r`` is kept
+    out too (``.lock`` gives ``.rank0.lock``, ``.eval.json.lock`` gives ``.eval.json.rank0.lock``).
+
+    Raises:
+        OutputExistsError: Another process conflicts (a plain run while a job runs, or the reverse).
+        StorageError: The folder cannot be written, or its file system does not support locks.
+    """
+    if world == 1:
+        with lock_dir(folder, what, name, advice):
+            yield
+        return
+    rank_name = f"{name.removesuffix('.lock')}.rank{rank}.lock"
+    with lock_dir(folder, what, name, advice, shared=True), lock_dir(folder, what, rank_name, advice):
+        yield

@@ -179,8 +179,8 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     partial = out_file.with_suffix(".partial.jsonl")  # finished trainings of an interrupted evaluation
     fingerprint = _fingerprint(tensors)
     keys = {job: _job_key(s, fingerprint, *job) for job in mine}
-    lock = f".{out_file.name}.lock" if world == 1 else f".{out_file.name}.rank{rank}.lock"
-    with storage.lock_dir(out_file.parent, f"an evaluation of {file}", lock, "Wait for it to finish."), interrupt.safe_points():
+    lock = f".{out_file.name}.lock"  # under torchrun: shared by the ranks, plus .<name>.rank<r>.lock each
+    with storage.lock_shard(out_file.parent, f"an evaluation of {file}", rank, world, lock, "Wait for it to finish."), interrupt.safe_points():
         done = _load_partial(partial, {k: job for job, k in keys.items()})
         if done:
             sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))

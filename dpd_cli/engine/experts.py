@@ -156,10 +156,10 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
     rank, world = distributed_shard()
-    lock_name = folder if world == 1 else folder / f".rank{rank}"
     compat = _compat(settings, spec)
 
-    with storage.lock_dir(lock_name, "experts"), interrupt.safe_points():
+    # Under torchrun the ranks share the folder and each locks its own rank; a plain run is kept out.
+    with storage.lock_shard(folder, "experts", rank, world), interrupt.safe_points():
         # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
         storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)])
         pre = _check_or_write_manifest(folder, compat, settings, build_preprocess(ds, settings.zca))
