@@ -73,16 +73,17 @@ def _hint_for(fmt: str) -> str:
 
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Write ``path`` through a temporary file in the same folder, fsync, then rename.
+    """Write ``path`` through a temporary file in the same folder, fsync, rename, fsync the folder.
 
-    A killed process leaves either the old file or the new one, never a partial one.
+    A killed process leaves either the old file or the new one, never a partial one; after a
+    power cut the rename itself is on disk too (the folder's entry is synced).
 
     Raises:
         StorageError: The folder is missing, read-only or the disk is full.
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise StorageError(_os_message(path, e)) from e
@@ -93,6 +94,8 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for folder in [path.parent, *(c.parent for c in created)]:
+            _fsync_dir(folder)
     except OSError as e:
         _unlink_quietly(tmp)
         raise StorageError(_os_message(path, e)) from e
@@ -101,11 +104,34 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created (their entries need a sync too)."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable; a file system that cannot sync folders is skipped."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: this file system does not sync folders (nothing to do)
+            raise
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
     """Delete the temporary files (``.NAME.*.tmp``) a killed ``atomic_write`` left in ``folder``.
 
-    Call it only while holding ``lock_dir`` on the folder (or, with ``names``, on those files):
-    another process's temp file is in use.
+    Call it only while holding ``lock_dir`` on the folder (or, with ``names``, a torchrun rank's
+    ``lock_shard`` and only that rank's files): another process's temp file is in use.
 
     Returns:
         The files removed.
@@ -133,26 +159,57 @@ def _os_message(path: Path, e: OSError) -> str:
 
 
 def append_text(path: Path, text: str, sync: bool = False) -> None:
-    """Append ``text`` to ``path``; if that fails (disk full), cut the file back to where it was.
+    """Append ``text`` to ``path`` in place; if that fails (disk full), cut the file back to where it was.
+
+    The bytes go straight to an ``O_APPEND`` descriptor, so a failed write leaves nothing buffered
+    that a later flush could add; whatever part of ``text`` reached the file is truncated away and a
+    file this call created is removed. Other processes may append to the same file: each call's text
+    lands in one piece at the end.
+
+    Args:
+        path: The file (created if missing).
+        text: What to append, normally whole lines.
+        sync: Also fsync, so the text survives a power cut before the call returns.
 
     Raises:
         StorageError: The folder is missing or read-only, or the disk is full.
+
+    Example:
+        >>> append_text(run / "metrics.jsonl", json.dumps(record) + "\n")
     """
     path = Path(path)
+    data = text.encode("utf-8")
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            start = f.tell()
-            try:
-                f.write(text)
-                f.flush()
-                if sync:
-                    os.fsync(f.fileno())
-            except OSError:
-                with contextlib.suppress(OSError):
-                    f.truncate(start)  # no torn line left behind
-                raise
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            created = False
     except OSError as e:
         raise StorageError(_os_message(path, e)) from e
+    start = None  # where this call's bytes begin, once some have been written
+    try:
+        view, done = memoryview(data), 0
+        while done < len(data):
+            n = os.write(fd, view[done:])
+            if start is None:
+                # O_APPEND placed the first bytes at the end as it was then; the offset is now past them.
+                start = os.lseek(fd, 0, os.SEEK_CUR) - n
+            done += n
+        if sync:
+            os.fsync(fd)
+            if created:
+                _fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if start is not None:
+                os.ftruncate(fd, start)  # no torn line left behind
+            if created and os.fstat(fd).st_size == 0:
+                os.unlink(path)
+        raise StorageError(_os_message(path, e)) from e
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
