@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -229,15 +230,76 @@ def _encode_meta(fmt: str, meta: Mapping[str, Any]) -> dict[str, str]:
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta: Mapping[str, Any] | None = None) -> None:
     """Save tensors atomically as safetensors, with JSON metadata.
 
+    The header goes first, then each tensor's bytes straight from its memory into the temporary
+    file: besides the tensors themselves (copied to the CPU if they are elsewhere), no serialised
+    copy of the file is ever held in memory (a trajectory can be gigabytes). Tensors are laid
+    out by decreasing element size, then name, so every one starts aligned to its element size,
+    as safetensors' own writer does.
+
+    Raises:
+        StorageError: The folder is missing or read-only, or the disk is full.
+        ValueError: A tensor is sparse, or of a dtype safetensors cannot store.
+
     Example:
         >>> save_tensors(Path("x.safetensors"), {"a": torch.zeros(2)}, "dpd.synthetic", {"note": 1})
     """
-    from safetensors.torch import save
-
+    for k, v in tensors.items():
+        if v.layout != torch.strided:
+            raise ValueError(f"cannot save {k!r}: {v.layout} tensors are not supported, save a dense tensor")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    blob = save(clean, metadata=_encode_meta(fmt, meta or {}))
+    metadata = _encode_meta(fmt, meta or {})
+    if sys.byteorder != "little":  # safetensors is little-endian; its own writer byte-swaps
+        from safetensors.torch import save
+
+        blob = save(clean, metadata=metadata)
+        with atomic_write(Path(path)) as f:
+            f.write(blob)
+        return
+    order = sorted(clean, key=lambda k: (-clean[k].element_size(), k))
+    header = _safetensors_header([(k, clean[k]) for k in order], metadata)
     with atomic_write(Path(path)) as f:
-        f.write(blob)
+        f.write(header)
+        for k in order:
+            data = _bytes_of(clean[k])
+            for i in range(0, len(data), _WRITE_CHUNK):
+                f.write(data[i : i + _WRITE_CHUNK])
+
+
+_WRITE_CHUNK = 64 * 1024 * 1024  # bytes per write call
+
+
+def _safetensors_dtypes() -> dict[torch.dtype, str]:
+    names = {
+        "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+        "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+        "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64",
+    }
+    return {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}  # older torch lacks some
+
+
+_DTYPES = _safetensors_dtypes()
+
+
+def _safetensors_header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header for ``tensors`` stored back to back in this order."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"cannot save {name!r}: safetensors has no dtype for {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying them."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -374,20 +436,30 @@ class TensorFile:
         return tuple(self.header[name]["shape"])
 
     def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        handle = self._open_handle()
         try:
-            sl = self._handle.get_slice(name)
+            sl = handle.get_slice(name)
             return torch.stack([sl[i : i + 1][0] for i in indices])
         except Exception as e:  # SafetensorError, and OS errors if the file changed underneath
             raise StorageError(f"{self.path}: cannot read rows {indices} of {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
 
     def get(self, name: str) -> torch.Tensor:
+        handle = self._open_handle()
         try:
-            return self._handle.get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as e:
             raise StorageError(f"{self.path}: cannot read {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
 
     def close(self) -> None:
-        self._handle = None
+        """Release the file (its memory map); tensors already read stay valid. Closing twice is fine."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+    def _open_handle(self):
+        if self._handle is None:
+            raise ValueError(f"{self.path} was closed")
+        return self._handle
 
     def __enter__(self) -> "TensorFile":
         return self

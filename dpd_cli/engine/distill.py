@@ -229,7 +229,7 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
         raise StorageError(f"Nothing to resume in {run_dir}: it has no checkpoint. Run without --resume to start it.")
     shash = settings_hash(s, exclude=_RESUMABLE)
 
-    with storage.lock_dir(run_dir, "a distillation run"), interrupt.safe_points():
+    with experts, storage.lock_dir(run_dir, "a distillation run"), interrupt.safe_points():
         # Temp files of a killed process; with the lock held no other process is writing here.
         storage.remove_stale_temps(run_dir)
         storage.remove_stale_temps(run_dir / CHECKPOINTS)

@@ -198,7 +198,9 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     sink.emit(ExpertStarted(i))
-    rows = [flat.flatten().cpu()]
+    # (E+1, P), filled row by row: the only copy of the trajectory in memory, saved without another.
+    trajectory = torch.empty(settings.epochs + 1, flat.n_params, dtype=torch.float32)
+    trajectory[0].copy_(flat.flatten())
     test_acc = [accuracy(net, x_test, y_test)]
     train_loss, train_acc, t_train = [], [], 0.0
     t0 = time.perf_counter()
@@ -212,12 +214,11 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
         t_train += dt
         if not torch.isfinite(torch.tensor(loss)):
             raise ExpertsError(f"Expert {i} diverged (loss {loss}) at epoch {epoch}. Lower --lr.")
-        rows.append(flat.flatten().cpu())  # a copy, not a view of the live parameters
+        trajectory[epoch].copy_(flat.flatten())  # a copy, not a view of the live parameters
         test_acc.append(accuracy(net, x_test, y_test))
         train_loss.append(loss)
         train_acc.append(acc)
         sink.emit(ExpertEpoch(i, epoch, settings.epochs, loss, acc, test_acc[-1], len(y_train) / dt))
-    trajectory = torch.stack(rows)  # (E+1, P)
     meta = {
         "dataset": settings.dataset,
         "model": spec.to_dict(),
@@ -247,9 +248,11 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
 class ExpertSet:
     """The experts of one folder, opened for lazy two-row reads.
 
+    Every expert file stays open (memory-mapped) until ``close()``, or the end of a ``with`` block.
+
     Example:
-        >>> experts = ExpertSet(folder)
-        >>> start, target = experts.pair(3, t=5, m=2)   # reads rows 5 and 7 of expert 3 only
+        >>> with ExpertSet(folder) as experts:
+        ...     start, target = experts.pair(3, t=5, m=2)   # reads rows 5 and 7 of expert 3 only
     """
 
     def __init__(self, folder: Path):
@@ -263,7 +266,17 @@ class ExpertSet:
             )
         self.manifest = _read_manifest(mpath)
         self.compat = self.manifest["compat"]
-        self.files = [storage.TensorFile(f, TRAJECTORY) for f in files]
+        self.files: list[storage.TensorFile] = []
+        try:
+            for f in files:
+                self.files.append(storage.TensorFile(f, TRAJECTORY))
+            self._check()
+        except BaseException:
+            self.close()  # a refused folder leaves nothing open
+            raise
+
+    def _check(self) -> None:
+        """Every file holds a trajectory of the same model and length, and the normalisation matches."""
         first = self.files[0]
         self.meta = first.meta
         self.spec = spec_from_meta(first.path, self.meta.get("model"))
@@ -293,6 +306,17 @@ class ExpertSet:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def close(self) -> None:
+        """Release every expert file; closing twice is fine."""
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "ExpertSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def pair(self, index: int, t: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``t`` and ``t + m`` of expert ``index`` (CPU float32), checked finite."""
@@ -328,16 +352,15 @@ def summarize(folder: Path) -> dict:
     for f in sorted(folder.glob("expert_*.safetensors")):
         try:
             header, raw = storage.read_header(f)
-            tf = storage.TensorFile(f, TRAJECTORY)
-            acc = tf.meta.get("test_accuracy") or [float("nan")]
-            out["experts"].append({
-                "file": f.name,
-                "index": tf.meta.get("index"),
-                "epochs": tf.meta.get("epochs"),
-                "final_test_accuracy": acc[-1],
-                "train_images_per_s": tf.meta.get("train_images_per_s"),
-            })
-            tf.close()
+            with storage.TensorFile(f, TRAJECTORY) as tf:
+                acc = tf.meta.get("test_accuracy") or [float("nan")]
+                out["experts"].append({
+                    "file": f.name,
+                    "index": tf.meta.get("index"),
+                    "epochs": tf.meta.get("epochs"),
+                    "final_test_accuracy": acc[-1],
+                    "train_images_per_s": tf.meta.get("train_images_per_s"),
+                })
         except StorageError as e:
             out.setdefault("invalid", []).append({"file": f.name, "error": str(e)})
     return out
