@@ -34,6 +34,7 @@ from dpd_cli.errors import SettingsError
 __all__ = [
     "DATASET_NAMES",
     "MODEL_NAMES",
+    "MPS_REFUSED",
     "DataFields",
     "ModelFields",
     "ExpertSettings",
@@ -49,6 +50,9 @@ __all__ = [
 DATASET_NAMES = ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "imagefolder")
 #: Networks ``dpd_cli.models`` can build.
 MODEL_NAMES = ("convnet", "resnet18", "vgg11", "alexnet")
+#: Why ``--device mps`` is refused (here and by ``engine.common.resolve_device``); see docs/guide.md.
+MPS_REFUSED = ("mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
+               "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU.")
 
 
 class _Settings(BaseModel):
@@ -127,7 +131,9 @@ class RunFields(_Settings):
     @classmethod
     def _device_form(cls, v: str) -> str:
         v = v.lower()
-        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+        if v == "mps":
+            raise ValueError(MPS_REFUSED)
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
             raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
         return v
 

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "read_header",
     "TensorFile",
     "lock_dir",
+    "lock_shard",
     "remove_stale_temps",
 ]
 
@@ -75,16 +77,17 @@ def _hint_for(fmt: str) -> str:
 
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Write ``path`` through a temporary file in the same folder, fsync, then rename.
+    """Write ``path`` through a temporary file in the same folder, fsync, rename, fsync the folder.
 
-    A killed process leaves either the old file or the new one, never a partial one.
+    A killed process leaves either the old file or the new one, never a partial one; after a
+    power cut the rename itself is on disk too (the folder's entry is synced).
 
     Raises:
         StorageError: The folder is missing, read-only or the disk is full.
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise StorageError(_os_message(path, e)) from e
@@ -95,6 +98,8 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for folder in [path.parent, *(c.parent for c in created)]:
+            _fsync_dir(folder)
     except OSError as e:
         _unlink_quietly(tmp)
         raise StorageError(_os_message(path, e)) from e
@@ -103,11 +108,34 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created (their entries need a sync too)."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable; a file system that cannot sync folders is skipped."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: this file system does not sync folders (nothing to do)
+            raise
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
     """Delete the temporary files (``.NAME.*.tmp``) a killed ``atomic_write`` left in ``folder``.
 
-    Call it only while holding ``lock_dir`` on the folder (or, with ``names``, on those files):
-    another process's temp file is in use.
+    Call it only while holding ``lock_dir`` on the folder (or, with ``names``, a torchrun rank's
+    ``lock_shard`` and only that rank's files): another process's temp file is in use.
 
     Returns:
         The files removed.
@@ -135,26 +163,57 @@ def _os_message(path: Path, e: OSError) -> str:
 
 
 def append_text(path: Path, text: str, sync: bool = False) -> None:
-    """Append ``text`` to ``path``; if that fails (disk full), cut the file back to where it was.
+    """Append ``text`` to ``path`` in place; if that fails (disk full), cut the file back to where it was.
+
+    The bytes go straight to an ``O_APPEND`` descriptor, so a failed write leaves nothing buffered
+    that a later flush could add; whatever part of ``text`` reached the file is truncated away and a
+    file this call created is removed. Other processes may append to the same file: each call's text
+    lands in one piece at the end.
+
+    Args:
+        path: The file (created if missing).
+        text: What to append, normally whole lines.
+        sync: Also fsync, so the text survives a power cut before the call returns.
 
     Raises:
         StorageError: The folder is missing or read-only, or the disk is full.
+
+    Example:
+        >>> append_text(run / "metrics.jsonl", json.dumps(record) + "\n")
     """
     path = Path(path)
+    data = text.encode("utf-8")
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            start = f.tell()
-            try:
-                f.write(text)
-                f.flush()
-                if sync:
-                    os.fsync(f.fileno())
-            except OSError:
-                with contextlib.suppress(OSError):
-                    f.truncate(start)  # no torn line left behind
-                raise
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            created = False
     except OSError as e:
         raise StorageError(_os_message(path, e)) from e
+    start = None  # where this call's bytes begin, once some have been written
+    try:
+        view, done = memoryview(data), 0
+        while done < len(data):
+            n = os.write(fd, view[done:])
+            if start is None:
+                # O_APPEND placed the first bytes at the end as it was then; the offset is now past them.
+                start = os.lseek(fd, 0, os.SEEK_CUR) - n
+            done += n
+        if sync:
+            os.fsync(fd)
+            if created:
+                _fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if start is not None:
+                os.ftruncate(fd, start)  # no torn line left behind
+            if created and os.fstat(fd).st_size == 0:
+                os.unlink(path)
+        raise StorageError(_os_message(path, e)) from e
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -174,15 +233,76 @@ def _encode_meta(fmt: str, meta: Mapping[str, Any]) -> dict[str, str]:
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta: Mapping[str, Any] | None = None) -> None:
     """Save tensors atomically as safetensors, with JSON metadata.
 
+    The header goes first, then each tensor's bytes straight from its memory into the temporary
+    file: besides the tensors themselves (copied to the CPU if they are elsewhere), no serialised
+    copy of the file is ever held in memory (a trajectory can be gigabytes). Tensors are laid
+    out by decreasing element size, then name, so every one starts aligned to its element size,
+    as safetensors' own writer does.
+
+    Raises:
+        StorageError: The folder is missing or read-only, or the disk is full.
+        ValueError: A tensor is sparse, or of a dtype safetensors cannot store.
+
     Example:
         >>> save_tensors(Path("x.safetensors"), {"a": torch.zeros(2)}, "dpd.synthetic", {"note": 1})
     """
-    from safetensors.torch import save
-
+    for k, v in tensors.items():
+        if v.layout != torch.strided:
+            raise ValueError(f"cannot save {k!r}: {v.layout} tensors are not supported, save a dense tensor")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    blob = save(clean, metadata=_encode_meta(fmt, meta or {}))
+    metadata = _encode_meta(fmt, meta or {})
+    if sys.byteorder != "little":  # safetensors is little-endian; its own writer byte-swaps
+        from safetensors.torch import save
+
+        blob = save(clean, metadata=metadata)
+        with atomic_write(Path(path)) as f:
+            f.write(blob)
+        return
+    order = sorted(clean, key=lambda k: (-clean[k].element_size(), k))
+    header = _safetensors_header([(k, clean[k]) for k in order], metadata)
     with atomic_write(Path(path)) as f:
-        f.write(blob)
+        f.write(header)
+        for k in order:
+            data = _bytes_of(clean[k])
+            for i in range(0, len(data), _WRITE_CHUNK):
+                f.write(data[i : i + _WRITE_CHUNK])
+
+
+_WRITE_CHUNK = 64 * 1024 * 1024  # bytes per write call
+
+
+def _safetensors_dtypes() -> dict[torch.dtype, str]:
+    names = {
+        "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+        "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+        "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64",
+    }
+    return {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}  # older torch lacks some
+
+
+_DTYPES = _safetensors_dtypes()
+
+
+def _safetensors_header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header for ``tensors`` stored back to back in this order."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"cannot save {name!r}: safetensors has no dtype for {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying them."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -319,20 +439,30 @@ class TensorFile:
         return tuple(self.header[name]["shape"])
 
     def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        handle = self._open_handle()
         try:
-            sl = self._handle.get_slice(name)
+            sl = handle.get_slice(name)
             return torch.stack([sl[i : i + 1][0] for i in indices])
         except Exception as e:  # SafetensorError, and OS errors if the file changed underneath
             raise StorageError(f"{self.path}: cannot read rows {indices} of {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
 
     def get(self, name: str) -> torch.Tensor:
+        handle = self._open_handle()
         try:
-            return self._handle.get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as e:
             raise StorageError(f"{self.path}: cannot read {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
 
     def close(self) -> None:
-        self._handle = None
+        """Release the file (its memory map); tensors already read stay valid. Closing twice is fine."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+    def _open_handle(self):
+        if self._handle is None:
+            raise ValueError(f"{self.path} was closed")
+        return self._handle
 
     def __enter__(self) -> "TensorFile":
         return self
@@ -341,25 +471,79 @@ class TensorFile:
         self.close()
 
 
+#: ``flock`` errors that mean the file system does not do locks (NFS without a lock daemon, some
+#: parallel and FUSE file systems), as opposed to another process holding the lock.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+
 @contextlib.contextmanager
-def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait for it to finish, or choose another --out.") -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/<name>`` for the duration; a second process gets a clear error.
+def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait for it to finish, or choose another --out.",
+             shared: bool = False) -> Iterator[None]:
+    """Hold a lock on ``folder/<name>`` for the duration; a conflicting process gets a clear error.
 
     Uses ``flock``: the kernel releases it when the process dies, so a kill leaves no stale lock.
+    A lock belongs to one open file description: a second ``lock_dir`` in the same process
+    conflicts with the first just as another process would.
+
+    Args:
+        folder: The folder to lock (created if missing).
+        what: What is being written, for the message (``"experts"``).
+        name: The lock file's name in ``folder``.
+        advice: The message's last sentence.
+        shared: Take a shared lock: any number of shared holders together, but none alongside an
+            exclusive holder (see ``lock_shard``).
+
+    Raises:
+        OutputExistsError: Another holder conflicts.
+        StorageError: The folder cannot be written, or its file system does not support locks.
     """
     folder = Path(folder)
+    path = folder / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / name, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
-        raise StorageError(_os_message(folder / name, e)) from e
+        raise StorageError(_os_message(path, e)) from e
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputExistsError(f"Another dpd process is writing {what} in {folder}. {advice}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                raise StorageError(
+                    f"Cannot lock {path}: its file system does not support file locks ({e.strerror}; NFS without a lock service and some "
+                    "parallel file systems lack them). dpd locks every folder it writes so that two processes never write the same "
+                    "files. Use a folder on a local disk: choose it with --out (for dpd evaluate, copy the run there first)."
+                ) from None
+            raise StorageError(f"Cannot lock {path}: {e.strerror or e}. Check the output folder.") from e
+        if not shared:  # who holds it, for people looking; several shared holders would write over each other
+            with contextlib.suppress(OSError):  # a full disk must not stop the command here, but at its first real write
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_shard(folder: Path, what: str, rank: int, world: int, name: str = ".lock",
+               advice: str = "Wait for it to finish, or choose another --out.") -> Iterator[None]:
+    """Lock ``folder`` for one process of a torchrun job, or exclusively for a plain process.
+
+    A plain process (``world == 1``) takes ``folder/<name>`` exclusively. Rank ``r`` of a job takes
+    ``folder/<name>`` shared, so the job's ranks work side by side while any plain process is
+    kept out, and ``folder/<stem>.rank<r>.lock`` exclusively, so a second job's rank ``r`` is kept
+    out too (``.lock`` gives ``.rank0.lock``, ``.eval.json.lock`` gives ``.eval.json.rank0.lock``).
+
+    Raises:
+        OutputExistsError: Another process conflicts (a plain run while a job runs, or the reverse).
+        StorageError: The folder cannot be written, or its file system does not support locks.
+    """
+    if world == 1:
+        with lock_dir(folder, what, name, advice):
+            yield
+        return
+    rank_name = f"{name.removesuffix('.lock')}.rank{rank}.lock"
+    with lock_dir(folder, what, name, advice, shared=True), lock_dir(folder, what, rank_name, advice):
+        yield

@@ -19,12 +19,18 @@ __all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "de
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error.
+
+    Raises:
+        DeviceError: No such GPU, ``mps`` (see ``dpd_cli.settings.MPS_REFUSED``) or an unknown name.
+    """
+    from dpd_cli.settings import MPS_REFUSED
+
     if name == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local % torch.cuda.device_count())
-        return torch.device("cpu")
+        return torch.device("cpu")  # never MPS: see MPS_REFUSED
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             built = "built with CUDA " + torch.version.cuda if torch.version.cuda else "built without CUDA"
@@ -36,10 +42,10 @@ def resolve_device(name: str) -> torch.device:
             raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0.")
         return dev
     if name == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DeviceError("--device mps was asked for, but MPS is not available. Use --device cpu or auto.")
-        return torch.device("mps")
-    return torch.device("cpu")
+        raise DeviceError(f"--device {MPS_REFUSED}")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N.")
 
 
 def set_threads(threads: int | None) -> int:

@@ -267,8 +267,8 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     partial = out_file.with_suffix(".partial.jsonl")  # finished trainings of an interrupted evaluation
     fingerprints = {id(st): _fingerprint(st.tensors) if st.tensors is not None else None for st in sets}
     keys = {(id(st), m, r): _job_key(s, fingerprints[id(st)], st.source, m, r) for st, m, r in mine}
-    lock = f".{out_file.name}.lock" if world == 1 else f".{out_file.name}.rank{rank}.lock"
-    with storage.lock_dir(out_file.parent, f"an evaluation of {file}", lock, "Wait for it to finish."), interrupt.safe_points():
+    lock = f".{out_file.name}.lock"  # under torchrun: shared by the ranks, plus .<name>.rank<r>.lock each
+    with storage.lock_shard(out_file.parent, f"an evaluation of {file}", rank, world, lock, "Wait for it to finish."), interrupt.safe_points():
         done = _load_partial(partial, {k: job for job, k in keys.items()})
         if done:
             sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))

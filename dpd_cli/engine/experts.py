@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dpd_cli import interrupt, paths, storage
+from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.engine.common import (
@@ -123,7 +124,7 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
         if (folder / PREPROCESS).exists():
             return _load_preprocess(folder / PREPROCESS, ModelSpec.from_dict(compat["model"]))
     pre = make_pre()
-    storage.save_tensors(folder / PREPROCESS, pre.tensors(), "dpd.preprocess", {"fingerprint": pre.fingerprint()})
+    preprocess_file.save(folder / PREPROCESS, pre)
     manifest = {
         "format": "dpd.experts",
         "format_version": _MANIFEST_VERSION,
@@ -159,20 +160,7 @@ def _load_preprocess(path: Path, spec: ModelSpec) -> Preprocess:
     if not path.exists():
         raise StorageError(f"{path} is missing; {path.parent} is not a complete experts folder. "
                            "Rerun `dpd experts` with --out pointing at it (finished experts are kept).")
-    t, _ = storage.load_tensors(path, "dpd.preprocess", {"norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)})
-    c, d = spec.channels, spec.channels * spec.image_size[0] * spec.image_size[1]
-    shapes = {"norm_mean": (c,), "norm_std": (c,)}
-    zca = [k for k in ("zca_mean", "zca_matrix", "zca_inverse") if k in t]
-    if zca:
-        shapes.update(zca_mean=(d,), zca_matrix=(d, d), zca_inverse=(d, d))
-    for k, shape in shapes.items():
-        v = t.get(k)
-        if v is None or tuple(v.shape) != shape or v.dtype != torch.float32 or not torch.isfinite(v).all():
-            got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
-            raise StorageError(f"{path}: tensor {k!r} is {got}, expected finite float32 {shape}. Delete the file and rerun `dpd experts`.")
-    if not (t["norm_std"] > 0).all():
-        raise StorageError(f"{path}: the normalisation std must be positive. Delete the file and rerun `dpd experts`.")
-    return Preprocess.from_tensors(t)
+    return preprocess_file.load(path, spec.channels, spec.image_size, "Delete the file and rerun `dpd experts`.")
 
 
 def _finished(path: Path) -> bool:
@@ -203,10 +191,10 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
     rank, world = distributed_shard()
-    lock_name = folder if world == 1 else folder / f".rank{rank}"
     compat = _compat(settings, spec)
 
-    with storage.lock_dir(lock_name, "experts"), interrupt.safe_points():
+    # Under torchrun the ranks share the folder and each locks its own rank; a plain run is kept out.
+    with storage.lock_shard(folder, "experts", rank, world), interrupt.safe_points():
         # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
         storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)])
         pre = _check_or_write_manifest(folder, compat, settings, lambda: build_preprocess(ds, settings.zca), validation_record(ds))
@@ -245,7 +233,9 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     sink.emit(ExpertStarted(i))
-    rows = [flat.flatten().cpu()]
+    # (E+1, P), filled row by row: the only copy of the trajectory in memory, saved without another.
+    trajectory = torch.empty(settings.epochs + 1, flat.n_params, dtype=torch.float32)
+    trajectory[0].copy_(flat.flatten())
     test_acc = [accuracy(net, x_test, y_test)]
     train_loss, train_acc, t_train = [], [], 0.0
     t0 = time.perf_counter()
@@ -259,12 +249,11 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
         t_train += dt
         if not torch.isfinite(torch.tensor(loss)):
             raise ExpertsError(f"Expert {i} diverged (loss {loss}) at epoch {epoch}. Lower --lr.")
-        rows.append(flat.flatten().cpu())  # a copy, not a view of the live parameters
+        trajectory[epoch].copy_(flat.flatten())  # a copy, not a view of the live parameters
         test_acc.append(accuracy(net, x_test, y_test))
         train_loss.append(loss)
         train_acc.append(acc)
         sink.emit(ExpertEpoch(i, epoch, settings.epochs, loss, acc, test_acc[-1], len(y_train) / dt))
-    trajectory = torch.stack(rows)  # (E+1, P)
     meta = {
         "dataset": settings.dataset,
         "model": spec.to_dict(),
@@ -294,9 +283,11 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
 class ExpertSet:
     """The experts of one folder, opened for lazy two-row reads.
 
+    Every expert file stays open (memory-mapped) until ``close()``, or the end of a ``with`` block.
+
     Example:
-        >>> experts = ExpertSet(folder)
-        >>> start, target = experts.pair(3, t=5, m=2)   # reads rows 5 and 7 of expert 3 only
+        >>> with ExpertSet(folder) as experts:
+        ...     start, target = experts.pair(3, t=5, m=2)   # reads rows 5 and 7 of expert 3 only
     """
 
     def __init__(self, folder: Path):
@@ -311,7 +302,17 @@ class ExpertSet:
         self.manifest = _read_manifest(mpath)
         self.compat = self.manifest["compat"]
         self.preprocess_scheme = preprocess_scheme(self.compat)
-        self.files = [storage.TensorFile(f, TRAJECTORY) for f in files]
+        self.files: list[storage.TensorFile] = []
+        try:
+            for f in files:
+                self.files.append(storage.TensorFile(f, TRAJECTORY))
+            self._check()
+        except BaseException:
+            self.close()  # a refused folder leaves nothing open
+            raise
+
+    def _check(self) -> None:
+        """Every file holds a trajectory of the same model and length, and the normalisation matches."""
         first = self.files[0]
         self.meta = first.meta
         self.spec = spec_from_meta(first.path, self.meta.get("model"))
@@ -341,6 +342,17 @@ class ExpertSet:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def close(self) -> None:
+        """Release every expert file; closing twice is fine."""
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "ExpertSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def pair(self, index: int, t: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``t`` and ``t + m`` of expert ``index`` (CPU float32), checked finite."""
@@ -376,16 +388,15 @@ def summarize(folder: Path) -> dict:
     for f in sorted(folder.glob("expert_*.safetensors")):
         try:
             header, raw = storage.read_header(f)
-            tf = storage.TensorFile(f, TRAJECTORY)
-            acc = tf.meta.get("test_accuracy") or [float("nan")]
-            out["experts"].append({
-                "file": f.name,
-                "index": tf.meta.get("index"),
-                "epochs": tf.meta.get("epochs"),
-                "final_test_accuracy": acc[-1],
-                "train_images_per_s": tf.meta.get("train_images_per_s"),
-            })
-            tf.close()
+            with storage.TensorFile(f, TRAJECTORY) as tf:
+                acc = tf.meta.get("test_accuracy") or [float("nan")]
+                out["experts"].append({
+                    "file": f.name,
+                    "index": tf.meta.get("index"),
+                    "epochs": tf.meta.get("epochs"),
+                    "final_test_accuracy": acc[-1],
+                    "train_images_per_s": tf.meta.get("train_images_per_s"),
+                })
         except StorageError as e:
             out.setdefault("invalid", []).append({"file": f.name, "error": str(e)})
     return out

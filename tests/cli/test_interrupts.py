@@ -523,40 +523,25 @@ def test_disk_full_while_appending_metrics_leaves_no_torn_line(experts, tmp_path
     run = tmp_path / "run"
     args = ["distill", "--experts", experts, *DISTILL, "--iterations", 4, "--out", run]
     calls = []
+    real_write = os.write
 
-    class HalfThenFull:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            self.f.write(text[: len(text) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    def fake_open(path, *a, **k):
-        f = open(path, *a, **k)
-        if str(path).endswith("metrics.jsonl"):
+    def half_then_full(fd, data):
+        """The third append to metrics.jsonl gets half its bytes in, then the disk is full (as the kernel does it)."""
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
             calls.append(1)
             if len(calls) == 3:
-                return HalfThenFull(f)
-        return f
+                return real_write(fd, bytes(data[: len(data) // 2]))
+            if len(calls) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
 
-    monkeypatch.setattr(storage, "open", fake_open, raising=False)
+    monkeypatch.setattr(storage.os, "write", half_then_full)
     r = dpd(*args)
     assert r.exit_code == 2
     assert f"Error: No space left on the device while writing {run}/metrics.jsonl." in r.output
     text = (run / "metrics.jsonl").read_text()
     assert text.endswith("}\n") and text.count("\n") == 2  # cut back: no torn third line
-    monkeypatch.delattr(storage, "open")
+    monkeypatch.setattr(storage.os, "write", real_write)
     r = dpd(*args, "--resume")
     assert r.exit_code == 0, r.output
     assert metric_lines(run) == 4
