@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05])
     p.add_argument("--scopes", nargs="+", default=["global"], choices=["global", "layer"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--baselines", nargs="*", default=["random", "full"], choices=["random", "full"])
+    p.add_argument("--baselines", nargs="*", default=["random", "full"], choices=["random", "full", "init"])
     p.add_argument("--ipc-settings", type=json.loads, default={}, help="JSON: {ipc: {distill setting: value}}.")
     p.add_argument("--set", dest="sets", action="append", default=[], help="command.field=value override (repeatable).")
     p.add_argument("--shared-experts", action="store_true",
@@ -130,7 +130,9 @@ def main() -> None:
                             timed(f"evaluate ipc{ipc}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), run_dir))
                         e = _eval_entries(run_dir, "distilled", model)[-1]
                         records.append({"seed": seed, "ipc": ipc, "source": "distilled", "ratio": ratio, "scope": scope,
-                                        "model": model, "mean": e["mean"], "accuracies": e["accuracies"], "run_dir": str(run_dir)})
+                                        "model": model, "mean": e["mean"], "accuracies": e["accuracies"], "run_dir": str(run_dir),
+                                        "select": e.get("select", "final"), "selected_iteration": e.get("selected_iteration"),
+                                        "final": e.get("final_accuracy", e["mean"])})
             # Baselines: once per seed and IPC, evaluated through the rho-0 run's synthetic file for the data and transform.
             base_dir = out / f"ipc{ipc}-rho{args.ratios[0]:g}-{args.scopes[0]}-s{seed}"
             for b in args.baselines:
@@ -166,28 +168,45 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def _summarise(records: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[float]] = {}
+    """Per (model, source, IPC, ratio, scope): mean ± std over seeds of the reported accuracy, and of the final set's."""
+    groups: dict[tuple, list[dict]] = {}
     for r in records:
         key = (r["model"], r["source"], r["ipc"], r["ratio"], r["scope"])
-        groups.setdefault(key, []).append(r["mean"])
+        groups.setdefault(key, []).append(r)
     rows = []
-    for (model, source, ipc, ratio, scope), vals in groups.items():
+    for (model, source, ipc, ratio, scope), recs in groups.items():
+        vals = [r["mean"] for r in recs]
         m, s = _stats(vals)
-        rows.append({"model": model, "source": source, "ipc": ipc, "ratio": ratio, "scope": scope,
-                     "mean": m, "std": s, "n_seeds": len(vals), "per_seed": vals})
+        row = {"model": model, "source": source, "ipc": ipc, "ratio": ratio, "scope": scope,
+               "mean": m, "std": s, "n_seeds": len(vals), "per_seed": vals}
+        if source == "distilled":
+            finals = [r.get("final", r["mean"]) for r in recs]
+            row["final_mean"], row["final_std"] = _stats(finals)
+            row["final_per_seed"] = finals
+            row["select"] = recs[0].get("select", "final")
+            row["selected_iterations"] = [r.get("selected_iteration") for r in recs]
+        rows.append(row)
     return rows
 
 
 def _markdown(summary: list[dict], meta: dict) -> str:
-    lines = ["| model | IPC | method | test accuracy (%) | seeds |", "|---|---|---|---|---|"]
-    order = {"random": 0, "distilled": 1, "full": 2}
+    """Test accuracy of the final set, and of the checkpoint chosen on the validation split where there is one."""
+    lines = ["| model | IPC | method | final set (%) | validation-selected (%) | selected iterations | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    order = {"random": 0, "init": 1, "distilled": 2, "full": 3}
     for r in sorted(summary, key=lambda r: (r["model"], r["ipc"] if r["ipc"] is not None else 10**9, order[r["source"]], r["scope"] or "", r["ratio"] or 0)):
         if r["source"] == "distilled":
             method = "MTT (rho 0)" if r["ratio"] == 0 else f"DPD rho {r['ratio']:g} {r['scope']}"
         else:
-            method = {"random": "random real subset", "full": "full training set"}[r["source"]]
+            method = {"random": "random real subset", "full": "full training set", "init": "the initial images"}[r["source"]]
         ipc = "all" if r["ipc"] is None else str(r["ipc"])
-        lines.append(f"| {r['model']} | {ipc} | {method} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {r['n_seeds']} |")
+        if r["source"] == "distilled":
+            final = f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
+            chosen = (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r["select"] == "val" else "–")
+            its = ", ".join(str(i) for i in r["selected_iterations"]) if r["select"] == "val" else "–"
+        else:
+            final, chosen, its = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}", "", ""
+        lines.append(f"| {r['model']} | {ipc} | {method} | {final} | {chosen} | {its} | {r['n_seeds']} |")
     lines.append("")
     lines.append(f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}; " +
                  ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["seconds_by_stage"].items()) + ".")

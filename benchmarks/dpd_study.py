@@ -1,0 +1,325 @@
+r"""Does DPD beat MTT? A paired study over seeds, with 95 % confidence intervals of the differences.
+
+For each dataset the experts are trained once (with a held-out validation split). For every seed,
+plain MTT (rho 0) and every pruning variant share those experts, the initial images and every
+per-iteration draw (expert, start epoch, mini-batches, DSA): dpd derives all of them from
+``(seed, iteration)``, whatever the prune settings. Evaluation networks share their seeds too. Each
+run is evaluated with ``dpd evaluate --select val`` (every kept checkpoint, checkpoint 0 included,
+trained on and the best on the validation split reported), which also gives the final set's
+accuracy. The difference variant - MTT is taken per seed and summarised as mean, standard deviation
+and a 95 % t-interval over seeds.
+
+Resumable: rerunning the same command skips finished experts, distillations and evaluations.
+Runs go to ``--workers`` processes with one torch thread each (small models use two cores better
+that way than one process with two threads).
+
+Examples (from the repository root):
+
+    # the whole study (see docs/results.md for what it costs):
+    python benchmarks/dpd_study.py --fashion-mnist-dir data/fashion-mnist --cifar10-dir data/cifar10-jpeg \
+        --out bench-out/dpd-study
+    # the same on a toy budget, to check the pipeline (a few minutes):
+    python benchmarks/dpd_study.py --plan smoke --fashion-mnist-dir data/fashion-mnist --out /tmp/study-smoke
+    # redraw the report and figures from finished runs only:
+    python benchmarks/dpd_study.py --report-only --out bench-out/dpd-study --figures docs/figures/dpd-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The datasets: a CPU preset each (network, experts, evaluation); the study adds a validation split.
+DATASETS = {
+    "fashion-mnist": {"preset": ROOT / "examples" / "fashion-mnist-cpu.toml", "lr_img": 1000.0},
+    "cifar10": {"preset": ROOT / "examples" / "cifar10-jpeg-cpu.toml", "lr_img": 100.0},
+}
+#: Distillation per IPC: N student steps, alpha_0, mini-batch (IPC 50 walks 100 of its 500 images per step).
+IPC = {
+    1: {"syn_steps": 20, "lr_teacher": 0.01},
+    10: {"syn_steps": 10, "lr_teacher": 0.03},
+    50: {"syn_steps": 10, "lr_teacher": 0.03, "batch_syn": 100},
+}
+ITERATIONS = 300
+CHECKPOINT_EVERY = 100  # checkpoints 0, 100, 200, 300 are the candidates of --select val
+VAL_PER_CLASS = 50
+
+#: Every variant: the distill settings that differ from MTT's.
+VARIANTS = {
+    "mtt": {"prune_ratio": 0.0},
+    # DPD's reading: prune the largest residuals from the loss.
+    "abs-largest-0.01": {"prune_ratio": 0.01},
+    "abs-largest-0.05": {"prune_ratio": 0.05},
+    "abs-largest-0.1": {"prune_ratio": 0.1},
+    # PAD's direction: drop the smallest (best-aligned) residuals, at its ratios.
+    "abs-smallest-0.01": {"prune_ratio": 0.01, "prune_direction": "smallest"},
+    "abs-smallest-0.05": {"prune_ratio": 0.05, "prune_direction": "smallest"},
+    "abs-smallest-0.25": {"prune_ratio": 0.25, "prune_direction": "smallest"},
+    "abs-smallest-0.5": {"prune_ratio": 0.5, "prune_direction": "smallest"},
+    # Scale-free criteria.
+    "relative-largest-0.05": {"prune_ratio": 0.05, "prune_criterion": "relative"},
+    "layer-z-largest-0.05": {"prune_ratio": 0.05, "prune_criterion": "layer-z"},
+    "layer-rank-largest-0.05": {"prune_ratio": 0.05, "prune_criterion": "layer-rank"},
+    # Stable masks, and pruning from the network itself.
+    "layer-z-largest-0.05-ema": {"prune_ratio": 0.05, "prune_criterion": "layer-z", "prune_mask": "ema"},
+    "abs-largest-0.05-network": {"prune_ratio": 0.05, "prune_mode": "network", "prune_mask": "ema"},
+}
+
+#: Which variants run where. ``core`` runs in every (dataset, IPC) cell; ``ipc10`` only at IPC 10, where
+#: the comparison must be sharpest (target: 95 % CI half-width <= 0.3 points).
+PLANS = {
+    "full": {
+        "seeds": [0, 1, 2, 3, 4, 5, 6, 7],
+        "cells": [(d, i) for d in DATASETS for i in (1, 10, 50)],
+        "core": ["mtt", "abs-largest-0.01", "abs-smallest-0.25", "layer-z-largest-0.05"],
+        "ipc10": [v for v in VARIANTS if v not in ("mtt", "abs-largest-0.01", "abs-smallest-0.25", "layer-z-largest-0.05")],
+        "runs": 3,
+        "eval_epochs": 300,
+    },
+    "smoke": {
+        "seeds": [0, 1],
+        "cells": [("fashion-mnist", 1), ("fashion-mnist", 10)],
+        "core": ["mtt", "abs-largest-0.05"],
+        "ipc10": ["abs-smallest-0.25"],
+        "runs": 1,
+        "eval_epochs": 20,
+        "overrides": {"iterations": 20, "checkpoint_every": 10, "max_start_epoch": 2},
+        "experts": {"num": 2, "epochs": 3},
+    },
+}
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def _plan_jobs(plan: dict) -> list[tuple[str, int, str, int]]:
+    jobs = []
+    for dataset, ipc in plan["cells"]:
+        variants = plan["core"] + (plan["ipc10"] if ipc == 10 else [])
+        for seed in plan["seeds"]:
+            jobs += [(dataset, ipc, v, seed) for v in variants]
+    return jobs
+
+
+def _experts_settings(dataset: str, out: Path, data_dir: Path, threads: int) -> dict:
+    return {"data_dir": str(data_dir), "val_per_class": VAL_PER_CLASS, "seed": 0, "threads": threads,
+            "out": str(out / dataset / "experts")}
+
+
+def _run_dir(out: Path, dataset: str, ipc: int, variant: str, seed: int) -> Path:
+    return out / dataset / f"ipc{ipc}" / variant / f"s{seed}"
+
+
+def train_experts(dataset: str, out: str, data_dir: str, threads: int, plan_name: str) -> str:
+    from dpd_cli.engine import experts
+    from dpd_cli.settings import resolve
+
+    flags = {**_experts_settings(dataset, Path(out), Path(data_dir), threads), **PLANS[plan_name].get("experts", {})}
+    s = resolve("experts", flags, DATASETS[dataset]["preset"])
+    return str(experts.run(s))
+
+
+def run_one(job: tuple, out: str, data_dir: str, plan_name: str) -> dict:
+    """Distil (or resume) and evaluate one (dataset, IPC, variant, seed); returns its record."""
+    import torch
+
+    from dpd_cli.artifacts import prune_counts
+    from dpd_cli.artifacts.synthetic import load
+    from dpd_cli.engine import distill, evaluate
+    from dpd_cli.errors import StorageError
+    from dpd_cli.settings import resolve
+
+    dataset, ipc, variant, seed = job
+    plan = PLANS[plan_name]
+    preset = DATASETS[dataset]["preset"]
+    run_dir = _run_dir(Path(out), dataset, ipc, variant, seed)
+    flags = {"data_dir": data_dir, "val_per_class": VAL_PER_CLASS, "experts": str(Path(out) / dataset / "experts"),
+             "ipc": ipc, "iterations": ITERATIONS, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": "all",
+             "lr_img": DATASETS[dataset]["lr_img"], "seed": seed, "threads": 1, "out": str(run_dir), "log_every": 50,
+             **IPC[ipc], **VARIANTS[variant], **plan.get("overrides", {})}
+    t0 = time.perf_counter()
+    try:
+        done = load(run_dir / "synthetic.safetensors")[1]["iteration"] >= flags["iterations"]
+    except StorageError:
+        done = False
+    if not done:
+        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        distill.run(resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, preset))
+    t1 = time.perf_counter()
+    ev = resolve("evaluate", {"seed": seed, "threads": 1, "runs": plan["runs"], "epochs": plan["eval_epochs"],
+                              "select": "val", "baseline": []}, preset)
+    entries = [e for e in evaluate.load_eval(evaluate.eval_path(run_dir))["results"]
+               if e["source"] == "distilled" and e.get("select") == "val" and e.get("settings") == ev.model_dump(mode="json")]
+    if not entries:
+        entries = evaluate.run(ev, run_dir)["results"]
+    e = entries[-1]
+    t2 = time.perf_counter()
+    counts, meta = prune_counts.load(run_dir / "prune_frequency.safetensors")
+    layers = prune_counts.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0))["layers"]
+    torch.set_num_threads(1)
+    return {"dataset": dataset, "ipc": ipc, "variant": variant, "seed": seed, "selected": e["mean"],
+            "final": e["final_accuracy"], "selected_iteration": e["selected_iteration"], "val_accuracy": e["val_accuracy"],
+            "checkpoints": e.get("checkpoints"), "accuracies": e["accuracies"], "distill_s": t1 - t0, "evaluate_s": t2 - t1,
+            "prune_layers": {r["name"]: r["mean_pct"] for r in layers}}
+
+
+# --- statistics and report ---------------------------------------------------------------------
+def paired(diffs: list[float]) -> dict:
+    """Mean, std and 95 % t-interval of paired differences (points of accuracy)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    half = _T95[min(n - 1, 30) - 1] * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "ci": [mean - half, mean + half], "half_width": half}
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    rows = []
+    cells = sorted({(r["dataset"], r["ipc"]) for r in records})
+    for dataset, ipc in cells:
+        cell = [r for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)]
+        mtt = {r["seed"]: r for r in cell if r["variant"] == "mtt"}
+        for variant in [v for v in VARIANTS if any(r["variant"] == v for r in cell)]:
+            mine = {r["seed"]: r for r in cell if r["variant"] == variant}
+            row = {"dataset": dataset, "ipc": ipc, "variant": variant, "n_seeds": len(mine)}
+            for metric in ("selected", "final"):
+                vals = [100 * r[metric] for r in mine.values()]
+                m = sum(vals) / len(vals)
+                row[metric] = {"mean": m, "std": math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))}
+                seeds = sorted(set(mine) & set(mtt))
+                if variant != "mtt" and len(seeds) >= 2:
+                    row[metric]["vs_mtt"] = paired([100 * (mine[s][metric] - mtt[s][metric]) for s in seeds])
+            row["selected_iterations"] = [mine[s]["selected_iteration"] for s in sorted(mine)]
+            rows.append(row)
+    return rows
+
+
+def _fmt_ci(d: dict | None) -> str:
+    if not d:
+        return "–"
+    lo, hi = d["ci"]
+    mark = " **" if lo > 0 or hi < 0 else ""
+    return f"{d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = ["Test accuracy % (mean ± std over seeds) of the validation-selected checkpoint and of the final set, and the "
+           "paired difference to MTT with its 95 % confidence interval over seeds (** : the interval excludes 0).", "",
+           "| dataset | IPC | variant | seeds | selected | Δ selected vs MTT [95 % CI] | final | Δ final vs MTT [95 % CI] |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sel, fin = r["selected"], r["final"]
+        out.append(f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {sel['mean']:.2f} ± {sel['std']:.2f} | "
+                   f"{_fmt_ci(sel.get('vs_mtt'))} | {fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} |")
+    out += ["", f"This invocation {meta['wall_s'] / 3600:.2f} h on {meta['machine']} ({meta['workers']} workers × 1 thread); "
+            f"distillation {meta['distill_s'] / 3600:.2f} h and evaluation {meta['evaluate_s'] / 3600:.2f} h of worker time; "
+            f"{meta['n_runs']} runs.", ""]
+    return "\n".join(out)
+
+
+def figures(records: list[dict], folder: Path) -> list[Path]:
+    """Per-layer prune profile of each pruning variant (seed 0, IPC 10), one panel per dataset."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no figures (pip install matplotlib)", file=sys.stderr)
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in sorted({r["dataset"] for r in records}):
+        picks = [r for r in records if r["dataset"] == dataset and r["ipc"] == 10 and r["seed"] == 0 and r["variant"] != "mtt"]
+        if not picks:
+            continue
+        layers = list(picks[0]["prune_layers"])
+        fig = Figure(figsize=(12, 0.5 + 0.45 * len(picks)), layout="constrained")
+        ax = fig.subplots()
+        grid = [[r["prune_layers"].get(name, 0.0) for name in layers] for r in picks]
+        im = ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=max(1e-9, max(max(g) for g in grid)))
+        ax.set_yticks(range(len(picks)), [r["variant"] for r in picks], fontsize=8)
+        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}" if v >= 1 else (f"{v:.1f}" if v > 0 else ""), ha="center", va="center", fontsize=6)
+        fig.colorbar(im, ax=ax, label="mean % of the layer pruned per iteration")
+        ax.set_title(f"{dataset}, IPC 10, seed 0: where each variant prunes")
+        path = folder / f"prune_profile_{dataset}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=list(PLANS), default="full")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fashion-mnist-dir", type=Path, help="Folder with the four Fashion-MNIST IDX files.")
+    p.add_argument("--cifar10-dir", type=Path, help="CIFAR-10 as an image folder (train/<class>, test/<class>).")
+    p.add_argument("--workers", type=int, default=2, help="Parallel runs, one torch thread each.")
+    p.add_argument("--only", nargs="*", help="Run only these datasets.")
+    p.add_argument("--report-only", action="store_true", help="Summarise finished runs without starting any.")
+    p.add_argument("--figures", type=Path, help="Also draw the per-layer prune profiles into this folder.")
+    args = p.parse_args()
+    plan = PLANS[args.plan]
+    dirs = {"fashion-mnist": args.fashion_mnist_dir, "cifar10": args.cifar10_dir}
+    datasets = [d for d in dict.fromkeys(c[0] for c in plan["cells"]) if not args.only or d in args.only]
+    jobs = [j for j in _plan_jobs(plan) if j[0] in datasets]
+    args.out.mkdir(parents=True, exist_ok=True)
+    records_path = args.out / "records.jsonl"
+    records = {}
+    if records_path.exists():
+        for line in records_path.read_text().splitlines():
+            r = json.loads(line)
+            records[(r["dataset"], r["ipc"], r["variant"], r["seed"])] = r
+    t_start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)  # noqa: E731
+
+    if not args.report_only:
+        missing = [d for d in datasets if dirs[d] is None]
+        if missing:
+            p.error(f"give the data folder of {', '.join(missing)} (--{missing[0]}-dir)")
+        todo = [j for j in jobs if j not in records]
+        log(f"{len(jobs)} runs in the plan, {len(todo)} to do, {args.workers} workers")
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
+            for d in datasets:  # experts first: every run of a dataset needs them
+                log(f"{d}: experts")
+                pool.submit(train_experts, d, str(args.out), str(dirs[d]), args.workers, args.plan).result()
+            futures = {pool.submit(run_one, j, str(args.out), str(dirs[j[0]]), args.plan): j for j in todo}
+            for fut in as_completed(futures):
+                job = futures[fut]
+                rec = fut.result()
+                records[job] = rec
+                with open(records_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                log(f"{job}: selected {100 * rec['selected']:.2f} (it {rec['selected_iteration']}), final {100 * rec['final']:.2f} "
+                    f"[{rec['distill_s']:.0f} + {rec['evaluate_s']:.0f} s]")
+
+    done = [records[j] for j in jobs if j in records]
+    rows = summarise(done)
+    import torch
+
+    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "plan": args.plan, "n_runs": len(done),
+            "workers": args.workers, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,
+            "distill_s": sum(r["distill_s"] for r in done), "evaluate_s": sum(r["evaluate_s"] for r in done)}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "records": done}, indent=2))
+    (args.out / "results.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    if args.figures:
+        for path in figures(done, args.figures):
+            log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
