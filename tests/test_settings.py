@@ -90,7 +90,7 @@ def test_env_defaults_to_os_environ(monkeypatch):
 
 
 def test_env_bool_and_path(tmp_path):
-    s = resolve("distill", {}, env={"DPD_ZCA": "true", "DPD_OUT": str(tmp_path / "run")})
+    s = resolve("distill", {}, env={"DPD_ZCA": "true", "DPD_DISTILL_OUT": str(tmp_path / "run")})
     assert s.zca is True and s.out == tmp_path / "run"
 
 

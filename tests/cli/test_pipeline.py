@@ -159,4 +159,4 @@ def test_evaluate_says_when_a_training_diverges(dpd, experts, tmp_path):
     r = dpd("inspect", run)
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "(2)*" in out and "(distilled / convnet: 2 of 2)" in out
+    assert "(2)*" in out and "2 of 2 trainings diverged" in out and "distilled / convnet runs 0, 1" in out
