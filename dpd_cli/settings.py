@@ -583,6 +583,7 @@ def resolve_sources(
         SettingsError: Every problem at once, each naming where the bad value came from.
     """
     cls = COMMAND_SETTINGS[command]
+    infos = setting_infos(cls)
     env = os.environ if env is None else env
     given_by = "--config"
     if config is None and env.get(CONFIG_ENV, ""):
@@ -612,8 +613,9 @@ def resolve_sources(
         if name not in cls.model_fields:
             raise SettingsError(f"Unknown setting {name!r} for `dpd {command}`.")
         merged[name] = value
-        where[name] = _flag(name)
-        sources[name] = f"flag {_flag(name)}"
+        # A switch is named as typed: --no-dsa for False.
+        where[name] = "--no-" + name.replace("_", "-") if value is False and infos[name].kind == "bool" else _flag(name)
+        sources[name] = f"flag {where[name]}"
     try:
         settings = cls.model_validate(merged)
     except ValidationError as e:

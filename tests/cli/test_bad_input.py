@@ -162,6 +162,8 @@ CASES = [
     Case("experts-negative-epochs", ["experts", "--epochs", "-1"], ["--epochs: Input should be greater than or equal to 1 (got -1)"]),
     Case("evaluate-negative-epochs", ["evaluate", "{run}", "--epochs", "-5"], ["--epochs: Input should be greater than or equal to 1 (got -5)"]),
     Case("fail-under-above-100", ["evaluate", "{run}", "--fail-under", "150"], ["--fail-under: Input should be less than or equal to 100"]),
+    Case("fail-under-fraction", ["evaluate", "{run}", "--fail-under", "0.6"],
+         ["--fail-under: the threshold is a percentage (0-100), and 0.6 looks like a fraction: for 60 % give 60 (got 0.6)"]),
     Case("prune-warmup-covers-all", ["distill", "--iterations", "5", "--prune-warmup", "5"], ["--prune-warmup 5 leaves no pruned iteration of 5"]),
     Case("resume-and-force", ["distill", "--resume", "--force"], ["can't use both --resume and --force"]),
     Case("config-key-wrong-type", ["distill", "--config", "{tmp}/c.toml"],
@@ -171,6 +173,12 @@ CASES = [
     Case("env-wrong-type", ["distill"], ["env DPD_IPC: Input should be a valid integer, unable to parse string as an integer (got 'x')"],
          env={"DPD_IPC": "x"}),
     Case("unknown-device", ["distill", "--device", "tpu"], ["--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"]),
+    Case("unknown-protocol", ["evaluate", "{run}", "--protocol", "MTX"],
+         ["--protocol: unknown protocol 'mtx' (did you mean 'mtt'?); known: mtt, fixed (got 'MTX')"]),
+    Case("shared-env-of-colliding-setting", ["distill", *D], ["DPD_OUT is set, but 'out' means different things in `dpd distill` and "
+                                                             "`dpd experts`: set DPD_DISTILL_OUT instead"], env={"DPD_OUT": "{tmp}/r"}),
+    Case("config-from-env-missing", ["distill"], ["Config file {tmp}/nope.toml does not exist. Check the DPD_CONFIG path."],
+         env={"DPD_CONFIG": "{tmp}/nope.toml"}),
     Case("depth-too-deep", ["experts", "--depth", "6", "--width", "8", "--out", "{tmp}/ex"], ["--depth 6 is too deep for 28x28 images: use at most 5"]),
     # --- unknown dataset / model ---------------------------------------------------------------
     Case("unknown-dataset", ["experts", "--dataset", "cifar11"], ["--dataset: unknown dataset 'cifar11' (did you mean 'cifar10'?); known: fashion-mnist-mini"]),
@@ -185,6 +193,9 @@ CASES = [
     Case("data-dir-missing", ["experts", "--data-dir", "{tmp}/nowhere", *TINY],
          ["--data-dir {tmp}/nowhere does not exist. Point it at the folder holding the fashion-mnist-mini files."]),
     Case("evaluate-target-missing", ["evaluate", "{tmp}/nowhere"], ["{tmp}/nowhere does not exist. Give a run directory"]),
+    Case("evaluate-experts-folder", ["evaluate", "{experts}"],
+         ["{experts} is an experts folder (from `dpd experts`): it holds training trajectories, not a synthetic set. "
+          "Distil one from it with `dpd distill --experts {experts}`, then evaluate the run directory"]),
     Case("evaluate-folder-without-run", ["evaluate", "{tmp}/empty"], ["{tmp}/empty has no synthetic.safetensors", "dpd distill --out {tmp}/empty"],
          _mkdirs("empty")),
     Case("config-missing", ["distill", "--config", "{tmp}/nope.toml"], ["Config file {tmp}/nope.toml does not exist. Check the --config path."]),
@@ -273,6 +284,10 @@ CASES = [
     Case("evaluate-cuda-absent", ["evaluate", "{run}", "--device", "cuda"], ["--device cuda was asked for, but no CUDA GPU is available"]),
     # --- inspect -----------------------------------------------------------------------------------
     Case("inspect-missing", ["inspect", "{tmp}/nowhere"], ["{tmp}/nowhere does not exist."]),
+    # The sentence on what `dpd inspect` reads comes once, and ends the message.
+    Case("inspect-json-file", ["inspect", "{tmp}/cfg.json"],
+         ["{tmp}/cfg.json is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, experts folders "
+          "and safetensors files.\n"], _write("cfg.json", "{}")),
     Case("inspect-not-safetensors", ["inspect", "{tmp}/c.toml"], ["{tmp}/c.toml is not a valid safetensors file"], _write("c.toml", "ipc = 1\n")),
 ]
 
@@ -284,7 +299,8 @@ _NO_TRACEBACK = {
     "resume-and-force", "config-key-wrong-type", "config-key-list-for-int", "env-wrong-type", "unknown-device",
     "unknown-dataset", "unknown-model", "unknown-evaluate-model", "data-dir-empty", "out-empty", "experts-path-empty",
     "config-path-empty", "config-missing", "config-is-a-folder", "imagefolder-without-data-dir", "toml-syntax-error",
-    "toml-unclosed-at-end", "yaml-syntax-error", "json-syntax-error", "config-not-a-table",
+    "toml-unclosed-at-end", "yaml-syntax-error", "json-syntax-error", "config-not-a-table", "fail-under-fraction",
+    "unknown-protocol", "shared-env-of-colliding-setting", "config-from-env-missing",
 }
 
 
@@ -296,7 +312,8 @@ def test_bad_input(case: Case, shared, tmp_path):
         case.setup(tmp_path, shared)
     subst = {"tmp": str(tmp_path), "experts": str(shared["experts"]), "run": str(shared["run"])}
     argv = [a.format(**subst) for a in case.argv]
-    result = CliRunner().invoke(app, argv, env=case.env)
+    env = {k: v.format(**subst) for k, v in (case.env or {}).items()}
+    result = CliRunner().invoke(app, argv, env=env)
     out = result.output
     assert result.exit_code == 2, out
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
