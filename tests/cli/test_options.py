@@ -132,8 +132,8 @@ def test_print_config_round_trips_through_the_command_line(tmp_path):
 
 
 def test_print_config_runs_nothing(tmp_path):
-    # Without --print-config this would train 50 experts into the experts root.
-    r = CliRunner().invoke(app, ["experts", "--print-config"])
+    # Without --print-config this would fail at once (exit 2: the data folder does not exist).
+    r = CliRunner().invoke(app, ["experts", "--data-dir", str(tmp_path / "nowhere"), "--print-config"])
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("# `dpd experts` settings") and r.stderr == ""
     assert not (tmp_path / "experts-root").exists()
