@@ -9,49 +9,33 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from dpd_cli.cli.console import error_console, out_console, print_json
-from dpd_cli.cli.results import divergence_note, results_table
 from dpd_cli.cli.options import keep_text
-from dpd_cli.cli.runner import Output, settings_command
+from dpd_cli.cli.results import divergence_note, results_table
+from dpd_cli.cli.runner import Report, settings_command
 from dpd_cli.errors import EXIT_BELOW_THRESHOLD
 
 
-def _run(settings, sink, target: str):
-    from dpd_cli.engine import evaluate as engine
-
-    return engine.run(settings, target, sink)  # as typed: the engine refuses an empty target
-
-
-def _report(settings, result: dict, output: Output) -> int:
-    if not result["results"]:
-        return 0  # a non-zero torchrun rank: rank 0 reports
-    if output.json:
-        print_json(result)
-    elif not output.quiet:
-        con = out_console()
-        first = result["results"][0]
-        con.print(Text(f"Test accuracy (%) on {first['dataset']}, IPC {first['ipc']}: mean ± std (runs)", style="bold"))
-        con.print(results_table(result["results"]))
-        note = divergence_note(result["results"])
-        if note:
-            con.print(Text(note, style="dim"))
-        con.print(f"Saved to {result['eval_file']}", highlight=False)
+def _report(settings, result: dict) -> Report:
+    entries = result["results"]
+    if not entries:
+        return Report(None)  # a non-zero torchrun rank: rank 0 reports
+    note = divergence_note(entries)
+    text = [Text(f"Test accuracy (%) on {entries[0]['dataset']}, IPC {entries[0]['ipc']}: mean ± std (runs)", style="bold"),
+            results_table(entries), *([Text(note, style="dim")] if note else []), f"Saved to {result['eval_file']}"]
     if result["passed"]:
-        return 0
+        return Report(result, text)
     worst = min(result["below"], key=lambda r: r["mean"])
-    error_console().print(
-        f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%.",
-        highlight=False,
-    )
-    return EXIT_BELOW_THRESHOLD
+    return Report(result, text, EXIT_BELOW_THRESHOLD,
+                  f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%.")
 
 
+# As typed (keep_text): the engine refuses an empty TARGET, which a Path would read as ".".
 _TARGET = inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
     metavar="TARGET", show_default=False, parser=keep_text,
     help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])
 
 evaluate = settings_command(
-    "evaluate", run=_run, report=_report, arguments=[_TARGET],
+    "evaluate", report=_report, arguments=[_TARGET],
     summary="Train fresh networks on a synthetic set and report real test accuracy (mean ± std over runs).\n\n"
             "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it.",
     examples=[

@@ -189,7 +189,7 @@ def fresh_caches():
 
 def test_a_new_field_is_one_declaration(monkeypatch, tmp_path, fresh_caches):
     """A field added to a settings model reaches --help, the flag, the env and the config file."""
-    from dpd_cli.cli.distill import _report, _run
+    from dpd_cli.cli.distill import _report
     from dpd_cli.cli.options import Command
     from dpd_cli.cli.runner import settings_command
 
@@ -202,7 +202,7 @@ def test_a_new_field_is_one_declaration(monkeypatch, tmp_path, fresh_caches):
     import typer
 
     one = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
-    one.command(cls=Command)(settings_command("distill", run=_run, report=_report, summary="s", examples=[]))
+    one.command(cls=Command)(settings_command("distill", report=_report, summary="s", examples=[]))
     one.command("other")(lambda: None)  # two commands: the group keeps the command name in argv
     runner = CliRunner()
     help_text = " ".join(runner.invoke(one, ["distill", "--help"]).stdout.replace("│", " ").split())
