@@ -1,7 +1,7 @@
 """User-facing errors.
 
-The engine raises these; ``dpd_cli.cli.app`` turns them into a one-paragraph message on
-stderr and exit code 2. Any other exception is a bug and keeps its traceback.
+The engine raises these; ``dpd_cli.cli.errors.handle_errors`` turns them into a one-paragraph
+message on stderr and exit code 2. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ __all__ = [
     "OutputExistsError",
     "DeviceError",
     "DivergedError",
-    "EXIT_OK",
     "EXIT_USER_ERROR",
     "EXIT_BELOW_THRESHOLD",
     "EXIT_INTERRUPTED",
 ]
 
 #: Exit codes of the ``dpd`` command (also documented in docs/guide.md).
-EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_BELOW_THRESHOLD = 3  # ``dpd evaluate --fail-under`` and the mean accuracy was lower
 EXIT_INTERRUPTED = 130
@@ -31,9 +29,14 @@ EXIT_INTERRUPTED = 130
 class UserError(Exception):
     """Something the user can fix: the message says what is wrong and how to fix it."""
 
+    #: Whether the traceback (``DPD_DEBUG=1``) can tell more than the message: not for a bad invocation.
+    has_traceback: bool = True
+
 
 class SettingsError(UserError):
     """Invalid flags, environment variables or config file."""
+
+    has_traceback = False  # raised where the value is checked: the message is the whole story
 
 
 class DataError(UserError):

@@ -1,4 +1,4 @@
-"""Typed progress events the engine emits and the views (Rich, plain, JSON, tests) consume."""
+"""Typed progress events the engine emits and the views (Rich, plain, JSON) consume."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Protocol
 __all__ = [
     "Event",
     "Sink",
-    "ListSink",
     "NullSink",
     "Message",
     "ExpertsStarted",
@@ -43,22 +42,6 @@ class NullSink:
 
     def close(self) -> None:
         pass
-
-
-class ListSink:
-    """Collects events; for tests and library use."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def emit(self, event: Event) -> None:
-        self.events.append(event)
-
-    def close(self) -> None:
-        pass
-
-    def of(self, kind: type) -> list:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 @dataclass

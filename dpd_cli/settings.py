@@ -1,17 +1,39 @@
 """Settings for every command, and how they are resolved.
 
-Each command has one Pydantic model (``ExpertSettings``, ``DistillSettings``,
-``EvalSettings``). A value comes from, lowest to highest precedence:
+Each command has one Pydantic model (``ExpertSettings``, ``DistillSettings``, ``EvalSettings``),
+built from groups that several commands share (``DataFields``, ``ModelFields``, ``RunFields``).
 
-1. the field default below;
-2. a config file (``--config FILE``: TOML, JSON or YAML). Top-level keys apply to every
-   command that knows them; a table named after the command (``[distill]``) applies to
-   that command only and wins over top-level keys. A key that no command knows is an error;
-3. an environment variable ``DPD_<FIELD>`` (``DPD_IPC=10``, ``DPD_PRUNE_RATIO=0.05``);
-4. a command-line flag.
+**One declaration per setting.** A setting is one field: its type, default, constraints and
+``description``, plus optionally ``json_schema_extra={"panel": "Pruning"}``, the group it is listed
+under in ``--help`` (default: the ``panel`` of the class that declares it). Everything else is derived
+from that field (``setting_infos``): the flag (``prune_ratio`` -> ``--prune-ratio``; a ``bool`` is the
+switch pair ``--zca/--no-zca``), the allowed values (a ``Literal`` type; matched case-insensitively),
+the config-file key and the environment variables. ``dpd_cli.cli.options`` builds the command-line
+options from it, so a new field appears in ``--help``, config files and the environment at once.
 
-Unknown keys are errors and every problem is reported at once. The resolved settings are
-saved next to every output (``settings.json``) and inside every safetensors file written.
+**Where a value comes from**, lowest to highest precedence:
+
+1. the field default;
+2. a config file (``--config FILE``, or the file named by ``DPD_CONFIG``; TOML, JSON or YAML).
+   Top-level keys apply to every command that has the setting; a table named after the command
+   (``[distill]``) applies to that command only and wins over top-level keys. A key that no
+   command knows is an error;
+3. the shared environment variable ``DPD_<SETTING>`` (``DPD_SEED=1``), which every command that has
+   the setting reads;
+4. the command's own variable ``DPD_<COMMAND>_<SETTING>`` (``DPD_DISTILL_OUT``, ``DPD_EXPERTS_EPOCHS``);
+5. a command-line flag.
+
+**Shared names.** A setting has a shared variable only if its name means the same thing in every
+command that has it: it is declared once (in a group several commands inherit), or it is declared
+again with ``json_schema_extra={"shared": True}`` to say it means the same. A name declared
+separately by several commands (``out``: experts folder vs run directory; ``epochs``, ``lr``,
+``batch``, ``momentum``, ``weight_decay``, ``dsa``: experts vs evaluation training) has no shared
+variable: ``DPD_OUT`` set while a command with an ``out`` setting runs is an error naming the
+command's own variable (``DPD_DISTILL_OUT``), so one variable never silently sets two different things.
+
+Unknown keys are errors and every problem is reported at once. The resolved settings are saved next
+to every output (``settings.json``) and inside every safetensors file written; ``to_toml`` prints them
+with the source of each value (``--print-config``).
 
 This module imports neither torch nor anything heavy, so ``dpd --help`` stays instant.
 """
@@ -21,57 +43,100 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path, PurePath
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpd_cli.errors import SettingsError
+from dpd_cli.models import MODEL_NAMES
 
 __all__ = [
     "DATASET_NAMES",
     "MODEL_NAMES",
     "MPS_REFUSED",
+    "PANELS",
     "DataFields",
     "ModelFields",
+    "RunFields",
     "ExpertSettings",
     "DistillSettings",
     "EvalSettings",
     "COMMAND_SETTINGS",
+    "SettingInfo",
+    "Resolved",
+    "setting_infos",
     "resolve",
+    "resolve_sources",
+    "to_toml",
     "settings_hash",
     "env_var",
+    "command_env_var",
+    "env_names",
+    "CONFIG_ENV",
 ]
 
 #: Datasets the registry knows (``dpd_cli.data``); kept here so validation needs no torch.
 DATASET_NAMES = ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "imagefolder")
-#: Networks ``dpd_cli.models`` can build.
-MODEL_NAMES = ("convnet", "resnet18", "vgg11", "alexnet")
 #: Why ``--device mps`` is refused (here and by ``engine.common.resolve_device``); see docs/guide.md.
 MPS_REFUSED = ("mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
                "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU.")
+#: ``--help`` panels in the order they are printed; a panel not listed here comes after them.
+PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation", "Model", "Output", "Run")
+#: The variable that names a config file when ``--config`` is not given.
+CONFIG_ENV = "DPD_CONFIG"
 
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: The ``--help`` panel of the fields this class declares without a ``panel`` of their own.
+    panel: ClassVar[str] = "Options"
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_empty_path(cls, v: Any, info) -> Any:
-        # Path("") is the current folder: an empty --out or --data-dir must not silently mean ".".
-        if isinstance(v, str) and not v.strip() and "Path" in str(cls.model_fields[info.field_name].annotation):
+    def _normalise(cls, v: Any, info) -> Any:
+        """What every field gets from its type: no empty paths, comma lists, case-insensitive choices."""
+        s = setting_infos(cls)[info.field_name]
+        if s.kind == "path" and isinstance(v, str) and not v.strip():
+            # Path("") is the current folder: an empty --out or --data-dir must not silently mean ".".
             raise ValueError("the path is empty; give a path, or leave the setting out for the default")
+        if s.kind == "list" and isinstance(v, str):
+            v = [p for p in (part.strip() for part in v.split(",")) if p]
+        if s.literal:
+            if s.kind == "choice":
+                v = _choose(v, s)
+            elif isinstance(v, list):
+                v = [_choose(x, s) for x in v]
         return v
 
 
+def _choose(value: Any, s: SettingInfo) -> Any:
+    """The allowed value ``value`` names, ignoring case; anything else is an error listing them."""
+    if not isinstance(value, str):
+        return value  # Pydantic reports the wrong type
+    key = value.strip().lower()
+    for choice in s.literal:
+        if str(choice).lower() == key:
+            return choice
+    names = [str(c) for c in s.literal]
+    noun = s.name.replace("_", " ")
+    if s.kind == "list" and noun.endswith("s"):
+        noun = noun[:-1]  # "models" lists model names
+    raise ValueError(f"unknown {noun} {key!r}{_did_you_mean(key, names)}; known: {', '.join(names)}")
+
+
 class DataFields(_Settings):
-    dataset: str = Field(
-        "fashion-mnist-mini",
-        description=f"Dataset: one of {', '.join(DATASET_NAMES)}.",
-    )
+    panel: ClassVar[str] = "Data"
+
+    dataset: Literal[DATASET_NAMES] = Field("fashion-mnist-mini", description="Dataset to train on.")
     data_dir: Path | None = Field(
         None,
         description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
@@ -89,14 +154,6 @@ class DataFields(_Settings):
         "experts, distill and evaluate); experts and distillation never see them. Needed by evaluate --select val.",
     )
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        v = v.lower()
-        if v not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {v!r}{_did_you_mean(v, DATASET_NAMES)}; known: {', '.join(DATASET_NAMES)}")
-        return v
-
     @model_validator(mode="after")
     def _folder_datasets_need_dir(self) -> "DataFields":
         if self.dataset == "imagefolder" and self.data_dir is None:
@@ -107,24 +164,24 @@ class DataFields(_Settings):
 
 
 class ModelFields(_Settings):
-    model: str = Field("convnet", description=f"Network: one of {', '.join(MODEL_NAMES)}.")
+    panel: ClassVar[str] = "Model"
+
+    model: Literal[MODEL_NAMES] = Field("convnet", description="Network architecture.")
     width: int = Field(128, ge=1, le=4096, description="ConvNet channels per layer.")
     depth: int | None = Field(None, ge=1, le=8, description="ConvNet depth (default: from the image size).")
     norm: Literal["instance", "batch", "none"] = Field("instance", description="Normalisation layers.")
     pool: Literal["avg", "max"] = Field("avg", description="ConvNet pooling.")
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        v = v.lower()
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}{_did_you_mean(v, MODEL_NAMES)}; known: {', '.join(MODEL_NAMES)}")
-        return v
-
 
 class RunFields(_Settings):
+    panel: ClassVar[str] = "Run"
+
     seed: int = Field(0, ge=0, description="Seed for every random choice.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(
+        "auto",
+        description="Device to run on (auto: the first CUDA GPU if there is one, else the CPU).",
+        json_schema_extra={"choices": ["auto", "cpu", "cuda", "cuda:N", "mps"]},
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
 
     @field_validator("device")
@@ -141,6 +198,8 @@ class RunFields(_Settings):
 class ExpertSettings(DataFields, ModelFields, RunFields):
     """``dpd experts``: train expert trajectories on real data."""
 
+    panel: ClassVar[str] = "Training"
+
     num: int = Field(50, ge=1, description="Number of experts to train.")
     epochs: int = Field(50, ge=1, description="Epochs per expert (one snapshot per epoch).")
     lr: float = Field(0.01, gt=0, description="SGD learning rate.")
@@ -148,13 +207,19 @@ class ExpertSettings(DataFields, ModelFields, RunFields):
     weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
     batch: int = Field(256, ge=1, description="Mini-batch size.")
     dsa: bool = Field(True, description="Differentiable siamese augmentation while training.")
-    out: Path | None = Field(None, description="Experts folder (default: <experts root>/<dataset>/<model tag>).")
+    out: Path | None = Field(
+        None, description="Experts folder (default: <experts root>/<dataset>/<model tag>).", json_schema_extra={"panel": "Output"}
+    )
 
 
 class DistillSettings(DataFields, ModelFields, RunFields):
     """``dpd distill``: trajectory matching with Difference-Driven Pruning."""
 
-    experts: Path | None = Field(None, description="Experts folder (default: the one `dpd experts` wrote).")
+    panel: ClassVar[str] = "Distillation"
+
+    experts: Path | None = Field(
+        None, description="Experts folder (default: the one `dpd experts` wrote).", json_schema_extra={"panel": "Data"}
+    )
     ipc: int = Field(10, ge=1, description="Synthetic images per class.")
     iterations: int = Field(5000, ge=1, description="Distillation iterations.")
     syn_steps: int = Field(20, ge=1, description="N: student steps on the synthetic set per iteration.")
@@ -164,44 +229,61 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     lr_lr: float = Field(1e-5, ge=0, description="Learning rate of the learnable step size alpha.")
     lr_teacher: float = Field(0.01, gt=0, description="Initial student step size alpha_0.")
     batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
-    prune_ratio: float = Field(0.01, ge=0, lt=1, description="rho: fraction of parameters pruned from the loss; 0 is MTT.")
-    prune_scope: Literal["global", "layer"] = Field("global", description="Rank parameters globally or within each layer.")
+    prune_ratio: float = Field(
+        0.01, ge=0, lt=1, description="rho: fraction of parameters pruned from the loss; 0 is MTT.", json_schema_extra={"panel": "Pruning"},
+    )
+    prune_scope: Literal["global", "layer"] = Field(
+        "global", description="Rank parameters globally or within each layer.", json_schema_extra={"panel": "Pruning"}
+    )
     prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = Field(
         "abs",
         description="Score that ranks parameters: abs |student - target|; relative: that divided by |start - target| + eps; "
-        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.",
+        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.", json_schema_extra={"panel": "Pruning"},
     )
     prune_direction: Literal["largest", "smallest"] = Field(
-        "largest", description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection)."
+        "largest", description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection).", json_schema_extra={"panel": "Pruning"},
     )
     prune_mask: Literal["step", "ema"] = Field(
-        "step", description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's score."
+        "step", description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's "
+        "score.", json_schema_extra={"panel": "Pruning"},
     )
     prune_ema_beta: float | None = Field(
-        None, description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9)."
+        None, description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9).", json_schema_extra={"panel": "Pruning"},
     )
     prune_mode: Literal["loss", "network"] = Field(
         "loss", description="loss: prune from the loss only; network: also freeze the pruned parameters at the "
-        "expert's start during the unroll (mask from earlier iterations)."
+        "expert's start during the unroll (mask from earlier iterations).", json_schema_extra={"panel": "Pruning"},
     )
-    prune_warmup: int = Field(0, ge=0, description="No pruning during the first K iterations.")
+    prune_warmup: int = Field(
+        0, ge=0, description="No pruning during the first K iterations.", json_schema_extra={"panel": "Pruning"}
+    )
     memory: Literal["full", "low"] = Field(
-        "full", description="full: keep the unrolled graph; low: exact recomputation, memory flat in N."
+        "full", description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
+        json_schema_extra={"panel": "Memory"},
     )
     init: Literal["real", "noise"] = Field("real", description="Initialise images from real samples or noise.")
     dsa: bool = Field(True, description="Differentiable siamese augmentation in student steps.")
-    checkpoint_every: int = Field(100, ge=1, description="Iterations between checkpoints.")
+    checkpoint_every: int = Field(
+        100, ge=1, description="Iterations between checkpoints.", json_schema_extra={"panel": "Output"}
+    )
     keep_checkpoints: Literal["latest", "all"] | int = Field(
         "latest",
         description="Checkpoints kept besides checkpoint 0 (the initial images) and the newest two: latest (no others), "
-        "all, or N (every N-th), so that evaluate --select can pick among them.",
+        "all, or N (every N-th), so that evaluate --select can pick among them.", json_schema_extra={"panel": "Output"},
     )
     log_every: int | None = Field(
-        None, ge=1, description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU)."
+        None, ge=1, description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU).",
+        json_schema_extra={"panel": "Output"},
     )
-    out: Path | None = Field(None, description="Run directory (default: runs/<dataset>-ipc<ipc>-rho<ratio>-s<seed>).")
-    resume: bool = Field(False, description="Continue the run in --out from its last checkpoint.")
-    force: bool = Field(False, description="Overwrite an existing run in --out.")
+    out: Path | None = Field(
+        None, description="Run directory (default: a folder in runs/ named after the dataset, IPC, ratio and seed, "
+        "e.g. runs/cifar10-ipc10-rho0.01-s0).",
+        json_schema_extra={"panel": "Output"},
+    )
+    resume: bool = Field(
+        False, description="Continue the run in --out from its last checkpoint.", json_schema_extra={"panel": "Output"}
+    )
+    force: bool = Field(False, description="Overwrite an existing run in --out.", json_schema_extra={"panel": "Output"})
 
     @field_validator("keep_checkpoints", mode="before")
     @classmethod
@@ -240,7 +322,9 @@ class DistillSettings(DataFields, ModelFields, RunFields):
 class EvalSettings(RunFields):
     """``dpd evaluate``: train fresh networks on a synthetic set, test on the real test set."""
 
-    models: list[str] = Field(["convnet"], description="Architectures, comma-separated: " + ", ".join(MODEL_NAMES) + ".")
+    panel: ClassVar[str] = "Evaluation"
+
+    models: list[Literal[MODEL_NAMES]] = Field(["convnet"], description="Architectures to train.")
     runs: int = Field(5, ge=1, description="Networks trained per architecture.")
     protocol: Literal["mtt", "fixed"] = Field(
         "mtt", description="mtt: 1000 epochs at the learned alpha; fixed: lr 0.01, 300 epochs."
@@ -252,7 +336,8 @@ class EvalSettings(RunFields):
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
     dsa: bool = Field(True, description="DSA while training the evaluation networks.")
     baseline: list[Literal["random", "full", "init"]] = Field(
-        [], description="Also evaluate baselines: random (real images), full (all training data), init (the run's initial images)."
+        [], description="Also evaluate baselines: random (random real images, same IPC), full (all real training images), "
+        "init (the run's own initial images, at its learned alpha)."
     )
     select: Literal["val", "final", "test-max"] | None = Field(
         None,
@@ -261,28 +346,29 @@ class EvalSettings(RunFields):
     )
     full_epochs: int = Field(20, ge=1, description="Epochs for the full-data baseline.")
     distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
-    fail_under: float | None = Field(None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy (%) is below this.")
-    data_dir: Path | None = Field(None, description="Folder with the dataset's files, if not where the run found them.")
-
-    @field_validator("models", "baseline", mode="before")
-    @classmethod
-    def _split_commas(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [s for s in (p.strip() for p in v.split(",")) if s]
-        return v
+    fail_under: float | None = Field(
+        None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy is below this percentage (0-100).",
+        json_schema_extra={"panel": "Output"},
+    )
+    data_dir: Path | None = Field(
+        None, description="Folder with the dataset's files, if not where the run found them.",
+        json_schema_extra={"panel": "Data", "shared": True},
+    )
 
     @field_validator("models")
     @classmethod
-    def _known_models(cls, v: list[str]) -> list[str]:
-        out = []
-        for name in v:
-            name = name.lower()
-            if name not in MODEL_NAMES:
-                raise ValueError(f"unknown model {name!r}{_did_you_mean(name, MODEL_NAMES)}; known: {', '.join(MODEL_NAMES)}")
-            out.append(name)
-        if not out:
+    def _some_model(cls, v: list[str]) -> list[str]:
+        if not v:
             raise ValueError("give at least one model")
-        return out
+        return v
+
+    @field_validator("fail_under")
+    @classmethod
+    def _percent(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v <= 1:
+            raise ValueError(f"the threshold is a percentage (0-100), and {v:g} looks like a fraction: "
+                             f"for {100 * v:g} % give {100 * v:g}")
+        return v
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EvalSettings":
@@ -298,11 +384,128 @@ COMMAND_SETTINGS: dict[str, type[_Settings]] = {
 }
 
 
+# --- what each field declares -----------------------------------------------------------------
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting as the command line, config files and the environment see it.
+
+    Attributes:
+        name: The field name, also the config key (``prune_ratio``).
+        kind: ``bool``, ``int``, ``float``, ``path``, ``choice``, ``list`` or ``text``.
+        literal: The allowed values of a ``Literal`` type (or of a list's items); empty otherwise.
+        choices: The values listed in ``--help``: ``literal``, or ``json_schema_extra["choices"]``.
+        panel: The ``--help`` panel.
+        description: The field's description.
+        default: The field's default.
+        declared_by: The class that declares the field.
+        shared: ``json_schema_extra["shared"]``: a redeclaration that means the same as the others.
+    """
+
+    name: str
+    kind: str
+    literal: tuple
+    choices: tuple[str, ...]
+    panel: str
+    description: str
+    default: Any
+    declared_by: type
+    shared: bool
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _without_none(annotation: Any) -> Any:
+    """``X`` from ``X | None``; unions of several types are returned as they are."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _kind(annotation: Any) -> tuple[str, tuple]:
+    t = _without_none(annotation)
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return "choice", typing.get_args(t)
+    if origin in (list, tuple, set, frozenset):
+        item = _without_none((typing.get_args(t) or (str,))[0])
+        return "list", typing.get_args(item) if typing.get_origin(item) is Literal else ()
+    if t is bool:
+        return "bool", ()
+    if t is int:
+        return "int", ()
+    if t is float:
+        return "float", ()
+    if isinstance(t, type) and issubclass(t, PurePath):
+        return "path", ()
+    return "text", ()
+
+
+@cache
+def setting_infos(cls: type[_Settings]) -> dict[str, SettingInfo]:
+    """Every field of a settings model as a ``SettingInfo``, in declaration order."""
+    out = {}
+    for name, f in cls.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+        kind, literal = _kind(f.annotation)
+        choices = tuple(str(c) for c in literal) or tuple(str(c) for c in extra.get("choices", ()))
+        out[name] = SettingInfo(
+            name=name, kind=kind, literal=literal, choices=choices,
+            panel=str(extra.get("panel") or owner.__dict__.get("panel") or _Settings.panel),
+            description=f.description or "", default=f.get_default(call_default_factory=True),
+            declared_by=owner, shared=bool(extra.get("shared")),
+        )
+    return out
+
+
+# --- environment variables --------------------------------------------------------------------
 def env_var(field: str) -> str:
-    """The environment variable that sets ``field``: ``prune_ratio`` -> ``DPD_PRUNE_RATIO``."""
+    """The shared environment variable of ``field``: ``prune_ratio`` -> ``DPD_PRUNE_RATIO``."""
     return "DPD_" + field.upper()
 
 
+def command_env_var(command: str, field: str) -> str:
+    """The command's own variable: (``distill``, ``out``) -> ``DPD_DISTILL_OUT``."""
+    return f"DPD_{command.upper()}_{field.upper()}"
+
+
+@cache
+def _commands_with(field: str) -> tuple[str, ...]:
+    return tuple(c for c, cls in COMMAND_SETTINGS.items() if field in cls.model_fields)
+
+
+@cache
+def _is_shared(field: str) -> bool:
+    """True when ``field`` means the same in every command that has it (see the module docstring)."""
+    owners = {setting_infos(COMMAND_SETTINGS[c])[field].declared_by for c in _commands_with(field)
+              if not setting_infos(COMMAND_SETTINGS[c])[field].shared}
+    return len(owners) <= 1
+
+
+def env_names(command: str, field: str) -> tuple[str, str | None]:
+    """``(command's own variable, shared variable or None)`` for one setting of one command."""
+    return command_env_var(command, field), (env_var(field) if _is_shared(field) else None)
+
+
+def _ambiguous_env(command: str, cls: type[_Settings], env: Mapping[str, str]) -> list[str]:
+    problems = []
+    for name in cls.model_fields:
+        var = env_var(name)
+        if not _is_shared(name) and env.get(var, "") != "":
+            others = [c for c in _commands_with(name) if c != command]
+            names = [f"`dpd {c}`" for c in (command, *others)]
+            where = ", ".join(names[:-1]) + " and " + names[-1]
+            theirs = ", ".join(f"{command_env_var(c, name)} for `dpd {c}`" for c in others)
+            problems.append(f"{var} is set, but {name!r} means different things in {where}: set "
+                            f"{command_env_var(command, name)} instead ({theirs}) and unset {var}")
+    return problems
+
+
+# --- config files -----------------------------------------------------------------------------
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -312,11 +515,11 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _load_file(path: Path) -> dict[str, Any]:
+def _load_file(path: Path, given_by: str) -> dict[str, Any]:
     if path.is_dir():
         raise SettingsError(f"Config file {path} is a folder. Give the path of a TOML, JSON or YAML settings file.")
     if not path.is_file():
-        raise SettingsError(f"Config file {path} does not exist. Check the --config path.")
+        raise SettingsError(f"Config file {path} does not exist. Check the {given_by} path.")
     text = path.read_text(encoding="utf-8", errors="replace")
     suffix = path.suffix.lower()
     try:
@@ -368,11 +571,12 @@ def _all_known_fields() -> set[str]:
     return {f for cls in COMMAND_SETTINGS.values() for f in cls.model_fields}
 
 
-def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path: Path) -> dict[str, Any]:
+def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path: Path) -> dict[str, tuple[Any, bool]]:
+    """``{field: (value, from the command's table)}`` from a loaded config file."""
     fields = cls.model_fields
     known = _all_known_fields()
     problems: list[str] = []
-    values: dict[str, Any] = {}
+    values: dict[str, tuple[Any, bool]] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             if key not in COMMAND_SETTINGS:
@@ -380,18 +584,37 @@ def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path:
             continue
         norm = key.replace("-", "_")
         if norm in fields:
-            values[norm] = value
+            values[norm] = (value, False)
         elif norm not in known:
             problems.append(f"unknown key {key!r}{_did_you_mean(norm, known)}")
     for key, value in (data.get(command) or {}).items():
         norm = key.replace("-", "_")
         if norm in fields:
-            values[norm] = value
+            values[norm] = (value, True)
         else:
             problems.append(f"unknown key {key!r} in [{command}]{_did_you_mean(norm, fields)}")
     if problems:
         raise SettingsError(f"Config file {path}: " + "; ".join(problems) + ". Run `dpd " + command + " --help` for the valid settings.")
     return values
+
+
+# --- resolution -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resolved:
+    """A command's validated settings and where each value came from.
+
+    Attributes:
+        command: ``experts``, ``distill`` or ``evaluate``.
+        settings: The validated settings model.
+        sources: For every field: ``default``, ``file PATH`` (``file PATH [distill]`` from the command's
+            table), ``env VAR`` or ``flag --name``.
+        config: The config file read, if any.
+    """
+
+    command: str
+    settings: _Settings
+    sources: dict[str, str]
+    config: Path | None
 
 
 def resolve(
@@ -400,58 +623,147 @@ def resolve(
     config: Path | None = None,
     env: Mapping[str, str] | None = None,
 ):
-    """Resolve one command's settings: defaults < config file < ``DPD_*`` env < flags.
+    """Resolve one command's settings (precedence in the module docstring); ``resolve_sources(...).settings``."""
+    return resolve_sources(command, flags, config, env).settings
+
+
+def resolve_sources(
+    command: str,
+    flags: Mapping[str, Any],
+    config: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Resolved:
+    """Resolve one command's settings: default < config file < ``DPD_<SETTING>`` < ``DPD_<COMMAND>_<SETTING>`` < flag.
 
     Args:
         command: ``experts``, ``distill`` or ``evaluate``.
         flags: Values given on the command line; ``None`` means "not given".
-        config: Optional config file.
-        env: Environment (default ``os.environ``).
+        config: Config file; when ``None``, the file named by ``DPD_CONFIG``, if set.
+        env: Environment (default ``os.environ``). An empty variable counts as unset.
 
     Returns:
-        The validated settings model.
+        The validated settings and the source of each value.
 
     Raises:
         SettingsError: Every problem at once, each naming where the bad value came from.
     """
     cls = COMMAND_SETTINGS[command]
+    infos = setting_infos(cls)
     env = os.environ if env is None else env
+    given_by = "--config"
+    if config is None and env.get(CONFIG_ENV, ""):
+        config, given_by = Path(env[CONFIG_ENV]), CONFIG_ENV
     sources: dict[str, str] = {}
+    where: dict[str, str] = {}  # how error messages name a value's origin
     merged: dict[str, Any] = {}
     if config is not None:
         if not str(config).strip():
             raise SettingsError("--config is empty. Give the path of a TOML, JSON or YAML settings file, or leave --config out.")
-        for k, v in _file_values(command, cls, _load_file(Path(config)), Path(config)).items():
+        path = Path(config)
+        for k, (v, in_table) in _file_values(command, cls, _load_file(path, given_by), path).items():
             merged[k] = v
-            sources[k] = f"config key {k!r}"
+            sources[k] = f"file {path}" + (f" [{command}]" if in_table else "")
+            where[k] = f"config key {k!r}"
+    problems = _ambiguous_env(command, cls, env)
+    if problems:
+        raise SettingsError("Ambiguous environment for `dpd " + command + "`: " + "; ".join(problems) + ".")
     for name in cls.model_fields:
-        var = env_var(name)
-        if var in env and env[var] != "":
-            merged[name] = env[var]
-            sources[name] = f"env {var}"
+        for var in reversed(env_names(command, name)):  # shared first, so the command's own wins
+            if var is not None and env.get(var, "") != "":
+                merged[name] = env[var]
+                sources[name] = where[name] = f"env {var}"
     for name, value in flags.items():
         if value is None:
             continue
         if name not in cls.model_fields:
             raise SettingsError(f"Unknown setting {name!r} for `dpd {command}`.")
         merged[name] = value
-        sources[name] = _flag(name)
+        # A switch is named as typed: --no-dsa for False.
+        where[name] = "--no-" + name.replace("_", "-") if value is False and infos[name].kind == "bool" else _flag(name)
+        sources[name] = f"flag {where[name]}"
     try:
-        return cls.model_validate(merged)
+        settings = cls.model_validate(merged)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = err["loc"][0] if err["loc"] else None
-            if loc is None or loc not in cls.model_fields and loc not in sources:
-                where = "settings"
+            if loc is None or loc not in cls.model_fields and loc not in where:
+                origin = "settings"
             else:
-                where = sources.get(loc, _flag(loc))
+                origin = where.get(loc, _flag(loc))
             msg = err["msg"].removeprefix("Value error, ")
-            got = f" (got {err['input']!r})" if loc in sources and not isinstance(err.get("input"), dict) else ""
-            lines.append(f"{where}: {msg}{got}")
+            got = f" (got {err['input']!r})" if loc in where and not isinstance(err.get("input"), dict) else ""
+            lines.append(f"{origin}: {msg}{got}")
         raise SettingsError(
             "Invalid settings for `dpd " + command + "`: " + "; ".join(lines) + f". See `dpd {command} --help`."
         ) from None
+    return Resolved(command, settings, {name: sources.get(name, "default") for name in cls.model_fields},
+                    Path(config) if config is not None else None)
+
+
+# --- printing ---------------------------------------------------------------------------------
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # shortest text that reads back as the same float, e.g. 1e-05, 1000.0
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))
+
+
+def _panel_order(panel: str) -> int:
+    return PANELS.index(panel) if panel in PANELS else len(PANELS)
+
+
+def to_toml(resolved: Resolved) -> str:
+    """The resolved settings as a TOML file, each value followed by its source as a comment.
+
+    Feeding the text back with ``--config`` gives the same settings: values are in a table named
+    after the command, and a setting without a value (``None``: its default is computed at run
+    time) is a comment.
+    """
+    cmd = resolved.command
+    infos = setting_infos(type(resolved.settings))
+    data = resolved.settings.model_dump(mode="json")
+    rows: list[tuple[str, str]] = []
+    for panel in sorted(dict.fromkeys(s.panel for s in infos.values()), key=_panel_order):
+        rows.append((f"# --- {panel}", ""))
+        for s in (s for s in infos.values() if s.panel == panel):
+            value = data[s.name]
+            line = f"# {s.name}: not set" if value is None else f"{s.name} = {_toml_value(value)}"
+            rows.append((line, resolved.sources[s.name]))
+    width = max(len(line) for line, src in rows if src)
+    head = [
+        f"# `dpd {cmd}` settings; after each value, where it came from.",
+        f"# Precedence: flag > DPD_{cmd.upper()}_<SETTING> > DPD_<SETTING> > config file > default.",
+        f"# Use as a config file: dpd {cmd} --config FILE",
+        "",
+        f"[{cmd}]",
+    ]
+    return "\n".join(head + [f"{line:<{width}}  # {src}" if src else line for line, src in rows]) + "\n"
 
 
 def settings_hash(settings: BaseModel, exclude: set[str] | None = None) -> str:

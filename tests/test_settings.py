@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from dpd_cli.errors import SettingsError
-from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings, env_var, resolve, settings_hash
+from dpd_cli.settings import (
+    DistillSettings,
+    EvalSettings,
+    ExpertSettings,
+    env_names,
+    env_var,
+    resolve,
+    resolve_sources,
+    settings_hash,
+    to_toml,
+)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -90,7 +100,7 @@ def test_env_defaults_to_os_environ(monkeypatch):
 
 
 def test_env_bool_and_path(tmp_path):
-    s = resolve("distill", {}, env={"DPD_ZCA": "true", "DPD_OUT": str(tmp_path / "run")})
+    s = resolve("distill", {}, env={"DPD_ZCA": "true", "DPD_DISTILL_OUT": str(tmp_path / "run")})
     assert s.zca is True and s.out == tmp_path / "run"
 
 
@@ -264,3 +274,151 @@ def test_settings_are_frozen_and_hash_is_stable():
         a.ipc = 5  # type: ignore[misc]
     assert settings_hash(a) == settings_hash(b) != settings_hash(c)
     assert settings_hash(a, exclude={"ipc"}) == settings_hash(c, exclude={"ipc"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment: command-scoped names, shared names, DPD_CONFIG
+
+
+def test_command_variable_beats_shared_beats_file(tmp_path):
+    cfg = _write(tmp_path / "c.toml", "seed = 1\n[distill]\nipc = 2\n")
+    env = {"DPD_SEED": "3", "DPD_IPC": "4"}
+    s = resolve("distill", {}, config=cfg, env=env)
+    assert (s.seed, s.ipc) == (3, 4)  # shared env beats the file, top level and table
+    env |= {"DPD_DISTILL_SEED": "5", "DPD_DISTILL_IPC": "6"}
+    s = resolve("distill", {}, config=cfg, env=env)
+    assert (s.seed, s.ipc) == (5, 6)  # the command's own variable beats the shared one
+    assert resolve("distill", {"seed": 7}, config=cfg, env=env).seed == 7  # a flag beats both
+    # Another command's variable does not apply.
+    assert resolve("experts", {}, env={"DPD_DISTILL_SEED": "5", "DPD_EVALUATE_SEED": "6"}).seed == 0
+    assert resolve("experts", {}, env={"DPD_EXPERTS_EPOCHS": "3"}).epochs == 3
+    assert resolve("evaluate", {}, env={"DPD_EXPERTS_EPOCHS": "3"}).epochs is None
+
+
+def test_colliding_names_have_no_shared_variable():
+    # A name several commands declare separately; checked against the models, not against env_names.
+    by_name: dict[str, set[type]] = {}
+    for cls in (ExpertSettings, DistillSettings, EvalSettings):
+        for name in cls.model_fields:
+            owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+            by_name.setdefault(name, set()).add(owner)
+    separate = {n for n, owners in by_name.items() if len(owners) > 1}
+    assert separate == {"out", "epochs", "lr", "batch", "momentum", "weight_decay", "dsa", "data_dir"}
+    for command, cls in (("experts", ExpertSettings), ("distill", DistillSettings), ("evaluate", EvalSettings)):
+        for name in cls.model_fields:
+            own, shared = env_names(command, name)
+            assert own == f"DPD_{command.upper()}_{name.upper()}"
+            # data_dir is declared again by evaluate, marked as meaning the same (the dataset's folder).
+            assert shared == (None if name in separate - {"data_dir"} else f"DPD_{name.upper()}"), (command, name)
+
+
+def test_shared_variable_of_a_colliding_setting_is_refused():
+    msg = _error("distill", env={"DPD_OUT": "runs/x"})
+    assert msg == (
+        "Ambiguous environment for `dpd distill`: DPD_OUT is set, but 'out' means different things in `dpd distill` and "
+        "`dpd experts`: set DPD_DISTILL_OUT instead (DPD_EXPERTS_OUT for `dpd experts`) and unset DPD_OUT."
+    )
+    # Even next to the command's own variable: one variable must not silently set two things.
+    assert "DPD_EPOCHS is set" in _error("experts", env={"DPD_EPOCHS": "3", "DPD_EXPERTS_EPOCHS": "3"})
+    msg = _error("evaluate", env={"DPD_EPOCHS": "3", "DPD_DSA": "0"})
+    assert "DPD_DSA is set" in msg and "DPD_EPOCHS is set" in msg  # every problem at once
+    assert "`dpd evaluate`, `dpd experts` and `dpd distill`" in msg
+    # A command without the setting ignores the variable, as it ignores a top-level key it does not have.
+    assert resolve("evaluate", {}, env={"DPD_OUT": "runs/x"}).runs == 5
+    assert resolve("distill", {}, env={"DPD_OUT": ""}).out is None  # empty counts as unset
+
+
+def test_variable_names_are_unique_and_avoid_reserved_ones():
+    from dpd_cli.settings import COMMAND_SETTINGS
+
+    owner: dict[str, set[str]] = {}
+    for command, cls in COMMAND_SETTINGS.items():
+        for name in cls.model_fields:
+            for var in env_names(command, name):
+                if var is not None:
+                    owner.setdefault(var, set()).add(name)
+    assert all(len(fields) == 1 for fields in owner.values()), {v: f for v, f in owner.items() if len(f) > 1}
+    reserved = {"DPD_EXPERTS_ROOT", "DPD_DATA_ROOT", "DPD_CACHE_ROOT", "DPD_DEBUG", "DPD_CONFIG"}
+    assert not reserved & set(owner)
+
+
+def test_dpd_config_names_the_file(tmp_path):
+    a = _write(tmp_path / "a.toml", "ipc = 3\n")
+    b = _write(tmp_path / "b.toml", "ipc = 4\n")
+    r = resolve_sources("distill", {}, env={"DPD_CONFIG": str(a)})
+    assert r.settings.ipc == 3 and r.config == a and r.sources["ipc"] == f"file {a}"
+    assert resolve("distill", {}, config=b, env={"DPD_CONFIG": str(a)}).ipc == 4  # --config wins
+    assert resolve("distill", {}, env={"DPD_CONFIG": ""}).ipc == 10
+    msg = _error("distill", env={"DPD_CONFIG": str(tmp_path / "nope.toml")})
+    assert msg == f"Config file {tmp_path / 'nope.toml'} does not exist. Check the DPD_CONFIG path."
+
+
+# ----------------------------------------------------------------------------------------------
+# Allowed values
+
+
+def test_choices_ignore_case_from_every_source(tmp_path):
+    cfg = _write(tmp_path / "c.toml", '[distill]\nnorm = "BATCH"\nprune_scope = "Layer"\n')
+    s = resolve("distill", {"dataset": "CIFAR10", "memory": "LOW"}, config=cfg, env={"DPD_POOL": "Max", "DPD_MODEL": "VGG11"})
+    assert (s.dataset, s.memory, s.norm, s.prune_scope, s.pool, s.model) == ("cifar10", "low", "batch", "layer", "max", "vgg11")
+    s = resolve("evaluate", {"protocol": "MTT", "baseline": "Random, FULL", "models": "AlexNet"}, env={})
+    assert (s.protocol, s.baseline, s.models) == ("mtt", ["random", "full"], ["alexnet"])
+
+
+def test_unknown_choice_lists_the_allowed_values():
+    msg = _error("evaluate", flags={"protocol": "mt"})
+    assert "--protocol: unknown protocol 'mt' (did you mean 'mtt'?); known: mtt, fixed (got 'mt')" in msg
+    assert "--baseline: unknown baseline 'rand'" in _error("evaluate", flags={"baseline": "full,rand"})
+    assert "--norm: unknown norm 'layer'; known: instance, batch, none" in _error("experts", flags={"norm": "layer"})
+
+
+def test_fail_under_is_a_percentage():
+    msg = _error("evaluate", flags={"fail_under": 0.6})
+    assert "--fail-under: the threshold is a percentage (0-100), and 0.6 looks like a fraction: for 60 % give 60" in msg
+    assert "looks like a fraction" in _error("evaluate", flags={"fail_under": 1})
+    for ok in (0, 1.5, 60, 100):
+        assert resolve("evaluate", {"fail_under": ok}, env={}).fail_under == ok
+
+
+# ----------------------------------------------------------------------------------------------
+# --print-config
+
+
+def _toml(text: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def test_print_config_round_trips_with_sources(tmp_path):
+    data = tmp_path / 'odd "dir" \\ ü'
+    cfg = _write(tmp_path / "c.toml", f'width = 16\n[distill]\nprune_scope = "layer"\ndata_dir = "{tmp_path.as_posix()}"\n')
+    env = {"DPD_SEED": "3", "DPD_DISTILL_LR_LR": "2.5e-07", "DPD_ZCA": "true"}
+    flags = {"ipc": 2, "prune_ratio": 0.125, "data_dir": str(data), "out": "runs/x"}
+    r = resolve_sources("distill", flags, config=cfg, env=env)
+    text = to_toml(r)
+    table = _toml(text)["distill"]
+    dumped = r.settings.model_dump(mode="json")
+    assert table == {k: v for k, v in dumped.items() if v is not None}  # unset (None) settings are comments
+    expected = {"ipc": "flag --ipc", "prune_ratio": "flag --prune-ratio", "data_dir": "flag --data-dir", "out": "flag --out",
+                "seed": "env DPD_SEED", "lr_lr": "env DPD_DISTILL_LR_LR", "zca": "env DPD_ZCA",
+                "width": f"file {cfg}", "prune_scope": f"file {cfg} [distill]"}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key = line.split("=")[0].strip()
+            assert line.rsplit("# ", 1)[1] == expected.get(key, "default"), line
+    assert "# depth: not set" in text
+    # Fed back as the config file, the printed settings give the same settings.
+    again = _write(tmp_path / "printed.toml", text)
+    assert resolve("distill", {}, config=again, env={}) == r.settings
+    assert resolve_sources("distill", {}, config=again, env={}).sources["ipc"] == f"file {again} [distill]"
+
+
+@pytest.mark.parametrize("command", ["experts", "distill", "evaluate"])
+def test_print_config_of_defaults_round_trips(command, tmp_path):
+    r = resolve_sources(command, {}, env={})
+    assert set(r.sources.values()) == {"default"}
+    again = _write(tmp_path / "printed.toml", to_toml(r))
+    assert resolve(command, {}, config=again, env={}) == r.settings

@@ -11,15 +11,19 @@ from dpd_cli.cli.distill import distill
 from dpd_cli.cli.evaluate import evaluate
 from dpd_cli.cli.experts import experts
 from dpd_cli.cli.inspect import inspect
+from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
 
 app = typer.Typer(
     name="dpd",
     help="Dataset distillation by trajectory matching with Difference-Driven Pruning.\n\n"
     "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR.\n\n"
     "Exit codes: 0 ok, 2 user error, 3 accuracy below --fail-under, 130 interrupted; anything else is a bug.",
+    epilog=ENVIRONMENT_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
     pretty_exceptions_enable=False,
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -31,19 +35,18 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
 ) -> None:
     pass
 
 
-app.command(no_args_is_help=False)(experts)
-app.command()(distill)
-app.command()(evaluate)
-app.command()(inspect)
+for command in (experts, distill, evaluate, inspect):
+    app.command(cls=Command, epilog=ENVIRONMENT_HELP)(command)
 
 
 def main() -> None:
-    app()
+    app(prog_name="dpd")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,15 @@ def _debug() -> bool:
     return os.environ.get("DPD_DEBUG", "") not in ("", "0")
 
 
-def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
-    """Print ``Error: message`` to stderr and return the Exit to raise."""
+def fail(message: str, code: int = EXIT_USER_ERROR, traceback: bool = True) -> typer.Exit:
+    """Print ``Error: message`` to stderr and return the Exit to raise.
+
+    ``traceback``: whether there is a traceback worth seeing; if so, say how (``DPD_DEBUG=1``).
+    """
     from dpd_cli.cli.console import error_console
 
     error_console().print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    if code == EXIT_USER_ERROR and not _debug():
+    if code == EXIT_USER_ERROR and traceback and not _debug():
         error_console().print("[dim](Set DPD_DEBUG=1 to see the traceback.)[/]", highlight=False)
     return typer.Exit(code)
 
@@ -53,7 +56,7 @@ def handle_errors() -> Iterator[None]:
     except UserError as e:
         if _debug():
             raise
-        raise fail(str(e)) from None
+        raise fail(str(e), traceback=e.has_traceback) from None
     except interrupt.Interrupted as e:
         raise fail(f"Interrupted: {e.resume_hint}.", EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:

@@ -8,68 +8,104 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from dpd_cli.cli.console import error_console, out_console, print_json, sparkline
+from dpd_cli.cli.console import out_console, print_json, sparkline
 from dpd_cli.cli.errors import handle_errors
-from dpd_cli.cli.options import Json
+from dpd_cli.cli.options import examples_help, keep_text
+from dpd_cli.cli.results import below_note, divergence_note, results_table, selection_note
 
 __all__ = ["inspect"]
 
-PLOT_NOTE = "--plot needs matplotlib, which is not installed: `pip install matplotlib` (or `pip install 'dpd-cli[plot]'`). Nothing was plotted."
 _MAX_LAYER_ROWS = 15
 _MAX_EXPERT_ROWS = 20
 _META_WIDTH = 52  # characters of a metadata value shown before "…"
-_SOURCES = {"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}
+#: How to get matplotlib, which --plot needs (the package's `plot` extra).
+PLOT_INSTALL = 'pip install "dpd-cli[plot]"'
+
+SUMMARY = ("Show what a run directory, an experts folder or a dpd .safetensors file holds, and check its files.\n\n"
+           "Broken files inside a folder are reported, not fatal. Exit code 2 when PATH itself is missing or unreadable.")
+EXAMPLES = [
+    ("dpd inspect runs/quick", "a run: settings, state, curves, pruning by layer, evaluations, files"),
+    ("dpd inspect runs/quick --export-grid quick.png --plot curves.png", "also draw the images and the curves"),
+    ("dpd inspect runs/quick/checkpoints/ckpt-000200.safetensors --json", "one file, as JSON"),
+]
+
+
+def _check_png_target(flag: str, out: Path) -> None:
+    """An image output must end in .png and go into a folder that exists (it is not created)."""
+    from dpd_cli.errors import SettingsError
+
+    if out.suffix.lower() != ".png":
+        raise SettingsError(f"{flag} writes a PNG image; give a file name ending in .png (got {out}).")
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise SettingsError(f"{flag} {out}: the folder {folder} {what}. Create it first, or give a path in an existing folder.")
+
+
+def _require_matplotlib() -> None:
+    from dpd_cli.errors import SettingsError
+
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        raise SettingsError(f"--plot needs matplotlib, which is not installed. Install it with `{PLOT_INSTALL}` "
+                            "(or `pip install matplotlib`), or leave --plot out.") from None
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(metavar="PATH", help="A run directory, an experts folder, or a .safetensors file written by dpd.", show_default=False)],
-    json_out: Json = False,
+    path: Annotated[Path, typer.Argument(metavar="PATH", show_default=False, parser=keep_text,
+                                        help="A run directory, an experts folder, or a .safetensors file written by dpd.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     export_grid: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option("--export-grid", metavar="FILE.png", show_default=False,
                      help="Write the synthetic images as a PNG grid, one row per class (a run, or a synthetic/checkpoint file)."),
     ] = None,
     plot: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option("--plot", metavar="FILE.png", show_default=False,
-                     help="Draw loss, alpha and per-layer prune % (a run) or parameter distance and accuracy (experts) "
-                          "as a PNG; needs matplotlib."),
+                     help=escape("Draw loss, alpha and per-layer prune % (a run) or parameter distance and accuracy "
+                                 f"(experts) as a PNG; needs matplotlib: {PLOT_INSTALL}.")),
     ] = None,
     expert_epochs: Annotated[
         Optional[int],
-        typer.Option("--expert-epochs", min=1, show_default=False,
+        typer.Option("--expert-epochs", min=1, metavar="INT", show_default=False,
                      help="M of the experts' parameter distance |theta_t - theta_t+M| (default: 2, as distill)."),
     ] = None,
 ) -> None:
-    """Show what a run directory, an experts folder or a dpd .safetensors file holds, and check its files.
-
-    Broken files inside a folder are reported, not fatal. Exit code 2 when PATH itself is missing or unreadable.
-    """
     with handle_errors():
         from dpd_cli.engine import inspect as engine
         from dpd_cli.errors import SettingsError
 
-        for flag, value in (("--export-grid", export_grid), ("--plot", plot)):
-            if value is not None and value.suffix.lower() != ".png":
-                raise SettingsError(f"{flag} writes a PNG image; give a file name ending in .png (got {value}).")
+        path = Path(path)
+        grid_out = None if export_grid is None else Path(export_grid)
+        plot_out = None if plot is None else Path(plot)
+        for flag, out in (("--export-grid", grid_out), ("--plot", plot_out)):
+            if out is not None:
+                _check_png_target(flag, out)
         kind = engine.detect(path)
-        if export_grid is not None and kind == "experts":
+        if grid_out is not None and kind == "experts":
             raise SettingsError(f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory.")
-        if plot is not None and kind == "file":
+        if plot_out is not None and kind == "file":
             raise SettingsError(f"--plot draws a run directory or an experts folder, not a single file ({path}). "
                                 "Pass the folder the file belongs to.")
+        if plot_out is not None:
+            _require_matplotlib()
 
         facts = engine.inspect(path, expert_epochs)
         exports: dict[str, Any] = {}
-        if export_grid is not None:
-            exports["grid"] = engine.export_grid(path, export_grid)
-        if plot is not None:
-            written = engine.plot(facts, plot)
-            exports["plot"] = {"path": str(written) if written else None, "note": None if written else PLOT_NOTE}
+        if grid_out is not None:
+            exports["grid"] = engine.export_grid(path, grid_out)
+        if plot_out is not None:
+            written = engine.plot(facts, plot_out)
+            if written is None:  # matplotlib was importable above; the engine could not use it
+                raise SettingsError(f"--plot could not import matplotlib: `{PLOT_INSTALL}`.")
+            exports["plot"] = {"path": str(written)}
 
     if json_out:
         print_json({**facts, "exports": exports})
@@ -77,8 +113,9 @@ def inspect(
         con = out_console()
         {"run": _show_run, "experts": _show_experts, "file": _show_file}[facts["kind"]](con, facts)
         _show_exports(con, exports)
-    if plot is not None and not exports["plot"]["path"]:
-        error_console().print(Text(f"Note: {PLOT_NOTE}"))
+
+
+inspect.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)
 
 
 # --- shared pieces ----------------------------------------------------------------------------
@@ -170,37 +207,10 @@ def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
         _put(con, "no results" + ("" if ev["valid"] else " (the file is unreadable; see the warnings)"))
         return
     results = ev["results"]
-    sources = [s for s in _SOURCES if any(r["source"] == s for r in results)]
-    sources += sorted({r["source"] for r in results} - set(sources))
-    table = _table(("model", "left"), ("protocol", "left"), *[(_SOURCES.get(s, s), "right") for s in sources])
-    for model, protocol in dict.fromkeys((r["model"], r["protocol"]) for r in results):
-        cells = []
-        for s in sources:
-            hit = [r for r in results if (r["model"], r["protocol"], r["source"]) == (model, protocol, s)]
-            if hit:
-                r = hit[-1]
-                mean = "?" if r["mean"] is None else f"{100 * r['mean']:.2f}"
-                std = "?" if r["std"] is None else f"{100 * r['std']:.2f}"
-                mark = ("*" if r["diverged_runs"] else "") + ("†" if r.get("optimistic") else "") + ("!" if r.get("below_baselines") else "")
-                cells.append(f"{mean} ± {std} ({r['runs']}){mark}")
-            else:
-                cells.append("")
-        _add_row(table, model, str(protocol), *cells)
-    _put(con, table)
-    diverged = [r for r in results if r["diverged_runs"]]
-    if diverged:
-        which = "; ".join(f"{_SOURCES.get(r['source'], r['source'])} / {r['model']}: {len(r['diverged_runs'])} of {r['runs']}" for r in diverged)
-        _put(con, f"* Trainings whose loss became NaN/Inf ({which}); they count in the mean. "
-                  "A lower `dpd evaluate --lr` usually trains them.", "dim")
-    for r in results:
-        if r["source"] == "distilled" and r.get("select") in ("val", "test-max"):
-            how = (f"best validation accuracy, {100 * r['val_accuracy']:.2f}%" if r["select"] == "val" and r.get("val_accuracy") is not None
-                   else "best TEST accuracy (†: optimistic, selected on the test set as published tables are)")
-            final = "" if r.get("final_accuracy") is None else f"; the final set scores {100 * r['final_accuracy']:.2f}%"
-            _put(con, f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}, chosen by {how}{final}.", "dim")
-        if r.get("below_baselines"):
-            _put(con, f"! {r['model']}: the distilled set scores below {' and '.join(_SOURCES.get(b, b) for b in r['below_baselines'])} "
-                      "by more than the spread: distillation made the images worse.", "bold red")
+    _put(con, results_table(results))
+    for note, style in ((selection_note(results), "dim"), (divergence_note(results), "dim"), (below_note(results), "bold red")):
+        if note:
+            _put(con, note, style)
     stale = sorted({r["iteration"] for r in results if r["source"] == "distilled" and r["iteration"] is not None and iteration is not None and r["iteration"] != iteration})
     if stale:
         _put(con, f"Some distilled results are for iteration {', '.join(map(str, stale))}; the run is now at {iteration}. "

@@ -46,7 +46,7 @@ from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Messag
 from dpd_cli.models import ModelSpec, build_model
 from dpd_cli.settings import EvalSettings
 
-__all__ = ["run", "EVAL_FILE", "PROTOCOLS", "random_subset", "load_eval", "eval_path"]
+__all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "random_subset", "load_eval", "eval_path"]
 
 EVAL_FILE = "eval.json"
 #: Protocol defaults: epochs and lr (None = the learned alpha).
@@ -71,6 +71,18 @@ def load_eval(path: Path) -> dict:
     except (OSError, ValueError, AttributeError) as e:
         raise StorageError(f"{path} is not a readable dpd evaluation file ({e}). Move it aside and rerun.") from e
     return data
+
+
+def verdict(results: list[dict], fail_under: float | None) -> dict:
+    """Whether every distilled mean accuracy reaches ``fail_under`` percent (``--fail-under``).
+
+    Returns:
+        ``{"fail_under", "passed", "below": [{"model", "mean"}, ...]}``: ``passed`` is True when no
+        threshold is given; means are fractions, as in eval.json.
+    """
+    below = [{"model": r["model"], "mean": r["mean"]} for r in results
+             if fail_under is not None and r["source"] == "distilled" and 100 * r["mean"] < fail_under]
+    return {"fail_under": fail_under, "passed": not below, "below": below}
 
 
 def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: int) -> torch.Tensor:
@@ -134,11 +146,10 @@ def _targets(target: Path) -> tuple[Path, Path | None]:
         raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
     if not target.is_dir():
         return target, None
-    if (target / "experts.json").exists() or any(target.glob("expert_*.safetensors")):
-        raise StorageError(
-            f"{target} is an experts folder (from `dpd experts`): it holds trajectories, not images to evaluate. "
-            f"Distil a synthetic set from it first (`dpd distill --experts {target}`), then evaluate the run directory."
-        )
+    if (target / "experts.json").is_file() or any(target.glob("expert_*.safetensors")):
+        raise StorageError(f"{target} is an experts folder (from `dpd experts`): it holds training trajectories, not a "
+                           f"synthetic set. Distil one from it with `dpd distill --experts {target}`, then evaluate the "
+                           "run directory that `dpd distill` writes.")
     file = target / SYNTHETIC
     if not file.exists():
         raise StorageError(f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first.")
@@ -174,7 +185,9 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     network seeds for each), and the one with the best mean validation (or test) accuracy is reported.
 
     Returns:
-        ``{"target", "eval_file", "results": [entry, ...]}``; entries as stored in eval.json.
+        ``{"target", "eval_file", "results": [entry, ...], "warnings", "fail_under", "passed", "below"}``: entries
+        as stored in eval.json, sentences on a distilled set below its baselines, and the ``--fail-under``
+        verdict (``verdict``).
 
     Raises:
         UserError: Unreadable synthetic set, dataset problems, bad device, impossible selection.
@@ -305,7 +318,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         if world > 1:
             outcomes = _gather(outcomes)
             if rank != 0:
-                return {"target": str(target), "eval_file": None, "results": [], "warnings": []}
+                return {"target": str(target), "eval_file": None, "results": [], "warnings": [], **verdict([], s.fail_under)}
 
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         common = {"protocol": s.protocol, "ipc": ipc, "dataset": ds.name, "synthetic": str(file), "timestamp": stamp,
@@ -325,7 +338,8 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         storage.atomic_write_text(out_file, json.dumps(record, indent=2))
         partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
-    return {"target": str(target), "eval_file": str(out_file), "results": entries, "warnings": warnings}
+    return {"target": str(target), "eval_file": str(out_file), "results": entries, "warnings": warnings,
+            **verdict(entries, s.fail_under)}
 
 
 def _check_dataset(ds, spec: ModelSpec, tensors: dict, meta: dict) -> None:

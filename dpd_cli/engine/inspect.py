@@ -684,10 +684,10 @@ def _distances(files: list[storage.TensorFile], m: int, epochs: int, warnings: l
 def _inspect_file(path: Path) -> dict:
     if path.suffix in (".json", ".jsonl"):
         beside = path.with_name(path.name[: -len(".eval.json")] + ".safetensors") if path.name.endswith(".eval.json") else None
-        hint = (f"`dpd inspect {beside}` shows this evaluation with the set it scores." if beside and beside.exists()
-                else _file_hint(path))
+        hint = (f" `dpd inspect {beside}` shows this evaluation with the set it scores." if beside and beside.exists()
+                else f" {_file_hint(path)}" if _container(path) else "")  # else the sentence above says it all
         raise StorageError(f"{path} is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, "
-                           f"experts folders and safetensors files. {hint}")
+                           f"experts folders and safetensors files.{hint}")
     try:
         header, raw = storage.read_header(path)
     except StorageError as e:

@@ -188,9 +188,11 @@ class AlexNet(nn.Module):
         return self.fc(torch.flatten(self.features(x), 1))
 
 
-_BUILDERS = {"convnet": ConvNet, "resnet18": ResNet18, "vgg11": VGG11, "alexnet": AlexNet}
-
-
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the network for ``spec`` with PyTorch's default initialisation (seed beforehand)."""
-    return _BUILDERS[spec.name](spec)
+    """Build the network for ``spec`` with PyTorch's default initialisation (seed beforehand).
+
+    The name is looked up in ``dpd_cli.models.MODELS``, the one registry of networks.
+    """
+    from dpd_cli.models import model_class
+
+    return model_class(spec.name)(spec)

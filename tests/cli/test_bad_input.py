@@ -162,16 +162,18 @@ CASES = [
     Case("experts-negative-epochs", ["experts", "--epochs", "-1"], ["--epochs: Input should be greater than or equal to 1 (got -1)"]),
     Case("evaluate-negative-epochs", ["evaluate", "{run}", "--epochs", "-5"], ["--epochs: Input should be greater than or equal to 1 (got -5)"]),
     Case("fail-under-above-100", ["evaluate", "{run}", "--fail-under", "150"], ["--fail-under: Input should be less than or equal to 100"]),
+    Case("fail-under-fraction", ["evaluate", "{run}", "--fail-under", "0.6"],
+         ["--fail-under: the threshold is a percentage (0-100), and 0.6 looks like a fraction: for 60 % give 60 (got 0.6)"]),
     Case("prune-warmup-covers-all", ["distill", "--iterations", "5", "--prune-warmup", "5"], ["--prune-warmup 5 leaves no pruned iteration of 5"]),
     Case("prune-ema-beta-without-ema", ["distill", "--prune-ema-beta", "0.5"],
          ["--prune-ema-beta is the moving average's weight: it needs --prune-mask ema (the mask is 'step')"]),
     Case("prune-ema-beta-one", ["distill", "--prune-mask", "ema", "--prune-ema-beta", "1"], ["--prune-ema-beta must lie in [0, 1) (got 1)"]),
     Case("prune-criterion-typo", ["distill", "--prune-criterion", "layerz"],
-         ["--prune-criterion: Input should be 'abs', 'relative', 'layer-z' or 'layer-rank' (got 'layerz')"]),
+         ["--prune-criterion: unknown prune criterion 'layerz' (did you mean 'layer-z'?); known: abs, relative, layer-z, layer-rank"]),
     Case("prune-direction-typo", ["distill", "--prune-direction", "biggest"],
-         ["--prune-direction: Input should be 'largest' or 'smallest' (got 'biggest')"]),
-    Case("prune-mode-typo", ["distill", "--prune-mode", "model"], ["--prune-mode: Input should be 'loss' or 'network' (got 'model')"]),
-    Case("prune-mask-typo", ["distill", "--prune-mask", "average"], ["--prune-mask: Input should be 'step' or 'ema' (got 'average')"]),
+         ["--prune-direction: unknown prune direction 'biggest'", "known: largest, smallest"]),
+    Case("prune-mode-typo", ["distill", "--prune-mode", "model"], ["--prune-mode: unknown prune mode 'model'", "known: loss, network"]),
+    Case("prune-mask-typo", ["distill", "--prune-mask", "average"], ["--prune-mask: unknown prune mask 'average'", "known: step, ema"]),
     Case("keep-checkpoints-zero", ["distill", "--keep-checkpoints", "0"],
          ["--keep-checkpoints: keep 0 of the checkpoints? Use latest, all, or a positive N to keep every N-th (got '0')"]),
     Case("keep-checkpoints-word", ["distill", "--keep-checkpoints", "some"],
@@ -188,6 +190,12 @@ CASES = [
     Case("env-wrong-type", ["distill"], ["env DPD_IPC: Input should be a valid integer, unable to parse string as an integer (got 'x')"],
          env={"DPD_IPC": "x"}),
     Case("unknown-device", ["distill", "--device", "tpu"], ["--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"]),
+    Case("unknown-protocol", ["evaluate", "{run}", "--protocol", "MTX"],
+         ["--protocol: unknown protocol 'mtx' (did you mean 'mtt'?); known: mtt, fixed (got 'MTX')"]),
+    Case("shared-env-of-colliding-setting", ["distill", *D], ["DPD_OUT is set, but 'out' means different things in `dpd distill` and "
+                                                             "`dpd experts`: set DPD_DISTILL_OUT instead"], env={"DPD_OUT": "{tmp}/r"}),
+    Case("config-from-env-missing", ["distill"], ["Config file {tmp}/nope.toml does not exist. Check the DPD_CONFIG path."],
+         env={"DPD_CONFIG": "{tmp}/nope.toml"}),
     Case("depth-too-deep", ["experts", "--depth", "6", "--width", "8", "--out", "{tmp}/ex"], ["--depth 6 is too deep for 28x28 images: use at most 5"]),
     # --- unknown dataset / model ---------------------------------------------------------------
     Case("unknown-dataset", ["experts", "--dataset", "cifar11"], ["--dataset: unknown dataset 'cifar11' (did you mean 'cifar10'?); known: fashion-mnist-mini"]),
@@ -202,6 +210,9 @@ CASES = [
     Case("data-dir-missing", ["experts", "--data-dir", "{tmp}/nowhere", *TINY],
          ["--data-dir {tmp}/nowhere does not exist. Point it at the folder holding the fashion-mnist-mini files."]),
     Case("evaluate-target-missing", ["evaluate", "{tmp}/nowhere"], ["{tmp}/nowhere does not exist. Give a run directory"]),
+    Case("evaluate-experts-folder", ["evaluate", "{experts}"],
+         ["{experts} is an experts folder (from `dpd experts`): it holds training trajectories, not a synthetic set. "
+          "Distil one from it with `dpd distill --experts {experts}`, then evaluate the run directory"]),
     Case("evaluate-folder-without-run", ["evaluate", "{tmp}/empty"], ["{tmp}/empty has no synthetic.safetensors", "dpd distill --out {tmp}/empty"],
          _mkdirs("empty")),
     Case("config-missing", ["distill", "--config", "{tmp}/nope.toml"], ["Config file {tmp}/nope.toml does not exist. Check the --config path."]),
@@ -291,10 +302,26 @@ CASES = [
     Case("evaluate-cuda-absent", ["evaluate", "{run}", "--device", "cuda"], ["--device cuda was asked for, but no CUDA GPU is available"]),
     # --- inspect -----------------------------------------------------------------------------------
     Case("inspect-missing", ["inspect", "{tmp}/nowhere"], ["{tmp}/nowhere does not exist."]),
+    # The sentence on what `dpd inspect` reads comes once, and ends the message.
+    Case("inspect-json-file", ["inspect", "{tmp}/cfg.json"],
+         ["{tmp}/cfg.json is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, experts folders "
+          "and safetensors files.\n"], _write("cfg.json", "{}")),
     Case("inspect-not-safetensors", ["inspect", "{tmp}/c.toml"], ["{tmp}/c.toml is not a valid safetensors file"], _write("c.toml", "ipc = 1\n")),
 ]
 
 _NEEDS_NO_GPU = {"experts-cuda-absent", "distill-cuda1-absent", "evaluate-cuda-absent"}
+# Bad flags, env or config files: the message is the whole story, so no "DPD_DEBUG=1" hint follows it.
+_NO_TRACEBACK = {
+    "unknown-config-key", "unknown-config-table", "ipc-zero", "prune-ratio-one", "prune-ratio-negative",
+    "experts-negative-epochs", "evaluate-negative-epochs", "fail-under-above-100", "prune-warmup-covers-all",
+    "resume-and-force", "config-key-wrong-type", "config-key-list-for-int", "env-wrong-type", "unknown-device",
+    "unknown-dataset", "unknown-model", "unknown-evaluate-model", "data-dir-empty", "out-empty", "experts-path-empty",
+    "config-path-empty", "config-missing", "config-is-a-folder", "imagefolder-without-data-dir", "toml-syntax-error",
+    "toml-unclosed-at-end", "yaml-syntax-error", "json-syntax-error", "config-not-a-table", "fail-under-fraction",
+    "unknown-protocol", "shared-env-of-colliding-setting", "config-from-env-missing",
+    "prune-ema-beta-without-ema", "prune-ema-beta-one", "prune-criterion-typo", "prune-direction-typo", "prune-mode-typo",
+    "prune-mask-typo", "keep-checkpoints-zero", "keep-checkpoints-word",
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -305,7 +332,8 @@ def test_bad_input(case: Case, shared, tmp_path):
         case.setup(tmp_path, shared)
     subst = {"tmp": str(tmp_path), "experts": str(shared["experts"]), "run": str(shared["run"])}
     argv = [a.format(**subst) for a in case.argv]
-    result = CliRunner().invoke(app, argv, env=case.env)
+    env = {k: v.format(**subst) for k, v in (case.env or {}).items()}
+    result = CliRunner().invoke(app, argv, env=env)
     out = result.output
     assert result.exit_code == 2, out
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -313,7 +341,8 @@ def test_bad_input(case: Case, shared, tmp_path):
     for text in case.expected:
         assert text.format(**subst) in out, out
     if not out.startswith("Usage:"):
-        # One paragraph on stderr, then the DPD_DEBUG hint; nothing on stdout.
+        # One paragraph on stderr, then the DPD_DEBUG hint where a traceback has more to say; nothing on stdout.
         lines = result.stderr.splitlines()
-        assert lines[0].startswith("Error: ") and lines[1:] == ["(Set DPD_DEBUG=1 to see the traceback.)"], result.stderr
+        hint = [] if case.id in _NO_TRACEBACK else ["(Set DPD_DEBUG=1 to see the traceback.)"]
+        assert lines[0].startswith("Error: ") and lines[1:] == hint, result.stderr
         assert result.stdout == ""

@@ -169,9 +169,9 @@ def test_evaluate_select_modes(dpd, val_run, select):
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
     if select == "test-max":
-        assert "best TEST accuracy (†: optimistic" in out
+        assert "chosen by † the best TEST accuracy: optimistic" in out
     if select == "val":
-        assert "chosen by best validation accuracy" in out
+        assert "chosen by the best validation accuracy" in out
 
 
 def test_evaluate_select_val_without_a_split(dpd, experts, tmp_path):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dpd_cli import interrupt, storage
-from dpd_cli.cli.inspect import PLOT_NOTE
 from dpd_cli.events import DistillIteration
 from tests.helpers import assert_close, make_image_folder
 
@@ -275,7 +274,7 @@ def test_single_files(dpd, built):
 def test_export_grid_writes_png(dpd, built, tmp_path):
     from PIL import Image
 
-    out = tmp_path / "grid" / "syn.png"
+    out = tmp_path / "syn.png"  # in an existing folder: a missing one is refused (test_image_outputs_need_an_existing_folder)
     r = dpd("inspect", built["run"], "--export-grid", out)
     _ok(r)
     text = " ".join(r.output.split())  # the message wraps at the terminal width, where depends on the path's length
@@ -285,25 +284,31 @@ def test_export_grid_writes_png(dpd, built, tmp_path):
         assert im.size == (2 * (28 + 4), 2 * (10 * 30 + 2))  # 1 per class, 10 rows, 2 px padding, 2x scale
 
 
-def test_plot_writes_png_or_says_matplotlib_is_missing(dpd, built, tmp_path, monkeypatch):
+def test_plot_writes_png(dpd, built, tmp_path):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "plot.png"
-    r = dpd("inspect", built["run"], "--plot", out)
+    r = dpd("inspect", built["run"], "--plot", out, "--json")
     _ok(r)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib" in r.output and not out.exists()
-    else:
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(r.stdout)["exports"]["plot"] == {"path": str(out)}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Without matplotlib: a note, exit 0, and the JSON says so.
+
+def test_plot_without_matplotlib_is_a_user_error(dpd, built, tmp_path, monkeypatch):
+    # An entry of None in sys.modules makes `import matplotlib...` raise ImportError, as if it were not installed.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     r = dpd("inspect", built["experts"], "--plot", tmp_path / "none.png", "--json")
-    _ok(r)
-    assert json.loads(r.stdout)["exports"]["plot"] == {"path": None, "note": PLOT_NOTE}
-    assert "pip install matplotlib" in " ".join(r.output.split())
+    _user_error(r, "--plot needs matplotlib, which is not installed. Install it with `pip install \"dpd-cli[plot]\"`")
+    assert r.stdout == "" and "DPD_DEBUG" not in r.output
     assert not (tmp_path / "none.png").exists()
+
+
+def test_image_outputs_need_an_existing_folder(dpd, built, tmp_path):
+    for flag in ("--export-grid", "--plot"):
+        out = tmp_path / "no" / "such" / "g.png"
+        r = dpd("inspect", built["run"], flag, out)
+        _user_error(r, f"{flag} {out}: the folder {out.parent} does not exist. Create it first")
+        assert not (tmp_path / "no").exists()
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -340,7 +345,8 @@ def test_diverged_runs_shown_and_malformed_ones_ignored(dpd, built, tmp_path):
     _ok(r)
     out = " ".join(r.output.split())
     assert "41.00 ± 0.80 (3)*" in out and "71.00 ± 0.82 (3) " in out
-    assert "* Trainings whose loss became NaN/Inf (random real / convnet: 1 of 3); they count in the mean." in out
+    # The note is the one `dpd evaluate` prints (dpd_cli.cli.results): which trainings, at which lr.
+    assert "* 1 of 9 trainings diverged (training loss became NaN/Inf): random real / convnet run 2 (lr 0.01)." in out
     assert max(len(line) for line in r.output.splitlines()) <= 80
     data = json.loads(dpd("inspect", run, "--json").stdout)
     assert [e["diverged_runs"] for e in data["evaluation"]["results"] if e["source"] == "random"] == [[2]]

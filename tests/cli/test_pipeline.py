@@ -145,9 +145,16 @@ def test_evaluate_reports_and_gates(dpd, experts, tmp_path):
         assert e["runs"] == 2 and all(0 <= a <= 1 for a in e["accuracies"]) and math.isfinite(e["mean"])
     stored = json.loads((run / "eval.json").read_text())
     assert stored["format"] == "dpd.eval" and len(stored["results"]) == 2
+    assert (data["fail_under"], data["passed"], data["below"]) == (None, True, [])
     r = dpd("evaluate", run, "--epochs", "1", "--runs", "1", "--fail-under", "99.9", "--quiet", "--threads", "1")
     assert r.exit_code == 3
     assert "below threshold" in r.output
+    # The verdict is part of the engine's result, so --json carries it.
+    r = dpd("evaluate", run, "--epochs", "1", "--runs", "1", "--fail-under", "99.9", "--json", "--threads", "1")
+    assert r.exit_code == 3
+    data = json.loads(r.stdout)
+    assert (data["fail_under"], data["passed"]) == (99.9, False)
+    assert data["below"] == [{"model": "convnet", "mean": data["results"][0]["mean"]}]
 
 
 def test_evaluate_says_when_a_training_diverges(dpd, experts, tmp_path):
@@ -161,4 +168,4 @@ def test_evaluate_says_when_a_training_diverges(dpd, experts, tmp_path):
     r = dpd("inspect", run)
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "(2)*" in out and "(distilled / convnet: 2 of 2)" in out
+    assert "(2)*" in out and "2 of 2 trainings diverged" in out and "distilled / convnet runs 0, 1" in out

@@ -132,3 +132,16 @@ def test_diverged_runs_are_recorded_and_still_counted(run_copy):
     assert stored["diverged_runs"] == [0, 1]
     sane = E.run(_settings(runs=1), run_copy)["results"][0]
     assert sane["diverged_runs"] == []
+
+
+def test_verdict():
+    results = [
+        {"source": "distilled", "model": "convnet", "mean": 0.605},
+        {"source": "distilled", "model": "vgg11", "mean": 0.595},
+        {"source": "random", "model": "convnet", "mean": 0.10},  # baselines are not gated
+    ]
+    assert E.verdict(results, None) == {"fail_under": None, "passed": True, "below": []}
+    assert E.verdict(results, 59.5) == {"fail_under": 59.5, "passed": True, "below": []}  # equal passes
+    assert E.verdict(results, 60) == {"fail_under": 60, "passed": False, "below": [{"model": "vgg11", "mean": 0.595}]}
+    assert E.verdict(results, 61)["below"] == [{"model": "convnet", "mean": 0.605}, {"model": "vgg11", "mean": 0.595}]
+    assert E.verdict([], 99)["passed"] is True

@@ -1,0 +1,90 @@
+"""The evaluation results table, shared by ``dpd evaluate`` and ``dpd inspect``.
+
+Rows are (model, protocol), columns are sources (distilled, initial images, random real, full data,
+then any other source by name), and a cell is ``mean ± std (runs)`` in percent, ``*`` marking diverged
+trainings, ``†`` a distilled checkpoint selected on the test set (optimistic) and ``!`` a distilled set
+below its initial images or random real images by more than the spread.
+Entries are eval.json entries; ``inspect`` reads them leniently, so any number may be ``None``.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["SOURCE_LABELS", "results_table", "divergence_note", "selection_note", "below_note"]
+
+SOURCE_LABELS = {"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}
+
+
+def _label(source: str) -> str:
+    return SOURCE_LABELS.get(source, str(source))
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.2f}"
+
+
+def results_table(results: list[dict]) -> Table:
+    """The table of ``results`` (the latest entry wins where a model, protocol and source repeat)."""
+    sources = [s for s in SOURCE_LABELS if any(r["source"] == s for r in results)]
+    sources += sorted({str(r["source"]) for r in results} - set(sources))
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
+    for name, justify in (("model", "left"), ("protocol", "left"), *[(_label(s), "right") for s in sources]):
+        table.add_column(name, justify=justify, overflow="fold")
+    for model, protocol in dict.fromkeys((r["model"], r.get("protocol")) for r in results):
+        cells = []
+        for s in sources:
+            hit = [r for r in results if (r["model"], r.get("protocol"), str(r["source"])) == (model, protocol, s)]
+            if hit:
+                r = hit[-1]
+                runs = "?" if r.get("runs") is None else r["runs"]
+                mark = ("*" if r.get("diverged_runs") else "") + ("†" if r.get("optimistic") else "") + ("!" if r.get("below_baselines") else "")
+                cells.append(f"{_pct(r.get('mean'))} ± {_pct(r.get('std'))} ({runs}){mark}")
+            else:
+                cells.append("")
+        # Text cells: model names and sources are data, not Rich markup.
+        table.add_row(*(Text(str(c)) for c in (model, protocol, *cells)))
+    return table
+
+
+def divergence_note(results: list[dict]) -> str | None:
+    """The note under the table on trainings whose loss became NaN/Inf (they count in the means)."""
+    hit = [r for r in results if r.get("diverged_runs")]
+    if not hit:
+        return None
+    n = sum(len(r["diverged_runs"]) for r in hit)
+    total = sum(r.get("runs") or 0 for r in results)
+    where = "; ".join(
+        f"{_label(r['source'])} / {r['model']} run{'s' if len(r['diverged_runs']) > 1 else ''} "
+        f"{', '.join(map(str, r['diverged_runs']))}" + ("" if r.get("lr") is None else f" (lr {r['lr']:.4g})")
+        for r in hit
+    )
+    return (f"* {n} of {total} trainings diverged (training loss became NaN/Inf): {where}. They count in the means at "
+            "the accuracy they ended with. A lower learning rate usually trains them: rerun with a lower --lr than "
+            "the one shown; networks without normalisation layers (alexnet) are the most sensitive.")
+
+
+def selection_note(results: list[dict]) -> str | None:
+    """Which checkpoint each distilled cell is, and how it was chosen (``†``: on the test set, optimistic)."""
+    lines = []
+    for r in results:
+        if r["source"] != "distilled" or r.get("select") not in ("val", "test-max"):
+            continue
+        if r["select"] == "val":
+            how = "the best validation accuracy" + ("" if r.get("val_accuracy") is None else f" ({_pct(r['val_accuracy'])}%)")
+        else:
+            how = "† the best TEST accuracy: optimistic, selected on the test set as published tables are"
+        its = [c.get("iteration") for c in r.get("checkpoints") or []]
+        among = f" of {len(its)} ({', '.join(map(str, its))})" if its else ""
+        final = "" if r.get("final_accuracy") is None else f"; the final set scores {_pct(r['final_accuracy'])}%"
+        lines.append(f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}.")
+    return "\n".join(lines) or None
+
+
+def below_note(results: list[dict]) -> str | None:
+    """``!``: a distilled set that scores below its own initial images or random real images by more than the spread."""
+    lines = [f"! {r['model']}: the distilled set scores below {' and '.join(_label(b) for b in r['below_baselines'])} "
+             "by more than the spread: distillation made these images worse (check --lr-img, --lr-teacher and the experts)."
+             for r in results if r.get("below_baselines")]
+    return "\n".join(lines) or None

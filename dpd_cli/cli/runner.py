@@ -1,0 +1,90 @@
+"""The one sequence every settings command runs: resolve -> sink -> engine -> close -> report.
+
+``settings_command`` builds the Typer command function of ``experts``, ``distill`` or
+``evaluate``. One name runs through command, module and entry point: ``dpd distill`` calls
+``dpd_cli.engine.distill.run``. The options come from the settings model (``dpd_cli.cli.options``);
+the command's module supplies only how its result is reported and its help text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import typer
+from rich.console import RenderableType
+
+from dpd_cli.cli.console import error_console, make_sink, out_console, print_json
+from dpd_cli.cli.errors import handle_errors
+from dpd_cli.cli.options import COMMON, common_parameters, examples_help, settings_parameters
+
+__all__ = ["Report", "settings_command"]
+
+
+@dataclass
+class Report:
+    """What a command prints once its engine call returned.
+
+    Attributes:
+        json: Printed on stdout with ``--json`` (``None``: nothing, e.g. on a non-zero torchrun rank).
+        text: Printed on stdout otherwise, unless ``--quiet``.
+        exit_code: 0, or ``EXIT_BELOW_THRESHOLD``.
+        error: Printed on stderr in every mode when ``exit_code`` is not 0.
+    """
+
+    json: Any
+    text: list[RenderableType | str] = field(default_factory=list)
+    exit_code: int = 0
+    error: str | None = None
+
+
+def settings_command(command: str, *, report: Callable[[Any, Any], Report], summary: str,
+                     examples: list[tuple[str, str]], arguments: Sequence[inspect.Parameter] = ()) -> Callable[..., None]:
+    """A Typer command function whose options are the settings of ``command``.
+
+    Args:
+        command: ``experts``, ``distill`` or ``evaluate`` (a key of ``COMMAND_SETTINGS``).
+        report: ``(settings, result of dpd_cli.engine.<command>.run) -> Report``.
+        summary: The first paragraph of ``--help``.
+        examples: ``(command line, what it does)`` pairs shown under the summary.
+        arguments: Positional arguments (``typer.Argument`` parameters), passed on to the engine's
+            ``run(settings, *arguments, sink)`` in this order.
+    """
+    names = [p.name for p in arguments]
+
+    def command_function(**values: Any) -> None:
+        args = [values.pop(n) for n in names]
+        config, print_config, quiet, json_out = (values.pop(n) for n in COMMON)
+        with handle_errors():
+            from dpd_cli.settings import resolve_sources, to_toml
+
+            resolved = resolve_sources(command, values, config)  # values: exactly the settings flags
+            if print_config:
+                sys.stdout.write(to_toml(resolved))
+                return
+            engine = importlib.import_module(f"dpd_cli.engine.{command}")  # torch: only now, not for --help
+            sink = make_sink(command, quiet, json_out)
+            try:
+                result = engine.run(resolved.settings, *args, sink)
+            finally:
+                sink.close()
+            shown = report(resolved.settings, result)
+        if json_out:
+            if shown.json is not None:
+                print_json(shown.json)
+        elif not quiet:
+            for item in shown.text:
+                out_console().print(item, highlight=False, soft_wrap=isinstance(item, str))
+        if shown.exit_code:
+            if shown.error:
+                error_console().print(shown.error, highlight=False)
+            raise typer.Exit(shown.exit_code)
+
+    command_function.__name__ = command
+    command_function.__doc__ = examples_help(summary, examples)
+    command_function.__signature__ = inspect.Signature([*arguments, *settings_parameters(command), *common_parameters()])
+    return command_function
