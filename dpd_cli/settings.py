@@ -218,7 +218,9 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     panel: ClassVar[str] = "Distillation"
 
     experts: Path | None = Field(
-        None, description="Experts folder (default: the one `dpd experts` wrote).", json_schema_extra={"panel": "Data"}
+        None, description="Experts folder (default: the newest one under the experts root that fits the dataset and "
+        "network settings given; the folder's own dataset and network settings apply unless given).",
+        json_schema_extra={"panel": "Data"}
     )
     ipc: int = Field(10, ge=1, description="Synthetic images per class.")
     iterations: int = Field(5000, ge=1, description="Distillation iterations.")
