@@ -70,13 +70,13 @@ def test_dsa_chooses_the_op_from_the_seed_and_all_six_appear(monkeypatch):
     seen = []
     originals = dict(_FNS)
     for name, fn in originals.items():
-        monkeypatch.setitem(_FNS, name, lambda x, g, _fn=fn, _name=name: (seen.append(_name), _fn(x, g))[1])
+        monkeypatch.setitem(_FNS, name, lambda x, g, n, rows, _fn=fn, _name=name: (seen.append(_name), _fn(x, g, n, rows))[1])
     for seed in range(60):
         y = dsa(x, seed)
         expected_op = OPS[random.Random(seed).randrange(len(OPS))]
         assert seen[-1] == expected_op
         g = torch.Generator().manual_seed(seed)
-        assert torch.equal(y, originals[expected_op](x, g))
+        assert torch.equal(y, originals[expected_op](x, g, len(x), slice(0, len(x))))
     assert set(seen) == set(OPS)
     # ops= restricts the choice
     seen.clear()
@@ -167,3 +167,13 @@ def test_affine_ops_keep_a_constant_image_inside(op):
     x = torch.full((4, 1, 9, 9), 2.0)
     y = _only(op)(x, 3)
     assert_close(y[:, :, 4, 4], torch.full((4, 1), 2.0))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_split_batch_is_augmented_like_the_whole(op):
+    """Under data parallel each rank augments its rows with the whole batch's draws: the parts concatenate to the whole."""
+    x = _x(n=9, side=8)
+    whole = dsa(x, 5, ops=(op,))
+    parts = [dsa(x[lo:hi], 5, ops=(op,), part=(lo, 9)) for lo, hi in ((0, 5), (5, 9))]
+    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(dsa(x, 5, ops=(op,), part=(0, 9)), whole)

@@ -75,13 +75,25 @@ def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.
     return (m * (student_end - target) ** 2).sum() / (m * (start - target) ** 2).sum()
 
 
-def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: bool) -> torch.Tensor:
-    """grad_theta CE(f(DSA(X_b); theta), Y_b)."""
+def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: bool, group=None) -> torch.Tensor:
+    """grad_theta CE(f(DSA(X_b); theta), Y_b), the mean over the mini-batch b.
+
+    With a data-parallel ``group`` this rank takes its rows of b and returns its share of the
+    gradient, grad of (its rows' summed CE) / |b|: the shares of all ranks add up to the whole.
+    """
     x = images if idx is None else images[idx]
     y = labels if idx is None else labels[idx]
-    if seed is not None:
-        x = dsa(x, seed)
-    ce = F.cross_entropy(fm(theta, x), y)
+    if group is None:
+        if seed is not None:
+            x = dsa(x, seed)
+        ce = F.cross_entropy(fm(theta, x), y)
+    else:
+        n = len(y)
+        lo, hi = group.rows(n)
+        x, y = x[lo:hi], y[lo:hi]
+        if seed is not None:
+            x = dsa(x, seed, part=(lo, n))  # the whole batch's draws, this rank's rows
+        ce = F.cross_entropy(fm(theta, x), y, reduction="sum") / n
     (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
     return g
 
@@ -98,6 +110,7 @@ def meta_gradient(
     *,
     loss_mask: MaskFn | None = None,
     unroll_keep: torch.Tensor | None = None,
+    group=None,
 ) -> MetaResult:
     """Unroll the student, build the loss mask, and return the loss and its gradients.
 
@@ -113,31 +126,44 @@ def meta_gradient(
             means MTT's unmasked loss.
         unroll_keep: bool ``(P,)``: only these parameters move during the unroll, the others stay
             at ``start`` (DPD's ``network`` mode); ``None`` lets every parameter move.
+        group: A data-parallel ``dpd_cli.engine.parallel.Group``: this process computes its rows of
+            every mini-batch and the inner gradients are summed over the ranks every step; every
+            rank returns the same (whole) result. ``None`` on one process.
 
     Returns:
         Loss, dL/dX, dL/dalpha and the loss mask used.
     """
     u = None if unroll_keep is None else unroll_keep.to(start.dtype)
     if memory == "low":
-        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u)
-    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u)
+        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group)
+    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group)
 
 
-def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u) -> MetaResult:
+def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None) -> MetaResult:
     x = images.detach().requires_grad_(True)
     a = lr.detach().requires_grad_(True)
     theta = start.detach().requires_grad_(True)
     with torch.enable_grad():
         for idx, seed in zip(plan.batches, plan.seeds, strict=True):
-            g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True)
+            g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True, group=group)
+            if group is not None:
+                g = group.sum_differentiable(g)  # the whole batch's gradient, on every rank
             theta = theta - a * (g if u is None else u * g)
         keep = None if loss_mask is None else loss_mask(theta.detach(), target, start)
         loss = matching_loss(theta, target, start, keep)
-        gx, ga = torch.autograd.grad(loss, [x, a])
+        if group is None:
+            gx, ga = torch.autograd.grad(loss, [x, a])
+        else:
+            # Every rank holds the same L. Differentiating L / W on each rank, whose all-reduces sum the
+            # incoming gradients, gives each rank its share of dL/dX (its rows) and of dL/dalpha; the sum
+            # over the ranks is the whole gradient.
+            gx, ga = torch.autograd.grad(loss / group.world, [x, a])
+            group.sum_(gx)
+            group.sum_(ga)
     return MetaResult(loss.detach(), gx, ga, keep)
 
 
-def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u) -> MetaResult:
+def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None) -> MetaResult:
     a = lr.detach()
     n_steps = len(plan)
     # Forward: only theta_0..theta_N are kept, in one buffer allocated once.   (N+1, P)
@@ -146,7 +172,9 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u) -> Meta
     with torch.enable_grad():
         for n, (idx, seed) in enumerate(zip(plan.batches, plan.seeds, strict=True)):
             theta = thetas[n].detach().requires_grad_(True)
-            g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False)
+            g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False, group=group)
+            if group is not None:
+                group.sum_(g)
             with torch.no_grad():
                 torch.sub(thetas[n], a * (g if u is None else u * g), out=thetas[n + 1])
         end = thetas[n_steps].detach().requires_grad_(True)
@@ -160,10 +188,17 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u) -> Meta
     with torch.enable_grad():
         for n in range(n_steps - 1, -1, -1):
             theta = thetas[n].detach().requires_grad_(True)
-            g = _inner_grad(fm, theta, x, labels, plan.batches[n], plan.seeds[n], create_graph=True)
+            g = _inner_grad(fm, theta, x, labels, plan.batches[n], plan.seeds[n], create_graph=True, group=group)
             mu = lam if u is None else u * lam
-            grad_a -= (mu * g.detach()).sum()
+            # g is this rank's share: its products with mu are this rank's shares too (summed below).
             d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
+            g_all = g.detach()
+            if group is not None:
+                group.sum_(g_all)  # g_n of the whole batch
+                group.sum_(d_theta)  # the vector-Hessian product of the whole batch
+            grad_a -= (mu * g_all).sum()
             grad_x.sub_(a * d_x)
             lam = lam - a * d_theta
+    if group is not None:
+        group.sum_(grad_x)  # each rank holds dL/dX of its rows
     return MetaResult(loss.detach(), grad_x, grad_a, keep)

@@ -1,0 +1,121 @@
+"""One job over several processes under ``torchrun``: the process group, a rank's rows, the collectives.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and the rendezvous address; ``start`` creates the process
+group at the start of a command (gloo, or NCCL when every rank has a GPU of its own) with an
+explicit timeout, so a rank whose partner failed or was stopped gives up after ``timeout_s`` with a
+message instead of hanging; ``stop`` destroys it. Under plain ``python`` there is no group and
+every function here is a no-op on one process.
+
+Distillation splits every student step's mini-batch into contiguous rows, one share per rank (the
+first ``n % W`` ranks take one row more); ``docs/algorithm.md`` ("Data parallel") gives the maths.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dpd_cli.errors import UserError
+
+__all__ = ["Group", "ParallelError", "start", "stop", "world_from_env"]
+
+
+class ParallelError(UserError):
+    """Another rank failed, stopped or did not answer in time."""
+
+
+def world_from_env() -> tuple[int, int]:
+    """``(rank, world size)`` from torchrun's environment; ``(0, 1)`` under plain python."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the job: its rank among ``world`` processes."""
+
+    rank: int
+    world: int
+    timeout_s: float
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and shows progress."""
+        return self.rank == 0
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """``[lo, hi)``: this rank's contiguous share of ``n`` rows (sizes differ by at most one)."""
+        base, extra = divmod(n, self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # gloo/NCCL timeouts and closed connections (DistBackendError is a RuntimeError)
+            raise ParallelError(
+                f"Rank {self.rank} of {self.world}: {what} failed ({str(e).splitlines()[0][:200]}). Another rank has "
+                f"stopped, failed or did not answer within {self.timeout_s:g} s (--dist-timeout); its own output says why. "
+                "Fix that and rerun the same command (with --resume for distill)."
+            ) from e
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place (no autograd)."""
+        import torch.distributed as dist
+
+        self._call("summing a tensor over the ranks", dist.all_reduce, t)
+        return t
+
+    def sum_differentiable(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks as an autograd op: its backward sums the incoming gradients over the ranks too."""
+        from torch.distributed.nn.functional import all_reduce
+
+        return self._call("summing a gradient over the ranks", all_reduce, t)
+
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank if ``flag`` is true on any (a stop request seen by one rank stops all)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return bool(self.sum_(t).item() > 0)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        self._call("waiting for the other ranks", dist.barrier)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (pickled through the process group: trusted, our own processes)."""
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        self._call("gathering results from the ranks", dist.all_gather_object, out, obj)
+        return out
+
+
+def start(device: torch.device, timeout_s: float) -> Group | None:
+    """Join torchrun's process group (``None`` under plain python).
+
+    Raises:
+        ParallelError: The rendezvous failed or timed out.
+    """
+    rank, world = world_from_env()
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    group = Group(rank, world, timeout_s)
+    if not dist.is_initialized():
+        nccl = device.type == "cuda" and dist.is_nccl_available() and torch.cuda.device_count() >= int(
+            os.environ.get("LOCAL_WORLD_SIZE", world))
+        group._call("joining the other ranks", dist.init_process_group, "nccl" if nccl else "gloo",
+                    timeout=datetime.timedelta(seconds=timeout_s))
+    return group
+
+
+def stop() -> None:
+    """Leave the process group, if one was joined."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
