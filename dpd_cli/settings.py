@@ -180,9 +180,13 @@ class RunFields(_Settings):
     device: str = Field(
         "auto",
         description="Device to run on (auto: the first CUDA GPU if there is one, else the CPU).",
-        json_schema_extra={"choices": ["auto", "cpu", "cuda", "cuda:N", "mps"]},
+        json_schema_extra={"choices": ["auto", "cpu", "cuda", "cuda:N"]},
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
+    dist_timeout: float = Field(
+        300.0, gt=0, description="Under torchrun: seconds a rank waits for the others before it gives up with a message "
+        "(a failed or stopped rank ends the job within this time).",
+    )
 
     @field_validator("device")
     @classmethod

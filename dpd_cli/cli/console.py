@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -71,8 +72,11 @@ def sparkline(values: list[float], width: int = 40) -> str:
 
 
 def make_sink(kind: str, quiet: bool, json_mode: bool = False):
-    """The progress sink for a command: Rich live view on a TTY, plain lines otherwise, none when quiet."""
-    if quiet or json_mode:
+    """The progress sink for a command: Rich live view on a TTY, plain lines otherwise, none when quiet.
+
+    Under torchrun only rank 0 shows progress.
+    """
+    if quiet or json_mode or os.environ.get("RANK", "0") != "0":
         return NullSink()
     con = error_console()
     interactive = con.is_terminal and not con.is_dumb_terminal

@@ -35,20 +35,23 @@ def fail(message: str, code: int = EXIT_USER_ERROR, traceback: bool = True) -> t
 
 
 def _on_sigint(signum, frame) -> None:
+    """Ctrl-C or SIGTERM (what torchrun and batch schedulers send): stop at the next safe point."""
     if interrupt.requested() or not interrupt.in_safe_points():
         # Second Ctrl-C, or nothing to finish (loading data): leave at once; every write is atomic.
         raise KeyboardInterrupt
     interrupt.request()
-    print("\nStopping at the next safe point (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
+    what = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+    print(f"\nStopping at the next safe point ({what} again to quit at once)...", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def handle_errors() -> Iterator[None]:
     """Translate user errors and interruptions into messages and exit codes (2, 130)."""
     interrupt.clear()
-    previous = None
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, _on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_sigint)
     except ValueError:  # not the main thread (e.g. inside some test runners)
         pass
     try:
@@ -62,6 +65,6 @@ def handle_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         raise fail("Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue.", EXIT_INTERRUPTED) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         interrupt.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,9 @@ def settings_command(command: str, *, report: Callable[[Any, Any], Report], summ
             finally:
                 sink.close()
             shown = report(resolved.settings, result)
-        if json_out:
+        if os.environ.get("RANK", "0") != "0":
+            pass  # under torchrun rank 0 reports
+        elif json_out:
             if shown.json is not None:
                 print_json(shown.json)
         elif not quiet:

@@ -15,7 +15,7 @@ from dpd_cli.data import Dataset, Preprocess, fit_zca
 from dpd_cli.errors import DataError, DeviceError, StorageError
 from dpd_cli.models import ModelSpec, default_depth
 
-__all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions", "distributed_shard"]
+__all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "derive_seed", "build_preprocess", "model_spec", "versions"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,8 +134,3 @@ def versions() -> dict[str, str]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
-
-
-def distributed_shard() -> tuple[int, int]:
-    """``(rank, world size)`` from torchrun's environment; ``(0, 1)`` under plain python."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -35,7 +35,7 @@ from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.engine import matching
+from dpd_cli.engine import matching, parallel
 from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, versions
 from dpd_cli.engine.experts import MANIFEST, ExpertSet, old_preprocess_message, validation_record
 from dpd_cli.engine.pruning import PruneConfig, Pruner
@@ -49,7 +49,7 @@ __all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize
 
 # Settings that may change between a run and its resume.
 _RESUMABLE = {"iterations", "checkpoint_every", "keep_checkpoints", "log_every", "device", "threads", "out", "experts",
-              "resume", "force", "data_dir"}
+              "resume", "force", "data_dir", "dist_timeout"}
 # Settings an experts folder decides unless the user gives them (the network, the data it saw).
 _FROM_EXPERTS = ("dataset", "data_dir", "zca", "train_per_class", "val_per_class", "model", "width", "depth", "norm", "pool")
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
@@ -128,6 +128,8 @@ class DistillRecipe:
     def setup(self) -> None:
         """Find and check the experts, load the data, lock the run directory, start or resume the state.
 
+        Under torchrun every rank sets up the same state; rank 0 alone locks, writes and reports.
+
         Raises:
             UserError: Missing/mismatched experts, impossible IPC, existing output, nothing to resume.
         """
@@ -135,6 +137,17 @@ class DistillRecipe:
         set_threads(s.threads)
         self.device = resolve_device(s.device)
         self.log_every = s.log_every or (1 if self.device.type == "cpu" else 10)
+        self.group = parallel.start(self.device, s.dist_timeout)
+        self._stack.callback(parallel.stop)
+        self.main = self.group is None or self.group.is_main
+        if not self.main:
+            self.sink = NullSink()
+        if self.group is not None and s.norm == "batch":
+            raise ExpertsError(
+                "--norm batch cannot be distilled over several processes: batch norm mixes the rows that the ranks "
+                "split between them, so the result would depend on the number of ranks. Use --norm instance (MTT's), "
+                "or run one process."
+            )
         # Cheap checks first: the experts folder is read (headers only) before any dataset is loaded.
         self.experts = self._stack.enter_context(_closing(self._open_experts()))
         s = self.s  # now with the settings adopted from the experts folder
@@ -148,18 +161,20 @@ class DistillRecipe:
             raise StorageError(f"Nothing to resume in {self.run_dir}: it has no checkpoint. Run without --resume to start it.")
         self.shash = settings_hash(s, exclude=_RESUMABLE)
 
-        self._stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run"))
         self._stack.enter_context(interrupt.safe_points())
-        # Temp files of a killed process; with the lock held no other process is writing here.
-        storage.remove_stale_temps(self.run_dir)
-        storage.remove_stale_temps(self.run_dir / layout.CHECKPOINTS)
-        resume = s.resume
-        if resume and not layout.checkpoints(self.run_dir):
-            # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.
-            _check_recorded_settings(self.run_dir, self.shash)
-            self.sink.emit(Message(f"{self.run_dir} has no checkpoint yet: starting from iteration 0."))
-            resume = False
-        _prepare_run_dir(self.run_dir, s)
+        resume = s.resume and bool(layout.checkpoints(self.run_dir))
+        if self.main:
+            self._stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run"))
+            # Temp files of a killed process; with the lock held no other process is writing here.
+            storage.remove_stale_temps(self.run_dir)
+            storage.remove_stale_temps(self.run_dir / layout.CHECKPOINTS)
+            if s.resume and not resume:
+                # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.
+                _check_recorded_settings(self.run_dir, self.shash)
+                self.sink.emit(Message(f"{self.run_dir} has no checkpoint yet: starting from iteration 0."))
+            _prepare_run_dir(self.run_dir, s)
+        if self.group is not None:
+            self.group.barrier()  # the other ranks read the run directory only once rank 0 has it in order
 
         torch.manual_seed(derive_seed(s.seed, "student"))
         self.fm = FlatModel(build_model(self.spec).to(self.device))
@@ -168,14 +183,16 @@ class DistillRecipe:
         images, self.labels = _init_images(s, ds, self.pre, self.device)
         if resume:
             self.state = self._load_state(images.shape)
-            metrics_file.truncate(self.run_dir / layout.METRICS, self.state.iteration)
+            if self.main:
+                metrics_file.truncate(self.run_dir / layout.METRICS, self.state.iteration)
         else:
             self.state = DistillState(0, images, torch.tensor(s.lr_teacher, device=self.device), torch.zeros_like(images),
                                       torch.zeros((), device=self.device),
                                       torch.zeros(self.fm.n_params, dtype=torch.int32, device=self.device))
-            metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
-            preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
-            storage.atomic_write_text(self.run_dir / layout.SETTINGS, json.dumps(self._settings_record(), indent=2))
+            if self.main:
+                metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
+                preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
+                storage.atomic_write_text(self.run_dir / layout.SETTINGS, json.dumps(self._settings_record(), indent=2))
         self.pruner = Pruner(prune_config(s), self.sizes, self.state.prune_state)
         self.pruned_total = _layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
         self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self._ratio_at(i) > 0)
@@ -199,7 +216,8 @@ class DistillRecipe:
         ratio = self._ratio_at(it)
         unroll_keep = self.pruner.unroll_keep(ratio)
         res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
-                                     loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep)
+                                     loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
+                                     group=self.group)
         self.pruner.commit()
         with torch.no_grad():
             # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
@@ -218,12 +236,20 @@ class DistillRecipe:
         self._pending.append({"iteration": it + 1, "loss": res.loss.float(), "lr": st.lr.clone(), "pruned": pruned,
                               "expert": e, "start_epoch": t})
 
+    def _stop_requested(self) -> bool:
+        """A stop request (Ctrl-C, SIGTERM) on any rank stops every rank at the same iteration."""
+        if self.group is None:
+            return interrupt.requested()
+        return self.group.any(interrupt.requested(), self.device)
+
     def _ratio_at(self, it: int) -> float:
         return 0.0 if it < self.s.prune_warmup else self.s.prune_ratio
 
     # --- outputs --------------------------------------------------------------------------------
     def flush(self) -> None:
         """Write the pending iterations' metrics (one host sync for the window) and emit their events.
+
+        Every rank checks for divergence (all hold the same values); rank 0 alone writes.
 
         Raises:
             DivergedError: A loss became NaN/Inf or alpha non-positive.
@@ -252,7 +278,8 @@ class DistillRecipe:
             self.sink.emit(DistillIteration(p["iteration"], s.iterations, loss, a, p["start_epoch"], pr, list(self.pruned_total),
                                             self.iterations_pruned, dt))
             self.last_loss = loss
-        metrics_file.append(self.run_dir / layout.METRICS, records)
+        if self.main:
+            metrics_file.append(self.run_dir / layout.METRICS, records)
         self._pending = []
         self._window_t0 = time.perf_counter()
 
@@ -265,11 +292,13 @@ class DistillRecipe:
                              f"(or --lr-teacher), then {how}.")
 
     def checkpoint(self) -> Path:
-        """Flush the metrics, write the checkpoint of the current iteration and refresh the outputs."""
+        """Flush the metrics, write the checkpoint of the current iteration and refresh the outputs (rank 0)."""
         self.flush()
         s, st = self.s, self.state
-        meta = self._meta(st.iteration)
         path = layout.checkpoint_path(self.run_dir, st.iteration)
+        if not self.main:
+            return path
+        meta = self._meta(st.iteration)
         synthetic_file.save_checkpoint(path, {**st.tensors(), "labels": self.labels}, self.pre, meta)
         kept = {layout.checkpoint_iteration(p): p for p in layout.checkpoints(self.run_dir)}
         for it in layout.checkpoints_to_delete(list(kept), s.keep_checkpoints, s.checkpoint_every):
@@ -295,7 +324,7 @@ class DistillRecipe:
         t_run = time.perf_counter()
         self._window_t0 = t_run
         while self.state.iteration < s.iterations:
-            if interrupt.requested():
+            if self._stop_requested():
                 self.checkpoint()
                 raise interrupt.Interrupted(
                     f"stopped after iteration {self.state.iteration}; rerun the same command with --resume to continue {self.run_dir}")

@@ -22,6 +22,7 @@ evaluation rerun with the same command reuses them, and the file is removed once
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -36,7 +37,8 @@ import torch
 
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
-from dpd_cli.engine.common import derive_seed, distributed_shard, resolve_device, set_threads, versions
+from dpd_cli.engine import parallel
+from dpd_cli.engine.common import derive_seed, resolve_device, set_threads, versions
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.run import SYNTHETIC
@@ -248,7 +250,20 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
                 raise StorageError(f"{st.path} was written with another preprocessing than {file}: not the same run.")
 
     jobs = [(st, m, r) for st in sets for m in s.models for r in range(s.runs)]
-    rank, world = distributed_shard()
+    with contextlib.ExitStack() as stack:
+        # Under torchrun: the process group now, with its timeout (ranks that fail end the job), left at the end.
+        group = parallel.start(device, s.dist_timeout)
+        stack.callback(parallel.stop)
+        return _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, sets, jobs, select, validation,
+                         x_test, y_test, x_val, y_val, device, epochs, protocol, learned_lr, ipc)
+
+
+def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, sets, jobs, select, validation,
+              x_test, y_test, x_val, y_val, device, epochs, protocol, learned_lr, ipc) -> dict:
+    """Train this rank's share of ``jobs``; rank 0 collects every rank's outcomes and writes eval.json."""
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    if rank != 0:
+        sink = NullSink()
     mine = jobs[rank::world]
     sink.emit(EvalStarted([(st.source, m, r, st.iteration) for st, m, r in mine], epochs, str(device),
                           select if s.distilled else None))
@@ -315,8 +330,8 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
             outcomes.append(outcome)
             sink.emit(EvalRunDone(st.source, m, r, res.test_accuracy, dt, res.diverged_epoch, st.iteration, res.val_accuracy))
 
-        if world > 1:
-            outcomes = _gather(outcomes)
+        if group is not None:
+            outcomes = [o for part in group.gather_objects(outcomes) for o in part]
             if rank != 0:
                 return {"target": str(target), "eval_file": None, "results": [], "warnings": [], **verdict([], s.fail_under)}
 
@@ -415,7 +430,8 @@ def _below_baselines(entries: list[dict]) -> list[str]:
 
 
 # Settings that only choose which trainings run (or where): a finished training is reused across them.
-_NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled", "select"}
+_NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled", "select",
+                   "dist_timeout"}
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -456,13 +472,3 @@ def _load_partial(path: Path, wanted: dict[str, tuple]) -> dict[tuple, dict]:
 
 def _append_partial(path: Path, key: str, outcome: dict) -> None:
     storage.append_text(path, json.dumps({"key": key, "outcome": outcome}) + "\n", sync=True)
-
-
-def _gather(outcomes: list[dict]) -> list[dict]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, outcomes)
-    return [o for part in gathered for o in part]

@@ -12,6 +12,7 @@ rows are copies taken with ``FlatModel.flatten`` (never views of live parameters
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -23,11 +24,11 @@ from dpd_cli import interrupt, paths, storage
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
+from dpd_cli.engine import parallel
 from dpd_cli.engine.common import (
     build_preprocess,
     dataset_key,
     derive_seed,
-    distributed_shard,
     model_spec,
     resolve_device,
     set_threads,
@@ -190,14 +191,27 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class)
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
-    rank, world = distributed_shard()
     compat = _compat(settings, spec)
+    # Under torchrun: the process group from the start, with its timeout; each rank trains its share.
+    group = parallel.start(device, settings.dist_timeout)
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    if rank != 0:
+        sink = NullSink()
 
     # Under torchrun the ranks share the folder and each locks its own rank; a plain run is kept out.
-    with storage.lock_shard(folder, "experts", rank, world), interrupt.safe_points():
+    with contextlib.ExitStack() as stack:
+        stack.callback(parallel.stop)
+        stack.enter_context(storage.lock_shard(folder, "experts", rank, world))
+        stack.enter_context(interrupt.safe_points())
         # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
         storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)])
-        pre = _check_or_write_manifest(folder, compat, settings, lambda: build_preprocess(ds, settings.zca), validation_record(ds))
+        make_pre, validation = (lambda: build_preprocess(ds, settings.zca)), validation_record(ds)
+        if rank == 0:  # writes the manifest and the preprocessing (a ZCA fit) once; the others then read them
+            pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
+        if group is not None:
+            group.barrier()
+        if rank != 0:
+            pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
         x_train = pre.apply(ds.train_images).to(device)
         y_train = ds.train_labels.to(device)
         x_test = pre.apply(ds.test_images).to(device)

@@ -32,13 +32,23 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+#: How long ``Group.gather_objects`` waits: ranks may finish their shares of a job hours apart.
+PATIENT_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 @dataclass(frozen=True)
 class Group:
-    """This process's place in the job: its rank among ``world`` processes."""
+    """This process's place in the job: its rank among ``world`` processes.
+
+    Collectives time out after ``timeout_s``, except ``gather_objects``, which collects results at the
+    end of a job and waits for the slowest rank (a rank that fails still ends the job at once: its
+    connections close, and torchrun stops the other ranks).
+    """
 
     rank: int
     world: int
     timeout_s: float
+    patient: object = None  # the process group gather_objects uses
 
     @property
     def is_main(self) -> bool:
@@ -70,9 +80,7 @@ class Group:
 
     def sum_differentiable(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks as an autograd op: its backward sums the incoming gradients over the ranks too."""
-        from torch.distributed.nn.functional import all_reduce
-
-        return self._call("summing a gradient over the ranks", all_reduce, t)
+        return _SumOverRanks.apply(t, self)
 
     def any(self, flag: bool, device) -> bool:
         """True on every rank if ``flag`` is true on any (a stop request seen by one rank stops all)."""
@@ -89,8 +97,21 @@ class Group:
         import torch.distributed as dist
 
         out: list = [None] * self.world
-        self._call("gathering results from the ranks", dist.all_gather_object, out, obj)
+        self._call("gathering results from the ranks", dist.all_gather_object, out, obj, group=self.patient)
         return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum over the ranks of x. Every rank's loss depends on y, so dL/dx is the sum over the ranks of dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return group.sum_(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.group.sum_(grad.clone()), None
 
 
 def start(device: torch.device, timeout_s: float) -> Group | None:
@@ -104,13 +125,16 @@ def start(device: torch.device, timeout_s: float) -> Group | None:
         return None
     import torch.distributed as dist
 
-    group = Group(rank, world, timeout_s)
+    probe = Group(rank, world, timeout_s)
     if not dist.is_initialized():
         nccl = device.type == "cuda" and dist.is_nccl_available() and torch.cuda.device_count() >= int(
             os.environ.get("LOCAL_WORLD_SIZE", world))
-        group._call("joining the other ranks", dist.init_process_group, "nccl" if nccl else "gloo",
+        probe._call("joining the other ranks", dist.init_process_group, "nccl" if nccl else "gloo",
                     timeout=datetime.timedelta(seconds=timeout_s))
-    return group
+    # Every rank creates the patient group now, together (new_group is itself collective).
+    patient = probe._call("joining the other ranks", dist.new_group, backend="gloo",
+                          timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S))
+    return Group(rank, world, timeout_s, patient)
 
 
 def stop() -> None:

@@ -1,0 +1,123 @@
+"""`torchrun --nproc-per-node 2 ... -m dpd_cli -- distill`: one distillation over two processes (gloo, CPU).
+
+The same synthetic set as one process (to float32 rounding), one metrics.jsonl, an exact resume,
+and a killed rank ends the job with a message rather than a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.cli.app import app
+from tests.cli.conftest import TINY
+
+DISTILL = ["--ipc", "2", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1", "--lr-img", "10",
+           "--lr-lr", "1e-8", "--checkpoint-every", "2", "--prune-ratio", "0.05", "--device", "cpu", "--quiet", *TINY]
+
+
+def torchrun(args: list, cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dpd_cli", "--",
+           *[str(a) for a in args]]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("torchrun") / "ex"
+    r = CliRunner().invoke(app, ["experts", "--num", "2", "--epochs", "3", "--out", str(out), "--quiet", *TINY])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_two_processes_distil_like_one_and_resume(experts, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(one), "--iterations", "4", *DISTILL])
+    assert r.exit_code == 0, r.output
+    p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "2", *DISTILL], tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "4", "--resume", *DISTILL], tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, _ = load_synthetic(one / "synthetic.safetensors")
+    b, _ = load_synthetic(two / "synthetic.safetensors")
+    assert _rel(b["images"], a["images"]) <= 1e-5 and _rel(b["lr"], a["lr"]) <= 1e-5
+    ma, mb = _metrics(one), _metrics(two)
+    assert [m["iteration"] for m in mb] == [1, 2, 3, 4]  # one file, one line per iteration (rank 0 alone writes)
+    for x, y in zip(ma, mb):
+        assert (x["expert"], x["start_epoch"]) == (y["expert"], y["start_epoch"])
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
+        assert x["pruned"] == y["pruned"]
+    assert not list(two.rglob("*.tmp"))
+
+
+def test_a_killed_rank_ends_the_job_with_a_message(experts, tmp_path):
+    run = tmp_path / "run"
+    p = torchrun(["distill", "--experts", experts, "--out", run, "--iterations", "500", "--dist-timeout", "20", *DISTILL],
+                 tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert p.poll() is None and time.monotonic() < deadline, "the job ended or hung before two iterations"
+            time.sleep(0.2)
+        victim = _rank_pid(p.pid, "1")
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, _ = p.communicate(timeout=120)
+        assert time.monotonic() - t0 < 60, "the job did not end within the timeout"
+        assert p.returncode != 0
+        # The surviving rank says what happened, as a user error, not as a Python traceback.
+        assert "Error: Rank 0 of 2" in out or "Interrupted: stopped after iteration" in out, out
+        assert "[rank0]: Traceback" not in out, out
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _rank_pid(root: int, rank: str) -> int:
+    """The worker process of ``rank`` among the descendants of torchrun's process."""
+    for _ in range(100):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + rank.encode() in env and int(stat.split()[3]) != 1:
+                if _descends(int(pid), root):
+                    return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker process of rank {rank}")
+
+
+def _descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().split()[3])
+        except OSError:
+            return False
+    return False
