@@ -133,26 +133,7 @@ HOLD_RANK = textwrap.dedent("""
 """)
 
 
-class _NoGroup:
-    """The ranks' process group, as far as these lock tests need it: this process's rank, no other process to wait for."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world, self.is_main = rank, world, rank == 0
-
-    def barrier(self) -> None:
-        pass
-
-
-@pytest.fixture
-def ranks_without_rendezvous(monkeypatch):
-    """RANK/WORLD_SIZE as torchrun sets them, without its rendezvous (the other ranks are simulated by lock holders)."""
-    from dpd_cli.engine import parallel
-
-    monkeypatch.setattr(parallel, "start", lambda device, timeout_s: None if parallel.world_from_env()[1] == 1
-                        else _NoGroup(*parallel.world_from_env()))
-
-
-def test_plain_experts_run_is_refused_while_a_torchrun_rank_writes(tmp_path, monkeypatch, ranks_without_rendezvous):
+def test_plain_experts_run_is_refused_while_a_torchrun_rank_writes(tmp_path, monkeypatch):
     """Rank 0 of a 2-process job, in another process, holds the folder; its temp file is in use.
 
     The lock files are the ones ``storage.lock_shard`` takes (checked in the test above); rank 1
@@ -190,7 +171,7 @@ def test_plain_experts_run_is_refused_while_a_torchrun_rank_writes(tmp_path, mon
     assert (out / "expert_00000.safetensors").exists() and not rank0_temp.exists()
 
 
-def test_a_rank_is_refused_while_a_plain_run_writes(tmp_path, monkeypatch, ranks_without_rendezvous):
+def test_a_rank_is_refused_while_a_plain_run_writes(tmp_path, monkeypatch):
     monkeypatch.delenv("DPD_DEBUG", raising=False)
     out = tmp_path / "ex"
     out.mkdir()

@@ -192,9 +192,10 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
     compat = _compat(settings, spec)
-    # Under torchrun: the process group from the start, with its timeout; each rank trains its share.
-    group = parallel.start(device, settings.dist_timeout)
-    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    # Each rank trains its share; under torchrun the process group exists from the start (with its timeout),
+    # while a scheduler's job array (RANK and WORLD_SIZE alone) runs its ranks independently.
+    group = parallel.start(device, settings.dist_timeout, required=False)
+    rank, world = parallel.world_from_env()
     if rank != 0:
         sink = NullSink()
 

@@ -114,15 +114,28 @@ class _SumOverRanks(torch.autograd.Function):
         return ctx.group.sum_(grad.clone()), None
 
 
-def start(device: torch.device, timeout_s: float) -> Group | None:
+def start(device: torch.device, timeout_s: float, required: bool = True) -> Group | None:
     """Join torchrun's process group (``None`` under plain python).
 
+    Args:
+        required: Without torchrun's rendezvous (``MASTER_ADDR``), as when a batch scheduler's job array
+            sets ``RANK`` and ``WORLD_SIZE`` itself, return ``None`` if ``False`` (ranks that need not talk
+            to each other), else refuse.
+
     Raises:
-        ParallelError: The rendezvous failed or timed out.
+        ParallelError: The rendezvous failed or timed out, or is missing where it is required.
     """
     rank, world = world_from_env()
     if world == 1:
         return None
+    if "MASTER_ADDR" not in os.environ:
+        if not required:
+            return None
+        raise ParallelError(
+            f"WORLD_SIZE is {world} but there is no rendezvous address (MASTER_ADDR): the ranks of this command must "
+            "talk to each other. Start it with torchrun (torchrun --nproc-per-node N -m dpd_cli -- COMMAND ...), or "
+            "unset RANK and WORLD_SIZE to run one process."
+        )
     import torch.distributed as dist
 
     probe = Group(rank, world, timeout_s)

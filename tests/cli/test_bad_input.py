@@ -192,6 +192,9 @@ CASES = [
     Case("unknown-device", ["distill", "--device", "tpu"], ["--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"]),
     Case("unknown-protocol", ["evaluate", "{run}", "--protocol", "MTX"],
          ["--protocol: unknown protocol 'mtx' (did you mean 'mtt'?); known: mtt, fixed (got 'MTX')"]),
+    Case("world-size-without-torchrun", ["distill", "--experts", "{experts}", "--out", "{tmp}/r", *D],
+         ["WORLD_SIZE is 2 but there is no rendezvous address (MASTER_ADDR)", "Start it with torchrun"],
+         env={"WORLD_SIZE": "2", "RANK": "0"}),
     Case("shared-env-of-colliding-setting", ["distill", *D], ["DPD_OUT is set, but 'out' means different things in `dpd distill` and "
                                                              "`dpd experts`: set DPD_DISTILL_OUT instead"], env={"DPD_OUT": "{tmp}/r"}),
     Case("config-from-env-missing", ["distill"], ["Config file {tmp}/nope.toml does not exist. Check the DPD_CONFIG path."],

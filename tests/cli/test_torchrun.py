@@ -121,3 +121,30 @@ def _descends(pid: int, root: int) -> bool:
         except OSError:
             return False
     return False
+
+
+def test_experts_and_evaluate_under_torchrun_equal_one_process(experts, tmp_path):
+    """Experts sharded over two ranks are the one-process experts; evaluate's trainings sharded likewise."""
+    from dpd_cli.engine.experts import ExpertSet
+
+    ex2 = tmp_path / "ex2"
+    p = torchrun(["experts", "--num", "2", "--epochs", "3", "--out", ex2, "--quiet", *TINY], tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    with ExpertSet(ex2) as got, ExpertSet(experts) as want:
+        for a, b in zip(got.files, want.files, strict=True):
+            assert torch.equal(a.get("trajectory"), b.get("trajectory")), a.path
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(run), "--iterations", "2", *DISTILL])
+    assert r.exit_code == 0, r.output
+    ev = ["evaluate", run, "--epochs", "2", "--runs", "3", "--baseline", "random", "--threads", "1", "--quiet"]
+    r = CliRunner().invoke(app, [str(a) for a in ev])
+    assert r.exit_code == 0, r.output
+    p = torchrun(ev, tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert len(results) == 4  # rank 0 alone wrote the second call's two entries
+    for a, b in zip(results[:2], results[2:]):
+        assert (a["source"], a["accuracies"], a["seeds"]) == (b["source"], b["accuracies"], b["seeds"])
