@@ -65,6 +65,7 @@ class MetaResult:
     grad_images: torch.Tensor  # like X
     grad_lr: torch.Tensor  # () like alpha
     keep: torch.Tensor | None  # (P,) bool loss mask, False = pruned; None when nothing is pruned
+    grad_labels: torch.Tensor | None = None  # like the label logits, with soft labels
 
 
 def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -77,6 +78,9 @@ def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.
 
 def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: bool, group=None) -> torch.Tensor:
     """grad_theta CE(f(DSA(X_b); theta), Y_b), the mean over the mini-batch b.
+
+    ``labels`` are class indices ``(n,)``, or class probabilities ``(n, C)`` (soft labels: the
+    cross-entropy is then -sum_c p_c log softmax(f)_c, as DATM's).
 
     With a data-parallel ``group`` this rank takes its rows of b and returns its share of the
     gradient, grad of (its rows' summed CE) / |b|: the shares of all ranks add up to the whole.
@@ -111,6 +115,7 @@ def meta_gradient(
     loss_mask: MaskFn | None = None,
     unroll_keep: torch.Tensor | None = None,
     group=None,
+    label_logits: torch.Tensor | None = None,
 ) -> MetaResult:
     """Unroll the student, build the loss mask, and return the loss and its gradients.
 
@@ -129,21 +134,28 @@ def meta_gradient(
         group: A data-parallel ``dpd_cli.engine.parallel.Group``: this process computes its rows of
             every mini-batch and the inner gradients are summed over the ranks every step; every
             rank returns the same (whole) result. ``None`` on one process.
+        label_logits: Learnable soft labels ``(n, C)``: the student trains on softmax(label_logits)
+            instead of ``labels``, and dL/d(label_logits) is returned too.
 
     Returns:
-        Loss, dL/dX, dL/dalpha and the loss mask used.
+        Loss, dL/dX, dL/dalpha, the loss mask used, and dL/d(label_logits) with soft labels.
     """
     u = None if unroll_keep is None else unroll_keep.to(start.dtype)
     if memory == "low":
-        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group)
-    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group)
+        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits)
+    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits)
 
 
-def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None) -> MetaResult:
+def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None) -> MetaResult:
     x = images.detach().requires_grad_(True)
     a = lr.detach().requires_grad_(True)
     theta = start.detach().requires_grad_(True)
+    leaves = [x, a]
     with torch.enable_grad():
+        if label_logits is not None:
+            ylog = label_logits.detach().requires_grad_(True)
+            leaves.append(ylog)
+            labels = F.softmax(ylog, dim=1)  # (n, C) targets, differentiable w.r.t. the logits
         for idx, seed in zip(plan.batches, plan.seeds, strict=True):
             g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True, group=group)
             if group is not None:
@@ -152,20 +164,23 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=
         keep = None if loss_mask is None else loss_mask(theta.detach(), target, start)
         loss = matching_loss(theta, target, start, keep)
         if group is None:
-            gx, ga = torch.autograd.grad(loss, [x, a])
+            grads = torch.autograd.grad(loss, leaves)
         else:
             # Every rank holds the same L. Differentiating L / W on each rank, whose all-reduces sum the
             # incoming gradients, gives each rank its share of dL/dX (its rows) and of dL/dalpha; the sum
             # over the ranks is the whole gradient.
-            gx, ga = torch.autograd.grad(loss / group.world, [x, a])
-            group.sum_(gx)
-            group.sum_(ga)
-    return MetaResult(loss.detach(), gx, ga, keep)
+            grads = torch.autograd.grad(loss / group.world, leaves)
+            for t in grads:
+                group.sum_(t)
+    return MetaResult(loss.detach(), grads[0], grads[1], keep, grads[2] if label_logits is not None else None)
 
 
-def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None) -> MetaResult:
+def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None) -> MetaResult:
     a = lr.detach()
     n_steps = len(plan)
+    soft = label_logits is not None
+    if soft:
+        labels = F.softmax(label_logits.detach(), dim=1)  # the forward sweep needs no graph to the logits
     # Forward: only theta_0..theta_N are kept, in one buffer allocated once.   (N+1, P)
     thetas = torch.empty((n_steps + 1, start.numel()), dtype=start.dtype, device=start.device)
     thetas[0] = start.detach()
@@ -185,13 +200,21 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
     x = images.detach().requires_grad_(True)
     grad_x = torch.zeros_like(x)
     grad_a = torch.zeros_like(a)
+    if soft:
+        ylog = label_logits.detach().requires_grad_(True)
+        grad_y = torch.zeros_like(ylog)
     with torch.enable_grad():
         for n in range(n_steps - 1, -1, -1):
             theta = thetas[n].detach().requires_grad_(True)
-            g = _inner_grad(fm, theta, x, labels, plan.batches[n], plan.seeds[n], create_graph=True, group=group)
+            targets = F.softmax(ylog, dim=1) if soft else labels
+            g = _inner_grad(fm, theta, x, targets, plan.batches[n], plan.seeds[n], create_graph=True, group=group)
             mu = lam if u is None else u * lam
             # g is this rank's share: its products with mu are this rank's shares too (summed below).
-            d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
+            if soft:
+                d_theta, d_x, d_y = torch.autograd.grad(g, [theta, x, ylog], grad_outputs=mu)
+                grad_y.sub_(a * d_y)
+            else:
+                d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
             g_all = g.detach()
             if group is not None:
                 group.sum_(g_all)  # g_n of the whole batch
@@ -201,4 +224,6 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
             lam = lam - a * d_theta
     if group is not None:
         group.sum_(grad_x)  # each rank holds dL/dX of its rows
-    return MetaResult(loss.detach(), grad_x, grad_a, keep)
+        if soft:
+            group.sum_(grad_y)
+    return MetaResult(loss.detach(), grad_x, grad_a, keep, grad_y if soft else None)

@@ -19,22 +19,26 @@ PRUNE = {"mtt": PruneConfig(0.0), "global": PruneConfig(0.1), "layer": PruneConf
 PLANS = {"all": lambda dsa: StepPlan([None] * 3, [11, 12, 13] if dsa else [None] * 3),
          "batch": lambda dsa: StepPlan([torch.tensor([0, 2, 4, 5]), torch.tensor([1, 3, 5, 0]), torch.tensor([5, 4, 3, 2])],
                                        [21, 22, 23] if dsa else [None] * 3)}
-CASES = list(itertools.product(MEMORY, PRUNE, PLANS, [False, True]))
+CASES = [(*c, False) for c in itertools.product(MEMORY, PRUNE, PLANS, [False, True])]
+CASES += [(m, "global", plan, True, True) for m in MEMORY for plan in PLANS]  # soft labels
 
 
 def _run_all(n_images: int, group) -> dict:
     """Every case's (loss, dL/dX, dL/dalpha, mask) on this process; the same problem in every process."""
     prob = Problem(n_images=n_images)
     out = {}
-    for memory, prune, plan_name, dsa in CASES:
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(len(prob.labels), 3, generator=g, dtype=prob.images.dtype)
+    for memory, prune, plan_name, dsa, soft in CASES:
         cfg = PRUNE[prune]
         plan = PLANS[plan_name](dsa)
         if n_images == 9 and plan_name == "batch":
             plan = StepPlan([torch.tensor([0, 2, 4, 5, 8]), None, torch.tensor([8, 7, 6])], plan.seeds)  # 5 and 3 rows: uneven
         mask = None if cfg.ratio <= 0 else (lambda e, t, s, cfg=cfg: prune_keep_mask(e, t, s, cfg, prob.sizes))
         res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
-                            loss_mask=mask, group=group)
-        out[(memory, prune, plan_name, dsa)] = (res.loss, res.grad_images, res.grad_lr, res.keep)
+                            loss_mask=mask, group=group, label_logits=logits if soft else None)
+        out[(memory, prune, plan_name, dsa, soft)] = (res.loss, res.grad_images, res.grad_lr, res.keep,
+                                                      res.grad_labels if soft else torch.zeros(()))
     return out
 
 
@@ -70,11 +74,12 @@ def test_two_processes_give_the_one_process_meta_gradient(tmp_path, n_images):
     mp.start_processes(_worker, args=(2, _free_port(), n_images, path), nprocs=2, start_method="spawn")
     two = torch.load(path, weights_only=True)
     one = _run_all(n_images, None)
-    for key, (loss, gx, ga, keep) in one.items():
-        l2, gx2, ga2, keep2 = two[str(key)]
+    for key, (loss, gx, ga, keep, gy) in one.items():
+        l2, gx2, ga2, keep2, gy2 = two[str(key)]
         assert _rel(l2, loss) <= 1e-12, key
         assert _rel(gx2, gx) <= 1e-12, key
         assert _rel(ga2, ga) <= 1e-12, key
+        assert _rel(gy2, gy) <= 1e-12, key
         assert (keep is None and keep2 is None) or torch.equal(keep, keep2), key
 
 

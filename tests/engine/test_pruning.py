@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dpd_cli.augment import dsa
 from dpd_cli.engine.matching import StepPlan, meta_gradient
-from dpd_cli.engine.pruning import CRITERIA, PruneConfig, Pruner, criterion_scores, select_keep
+from dpd_cli.engine.pruning import CRITERIA, PruneConfig, Pruner, criterion_scores, prune_keep_mask, select_keep
 from tests.engine.test_matching import Problem, assert_rel_close
 from tests.helpers import assert_close
 
@@ -274,3 +274,64 @@ def test_network_mode_gradient_finite_differences(memory):
     v = torch.randn(prob.images.shape, generator=g, dtype=DT)
     fd_v = (loss_at(prob.images + h * v, prob.lr).loss - loss_at(prob.images - h * v, prob.lr).loss) / (2 * h)
     assert_close((res.grad_images * v).sum(), fd_v, rtol=1e-6, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft labels (DATM): the student trains on softmax(Y); dL/dY by the same meta-gradient
+
+
+def _soft_problem():
+    prob = Problem()
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(len(prob.labels), 3, generator=g, dtype=DT) + 3 * F.one_hot(prob.labels, 3).to(DT)
+    return prob, logits
+
+
+def naive_soft(prob, logits, plan, keep=None):
+    """The unroll on soft targets, written out: CE = -sum_c softmax(Y)_c log softmax(f)_c, mean over the batch."""
+    x = prob.images.detach().clone().requires_grad_(True)
+    a = prob.lr.detach().clone().requires_grad_(True)
+    y = logits.detach().clone().requires_grad_(True)
+    theta = prob.start.detach().requires_grad_(True)
+    for idx, seed in zip(plan.batches, plan.seeds):
+        xb = x if idx is None else x[idx]
+        pb = torch.softmax(y, dim=1) if idx is None else torch.softmax(y, dim=1)[idx]
+        if seed is not None:
+            xb = dsa(xb, seed)
+        ce = -(pb * torch.log_softmax(prob.fm(theta, xb), dim=1)).sum(1).mean()
+        (gr,) = torch.autograd.grad(ce, theta, create_graph=True)
+        theta = theta - a * gr
+    m = torch.ones_like(theta) if keep is None else keep.to(DT)
+    loss = (m * (theta - prob.target) ** 2).sum() / (m * (prob.start - prob.target) ** 2).sum()
+    return (loss.detach(), *torch.autograd.grad(loss, [x, a, y]))
+
+
+@pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
+@pytest.mark.parametrize("memory", ["full", "low"])
+def test_soft_labels_meta_gradient_equals_naive(plan, memory):
+    prob, logits = _soft_problem()
+    cfg = PruneConfig(0.1)
+    mask = lambda e, t, s: prune_keep_mask(e, t, s, cfg, prob.sizes)  # noqa: E731
+    res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
+                        loss_mask=mask, label_logits=logits)
+    loss, gx, ga, gy = naive_soft(prob, logits, plan, res.keep)
+    assert_rel_close(res.loss, loss, 1e-12)
+    assert_rel_close(res.grad_images, gx, 1e-10)
+    assert_rel_close(res.grad_lr, ga, 1e-10)
+    assert_rel_close(res.grad_labels, gy, 1e-10)
+    assert res.grad_labels.shape == logits.shape and res.grad_labels.abs().max() > 0
+    hard = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory, loss_mask=mask)
+    assert hard.grad_labels is None and not torch.allclose(hard.grad_images, res.grad_images)
+
+
+def test_soft_label_gradient_finite_differences():
+    prob, logits = _soft_problem()
+    plan = PLANS["batches-dsa"]
+    loss = lambda y: meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan,  # noqa: E731
+                                   "low", label_logits=y)
+    res = loss(logits)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(logits.shape, generator=g, dtype=DT)
+    h = 1e-6
+    fd = (loss(logits + h * v).loss - loss(logits - h * v).loss) / (2 * h)
+    assert_close((res.grad_labels * v).sum(), fd, rtol=1e-6, atol=1e-10)
