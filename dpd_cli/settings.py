@@ -267,7 +267,19 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         "full", description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
         json_schema_extra={"panel": "Memory"},
     )
-    init: Literal["real", "noise"] = Field("real", description="Initialise images from real samples or noise.")
+    init: Literal["real", "real-correct", "noise"] = Field(
+        "real", description="Initialise images from real samples, from real samples the label expert classifies "
+        "correctly (DATM's; with --soft-labels), or from noise.",
+    )
+    soft_labels: bool = Field(
+        False, description="Learn soft labels too (DATM): logits initialised from an expert's logits on the initial "
+        "images, trained by the same meta-gradient; evaluation trains on them with soft cross-entropy.",
+    )
+    label_epoch: int | None = Field(
+        None, ge=0, description="With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).",
+    )
+    lr_y: float = Field(2.0, gt=0, description="With --soft-labels: learning rate of the label logits (SGD).")
+    momentum_y: float = Field(0.9, ge=0, lt=1, description="With --soft-labels: SGD momentum of the label logits.")
     dsa: bool = Field(True, description="Differentiable siamese augmentation in student steps.")
     checkpoint_every: int = Field(
         100, ge=1, description="Iterations between checkpoints.", json_schema_extra={"panel": "Output"}
@@ -310,6 +322,9 @@ class DistillSettings(DataFields, ModelFields, RunFields):
             raise ValueError("can't use both --resume and --force: --resume continues the run, --force starts it over")
         if self.prune_warmup >= self.iterations and self.prune_ratio > 0:
             raise ValueError(f"--prune-warmup {self.prune_warmup} leaves no pruned iteration of {self.iterations}")
+        if not self.soft_labels and (self.label_epoch is not None or self.init == "real-correct"):
+            what = "--label-epoch" if self.label_epoch is not None else "--init real-correct"
+            raise ValueError(f"{what} needs --soft-labels: it concerns the expert whose logits initialise the labels")
         if self.prune_ema_beta is not None:
             if self.prune_mask != "ema":
                 raise ValueError("--prune-ema-beta is the moving average's weight: it needs --prune-mask ema "

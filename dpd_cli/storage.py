@@ -47,14 +47,14 @@ __all__ = [
 #: The version of each format this release writes.
 FORMAT_VERSIONS = {
     "dpd.trajectory": 1,
-    "dpd.synthetic": 1,
+    "dpd.synthetic": 2,
     "dpd.checkpoint": 2,
     "dpd.prune_counts": 1,
     "dpd.imagecache": 1,
     "dpd.preprocess": 1,
 }
 #: The versions of each format this release reads (older files stay usable).
-READABLE_VERSIONS = {fmt: (v,) for fmt, v in FORMAT_VERSIONS.items()} | {"dpd.checkpoint": (1, 2)}
+READABLE_VERSIONS = {fmt: (v,) for fmt, v in FORMAT_VERSIONS.items()} | {"dpd.checkpoint": (1, 2), "dpd.synthetic": (1, 2)}
 
 def _current_umask() -> int:
     mask = os.umask(0o022)

@@ -1,7 +1,8 @@
 """``synthetic.safetensors`` and ``checkpoints/ckpt-NNNNNN.safetensors``.
 
 A synthetic set is standalone: images (training space), labels, the learned alpha and the full
-preprocessing, so it evaluates anywhere. A checkpoint holds the exact-resume state: the same
+preprocessing, so it evaluates anywhere. From format version 2 it may hold learned soft labels
+(``label_logits``, ``(n, C)``: evaluation trains on their softmax); version 1 sets have hard labels only. A checkpoint holds the exact-resume state: the same
 tensors plus both optimisers' momentum, the prune counters and (for the EMA / network-mode masks)
 the prune state. From format version 2 a checkpoint stores only the normalisation and refers to
 its run's ``preprocess.safetensors`` for the ZCA matrices (two 3072 x 3072 matrices for CIFAR,
@@ -25,19 +26,22 @@ from dpd_cli.artifacts import run as layout
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
 
-__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "save_synthetic", "save_checkpoint", "load", "check", "STATE_TENSORS"]
+__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "save_synthetic", "save_checkpoint", "load", "check", "STATE_TENSORS",
+           "soft_targets", "label_mass"]
 
 SYNTHETIC_FORMAT = "dpd.synthetic"
 CHECKPOINT_FORMAT = "dpd.checkpoint"
-#: The resume state a checkpoint adds to the synthetic set (``prune_state`` only when the mask keeps one).
-STATE_TENSORS = ("momentum_images", "momentum_lr", "prune_counts", "prune_state")
+#: The resume state a checkpoint adds to the synthetic set (``prune_state`` only when the mask keeps one,
+#: ``momentum_labels`` only with soft labels).
+STATE_TENSORS = ("momentum_images", "momentum_lr", "prune_counts", "prune_state", "momentum_labels")
 _HINT = "It is damaged or was not written by this dpd."
 
 
 def save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, pre: Preprocess,
-                   meta: Mapping[str, Any]) -> None:
-    """Write a standalone synthetic set (atomically)."""
-    storage.save_tensors(path, {"images": images, "labels": labels, "lr": lr, **pre.tensors()}, SYNTHETIC_FORMAT, meta)
+                   meta: Mapping[str, Any], label_logits: torch.Tensor | None = None) -> None:
+    """Write a standalone synthetic set (atomically); ``label_logits`` are learned soft labels, if any."""
+    soft = {} if label_logits is None else {"label_logits": label_logits}
+    storage.save_tensors(path, {"images": images, "labels": labels, "lr": lr, **soft, **pre.tensors()}, SYNTHETIC_FORMAT, meta)
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], pre: Preprocess, meta: Mapping[str, Any]) -> None:
@@ -100,6 +104,11 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise StorageError(f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {_HINT}")
     if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
         raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
+    for k in ("label_logits", "momentum_labels"):
+        v = t.get(k)
+        if v is not None and (v.dtype != torch.float32 or tuple(v.shape) != (len(labels), spec.n_classes) or not torch.isfinite(v).all()):
+            raise StorageError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 "
+                               f"{(len(labels), spec.n_classes)}. {_HINT}")
     if fmt == CHECKPOINT_FORMAT:
         _check_state(path, t, images.shape)
         if meta.get("zca") is True and "zca_matrix" not in t:
@@ -138,6 +147,31 @@ def _run_zca(path: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
         raise StorageError(f"{source} is not the preprocessing {path.name} was written with (fingerprint "
                            f"{pre.fingerprint()}, the checkpoint records {meta.get('preprocess_fingerprint')}).")
     return {k: v for k, v in pre.tensors().items() if k.startswith("zca_")}
+
+
+def soft_targets(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a network trains on: softmax of the learned label logits ``(n, C)``, or the class indices ``(n,)``."""
+    if "label_logits" in t:
+        return torch.softmax(t["label_logits"], dim=1)
+    return t["labels"]
+
+
+def label_mass(t: dict[str, torch.Tensor], classes: list[str], k: int = 3) -> list[dict] | None:
+    """Per class (of the images' hard labels): the mean probability each soft label puts on its own class, and
+    the k classes with the most mass on average. ``None`` for hard labels."""
+    if "label_logits" not in t:
+        return None
+    probs, labels = torch.softmax(t["label_logits"].double(), dim=1), t["labels"]
+    out = []
+    for c, name in enumerate(classes):
+        rows = probs[labels == c]
+        if not len(rows):
+            continue
+        mean = rows.mean(0)
+        top = torch.topk(mean, min(k, len(classes)))
+        out.append({"class": name, "own": float(mean[c]),
+                    "top": [{"class": classes[int(i)], "mass": float(v)} for v, i in zip(top.values, top.indices)]})
+    return out
 
 
 def check(path: Path) -> list[str]:

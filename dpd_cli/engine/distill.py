@@ -83,12 +83,16 @@ class DistillState:
     momentum_lr: torch.Tensor  # ()
     prune_counts: torch.Tensor  # (P,) int32: how often each parameter was pruned
     prune_state: torch.Tensor | None = None  # (P,): EMA of scores, or the previous scores (network mode)
+    label_logits: torch.Tensor | None = None  # (n, C) learned soft labels (--soft-labels)
+    momentum_labels: torch.Tensor | None = None  # like label_logits
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"images": self.images, "lr": self.lr, "momentum_images": self.momentum_images,
                "momentum_lr": self.momentum_lr, "prune_counts": self.prune_counts}
         if self.prune_state is not None:
             out["prune_state"] = self.prune_state.float()
+        if self.label_logits is not None:
+            out.update(label_logits=self.label_logits, momentum_labels=self.momentum_labels)
         return out
 
 
@@ -180,7 +184,12 @@ class DistillRecipe:
         self.fm = FlatModel(build_model(self.spec).to(self.device))
         self.sizes = [layer.numel for layer in self.fm.layers]
         self.layer_ids = self.fm.layer_ids(self.device)
-        images, self.labels = _init_images(s, ds, self.pre, self.device)
+        label_theta = self._label_expert() if s.soft_labels else None
+        accept = None
+        if s.init == "real-correct":
+            accept = lambda x, c: self.fm(label_theta, x).argmax(1) == c  # noqa: E731
+        images, self.labels = _init_images(s, ds, self.pre, self.device, accept)
+        self.soft_info = None
         if resume:
             self.state = self._load_state(images.shape)
             if self.main:
@@ -189,6 +198,14 @@ class DistillRecipe:
             self.state = DistillState(0, images, torch.tensor(s.lr_teacher, device=self.device), torch.zeros_like(images),
                                       torch.zeros((), device=self.device),
                                       torch.zeros(self.fm.n_params, dtype=torch.int32, device=self.device))
+            if s.soft_labels:
+                with torch.no_grad():
+                    logits = torch.cat([self.fm(label_theta, images[i : i + 256]) for i in range(0, len(images), 256)])
+                self.state.label_logits, self.state.momentum_labels = logits.float(), torch.zeros_like(logits).float()
+                self.soft_info = {"expert": 0, "epoch": self._label_epoch(),
+                                  "initial_accuracy": float((logits.argmax(1) == self.labels).float().mean())}
+                self.sink.emit(Message(f"Soft labels: the logits of expert 0 at epoch {self.soft_info['epoch']} on the initial "
+                                       f"images; it classifies {self.soft_info['initial_accuracy']:.0%} of them correctly."))
             if self.main:
                 metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
                 preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
@@ -217,7 +234,7 @@ class DistillRecipe:
         unroll_keep = self.pruner.unroll_keep(ratio)
         res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
                                      loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
-                                     group=self.group)
+                                     group=self.group, label_logits=st.label_logits)
         self.pruner.commit()
         with torch.no_grad():
             # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
@@ -225,6 +242,9 @@ class DistillRecipe:
             st.images.sub_(s.lr_img * st.momentum_images)
             st.momentum_lr.mul_(_MOMENTUM).add_(res.grad_lr)
             st.lr.sub_(s.lr_lr * st.momentum_lr)
+            if st.label_logits is not None:  # DATM: SGD with its own learning rate and momentum
+                st.momentum_labels.mul_(s.momentum_y).add_(res.grad_labels)
+                st.label_logits.sub_(s.lr_y * st.momentum_labels)
             if res.keep is None:
                 pruned = torch.zeros(len(self.sizes), device=self.device)
             else:
@@ -303,7 +323,8 @@ class DistillRecipe:
         kept = {layout.checkpoint_iteration(p): p for p in layout.checkpoints(self.run_dir)}
         for it in layout.checkpoints_to_delete(list(kept), s.keep_checkpoints, s.checkpoint_every):
             kept[it].unlink(missing_ok=True)
-        synthetic_file.save_synthetic(self.run_dir / layout.SYNTHETIC, st.images, self.labels, st.lr, self.pre, meta)
+        synthetic_file.save_synthetic(self.run_dir / layout.SYNTHETIC, st.images, self.labels, st.lr, self.pre, meta,
+                                      st.label_logits)
         prune_file.save(self.run_dir / layout.PRUNE, st.prune_counts, self.fm.layout, self.iterations_pruned, st.iteration,
                         prune_rule(s))
         save_grid(self.pre.invert(st.images), self.labels, self.ds.n_classes, self.run_dir / layout.GRID)
@@ -365,6 +386,7 @@ class DistillRecipe:
             "n_experts": len(self.experts),
             "model": self.spec.to_dict(),
             "validation": validation_record(self.ds),
+            "soft_labels": self.soft_info,
             "versions": versions(),
         }
 
@@ -384,8 +406,19 @@ class DistillRecipe:
             "preprocess_fingerprint": self.pre.fingerprint(),
             "validation": None if ds.val_indices is None else {"per_class": s.val_per_class, "fingerprint": ds.val_fingerprint},
             "prune_rule": prune_rule(s),
+            "soft_labels": self.soft_info,
             "versions": versions(),
         }
+
+    def _label_epoch(self) -> int:
+        return self.experts.epochs if self.s.label_epoch is None else self.s.label_epoch
+
+    def _label_expert(self) -> torch.Tensor:
+        """The parameters (expert 0 at --label-epoch) whose logits initialise the soft labels."""
+        epoch = self._label_epoch()
+        if epoch > self.experts.epochs:
+            raise ExpertsError(f"--label-epoch {epoch}: the experts in {self.experts.folder} have epochs 0..{self.experts.epochs}.")
+        return self.experts.files[0].rows("trajectory", [epoch])[0].to(self.device)
 
     def _load_state(self, image_shape) -> DistillState:
         errors = []
@@ -395,6 +428,13 @@ class DistillRecipe:
             except StorageError as e:
                 errors.append(str(e))
                 continue
+            if ("label_logits" in t) != self.s.soft_labels:
+                has = "soft labels" if "label_logits" in t else "hard labels"
+                raise OutputExistsError(
+                    f"{self.run_dir} was distilled with {has}; --soft-labels cannot be switched "
+                    f"{'off' if 'label_logits' in t else 'on'} on --resume. Resume with the run's own setting, or start "
+                    "over with --force (or another --out)."
+                )
             if meta.get("settings_hash") != self.shash:
                 raise _other_settings(self.run_dir)
             if tuple(t["images"].shape) != tuple(image_shape):
@@ -410,9 +450,11 @@ class DistillRecipe:
                     "evaluate an earlier checkpoint directly (dpd evaluate RUN/checkpoints/ckpt-NNNNNN.safetensors), or use --force to start over."
                 )
             dev = self.device
-            state = t.get("prune_state")
+            opt = lambda k: None if k not in t else t[k].to(dev)  # noqa: E731
+            self.soft_info = meta.get("soft_labels")
             return DistillState(iteration, t["images"].to(dev), t["lr"].to(dev), t["momentum_images"].to(dev),
-                                t["momentum_lr"].to(dev), t["prune_counts"].to(dev), None if state is None else state.to(dev))
+                                t["momentum_lr"].to(dev), t["prune_counts"].to(dev), opt("prune_state"),
+                                opt("label_logits"), opt("momentum_labels"))
         raise StorageError(f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} Start over with --force.")
 
 
@@ -533,7 +575,9 @@ def _check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> N
         )
 
 
-def _init_images(s: DistillSettings, ds, pre: Preprocess, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _init_images(s: DistillSettings, ds, pre: Preprocess, device, accept=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` images per class, class-major: random real ones, the first random real ones ``accept`` passes
+    (``--init real-correct``: those the label expert classifies correctly), or noise."""
     counts = ds.class_counts()
     if s.ipc > min(counts):
         c = counts.index(min(counts))
@@ -543,11 +587,29 @@ def _init_images(s: DistillSettings, ds, pre: Preprocess, device) -> tuple[torch
         )
     g = torch.Generator().manual_seed(derive_seed(s.seed, "init"))
     labels = torch.arange(ds.n_classes).repeat_interleave(s.ipc)  # class-major: (n_classes * ipc,)
-    if s.init == "real":
+    if s.init in ("real", "real-correct"):
         picks = []
         for c in range(ds.n_classes):
             idx = torch.nonzero(ds.train_labels == c).flatten()
-            picks.append(idx[torch.randperm(len(idx), generator=g)[: s.ipc]])
+            order = idx[torch.randperm(len(idx), generator=g)]
+            if accept is None:
+                picks.append(order[: s.ipc])
+                continue
+            chosen: list[torch.Tensor] = []
+            for i in range(0, len(order), 256):  # walk the permutation until ipc images pass
+                part = order[i : i + 256]
+                with torch.no_grad():
+                    ok = accept(pre.apply(ds.train_images[part]).to(device), c).cpu()
+                chosen.append(part[ok])
+                if sum(len(p) for p in chosen) >= s.ipc:
+                    break
+            found = torch.cat(chosen)[: s.ipc]
+            if len(found) < s.ipc:
+                raise DataError(
+                    f"--init real-correct: expert 0 classifies only {len(found)} training images of class "
+                    f"{ds.classes[c]!r} correctly, fewer than --ipc {s.ipc}. Use --init real, or another --label-epoch."
+                )
+            picks.append(found)
         images = pre.apply(ds.train_images[torch.cat(picks)])
     else:
         images = torch.randn(len(labels), *ds.image_shape, generator=g)

@@ -271,8 +271,8 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
     data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def data_for(st: _Set, r: int):
-        if st.tensors is not None:
-            return st.tensors["images"].to(device), st.tensors["labels"].to(device)
+        if st.tensors is not None:  # soft labels, where the set learned them; the baselines' labels stay hard
+            return st.tensors["images"].to(device), synthetic_file.soft_targets(st.tensors).to(device)
         if st.source == "random":
             idx = random_subset(ds.train_labels, ds.n_classes, ipc, derive_seed(s.seed, "random-subset", r))
             return pre.apply(ds.train_images[idx]).to(device), ds.train_labels[idx].to(device)

@@ -27,6 +27,8 @@ def train_epoch(
     """One epoch of SGD over ``(x, y)`` (already on the device, in training space).
 
     Args:
+        y: Class indices ``(N,)``, or class probabilities ``(N, C)`` (soft labels: the loss is then
+            the soft cross-entropy -sum_c y_c log softmax(f)_c, averaged over the batch).
         gen: CPU generator for the shuffle.
         rng: Source of the per-batch DSA seeds.
 
@@ -53,7 +55,8 @@ def train_epoch(
         loss.backward()
         opt.step()
         loss_sum += loss.detach() * len(idx)
-        correct += (out.detach().argmax(1) == yb).sum()
+        # Soft labels (class probabilities, (B, C)) count as right when the top class agrees.
+        correct += (out.detach().argmax(1) == (yb if yb.dim() == 1 else yb.argmax(1))).sum()
     return loss_sum, correct
 
 

@@ -279,7 +279,7 @@ CASES = [
          ["--train-per-class 100000 is more than the smallest class of fashion-mnist-mini holds (500). Use at most 500."]),
     # --- files from another version of the formats ----------------------------------------------
     Case("evaluate-synthetic-format-v99", ["evaluate", "{tmp}/v99.safetensors"],
-         ["{tmp}/v99.safetensors is dpd.synthetic format version 99, this dpd", "reads version 1. Use the dpd version that wrote it"], _synthetic_v99),
+         ["{tmp}/v99.safetensors is dpd.synthetic format version 99, this dpd", "reads version 1 or 2. Use the dpd version that wrote it"], _synthetic_v99),
     Case("resume-checkpoints-format-v99", ["distill", "--resume", "--experts", "{experts}", "--out", "{tmp}/run99", *D],
          ["No loadable checkpoint in {tmp}/run99/checkpoints", "dpd.checkpoint format version 99"], _run_checkpoints_v99),
     Case("experts-manifest-format-v99", ["distill", "--experts", "{tmp}/ex99", "--out", "{tmp}/r", *D],

@@ -180,3 +180,80 @@ def test_evaluate_select_val_without_a_split(dpd, experts, tmp_path):
     r = dpd("evaluate", run, "--select", "val", "--epochs", "1", "--runs", "1", "--threads", "1")
     assert r.exit_code == 2 and "--select val needs a validation split" in r.output and "Traceback" not in r.output
     assert not (run / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft labels (DATM)
+
+
+def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, monkeypatch):
+    from dpd_cli.engine import evaluate as E
+    from dpd_cli.engine.experts import ExpertSet
+
+    run = tmp_path / "soft"
+    args = ["distill", "--experts", experts, "--out", run, *DISTILL, "--soft-labels", "--lr-y", "5"]
+    r = dpd(*args, "--iterations", "4")
+    assert r.exit_code == 0, r.output
+    t, meta = load_synthetic(run / "synthetic.safetensors")
+    first, _ = load_synthetic(layout.checkpoint_path(run, 0))
+    assert meta["soft_labels"]["expert"] == 0 and meta["soft_labels"]["epoch"] == 3  # expert 0's last epoch
+    assert 0 <= meta["soft_labels"]["initial_accuracy"] <= 1
+    assert t["label_logits"].shape == (10, 10) and not torch.equal(t["label_logits"], first["label_logits"])  # learned
+    # Checkpoint 0's logits are expert 0's logits on the initial images (computed here without dpd's student code).
+    from dpd_cli.models import FlatModel, build_model
+    with ExpertSet(experts) as es:
+        fm = FlatModel(build_model(es.spec))
+        fm.load_(es.files[0].rows("trajectory", [3])[0])
+        want = fm.module(first["images"])
+    torch.testing.assert_close(first["label_logits"], want, rtol=1e-5, atol=1e-5)
+
+    # evaluate trains on softmax(logits); the random baseline keeps hard labels.
+    seen = []
+
+    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
+        seen.append(y.clone())
+        return E.TrainResult(0.5, None, None)
+
+    monkeypatch.setattr(E, "_train_and_test", fake)
+    r = dpd("evaluate", run, "--epochs", "1", "--runs", "1", "--baseline", "random", "--threads", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert torch.equal(seen[0], torch.softmax(t["label_logits"], dim=1)) and seen[1].dtype == torch.int64
+
+    # An exact resume keeps the labels; switching soft labels on or off at --resume is refused.
+    part = tmp_path / "part"
+    assert dpd(*args[:4], part, *args[5:], "--iterations", "2").exit_code == 0
+    assert dpd(*args[:4], part, *args[5:], "--iterations", "4", "--resume").exit_code == 0
+    b, _ = load_synthetic(part / "synthetic.safetensors")
+    assert torch.equal(t["label_logits"], b["label_logits"]) and torch.equal(t["images"], b["images"])
+    hard = tmp_path / "hard"
+    assert dpd("distill", "--experts", experts, "--out", hard, *DISTILL, "--iterations", "2").exit_code == 0
+    r = dpd("distill", "--experts", experts, "--out", hard, *DISTILL, "--iterations", "4", "--soft-labels", "--resume")
+    assert r.exit_code == 2 and "was distilled with hard labels; --soft-labels cannot be switched on on --resume" in r.output
+
+
+def test_soft_label_options_need_soft_labels(dpd, experts, tmp_path):
+    r = dpd("distill", "--experts", experts, "--out", tmp_path / "r", *DISTILL, "--init", "real-correct")
+    assert r.exit_code == 2 and "--init real-correct needs --soft-labels" in r.output
+
+
+def test_init_real_correct_keeps_only_accepted_images():
+    """--init real-correct walks each class's seeded permutation and keeps the first images the expert gets right."""
+    from dpd_cli.data import Preprocess, load_dataset
+    from dpd_cli.engine.distill import _init_images
+    from dpd_cli.errors import DataError
+    from dpd_cli.settings import resolve
+
+    ds = load_dataset("fashion-mnist-mini", train_per_class=30)
+    pre = Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std))
+    s = resolve("distill", {"ipc": 3, "soft_labels": True, "init": "real-correct"})
+    brighter = lambda x, c: x.mean(dim=(1, 2, 3)) > x.mean()  # noqa: E731  (a stand-in for "classified correctly")
+    images, labels = _init_images(s, ds, pre, torch.device("cpu"), brighter)
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    for c in range(10):  # every kept image passed the test its class's candidates were put to
+        cand = pre.apply(ds.train_images[ds.train_labels == c])
+        threshold = cand.mean()  # the stand-in compares with the mean of the chunk it sees: all 30 at once here
+        assert (images[3 * c : 3 * c + 3].mean(dim=(1, 2, 3)) > threshold).all()
+    plain, _ = _init_images(resolve("distill", {"ipc": 3}), ds, pre, torch.device("cpu"))
+    assert not torch.equal(images, plain)  # some random picks were refused
+    with pytest.raises(DataError, match="expert 0 classifies only 0 training images of class 'T-shirt/top' correctly"):
+        _init_images(s, ds, pre, torch.device("cpu"), lambda x, c: torch.zeros(len(x), dtype=torch.bool))

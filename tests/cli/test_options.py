@@ -46,7 +46,7 @@ def _print_config(*argv: str, env: dict[str, str] | None = None) -> tuple[dict, 
 
 def _other_value(s: S.SettingInfo) -> Any:
     """A valid value of setting ``s`` that is not its default, as the settings model stores it."""
-    special = {"fail_under": 50.0, "device": "cpu", "dataset": "fashion-mnist", "keep_checkpoints": "all"}
+    special = {"fail_under": 50.0, "device": "cpu", "dataset": "fashion-mnist", "keep_checkpoints": "all", "init": "noise"}
     if s.name in special:
         return special[s.name]
     if s.kind == "bool":
@@ -85,7 +85,7 @@ def _as_toml(value: Any) -> str:
 
 
 # Settings whose other value needs a companion so the settings stay valid.
-_NEEDS = {"distilled": ["--baseline", "random"], "prune_ema_beta": ["--prune-mask", "ema"]}
+_NEEDS = {"distilled": ["--baseline", "random"], "prune_ema_beta": ["--prune-mask", "ema"], "label_epoch": ["--soft-labels"]}
 
 CASES = [(c, s) for c in COMMANDS for s in S.setting_infos(S.COMMAND_SETTINGS[c]).values()]
 

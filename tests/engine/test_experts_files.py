@@ -24,8 +24,12 @@ def trained(tmp_path_factory):
     real = experts_engine.train_epoch
     mp = pytest.MonkeyPatch()
 
+    alive = []  # a freed network's id may be reused by the next expert's: keep each one alive
+
     def recording(net, *a, **k):
         params = lambda: torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()  # noqa: E731
+        if id(net) not in seen:
+            alive.append(net)
         rows = seen.setdefault(id(net), [])
         if not rows:
             rows.append(params())  # the initialisation, before the first epoch
