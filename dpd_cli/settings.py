@@ -447,7 +447,8 @@ class ExportSettings(_Settings):
         "npz: one NumPy archive with the images, labels, learning rate and preprocessing.",
     )
     out: Path | None = Field(None, description="Folder to write (required; refused if it exists, unless --force).")
-    force: bool = Field(False, description="Replace --out if it holds an earlier export (or is empty).")
+    force: bool = Field(False, description="Replace --out if it holds an earlier export (or is empty).",
+                        json_schema_extra={"shared": True})  # as distill's --force: replace what --out holds
 
 
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {

@@ -5,14 +5,14 @@ Every export folder holds ``README.txt`` (what each file is and how to load it) 
 one). The formats (docs/formats.md, "Exports"):
 
 * ``mtt`` / ``datm``: ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` as MTT's and DATM's
-  distillation code saves them and DATM's ``evaluation.py`` loads them (``torch.load``), plus the
+  distillation code saves them and DATM's ``evaluation.py`` loads them, plus the
   preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict; ``normalization.pt``). ``mtt``
   stores hard labels as int64 class indices (MTT's ``label_syn``); ``datm`` always stores ``[n, K]``
   float32 logits (DATM's ``label_syn``), for hard labels 0 at the class and ``-HARD_LABEL_GAP``
   elsewhere, whose softmax is exactly the one-hot label. Soft labels (a ``label_logits`` tensor in the
   synthetic set) are stored as those logits by both.
 * ``imagefolder``: ``<NN>-<class>/<i>.png``, the images back in 8-bit pixel space.
-* ``npz``: ``synthetic.npz``, every tensor as a NumPy array, readable without pickle.
+* ``npz``: ``synthetic.npz``, every tensor as a NumPy array, readable without unpickling.
 
 Writers put files into a folder the caller made (``dpd_cli.engine.export`` writes into a temporary
 folder and renames it into place), each file itself written atomically.

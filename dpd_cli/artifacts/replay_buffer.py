@@ -9,9 +9,9 @@ MTT's ``buffer.py`` (and FTD's and DATM's copies of it) trains experts and, ever
   ``module.parameters()`` order (MTT's ConvNet: ``features.0.weight``, ``features.0.bias`` (conv),
   ``features.1.weight``, ``features.1.bias`` (norm), ..., ``classifier.weight``, ``classifier.bias``).
 
-The files are pickles. They are read only with ``torch.load(path, map_location="cpu",
-weights_only=True)``, which builds tensors, lists, tuples, dicts and numbers and refuses every
-other object; anything but nested lists/tuples of floating-point tensors is then refused here,
+The files are pickles. They are read only with
+``torch.load(path, map_location="cpu", weights_only=True)``, which builds tensors, lists, tuples,
+dicts and numbers and refuses every other object; anything but nested lists/tuples of floating-point tensors is then refused here,
 naming the path and what was found. Nothing else in dpd reads pickles.
 """
 
@@ -192,7 +192,7 @@ def flatten(path: Path, index: int, expert: list[list[torch.Tensor]]) -> torch.T
     bad = (~torch.isfinite(rows)).any(1).nonzero().flatten()
     if len(bad):
         raise StorageError(f"{path}: expert {index} holds NaN or Inf parameters from snapshot {int(bad[0])} on (it diverged). "
-                           "Remove it from the buffer (torch.load, del buffer[i], torch.save) and import again.")
+                           "Remove it from the buffer (load the list in Python, delete that expert, save it again) and import again.")
     same = (rows[1:] == rows[:-1]).all(1).nonzero().flatten()
     if len(same):
         e = int(same[0])

@@ -66,7 +66,7 @@ experts_import = settings_command(
     summary="Convert MTT / FTD / DATM replay buffers (replay_buffer_<n>.pt) into a dpd experts folder that `dpd distill` "
             "uses like trained experts.\n\n"
             "The buffers hold parameters only: give the dataset, whether they were trained with ZCA, and the network "
-            "(shapes are checked parameter by parameter). Files are read with torch.load(weights_only=True) only. "
+            "(shapes are checked parameter by parameter). Files are read with PyTorch's weights-only loader, which builds tensors and lists and nothing else. "
             "Reruns convert only what is missing.",
     examples=[
         ("dpd experts import buffers/CIFAR10/ConvNet --dataset cifar10 --zca", "MTT's CIFAR-10 ZCA buffers"),
