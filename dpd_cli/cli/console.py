@@ -154,10 +154,8 @@ class ExpertsLive(_Plain):
 # --- experts import -------------------------------------------------------------------------
 def _file_line(e: ImportFileDone) -> str:
     if e.skipped:
-        return f"{e.path}: its {e.n_experts} experts were imported before, skipped"
-    before = e.n_experts - e.converted
-    return (f"{e.path}: {e.converted} experts converted" + (f", {before} already there" if before else "")
-            + f" ({e.seconds:.1f} s)")
+        return f"{e.path}: all {e.n_experts} experts imported before, skipped"
+    return f"{e.path}: {e.converted} of {e.n_experts} experts converted ({e.seconds:.1f} s)"
 
 
 class ImportPlain(_Plain):

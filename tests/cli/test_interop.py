@@ -92,7 +92,15 @@ def test_import_distil_export_and_evaluate_the_reloaded_set(dpd, imported, tmp_p
     assert _evaluate(dpd, shifted) != accuracy
 
 
-def test_mtt_export_loads_back_as_the_run(dpd, imported, tmp_path):
+def test_inspect_and_an_mtt_export_that_loads_back_as_the_run(dpd, imported, tmp_path):
+    r = dpd("inspect", imported)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())
+    assert ("imported from 1 replay buffer file (mtt-replay-buffer); not recorded: momentum, weight decay, batch, dsa, seed, "
+            "test accuracy") in text
+    assert "lr 0.01" in text
+    facts = json.loads(dpd("inspect", imported, "--json").stdout)
+    assert facts["imported"]["files"] == [str((imported.parent / "buffers/FashionMNIST_NO_ZCA/ConvNet/replay_buffer_0.pt").resolve())]
     assert dpd("distill", "--experts", imported, "--out", tmp_path / "run", *DISTILL, "--threads", "1").exit_code == 0
     r = dpd("export", tmp_path / "run", "--format", "mtt", "--out", tmp_path / "mtt")
     assert r.exit_code == 0, r.output
@@ -126,3 +134,46 @@ def test_experts_without_subcommand_still_trains(dpd, tmp_path):
     r = dpd("experts", "--num", "1", "--epochs", "1", "--out", tmp_path / "ex", *TINY)
     assert r.exit_code == 0, r.output
     assert "1 experts in" in r.stdout and (tmp_path / "ex" / "expert_00000.safetensors").exists()
+
+
+
+def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dpd, monkeypatch, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from dpd_cli.cli.console import error_console
+    from dpd_cli.engine import experts_import
+    from tests.helpers import mtt_buffer
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TERM", "xterm")
+    assert error_console().is_terminal  # the Rich live view, not plain lines
+    torch.manual_seed(0)
+    for n in range(2):
+        torch.save(mtt_buffer([mtt_convnet(1, 10, 8, 2, (28, 28)) for _ in range(2)], 2, seed=n), tmp_path / f"replay_buffer_{n}.pt")
+    real, saved = experts_import.storage.save_tensors, []
+
+    def save_then_sigint(path, *a, **k):
+        real(path, *a, **k)
+        saved.append(Path(path).name)
+        if saved == ["preprocess.safetensors", "expert_00000.safetensors"]:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+    monkeypatch.setattr(experts_import.storage, "save_tensors", save_then_sigint)
+    args = ["experts", "import", tmp_path, "--dataset", "fashion-mnist-mini", "--no-zca", "--out", tmp_path / "imp", *NET]
+    r = dpd(*args)
+    assert r.exit_code == 130, r.output
+    assert (f"Interrupted: stopped while importing {tmp_path / 'replay_buffer_0.pt'}; the experts converted so far are kept in "
+            f"{tmp_path / 'imp'}. Rerun the same command to convert the rest") in " ".join(r.output.split())
+    assert [p.name for p in (tmp_path / "imp").glob("expert_*")] == ["expert_00000.safetensors"]
+    r = dpd(*args)
+    assert r.exit_code == 0, r.output
+    assert "4 imported experts" in r.stdout and "3 converted now, 1 already there" in r.stdout
+    assert "1 of 2 experts converted" in r.output and "2 of 2 experts converted" in r.output  # a line per buffer file
+    deadline = time.monotonic() + 2.0  # Rich's Live.stop() does not join its refresh thread
+    while [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
