@@ -141,7 +141,7 @@ def _space(pre: Preprocess, zca_subset: int | None) -> str:
         fitted = (f"fitted on {zca_subset} training images per class (--train-per-class)" if zca_subset
                   else "fitted on the whole training set")
         return ("ZCA-whitened: pixels scaled to [0, 1] with no mean/std normalisation, then x -> (x - mean) W, with W "
-                f"kornia's ZCAWhitening(eps=0.1) {fitted}, as MTT's and DATM's code does with --zca")
+                f"kornia's ZCAWhitening(eps=0.1) (as MTT's and DATM's code with --zca) {fitted}")
     mean = ", ".join(f"{v:.4g}" for v in pre.mean.tolist())
     std = ", ".join(f"{v:.4g}" for v in pre.std.tolist())
     return f"normalised: pixels scaled to [0, 1], then (x - mean) / std per channel, mean ({mean}), std ({std})"
@@ -225,13 +225,13 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
                   "itself (ZCA: kornia, eps 0.1, raw [0, 1] pixels of the whole training set; else CIFAR-10's or ImageNet's "
                   "mean/std, as dpd)."]
         if pre.has_zca and info.get("train_per_class"):
-            lines.append("  This set's ZCA was fitted on a subset of the training set, so theirs differs: apply zca.pt to "
-                         "the test images instead of --zca.")
-        lines.append(f"  DATM: cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
-                     "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt   (DIR: this folder; needs the datm format's "
-                     "[n, K] labels)")
-        lines.append("  MTT: distill.py evaluates inline: utils.evaluate_synset(0, net, images, labels, testloader, args) "
-                     "with args.lr_net = lr, args.dsa, args.zca_trans set as in distill.py (int64 labels: the mtt format).")
+            lines.append("This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images "
+                         "with zca.pt instead.")
+        lines += ["DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
+                  f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
+                  "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
+                  "MTT's code evaluates inside distill.py, with utils.evaluate_synset(0, net, images, labels, testloader, "
+                  "args) and args.lr_net = lr (it needs int64 labels: the mtt format)."]
     else:
         lines.append(f"MTT's and DATM's code has no dataset {info['dataset']!r}: load the files as above and map test "
                      "images with normalization.pt" + (" and zca.pt." if pre.has_zca else "."))

@@ -173,6 +173,7 @@ class _Import:
         self.sink.emit(ImportStarted(str(self.folder), [str(f) for f in files], sum(_numel(s) for _, s in self.layout)))
         report = []
         for k, path in enumerate(files):
+            self._stop_if_requested(path)
             self.sink.emit(ImportFileStarted(k, str(path)))
             t0 = time.perf_counter()
             digest = replay_buffer.sha256(path)
@@ -202,14 +203,12 @@ class _Import:
                                "into another --out.")
         for j, expert in enumerate(experts):  # every check before the first write: a bad buffer adds nothing
             replay_buffer.flatten(path, j, expert)
+        self._stop_if_requested(path)
         if self.manifest is None:
             self._create(epochs)
         converted = 0
         for j, expert in enumerate(experts):
-            if interrupt.requested():
-                raise interrupt.Interrupted(
-                    f"stopped while importing {path}; the experts converted so far are kept in {self.folder}. "
-                    "Rerun the same command to convert the rest (converted experts are skipped)")
+            self._stop_if_requested(path)
             index = self.done.get((digest, j))
             skipped = index is not None
             if not skipped:
@@ -221,6 +220,13 @@ class _Import:
             self.sink.emit(ImportExpert(str(path), j, len(experts), index, skipped))
         self._record(path, digest, len(experts))
         return len(experts), converted, False
+
+    def _stop_if_requested(self, path: Path) -> None:
+        """A Ctrl-C stops here, between experts (each expert file is written whole or not at all)."""
+        if interrupt.requested():
+            raise interrupt.Interrupted(
+                f"stopped while importing {path}; the experts converted so far are kept in {self.folder}. "
+                "Rerun the same command to convert the rest (converted experts are skipped)")
 
     def _create(self, epochs: int) -> None:
         """Write the preprocessing, then the manifest: the folder becomes usable once both exist."""
