@@ -15,6 +15,10 @@ __all__ = [
     "ExpertStarted",
     "ExpertEpoch",
     "ExpertDone",
+    "ImportStarted",
+    "ImportFileStarted",
+    "ImportExpert",
+    "ImportFileDone",
     "DistillStarted",
     "DistillIteration",
     "CheckpointSaved",
@@ -88,6 +92,39 @@ class ExpertDone(Event):
     index: int
     path: str
     test_acc: float
+    seconds: float
+
+
+# --- experts import ----------------------------------------------------------------------
+@dataclass
+class ImportStarted(Event):
+    folder: str
+    files: list[str]  # the buffer files, in the order they are read
+    n_params: int
+
+
+@dataclass
+class ImportFileStarted(Event):
+    index: int  # position in ImportStarted.files
+    path: str
+
+
+@dataclass
+class ImportExpert(Event):
+    path: str  # the buffer file
+    position: int  # the expert's position in that file
+    n_experts: int  # experts in that file
+    index: int  # its index in the experts folder (expert_NNNNN)
+    skipped: bool  # converted by an earlier run
+
+
+@dataclass
+class ImportFileDone(Event):
+    index: int
+    path: str
+    n_experts: int
+    converted: int  # written by this run
+    skipped: bool  # imported whole by an earlier run: not even loaded
     seconds: float
 
 

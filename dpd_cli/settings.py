@@ -1,7 +1,9 @@
 """Settings for every command, and how they are resolved.
 
-Each command has one Pydantic model (``ExpertSettings``, ``DistillSettings``, ``EvalSettings``),
-built from groups that several commands share (``DataFields``, ``ModelFields``, ``RunFields``).
+Each command has one Pydantic model (``ExpertSettings``, ``ImportSettings``, ``DistillSettings``,
+``EvalSettings``, ``ExportSettings``), built from groups that several commands share (``DataFields``,
+``ModelFields``, ``RunFields``). A subcommand's key joins the words with ``_``: ``dpd experts import`` is
+``experts_import`` (its table ``[experts_import]``, its variables ``DPD_EXPERTS_IMPORT_<SETTING>``).
 
 **One declaration per setting.** A setting is one field: its type, default, constraints and
 ``description``, plus optionally ``json_schema_extra={"panel": "Pruning"}``, the group it is listed
@@ -70,7 +72,11 @@ __all__ = [
     "ExpertSettings",
     "DistillSettings",
     "EvalSettings",
+    "ImportSettings",
+    "ExportSettings",
+    "EXPORT_FORMATS",
     "COMMAND_SETTINGS",
+    "command_title",
     "SettingInfo",
     "Resolved",
     "setting_infos",
@@ -398,11 +404,86 @@ class EvalSettings(RunFields):
         return self
 
 
+class ImportSettings(ModelFields):
+    """``dpd experts import``: convert MTT / FTD / DATM replay buffers into a dpd experts folder.
+
+    The buffers hold parameters only, so everything else is either stated here or recorded as
+    unknown (``None``). The dataset and ``--zca/--no-zca`` must be given: the preprocessing stored
+    with the experts is computed from them exactly as ``dpd experts`` would.
+    """
+
+    panel: ClassVar[str] = "Training"
+
+    dataset: Literal[DATASET_NAMES] | None = Field(
+        None, description="Dataset the buffers' experts were trained on (required).",
+        json_schema_extra={"panel": "Data", "shared": True},
+    )
+    data_dir: Path | None = Field(
+        None, description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
+        "Default: the dpd dataset cache, downloading on first use.", json_schema_extra={"panel": "Data", "shared": True},
+    )
+    zca: bool | None = Field(
+        None, description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca; MTT "
+        "stores buffers without ZCA in <dataset>_NO_ZCA folders). The buffers do not record it.",
+        json_schema_extra={"panel": "Data", "shared": True},
+    )
+    model: Literal["convnet"] = Field(
+        "convnet", description="Network the buffers hold (MTT's ConvNet; other networks' parameter order is not "
+        "checked against dpd's).", json_schema_extra={"panel": "Model", "shared": True},
+    )
+    lr: float | None = Field(None, gt=0, description="The experts' SGD learning rate, if you know it (recorded, not checked).")
+    momentum: float | None = Field(None, ge=0, lt=1, description="The experts' SGD momentum, if you know it (recorded).")
+    weight_decay: float | None = Field(None, ge=0, description="The experts' SGD weight decay, if you know it (recorded).")
+    batch: int | None = Field(None, ge=1, description="The experts' mini-batch size, if you know it (recorded).")
+    dsa: bool | None = Field(None, description="Whether the experts were trained with DSA, if you know it (recorded).")
+    out: Path | None = Field(
+        None, description="Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).",
+        json_schema_extra={"panel": "Output"},
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: the cores available).", json_schema_extra={"panel": "Run", "shared": True},
+    )
+
+    @model_validator(mode="after")
+    def _folder_datasets_need_dir(self) -> "ImportSettings":
+        if self.dataset in ("imagefolder", "tiny-imagenet") and self.data_dir is None:
+            raise ValueError(f"dataset {self.dataset!r} needs --data-dir pointing at its folder")
+        return self
+
+
+#: What ``dpd export --format`` writes (``dpd_cli.artifacts.export``).
+EXPORT_FORMATS = ("mtt", "datm", "imagefolder", "npz")
+
+
+class ExportSettings(_Settings):
+    """``dpd export``: write a synthetic set in the files other tools read."""
+
+    panel: ClassVar[str] = "Output"
+
+    format: Literal[EXPORT_FORMATS] | None = Field(
+        None, description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt as MTT's and DATM's "
+        "evaluation code loads them, plus the ZCA transform; imagefolder: PNGs <class>/<i>.png in pixel space; "
+        "npz: one NumPy archive with the images, labels, learning rate and preprocessing.",
+    )
+    out: Path | None = Field(None, description="Folder to write (required; refused if it exists, unless --force).")
+    force: bool = Field(False, description="Replace --out if it holds an earlier export (or is empty).",
+                        json_schema_extra={"shared": True})  # as distill's --force: replace what --out holds
+
+
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {
     "experts": ExpertSettings,
+    "experts_import": ImportSettings,
     "distill": DistillSettings,
     "evaluate": EvalSettings,
+    "export": ExportSettings,
 }
+#: How a command is typed, where its key in ``COMMAND_SETTINGS`` differs (a subcommand).
+_TITLES = {"experts_import": "experts import"}
+
+
+def command_title(command: str) -> str:
+    """The command as typed after ``dpd``: ``experts_import`` -> ``experts import``."""
+    return _TITLES.get(command, command)
 
 
 # --- what each field declares -----------------------------------------------------------------
@@ -518,9 +599,9 @@ def _ambiguous_env(command: str, cls: type[_Settings], env: Mapping[str, str]) -
         var = env_var(name)
         if not _is_shared(name) and env.get(var, "") != "":
             others = [c for c in _commands_with(name) if c != command]
-            names = [f"`dpd {c}`" for c in (command, *others)]
+            names = [f"`dpd {command_title(c)}`" for c in (command, *others)]
             where = ", ".join(names[:-1]) + " and " + names[-1]
-            theirs = ", ".join(f"{command_env_var(c, name)} for `dpd {c}`" for c in others)
+            theirs = ", ".join(f"{command_env_var(c, name)} for `dpd {command_title(c)}`" for c in others)
             problems.append(f"{var} is set, but {name!r} means different things in {where}: set "
                             f"{command_env_var(command, name)} instead ({theirs}) and unset {var}")
     return problems
@@ -615,7 +696,7 @@ def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path:
         else:
             problems.append(f"unknown key {key!r} in [{command}]{_did_you_mean(norm, fields)}")
     if problems:
-        raise SettingsError(f"Config file {path}: " + "; ".join(problems) + ". Run `dpd " + command + " --help` for the valid settings.")
+        raise SettingsError(f"Config file {path}: " + "; ".join(problems) + f". Run `dpd {command_title(command)} --help` for the valid settings.")
     return values
 
 
@@ -687,7 +768,7 @@ def resolve_sources(
             where[k] = f"config key {k!r}"
     problems = _ambiguous_env(command, cls, env)
     if problems:
-        raise SettingsError("Ambiguous environment for `dpd " + command + "`: " + "; ".join(problems) + ".")
+        raise SettingsError(f"Ambiguous environment for `dpd {command_title(command)}`: " + "; ".join(problems) + ".")
     for name in cls.model_fields:
         for var in reversed(env_names(command, name)):  # shared first, so the command's own wins
             if var is not None and env.get(var, "") != "":
@@ -697,7 +778,7 @@ def resolve_sources(
         if value is None:
             continue
         if name not in cls.model_fields:
-            raise SettingsError(f"Unknown setting {name!r} for `dpd {command}`.")
+            raise SettingsError(f"Unknown setting {name!r} for `dpd {command_title(command)}`.")
         merged[name] = value
         # A switch is named as typed: --no-dsa for False.
         where[name] = "--no-" + name.replace("_", "-") if value is False and infos[name].kind == "bool" else _flag(name)
@@ -716,7 +797,7 @@ def resolve_sources(
             got = f" (got {err['input']!r})" if loc in where and not isinstance(err.get("input"), dict) else ""
             lines.append(f"{origin}: {msg}{got}")
         raise SettingsError(
-            "Invalid settings for `dpd " + command + "`: " + "; ".join(lines) + f". See `dpd {command} --help`."
+            f"Invalid settings for `dpd {command_title(command)}`: " + "; ".join(lines) + f". See `dpd {command_title(command)} --help`."
         ) from None
     return Resolved(command, settings, {name: sources.get(name, "default") for name in cls.model_fields},
                     Path(config) if config is not None else None)
@@ -778,9 +859,9 @@ def to_toml(resolved: Resolved) -> str:
             rows.append((line, resolved.sources[s.name]))
     width = max(len(line) for line, src in rows if src)
     head = [
-        f"# `dpd {cmd}` settings; after each value, where it came from.",
+        f"# `dpd {command_title(cmd)}` settings; after each value, where it came from.",
         f"# Precedence: flag > DPD_{cmd.upper()}_<SETTING> > DPD_<SETTING> > config file > default.",
-        f"# Use as a config file: dpd {cmd} --config FILE",
+        f"# Use as a config file: dpd {command_title(cmd)} --config FILE",
         "",
         f"[{cmd}]",
     ]

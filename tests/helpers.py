@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["assert_close", "make_image_folder", "tiny_spec"]
+__all__ = ["assert_close", "make_image_folder", "mtt_buffer", "mtt_convnet", "tiny_spec"]
 
 
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, **kwargs) -> None:
@@ -40,3 +40,55 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_split=(3, 2), side
                 Image.fromarray(arr, "RGB").save(root / split / c / f"{i}.png")
     (root / "train" / classes[0] / "notes.txt").write_text("not an image")
     return root
+
+
+def mtt_convnet(channel: int, n_classes: int, width: int, depth: int, im_size=(32, 32), norm: str = "instancenorm",
+                pooling: str = "avgpooling"):
+    """MTT's ConvNet as MTT's networks.py builds it, written out for tests: ``features`` (conv, norm, ReLU, pool per
+    layer) then ``classifier``, so ``parameters()`` come in MTT's order. 28 px is treated as 32 px and grayscale
+    images get padding 3 in the first conv, as there."""
+    from torch import nn
+
+    layers: list = []
+    c = channel
+    h, w = (32, 32) if im_size[0] == 28 else tuple(im_size)
+    for d in range(depth):
+        layers.append(nn.Conv2d(c, width, kernel_size=3, padding=3 if channel == 1 and d == 0 else 1))
+        if norm == "instancenorm":
+            layers.append(nn.GroupNorm(width, width, affine=True))
+        elif norm == "batchnorm":
+            layers.append(nn.BatchNorm2d(width, affine=True))
+        layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.AvgPool2d(2, 2) if pooling == "avgpooling" else nn.MaxPool2d(2, 2))
+        c, h, w = width, h // 2, w // 2
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Linear(width * h * w, n_classes)
+
+        def forward(self, x):
+            out = self.features(x)
+            return self.classifier(out.view(out.size(0), -1))
+
+    return ConvNet()
+
+
+def mtt_buffer(nets, n_snapshots: int = 3, step: float = 0.05, seed: int = 0) -> list:
+    """A replay buffer as MTT's buffer.py saves it: per expert, per snapshot, ``[p.detach().cpu() for p in parameters()]``.
+
+    Each net's parameters move by seeded noise between snapshots (a stand-in for an epoch of training);
+    the snapshots are copies, as a GPU-trained buffer's are.
+    """
+    g = torch.Generator().manual_seed(seed)
+    buffer = []
+    for net in nets:
+        snapshots = [[p.detach().cpu().clone() for p in net.parameters()]]
+        for _ in range(n_snapshots - 1):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(step * torch.randn(p.shape, generator=g))
+            snapshots.append([p.detach().cpu().clone() for p in net.parameters()])
+        buffer.append(snapshots)
+    return buffer

@@ -127,7 +127,7 @@ def test_unknown_keys_and_tables_all_reported(tmp_path):
     msg = _error("distill", config=cfg)
     assert msg == (
         f"Config file {cfg}: unknown key 'prune_ratoi' (did you mean 'prune_ratio'?); "
-        "unknown table [distil] (did you mean 'distill'?); tables: experts, distill, evaluate; "
+        "unknown table [distil] (did you mean 'distill'?); tables: experts, experts_import, distill, evaluate, export; "
         "unknown key 'ipcc' in [distill] (did you mean 'ipc'?). Run `dpd distill --help` for the valid settings."
     )
 
@@ -315,14 +315,15 @@ def test_colliding_names_have_no_shared_variable():
 def test_shared_variable_of_a_colliding_setting_is_refused():
     msg = _error("distill", env={"DPD_OUT": "runs/x"})
     assert msg == (
-        "Ambiguous environment for `dpd distill`: DPD_OUT is set, but 'out' means different things in `dpd distill` and "
-        "`dpd experts`: set DPD_DISTILL_OUT instead (DPD_EXPERTS_OUT for `dpd experts`) and unset DPD_OUT."
+        "Ambiguous environment for `dpd distill`: DPD_OUT is set, but 'out' means different things in `dpd distill`, "
+        "`dpd experts`, `dpd experts import` and `dpd export`: set DPD_DISTILL_OUT instead (DPD_EXPERTS_OUT for `dpd experts`, "
+        "DPD_EXPERTS_IMPORT_OUT for `dpd experts import`, DPD_EXPORT_OUT for `dpd export`) and unset DPD_OUT."
     )
     # Even next to the command's own variable: one variable must not silently set two things.
     assert "DPD_EPOCHS is set" in _error("experts", env={"DPD_EPOCHS": "3", "DPD_EXPERTS_EPOCHS": "3"})
     msg = _error("evaluate", env={"DPD_EPOCHS": "3", "DPD_DSA": "0"})
     assert "DPD_DSA is set" in msg and "DPD_EPOCHS is set" in msg  # every problem at once
-    assert "`dpd evaluate`, `dpd experts` and `dpd distill`" in msg
+    assert "`dpd evaluate`, `dpd experts`, `dpd experts import` and `dpd distill`" in msg
     # A command without the setting ignores the variable, as it ignores a top-level key it does not have.
     assert resolve("evaluate", {}, env={"DPD_OUT": "runs/x"}).runs == 5
     assert resolve("distill", {}, env={"DPD_OUT": ""}).out is None  # empty counts as unset

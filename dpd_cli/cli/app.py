@@ -9,20 +9,32 @@ import typer
 from dpd_cli import __version__
 from dpd_cli.cli.distill import distill
 from dpd_cli.cli.evaluate import evaluate
-from dpd_cli.cli.experts import experts
+from dpd_cli.cli.experts import experts_app
+from dpd_cli.cli.export import export
 from dpd_cli.cli.inspect import inspect
 from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
+
+class _Root(Group):
+    """The ``dpd`` group: its commands listed in the order they are used."""
+
+    ORDER = ("experts", "distill", "evaluate", "inspect", "export")
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
+
 
 app = typer.Typer(
     name="dpd",
     help="Dataset distillation by trajectory matching with Difference-Driven Pruning.\n\n"
-    "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR.\n\n"
+    "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR. With MTT's tools: "
+    "dpd experts import BUFFERS..., dpd export RUN_DIR --format mtt.\n\n"
     "Exit codes: 0 ok, 2 user error, 3 accuracy below --fail-under, 130 interrupted; anything else is a bug.",
     epilog=ENVIRONMENT_HELP,
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion
     pretty_exceptions_enable=False,
-    cls=Group,
+    cls=_Root,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -41,7 +53,8 @@ def _root(
     pass
 
 
-for command in (experts, distill, evaluate, inspect):
+app.add_typer(experts_app, name="experts")
+for command in (distill, evaluate, inspect, export):
     app.command(cls=Command, epilog=ENVIRONMENT_HELP)(command)
 
 

@@ -34,6 +34,10 @@ from dpd_cli.events import (
     ExpertsStarted,
     ExpertSkipped,
     ExpertStarted,
+    ImportExpert,
+    ImportFileDone,
+    ImportFileStarted,
+    ImportStarted,
     Message,
     NullSink,
 )
@@ -80,7 +84,8 @@ def make_sink(kind: str, quiet: bool, json_mode: bool = False):
         return NullSink()
     con = error_console()
     interactive = con.is_terminal and not con.is_dumb_terminal
-    views = {"experts": (ExpertsLive, ExpertsPlain), "distill": (DistillLive, DistillPlain), "evaluate": (EvalLive, EvalPlain)}
+    views = {"experts": (ExpertsLive, ExpertsPlain), "experts_import": (ImportLive, ImportPlain), "distill": (DistillLive, DistillPlain),
+             "evaluate": (EvalLive, EvalPlain), "export": (_Plain, _Plain)}
     live_cls, plain_cls = views[kind]
     return live_cls(con) if interactive else plain_cls(con)
 
@@ -148,6 +153,53 @@ class ExpertsLive(_Plain):
     def close(self) -> None:
         if self.live:
             self.live.stop()
+
+
+# --- experts import -------------------------------------------------------------------------
+def _file_line(e: ImportFileDone) -> str:
+    if e.skipped:
+        return f"{e.path}: all {e.n_experts} experts imported before, skipped"
+    return f"{e.path}: {e.converted} of {e.n_experts} experts converted ({e.seconds:.1f} s)"
+
+
+class ImportPlain(_Plain):
+    def handle(self, e: Event) -> None:
+        if isinstance(e, ImportStarted):
+            self.line(f"experts import: {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)")
+        elif isinstance(e, ImportFileStarted):
+            self.line(f"reading {e.path}")
+        elif isinstance(e, ImportFileDone):
+            self.line(_file_line(e))
+
+
+class ImportLive(_Plain):
+    """A bar over the buffer files and one over the experts of the current file."""
+
+    def __init__(self, console: Console):
+        super().__init__(console)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=console)
+        self.live: Live | None = None
+
+    def handle(self, e: Event) -> None:
+        if isinstance(e, ImportStarted):
+            self.line(f"Importing {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)")
+            self.t_files = self.progress.add_task("files  ", total=len(e.files))
+            self.t_experts = self.progress.add_task("experts", total=None)
+            self.live = Live(self.progress, console=self.c, refresh_per_second=4, transient=False)
+            self.live.start()
+        elif isinstance(e, ImportFileStarted):
+            self.progress.reset(self.t_experts, total=None, description=f"loading {e.path}")
+        elif isinstance(e, ImportExpert):
+            self.progress.update(self.t_experts, total=e.n_experts, completed=e.position + 1, description="experts")
+        elif isinstance(e, ImportFileDone):
+            self.progress.advance(self.t_files)
+            self.c.print(_file_line(e), highlight=False)
+
+    def close(self) -> None:
+        if self.live:
+            self.live.stop()
+            self.live = None
 
 
 # --- distill --------------------------------------------------------------------------------

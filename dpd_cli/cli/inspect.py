@@ -350,6 +350,7 @@ def _show_experts(con: Console, f: dict) -> None:
         ("epochs", str(f["epochs"]) if f["epochs"] is not None else ""),
         ("training", training),
         ("accuracy", accuracy),
+        *([("imported", _imported(f["imported"]))] if f.get("imported") else []),
     ]))
 
     d = f["distance"]
@@ -375,6 +376,14 @@ def _show_experts(con: Console, f: dict) -> None:
             _add_row(table, Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"), "", "", "")
         _put(con, table)
     _warnings(con, f["warnings"])
+
+
+def _imported(record: dict) -> str:
+    n = len(record["files"])
+    text = f"from {n} replay buffer file{'s' if n != 1 else ''} ({record['format']})"
+    if record["unknown"]:
+        text += "; not recorded: " + ", ".join(k.replace("_", " ") for k in record["unknown"])
+    return text
 
 
 # --- single file ------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def _help(command: str, s: SettingInfo) -> str:
     if s.choices:
         parts.append(("Comma-separated, from: " if s.kind == "list" else "One of: ") + ", ".join(s.choices) + ".")
     if s.kind == "bool":
-        parts.append(f"(default: {s.flag if s.default else '--no-' + s.flag[2:]})")
+        if s.default is not None:  # None: no default, the description says what leaving it out means
+            parts.append(f"(default: {s.flag if s.default else '--no-' + s.flag[2:]})")
     elif s.default is not None:
         parts.append(f"(default: {_shown(s.default)})")
     own, shared = env_names(command, s.name)

@@ -62,14 +62,14 @@ class Preprocess:
             return self.normalize(images_uint8)
         return torch.cat(out)
 
-    def invert(self, x: torch.Tensor) -> torch.Tensor:
-        """Training space -> pixels in [0, 1] (ZCA undone, then de-normalised, clamped)."""
+    def invert(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Training space -> pixels in [0, 1] (ZCA undone, then de-normalised, clamped unless ``clamp`` is False)."""
         x = x.detach().float()
         if self.has_zca:
             flat = x.flatten(1) @ self.zca_inverse.to(x.device) + self.zca_mean.to(x.device)
             x = flat.view_as(x)
         x = x * self.std.to(x.device).view(1, -1, 1, 1) + self.mean.to(x.device).view(1, -1, 1, 1)
-        return x.clamp(0, 1)
+        return x.clamp(0, 1) if clamp else x
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"norm_mean": self.mean, "norm_std": self.std}

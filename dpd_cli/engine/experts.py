@@ -41,7 +41,8 @@ from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertsStarted, ExpertSkippe
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.settings import ExpertSettings
 
-__all__ = ["run", "default_folder", "ExpertSet", "expert_path", "MANIFEST"]
+__all__ = ["run", "default_folder", "ExpertSet", "expert_path", "MANIFEST", "PREPROCESS", "TRAJECTORY", "new_manifest",
+           "write_manifest", "read_manifest", "load_preprocess", "preprocess_scheme"]
 
 MANIFEST = "experts.json"
 _MANIFEST_VERSION = 1
@@ -109,6 +110,9 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
     """
     mpath = folder / MANIFEST
     if mpath.exists():
+        if _read_manifest(mpath).get("import") is not None:
+            raise ExpertsError(f"The experts folder {folder} holds experts imported from replay buffers (`dpd experts "
+                               "import`); trained experts cannot be added to it. Pass another --out.")
         found = dict(_read_manifest(mpath)["compat"])
         found["preprocess_scheme"] = preprocess_scheme(found)
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
@@ -126,17 +130,36 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
             return _load_preprocess(folder / PREPROCESS, ModelSpec.from_dict(compat["model"]))
     pre = make_pre()
     preprocess_file.save(folder / PREPROCESS, pre)
-    manifest = {
+    write_manifest(folder, new_manifest(compat, settings.model_dump(mode="json"), pre, validation))
+    return pre
+
+
+def new_manifest(compat: dict, settings: dict, pre: Preprocess, validation: dict | None, **extra) -> dict:
+    """The ``experts.json`` of a folder (docs/formats.md): ``extra`` adds entries, such as ``import``."""
+    return {
         "format": "dpd.experts",
         "format_version": _MANIFEST_VERSION,
         "compat": compat,
-        "settings": settings.model_dump(mode="json"),
+        "settings": settings,
         "preprocess_fingerprint": pre.fingerprint(),
         "validation": validation,
         "versions": versions(),
+        **extra,
     }
-    storage.atomic_write_text(mpath, json.dumps(manifest, indent=2, sort_keys=True))
-    return pre
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    storage.atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def read_manifest(folder: Path) -> dict:
+    """``experts.json`` of ``folder``, checked (see ``_read_manifest``)."""
+    return _read_manifest(Path(folder) / MANIFEST)
+
+
+def load_preprocess(folder: Path, spec: ModelSpec) -> Preprocess:
+    """``preprocess.safetensors`` of ``folder``, checked against the image shape of ``spec``."""
+    return _load_preprocess(Path(folder) / PREPROCESS, spec)
 
 
 def _read_manifest(mpath: Path) -> dict:

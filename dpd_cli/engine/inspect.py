@@ -632,6 +632,7 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
         "epochs": epochs,
         "n_params": n_params,
         "training": {k: compat.get(k, settings.get(k)) for k in ("lr", "momentum", "weight_decay", "batch", "dsa", "zca", "train_per_class", "seed")},
+        "imported": _import_record(manifest.get("import")),
         "preprocess": preprocess,
         "accuracy": {
             "mean": sum(finals) / len(finals) if finals else None,
@@ -643,6 +644,15 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
         "distance": distance,
         "warnings": warnings,
     }
+
+
+def _import_record(record) -> dict | None:
+    """``dpd experts import``'s record in experts.json: the buffer files and what they do not record."""
+    if not isinstance(record, dict):
+        return None
+    sources = record.get("sources") if isinstance(record.get("sources"), list) else []
+    return {"format": record.get("format"), "files": [s.get("file") for s in sources if isinstance(s, dict)],
+            "unknown": record.get("unknown") if isinstance(record.get("unknown"), list) else []}
 
 
 def _mean_per_epoch(curves: list[list]) -> list[float | None]:

@@ -195,8 +195,9 @@ CASES = [
     Case("world-size-without-torchrun", ["distill", "--experts", "{experts}", "--out", "{tmp}/r", *D],
          ["WORLD_SIZE is 2 but there is no rendezvous address (MASTER_ADDR)", "Start it with torchrun"],
          env={"WORLD_SIZE": "2", "RANK": "0"}),
-    Case("shared-env-of-colliding-setting", ["distill", *D], ["DPD_OUT is set, but 'out' means different things in `dpd distill` and "
-                                                             "`dpd experts`: set DPD_DISTILL_OUT instead"], env={"DPD_OUT": "{tmp}/r"}),
+    Case("shared-env-of-colliding-setting", ["distill", *D], ["DPD_OUT is set, but 'out' means different things in `dpd distill`, "
+                                                             "`dpd experts`, `dpd experts import` and `dpd export`: set "
+                                                             "DPD_DISTILL_OUT instead"], env={"DPD_OUT": "{tmp}/r"}),
     Case("config-from-env-missing", ["distill"], ["Config file {tmp}/nope.toml does not exist. Check the DPD_CONFIG path."],
          env={"DPD_CONFIG": "{tmp}/nope.toml"}),
     Case("depth-too-deep", ["experts", "--depth", "6", "--width", "8", "--out", "{tmp}/ex"], ["--depth 6 is too deep for 28x28 images: use at most 5"]),

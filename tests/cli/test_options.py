@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 from dpd_cli import settings as S
 from dpd_cli.cli.app import app
 
-COMMANDS = {"experts": [], "distill": [], "evaluate": ["runs/x"]}  # evaluate needs its TARGET
+#: Each settings command and how it is typed (with the positional arguments it needs).
+COMMANDS = {"experts": ["experts"], "experts_import": ["experts", "import", "buffers/x.pt"], "distill": ["distill"],
+            "evaluate": ["evaluate", "runs/x"], "export": ["export", "runs/x"]}
 
 
 def _toml(text: str) -> dict:
@@ -34,7 +36,7 @@ def _print_config(*argv: str, env: dict[str, str] | None = None) -> tuple[dict, 
     """``(values, sources)`` from ``dpd ... --print-config``."""
     r = CliRunner().invoke(app, [*argv, "--print-config"], env=env)
     assert r.exit_code == 0, r.output
-    command = argv[0]
+    (command,) = _toml(r.stdout)  # the one table: the command's
     sources = {}
     for line in r.stdout.splitlines():
         if line and not line.startswith(("#", "[")):  # name = value  # source
@@ -46,7 +48,8 @@ def _print_config(*argv: str, env: dict[str, str] | None = None) -> tuple[dict, 
 
 def _other_value(s: S.SettingInfo) -> Any:
     """A valid value of setting ``s`` that is not its default, as the settings model stores it."""
-    special = {"fail_under": 50.0, "device": "cpu", "dataset": "fashion-mnist", "keep_checkpoints": "all", "init": "noise"}
+    special = {"fail_under": 50.0, "device": "cpu", "dataset": "fashion-mnist", "keep_checkpoints": "all", "init": "noise",
+               "format": "npz"}
     if s.name in special:
         return special[s.name]
     if s.kind == "bool":
@@ -57,8 +60,8 @@ def _other_value(s: S.SettingInfo) -> Any:
         return 0.5 if s.default in (None, 0.0) else s.default / 2
     if s.kind == "path":
         return "some dir/x"
-    if s.kind == "choice":
-        return next(c for c in s.choices if c != s.default)
+    if s.kind == "choice":  # a setting with one allowed value (experts import's model) keeps it: its source still changes
+        return next((c for c in s.choices if c != s.default), s.default)
     if s.kind == "list":
         return list(reversed(s.choices))
     raise AssertionError(f"no test value for {s.kind} setting {s.name}")
@@ -93,7 +96,7 @@ CASES = [(c, s) for c in COMMANDS for s in S.setting_infos(S.COMMAND_SETTINGS[c]
 @pytest.mark.parametrize(("command", "s"), CASES, ids=[f"{c}-{s.name}" for c, s in CASES])
 def test_every_setting_from_file_env_and_flag_in_order(command, s, tmp_path):
     value = _other_value(s)
-    argv = [command, *COMMANDS[command], *_NEEDS.get(s.name, [])]
+    argv = [*COMMANDS[command], *_NEEDS.get(s.name, [])]
     own, shared = S.env_names(command, s.name)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"[{command}]\n{s.name} = {_as_toml(value)}\n")
@@ -113,7 +116,7 @@ def test_every_setting_from_file_env_and_flag_in_order(command, s, tmp_path):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_defaults(command):
-    values, sources = _print_config(command, *COMMANDS[command], env={})
+    values, sources = _print_config(*COMMANDS[command], env={})
     for s in S.setting_infos(S.COMMAND_SETTINGS[command]).values():
         assert sources[s.name] == "default" and values.get(s.name) == s.default, s.name
 
@@ -145,7 +148,7 @@ def test_print_config_reports_bad_settings(tmp_path):
     assert "--protocol: unknown protocol 'mt' (did you mean 'mtt'?)" in r.stderr and r.stdout == ""
 
 
-@pytest.mark.parametrize("argv", [[], ["experts"], ["distill"], ["evaluate"], ["inspect"]])
+@pytest.mark.parametrize("argv", [[], ["experts"], ["experts", "import"], ["distill"], ["evaluate"], ["inspect"], ["export"]])
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help(argv, flag):
     r = CliRunner().invoke(app, [*argv, flag])
@@ -157,9 +160,10 @@ def test_help(argv, flag):
     assert "<bool>" not in r.stdout and "['" not in r.stdout
 
 
-@pytest.mark.parametrize("command", ["experts", "distill", "evaluate"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_lists_every_setting_with_its_variables(command):
-    text = " ".join(CliRunner().invoke(app, [command, "--help"]).stdout.replace("│", " ").split())
+    typed = [a for a in COMMANDS[command] if "/" not in a]  # without the positional arguments
+    text = " ".join(CliRunner().invoke(app, [*typed, "--help"]).stdout.replace("│", " ").split())
     for s in S.setting_infos(S.COMMAND_SETTINGS[command]).values():
         own, shared = S.env_names(command, s.name)
         assert s.flag in text and own in text and (shared is None or shared in text), s.name

@@ -1,0 +1,43 @@
+"""``dpd export``: write a synthetic set in the files MTT, DATM and other tools read."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpd_cli.cli.options import keep_text
+from dpd_cli.cli.runner import Report, settings_command
+
+__all__ = ["export"]
+
+
+def _report(settings, result: dict) -> Report:
+    extra = []
+    if result["soft_labels"]:
+        extra.append("with the soft labels")
+    if result["zca"] and result["format"] in ("mtt", "datm"):
+        extra.append("the ZCA transform in zca.pt")
+    shown = ", ".join(result["files"][:6]) + (f", ... ({len(result['files'])} files)" if len(result["files"]) > 6 else "")
+    return Report(result, [f"Exported {result['n_images']} images ({result['format']}{', ' + ', '.join(extra) if extra else ''}) "
+                           f"to {result['out']}: {shown}. {Path(result['out']) / 'README.txt'} says how to load them."])
+
+
+# As typed (keep_text): the engine refuses an empty TARGET, which a Path would read as ".".
+_TARGET = inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
+    metavar="RUN_OR_FILE", show_default=False, parser=keep_text,
+    help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])
+
+export = settings_command(
+    "export", report=_report, arguments=[_TARGET],
+    summary="Write a synthetic set in the files other tools read: MTT's and DATM's .pt files (with the ZCA transform "
+            "for kornia), PNGs in class folders, or one NumPy archive; with a README.txt saying how to load them.\n\n"
+            "The folder appears complete or not at all; an existing one is replaced only with --force.",
+    examples=[
+        ("dpd export runs/cifar10-ipc10 --format datm --out exports/c10", "images_best.pt, labels_best.pt, lr_best.pt, zca.pt"),
+        ("dpd export runs/quick --format imagefolder --out exports/quick-png", "<NN>-<class>/<i>.png in pixel space"),
+        ("dpd export runs/quick/synthetic.safetensors --format npz --out exports/q --force", "replace an earlier export"),
+    ],
+)

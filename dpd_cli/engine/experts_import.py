@@ -1,0 +1,293 @@
+"""``dpd experts import``: MTT / FTD / DATM replay buffers -> a dpd experts folder.
+
+Each expert of each buffer (``dpd_cli.artifacts.replay_buffer``) becomes one
+``expert_NNNNN.safetensors`` whose trajectory rows are its snapshots flattened in
+``module.parameters()`` order, which is the order of dpd's ConvNet too (conv, norm, ..., fc; the
+shapes are checked parameter by parameter). The folder gets the ``experts.json`` and
+``preprocess.safetensors`` that ``dpd experts`` would write for the same dataset and ``--zca``, so
+``dpd distill`` uses it like a folder of trained experts. What the buffers do not record (the
+optimiser, batch, DSA, seeds, accuracies) is recorded as unknown unless stated with flags.
+
+Every expert file names its source (the buffer's SHA-256 and the expert's position in it), so a
+rerun converts only what is missing, however the buffers were renamed or reordered; a buffer whose
+experts are all present is not even loaded. Nothing is written from a buffer before all of it was
+checked, and a new folder gets its manifest only once the first buffer passed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dpd_cli import interrupt, storage
+from dpd_cli.artifacts import preprocess as preprocess_file
+from dpd_cli.artifacts import replay_buffer
+from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.data.preprocess import PREPROCESS_SCHEME
+from dpd_cli.engine import experts as experts_folder
+from dpd_cli.engine.common import build_preprocess, dataset_key, model_spec, set_threads, versions
+from dpd_cli.errors import ExpertsError, SettingsError, StorageError
+from dpd_cli.events import ImportExpert, ImportFileDone, ImportFileStarted, ImportStarted, NullSink, Sink
+from dpd_cli.models import FlatModel, ModelSpec, build_model
+from dpd_cli.settings import ImportSettings
+
+__all__ = ["run", "default_folder", "SOURCE_FORMAT", "STATED"]
+
+#: How experts.json and every expert file name what the experts were converted from.
+SOURCE_FORMAT = "mtt-replay-buffer"
+#: Training settings the buffers do not record; the user may state them (recorded, never checked).
+STATED = ("lr", "momentum", "weight_decay", "batch", "dsa")
+#: Settings a folder records that are always unknown for imported experts.
+_NEVER_KNOWN = ("seed", "test_accuracy")
+
+
+def default_folder(settings: ImportSettings, spec: ModelSpec) -> Path:
+    """``<experts root>/<dataset>/<model tag>[-zca]-imported``: next to, never inside, trained experts."""
+    trained = experts_folder.default_folder(dataset_key(settings), spec.tag(), bool(settings.zca))
+    return trained.with_name(trained.name + "-imported")
+
+
+def _require(s: ImportSettings) -> None:
+    missing = []
+    if s.dataset is None:
+        missing.append("--dataset (the dataset the buffers' experts were trained on)")
+    if s.zca is None:
+        missing.append("--zca or --no-zca (whether they were trained on ZCA-whitened images: MTT's buffer.py --zca; "
+                       "MTT writes buffers trained without ZCA to <dataset>_NO_ZCA folders)")
+    if missing:
+        raise SettingsError("`dpd experts import` needs " + " and ".join(missing) + ". The buffers hold parameters only, "
+                            "so dpd cannot tell; the preprocessing stored with the experts depends on both.")
+
+
+def _compat(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
+    """The folder's ``compat`` record, in the keys ``dpd experts`` uses; unknown values are ``None``."""
+    return {"dataset": dataset_key(s), "train_per_class": None, "val_per_class": None, "zca": s.zca, "epochs": epochs,
+            **stated, "seed": None, "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
+
+
+def _settings_record(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
+    """The manifest's ``settings``: what ``dpd distill`` adopts from a folder, plus what was stated."""
+    record = s.model_dump(mode="json")
+    record.update(stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=spec.depth)
+    return record
+
+
+def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None) -> dict:
+    """Convert the experts of the buffer files in ``sources`` (files or folders) into an experts folder.
+
+    Args:
+        settings: Resolved ``dpd experts import`` settings.
+        sources: Buffer files, or folders holding ``replay_buffer_<n>.pt`` files.
+        sink: Receives progress events.
+
+    Returns:
+        ``{"folder", "files": [{"file", "n_experts", "converted", "skipped"}], "n_experts", "converted",
+        "epochs", "model_tag", "dataset", "zca", "stated", "unknown"}``.
+
+    Raises:
+        UserError: Missing --dataset or --zca/--no-zca; a missing, unreadable or foreign buffer; a buffer
+            of another network (naming the first parameter whose shape differs); a folder holding other experts.
+        Interrupted: A stop was requested; finished experts are kept.
+    """
+    s = settings
+    sink = sink or NullSink()
+    _require(s)
+    files = replay_buffer.find(sources)
+    set_threads(s.threads)
+    ds = load_dataset(s.dataset, s.data_dir)  # the full training set: MTT's experts saw all of it
+    spec = model_spec(s, ds)
+    folder = Path(s.out) if s.out else default_folder(s, spec)
+    created = not folder.exists()
+    try:
+        with storage.lock_dir(folder, "experts"), interrupt.safe_points():
+            storage.remove_stale_temps(folder)
+            return _Import(folder, s, spec, ds, sink).run(files)
+    finally:
+        if created:
+            _remove_if_unused(folder)
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Undo the creation of ``folder`` when nothing but the lock file was written into it."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {".lock"}:
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+class _Import:
+    """One import into one locked folder: what is there, and how the next buffer is added."""
+
+    def __init__(self, folder: Path, s: ImportSettings, spec: ModelSpec, ds, sink: Sink):
+        self.folder, self.s, self.spec, self.ds, self.sink = folder, s, spec, ds, sink
+        self.layout = FlatModel(build_model(spec)).layout
+        self.network = (f"{spec.tag()} for {ds.name} ({spec.channels}x{spec.image_size[0]}x{spec.image_size[1]} images, "
+                        f"{spec.n_classes} classes)")
+        self.manifest: dict | None = None
+        self.pre: Preprocess | None = None
+        self.stated = {k: getattr(s, k) for k in STATED}
+        if (folder / experts_folder.MANIFEST).exists():
+            self._adopt(experts_folder.read_manifest(folder))
+        elif any(folder.glob("expert_*.safetensors")):
+            raise ExpertsError(f"{folder} holds expert files but no experts.json, so it is not an import of this dpd. "
+                               "Import into another --out.")
+        # (buffer SHA-256, position) -> folder index, for every expert already converted.
+        self.done: dict[tuple[str, int], int] = {}
+        self.taken: set[int] = set()  # indices of expert files present, readable or not
+        for p in folder.glob("expert_*.safetensors"):
+            stem = p.name.removeprefix("expert_").removesuffix(".safetensors")
+            if not stem.isdigit():
+                continue
+            self.taken.add(int(stem))
+            source = _source_of(p)
+            if source is not None:
+                self.done[(source["sha256"], source["position"])] = int(stem)
+
+    def _adopt(self, manifest: dict) -> None:
+        """Continue an earlier import into this folder, if the settings agree with it."""
+        imported = manifest.get("import")
+        if not isinstance(imported, dict) or imported.get("format") != SOURCE_FORMAT:
+            raise ExpertsError(f"{self.folder} holds experts trained by `dpd experts`, not imported ones; imported "
+                               "experts cannot be added to it. Import into another --out.")
+        found = manifest["compat"]
+        want = {k: v for k, v in _compat(self.s, self.spec, found.get("epochs"), {}).items() if k not in STATED}
+        diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
+        for k in STATED:  # a stated value must agree; one left out now keeps the recorded one
+            if k in self.s.model_fields_set and found.get(k) != self.stated[k]:
+                diffs.append(f"{k}: folder has {found.get(k)!r}, settings say {self.stated[k]!r}")
+            self.stated[k] = found.get(k)
+        if diffs:
+            raise ExpertsError(f"The experts folder {self.folder} holds experts imported with other settings "
+                               f"({'; '.join(diffs)}). Use the same settings, or pass another --out.")
+        self.manifest = manifest
+        self.pre = experts_folder.load_preprocess(self.folder, self.spec)
+        if self.pre.fingerprint() != manifest.get("preprocess_fingerprint"):
+            raise StorageError(f"{self.folder / experts_folder.PREPROCESS} is not the preprocessing experts.json records. "
+                               "Import into a new --out.")
+
+    # --- the buffers ----------------------------------------------------------------------------
+    def run(self, files: list[Path]) -> dict:
+        self.sink.emit(ImportStarted(str(self.folder), [str(f) for f in files], sum(_numel(s) for _, s in self.layout)))
+        report = []
+        for k, path in enumerate(files):
+            self._stop_if_requested(path)
+            self.sink.emit(ImportFileStarted(k, str(path)))
+            t0 = time.perf_counter()
+            digest = replay_buffer.sha256(path)
+            n, converted, skipped = self._add(path, digest)
+            report.append({"file": str(path), "n_experts": n, "converted": converted, "skipped": skipped})
+            self.sink.emit(ImportFileDone(k, str(path), n, converted, skipped, time.perf_counter() - t0))
+        unknown = [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)
+        return {"folder": str(self.folder), "files": report, "n_experts": len(self.done),
+                "converted": sum(r["converted"] for r in report), "epochs": self.manifest["compat"]["epochs"] if self.manifest else None,
+                "model_tag": self.spec.tag(), "dataset": dataset_key(self.s), "zca": self.s.zca,
+                "stated": {k: v for k, v in self.stated.items() if v is not None}, "unknown": unknown}
+
+    def _recorded(self, digest: str) -> dict | None:
+        sources = (self.manifest or {}).get("import", {}).get("sources", [])
+        return next((r for r in sources if r.get("sha256") == digest), None)
+
+    def _add(self, path: Path, digest: str) -> tuple[int, int, bool]:
+        """Convert the experts of one buffer not yet in the folder: ``(experts in it, converted, skipped whole)``."""
+        recorded = self._recorded(digest)
+        if recorded and all((digest, j) in self.done for j in range(recorded["n_experts"])):
+            return recorded["n_experts"], 0, True
+        experts = replay_buffer.load(path)
+        epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+        if self.manifest is not None and epochs != self.manifest["compat"]["epochs"]:
+            raise ExpertsError(f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
+                               f"{self.manifest['compat']['epochs']}. One folder holds experts of one length: import it "
+                               "into another --out.")
+        for j, expert in enumerate(experts):  # every check before the first write: a bad buffer adds nothing
+            replay_buffer.flatten(path, j, expert)
+        self._stop_if_requested(path)
+        if self.manifest is None:
+            self._create(epochs)
+        converted = 0
+        for j, expert in enumerate(experts):
+            self._stop_if_requested(path)
+            index = self.done.get((digest, j))
+            skipped = index is not None
+            if not skipped:
+                index = min(set(range(len(self.taken) + 1)) - self.taken)  # the first free index: a deleted expert's
+                self._save(index, path, digest, j, replay_buffer.flatten(path, j, expert), epochs)
+                self.taken.add(index)
+                self.done[(digest, j)] = index
+                converted += 1
+            self.sink.emit(ImportExpert(str(path), j, len(experts), index, skipped))
+        self._record(path, digest, len(experts))
+        return len(experts), converted, False
+
+    def _stop_if_requested(self, path: Path) -> None:
+        """A Ctrl-C stops here, between experts (each expert file is written whole or not at all)."""
+        if interrupt.requested():
+            raise interrupt.Interrupted(
+                f"stopped while importing {path}; the experts converted so far are kept in {self.folder}. "
+                "Rerun the same command to convert the rest (converted experts are skipped)")
+
+    def _create(self, epochs: int) -> None:
+        """Write the preprocessing, then the manifest: the folder becomes usable once both exist."""
+        s, ds = self.s, self.ds
+        self.pre = build_preprocess(ds, bool(s.zca))
+        preprocess_file.save(self.folder / experts_folder.PREPROCESS, self.pre)
+        self.manifest = experts_folder.new_manifest(
+            _compat(s, self.spec, epochs, self.stated), _settings_record(s, self.spec, epochs, self.stated), self.pre, None,
+            **{"import": {"format": SOURCE_FORMAT, "sources": [],
+                          "unknown": [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)}})
+        experts_folder.write_manifest(self.folder, self.manifest)
+
+    def _save(self, index: int, path: Path, digest: str, position: int, rows, epochs: int) -> None:
+        s = self.s
+        meta = {
+            "dataset": s.dataset,
+            "model": self.spec.to_dict(),
+            "layout": self.layout,
+            "epochs": epochs,
+            **self.stated,
+            "seed": None,
+            "index": index,
+            "zca": s.zca,
+            "preprocess_fingerprint": self.pre.fingerprint(),
+            "source": {"format": SOURCE_FORMAT, "file": str(Path(path).resolve()), "sha256": digest, "position": position},
+            "settings": self.manifest["settings"],
+            "versions": versions(),
+        }
+        storage.save_tensors(experts_folder.expert_path(self.folder, index), {"trajectory": rows}, experts_folder.TRAJECTORY, meta)
+
+    def _record(self, path: Path, digest: str, n: int) -> None:
+        """Add (or refresh) the buffer's entry in experts.json once all its experts are in the folder."""
+        sources = [r for r in self.manifest["import"]["sources"] if r.get("sha256") != digest]
+        sources.append({"file": str(Path(path).resolve()), "sha256": digest, "bytes": Path(path).stat().st_size,
+                        "n_experts": n, "experts": [self.done[(digest, j)] for j in range(n)]})
+        self.manifest["import"]["sources"] = sources
+        experts_folder.write_manifest(self.folder, self.manifest)
+
+
+_NETWORK_HINT = (
+    "give the --dataset and the --width/--depth/--norm/--pool it was trained with (MTT's ConvNet is dpd's default: "
+    "--width 128 --depth 3 --norm instance --pool avg; ConvNetD4: --depth 4; ConvNetW64: --width 64; ConvNetBN: --norm "
+    "batch; ConvNetNN: --norm none; ConvNetMP: --pool max). The first layer's shape follows the images' channels, the "
+    "last one's the number of classes."
+)
+
+
+def _source_of(path: Path) -> dict | None:
+    """The ``source`` metadata entry of an expert file (``None`` if absent or unreadable)."""
+    try:
+        _, raw = storage.read_header(path)
+        source = json.loads(raw.get("source", "null"))
+    except (StorageError, ValueError):
+        return None
+    if isinstance(source, dict) and isinstance(source.get("sha256"), str) and type(source.get("position")) is int:
+        return source
+    return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
