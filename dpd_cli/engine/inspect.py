@@ -313,6 +313,7 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
         "n_compatible": len(good),
         "n_planned": facts["n_planned"],
         "being_written": facts["being_written"],
+        "state": facts["state"],
         "dataset": compat.get("dataset") or ref_meta.get("dataset"),
         "model": model,
         "model_tag": _model_tag(model),
