@@ -53,6 +53,7 @@ __all__ = [
     "planned_count",
     "save_trajectory",
     "mismatches",
+    "model_tag",
     "check_trajectory",
     "check",
     "state",
@@ -237,13 +238,17 @@ def _same_dataset(name, key) -> bool:
     return name == key or (name == "imagefolder" and isinstance(key, str) and key.startswith("imagefolder-"))
 
 
-def _model_tag(model) -> str:
+def model_tag(model) -> str | None:
+    """A ``model`` metadata entry as its folder-friendly tag (``convnet-w128-d3-instance-avg``), leniently:
+    ``None`` for anything but a table, its ``name`` for a table that is not a valid model."""
+    if not isinstance(model, dict):
+        return None
     from dpd_cli.models import ModelSpec
 
     try:
         return ModelSpec.from_dict(model).tag()
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return str(model)[:60]
+    except (KeyError, TypeError, ValueError):
+        return model.get("name")
 
 
 def mismatches(meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None) -> list[str]:
@@ -254,7 +259,7 @@ def mismatches(meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, c
     """
     problems = []
     if meta.get("model") != ref.get("model"):
-        problems.append(f"model {_model_tag(meta.get('model'))} differs from {ref_name}'s {_model_tag(ref.get('model'))}")
+        problems.append(f"model {model_tag(meta.get('model'))} differs from {ref_name}'s {model_tag(ref.get('model'))}")
     elif meta.get("layout") != ref.get("layout"):
         problems.append(f"its parameter layout differs from {ref_name}'s")
     if meta.get("epochs") != ref.get("epochs"):
@@ -406,10 +411,11 @@ def check(folder: Path) -> dict:
     ``problems`` with at least one expert means ``dpd distill`` can use the folder.
 
     Returns:
-        ``{"manifest", "compat", "n_planned", "being_written", "state", "preprocess": {"zca", "fingerprint"} | None,
-        "experts": [entry, ...], "reference", "reference_meta", "problems"}`` (``state``: see ``state``). An entry is ``{"file", "size", "valid",
-        "error", "compatible", ...}`` plus ``check_trajectory``'s facts (without ``meta``) when valid;
-        ``reference`` is the file the others are compared with (the first valid one).
+        ``{"manifest", "compat", "n_planned", "being_written", "state", "preprocess": {"zca", "fingerprint"}
+        | None, "experts": [entry, ...], "reference", "reference_meta", "problems"}`` (``state``: see
+        ``state``). An entry is ``{"file", "size", "valid", "error", "compatible", ...}`` plus
+        ``check_trajectory``'s facts (without ``meta``) when valid; ``reference`` is the file the others
+        are compared with (the first valid one), ``reference_meta`` its metadata.
     """
     folder = Path(folder)
     problems: list[str] = []
@@ -460,8 +466,8 @@ def check(folder: Path) -> dict:
         problems.append("No expert files (expert_*.safetensors) yet: train them with `dpd experts`.")
     if ref is not None:
         if compat and compat.get("model") not in (None, ref["meta"].get("model")):
-            problems.append(f"experts.json's model {_model_tag(compat.get('model'))} differs from the files' "
-                            f"{_model_tag(ref['meta'].get('model'))}.")
+            problems.append(f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
+                            f"{model_tag(ref['meta'].get('model'))}.")
         recorded = ref["meta"].get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:
             problems.append(_fingerprint_message(ppath, preprocess["fingerprint"], recorded).replace(str(ppath), ppath.name))

@@ -25,7 +25,7 @@ from dpd_cli.artifacts import run as layout
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
 
-__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "REQUIRED", "save_synthetic", "save_checkpoint", "load", "check_header", "check",
+__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "REQUIRED", "save_synthetic", "save_checkpoint", "load", "check_header", "check", "describe",
            "STATE_TENSORS"]
 
 SYNTHETIC_FORMAT = "dpd.synthetic"
@@ -173,3 +173,23 @@ def check(path: Path) -> list[str]:
     except StorageError as e:
         return [str(e)]
     return []
+
+
+def describe(t: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    """What a loaded set (``load``'s result) holds, JSON-ready: no tensors, and no NaN (``alpha`` is finite once loaded)."""
+    from dpd_cli.artifacts.experts import model_tag
+
+    classes = meta.get("classes") or []
+    return {
+        "dataset": meta.get("dataset"),
+        "n_images": len(t["labels"]),
+        "image_shape": list(t["images"].shape[1:]),
+        "classes": classes,
+        "n_classes": len(classes),
+        "ipc": meta.get("ipc"),
+        "iteration": meta.get("iteration"),
+        "iterations": meta.get("iterations"),
+        "alpha": float(t["lr"]),
+        "zca": "zca_matrix" in t,
+        "model_tag": model_tag(meta.get("model")),
+    }

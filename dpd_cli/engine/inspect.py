@@ -129,17 +129,6 @@ def _short_error(e: Exception | str, path: Path, name: str) -> str:
     return str(e).replace(str(path), name)
 
 
-def _model_tag(spec: dict | None) -> str | None:
-    if not isinstance(spec, dict):
-        return None
-    try:
-        from dpd_cli.models import ModelSpec
-
-        return ModelSpec.from_dict(spec).tag()
-    except (KeyError, TypeError, ValueError):
-        return spec.get("name")
-
-
 def _evaluation(eval_file: Path, warnings: list[str]) -> dict | None:
     """eval.json's latest result per (source, model, protocol) as inspect shows it; None without a file."""
     ev = evaluation.latest(eval_file)
@@ -200,9 +189,7 @@ def _inspect_run(run_dir: Path) -> dict:
     if syn_meta is not None:
         try:
             t, syn_meta = synthetic_file.load(syn_path)
-            synthetic = {"dataset": syn_meta.get("dataset"), "n_images": len(t["labels"]), "image_shape": list(t["images"].shape[1:]),
-                         "classes": syn_meta.get("classes"), "ipc": syn_meta.get("ipc"), "iteration": syn_meta.get("iteration"),
-                         "alpha": _finite(t["lr"]), "zca": "zca_matrix" in t}
+            synthetic = synthetic_file.describe(t, syn_meta)
             del t
         except StorageError as e:
             errors[layout.SYNTHETIC] = _short_error(e, syn_path, layout.SYNTHETIC)
@@ -237,7 +224,7 @@ def _inspect_run(run_dir: Path) -> dict:
         "path": str(run_dir),
         "dataset": settings.get("dataset") or (syn_meta or {}).get("dataset"),
         "model": model,
-        "model_tag": _model_tag(model),
+        "model_tag": experts_file.model_tag(model),
         "experts_folder": record.get("experts_folder") or (syn_meta or {}).get("experts_folder"),
         "n_experts": record.get("n_experts"),
         "settings": settings,
@@ -316,7 +303,7 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
         "state": facts["state"],
         "dataset": compat.get("dataset") or ref_meta.get("dataset"),
         "model": model,
-        "model_tag": _model_tag(model),
+        "model_tag": experts_file.model_tag(model),
         "epochs": epochs,
         "n_params": good[0]["n_params"] if good else None,
         "training": {k: compat.get(k, settings.get(k)) for k in ("lr", "momentum", "weight_decay", "batch", "dsa", "zca", "train_per_class", "seed")},
@@ -460,19 +447,7 @@ def _file_hint(path: Path) -> str:
 def _file_details(path: Path, fmt: str) -> dict:
     """Format-specific facts, after the checks the commands that read the file would make."""
     if fmt in (synthetic_file.SYNTHETIC_FORMAT, synthetic_file.CHECKPOINT_FORMAT):
-        t, meta = synthetic_file.load(path)
-        return {
-            "dataset": meta.get("dataset"),
-            "n_images": len(t["labels"]),
-            "image_shape": list(t["images"].shape[1:]),
-            "n_classes": len(meta.get("classes") or []),
-            "ipc": meta.get("ipc"),
-            "iteration": meta.get("iteration"),
-            "iterations": meta.get("iterations"),
-            "alpha": _finite(t["lr"]),
-            "zca": "zca_matrix" in t,
-            "model_tag": _model_tag(meta.get("model")),
-        }
+        return synthetic_file.describe(*synthetic_file.load(path))
     if fmt == experts_file.TRAJECTORY:
         facts = experts_file.check_trajectory(path)
         return {
@@ -481,7 +456,7 @@ def _file_details(path: Path, fmt: str) -> dict:
             "epochs": facts["epochs"],
             "n_params": facts["n_params"],
             "final_test_accuracy": facts["final_test_accuracy"],
-            "model_tag": _model_tag(facts["meta"].get("model")),
+            "model_tag": experts_file.model_tag(facts["meta"].get("model")),
         }
     if fmt == prune_file.FORMAT:
         counts, meta = prune_file.load(path)

@@ -67,17 +67,11 @@ def _experts_entry(folder: Path) -> dict:
     ref = facts["reference_meta"] or {}
     model = facts["compat"].get("model") or ref.get("model")
     finals = [e["final_test_accuracy"] for e in facts["experts"] if e["compatible"] and e["final_test_accuracy"] is not None]
-    try:
-        from dpd_cli.models import ModelSpec
-
-        tag = ModelSpec.from_dict(model).tag() if model else None
-    except (KeyError, TypeError, ValueError):
-        tag = None
     return {
         "kind": "experts",
         "path": str(folder),
         "dataset": facts["compat"].get("dataset") or ref.get("dataset"),
-        "model_tag": tag,
+        "model_tag": experts_file.model_tag(model),
         "count": len(facts["experts"]),
         "n_planned": facts["n_planned"],
         "epochs": ref.get("epochs") or facts["compat"].get("epochs"),
