@@ -14,3 +14,16 @@
 docs/formats.md describes every format for readers without dpd. Commands load files through these
 modules only; ``dpd inspect`` and ``dpd ls`` use their lenient checks, which list problems instead of raising.
 """
+
+import math
+
+__all__ = ["json_number"]
+
+
+def json_number(x) -> float | None:
+    """``x`` as a float for JSON output, or ``None`` for NaN, Inf and anything that is not a number (JSON has no NaN)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

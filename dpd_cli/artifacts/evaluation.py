@@ -13,10 +13,10 @@ counted, numbers that are not finite become ``None``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from dpd_cli import storage
+from dpd_cli.artifacts import json_number
 from dpd_cli.errors import StorageError
 
 __all__ = [
@@ -126,13 +126,6 @@ def append_partial(path: Path, key: str, outcome: dict) -> None:
 
 
 # --- lenient reading --------------------------------------------------------------------------
-def _finite(x) -> float | None:
-    """A float, or None for NaN/Inf/non-numbers (JSON has no NaN)."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _int(x) -> int | None:
@@ -153,14 +146,14 @@ def normalise(e: dict) -> dict:
         "model": e["model"],
         "protocol": e.get("protocol"),
         "protocol_version": _int(e.get("protocol_version")),
-        "mean": _finite(e.get("mean")),
-        "std": _finite(e.get("std")),
+        "mean": json_number(e.get("mean")),
+        "std": json_number(e.get("std")),
         "runs": e.get("runs", len(accs) or None),
         "diverged_runs": _int_list(e.get("diverged_runs")),
-        "accuracies": [_finite(a) for a in accs],
+        "accuracies": [json_number(a) for a in accs],
         "seeds": _int_list(e.get("seeds")),
         "epochs": e.get("epochs"),
-        "lr": _finite(e.get("lr")),
+        "lr": json_number(e.get("lr")),
         "ipc": e.get("ipc"),
         "dataset": e.get("dataset"),
         "iteration": e.get("iteration"),
@@ -168,8 +161,8 @@ def normalise(e: dict) -> dict:
         "select": e.get("select") if isinstance(e.get("select"), str) else None,
         "selected_iteration": _int(e.get("selected_iteration")),
         "checkpoint_iterations": [c["iteration"] for c in checkpoints if _int(c.get("iteration")) is not None],
-        "val_accuracy": _finite(e.get("val_accuracy")),
-        "final_accuracy": _finite(e.get("final_accuracy")),
+        "val_accuracy": json_number(e.get("val_accuracy")),
+        "final_accuracy": json_number(e.get("final_accuracy")),
         "optimistic": e.get("optimistic") is True,
         "below_baselines": [b for b in e.get("below_baselines") or [] if isinstance(b, str)],
     }

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dpd_cli import paths, storage
+from dpd_cli.artifacts import json_number
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
@@ -367,12 +368,6 @@ class ExpertSet:
 
 
 # --- the lenient check ------------------------------------------------------------------------
-def _finite(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _short(e: Exception, path: Path) -> str:
@@ -396,9 +391,9 @@ def check_trajectory(path: Path) -> dict:
         "index": meta.get("index"),
         "epochs": shape[0] - 1,
         "n_params": shape[1],
-        "test_accuracy": [_finite(a) for a in accs],
-        "final_test_accuracy": _finite(accs[-1]) if accs else None,
-        "train_images_per_s": _finite(meta.get("train_images_per_s")),
+        "test_accuracy": [json_number(a) for a in accs],
+        "final_test_accuracy": json_number(accs[-1]) if accs else None,
+        "train_images_per_s": json_number(meta.get("train_images_per_s")),
         "seed": meta.get("seed"),
     }
 

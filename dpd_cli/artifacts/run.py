@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpd_cli import storage
+from dpd_cli.artifacts.evaluation import EVAL_FILE
 from dpd_cli.errors import StorageError
 
 __all__ = [
@@ -51,7 +52,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 PRUNE = "prune_frequency.safetensors"
 GRID = "grid.png"
-EVAL = "eval.json"
+EVAL = EVAL_FILE  # dpd_cli.artifacts.evaluation names it
 #: What a run directory may hold, in the order ``dpd inspect`` lists it; ``--force`` deletes these.
 RUN_FILES = (SETTINGS, PREPROCESS, SYNTHETIC, METRICS, PRUNE, GRID, CHECKPOINTS, EVAL)
 #: Any of these makes a folder a run directory.

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dpd_cli.cli.console import out_console, print_json
+from dpd_cli.cli.console import print_result
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help
 from dpd_cli.cli.results import SOURCE_LABELS
@@ -34,11 +34,7 @@ def compare(
         from dpd_cli.engine import compare as engine
 
         result = engine.run([Path(r) for r in runs])
-    if json_out:
-        print_json("compare", result)
-        return
-    for line in lines(result):
-        out_console().print(line, highlight=False, soft_wrap=True, markup=False)
+    print_result("compare", result, json_out, [] if json_out else lines(result))
 
 
 compare.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)

@@ -38,7 +38,7 @@ from dpd_cli.events import (
     NullSink,
 )
 
-__all__ = ["JSON_SCHEMA", "error_console", "out_console", "make_sink", "json_envelope", "print_json", "sparkline"]
+__all__ = ["JSON_SCHEMA", "error_console", "out_console", "make_sink", "json_envelope", "print_json", "print_result", "sparkline"]
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -71,6 +71,15 @@ def print_json(command: str, payload: dict) -> None:
     """Print ``payload`` in the JSON envelope on stdout."""
     sys.stdout.write(json.dumps(json_envelope(command, payload), indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def print_result(command: str, result: dict, json_out: bool, lines: list[str]) -> None:
+    """A command's result on stdout: ``result`` in the JSON envelope with ``--json``, else ``lines`` (unwrapped)."""
+    if json_out:
+        print_json(command, result)
+        return
+    for line in lines:
+        out_console().print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def sparkline(values: list[float], width: int = 40) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dpd_cli.cli.console import out_console, print_json
+from dpd_cli.cli.console import print_result
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help
 
@@ -32,11 +32,7 @@ def ls(
         from dpd_cli.engine import ls as engine
 
         result = engine.run([Path(d) for d in dirs or []])
-    if json_out:
-        print_json("ls", result)
-        return
-    for line in lines(result):
-        out_console().print(line, highlight=False, soft_wrap=True, markup=False)
+    print_result("ls", result, json_out, [] if json_out else lines(result))
 
 
 ls.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)

@@ -13,14 +13,13 @@ named must be usable, else a ``StorageError`` explains what it is and what would
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpd_cli import storage
-from dpd_cli.artifacts import discover, evaluation
+from dpd_cli.artifacts import discover, evaluation, json_number
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
@@ -115,13 +114,6 @@ def inspect(path: Path, expert_epochs: int | None = None, max_experts: int = MAX
 
 
 # --- small helpers ----------------------------------------------------------------------------
-def _finite(x) -> float | None:
-    """A float, or None for NaN/Inf/non-numbers (JSON has no NaN)."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _short_error(e: Exception | str, path: Path, name: str) -> str:
@@ -153,7 +145,7 @@ def _file_entry(path: Path, name: str, valid: bool | None, error: str | None = N
 
 # --- run directory ----------------------------------------------------------------------------
 def _curve(records: list[dict], key: str) -> dict | None:
-    pts = [(int(r["iteration"]), _finite(r.get(key))) for r in records]
+    pts = [(int(r["iteration"]), json_number(r.get(key))) for r in records]
     pts = [(i, v) for i, v in pts if v is not None]
     if not pts:
         return None
