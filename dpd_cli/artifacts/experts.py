@@ -50,6 +50,7 @@ __all__ = [
     "validation_record",
     "read_manifest",
     "load_preprocess",
+    "new_manifest",
     "write_manifest",
     "planned_count",
     "save_trajectory",
@@ -140,13 +141,13 @@ def validation_record(ds) -> dict | None:
     return {"per_class": per_class, "fingerprint": ds.val_fingerprint, "indices": ds.val_indices.tolist()}
 
 
-def read_manifest(path: Path) -> dict:
-    """``experts.json``, checked: a dpd experts manifest of the version this dpd reads.
+def read_manifest(folder: Path) -> dict:
+    """``experts.json`` of ``folder``, checked: a dpd experts manifest of the version this dpd reads.
 
     Raises:
         StorageError: Missing, unreadable, foreign, or of another format version.
     """
-    path = Path(path)
+    path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
@@ -162,23 +163,24 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def write_manifest(folder: Path, compat: dict, settings: dict, pre: Preprocess, validation: dict | None,
-                   versions: dict, previous: dict | None = None) -> None:
-    """Write ``experts.json`` (atomically).
+def new_manifest(compat: dict, settings: dict, pre: Preprocess, validation: dict | None, **extra) -> dict:
+    """The ``experts.json`` of a new folder (docs/formats.md); ``extra`` adds entries (``n_planned``, ...)."""
+    from dpd_cli.engine.common import versions
 
-    ``previous``: the manifest already there. Its ``settings`` and ``versions`` (those of the run
-    that created the folder) are kept; only ``n_planned`` follows the latest run.
-    """
-    manifest = {
+    return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "compat": compat,
-        "settings": (previous or {}).get("settings", settings),
-        "n_planned": settings["num"],
+        "settings": settings,
         "preprocess_fingerprint": pre.fingerprint(),
         "validation": validation,
-        "versions": (previous or {}).get("versions", versions),
+        "versions": versions(),
+        **extra,
     }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``folder/experts.json`` (atomically)."""
     storage.atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
@@ -282,8 +284,13 @@ def _fingerprint_message(ppath: Path, found: str, recorded: str) -> str:
             f"{recorded}). Restore it, or train the experts again.")
 
 
-def load_preprocess(path: Path, spec) -> Preprocess:
-    """The folder's normalisation/ZCA tensors, checked against the image shape of ``spec``."""
+def load_preprocess(folder: Path, spec) -> Preprocess:
+    """``preprocess.safetensors`` of ``folder``, checked against the image shape of ``spec``.
+
+    Raises:
+        StorageError: Missing or damaged, or for other images.
+    """
+    path = Path(folder) / PREPROCESS
     if not path.exists():
         raise StorageError(f"{path} is missing; {path.parent} is not a complete experts folder. "
                            "Rerun `dpd experts` with --out pointing at it (finished experts are kept).")
@@ -313,7 +320,7 @@ class ExpertSet:
                 f"No experts found in {self.folder}. Train them first with `dpd experts` (same --dataset, "
                 "--model, --width, --zca), or pass --experts pointing at an experts folder."
             )
-        self.manifest = read_manifest(self.folder / MANIFEST)
+        self.manifest = read_manifest(self.folder)
         self.compat = self.manifest["compat"]
         self.preprocess_scheme = preprocess_scheme(self.compat)
         self.files: list[storage.TensorFile] = []
@@ -340,7 +347,7 @@ class ExpertSet:
             problems = mismatches(f.meta, self.meta, first.path.name, self.compat)
             if problems:
                 raise ExpertsError(_mismatch_message(f.path, problems))
-        self.preprocess = load_preprocess(self.folder / PREPROCESS, self.spec)
+        self.preprocess = load_preprocess(self.folder, self.spec)
         recorded = self.meta.get("preprocess_fingerprint")
         if recorded is not None and recorded != self.preprocess.fingerprint():
             raise StorageError(_fingerprint_message(self.folder / PREPROCESS, self.preprocess.fingerprint(), recorded))
@@ -421,7 +428,7 @@ def check(folder: Path) -> dict:
                         "folder with the experts' settings to rewrite it (finished experts are kept).")
     else:
         try:
-            manifest = read_manifest(mpath)
+            manifest = read_manifest(folder)
         except StorageError as e:
             problems.append(f"{_short(e, mpath)} `dpd distill` refuses this folder until it is fixed.")
     compat = manifest.get("compat") or {}

@@ -34,7 +34,7 @@ from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import run_settings
 from dpd_cli.artifacts import synthetic as synthetic_file
-from dpd_cli.artifacts.experts import MANIFEST, ExpertSet, folders_under, old_preprocess_message, read_manifest, validation_record
+from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, read_manifest, validation_record
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.engine import matching
@@ -429,7 +429,7 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
     candidates = []
     for folder in folders_under(root):
         try:
-            manifest = read_manifest(folder / MANIFEST)
+            manifest = read_manifest(folder)
             compat, recorded = manifest["compat"], manifest.get("settings") or {}
             model = compat["model"]
         except (StorageError, KeyError, TypeError):

@@ -23,10 +23,14 @@ from dpd_cli.artifacts.experts import (  # noqa: F401  (re-exported: callers imp
     ExpertSet,
     default_folder,
     expert_path,
+    load_preprocess,
+    new_manifest,
     old_preprocess_message,
     preprocess_scheme,
+    read_manifest,
     summarize,
     validation_record,
+    write_manifest,
 )
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
@@ -46,7 +50,8 @@ from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertsStarted, ExpertSkippe
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.settings import ExpertSettings
 
-__all__ = ["run", "default_folder", "ExpertSet", "expert_path", "MANIFEST"]
+__all__ = ["run", "default_folder", "ExpertSet", "expert_path", "MANIFEST", "PREPROCESS", "TRAJECTORY", "new_manifest",
+           "write_manifest", "read_manifest", "load_preprocess", "preprocess_scheme"]
 
 
 def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
@@ -64,10 +69,8 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
     ``make_pre()`` builds the preprocessing; it is called only for a new folder (a ZCA fit takes a while).
     An existing manifest is rewritten only to record this run's ``--num`` (``n_planned``).
     """
-    mpath = folder / MANIFEST
-    previous = None
-    if mpath.exists():
-        previous = experts_file.read_manifest(mpath)
+    if (folder / MANIFEST).exists():
+        previous = read_manifest(folder)
         found = dict(previous["compat"])
         found["preprocess_scheme"] = preprocess_scheme(found)
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
@@ -82,14 +85,13 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
                 "Mixing them would corrupt distillation: use the same settings, or pass another --out."
             )
         if (folder / PREPROCESS).exists():
-            pre = experts_file.load_preprocess(folder / PREPROCESS, ModelSpec.from_dict(compat["model"]))
+            pre = load_preprocess(folder, ModelSpec.from_dict(compat["model"]))
             if previous.get("n_planned") != settings.num:
-                experts_file.write_manifest(folder, previous["compat"], settings.model_dump(mode="json"), pre,
-                                            previous.get("validation"), versions(), previous)
+                write_manifest(folder, {**previous, "n_planned": settings.num})
             return pre
     pre = make_pre()
     preprocess_file.save(folder / PREPROCESS, pre)
-    experts_file.write_manifest(folder, compat, settings.model_dump(mode="json"), pre, validation, versions(), previous)
+    write_manifest(folder, new_manifest(compat, settings.model_dump(mode="json"), pre, validation, n_planned=settings.num))
     return pre
 
 
