@@ -60,11 +60,14 @@ _ENVELOPE = ("command", "dpd_version", "schema")
 
 
 def json_envelope(command: str, payload: dict) -> dict:
-    """``{"command", "dpd_version", "schema", **payload}``: what every command prints with ``--json``."""
+    """``{"command", "dpd_version", "schema", **payload}``: what every command prints with ``--json``.
+
+    ``command`` is the command as typed: a settings name such as ``experts_import`` becomes ``experts import``.
+    """
     clash = set(_ENVELOPE) & payload.keys()
     if clash:
         raise ValueError(f"the {command} result uses the envelope's keys {sorted(clash)}")
-    return {"command": command, "dpd_version": __version__, "schema": JSON_SCHEMA, **payload}
+    return {"command": command.replace("_", " "), "dpd_version": __version__, "schema": JSON_SCHEMA, **payload}
 
 
 def print_json(command: str, payload: dict) -> None:
