@@ -109,6 +109,15 @@ def test_every_json_output_has_the_envelope(dpd, built, tmp_path):
     assert json.loads(outputs["inspect"].stdout)["kind"] == "run"
 
 
+def test_envelope_names_the_command_as_typed_and_keeps_its_keys():
+    from dpd_cli.cli.console import json_envelope
+
+    assert json_envelope("experts_import", {"folder": "x"}) == {"command": "experts import", "dpd_version": __version__,
+                                                               "schema": 1, "folder": "x"}
+    with pytest.raises(ValueError, match="envelope's keys"):
+        json_envelope("inspect", {"dpd_version": "0.0.1"})  # a payload may not shadow the envelope
+
+
 def test_file_json_keeps_the_writers_version_apart(dpd, built):
     data = json.loads(dpd("inspect", built["a"] / "synthetic.safetensors", "--json").stdout)
     meta = storage.read_header(built["a"] / "synthetic.safetensors")[1]
