@@ -37,6 +37,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from dpd_cli.stats import paired  # mean, sd and 95 % t-interval of paired differences
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The datasets: a CPU preset each (network, experts, evaluation); the study adds a validation split.
@@ -97,11 +99,6 @@ PLANS = {
         "experts": {"num": 2, "epochs": 3},
     },
 }
-
-# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
 
 def _plan_jobs(plan: dict) -> list[tuple[str, int, str, int]]:
     jobs = []
@@ -175,15 +172,6 @@ def run_one(job: tuple, out: str, data_dir: str, plan_name: str) -> dict:
 
 
 # --- statistics and report ---------------------------------------------------------------------
-def paired(diffs: list[float]) -> dict:
-    """Mean, std and 95 % t-interval of paired differences (points of accuracy)."""
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    half = _T95[min(n - 1, 30) - 1] * sd / math.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "sd": sd, "ci": [mean - half, mean + half], "half_width": half}
-
-
 def summarise(records: list[dict]) -> list[dict]:
     rows = []
     cells = sorted({(r["dataset"], r["ipc"]) for r in records})

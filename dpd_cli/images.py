@@ -8,7 +8,9 @@ import torch
 
 from dpd_cli.storage import atomic_write
 
-__all__ = ["save_grid"]
+__all__ = ["save_grid", "check_png"]
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def save_grid(images01: torch.Tensor, labels: torch.Tensor, n_classes: int, path: Path, max_per_class: int = 10, scale: int = 2) -> Path:
@@ -40,3 +42,14 @@ def save_grid(images01: torch.Tensor, labels: torch.Tensor, n_classes: int, path
     with atomic_write(Path(path)) as f:
         im.save(f, format="PNG")
     return Path(path)
+
+
+def check_png(path: Path) -> str | None:
+    """Why ``path`` is not a PNG image (``None`` when it starts like one)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"{path.name} cannot be read ({e.strerror or e})."
+    return None if head == _PNG_MAGIC else f"{path.name} is not a PNG image (truncated or overwritten)."

@@ -38,9 +38,12 @@ __all__ = [
     "save_tensors",
     "load_tensors",
     "read_header",
+    "read_meta",
+    "check_header_tensors",
     "TensorFile",
     "lock_dir",
     "lock_shard",
+    "is_locked",
     "remove_stale_temps",
 ]
 
@@ -416,6 +419,46 @@ def load_tensors(path: Path, fmt: str | None = None, required: Mapping[str, tupl
     return tensors, meta
 
 
+def read_meta(path: Path, fmt: str | tuple[str, ...] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and decoded metadata of a file, without reading any tensor.
+
+    Args:
+        path: The file.
+        fmt: The expected ``format`` (one name, or any of several); ``None`` accepts any.
+
+    Returns:
+        ``(tensor entries {name: {dtype, shape, data_offsets}}, metadata decoded from JSON)``.
+
+    Raises:
+        StorageError: As ``load_tensors`` for the header and metadata.
+    """
+    path = Path(path)
+    header, raw = read_header(path)
+    if isinstance(fmt, tuple):
+        found = raw.get("format")
+        if found not in fmt:
+            what = f"a {found!r} file" if found else "not a file written by dpd"
+            raise StorageError(f"{path} is {what}; expected {' or '.join(map(repr, fmt))}. Check the path.")
+        fmt = found
+    return header, _decode_meta(path, raw, fmt)
+
+
+def check_header_tensors(path: Path, header: Mapping[str, Any], required: Mapping[str, tuple[torch.dtype, int | None]]) -> None:
+    """Check the ``required`` tensors' names, dtypes and ranks from a header alone (no data is read).
+
+    Raises:
+        StorageError: A tensor is missing or of another dtype or rank (worded as ``load_tensors`` words it).
+    """
+    names = {v: k for k, v in _DTYPES.items()}  # "F32" -> torch.float32
+    for name, (dtype, ndim) in required.items():
+        entry = header.get(name)
+        if entry is None:
+            raise StorageError(f"{path} lacks the tensor {name!r}.")
+        found = names.get(entry["dtype"], entry["dtype"])
+        if found != dtype or (ndim is not None and len(entry["shape"]) != ndim):
+            raise StorageError(f"{path}: tensor {name!r} is {found} with shape {tuple(entry['shape'])}; expected {dtype} with {ndim} dimensions.")
+
+
 class TensorFile:
     """A safetensors file opened for lazy reads (``safe_open`` + ``get_slice``).
 
@@ -547,3 +590,25 @@ def lock_shard(folder: Path, what: str, rank: int, world: int, name: str = ".loc
     rank_name = f"{name.removesuffix('.lock')}.rank{rank}.lock"
     with lock_dir(folder, what, name, advice, shared=True), lock_dir(folder, what, rank_name, advice):
         yield
+
+
+def is_locked(folder: Path, name: str = ".lock") -> bool:
+    """Whether a process holds ``folder/<name>`` now, exclusively or shared (as ``lock_shard``'s ranks do).
+
+    Probed read-only with a non-blocking exclusive ``flock`` that is released at once; nothing is
+    written. A missing lock file, or a file system without locks, reads as not locked.
+    """
+    try:
+        fd = os.open(Path(folder) / name, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dpd_cli import storage
 
-__all__ = ["append", "truncate", "read"]
+__all__ = ["append", "truncate", "read", "last_iteration"]
 
 
 def append(path: Path, records: list[dict]) -> None:
@@ -50,3 +51,23 @@ def read(path: Path) -> tuple[list[dict], int, int]:
             except (ValueError, KeyError, TypeError):
                 bad += 1
     return [by_it[i] for i in sorted(by_it)], bad, total
+
+
+def last_iteration(path: Path, tail_bytes: int = 1 << 16) -> int | None:
+    """The iteration of the last complete record, read from the end of the file (``None``: no record there).
+
+    Only the last ``tail_bytes`` are read, so this stays fast for long runs; a torn last line is skipped.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail_bytes))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines[1:] if size > tail_bytes else lines):  # the first line of a tail may be cut
+        try:
+            return int(json.loads(line)["iteration"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None

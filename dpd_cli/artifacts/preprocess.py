@@ -10,9 +10,11 @@ from dpd_cli import storage
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
 
-__all__ = ["FORMAT", "save", "load", "check_tensors"]
+__all__ = ["FORMAT", "REQUIRED", "save", "load", "check_header", "check_tensors"]
 
 FORMAT = "dpd.preprocess"
+#: The tensors every preprocessing file holds, as ``(dtype, ndim)``; ZCA adds ``zca_mean``, ``zca_matrix``, ``zca_inverse``.
+REQUIRED = {"norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
 
 
 def save(path: Path, pre: Preprocess) -> None:
@@ -42,6 +44,17 @@ def check_tensors(path: Path, t: dict[str, torch.Tensor], channels: int, size: t
         raise StorageError(f"{path}: the normalisation std must be positive. {hint}")
 
 
+def check_header(path: Path) -> dict:
+    """``{"zca", "fingerprint"}`` of a preprocessing file, from its header alone (format, version, tensor table).
+
+    Raises:
+        StorageError: What the header shows to be wrong, naming the path.
+    """
+    header, meta = storage.read_meta(path, FORMAT)
+    storage.check_header_tensors(path, header, REQUIRED)
+    return {"zca": "zca_matrix" in header, "fingerprint": meta.get("fingerprint")}
+
+
 def load(path: Path, channels: int, size: tuple[int, int], hint: str = "Delete the file and recreate it with dpd.") -> Preprocess:
     """The transform stored in ``path``, checked against the image shape it must apply to.
 
@@ -51,7 +64,7 @@ def load(path: Path, channels: int, size: tuple[int, int], hint: str = "Delete t
     path = Path(path)
     if not path.exists():
         raise StorageError(f"{path} is missing. {hint}")
-    t, meta = storage.load_tensors(path, FORMAT, {"norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)})
+    t, meta = storage.load_tensors(path, FORMAT, REQUIRED)
     check_tensors(path, t, channels, size, hint)
     pre = Preprocess.from_tensors(t)
     recorded = meta.get("fingerprint")

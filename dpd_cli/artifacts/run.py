@@ -9,12 +9,20 @@
     metrics.jsonl                       one JSON line per iteration
     prune_frequency.safetensors         per-parameter prune counter
     grid.png                            the synthetic images as a picture
-    eval.json, eval.partial.jsonl       dpd evaluate's results (``dpd_cli.engine.evaluate``)
+    eval.json, eval.partial.jsonl       dpd evaluate's results (``dpd_cli.artifacts.evaluation``)
+    .lock                               held while ``dpd distill`` writes here
+
+``scan`` reads what the files say about the run's progress (headers and JSON only) and lists the
+places where they disagree; ``dpd inspect`` and ``dpd ls`` report it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from dpd_cli import storage
+from dpd_cli.artifacts.evaluation import EVAL_FILE
+from dpd_cli.errors import StorageError
 
 __all__ = [
     "SETTINGS",
@@ -32,6 +40,9 @@ __all__ = [
     "checkpoints",
     "checkpoint_iteration",
     "checkpoints_to_delete",
+    "status",
+    "disagreements",
+    "scan",
 ]
 
 SETTINGS = "settings.json"
@@ -41,7 +52,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 PRUNE = "prune_frequency.safetensors"
 GRID = "grid.png"
-EVAL = "eval.json"
+EVAL = EVAL_FILE  # dpd_cli.artifacts.evaluation names it
 #: What a run directory may hold, in the order ``dpd inspect`` lists it; ``--force`` deletes these.
 RUN_FILES = (SETTINGS, PREPROCESS, SYNTHETIC, METRICS, PRUNE, GRID, CHECKPOINTS, EVAL)
 #: Any of these makes a folder a run directory.
@@ -87,3 +98,169 @@ def checkpoints_to_delete(iterations: list[int], keep: str | int, checkpoint_eve
             continue
         out.append(it)
     return out
+
+
+# --- the run as a whole -------------------------------------------------------------------------
+def status(planned: int | None, iteration: int | None, checkpoint_iteration: int | None, running: bool) -> str:
+    """``running`` (a process holds the run's lock), ``finished``, ``resumable`` or ``no checkpoint``.
+
+    ``iteration``: the newest iteration written as a synthetic set or checkpoint.
+    """
+    if running:
+        return "running"
+    if planned is not None and iteration is not None and iteration >= planned:
+        return "finished"
+    return "resumable" if checkpoint_iteration is not None else "no checkpoint"
+
+
+def disagreements(run_dir: Path, *, settings_hashes: dict[str, str], synthetic: int | None, checkpoint: int | None,
+                  prune: int | None, metrics: int | None, metrics_missing: int, evaluated: dict[str, int],
+                  resumable: bool) -> list[str]:
+    """Sentences on a run's files that do not tell the same story, with what to do about each.
+
+    A checkpoint, synthetic.safetensors and prune_frequency.safetensors are written together (in
+    that order) and metrics.jsonl reaches at least the newest checkpoint; all record one settings hash.
+
+    Args:
+        run_dir: The run (named in the advice).
+        settings_hashes: ``{file name: settings_hash}`` of settings.json, the synthetic set and the newest checkpoint.
+        synthetic, checkpoint, prune, metrics: The iteration each file is at (``None``: absent or unreadable).
+        metrics_missing: Iterations up to ``metrics`` that have no line.
+        evaluated: ``{model: newest iteration}`` of eval.json's latest distilled results.
+        resumable: The run stopped before its last iteration (metrics past the checkpoint are expected then).
+    """
+    out = []
+    redo = f"Rerun the same `dpd distill` command with --resume to rewrite it from checkpoint {checkpoint}."
+    if synthetic is not None and checkpoint is not None and synthetic != checkpoint:
+        what = (f"`dpd evaluate {run_dir}` would score that older set. {redo}" if synthetic < checkpoint
+                else f"a newer checkpoint is missing; a resume continues from checkpoint {checkpoint} and rewrites it.")
+        out.append(f"{SYNTHETIC} is at iteration {synthetic}, the newest checkpoint at {checkpoint}, but they are written "
+                   f"together (a process stopped between them, or a file was replaced): {what}")
+    if prune is not None and checkpoint is not None and prune != checkpoint:
+        out.append(f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are "
+                   f"not the run's current ones. {redo}")
+    if metrics is not None and checkpoint is not None:
+        if metrics < checkpoint:
+            out.append(f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines "
+                       "are missing, so the curves stop early.")
+        elif metrics > checkpoint and resumable:
+            out.append(f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): "
+                       f"a resume redoes iterations {checkpoint + 1}-{metrics}.")
+    if metrics_missing:
+        out.append(f"{METRICS} has no line for {metrics_missing} of iterations 1-{metrics} (lines were lost or removed), "
+                   "so the curves have gaps.")
+    hashes = {name: h for name, h in settings_hashes.items() if h is not None}
+    if len(set(hashes.values())) > 1:
+        listed = ", ".join(f"{name} {h}" for name, h in hashes.items())
+        out.append(f"The run's files record different settings (settings_hash: {listed}): files of different runs are "
+                   f"mixed in {run_dir}. Start it over with --force, or keep each run in its own folder.")
+    now = checkpoint if checkpoint is not None else synthetic
+    stale = {m: it for m, it in evaluated.items() if now is not None and it != now}
+    if stale:
+        which = ", ".join(f"{m} at iteration {it}" for m, it in stale.items())
+        out.append(f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). "
+                   f"Rerun `dpd evaluate {run_dir}` for current numbers.")
+    return out
+
+
+def _relative_error(e: Exception, path: Path, name: str) -> str:
+    return str(e).replace(str(path), name)
+
+
+def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | None = None) -> dict:
+    """What a run's files say about its progress, from headers and JSON only (no tensor is read).
+
+    Args:
+        run_dir: The run directory.
+        every_checkpoint: Check every checkpoint's header (else only down to the newest usable one).
+        records: metrics.jsonl's records if the caller read them (``dpd_cli.artifacts.metrics.read``);
+            else only the file's end is read.
+
+    Returns:
+        ``{"settings", "synthetic", "checkpoints", "prune", "evaluation", "errors", "state", "disagreements"}``:
+        settings.json's record, the synthetic set's and prune counts' metadata (``None`` when absent or
+        unusable), the usable checkpoints newest first (``{"name", "iteration", "meta"}``), eval.json's
+        latest results (``dpd_cli.artifacts.evaluation.latest``), ``{file name: why it is unusable}``,
+        ``{"status", "iteration", "iterations", "synthetic_iteration", "checkpoint_iteration",
+        "metrics_iteration"}`` and ``disagreements``'s sentences (none while the run is running).
+    """
+    from dpd_cli.artifacts import evaluation, run_settings
+    from dpd_cli.artifacts import metrics as metrics_file
+    from dpd_cli.artifacts import prune_counts as prune_file
+    from dpd_cli.artifacts import synthetic as synthetic_file
+
+    run_dir = Path(run_dir)
+    errors: dict[str, str] = {}
+    settings, problem = run_settings.read(run_dir)
+    if problem:
+        errors[SETTINGS] = _relative_error(StorageError(problem), run_dir / SETTINGS, SETTINGS)
+
+    def header(path: Path, name: str, read) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            return read(path)
+        except StorageError as e:
+            errors[name] = _relative_error(e, path, name)
+            return None
+
+    syn = header(run_dir / SYNTHETIC, SYNTHETIC, synthetic_file.check_header)
+    ckpts = []
+    for p in checkpoints(run_dir):
+        name = f"{CHECKPOINTS}/{p.name}"
+        meta = header(p, name, synthetic_file.check_header)
+        if meta is not None:
+            ckpts.append({"name": name, "iteration": meta.get("iteration"), "meta": meta})
+            if not every_checkpoint:
+                break
+    prune = header(run_dir / PRUNE, PRUNE, lambda p: storage.read_meta(p, prune_file.FORMAT)[1])
+
+    missing = 0
+    metrics_it = None
+    if records is not None:
+        its = {int(r["iteration"]) for r in records}
+        metrics_it = max(its, default=None)
+        missing = (metrics_it - len({i for i in its if 1 <= i <= metrics_it})) if metrics_it else 0
+    elif (run_dir / METRICS).exists():
+        try:
+            metrics_it = metrics_file.last_iteration(run_dir / METRICS)
+        except OSError as e:
+            errors[METRICS] = f"{METRICS} cannot be read ({e.strerror or e})."
+
+    newest = max((m for m in (syn, ckpts[0]["meta"] if ckpts else None) if m), key=lambda m: _int(m.get("iteration")) or 0,
+                 default={})
+    planned = _int(newest.get("iterations")) or _int(((settings or {}).get("settings") or {}).get("iterations"))
+    syn_it = _int((syn or {}).get("iteration"))
+    ckpt_it = _int(ckpts[0]["iteration"]) if ckpts else None
+    written = max([i for i in (syn_it, ckpt_it) if i is not None], default=None)
+    running = storage.is_locked(run_dir)
+    state = {
+        "status": status(planned, written, ckpt_it, running),
+        "iteration": max([i for i in (syn_it, ckpt_it, metrics_it) if i is not None], default=0),
+        "iterations": planned,
+        "synthetic_iteration": syn_it,
+        "checkpoint_iteration": ckpt_it,
+        "metrics_iteration": metrics_it,
+    }
+    ev = evaluation.latest(run_dir / EVAL)
+    if ev is not None and not ev["valid"]:
+        errors[EVAL] = _relative_error(StorageError(ev["error"]), run_dir / EVAL, EVAL)
+    found = []
+    if not running:
+        evaluated = {}
+        for r in (ev or {}).get("results", []):
+            it = evaluation.evaluated_iteration(r)
+            if r["source"] == "distilled" and it is not None:
+                evaluated[str(r["model"])] = it
+        found = disagreements(
+            run_dir,
+            settings_hashes={SETTINGS: (settings or {}).get("settings_hash"), SYNTHETIC: (syn or {}).get("settings_hash"),
+                             ckpts[0]["name"] if ckpts else "checkpoint": ckpts[0]["meta"].get("settings_hash") if ckpts else None},
+            synthetic=syn_it, checkpoint=ckpt_it, prune=_int((prune or {}).get("iteration")), metrics=metrics_it,
+            metrics_missing=missing, evaluated=evaluated, resumable=state["status"] == "resumable")
+    return {"settings": settings, "synthetic": syn, "checkpoints": ckpts, "prune": prune, "evaluation": ev,
+            "errors": errors, "state": state, "disagreements": found}
+
+
+def _int(x) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None

@@ -2,8 +2,8 @@
 
 A synthetic set is standalone: images (training space), labels, the learned alpha and the full
 preprocessing, so it evaluates anywhere. From format version 2 it may hold learned soft labels
-(``label_logits``, ``(n, C)``: evaluation trains on their softmax); version 1 sets have hard labels only. A checkpoint holds the exact-resume state: the same
-tensors plus both optimisers' momentum, the prune counters and (for the EMA / network-mode masks)
+(``label_logits``, ``(n, C)``: evaluation trains on their softmax); version 1 sets have hard labels
+only. A checkpoint holds the exact-resume state: the same tensors plus both optimisers' momentum, the prune counters and (for the EMA / network-mode masks)
 the prune state. From format version 2 a checkpoint stores only the normalisation and refers to
 its run's ``preprocess.safetensors`` for the ZCA matrices (two 3072 x 3072 matrices for CIFAR,
 75 MB, would otherwise be copied into every kept checkpoint); version 1 checkpoints carry them.
@@ -26,8 +26,8 @@ from dpd_cli.artifacts import run as layout
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
 
-__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "save_synthetic", "save_checkpoint", "load", "check", "STATE_TENSORS",
-           "soft_targets", "label_mass"]
+__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "REQUIRED", "save_synthetic", "save_checkpoint", "load", "check_header",
+           "check", "describe", "STATE_TENSORS", "soft_targets", "label_mass"]
 
 SYNTHETIC_FORMAT = "dpd.synthetic"
 CHECKPOINT_FORMAT = "dpd.checkpoint"
@@ -35,6 +35,14 @@ CHECKPOINT_FORMAT = "dpd.checkpoint"
 #: ``momentum_labels`` only with soft labels).
 STATE_TENSORS = ("momentum_images", "momentum_lr", "prune_counts", "prune_state", "momentum_labels")
 _HINT = "It is damaged or was not written by this dpd."
+_SYNTHETIC_TENSORS = {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0),
+                      "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
+#: The tensors each format must hold, as ``(dtype, ndim)`` (more are checked once loaded).
+REQUIRED = {
+    SYNTHETIC_FORMAT: _SYNTHETIC_TENSORS,
+    CHECKPOINT_FORMAT: {**_SYNTHETIC_TENSORS, "momentum_images": (torch.float32, 4), "momentum_lr": (torch.float32, 0),
+                        "prune_counts": (torch.int32, 1)},
+}
 
 
 def save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, pre: Preprocess,
@@ -71,15 +79,8 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from dpd_cli.engine.common import spec_from_meta
 
     path = Path(path)
-    _, raw = storage.read_header(path)
-    fmt = raw.get("format")
-    if fmt not in (SYNTHETIC_FORMAT, CHECKPOINT_FORMAT):
-        raise StorageError(f"{path} is not a synthetic set or checkpoint written by dpd distill (format {fmt!r}).")
-    required = {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0),
-                "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
-    if fmt == CHECKPOINT_FORMAT:
-        required.update(momentum_images=(torch.float32, 4), momentum_lr=(torch.float32, 0), prune_counts=(torch.int32, 1))
-    t, meta = storage.load_tensors(path, fmt, required)
+    fmt = _format(path)
+    t, meta = storage.load_tensors(path, fmt, REQUIRED[fmt])
     for k in ("model", "classes", "dataset"):
         if k not in meta:
             raise StorageError(f"{path} lacks the metadata entry {k!r}; it was not written by this dpd.")
@@ -115,6 +116,30 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             t.update(_run_zca(path, meta, spec))
     preprocess_file.check_tensors(path, t, spec.channels, spec.image_size, _HINT)
     return t, meta
+
+
+def _format(path: Path) -> str:
+    """``dpd.synthetic`` or ``dpd.checkpoint``, from the header; anything else is refused."""
+    _, raw = storage.read_header(path)
+    fmt = raw.get("format")
+    if fmt not in REQUIRED:
+        raise StorageError(f"{path} is not a synthetic set or checkpoint written by dpd distill (format {fmt!r}).")
+    return fmt
+
+
+def check_header(path: Path) -> dict:
+    """The metadata of a synthetic set or checkpoint, after the checks its header allows (no tensor is read).
+
+    Format, version and the required tensors' dtypes and ranks are checked; the tensors' values and
+    the metadata entries are not (``load`` checks everything).
+
+    Raises:
+        StorageError: What the header shows to be wrong, naming the path.
+    """
+    path = Path(path)
+    header, meta = storage.read_meta(path, _format(path))
+    storage.check_header_tensors(path, header, REQUIRED[meta["format"]])
+    return meta
 
 
 def _check_state(path: Path, t: dict[str, torch.Tensor], image_shape) -> None:
@@ -181,3 +206,25 @@ def check(path: Path) -> list[str]:
     except StorageError as e:
         return [str(e)]
     return []
+
+
+def describe(t: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    """What a loaded set (``load``'s result) holds, JSON-ready: no tensors, and no NaN (``alpha`` is finite once loaded)."""
+    from dpd_cli.artifacts.experts import model_tag
+
+    classes = meta.get("classes") or []
+    return {
+        "dataset": meta.get("dataset"),
+        "n_images": len(t["labels"]),
+        "image_shape": list(t["images"].shape[1:]),
+        "classes": classes,
+        "n_classes": len(classes),
+        "ipc": meta.get("ipc"),
+        "iteration": meta.get("iteration"),
+        "iterations": meta.get("iterations"),
+        "alpha": float(t["lr"]),
+        "zca": "zca_matrix" in t,
+        "model_tag": model_tag(meta.get("model")),
+        "soft_labels": label_mass(t, classes) if classes else None,  # None: hard labels
+        "soft_label_source": meta.get("soft_labels"),
+    }

@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from dpd_cli import __version__
+from dpd_cli.cli.compare import compare
 from dpd_cli.cli.distill import distill
 from dpd_cli.cli.evaluate import evaluate
 from dpd_cli.cli.experts import experts_app
 from dpd_cli.cli.export import export
 from dpd_cli.cli.inspect import inspect
+from dpd_cli.cli.ls import ls
 from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
 
 class _Root(Group):
@@ -27,8 +29,9 @@ class _Root(Group):
 app = typer.Typer(
     name="dpd",
     help="Dataset distillation by trajectory matching with Difference-Driven Pruning.\n\n"
-    "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR. With MTT's tools: "
-    "dpd experts import BUFFERS..., dpd export RUN_DIR --format mtt.\n\n"
+    "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR; dpd ls lists runs and "
+    "dpd compare RUN... sets their evaluations side by side. With MTT's tools: dpd experts import BUFFERS..., "
+    "dpd export RUN_DIR --format mtt.\n\n"
     "Exit codes: 0 ok, 2 user error, 3 accuracy below --fail-under, 130 interrupted; anything else is a bug.",
     epilog=ENVIRONMENT_HELP,
     no_args_is_help=True,
@@ -54,7 +57,7 @@ def _root(
 
 
 app.add_typer(experts_app, name="experts")
-for command in (distill, evaluate, inspect, export):
+for command in (distill, evaluate, inspect, export, ls, compare):
     app.command(cls=Command, epilog=ENVIRONMENT_HELP)(command)
 
 

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 from rich.text import Text
 
+from dpd_cli import __version__
 from dpd_cli.events import (
     CheckpointSaved,
     DistillDone,
@@ -42,7 +43,7 @@ from dpd_cli.events import (
     NullSink,
 )
 
-__all__ = ["error_console", "out_console", "make_sink", "print_json", "sparkline"]
+__all__ = ["JSON_SCHEMA", "error_console", "out_console", "make_sink", "json_envelope", "print_json", "print_result", "sparkline"]
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -57,9 +58,36 @@ def out_console() -> Console:
     return Console()
 
 
-def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+#: The version of the layout of every command's ``--json`` output (docs/formats.md, "JSON output"):
+#: raised when a key is removed or changes meaning; new keys may appear without it.
+JSON_SCHEMA = 1
+_ENVELOPE = ("command", "dpd_version", "schema")
+
+
+def json_envelope(command: str, payload: dict) -> dict:
+    """``{"command", "dpd_version", "schema", **payload}``: what every command prints with ``--json``.
+
+    ``command`` is the command as typed: a settings name such as ``experts_import`` becomes ``experts import``.
+    """
+    clash = set(_ENVELOPE) & payload.keys()
+    if clash:
+        raise ValueError(f"the {command} result uses the envelope's keys {sorted(clash)}")
+    return {"command": command.replace("_", " "), "dpd_version": __version__, "schema": JSON_SCHEMA, **payload}
+
+
+def print_json(command: str, payload: dict) -> None:
+    """Print ``payload`` in the JSON envelope on stdout."""
+    sys.stdout.write(json.dumps(json_envelope(command, payload), indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def print_result(command: str, result: dict, json_out: bool, lines: list[str]) -> None:
+    """A command's result on stdout: ``result`` in the JSON envelope with ``--json``, else ``lines`` (unwrapped)."""
+    if json_out:
+        print_json(command, result)
+        return
+    for line in lines:
+        out_console().print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def sparkline(values: list[float], width: int = 40) -> str:

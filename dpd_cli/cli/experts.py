@@ -20,10 +20,10 @@ __all__ = ["experts_app"]
 
 
 def _report(settings, folder: Path) -> Report:
-    from dpd_cli.engine.experts import summarize
+    from dpd_cli.artifacts.experts import summarize
 
     summary = summarize(folder)
-    accs = [e["final_test_accuracy"] for e in summary["experts"]]
+    accs = [e["final_test_accuracy"] for e in summary["experts"] if e["final_test_accuracy"] is not None]
     mean = sum(accs) / len(accs) if accs else float("nan")
     return Report(summary, [f"{len(accs)} experts in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
                             f"--dataset {settings.dataset}" + (f" --experts {folder}" if settings.out else "")])

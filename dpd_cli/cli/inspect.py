@@ -102,13 +102,15 @@ def inspect(
         if grid_out is not None:
             exports["grid"] = engine.export_grid(path, grid_out)
         if plot_out is not None:
-            written = engine.plot(facts, plot_out)
+            from dpd_cli.cli.plot import plot as draw
+
+            written = draw(facts, plot_out)
             if written is None:  # matplotlib was importable above; the engine could not use it
                 raise SettingsError(f"--plot could not import matplotlib: `{PLOT_INSTALL}`.")
             exports["plot"] = {"path": str(written)}
 
     if json_out:
-        print_json({**facts, "exports": exports})
+        print_json("inspect", {**facts, "exports": exports})
     else:
         con = out_console()
         {"run": _show_run, "experts": _show_experts, "file": _show_file}[facts["kind"]](con, facts)
@@ -199,7 +201,7 @@ def _show_exports(con: Console, exports: dict) -> None:
         con.print(Text(f"Wrote {p['path']}."))
 
 
-def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
+def _evaluation(con: Console, ev: dict | None) -> None:
     if ev is None:
         return
     _heading(con, f"Evaluation ({ev['file']}): test accuracy %, mean ± std (runs)")
@@ -211,10 +213,6 @@ def _evaluation(con: Console, ev: dict | None, iteration: int | None) -> None:
     for note, style in ((selection_note(results), "dim"), (divergence_note(results), "dim"), (below_note(results), "bold red")):
         if note:
             _put(con, note, style)
-    stale = sorted({r["iteration"] for r in results if r["source"] == "distilled" and r["iteration"] is not None and iteration is not None and r["iteration"] != iteration})
-    if stale:
-        _put(con, f"Some distilled results are for iteration {', '.join(map(str, stale))}; the run is now at {iteration}. "
-                  "Rerun `dpd evaluate` for current numbers.", "dim")
     older = ev["n_entries"] - len(results)
     if older > 0:
         _put(con, f"The latest result per model, protocol and source is shown; {ev['file']} holds {older} older one{'s' if older > 1 else ''}.", "dim")
@@ -292,7 +290,7 @@ def _show_run(con: Console, f: dict) -> None:
 
     if f["pruning"]:
         _prune_table(con, f["pruning"], "Pruning by layer (most pruned first)")
-    _evaluation(con, f["evaluation"], st["iteration"])
+    _evaluation(con, f["evaluation"])
 
     _heading(con, "Files")
     table = _table(("file", "left"), ("size", "right"), ("status", "left"))
@@ -334,6 +332,12 @@ def _show_experts(con: Console, f: dict) -> None:
         f"seed {tr['seed']}" if tr.get("seed") is not None else "",
     ] if x)
     count = f"{f['count']}"
+    if f["n_planned"] is not None and f["count"] < f["n_planned"]:
+        count += f" of {f['n_planned']}"
+    if f["being_written"]:
+        count += ", being written (a dpd experts process holds the folder's lock)"
+    elif f["n_planned"] is not None and f["count"] < f["n_planned"]:
+        count += " (stopped early: rerun the same `dpd experts` command to train the rest)"
     if f["n_compatible"] != f["count"]:
         count += f" ({f['n_compatible']} usable, see the warnings)"
     acc = f["accuracy"]
@@ -425,7 +429,7 @@ def _show_file(con: Console, f: dict) -> None:
         fmt += f" version {f['format_version']}"
     rows = [
         ("format", fmt),
-        ("written by", f"dpd {f['dpd_version']}" if f["dpd_version"] else "?"),
+        ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?"),
         ("status", "valid" if f["valid"] else "INVALID: " + " ".join(f["problems"])),
     ]
     if f["part_of"]:
@@ -464,5 +468,5 @@ def _show_file(con: Console, f: dict) -> None:
             _put(con, "Long values are cut (…); --json shows them in full.", "dim")
     if f["format"] == "dpd.prune_counts" and details:
         _prune_table(con, details, "Pruning by layer (most pruned first)")
-    _evaluation(con, f["evaluation"], details.get("iteration"))
+    _evaluation(con, f["evaluation"])
     _warnings(con, f["warnings"])

@@ -78,7 +78,7 @@ def settings_command(command: str, *, report: Callable[[Any, Any], Report], summ
             pass  # under torchrun rank 0 reports
         elif json_out:
             if shown.json is not None:
-                print_json(shown.json)
+                print_json(command, shown.json)
         elif not quiet:
             for item in shown.text:
                 out_console().print(item, highlight=False, soft_wrap=isinstance(item, str))

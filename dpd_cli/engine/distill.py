@@ -18,7 +18,6 @@ Temporary files a killed process left (``.*.tmp``) are deleted once the lock is 
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import shutil
 import time
@@ -28,16 +27,18 @@ from pathlib import Path
 import torch
 
 from dpd_cli import interrupt, paths, storage
+from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import run_settings
 from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, read_manifest, validation_record
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.engine import matching, parallel
 from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, versions
-from dpd_cli.engine.experts import MANIFEST, ExpertSet, old_preprocess_message, validation_record
 from dpd_cli.engine.pruning import PruneConfig, Pruner
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
@@ -209,7 +210,7 @@ class DistillRecipe:
             if self.main:
                 metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
                 preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
-                storage.atomic_write_text(self.run_dir / layout.SETTINGS, json.dumps(self._settings_record(), indent=2))
+                run_settings.save(self.run_dir, self._settings_record())
         self.pruner = Pruner(prune_config(s), self.sizes, self.state.prune_state)
         self.pruned_total = _layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
         self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self._ratio_at(i) > 0)
@@ -488,16 +489,6 @@ def _rule_text(s: DistillSettings) -> str:
     return f"{s.prune_scope}/{s.prune_criterion}/{s.prune_direction}/{mask}/{s.prune_mode}"
 
 
-def _experts_folders(root: Path) -> list[Path]:
-    """Every experts folder (holding experts.json and at least one expert) under ``root``, newest first."""
-    found = []
-    for manifest in root.glob(f"**/{MANIFEST}"):
-        files = list(manifest.parent.glob("expert_*.safetensors"))
-        if files:
-            found.append((max(f.stat().st_mtime for f in files), manifest.parent))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
 def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
     """The experts folder the user most plausibly means when --experts is not given, announced on the first line.
 
@@ -507,12 +498,12 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
     root = paths.experts_root()
     given = s.model_fields_set
     candidates = []
-    for folder in _experts_folders(root):
+    for folder in folders_under(root):
         try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            manifest = read_manifest(folder)
             compat, recorded = manifest["compat"], manifest.get("settings") or {}
             model = compat["model"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (StorageError, KeyError, TypeError):
             continue
         if "dataset" in given and compat.get("dataset") != dataset_key(s):
             continue
@@ -524,7 +515,7 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
             continue
         candidates.append((folder, recorded))
     if not candidates:
-        others = _experts_folders(root)
+        others = folders_under(root)
         if not others:
             raise ExpertsError(
                 f"No experts found in the experts root {root} (set by DPD_EXPERTS_ROOT). Train them first with `dpd experts` "
@@ -651,8 +642,7 @@ def _prepare_run_dir(run_dir: Path, s: DistillSettings) -> None:
     for f in existing:
         p = run_dir / f
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for stale in run_dir.glob("eval.partial.jsonl"):
-        stale.unlink()
+    evaluation.partial_path(run_dir / layout.EVAL).unlink(missing_ok=True)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -678,9 +668,9 @@ def _other_settings(run_dir: Path) -> OutputExistsError:
 def _check_recorded_settings(run_dir: Path, shash: str) -> None:
     """Refuse to resume a checkpoint-less run whose settings.json records other settings."""
     try:
-        recorded = json.loads((run_dir / layout.SETTINGS).read_text(encoding="utf-8")).get("settings_hash")
-    except (OSError, ValueError, AttributeError) as e:
-        raise StorageError(f"{run_dir / layout.SETTINGS} is unreadable ({e}) and there is no checkpoint to resume. Start over with --force.") from e
+        recorded = run_settings.load(run_dir).get("settings_hash")
+    except StorageError as e:
+        raise StorageError(f"{e} There is no checkpoint to resume: start over with --force.") from e
     if recorded != shash:
         raise _other_settings(run_dir)
 

@@ -37,10 +37,15 @@ import torch
 
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.artifacts import evaluation
+from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.engine import parallel
 from dpd_cli.engine.common import derive_seed, resolve_device, set_threads, versions
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.artifacts.evaluation import EVAL_FILE  # noqa: F401  (re-exported)
+from dpd_cli.artifacts.evaluation import load as load_eval  # noqa: F401  (re-exported)
+from dpd_cli.artifacts.evaluation import path_for as eval_path
 from dpd_cli.artifacts.run import SYNTHETIC
 from dpd_cli.engine.train import accuracy, train_epoch
 from dpd_cli.errors import DataError, SettingsError, StorageError
@@ -50,29 +55,9 @@ from dpd_cli.settings import EvalSettings
 
 __all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "random_subset", "load_eval", "eval_path"]
 
-EVAL_FILE = "eval.json"
 #: Protocol defaults: epochs and lr (None = the learned alpha).
 PROTOCOLS = {"mtt": {"epochs": 1000, "lr": None}, "fixed": {"epochs": 300, "lr": 0.01}}
 _BASELINE_LR = 0.01
-
-
-def eval_path(target: Path) -> Path:
-    """Where results for ``target`` go: ``RUN/eval.json``, or ``<file>.eval.json`` for a bare file."""
-    target = Path(target)
-    return target / EVAL_FILE if target.is_dir() else target.with_name(target.stem + ".eval.json")
-
-
-def load_eval(path: Path) -> dict:
-    """Read an eval.json, validated; a missing file is an empty result list."""
-    if not Path(path).exists():
-        return {"format": "dpd.eval", "format_version": 1, "results": []}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("format") != "dpd.eval" or not isinstance(data.get("results"), list):
-            raise ValueError("not a dpd.eval file")
-    except (OSError, ValueError, AttributeError) as e:
-        raise StorageError(f"{path} is not a readable dpd evaluation file ({e}). Move it aside and rerun.") from e
-    return data
 
 
 def verdict(results: list[dict], fail_under: float | None) -> dict:
@@ -148,7 +133,7 @@ def _targets(target: Path) -> tuple[Path, Path | None]:
         raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
     if not target.is_dir():
         return target, None
-    if (target / "experts.json").is_file() or any(target.glob("expert_*.safetensors")):
+    if experts_file.is_folder(target):
         raise StorageError(f"{target} is an experts folder (from `dpd experts`): it holds training trajectories, not a "
                            f"synthetic set. Distil one from it with `dpd distill --experts {target}`, then evaluate the "
                            "run directory that `dpd distill` writes.")
@@ -292,12 +277,12 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
         return _BASELINE_LR
 
     out_file = eval_path(target)
-    partial = out_file.with_suffix(".partial.jsonl")  # finished trainings of an interrupted evaluation
+    partial = evaluation.partial_path(out_file)  # finished trainings of an interrupted evaluation
     fingerprints = {id(st): _fingerprint(st.tensors) if st.tensors is not None else None for st in sets}
     keys = {(id(st), m, r): _job_key(s, fingerprints[id(st)], st.source, m, r) for st, m, r in mine}
     lock = f".{out_file.name}.lock"  # under torchrun: shared by the ranks, plus .<name>.rank<r>.lock each
     with storage.lock_shard(out_file.parent, f"an evaluation of {file}", rank, world, lock, "Wait for it to finish."), interrupt.safe_points():
-        done = _load_partial(partial, {k: job for job, k in keys.items()})
+        done = evaluation.read_partial(partial, {k: job for job, k in keys.items()})
         if done:
             sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))
         outcomes = []
@@ -326,7 +311,7 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
             outcome = {"source": st.source, "model": m, "run": r, "accuracy": res.test_accuracy, "seed": seed, "seconds": dt,
                        "epochs": n_epochs, "lr": lr_for(st), "diverged_epoch": res.diverged_epoch,
                        "val_accuracy": res.val_accuracy, "iteration": st.iteration}
-            _append_partial(partial, keys[job], outcome)
+            evaluation.append_partial(partial, keys[job], outcome)
             outcomes.append(outcome)
             sink.emit(EvalRunDone(st.source, m, r, res.test_accuracy, dt, res.diverged_epoch, st.iteration, res.val_accuracy))
 
@@ -348,9 +333,7 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
                     entries.append({**_summary(rows), "source": source, "model": m, **common,
                                     "iteration": 0 if source == "init" else None})
         warnings = _below_baselines(entries)
-        record = load_eval(out_file)
-        record["results"].extend(entries)
-        storage.atomic_write_text(out_file, json.dumps(record, indent=2))
+        evaluation.append(out_file, entries)
         partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
     return {"target": str(target), "eval_file": str(out_file), "results": entries, "warnings": warnings,
@@ -449,26 +432,3 @@ def _job_key(s: EvalSettings, fingerprint: str, src: str, model: str, run: int) 
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_partial(path: Path, wanted: dict[str, tuple]) -> dict[tuple, dict]:
-    """Finished trainings recorded in ``path`` whose key is wanted; torn or foreign lines are skipped."""
-    done: dict[tuple, dict] = {}
-    if not path.exists():
-        return done
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return done
-    for line in lines:
-        try:
-            rec = json.loads(line)
-            job = wanted.get(rec["key"])
-            o = rec["outcome"]
-            if job is not None and [o["model"], o["run"]] == list(job[1:]) and isinstance(o["accuracy"], float):
-                done[job] = o
-        except (ValueError, KeyError, TypeError):
-            continue
-    return done
-
-
-def _append_partial(path: Path, key: str, outcome: dict) -> None:
-    storage.append_text(path, json.dumps({"key": key, "outcome": outcome}) + "\n", sync=True)

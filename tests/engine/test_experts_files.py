@@ -21,15 +21,14 @@ EPOCHS = 3
 def trained(tmp_path_factory):
     """Two tiny experts, with the parameters seen after every epoch recorded independently of the saving code."""
     seen: dict[int, list[torch.Tensor]] = {}
+    nets = []  # kept alive: a freed network's id() could be reused by the next expert's
     real = experts_engine.train_epoch
     mp = pytest.MonkeyPatch()
-
-    alive = []  # a freed network's id may be reused by the next expert's: keep each one alive
 
     def recording(net, *a, **k):
         params = lambda: torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()  # noqa: E731
         if id(net) not in seen:
-            alive.append(net)
+            nets.append(net)
         rows = seen.setdefault(id(net), [])
         if not rows:
             rows.append(params())  # the initialisation, before the first epoch

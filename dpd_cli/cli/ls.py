@@ -1,0 +1,101 @@
+"""``dpd ls``: the runs and experts folders below some folders, one line each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpd_cli.cli.console import print_result
+from dpd_cli.cli.errors import handle_errors
+from dpd_cli.cli.options import examples_help
+
+__all__ = ["ls"]
+
+SUMMARY = ("List the run directories and experts folders in or below DIR (default: runs/ and the experts root), "
+           "one line each, with their state and accuracy.\n\n"
+           "Reads only file headers and JSON, so it stays fast; `dpd inspect PATH` checks a folder in full.")
+EXAMPLES = [
+    ("dpd ls", "runs/ and the experts root"),
+    ("dpd ls runs/cifar10 --json", "the runs below runs/cifar10, as JSON"),
+]
+
+
+def ls(
+    dirs: Annotated[Optional[list[str]], typer.Argument(metavar="DIR", show_default=False,
+                                                        help="Folders to search, up to 4 levels deep.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    with handle_errors():
+        from dpd_cli.engine import ls as engine
+
+        result = engine.run([Path(d) for d in dirs or []])
+    print_result("ls", result, json_out, [] if json_out else lines(result))
+
+
+ls.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working directory when it is below it (shorter), else as found."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd().resolve()) else path
+    except (OSError, ValueError):
+        return path
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def _accuracy(ev: dict | None) -> str:
+    if not ev or ev["mean"] is None:
+        return ""
+    how = ev["select"] or "final"
+    if ev["select"] in ("val", "test-max") and ev["selected_iteration"] is not None:
+        how += f"@{ev['selected_iteration']}"
+    return f"{_pct(ev['mean'])} ± {_pct(ev['std'])} {ev['model']} ({how}{', optimistic' if ev['optimistic'] else ''})"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns padded to their widest cell; each row stays on one line (the terminal may wrap it)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+def lines(result: dict) -> list[str]:
+    """The text ``dpd ls`` prints: a table of runs, then one of experts folders; ``!`` marks folders with problems."""
+    runs = [e for e in result["entries"] if e["kind"] == "run"]
+    experts = [e for e in result["entries"] if e["kind"] == "experts"]
+    if not runs and not experts:
+        where = " and ".join(result["roots"]) or "runs/ and the experts root (neither exists)"
+        return [f"No runs or experts folders in {where}."]
+    out: list[str] = []
+    if runs:
+        out.append(f"Runs ({len(runs)})")
+        rows = []
+        for e in runs:
+            rho = e["prune_ratio"]
+            done = f"{e['iteration']}/{e['iterations']}" if e["iterations"] is not None else str(e["iteration"])
+            rows.append([("! " if e["problems"] else "  ") + _shown(e["path"]), str(e["dataset"] or "?"), str(e["ipc"] or "?"),
+                         "?" if rho is None else f"{rho:g}", (e["prune_criterion"] or "?") if rho else "-", done, e["state"],
+                         _accuracy(e["evaluation"])])
+        out += _table(["  path", "dataset", "ipc", "rho", "criterion", "iterations", "state", "accuracy %"], rows, {2, 3, 5})
+    if experts:
+        out.append(f"Experts folders ({len(experts)})")
+        rows = []
+        for e in experts:
+            count = f"{e['count']} of {e['n_planned']}" if e["n_planned"] is not None and e["count"] < e["n_planned"] else str(e["count"])
+            rows.append([("! " if e["problems"] else "  ") + _shown(e["path"]), str(e["dataset"] or "?"), e["model_tag"] or "?",
+                         count, str(e["epochs"] or "?"), e["state"], _pct(e["accuracy"])])
+        out += _table(["  path", "dataset", "model", "experts", "epochs", "state", "accuracy %"], rows, {3, 4, 6})
+    flagged = sum(1 for e in result["entries"] if e["problems"])
+    if flagged:
+        out.append(f"! {flagged} folder{'s have' if flagged > 1 else ' has'} problems: `dpd inspect PATH` says which.")
+    return out

@@ -1,0 +1,97 @@
+"""``dpd compare``: the evaluations of several runs side by side, and paired differences.
+
+For each (model, source, protocol) evaluated in any of the runs, the latest eval.json entry of
+every run is shown. Runs evaluated with the same network seeds (the ``seeds`` list of eval.json:
+the same ``dpd evaluate --seed`` and ``--runs``) trained the i-th network of each from the same
+initialisation and batch order, so the difference is taken network by network: the mean paired
+difference with its 95 % t-interval (``dpd_cli.stats.paired``), each run against the first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpd_cli import stats
+from dpd_cli.artifacts import discover, evaluation, run_settings
+from dpd_cli.errors import StorageError
+
+__all__ = ["run"]
+
+_SOURCES = {"distilled": 0, "init": 1, "random": 2, "full": 3}
+#: The keys of an eval.json entry shown per run (``dpd_cli.artifacts.evaluation.normalise``).
+_CELL = ("mean", "std", "runs", "accuracies", "seeds", "diverged_runs", "epochs", "lr", "protocol_version", "select",
+         "selected_iteration", "iteration", "optimistic", "timestamp")
+
+
+def _evaluations(target: Path) -> dict:
+    """A run's (or a file's) latest evaluations; refuses what has none, saying what to do."""
+    if not target.exists():
+        raise StorageError(f"{target} does not exist. `dpd compare` takes run directories (or synthetic sets) evaluated "
+                           "with `dpd evaluate`.")
+    kind = discover.kind_of(target) if target.is_dir() else "file"
+    if kind == "experts":
+        raise StorageError(f"{target} is an experts folder: it has no evaluations. Compare the run directories distilled "
+                           "from it, after `dpd evaluate RUN`.")
+    if kind is None:
+        raise StorageError(f"{target} is not a run directory (from `dpd distill`). `dpd ls {target}` lists the runs below it.")
+    eval_file = evaluation.path_for(target)
+    ev = evaluation.latest(eval_file)
+    if ev is None:
+        raise StorageError(f"{target} has not been evaluated ({eval_file} does not exist). Run `dpd evaluate {target}` first.")
+    if not ev["valid"]:
+        raise StorageError(ev["error"])
+    if not ev["results"]:
+        raise StorageError(f"{eval_file} holds no usable results. Run `dpd evaluate {target}` again.")
+    record, _ = run_settings.read(target) if kind == "run" else (None, None)
+    settings = (record or {}).get("settings") or {}
+    first = ev["results"][0]
+    return {"path": str(target), "eval_file": str(eval_file), "n_entries": ev["n_entries"], "dataset": first["dataset"],
+            "ipc": first["ipc"], "prune_ratio": settings.get("prune_ratio"), "prune_criterion": settings.get("prune_criterion"),
+            "results": ev["results"]}
+
+
+def _difference(a: dict, b: dict) -> dict:
+    """Run ``b`` minus run ``a`` for one row: paired per network when both trained the same networks."""
+    if not a["seeds"] or a["seeds"] != b["seeds"]:
+        return {"paired": False, "reason": "different network seeds (evaluate both with the same --seed and --runs)"}
+    acc_a, acc_b = a["accuracies"], b["accuracies"]
+    if len(acc_a) != len(a["seeds"]) or len(acc_b) != len(a["seeds"]) or None in acc_a or None in acc_b:
+        return {"paired": False, "reason": "the per-network accuracies are incomplete"}
+    d = stats.paired([y - x for x, y in zip(acc_a, acc_b, strict=True)])
+    return {"paired": True, "n": d["n"], "mean": d["mean"], "sd": d["sd"], "ci95": d["ci"]}
+
+
+def run(targets: list[Path]) -> dict:
+    """Compare the evaluations of ``targets`` (run directories, or files evaluated with ``dpd evaluate FILE``).
+
+    Returns:
+        ``{"runs": [{"path", "eval_file", "n_entries", "dataset", "ipc", "prune_ratio", "prune_criterion"}],
+        "rows": [{"model", "source", "protocol", "cells": [cell or None per run], "differences": [...]}]}``.
+        A cell holds the entry's mean, std, runs, accuracies, seeds, selection and iterations (fractions,
+        as in eval.json, plus ``evaluated_iteration``: the newest checkpoint it trained on). ``differences``
+        has one item per run after the first, against the first: ``{"run", "against", "paired": True,
+        "n", "mean", "sd", "ci95"}`` or ``{"run", "against", "paired": False, "reason"}``; ``None`` where
+        either cell is missing.
+
+    Raises:
+        StorageError: A target is missing, not a run, or has no evaluation results.
+    """
+    runs = [_evaluations(Path(t)) for t in targets]
+    keys: dict[tuple, None] = {}
+    for r in runs:
+        for e in r["results"]:
+            keys[(e["model"], e["source"], e["protocol"])] = None
+    rows = []
+    for model, source, protocol in sorted(keys, key=lambda k: (str(k[0]), str(k[2]), _SOURCES.get(k[1], 9), str(k[1]))):
+        cells = []
+        for r in runs:
+            hit = [e for e in r["results"] if (e["model"], e["source"], e["protocol"]) == (model, source, protocol)]
+            cells.append({**{k: hit[0][k] for k in _CELL}, "evaluated_iteration": evaluation.evaluated_iteration(hit[0])} if hit else None)
+        differences = []
+        for j in range(1, len(runs)):
+            if cells[0] is None or cells[j] is None:
+                differences.append(None)
+            else:
+                differences.append({"run": j, "against": 0, **_difference(cells[0], cells[j])})
+        rows.append({"model": model, "source": source, "protocol": protocol, "cells": cells, "differences": differences})
+    return {"runs": [{k: v for k, v in r.items() if k != "results"} for r in runs], "rows": rows}

@@ -1,0 +1,106 @@
+"""``dpd ls``: every run directory and experts folder below some folders, one summary each.
+
+Only headers and JSON files are read (``dpd_cli.artifacts.run.scan``, ``dpd_cli.artifacts.experts.check``):
+no tensor is loaded, so listing many runs stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpd_cli import paths
+from dpd_cli.artifacts import discover
+from dpd_cli.artifacts import experts as experts_file
+from dpd_cli.artifacts import run as layout
+from dpd_cli.errors import StorageError
+
+__all__ = ["run", "DEFAULT_RUNS", "DEPTH"]
+
+#: Where ``dpd distill`` puts runs by default (relative to the working directory).
+DEFAULT_RUNS = Path("runs")
+#: How many folder levels below each root are searched.
+DEPTH = 4
+
+
+def _roots(dirs: list[Path]) -> list[Path]:
+    if dirs:
+        for d in dirs:
+            if not d.is_dir():
+                what = "does not exist" if not d.exists() else "is not a folder"
+                raise StorageError(f"{d} {what}. `dpd ls` lists the runs and experts folders below the folders it is given "
+                                   f"(by default {DEFAULT_RUNS}/ and the experts root, {paths.experts_root()}).")
+        return list(dirs)
+    return [d for d in (DEFAULT_RUNS, paths.experts_root()) if d.is_dir()]
+
+
+def _latest_distilled(ev: dict | None) -> dict | None:
+    """The distilled result appended last to eval.json."""
+    hits = [r for r in (ev or {}).get("results", []) if r["source"] == "distilled"]
+    if not hits:
+        return None
+    r = max(hits, key=lambda r: r["position"])
+    return {k: r[k] for k in ("model", "protocol", "mean", "std", "runs", "select", "selected_iteration", "iteration", "optimistic")}
+
+
+def _run_entry(run_dir: Path) -> dict:
+    scan = layout.scan(run_dir)
+    meta = scan["synthetic"] or (scan["checkpoints"][0]["meta"] if scan["checkpoints"] else {})
+    settings = (scan["settings"] or {}).get("settings") or meta.get("settings") or {}
+    state = scan["state"]
+    return {
+        "kind": "run",
+        "path": str(run_dir),
+        "dataset": settings.get("dataset") or meta.get("dataset"),
+        "ipc": settings.get("ipc") or meta.get("ipc"),
+        "prune_ratio": settings.get("prune_ratio"),
+        "prune_criterion": settings.get("prune_criterion"),
+        "iteration": state["iteration"],
+        "iterations": state["iterations"],
+        "state": state["status"],
+        "evaluation": _latest_distilled(scan["evaluation"]),
+        "problems": [*scan["errors"].values(), *scan["disagreements"]],
+    }
+
+
+def _experts_entry(folder: Path) -> dict:
+    facts = experts_file.check(folder)
+    ref = facts["reference_meta"] or {}
+    model = facts["compat"].get("model") or ref.get("model")
+    finals = [e["final_test_accuracy"] for e in facts["experts"] if e["compatible"] and e["final_test_accuracy"] is not None]
+    return {
+        "kind": "experts",
+        "path": str(folder),
+        "dataset": facts["compat"].get("dataset") or ref.get("dataset"),
+        "model_tag": experts_file.model_tag(model),
+        "count": len(facts["experts"]),
+        "n_planned": facts["n_planned"],
+        "epochs": ref.get("epochs") or facts["compat"].get("epochs"),
+        "state": facts["state"],
+        "accuracy": sum(finals) / len(finals) if finals else None,
+        "problems": facts["problems"],
+    }
+
+
+def run(dirs: list[Path] | None = None, depth: int = DEPTH) -> dict:
+    """Every run directory and experts folder in or below ``dirs`` (default: ``runs/`` and the experts root).
+
+    Returns:
+        ``{"roots": [...], "entries": [...]}``, entries sorted by path. A run is ``{"kind": "run",
+        "path", "dataset", "ipc", "prune_ratio", "prune_criterion", "iteration", "iterations", "state",
+        "evaluation", "problems"}`` (``state`` as ``dpd_cli.artifacts.run.status``; ``evaluation``: the
+        distilled result appended last to eval.json, or ``None``); an experts folder is ``{"kind":
+        "experts", "path", "dataset", "model_tag", "count", "n_planned", "epochs", "state", "accuracy",
+        "problems"}`` (``state`` as ``dpd_cli.artifacts.experts.state``; ``accuracy``: the experts' mean
+        final test accuracy). ``problems``: what ``dpd inspect PATH`` would warn about.
+
+    Raises:
+        StorageError: A folder given does not exist.
+    """
+    roots = _roots([Path(d) for d in dirs or []])
+    found: dict[Path, tuple[Path, str]] = {}
+    for root in roots:
+        kind = discover.kind_of(root)
+        for path, k in [(root, kind)] if kind else discover.find(root, depth):
+            found.setdefault(path.resolve(), (path, k))
+    entries = [(_run_entry if k == "run" else _experts_entry)(p) for p, k in sorted(found.values(), key=lambda x: str(x[0]))]
+    return {"roots": [str(r) for r in roots], "entries": entries}
