@@ -139,14 +139,49 @@ class _Plain:
 
 
 # --- experts --------------------------------------------------------------------------------
+def duration(seconds: float) -> str:
+    """``40 s``, ``25 min``, ``3.5 h``, ``2.1 days``: how long, to the precision an estimate deserves."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+class _JobClock:
+    """The whole job's time, estimated once from its first units of work (epochs, iterations)."""
+
+    def __init__(self, total_units: int, what: str, after: int = 1):
+        self.total, self.what, self.after = total_units, what, after
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.told = False
+
+    def tick(self) -> str | None:
+        """Count one unit; the estimate sentence once ``after`` units are done (then ``None``)."""
+        self.done += 1
+        if self.told or self.done < self.after or self.total <= self.done:
+            return None
+        self.told = True
+        per = (time.monotonic() - self.t0) / self.done
+        return (f"Estimated time for the whole job: about {duration(per * self.total)} ({self.what}; about "
+                f"{duration(per * (self.total - self.done))} left, at {per:.3g} s each so far).")
+
+
 class ExpertsPlain(_Plain):
     def handle(self, e: Event) -> None:
         if isinstance(e, ExpertsStarted):
+            self.clock = _JobClock(len(e.indices) * e.epochs, f"{len(e.indices)} experts × {e.epochs} epochs")
             self.line(f"experts: {len(e.indices)} to train of {e.total} in {e.folder} ({e.epochs} epochs, {e.n_params:,} parameters, {e.device})")
         elif isinstance(e, ExpertSkipped):
             self.line(f"expert {e.index}: already finished, skipped")
         elif isinstance(e, ExpertEpoch):
             self.line(f"expert {e.index} epoch {e.epoch}/{e.epochs}: loss {e.train_loss:.4f} train {e.train_acc:.1%} test {e.test_acc:.1%} ({e.images_per_s:,.0f} img/s)")
+            note = self.clock.tick()
+            if note:
+                self.line(note)
         elif isinstance(e, ExpertDone):
             self.line(f"expert {e.index}: done, test accuracy {e.test_acc:.1%} ({e.seconds:.1f} s) -> {e.path}")
 
@@ -162,7 +197,9 @@ class ExpertsLive(_Plain):
     def handle(self, e: Event) -> None:
         if isinstance(e, ExpertsStarted):
             self.line(f"Training {len(e.indices)} of {e.total} experts into {e.folder} ({e.n_params:,} parameters, {e.device})")
-            self.t_experts = self.progress.add_task("experts", total=len(e.indices))
+            self.clock = _JobClock(len(e.indices) * e.epochs, f"{len(e.indices)} experts × {e.epochs} epochs")
+            # Counted in epochs, so that the time left is the whole job's.
+            self.t_experts = self.progress.add_task(f"{len(e.indices)} experts", total=len(e.indices) * e.epochs)
             self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
             self.live = Live(Group(self.progress, self.status), console=self.c, refresh_per_second=4, transient=False)
             self.live.start()
@@ -173,9 +210,12 @@ class ExpertsLive(_Plain):
             self.progress.update(self.t_epochs, description=f"expert {e.index}")
         elif isinstance(e, ExpertEpoch):
             self.progress.update(self.t_epochs, completed=e.epoch)
-            self.status.plain = f"loss {e.train_loss:.4f}   train {e.train_acc:.1%}   test {e.test_acc:.1%}   {e.images_per_s:,.0f} img/s"
-        elif isinstance(e, ExpertDone):
             self.progress.advance(self.t_experts)
+            self.status.plain = f"loss {e.train_loss:.4f}   train {e.train_acc:.1%}   test {e.test_acc:.1%}   {e.images_per_s:,.0f} img/s"
+            note = self.clock.tick()
+            if note:
+                self.c.print(note, highlight=False)
+        elif isinstance(e, ExpertDone):
             self.c.print(f"expert {e.index}: test accuracy {e.test_acc:.1%} ({e.seconds:.1f} s)", highlight=False)
 
     def close(self) -> None:
@@ -251,12 +291,17 @@ class DistillPlain(_Plain):
             self.t_last = time.monotonic()
             self.losses: deque = deque(maxlen=50)
             what = "resuming at" if e.start_iteration else "starting"
+            left = e.iterations - e.start_iteration
+            self.clock = _JobClock(left, f"{left} iterations", after=min(3, max(1, left - 1)))
             self.line(f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
                       f"{e.n_experts} experts, rho {e.prune_ratio:g}"
                       + (f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else "")
                       + f", memory {e.memory}, {e.device} -> {e.run_dir}")
         elif isinstance(e, DistillIteration):
             self.losses.append(e.loss)
+            note = self.clock.tick()
+            if note:
+                self.line(note)
             now = time.monotonic()
             if e.iteration % self.every == 0 or e.iteration == e.iterations or now - self.t_last > 30:
                 self.t_last = now
@@ -284,11 +329,16 @@ class DistillLive(_Plain):
             self.start = e
             self.task = self.progress.add_task("distill", total=e.iterations, completed=e.start_iteration, rate="")
             self.t0, self.i0 = time.monotonic(), e.start_iteration
+            left = e.iterations - e.start_iteration
+            self.clock = _JobClock(left, f"{left} iterations", after=min(3, max(1, left - 1)))
             self.live = Live(self.render(), console=self.c, refresh_per_second=4)
             self.live.start()
         elif isinstance(e, DistillIteration):
             self.losses.append(e.loss)
             self.last = e
+            note = self.clock.tick()
+            if note:
+                self.c.print(note, highlight=False)
             rate = (e.iteration - self.i0) / max(1e-9, time.monotonic() - self.t0)
             self.progress.update(self.task, completed=e.iteration, rate=f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it")
             if self.live:

@@ -257,3 +257,22 @@ def test_init_real_correct_keeps_only_accepted_images():
     assert not torch.equal(images, plain)  # some random picks were refused
     with pytest.raises(DataError, match="expert 0 classifies only 0 training images of class 'T-shirt/top' correctly"):
         _init_images(s, ds, pre, torch.device("cpu"), lambda x, c: torch.zeros(len(x), dtype=torch.bool))
+
+
+def test_the_whole_jobs_time_is_estimated_early(dpd, tmp_path):
+    r = dpd("experts", "--num", "2", "--epochs", "3", "--out", tmp_path / "ex", *TINY)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Estimated time for the whole job: about "))
+    assert "(2 experts × 3 epochs; about" in lines[at] and lines[at - 1].startswith("expert 0 epoch 1/3")  # after the first epoch
+    r = dpd("distill", "--experts", tmp_path / "ex", "--out", tmp_path / "run", *DISTILL, "--iterations", "6")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    (note,) = [line for line in lines if line.startswith("Estimated time for the whole job")]
+    assert "(6 iterations; about" in note
+
+
+def test_duration_wording():
+    from dpd_cli.cli.console import duration
+
+    assert [duration(s) for s in (40, 25 * 60, 3.5 * 3600, 60 * 3600)] == ["40 s", "25 min", "3.5 h", "2.5 days"]
