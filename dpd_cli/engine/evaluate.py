@@ -8,14 +8,17 @@ file), exactly as the training images did. Each reported accuracy is the final n
   same images per class;
 * ``full``: all real training data, ``full_epochs`` epochs.
 
-Under the ``mtt`` protocol the distilled set trains at its learned alpha; baselines have
-no learned alpha and train at the fixed protocol's lr (0.01). Every entry records its lr.
+Every network trains with MTT's ``evaluate_synset`` loop (``_train``): ``--epochs E`` runs
+E + 1 epochs and the lr drops x0.1, momentum restarting, after epoch E // 2 + 2. Under the
+``mtt`` protocol the distilled set trains at its learned alpha; baselines have no learned
+alpha and train at the fixed protocol's lr (0.01). Every entry records its lr.
 
 Under torchrun, the (source, model, run) trainings are sharded across ranks and gathered
 on rank 0, which writes ``eval.json``.
 
 Each finished training is appended to ``eval.partial.jsonl`` next to ``eval.json``, keyed by
-the synthetic set's content and the settings that change its result; an interrupted
+the synthetic set's content, the settings that change its result and the loop's version
+(``PROTOCOL_VERSION``); an interrupted
 evaluation rerun with the same command reuses them, and the file is removed once
 ``eval.json`` is written. A lock file keeps two evaluations from writing the same results.
 """
@@ -53,10 +56,15 @@ from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Messag
 from dpd_cli.models import ModelSpec, build_model
 from dpd_cli.settings import EvalSettings
 
-__all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "random_subset", "load_eval", "eval_path"]
+__all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "PROTOCOL_VERSION", "epochs_run", "random_subset", "load_eval",
+           "eval_path"]
 
-#: Protocol defaults: epochs and lr (None = the learned alpha).
+#: Protocol defaults: E (``--epochs``; E + 1 epochs run, see ``_train``) and lr (None = the learned alpha).
+#: Both protocols run the same loop, MTT's ``evaluate_synset``; they differ only in these two values.
 PROTOCOLS = {"mtt": {"epochs": 1000, "lr": None}, "fixed": {"epochs": 300, "lr": 0.01}}
+#: The training loop's version, part of every job key and eval.json entry. Version 1 (dpd 0.1.0)
+#: trained E epochs with ``MultiStepLR`` at E // 2 and kept the momentum; version 2 is MTT's loop.
+PROTOCOL_VERSION = 2
 _BASELINE_LR = 0.01
 
 
@@ -90,28 +98,59 @@ class TrainResult(NamedTuple):
     val_accuracy: float | None  # on the validation split, when there is one
 
 
-def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch,
-                    x_val=None, y_val=None) -> TrainResult:
-    """Train one fresh network and test it (and measure it on the validation split if given).
+def epochs_run(epochs: int) -> tuple[int, int]:
+    """MTT's schedule for ``--epochs E``: ``(epochs that run, epochs done before the lr drops)``.
 
-    A diverged network still counts at the accuracy it ends with (no run is ever dropped from a mean).
+    MTT's ``evaluate_synset`` loops ``for ep in range(E + 1)`` and drops the lr after the epoch
+    of index ``E // 2 + 1``: E + 1 epochs, the first ``E // 2 + 2`` at the initial lr (for
+    E = 1 or 2 the drop falls after the last epoch, so it never takes effect).
+    """
+    return epochs + 1, epochs // 2 + 2
+
+
+def _sgd(net, lr: float, s: EvalSettings) -> torch.optim.SGD:
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def _train(spec, x, y, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> tuple[torch.nn.Module, int | None]:
+    """Train one fresh network with MTT's evaluation loop (docs/algorithm.md, "Evaluation protocols").
+
+    ``epochs`` is MTT's E: E + 1 epochs of SGD at ``lr``, which drops x0.1 after epoch
+    ``E // 2 + 2`` (1-based; ``epochs_run``) by building a new optimiser, so the momentum
+    restarts from zero, as MTT re-creates its optimiser there. ``on_epoch(epoch, loss_sum)``
+    runs after every epoch, 1-based.
+
+    Returns:
+        ``(network, first epoch whose loss was NaN/Inf or None)``.
     """
     torch.manual_seed(seed)
     net = build_model(spec).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)  # x0.1 at half
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
+    n_epochs, decay_after = epochs_run(epochs)
+    opt = _sgd(net, lr, s)
+    gen = torch.Generator().manual_seed(seed)  # the shuffles
+    rng = random.Random(seed)  # one DSA seed per batch
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # kept on the device: no sync per epoch
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, n_epochs + 1):
         interrupt.check("evaluation stopped")  # run() re-raises with what was kept
         loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa)
-        sched.step()
+        if epoch == decay_after:
+            opt = _sgd(net, lr * 0.1, s)  # a fresh optimiser: zero momentum, as MTT
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss_sum), epoch, first_bad)
         on_epoch(epoch, loss_sum)
     diverged = int(first_bad.item())
+    return net, (diverged or None)
+
+
+def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch,
+                    x_val=None, y_val=None) -> TrainResult:
+    """Train one fresh network (``_train``) and test it once, after its last epoch (and measure it on the
+    validation split if given).
+
+    A diverged network still counts at the accuracy it ends with (no run is ever dropped from a mean).
+    """
+    net, diverged = _train(spec, x, y, epochs, lr, s, seed, device, on_epoch)
     val = accuracy(net, x_val, y_val) if x_val is not None else None
-    return TrainResult(accuracy(net, x_test, y_test), diverged or None, val)
+    return TrainResult(accuracy(net, x_test, y_test), diverged, val)
 
 
 @dataclass
@@ -250,7 +289,7 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
     if rank != 0:
         sink = NullSink()
     mine = jobs[rank::world]
-    sink.emit(EvalStarted([(st.source, m, r, st.iteration) for st, m, r in mine], epochs, str(device),
+    sink.emit(EvalStarted([(st.source, m, r, st.iteration) for st, m, r in mine], epochs_run(epochs)[0], str(device),
                           select if s.distilled else None))
 
     data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -298,7 +337,7 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
             x, y = data_for(st, r)
             t0 = time.perf_counter()
 
-            def on_epoch(epoch, loss_sum, st=st, m=m, r=r, n=len(y), total=n_epochs):
+            def on_epoch(epoch, loss_sum, st=st, m=m, r=r, n=len(y), total=epochs_run(n_epochs)[0]):  # E + 1 run
                 if epoch == total or epoch % max(1, total // 50) == 0:
                     sink.emit(EvalEpoch(st.source, m, r, epoch, total, float(loss_sum) / n, st.iteration))
 
@@ -321,7 +360,7 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
                 return {"target": str(target), "eval_file": None, "results": [], "warnings": [], **verdict([], s.fail_under)}
 
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        common = {"protocol": s.protocol, "ipc": ipc, "dataset": ds.name, "synthetic": str(file), "timestamp": stamp,
+        common = {"protocol": s.protocol, "protocol_version": PROTOCOL_VERSION, "ipc": ipc, "dataset": ds.name, "synthetic": str(file), "timestamp": stamp,
                   "settings": s.model_dump(mode="json"), "versions": versions()}
         entries = []
         for source in dict.fromkeys(st.source for st in sets):
@@ -426,9 +465,10 @@ def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _job_key(s: EvalSettings, fingerprint: str, src: str, model: str, run: int) -> str:
-    """Identifies one training: the synthetic set, every setting that changes its result, and (source, model, run)."""
+    """Identifies one training: the synthetic set, every setting that changes its result, the loop's
+    version (so a rerun never reuses a training made by an older loop) and (source, model, run)."""
     data = {"settings": s.model_dump(mode="json", exclude=_NOT_IN_JOB_KEY & set(type(s).model_fields)),
-            "synthetic": fingerprint, "job": [src, model, run]}
+            "synthetic": fingerprint, "protocol_version": PROTOCOL_VERSION, "job": [src, model, run]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -115,7 +115,7 @@ def test_train_and_test_reports_divergence(lr, diverges):
     epochs_seen = []
     acc, diverged, _ = E._train_and_test(tiny_spec(), x, y, x, y, 4, lr, s, 0, torch.device("cpu"),
                                          lambda epoch, loss: epochs_seen.append((epoch, float(loss))))
-    assert 0.0 <= acc <= 1.0 and len(epochs_seen) == 4
+    assert 0.0 <= acc <= 1.0 and len(epochs_seen) == 5  # --epochs E runs E + 1
     if diverges:
         first_bad = next(epoch for epoch, loss in epochs_seen if not torch.isfinite(torch.tensor(loss)))
         assert diverged == first_bad
