@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpd_cli.models.norm import InstanceNorm, instance_norm
+from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
 
 __all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
 
@@ -105,9 +105,10 @@ class ConvNet(nn.Module):
         for d in range(1, self.depth + 1):
             x = F.conv2d(x, p[f"conv{d}.weight"], p[f"conv{d}.bias"], padding=self._pads[d - 1])
             if self._norm_kind == "instance":
-                x = instance_norm(x, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5)
-            x = F.relu(x)
-            x = F.avg_pool2d(x, 2, 2) if self._pool_kind == "avg" else F.max_pool2d(x, 2, 2)
+                x = instance_norm(x, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5, relu=True)
+            else:
+                x = F.relu(x)
+            x = avg_pool2(x) if self._pool_kind == "avg" else F.max_pool2d(x, 2, 2)
         return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
 
 

@@ -6,28 +6,33 @@ differentiates ``F.group_norm`` through its "infinitely differentiable" decompos
 Here the norm is two autograd nodes instead:
 
 * ``_InstanceNorm`` (forward): ATen's fused ``native_group_norm`` kernel, so the output is bitwise
-  what ``F.group_norm`` gives. Its backward is ``_InstanceNormBackward``.
-* ``_InstanceNormBackward`` (the first derivative as a function of ``(dy, x, w)``): ATen's fused
-  ``native_group_norm_backward`` kernel -- the one plain ``.backward()`` through ``F.group_norm``
-  runs, so expert and evaluation training get the same gradients as before. Its own backward
-  (the second derivative) is the closed form below.
+  what ``F.group_norm`` gives; optionally followed by the ReLU, in place.
+* ``_InstanceNormBackward`` (the first derivative as a function of ``(dy, x, w)``): the ReLU's
+  mask, then ATen's fused ``native_group_norm_backward`` kernel -- what a plain ``.backward()``
+  through ``F.group_norm`` (and ``F.relu``) runs, so expert and evaluation training get the same
+  gradients as before, bit for bit. Its own backward (the second derivative) is the closed form
+  below; it is not differentiable again (third order raises instead of being silently wrong).
+
+Folding the ReLU in (``relu=True``, used by ``ConvNet.forward_flat``) also removes PyTorch's double
+backward of ``relu``, which back-propagates a zero tensor the size of the activation. ``avg_pool2``
+does the same for the 2x2 average pool.
 
 Math, per instance (n, c) with M = H*W values, <.> the mean over them, r = 1/sqrt(var + eps),
-xh = (x - mean) r, g = w dy::
+xh = (x - mean) r, and dz the incoming gradient after the ReLU mask::
 
-    y  = w xh + b
-    dx = r (g - <g> - xh <g xh>)          dw = sum_{n,hw} dy xh          db = sum_{n,hw} dy
+    y  = relu(w xh + b)
+    dx = r w (dz - <dz> - xh <dz xh>)     dw = sum_{n,hw} dz xh     db = sum_{n,hw} dz
 
 Given cotangents (a, p, q) of (dx, dw, db), the vector-Jacobian product of that map is::
 
-    d dy = w r (a - <a> - xh <a xh>) + p xh + q
-    d w  = sum_n M r (<a dy> - <a><dy> - <a xh><dy xh>)
-    d x  = r (G - <G> - xh (<xh G> + <a dx>)),   G = p dy - r w (a <dy xh> + dy <a xh>)
+    d dz = r w a + (p - r w <a xh>) xh + q - r w <a>          (then the ReLU mask: d dy)
+    d w  = sum_n M r (<a dz> - <a><dz> - <a xh><dz xh>)
+    d x  = r (G - <G> - xh (<xh G> + <a dx>)),   G = (p - r w <a xh>) dz - r w <dz xh> a
 
 (from d xh = r (dx - <dx> - xh <xh dx>) and d r = -r^2 <xh dx>, which hold with eps > 0). Every
-term is a per-instance scalar times one of dy, a, xh, so the second derivative is a handful of
-large elementwise ops and five reductions. It is not differentiable again (third order raises).
-docs/algorithm.md "Networks" describes where it is used.
+term is a per-instance scalar times one of dz, a, x, so the second derivative is five reductions,
+two outputs written as sums of scalar x tensor terms, and ~30 ops on (N, C) scalars.
+docs/algorithm.md ("Networks") says where it is used.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["InstanceNorm", "instance_norm"]
+__all__ = ["InstanceNorm", "instance_norm", "avg_pool2"]
 
 
 def _sizes(x: torch.Tensor) -> tuple[int, int, int]:
@@ -47,96 +52,143 @@ def _sizes(x: torch.Tensor) -> tuple[int, int, int]:
 
 class _InstanceNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, relu):
         n, c, hw = _sizes(x)
         y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, c, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        if relu:
+            y = y.relu_()
+        ctx.save_for_backward(x, weight, mean, rstd, y if relu else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, db = _InstanceNormBackward.apply(dy, x, weight, mean, rstd, (need_x, need_w, need_b))
-        return dx, dw, db, None
+        dx, dw, db = _InstanceNormBackward.apply(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))
+        return dx, dw, db, None, None
 
 
 class _InstanceNormBackward(torch.autograd.Function):
-    """``(dy, x, weight) -> (dx, dw, db)`` of instance norm; ``mean``/``rstd`` are x's statistics."""
+    """``(dy, x, weight) -> (dx, dw, db)`` of instance norm; ``mean``/``rstd`` are x's statistics.
+
+    With ``y`` (the ReLU's output, when the ReLU is folded in) the incoming gradient is first masked
+    where ``y`` is 0, as ``ReLU``'s backward does; ``y`` itself gets no gradient.
+    """
 
     @staticmethod
-    def forward(ctx, dy, x, weight, mean, rstd, mask):
+    def forward(ctx, dy, x, weight, mean, rstd, y, mask):
         n, c, hw = _sizes(x)
-        dy = dy.contiguous()
+        dz = dy.contiguous() if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
         mask = [mask[0], mask[1] and weight is not None, mask[2] and weight is not None]
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(dy, x, mean, rstd, weight, n, c, hw, c, mask)
-        ctx.save_for_backward(dy, x, weight, mean, rstd)
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(dz, x, mean, rstd, weight, n, c, hw, c, mask)
+        ctx.save_for_backward(dz, x, weight, mean, rstd, y)
         ctx.set_materialize_grads(False)  # absent cotangents arrive as None: no zero tensors
         return dx, dw, db
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, p, q):
-        dy, x, weight, mean, rstd = ctx.saved_tensors
+        dz, x, weight, mean, rstd, y = ctx.saved_tensors  # dz: the incoming gradient after the ReLU mask
         need_dy, need_x, need_w = ctx.needs_input_grad[:3]
+        if a is None and p is None and q is None:
+            return (None,) * 7
         n, c, hw = _sizes(x)
-        shape = x.shape
-        # Work in (N, C, M). Per-instance scalars are (N, C, 1), per-channel ones (1, C, 1): all the
-        # arithmetic on them is cheap; the full-size work is five reductions and two outputs written
-        # as scalar * tensor sums. xh is never stored: xh = r x - r mean, folded into the scalars,
-        # which is how ATen's group-norm kernels compute it too.
-        dy3, x3 = dy.reshape(n, c, hw), x.reshape(n, c, hw)
+        k = 1.0 / hw
+        # Work in (N, C, M). Per-instance scalars are (N, C, 1), per-channel ones (1, C, 1); the
+        # full-size work is five reductions and two outputs, each written as a sum of
+        # scalar x tensor terms. xh = r (x - mean) is never stored: it is folded into the scalars,
+        # as ATen's group-norm kernels do.
+        dz3, x3 = dz.reshape(n, c, hw), x.reshape(n, c, hw)
         r, mu = rstd.view(n, c, 1), mean.view(n, c, 1)
         rw = r if weight is None else r * weight.view(1, c, 1)
-        p = None if p is None else p.view(1, c, 1)
-        q = None if q is None else q.view(1, c, 1)
+        p = torch.zeros_like(rw[:1]) if p is None else p.view(1, c, 1)  # (1, C, 1): zeros cost nothing
+        q = torch.zeros_like(rw[:1]) if q is None else q.view(1, c, 1)
+        rk = r * k
 
-        def mean_of(u, v=None):  # <u> or <u v> over M, (N, C, 1); einsum runs as one batched matmul
-            s = u.sum(2, keepdim=True) if v is None else torch.einsum("ncm,ncm->nc", u, v).unsqueeze(2)
-            return s / hw
+        def stats(u):  # <u>, <u xh> over M
+            s = u.sum(2, keepdim=True)
+            return s * k, torch.addcmul(_dot(u, x3), mu, s, value=-1).mul_(rk)
 
-        m_dy = mean_of(dy3)
-        m_dy_xh = r * (mean_of(dy3, x3) - mu * m_dy)
-        if a is not None:
+        e_dz, h_dz = stats(dz3)
+        if a is None:
+            c_dz, const_dz = p, q  # G = p dz;  d dz = p xh + q
+        else:
             a3 = a.reshape(n, c, hw)
-            m_a = mean_of(a3)
-            m_a_xh = r * (mean_of(a3, x3) - mu * m_a)
-            # <a dx> / (r w): the part of <a, dx> that is not along 1 or xh
-            a_dx = mean_of(a3, dy3) - m_a * m_dy - m_a_xh * m_dy_xh
+            e_a, h_a = stats(a3)
+            # <a dx> / (r w) = <a dz> - <a><dz> - <a xh><dz xh>
+            a_dx = torch.addcmul(torch.addcmul(_dot(a3, dz3).mul_(k), e_a, e_dz, value=-1), h_a, h_dz, value=-1)
+            c_dz = torch.addcmul(p, rw, h_a, value=-1)  # p - r w <a xh>
+            c_a = -rw * h_dz
+            const_dz = torch.addcmul(q, rw, e_a, value=-1)  # q - r w <a>
 
         d_dy = d_x = d_w = None
-        if need_dy and (a is not None or p is not None or q is not None):
-            # d dy = (w r) a + c_xh xh + c_0,  c_xh = p - w r <a xh>,  c_0 = q - w r <a>
-            c_xh = torch.zeros_like(r) if p is None else p.expand_as(r)
-            c_0 = torch.zeros_like(r) if q is None else q.expand_as(r)
+        if need_dy:
+            # d dz = r w a + c_dz xh + const_dz,  with xh = r x - r mean
+            c_x = c_dz * r
+            d_dy = torch.addcmul(torch.addcmul(const_dz, c_x, mu, value=-1), x3, c_x)
             if a is not None:
-                c_xh = c_xh - rw * m_a_xh
-                c_0 = c_0 - rw * m_a
-            out = torch.addcmul(c_0 - c_xh * r * mu, x3, c_xh * r)
-            if a is not None:
-                out.addcmul_(a3, rw)
-            d_dy = out.view(shape)
+                d_dy.addcmul_(a3, rw)
+            d_dy = d_dy.view(x.shape)
+            if y is not None:  # the ReLU mask, in place: a fresh CPU buffer of this size costs more than the op
+                torch.ops.aten.threshold_backward.grad_input(d_dy, y, 0, grad_input=d_dy)
         if need_w and a is not None and weight is not None:
-            d_w = (hw * r * a_dx).sum(0).view(c)
-        if need_x and (a is not None or p is not None):
-            # d x = r (G - <G> - xh (<xh G> + <a dx>)),  G = c_dy dy + c_a a
-            c_dy = torch.zeros_like(r) if p is None else p.expand_as(r)
-            m_G = 0.0 if p is None else p * m_dy
-            m_xh_G = 0.0 if p is None else p * m_dy_xh
+            d_w = (r * a_dx).sum(0).mul_(hw).view(c)
+        if need_x:
+            # d x = r (G - <G> - xh (<xh G> + r w <a dx / (r w)>)),  G = c_dz dz + c_a a
+            m_G, t = c_dz * e_dz, c_dz * h_dz  # <G>, and <xh G> + <a dx>
             if a is not None:
-                c_dy = c_dy - rw * m_a_xh
-                c_a = -rw * m_dy_xh
-                m_G = m_G - rw * (m_a * m_dy_xh + m_dy * m_a_xh)
-                m_xh_G = m_xh_G - 2 * rw * m_a_xh * m_dy_xh + rw * a_dx
-            c_xh = -m_xh_G  # times xh = r x - r mean
-            out = torch.addcmul(r * (-m_G - c_xh * r * mu), dy3, r * c_dy)
+                m_G.addcmul_(c_a, e_a)
+                t.addcmul_(c_a, h_a).addcmul_(rw, a_dx)
+            r_t = r * t
+            d_x = torch.addcmul(torch.addcmul(m_G, r_t, mu, value=-1).mul_(-r), dz3, r * c_dz)
             if a is not None:
-                out.addcmul_(a3, r * c_a)
-            d_x = out.addcmul_(x3, r * r * c_xh).view(shape)
-        return d_dy, d_x, d_w, None, None, None
+                d_x.addcmul_(a3, r * c_a)
+            d_x = d_x.addcmul_(x3, r * r_t, value=-1).view(x.shape)
+        return d_dy, d_x, d_w, None, None, None, None
 
 
-def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(u * v).sum(2, keepdim=True)`` for ``(N, C, M)`` tensors as one batched matmul: no product tensor."""
+    n, c, m = u.shape
+    return torch.bmm(u.reshape(n * c, 1, m), v.reshape(n * c, m, 1)).view(n, c, 1)
+
+
+class _AvgPool2(torch.autograd.Function):
+    """``F.avg_pool2d(x, 2, 2)`` whose backward is a node of its own, depending on the gradient only.
+
+    PyTorch's double backward of ``avg_pool2d`` returns a zero tensor of the input's size for the
+    input (the backward is linear in the gradient and ignores ``x``'s values) and back-propagates
+    it; here that branch does not exist. Same kernels, so the same numbers.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)  # for its shape only; the norm has saved this very tensor already
+        return F.avg_pool2d(x, 2, 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _AvgPool2Backward.apply(dy, x)
+
+
+class _AvgPool2Backward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dy, x):
+        return torch.ops.aten.avg_pool2d_backward(dy, x, [2, 2], [2, 2], [0, 0], False, True, None)
+
+    @staticmethod
+    def backward(ctx, a):
+        return F.avg_pool2d(a, 2, 2), None
+
+
+def avg_pool2(x: torch.Tensor) -> torch.Tensor:
+    """``F.avg_pool2d(x, 2, 2)``, twice differentiable without a zero-filled branch."""
+    return _AvgPool2.apply(x)
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
+                  relu: bool = False) -> torch.Tensor:
     """``F.group_norm(x, C, weight, bias, eps)`` for ``x`` of shape ``(N, C, *)``, twice differentiable in two nodes.
 
     Args:
@@ -148,8 +200,9 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
         Like ``x``.
     """
     if x.numel() <= 1 or (weight is None) != (bias is None):  # F.group_norm raises on one value
-        return F.group_norm(x, x.shape[1], weight, bias, eps)
-    return _InstanceNorm.apply(x, weight, bias, eps)
+        y = F.group_norm(x, x.shape[1], weight, bias, eps)
+        return F.relu(y) if relu else y
+    return _InstanceNorm.apply(x, weight, bias, eps, relu)
 
 
 class InstanceNorm(nn.GroupNorm):
