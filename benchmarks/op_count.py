@@ -4,6 +4,10 @@ r"""Size of one distillation student step's autograd graph: nodes, aten ops, sav
     python benchmarks/op_count.py                    # ConvNet-128, 28x28 grey, IPC 10, DSA off and on
     python benchmarks/op_count.py --json out.json
 
+Two students are counted: ``group_norm``, the ConvNet's ``forward_flat`` as it was before
+``dpd_cli.models.norm`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``; PyTorch's own
+derivatives), and ``fused``, today's ``forward_flat``.
+
 One student step is what ``matching.meta_gradient`` (full) does per unrolled step, and the outer
 backward through it: ``theta_1 = theta_0 - alpha * grad_theta CE(f(DSA(X); theta_0), Y)`` with
 ``create_graph=True``, then ``grad(||theta_1 - target||^2, [X, alpha])``. Reported:
@@ -54,14 +58,38 @@ _NO_COMPUTE = {
 
 
 def aten_ops(prof) -> tuple[collections.Counter, collections.Counter]:
-    """(every aten call, the leaf calls that compute: no aten call below them, not a view/allocation)."""
+    """(every aten call, the outermost aten calls that compute).
+
+    "Outermost": called from Python or by the autograd engine, not from inside another aten op
+    (``einsum``'s ``bmm`` counts as the ``einsum``); views and allocations are left out. Each such
+    call launches one or more kernels on a GPU, so this approximates the launches per step.
+    """
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     every = collections.Counter(e.name for e in events)
-    leaf = collections.Counter(
-        e.name for e in events
-        if e.name not in _NO_COMPUTE and not any(c.name.startswith("aten::") for c in e.cpu_children)
-    )
-    return every, leaf
+
+    def outermost(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return False
+            p = p.cpu_parent
+        return True
+
+    top = collections.Counter(e.name for e in events if e.name not in _NO_COMPUTE and outermost(e))
+    return every, top
+
+
+def group_norm_student(net):
+    """``ConvNet.forward_flat`` before the fused norm: the same layers in plain functional ops."""
+
+    def forward(p, x):
+        for d in range(1, net.depth + 1):
+            x = F.conv2d(x, p[f"conv{d}.weight"], p[f"conv{d}.bias"], padding=net._pads[d - 1])
+            x = F.group_norm(x, net._width, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5)
+            x = F.avg_pool2d(F.relu(x), 2, 2)
+        return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
+
+    return forward
 
 
 def one_step(fm: FlatModel, x, y, theta0, alpha, target, seed):
@@ -76,10 +104,12 @@ def one_step(fm: FlatModel, x, y, theta0, alpha, target, seed):
     return loss, x, a
 
 
-def measure(width: int, ipc: int, seed: int | None) -> dict:
+def measure(width: int, ipc: int, seed: int | None, student: str) -> dict:
     torch.manual_seed(0)
     spec = ModelSpec("convnet", 1, (28, 28), 10, width=width, depth=3)
     fm = FlatModel(build_model(spec))
+    if student == "group_norm":
+        fm.module.forward_flat = group_norm_student(fm.module)
     theta0 = fm.flatten()
     target = theta0 + 0.01 * torch.randn_like(theta0)
     x = torch.randn(10 * ipc, 1, 28, 28)
@@ -106,14 +136,13 @@ def measure(width: int, ipc: int, seed: int | None) -> dict:
         torch.autograd.grad(loss, [xg, ag])
     outer = aten_ops(prof)
     aten = inner[0] + outer[0]
-    norm_nodes = sum(v for k, v in kinds.items() if "Norm" in k or "norm" in k)
     return {
+        "student": student,
         "dsa": seed is not None,
         "width": width,
         "ipc": ipc,
         "images": len(y),
         "graph_nodes": sum(kinds.values()),
-        "graph_nodes_norm": norm_nodes,
         "graph_node_kinds": dict(kinds.most_common()),
         "aten_ops": sum(aten.values()),
         "aten_ops_unroll": sum(inner[0].values()),
@@ -121,7 +150,7 @@ def measure(width: int, ipc: int, seed: int | None) -> dict:
         "compute_ops": sum(inner[1].values()) + sum(outer[1].values()),
         "compute_ops_unroll": sum(inner[1].values()),
         "compute_ops_outer_backward": sum(outer[1].values()),
-        "aten_top": dict(aten.most_common(15)),
+        "compute_top": dict((inner[1] + outer[1]).most_common()),
         "saved_tensors": len(saved),
         "saved_bytes": sum(saved.values()),
     }
@@ -136,17 +165,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(args.width, args.ipc, seed) for seed in (None, 12345)]
-    print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
-    print("| DSA | graph nodes | aten ops (unroll + outer) | compute ops (unroll + outer) | saved tensors | saved MiB |")
-    print("|---|---|---|---|---|---|")
+    rows = [measure(args.width, args.ipc, seed, student) for seed in (None, 12345) for student in ("group_norm", "fused")]
+    print(f"torch {torch.__version__}, ConvNet-{args.width} depth 3, 28x28x1, {10 * args.ipc} images, one student step "
+          "(forward + grad with create_graph) and the outer backward through it")
+    print("| student | DSA | graph nodes | aten calls (unroll + outer) | compute calls (unroll + outer) | saved tensors | saved MiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'on' if r['dsa'] else 'off'} | {r['graph_nodes']} | {r['aten_ops']} ({r['aten_ops_unroll']} + "
+        print(f"| {r['student']} | {'on' if r['dsa'] else 'off'} | {r['graph_nodes']} | {r['aten_ops']} ({r['aten_ops_unroll']} + "
               f"{r['aten_ops_outer_backward']}) | {r['compute_ops']} ({r['compute_ops_unroll']} + {r['compute_ops_outer_backward']}) | "
               f"{r['saved_tensors']} | {r['saved_bytes'] / 2**20:.1f} |")
     for r in rows:
-        print(f"\nDSA {'on' if r['dsa'] else 'off'}, node kinds: {r['graph_node_kinds']}")
-        print(f"top aten ops: {r['aten_top']}")
+        print(f"\n{r['student']}, DSA {'on' if r['dsa'] else 'off'}: node kinds {r['graph_node_kinds']}")
+        print(f"compute calls: {r['compute_top']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

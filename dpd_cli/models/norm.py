@@ -64,6 +64,8 @@ class _InstanceNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # y (the ReLU's output) only masks: detached, so that no gradient path runs through it.
+        y = None if y is None else y.detach()
         dx, dw, db = _InstanceNormBackward.apply(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))
         return dx, dw, db, None, None
 
@@ -72,7 +74,7 @@ class _InstanceNormBackward(torch.autograd.Function):
     """``(dy, x, weight) -> (dx, dw, db)`` of instance norm; ``mean``/``rstd`` are x's statistics.
 
     With ``y`` (the ReLU's output, when the ReLU is folded in) the incoming gradient is first masked
-    where ``y`` is 0, as ``ReLU``'s backward does; ``y`` itself gets no gradient.
+    where ``y`` is 0, as ``ReLU``'s backward does.
     """
 
     @staticmethod
@@ -169,7 +171,7 @@ class _AvgPool2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return _AvgPool2Backward.apply(dy, x)
+        return _AvgPool2Backward.apply(dy, x.detach())  # x gives the shape only: no gradient path through it
 
 
 class _AvgPool2Backward(torch.autograd.Function):
