@@ -13,8 +13,9 @@ change in load hits all modes alike. Modes:
   ``engine.distill.run`` (as ``speed.py``'s distill worker);
 * ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
   ``nn.GroupNorm``);
-* ``full_gn`` (with ``--with-group-norm``): ``full`` with the student's norm computed by
-  ``F.group_norm`` -- what dpd ran before ``dpd_cli.models.norm``.
+* ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
+  ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
+  ``dpd_cli.models.norm``.
 
 Every mode uses the same DSA seeds in round i and the same start/target parameters; rho = 0
 everywhere (the reference has no pruning). Reported per mode: median, min and max seconds of the
@@ -34,20 +35,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dpd_cli.engine import matching
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.models import nets as _nets
 from dpd_cli.settings import DistillSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtt_reference import MTTReference  # noqa: E402
+from op_count import group_norm_student  # noqa: E402
 from speed import _plan, class_balanced, load_data, make_spec  # noqa: E402
-
-
-def _group_norm(x, weight, bias, eps=1e-5):
-    return F.group_norm(x, x.shape[1], weight, bias, eps)
 
 
 def setup(args):
@@ -72,22 +68,18 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
     def plan(it):
         return _plan(random.Random(it), n, batch_syn, args.steps, not args.no_dsa, dev)
 
-    def dpd_runner(memory: str, norm=None):
+    def dpd_runner(memory: str, before: bool = False):
         fm = FlatModel(build_model(spec))
+        if before:  # the student as it was before dpd_cli.models.norm
+            fm.module.forward_flat = group_norm_student(fm.module)
         sizes = [layer.numel for layer in fm.layers]
         x = images.clone()
         lr = torch.tensor(s.lr_teacher)
         mom_x, mom_lr = torch.zeros_like(x), torch.zeros_like(lr)
 
         def run(it):
-            saved = _nets.instance_norm
-            if norm is not None:
-                _nets.instance_norm = norm
-            try:
-                res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it),
-                                             matching.PruneConfig(0.0), sizes, memory)
-            finally:
-                _nets.instance_norm = saved
+            res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it),
+                                         matching.PruneConfig(0.0), sizes, memory)
             with torch.no_grad():  # engine.distill.run's updates
                 mom_x.mul_(0.5).add_(res.grad_images)
                 x.sub_(s.lr_img * mom_x)
@@ -105,7 +97,7 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         "ref": lambda it: float(ref.iteration(start_buf, target_buf, plan(it).seeds)),
     }
     if args.with_group_norm:
-        runners["full_gn"] = dpd_runner("full", norm=_group_norm)
+        runners["full_gn"] = dpd_runner("full", before=True)
     return {k: runners[k] for k in args.modes.split(",") + (["full_gn"] if args.with_group_norm else [])}
 
 
@@ -146,9 +138,8 @@ def main(argv=None) -> int:
                 wall[k].append(t)
                 cpu[k].append(c)
         loads.append(os.getloadavg()[0])
-        print(f"round {r}{' (warm-up)' if r < args.warmup else ''}: "
-              + ", ".join(f"{k} {wall[k][-1] if r >= args.warmup else float('nan'):.2f} s" for k in names)
-              + f"  load {loads[-1]:.2f}", file=sys.stderr, flush=True)
+        done = ", ".join(f"{k} {wall[k][-1]:.2f} s" for k in names) if r >= args.warmup else "warm-up"
+        print(f"round {r}: {done}  load {loads[-1]:.2f}", file=sys.stderr, flush=True)
 
     def paired(a, b):  # median over rounds of a_i / b_i
         return statistics.median(x / y for x, y in zip(wall[a], wall[b]))

@@ -103,6 +103,7 @@ class _InstanceNormBackward(torch.autograd.Function):
         dz3, x3 = dz.reshape(n, c, hw), x.reshape(n, c, hw)
         r, mu = rstd.view(n, c, 1), mean.view(n, c, 1)
         rw = r if weight is None else r * weight.view(1, c, 1)
+        need_x = need_x and (a is not None or p is not None)  # q alone does not depend on x
         p = torch.zeros_like(rw[:1]) if p is None else p.view(1, c, 1)  # (1, C, 1): zeros cost nothing
         q = torch.zeros_like(rw[:1]) if q is None else q.view(1, c, 1)
         rk = r * k
@@ -197,6 +198,7 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
         x: ``(N, C, *)``; each (n, c) slice is normalised on its own.
         weight, bias: ``(C,)`` or both ``None`` (no affine).
         eps: Added to the variance.
+        relu: Apply ``relu`` to the result, inside the same two nodes (no ReLU node of its own).
 
     Returns:
         Like ``x``.
