@@ -9,7 +9,9 @@ copied. What is kept, because it decides speed and memory:
   pass with another flat vector splits it, ``view``s each piece to its layer's shape, sets the
   views as module attributes, runs the module and puts the old views back. (dpd uses
   ``torch.func.functional_call`` on an unmodified module instead.)
-* A fresh student network is built and wrapped every iteration, as MTT does.
+* A fresh student network is built and wrapped every iteration, as MTT does, with its instance
+  norm as MTT has it: ``nn.GroupNorm(C, C)`` (PyTorch differentiating ``F.group_norm`` itself),
+  not dpd's fused norm (``dpd_cli.models.norm``).
 * The expert trajectory is held as per-layer CPU tensors (MTT's replay buffer) and
   concatenated to the device every iteration.
 * The unroll keeps every student parameter vector in ``student_params`` and back-propagates
@@ -38,7 +40,25 @@ from torch import nn
 from dpd_cli.augment import dsa
 from dpd_cli.models import ModelSpec, build_model
 
-__all__ = ["ReparamModule", "MTTReference"]
+__all__ = ["ReparamModule", "MTTReference", "mtt_network", "plain_group_norm"]
+
+
+def plain_group_norm(net: nn.Module) -> nn.Module:
+    """``net`` with every dpd instance norm replaced by ``nn.GroupNorm(C, C)`` holding the same parameters."""
+    from dpd_cli.models.norm import InstanceNorm
+
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, InstanceNorm):
+                plain = nn.GroupNorm(child.num_channels, child.num_channels, eps=child.eps, affine=child.affine)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain.to(next(child.parameters(), torch.empty(0)).device))
+    return net
+
+
+def mtt_network(spec: ModelSpec) -> nn.Module:
+    """The network as MTT builds it (same initialisation as ``build_model``; norms are ``nn.GroupNorm``)."""
+    return plain_group_norm(build_model(spec))
 
 
 class ReparamModule(nn.Module):
@@ -122,7 +142,7 @@ class MTTReference:
                   identity_order: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One MTT iteration: unroll ``len(seeds)`` steps, match, backward, step. Returns the loss (detached)."""
         dev = self.device
-        student_net = build_model(self.spec).to(dev)  # a fresh network every iteration, as MTT
+        student_net = mtt_network(self.spec).to(dev)  # a fresh network every iteration, as MTT
         if dtype is not None:
             student_net = student_net.to(dtype)
         student_net = ReparamModule(student_net)

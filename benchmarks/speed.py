@@ -10,7 +10,7 @@ Sections (``--only experts,distill,eval``):
 
 experts  images/s of ``dpd_cli.engine.train.train_epoch`` with the expert settings' SGD (defaults
          of ``ExpertSettings``: lr 0.01, no momentum, no weight decay, batch 256, DSA on) against a
-         bare PyTorch loop written here, same network, batches and DSA; repetitions interleaved
+         bare PyTorch loop written here, same network (its norms plain ``nn.GroupNorm``), batches and DSA; repetitions interleaved
          A B A B ..., medians and their ratio.
 distill  seconds per iteration and peak memory of ``matching.meta_gradient`` + the SGD updates of
          ``engine.distill.run``, ``full`` vs ``low`` memory, and the reference MTT inner loop
@@ -56,7 +56,7 @@ from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
 from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mtt_reference import MTTReference, check_against_dpd  # noqa: E402
+from mtt_reference import MTTReference, check_against_dpd, plain_group_norm  # noqa: E402
 
 GIB = 1024**3
 SECTIONS = ("experts", "distill", "eval")
@@ -213,9 +213,10 @@ def bench_experts(args, dev) -> dict:
     log(f"[experts] {n} images {tuple(x.shape[1:])}, ConvNet width {spec.width} depth {spec.depth}, batch {batch}, "
         f"SGD lr {es.lr} momentum {es.momentum} wd {es.weight_decay}, DSA {not args.no_dsa}, {args.expert_reps} reps")
 
-    def fresh(seed):
+    def fresh(seed, plain=False):
         torch.manual_seed(seed)
-        net = build_model(spec).to(dev)
+        net = build_model(spec)
+        net = (plain_group_norm(net) if plain else net).to(dev)
         opt = torch.optim.SGD(net.parameters(), lr=es.lr, momentum=es.momentum, weight_decay=es.weight_decay)
         return net, opt, torch.Generator().manual_seed(seed), random.Random(seed)
 
@@ -227,7 +228,7 @@ def bench_experts(args, dev) -> dict:
         losses["dpd"] = float(loss_sum) / len(ys)
 
     def run_bare(r, xs=x, ys=y):
-        net, opt, gen, rng = fresh(1000 + r)
+        net, opt, gen, rng = fresh(1000 + r, plain=True)
         losses["bare"] = float(bare_epoch(net, opt, xs, ys, batch, gen, rng, not args.no_dsa))
 
     # Warm-up (allocator, kernels, thread pool) on two batches each, untimed.
@@ -273,9 +274,10 @@ def bench_eval(args, dev) -> dict:
     log(f"[eval] IPC {args.eval_ipc} ({len(y)} images), ConvNet width {spec.width}, {epochs} epochs per rep, batch {ev.batch}, "
         f"SGD momentum {ev.momentum} wd {ev.weight_decay}, DSA {not args.no_dsa}, {args.eval_reps} reps")
 
-    def fresh(seed):
+    def fresh(seed, plain=False):
         torch.manual_seed(seed)
-        net = build_model(spec).to(dev)
+        net = build_model(spec)
+        net = (plain_group_norm(net) if plain else net).to(dev)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)
         return net, opt, sched, torch.Generator().manual_seed(seed), random.Random(seed)
@@ -288,7 +290,7 @@ def bench_eval(args, dev) -> dict:
             sched.step()
 
     def run_bare(r, n_epochs=epochs):
-        net, opt, sched, gen, rng = fresh(2000 + r)
+        net, opt, sched, gen, rng = fresh(2000 + r, plain=True)
         for _ in range(n_epochs):
             bare_epoch(net, opt, x, y, ev.batch, gen, rng, not args.no_dsa)
             sched.step()

@@ -6,7 +6,8 @@ color (brightness +-0.5, saturation x U(0,2), contrast x U(0.5,1.5)), crop (tran
 rotate (+-15 degrees). Every op is differentiable w.r.t. the images.
 
 Everything random is derived from one integer ``seed``: the same seed on the same device
-replays the same augmentation, which the low-memory meta-gradient relies on.
+replays the same augmentation, which the low-memory meta-gradient relies on. One generator per
+device is kept and re-seeded on every call, rather than a new one created per call.
 """
 
 from __future__ import annotations
@@ -104,7 +105,19 @@ def dsa(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS, part: tuple[int,
         Augmented images, same shape and dtype.
     """
     op = ops[random.Random(seed).randrange(len(ops))]
-    g = torch.Generator(device=x.device)
-    g.manual_seed(seed)
     lo, n = part if part is not None else (0, x.shape[0])
-    return _FNS[op](x, g, n, slice(lo, lo + x.shape[0]))
+    return _FNS[op](x, _generator(x.device, seed), n, slice(lo, lo + x.shape[0]))
+
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """The device's DSA generator, re-seeded: the same state as a fresh ``torch.Generator`` seeded with ``seed``.
+
+    Not thread-safe: two threads augmenting on the same device at once would share it.
+    """
+    g = _GENERATORS.get(device)
+    if g is None:
+        g = _GENERATORS[device] = torch.Generator(device=device)
+    return g.manual_seed(seed)

@@ -85,6 +85,25 @@ def test_dsa_chooses_the_op_from_the_seed_and_all_six_appear(monkeypatch):
     assert set(seen) == {"flip", "crop"}
 
 
+def test_dsa_reuses_one_generator_and_replays_what_a_fresh_generator_gives(monkeypatch):
+    """One generator per device, re-seeded per call: bit for bit what a new generator per call gave."""
+    cases = [(_x(), s, OPS) for s in range(24)]  # every family, each drawing a different amount
+    cases += [(_x(n=5, c=1, side=9, dtype=torch.float64, seed=1), s, OPS) for s in (3, 77, 2**62 + 5)]
+    cases += [(_x(n=3, c=2, side=6, seed=2), s, ("crop", "cutout")) for s in (8, 9)]
+    expected = []
+    for x, seed, ops in cases:  # the behaviour before the generator was kept: a fresh one per call
+        op = ops[random.Random(seed).randrange(len(ops))]
+        expected.append(_FNS[op](x, torch.Generator().manual_seed(seed), len(x), slice(0, len(x))))
+    created = []
+    real_generator = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda *a, **k: (created.append(1), real_generator(*a, **k))[1])
+    monkeypatch.setattr(augment, "_GENERATORS", {})
+    for _ in range(2):  # twice over: re-seeding must undo whatever the previous call drew
+        for (x, seed, ops), want in zip(cases, expected, strict=True):
+            assert torch.equal(dsa(x, seed, ops=ops), want)
+    assert len(created) == 1
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_op_gradcheck(op):
     # Every family is affine in x once its random parameters are fixed by the seed.

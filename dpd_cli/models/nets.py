@@ -1,7 +1,9 @@
 """Network definitions, sized from the image shape (28-64 px) and built from a plain spec.
 
 The ConvNet follows MTT/DC: ``depth`` x [conv3x3(width) -> norm -> ReLU -> pool 2x2], then a
-linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT.
+linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT, computed
+by ``norm.instance_norm`` (same values, a small double-backward graph; parameters named as
+``nn.GroupNorm``'s).
 Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 32 px.
 """
 
@@ -13,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
 
 __all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
 
@@ -58,7 +62,7 @@ def default_depth(image_size: tuple[int, int]) -> int:
 
 def _norm(kind: str, c: int) -> nn.Module:
     if kind == "instance":
-        return nn.GroupNorm(c, c, affine=True)
+        return InstanceNorm(c, affine=True)  # an nn.GroupNorm(c, c): same parameters and state dict
     if kind == "batch":
         return nn.BatchNorm2d(c)
     return nn.Identity()
@@ -101,9 +105,10 @@ class ConvNet(nn.Module):
         for d in range(1, self.depth + 1):
             x = F.conv2d(x, p[f"conv{d}.weight"], p[f"conv{d}.bias"], padding=self._pads[d - 1])
             if self._norm_kind == "instance":
-                x = F.group_norm(x, self._width, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5)
-            x = F.relu(x)
-            x = F.avg_pool2d(x, 2, 2) if self._pool_kind == "avg" else F.max_pool2d(x, 2, 2)
+                x = instance_norm(x, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5, relu=True)
+            else:
+                x = F.relu(x)
+            x = avg_pool2(x) if self._pool_kind == "avg" else F.max_pool2d(x, 2, 2)
         return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
 
 

@@ -106,26 +106,42 @@ def test_functional_call_leaves_module_parameters_alone():
 
 @pytest.mark.parametrize("norm,pool", [("instance", "avg"), ("none", "max"), ("instance", "max")])
 def test_convnet_fast_path_equals_functional_call_with_double_backward(norm, pool):
-    """ConvNet.forward_flat must match functional_call, including the second-order terms distillation uses."""
+    """ConvNet.forward_flat must match functional_call, including the second-order terms distillation uses.
+
+    The reference is the module with every norm a plain ``nn.GroupNorm`` (PyTorch differentiating
+    ``F.group_norm`` itself), so the fused norm's double backward is checked in the student's setting.
+    """
+    import copy
+
+    from torch import nn
     from torch.func import functional_call
+
+    from dpd_cli.models.norm import InstanceNorm
 
     torch.manual_seed(0)
     spec = ModelSpec("convnet", 1, (28, 28), 3, width=4, depth=2, norm=norm, pool=pool)
     fm = FlatModel(build_model(spec).double())
     assert fm.module.supports_forward_flat
+    plain = copy.deepcopy(fm.module)
+    for d in (1, 2):
+        if isinstance(getattr(plain, f"norm{d}"), InstanceNorm):
+            setattr(plain, f"norm{d}", nn.GroupNorm(4, 4).double())
     x = torch.randn(5, 1, 28, 28, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0, 1])
+    theta0 = fm.flatten() + 0.1 * torch.randn(fm.n_params, dtype=torch.float64)  # norm weights away from 1
 
     def meta(forward):
-        theta = fm.flatten().requires_grad_(True)
+        theta = theta0.clone().requires_grad_(True)
         ce = torch.nn.functional.cross_entropy(forward(theta, x), y)
         (g,) = torch.autograd.grad(ce, theta, create_graph=True)
         return torch.autograd.grad((g * g).sum(), [x, theta])
 
     fast = meta(fm)
-    slow = meta(lambda theta, xx: functional_call(fm.module, fm.unflatten(theta), (xx,)))
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    module_path = meta(lambda theta, xx: functional_call(fm.module, fm.unflatten(theta), (xx,)))
+    reference = meta(lambda theta, xx: functional_call(plain, fm.unflatten(theta), (xx,)))
+    for a, b, c in zip(fast, module_path, reference):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14)
 
 
 def test_batchnorm_convnet_uses_functional_call():
@@ -134,3 +150,24 @@ def test_batchnorm_convnet_uses_functional_call():
     assert not fm.module.supports_forward_flat
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(fm(fm.flatten(), x), fm.module(x))
+
+
+@pytest.mark.parametrize("path", ["forward_flat", "module"])
+def test_convnet_runs_the_fused_instance_norm_on_both_paths(path):
+    # The distillation student (forward_flat) and expert/evaluation training (the module) both use it.
+    fm = _fm()
+    x = torch.randn(2, 1, 8, 8)
+    out = fm(fm.flatten().requires_grad_(True), x) if path == "forward_flat" else fm.module(x)
+    seen, stack, kinds = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kinds.append(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    assert kinds.count("_InstanceNormBackward") == 2
+    assert not any("GroupNorm" in k for k in kinds)
+    if path == "forward_flat":  # the student also folds the ReLU into the norm and pools without a zero branch
+        assert kinds.count("_AvgPool2Backward") == 2
+        assert "ReluBackward0" not in kinds and "AvgPool2DBackward0" not in kinds

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpd_cli.models import ModelSpec, build_model, default_depth
+from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
+from dpd_cli.models.norm import InstanceNorm
 from tests.helpers import tiny_spec
 
 SIZES = [(1, 28), (3, 32), (3, 64)]
@@ -96,3 +97,55 @@ def test_seeded_build_is_reproducible():
     torch.manual_seed(3)
     b = build_model(tiny_spec())
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _with_plain_group_norm(net: nn.Module) -> nn.Module:
+    """``net`` as the networks were built before the fused norm: every instance norm an ``nn.GroupNorm(C, C)``."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, InstanceNorm):
+                plain = nn.GroupNorm(child.num_channels, child.num_channels, eps=child.eps, affine=child.affine)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain)
+    return net
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18", "vgg11"])
+def test_instance_norm_keeps_parameter_names_state_dict_and_flat_layout(name):
+    """Stored trajectories and files name and order parameters as nn.GroupNorm did: they still load and give the same outputs."""
+    spec = ModelSpec(name, 1, (28, 28), 10, width=8, depth=3)
+    torch.manual_seed(4)
+    net = build_model(spec)
+    norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(type(m) is InstanceNorm for m in norms)
+    torch.manual_seed(4)
+    old = _with_plain_group_norm(build_model(spec))
+    assert not any(isinstance(m, InstanceNorm) for m in old.modules())
+    new_state, old_state = net.state_dict(), old.state_dict()
+    assert list(new_state) == list(old_state)
+    assert all(new_state[k].shape == old_state[k].shape and torch.equal(new_state[k], old_state[k]) for k in old_state)
+    fm_new, fm_old = FlatModel(net), FlatModel(old)
+    assert fm_new.layout == fm_old.layout and fm_new.n_params == fm_old.n_params
+    # Parameters saved by the old networks (a trained-looking flat vector) load and compute the same.
+    theta = fm_old.flatten() + 0.1 * torch.randn(fm_old.n_params)
+    fm_old.load_(theta)
+    fm_new.module.load_state_dict(old.state_dict(), strict=True)
+    assert torch.equal(fm_new.flatten(), theta)
+    x = torch.randn(3, 1, 28, 28)
+    net.train(), old.train()
+    assert torch.equal(net(x), old(x))
+
+
+def test_convnet_instance_norm_gives_bitwise_the_old_outputs_and_gradients():
+    """Expert and evaluation training run the same kernels as before: same numbers, bit for bit, in float32."""
+    spec = ModelSpec("convnet", 3, (16, 16), 4, width=8, depth=2)
+    torch.manual_seed(5)
+    net = build_model(spec)
+    torch.manual_seed(5)
+    old = _with_plain_group_norm(build_model(spec))
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    out_new, out_old = net(x), old(x)
+    assert torch.equal(out_new, out_old)
+    torch.nn.functional.cross_entropy(out_new, y).backward()
+    torch.nn.functional.cross_entropy(out_old, y).backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(net.parameters(), old.parameters(), strict=True))

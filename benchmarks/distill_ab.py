@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+r"""Seconds per distillation iteration, dpd vs the reference MTT loop, interleaved in ONE process.
+
+    python benchmarks/distill_ab.py                                  # ConvNet-128, IPC 10, N 20, DSA on, rho 0
+    python benchmarks/distill_ab.py --warmup 3 --iters 5 --json bench-out/distill-ab.json
+
+``speed.py``'s distill section runs each configuration in its own process, one after the other,
+which also gives each its peak memory; on a shared machine the load can change between them.
+Here every mode runs in the same process, round by round (the order rotates each round), so a
+change in load hits all modes alike. Modes:
+
+* ``full`` / ``low``: ``matching.meta_gradient`` with ``memory=full|low`` plus the SGD updates of
+  ``engine.distill.run`` (as ``speed.py``'s distill worker);
+* ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
+  ``nn.GroupNorm``);
+* ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
+  ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
+  ``dpd_cli.models.norm``.
+
+Every mode uses the same DSA seeds in round i and the same start/target parameters; rho = 0
+everywhere (the reference has no pruning). Reported per mode: median, min and max seconds of the
+timed rounds, CPU seconds (process time; well below threads x wall time means the threads waited
+for cores), and the medians of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dpd_cli.engine import matching
+from dpd_cli.models import FlatModel, build_model
+from dpd_cli.settings import DistillSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mtt_reference import MTTReference  # noqa: E402
+from op_count import group_norm_student  # noqa: E402
+from speed import _plan, class_balanced, load_data, make_spec  # noqa: E402
+
+
+def setup(args):
+    torch.set_num_threads(args.threads)
+    ds, pre = load_data(args.dataset, None)
+    spec = make_spec(ds, args.width)
+    idx = class_balanced(ds.train_labels, ds.n_classes, args.ipc, seed=0)
+    images = pre.apply(ds.train_images[idx])
+    labels = ds.train_labels[idx]
+    torch.manual_seed(0)
+    start = FlatModel(build_model(spec)).flatten()
+    target = start + 0.01 * torch.randn_like(start)
+    return spec, images, labels, start, target
+
+
+def make_runners(args, spec, images, labels, start, target) -> dict:
+    s = DistillSettings()
+    n = len(labels)
+    batch_syn = min(args.batch_syn or n, n)
+    dev = torch.device("cpu")
+
+    def plan(it):
+        return _plan(random.Random(it), n, batch_syn, args.steps, not args.no_dsa, dev)
+
+    def dpd_runner(memory: str, before: bool = False):
+        fm = FlatModel(build_model(spec))
+        if before:  # the student as it was before dpd_cli.models.norm
+            fm.module.forward_flat = group_norm_student(fm.module)
+        sizes = [layer.numel for layer in fm.layers]
+        x = images.clone()
+        lr = torch.tensor(s.lr_teacher)
+        mom_x, mom_lr = torch.zeros_like(x), torch.zeros_like(lr)
+
+        def run(it):
+            res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it),
+                                         matching.PruneConfig(0.0), sizes, memory)
+            with torch.no_grad():  # engine.distill.run's updates
+                mom_x.mul_(0.5).add_(res.grad_images)
+                x.sub_(s.lr_img * mom_x)
+                mom_lr.mul_(0.5).add_(res.grad_lr)
+                lr.sub_(s.lr_lr * mom_lr)
+            return float(res.loss)
+
+        return run
+
+    ref = MTTReference(spec, images.clone(), labels, s.lr_teacher, s.lr_img, s.lr_lr, batch_syn)
+    start_buf, target_buf = MTTReference.buffer_entry(start, spec), MTTReference.buffer_entry(target, spec)
+    runners = {
+        "full": dpd_runner("full"),
+        "low": dpd_runner("low"),
+        "ref": lambda it: float(ref.iteration(start_buf, target_buf, plan(it).seeds)),
+    }
+    if args.with_group_norm:
+        runners["full_gn"] = dpd_runner("full", before=True)
+    return {k: runners[k] for k in args.modes.split(",") + (["full_gn"] if args.with_group_norm else [])}
+
+
+def _stats(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist-mini")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="N, student steps per iteration (default 20)")
+    p.add_argument("--batch-syn", type=int, default=100)
+    p.add_argument("--no-dsa", action="store_true")
+    p.add_argument("--modes", default="full,low,ref")
+    p.add_argument("--with-group-norm", action="store_true", help="also time full with F.group_norm (dpd before the fused norm)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
+    p.add_argument("--iters", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    load_start = os.getloadavg()
+    runners = make_runners(args, *setup(args))
+    names = list(runners)
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    losses = {k: [] for k in names}
+    loads = []
+    for r in range(args.warmup + args.iters):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            losses[k].append(runners[k](r))
+            t, c = time.perf_counter() - t0, time.process_time() - c0
+            if r >= args.warmup:
+                wall[k].append(t)
+                cpu[k].append(c)
+        loads.append(os.getloadavg()[0])
+        done = ", ".join(f"{k} {wall[k][-1]:.2f} s" for k in names) if r >= args.warmup else "warm-up"
+        print(f"round {r}: {done}  load {loads[-1]:.2f}", file=sys.stderr, flush=True)
+
+    def paired(a, b):  # median over rounds of a_i / b_i
+        return statistics.median(x / y for x, y in zip(wall[a], wall[b]))
+
+    out = {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg_start": load_start,
+        "loadavg_per_round": loads,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "stats": {k: _stats(v) for k, v in wall.items()},
+        "cpu_stats": {k: _stats(v) for k, v in cpu.items()},
+        "losses": losses,
+    }
+    ratios = {}
+    if "ref" in wall and "full" in wall:
+        ratios["ref_over_full"] = paired("ref", "full")
+    if "low" in wall and "full" in wall:
+        ratios["low_over_full"] = paired("low", "full")
+    if "ref" in wall and "low" in wall:
+        ratios["ref_over_low"] = paired("ref", "low")
+    if "full_gn" in wall:
+        ratios["full_gn_over_full"] = paired("full_gn", "full")
+        if "ref" in wall:
+            ratios["ref_over_full_gn"] = paired("ref", "full_gn")
+    out["paired_ratios_median"] = ratios
+
+    c = args
+    print(f"ConvNet-{c.width}, IPC {c.ipc}, N {c.steps}, batch_syn {c.batch_syn}, rho 0, DSA {'off' if c.no_dsa else 'on'}, "
+          f"{out['threads']} threads, {c.warmup} warm-up + {c.iters} timed rounds, interleaved; torch {torch.__version__}")
+    print(f"load average (1 min) at start {load_start[0]:.2f}, per round {', '.join(f'{v:.2f}' for v in loads)}")
+    print("| mode | s/it median | min | max | CPU s/it median |")
+    print("|---|---|---|---|---|")
+    for k in names:
+        st, cs = out["stats"][k], out["cpu_stats"][k]
+        print(f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {cs['median']:.3f} |")
+    print("paired ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
