@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.engine import matching
+from dpd_cli.engine import matching, pruning
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +46,7 @@ def problem(seed: int = 0, dtype=torch.float64):
     return fm, start, target, images, labels
 
 
-def run(device: str, memory: str, prune: matching.PruneConfig, dsa_on: bool, batch: int | None, seed: int = 0,
+def run(device: str, memory: str, prune: pruning.PruneConfig, dsa_on: bool, batch: int | None, seed: int = 0,
         dtype=torch.float64):
     fm, start, target, images, labels = problem(seed, dtype)
     dev = torch.device(device)
@@ -56,8 +56,10 @@ def run(device: str, memory: str, prune: matching.PruneConfig, dsa_on: bool, bat
     batches = [None if batch is None else torch.randperm(N_IMAGES, generator=g)[:batch].to(dev) for _ in range(N_STEPS)]
     seeds = [rng.getrandbits(63) if dsa_on else None for _ in range(N_STEPS)]
     plan = matching.StepPlan(batches, seeds)
+    sizes = [layer.numel for layer in fm.layers]
+    mask = None if prune.ratio <= 0 else (lambda e, t, s: pruning.prune_keep_mask(e, t, s, prune, sizes))
     res = matching.meta_gradient(fm, images.to(dev), labels.to(dev), torch.tensor(0.02, dtype=dtype, device=dev),
-                                 start.to(dev), target.to(dev), plan, prune, [layer.numel for layer in fm.layers], memory)
+                                 start.to(dev), target.to(dev), plan, memory, loss_mask=mask)
     return {"loss": res.loss.cpu(), "grad_images": res.grad_images.cpu(), "grad_lr": res.grad_lr.cpu(),
             "keep": None if res.keep is None else res.keep.cpu()}
 
@@ -79,8 +81,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA GPU visible to torch", file=sys.stderr)
         return 2
-    prunes = {"rho0": matching.PruneConfig(0.0), "rho0.1-global": matching.PruneConfig(0.1, "global"),
-              "rho0.1-layer": matching.PruneConfig(0.1, "layer")}
+    prunes = {"rho0": pruning.PruneConfig(0.0), "rho0.1-global": pruning.PruneConfig(0.1, "global"),
+              "rho0.1-layer": pruning.PruneConfig(0.1, "layer")}
     rows = []
     for memory in ("full", "low"):
         for pname, prune in prunes.items():

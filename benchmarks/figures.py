@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from dpd_cli import storage  # noqa: E402
 from dpd_cli.data import Preprocess  # noqa: E402
-from dpd_cli.engine.distill import load_synthetic  # noqa: E402
+from dpd_cli.artifacts.synthetic import load as load_synthetic  # noqa: E402
 from dpd_cli.images import save_grid  # noqa: E402
 
 

@@ -205,8 +205,7 @@ def check_against_dpd(device: str = "cpu", n_steps: int = 3, rtol: float = 1e-9)
     seeds = [rng.getrandbits(63) for _ in range(n_steps)]
     lr = torch.tensor(0.01, device=dev, dtype=torch.float64)
     plan = matching.StepPlan([None] * n_steps, list(seeds))
-    sizes = [layer.numel for layer in fm.layers]
-    res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, matching.PruneConfig(0.0), sizes, "full")
+    res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, "full")  # no mask: MTT
 
     ref = MTTReference(spec, images, labels, 0.01, lr_img=1.0, lr_lr=1.0)
     loss = ref.iteration(_as_buffer_entry(start, spec), _as_buffer_entry(target, spec), seeds, identity_order=True, dtype=torch.float64)
