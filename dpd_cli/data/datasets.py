@@ -21,7 +21,7 @@ import torch
 from dpd_cli import paths
 from dpd_cli.errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx"]
+__all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx", "class_balanced"]
 
 MINI_DIR = Path(__file__).parent / "mini"
 
@@ -339,6 +339,19 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
 _VAL_SEED = int.from_bytes(hashlib.sha256(b"dpd validation split").digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def class_balanced(labels: torch.Tensor, n_classes: int, per_class: int, g: torch.Generator) -> list[torch.Tensor]:
+    """For each class in turn, ``per_class`` indices of its images in a random order drawn from ``g``.
+
+    Every seeded, class-balanced choice dpd makes (validation split, ``--train-per-class``, the random
+    baseline) draws through here, so the same generator state gives the same images.
+    """
+    picks = []
+    for c in range(n_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return picks
+
+
 def _holdout(ds: Dataset, per_class: int) -> Dataset:
     """Take a seeded, class-balanced validation split of ``per_class`` images per class out of the training set."""
     counts = ds.class_counts()
@@ -348,12 +361,7 @@ def _holdout(ds: Dataset, per_class: int) -> Dataset:
             f"--val-per-class {per_class} would leave no training image of class {ds.classes[c]!r}, which has "
             f"{min(counts)}. Use at most {min(counts) - 1} (a few percent of a class is usual)."
         )
-    g = torch.Generator().manual_seed(_VAL_SEED)
-    picks = []
-    for c in range(ds.n_classes):
-        idx = torch.nonzero(ds.train_labels == c).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    val = torch.cat(picks).sort().values
+    val = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(_VAL_SEED))).sort().values
     rest = torch.ones(len(ds.train_labels), dtype=torch.bool)
     rest[val] = False
     return Dataset(ds.name, ds.classes, ds.train_images[rest], ds.train_labels[rest], ds.test_images, ds.test_labels,
@@ -367,12 +375,7 @@ def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
             f"--train-per-class {per_class} is more than the smallest class of {ds.name} holds ({min(counts)}). "
             f"Use at most {min(counts)}."
         )
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in range(ds.n_classes):
-        idx = torch.nonzero(ds.train_labels == c).flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    keep_t = torch.cat(keep).sort().values
+    keep_t = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(seed))).sort().values
     return Dataset(ds.name, ds.classes, ds.train_images[keep_t], ds.train_labels[keep_t], ds.test_images, ds.test_labels,
                    ds.mean, ds.std, ds.val_images, ds.val_labels, ds.val_indices)
 

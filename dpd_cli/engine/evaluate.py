@@ -40,6 +40,7 @@ import torch
 
 from dpd_cli import interrupt, storage
 from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.data.datasets import class_balanced
 from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.engine import parallel
@@ -82,14 +83,11 @@ def verdict(results: list[dict], fail_under: float | None) -> dict:
 
 def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: int) -> torch.Tensor:
     """Indices of a seeded, class-balanced random subset (``per_class`` of each class)."""
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in range(n_classes):
-        idx = torch.nonzero(labels == c).flatten()
-        if len(idx) < per_class:
-            raise DataError(f"The random baseline needs {per_class} images of class {c}, the training set has {len(idx)}.")
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    return torch.cat(picks)
+    counts = torch.bincount(labels, minlength=n_classes)
+    if int(counts.min()) < per_class:
+        c = int(counts.argmin())
+        raise DataError(f"The random baseline needs {per_class} images of class {c}, the training set has {int(counts[c])}.")
+    return torch.cat(class_balanced(labels, n_classes, per_class, torch.Generator().manual_seed(seed)))
 
 
 class TrainResult(NamedTuple):

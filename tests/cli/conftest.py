@@ -30,3 +30,12 @@ def dpd():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture
+def experts(dpd, tmp_path):
+    """Two tiny experts (3 epochs) trained through the CLI into tmp_path/ex."""
+    out = tmp_path / "ex"
+    r = dpd("experts", "--num", "2", "--epochs", "3", "--out", out, *TINY)
+    assert r.exit_code == 0, r.output
+    return out

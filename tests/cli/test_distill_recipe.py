@@ -20,14 +20,6 @@ PLAIN = ["--ipc", "1", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-e
 DISTILL = [*PLAIN, *TINY]
 
 
-@pytest.fixture
-def experts(dpd, tmp_path) -> Path:
-    out = tmp_path / "ex"
-    r = dpd("experts", "--num", "2", "--epochs", "3", "--out", out, *TINY)
-    assert r.exit_code == 0, r.output
-    return out
-
-
 def ckpts(run: Path) -> list[int]:
     return sorted(layout.checkpoint_iteration(p) for p in layout.checkpoints(run))
 

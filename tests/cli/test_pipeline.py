@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +14,6 @@ from tests.cli.conftest import TINY
 
 DISTILL = ["--ipc", "1", "--iterations", "4", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
            "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "2", *TINY]
-
-
-@pytest.fixture
-def experts(dpd, tmp_path) -> Path:
-    out = tmp_path / "ex"
-    r = dpd("experts", "--num", "2", "--epochs", "3", "--out", out, *TINY)
-    assert r.exit_code == 0, r.output
-    return out
 
 
 def test_experts_writes_trajectories(dpd, experts):
