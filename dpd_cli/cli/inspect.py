@@ -268,6 +268,7 @@ def _show_run(con: Console, f: dict) -> None:
     _put(con, _facts_grid([
         ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
         ("model", f["model_tag"] or ""),
+        ("labels", _labels_line(syn)),
         ("pruning", pruning),
         ("distill", distill),
         ("experts", experts),
@@ -290,6 +291,8 @@ def _show_run(con: Console, f: dict) -> None:
 
     if f["pruning"]:
         _prune_table(con, f["pruning"], "Pruning by layer (most pruned first)")
+    if syn and syn.get("soft_labels"):
+        _soft_label_table(con, syn["soft_labels"])
     _evaluation(con, f["evaluation"])
 
     _heading(con, "Files")
@@ -302,6 +305,31 @@ def _show_run(con: Console, f: dict) -> None:
     if f["evaluation"] is None and st["status"] == "finished":
         con.print()
         con.print(Text(f"Next: dpd evaluate {f['path']}"))
+
+
+def _labels_line(syn: dict | None) -> str:
+    """One line on the labels of a synthetic set (``describe``'s dict): hard, or soft with their mass."""
+    if not syn:
+        return ""
+    mass = syn.get("soft_labels")
+    if not mass:
+        return "hard (one class per image)"
+    src = syn.get("soft_label_source") or {}
+    origin = f", learned from expert {src['expert']}'s logits at epoch {src['epoch']}" if "epoch" in src else ""
+    own = sum(c["own"] for c in mass) / len(mass)
+    low = min(mass, key=lambda c: c["own"])
+    return (f"soft{origin}; on average {own:.0%} of an image's label mass is on its own class "
+            f"(lowest: {low['class']}, {low['own']:.0%})")
+
+
+def _soft_label_table(con: Console, mass: list[dict]) -> None:
+    _heading(con, "Soft labels by class (mean over the class's images)")
+    table = _table(("class", "left"), ("own class", "right"), ("most mass", "left"))
+    for c in mass:
+        top = ", ".join(f"{t['class']} {t['mass']:.0%}" for t in c["top"])
+        _add_row(table, c["class"], Text(f"{c['own']:.0%}", style="bold red" if c["own"] < 0.5 else ""), top)
+    _put(con, table)
+    _put(con, "A network trains on the softmax of each image's learned logits instead of its class.", "dim")
 
 
 def _state_line(st: dict, path: str) -> str:
@@ -443,6 +471,7 @@ def _show_file(con: Console, f: dict) -> None:
             ("images", f"{d['n_images']} ({d['ipc']} per class, {_detail('image_shape', d['image_shape'])})"),
             ("iteration", f"{d['iteration']} of {d['iterations']}"),
             ("α (lr)", _num(d["alpha"], 5)),
+            ("labels", _labels_line(d)),
             ("model", d["model_tag"] or "?"),
         ]
     elif f["format"] != "dpd.prune_counts":  # prune counts get their table below
@@ -466,6 +495,8 @@ def _show_file(con: Console, f: dict) -> None:
         _put(con, table)
         if cut:
             _put(con, "Long values are cut (…); --json shows them in full.", "dim")
+    if f["format"] in ("dpd.synthetic", "dpd.checkpoint") and details.get("soft_labels"):
+        _soft_label_table(con, details["soft_labels"])
     if f["format"] == "dpd.prune_counts" and details:
         _prune_table(con, details, "Pruning by layer (most pruned first)")
     _evaluation(con, f["evaluation"])

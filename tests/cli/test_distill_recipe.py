@@ -199,6 +199,19 @@ def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, mo
         want = fm.module(first["images"])
     torch.testing.assert_close(first["label_logits"], want, rtol=1e-5, atol=1e-5)
 
+    # inspect shows the labels as soft, with each class's own mass computed here from the logits.
+    probs = torch.softmax(t["label_logits"].double(), dim=1)
+    own = [float(probs[t["labels"] == c].mean(0)[c]) for c in range(10)]
+    for target in (run, run / "synthetic.safetensors"):
+        r = dpd("inspect", target)
+        assert r.exit_code == 0, r.output
+        text = " ".join(r.output.split())  # the facts wrap with the terminal
+        assert "learned from expert 0's logits at epoch 3" in text and "Soft labels by class" in text
+        assert f"on average {sum(own) / 10:.0%} of an image's label mass is on its own class" in text
+    r = dpd("inspect", run / "synthetic.safetensors", "--json")
+    mass = json.loads(r.output)["details"]["soft_labels"]
+    assert [round(c["own"], 6) for c in mass] == [round(o, 6) for o in own]
+
     # evaluate trains on softmax(logits); the random baseline keeps hard labels.
     seen = []
 
@@ -219,6 +232,8 @@ def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, mo
     assert torch.equal(t["label_logits"], b["label_logits"]) and torch.equal(t["images"], b["images"])
     hard = tmp_path / "hard"
     assert dpd("distill", "--experts", experts, "--out", hard, *DISTILL, "--iterations", "2").exit_code == 0
+    r = dpd("inspect", hard)
+    assert "hard (one class per image)" in r.output and "Soft labels" not in r.output
     r = dpd("distill", "--experts", experts, "--out", hard, *DISTILL, "--iterations", "4", "--soft-labels", "--resume")
     assert r.exit_code == 2 and "was distilled with hard labels; --soft-labels cannot be switched on on --resume" in r.output
 
