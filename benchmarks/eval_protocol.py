@@ -297,7 +297,7 @@ def summarise(records: list[dict], arms: list[str], base: str) -> list[dict]:
 def markdown(rows: list[dict], base: str, title: str) -> str:
     out = [f"#### {title}", "", f"| arm | networks | mean % | std | paired diff vs {base} (95% CI) |", "|---|---|---|---|---|"]
     for r in rows:
-        diff = "—" if r["arm"] == base else f"{r['diff']:+.2f} ± {r['ci']:.2f}"
+        diff = "—" if r["arm"] == base or not r["pairs"] else f"{r['diff']:+.2f} ± {r['ci']:.2f}"
         out.append(f"| {r['arm']} | {r['n']} | {r['mean']:.2f} | {r['std']:.2f} | {diff} |")
     return "\n".join(out)
 
