@@ -283,7 +283,8 @@ def bench_eval(args, dev) -> dict:
         return net, opt, sched, torch.Generator().manual_seed(seed), random.Random(seed)
 
     def run_dpd(r, n_epochs=epochs):
-        # As engine.evaluate._train_and_test: train_epoch + scheduler step per epoch.
+        # train_epoch + a scheduler step per epoch: dpd 0.1.0's evaluation loop (engine.evaluate._train now
+        # re-creates its optimiser once at the decay instead; the per-epoch work is the same).
         net, opt, sched, gen, rng = fresh(2000 + r)
         for _ in range(n_epochs):
             train_epoch(net, opt, x, y, ev.batch, gen, rng, not args.no_dsa)

@@ -354,9 +354,9 @@ class EvalSettings(RunFields):
     models: list[Literal[MODEL_NAMES]] = Field(["convnet"], description="Architectures to train.")
     runs: int = Field(5, ge=1, description="Networks trained per architecture.")
     protocol: Literal["mtt", "fixed"] = Field(
-        "mtt", description="mtt: 1000 epochs at the learned alpha; fixed: lr 0.01, 300 epochs."
+        "mtt", description="MTT's evaluation loop; mtt: E = 1000 at the learned alpha; fixed: E = 300 at lr 0.01."
     )
-    epochs: int | None = Field(None, ge=1, description="Override the protocol's epochs.")
+    epochs: int | None = Field(None, ge=1, description="Override the protocol's E (E + 1 epochs run, as in MTT).")
     lr: float | None = Field(None, gt=0, description="Override the protocol's learning rate.")
     batch: int = Field(256, ge=1, description="Mini-batch size.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
@@ -371,7 +371,7 @@ class EvalSettings(RunFields):
         description="Which of a run's kept checkpoints to report: val (best on the validation split; the default when the "
         "run has one and several checkpoints), final, or test-max (best on the test set: optimistic, as published tables).",
     )
-    full_epochs: int = Field(20, ge=1, description="Epochs for the full-data baseline.")
+    full_epochs: int = Field(20, ge=1, description="E for the full-data baseline (E + 1 epochs run).")
     distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
     fail_under: float | None = Field(
         None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy is below this percentage (0-100).",
