@@ -44,6 +44,14 @@ def _on_sigint(signum, frame) -> None:
     print(f"\nStopping at the next safe point ({what} again to quit at once)...", file=sys.stderr, flush=True)
 
 
+def _ignore(signals) -> None:
+    """While the closing message is printed the process is already leaving: a signal then (torchrun
+    sends SIGTERM to every rank once one has failed) must not cut the message short. Typer would turn
+    the handler's KeyboardInterrupt into a silent exit 130."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def handle_errors() -> Iterator[None]:
     """Translate user errors and interruptions into messages and exit codes (2, 130)."""
@@ -57,12 +65,15 @@ def handle_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
+        _ignore(previous)
         if _debug():
             raise
         raise fail(str(e), traceback=e.has_traceback) from None
     except interrupt.Interrupted as e:
+        _ignore(previous)
         raise fail(f"Interrupted: {e.resume_hint}.", EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
+        _ignore(previous)
         raise fail("Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue.", EXIT_INTERRUPTED) from None
     finally:
         for sig, handler in previous.items():

@@ -32,7 +32,7 @@ from dpd_cli.artifacts import run as layout
 from dpd_cli.engine import distill as distill_engine
 from dpd_cli.engine import matching
 from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.engine.experts import ExpertSet
+from dpd_cli.artifacts.experts import ExpertSet
 from tests.cli.conftest import TINY
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses fork, POSIX signals and /proc/self/fd")
@@ -631,3 +631,29 @@ def test_second_writer_is_refused(command, experts, tmp_path):
     assert f"Error: Another dpd process is writing {what} in {folder}." in r.output
     assert "Traceback" not in r.output
     assert dpd(*args).exit_code == 0  # once the lock is free
+
+
+def test_a_signal_while_the_error_message_is_printed_does_not_swallow_it(monkeypatch, capsys):
+    """torchrun sends SIGTERM to every rank once one has failed; it may land while the survivor is
+    printing its own error. The message must still come out, with its exit code (not Typer's silent 130)."""
+    import typer
+
+    from dpd_cli.cli import console, errors
+    from dpd_cli.errors import UserError
+
+    real = console.error_console()
+
+    class SignalledConsole:
+        def print(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next bytecode of this thread
+            real.print(*args, **kwargs)
+
+    monkeypatch.setattr(console, "error_console", lambda: SignalledConsole())
+    try:
+        with pytest.raises(typer.Exit) as e, errors.handle_errors():
+            raise UserError("Rank 0 of 2: summing a tensor over the ranks failed")
+    except KeyboardInterrupt:
+        pytest.fail("the signal cut the error message short")
+    assert e.value.exit_code == 2
+    assert "Rank 0 of 2: summing a tensor" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not errors._on_sigint  # handlers restored afterwards
