@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from dpd_cli.augment import dsa
 from dpd_cli.data import load_dataset
 from dpd_cli.engine import distill as distill_engine
-from dpd_cli.engine import matching
+from dpd_cli.engine import matching, pruning
 from dpd_cli.engine.common import build_preprocess
 from dpd_cli.engine.train import train_epoch
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
@@ -364,7 +364,7 @@ def distill_worker(cfg: dict) -> dict:
     lr_img, lr_lr, lr_teacher = ds_s.lr_img, ds_s.lr_lr, ds_s.lr_teacher
 
     if cfg.get("experts"):
-        from dpd_cli.engine.experts import ExpertSet
+        from dpd_cli.artifacts.experts import ExpertSet
 
         experts = ExpertSet(Path(cfg["experts"]))
         spec, pre = experts.spec, experts.preprocess
@@ -391,7 +391,7 @@ def distill_worker(cfg: dict) -> dict:
     del ds
     n_images = len(labels)
     batch_syn = min(cfg["batch_syn"] or n_images, n_images)
-    prune = matching.PruneConfig(cfg["prune_ratio"], ds_s.prune_scope, ds_s.prune_criterion)
+    prune = pruning.PruneConfig(cfg["prune_ratio"], ds_s.prune_scope, ds_s.prune_criterion)
 
     if mode == "ref":
         ref = MTTReference(spec, images, labels, lr_teacher, lr_img, lr_lr, batch_syn)
@@ -419,7 +419,9 @@ def distill_worker(cfg: dict) -> dict:
             rng = random.Random(it)
             start, target = (distill_engine._to_device(v, dev) for v in fetch_rows())
             plan = _plan(rng, n_images, batch_syn, n_steps, cfg["dsa"], dev)
-            res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, prune, sizes, mode)
+            # The step mask of engine.distill (pruning.Pruner with --prune-mask step): a function of the unroll's end.
+            mask = None if prune.ratio <= 0 else (lambda e, t, s: pruning.prune_keep_mask(e, t, s, prune, sizes))
+            res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, mode, loss_mask=mask)
             with torch.no_grad():
                 mom_images.mul_(0.5).add_(res.grad_images)
                 images.sub_(lr_img * mom_images)

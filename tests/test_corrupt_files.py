@@ -1,7 +1,7 @@
 """Corrupted and hostile files against every loader: always a ``UserError`` with a clear message.
 
 The loaders are ``storage.load_tensors``, ``storage.TensorFile``, ``engine.distill.load_synthetic``
-and ``engine.experts.ExpertSet`` (which opens a folder: the broken file is put in as an
+and ``artifacts.experts.ExpertSet`` (which opens a folder: the broken file is put in as an
 expert). Byte-level damage must be refused by all four; files that are valid safetensors but
 carry the wrong tensors, shapes, dtypes or metadata must be refused by the loader that knows
 what it needs. A seeded byte-mutation loop checks that nothing else ever escapes, and that
@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 import dpd_cli
 from dpd_cli import storage
 from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.engine.experts import MANIFEST, PREPROCESS, ExpertSet
+from dpd_cli.artifacts.experts import MANIFEST, PREPROCESS, ExpertSet
 from dpd_cli.errors import StorageError, UserError
 from dpd_cli.models import FlatModel, build_model
 from tests.helpers import tiny_spec

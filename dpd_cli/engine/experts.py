@@ -1,7 +1,7 @@
 """``dpd experts``: train expert trajectories on real data.
 
 The folder's files (manifest, preprocessing, one trajectory per expert) and their reader
-``ExpertSet`` live in ``dpd_cli.artifacts.experts``; the names below are re-exported from there.
+``ExpertSet`` live in ``dpd_cli.artifacts.experts``.
 Trajectory rows are copies taken with ``FlatModel.flatten`` (never views of live parameters).
 """
 
@@ -17,11 +17,9 @@ import torch
 from dpd_cli import interrupt, storage
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import preprocess as preprocess_file
-from dpd_cli.artifacts.experts import (  # noqa: F401  (re-exported: callers import them from here)
+from dpd_cli.artifacts.experts import (
     MANIFEST,
     PREPROCESS,
-    TRAJECTORY,
-    ExpertSet,
     default_folder,
     expert_path,
     load_preprocess,
@@ -29,7 +27,6 @@ from dpd_cli.artifacts.experts import (  # noqa: F401  (re-exported: callers imp
     old_preprocess_message,
     preprocess_scheme,
     read_manifest,
-    summarize,
     validation_record,
     write_manifest,
 )
@@ -51,8 +48,7 @@ from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertsStarted, ExpertSkippe
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.settings import ExpertSettings
 
-__all__ = ["run", "default_folder", "ExpertSet", "expert_path", "MANIFEST", "PREPROCESS", "TRAJECTORY", "new_manifest",
-           "write_manifest", "read_manifest", "load_preprocess", "preprocess_scheme"]
+__all__ = ["run"]
 
 
 def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:

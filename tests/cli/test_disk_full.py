@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from dpd_cli import storage
 from dpd_cli.cli.app import app
 from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.engine.experts import ExpertSet
+from dpd_cli.artifacts.experts import ExpertSet
 from tests.cli.conftest import TINY
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mounts a Linux tmpfs")

@@ -180,7 +180,7 @@ def test_evaluate_select_val_without_a_split(dpd, experts, tmp_path):
 
 def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, monkeypatch):
     from dpd_cli.engine import evaluate as E
-    from dpd_cli.engine.experts import ExpertSet
+    from dpd_cli.artifacts.experts import ExpertSet
 
     run = tmp_path / "soft"
     args = ["distill", "--experts", experts, "--out", run, *DISTILL, "--soft-labels", "--lr-y", "5"]

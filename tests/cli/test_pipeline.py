@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dpd_cli.engine.experts import ExpertSet
+from dpd_cli.artifacts.experts import ExpertSet
 from dpd_cli.engine.pruning import prune_count
 from tests.cli.conftest import TINY
 

@@ -10,7 +10,7 @@ import torch
 
 from dpd_cli import storage
 from dpd_cli.engine import experts as experts_engine
-from dpd_cli.engine.experts import ExpertSet
+from dpd_cli.artifacts.experts import ExpertSet, expert_path
 from dpd_cli.errors import StorageError
 from dpd_cli.settings import ExpertSettings
 
@@ -56,7 +56,7 @@ def test_saved_trajectory_is_every_epochs_parameters(trained):
     folder, recorded = trained
     assert len(recorded) == 2
     for i, rows in enumerate(recorded):
-        t, _ = storage.load_tensors(experts_engine.expert_path(folder, i), "dpd.trajectory")
+        t, _ = storage.load_tensors(expert_path(folder, i), "dpd.trajectory")
         want = torch.stack(rows)  # (E+1, P)
         assert t["trajectory"].shape == want.shape == (EPOCHS + 1, want.shape[1])
         assert torch.equal(t["trajectory"], want)

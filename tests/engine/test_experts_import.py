@@ -18,7 +18,7 @@ from dpd_cli import interrupt, storage
 from dpd_cli.artifacts import replay_buffer
 from dpd_cli.engine import experts as experts_engine
 from dpd_cli.engine import experts_import
-from dpd_cli.engine.experts import ExpertSet, expert_path
+from dpd_cli.artifacts.experts import ExpertSet, expert_path
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError, UserError
 from dpd_cli.events import ImportExpert
 from dpd_cli.models import FlatModel, build_model
