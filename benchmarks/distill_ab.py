@@ -72,14 +72,12 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         fm = FlatModel(build_model(spec))
         if before:  # the student as it was before dpd_cli.models.norm
             fm.module.forward_flat = group_norm_student(fm.module)
-        sizes = [layer.numel for layer in fm.layers]
         x = images.clone()
         lr = torch.tensor(s.lr_teacher)
         mom_x, mom_lr = torch.zeros_like(x), torch.zeros_like(lr)
 
         def run(it):
-            res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it),
-                                         matching.PruneConfig(0.0), sizes, memory)
+            res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory)  # rho 0
             with torch.no_grad():  # engine.distill.run's updates
                 mom_x.mul_(0.5).add_(res.grad_images)
                 x.sub_(s.lr_img * mom_x)
