@@ -3,6 +3,8 @@ r"""Seconds per distillation iteration, dpd vs the reference MTT loop, interleav
 
     python benchmarks/distill_ab.py                                  # ConvNet-128, IPC 10, N 20, DSA on, rho 0
     python benchmarks/distill_ab.py --warmup 3 --iters 5 --json bench-out/distill-ab.json
+    python benchmarks/distill_ab.py --device cuda --dataset imagefolder --data-dir /tmp/cifar10-jpeg \
+        --steps 30 --iters 10 --json bench-out/distill-ab-gpu.json   # the GPU check's comparison
 
 ``speed.py``'s distill section runs each configuration in its own process, one after the other,
 which also gives each its peak memory; on a shared machine the load can change between them.
@@ -20,7 +22,11 @@ change in load hits all modes alike. Modes:
 Every mode uses the same DSA seeds in round i and the same start/target parameters; rho = 0
 everywhere (the reference has no pruning). Reported per mode: median, min and max seconds of the
 timed rounds, CPU seconds (process time; well below threads x wall time means the threads waited
-for cores), and the medians of the per-round ratios.
+for cores), and the medians of the per-round ratios. On a GPU the device is synchronised around
+every timed call and each mode's peak is ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``; on the CPU one process cannot separate the modes' peaks, so only the
+process's peak RSS is reported (``speed.py`` runs each mode in its own process for that). The
+environment (threads, TF32 and cuDNN flags, versions) is recorded with the numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -43,37 +50,49 @@ from dpd_cli.settings import DistillSettings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtt_reference import MTTReference  # noqa: E402
 from op_count import group_norm_student  # noqa: E402
-from speed import _plan, class_balanced, load_data, make_spec  # noqa: E402
+from speed import _plan, class_balanced, environment, load_data, make_spec, setup_runtime, sync  # noqa: E402
 
 
 def setup(args):
-    torch.set_num_threads(args.threads)
-    ds, pre = load_data(args.dataset, None)
+    dev = setup_runtime(args.device, args.threads, False)
+    ds, pre = load_data(args.dataset, args.data_dir)
     spec = make_spec(ds, args.width)
     idx = class_balanced(ds.train_labels, ds.n_classes, args.ipc, seed=0)
-    images = pre.apply(ds.train_images[idx])
-    labels = ds.train_labels[idx]
+    images = pre.apply(ds.train_images[idx]).to(dev)
+    labels = ds.train_labels[idx].to(dev)
     torch.manual_seed(0)
     start = FlatModel(build_model(spec)).flatten()
     target = start + 0.01 * torch.randn_like(start)
-    return spec, images, labels, start, target
+    return spec, images, labels, start.to(dev), target.to(dev)
+
+
+def flags() -> dict:
+    """The switches that change kernels or threads, as they were during the run."""
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
 
 
 def make_runners(args, spec, images, labels, start, target) -> dict:
     s = DistillSettings()
     n = len(labels)
     batch_syn = min(args.batch_syn or n, n)
-    dev = torch.device("cpu")
+    dev = images.device
 
     def plan(it):
         return _plan(random.Random(it), n, batch_syn, args.steps, not args.no_dsa, dev)
 
     def dpd_runner(memory: str, before: bool = False):
-        fm = FlatModel(build_model(spec))
+        fm = FlatModel(build_model(spec).to(dev))
         if before:  # the student as it was before dpd_cli.models.norm
             fm.module.forward_flat = group_norm_student(fm.module)
         x = images.clone()
-        lr = torch.tensor(s.lr_teacher)
+        lr = torch.tensor(s.lr_teacher, device=dev)
         mom_x, mom_lr = torch.zeros_like(x), torch.zeros_like(lr)
 
         def run(it):
@@ -106,6 +125,8 @@ def _stats(xs):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="fashion-mnist-mini")
+    p.add_argument("--data-dir", default=None, help="dataset folder (imagefolder: the folder with train/ and test/)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="N, student steps per iteration (default 20)")
@@ -119,19 +140,29 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
+    args.cudnn_benchmark = False  # dpd never sets it (environment() records it)
     load_start = os.getloadavg()
-    runners = make_runners(args, *setup(args))
+    setup_args = setup(args)
+    dev = setup_args[1].device
+    runners = make_runners(args, *setup_args)
     names = list(runners)
     wall = {k: [] for k in names}
     cpu = {k: [] for k in names}
     losses = {k: [] for k in names}
+    peak = {k: 0 for k in names}
     loads = []
     for r in range(args.warmup + args.iters):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sync(dev)
             c0, t0 = time.process_time(), time.perf_counter()
-            losses[k].append(runners[k](r))
+            losses[k].append(runners[k](r))  # float(loss) syncs too; the explicit sync keeps that out of doubt
+            sync(dev)
             t, c = time.perf_counter() - t0, time.process_time() - c0
+            if dev.type == "cuda":
+                peak[k] = max(peak[k], torch.cuda.max_memory_allocated(dev))
             if r >= args.warmup:
                 wall[k].append(t)
                 cpu[k].append(c)
@@ -144,8 +175,12 @@ def main(argv=None) -> int:
 
     out = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "environment": environment(args, dev),
+        "flags": flags(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "peak_bytes": peak if dev.type == "cuda" else None,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loadavg_start": load_start,
         "loadavg_per_round": loads,
         "seconds": wall,
@@ -168,14 +203,20 @@ def main(argv=None) -> int:
     out["paired_ratios_median"] = ratios
 
     c = args
-    print(f"ConvNet-{c.width}, IPC {c.ipc}, N {c.steps}, batch_syn {c.batch_syn}, rho 0, DSA {'off' if c.no_dsa else 'on'}, "
-          f"{out['threads']} threads, {c.warmup} warm-up + {c.iters} timed rounds, interleaved; torch {torch.__version__}")
+    where = out["environment"].get("gpu") or out["environment"].get("cpu") or str(dev)
+    print(f"ConvNet-{c.width}, {c.dataset}, IPC {c.ipc}, N {c.steps}, batch_syn {c.batch_syn}, rho 0, DSA {'off' if c.no_dsa else 'on'}, "
+          f"{dev} ({where}), {out['threads']} threads, {c.warmup} warm-up + {c.iters} timed rounds, interleaved; torch {torch.__version__}")
+    print("flags: " + ", ".join(f"{k} {v}" for k, v in out["flags"].items()))
     print(f"load average (1 min) at start {load_start[0]:.2f}, per round {', '.join(f'{v:.2f}' for v in loads)}")
-    print("| mode | s/it median | min | max | CPU s/it median |")
-    print("|---|---|---|---|---|")
+    gib = 2 ** 30
+    print("| mode | s/it median | min | max | CPU s/it median | peak GiB |")
+    print("|---|---|---|---|---|---|")
     for k in names:
         st, cs = out["stats"][k], out["cpu_stats"][k]
-        print(f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {cs['median']:.3f} |")
+        pk = f"{peak[k] / gib:.2f}" if dev.type == "cuda" else "–"
+        print(f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {cs['median']:.3f} | {pk} |")
+    if dev.type != "cuda":
+        print(f"process peak RSS (all modes together): {out['process_peak_rss_bytes'] / gib:.2f} GiB")
     print("paired ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,21 @@
 #
 # Everything goes to ${OUT:-bench-out}/: gpu_check.log, summary.md (also printed at the end), and one
 # JSON + Markdown file per measurement. Each step runs under `timeout`, cut to what is left of a
-# total budget (BUDGET_S, default 450 s), so a hang cannot eat the machine's time. Steps:
+# total budget (BUDGET_S, default 480 s), so a hang cannot eat the machine's time. Steps:
 #   1. torch (from .whl/*.whl if `import torch` fails) and the package (pip install -e ., or PYTHONPATH)
 #   2. CUDA vs CPU: meta_gradient in float64, both memory modes (benchmarks/cuda_check.py)
 #   3. `dpd experts` + `dpd distill --device cuda` end to end on the embedded dataset, a few iterations
 #   4. CIFAR-10 (JPEG copy), unpacked to /tmp: `dpd experts` (1 expert, 2 epochs, ConvNet-128) images/s;
+#      distill_ab.py: dpd full/low vs the reference MTT loop, rho 0 everywhere, interleaved in one process,
+#      3 warm-up + 10 timed rounds, IPC 10 and 50 at N 30, peak memory per mode (the fair comparison);
 #      speed.py experts + eval sections (dpd vs bare loop); speed.py distill: IPC 10 and 50, N = 30,
 #      full vs low vs reference MTT, s/iteration and torch.cuda.max_memory_allocated, starting from
 #      the real expert of step 4 (full IPC 50 is skipped if its estimate exceeds 80% of GPU memory)
-#   5. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
+#   5. host syncs per distillation iteration (benchmarks/sync_check.py: torch.cuda.set_sync_debug_mode)
+#   6. the GPU-marked tests (pytest -m gpu), if pytest is installed
+#   7. data parallel on one GPU: torchrun 2 ranks (gloo) vs 1 process, s/iteration and peak memory per rank
+#      (benchmarks/dp_bench.py); correctness of 2 ranks vs 1 is step 6's test_two_ranks_on_cuda_distil_like_one
+#   8. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
@@ -22,10 +28,7 @@ SMOKE=0
 if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; shift; fi
 OUT="${OUT:-bench-out}"
 CIFAR_TGZ="${1:-${CIFAR_TGZ:-data/cifar10-jpeg.tar.gz}}"
-if (( SMOKE )) && [[ ! -f "$CIFAR_TGZ" && -f ../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz ]]; then
-  CIFAR_TGZ=../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz
-fi
-BUDGET_S="${BUDGET_S:-450}"
+BUDGET_S="${BUDGET_S:-480}"
 PY="${PYTHON:-python3}"
 WORK="${WORK:-/tmp/dpd-gpu-check}"
 START=$SECONDS
@@ -170,10 +173,58 @@ else
   D_ARGS=(--ipc 10,50 --steps 30 --modes full,low,ref --iters 3 --worker-timeout 150)
 fi
 read -r -a DATA_ARR <<< "$DATA_ARGS"
+# The fair comparison first: dpd full and low vs the reference MTT loop, rho 0 on every side, the same
+# start/target parameters and DSA draws, interleaved in one process, 3 warm-up + 10 timed rounds.
+distill_ab() {
+  local ipc extra=(--steps 30 --warmup 3 --iters 10)
+  (( SMOKE )) && extra=(--steps 2 --warmup 1 --iters 1 --width 16 --threads 1 --batch-syn 0)
+  for ipc in 10 50; do
+    (( SMOKE )) && (( ipc == 50 )) && ipc=2
+    # shellcheck disable=SC2086  # DATA_ARGS is a list of plain words
+    "$PY" benchmarks/distill_ab.py $DATA_ARGS --device "$DEVICE" --ipc "$ipc" "${extra[@]}" \
+        --json "$OUT/distill-ab-ipc$ipc.json" | tee "$OUT/distill-ab-ipc$ipc.md" || return 1
+  done
+}
+export -f distill_ab
+step "distill A/B: dpd full/low vs reference MTT, rho 0, interleaved (IPC 10 and 50, N 30)" 150 distill_ab
 step "speed.py experts+eval, $DATA_NAME" 150 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
     --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
 step "speed.py distill, $DATA_NAME, IPC 10/50, N 30" 300 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
     --only distill "${D_ARGS[@]}" "${EXPERTS_ARG[@]}" --out "$OUT/speed-distill.json"
+
+# ---------------------------------------------------------------- 5-7. syncs, GPU tests, two ranks on one GPU
+SYNC_EX="${EXPERTS_ARG[1]:-}"
+export SYNC_EX
+if [[ -n "$SYNC_EX" ]]; then
+  if (( SMOKE )); then S_ARGS=(--ipc 1 --steps 2 --iters 2); else S_ARGS=(--ipc 10 --steps 30 --iters 5); fi
+  step "host syncs per distill iteration" 60 "$PY" benchmarks/sync_check.py --experts "$SYNC_EX" "${S_ARGS[@]}" \
+      --device "$DEVICE" --out "$OUT/sync_check.json"
+  gpu_tests() {
+    "$PY" -c 'import pytest' 2>/dev/null || { echo "pytest is not installed: GPU tests not run"; return 0; }
+    if (( SMOKE )); then echo "smoke: the GPU tests skip themselves without CUDA"; fi
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15
+    return "${PIPESTATUS[0]}"
+  }
+  export -f gpu_tests
+  step "pytest -m gpu" 120 gpu_tests
+  dp_one_gpu() {
+    local dev=cuda:0 extra=(--ipc 10 --steps 30 --iters 3)
+    (( SMOKE )) && { dev=cpu; extra=(--ipc 1 --steps 2 --iters 1 --threads 1); }
+    "$PY" benchmarks/dp_bench.py --experts "$SYNC_EX" --device "$dev" "${extra[@]}" --out "$OUT/dp-one.json" || return 1
+    OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/dp_bench.py \
+        --experts "$SYNC_EX" --device "$dev" "${extra[@]}" --out "$OUT/dp-two.json" || return 1
+    "$PY" - "$OUT/dp-one.json" "$OUT/dp-two.json" <<'PY' | tee "$OUT/dp.md"
+import json, sys
+one, two = (json.load(open(p)) for p in sys.argv[1:3])
+print(f"data parallel, IPC {one['ipc']}, N {one['steps']}, {one['gpu'] or 'cpu'}: 1 process {one['median_s']:.3f} s/it, "
+      f"2 ranks on the same device {two['median_s']:.3f} s/it ({two['median_s'] / one['median_s']:.2f}x); peak per rank "
+      + ", ".join(f"{r['peak_bytes'] / 2**30:.2f} GiB" for r in two["ranks"]) + f" vs {one['ranks'][0]['peak_bytes'] / 2**30:.2f} GiB")
+PY
+  }
+  export -f dp_one_gpu
+  step "torchrun 2 ranks on one device vs 1 process (dp_bench.py)" 120 dp_one_gpu
+fi
+
 if (( ! SMOKE )); then
   step "speed.py distill, cudnn.benchmark on (IPC 10, N 30)" 90 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" --cudnn-benchmark \
       "${DATA_ARR[@]}" --only distill --ipc 10 --steps 30 --modes full,low --iters 3 \
@@ -205,9 +256,18 @@ except Exception as err:  # noqa: BLE001
 PY
     echo
   fi
-  for f in speed-experts-eval speed-distill speed-distill-cudnn-benchmark; do
+  for f in distill-ab-ipc10 distill-ab-ipc50 distill-ab-ipc2 speed-experts-eval speed-distill speed-distill-cudnn-benchmark dp; do
     [[ -f "$OUT/$f.md" ]] && { echo "<!-- $f -->"; cat "$OUT/$f.md"; echo; }
   done
+  if [[ -f "$OUT/sync_check.json" ]]; then
+    "$PY" - "$OUT/sync_check.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for mode, r in d["modes"].items():
+    print(f"host syncs per distill iteration ({mode}, IPC {d['ipc']}, N {d['steps']}): {r['per_iteration']:.1f}; "
+          f"in one metrics flush: {r['syncs_in_flush']}; where: {r['where'] or 'nowhere'}")
+PY
+  fi
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
 echo "(everything is in $OUT/)"

@@ -283,3 +283,36 @@ def test_duration_wording():
     from dpd_cli.cli.console import duration
 
     assert [duration(s) for s in (40, 25 * 60, 3.5 * 3600, 60 * 3600)] == ["40 s", "25 min", "3.5 h", "2.5 days"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("memory", ["full", "low"])
+def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory):
+    """An iteration never makes the host wait for the GPU (the metrics flush, once per window, may)."""
+    from dpd_cli.engine.distill import DistillRecipe
+    from dpd_cli.settings import resolve
+
+    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": memory, "prune_ratio": 0.05,
+                            "device": "cuda", "iterations": 10, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8,
+                            "log_every": 10, "checkpoint_every": 1000, "out": str(tmp_path / "run"), "force": True, **_tiny()})
+    with DistillRecipe(s) as recipe:
+        recipe.step()  # warm-up: first-touch allocations and library handles
+        recipe.flush()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                recipe.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        recipe.flush()
+
+
+def _tiny() -> dict:
+    """TINY's command-line flags as settings (name -> value)."""
+    out, args = {}, list(TINY)
+    while args:
+        flag = args.pop(0).lstrip("-").replace("-", "_")
+        out[flag] = args.pop(0) if args and not args[0].startswith("--") else True
+    return out
