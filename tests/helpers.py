@@ -21,7 +21,7 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
 
 
 def tiny_spec(channels: int = 1, side: int = 8, n_classes: int = 3, width: int = 4, depth: int = 2):
-    """The ConvNet spec of STYLE.md section 7: a couple of layers on tiny images."""
+    """A tiny ConvNet spec: a couple of layers on tiny images."""
     from dpd_cli.models import ModelSpec
 
     return ModelSpec("convnet", channels, (side, side), n_classes, width=width, depth=depth)
