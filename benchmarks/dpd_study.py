@@ -199,7 +199,8 @@ def summarise(records: list[dict]) -> list[dict]:
             for metric in ("selected", "final"):
                 vals = [100 * r[metric] for r in mine.values()]
                 m = sum(vals) / len(vals)
-                row[metric] = {"mean": m, "std": math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))}
+                sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+                row[metric] = {"mean": m, "std": sd}  # sample standard deviation over seeds
                 seeds = sorted(set(mine) & set(mtt))
                 if variant != "mtt" and len(seeds) >= 2:
                     row[metric]["vs_mtt"] = paired([100 * (mine[s][metric] - mtt[s][metric]) for s in seeds])
@@ -209,6 +210,20 @@ def summarise(records: list[dict]) -> list[dict]:
             row["start"] = sum(starts) / len(starts) if starts else None
             rows.append(row)
     return rows
+
+
+def pooled(records: list[dict], metric: str = "selected") -> list[dict]:
+    """Each variant against MTT over every (dataset, IPC, seed) where both ran: one paired test of
+    "does this variant help in general", with more pairs than any single cell has."""
+    mtt = {(r["dataset"], r["ipc"], r["seed"]): r for r in records if r["variant"] == "mtt"}
+    out = []
+    for variant in [v for v in VARIANTS if v != "mtt" and any(r["variant"] == v for r in records)]:
+        diffs = [100 * (r[metric] - mtt[k][metric]) for r in records if r["variant"] == variant
+                 for k in [(r["dataset"], r["ipc"], r["seed"])] if k in mtt]
+        cells = sorted({(r["dataset"], r["ipc"]) for r in records if r["variant"] == variant})
+        if len(diffs) >= 2:
+            out.append({"variant": variant, "metric": metric, "cells": [f"{d} IPC {i}" for d, i in cells], "vs_mtt": paired(diffs)})
+    return out
 
 
 def _fmt_ci(d: dict | None) -> str:
@@ -223,8 +238,8 @@ def _fmt_pct(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    out = ["Test accuracy % (mean ± std over seeds) of the validation-selected checkpoint and of the final set, and the "
+def markdown(rows: list[dict], meta: dict, pools: list[dict] | None = None) -> str:
+    out = ["Test accuracy % (mean ± sample std over seeds) of the validation-selected checkpoint and of the final set, and the "
            "paired difference to MTT with its 95 % confidence interval over seeds (** : the interval excludes 0). "
            "'start': the real images every variant of a seed starts from (checkpoint 0), trained on alike.", "",
            "| dataset | IPC | variant | seeds | start | selected | Δ selected vs MTT [95 % CI] | final | Δ final vs MTT [95 % CI] |",
@@ -233,6 +248,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         sel, fin = r["selected"], r["final"]
         out.append(f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {_fmt_pct(r.get('start'))} | {sel['mean']:.2f} ± {sel['std']:.2f} | "
                    f"{_fmt_ci(sel.get('vs_mtt'))} | {fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} |")
+    if pools:
+        out += ["", "Pooled over cells: each variant minus MTT over every (dataset, IPC, seed) where both ran, "
+                "validation-selected checkpoints.", "",
+                "| variant | pairs | cells | Δ vs MTT [95 % CI] |", "|---|---|---|---|"]
+        for p in pools:
+            out.append(f"| {p['variant']} | {p['vs_mtt']['n']} | {', '.join(p['cells'])} | {_fmt_ci(p['vs_mtt'])} |")
     out += ["", f"This invocation {meta['wall_s'] / 3600:.2f} h on {meta['machine']} ({meta['workers']} workers × 1 thread); "
             f"distillation {meta['distill_s'] / 3600:.2f} h and evaluation {meta['evaluate_s'] / 3600:.2f} h of worker time; "
             f"{meta['n_runs']} runs.", ""]
@@ -325,15 +346,16 @@ def main() -> None:
 
     done = list(records.values())  # every finished run, also those of earlier invocations with other filters
     rows = summarise(done)
+    pools = pooled(done)
     import torch
 
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "plan": args.plan, "n_runs": len(done),
             "workers": args.workers, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,
             "distill_s": sum(r["distill_s"] for r in done), "evaluate_s": sum(r["evaluate_s"] for r in done)}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "records": done}, indent=2))
-    (args.out / "results.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "pooled": pools, "records": done}, indent=2))
+    (args.out / "results.md").write_text(markdown(rows, meta, pools))
+    print(markdown(rows, meta, pools))
     if args.figures:
         for path in figures(done, args.figures):
             log(f"wrote {path}")
