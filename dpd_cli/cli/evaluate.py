@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
-from typing import Annotated
 
-import typer
 from rich.text import Text
 
-from dpd_cli.cli.options import keep_text
+from dpd_cli.cli.options import synthetic_target
 from dpd_cli.cli.results import below_note, divergence_note, results_table, selection_note
 from dpd_cli.cli.runner import Report, settings_command
 from dpd_cli.errors import EXIT_BELOW_THRESHOLD
@@ -31,10 +27,7 @@ def _report(settings, result: dict) -> Report:
                   f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%.")
 
 
-# As typed (keep_text): the engine refuses an empty TARGET, which a Path would read as ".".
-_TARGET = inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
-    metavar="TARGET", show_default=False, parser=keep_text,
-    help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])
+_TARGET = synthetic_target("TARGET")
 
 evaluate = settings_command(
     "evaluate", report=_report, arguments=[_TARGET],

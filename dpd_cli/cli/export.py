@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Annotated
 
-import typer
 
-from dpd_cli.cli.options import keep_text
+from dpd_cli.cli.options import synthetic_target
 from dpd_cli.cli.runner import Report, settings_command
 
 __all__ = ["export"]
@@ -25,10 +22,7 @@ def _report(settings, result: dict) -> Report:
                            f"to {result['out']}: {shown}. {Path(result['out']) / 'README.txt'} says how to load them."])
 
 
-# As typed (keep_text): the engine refuses an empty TARGET, which a Path would read as ".".
-_TARGET = inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
-    metavar="RUN_OR_FILE", show_default=False, parser=keep_text,
-    help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])
+_TARGET = synthetic_target("RUN_OR_FILE")
 
 export = settings_command(
     "export", report=_report, arguments=[_TARGET],

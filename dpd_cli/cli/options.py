@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from dpd_cli.settings import COMMAND_SETTINGS, PANELS, SettingInfo, env_names, setting_infos
 
 __all__ = ["COMMON", "ENVIRONMENT_HELP", "Command", "Group", "common_parameters", "examples_help", "keep_text",
-           "settings_parameters"]
+           "settings_parameters", "synthetic_target"]
 
 #: Parameters of every settings command besides the settings themselves.
 COMMON = ("config", "print_config", "quiet", "json_out")
@@ -38,6 +38,18 @@ _VALUE = {"int": (int, "INT"), "float": (float, "FLOAT"), "path": (str, "PATH"),
 def keep_text(value: str) -> str:
     """A path argument's parser: keep the text as typed (a ``Path`` type would read ``""`` as ``"."``)."""
     return value
+
+
+def synthetic_target(metavar: str) -> inspect.Parameter:
+    """The positional TARGET of ``evaluate`` and ``export``: a run directory, its synthetic set or a checkpoint.
+
+    Kept as typed (``keep_text``): the engine refuses an empty TARGET, which a ``Path`` would read as ".".
+    """
+    from pathlib import Path
+
+    return inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
+        metavar=metavar, show_default=False, parser=keep_text,
+        help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])
 
 
 def _shown(value: Any) -> str:
