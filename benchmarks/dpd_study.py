@@ -270,11 +270,12 @@ def figures(records: list[dict], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted({r["dataset"] for r in records}):
-        picks = [r for r in records if r["dataset"] == dataset and r["ipc"] == 10 and r["seed"] == 0 and r["variant"] != "mtt"]
+        picks = [r for r in records if r["dataset"] == dataset and r["ipc"] == 10 and r["seed"] == 0
+                 and VARIANTS[r["variant"]].get("prune_ratio", 0) > 0]
         if not picks:
             continue
         layers = list(picks[0]["prune_layers"])
-        fig = Figure(figsize=(12, 0.5 + 0.45 * len(picks)), layout="constrained")
+        fig = Figure(figsize=(12, 1.2 + 0.45 * len(picks)), layout="constrained")
         ax = fig.subplots()
         grid = [[r["prune_layers"].get(name, 0.0) for name in layers] for r in picks]
         im = ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=max(1e-9, max(max(g) for g in grid)))
@@ -283,8 +284,8 @@ def figures(records: list[dict], folder: Path) -> list[Path]:
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.0f}" if v >= 1 else (f"{v:.1f}" if v > 0 else ""), ha="center", va="center", fontsize=6)
-        fig.colorbar(im, ax=ax, label="mean % of the layer pruned per iteration")
-        ax.set_title(f"{dataset}, IPC 10, seed 0: where each variant prunes")
+        fig.colorbar(im, ax=ax)
+        ax.set_title(f"{dataset}, IPC 10, seed 0: % of each layer pruned per iteration (mean over the run)")
         path = folder / f"prune_profile_{dataset}.png"
         fig.savefig(path, dpi=110)
         written.append(path)
