@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from rich.text import Text
 
 from dpd_cli.cli.options import synthetic_target

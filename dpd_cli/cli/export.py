@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from dpd_cli.cli.options import synthetic_target
 from dpd_cli.cli.runner import Report, settings_command
 
