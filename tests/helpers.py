@@ -6,7 +6,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["assert_close", "make_image_folder", "mtt_buffer", "mtt_convnet", "tiny_spec"]
+__all__ = ["StopWhen", "assert_close", "make_image_folder", "mtt_buffer", "mtt_convnet", "tiny_spec"]
+
+
+class StopWhen:
+    """An event sink that requests a stop (as Ctrl-C would) when ``predicate(event)`` is true."""
+
+    def __init__(self, predicate):
+        self.predicate = predicate
+
+    def emit(self, event) -> None:
+        if self.predicate(event):
+            from dpd_cli import interrupt
+
+            interrupt.request()
+
+    def close(self) -> None:
+        pass
 
 
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, **kwargs) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from dpd_cli import interrupt, storage
 from dpd_cli.events import DistillIteration
-from tests.helpers import assert_close, make_image_folder
+from tests.helpers import StopWhen, assert_close, make_image_folder
 
 _DISTILL = {"width": 4, "depth": 2, "ipc": 1, "iterations": 3, "syn_steps": 2, "max_start_epoch": 1, "train_per_class": 20,
             "lr_img": 10, "prune_ratio": 0.05, "threads": 1}
@@ -41,20 +41,6 @@ EVAL = {
 }
 
 
-class _StopAt:
-    """A sink that asks the distillation to stop after ``iteration`` (as Ctrl-C would)."""
-
-    def __init__(self, iteration: int):
-        self.iteration = iteration
-
-    def emit(self, event) -> None:
-        if isinstance(event, DistillIteration) and event.iteration == self.iteration:
-            interrupt.request()
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """Two tiny experts, a finished 3-iteration run with an eval.json, and a run stopped at 2 of 5."""
@@ -72,7 +58,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
         (tmp / "run" / "eval.json").write_text(json.dumps(EVAL))
         try:
             distill.run(resolve("distill", {**_DISTILL, "iterations": 5, "prune_ratio": 0.0, "experts": tmp / "ex", "out": tmp / "stopped"}),
-                        _StopAt(2))
+                        StopWhen(lambda e: isinstance(e, DistillIteration) and e.iteration == 2))
         except interrupt.Interrupted:
             pass
         finally:

@@ -13,24 +13,11 @@ import torch
 
 from dpd_cli import __version__, interrupt, storage
 from dpd_cli.events import ExpertDone
+from tests.helpers import StopWhen
 
 _DISTILL = {"width": 4, "depth": 2, "ipc": 1, "iterations": 3, "syn_steps": 2, "max_start_epoch": 1, "train_per_class": 20,
             "lr_img": 10, "prune_ratio": 0.05, "threads": 1}
 _EXPERTS = {"epochs": 3, "width": 4, "depth": 2, "train_per_class": 20, "dsa": False, "threads": 1}
-
-
-class _StopAfterExpert:
-    """A sink that asks ``dpd experts`` to stop once expert ``index`` is saved (as Ctrl-C would)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def emit(self, event) -> None:
-        if isinstance(event, ExpertDone) and event.index == self.index:
-            interrupt.request()
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         experts.run(resolve("experts", {**_EXPERTS, "num": 2, "out": tmp / "ex"}))
         try:
-            experts.run(resolve("experts", {**_EXPERTS, "num": 5, "out": tmp / "ex"}), _StopAfterExpert(2))
+            experts.run(resolve("experts", {**_EXPERTS, "num": 5, "out": tmp / "ex"}), StopWhen(lambda e: isinstance(e, ExpertDone) and e.index == 2))
         except interrupt.Interrupted:
             pass
         finally:

@@ -49,6 +49,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _assert_same_run(two: Path, one: Path, iterations: int, tol: float, same_masks: bool = True) -> None:
+    """The torchrun run ``two`` is the one-process run ``one``: synthetic set and α to ``tol``, one
+    metrics line per iteration (rank 0 alone writes), the same draws and losses, and (``same_masks``)
+    the same prune counts per layer."""
+    a, _ = load_synthetic(one / "synthetic.safetensors")
+    b, _ = load_synthetic(two / "synthetic.safetensors")
+    assert _rel(b["images"], a["images"]) <= tol and _rel(b["lr"], a["lr"]) <= tol
+    ma, mb = _metrics(one), _metrics(two)
+    assert [m["iteration"] for m in mb] == list(range(1, iterations + 1))
+    for x, y in zip(ma, mb, strict=True):
+        assert (x["expert"], x["start_epoch"]) == (y["expert"], y["start_epoch"])
+        assert abs(x["loss"] - y["loss"]) <= tol * abs(x["loss"])
+        assert not same_masks or x["pruned"] == y["pruned"]
+
+
 def test_two_processes_distil_like_one_and_resume(experts, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(one), "--iterations", "4", *DISTILL])
@@ -59,15 +74,7 @@ def test_two_processes_distil_like_one_and_resume(experts, tmp_path):
     p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "4", "--resume", *DISTILL], tmp_path)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    a, _ = load_synthetic(one / "synthetic.safetensors")
-    b, _ = load_synthetic(two / "synthetic.safetensors")
-    assert _rel(b["images"], a["images"]) <= 1e-5 and _rel(b["lr"], a["lr"]) <= 1e-5
-    ma, mb = _metrics(one), _metrics(two)
-    assert [m["iteration"] for m in mb] == [1, 2, 3, 4]  # one file, one line per iteration (rank 0 alone writes)
-    for x, y in zip(ma, mb):
-        assert (x["expert"], x["start_epoch"]) == (y["expert"], y["start_epoch"])
-        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
-        assert x["pruned"] == y["pruned"]
+    _assert_same_run(two, one, iterations=4, tol=1e-5)
     assert not list(two.rglob("*.tmp"))
 
 
@@ -162,12 +169,6 @@ def test_two_ranks_on_cuda_distil_like_one(experts, tmp_path):
     p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "3", *cuda], tmp_path)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    a, _ = load_synthetic(one / "synthetic.safetensors")
-    b, _ = load_synthetic(two / "synthetic.safetensors")
-    # float32 sums in another order on another device: looser than the CPU test's 1e-5.
-    assert _rel(b["images"], a["images"]) <= 1e-4 and _rel(b["lr"], a["lr"]) <= 1e-4
-    ma, mb = _metrics(one), _metrics(two)
-    assert [m["iteration"] for m in mb] == [1, 2, 3]
-    for x, y in zip(ma, mb, strict=True):
-        assert (x["expert"], x["start_epoch"]) == (y["expert"], y["start_epoch"])
-        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"])
+    # float32 sums in another order on another device: looser than the CPU test's 1e-5, and a parameter
+    # at the prune threshold may fall on either side of it.
+    _assert_same_run(two, one, iterations=3, tol=1e-4, same_masks=False)

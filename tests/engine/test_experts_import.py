@@ -23,7 +23,7 @@ from dpd_cli.errors import ExpertsError, SettingsError, StorageError, UserError
 from dpd_cli.events import ImportExpert
 from dpd_cli.models import FlatModel, build_model
 from dpd_cli.settings import ExpertSettings, ImportSettings
-from tests.helpers import assert_close, make_image_folder, mtt_buffer, mtt_convnet
+from tests.helpers import StopWhen, assert_close, make_image_folder, mtt_buffer, mtt_convnet
 
 FMNIST = {"dataset": "fashion-mnist-mini", "zca": False, "width": 4, "depth": 2}
 
@@ -40,19 +40,6 @@ def _save(path: Path, obj) -> Path:
 def _fmnist_nets(n: int, seed: int = 0, **kw) -> list:
     torch.manual_seed(seed)
     return [mtt_convnet(1, 10, 4, 2, (28, 28), **kw) for _ in range(n)]
-
-
-class _Events:
-    def __init__(self, on_emit=None):
-        self.events, self.on_emit = [], on_emit
-
-    def emit(self, e):
-        self.events.append(e)
-        if self.on_emit:
-            self.on_emit(e)
-
-    def close(self):
-        pass
 
 
 # --- what an imported expert is ------------------------------------------------------------------
@@ -180,12 +167,8 @@ def test_rerun_after_a_stop_converts_the_rest_and_a_deleted_expert(tmp_path):
     buffer = mtt_buffer(_fmnist_nets(3), 3)
     a = _save(tmp_path / "replay_buffer_0.pt", buffer)
 
-    def stop_after_first(e):
-        if isinstance(e, ImportExpert):
-            interrupt.request()
-
     with pytest.raises(interrupt.Interrupted, match="Rerun the same command"):
-        experts_import.run(_settings(tmp_path / "imp"), [a], _Events(stop_after_first))
+        experts_import.run(_settings(tmp_path / "imp"), [a], StopWhen(lambda e: isinstance(e, ImportExpert)))
     interrupt.clear()
     assert sorted(p.name for p in (tmp_path / "imp").glob("expert_*")) == ["expert_00000.safetensors"]
     first = (tmp_path / "imp" / "expert_00000.safetensors").stat().st_mtime_ns
