@@ -41,6 +41,12 @@ def experts(tmp_path_factory) -> Path:
     return out
 
 
+def _torchrun_ok(args: list, cwd: Path) -> None:
+    p = torchrun(args, cwd)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+
+
 def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -68,12 +74,8 @@ def test_two_processes_distil_like_one_and_resume(experts, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(one), "--iterations", "4", *DISTILL])
     assert r.exit_code == 0, r.output
-    p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "2", *DISTILL], tmp_path)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
-    p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "4", "--resume", *DISTILL], tmp_path)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
+    _torchrun_ok(["distill", "--experts", experts, "--out", two, "--iterations", "2", *DISTILL], tmp_path)
+    _torchrun_ok(["distill", "--experts", experts, "--out", two, "--iterations", "4", "--resume", *DISTILL], tmp_path)
     _assert_same_run(two, one, iterations=4, tol=1e-5)
     assert not list(two.rglob("*.tmp"))
 
@@ -136,9 +138,7 @@ def test_experts_and_evaluate_under_torchrun_equal_one_process(experts, tmp_path
     from dpd_cli.artifacts.experts import ExpertSet
 
     ex2 = tmp_path / "ex2"
-    p = torchrun(["experts", "--num", "2", "--epochs", "3", "--out", ex2, "--quiet", *TINY], tmp_path)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
+    _torchrun_ok(["experts", "--num", "2", "--epochs", "3", "--out", ex2, "--quiet", *TINY], tmp_path)
     with ExpertSet(ex2) as got, ExpertSet(experts) as want:
         for a, b in zip(got.files, want.files, strict=True):
             assert torch.equal(a.get("trajectory"), b.get("trajectory")), a.path
@@ -149,9 +149,7 @@ def test_experts_and_evaluate_under_torchrun_equal_one_process(experts, tmp_path
     ev = ["evaluate", run, "--epochs", "2", "--runs", "3", "--baseline", "random", "--threads", "1", "--quiet"]
     r = CliRunner().invoke(app, [str(a) for a in ev])
     assert r.exit_code == 0, r.output
-    p = torchrun(ev, tmp_path)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
+    _torchrun_ok(ev, tmp_path)
     results = json.loads((run / "eval.json").read_text())["results"]
     assert len(results) == 4  # rank 0 alone wrote the second call's two entries
     for a, b in zip(results[:2], results[2:]):
@@ -166,9 +164,7 @@ def test_two_ranks_on_cuda_distil_like_one(experts, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(one), "--iterations", "3", *cuda])
     assert r.exit_code == 0, r.output
-    p = torchrun(["distill", "--experts", experts, "--out", two, "--iterations", "3", *cuda], tmp_path)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
+    _torchrun_ok(["distill", "--experts", experts, "--out", two, "--iterations", "3", *cuda], tmp_path)
     # float32 sums in another order on another device: looser than the CPU test's 1e-5, and a parameter
     # at the prune threshold may fall on either side of it.
     _assert_same_run(two, one, iterations=3, tol=1e-4, same_masks=False)
