@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -199,9 +199,8 @@ def summarise(records: list[dict]) -> list[dict]:
             row = {"dataset": dataset, "ipc": ipc, "variant": variant, "n_seeds": len(mine)}
             for metric in ("selected", "final"):
                 vals = [100 * r[metric] for r in mine.values()]
-                m = sum(vals) / len(vals)
-                sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-                row[metric] = {"mean": m, "std": sd}  # sample standard deviation over seeds
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0  # sample standard deviation over seeds
+                row[metric] = {"mean": statistics.fmean(vals), "std": sd}
                 seeds = sorted(set(mine) & set(mtt))
                 if variant != "mtt" and len(seeds) >= 2:
                     row[metric]["vs_mtt"] = paired([100 * (mine[s][metric] - mtt[s][metric]) for s in seeds])
