@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpd_cli.models.conv import conv2d
 from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
 
 __all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
@@ -103,7 +104,7 @@ class ConvNet(nn.Module):
         which dominates on a GPU at small batch sizes.
         """
         for d in range(1, self.depth + 1):
-            x = F.conv2d(x, p[f"conv{d}.weight"], p[f"conv{d}.bias"], padding=self._pads[d - 1])
+            x = conv2d(x, p[f"conv{d}.weight"], p[f"conv{d}.bias"], padding=self._pads[d - 1])
             if self._norm_kind == "instance":
                 x = instance_norm(x, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5, relu=True)
             else:

@@ -1,0 +1,72 @@
+"""The student's convolution (``dpd_cli.models.conv``): first and second derivatives against PyTorch's own
+``F.conv2d`` (which differentiates itself) and against finite differences, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpd_cli.models.conv import conv2d
+
+D = torch.float64
+
+
+def _inputs(shape, cout, pad, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=D).requires_grad_(True)
+    w = torch.randn(cout, shape[1], 3, 3, generator=g, dtype=D).requires_grad_(True)
+    b = torch.randn(cout, generator=g, dtype=D).requires_grad_(True) if bias else None
+    return x, w, b
+
+
+CASES = [((2, 3, 6, 5), 4, 1, True), ((3, 1, 7, 7), 2, 3, True), ((1, 2, 4, 9), 3, 0, False), ((2, 2, 3, 3), 5, 1, False)]
+
+
+@pytest.mark.parametrize("shape,cout,pad,bias", CASES)
+def test_gradcheck_and_gradgradcheck(shape, cout, pad, bias):
+    x, w, b = _inputs(shape, cout, pad, bias)
+    args = (x, w, b) if bias else (x, w)
+    fn = (lambda x, w, b: conv2d(x, w, b, pad)) if bias else (lambda x, w: conv2d(x, w, None, pad))
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("shape,cout,pad,bias", CASES)
+@pytest.mark.parametrize("cotangents", ["all", "gx", "gw", "gb", "gx+gw"])
+def test_second_derivatives_equal_pytorchs(shape, cout, pad, bias, cotangents):
+    """The output, the gradient and the gradient of any mix of (gx, gw, gb) against F.conv2d's, to 1e-12."""
+    x, w, b = _inputs(shape, cout, pad, bias, seed=1)
+    params = [x, w] + ([b] if bias else [])
+
+    def derivatives(conv):
+        y = conv()
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=D).requires_grad_(True)
+        grads = torch.autograd.grad(y, params, gy, create_graph=True)
+        picked = {"gx": [0], "gw": [1], "gb": [2] if bias else [], "gx+gw": [0, 1], "all": list(range(len(grads)))}[cotangents]
+        if not picked:
+            return [y]
+        cots = [torch.randn(grads[i].shape, generator=torch.Generator().manual_seed(4 + i), dtype=D) for i in picked]
+        s = sum((grads[i] * c).sum() for i, c in zip(picked, cots, strict=True))
+        return [y, *grads, *torch.autograd.grad(s, params + [gy], allow_unused=True)]
+
+    ours = derivatives(lambda: conv2d(x, w, b, pad))
+    ref = derivatives(lambda: F.conv2d(x, w, b, padding=pad))
+    assert len(ours) == len(ref)
+    for a, r in zip(ours, ref, strict=True):
+        if r is None or (a is None and not r.abs().max() > 0):  # PyTorch may return zeros where we return None
+            continue
+        assert a is not None
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_first_derivatives_of_input_and_weight_are_pytorchs_bit_for_bit_in_float32():
+    x = torch.randn(4, 3, 10, 10, requires_grad=True)
+    w = torch.randn(8, 3, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    gy = torch.randn(4, 8, 10, 10)
+    ours = torch.autograd.grad(conv2d(x, w, b, 1), [x, w, b], gy)
+    ref = torch.autograd.grad(F.conv2d(x, w, b, padding=1), [x, w, b], gy)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    torch.testing.assert_close(ours[2], ref[2])  # a plain sum: equal up to summation order
+    assert torch.equal(conv2d(x, w, b, 1), F.conv2d(x, w, b, padding=1))
