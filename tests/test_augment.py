@@ -196,3 +196,41 @@ def test_a_split_batch_is_augmented_like_the_whole(op):
     parts = [dsa(x[lo:hi], 5, ops=(op,), part=(lo, 9)) for lo, hi in ((0, 5), (5, 9))]
     assert torch.equal(torch.cat(parts), whole)
     assert torch.equal(dsa(x, 5, ops=(op,), part=(0, 9)), whole)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mixed_with_drawn_weights_is_dsa_bit_for_bit_with_derivatives(seed):
+    """dsa_mixed(draw_all(seed)) runs every family and keeps one: value, gradient and second derivative equal dsa's."""
+    x0 = _x(n=5, c=3, side=8, seed=seed)
+    ct = torch.randn_like(x0)
+
+    def first_and_second(fn):
+        x = x0.clone().requires_grad_(True)
+        y = fn(x)
+        (gx,) = torch.autograd.grad((y * ct).sum() + (y * y).sum(), x, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * ct).sum(), x)
+        return y.detach(), gx.detach(), ggx
+
+    weights, params = augment.dsa_draw_all(x0, seed)
+    assert weights.sum() == 1 and weights[OPS.index(OPS[random.Random(seed).randrange(len(OPS))])] == 1
+    for want, got in zip(first_and_second(lambda x: dsa(x, seed)),
+                         first_and_second(lambda x: augment.dsa_mixed(x, weights, params)), strict=True):
+        assert torch.equal(want, got)
+
+
+def test_draw_all_gives_every_family_its_own_numbers_from_the_seed():
+    x = _x(n=6, side=8)
+    _, params = augment.dsa_draw_all(x, 31)
+    for op, p in zip(OPS, params, strict=True):  # each family, applied alone, is dsa restricted to it
+        assert torch.equal(augment._APPLY[op](x, *p), dsa(x, 31, ops=(op,)))
+    _, other = augment.dsa_draw_all(x, 32)
+    assert any(not torch.equal(a, b) for pa, pb in zip(params, other, strict=True) for a, b in zip(pa, pb, strict=True))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_family_returns_row_major_strides(op, channels):
+    """The memory layout decides which convolution kernels run: it must not depend on the family drawn."""
+    x = torch.randn(4, channels, 9, 7)
+    y = _only(op)(x, 2)
+    assert y.stride() == torch.empty(y.shape).stride()
