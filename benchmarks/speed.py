@@ -50,7 +50,7 @@ from dpd_cli.augment import dsa
 from dpd_cli.data import load_dataset
 from dpd_cli.engine import distill as distill_engine
 from dpd_cli.engine import matching, pruning
-from dpd_cli.engine.common import build_preprocess
+from dpd_cli.engine.common import build_preprocess, set_host_memory
 from dpd_cli.engine.train import train_epoch
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
 from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings
@@ -89,13 +89,15 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def setup_runtime(device: str, threads: int, cudnn_benchmark: bool) -> torch.device:
+def setup_runtime(device: str, threads: int, cudnn_benchmark: bool, host_memory: str = "reuse") -> torch.device:
+    """Threads, device and host allocator as ``dpd`` sets them (``host_memory``: dpd's ``--host-memory``)."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA GPU is available to torch.")
         torch.backends.cudnn.benchmark = cudnn_benchmark
+    set_host_memory(host_memory, dev)
     return dev
 
 
@@ -143,6 +145,7 @@ def environment(args, dev: torch.device) -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "device": str(dev),
         "cudnn_benchmark": bool(args.cudnn_benchmark) if dev.type == "cuda" else None,
+        "host_memory": args.host_memory if dev.type == "cpu" else None,
         "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if dev.type == "cuda":
@@ -347,7 +350,7 @@ def _plan(rng: random.Random, n_images: int, batch_syn: int, n_steps: int, use_d
 
 def distill_worker(cfg: dict) -> dict:
     """One configuration, in its own process: build, warm up one iteration, time ``iters``; return JSON."""
-    dev = setup_runtime(cfg["device"], cfg["threads"], cfg["cudnn_benchmark"])
+    dev = setup_runtime(cfg["device"], cfg["threads"], cfg["cudnn_benchmark"], cfg["host_memory"])
     if dev.type == "cpu" and cfg.get("mem_limit_bytes"):
         # A safety net in case the estimate was wrong: allocation fails (MemoryError/RuntimeError)
         # instead of the kernel's OOM killer picking a process on a shared machine.
@@ -551,7 +554,7 @@ def bench_distill(args, dev) -> dict:
             for mode in modes:
                 cfg = {
                     "mode": mode, "ipc": ipc, "steps": n, "device": str(dev), "threads": args.threads,
-                    "cudnn_benchmark": args.cudnn_benchmark, "dataset": args.dataset, "data_dir": args.data_dir,
+                    "cudnn_benchmark": args.cudnn_benchmark, "host_memory": args.host_memory, "dataset": args.dataset, "data_dir": args.data_dir,
                     "width": args.width, "experts": args.experts, "iters": args.iters, "batch_syn": args.batch_syn,
                     "prune_ratio": args.prune_ratio, "dsa": not args.no_dsa, "mem_limit_bytes": limit,
                 }
@@ -707,6 +710,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: cores available)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (dpd does not set it)")
+    p.add_argument("--host-memory", choices=["reuse", "system"], default="reuse",
+                   help="CPU allocator as dpd's --host-memory (default reuse, dpd's default; applies to every side)")
     p.add_argument("--dataset", default="fashion-mnist-mini", help="dpd dataset name (default: the embedded mini set)")
     p.add_argument("--data-dir", default=None, help="dataset folder (imagefolder: the folder with train/ and test/)")
     p.add_argument("--width", type=int, default=128, help="ConvNet width (default 128, the real default)")
@@ -750,7 +755,7 @@ def main(argv=None) -> int:
         print(json.dumps(distill_worker(json.loads(args.worker))))
         return 0
     t0 = time.perf_counter()
-    dev = setup_runtime(args.device, args.threads, args.cudnn_benchmark)
+    dev = setup_runtime(args.device, args.threads, args.cudnn_benchmark, args.host_memory)
     result = {"environment": environment(args, dev), "args": {k: v for k, v in vars(args).items() if k != "worker"}}
     log(f"torch {torch.__version__}, device {dev}, torch.set_num_threads({args.threads}) "
         f"(cores available: {default_threads()}){' — SMOKE sizes' if args.smoke else ''}")

@@ -39,6 +39,7 @@ from dpd_cli.engine.common import (
     derive_seed,
     model_spec,
     resolve_device,
+    set_host_memory,
     set_threads,
     versions,
 )
@@ -119,6 +120,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     sink = sink or NullSink()
     set_threads(settings.threads)
     device = resolve_device(settings.device)
+    set_host_memory(settings.host_memory, device)
     ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class)
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
