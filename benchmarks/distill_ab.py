@@ -17,7 +17,11 @@ change in load hits all modes alike. Modes:
   ``nn.GroupNorm``);
 * ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
   ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
-  ``dpd_cli.models.norm``.
+  ``dpd_cli.models.norm``;
+* ``full_graph`` / ``low_graph`` (CUDA only): ``full`` / ``low`` through ``engine.graphs`` (dpd's
+  ``--cuda-graphs``), captured during the first warm-up round.
+
+On the CPU, ``--host-memory`` sets dpd's allocator switch for the whole process, so for every mode.
 
 Every mode uses the same DSA seeds in round i and the same start/target parameters; rho = 0
 everywhere (the reference has no pruning). Reported per mode: median, min and max seconds of the
@@ -44,6 +48,7 @@ from pathlib import Path
 import torch
 
 from dpd_cli.engine import matching
+from dpd_cli.engine.graphs import GraphedMetaGradient
 from dpd_cli.models import FlatModel, build_model
 from dpd_cli.settings import DistillSettings
 
@@ -54,7 +59,7 @@ from speed import _plan, class_balanced, environment, load_data, make_spec, setu
 
 
 def setup(args):
-    dev = setup_runtime(args.device, args.threads, False)
+    dev = setup_runtime(args.device, args.threads, False, args.host_memory)
     ds, pre = load_data(args.dataset, args.data_dir)
     spec = make_spec(ds, args.width)
     idx = class_balanced(ds.train_labels, ds.n_classes, args.ipc, seed=0)
@@ -87,16 +92,25 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
     def plan(it):
         return _plan(random.Random(it), n, batch_syn, args.steps, not args.no_dsa, dev)
 
-    def dpd_runner(memory: str, before: bool = False):
+    def dpd_runner(memory: str, before: bool = False, graphed: bool = False):
         fm = FlatModel(build_model(spec).to(dev))
         if before:  # the student as it was before dpd_cli.models.norm
             fm.module.forward_flat = group_norm_student(fm.module)
         x = images.clone()
         lr = torch.tensor(s.lr_teacher, device=dev)
         mom_x, mom_lr = torch.zeros_like(x), torch.zeros_like(lr)
+        runner = None
+        if graphed:  # engine.distill's CUDA-graph path (captured in the first call, a warm-up round)
+            runner = GraphedMetaGradient(fm, x, labels, lr, memory, args.steps, batch_syn if batch_syn < n else None,
+                                         not args.no_dsa, lambda ratio: None)
 
         def run(it):
-            res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory)  # rho 0
+            if runner is not None:
+                res, note = runner(start, target, plan(it), 0.0)
+                if note:
+                    sys.exit(f"{memory}_graph: {note}")
+            else:
+                res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory)  # rho 0
             with torch.no_grad():  # engine.distill.run's updates
                 mom_x.mul_(0.5).add_(res.grad_images)
                 x.sub_(s.lr_img * mom_x)
@@ -115,6 +129,11 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
     }
     if args.with_group_norm:
         runners["full_gn"] = dpd_runner("full", before=True)
+    if "graph" in args.modes:
+        if dev.type != "cuda":
+            sys.exit("full_graph / low_graph need --device cuda")
+        runners["full_graph"] = dpd_runner("full", graphed=True)
+        runners["low_graph"] = dpd_runner("low", graphed=True)
     return {k: runners[k] for k in args.modes.split(",") + (["full_gn"] if args.with_group_norm else [])}
 
 
@@ -132,11 +151,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="N, student steps per iteration (default 20)")
     p.add_argument("--batch-syn", type=int, default=100)
     p.add_argument("--no-dsa", action="store_true")
-    p.add_argument("--modes", default="full,low,ref")
+    p.add_argument("--modes", default="full,low,ref", help="full, low, ref; on CUDA also full_graph, low_graph (--cuda-graphs)")
     p.add_argument("--with-group-norm", action="store_true", help="also time full with F.group_norm (dpd before the fused norm)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     p.add_argument("--iters", type=int, default=3, help="timed rounds (default 3)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--host-memory", choices=["reuse", "system"], default="reuse",
+                   help="CPU allocator as dpd's --host-memory (default reuse, dpd's default); one process, so every mode shares it")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -200,6 +221,13 @@ def main(argv=None) -> int:
         ratios["full_gn_over_full"] = paired("full_gn", "full")
         if "ref" in wall:
             ratios["ref_over_full_gn"] = paired("ref", "full_gn")
+    for m in ("full", "low"):
+        if f"{m}_graph" in wall:
+            ratios[f"{m}_over_{m}_graph"] = paired(m, f"{m}_graph")  # what the graph saves
+            if "ref" in wall:
+                ratios[f"ref_over_{m}_graph"] = paired("ref", f"{m}_graph")
+    if "low_graph" in wall and "full_graph" in wall:
+        ratios["low_graph_over_full_graph"] = paired("low_graph", "full_graph")
     out["paired_ratios_median"] = ratios
 
     c = args

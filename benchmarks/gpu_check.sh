@@ -11,8 +11,9 @@
 #   2. CUDA vs CPU: meta_gradient in float64, both memory modes (benchmarks/cuda_check.py)
 #   3. `dpd experts` + `dpd distill --device cuda` end to end on the embedded dataset, a few iterations
 #   4. CIFAR-10 (JPEG copy), unpacked to /tmp: `dpd experts` (1 expert, 2 epochs, ConvNet-128) images/s;
-#      distill_ab.py: dpd full/low vs the reference MTT loop, rho 0 everywhere, interleaved in one process,
-#      3 warm-up + 10 timed rounds, IPC 10 and 50 at N 30, peak memory per mode (the fair comparison);
+#      distill_ab.py: dpd full/low, eager and with CUDA graphs (--cuda-graphs), vs the reference MTT loop,
+#      rho 0 everywhere, interleaved in one process, 3 warm-up + 10 timed rounds, IPC 10 and 50 at N 30,
+#      peak memory per mode (the fair comparison); the graphs' equality with eager is step 6's tests;
 #      speed.py experts + eval sections (dpd vs bare loop); speed.py distill: IPC 10 and 50, N = 30,
 #      full vs low vs reference MTT, s/iteration and torch.cuda.max_memory_allocated, starting from
 #      the real expert of step 4 (full IPC 50 is skipped if its estimate exceeds 80% of GPU memory)
@@ -176,7 +177,7 @@ read -r -a DATA_ARR <<< "$DATA_ARGS"
 # The fair comparison first: dpd full and low vs the reference MTT loop, rho 0 on every side, the same
 # start/target parameters and DSA draws, interleaved in one process, 3 warm-up + 10 timed rounds.
 distill_ab() {
-  local ipc extra=(--steps 30 --warmup 3 --iters 10)
+  local ipc extra=(--steps 30 --warmup 3 --iters 10 --modes full,low,ref,full_graph,low_graph)
   (( SMOKE )) && extra=(--steps 2 --warmup 1 --iters 1 --width 16 --threads 1 --batch-syn 0)
   for ipc in 10 50; do
     (( SMOKE )) && (( ipc == 50 )) && ipc=2
@@ -186,10 +187,10 @@ distill_ab() {
   done
 }
 export -f distill_ab
-step "distill A/B: dpd full/low vs reference MTT, rho 0, interleaved (IPC 10 and 50, N 30)" 150 distill_ab
+step "distill A/B: dpd full/low (eager and CUDA graphs) vs reference MTT, rho 0, interleaved (IPC 10 and 50, N 30)" 200 distill_ab
 step "speed.py experts+eval, $DATA_NAME" 150 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
     --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
-step "speed.py distill, $DATA_NAME, IPC 10/50, N 30" 300 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
+step "speed.py distill, $DATA_NAME, IPC 10/50, N 30" 200 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
     --only distill "${D_ARGS[@]}" "${EXPERTS_ARG[@]}" --out "$OUT/speed-distill.json"
 
 # ---------------------------------------------------------------- 5-7. syncs, GPU tests, two ranks on one GPU

@@ -189,6 +189,11 @@ class RunFields(_Settings):
         json_schema_extra={"choices": ["auto", "cpu", "cuda", "cuda:N"]},
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
+    host_memory: Literal["reuse", "system"] = Field(
+        "reuse", description="On the CPU, reuse keeps freed tensor memory in the process instead of handing it back to the "
+        "system after every use: about 1.4x faster distillation on two cores, with a somewhat higher peak RSS; system "
+        "leaves the C library's allocator as it is (no effect on a GPU or off glibc Linux).",
+    )
     dist_timeout: float = Field(
         300.0, gt=0, description="Under torchrun: seconds a rank waits for the others before it gives up with a message "
         "(a failed or stopped rank ends the job within this time).",
@@ -271,6 +276,12 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     )
     memory: Literal["full", "low"] = Field(
         "full", description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
+        json_schema_extra={"panel": "Memory"},
+    )
+    cuda_graphs: bool = Field(
+        True, description="On a GPU, record one iteration's meta-gradient as a CUDA graph and replay it (checked "
+        "against the eager computation before use; falls back to eager on any difference). Not used under torchrun "
+        "or with --prune-mask ema / --prune-mode network.",
         json_schema_extra={"panel": "Memory"},
     )
     init: Literal["real", "real-correct", "noise"] = Field(

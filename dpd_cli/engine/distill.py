@@ -27,21 +27,49 @@ from pathlib import Path
 import torch
 
 from dpd_cli import interrupt, paths, storage
-from dpd_cli.artifacts import evaluation
+from dpd_cli.artifacts import evaluation, run_settings
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import run as layout
-from dpd_cli.artifacts import run_settings
 from dpd_cli.artifacts import synthetic as synthetic_file
-from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, read_manifest, validation_record
+from dpd_cli.artifacts.experts import (
+    ExpertSet,
+    folders_under,
+    old_preprocess_message,
+    read_manifest,
+    validation_record,
+)
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.engine import matching, parallel
-from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_threads, versions
+from dpd_cli.engine.common import (
+    dataset_key,
+    derive_seed,
+    model_spec,
+    resolve_device,
+    set_host_memory,
+    set_threads,
+    versions,
+)
+from dpd_cli.engine.graphs import GraphedMetaGradient
 from dpd_cli.engine.pruning import PruneConfig, Pruner
-from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
-from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
+from dpd_cli.errors import (
+    DataError,
+    DivergedError,
+    ExpertsError,
+    OutputExistsError,
+    StorageError,
+)
+from dpd_cli.events import (
+    CheckpointSaved,
+    DistillDone,
+    DistillIteration,
+    DistillStarted,
+    Message,
+    NullSink,
+    Sink,
+)
 from dpd_cli.images import save_grid
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.settings import DistillSettings, settings_hash
@@ -50,7 +78,7 @@ __all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize
 
 # Settings that may change between a run and its resume.
 _RESUMABLE = {"iterations", "checkpoint_every", "keep_checkpoints", "log_every", "device", "threads", "out", "experts",
-              "resume", "force", "data_dir", "dist_timeout"}
+              "resume", "force", "data_dir", "dist_timeout", "host_memory", "cuda_graphs"}
 # Settings an experts folder decides unless the user gives them (the network, the data it saw).
 _FROM_EXPERTS = ("dataset", "data_dir", "zca", "train_per_class", "val_per_class", "model", "width", "depth", "norm", "pool")
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
@@ -141,6 +169,7 @@ class DistillRecipe:
         s = self.s
         set_threads(s.threads)
         self.device = resolve_device(s.device)
+        set_host_memory(s.host_memory, self.device)
         self.log_every = s.log_every or (1 if self.device.type == "cpu" else 10)
         self.group = parallel.start(self.device, s.dist_timeout)
         self._stack.callback(parallel.stop)
@@ -212,6 +241,7 @@ class DistillRecipe:
                 preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
                 run_settings.save(self.run_dir, self._settings_record())
         self.pruner = Pruner(prune_config(s), self.sizes, self.state.prune_state)
+        self.graphed = self._graphed()
         self.pruned_total = _layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
         self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self._ratio_at(i) > 0)
         self.sink.emit(DistillStarted(str(self.run_dir), self.state.iteration, s.iterations,
@@ -233,9 +263,14 @@ class DistillRecipe:
         plan = _plan(rng, len(st.images), s, self.device)
         ratio = self._ratio_at(it)
         unroll_keep = self.pruner.unroll_keep(ratio)
-        res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
-                                     loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
-                                     group=self.group, label_logits=st.label_logits)
+        if self.graphed is not None and self.graphed.enabled:
+            res, note = self.graphed(start, target, plan, ratio)
+            if note:
+                self.sink.emit(Message(note, "warning"))
+        else:
+            res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
+                                         loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
+                                         group=self.group, label_logits=st.label_logits)
         self.pruner.commit()
         with torch.no_grad():
             # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
@@ -256,6 +291,22 @@ class DistillRecipe:
         st.iteration = it + 1
         self._pending.append({"iteration": it + 1, "loss": res.loss.float(), "lr": st.lr.clone(), "pruned": pruned,
                               "expert": e, "start_epoch": t})
+
+    def _graphed(self) -> GraphedMetaGradient | None:
+        """The CUDA-graph runner (``--cuda-graphs``, on a GPU), or ``None`` with a message saying why not."""
+        s = self.s
+        if self.device.type != "cuda" or not s.cuda_graphs:
+            return None
+        st = self.state
+        why = ("under torchrun" if self.group is not None else
+               "--prune-mask ema and --prune-mode network carry state across iterations" if self.pruner.keeps_state else None)
+        if why:
+            self.sink.emit(Message(f"CUDA graphs not used ({why}); each iteration runs eagerly."))
+            return None
+        n = len(st.images)
+        batch = s.batch_syn if s.batch_syn and s.batch_syn < n else None
+        return GraphedMetaGradient(self.fm, st.images, self.labels, st.lr, s.memory, s.syn_steps, batch, s.dsa,
+                                   self.pruner.loss_mask, label_logits=st.label_logits)
 
     def _stop_requested(self) -> bool:
         """A stop request (Ctrl-C, SIGTERM) on any rank stops every rank at the same iteration."""

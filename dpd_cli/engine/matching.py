@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.augment import dsa
+from dpd_cli.augment import dsa, dsa_mixed
 from dpd_cli.models import FlatModel
 
 __all__ = ["StepPlan", "MaskFn", "matching_loss", "meta_gradient", "MetaResult"]
@@ -54,9 +54,16 @@ class StepPlan:
 
     batches: list[torch.Tensor | None]
     seeds: list[int | None]
+    #: Per step, ``(weights, params)`` for ``dsa_mixed`` instead of a seed (the CUDA-graph path,
+    #: ``dpd_cli.engine.graphs``: numbers drawn outside the graph, applied inside it).
+    mixes: list[tuple] | None = None
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+    def steps(self):
+        """``(batch, seed, mix)`` per step."""
+        return zip(self.batches, self.seeds, self.mixes or [None] * len(self.seeds), strict=True)
 
 
 @dataclass
@@ -76,7 +83,7 @@ def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.
     return (m * (student_end - target) ** 2).sum() / (m * (start - target) ** 2).sum()
 
 
-def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: bool, group=None) -> torch.Tensor:
+def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: bool, group=None, mix=None) -> torch.Tensor:
     """grad_theta CE(f(DSA(X_b); theta), Y_b), the mean over the mini-batch b.
 
     ``labels`` are class indices ``(n,)``, or class probabilities ``(n, C)`` (soft labels: the
@@ -88,10 +95,14 @@ def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: b
     x = images if idx is None else images[idx]
     y = labels if idx is None else labels[idx]
     if group is None:
-        if seed is not None:
+        if mix is not None:
+            x = dsa_mixed(x, *mix)
+        elif seed is not None:
             x = dsa(x, seed)
         ce = F.cross_entropy(fm(theta, x), y)
     else:
+        if mix is not None:
+            raise ValueError("mixed DSA (the CUDA-graph path) is not used under data parallel")
         n = len(y)
         lo, hi = group.rows(n)
         x, y = x[lo:hi], y[lo:hi]
@@ -156,8 +167,8 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=
             ylog = label_logits.detach().requires_grad_(True)
             leaves.append(ylog)
             labels = F.softmax(ylog, dim=1)  # (n, C) targets, differentiable w.r.t. the logits
-        for idx, seed in zip(plan.batches, plan.seeds, strict=True):
-            g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True, group=group)
+        for idx, seed, mix in plan.steps():
+            g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True, group=group, mix=mix)
             if group is not None:
                 g = group.sum_differentiable(g)  # the whole batch's gradient, on every rank
             theta = theta - a * (g if u is None else u * g)
@@ -185,9 +196,9 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
     thetas = torch.empty((n_steps + 1, start.numel()), dtype=start.dtype, device=start.device)
     thetas[0] = start.detach()
     with torch.enable_grad():
-        for n, (idx, seed) in enumerate(zip(plan.batches, plan.seeds, strict=True)):
+        for n, (idx, seed, mix) in enumerate(plan.steps()):
             theta = thetas[n].detach().requires_grad_(True)
-            g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False, group=group)
+            g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False, group=group, mix=mix)
             if group is not None:
                 group.sum_(g)
             with torch.no_grad():
@@ -207,7 +218,8 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
         for n in range(n_steps - 1, -1, -1):
             theta = thetas[n].detach().requires_grad_(True)
             targets = F.softmax(ylog, dim=1) if soft else labels
-            g = _inner_grad(fm, theta, x, targets, plan.batches[n], plan.seeds[n], create_graph=True, group=group)
+            mix = plan.mixes[n] if plan.mixes else None
+            g = _inner_grad(fm, theta, x, targets, plan.batches[n], plan.seeds[n], create_graph=True, group=group, mix=mix)
             mu = lam if u is None else u * lam
             # g is this rank's share: its products with mu are this rank's shares too (summed below).
             if soft:

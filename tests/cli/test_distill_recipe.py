@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -285,20 +286,53 @@ def test_duration_wording():
     assert [duration(s) for s in (40, 25 * 60, 3.5 * 3600, 60 * 3600)] == ["40 s", "25 min", "3.5 h", "2.5 days"]
 
 
+@pytest.mark.parametrize("extra,graphed,batch", [({}, True, None), ({"batch_syn": 4}, True, 4), ({"batch_syn": 20}, True, None),
+                                                   ({"cuda_graphs": False}, False, None), ({"prune_mask": "ema"}, False, None),
+                                                   ({"prune_mode": "network"}, False, None)])
+def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, batch):
+    """On a GPU (the device is only pretended here: building the runner touches no GPU) graphs serve stateless runs."""
+    from dpd_cli.engine.distill import DistillRecipe
+    from dpd_cli.engine.graphs import GraphedMetaGradient
+    from dpd_cli.events import Message
+    from dpd_cli.settings import resolve
+
+    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "prune_ratio": 0.05, "device": "cpu",
+                            "iterations": 2, "max_start_epoch": 2, "expert_epochs": 1, "out": str(tmp_path / "run"),
+                            "force": True, **_tiny(), **extra})
+    events = []
+    with DistillRecipe(s, SimpleNamespace(emit=events.append, close=lambda: None)) as recipe:
+        assert recipe.graphed is None  # the CPU never captures
+        recipe.device = torch.device("cuda")
+        events.clear()
+        runner = recipe._graphed()
+    notes = [e.text for e in events if isinstance(e, Message)]
+    if graphed:
+        assert isinstance(runner, GraphedMetaGradient) and not notes
+        assert runner.inputs.index is None if batch is None else runner.inputs.index.shape == (3, batch)
+        assert runner.images is recipe.state.images and runner.lr is recipe.state.lr  # updated in place by the run
+    else:
+        assert runner is None
+        assert notes == ([] if extra.get("cuda_graphs") is False else
+                         ["CUDA graphs not used (--prune-mask ema and --prune-mode network carry state across iterations); "
+                          "each iteration runs eagerly."])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("memory", ["full", "low"])
-def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory):
-    """An iteration never makes the host wait for the GPU (the metrics flush, once per window, may)."""
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory, cuda_graphs):
+    """An iteration never makes the host wait for the GPU (the metrics flush, once per window, may), graphed or not."""
     from dpd_cli.engine.distill import DistillRecipe
     from dpd_cli.settings import resolve
 
     s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": memory, "prune_ratio": 0.05,
-                            "device": "cuda", "iterations": 10, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8,
+                            "cuda_graphs": cuda_graphs, "device": "cuda", "iterations": 10, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8,
                             "log_every": 10, "checkpoint_every": 1000, "out": str(tmp_path / "run"), "force": True, **_tiny()})
     with DistillRecipe(s) as recipe:
-        recipe.step()  # warm-up: first-touch allocations and library handles
+        recipe.step()  # warm-up: first-touch allocations and library handles (and the graph's capture)
         recipe.flush()
+        assert (recipe.graphed is not None and recipe.graphed.enabled) == cuda_graphs
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

@@ -1,0 +1,206 @@
+"""One distillation meta-gradient captured as a CUDA graph and replayed (``--cuda-graphs``, on by default on CUDA).
+
+At IPC 10 a GPU iteration is bound by the host issuing tens of thousands of small kernels; a CUDA
+graph records them once and replays them with one launch. A graph replays fixed kernels on fixed
+memory, so everything that changes from one iteration to the next lives in buffers allocated once
+(``StaticInputs``) and is written before each replay, outside the graph:
+
+* theta*_t and theta*_{t+M} (the expert rows of this iteration);
+* the mini-batch indices of every step (the engine's own permutations, copied in);
+* the DSA numbers of every step: ``augment.dsa_draw_all`` draws every family's numbers from the
+  step's seed (the chosen family's are exactly what ``dsa`` draws) with a one-hot weight on the
+  chosen family; inside the graph ``augment.dsa_mixed`` applies all six families and keeps the one
+  with weight 1, so the kernel sequence does not depend on the seed.
+
+The images, labels (or label logits) and alpha are the run's own tensors, updated in place. With
+one-hot weights the graph computes exactly the eager meta-gradient (``test_graphs``: bit for bit on
+the CPU, where the same static computation runs without a graph). Each graph is checked once against
+an eager computation of the same iteration before it is used; any difference (beyond 1e-6 relative)
+turns graphs off for the run, with a message, and the eager result is used.
+
+One graph per prune ratio in use (0 during ``--prune-warmup``, then rho), sharing one memory pool.
+Not used (the eager path runs): off CUDA, under torchrun, and with prune settings that carry state
+across iterations (``--prune-mask ema``, ``--prune-mode network``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dpd_cli.augment import OPS, dsa_draw_all
+from dpd_cli.engine import matching
+
+__all__ = ["StaticInputs", "GraphedMetaGradient", "CudaCapture", "close_enough"]
+
+#: Largest relative difference (in norm) between a replay and the eager computation it replaces.
+TOLERANCE = 1e-6
+
+
+class StaticInputs:
+    """The per-iteration inputs of one meta-gradient, in buffers allocated once.
+
+    Args:
+        n_params: P.
+        n_steps: N.
+        batch: Images per student step, or ``None`` for all of them.
+        image_shape: ``(n_images, C, H, W)`` of the synthetic set.
+        dsa: Whether steps are augmented.
+        device, dtype: Of the parameters and images.
+    """
+
+    def __init__(self, n_params: int, n_steps: int, batch: int | None, image_shape, dsa: bool, device, dtype):
+        self.start = torch.zeros(n_params, device=device, dtype=dtype)
+        self.target = torch.zeros(n_params, device=device, dtype=dtype)
+        self.index = None if batch is None else torch.zeros((n_steps, batch), dtype=torch.long, device=device)
+        self.n_steps, self.dsa = n_steps, dsa
+        n = image_shape[0] if batch is None else batch
+        probe = torch.zeros((n, *image_shape[1:]), device=device, dtype=dtype)
+        self.weights = torch.zeros((n_steps, len(OPS)), device=device, dtype=dtype) if dsa else None
+        # Per family, per number it draws: (N, *shape of that number for a batch of n).
+        self.params = None
+        if dsa:
+            _, drawn = dsa_draw_all(probe, 0)
+            self.params = [tuple(torch.zeros((n_steps, *t.shape), device=device, dtype=t.dtype) for t in fam) for fam in drawn]
+        self._probe = probe
+        self.plan = matching.StepPlan(
+            batches=[None if self.index is None else self.index[k] for k in range(n_steps)],
+            seeds=[None] * n_steps,
+            mixes=None if not dsa else [(self.weights[k], [tuple(t[k] for t in fam) for fam in self.params])
+                                        for k in range(n_steps)],
+        )
+
+    def load(self, start: torch.Tensor, target: torch.Tensor, plan: matching.StepPlan) -> None:
+        """Write one iteration's expert rows, batches and DSA numbers into the buffers (kernels, no host sync)."""
+        if len(plan) != self.n_steps:
+            raise ValueError(f"plan has {len(plan)} steps, the buffers {self.n_steps}")
+        self.start.copy_(start)
+        self.target.copy_(target)
+        for k, (idx, seed) in enumerate(zip(plan.batches, plan.seeds, strict=True)):
+            if (idx is None) != (self.index is None) or (seed is None) == self.dsa:
+                raise ValueError("plan does not match the buffers (batches or DSA)")
+            if idx is not None:
+                self.index[k].copy_(idx)
+            if seed is not None:
+                weights, drawn = dsa_draw_all(self._probe, seed)
+                self.weights[k].copy_(weights)
+                for bufs, fam in zip(self.params, drawn, strict=True):
+                    for buf, t in zip(bufs, fam, strict=True):
+                        buf[k].copy_(t)
+
+
+def close_enough(a: matching.MetaResult, b: matching.MetaResult, tol: float = TOLERANCE) -> str | None:
+    """``None`` when two meta-gradients agree to ``tol`` (relative, in norm) with equal masks; else what differs."""
+    pairs = [("loss", a.loss, b.loss), ("dL/dX", a.grad_images, b.grad_images), ("dL/dalpha", a.grad_lr, b.grad_lr)]
+    if a.grad_labels is not None or b.grad_labels is not None:
+        pairs.append(("dL/dlabels", a.grad_labels, b.grad_labels))
+    for name, x, y in pairs:
+        if x is None or y is None:
+            return f"{name} missing"
+        diff = float((x.double() - y.double()).norm())
+        scale = float(y.double().norm())
+        if not diff <= tol * max(scale, torch.finfo(y.dtype).tiny):
+            return f"{name} differs by {diff / scale if scale else diff:.2e} relative"
+    if (a.keep is None) != (b.keep is None) or (a.keep is not None and not torch.equal(a.keep, b.keep)):
+        return "the loss masks differ"
+    return None
+
+
+class CudaCapture:
+    """How ``GraphedMetaGradient`` warms up and captures on a GPU (tests substitute a CPU stand-in)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def warm_up(self, fn: Callable[[], matching.MetaResult]) -> matching.MetaResult:
+        """Run ``fn`` once on a side stream (lazy initialisation must not happen during capture); its result, copied."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            res = _copy(fn())
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.empty_cache()  # hand the eager run's blocks back before the graph takes its own pool
+        return res
+
+    def capture(self, fn: Callable[[], matching.MetaResult], pool) -> tuple[object, matching.MetaResult]:
+        """Record ``fn`` into a new graph (in ``pool``, shared with the run's other graph, if any)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph, out
+
+
+@dataclass
+class _Captured:
+    graph: object  # torch.cuda.CUDAGraph, or a test stand-in with replay() and pool()
+    out: matching.MetaResult
+
+
+class GraphedMetaGradient:
+    """``matching.meta_gradient`` for one run's fixed shapes, replayed from a CUDA graph.
+
+    Example (what ``engine.distill`` does every iteration)::
+
+        graphed = GraphedMetaGradient(fm, images, labels, lr, memory, n_steps, batch, dsa, pruner.loss_mask)
+        res, note = graphed(start, target, plan, ratio)   # note: why graphs were just turned off, or None
+
+    ``images``, ``labels``, ``lr`` (and ``label_logits``) must be updated in place between calls.
+    The returned tensors (except the loss, which is a copy) are the graph's outputs: use them before
+    the next call.
+
+    Args:
+        mask_for: ``ratio -> loss-mask function`` (``Pruner.loss_mask``; stateless settings only).
+        capture: Warms up and captures (``CudaCapture`` on the images' device by default).
+    """
+
+    def __init__(self, fm, images, labels, lr, memory: str, n_steps: int, batch: int | None, dsa: bool,
+                 mask_for: Callable[[float], matching.MaskFn | None], label_logits: torch.Tensor | None = None,
+                 capture=None):
+        self.fm, self.images, self.labels, self.lr, self.memory = fm, images, labels, lr, memory
+        self.label_logits, self.mask_for = label_logits, mask_for
+        self.capture = capture or CudaCapture(images.device)
+        self.inputs = StaticInputs(fm.n_params, n_steps, batch, tuple(images.shape), dsa, images.device, images.dtype)
+        self.graphs: dict[float, _Captured] = {}
+        self.enabled = True
+
+    def _compute(self, ratio: float) -> matching.MetaResult:
+        i = self.inputs
+        return matching.meta_gradient(self.fm, self.images, self.labels, self.lr, i.start, i.target, i.plan, self.memory,
+                                      loss_mask=self.mask_for(ratio), label_logits=self.label_logits)
+
+    def __call__(self, start, target, plan: matching.StepPlan, ratio: float) -> tuple[matching.MetaResult, str | None]:
+        """This iteration's meta-gradient, and a note when graphs were just turned off (else ``None``)."""
+        self.inputs.load(start, target, plan)
+        if not self.enabled:
+            return self._compute(ratio), None
+        captured = self.graphs.get(ratio)
+        if captured is not None:
+            captured.graph.replay()
+            return _copy_loss(captured.out), None
+        # First use of this ratio: the warm-up is the eager result; the graph is used once its replay equals it.
+        fn = lambda: self._compute(ratio)  # noqa: E731
+        eager = self.capture.warm_up(fn)
+        pool = next(iter(self.graphs.values())).graph.pool() if self.graphs else None
+        try:
+            graph, out = self.capture.capture(fn, pool)
+            graph.replay()
+        except RuntimeError as e:  # capture refused (driver, an operation that cannot be captured)
+            self.enabled, self.graphs = False, {}
+            return eager, f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); continuing without graphs."
+        why = close_enough(out, eager)
+        if why is not None:
+            self.enabled, self.graphs = False, {}
+            return eager, f"The CUDA graph's first replay differs from the eager computation ({why}); continuing without graphs."
+        self.graphs[ratio] = _Captured(graph, out)
+        return _copy_loss(out), None
+
+
+def _copy_loss(res: matching.MetaResult) -> matching.MetaResult:
+    return matching.MetaResult(res.loss.clone(), res.grad_images, res.grad_lr, res.keep, res.grad_labels)
+
+
+def _copy(res: matching.MetaResult) -> matching.MetaResult:
+    return matching.MetaResult(*(None if t is None else t.clone()
+                                 for t in (res.loss, res.grad_images, res.grad_lr, res.keep, res.grad_labels)))
