@@ -70,3 +70,12 @@ def test_first_derivatives_of_input_and_weight_are_pytorchs_bit_for_bit_in_float
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     torch.testing.assert_close(ours[2], ref[2])  # a plain sum: equal up to summation order
     assert torch.equal(conv2d(x, w, b, 1), F.conv2d(x, w, b, padding=1))
+
+
+def test_third_derivative_refuses_instead_of_being_wrong():
+    x, w, b = _inputs((1, 2, 4, 4), 2, 1, True)
+    gy = torch.randn(1, 2, 4, 4, dtype=D, requires_grad=True)
+    (gx,) = torch.autograd.grad(conv2d(x, w, b, 1), [x], gy, create_graph=True)
+    (ggw,) = torch.autograd.grad(gx.square().sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        ggw.sum().backward()
