@@ -19,7 +19,8 @@ change in load hits all modes alike. Modes:
   ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
   ``dpd_cli.models.norm``;
 * ``full_graph`` / ``low_graph`` (CUDA only): ``full`` / ``low`` through ``engine.graphs`` (dpd's
-  ``--cuda-graphs``), captured during the first warm-up round.
+  ``--cuda-graphs``), captured during the first warm-up round. A captured graph keeps its memory, so
+  every mode's peak measured after them includes what the graphs hold.
 
 On the CPU, ``--host-memory`` sets dpd's allocator switch for the whole process, so for every mode.
 
