@@ -554,7 +554,8 @@ def bench_distill(args, dev) -> dict:
             for mode in modes:
                 cfg = {
                     "mode": mode, "ipc": ipc, "steps": n, "device": str(dev), "threads": args.threads,
-                    "cudnn_benchmark": args.cudnn_benchmark, "host_memory": args.host_memory, "dataset": args.dataset, "data_dir": args.data_dir,
+                    "cudnn_benchmark": args.cudnn_benchmark, "host_memory": args.host_memory,
+                    "dataset": args.dataset, "data_dir": args.data_dir,
                     "width": args.width, "experts": args.experts, "iters": args.iters, "batch_syn": args.batch_syn,
                     "prune_ratio": args.prune_ratio, "dsa": not args.no_dsa, "mem_limit_bytes": limit,
                 }

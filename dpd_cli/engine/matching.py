@@ -196,7 +196,8 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
     thetas = torch.empty((n_steps + 1, start.numel()), dtype=start.dtype, device=start.device)
     thetas[0] = start.detach()
     with torch.enable_grad():
-        for n, (idx, seed, mix) in enumerate(plan.steps()):
+        steps = list(plan.steps())
+        for n, (idx, seed, mix) in enumerate(steps):
             theta = thetas[n].detach().requires_grad_(True)
             g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False, group=group, mix=mix)
             if group is not None:
@@ -218,8 +219,8 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
         for n in range(n_steps - 1, -1, -1):
             theta = thetas[n].detach().requires_grad_(True)
             targets = F.softmax(ylog, dim=1) if soft else labels
-            mix = plan.mixes[n] if plan.mixes else None
-            g = _inner_grad(fm, theta, x, targets, plan.batches[n], plan.seeds[n], create_graph=True, group=group, mix=mix)
+            idx, seed, mix = steps[n]
+            g = _inner_grad(fm, theta, x, targets, idx, seed, create_graph=True, group=group, mix=mix)
             mu = lam if u is None else u * lam
             # g is this rank's share: its products with mu are this rank's shares too (summed below).
             if soft:

@@ -32,8 +32,8 @@ from torch.autograd.function import once_differentiable
 __all__ = ["conv2d"]
 
 
-def _backward(gy, x, w, padding: int, bias: bool, mask):
-    """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding)`` at incoming gradient ``gy`` (entries not in ``mask`` are None).
+def _backward(gy, x, w, padding: int, mask):
+    """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding)`` at incoming gradient ``gy``; entries not in ``mask`` are None.
 
     gb is a plain sum over (n, h, w): on the CPU a quarter of the time of the bias reduction inside
     ``aten.convolution_backward``.
@@ -41,21 +41,20 @@ def _backward(gy, x, w, padding: int, bias: bool, mask):
     gx, gw, _ = torch.ops.aten.convolution_backward(
         gy, x, w, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [mask[0], mask[1], False]
     )
-    return gx, gw, (gy.sum((0, 2, 3)) if bias and mask[2] else None)
+    return gx, gw, (gy.sum((0, 2, 3)) if mask[2] else None)
 
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, padding):
         ctx.save_for_backward(x, w)
-        ctx.padding, ctx.bias = padding, b is not None
+        ctx.padding = padding
         return F.conv2d(x, w, b, padding=padding)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gx, gw, gb = _Conv2dBackward.apply(gy, x, w, ctx.padding, ctx.bias, (need[0], need[1], need[2] and ctx.bias))
+        gx, gw, gb = _Conv2dBackward.apply(gy, x, w, ctx.padding, tuple(ctx.needs_input_grad[:3]))
         return gx, gw, gb, None
 
 
@@ -63,8 +62,8 @@ class _Conv2dBackward(torch.autograd.Function):
     """``(gy, x, w) -> (gx, gw, gb)`` of the convolution; its own backward is the closed form above."""
 
     @staticmethod
-    def forward(ctx, gy, x, w, padding, bias, mask):
-        gx, gw, gb = _backward(gy, x, w, padding, bias, mask)
+    def forward(ctx, gy, x, w, padding, mask):
+        gx, gw, gb = _backward(gy, x, w, padding, mask)
         ctx.save_for_backward(gy, x, w)
         ctx.padding = padding
         ctx.set_materialize_grads(False)  # absent cotangents arrive as None: no zero tensors, no work
@@ -87,10 +86,10 @@ class _Conv2dBackward(torch.autograd.Function):
                 qb = q.view(1, -1, 1, 1)
                 d_gy = qb.expand_as(gy).clone() if d_gy is None else d_gy.add_(qb)
         if need_x and p is not None:
-            d_x = _backward(gy, x, p, pad, False, (True, False, False))[0]
+            d_x = _backward(gy, x, p, pad, (True, False, False))[0]
         if need_w and a is not None:
-            d_w = _backward(gy, a, w, pad, False, (False, True, False))[1]
-        return d_gy, d_x, d_w, None, None, None
+            d_w = _backward(gy, a, w, pad, (False, True, False))[1]
+        return d_gy, d_x, d_w, None, None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:

@@ -161,7 +161,7 @@ class _AvgPool2(torch.autograd.Function):
 
     PyTorch's double backward of ``avg_pool2d`` returns a zero tensor of the input's size for the
     input (the backward is linear in the gradient and ignores ``x``'s values) and back-propagates
-    it; here that branch does not exist. Same kernels, so the same numbers.
+    it; here that branch does not exist. The same numbers as ``F.avg_pool2d``'s derivatives, bit for bit.
     """
 
     @staticmethod

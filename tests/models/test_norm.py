@@ -153,7 +153,7 @@ def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
         return [y, gx, ggy]
 
     ours, ref = derivatives(avg_pool2), derivatives(lambda t: F.avg_pool2d(t, 2, 2))
-    assert all(torch.equal(a, b) for a, b in zip(ours, ref))  # the same kernels
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))  # the same numbers
     assert torch.autograd.gradcheck(avg_pool2, (x,))
     assert torch.autograd.gradgradcheck(avg_pool2, (x,))
 
