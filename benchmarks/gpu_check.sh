@@ -13,15 +13,16 @@
 #   4. CIFAR-10 (JPEG copy), unpacked to /tmp: `dpd experts` (1 expert, 2 epochs, ConvNet-128) images/s;
 #      distill_ab.py: dpd full/low, eager and with CUDA graphs (--cuda-graphs), vs the reference MTT loop,
 #      rho 0 everywhere, interleaved in one process, 3 warm-up + 10 timed rounds, IPC 10 and 50 at N 30,
-#      peak memory per mode (the fair comparison); the graphs' equality with eager is step 6's tests;
-#      speed.py experts + eval sections (dpd vs bare loop); speed.py distill: IPC 10 and 50, N = 30,
-#      full vs low vs reference MTT, s/iteration and torch.cuda.max_memory_allocated, starting from
-#      the real expert of step 4 (full IPC 50 is skipped if its estimate exceeds 80% of GPU memory)
-#   5. host syncs per distillation iteration (benchmarks/sync_check.py: torch.cuda.set_sync_debug_mode)
+#      peak memory per mode (the fair comparison); the graphs' equality with eager is step 6's tests
+#   5. host syncs per distillation iteration, CUDA graphs on and off (benchmarks/sync_check.py)
 #   6. the GPU-marked tests (pytest -m gpu), if pytest is installed
-#   7. data parallel on one GPU: torchrun 2 ranks (gloo) vs 1 process, s/iteration and peak memory per rank
+#   7. speed.py distill: IPC 10 and 50, N = 30, full vs low vs reference MTT, each in its own process,
+#      s/iteration and torch.cuda.max_memory_allocated, from the real expert of step 4 (full IPC 50 is
+#      skipped if its estimate exceeds 80% of GPU memory); speed.py experts + eval (dpd vs bare loop)
+#   8. data parallel on one GPU: torchrun 2 ranks (gloo) vs 1 process, s/iteration and peak memory per rank
 #      (benchmarks/dp_bench.py); correctness of 2 ranks vs 1 is step 6's test_two_ranks_on_cuda_distil_like_one
-#   8. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
+#   9. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
+# Python packages the machine lacks travel as wheels in .whl/ (unpacked to $WORK/site, first on PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
@@ -92,15 +93,23 @@ install() {
     fi
   fi
   local deps=(typer rich pydantic safetensors platformdirs PIL numpy)
+  # Wheels carried in .whl/ (no registry on the GPU machine): unpacked into $WORK/site, which is on
+  # PYTHONPATH for every step, so they win over older copies in the machine's own environment.
+  local wheels=(); local w
+  for w in .whl/*.whl; do [[ -f "$w" && "$(basename "$w")" != torch-* ]] && wheels+=("$w"); done
+  if (( ${#wheels[@]} )); then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "${wheels[@]}" \
+      && echo "unpacked ${#wheels[@]} wheels into $WORK/site" || echo "could not unpack .whl/ into $WORK/site"
+  fi
   local pipargs=(--no-build-isolation -e .)
-  if "$PY" -c "import $(IFS=,; echo "${deps[*]}")" 2>/dev/null; then
+  if PYTHONPATH="$WORK/site" "$PY" -c "import $(IFS=,; echo "${deps[*]}")" 2>/dev/null; then
     pipargs=(--no-deps "${pipargs[@]}")
   else
     pipargs=(--no-index --find-links .whl "${pipargs[@]}")
   fi
   "$PY" -m pip install -q "${pipargs[@]}" || "$PY" -m pip install -q --break-system-packages "${pipargs[@]}" \
     || { echo "pip install failed: using PYTHONPATH=$PWD"; }
-  PYTHONPATH="$PWD" "$PY" -c 'import dpd_cli, torch; print("dpd", dpd_cli.__version__, "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
+  PYTHONPATH="$PWD:$WORK/site" "$PY" -c 'import dpd_cli, torch, pydantic, typer; print("dpd", dpd_cli.__version__, "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
 }
 export -f install
 if (( SMOKE )); then
@@ -108,7 +117,7 @@ if (( SMOKE )); then
 else
   step "install torch + dpd" 150 install
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package is pure Python: works even if pip could not install it
+export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"   # the package is pure Python: works even if pip could not install it
 
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 [[ -z "$GPU_NAME" ]] && GPU_NAME="none (smoke: CPU)"
@@ -188,10 +197,6 @@ distill_ab() {
 }
 export -f distill_ab
 step "distill A/B: dpd full/low (eager and CUDA graphs) vs reference MTT, rho 0, interleaved (IPC 10 and 50, N 30)" 200 distill_ab
-step "speed.py experts+eval, $DATA_NAME" 150 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
-    --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
-step "speed.py distill, $DATA_NAME, IPC 10/50, N 30" 200 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
-    --only distill "${D_ARGS[@]}" "${EXPERTS_ARG[@]}" --out "$OUT/speed-distill.json"
 
 # ---------------------------------------------------------------- 5-7. syncs, GPU tests, two ranks on one GPU
 SYNC_EX="${EXPERTS_ARG[1]:-}"
@@ -208,6 +213,13 @@ if [[ -n "$SYNC_EX" ]]; then
   }
   export -f gpu_tests
   step "pytest -m gpu" 120 gpu_tests
+fi
+# Each mode in its own process (peak memory per mode), then dpd's training loops against a bare one.
+step "speed.py distill, $DATA_NAME, IPC 10/50, N 30" 200 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
+    --only distill "${D_ARGS[@]}" "${EXPERTS_ARG[@]}" --out "$OUT/speed-distill.json"
+step "speed.py experts+eval, $DATA_NAME" 150 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" "${DATA_ARR[@]}" \
+    --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
+if [[ -n "$SYNC_EX" ]]; then
   dp_one_gpu() {
     local dev=cuda:0 extra=(--ipc 10 --steps 30 --iters 3)
     (( SMOKE )) && { dev=cpu; extra=(--ipc 1 --steps 2 --iters 1 --threads 1); }

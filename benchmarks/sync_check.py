@@ -6,6 +6,8 @@ Runs ``DistillRecipe`` (the loop ``dpd distill`` runs) on an experts folder with
 by the Python line that caused it. ``--iters`` iterations between two metric flushes are counted
 apart from the flush itself (one sync per ``--log-every`` window is by design). The goal is zero
 syncs inside an iteration: then the GPU never idles waiting for the host between iterations.
+Each memory mode is counted with CUDA graphs on (the default; the warm-up iteration captures and
+checks them) and off.
 
     python benchmarks/sync_check.py --experts EX --ipc 10 --steps 30 --out sync.json
 
@@ -64,8 +66,11 @@ def main() -> None:
         print("sync_check: no CUDA device here; nothing to count (--device cpu runs the loop uncounted, to check this script)")
         return
     results = {}
-    for memory in ([args.memory] if args.memory == "low" else ["full", "low"]):
+    memories = [args.memory] if args.memory == "low" else ["full", "low"]
+    for memory, graphs in [(m, g) for g in (True, False) for m in memories]:
+        name = memory if graphs else f"{memory}, no CUDA graphs"
         s = resolve("distill", {"experts": str(args.experts), "ipc": args.ipc, "syn_steps": args.steps, "memory": memory,
+                                "cuda_graphs": graphs,
                                 "prune_ratio": args.prune_ratio, "device": args.device, "iterations": args.iters + 2,
                                 "max_start_epoch": 1, "expert_epochs": 1, "lr_img": 1.0, "lr_lr": 0.0,
                                 "log_every": args.iters + 2, "checkpoint_every": 1000,
@@ -77,14 +82,14 @@ def main() -> None:
                 torch.cuda.synchronize()
             in_steps = _count(lambda: [recipe.step() for _ in range(args.iters)], cuda)
             in_flush = _count(recipe.flush, cuda)
-        results[memory] = {"iterations": args.iters, "syncs_in_iterations": sum(in_steps.values()),
+        results[name] = {"iterations": args.iters, "syncs_in_iterations": sum(in_steps.values()),
                            "per_iteration": sum(in_steps.values()) / args.iters, "where": dict(in_steps.most_common()),
                            "syncs_in_flush": sum(in_flush.values()), "flush_where": dict(in_flush.most_common())}
-        r = results[memory]
+        r = results[name]
         if not cuda:
-            print(f"{memory}: {args.iters} iterations and a flush ran on the CPU (syncs are counted only on CUDA)")
+            print(f"{name}: {args.iters} iterations and a flush ran on the CPU (syncs are counted only on CUDA)")
             continue
-        print(f"{memory}: {r['per_iteration']:.1f} host syncs per iteration ({r['syncs_in_iterations']} in {args.iters}), "
+        print(f"{name}: {r['per_iteration']:.1f} host syncs per iteration ({r['syncs_in_iterations']} in {args.iters}), "
               f"{r['syncs_in_flush']} in the metrics flush")
         for line, n in in_steps.most_common(8):
             print(f"    {n:4d}  {line}")
