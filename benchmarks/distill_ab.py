@@ -108,8 +108,8 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         def run(it):
             if runner is not None:
                 res, note = runner(start, target, plan(it), 0.0)
-                if note:
-                    sys.exit(f"{memory}_graph: {note}")
+                if note:  # the runner goes on eagerly; the report says so
+                    print(f"{memory}_graph: {note} Its times below are eager ones.", file=sys.stderr, flush=True)
             else:
                 res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory)  # rho 0
             with torch.no_grad():  # engine.distill.run's updates
@@ -119,6 +119,7 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
                 lr.sub_(s.lr_lr * mom_lr)
             return float(res.loss)
 
+        run.graphed = runner
         return run
 
     ref = MTTReference(spec, images.clone(), labels, s.lr_teacher, s.lr_img, s.lr_lr, batch_syn)
@@ -230,6 +231,9 @@ def main(argv=None) -> int:
     if "low_graph" in wall and "full_graph" in wall:
         ratios["low_graph_over_full_graph"] = paired("low_graph", "full_graph")
     out["paired_ratios_median"] = ratios
+    # Each graph's check before use: how far its first replay was from the eager result (and eager from itself).
+    out["graphs"] = {k: {"kept": fn.graphed.enabled, "checks": {str(r): c for r, c in fn.graphed.checks.items()}}
+                     for k, fn in runners.items() if getattr(fn, "graphed", None) is not None}
 
     c = args
     where = out["environment"].get("gpu") or out["environment"].get("cpu") or str(dev)
@@ -247,6 +251,12 @@ def main(argv=None) -> int:
     if dev.type != "cuda":
         print(f"process peak RSS (all modes together): {out['process_peak_rss_bytes'] / gib:.2f} GiB")
     print("paired ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    for k, g in out["graphs"].items():
+        for c in g["checks"].values():
+            spread = c["eager_spread"]
+            print(f"{k}: graph {'kept' if g['kept'] else 'turned off (times are eager)'}; first replay vs eager: "
+                  + ", ".join(f"{q} {v:.1e}" for q, v in c["replay"].items())
+                  + ("" if spread is None else "; eager vs eager: " + ", ".join(f"{q} {v:.1e}" for q, v in spread.items())))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

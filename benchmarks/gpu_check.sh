@@ -6,11 +6,13 @@
 #
 # Everything goes to ${OUT:-bench-out}/: gpu_check.log, summary.md (also printed at the end), and one
 # JSON + Markdown file per measurement. Each step runs under `timeout`, cut to what is left of a
-# total budget (BUDGET_S, default 480 s), so a hang cannot eat the machine's time. Steps:
+# total budget (BUDGET_S, default 480 s), so a hang cannot eat the machine's time; SKIP='regex' leaves out
+# the steps whose names match. Steps:
 #   1. torch (from .whl/*.whl if `import torch` fails) and the package (pip install -e ., or PYTHONPATH)
 #   2. CUDA vs CPU: meta_gradient in float64, both memory modes (benchmarks/cuda_check.py)
 #   3. `dpd experts` + `dpd distill --device cuda` end to end on the embedded dataset, a few iterations
 #   4. CIFAR-10 (JPEG copy), unpacked to /tmp: `dpd experts` (1 expert, 2 epochs, ConvNet-128) images/s;
+#      graph_check.py: a captured graph's replay vs the eager meta-gradient, next to eager vs itself;
 #      distill_ab.py: dpd full/low, eager and with CUDA graphs (--cuda-graphs), vs the reference MTT loop,
 #      rho 0 everywhere, interleaved in one process, 3 warm-up + 10 timed rounds, IPC 10 and 50 at N 30,
 #      peak memory per mode (the fair comparison); the graphs' equality with eager is step 6's tests
@@ -61,6 +63,11 @@ remaining() { echo $(( BUDGET_S - (SECONDS - START) )); }
 step() {
   local name=$1 max=$2; shift 2
   local left; left=$(remaining)
+  if [[ -n "${SKIP:-}" && "$name" =~ $SKIP ]]; then   # SKIP: a regex of step names not to run (a partial rerun)
+    printf '%s\tskipped (SKIP)\t0\n' "$name" >> "$OUT/steps.tsv"
+    echo "=== $name: SKIPPED (SKIP)"
+    return 125
+  fi
   local t=$(( max < left ? max : left ))
   if (( t < 15 )); then
     printf '%s\tskipped: out of time budget\t0\n' "$name" >> "$OUT/steps.tsv"
@@ -70,7 +77,7 @@ step() {
   echo "=== $name (timeout ${t}s, $(( SECONDS - START ))s elapsed)"
   local t0=$SECONDS rc
   if declare -F "$1" > /dev/null; then
-    timeout -k 10 "$t" bash -c "$1"
+    timeout -k 10 "$t" bash -o pipefail -c "$1"
   else
     timeout -k 10 "$t" "$@"
   fi
@@ -183,6 +190,8 @@ else
   D_ARGS=(--ipc 10,50 --steps 30 --modes full,low,ref --iters 3 --worker-timeout 150)
 fi
 read -r -a DATA_ARR <<< "$DATA_ARGS"
+GRAPH_ARGS=(--ipc 10 --steps 30)
+(( SMOKE )) && GRAPH_ARGS=(--ipc 1 --steps 3 --width 16)
 # The fair comparison first: dpd full and low vs the reference MTT loop, rho 0 on every side, the same
 # start/target parameters and DSA draws, interleaved in one process, 3 warm-up + 10 timed rounds.
 distill_ab() {
@@ -196,6 +205,8 @@ distill_ab() {
   done
 }
 export -f distill_ab
+step "CUDA graph vs eager, and eager vs itself (IPC 10, N 30)" 90 "$PY" benchmarks/graph_check.py --device "$DEVICE" \
+    "${GRAPH_ARGS[@]}" --out "$OUT/graph_check.json"
 step "distill A/B: dpd full/low (eager and CUDA graphs) vs reference MTT, rho 0, interleaved (IPC 10 and 50, N 30)" 200 distill_ab
 
 # ---------------------------------------------------------------- 5-7. syncs, GPU tests, two ranks on one GPU
@@ -208,8 +219,10 @@ if [[ -n "$SYNC_EX" ]]; then
   gpu_tests() {
     "$PY" -c 'import pytest' 2>/dev/null || { echo "pytest is not installed: GPU tests not run"; return 0; }
     if (( SMOKE )); then echo "smoke: the GPU tests skip themselves without CUDA"; fi
-    "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15
-    return "${PIPESTATUS[0]}"
+    local rc=0
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/ > "$OUT/pytest-gpu.log" 2>&1 || rc=$?
+    tail -40 "$OUT/pytest-gpu.log"
+    return "$rc"
   }
   export -f gpu_tests
   step "pytest -m gpu" 120 gpu_tests
@@ -269,7 +282,7 @@ except Exception as err:  # noqa: BLE001
 PY
     echo
   fi
-  for f in distill-ab-ipc10 distill-ab-ipc50 distill-ab-ipc2 speed-experts-eval speed-distill speed-distill-cudnn-benchmark dp; do
+  for f in graph_check distill-ab-ipc10 distill-ab-ipc50 distill-ab-ipc2 speed-experts-eval speed-distill speed-distill-cudnn-benchmark dp; do
     [[ -f "$OUT/$f.md" ]] && { echo "<!-- $f -->"; cat "$OUT/$f.md"; echo; }
   done
   if [[ -f "$OUT/sync_check.json" ]]; then

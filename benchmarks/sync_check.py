@@ -22,6 +22,7 @@ import collections
 import json
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -34,8 +35,19 @@ from dpd_cli.settings import resolve  # noqa: E402
 
 
 def _count(fn, cuda: bool) -> collections.Counter:
-    with warnings.catch_warnings(record=True) as caught:
+    """Synchronisations during ``fn()``, by where they come from: the innermost dpd line, then the warning's own."""
+    where = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1] if "dpd_cli" in f.filename]
+        at = f"{Path(filename).name}:{lineno}"
+        where[f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line}) -> {at}" if ours else at] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -43,10 +55,6 @@ def _count(fn, cuda: bool) -> collections.Counter:
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-    where = collections.Counter()
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
     return where
 
 

@@ -166,8 +166,8 @@ def dsa_draw_all(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS) -> tupl
         order) the tuple of tensors its apply takes, for the whole batch ``x``.
     """
     chosen = random.Random(seed).randrange(len(ops))
-    weights = torch.zeros(len(ops), device=x.device, dtype=x.dtype)
-    weights[chosen] = 1
+    # A comparison with a Python number, not `weights[chosen] = 1`: nothing is copied from the host.
+    weights = (torch.arange(len(ops), device=x.device) == chosen).to(x.dtype)
     return weights, [_DRAW[op](x, _generator(x.device, seed), x.shape[0]) for op in ops]
 
 

@@ -15,8 +15,12 @@ memory, so everything that changes from one iteration to the next lives in buffe
 The images, labels (or label logits) and alpha are the run's own tensors, updated in place. With
 one-hot weights the graph computes exactly the eager meta-gradient (``test_graphs``: bit for bit on
 the CPU, where the same static computation runs without a graph). Each graph is checked once against
-an eager computation of the same iteration before it is used; any difference (beyond 1e-6 relative)
-turns graphs off for the run, with a message, and the eager result is used.
+an eager computation of the same iteration before it is used. On a GPU the eager computation does
+not repeat itself exactly: DSA's ``grid_sample`` backward and some cuDNN convolution algorithms add
+with atomics, in whatever order threads finish. So when the replay is not within 1e-6 (relative, in
+norm) of the eager result, a second eager run measures that spread, and the replay may differ by up
+to ``SPREAD_FACTOR`` times it. Anything further turns graphs off for the run, with a message, and the
+eager result is used.
 
 One graph per prune ratio in use (0 during ``--prune-warmup``, then rho), sharing one memory pool.
 Not used (the eager path runs): off CUDA, under torchrun, and with prune settings that carry state
@@ -25,6 +29,7 @@ across iterations (``--prune-mask ema``, ``--prune-mode network``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,10 +38,16 @@ import torch
 from dpd_cli.augment import OPS, dsa_draw_all
 from dpd_cli.engine import matching
 
-__all__ = ["StaticInputs", "GraphedMetaGradient", "CudaCapture", "close_enough"]
+__all__ = ["StaticInputs", "GraphedMetaGradient", "CudaCapture", "close_enough", "differences"]
 
-#: Largest relative difference (in norm) between a replay and the eager computation it replaces.
+#: Largest relative difference (in norm) between a replay and the eager computation it replaces, when
+#: the eager computation repeats itself exactly.
 TOLERANCE = 1e-6
+#: When two eager runs differ: how many times their largest relative difference a replay may differ by.
+SPREAD_FACTOR = 10.0
+#: ... and the fraction of loss-mask entries (rho > 0) that may differ: parameters at the prune
+#: threshold fall on either side of it when the residuals move in their last digits.
+MASK_SLACK = 1e-3
 
 
 class StaticInputs:
@@ -91,20 +102,52 @@ class StaticInputs:
                         buf[k].copy_(t)
 
 
-def close_enough(a: matching.MetaResult, b: matching.MetaResult, tol: float = TOLERANCE) -> str | None:
-    """``None`` when two meta-gradients agree to ``tol`` (relative, in norm) with equal masks; else what differs."""
+def differences(a: matching.MetaResult, b: matching.MetaResult) -> dict[str, float]:
+    """How far ``a`` is from ``b``: each output's relative difference in norm, and the fraction of mask entries that differ.
+
+    Keys: ``loss``, ``dL/dX``, ``dL/dalpha``, ``dL/dlabels`` (when either has label gradients) and
+    ``mask`` (0 when neither has a mask, 1 when only one has). An output missing on one side is ``inf``.
+    Reads the numbers back to the host (a synchronisation): for checks, not for every iteration.
+    """
     pairs = [("loss", a.loss, b.loss), ("dL/dX", a.grad_images, b.grad_images), ("dL/dalpha", a.grad_lr, b.grad_lr)]
     if a.grad_labels is not None or b.grad_labels is not None:
         pairs.append(("dL/dlabels", a.grad_labels, b.grad_labels))
+    out = {}
     for name, x, y in pairs:
         if x is None or y is None:
-            return f"{name} missing"
+            out[name] = math.inf
+            continue
         diff = float((x.double() - y.double()).norm())
-        scale = float(y.double().norm())
-        if not diff <= tol * max(scale, torch.finfo(y.dtype).tiny):
-            return f"{name} differs by {diff / scale if scale else diff:.2e} relative"
-    if (a.keep is None) != (b.keep is None) or (a.keep is not None and not torch.equal(a.keep, b.keep)):
-        return "the loss masks differ"
+        out[name] = diff / max(float(y.double().norm()), torch.finfo(y.dtype).tiny)
+    if a.keep is None or b.keep is None:
+        out["mask"] = 0.0 if a.keep is None and b.keep is None else 1.0
+    else:
+        out["mask"] = float((a.keep != b.keep).sum()) / max(a.keep.numel(), 1)
+    return out
+
+
+def close_enough(a: matching.MetaResult, b: matching.MetaResult, tol: float = TOLERANCE,
+                 spread: dict[str, float] | None = None) -> str | None:
+    """``None`` when ``a`` agrees with ``b``; else what differs.
+
+    Agreement: every output within ``tol`` (relative, in norm) and equal masks. ``spread`` is
+    ``differences(b2, b)`` for a second run ``b2`` of the computation that gave ``b``: when those
+    differ, ``a`` may differ from ``b`` by up to ``SPREAD_FACTOR`` times their largest relative
+    difference, and its mask in up to ``MASK_SLACK`` of the entries (or ``SPREAD_FACTOR`` times the
+    fraction theirs differ in, if larger).
+    """
+    allowed, mask_allowed, why = tol, 0.0, ""
+    noise = max((v for k, v in (spread or {}).items() if k != "mask"), default=0.0)
+    if math.isfinite(noise) and noise > 0:
+        allowed = max(tol, SPREAD_FACTOR * noise)
+        mask_allowed = max(MASK_SLACK, SPREAD_FACTOR * spread.get("mask", 0.0))
+        why = f" (two eager runs differ by up to {noise:.1e}; allowed {allowed:.1e})"
+    d = differences(a, b)
+    for name, rel in d.items():
+        if name != "mask" and not rel <= allowed:
+            return f"{name} differs by {rel:.2e} relative{why}"
+    if not d["mask"] <= mask_allowed:
+        return "the loss masks differ" + (f" in {d['mask']:.1e} of the entries{why}" if why else "")
     return None
 
 
@@ -164,6 +207,9 @@ class GraphedMetaGradient:
         self.inputs = StaticInputs(fm.n_params, n_steps, batch, tuple(images.shape), dsa, images.device, images.dtype)
         self.graphs: dict[float, _Captured] = {}
         self.enabled = True
+        #: Per ratio, the check made before its graph was trusted: ``differences`` of the first replay
+        #: from the eager result, and of a second eager run from the first (``None`` if not needed).
+        self.checks: dict[float, dict] = {}
 
     def _compute(self, ratio: float) -> matching.MetaResult:
         i = self.inputs
@@ -189,7 +235,12 @@ class GraphedMetaGradient:
         except RuntimeError as e:  # capture refused (driver, an operation that cannot be captured)
             self.enabled, self.graphs = False, {}
             return eager, f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); continuing without graphs."
+        check = {"replay": differences(out, eager), "eager_spread": None}
         why = close_enough(out, eager)
+        if why is not None:  # nondeterministic kernels? A second eager run says how far eager is from itself.
+            check["eager_spread"] = differences(self.capture.warm_up(fn), eager)
+            why = close_enough(out, eager, spread=check["eager_spread"])
+        self.checks[ratio] = check
         if why is not None:
             self.enabled, self.graphs = False, {}
             return eager, f"The CUDA graph's first replay differs from the eager computation ({why}); continuing without graphs."

@@ -134,14 +134,16 @@ def select_keep(scores: torch.Tensor, ratio: float, scope: str, direction: str, 
     if scope == "global":
         k = prune_count(ratio, scores.numel())
         if k:
-            keep[torch.topk(scores, k, largest=largest, sorted=False).indices] = False
+            # index_fill_ takes the value as a kernel argument; `keep[idx] = False` would copy a host
+            # tensor to the device (a synchronisation on CUDA).
+            keep.index_fill_(0, torch.topk(scores, k, largest=largest, sorted=False).indices, False)
     else:
         offset = 0
         for size in layer_sizes:
             k = prune_count(ratio, size)
             if k:
                 idx = torch.topk(scores[offset : offset + size], k, largest=largest, sorted=False).indices
-                keep[offset + idx] = False
+                keep.index_fill_(0, offset + idx, False)
             offset += size
     return keep
 
