@@ -7,7 +7,7 @@
 # Everything goes to ${OUT:-bench-out}/: gpu_check.log, summary.md (also printed at the end), and one
 # JSON + Markdown file per measurement. Each step runs under `timeout`, cut to what is left of a
 # total budget (BUDGET_S, default 480 s), so a hang cannot eat the machine's time; SKIP='regex' leaves out
-# the steps whose names match. Steps:
+# the steps whose names match; AB_IPCS='50' times only IPC 50 in the A/B. Steps:
 #   1. torch (from .whl/*.whl if `import torch` fails) and the package (pip install -e ., or PYTHONPATH)
 #   2. CUDA vs CPU: meta_gradient in float64, both memory modes (benchmarks/cuda_check.py)
 #   3. `dpd experts` + `dpd distill --device cuda` end to end on the embedded dataset, a few iterations
@@ -195,9 +195,10 @@ GRAPH_ARGS=(--ipc 10 --steps 30)
 # The fair comparison first: dpd full and low vs the reference MTT loop, rho 0 on every side, the same
 # start/target parameters and DSA draws, interleaved in one process, 3 warm-up + 10 timed rounds.
 distill_ab() {
-  local ipc extra=(--steps 30 --warmup 3 --iters 10 --modes full,low,ref,full_graph,low_graph)
+  # Every image in every student step, as MTT's CIFAR-10 settings (IPC 1, 10 and 50: batch_syn = all).
+  local ipc extra=(--steps 30 --warmup 3 --iters 10 --batch-syn 0 --modes full,low,ref,full_graph,low_graph)
   (( SMOKE )) && extra=(--steps 2 --warmup 1 --iters 1 --width 16 --threads 1 --batch-syn 0)
-  for ipc in 10 50; do
+  for ipc in ${AB_IPCS:-10 50}; do
     (( SMOKE )) && (( ipc == 50 )) && ipc=2
     # shellcheck disable=SC2086  # DATA_ARGS is a list of plain words
     "$PY" benchmarks/distill_ab.py $DATA_ARGS --device "$DEVICE" --ipc "$ipc" "${extra[@]}" \

@@ -22,6 +22,7 @@ import collections
 import json
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -41,9 +42,14 @@ def _count(fn, cuda: bool) -> collections.Counter:
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return
-        ours = [f for f in traceback.extract_stack()[:-1] if "dpd_cli" in f.filename]
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if "dpd_cli" in f.filename]
         at = f"{Path(filename).name}:{lineno}"
-        where[f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line}) -> {at}" if ours else at] += 1
+        if ours:
+            where[f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line}) -> {at}"] += 1
+        else:  # not from dpd's own lines: say which thread and which calls led there
+            calls = " < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack[::-1][:6])
+            where[f"{at} [thread {threading.current_thread().name}: {calls}]"] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -27,7 +27,9 @@ DISTILL = ["--ipc", "2", "--syn-steps", "3", "--max-start-epoch", "2", "--expert
 
 
 def torchrun(args: list, cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")  # kept: the package's dependencies may come from there
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + (os.pathsep + path if path else "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dpd_cli", "--",
            *[str(a) for a in args]]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
