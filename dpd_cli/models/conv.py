@@ -54,7 +54,10 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        gx, gw, gb = _Conv2dBackward.apply(gy, x, w, ctx.padding, tuple(ctx.needs_input_grad[:3]))
+        mask = tuple(ctx.needs_input_grad[:3])
+        if not torch.is_grad_enabled():  # a plain backward (no create_graph): no node for a second derivative
+            return (*_backward(gy, x, w, ctx.padding, mask), None)
+        gx, gw, gb = _Conv2dBackward.apply(gy, x, w, ctx.padding, mask)
         return gx, gw, gb, None
 
 

@@ -66,8 +66,19 @@ class _InstanceNorm(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # y (the ReLU's output) only masks: detached, so that no gradient path runs through it.
         y = None if y is None else y.detach()
-        dx, dw, db = _InstanceNormBackward.apply(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))
+        if not torch.is_grad_enabled():  # a plain backward (no create_graph): no node for a second derivative
+            dx, dw, db = _norm_backward(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))[1:]
+        else:
+            dx, dw, db = _InstanceNormBackward.apply(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))
         return dx, dw, db, None, None
+
+
+def _norm_backward(dy, x, weight, mean, rstd, y, mask):
+    """``(dz, dx, dw, db)``: the ReLU-masked incoming gradient and ATen's fused group-norm backward."""
+    n, c, hw = _sizes(x)
+    dz = dy.contiguous() if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
+    mask = [mask[0], mask[1] and weight is not None, mask[2] and weight is not None]
+    return (dz, *torch.ops.aten.native_group_norm_backward(dz, x, mean, rstd, weight, n, c, hw, c, mask))
 
 
 class _InstanceNormBackward(torch.autograd.Function):
@@ -79,10 +90,7 @@ class _InstanceNormBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dy, x, weight, mean, rstd, y, mask):
-        n, c, hw = _sizes(x)
-        dz = dy.contiguous() if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
-        mask = [mask[0], mask[1] and weight is not None, mask[2] and weight is not None]
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(dz, x, mean, rstd, weight, n, c, hw, c, mask)
+        dz, dx, dw, db = _norm_backward(dy, x, weight, mean, rstd, y, mask)
         ctx.save_for_backward(dz, x, weight, mean, rstd, y)
         ctx.set_materialize_grads(False)  # absent cotangents arrive as None: no zero tensors
         return dx, dw, db
@@ -172,19 +180,25 @@ class _AvgPool2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # a plain backward (no create_graph): no node for a second derivative
+            return _pool_backward(dy, x)
         return _AvgPool2Backward.apply(dy, x.detach())  # x gives the shape only: no gradient path through it
+
+
+def _pool_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        return torch.ops.aten.avg_pool2d_backward(dy, x, [2, 2], [2, 2], [0, 0], False, True, None)
+    # Even sizes: every input pixel gets a quarter of its window's gradient. The same numbers as
+    # aten's kernel (x / 4 and x * 0.25 are the same float), written as one broadcast copy: 40 %
+    # less time on the CPU.
+    return (dy * 0.25)[:, :, :, None, :, None].expand(n, c, h // 2, 2, w // 2, 2).reshape(n, c, h, w)
 
 
 class _AvgPool2Backward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dy, x):
-        n, c, h, w = x.shape
-        if h % 2 or w % 2:
-            return torch.ops.aten.avg_pool2d_backward(dy, x, [2, 2], [2, 2], [0, 0], False, True, None)
-        # Even sizes: every input pixel gets a quarter of its window's gradient. The same numbers as
-        # aten's kernel (x / 4 and x * 0.25 are the same float), written as one broadcast copy: 40 %
-        # less time on the CPU.
-        return (dy * 0.25)[:, :, :, None, :, None].expand(n, c, h // 2, 2, w // 2, 2).reshape(n, c, h, w)
+        return _pool_backward(dy, x)
 
     @staticmethod
     def backward(ctx, a):

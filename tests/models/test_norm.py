@@ -226,3 +226,35 @@ def test_cuda_avg_pool2_equals_avg_pool2d():
         return [pool(x), gx, *torch.autograd.grad((gx * cot).sum(), [gy])]
 
     _assert_same(derivatives(avg_pool2), derivatives(lambda t: F.avg_pool2d(t, 2, 2)))
+
+
+def test_a_plain_backward_makes_no_second_derivative_nodes_and_matches_pytorchs_layers(monkeypatch):
+    """Expert/eval training and low memory's forward sweep (no create_graph) skip the twice-differentiable nodes."""
+    from dpd_cli.models import conv as conv_module
+    from dpd_cli.models import norm as norm_module
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    w, b = torch.randn(5, 3, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    nw, nb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    gy = torch.randn(2, 5, 4, 4)
+
+    def ours():
+        return avg_pool2(instance_norm(conv_module.conv2d(x, w, b, padding=1), nw, nb, relu=True))
+
+    def theirs():
+        return F.avg_pool2d(F.relu(F.group_norm(F.conv2d(x, w, b, padding=1), 5, nw, nb)), 2, 2)
+
+    twice = torch.autograd.grad(ours(), (w, b, nw, nb), gy, create_graph=True)  # through the differentiable nodes
+    plain_ref = torch.autograd.grad(theirs(), (w, b, nw, nb), gy)
+
+    def refuse(*args):
+        raise AssertionError("a second-derivative node was built in a plain backward")
+
+    for fn in (conv_module._Conv2dBackward, norm_module._InstanceNormBackward, norm_module._AvgPool2Backward):
+        monkeypatch.setattr(fn, "apply", refuse)
+    plain = torch.autograd.grad(ours(), (w, b, nw, nb), gy)
+    for p, t, r in zip(plain, twice, plain_ref, strict=True):
+        assert torch.equal(p, t.detach())  # the same kernels either way
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)  # and PyTorch's own layers' gradients
+    assert torch.equal(plain[0], plain_ref[0]) and torch.equal(plain[2], plain_ref[2])  # conv weight, norm weight: bit for bit
