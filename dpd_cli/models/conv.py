@@ -20,7 +20,8 @@ cotangents (a, p, q) of (gx, gw, gb)::
     d w  = conv_w^T(gy; a)                       (the weight gradient of conv(a; w))
 
 because <a, gx> = <conv(a; w), gy> and <p, gw> = <conv(x; p), gy>. Only what the caller needs is
-computed; the second derivative is not differentiable again (``once_differentiable``).
+computed; the second derivative is not differentiable again (``once_differentiable``). A plain
+backward (no ``create_graph``) computes (gx, gw, gb) without building the node for the second one.
 """
 
 from __future__ import annotations

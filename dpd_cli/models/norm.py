@@ -13,6 +13,10 @@ Here the norm is two autograd nodes instead:
   gradients as before, bit for bit. Its own backward (the second derivative) is the closed form
   below; it is not differentiable again (third order raises instead of being silently wrong).
 
+A plain backward (no ``create_graph``: expert and evaluation training, low memory's forward sweep)
+runs the same kernels without building ``_InstanceNormBackward``'s node: nothing will differentiate
+it again, and at small batches on a GPU each Python node costs launch time.
+
 Folding the ReLU in (``relu=True``, used by ``ConvNet.forward_flat``) also removes PyTorch's double
 backward of ``relu``, which back-propagates a zero tensor the size of the activation. ``avg_pool2``
 does the same for the 2x2 average pool.
