@@ -136,6 +136,11 @@ def _family(op: str):
 _FNS = {op: _family(op) for op in OPS}
 
 
+def _chosen(seed: int, ops: tuple[str, ...]) -> int:
+    """The index of the family ``seed`` picks from ``ops`` (``dsa`` and ``dsa_draw_all`` agree through this)."""
+    return random.Random(seed).randrange(len(ops))
+
+
 def dsa(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS, part: tuple[int, int] | None = None) -> torch.Tensor:
     """Apply one randomly chosen DSA family to a batch ``(N, C, H, W)``.
 
@@ -150,7 +155,7 @@ def dsa(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS, part: tuple[int,
     Returns:
         Augmented images, same shape and dtype.
     """
-    op = ops[random.Random(seed).randrange(len(ops))]
+    op = ops[_chosen(seed, ops)]
     lo, n = part if part is not None else (0, x.shape[0])
     return _FNS[op](x, _generator(x.device, seed), n, slice(lo, lo + x.shape[0]))
 
@@ -165,7 +170,7 @@ def dsa_draw_all(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS) -> tupl
         ``(weights, params)``: weights ``(len(ops),)`` in x's dtype, and per family (in ``ops``
         order) the tuple of tensors its apply takes, for the whole batch ``x``.
     """
-    chosen = random.Random(seed).randrange(len(ops))
+    chosen = _chosen(seed, ops)
     # A comparison with a Python number, not `weights[chosen] = 1`: nothing is copied from the host.
     weights = (torch.arange(len(ops), device=x.device) == chosen).to(x.dtype)
     return weights, [_DRAW[op](x, _generator(x.device, seed), x.shape[0]) for op in ops]

@@ -15,8 +15,8 @@ from dpd_cli.data import Dataset, Preprocess, fit_zca
 from dpd_cli.errors import DataError, DeviceError, StorageError
 from dpd_cli.models import ModelSpec, default_depth
 
-__all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "set_host_memory", "derive_seed", "build_preprocess",
-           "model_spec", "versions"]
+__all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "set_host_memory", "prepare_runtime", "derive_seed",
+           "build_preprocess", "model_spec", "versions"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +102,14 @@ def set_host_memory(mode: str, device: torch.device) -> str | None:
     mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
     _host_memory_applied = mode
     return mode
+
+
+def prepare_runtime(threads: int | None, device: str, host_memory: str) -> torch.device:
+    """What every command does first: torch's threads, the device, then the CPU allocator for it."""
+    set_threads(threads)
+    dev = resolve_device(device)
+    set_host_memory(host_memory, dev)
+    return dev
 
 
 def derive_seed(seed: int, *keys) -> int:

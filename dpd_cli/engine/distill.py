@@ -38,7 +38,7 @@ from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_m
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.engine import matching, parallel
-from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, resolve_device, set_host_memory, set_threads, versions
+from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, prepare_runtime, versions
 from dpd_cli.engine.graphs import GraphedMetaGradient
 from dpd_cli.engine.pruning import PruneConfig, Pruner
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
@@ -140,9 +140,7 @@ class DistillRecipe:
             UserError: Missing/mismatched experts, impossible IPC, existing output, nothing to resume.
         """
         s = self.s
-        set_threads(s.threads)
-        self.device = resolve_device(s.device)
-        set_host_memory(s.host_memory, self.device)
+        self.device = prepare_runtime(s.threads, s.device, s.host_memory)
         self.log_every = s.log_every or (1 if self.device.type == "cpu" else 10)
         self.group = parallel.start(self.device, s.dist_timeout)
         self._stack.callback(parallel.stop)
@@ -235,12 +233,12 @@ class DistillRecipe:
         start, target = (_to_device(v, self.device) for v in self.experts.pair(e, t, s.expert_epochs))
         plan = _plan(rng, len(st.images), s, self.device)
         ratio = self._ratio_at(it)
-        unroll_keep = self.pruner.unroll_keep(ratio)
-        if self.graphed is not None and self.graphed.enabled:
+        if self.graphed is not None and self.graphed.enabled:  # stateless prune settings only: no unroll mask
             res, note = self.graphed(start, target, plan, ratio)
             if note:
                 self.sink.emit(Message(note, "warning"))
         else:
+            unroll_keep = self.pruner.unroll_keep(ratio)
             res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
                                          loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
                                          group=self.group, label_logits=st.label_logits)

@@ -44,7 +44,7 @@ from dpd_cli.data.datasets import class_balanced
 from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.engine import parallel
-from dpd_cli.engine.common import derive_seed, resolve_device, set_host_memory, set_threads, versions
+from dpd_cli.engine.common import derive_seed, prepare_runtime, versions
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.evaluation import EVAL_FILE  # noqa: F401  (re-exported)
@@ -224,9 +224,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     validation = meta.get("validation") or None
     checkpoints = sorted(layout.checkpoints(run_dir), key=layout.checkpoint_iteration) if run_dir is not None else []
     select = _choose_select(s, run_dir, checkpoints, validation is not None)
-    set_threads(s.threads)
-    device = resolve_device(s.device)
-    set_host_memory(s.host_memory, device)
+    device = prepare_runtime(s.threads, s.device, s.host_memory)
     run_settings = meta.get("settings", {})
     data_dir = s.data_dir or run_settings.get("data_dir")
     ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None,

@@ -38,9 +38,7 @@ from dpd_cli.engine.common import (
     dataset_key,
     derive_seed,
     model_spec,
-    resolve_device,
-    set_host_memory,
-    set_threads,
+    prepare_runtime,
     versions,
 )
 from dpd_cli.engine.train import accuracy, train_epoch
@@ -118,9 +116,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
         UserError: Bad dataset, device, or a folder holding incompatible experts.
     """
     sink = sink or NullSink()
-    set_threads(settings.threads)
-    device = resolve_device(settings.device)
-    set_host_memory(settings.host_memory, device)
+    device = prepare_runtime(settings.threads, settings.device, settings.host_memory)
     ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class)
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)

@@ -12,8 +12,8 @@ With y = conv(x, w) + b and incoming gradient gy, the backward is::
     gx = conv_x^T(gy; w)      gw = conv_w^T(gy; x)      gb = sum_{n,h,w} gy
 
 (gx and gw from ``aten.convolution_backward``, what ``F.conv2d``'s own backward calls, so they are
-bit for bit PyTorch's; gb is ``gy.sum((0, 2, 3))``, equal up to summation order). Everything there is linear in gy and bilinear in (gy, x) or (gy, w); given
-cotangents (a, p, q) of (gx, gw, gb)::
+bit for bit PyTorch's; gb is ``gy.sum((0, 2, 3))``, equal up to summation order). Everything there
+is linear in gy and bilinear in (gy, x) or (gy, w); given cotangents (a, p, q) of (gx, gw, gb)::
 
     d gy = conv(a; w) + conv(x; p) + q           (q broadcast over n, h, w)
     d x  = conv_x^T(gy; p)                       (the input gradient of conv(x; p))
