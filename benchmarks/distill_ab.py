@@ -13,12 +13,14 @@ change in load hits all modes alike. Modes:
 
 * ``full`` / ``low``: ``matching.meta_gradient`` with ``memory=full|low`` plus the SGD updates of
   ``engine.distill.run`` (as ``speed.py``'s distill worker);
+* ``lowK`` (``low8``, ``low20``, ...): ``low`` keeping the last K steps' graphs from its forward
+  sweep (dpd's ``--keep-graphs K``);
 * ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
   ``nn.GroupNorm``);
 * ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
   ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
   ``dpd_cli.models.norm``;
-* ``full_graph`` / ``low_graph`` (CUDA only): ``full`` / ``low`` through ``engine.graphs`` (dpd's
+* ``full_graph`` / ``low_graph`` / ``lowK_graph`` (CUDA only): ``full`` / ``low`` / ``lowK`` through ``engine.graphs`` (dpd's
   ``--cuda-graphs``), captured during the first warm-up round. A captured graph keeps its memory, so
   every mode's peak measured after them includes what the graphs hold.
 
@@ -40,6 +42,7 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import statistics
 import sys
@@ -93,7 +96,7 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
     def plan(it):
         return _plan(random.Random(it), n, batch_syn, args.steps, not args.no_dsa, dev)
 
-    def dpd_runner(memory: str, before: bool = False, graphed: bool = False):
+    def dpd_runner(memory: str, before: bool = False, graphed: bool = False, keep: int = 0):
         fm = FlatModel(build_model(spec).to(dev))
         if before:  # the student as it was before dpd_cli.models.norm
             fm.module.forward_flat = group_norm_student(fm.module)
@@ -103,7 +106,7 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         runner = None
         if graphed:  # engine.distill's CUDA-graph path (captured in the first call, a warm-up round)
             runner = GraphedMetaGradient(fm, x, labels, lr, memory, args.steps, batch_syn if batch_syn < n else None,
-                                         not args.no_dsa, lambda ratio: None)
+                                         not args.no_dsa, lambda ratio: None, keep_graphs=keep)
 
         def run(it):
             if runner is not None:
@@ -111,7 +114,8 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
                 if note:  # the runner goes on eagerly; the report says so
                     print(f"{memory}_graph: {note} Its times below are eager ones.", file=sys.stderr, flush=True)
             else:
-                res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory)  # rho 0
+                res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory,
+                                             keep_graphs=keep)  # rho 0
             with torch.no_grad():  # engine.distill.run's updates
                 mom_x.mul_(0.5).add_(res.grad_images)
                 x.sub_(s.lr_img * mom_x)
@@ -136,6 +140,12 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
             sys.exit("full_graph / low_graph need --device cuda")
         runners["full_graph"] = dpd_runner("full", graphed=True)
         runners["low_graph"] = dpd_runner("low", graphed=True)
+    for k in args.modes.split(","):  # lowK / lowK_graph: low memory keeping the last K steps' graphs
+        m = re.fullmatch(r"low(\d+)(_graph)?", k)
+        if m:
+            if m[2] and dev.type != "cuda":
+                sys.exit(f"{k} needs --device cuda")
+            runners[k] = dpd_runner("low", graphed=bool(m[2]), keep=int(m[1]))
     return {k: runners[k] for k in args.modes.split(",") + (["full_gn"] if args.with_group_norm else [])}
 
 
@@ -153,7 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="N, student steps per iteration (default 20)")
     p.add_argument("--batch-syn", type=int, default=100)
     p.add_argument("--no-dsa", action="store_true")
-    p.add_argument("--modes", default="full,low,ref", help="full, low, ref; on CUDA also full_graph, low_graph (--cuda-graphs)")
+    p.add_argument("--modes", default="full,low,ref", help="full, low, ref, lowK (low keeping the last K steps' graphs, "
+                   "--keep-graphs K); on CUDA also full_graph, low_graph, lowK_graph (--cuda-graphs)")
     p.add_argument("--with-group-norm", action="store_true", help="also time full with F.group_norm (dpd before the fused norm)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     p.add_argument("--iters", type=int, default=3, help="timed rounds (default 3)")
@@ -230,6 +241,11 @@ def main(argv=None) -> int:
                 ratios[f"ref_over_{m}_graph"] = paired("ref", f"{m}_graph")
     if "low_graph" in wall and "full_graph" in wall:
         ratios["low_graph_over_full_graph"] = paired("low_graph", "full_graph")
+    for k in wall:  # lowK against full, eager with eager and graphs with graphs
+        m = re.fullmatch(r"low\d+(_graph)?", k)
+        base = "full_graph" if m and m[1] else "full"
+        if m and base in wall:
+            ratios[f"{k}_over_{base}"] = paired(k, base)
     out["paired_ratios_median"] = ratios
     # Each graph's check before use: how far its first replay was from the eager result (and eager from itself).
     out["graphs"] = {k: {"kept": fn.graphed.enabled, "checks": {str(r): c for r, c in fn.graphed.checks.items()}}

@@ -13,7 +13,8 @@ experts  images/s of ``dpd_cli.engine.train.train_epoch`` with the expert settin
          bare PyTorch loop written here, same network (its norms plain ``nn.GroupNorm``), batches and DSA; repetitions interleaved
          A B A B ..., medians and their ratio.
 distill  seconds per iteration and peak memory of ``matching.meta_gradient`` + the SGD updates of
-         ``engine.distill.run``, ``full`` vs ``low`` memory, and the reference MTT inner loop
+         ``engine.distill.run``, ``full`` vs ``low`` memory (``lowK``: low keeping the last K steps'
+         graphs, ``--keep-graphs K``), and the reference MTT inner loop
          (``benchmarks/mtt_reference.py``), each configuration in a fresh subprocess. Peak memory is
          ``ru_maxrss`` of that subprocess on CPU (the whole process: Python, torch, data) and
          ``torch.cuda.max_memory_allocated`` on CUDA. A configuration whose estimated peak exceeds
@@ -407,6 +408,7 @@ def distill_worker(cfg: dict) -> dict:
 
         n_params = sum(t.numel() for t in start_buf)
     else:
+        memory, keep = ("low", int(mode[3:])) if mode[3:].isdigit() else (mode, 0)  # lowK: --keep-graphs K
         net = build_model(spec).to(dev)
         fm = FlatModel(net)
         sizes = [layer.numel for layer in fm.layers]
@@ -424,7 +426,8 @@ def distill_worker(cfg: dict) -> dict:
             plan = _plan(rng, n_images, batch_syn, n_steps, cfg["dsa"], dev)
             # The step mask of engine.distill (pruning.Pruner with --prune-mask step): a function of the unroll's end.
             mask = None if prune.ratio <= 0 else (lambda e, t, s: pruning.prune_keep_mask(e, t, s, prune, sizes))
-            res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, mode, loss_mask=mask)
+            res = matching.meta_gradient(fm, images, labels, lr, start, target, plan, memory, loss_mask=mask,
+                                         keep_graphs=keep)
             with torch.no_grad():
                 mom_images.mul_(0.5).add_(res.grad_images)
                 images.sub_(lr_img * mom_images)
@@ -599,6 +602,12 @@ def summarize_distill(done: list[dict]) -> list[dict]:
         if "full_s_per_it" in row and "ref_s_per_it" in row:
             row["full_over_ref_time"] = row["full_s_per_it"] / row["ref_s_per_it"]
             row["full_over_ref_mem"] = row["full_peak_bytes"] / row["ref_peak_bytes"]
+        kept = sorted((r for r in done if r["ipc"] == ipc and r["steps"] == n and r["mode"][3:].isdigit() and "s_per_it" in r),
+                      key=lambda r: int(r["mode"][3:]))
+        if kept and "full_s_per_it" in row:  # lowK: where keeping K steps' graphs sits between low and full
+            row["keep_graphs"] = [{"k": int(r["mode"][3:]), "s_per_it": r["s_per_it"], "peak_bytes": r["peak_bytes"],
+                                   "over_full_time": r["s_per_it"] / row["full_s_per_it"],
+                                   "over_full_mem": r["peak_bytes"] / row["full_peak_bytes"]} for r in kept]
         rows.append(row)
     return rows
 
@@ -669,6 +678,12 @@ def markdown(result: dict) -> str:
                 + " | ".join(cell(m, "peak_bytes", GIB, "{:.2f}", note=False) for m in MODES)
                 + f" | {_f(row.get('low_over_full_time'))} | {_f(row.get('low_over_full_mem'))} | {_f(row.get('full_over_ref_time'))} |"
             )
+        kept = [(row, k) for row in d["summary"] for k in row.get("keep_graphs", [])]
+        if kept:
+            lines += ["", "low memory keeping the last K steps' graphs (`--keep-graphs K`), against full memory:", "",
+                      "| IPC | N | K | s/it | peak GiB | time / full | memory / full |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {row['ipc']} | {row['steps']} | {k['k']} | {k['s_per_it']:.3f} | {k['peak_bytes'] / GIB:.2f} | "
+                      f"{k['over_full_time']:.3f} | {k['over_full_mem']:.3f} |" for row, k in kept]
         for g in d.get("low_growth", []):
             lines.append("")
             lines.append(f"low-memory peak growth, IPC {g['ipc']}, N {g['from_steps']} → {g['to_steps']}: "
@@ -723,7 +738,8 @@ def parse(argv=None):
     g = p.add_argument_group("distill")
     g.add_argument("--ipc", default="10", help="comma-separated IPC values (default 10)")
     g.add_argument("--steps", default="10,20,40,80", help="comma-separated N (default 10,20,40,80)")
-    g.add_argument("--modes", default="full,low,ref", help="comma-separated: full, low, ref (default all)")
+    g.add_argument("--modes", default="full,low,ref", help="comma-separated: full, low, ref, lowK (low memory keeping "
+                   "the last K steps' graphs, dpd's --keep-graphs K) (default full,low,ref)")
     g.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (default 2)")
     g.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step (default all)")
     g.add_argument("--prune-ratio", type=float, default=DistillSettings().prune_ratio, help="rho for dpd (default: dpd's default)")
@@ -744,9 +760,9 @@ def parse(argv=None):
     bad = [s for s in args.only.split(",") if s not in SECTIONS]
     if bad:
         p.error(f"--only: unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
-    bad = [m for m in args.modes.split(",") if m not in MODES]
+    bad = [m for m in args.modes.split(",") if m not in MODES and not re.fullmatch(r"low\d+", m)]
     if bad:
-        p.error(f"--modes: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        p.error(f"--modes: unknown mode(s) {bad}; choose from {', '.join(MODES)}, lowK")
     return args
 
 

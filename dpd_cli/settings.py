@@ -278,6 +278,11 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         "full", description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
         json_schema_extra={"panel": "Memory"},
     )
+    keep_graphs: int = Field(
+        0, ge=0, description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them. "
+        "Memory grows by K steps' activations (K/N of full's), time falls from low's toward full's (K = N: full's).",
+        json_schema_extra={"panel": "Memory"},
+    )
     cuda_graphs: bool = Field(
         True, description="On a GPU, record one iteration's meta-gradient as a CUDA graph and replay it (checked "
         "against the eager computation before use; falls back to eager if it differs by more than eager differs "
@@ -343,6 +348,13 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         if not self.soft_labels and (self.label_epoch is not None or self.init == "real-correct"):
             what = "--label-epoch" if self.label_epoch is not None else "--init real-correct"
             raise ValueError(f"{what} needs --soft-labels: it concerns the expert whose logits initialise the labels")
+        if self.keep_graphs:
+            if self.memory != "low":
+                raise ValueError(f"--keep-graphs {self.keep_graphs} is for --memory low (full memory keeps every step's "
+                                 "graph already): add --memory low, or drop --keep-graphs")
+            if self.keep_graphs > self.syn_steps:
+                raise ValueError(f"--keep-graphs {self.keep_graphs} is more than the {self.syn_steps} steps of the unroll "
+                                 f"(--syn-steps): use at most {self.syn_steps}")
         if self.prune_ema_beta is not None:
             if self.prune_mask != "ema":
                 raise ValueError("--prune-ema-beta is the moving average's weight: it needs --prune-mask ema "

@@ -261,7 +261,8 @@ def _show_run(con: Console, f: dict) -> None:
     distill = ""
     if s:
         distill = (f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
-                   f"{s.get('max_start_epoch')}, memory {s.get('memory')}, seed {s.get('seed')}")
+                   f"{s.get('max_start_epoch')}, memory {s.get('memory')}"
+                   + (f" (keep-graphs {s['keep_graphs']})" if s.get("keep_graphs") else "") + f", seed {s.get('seed')}")
     experts = f["experts_folder"] or ""
     if experts and f["n_experts"]:
         experts += f" ({f['n_experts']} experts)"

@@ -51,7 +51,8 @@ __all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize
 
 # Settings that may change between a run and its resume.
 _RESUMABLE = {"iterations", "checkpoint_every", "keep_checkpoints", "log_every", "device", "threads", "out", "experts",
-              "resume", "force", "data_dir", "dist_timeout", "host_memory", "cuda_graphs"}
+              "resume", "force", "data_dir", "dist_timeout", "host_memory", "cuda_graphs",
+              "keep_graphs"}
 # Settings an experts folder decides unless the user gives them (the network, the data it saw).
 _FROM_EXPERTS = ("dataset", "data_dir", "zca", "train_per_class", "val_per_class", "model", "width", "depth", "norm", "pool")
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
@@ -241,7 +242,7 @@ class DistillRecipe:
             unroll_keep = self.pruner.unroll_keep(ratio)
             res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
                                          loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
-                                         group=self.group, label_logits=st.label_logits)
+                                         group=self.group, label_logits=st.label_logits, keep_graphs=s.keep_graphs)
         self.pruner.commit()
         with torch.no_grad():
             # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
@@ -277,7 +278,7 @@ class DistillRecipe:
         n = len(st.images)
         batch = s.batch_syn if s.batch_syn and s.batch_syn < n else None
         return GraphedMetaGradient(self.fm, st.images, self.labels, st.lr, s.memory, s.syn_steps, batch, s.dsa,
-                                   self.pruner.loss_mask, label_logits=st.label_logits)
+                                   self.pruner.loss_mask, label_logits=st.label_logits, keep_graphs=s.keep_graphs)
 
     def _stop_requested(self) -> bool:
         """A stop request (Ctrl-C, SIGTERM) on any rank stops every rank at the same iteration."""

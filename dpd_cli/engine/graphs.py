@@ -195,13 +195,15 @@ class GraphedMetaGradient:
 
     Args:
         mask_for: ``ratio -> loss-mask function`` (``Pruner.loss_mask``; stateless settings only).
+        keep_graphs: ``meta_gradient``'s, with ``memory="low"``.
         capture: Warms up and captures (``CudaCapture`` on the images' device by default).
     """
 
     def __init__(self, fm, images, labels, lr, memory: str, n_steps: int, batch: int | None, dsa: bool,
                  mask_for: Callable[[float], matching.MaskFn | None], label_logits: torch.Tensor | None = None,
-                 capture=None):
+                 capture=None, keep_graphs: int = 0):
         self.fm, self.images, self.labels, self.lr, self.memory = fm, images, labels, lr, memory
+        self.keep_graphs = keep_graphs
         self.label_logits, self.mask_for = label_logits, mask_for
         self.capture = capture or CudaCapture(images.device)
         self.inputs = StaticInputs(fm.n_params, n_steps, batch, tuple(images.shape), dsa, images.device, images.dtype)
@@ -214,7 +216,8 @@ class GraphedMetaGradient:
     def _compute(self, ratio: float) -> matching.MetaResult:
         i = self.inputs
         return matching.meta_gradient(self.fm, self.images, self.labels, self.lr, i.start, i.target, i.plan, self.memory,
-                                      loss_mask=self.mask_for(ratio), label_logits=self.label_logits)
+                                      loss_mask=self.mask_for(ratio), label_logits=self.label_logits,
+                                      keep_graphs=self.keep_graphs)
 
     def __call__(self, start, target, plan: matching.StepPlan, ratio: float) -> tuple[matching.MetaResult, str | None]:
         """This iteration's meta-gradient, and a note when graphs were just turned off (else ``None``)."""

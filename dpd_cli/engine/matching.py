@@ -24,6 +24,11 @@ Two ways to get dL/dX and dL/dalpha, equal up to rounding:
       lambda    <- lambda - alpha * (d g_n / d theta_n)^T mu   (vector-Hessian product)
   Peak memory is one step's graph plus the buffer, flat in N. This is exact, not TESLA's
   approximation.
+
+  ``keep_graphs`` K trades memory back for time: the forward sweep builds the last K steps'
+  graphs (with create_graph) and keeps them, so the backward sweep recomputes only the first
+  N - K steps. Peak memory is about K steps' graphs plus the buffer; K = 0 is plain ``low``, and
+  K = N does the work of ``full`` (each step's graph kept on its own instead of one chain).
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ def meta_gradient(
     unroll_keep: torch.Tensor | None = None,
     group=None,
     label_logits: torch.Tensor | None = None,
+    keep_graphs: int = 0,
 ) -> MetaResult:
     """Unroll the student, build the loss mask, and return the loss and its gradients.
 
@@ -147,13 +153,17 @@ def meta_gradient(
             rank returns the same (whole) result. ``None`` on one process.
         label_logits: Learnable soft labels ``(n, C)``: the student trains on softmax(label_logits)
             instead of ``labels``, and dL/d(label_logits) is returned too.
+        keep_graphs: With ``memory="low"``: keep the last this many steps' graphs from the forward
+            sweep instead of recomputing them (more than N means N). Ignored by ``full``.
 
     Returns:
         Loss, dL/dX, dL/dalpha, the loss mask used, and dL/d(label_logits) with soft labels.
     """
+    if keep_graphs < 0:
+        raise ValueError(f"keep_graphs must be >= 0, got {keep_graphs}")
     u = None if unroll_keep is None else unroll_keep.to(start.dtype)
     if memory == "low":
-        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits)
+        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits, keep_graphs)
     return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits)
 
 
@@ -186,41 +196,60 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=
     return MetaResult(loss.detach(), grads[0], grads[1], keep, grads[2] if label_logits is not None else None)
 
 
-def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None) -> MetaResult:
+def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None, keep_graphs=0) -> MetaResult:
     a = lr.detach()
     n_steps = len(plan)
+    first_kept = max(n_steps - keep_graphs, 0)  # steps first_kept..N-1 keep their graphs
     soft = label_logits is not None
+    x = images.detach().requires_grad_(True)
     if soft:
-        labels = F.softmax(label_logits.detach(), dim=1)  # the forward sweep needs no graph to the logits
+        ylog = label_logits.detach().requires_grad_(True)
+        with torch.no_grad():
+            plain_labels = F.softmax(ylog, dim=1)  # the recomputed steps' forward sweep needs no graph to the logits
+    else:
+        plain_labels = labels
+    kept = {}  # n -> (theta_n leaf, g_n with its graph): the steps whose graphs the backward sweep reuses
     # Forward: only theta_0..theta_N are kept, in one buffer allocated once.   (N+1, P)
     thetas = torch.empty((n_steps + 1, start.numel()), dtype=start.dtype, device=start.device)
     thetas[0] = start.detach()
     with torch.enable_grad():
         steps = list(plan.steps())
         for n, (idx, seed, mix) in enumerate(steps):
-            theta = thetas[n].detach().requires_grad_(True)
-            g = _inner_grad(fm, theta, images.detach(), labels, idx, seed, create_graph=False, group=group, mix=mix)
-            if group is not None:
-                group.sum_(g)
+            if n < first_kept:
+                theta = thetas[n].detach().requires_grad_(True)
+                g = _inner_grad(fm, theta, x.detach(), plain_labels, idx, seed, create_graph=False, group=group, mix=mix)
+                if group is not None:
+                    group.sum_(g)
+            else:
+                # Its own copy: writing theta_{n+1} into the buffer bumps the version of every row's view.
+                theta = thetas[n].clone().requires_grad_(True)
+                targets = F.softmax(ylog, dim=1) if soft else labels  # one softmax node per step: freed with it
+                g_graph = _inner_grad(fm, theta, x, targets, idx, seed, create_graph=True, group=group, mix=mix)
+                kept[n] = (theta, g_graph)
+                g = g_graph.detach()
+                if group is not None:
+                    g = g.clone()
+                    group.sum_(g)  # the whole batch's g_n; the graph keeps this rank's share
             with torch.no_grad():
                 torch.sub(thetas[n], a * (g if u is None else u * g), out=thetas[n + 1])
         end = thetas[n_steps].detach().requires_grad_(True)
         keep = None if loss_mask is None else loss_mask(end.detach(), target, start)
         loss = matching_loss(end, target, start, keep)
         (lam,) = torch.autograd.grad(loss, end)  # dL/dtheta_N
-    # Backward: recompute one step's graph at a time.
-    x = images.detach().requires_grad_(True)
+    # Backward: reuse the kept graphs, recompute the others one step at a time.
     grad_x = torch.zeros_like(x)
     grad_a = torch.zeros_like(a)
     if soft:
-        ylog = label_logits.detach().requires_grad_(True)
         grad_y = torch.zeros_like(ylog)
     with torch.enable_grad():
         for n in range(n_steps - 1, -1, -1):
-            theta = thetas[n].detach().requires_grad_(True)
-            targets = F.softmax(ylog, dim=1) if soft else labels
-            idx, seed, mix = steps[n]
-            g = _inner_grad(fm, theta, x, targets, idx, seed, create_graph=True, group=group, mix=mix)
+            if n in kept:
+                theta, g = kept.pop(n)
+            else:
+                theta = thetas[n].detach().requires_grad_(True)
+                targets = F.softmax(ylog, dim=1) if soft else labels
+                idx, seed, mix = steps[n]
+                g = _inner_grad(fm, theta, x, targets, idx, seed, create_graph=True, group=group, mix=mix)
             mu = lam if u is None else u * lam
             # g is this rank's share: its products with mu are this rank's shares too (summed below).
             if soft:
@@ -230,11 +259,12 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
                 d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
             g_all = g.detach()
             if group is not None:
-                group.sum_(g_all)  # g_n of the whole batch
+                group.sum_(g_all)  # g_n of the whole batch (g's graph is spent)
                 group.sum_(d_theta)  # the vector-Hessian product of the whole batch
             grad_a -= (mu * g_all).sum()
             grad_x.sub_(a * d_x)
             lam = lam - a * d_theta
+            del g, theta
     if group is not None:
         group.sum_(grad_x)  # each rank holds dL/dX of its rows
         if soft:

@@ -168,6 +168,10 @@ CASES = [
     Case("prune-ema-beta-without-ema", ["distill", "--prune-ema-beta", "0.5"],
          ["--prune-ema-beta is the moving average's weight: it needs --prune-mask ema (the mask is 'step')"]),
     Case("prune-ema-beta-one", ["distill", "--prune-mask", "ema", "--prune-ema-beta", "1"], ["--prune-ema-beta must lie in [0, 1) (got 1)"]),
+    Case("keep-graphs-with-full-memory", ["distill", "--keep-graphs", "4"],
+         ["--keep-graphs 4 is for --memory low (full memory keeps every step's graph already): add --memory low"]),
+    Case("keep-graphs-above-steps", ["distill", "--memory", "low", "--syn-steps", "5", "--keep-graphs", "6"],
+         ["--keep-graphs 6 is more than the 5 steps of the unroll (--syn-steps): use at most 5"]),
     Case("prune-criterion-typo", ["distill", "--prune-criterion", "layerz"],
          ["--prune-criterion: unknown prune criterion 'layerz' (did you mean 'layer-z'?); known: abs, relative, layer-z, layer-rank"]),
     Case("prune-direction-typo", ["distill", "--prune-direction", "biggest"],
@@ -324,7 +328,8 @@ _NO_TRACEBACK = {
     "toml-unclosed-at-end", "yaml-syntax-error", "json-syntax-error", "config-not-a-table", "fail-under-fraction",
     "unknown-protocol", "shared-env-of-colliding-setting", "config-from-env-missing",
     "prune-ema-beta-without-ema", "prune-ema-beta-one", "prune-criterion-typo", "prune-direction-typo", "prune-mode-typo",
-    "prune-mask-typo", "keep-checkpoints-zero", "keep-checkpoints-word",
+    "prune-mask-typo", "keep-checkpoints-zero", "keep-checkpoints-word", "keep-graphs-with-full-memory",
+    "keep-graphs-above-steps",
 }
 
 

@@ -82,6 +82,25 @@ def test_stateful_masks_resume_exactly(dpd, experts, tmp_path, prune):
         assert sum(records[0]["pruned"].values()) == 0 and sum(records[1]["pruned"].values()) > 0
 
 
+def test_keeping_graphs_in_low_memory_changes_no_result_and_may_change_on_resume(dpd, experts, tmp_path):
+    """--keep-graphs moves work between the sweeps, not the numbers; a resume may choose another K."""
+    args = ["distill", "--experts", experts, *DISTILL, "--memory", "low", "--prune-ratio", "0.1"]
+    low, kept, mixed = tmp_path / "low", tmp_path / "kept", tmp_path / "mixed"
+    assert dpd(*args, "--iterations", "4", "--out", low).exit_code == 0
+    r = dpd(*args, "--iterations", "4", "--out", kept, "--keep-graphs", "2")
+    assert r.exit_code == 0, r.output
+    assert dpd(*args, "--iterations", "2", "--out", mixed, "--keep-graphs", "3").exit_code == 0
+    r = dpd(*args, "--iterations", "4", "--out", mixed, "--resume")
+    assert r.exit_code == 0, r.output
+    a, _ = load_synthetic(low / "synthetic.safetensors")
+    for run in (kept, mixed):
+        b, meta = load_synthetic(run / "synthetic.safetensors")
+        assert torch.allclose(b["images"], a["images"], rtol=1e-4, atol=1e-5) and torch.allclose(b["lr"], a["lr"], rtol=1e-5)
+        assert meta["settings"]["memory"] == "low"
+    assert load_synthetic(kept / "synthetic.safetensors")[1]["settings"]["keep_graphs"] == 2
+    assert load_synthetic(mixed / "synthetic.safetensors")[1]["settings"]["keep_graphs"] == 0  # what the resume ran with
+
+
 def test_rho_zero_is_plain_mtt_with_no_prune_state(dpd, experts, tmp_path):
     run = tmp_path / "run"
     r = dpd("distill", "--experts", experts, "--out", run, *DISTILL, "--iterations", "2", "--prune-ratio", "0")
@@ -319,14 +338,15 @@ def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("memory", ["full", "low"])
+@pytest.mark.parametrize("memory", ["full", "low", "low2"])
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory, cuda_graphs):
     """An iteration never makes the host wait for the GPU (the metrics flush, once per window, may), graphed or not."""
     from dpd_cli.engine.distill import DistillRecipe
     from dpd_cli.settings import resolve
 
-    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": memory, "prune_ratio": 0.05,
+    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": memory[:4].rstrip("2") or memory,
+                            "keep_graphs": 2 if memory == "low2" else 0, "prune_ratio": 0.05,
                             "cuda_graphs": cuda_graphs, "device": "cuda", "iterations": 10, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8,
                             "log_every": 10, "checkpoint_every": 1000, "out": str(tmp_path / "run"), "force": True, **_tiny()})
     with DistillRecipe(s) as recipe:

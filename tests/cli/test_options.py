@@ -88,7 +88,8 @@ def _as_toml(value: Any) -> str:
 
 
 # Settings whose other value needs a companion so the settings stay valid.
-_NEEDS = {"distilled": ["--baseline", "random"], "prune_ema_beta": ["--prune-mask", "ema"], "label_epoch": ["--soft-labels"]}
+_NEEDS = {"distilled": ["--baseline", "random"], "prune_ema_beta": ["--prune-mask", "ema"], "label_epoch": ["--soft-labels"],
+          "keep_graphs": ["--memory", "low"]}
 
 CASES = [(c, s) for c in COMMANDS for s in S.setting_infos(S.COMMAND_SETTINGS[c]).values()]
 

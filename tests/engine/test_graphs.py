@@ -46,8 +46,14 @@ class Problem:
 
     def eager(self, it, batch, dsa, memory, mask_for, ratio):
         start, target = self.expert_pair(it)
+        memory, keep = _memory(memory)
         return matching.meta_gradient(self.fm, self.images, self.labels, self.lr, start, target, self.plan(it, batch, dsa),
-                                      memory, loss_mask=mask_for(ratio), label_logits=self.label_logits)
+                                      memory, loss_mask=mask_for(ratio), label_logits=self.label_logits, keep_graphs=keep)
+
+
+def _memory(name: str) -> tuple[str, int]:
+    """``full``, ``low``, or ``low2`` (low memory keeping the last two steps' graphs): ``(memory, keep_graphs)``."""
+    return ("low", int(name[3:])) if name.startswith("low") and name[3:] else (name, 0)
 
 
 def _mask_for(cfg: PruneConfig, sizes):
@@ -71,6 +77,7 @@ CASES = [  # memory, batch, dsa, prune config, soft labels
     ("low", 5, False, PruneConfig(), False),
     ("full", 5, True, PruneConfig(ratio=0.05, direction="smallest"), True),
     ("low", 5, True, PruneConfig(), True),
+    ("low2", 5, True, PruneConfig(ratio=0.1), True),
 ]
 
 
@@ -83,8 +90,9 @@ def test_static_buffers_compute_the_eager_meta_gradient_bit_for_bit(memory, batc
     for it in range(3):  # the same buffers, refilled: a stale buffer would repeat an earlier iteration
         start, target = p.expert_pair(it)
         inputs.load(start, target, p.plan(it, batch, dsa))
-        static = matching.meta_gradient(p.fm, p.images, p.labels, p.lr, inputs.start, inputs.target, inputs.plan, memory,
-                                        loss_mask=mask_for(cfg.ratio), label_logits=p.label_logits)
+        mem, keep = _memory(memory)
+        static = matching.meta_gradient(p.fm, p.images, p.labels, p.lr, inputs.start, inputs.target, inputs.plan, mem,
+                                        loss_mask=mask_for(cfg.ratio), label_logits=p.label_logits, keep_graphs=keep)
         _assert_equal(static, p.eager(it, batch, dsa, memory, mask_for, cfg.ratio))
 
 
@@ -143,18 +151,20 @@ class CpuCapture:
         return Graph(), out
 
 
-def test_graphs_are_captured_once_per_ratio_share_a_pool_and_replay_each_iteration():
+@pytest.mark.parametrize("memory", ["full", "low2"])
+def test_graphs_are_captured_once_per_ratio_share_a_pool_and_replay_each_iteration(memory):
     p = Problem()
     cfg = PruneConfig(ratio=0.1)
     mask_for = _mask_for(cfg, p.sizes)
     cap = CpuCapture()
-    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, "full", STEPS, 5, True, mask_for, capture=cap)
+    mem, keep = _memory(memory)
+    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, mem, STEPS, 5, True, mask_for, capture=cap, keep_graphs=keep)
     losses = []
     for it, ratio in enumerate([0.0, 0.0, 0.1, 0.1, 0.0]):  # prune warm-up, then rho, then back
         res, note = runner(*p.expert_pair(it), p.plan(it, 5, True), ratio)
         assert note is None
-        _assert_equal(res, p.eager(it, 5, True, "full", mask_for, ratio))
-        losses.append((res.loss, p.eager(it, 5, True, "full", mask_for, ratio).loss))
+        _assert_equal(res, p.eager(it, 5, True, memory, mask_for, ratio))
+        losses.append((res.loss, p.eager(it, 5, True, memory, mask_for, ratio).loss))
     assert cap.captures == 2 and cap.pools[0] is None and cap.pools[1] is not None  # the second graph shares the first's pool
     assert all(torch.equal(kept, want) for kept, want in losses)  # each loss survived the later replays
 
@@ -236,7 +246,7 @@ def test_close_enough_measures_relative_difference_and_masks():
 # ----------------------------------------------------------------------------------------------
 # On a GPU: the real capture.
 
-@pytest.mark.parametrize("memory", ["full", "low"])
+@pytest.mark.parametrize("memory", ["full", "low", "low2"])
 @pytest.mark.parametrize("batch", [None, 5])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.gpu
@@ -245,8 +255,9 @@ def test_cuda_graph_replays_equal_the_eager_iterations(memory, batch, soft):
     p = Problem("cuda", soft=soft)
     cfg = PruneConfig(ratio=0.05)
     mask_for = _mask_for(cfg, p.sizes)
-    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, memory, STEPS, batch, True, mask_for,
-                                        label_logits=p.label_logits)
+    mem, keep = _memory(memory)
+    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, mem, STEPS, batch, True, mask_for,
+                                        label_logits=p.label_logits, keep_graphs=keep)
     for it, ratio in enumerate([0.0, 0.05, 0.05, 0.0, 0.05]):
         res, note = runner(*p.expert_pair(it), p.plan(it, batch, True), ratio)
         assert note is None, note
@@ -281,7 +292,7 @@ def test_cuda_graph_replay_makes_no_host_sync():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("memory", ["full", "low"])
+@pytest.mark.parametrize("memory", ["full", "low", "low2"])
 def test_without_dsa_and_with_deterministic_cudnn_a_replay_equals_eager_within_1e6(memory):
     """Where the eager computation repeats itself (no DSA atomics, deterministic cuDNN), the graph is held to 1e-6."""
     p = Problem("cuda")
@@ -289,7 +300,8 @@ def test_without_dsa_and_with_deterministic_cudnn_a_replay_equals_eager_within_1
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, memory, STEPS, 5, False, mask_for)
+        mem, keep = _memory(memory)
+        runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, mem, STEPS, 5, False, mask_for, keep_graphs=keep)
         for it in range(3):
             res, note = runner(*p.expert_pair(it), p.plan(it, 5, False), 0.05)
             assert note is None, note

@@ -342,6 +342,38 @@ def test_low_memory_long_unroll_float32():
     assert_close(low.grad_lr, full.grad_lr, rtol=1e-4, atol=0.0)
 
 
+@pytest.mark.parametrize("keep_graphs", [1, 2, 3, 9])
+@pytest.mark.parametrize("plan", [batched_plan(), dsa_plan()], ids=["batches", "dsa"])
+@pytest.mark.parametrize("ratio", [0.0, 0.1])
+def test_low_memory_keeping_graphs_equals_naive(prob, plan, ratio, keep_graphs):
+    # Keeping the last K steps' graphs (K >= N keeps all) changes where the work happens, not the result.
+    res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, "low",
+                        loss_mask=None if ratio == 0 else (lambda e, t, s: prune_keep_mask(e, t, s, PruneConfig(ratio), prob.sizes)),
+                        keep_graphs=keep_graphs)
+    loss, gx, ga, _ = naive_mtt(prob, plan.batches, plan.seeds, keep=res.keep)
+    assert (res.keep is None) == (ratio == 0)
+    assert_rel_close(res.loss, loss, 1e-12)
+    assert_rel_close(res.grad_images, gx)
+    assert_rel_close(res.grad_lr, ga)
+
+
+@pytest.mark.parametrize("keep_graphs", [0, 1, 3, 5])
+def test_low_memory_recomputes_only_the_steps_it_did_not_keep(prob, keep_graphs, monkeypatch):
+    # N forward passes in the forward sweep, plus one per recomputed step: N + (N - K), K capped at N.
+    calls = []
+    forward = type(prob.fm).__call__
+    monkeypatch.setattr(type(prob.fm), "__call__", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    n = len(dsa_plan())
+    meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, dsa_plan(), "low", keep_graphs=keep_graphs)
+    assert len(calls) == n + max(n - keep_graphs, 0)
+
+
+def test_keep_graphs_must_not_be_negative(prob):
+    for memory in ("full", "low"):
+        with pytest.raises(ValueError, match="keep_graphs"):
+            meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, PLAIN, memory, keep_graphs=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Finite differences
 

@@ -237,13 +237,18 @@ PLANS = {
 }
 
 
+# low memory recomputing every step, and keeping the last two steps' graphs
+MEMORIES = {"full": ("full", 0), "low": ("low", 0), "low-keep2": ("low", 2)}
+
+
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
-@pytest.mark.parametrize("memory", ["full", "low"])
+@pytest.mark.parametrize("memory", MEMORIES.values(), ids=MEMORIES.keys())
 def test_network_mode_equals_naive_frozen_unroll(plan, memory):
     prob = Problem()
     keep = _frozen(prob)
+    memory, kept = memory
     res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
-                        loss_mask=lambda e, t, s: keep, unroll_keep=keep)
+                        loss_mask=lambda e, t, s: keep, unroll_keep=keep, keep_graphs=kept)
     loss, gx, ga, end = _network_reference(prob, plan, keep)
     # The frozen parameters really did not move.
     assert torch.equal(end[~keep], prob.start[~keep]) and not torch.equal(end[keep], prob.start[keep])
@@ -307,13 +312,14 @@ def naive_soft(prob, logits, plan, keep=None):
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
-@pytest.mark.parametrize("memory", ["full", "low"])
+@pytest.mark.parametrize("memory", MEMORIES.values(), ids=MEMORIES.keys())
 def test_soft_labels_meta_gradient_equals_naive(plan, memory):
     prob, logits = _soft_problem()
     cfg = PruneConfig(0.1)
     mask = lambda e, t, s: prune_keep_mask(e, t, s, cfg, prob.sizes)  # noqa: E731
+    memory, kept = memory
     res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
-                        loss_mask=mask, label_logits=logits)
+                        loss_mask=mask, label_logits=logits, keep_graphs=kept)
     loss, gx, ga, gy = naive_soft(prob, logits, plan, res.keep)
     assert_rel_close(res.loss, loss, 1e-12)
     assert_rel_close(res.grad_images, gx, 1e-10)
