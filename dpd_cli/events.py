@@ -142,6 +142,7 @@ class DistillStarted(Event):
     memory: str
     prune_ratio: float
     prune_rule: str = ""  # scope/criterion/direction/mask/mode, e.g. global/abs/largest/step/loss
+    keep_graphs: int = 0  # with memory "low": the last this many steps' graphs are kept (--keep-graphs)
 
 
 @dataclass

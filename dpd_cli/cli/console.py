@@ -296,7 +296,8 @@ class DistillPlain(_Plain):
             self.line(f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
                       f"{e.n_experts} experts, rho {e.prune_ratio:g}"
                       + (f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else "")
-                      + f", memory {e.memory}, {e.device} -> {e.run_dir}")
+                      + f", memory {e.memory}" + (f" ({e.keep_graphs} graphs kept)" if e.keep_graphs else "")
+                      + f", {e.device} -> {e.run_dir}")
         elif isinstance(e, DistillIteration):
             self.losses.append(e.loss)
             note = self.clock.tick()
@@ -359,7 +360,8 @@ class DistillLive(_Plain):
                 f"loss [bold]{e.loss:.4f}[/]  mean(last {len(self.losses)}) {mean:.4f} {_trend(self.losses)}   "
                 f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}"
                 + (f" ({s.prune_rule})" if s.prune_ratio > 0 and s.prune_rule else "")
-                + f"   {s.memory} memory   {self.ckpt}"))
+                + f"   {s.memory} memory" + (f" ({s.keep_graphs} graphs kept)" if s.keep_graphs else "")
+                + f"   {self.ckpt}"))
             table = Table(title=None, expand=False, pad_edge=False, show_edge=False)
             table.add_column("layer")
             table.add_column("size", justify="right")

@@ -219,7 +219,7 @@ class DistillRecipe:
         self.sink.emit(DistillStarted(str(self.run_dir), self.state.iteration, s.iterations,
                                       [(layer.name, layer.numel) for layer in self.fm.layers], self.fm.n_params,
                                       len(images), len(self.experts), str(self.device), s.memory, s.prune_ratio,
-                                      _rule_text(s)))
+                                      _rule_text(s), s.keep_graphs))
         if not resume:
             self.checkpoint()  # checkpoint 0: the real images the run starts from, always kept
 

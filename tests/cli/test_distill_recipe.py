@@ -89,6 +89,7 @@ def test_keeping_graphs_in_low_memory_changes_no_result_and_may_change_on_resume
     assert dpd(*args, "--iterations", "4", "--out", low).exit_code == 0
     r = dpd(*args, "--iterations", "4", "--out", kept, "--keep-graphs", "2")
     assert r.exit_code == 0, r.output
+    assert "memory low (2 graphs kept)" in r.output
     assert dpd(*args, "--iterations", "2", "--out", mixed, "--keep-graphs", "3").exit_code == 0
     r = dpd(*args, "--iterations", "4", "--out", mixed, "--resume")
     assert r.exit_code == 0, r.output
