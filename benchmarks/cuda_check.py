@@ -11,7 +11,8 @@ Checks, each a max-abs difference relative to the max-abs value, tolerance ``--r
    settings rho = 0 (MTT), 0.1 global, 0.1 per layer, full batch and mini-batches:
    loss, dL/dX (images), dL/dalpha (lr), and the pruning mask.
 2. On ``device`` with DSA on: ``low`` vs ``full`` (the low-memory mode replays each step's
-   augmentation from its seed; this is what breaks if replay is not deterministic there).
+   augmentation from its seed; this is what breaks if replay is not deterministic there), and
+   ``low`` keeping half the steps' graphs (``--keep-graphs``) vs ``full``, with mini-batches.
 3. The reference MTT loop (``benchmarks/mtt_reference.py``) vs dpd ``full`` on ``device``.
 """
 
@@ -47,7 +48,7 @@ def problem(seed: int = 0, dtype=torch.float64):
 
 
 def run(device: str, memory: str, prune: pruning.PruneConfig, dsa_on: bool, batch: int | None, seed: int = 0,
-        dtype=torch.float64):
+        dtype=torch.float64, keep_graphs: int = 0):
     fm, start, target, images, labels = problem(seed, dtype)
     dev = torch.device(device)
     fm.module.to(dev)
@@ -59,7 +60,7 @@ def run(device: str, memory: str, prune: pruning.PruneConfig, dsa_on: bool, batc
     sizes = [layer.numel for layer in fm.layers]
     mask = None if prune.ratio <= 0 else (lambda e, t, s: pruning.prune_keep_mask(e, t, s, prune, sizes))
     res = matching.meta_gradient(fm, images.to(dev), labels.to(dev), torch.tensor(0.02, dtype=dtype, device=dev),
-                                 start.to(dev), target.to(dev), plan, memory, loss_mask=mask)
+                                 start.to(dev), target.to(dev), plan, memory, loss_mask=mask, keep_graphs=keep_graphs)
     return {"loss": res.loss.cpu(), "grad_images": res.grad_images.cpu(), "grad_lr": res.grad_lr.cpu(),
             "keep": None if res.keep is None else res.keep.cpu()}
 
@@ -92,6 +93,10 @@ def main(argv=None) -> int:
     for pname in ("rho0", "rho0.1-global"):
         c = compare(run(args.device, "low", prunes[pname], True, None), run(args.device, "full", prunes[pname], True, None))
         rows.append({"check": f"low vs full on {args.device}", "memory": "low/full", "prune": pname, "batch": "all", "dsa": True, **c})
+        c = compare(run(args.device, "low", prunes[pname], True, 4, keep_graphs=N_STEPS // 2),
+                    run(args.device, "full", prunes[pname], True, 4))
+        rows.append({"check": f"low keeping {N_STEPS // 2} graphs vs full on {args.device}", "memory": "low/full",
+                     "prune": pname, "batch": 4, "dsa": True, **c})
     ref = check_against_dpd(args.device, rtol=1e-9)
     rows.append({"check": f"MTT reference vs dpd full on {args.device}", "memory": "full", "prune": "rho0", "batch": "all", "dsa": True,
                  "loss": ref["loss_rel"], "grad_images": ref["grad_images_rel"], "grad_lr": ref["grad_lr_rel"], "mask_equal": True})
