@@ -15,6 +15,8 @@ change in load hits all modes alike. Modes:
   ``engine.distill.run`` (as ``speed.py``'s distill worker);
 * ``lowK`` (``low8``, ``low20``, ...): ``low`` keeping the last K steps' graphs from its forward
   sweep (dpd's ``--keep-graphs K``);
+* ``full_det`` / ``low_det``: ``full`` / ``low`` with cuDNN's deterministic algorithms (dpd's
+  ``--deterministic``), switched on for their calls only;
 * ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
   ``nn.GroupNorm``);
 * ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
@@ -140,6 +142,9 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
             sys.exit("full_graph / low_graph need --device cuda")
         runners["full_graph"] = dpd_runner("full", graphed=True)
         runners["low_graph"] = dpd_runner("low", graphed=True)
+    for k in args.modes.split(","):  # full_det / low_det: with cuDNN's deterministic algorithms (--deterministic)
+        if k in ("full_det", "low_det"):
+            runners[k] = deterministic(dpd_runner(k[:-4]))
     for k in args.modes.split(","):  # lowK / lowK_graph: low memory keeping the last K steps' graphs
         m = re.fullmatch(r"low(\d+)(_graph)?", k)
         if m:
@@ -147,6 +152,19 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
                 sys.exit(f"{k} needs --device cuda")
             runners[k] = dpd_runner("low", graphed=bool(m[2]), keep=int(m[1]))
     return {k: runners[k] for k in args.modes.split(",") + (["full_gn"] if args.with_group_norm else [])}
+
+
+def deterministic(run):
+    """``run`` with ``torch.backends.cudnn.deterministic`` on (dpd's ``--deterministic``), the flags
+    restored after each call so that the other modes, interleaved with it, keep the defaults."""
+    def wrapped(it):
+        saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        try:
+            return run(it)
+        finally:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    return wrapped
 
 
 def _stats(xs):
@@ -164,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-syn", type=int, default=100)
     p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--modes", default="full,low,ref", help="full, low, ref, lowK (low keeping the last K steps' graphs, "
-                   "--keep-graphs K); on CUDA also full_graph, low_graph, lowK_graph (--cuda-graphs)")
+                   "--keep-graphs K), full_det, low_det (--deterministic); on CUDA also full_graph, low_graph, lowK_graph (--cuda-graphs)")
     p.add_argument("--with-group-norm", action="store_true", help="also time full with F.group_norm (dpd before the fused norm)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     p.add_argument("--iters", type=int, default=3, help="timed rounds (default 3)")
@@ -246,6 +264,9 @@ def main(argv=None) -> int:
         base = "full_graph" if m and m[1] else "full"
         if m and base in wall:
             ratios[f"{k}_over_{base}"] = paired(k, base)
+    for m in ("full", "low"):
+        if f"{m}_det" in wall and m in wall:
+            ratios[f"{m}_det_over_{m}"] = paired(f"{m}_det", m)  # what --deterministic costs
     out["paired_ratios_median"] = ratios
     # Each graph's check before use: how far its first replay was from the eager result (and eager from itself).
     out["graphs"] = {k: {"kept": fn.graphed.enabled, "checks": {str(r): c for r, c in fn.graphed.checks.items()}}

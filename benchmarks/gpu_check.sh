@@ -24,7 +24,8 @@
 #      skipped if its estimate exceeds 80% of GPU memory); speed.py experts + eval (dpd vs bare loop)
 #   8. data parallel on one GPU: torchrun 2 ranks (gloo) vs 1 process, s/iteration and peak memory per rank
 #      (benchmarks/dp_bench.py); correctness of 2 ranks vs 1 is step 6's test_two_ranks_on_cuda_distil_like_one
-#   9. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
+#   9. distill_ab.py full/low with and without --deterministic (cuDNN's deterministic algorithms), IPC 10, N 30
+#  10. if time is left: distill IPC 10 N = 30 again with torch.backends.cudnn.benchmark = True
 # Python packages the machine lacks travel as wheels in .whl/ (unpacked to $WORK/site, first on PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -254,6 +255,16 @@ PY
   step "torchrun 2 ranks on one device vs 1 process (dp_bench.py)" 120 dp_one_gpu
 fi
 
+# What --deterministic costs: full and low with cuDNN's deterministic algorithms, interleaved with the defaults.
+det_ab() {
+  local extra=(--ipc 10 --steps 30 --warmup 2 --iters 6 --batch-syn 0)
+  (( SMOKE )) && extra=(--ipc 1 --steps 2 --warmup 1 --iters 1 --width 16 --threads 1 --batch-syn 0)
+  # shellcheck disable=SC2086  # DATA_ARGS is a list of plain words
+  "$PY" benchmarks/distill_ab.py $DATA_ARGS --device "$DEVICE" "${extra[@]}" --modes full,full_det,low,low_det \
+      --json "$OUT/distill-ab-deterministic.json" | tee "$OUT/distill-ab-deterministic.md" || return 1
+}
+export -f det_ab
+step "distill A/B: --deterministic (cuDNN deterministic algorithms) vs default, IPC 10, N 30" 70 det_ab
 if (( ! SMOKE )); then
   step "speed.py distill, cudnn.benchmark on (IPC 10, N 30)" 90 "$PY" benchmarks/speed.py "${SPEED_COMMON[@]}" --cudnn-benchmark \
       "${DATA_ARR[@]}" --only distill --ipc 10 --steps 30 --modes full,low --iters 3 \
@@ -285,7 +296,8 @@ except Exception as err:  # noqa: BLE001
 PY
     echo
   fi
-  for f in graph_check distill-ab-ipc10 distill-ab-ipc50 distill-ab-ipc2 speed-experts-eval speed-distill speed-distill-cudnn-benchmark dp; do
+  for f in graph_check distill-ab-ipc10 distill-ab-ipc50 distill-ab-ipc2 distill-ab-deterministic speed-experts-eval speed-distill \
+      speed-distill-cudnn-benchmark dp; do
     [[ -f "$OUT/$f.md" ]] && { echo "<!-- $f -->"; cat "$OUT/$f.md"; echo; }
   done
   if [[ -f "$OUT/sync_check.json" ]]; then

@@ -52,7 +52,7 @@ __all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize
 # Settings that may change between a run and its resume.
 _RESUMABLE = {"iterations", "checkpoint_every", "keep_checkpoints", "log_every", "device", "threads", "out", "experts",
               "resume", "force", "data_dir", "dist_timeout", "host_memory", "cuda_graphs",
-              "keep_graphs"}
+              "keep_graphs", "deterministic"}
 # Settings an experts folder decides unless the user gives them (the network, the data it saw).
 _FROM_EXPERTS = ("dataset", "data_dir", "zca", "train_per_class", "val_per_class", "model", "width", "depth", "norm", "pool")
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
@@ -141,7 +141,7 @@ class DistillRecipe:
             UserError: Missing/mismatched experts, impossible IPC, existing output, nothing to resume.
         """
         s = self.s
-        self.device = prepare_runtime(s.threads, s.device, s.host_memory)
+        self.device = prepare_runtime(s.threads, s.device, s.host_memory, s.deterministic)
         self.log_every = s.log_every or (1 if self.device.type == "cpu" else 10)
         self.group = parallel.start(self.device, s.dist_timeout)
         self._stack.callback(parallel.stop)

@@ -224,7 +224,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     validation = meta.get("validation") or None
     checkpoints = sorted(layout.checkpoints(run_dir), key=layout.checkpoint_iteration) if run_dir is not None else []
     select = _choose_select(s, run_dir, checkpoints, validation is not None)
-    device = prepare_runtime(s.threads, s.device, s.host_memory)
+    device = prepare_runtime(s.threads, s.device, s.host_memory, s.deterministic)
     run_settings = meta.get("settings", {})
     data_dir = s.data_dir or run_settings.get("data_dir")
     ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None,
@@ -450,7 +450,7 @@ def _below_baselines(entries: list[dict]) -> list[str]:
 
 # Settings that only choose which trainings run (or where): a finished training is reused across them.
 _NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled", "select",
-                   "dist_timeout", "host_memory"}
+                   "dist_timeout", "host_memory", "deterministic"}
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:

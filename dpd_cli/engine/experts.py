@@ -116,7 +116,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
         UserError: Bad dataset, device, or a folder holding incompatible experts.
     """
     sink = sink or NullSink()
-    device = prepare_runtime(settings.threads, settings.device, settings.host_memory)
+    device = prepare_runtime(settings.threads, settings.device, settings.host_memory, settings.deterministic)
     ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class)
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
