@@ -195,9 +195,9 @@ class RunFields(_Settings):
         "leaves the C library's allocator as it is (no effect on a GPU or off glibc Linux).",
     )
     deterministic: bool = Field(
-        False, description="On a GPU, use cuDNN's deterministic algorithms: expert and evaluation training repeat bit "
-        "for bit, distillation to rounding (DSA's grid_sample backward still adds with atomics). Can be slower; no "
-        "effect on the CPU, which repeats itself anyway.",
+        False, description="On a GPU, use cuDNN's deterministic algorithms and no autotuning, so that runs repeat "
+        "themselves (distillation only to rounding: DSA's grid_sample backward still adds with atomics). Can be slower; "
+        "no effect on the CPU, which repeats itself anyway.",
     )
     dist_timeout: float = Field(
         300.0, gt=0, description="Under torchrun: seconds a rank waits for the others before it gives up with a message "
