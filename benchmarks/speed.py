@@ -291,7 +291,7 @@ def bench_eval(args, dev) -> dict:
         # re-creates its optimiser once at the decay instead; the per-epoch work is the same).
         net, opt, sched, gen, rng = fresh(2000 + r)
         for _ in range(n_epochs):
-            train_epoch(net, opt, x, y, ev.batch, gen, rng, not args.no_dsa)
+            train_epoch(net, opt, x, y, ev.batch, gen, rng, not args.no_dsa, count_correct=False)  # as engine.evaluate
             sched.step()
 
     def run_bare(r, n_epochs=epochs):

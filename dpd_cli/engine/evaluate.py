@@ -127,16 +127,16 @@ def _train(spec, x, y, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> t
     opt = _sgd(net, lr, s)
     gen = torch.Generator().manual_seed(seed)  # the shuffles
     rng = random.Random(seed)  # one DSA seed per batch
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # kept on the device: no sync per epoch
+    losses = []  # each epoch's summed loss, kept on the device: checked once, after the last epoch
     for epoch in range(1, n_epochs + 1):
         interrupt.check("evaluation stopped")  # run() re-raises with what was kept
-        loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa)
+        loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa, count_correct=False)
         if epoch == decay_after:
             opt = _sgd(net, lr * 0.1, s)  # a fresh optimiser: zero momentum, as MTT
-        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss_sum), epoch, first_bad)
+        losses.append(loss_sum)
         on_epoch(epoch, loss_sum)
-    diverged = int(first_bad.item())
-    return net, (diverged or None)
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+    return net, (int(bad[0, 0]) + 1 if len(bad) else None)
 
 
 def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch,

@@ -23,7 +23,8 @@ def train_epoch(
     gen: torch.Generator,
     rng: random.Random,
     augment: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    count_correct: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One epoch of SGD over ``(x, y)`` (already on the device, in training space).
 
     Args:
@@ -31,9 +32,11 @@ def train_epoch(
             the soft cross-entropy -sum_c y_c log softmax(f)_c, averaged over the batch).
         gen: CPU generator for the shuffle.
         rng: Source of the per-batch DSA seeds.
+        count_correct: Count the correctly classified training images (a few small operations per
+            batch, which a GPU pays for in launches when the batches are few and small).
 
     Returns:
-        ``(summed loss, number correct)`` as device tensors: no host sync inside the loop.
+        ``(summed loss, number correct or None)`` as device tensors: no host sync inside the loop.
 
     Raises:
         Interrupted: A stop was requested (checked before every batch).
@@ -42,7 +45,7 @@ def train_epoch(
     n = x.shape[0]
     order = torch.randperm(n, generator=gen).to(x.device, non_blocking=True)
     loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    correct = torch.zeros((), device=x.device, dtype=torch.long) if count_correct else None
     for i in range(0, n, batch):
         interrupt.check("training stopped mid-epoch")  # callers re-raise with their own resume hint
         idx = order[i : i + batch]
@@ -55,8 +58,8 @@ def train_epoch(
         loss.backward()
         opt.step()
         loss_sum += loss.detach() * len(idx)
-        # Soft labels (class probabilities, (B, C)) count as right when the top class agrees.
-        correct += (out.detach().argmax(1) == (yb if yb.dim() == 1 else yb.argmax(1))).sum()
+        if count_correct:  # soft labels (class probabilities, (B, C)) count as right when the top class agrees
+            correct += (out.detach().argmax(1) == (yb if yb.dim() == 1 else yb.argmax(1))).sum()
     return loss_sum, correct
 
 
