@@ -346,7 +346,7 @@ def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory, cuda_gr
     from dpd_cli.engine.distill import DistillRecipe
     from dpd_cli.settings import resolve
 
-    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": memory[:4].rstrip("2") or memory,
+    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": "low" if memory == "low2" else memory,
                             "keep_graphs": 2 if memory == "low2" else 0, "prune_ratio": 0.05,
                             "cuda_graphs": cuda_graphs, "device": "cuda", "iterations": 10, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8,
                             "log_every": 10, "checkpoint_every": 1000, "out": str(tmp_path / "run"), "force": True, **_tiny()})
