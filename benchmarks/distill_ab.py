@@ -142,12 +142,11 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
             sys.exit("full_graph / low_graph need --device cuda")
         runners["full_graph"] = dpd_runner("full", graphed=True)
         runners["low_graph"] = dpd_runner("low", graphed=True)
-    for k in args.modes.split(","):  # full_det / low_det: with cuDNN's deterministic algorithms (--deterministic)
-        if k in ("full_det", "low_det"):
+    for k in args.modes.split(","):
+        m = re.fullmatch(r"low(\d+)(_graph)?", k)  # lowK / lowK_graph: low memory keeping the last K steps' graphs
+        if k in ("full_det", "low_det"):  # with cuDNN's deterministic algorithms (--deterministic)
             runners[k] = deterministic(dpd_runner(k[:-4]))
-    for k in args.modes.split(","):  # lowK / lowK_graph: low memory keeping the last K steps' graphs
-        m = re.fullmatch(r"low(\d+)(_graph)?", k)
-        if m:
+        elif m:
             if m[2] and dev.type != "cuda":
                 sys.exit(f"{k} needs --device cuda")
             runners[k] = dpd_runner("low", graphed=bool(m[2]), keep=int(m[1]))

@@ -42,8 +42,10 @@ def test_every_command_takes_it_and_records_it(dpd, cudnn_flags, tmp_path):
     r = dpd(*distill, "--iterations", "2", "--resume", "--deterministic")  # may change on resume
     assert r.exit_code == 0, r.output
     assert torch.backends.cudnn.deterministic is True
+    torch.backends.cudnn.deterministic = False
     r = dpd("evaluate", run, "--epochs", "2", "--runs", "1", "--threads", "1", "--deterministic", "--json")
     assert r.exit_code == 0, r.output
+    assert torch.backends.cudnn.deterministic is True
 
 
 @pytest.mark.gpu

@@ -94,6 +94,9 @@ def test_keeping_graphs_in_low_memory_changes_no_result_and_may_change_on_resume
     r = dpd(*args, "--iterations", "4", "--out", mixed, "--resume")
     assert r.exit_code == 0, r.output
     a, _ = load_synthetic(low / "synthetic.safetensors")
+    start, _ = load_synthetic(layout.checkpoint_path(low, 0))
+    # The images really moved, by far more than the tolerance below: a wrong gradient would show.
+    assert (a["images"] - start["images"]).abs().max() > 100 * 1e-5 and not torch.equal(a["lr"], start["lr"])
     for run in (kept, mixed):
         b, meta = load_synthetic(run / "synthetic.safetensors")
         assert torch.allclose(b["images"], a["images"], rtol=1e-4, atol=1e-5) and torch.allclose(b["lr"], a["lr"], rtol=1e-5)
