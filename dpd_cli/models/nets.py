@@ -3,7 +3,8 @@
 The ConvNet follows MTT/DC: ``depth`` x [conv3x3(width) -> norm -> ReLU -> pool 2x2], then a
 linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT, computed
 by ``norm.instance_norm`` (same values, a small double-backward graph; parameters named as
-``nn.GroupNorm``'s).
+``nn.GroupNorm``'s); the 2x2 average pool by ``norm.AvgPool2`` (on the CPU the distillation
+student's own pool, see ``norm._pool``).
 Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 32 px.
 """
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpd_cli.models.conv import conv2d
-from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
+from dpd_cli.models.norm import AvgPool2, InstanceNorm, avg_pool2, instance_norm
 
 __all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
 
@@ -82,7 +83,7 @@ class ConvNet(nn.Module):
             self.add_module(f"conv{d + 1}", nn.Conv2d(c, spec.width, 3, padding=pad))
             self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width))
             self.add_module(f"act{d + 1}", nn.ReLU(inplace=True))
-            self.add_module(f"pool{d + 1}", nn.AvgPool2d(2, 2) if spec.pool == "avg" else nn.MaxPool2d(2, 2))
+            self.add_module(f"pool{d + 1}", AvgPool2() if spec.pool == "avg" else nn.MaxPool2d(2, 2))
             self._pads.append(pad)
             h, w = (h + 2 * pad - 2) // 2, (w + 2 * pad - 2) // 2
             c = spec.width

@@ -140,8 +140,9 @@ def test_convnet_fast_path_equals_functional_call_with_double_backward(norm, poo
     module_path = meta(lambda theta, xx: functional_call(fm.module, fm.unflatten(theta), (xx,)))
     reference = meta(lambda theta, xx: functional_call(plain, fm.unflatten(theta), (xx,)))
     for a, b, c in zip(fast, module_path, reference):
-        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14)
+        atol = 1e-14 * float(c.abs().max())  # float64 rounding at the gradient's scale (cancellation near zeros)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=atol)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=atol)
 
 
 def test_batchnorm_convnet_uses_functional_call():

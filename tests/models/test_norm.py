@@ -139,7 +139,18 @@ def test_one_value_in_total_raises_like_group_norm():
         instance_norm(torch.randn(1, 1, 1, 1), None, None)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 2, 5, 7), (3, 1, 2, 2)], ids=["4x6", "5x7", "2x2"])
+def _window_means(x: torch.Tensor) -> torch.Tensor:
+    """The 2x2 average pool written out: each output pixel is the mean of its window (odd edges dropped)."""
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype)
+    for i in range(h // 2):
+        for j in range(w // 2):
+            out[:, :, i, j] = (x[:, :, 2 * i, 2 * j] + x[:, :, 2 * i, 2 * j + 1] + x[:, :, 2 * i + 1, 2 * j]
+                               + x[:, :, 2 * i + 1, 2 * j + 1]) / 4
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 2, 5, 7), (3, 1, 2, 2), (2, 4, 32, 32)], ids=["4x6", "5x7", "2x2", "32x32"])
 def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
@@ -152,10 +163,42 @@ def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
         (ggy,) = torch.autograd.grad((gx * cot).sum(), [gy])
         return [y, gx, ggy]
 
-    ours, ref = derivatives(avg_pool2), derivatives(lambda t: F.avg_pool2d(t, 2, 2))
-    assert all(torch.equal(a, b) for a, b in zip(ours, ref))  # the same numbers
-    assert torch.autograd.gradcheck(avg_pool2, (x,))
-    assert torch.autograd.gradgradcheck(avg_pool2, (x,))
+    (y, gx, ggy), (ref_y, ref_gx, ref_ggy) = derivatives(avg_pool2), derivatives(lambda t: F.avg_pool2d(t, 2, 2))
+    assert torch.equal(gx, ref_gx)  # the backward: the same numbers
+    if shape[2] % 2 or shape[3] % 2:
+        assert torch.equal(y, ref_y) and torch.equal(ggy, ref_ggy)  # odd sizes run ATen's kernel
+    # Even sizes on the CPU add each window in another order: one rounding from ATen, and from the written-out means.
+    torch.testing.assert_close(y, ref_y, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(ggy, ref_ggy, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(y, _window_means(x.detach()), rtol=1e-15, atol=1e-15)
+    small = x.detach()[:1, :1, :6, :6].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(avg_pool2, (small,))
+    assert torch.autograd.gradgradcheck(avg_pool2, (small,))
+
+
+def test_avg_pool2_in_float32_is_within_one_rounding_of_the_window_means():
+    x = torch.randn(3, 5, 16, 12, generator=torch.Generator().manual_seed(3))
+    exact = _window_means(x.double())
+    for t in (x, x.transpose(2, 3)):  # contiguous (two additions of halves) and strided (ATen's kernel)
+        got = avg_pool2(t)
+        want = exact if t.is_contiguous() else exact.transpose(2, 3)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -23, atol=1e-7)
+
+
+def test_the_convnet_pool_module_is_avg_pool2d_running_the_students_pool():
+    from dpd_cli.models.norm import AvgPool2
+
+    pool = AvgPool2()
+    assert isinstance(pool, nn.AvgPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (2, 2, 0)
+    assert list(pool.state_dict()) == []
+    x = torch.randn(2, 3, 8, 6, requires_grad=True)
+    y = pool(x)
+    assert torch.equal(y, avg_pool2(x)) and type(y.grad_fn).__name__ == "_AvgPool2Backward"
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, [x], gy)
+    (ref,) = torch.autograd.grad(F.avg_pool2d(x, 2, 2), [x], gy)
+    assert torch.equal(gx, ref)
 
 
 def test_graph_has_two_nodes_per_norm():
