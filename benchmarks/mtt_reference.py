@@ -10,8 +10,8 @@ copied. What is kept, because it decides speed and memory:
   views as module attributes, runs the module and puts the old views back. (dpd uses
   ``torch.func.functional_call`` on an unmodified module instead.)
 * A fresh student network is built and wrapped every iteration, as MTT does, with its instance
-  norm as MTT has it: ``nn.GroupNorm(C, C)`` (PyTorch differentiating ``F.group_norm`` itself),
-  not dpd's fused norm (``dpd_cli.models.norm``).
+  norm and pooling as MTT has them: ``nn.GroupNorm(C, C)`` (PyTorch differentiating
+  ``F.group_norm`` itself) and ``nn.AvgPool2d``, not dpd's (``dpd_cli.models.norm``).
 * The expert trajectory is held as per-layer CPU tensors (MTT's replay buffer) and
   concatenated to the device every iteration.
 * The unroll keeps every student parameter vector in ``student_params`` and back-propagates
@@ -40,12 +40,13 @@ from torch import nn
 from dpd_cli.augment import dsa
 from dpd_cli.models import ModelSpec, build_model
 
-__all__ = ["ReparamModule", "MTTReference", "mtt_network", "plain_group_norm"]
+__all__ = ["ReparamModule", "MTTReference", "mtt_network", "plain_layers"]
 
 
-def plain_group_norm(net: nn.Module) -> nn.Module:
-    """``net`` with every dpd instance norm replaced by ``nn.GroupNorm(C, C)`` holding the same parameters."""
-    from dpd_cli.models.norm import InstanceNorm
+def plain_layers(net: nn.Module) -> nn.Module:
+    """``net`` with PyTorch's own layers where dpd has its own: every instance norm an
+    ``nn.GroupNorm(C, C)`` holding the same parameters, every 2x2 average pool an ``nn.AvgPool2d``."""
+    from dpd_cli.models.norm import AvgPool2, InstanceNorm
 
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
@@ -53,12 +54,14 @@ def plain_group_norm(net: nn.Module) -> nn.Module:
                 plain = nn.GroupNorm(child.num_channels, child.num_channels, eps=child.eps, affine=child.affine)
                 plain.load_state_dict(child.state_dict())
                 setattr(parent, name, plain.to(next(child.parameters(), torch.empty(0)).device))
+            elif isinstance(child, AvgPool2):
+                setattr(parent, name, nn.AvgPool2d(2, 2))
     return net
 
 
 def mtt_network(spec: ModelSpec) -> nn.Module:
-    """The network as MTT builds it (same initialisation as ``build_model``; norms are ``nn.GroupNorm``)."""
-    return plain_group_norm(build_model(spec))
+    """The network as MTT builds it (same initialisation as ``build_model``; ``nn.GroupNorm``, ``nn.AvgPool2d``)."""
+    return plain_layers(build_model(spec))
 
 
 class ReparamModule(nn.Module):

@@ -10,7 +10,7 @@ Sections (``--only experts,distill,eval``):
 
 experts  images/s of ``dpd_cli.engine.train.train_epoch`` with the expert settings' SGD (defaults
          of ``ExpertSettings``: lr 0.01, no momentum, no weight decay, batch 256, DSA on) against a
-         bare PyTorch loop written here, same network (its norms plain ``nn.GroupNorm``), batches and DSA; repetitions interleaved
+         bare PyTorch loop written here, same network (PyTorch's own ``nn.GroupNorm`` and ``nn.AvgPool2d``), batches and DSA; repetitions interleaved
          A B A B ..., medians and their ratio.
 distill  seconds per iteration and peak memory of ``matching.meta_gradient`` + the SGD updates of
          ``engine.distill.run``, ``full`` vs ``low`` memory (``lowK``: low keeping the last K steps'
@@ -57,7 +57,7 @@ from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
 from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mtt_reference import MTTReference, check_against_dpd, plain_group_norm  # noqa: E402
+from mtt_reference import MTTReference, check_against_dpd, plain_layers  # noqa: E402
 
 GIB = 1024**3
 SECTIONS = ("experts", "distill", "eval")
@@ -220,7 +220,7 @@ def bench_experts(args, dev) -> dict:
     def fresh(seed, plain=False):
         torch.manual_seed(seed)
         net = build_model(spec)
-        net = (plain_group_norm(net) if plain else net).to(dev)
+        net = (plain_layers(net) if plain else net).to(dev)
         opt = torch.optim.SGD(net.parameters(), lr=es.lr, momentum=es.momentum, weight_decay=es.weight_decay)
         return net, opt, torch.Generator().manual_seed(seed), random.Random(seed)
 
@@ -281,7 +281,7 @@ def bench_eval(args, dev) -> dict:
     def fresh(seed, plain=False):
         torch.manual_seed(seed)
         net = build_model(spec)
-        net = (plain_group_norm(net) if plain else net).to(dev)
+        net = (plain_layers(net) if plain else net).to(dev)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)
         return net, opt, sched, torch.Generator().manual_seed(seed), random.Random(seed)
