@@ -17,6 +17,9 @@ change in load hits all modes alike. Modes:
   sweep (dpd's ``--keep-graphs K``);
 * ``full_det`` / ``low_det``: ``full`` / ``low`` with cuDNN's deterministic algorithms (dpd's
   ``--deterministic``), switched on for their calls only;
+* ``full_aten``: ``full`` with ATen's own kernels where ``dpd_cli.models.norm`` has CPU-only ones
+  (``avg_pool2d`` and ``avg_pool2d_backward`` for the pool, a batched matmul for the norm's dots:
+  what dpd runs on a GPU), switched for its calls only -- what those CPU kernels buy;
 * ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
   ``nn.GroupNorm``);
 * ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
@@ -146,6 +149,8 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         m = re.fullmatch(r"low(\d+)(_graph)?", k)  # lowK / lowK_graph: low memory keeping the last K steps' graphs
         if k in ("full_det", "low_det"):  # with cuDNN's deterministic algorithms (--deterministic)
             runners[k] = deterministic(dpd_runner(k[:-4]))
+        elif k == "full_aten":
+            runners[k] = aten_kernels(dpd_runner("full"))
         elif m:
             if m[2] and dev.type != "cuda":
                 sys.exit(f"{k} needs --device cuda")
@@ -166,6 +171,34 @@ def deterministic(run):
     return wrapped
 
 
+def aten_kernels(run):
+    """``run`` with ``dpd_cli.models.norm``'s CPU-only pool and dot kernels replaced by ATen's (the
+    ones it runs on a GPU), restored after each call so that the other modes keep dpd's."""
+    import torch.nn.functional as F
+
+    from dpd_cli.models import norm
+
+    def pool_backward(dy, x):
+        return torch.ops.aten.avg_pool2d_backward(dy, x, [2, 2], [2, 2], [0, 0], False, True, None)
+
+    def dot(u, v):
+        n, c, m = u.shape
+        return torch.bmm(u.reshape(n * c, 1, m), v.reshape(n * c, m, 1)).view(n, c, 1)
+
+    swap = {"_pool": lambda x: F.avg_pool2d(x, 2, 2), "_pool_backward": pool_backward, "_dot": dot}
+
+    def wrapped(it):
+        saved = {k: getattr(norm, k) for k in swap}
+        for k, f in swap.items():
+            setattr(norm, k, f)
+        try:
+            return run(it)
+        finally:
+            for k, f in saved.items():
+                setattr(norm, k, f)
+    return wrapped
+
+
 def _stats(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
@@ -181,7 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-syn", type=int, default=100)
     p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--modes", default="full,low,ref", help="full, low, ref, lowK (low keeping the last K steps' graphs, "
-                   "--keep-graphs K), full_det, low_det (--deterministic); on CUDA also full_graph, low_graph, lowK_graph (--cuda-graphs)")
+                   "--keep-graphs K), full_det, low_det (--deterministic), full_aten (ATen's pool and dot kernels); "
+                   "on CUDA also full_graph, low_graph, lowK_graph (--cuda-graphs)")
     p.add_argument("--with-group-norm", action="store_true", help="also time full with F.group_norm (dpd before the fused norm)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     p.add_argument("--iters", type=int, default=3, help="timed rounds (default 3)")
@@ -263,6 +297,8 @@ def main(argv=None) -> int:
         base = "full_graph" if m and m[1] else "full"
         if m and base in wall:
             ratios[f"{k}_over_{base}"] = paired(k, base)
+    if "full_aten" in wall and "full" in wall:
+        ratios["full_aten_over_full"] = paired("full_aten", "full")  # what the CPU pool and dot kernels save
     for m in ("full", "low"):
         if f"{m}_det" in wall and m in wall:
             ratios[f"{m}_det_over_{m}"] = paired(f"{m}_det", m)  # what --deterministic costs
