@@ -176,14 +176,40 @@ def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
     assert torch.autograd.gradgradcheck(avg_pool2, (small,))
 
 
-def test_avg_pool2_in_float32_is_within_one_rounding_of_the_window_means():
+def test_avg_pool2_in_float32_is_the_window_means_to_float32_rounding():
     x = torch.randn(3, 5, 16, 12, generator=torch.Generator().manual_seed(3))
     exact = _window_means(x.double())
+    # Three float32 additions of values below 8 in magnitude, then an exact quarter: under 2^-21 off.
+    assert x.abs().max() < 4
     for t in (x, x.transpose(2, 3)):  # contiguous (two additions of halves) and strided (ATen's kernel)
         got = avg_pool2(t)
         want = exact if t.is_contiguous() else exact.transpose(2, 3)
         assert got.dtype == torch.float32 and got.shape == want.shape
-        torch.testing.assert_close(got.double(), want, rtol=2 ** -23, atol=1e-7)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2 ** -21)
+        torch.testing.assert_close(got, F.avg_pool2d(t, 2, 2), rtol=0, atol=2 ** -21)
+
+
+def test_on_the_cpu_the_student_layer_runs_none_of_atens_slow_pool_and_dot_kernels():
+    """The speed of the CPU path: no avg_pool2d (forward or backward) and no batched-matmul dots anywhere in a
+    distillation step's three differentiations (forward, gradient with a graph, gradient of that)."""
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    from dpd_cli.models import conv as conv_module
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    w, b = torch.randn(5, 3, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    nw, nb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    with profile() as prof:
+        y = avg_pool2(instance_norm(conv_module.conv2d(x, w, b, padding=1), nw, nb, relu=True))
+        g = torch.autograd.grad((y.square()).sum(), (w, b, nw, nb), create_graph=True)
+        sum((t * t).sum() for t in g).backward()
+    ops = Counter(e.name for e in prof.events())
+    assert x.grad is not None and nw.grad is not None
+    assert ops["aten::native_group_norm_backward"] and ops["aten::convolution_backward"]  # it did run the layer
+    assert not ops["aten::avg_pool2d"] and not ops["aten::avg_pool2d_backward"] and not ops["aten::bmm"], ops
 
 
 def test_the_convnet_pool_module_is_avg_pool2d_running_the_students_pool():
