@@ -21,11 +21,12 @@ Folding the ReLU in (``relu=True``, used by ``ConvNet.forward_flat``) also remov
 backward of ``relu``, which back-propagates a zero tensor the size of the activation. ``avg_pool2``
 does the same for the 2x2 average pool.
 
-On the CPU, three kernels are replaced where ATen's run well below memory speed at these sizes
-(2 cores, a 100 x 128 x 32 x 32 activation): ``avg_pool2d`` (8.0 ms; two contiguous additions,
-1.5 ms), the pool's backward broadcast (5.7 ms; two simpler broadcasts, 2.7 ms, the same numbers) and
-the per-instance dot products of the second derivative (a batched matmul, 5.1 ms; product and sum,
-2.1 ms). On a GPU one kernel launch beats two or three, so the ATen kernels stay there.
+On the CPU, three operations are written differently because ATen runs them well below memory speed
+there at these sizes (2 cores, a 100 x 128 x 32 x 32 activation): the pool (``avg_pool2d`` 8.0 ms; two
+contiguous additions, 1.5 ms), the pool's backward (one 6-d broadcast copy 5.7 ms; two simpler
+broadcasts, 2.7 ms, the same numbers) and the per-instance dot products of the second derivative (a
+batched matmul, 5.1 ms; product and sum, 2.1 ms). On a GPU one kernel launch beats two or three, so
+the single kernels stay there.
 
 Math, per instance (n, c) with M = H*W values, <.> the mean over them, r = 1/sqrt(var + eps),
 xh = (x - mean) r, and dz the incoming gradient after the ReLU mask::
