@@ -153,12 +153,8 @@ def test_batchnorm_convnet_uses_functional_call():
     torch.testing.assert_close(fm(fm.flatten(), x), fm.module(x))
 
 
-@pytest.mark.parametrize("path", ["forward_flat", "module"])
-def test_convnet_runs_the_fused_instance_norm_on_both_paths(path):
-    # The distillation student (forward_flat) and expert/evaluation training (the module) both use it.
-    fm = _fm()
-    x = torch.randn(2, 1, 8, 8)
-    out = fm(fm.flatten().requires_grad_(True), x) if path == "forward_flat" else fm.module(x)
+def _node_kinds(out: torch.Tensor) -> list[str]:
+    """The class names of every autograd node behind ``out``."""
     seen, stack, kinds = set(), [out.grad_fn], []
     while stack:
         node = stack.pop()
@@ -167,8 +163,31 @@ def test_convnet_runs_the_fused_instance_norm_on_both_paths(path):
         seen.add(node)
         kinds.append(type(node).__name__)
         stack.extend(f for f, _ in node.next_functions)
+    return kinds
+
+
+@pytest.mark.parametrize("path", ["forward_flat", "module"])
+def test_convnet_runs_the_fused_instance_norm_on_both_paths(path):
+    # The distillation student (forward_flat) and expert/evaluation training (the module) both use it.
+    fm = _fm()
+    x = torch.randn(2, 1, 8, 8)
+    out = fm(fm.flatten().requires_grad_(True), x) if path == "forward_flat" else fm.module(x)
+    kinds = _node_kinds(out)
     assert kinds.count("_InstanceNormBackward") == 2
     assert not any("GroupNorm" in k for k in kinds)
-    if path == "forward_flat":  # the student also folds the ReLU into the norm and pools without a zero branch
-        assert kinds.count("_AvgPool2Backward") == 2
+    # On the CPU both paths also run the student's convolution (its bias gradient a plain sum) and pool.
+    assert kinds.count("_Conv2dBackward") == 2 and "ConvolutionBackward0" not in kinds
+    assert kinds.count("_AvgPool2Backward") == 2
+    if path == "forward_flat":  # the student also folds the ReLU into the norm
         assert "ReluBackward0" not in kinds and "AvgPool2DBackward0" not in kinds
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_module_path_runs_pytorchs_convolution_and_pool():
+    """Expert and evaluation training on a GPU: no Python autograd node for the convolution or the pool."""
+    fm = FlatModel(build_model(tiny_spec()).cuda())
+    out = fm.module(torch.randn(2, 1, 8, 8, device="cuda"))
+    kinds = _node_kinds(out)
+    assert kinds.count("ConvolutionBackward0") == 2 and kinds.count("AvgPool2DBackward0") == 2
+    assert "_Conv2dBackward" not in kinds and "_AvgPool2Backward" not in kinds
