@@ -10,8 +10,8 @@ copied. What is kept, because it decides speed and memory:
   views as module attributes, runs the module and puts the old views back. (dpd uses
   ``torch.func.functional_call`` on an unmodified module instead.)
 * A fresh student network is built and wrapped every iteration, as MTT does, with its instance
-  norm and pooling as MTT has them: ``nn.GroupNorm(C, C)`` (PyTorch differentiating
-  ``F.group_norm`` itself) and ``nn.AvgPool2d``, not dpd's (``dpd_cli.models.norm``).
+  layers as MTT has them: ``nn.Conv2d``, ``nn.GroupNorm(C, C)`` (PyTorch differentiating
+  ``F.group_norm`` itself) and ``nn.AvgPool2d``, not dpd's (``dpd_cli.models.conv``, ``.norm``).
 * The expert trajectory is held as per-layer CPU tensors (MTT's replay buffer) and
   concatenated to the device every iteration.
 * The unroll keeps every student parameter vector in ``student_params`` and back-propagates
@@ -45,7 +45,9 @@ __all__ = ["ReparamModule", "MTTReference", "mtt_network", "plain_layers"]
 
 def plain_layers(net: nn.Module) -> nn.Module:
     """``net`` with PyTorch's own layers where dpd has its own: every instance norm an
-    ``nn.GroupNorm(C, C)`` holding the same parameters, every 2x2 average pool an ``nn.AvgPool2d``."""
+    ``nn.GroupNorm(C, C)`` and every convolution an ``nn.Conv2d`` holding the same parameters, every
+    2x2 average pool an ``nn.AvgPool2d``."""
+    from dpd_cli.models.conv import Conv2d
     from dpd_cli.models.norm import AvgPool2, InstanceNorm
 
     for parent in list(net.modules()):
@@ -56,11 +58,19 @@ def plain_layers(net: nn.Module) -> nn.Module:
                 setattr(parent, name, plain.to(next(child.parameters(), torch.empty(0)).device))
             elif isinstance(child, AvgPool2):
                 setattr(parent, name, nn.AvgPool2d(2, 2))
+            elif isinstance(child, Conv2d):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                  child.padding, child.dilation, child.groups, child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain.to(child.weight.device))
+    left = [type(m).__name__ for m in net.modules() if isinstance(m, (Conv2d, AvgPool2, InstanceNorm))]
+    if left:  # a dpd layer added later and not mapped here would silently speed up the baseline
+        raise TypeError(f"plain_layers left dpd layers in the network: {left}")
     return net
 
 
 def mtt_network(spec: ModelSpec) -> nn.Module:
-    """The network as MTT builds it (same initialisation as ``build_model``; ``nn.GroupNorm``, ``nn.AvgPool2d``)."""
+    """The network as MTT builds it (same initialisation as ``build_model``; ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.AvgPool2d``)."""
     return plain_layers(build_model(spec))
 
 

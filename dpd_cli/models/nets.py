@@ -4,8 +4,8 @@ The ConvNet follows MTT/DC: ``depth`` x [conv3x3(width) -> norm -> ReLU -> pool 
 linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT, computed
 by ``norm.instance_norm`` (same values, a small double-backward graph; parameters named as
 ``nn.GroupNorm``'s); the 2x2 average pool by ``norm.AvgPool2`` (on the CPU the distillation
-student's own pool, see ``norm._pool``). On the CPU ``forward`` also runs the student's convolution
-(``conv.conv2d``), so the module and ``forward_flat`` compute the same numbers there.
+student's own pool, see ``norm._pool``), the convolutions by ``conv.Conv2d`` (on the CPU the
+student's convolution), so the module and ``forward_flat`` compute the same numbers there.
 Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 32 px.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpd_cli.models.conv import conv2d
+from dpd_cli.models.conv import Conv2d, conv2d
 from dpd_cli.models.norm import AvgPool2, InstanceNorm, avg_pool2, instance_norm
 
 __all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
@@ -81,7 +81,7 @@ class ConvNet(nn.Module):
         self.supports_forward_flat = spec.norm != "batch"
         for d in range(spec.depth):
             pad = 3 if (d == 0 and spec.channels == 1 and spec.image_size == (28, 28)) else 1
-            self.add_module(f"conv{d + 1}", nn.Conv2d(c, spec.width, 3, padding=pad))
+            self.add_module(f"conv{d + 1}", Conv2d(c, spec.width, 3, padding=pad))
             self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width))
             self.add_module(f"act{d + 1}", nn.ReLU(inplace=True))
             self.add_module(f"pool{d + 1}", AvgPool2() if spec.pool == "avg" else nn.MaxPool2d(2, 2))
@@ -95,12 +95,7 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for d in range(1, self.depth + 1):
-            conv = getattr(self, f"conv{d}")
-            # On the CPU the student's convolution (models/conv.py): its bias gradient is a plain sum,
-            # which there takes 10 ms where ATen's backward spends 17 (first layer, batch 256). On a GPU
-            # the module itself, without a Python autograd node.
-            x = conv2d(x, conv.weight, conv.bias, self._pads[d - 1]) if x.device.type == "cpu" else conv(x)
-            x = getattr(self, f"pool{d}")(getattr(self, f"act{d}")(getattr(self, f"norm{d}")(x)))
+            x = getattr(self, f"pool{d}")(getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x))))
         return self.fc(x.flatten(1))
 
     def forward_flat(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

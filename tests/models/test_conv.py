@@ -79,3 +79,27 @@ def test_third_derivative_refuses_instead_of_being_wrong():
     (ggw,) = torch.autograd.grad(gx.square().sum(), [w], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         ggw.sum().backward()
+
+
+def test_the_conv_module_is_nn_conv2d_running_the_students_convolution_on_the_cpu():
+    from torch import nn
+
+    from dpd_cli.models.conv import Conv2d
+
+    torch.manual_seed(0)
+    ours = Conv2d(3, 5, 3, padding=1)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 5, 3, padding=1)
+    assert isinstance(ours, nn.Conv2d) and list(ours.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters(), strict=True))  # same init
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    y_ours, y_plain = ours(x), plain(x)
+    assert type(y_ours.grad_fn).__name__ == "_Conv2dBackward" and torch.equal(y_ours, y_plain)
+    gy = torch.randn_like(y_ours)
+    g_ours = torch.autograd.grad(y_ours, [x, ours.weight, ours.bias], gy)
+    g_plain = torch.autograd.grad(y_plain, [x, plain.weight, plain.bias], gy)
+    assert torch.equal(g_ours[0], g_plain[0]) and torch.equal(g_ours[1], g_plain[1])  # ATen's own kernels
+    torch.testing.assert_close(g_ours[2], gy.double().sum((0, 2, 3)).float())  # the bias: a plain sum
+    # What conv2d does not cover runs nn.Conv2d's own forward.
+    strided = Conv2d(3, 5, 3, stride=2, padding=1)
+    assert type(strided(x).grad_fn).__name__ == "ConvolutionBackward0"

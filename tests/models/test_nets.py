@@ -139,8 +139,9 @@ def test_instance_norm_keeps_parameter_names_state_dict_and_flat_layout(name):
 def test_convnet_instance_norm_gives_bitwise_the_old_outputs_and_gradients():
     """The norm runs nn.GroupNorm's kernels in expert and evaluation training: same numbers, bit for bit, in float32.
 
-    The pool differs from ``nn.AvgPool2d`` on the CPU by the order of each window's additions (``norm._pool``):
-    with PyTorch's pool too, outputs and gradients agree to float32 rounding.
+    On the CPU the pool adds each window in another order than ``nn.AvgPool2d`` (``norm._pool``) and the
+    convolution sums its bias gradient itself (``conv.Conv2d``): against PyTorch's pool and convolution
+    too, outputs and gradients agree to float32 rounding.
     """
     spec = ModelSpec("convnet", 3, (16, 16), 4, width=8, depth=2)
     torch.manual_seed(5)
@@ -151,6 +152,10 @@ def test_convnet_instance_norm_gives_bitwise_the_old_outputs_and_gradients():
     pytorch = _with_plain_group_norm(build_model(spec))
     for d in (1, 2):
         setattr(pytorch, f"pool{d}", nn.AvgPool2d(2, 2))
+        conv = getattr(pytorch, f"conv{d}")
+        plain_conv = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=conv.padding)
+        plain_conv.load_state_dict(conv.state_dict())
+        setattr(pytorch, f"conv{d}", plain_conv)
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
     out_new, out_old, out_pt = net(x), old(x), pytorch(x)
     assert torch.equal(out_new, out_old)
