@@ -21,7 +21,7 @@ change in load hits all modes alike. Modes:
   (``avg_pool2d`` and ``avg_pool2d_backward`` for the pool, a batched matmul for the norm's dots:
   what dpd runs on a GPU), switched for its calls only -- what those CPU kernels buy;
 * ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
-  ``nn.GroupNorm``, ``nn.AvgPool2d``);
+  ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.AvgPool2d``);
 * ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
   ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
   ``dpd_cli.models.norm``;

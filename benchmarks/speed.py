@@ -10,7 +10,7 @@ Sections (``--only experts,distill,eval``):
 
 experts  images/s of ``dpd_cli.engine.train.train_epoch`` with the expert settings' SGD (defaults
          of ``ExpertSettings``: lr 0.01, no momentum, no weight decay, batch 256, DSA on) against a
-         bare PyTorch loop written here, same network (PyTorch's own ``nn.GroupNorm`` and ``nn.AvgPool2d``), batches and DSA; repetitions interleaved
+         bare PyTorch loop written here, same network (PyTorch's own ``nn.Conv2d``, ``nn.GroupNorm`` and ``nn.AvgPool2d``: ``plain_layers``), batches and DSA; repetitions interleaved
          A B A B ..., medians and their ratio.
 distill  seconds per iteration and peak memory of ``matching.meta_gradient`` + the SGD updates of
          ``engine.distill.run``, ``full`` vs ``low`` memory (``lowK``: low keeping the last K steps'

@@ -115,7 +115,8 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and self.padding[0] == self.padding[1]):
+        square_pad = not isinstance(self.padding, str) and self.padding[0] == self.padding[1]  # not "same"/"valid"
+        plain = self.stride == self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+        if x.device.type == "cpu" and plain and square_pad:
             return conv2d(x, self.weight, self.bias, self.padding[0])
         return super().forward(x)

@@ -179,7 +179,8 @@ def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
 def test_avg_pool2_in_float32_is_the_window_means_to_float32_rounding():
     x = torch.randn(3, 5, 16, 12, generator=torch.Generator().manual_seed(3))
     exact = _window_means(x.double())
-    # Three float32 additions of values below 8 in magnitude, then an exact quarter: under 2^-21 off.
+    # |x| < 4: every partial sum is below 16, where each of the three float32 additions rounds by at most
+    # 2^-21; the quarter is exact, so the pooled value is within 3 * 2^-23 < 2^-21 of the true mean.
     assert x.abs().max() < 4
     for t in (x, x.transpose(2, 3)):  # contiguous (two additions of halves) and strided (ATen's kernel)
         got = avg_pool2(t)
