@@ -22,6 +22,9 @@ change in load hits all modes alike. Modes:
   what dpd runs on a GPU), switched for its calls only -- what those CPU kernels buy;
 * ``ref``: the reference MTT iteration (``mtt_reference.py``: ReparamModule-style student,
   ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.AvgPool2d``);
+* ``sweep``: low memory's forward sweep alone (its N plain gradient passes and parameter updates,
+  no loss, no backward sweep): ``low`` minus ``sweep`` is low memory's backward sweep, which does
+  full memory's work step by step;
 * ``full_gn`` (with ``--with-group-norm``): ``full`` with the student of ``op_count.py``'s
   ``group_norm_student`` (``F.group_norm``, ``F.relu``, ``F.avg_pool2d``) -- what dpd ran before
   ``dpd_cli.models.norm``;
@@ -131,6 +134,21 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         run.graphed = runner
         return run
 
+    def sweep_runner():  # matching._meta_low's forward sweep with no graphs kept, nothing after it
+        fm = FlatModel(build_model(spec).to(dev))
+        lr = torch.tensor(s.lr_teacher, device=dev)
+
+        def run(it):
+            theta = start.clone()
+            with torch.enable_grad():
+                for idx, seed, mix in plan(it).steps():
+                    th = theta.detach().requires_grad_(True)
+                    g = matching._inner_grad(fm, th, images, labels, idx, seed, create_graph=False, mix=mix)
+                    with torch.no_grad():
+                        theta = theta - lr * g
+            return float(theta.sum())
+        return run
+
     ref = MTTReference(spec, images.clone(), labels, s.lr_teacher, s.lr_img, s.lr_lr, batch_syn)
     start_buf, target_buf = MTTReference.buffer_entry(start, spec), MTTReference.buffer_entry(target, spec)
     runners = {
@@ -149,6 +167,8 @@ def make_runners(args, spec, images, labels, start, target) -> dict:
         m = re.fullmatch(r"low(\d+)(_graph)?", k)  # lowK / lowK_graph: low memory keeping the last K steps' graphs
         if k in ("full_det", "low_det"):  # with cuDNN's deterministic algorithms (--deterministic)
             runners[k] = deterministic(dpd_runner(k[:-4]))
+        elif k == "sweep":
+            runners[k] = sweep_runner()
         elif k == "full_aten":
             runners[k] = aten_kernels(dpd_runner("full"))
         elif m:
@@ -214,7 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-syn", type=int, default=100)
     p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--modes", default="full,low,ref", help="full, low, ref, lowK (low keeping the last K steps' graphs, "
-                   "--keep-graphs K), full_det, low_det (--deterministic), full_aten (ATen's pool and dot kernels); "
+                   "--keep-graphs K), full_det, low_det (--deterministic), full_aten (ATen's pool and dot kernels), "
+                   "sweep (low's forward sweep alone); "
                    "on CUDA also full_graph, low_graph, lowK_graph (--cuda-graphs)")
     p.add_argument("--with-group-norm", action="store_true", help="also time full with F.group_norm (dpd before the fused norm)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
@@ -297,6 +318,11 @@ def main(argv=None) -> int:
         base = "full_graph" if m and m[1] else "full"
         if m and base in wall:
             ratios[f"{k}_over_{base}"] = paired(k, base)
+    if "sweep" in wall and "full" in wall:
+        ratios["sweep_over_full"] = paired("sweep", "full")  # low memory's extra work, as a share of full's
+        if "low" in wall:
+            ratios["low_minus_sweep_over_full"] = statistics.median(
+                (a - b) / c for a, b, c in zip(wall["low"], wall["sweep"], wall["full"]))  # its backward sweep
     if "full_aten" in wall and "full" in wall:
         ratios["full_aten_over_full"] = paired("full_aten", "full")  # what the CPU pool and dot kernels save
     for m in ("full", "low"):

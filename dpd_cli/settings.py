@@ -285,7 +285,8 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     )
     keep_graphs: int = Field(
         0, ge=0, description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them. "
-        "Memory grows by K steps' activations (K/N of full's), time falls from low's toward full's (K = N: full's).",
+        "Memory grows by K steps' activations (K/N of full's), time falls from low's toward full's (K = N: full's). "
+        "The last step's graph is always kept (the backward sweep starts with it): K = 0 and 1 are the same.",
         json_schema_extra={"panel": "Memory"},
     )
     cuda_graphs: bool = Field(

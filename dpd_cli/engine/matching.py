@@ -25,10 +25,12 @@ Two ways to get dL/dX and dL/dalpha, equal up to rounding:
   Peak memory is one step's graph plus the buffer, flat in N. This is exact, not TESLA's
   approximation.
 
+  The last step's graph is built in the forward sweep and kept: the backward sweep starts with
+  it, so it is the one step's graph of the peak, and recomputing it would only cost time.
   ``keep_graphs`` K trades memory back for time: the forward sweep builds the last K steps'
   graphs (with create_graph) and keeps them, so the backward sweep recomputes only the first
-  N - K steps. Peak memory is about K steps' graphs plus the buffer; K = 0 is plain ``low``, and
-  K = N does the work of ``full`` (each step's graph kept on its own instead of one chain).
+  N - K steps. Peak memory is about K steps' graphs plus the buffer; K = 0 and K = 1 are plain
+  ``low``, and K = N does the work of ``full`` (each step's graph kept on its own instead of one chain).
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def meta_gradient(
         label_logits: Learnable soft labels ``(n, C)``: the student trains on softmax(label_logits)
             instead of ``labels``, and dL/d(label_logits) is returned too.
         keep_graphs: With ``memory="low"``: keep the last this many steps' graphs from the forward
-            sweep instead of recomputing them (more than N means N). Ignored by ``full``.
+            sweep instead of recomputing them (more than N means N; the last step's is always
+            kept, at no cost in peak memory). Ignored by ``full``.
 
     Returns:
         Loss, dL/dX, dL/dalpha, the loss mask used, and dL/d(label_logits) with soft labels.
@@ -199,7 +202,9 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=
 def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None, keep_graphs=0) -> MetaResult:
     a = lr.detach()
     n_steps = len(plan)
-    first_kept = max(n_steps - keep_graphs, 0)  # steps first_kept..N-1 keep their graphs
+    # Steps first_kept..N-1 keep their graphs. The last one always: the backward sweep starts with it, so
+    # keeping it adds nothing to the peak (one step's graph) and saves its recomputation.
+    first_kept = max(n_steps - max(keep_graphs, 1), 0)
     soft = label_logits is not None
     x = images.detach().requires_grad_(True)
     if soft:

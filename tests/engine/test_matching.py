@@ -359,13 +359,14 @@ def test_low_memory_keeping_graphs_equals_naive(prob, plan, ratio, keep_graphs):
 
 @pytest.mark.parametrize("keep_graphs", [0, 1, 3, 5])
 def test_low_memory_recomputes_only_the_steps_it_did_not_keep(prob, keep_graphs, monkeypatch):
-    # N forward passes in the forward sweep, plus one per recomputed step: N + (N - K), K capped at N.
+    # N forward passes in the forward sweep, plus one per recomputed step: N + (N - K), K capped at N; the
+    # last step's graph is always kept (the backward sweep starts with it), so K = 0 recomputes N - 1.
     calls = []
     forward = type(prob.fm).__call__
     monkeypatch.setattr(type(prob.fm), "__call__", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     n = len(dsa_plan())
     meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, dsa_plan(), "low", keep_graphs=keep_graphs)
-    assert len(calls) == n + max(n - keep_graphs, 0)
+    assert len(calls) == n + max(n - max(keep_graphs, 1), 0)
 
 
 def test_keep_graphs_must_not_be_negative(prob):
@@ -450,3 +451,65 @@ def test_a_descent_step_lowers_the_loss(prob):
     assert after.loss < res.loss
     after_lr = prob.run(plan, PruneConfig(0.05), lr=prob.lr - 1e-4 * res.grad_lr.sign())
     assert after_lr.loss < res.loss
+
+
+class _SavedBytes:
+    """Bytes of the tensors that autograd graphs hold for a backward: live now, and the most at once.
+
+    Every tensor a node saves is packed into a box; the box lives exactly as long as its graph, so
+    its finaliser marks the moment the graph lets the tensor go.
+    """
+
+    class _Box:
+        def __init__(self, t):
+            self.t = t
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        import weakref
+
+        box, n = self._Box(t), t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(box, self._free, n)
+        return box
+
+    def unpack(self, box):
+        return box.t
+
+    def _free(self, n):
+        self.live -= n
+
+    def __call__(self, run):
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            run()
+        return self.peak
+
+
+def test_low_memory_holds_one_steps_graph_at_a_time(prob):
+    # Low memory's peak of saved tensors is one twice-differentiated step (the largest: DSA's draws change
+    # a step's graph a little) plus the loss's parameter vector, whatever N: keeping the last step's graph
+    # from the forward sweep (the backward sweep starts with it) adds nothing more. Kept graphs do add.
+    seeds = list(range(50, 56))
+
+    def low(n_steps, keep=0):
+        plan = StepPlan([None] * n_steps, seeds[:n_steps])
+        return lambda: meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, "low",
+                                     keep_graphs=keep)
+
+    def one_step(seed):  # written out: one step's gradient with its graph, and the products low memory takes of it
+        theta = prob.start.clone().requires_grad_(True)
+        x = prob.images.clone().requires_grad_(True)
+        ce = F.cross_entropy(prob.fm(theta, dsa(x, seed)), prob.labels)
+        (g,) = torch.autograd.grad(ce, theta, create_graph=True)
+        torch.autograd.grad(g, [theta, x], grad_outputs=torch.randn_like(g))
+
+    steps = [_SavedBytes()(lambda s=s: one_step(s)) for s in seeds]
+    vector = prob.fm.n_params * prob.start.element_size()
+    assert min(steps) > 50 * vector
+    for n in (1, 3, 6):
+        assert max(steps[:n]) <= _SavedBytes()(low(n)) <= max(steps[:n]) + vector + 8
+    assert _SavedBytes()(low(6, keep=3)) >= 2.5 * min(steps)
+    assert _SavedBytes()(low(6, keep=6)) >= 5.5 * min(steps)
