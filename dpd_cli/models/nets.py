@@ -1,11 +1,13 @@
 """Network definitions, sized from the image shape (28-64 px) and built from a plain spec.
 
 The ConvNet follows MTT/DC: ``depth`` x [conv3x3(width) -> norm -> ReLU -> pool 2x2], then a
-linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT, computed
-by ``norm.instance_norm`` (same values, a small double-backward graph; parameters named as
-``nn.GroupNorm``'s); the 2x2 average pool by ``norm.AvgPool2`` (on the CPU the distillation
-student's own pool, see ``norm._pool``), the convolutions by ``conv.Conv2d`` (on the CPU the
-student's convolution), so the module and ``forward_flat`` compute the same numbers there.
+linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT. The
+distillation student (``forward_flat``) computes it with ``norm.instance_norm`` (the same kernels, a
+small double-backward graph); the module, which experts and evaluation train and nothing
+differentiates twice, keeps ``nn.GroupNorm`` itself: the same numbers without a Python autograd node
+(on a GPU at small batches each node costs launch time). The 2x2 average pool is ``norm.AvgPool2``
+(on the CPU the student's own pool, see ``norm._pool``), the convolutions ``conv.Conv2d`` (on the CPU
+the student's convolution), so the module and ``forward_flat`` compute the same numbers there.
 Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 32 px.
 """
 
@@ -63,9 +65,16 @@ def default_depth(image_size: tuple[int, int]) -> int:
     return max(1, min(5, round(math.log2(side)) - 2))
 
 
-def _norm(kind: str, c: int) -> nn.Module:
+def _norm(kind: str, c: int, twice: bool = True) -> nn.Module:
+    """The norm layer ``kind`` over ``c`` channels.
+
+    ``twice``: the module itself is differentiated twice (it is the distillation student, run through
+    ``functional_call``), so instance norm gets ``norm.InstanceNorm``'s second derivative; otherwise
+    it is ``nn.GroupNorm`` itself, whose forward and backward are the same kernels.
+    """
     if kind == "instance":
-        return InstanceNorm(c, affine=True)  # an nn.GroupNorm(c, c): same parameters and state dict
+        # an nn.GroupNorm(c, c) either way: the same parameters, state dict and numbers
+        return InstanceNorm(c, affine=True) if twice else nn.GroupNorm(c, c)
     if kind == "batch":
         return nn.BatchNorm2d(c)
     return nn.Identity()
@@ -82,7 +91,8 @@ class ConvNet(nn.Module):
         for d in range(spec.depth):
             pad = 3 if (d == 0 and spec.channels == 1 and spec.image_size == (28, 28)) else 1
             self.add_module(f"conv{d + 1}", Conv2d(c, spec.width, 3, padding=pad))
-            self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width))
+            # The student runs forward_flat (with norm.instance_norm); the module is differentiated once.
+            self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width, twice=not self.supports_forward_flat))
             self.add_module(f"act{d + 1}", nn.ReLU(inplace=True))
             self.add_module(f"pool{d + 1}", AvgPool2() if spec.pool == "avg" else nn.MaxPool2d(2, 2))
             self._pads.append(pad)

@@ -13,9 +13,11 @@ Here the norm is two autograd nodes instead:
   gradients as before, bit for bit. Its own backward (the second derivative) is the closed form
   below; it is not differentiable again (third order raises instead of being silently wrong).
 
-A plain backward (no ``create_graph``: expert and evaluation training, low memory's forward sweep)
-runs the same kernels without building ``_InstanceNormBackward``'s node: nothing will differentiate
-it again, and at small batches on a GPU each Python node costs launch time.
+A plain backward (no ``create_graph``: low memory's forward sweep; expert and evaluation training of
+ResNet-18 and VGG-11, whose modules are their own students) runs the same kernels without building
+``_InstanceNormBackward``'s node: nothing will differentiate it again, and at small batches on a GPU
+each Python node costs launch time. (The ConvNet's module keeps ``nn.GroupNorm`` itself: its student
+is ``forward_flat``, so the module is never differentiated twice.)
 
 Folding the ReLU in (``relu=True``, used by ``ConvNet.forward_flat``) also removes PyTorch's double
 backward of ``relu``, which back-propagates a zero tensor the size of the activation. ``avg_pool2``

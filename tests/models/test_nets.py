@@ -117,7 +117,8 @@ def test_instance_norm_keeps_parameter_names_state_dict_and_flat_layout(name):
     torch.manual_seed(4)
     net = build_model(spec)
     norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(type(m) is InstanceNorm for m in norms)
+    # The ConvNet's student runs forward_flat; its module, trained once-differentiated, keeps nn.GroupNorm.
+    assert norms and all(type(m) is (nn.GroupNorm if name == "convnet" else InstanceNorm) for m in norms)
     torch.manual_seed(4)
     old = _with_plain_group_norm(build_model(spec))
     assert not any(isinstance(m, InstanceNorm) for m in old.modules())
