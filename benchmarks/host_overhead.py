@@ -3,6 +3,7 @@ r"""Host time per one-batch training epoch: dpd's ``train_epoch`` against a bare
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --reps 9 --epochs 400 --json bench-out/host-overhead.json
+    git worktree add /tmp/dpd-old REV && PYTHONPATH=/tmp/dpd-old python benchmarks/host_overhead.py   # an older dpd
 
 Evaluation at small IPC trains one batch per epoch, and on a GPU such a step is bound by the host:
 Python, the dispatcher and kernel launches, not the kernels. This script measures that host part on
@@ -21,6 +22,9 @@ This is not a GPU measurement. A GPU pays more host time per operation than the 
 the H200 of docs/results.md a bare epoch took 2.75 ms against about 0.95 ms here), so a difference
 found here is a lower bound of what a launch-bound GPU pays, and only ``benchmarks/gpu_check.sh``
 measures the ratio itself.
+
+The script needs nothing of dpd but ``build_model``, ``train_epoch`` and ``dsa`` (its bare loop is
+written here rather than imported from ``speed.py``), so that it runs against older versions too.
 """
 
 from __future__ import annotations
