@@ -14,7 +14,7 @@
 #   4. CIFAR-10 (JPEG copy), unpacked to /tmp: `dpd experts` (1 expert, 2 epochs, ConvNet-128) images/s;
 #      graph_check.py: a captured graph's replay vs the eager meta-gradient, next to eager vs itself;
 #      distill_ab.py: dpd full/low/low12 (--keep-graphs 12), eager and with CUDA graphs (--cuda-graphs),
-#      vs the reference MTT loop,
+#      vs the reference MTT loop, and low memory's forward sweep alone (where low's extra time goes),
 #      rho 0 everywhere, interleaved in one process, 3 warm-up + 10 timed rounds, IPC 10 and 50 at N 30,
 #      peak memory per mode (the fair comparison); the graphs' equality with eager is step 6's tests
 #   5. host syncs per distillation iteration, CUDA graphs on and off (benchmarks/sync_check.py)
@@ -186,7 +186,7 @@ if step "dpd experts, $DATA_NAME (1 expert, $E_EPOCHS epochs, ConvNet-$WIDTH)" 1
 fi
 if (( SMOKE )); then
   X_ARGS=(--expert-images 128 --expert-reps 2 --eval-ipc 2 --eval-epochs 2 --eval-reps 2)
-  D_ARGS=(--ipc 1,2 --steps 2 --modes full,low,low1,ref --iters 1)
+  D_ARGS=(--ipc 1,2 --steps 2 --modes full,low,low2,ref --iters 1)
 else
   X_ARGS=(--expert-images 25600 --expert-reps 3 --eval-epochs 50 --eval-reps 3)
   D_ARGS=(--ipc 10,50 --steps 30 --modes full,low,low12,ref --iters 3 --worker-timeout 150)
@@ -198,9 +198,10 @@ GRAPH_ARGS=(--ipc 10 --steps 30)
 # start/target parameters and DSA draws, interleaved in one process, 3 warm-up + 10 timed rounds.
 distill_ab() {
   # Every image in every student step, as MTT's CIFAR-10 settings (IPC 1, 10 and 50: batch_syn = all).
-  # low12: low memory keeping the last 12 of the 30 steps' graphs (--keep-graphs 12).
-  local ipc extra=(--steps 30 --warmup 3 --iters 10 --batch-syn 0 --modes full,low,ref,full_graph,low_graph,low12,low12_graph)
-  (( SMOKE )) && extra=(--steps 2 --warmup 1 --iters 1 --width 16 --threads 1 --batch-syn 0 --modes full,low,ref,low1)
+  # low12: low memory keeping the last 12 of the 30 steps' graphs (--keep-graphs 12); sweep: low memory's
+  # forward sweep alone (low - sweep is its backward sweep, to compare with full).
+  local ipc extra=(--steps 30 --warmup 3 --iters 10 --batch-syn 0 --modes full,low,ref,full_graph,low_graph,low12,low12_graph,sweep)
+  (( SMOKE )) && extra=(--steps 2 --warmup 1 --iters 1 --width 16 --threads 1 --batch-syn 0 --modes full,low,ref,low2,sweep)
   for ipc in ${AB_IPCS:-10 50}; do
     (( SMOKE )) && (( ipc == 50 )) && ipc=2
     # shellcheck disable=SC2086  # DATA_ARGS is a list of plain words
