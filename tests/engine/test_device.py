@@ -93,9 +93,10 @@ def test_host_memory_reuse_stops_the_page_faults_of_large_blocks():
     assert out["system"][0] == "None None"
     pages = 10 * 64 * 2**20 // 4096
     assert out["system"][1] > pages // 2  # every block faulted in afresh, 4 KiB at a time
-    # Reused: at most one block in ten lands on fresh pages (seen now and then: the heap placing one
-    # aligned request anew), against all ten with the system's allocator.
-    assert out["reuse"][1] < pages // 5
+    # Reused: usually no block in ten lands on fresh pages (0 in 30 processes here), but now and then
+    # one or two do (the heap placing an aligned request anew; two seen once in a full test run);
+    # with the system's allocator all ten do. Fewer than half keeps the two apart without flaking.
+    assert out["reuse"][1] < pages // 2
 
 
 def test_host_memory_leaves_gpu_runs_alone():
