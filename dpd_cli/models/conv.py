@@ -114,9 +114,13 @@ class Conv2d(nn.Conv2d):
     GPU, where a Python autograd node costs launch time at small batches -- ``nn.Conv2d``'s forward.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runs_student_conv(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs :func:`conv2d`: on the CPU, for the convolutions it covers."""
         square_pad = not isinstance(self.padding, str) and self.padding[0] == self.padding[1]  # not "same"/"valid"
         plain = self.stride == self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-        if x.device.type == "cpu" and plain and square_pad:
+        return x.device.type == "cpu" and plain and square_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_student_conv(x):
             return conv2d(x, self.weight, self.bias, self.padding[0])
         return super().forward(x)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -468,8 +469,6 @@ class _SavedBytes:
         self.live = self.peak = 0
 
     def pack(self, t):
-        import weakref
-
         box, n = self._Box(t), t.numel() * t.element_size()
         self.live += n
         self.peak = max(self.peak, self.live)
