@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.engine import matching, pruning
+from dpd_cli.core import matching, pruning
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

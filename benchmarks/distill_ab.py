@@ -59,10 +59,10 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.engine import matching
-from dpd_cli.engine.graphs import GraphedMetaGradient
+from dpd_cli.core import matching
+from dpd_cli.core.graphs import GraphedMetaGradient
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.settings import DistillSettings
+from dpd_cli.config.settings import DistillSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtt_reference import MTTReference  # noqa: E402

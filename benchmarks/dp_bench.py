@@ -1,6 +1,6 @@
 r"""Seconds per distillation iteration and peak memory per rank, one process or data parallel under torchrun.
 
-Drives ``dpd_cli.engine.distill.DistillRecipe`` (the loop ``dpd distill`` runs) on an experts folder:
+Drives ``dpd_cli.recipes.distill.DistillRecipe`` (the loop ``dpd distill`` runs) on an experts folder:
 ``--warmup`` untimed iterations, then ``--iters`` timed ones (the device synchronised around each),
 in a scratch run directory. Under torchrun every rank reports its own times and peak memory
 (``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU) and rank 0 writes
@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpd_cli.engine.distill import DistillRecipe  # noqa: E402
-from dpd_cli.settings import resolve  # noqa: E402
+from dpd_cli.recipes.distill import DistillRecipe  # noqa: E402
+from dpd_cli.config.settings import resolve  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

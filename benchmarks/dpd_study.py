@@ -135,8 +135,8 @@ def _run_dir(out: Path, dataset: str, ipc: int, variant: str, seed: int) -> Path
 
 
 def train_experts(dataset: str, out: str, data_dir: str, threads: int, plan_name: str) -> str:
-    from dpd_cli.engine import experts
-    from dpd_cli.settings import resolve
+    from dpd_cli.recipes import experts
+    from dpd_cli.config.settings import resolve
 
     flags = {**_experts_settings(dataset, Path(out), Path(data_dir), threads), **PLANS[plan_name].get("experts", {})}
     s = resolve("experts", flags, DATASETS[dataset]["preset"])
@@ -149,9 +149,9 @@ def run_one(job: tuple, out: str, data_dir: str, plan_name: str) -> dict:
 
     from dpd_cli.artifacts import prune_counts
     from dpd_cli.artifacts.synthetic import load
-    from dpd_cli.engine import distill, evaluate
+    from dpd_cli.recipes import distill, evaluate
     from dpd_cli.errors import StorageError
-    from dpd_cli.settings import resolve
+    from dpd_cli.config.settings import resolve
 
     dataset, ipc, variant, seed = job
     plan = PLANS[plan_name]

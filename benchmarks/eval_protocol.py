@@ -26,7 +26,7 @@ The loops:
   generator). All switches at dpd's values (arm ``dpd``) is dpd 0.1.0's loop; ``+schedule``
   (MTT's epochs, decay point and restart, dpd's DSA and loader) is the current engine's loop;
   ``--check ARM`` compares an arm's accuracies with the engine's.
-* ``engine``: ``dpd_cli.engine.evaluate``'s own loop, as checked out.
+* ``engine``: ``dpd_cli.recipes.evaluate``'s own loop, as checked out.
 
 Usage::
 
@@ -55,10 +55,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpd_cli.augment import dsa  # noqa: E402
+from dpd_cli.core.augment import dsa  # noqa: E402
 from dpd_cli.data import Preprocess, load_dataset  # noqa: E402
-from dpd_cli.engine.distill import SYNTHETIC, load_synthetic  # noqa: E402
-from dpd_cli.engine.train import accuracy  # noqa: E402
+from dpd_cli.recipes.distill import SYNTHETIC, load_synthetic  # noqa: E402
+from dpd_cli.core.train import accuracy  # noqa: E402
 from dpd_cli.models import ModelSpec, build_model  # noqa: E402
 
 MOMENTUM, WEIGHT_DECAY, BATCH = 0.9, 5e-4, 256
@@ -228,11 +228,11 @@ def knob_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device, knobs: dict)
 
 
 def engine_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device) -> float:
-    """dpd_cli.engine.evaluate's loop as checked out, at --protocol mtt's batch, momentum and weight decay."""
+    """dpd_cli.recipes.evaluate's loop as checked out, at --protocol mtt's batch, momentum and weight decay."""
     import inspect
 
-    from dpd_cli.engine import evaluate as ev
-    from dpd_cli.settings import EvalSettings
+    from dpd_cli.recipes import evaluate as ev
+    from dpd_cli.config.settings import EvalSettings
 
     s = EvalSettings(batch=BATCH, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dsa=True, protocol="mtt")
     params = inspect.signature(ev._train_and_test).parameters
@@ -325,7 +325,7 @@ def check_dsa(x: torch.Tensor, n: int = 20000) -> dict:
     """
     from scipy.stats import ks_2samp
 
-    from dpd_cli.augment import OPS
+    from dpd_cli.core.augment import OPS
 
     img = x[:1].cpu().double()
     reps = img.expand(n, *img.shape[1:]).contiguous()

@@ -23,10 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from dpd_cli import storage  # noqa: E402
+from dpd_cli.io import storage  # noqa: E402
 from dpd_cli.data import Preprocess  # noqa: E402
 from dpd_cli.artifacts.synthetic import load as load_synthetic  # noqa: E402
-from dpd_cli.images import save_grid  # noqa: E402
+from dpd_cli.io.images import save_grid  # noqa: E402
 
 
 def _metrics(run: Path) -> list[dict]:

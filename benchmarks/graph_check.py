@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpd_cli.engine import distill as distill_engine  # noqa: E402
-from dpd_cli.engine import graphs, matching  # noqa: E402
-from dpd_cli.engine.pruning import PruneConfig, Pruner  # noqa: E402
+from dpd_cli.recipes import distill as distill_engine  # noqa: E402
+from dpd_cli.core import graphs, matching  # noqa: E402
+from dpd_cli.core.pruning import PruneConfig, Pruner  # noqa: E402
 from dpd_cli.models import FlatModel, ModelSpec, build_model  # noqa: E402
-from dpd_cli.settings import DistillSettings  # noqa: E402
+from dpd_cli.config.settings import DistillSettings  # noqa: E402
 
 
 def one(args, dev, memory: str, dsa: bool, ratio: float, deterministic: bool) -> dict:

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dpd_cli
-from dpd_cli.augment import dsa
-from dpd_cli.engine.train import train_epoch
+from dpd_cli.core.augment import dsa
+from dpd_cli.core.train import train_epoch
 from dpd_cli.models import ModelSpec, build_model
 
 

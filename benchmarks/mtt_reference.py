@@ -22,7 +22,7 @@ copied. What is kept, because it decides speed and memory:
   (each divided by the number of parameters, which cancels); ``grand_loss.backward()``;
   ``torch.optim.SGD(momentum=0.5)`` steps on the images and on the learnable lr.
 
-Deliberate difference: the augmentation is ``dpd_cli.augment.dsa`` with the same per-step
+Deliberate difference: the augmentation is ``dpd_cli.core.augment.dsa`` with the same per-step
 seeds dpd uses, so both sides do identical augmentation work and the comparison isolates
 the unroll machinery. With ``identity_order=True``, no pruning and the same seeds, one
 iteration gives the same loss and image gradient as ``dpd``'s ``meta_gradient`` (full);
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpd_cli.augment import dsa
+from dpd_cli.core.augment import dsa
 from dpd_cli.models import ModelSpec, build_model
 
 __all__ = ["ReparamModule", "MTTReference", "mtt_network", "plain_layers"]
@@ -203,7 +203,7 @@ class MTTReference:
 
 def check_against_dpd(device: str = "cpu", n_steps: int = 3, rtol: float = 1e-9) -> dict:
     """One iteration of the reference and of dpd's ``meta_gradient`` (full, rho = 0), float64: same loss and dL/dX?"""
-    from dpd_cli.engine import matching
+    from dpd_cli.core import matching
     from dpd_cli.models import FlatModel
 
     dev = torch.device(device)

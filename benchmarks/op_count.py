@@ -30,7 +30,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.augment import dsa
+from dpd_cli.core.augment import dsa
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 
 

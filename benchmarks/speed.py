@@ -8,7 +8,7 @@ r"""Speed benchmarks for dpd: expert training, distillation (full vs low memory 
 
 Sections (``--only experts,distill,eval``):
 
-experts  images/s of ``dpd_cli.engine.train.train_epoch`` with the expert settings' SGD (defaults
+experts  images/s of ``dpd_cli.core.train.train_epoch`` with the expert settings' SGD (defaults
          of ``ExpertSettings``: lr 0.01, no momentum, no weight decay, batch 256, DSA on) against a
          bare PyTorch loop written here, same network (PyTorch's own ``nn.Conv2d``, ``nn.GroupNorm`` and ``nn.AvgPool2d``: ``plain_layers``), batches and DSA; repetitions interleaved
          A B A B ..., medians and their ratio.
@@ -47,14 +47,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.augment import dsa
+from dpd_cli.core.augment import dsa
 from dpd_cli.data import load_dataset
-from dpd_cli.engine import distill as distill_engine
-from dpd_cli.engine import matching, pruning
-from dpd_cli.engine.common import build_preprocess, set_host_memory
-from dpd_cli.engine.train import train_epoch
+from dpd_cli.recipes import distill as distill_engine
+from dpd_cli.core import matching, pruning
+from dpd_cli.recipes.runtime import build_preprocess, set_host_memory
+from dpd_cli.core.train import train_epoch
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
-from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings
+from dpd_cli.config.settings import DistillSettings, EvalSettings, ExpertSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtt_reference import MTTReference, check_against_dpd, plain_layers  # noqa: E402

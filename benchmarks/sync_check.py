@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpd_cli.engine.distill import DistillRecipe  # noqa: E402
-from dpd_cli.settings import resolve  # noqa: E402
+from dpd_cli.recipes.distill import DistillRecipe  # noqa: E402
+from dpd_cli.config.settings import resolve  # noqa: E402
 
 
 def _count(fn, cuda: bool) -> collections.Counter:

@@ -29,11 +29,11 @@ CHILD = r"""
 import json, resource, sys, tempfile
 from pathlib import Path
 import torch
-import dpd_cli.engine.experts as E
+import dpd_cli.recipes.experts as E
 from dpd_cli.data import Preprocess
 from dpd_cli.events import NullSink
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.settings import ExpertSettings
+from dpd_cli.config.settings import ExpertSettings
 
 epochs, out = int(sys.argv[1]), Path(sys.argv[2])
 torch.set_num_threads(1)

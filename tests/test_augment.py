@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from dpd_cli import augment
-from dpd_cli.augment import OPS, _FNS, dsa
+from dpd_cli.core import augment
+from dpd_cli.core.augment import OPS, _FNS, dsa
 from tests.helpers import assert_close
 
 

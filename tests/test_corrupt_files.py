@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save as st_save
 
 import dpd_cli
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.experts import MANIFEST, PREPROCESS, ExpertSet
 from dpd_cli.errors import StorageError, UserError

@@ -49,7 +49,7 @@ def test_every_link_between_documents_resolves():
 
 
 def test_the_guide_documents_every_option():
-    from dpd_cli.settings import DistillSettings, EvalSettings, ExpertSettings
+    from dpd_cli.config.settings import DistillSettings, EvalSettings, ExpertSettings
 
     guide = (ROOT / "docs" / "guide.md").read_text()
     shared = guide[guide.index("Options shared by"):guide.index("### `dpd experts`")]

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.cli.app import app
 from dpd_cli.errors import OutputExistsError, StorageError
 from tests.cli.conftest import TINY

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpd_cli.settings import resolve
+from dpd_cli.config.settings import resolve
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PRESETS = sorted(EXAMPLES.glob("*.toml"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dpd_cli.errors import SettingsError
-from dpd_cli.settings import (
+from dpd_cli.config.settings import (
     DistillSettings,
     EvalSettings,
     ExpertSettings,
@@ -330,7 +330,7 @@ def test_shared_variable_of_a_colliding_setting_is_refused():
 
 
 def test_variable_names_are_unique_and_avoid_reserved_ones():
-    from dpd_cli.settings import COMMAND_SETTINGS
+    from dpd_cli.config.settings import COMMAND_SETTINGS
 
     owner: dict[str, set[str]] = {}
     for command, cls in COMMAND_SETTINGS.items():

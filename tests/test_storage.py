@@ -9,9 +9,10 @@ import struct
 import pytest
 import torch
 
-from dpd_cli import __version__, storage
+from dpd_cli import __version__
+from dpd_cli.io import storage
 from dpd_cli.errors import OutputExistsError, StorageError
-from dpd_cli.storage import TensorFile, atomic_write, atomic_write_text, load_tensors, lock_dir, read_header, save_tensors
+from dpd_cli.io.storage import TensorFile, atomic_write, atomic_write_text, load_tensors, lock_dir, read_header, save_tensors
 
 
 def _save(path, fmt="dpd.synthetic", meta=None):

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.errors import StorageError
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts import json_number
 from dpd_cli.errors import StorageError
 

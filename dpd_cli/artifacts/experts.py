@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dpd_cli import paths, storage
+from dpd_cli.io import paths, storage
 from dpd_cli.artifacts import json_number
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess
@@ -165,7 +165,7 @@ def read_manifest(folder: Path) -> dict:
 
 def new_manifest(compat: dict, settings: dict, pre: Preprocess, validation: dict | None, **extra) -> dict:
     """The ``experts.json`` of a new folder (docs/formats.md); ``extra`` adds entries (``n_planned``, ...)."""
-    from dpd_cli.engine.common import versions
+    from dpd_cli.recipes.runtime import versions
 
     return {
         "format": MANIFEST_FORMAT,
@@ -213,7 +213,7 @@ def _trajectory_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int]:
     Raises:
         StorageError: The model, layout or epochs entry is missing or malformed.
     """
-    from dpd_cli.engine.common import spec_from_meta
+    from dpd_cli.recipes.runtime import spec_from_meta
 
     spec_from_meta(path, meta.get("model"))
     layout, epochs = meta.get("layout"), meta.get("epochs")
@@ -334,7 +334,7 @@ class ExpertSet:
 
     def _check(self) -> None:
         """Every file holds a trajectory of the first one's model and length; the preprocessing matches."""
-        from dpd_cli.engine.common import spec_from_meta
+        from dpd_cli.recipes.runtime import spec_from_meta
 
         first = self.files[0]
         self.meta = first.meta

@@ -14,7 +14,7 @@ one). The formats (docs/formats.md, "Exports"):
 * ``imagefolder``: ``<NN>-<class>/<i>.png``, the images back in 8-bit pixel space.
 * ``npz``: ``synthetic.npz``, every tensor as a NumPy array, readable without unpickling.
 
-Writers put files into a folder the caller made (``dpd_cli.engine.export`` writes into a temporary
+Writers put files into a folder the caller made (``dpd_cli.recipes.export`` writes into a temporary
 folder and renames it into place), each file itself written atomically.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.data import Preprocess
 
 __all__ = ["FORMAT", "RECORD", "README", "NPZ", "HARD_LABEL_GAP", "MTT_FILES", "datm_labels", "write_torch", "write_npz",

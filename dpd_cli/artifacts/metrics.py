@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 
 __all__ = ["append", "truncate", "read", "last_iteration"]
 

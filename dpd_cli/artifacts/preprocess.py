@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
 

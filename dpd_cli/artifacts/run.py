@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts.evaluation import EVAL_FILE
 from dpd_cli.errors import StorageError
 

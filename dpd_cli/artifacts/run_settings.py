@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts.run import SETTINGS
 from dpd_cli.errors import StorageError
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import run as layout
 from dpd_cli.data import Preprocess
@@ -76,7 +76,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     Raises:
         StorageError: Anything wrong with the file (or the preprocessing it refers to), naming the path.
     """
-    from dpd_cli.engine.common import spec_from_meta
+    from dpd_cli.recipes.runtime import spec_from_meta
 
     path = Path(path)
     fmt = _format(path)

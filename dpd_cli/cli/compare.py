@@ -31,7 +31,7 @@ def compare(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     with handle_errors():
-        from dpd_cli.engine import compare as engine
+        from dpd_cli.reports import compare as engine
 
         result = engine.run([Path(r) for r in runs])
     print_result("compare", result, json_out, [] if json_out else lines(result))

@@ -8,7 +8,7 @@ from dpd_cli.cli.runner import Report, settings_command
 
 
 def _report(settings, run_dir: Path) -> Report:
-    from dpd_cli.engine.distill import summarize
+    from dpd_cli.recipes.distill import summarize
 
     summary = summarize(run_dir)
     return Report(summary, [f"Synthetic set: {summary['synthetic']} ({summary['n_images']} images, alpha {summary['lr']:.5g}). "

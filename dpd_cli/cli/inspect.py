@@ -79,7 +79,7 @@ def inspect(
     ] = None,
 ) -> None:
     with handle_errors():
-        from dpd_cli.engine import inspect as engine
+        from dpd_cli.reports import inspect as engine
         from dpd_cli.errors import SettingsError
 
         path = Path(path)

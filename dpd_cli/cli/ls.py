@@ -29,7 +29,7 @@ def ls(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     with handle_errors():
-        from dpd_cli.engine import ls as engine
+        from dpd_cli.reports import ls as engine
 
         result = engine.run([Path(d) for d in dirs or []])
     print_result("ls", result, json_out, [] if json_out else lines(result))

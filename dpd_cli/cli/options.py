@@ -1,9 +1,9 @@
 """Command-line options generated from the settings models, and the options every command shares.
 
-Each settings field (``dpd_cli.settings.setting_infos``) becomes one Typer option: flag, value
+Each settings field (``dpd_cli.config.settings.setting_infos``) becomes one Typer option: flag, value
 type, default, help text, allowed values, env var names and ``--help`` panel all come from the
 field, so a new setting needs no edit here. An option left out is ``None``: "not given", so the
-config file, the environment or the default decide (``dpd_cli.settings.resolve_sources``).
+config file, the environment or the default decide (``dpd_cli.config.settings.resolve_sources``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from dpd_cli.settings import COMMAND_SETTINGS, PANELS, SettingInfo, env_names, setting_infos
+from dpd_cli.config.settings import COMMAND_SETTINGS, PANELS, SettingInfo, env_names, setting_infos
 
 __all__ = ["COMMON", "ENVIRONMENT_HELP", "Command", "Group", "common_parameters", "examples_help", "keep_text",
            "settings_parameters", "synthetic_target"]

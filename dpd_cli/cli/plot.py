@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 
 __all__ = ["plot"]
 

@@ -2,7 +2,7 @@
 
 ``settings_command`` builds the Typer command function of ``experts``, ``distill`` or
 ``evaluate``. One name runs through command, module and entry point: ``dpd distill`` calls
-``dpd_cli.engine.distill.run``. The options come from the settings model (``dpd_cli.cli.options``);
+``dpd_cli.recipes.distill.run``. The options come from the settings model (``dpd_cli.cli.options``);
 the command's module supplies only how its result is reported and its help text.
 """
 
@@ -49,7 +49,7 @@ def settings_command(command: str, *, report: Callable[[Any, Any], Report], summ
 
     Args:
         command: ``experts``, ``distill`` or ``evaluate`` (a key of ``COMMAND_SETTINGS``).
-        report: ``(settings, result of dpd_cli.engine.<command>.run) -> Report``.
+        report: ``(settings, result of dpd_cli.recipes.<command>.run) -> Report``.
         summary: The first paragraph of ``--help``.
         examples: ``(command line, what it does)`` pairs shown under the summary.
         arguments: Positional arguments (``typer.Argument`` parameters), passed on to the engine's
@@ -61,13 +61,13 @@ def settings_command(command: str, *, report: Callable[[Any, Any], Report], summ
         args = [values.pop(n) for n in names]
         config, print_config, quiet, json_out = (values.pop(n) for n in COMMON)
         with handle_errors():
-            from dpd_cli.settings import resolve_sources, to_toml
+            from dpd_cli.config.settings import resolve_sources, to_toml
 
             resolved = resolve_sources(command, values, config)  # values: exactly the settings flags
             if print_config:
                 sys.stdout.write(to_toml(resolved))
                 return
-            engine = importlib.import_module(f"dpd_cli.engine.{command}")  # torch: only now, not for --help
+            engine = importlib.import_module(f"dpd_cli.recipes.{command}")  # torch: only now, not for --help
             sink = make_sink(command, quiet, json_out)
             try:
                 result = engine.run(resolved.settings, *args, sink)

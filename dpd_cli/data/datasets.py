@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli import paths
+from dpd_cli.io import paths
 from dpd_cli.errors import DataError
 
 __all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx", "class_balanced"]
@@ -290,7 +290,7 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
     """
     from PIL import Image, UnidentifiedImageError
 
-    from dpd_cli import storage
+    from dpd_cli.io import storage
 
     listing = hashlib.sha256(name.encode())
     for f, label in train_items + test_items:
@@ -390,7 +390,7 @@ def load_dataset(
     """Load a dataset from the registry.
 
     Args:
-        name: A registry name (``dpd_cli.settings.DATASET_NAMES``).
+        name: A registry name (``dpd_cli.config.settings.DATASET_NAMES``).
         data_dir: Folder with the dataset's files; ``None`` uses the cache and downloads.
         train_per_class: Keep this many training images per class (seeded, class-balanced), taken
             after the validation split.

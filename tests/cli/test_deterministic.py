@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpd_cli.artifacts.experts import ExpertSet
-from dpd_cli.engine.common import prepare_runtime
+from dpd_cli.recipes.runtime import prepare_runtime
 from tests.cli.conftest import TINY
 
 
@@ -66,7 +66,7 @@ def test_deterministic_expert_training_repeats_bit_for_bit_on_cuda(dpd, cudnn_fl
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("memory", ["full", "low"])
 def test_deterministic_distillation_without_dsa_repeats_bit_for_bit_on_cuda(cudnn_flags, memory):
-    from dpd_cli.engine.matching import StepPlan, meta_gradient
+    from dpd_cli.core.matching import StepPlan, meta_gradient
     from dpd_cli.models import FlatModel, build_model
     from tests.helpers import tiny_spec
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.cli.app import app
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.experts import ExpertSet

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from tests.cli.conftest import TINY
@@ -203,7 +203,7 @@ def test_evaluate_select_val_without_a_split(dpd, experts, tmp_path):
 
 
 def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, monkeypatch):
-    from dpd_cli.engine import evaluate as E
+    from dpd_cli.recipes import evaluate as E
     from dpd_cli.artifacts.experts import ExpertSet
 
     run = tmp_path / "soft"
@@ -270,9 +270,9 @@ def test_soft_label_options_need_soft_labels(dpd, experts, tmp_path):
 def test_init_real_correct_keeps_only_accepted_images():
     """--init real-correct walks each class's seeded permutation and keeps the first images the expert gets right."""
     from dpd_cli.data import Preprocess, load_dataset
-    from dpd_cli.engine.distill import _init_images
+    from dpd_cli.recipes.distill import _init_images
     from dpd_cli.errors import DataError
-    from dpd_cli.settings import resolve
+    from dpd_cli.config.settings import resolve
 
     ds = load_dataset("fashion-mnist-mini", train_per_class=30)
     pre = Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std))
@@ -314,10 +314,10 @@ def test_duration_wording():
                                                    ({"prune_mode": "network"}, False, None)])
 def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, batch):
     """On a GPU (the device is only pretended here: building the runner touches no GPU) graphs serve stateless runs."""
-    from dpd_cli.engine.distill import DistillRecipe
-    from dpd_cli.engine.graphs import GraphedMetaGradient
+    from dpd_cli.recipes.distill import DistillRecipe
+    from dpd_cli.core.graphs import GraphedMetaGradient
     from dpd_cli.events import Message
-    from dpd_cli.settings import resolve
+    from dpd_cli.config.settings import resolve
 
     s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "prune_ratio": 0.05, "device": "cpu",
                             "iterations": 2, "max_start_epoch": 2, "expert_epochs": 1, "out": str(tmp_path / "run"),
@@ -346,8 +346,8 @@ def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, 
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory, cuda_graphs):
     """An iteration never makes the host wait for the GPU (the metrics flush, once per window, may), graphed or not."""
-    from dpd_cli.engine.distill import DistillRecipe
-    from dpd_cli.settings import resolve
+    from dpd_cli.recipes.distill import DistillRecipe
+    from dpd_cli.config.settings import resolve
 
     s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": "low" if memory == "low2" else memory,
                             "keep_graphs": 2 if memory == "low2" else 0, "prune_ratio": 0.05,

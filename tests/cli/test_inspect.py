@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpd_cli import interrupt, storage
+from dpd_cli import interrupt
+from dpd_cli.io import storage
 from dpd_cli.events import DistillIteration
 from tests.helpers import StopWhen, assert_close, make_image_folder
 
@@ -44,8 +45,8 @@ EVAL = {
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """Two tiny experts, a finished 3-iteration run with an eval.json, and a run stopped at 2 of 5."""
-    from dpd_cli.engine import distill, experts
-    from dpd_cli.settings import resolve
+    from dpd_cli.recipes import distill, experts
+    from dpd_cli.config.settings import resolve
 
     tmp = tmp_path_factory.mktemp("inspect")
     with pytest.MonkeyPatch.context() as mp:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from tests.cli.conftest import TINY
 from tests.helpers import mtt_convnet
@@ -144,7 +144,7 @@ def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dp
     import time
 
     from dpd_cli.cli.console import error_console
-    from dpd_cli.engine import experts_import
+    from dpd_cli.recipes import experts_import
     from tests.helpers import mtt_buffer
 
     monkeypatch.setenv("TTY_COMPATIBLE", "1")

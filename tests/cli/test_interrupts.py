@@ -26,11 +26,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.cli.app import app
 from dpd_cli.artifacts import run as layout
-from dpd_cli.engine import distill as distill_engine
-from dpd_cli.engine import matching
+from dpd_cli.recipes import distill as distill_engine
+from dpd_cli.core import matching
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.experts import ExpertSet
 from tests.cli.conftest import TINY
@@ -48,7 +48,7 @@ import json, os, signal, sys, time, traceback
 import torch  # the expensive imports, done once; children are forked from here (no torch op has run: no threads)
 import torch._dynamo, torch.func, PIL.Image  # noqa: F401  (torch.optim imports torch._dynamo on first use: ~2 s)
 from dpd_cli.cli.app import app
-import dpd_cli.engine.distill, dpd_cli.engine.evaluate, dpd_cli.engine.experts  # noqa: F401
+import dpd_cli.recipes.distill, dpd_cli.recipes.evaluate, dpd_cli.recipes.experts  # noqa: F401
 
 
 def install(hook):
@@ -66,7 +66,7 @@ def install(hook):
             return real(fd)
         os.fsync = fsync
     if "slow_step" in hook:  # the nth distillation step announces itself, then takes a minute
-        from dpd_cli.engine import matching
+        from dpd_cli.core import matching
         real_mg, calls = matching.meta_gradient, [0]
 
         def slow(*a, **k):

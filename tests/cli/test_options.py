@@ -16,7 +16,7 @@ import pytest
 from pydantic import Field
 from typer.testing import CliRunner
 
-from dpd_cli import settings as S
+from dpd_cli.config import settings as S
 from dpd_cli.cli.app import app
 
 #: Each settings command and how it is typed (with the positional arguments it needs).

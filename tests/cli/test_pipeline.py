@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpd_cli.artifacts.experts import ExpertSet
-from dpd_cli.engine.pruning import prune_count
+from dpd_cli.core.pruning import prune_count
 from tests.cli.conftest import TINY
 
 DISTILL = ["--ipc", "1", "--iterations", "4", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",

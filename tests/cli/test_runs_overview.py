@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpd_cli import __version__, interrupt, storage
+from dpd_cli import __version__, interrupt
+from dpd_cli.io import storage
 from dpd_cli.events import ExpertDone
 from tests.helpers import StopWhen
 
@@ -23,8 +24,8 @@ _EXPERTS = {"epochs": 3, "width": 4, "depth": 2, "train_per_class": 20, "dsa": F
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """An experts folder whose second `dpd experts` run planned 5 and stopped at 3; runs A (rho 0.05) and B (rho 0)."""
-    from dpd_cli.engine import distill, experts
-    from dpd_cli.settings import resolve
+    from dpd_cli.recipes import distill, experts
+    from dpd_cli.config.settings import resolve
 
     tmp = tmp_path_factory.mktemp("overview")
     with pytest.MonkeyPatch.context() as mp:

@@ -143,7 +143,7 @@ def test_imagefolder_loads(tmp_path):
 
 def test_imagefolder_second_load_hits_cache(tmp_path, monkeypatch):
     import dpd_cli.data.datasets as datasets
-    from dpd_cli import paths
+    from dpd_cli.io import paths
 
     root = make_image_folder(tmp_path / "imgs")
     first = load_dataset("imagefolder", data_dir=root)
@@ -161,7 +161,7 @@ def test_imagefolder_second_load_hits_cache(tmp_path, monkeypatch):
 
 
 def test_imagefolder_broken_cache_is_rebuilt(tmp_path):
-    from dpd_cli import paths
+    from dpd_cli.io import paths
 
     root = make_image_folder(tmp_path / "imgs")
     first = load_dataset("imagefolder", data_dir=root)

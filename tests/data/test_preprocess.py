@@ -122,7 +122,7 @@ def test_tensors_from_tensors_round_trip():
 
 
 def test_tensors_survive_storage(tmp_path):
-    from dpd_cli import storage
+    from dpd_cli.io import storage
 
     px = _pixels()
     pre = _with_zca(_pre(), px)
@@ -175,7 +175,7 @@ def _zca_reference_float64(pixels: torch.Tensor, eps: float = ZCA_EPS):
 
 
 def test_zca_fitted_on_raw_pixels_without_normalisation():
-    from dpd_cli.engine.common import build_preprocess
+    from dpd_cli.recipes.runtime import build_preprocess
 
     ds = _rgb_dataset()
     pre = build_preprocess(ds, zca=True)
@@ -190,7 +190,7 @@ def test_zca_fitted_on_raw_pixels_without_normalisation():
 
 def test_zca_agrees_with_kornia_zca_whitening():
     kornia = pytest.importorskip("kornia")
-    from dpd_cli.engine.common import build_preprocess
+    from dpd_cli.recipes.runtime import build_preprocess
 
     ds = _rgb_dataset()
     pre = build_preprocess(ds, zca=True)
@@ -204,7 +204,7 @@ def test_zca_agrees_with_kornia_zca_whitening():
 
 def test_zca_regularises_as_mtt_not_as_normalised_input():
     """The same eps on normalised pixels regularises less: the fitted maps must differ (this was dpd 0.1's bug)."""
-    from dpd_cli.engine.common import build_preprocess
+    from dpd_cli.recipes.runtime import build_preprocess
 
     ds = _rgb_dataset()
     new = build_preprocess(ds, zca=True)
@@ -213,7 +213,7 @@ def test_zca_regularises_as_mtt_not_as_normalised_input():
 
 
 def test_without_zca_the_dataset_constants_normalise():
-    from dpd_cli.engine.common import build_preprocess
+    from dpd_cli.recipes.runtime import build_preprocess
 
     ds = _rgb_dataset()
     pre = build_preprocess(ds, zca=False)

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from dpd_cli.cli.app import app
-from dpd_cli.engine.common import resolve_device
+from dpd_cli.recipes.runtime import resolve_device
 from dpd_cli.errors import DeviceError, SettingsError
-from dpd_cli.settings import MPS_REFUSED, resolve
+from dpd_cli.config.settings import MPS_REFUSED, resolve
 
 MPS_MESSAGE = ("mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
                "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU.")
@@ -55,7 +55,7 @@ def test_auto_never_picks_mps(monkeypatch):
 
 _FAULTS = """
 import resource, sys, torch
-from dpd_cli.engine.common import set_host_memory
+from dpd_cli.recipes.runtime import set_host_memory
 print(set_host_memory(sys.argv[1], torch.device("cpu")), set_host_memory(sys.argv[1], torch.device("cpu")))
 for _ in range(4):  # the heap settles (the first blocks may not fit an aligned request)
     x = torch.ones(16 * 2**20)  # 64 MiB, above glibc's largest mmap threshold
@@ -100,7 +100,7 @@ def test_host_memory_reuse_stops_the_page_faults_of_large_blocks():
 
 
 def test_host_memory_leaves_gpu_runs_alone():
-    from dpd_cli.engine.common import set_host_memory
+    from dpd_cli.recipes.runtime import set_host_memory
 
     assert set_host_memory("reuse", torch.device("cuda")) is None
     assert set_host_memory("system", torch.device("cpu")) is None

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from dpd_cli.artifacts import evaluation
-from dpd_cli.augment import dsa
-from dpd_cli.engine import evaluate as E
+from dpd_cli.core.augment import dsa
+from dpd_cli.recipes import evaluate as E
 from dpd_cli.models import build_model
-from dpd_cli.settings import resolve
+from dpd_cli.config.settings import resolve
 from tests.helpers import tiny_spec
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dpd_cli.data import Preprocess, load_dataset
-from dpd_cli.engine import evaluate as E
-from dpd_cli.engine.common import derive_seed
+from dpd_cli.recipes import evaluate as E
+from dpd_cli.recipes.runtime import derive_seed
 from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.settings import resolve
+from dpd_cli.config.settings import resolve
 from tests.helpers import tiny_spec
 
 _TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
@@ -22,7 +22,7 @@ _TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
 @pytest.fixture(scope="module")
 def zca_run(tmp_path_factory) -> Path:
     """A finished 2-iteration run distilled with ZCA whitening from two tiny ZCA experts."""
-    from dpd_cli.engine import distill, experts
+    from dpd_cli.recipes import distill, experts
 
     tmp = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
@@ -124,8 +124,8 @@ def test_an_evaluation_epoch_adds_few_operations_to_a_bare_loop():
     import torch.nn.functional as F
     from torch.profiler import profile
 
-    from dpd_cli.augment import dsa
-    from dpd_cli.engine.train import train_epoch
+    from dpd_cli.core.augment import dsa
+    from dpd_cli.core.train import train_epoch
     from dpd_cli.models import build_model
 
     x, y = _blobs(30)
@@ -203,7 +203,7 @@ def test_train_epoch_sums_the_loss_and_counts_the_right_answers_of_every_batch(s
 
     import torch.nn.functional as F
 
-    from dpd_cli.engine.train import train_epoch
+    from dpd_cli.core.train import train_epoch
     from dpd_cli.models import build_model
 
     x, y = _blobs(12)

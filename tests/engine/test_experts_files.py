@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpd_cli import storage
-from dpd_cli.engine import experts as experts_engine
+from dpd_cli.io import storage
+from dpd_cli.recipes import experts as experts_engine
 from dpd_cli.artifacts.experts import ExpertSet, expert_path
 from dpd_cli.errors import StorageError
-from dpd_cli.settings import ExpertSettings
+from dpd_cli.config.settings import ExpertSettings
 
 EPOCHS = 3
 

@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpd_cli import interrupt, storage
+from dpd_cli import interrupt
+from dpd_cli.io import storage
 from dpd_cli.artifacts import replay_buffer
-from dpd_cli.engine import experts as experts_engine
-from dpd_cli.engine import experts_import
+from dpd_cli.recipes import experts as experts_engine
+from dpd_cli.recipes import experts_import
 from dpd_cli.artifacts.experts import ExpertSet, expert_path
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError, UserError
 from dpd_cli.events import ImportExpert
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.settings import ExpertSettings, ImportSettings
+from dpd_cli.config.settings import ExpertSettings, ImportSettings
 from tests.helpers import StopWhen, assert_close, make_image_folder, mtt_buffer, mtt_convnet
 
 FMNIST = {"dataset": "fashion-mnist-mini", "zca": False, "width": 4, "depth": 2}

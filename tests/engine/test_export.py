@@ -15,15 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts import export as export_files
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.synthetic import save_synthetic
 from dpd_cli.data import Preprocess, fit_zca
-from dpd_cli.engine import export
+from dpd_cli.recipes import export
 from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
 from dpd_cli.models import ModelSpec
-from dpd_cli.settings import ExportSettings
+from dpd_cli.config.settings import ExportSettings
 
 CLASSES = ["airplane", "T-shirt/top", "frog"]
 

@@ -12,11 +12,11 @@ import random
 import pytest
 import torch
 
-from dpd_cli.engine import distill as distill_engine
-from dpd_cli.engine import graphs, matching
-from dpd_cli.engine.pruning import PruneConfig, Pruner
+from dpd_cli.recipes import distill as distill_engine
+from dpd_cli.core import graphs, matching
+from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.settings import DistillSettings
+from dpd_cli.config.settings import DistillSettings
 from tests.helpers import tiny_spec
 
 N_IMAGES, N_CLASSES, STEPS = 12, 3, 4

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.augment import dsa
-from dpd_cli.engine.matching import MetaResult, StepPlan, _inner_grad, matching_loss, meta_gradient
-from dpd_cli.engine.pruning import PruneConfig, prune_count, prune_keep_mask
+from dpd_cli.core.augment import dsa
+from dpd_cli.core.matching import MetaResult, StepPlan, _inner_grad, matching_loss, meta_gradient
+from dpd_cli.core.pruning import PruneConfig, prune_count, prune_keep_mask
 from dpd_cli.models import FlatModel, build_model
 from tests.helpers import assert_close, tiny_spec
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dpd_cli.engine.matching import StepPlan, meta_gradient
-from dpd_cli.engine.pruning import PruneConfig, prune_keep_mask
+from dpd_cli.core.matching import StepPlan, meta_gradient
+from dpd_cli.core.pruning import PruneConfig, prune_keep_mask
 from tests.engine.test_matching import Problem
 
 MEMORY = ["full", "low"]
@@ -47,7 +47,7 @@ def _run_all(n_images: int, group) -> dict:
 def _worker(rank: int, world: int, port: int, n_images: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from dpd_cli.engine import parallel
+    from dpd_cli.core import parallel
 
     group = parallel.start(torch.device("cpu"), timeout_s=60)
     try:
@@ -86,7 +86,7 @@ def test_two_processes_give_the_one_process_meta_gradient(tmp_path, n_images):
 
 
 def test_rows_split_evenly():
-    from dpd_cli.engine.parallel import Group
+    from dpd_cli.core.parallel import Group
 
     for n in (1, 2, 7, 9, 100):
         for world in (1, 2, 3, 4):

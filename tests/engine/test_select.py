@@ -12,9 +12,9 @@ import torch
 from dpd_cli import interrupt
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.engine import evaluate as E
+from dpd_cli.recipes import evaluate as E
 from dpd_cli.errors import SettingsError, StorageError
-from dpd_cli.settings import resolve
+from dpd_cli.config.settings import resolve
 
 _TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
 
@@ -22,7 +22,7 @@ _TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two finished 6-iteration runs keeping every checkpoint: one with a validation split, one without."""
-    from dpd_cli.engine import distill, experts
+    from dpd_cli.recipes import distill, experts
 
     tmp = tmp_path_factory.mktemp("select")
     common = {"ipc": 1, "iterations": 6, "syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1, "lr_img": 10,

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli import interrupt, paths, storage
+from dpd_cli import interrupt
+from dpd_cli.io import paths, storage
 from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
@@ -37,15 +38,15 @@ from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, read_manifest, validation_record
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.engine import matching, parallel
-from dpd_cli.engine.common import dataset_key, derive_seed, model_spec, prepare_runtime, versions
-from dpd_cli.engine.graphs import GraphedMetaGradient
-from dpd_cli.engine.pruning import PruneConfig, Pruner
+from dpd_cli.core import matching, parallel
+from dpd_cli.recipes.runtime import dataset_key, derive_seed, model_spec, prepare_runtime, versions
+from dpd_cli.core.graphs import GraphedMetaGradient
+from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
-from dpd_cli.images import save_grid
+from dpd_cli.io.images import save_grid
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.settings import DistillSettings, settings_hash
+from dpd_cli.config.settings import DistillSettings, settings_hash
 
 __all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize", "prune_config"]
 

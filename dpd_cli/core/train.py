@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpd_cli import interrupt
-from dpd_cli.augment import dsa
+from dpd_cli.core.augment import dsa
 
 __all__ = ["train_epoch", "accuracy"]
 

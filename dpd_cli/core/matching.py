@@ -7,7 +7,7 @@ theta*_t and takes N SGD steps on the synthetic images X with learnable step siz
 
 where u is 1 everywhere, or in DPD's ``network`` mode 0 on the parameters frozen at theta*_t
 (``unroll_keep``). The loss against the target theta*_{t+M} keeps the parameters of the mask m
-(``loss_mask``; which parameters is ``dpd_cli.engine.pruning``'s business)::
+(``loss_mask``; which parameters is ``dpd_cli.core.pruning``'s business)::
 
     L = sum(m * (theta_N - target)^2) / sum(m * (start - target)^2)
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.augment import dsa, dsa_mixed
+from dpd_cli.core.augment import dsa, dsa_mixed
 from dpd_cli.models import FlatModel
 
 __all__ = ["StepPlan", "MaskFn", "matching_loss", "meta_gradient", "MetaResult"]
@@ -62,7 +62,7 @@ class StepPlan:
     batches: list[torch.Tensor | None]
     seeds: list[int | None]
     #: Per step, ``(weights, params)`` for ``dsa_mixed`` instead of a seed (the CUDA-graph path,
-    #: ``dpd_cli.engine.graphs``: numbers drawn outside the graph, applied inside it).
+    #: ``dpd_cli.core.graphs``: numbers drawn outside the graph, applied inside it).
     mixes: list[tuple] | None = None
 
     def __len__(self) -> int:
@@ -150,7 +150,7 @@ def meta_gradient(
             means MTT's unmasked loss.
         unroll_keep: bool ``(P,)``: only these parameters move during the unroll, the others stay
             at ``start`` (DPD's ``network`` mode); ``None`` lets every parameter move.
-        group: A data-parallel ``dpd_cli.engine.parallel.Group``: this process computes its rows of
+        group: A data-parallel ``dpd_cli.core.parallel.Group``: this process computes its rows of
             every mini-batch and the inner gradients are summed over the ranks every step; every
             rank returns the same (whole) result. ``None`` on one process.
         label_logits: Learnable soft labels ``(n, C)``: the student trains on softmax(label_logits)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpd_cli import paths
+from dpd_cli.io import paths
 from dpd_cli.artifacts import discover
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import run as layout

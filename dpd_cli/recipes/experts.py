@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli import interrupt, storage
+from dpd_cli import interrupt
+from dpd_cli.io import storage
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts.experts import (
@@ -32,8 +33,8 @@ from dpd_cli.artifacts.experts import (
 )
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.engine import parallel
-from dpd_cli.engine.common import (
+from dpd_cli.core import parallel
+from dpd_cli.recipes.runtime import (
     build_preprocess,
     dataset_key,
     derive_seed,
@@ -41,11 +42,11 @@ from dpd_cli.engine.common import (
     prepare_runtime,
     versions,
 )
-from dpd_cli.engine.train import accuracy, train_epoch
+from dpd_cli.core.train import accuracy, train_epoch
 from dpd_cli.errors import ExpertsError, StorageError
 from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertsStarted, ExpertSkipped, ExpertStarted, NullSink, Sink
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.settings import ExpertSettings
+from dpd_cli.config.settings import ExpertSettings
 
 __all__ = ["run"]
 

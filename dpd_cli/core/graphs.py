@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpd_cli.augment import OPS, dsa_draw_all
-from dpd_cli.engine import matching
+from dpd_cli.core.augment import OPS, dsa_draw_all
+from dpd_cli.core import matching
 
 __all__ = ["StaticInputs", "GraphedMetaGradient", "CudaCapture", "close_enough", "differences"]
 

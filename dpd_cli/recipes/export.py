@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts import export as export_files
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.data import Preprocess
-from dpd_cli.engine.common import versions
+from dpd_cli.recipes.runtime import versions
 from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
 from dpd_cli.events import Message, NullSink, Sink
 from dpd_cli.models import ModelSpec
-from dpd_cli.settings import ExportSettings
+from dpd_cli.config.settings import ExportSettings
 
 __all__ = ["run", "source_file", "label_logits"]
 

@@ -38,24 +38,25 @@ from typing import NamedTuple
 
 import torch
 
-from dpd_cli import interrupt, storage
+from dpd_cli import interrupt
+from dpd_cli.io import storage
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.datasets import class_balanced
 from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import experts as experts_file
-from dpd_cli.engine import parallel
-from dpd_cli.engine.common import derive_seed, prepare_runtime, versions
+from dpd_cli.core import parallel
+from dpd_cli.recipes.runtime import derive_seed, prepare_runtime, versions
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.evaluation import EVAL_FILE  # noqa: F401  (re-exported)
 from dpd_cli.artifacts.evaluation import load as load_eval  # noqa: F401  (re-exported)
 from dpd_cli.artifacts.evaluation import path_for as eval_path
 from dpd_cli.artifacts.run import SYNTHETIC
-from dpd_cli.engine.train import accuracy, train_epoch
+from dpd_cli.core.train import accuracy, train_epoch
 from dpd_cli.errors import DataError, SettingsError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
 from dpd_cli.models import ModelSpec, build_model
-from dpd_cli.settings import EvalSettings
+from dpd_cli.config.settings import EvalSettings
 
 __all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "PROTOCOL_VERSION", "epochs_run", "random_subset", "load_eval",
            "eval_path"]

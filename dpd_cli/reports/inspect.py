@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dpd_cli import storage
+from dpd_cli.io import storage
 from dpd_cli.artifacts import discover, evaluation, json_number
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import metrics as metrics_file
@@ -27,7 +27,7 @@ from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import run as layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.errors import StorageError
-from dpd_cli.images import check_png
+from dpd_cli.io.images import check_png
 
 __all__ = ["inspect", "detect", "export_grid", "MAX_DISTANCE_EXPERTS", "DEFAULT_EXPERT_EPOCHS"]
 
@@ -482,7 +482,7 @@ def export_grid(path: Path, out: Path) -> dict:
         StorageError: Nothing loadable holds images.
     """
     from dpd_cli.data import Preprocess
-    from dpd_cli.images import save_grid
+    from dpd_cli.io.images import save_grid
 
     path = Path(path)
     kind = detect(path)

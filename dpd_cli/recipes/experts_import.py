@@ -20,17 +20,18 @@ import json
 import time
 from pathlib import Path
 
-from dpd_cli import interrupt, storage
+from dpd_cli import interrupt
+from dpd_cli.io import storage
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import replay_buffer
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.artifacts import experts as experts_folder
-from dpd_cli.engine.common import build_preprocess, dataset_key, model_spec, set_threads, versions
+from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads, versions
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import ImportExpert, ImportFileDone, ImportFileStarted, ImportStarted, NullSink, Sink
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.settings import ImportSettings
+from dpd_cli.config.settings import ImportSettings
 
 __all__ = ["run", "default_folder", "SOURCE_FORMAT", "STATED"]
 

@@ -23,9 +23,9 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error.
 
     Raises:
-        DeviceError: No such GPU, ``mps`` (see ``dpd_cli.settings.MPS_REFUSED``) or an unknown name.
+        DeviceError: No such GPU, ``mps`` (see ``dpd_cli.config.settings.MPS_REFUSED``) or an unknown name.
     """
-    from dpd_cli.settings import MPS_REFUSED
+    from dpd_cli.config.settings import MPS_REFUSED
 
     if name == "auto":
         if torch.cuda.is_available():
@@ -153,7 +153,7 @@ def spec_from_meta(path: Path, value) -> ModelSpec:
     Raises:
         StorageError: The entry is missing or malformed (the file is damaged or foreign).
     """
-    from dpd_cli.settings import MODEL_NAMES
+    from dpd_cli.config.settings import MODEL_NAMES
 
     def pos_int(v) -> bool:
         return type(v) is int and 1 <= v <= 1 << 20

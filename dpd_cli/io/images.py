@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.storage import atomic_write
+from dpd_cli.io.storage import atomic_write
 
 __all__ = ["save_grid", "check_png"]
 

@@ -1,0 +1,1 @@
+"""The settings schema of every command and its sources (flags, environment, config file, defaults)."""

@@ -1,1 +1,0 @@
-"""The engine: experts, distillation, evaluation. No Typer or Rich in here."""

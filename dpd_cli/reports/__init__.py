@@ -1,0 +1,1 @@
+"""Read-only views of what dpd wrote: ``inspect``, ``ls`` and ``compare``."""
