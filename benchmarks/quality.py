@@ -33,7 +33,7 @@ import torch
 
 from dpd_cli import __version__
 from dpd_cli.recipes import distill, evaluate, experts
-from dpd_cli.artifacts.run import SYNTHETIC
+from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.errors import StorageError
 from dpd_cli.config.settings import resolve

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpd_cli.artifacts import experts as experts_file
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 
 __all__ = ["kind_of", "find"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dpd_cli.io import storage
 from dpd_cli.artifacts import json_number
+from dpd_cli.artifacts.layout import EVAL
 from dpd_cli.errors import StorageError
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "latest",
 ]
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = EVAL  # the run directory's name for it
 FORMAT = "dpd.eval"
 FORMAT_VERSION = 1
 _SIDECAR = ".eval.json"  # X.safetensors -> X.eval.json

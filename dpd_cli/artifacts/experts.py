@@ -31,6 +31,9 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.io.provenance import versions
+from dpd_cli.models.spec import spec_from_meta
+from dpd_cli.models import ModelSpec
 
 __all__ = [
     "MANIFEST",
@@ -165,8 +168,6 @@ def read_manifest(folder: Path) -> dict:
 
 def new_manifest(compat: dict, settings: dict, pre: Preprocess, validation: dict | None, **extra) -> dict:
     """The ``experts.json`` of a new folder (docs/formats.md); ``extra`` adds entries (``n_planned``, ...)."""
-    from dpd_cli.recipes.runtime import versions
-
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -213,8 +214,6 @@ def _trajectory_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int]:
     Raises:
         StorageError: The model, layout or epochs entry is missing or malformed.
     """
-    from dpd_cli.recipes.runtime import spec_from_meta
-
     spec_from_meta(path, meta.get("model"))
     layout, epochs = meta.get("layout"), meta.get("epochs")
     if not (isinstance(layout, list) and layout and all(_is_layer(x) for x in layout)):
@@ -246,7 +245,6 @@ def model_tag(model) -> str | None:
     ``None`` for anything but a table, its ``name`` for a table that is not a valid model."""
     if not isinstance(model, dict):
         return None
-    from dpd_cli.models import ModelSpec
 
     try:
         return ModelSpec.from_dict(model).tag()
@@ -334,8 +332,6 @@ class ExpertSet:
 
     def _check(self) -> None:
         """Every file holds a trajectory of the first one's model and length; the preprocessing matches."""
-        from dpd_cli.recipes.runtime import spec_from_meta
-
         first = self.files[0]
         self.meta = first.meta
         shape = _trajectory_shape(first.path, self.meta)

@@ -30,6 +30,7 @@ import torch
 
 from dpd_cli.io import storage
 from dpd_cli.data import Preprocess
+from PIL import Image
 
 __all__ = ["FORMAT", "RECORD", "README", "NPZ", "HARD_LABEL_GAP", "MTT_FILES", "datm_labels", "write_torch", "write_npz",
            "write_imagefolder", "class_folder", "readme", "write_record", "read_record"]
@@ -102,8 +103,6 @@ def class_folder(k: int, name: str, n_classes: int) -> str:
 def write_imagefolder(folder: Path, images: torch.Tensor, labels: torch.Tensor, pre: Preprocess, classes: list[str],
                       label_logits: torch.Tensor | None) -> tuple[list[str], float]:
     """PNGs ``<NN>-<class>/<i>.png`` (i: the image's index in the set); returns (names, fraction of values clipped)."""
-    from PIL import Image
-
     pixels = pre.invert(images, clamp=False)  # (n, C, H, W), [0, 1] where representable
     clipped = float(((pixels < 0) | (pixels > 1)).float().mean()) if pixels.numel() else 0.0
     arr = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (n, H, W, C)

@@ -1,103 +1,21 @@
-"""The layout of a run directory (``dpd distill --out``), and which checkpoints it keeps.
-
-::
-
-    settings.json                       resolved settings, versions, experts folder, settings hash
-    preprocess.safetensors              the normalisation / ZCA tensors (checkpoints refer to it)
-    synthetic.safetensors               the newest synthetic set, standalone (carries its preprocessing)
-    checkpoints/ckpt-NNNNNN.safetensors exact-resume state at iteration NNNNNN (ckpt-000000: the initial images)
-    metrics.jsonl                       one JSON line per iteration
-    prune_frequency.safetensors         per-parameter prune counter
-    grid.png                            the synthetic images as a picture
-    eval.json, eval.partial.jsonl       dpd evaluate's results (``dpd_cli.artifacts.evaluation``)
-    .lock                               held while ``dpd distill`` writes here
-
-``scan`` reads what the files say about the run's progress (headers and JSON only) and lists the
-places where they disagree; ``dpd inspect`` and ``dpd ls`` report it.
+"""What a run directory's files say together: ``scan`` reads its progress (headers and JSON only) and
+lists the places where the files disagree; ``dpd inspect`` and ``dpd ls`` report it. The file names are
+in ``dpd_cli.artifacts.layout``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dpd_cli.io import storage
-from dpd_cli.artifacts.evaluation import EVAL_FILE
+from dpd_cli.artifacts import evaluation, run_settings
+from dpd_cli.artifacts import metrics as metrics_file
+from dpd_cli.artifacts import prune_counts as prune_file
+from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.artifacts.layout import CHECKPOINTS, EVAL, METRICS, PRUNE, SETTINGS, SYNTHETIC, checkpoints
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 
-__all__ = [
-    "SETTINGS",
-    "PREPROCESS",
-    "SYNTHETIC",
-    "CHECKPOINTS",
-    "METRICS",
-    "PRUNE",
-    "GRID",
-    "EVAL",
-    "RUN_FILES",
-    "MARKERS",
-    "is_run",
-    "checkpoint_path",
-    "checkpoints",
-    "checkpoint_iteration",
-    "checkpoints_to_delete",
-    "status",
-    "disagreements",
-    "scan",
-]
-
-SETTINGS = "settings.json"
-PREPROCESS = "preprocess.safetensors"
-SYNTHETIC = "synthetic.safetensors"
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-PRUNE = "prune_frequency.safetensors"
-GRID = "grid.png"
-EVAL = EVAL_FILE  # dpd_cli.artifacts.evaluation names it
-#: What a run directory may hold, in the order ``dpd inspect`` lists it; ``--force`` deletes these.
-RUN_FILES = (SETTINGS, PREPROCESS, SYNTHETIC, METRICS, PRUNE, GRID, CHECKPOINTS, EVAL)
-#: Any of these makes a folder a run directory.
-MARKERS = (SETTINGS, SYNTHETIC, CHECKPOINTS)
-
-
-def is_run(folder: Path) -> bool:
-    return any((Path(folder) / m).exists() for m in MARKERS)
-
-
-def checkpoint_path(run_dir: Path, iteration: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"ckpt-{iteration:06d}.safetensors"
-
-
-def checkpoint_iteration(path: Path) -> int | None:
-    """The iteration in a checkpoint's file name (``None`` for another name)."""
-    stem = Path(path).name.removeprefix("ckpt-").removesuffix(".safetensors")
-    return int(stem) if stem.isdigit() and Path(path).name.startswith("ckpt-") else None
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, newest (highest iteration) first."""
-    found = [(checkpoint_iteration(p), p) for p in (Path(run_dir) / CHECKPOINTS).glob("ckpt-*.safetensors")]
-    return [p for it, p in sorted(((it, p) for it, p in found if it is not None), reverse=True)]
-
-
-def checkpoints_to_delete(iterations: list[int], keep: str | int, checkpoint_every: int) -> list[int]:
-    """Which of a run's checkpoint iterations the keep policy lets go.
-
-    Always kept: checkpoint 0 (the images the run started from) and the newest two (a resume falls
-    back to the older one if the newest is damaged). ``keep``: ``"latest"`` keeps nothing else,
-    ``"all"`` keeps every checkpoint, an integer N keeps every N-th (the iterations that are multiples
-    of N x ``checkpoint_every``).
-    """
-    if keep == "all":
-        return []
-    newest = sorted(iterations, reverse=True)[:2]
-    out = []
-    for it in iterations:
-        if it == 0 or it in newest:
-            continue
-        if isinstance(keep, int) and it % (keep * checkpoint_every) == 0:
-            continue
-        out.append(it)
-    return out
+__all__ = ["status", "disagreements", "scan"]
 
 
 # --- the run as a whole -------------------------------------------------------------------------
@@ -184,10 +102,6 @@ def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | No
         ``{"status", "iteration", "iterations", "synthetic_iteration", "checkpoint_iteration",
         "metrics_iteration"}`` and ``disagreements``'s sentences (none while the run is running).
     """
-    from dpd_cli.artifacts import evaluation, run_settings
-    from dpd_cli.artifacts import metrics as metrics_file
-    from dpd_cli.artifacts import prune_counts as prune_file
-    from dpd_cli.artifacts import synthetic as synthetic_file
 
     run_dir = Path(run_dir)
     errors: dict[str, str] = {}

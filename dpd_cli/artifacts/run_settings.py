@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from dpd_cli.io import storage
-from dpd_cli.artifacts.run import SETTINGS
+from dpd_cli.artifacts.layout import SETTINGS
 from dpd_cli.errors import StorageError
 
 __all__ = ["save", "load", "read"]

@@ -22,9 +22,11 @@ import torch
 
 from dpd_cli.io import storage
 from dpd_cli.artifacts import preprocess as preprocess_file
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
+from dpd_cli.models.spec import spec_from_meta
+from dpd_cli.artifacts.experts import model_tag
 
 __all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "REQUIRED", "save_synthetic", "save_checkpoint", "load", "check_header",
            "check", "describe", "STATE_TENSORS", "soft_targets", "label_mass"]
@@ -76,8 +78,6 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     Raises:
         StorageError: Anything wrong with the file (or the preprocessing it refers to), naming the path.
     """
-    from dpd_cli.recipes.runtime import spec_from_meta
-
     path = Path(path)
     fmt = _format(path)
     t, meta = storage.load_tensors(path, fmt, REQUIRED[fmt])
@@ -210,8 +210,6 @@ def check(path: Path) -> list[str]:
 
 def describe(t: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
     """What a loaded set (``load``'s result) holds, JSON-ready: no tensors, and no NaN (``alpha`` is finite once loaded)."""
-    from dpd_cli.artifacts.experts import model_tag
-
     classes = meta.get("classes") or []
     return {
         "dataset": meta.get("dataset"),

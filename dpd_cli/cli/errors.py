@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from dpd_cli import interrupt
 from dpd_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from dpd_cli.cli.console import error_console
 
 __all__ = ["handle_errors", "fail"]
 
@@ -26,8 +27,6 @@ def fail(message: str, code: int = EXIT_USER_ERROR, traceback: bool = True) -> t
 
     ``traceback``: whether there is a traceback worth seeing; if so, say how (``DPD_DEBUG=1``).
     """
-    from dpd_cli.cli.console import error_console
-
     error_console().print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if code == EXIT_USER_ERROR and traceback and not _debug():
         error_console().print("[dim](Set DPD_DEBUG=1 to see the traceback.)[/]", highlight=False)

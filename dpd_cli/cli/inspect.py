@@ -17,6 +17,7 @@ from dpd_cli.cli.console import out_console, print_json, sparkline
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help, keep_text
 from dpd_cli.cli.results import below_note, divergence_note, results_table, selection_note
+from dpd_cli.errors import SettingsError
 
 __all__ = ["inspect"]
 
@@ -37,8 +38,6 @@ EXAMPLES = [
 
 def _check_png_target(flag: str, out: Path) -> None:
     """An image output must end in .png and go into a folder that exists (it is not created)."""
-    from dpd_cli.errors import SettingsError
-
     if out.suffix.lower() != ".png":
         raise SettingsError(f"{flag} writes a PNG image; give a file name ending in .png (got {out}).")
     folder = out.parent
@@ -48,8 +47,6 @@ def _check_png_target(flag: str, out: Path) -> None:
 
 
 def _require_matplotlib() -> None:
-    from dpd_cli.errors import SettingsError
-
     try:
         import matplotlib.figure  # noqa: F401
     except ImportError:
@@ -80,7 +77,6 @@ def inspect(
 ) -> None:
     with handle_errors():
         from dpd_cli.reports import inspect as engine
-        from dpd_cli.errors import SettingsError
 
         path = Path(path)
         grid_out = None if export_grid is None else Path(export_grid)
@@ -95,6 +91,8 @@ def inspect(
             raise SettingsError(f"--plot draws a run directory or an experts folder, not a single file ({path}). "
                                 "Pass the folder the file belongs to.")
         if plot_out is not None:
+            from dpd_cli.cli.plot import plot as draw  # matplotlib (optional): only for --plot
+
             _require_matplotlib()
 
         facts = engine.inspect(path, expert_epochs)
@@ -102,8 +100,6 @@ def inspect(
         if grid_out is not None:
             exports["grid"] = engine.export_grid(path, grid_out)
         if plot_out is not None:
-            from dpd_cli.cli.plot import plot as draw
-
             written = draw(facts, plot_out)
             if written is None:  # matplotlib was importable above; the engine could not use it
                 raise SettingsError(f"--plot could not import matplotlib: `{PLOT_INSTALL}`.")

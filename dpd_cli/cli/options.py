@@ -16,6 +16,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from dpd_cli.config.settings import COMMAND_SETTINGS, PANELS, SettingInfo, env_names, setting_infos
+from pathlib import Path
 
 __all__ = ["COMMON", "ENVIRONMENT_HELP", "Command", "Group", "common_parameters", "examples_help", "keep_text",
            "settings_parameters", "synthetic_target"]
@@ -45,8 +46,6 @@ def synthetic_target(metavar: str) -> inspect.Parameter:
 
     Kept as typed (``keep_text``): the engine refuses an empty TARGET, which a ``Path`` would read as ".".
     """
-    from pathlib import Path
-
     return inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
         metavar=metavar, show_default=False, parser=keep_text,
         help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])

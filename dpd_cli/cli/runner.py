@@ -22,6 +22,7 @@ from rich.console import RenderableType
 from dpd_cli.cli.console import error_console, make_sink, out_console, print_json
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import COMMON, common_parameters, examples_help, settings_parameters
+from dpd_cli.config.settings import resolve_sources, to_toml
 
 __all__ = ["Report", "settings_command"]
 
@@ -61,8 +62,6 @@ def settings_command(command: str, *, report: Callable[[Any, Any], Report], summ
         args = [values.pop(n) for n in names]
         config, print_config, quiet, json_out = (values.pop(n) for n in COMMON)
         with handle_errors():
-            from dpd_cli.config.settings import resolve_sources, to_toml
-
             resolved = resolve_sources(command, values, config)  # values: exactly the settings flags
             if print_config:
                 sys.stdout.write(to_toml(resolved))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dpd_cli.errors import UserError
+import torch.distributed as dist
 
 __all__ = ["Group", "ParallelError", "start", "stop", "world_from_env"]
 
@@ -73,8 +74,6 @@ class Group:
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (no autograd)."""
-        import torch.distributed as dist
-
         self._call("summing a tensor over the ranks", dist.all_reduce, t)
         return t
 
@@ -88,14 +87,10 @@ class Group:
         return bool(self.sum_(t).item() > 0)
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         self._call("waiting for the other ranks", dist.barrier)
 
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj``, in rank order (pickled through the process group: trusted, our own processes)."""
-        import torch.distributed as dist
-
         out: list = [None] * self.world
         self._call("gathering results from the ranks", dist.all_gather_object, out, obj, group=self.patient)
         return out
@@ -136,7 +131,6 @@ def start(device: torch.device, timeout_s: float, required: bool = True) -> Grou
             "talk to each other. Start it with torchrun (torchrun --nproc-per-node N -m dpd_cli -- COMMAND ...), or "
             "unset RANK and WORLD_SIZE to run one process."
         )
-    import torch.distributed as dist
 
     probe = Group(rank, world, timeout_s)
     if not dist.is_initialized():
@@ -152,7 +146,5 @@ def start(device: torch.device, timeout_s: float, required: bool = True) -> Grou
 
 def stop() -> None:
     """Leave the process group, if one was joined."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

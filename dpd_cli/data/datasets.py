@@ -20,6 +20,8 @@ import torch
 
 from dpd_cli.io import paths
 from dpd_cli.errors import DataError
+from PIL import Image, UnidentifiedImageError
+from dpd_cli.io import storage
 
 __all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx", "class_balanced"]
 
@@ -202,8 +204,6 @@ def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int] | None) -> torch.Tensor:
-    from PIL import Image
-
     def one(item):
         with Image.open(item[0]) as im:
             im = im.convert(mode)
@@ -288,9 +288,6 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
 
     ``stats`` is the (mean, std) pair; ``None`` computes it from the training images.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from dpd_cli.io import storage
 
     listing = hashlib.sha256(name.encode())
     for f, label in train_items + test_items:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dpd_cli.io.storage import atomic_write
+from PIL import Image
 
 __all__ = ["save_grid", "check_png"]
 
@@ -19,8 +20,6 @@ def save_grid(images01: torch.Tensor, labels: torch.Tensor, n_classes: int, path
     Returns:
         The path written.
     """
-    from PIL import Image
-
     images01 = images01.detach().float().cpu().clamp(0, 1)
     rows = []
     per_class = 0

@@ -28,6 +28,10 @@ import torch
 
 from dpd_cli import __version__
 from dpd_cli.errors import OutputExistsError, StorageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save
+from safetensors import safe_open
 
 __all__ = [
     "FORMAT_VERSIONS",
@@ -255,7 +259,6 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = _encode_meta(fmt, meta or {})
     if sys.byteorder != "little":  # safetensors is little-endian; its own writer byte-swaps
-        from safetensors.torch import save
 
         blob = save(clean, metadata=metadata)
         with atomic_write(Path(path)) as f:
@@ -400,9 +403,6 @@ def load_tensors(path: Path, fmt: str | None = None, required: Mapping[str, tupl
     Raises:
         StorageError: Anything wrong with the file, naming the path.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     header, raw = read_header(path)
     meta = _decode_meta(path, raw, fmt)
@@ -468,8 +468,6 @@ class TensorFile:
     """
 
     def __init__(self, path: Path, fmt: str | None = None):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self.header, raw = read_header(self.path)
         self.meta = _decode_meta(self.path, raw, fmt)

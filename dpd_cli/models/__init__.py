@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dpd_cli.models.spec import MODEL_NAMES, ModelSpec, default_depth
+
 __all__ = ["MODELS", "MODEL_NAMES", "FlatModel", "ModelSpec", "build_model", "default_depth", "model_class"]
 
 #: Every network dpd can build: name -> ``"module:Class"`` (the class takes a ``ModelSpec``).
@@ -19,11 +21,10 @@ MODELS: dict[str, str] = {
     "vgg11": "dpd_cli.models.nets:VGG11",
     "alexnet": "dpd_cli.models.nets:AlexNet",
 }
-MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+assert tuple(MODELS) == MODEL_NAMES
 
 # Public names that need torch, imported on first use (PEP 562) so `dpd --help` stays instant.
-_LAZY = {"FlatModel": "dpd_cli.models.flat", "ModelSpec": "dpd_cli.models.nets", "build_model": "dpd_cli.models.nets",
-         "default_depth": "dpd_cli.models.nets"}
+_LAZY = {"FlatModel": "dpd_cli.models.flat", "build_model": "dpd_cli.models.nets"}
 
 
 def model_class(name: str) -> type:

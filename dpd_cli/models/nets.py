@@ -14,55 +14,17 @@ Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpd_cli.models.spec import ModelSpec
 from dpd_cli.models.conv import Conv2d, conv2d
 from dpd_cli.models.norm import AvgPool2, InstanceNorm, avg_pool2, instance_norm
+from dpd_cli.models import model_class
 
-__all__ = ["ModelSpec", "build_model", "default_depth", "ConvNet"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a network; stored as JSON in every file."""
-
-    name: str
-    channels: int
-    image_size: tuple[int, int]
-    n_classes: int
-    width: int = 128
-    depth: int = 3
-    norm: str = "instance"
-    pool: str = "avg"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        d = dict(d)
-        d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
-
-    def tag(self) -> str:
-        """Folder-friendly name, e.g. ``convnet-w128-d3-instance-avg``."""
-        if self.name == "convnet":
-            return f"convnet-w{self.width}-d{self.depth}-{self.norm}-{self.pool}"
-        return f"{self.name}-{self.norm}"
-
-
-def default_depth(image_size: tuple[int, int]) -> int:
-    """ConvNet depth from resolution: 3 for 28-32 px, 4 for 64 px (MTT), within [1, 5]."""
-    side = min(image_size)
-    if side == 28:
-        side = 32  # the first conv pads 28 px grayscale images to 32 px
-    return max(1, min(5, round(math.log2(side)) - 2))
+__all__ = ["build_model", "ConvNet"]
 
 
 def _norm(kind: str, c: int, twice: bool = True) -> nn.Module:
@@ -211,6 +173,4 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
     The name is looked up in ``dpd_cli.models.MODELS``, the one registry of networks.
     """
-    from dpd_cli.models import model_class
-
     return model_class(spec.name)(spec)

@@ -32,14 +32,15 @@ from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 from dpd_cli.artifacts import run_settings
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, read_manifest, validation_record
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.core import matching, parallel
-from dpd_cli.recipes.runtime import dataset_key, derive_seed, model_spec, prepare_runtime, versions
+from dpd_cli.recipes.runtime import dataset_key, derive_seed, model_spec, prepare_runtime
+from dpd_cli.io.provenance import versions
 from dpd_cli.core.graphs import GraphedMetaGradient
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError

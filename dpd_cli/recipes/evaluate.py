@@ -45,13 +45,14 @@ from dpd_cli.data.datasets import class_balanced
 from dpd_cli.artifacts import evaluation
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.core import parallel
-from dpd_cli.recipes.runtime import derive_seed, prepare_runtime, versions
-from dpd_cli.artifacts import run as layout
+from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
+from dpd_cli.io.provenance import versions
+from dpd_cli.artifacts import layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.evaluation import EVAL_FILE  # noqa: F401  (re-exported)
 from dpd_cli.artifacts.evaluation import load as load_eval  # noqa: F401  (re-exported)
 from dpd_cli.artifacts.evaluation import path_for as eval_path
-from dpd_cli.artifacts.run import SYNTHETIC
+from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.core.train import accuracy, train_epoch
 from dpd_cli.errors import DataError, SettingsError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink

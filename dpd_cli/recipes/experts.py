@@ -40,8 +40,8 @@ from dpd_cli.recipes.runtime import (
     derive_seed,
     model_spec,
     prepare_runtime,
-    versions,
 )
+from dpd_cli.io.provenance import versions
 from dpd_cli.core.train import accuracy, train_epoch
 from dpd_cli.errors import ExpertsError, StorageError
 from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertsStarted, ExpertSkipped, ExpertStarted, NullSink, Sink

@@ -27,7 +27,8 @@ from dpd_cli.artifacts import replay_buffer
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.artifacts import experts as experts_folder
-from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads, versions
+from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads
+from dpd_cli.io.provenance import versions
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import ImportExpert, ImportFileDone, ImportFileStarted, ImportStarted, NullSink, Sink
 from dpd_cli.models import FlatModel, ModelSpec, build_model

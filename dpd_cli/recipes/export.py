@@ -19,10 +19,10 @@ import torch
 
 from dpd_cli.io import storage
 from dpd_cli.artifacts import export as export_files
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.data import Preprocess
-from dpd_cli.recipes.runtime import versions
+from dpd_cli.io.provenance import versions
 from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
 from dpd_cli.events import Message, NullSink, Sink
 from dpd_cli.models import ModelSpec

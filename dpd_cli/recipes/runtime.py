@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
 
-from dpd_cli import __version__
 from dpd_cli.data import Dataset, Preprocess, fit_zca
-from dpd_cli.errors import DataError, DeviceError, StorageError
+from dpd_cli.errors import DataError, DeviceError
 from dpd_cli.models import ModelSpec, default_depth
+from dpd_cli.config.settings import MPS_REFUSED
+import ctypes
 
-__all__ = ["spec_from_meta", "dataset_key", "resolve_device", "set_threads", "set_host_memory", "prepare_runtime", "derive_seed",
-           "build_preprocess", "model_spec", "versions"]
+__all__ = ["dataset_key", "resolve_device", "set_threads", "set_host_memory", "prepare_runtime", "derive_seed",
+           "build_preprocess", "model_spec"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,8 +24,6 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         DeviceError: No such GPU, ``mps`` (see ``dpd_cli.config.settings.MPS_REFUSED``) or an unknown name.
     """
-    from dpd_cli.config.settings import MPS_REFUSED
-
     if name == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -90,7 +87,6 @@ def set_host_memory(mode: str, device: torch.device) -> str | None:
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
             return None
-        import ctypes
 
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, ValueError):
@@ -147,44 +143,8 @@ def model_spec(settings, ds: Dataset, name: str | None = None) -> ModelSpec:
     return spec
 
 
-def spec_from_meta(path: Path, value) -> ModelSpec:
-    """The ``model`` metadata entry of a dpd file as a ModelSpec, checked field by field.
-
-    Raises:
-        StorageError: The entry is missing or malformed (the file is damaged or foreign).
-    """
-    from dpd_cli.config.settings import MODEL_NAMES
-
-    def pos_int(v) -> bool:
-        return type(v) is int and 1 <= v <= 1 << 20
-
-    ok = (
-        isinstance(value, dict)
-        and set(value) == {"name", "channels", "image_size", "n_classes", "width", "depth", "norm", "pool"}
-        and value["name"] in MODEL_NAMES
-        and all(pos_int(value[k]) for k in ("channels", "n_classes", "width", "depth"))
-        and isinstance(value["image_size"], list) and len(value["image_size"]) == 2 and all(pos_int(v) for v in value["image_size"])
-        and value["norm"] in ("instance", "batch", "none") and value["pool"] in ("avg", "max")
-    )
-    if not ok:
-        raise StorageError(f"{path}: the metadata entry 'model' is missing or malformed ({str(value)[:200]}); the file is damaged or was not written by dpd.")
-    return ModelSpec.from_dict(value)
-
-
 def dataset_key(settings) -> str:
     """The dataset's name for folders and compatibility checks; image folders are told apart by their folder name."""
     if settings.dataset == "imagefolder":
         return f"imagefolder-{Path(settings.data_dir).resolve().name}"
     return settings.dataset
-
-
-def versions() -> dict[str, str]:
-    import safetensors
-
-    return {
-        "dpd": __version__,
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }

@@ -24,10 +24,13 @@ from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
+from dpd_cli.artifacts.run import scan as scan_run
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.errors import StorageError
 from dpd_cli.io.images import check_png
+from dpd_cli.data import Preprocess
+from dpd_cli.io.images import save_grid
 
 __all__ = ["inspect", "detect", "export_grid", "MAX_DISTANCE_EXPERTS", "DEFAULT_EXPERT_EPOCHS"]
 
@@ -166,7 +169,7 @@ def _inspect_run(run_dir: Path) -> dict:
                 metrics_error = f"metrics.jsonl: {bad} of {total} lines are not metric records (skipped)."
         except OSError as e:
             metrics_error = f"metrics.jsonl cannot be read ({e.strerror or e})."
-    scan = layout.scan(run_dir, every_checkpoint=True, records=records)
+    scan = scan_run(run_dir, every_checkpoint=True, records=records)
     errors = dict(scan["errors"])  # file name -> why it is invalid
     if metrics_error:
         errors[layout.METRICS] = metrics_error
@@ -481,9 +484,6 @@ def export_grid(path: Path, out: Path) -> dict:
     Raises:
         StorageError: Nothing loadable holds images.
     """
-    from dpd_cli.data import Preprocess
-    from dpd_cli.io.images import save_grid
-
     path = Path(path)
     kind = detect(path)
     if kind == "experts":

@@ -11,7 +11,8 @@ from pathlib import Path
 from dpd_cli.io import paths
 from dpd_cli.artifacts import discover
 from dpd_cli.artifacts import experts as experts_file
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
+from dpd_cli.artifacts.run import scan as scan_run
 from dpd_cli.errors import StorageError
 
 __all__ = ["run", "DEFAULT_RUNS", "DEPTH"]
@@ -43,7 +44,7 @@ def _latest_distilled(ev: dict | None) -> dict | None:
 
 
 def _run_entry(run_dir: Path) -> dict:
-    scan = layout.scan(run_dir)
+    scan = scan_run(run_dir)
     meta = scan["synthetic"] or (scan["checkpoints"][0]["meta"] if scan["checkpoints"] else {})
     settings = (scan["settings"] or {}).get("settings") or meta.get("settings") or {}
     state = scan["state"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpd_cli.io import storage
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from tests.cli.conftest import TINY
 

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from dpd_cli.io import storage
 from dpd_cli.cli.app import app
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 from dpd_cli.recipes import distill as distill_engine
 from dpd_cli.core import matching
 from dpd_cli.artifacts.synthetic import load as load_synthetic

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpd_cli import interrupt
-from dpd_cli.artifacts import run as layout
+from dpd_cli.artifacts import layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.recipes import evaluate as E
 from dpd_cli.errors import SettingsError, StorageError
