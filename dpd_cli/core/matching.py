@@ -90,34 +90,27 @@ def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.
     return (m * (student_end - target) ** 2).sum() / (m * (start - target) ** 2).sum()
 
 
-def _inner_grad(fm: FlatModel, theta, images, labels, idx, seed, create_graph: bool, group=None, mix=None) -> torch.Tensor:
-    """grad_theta CE(f(DSA(X_b); theta), Y_b), the mean over the mini-batch b.
+class BatchGradient:
+    """grad_theta CE(f(DSA(X_b); theta), Y_b), the mean over the mini-batch b, on one process.
 
     ``labels`` are class indices ``(n,)``, or class probabilities ``(n, C)`` (soft labels: the
-    cross-entropy is then -sum_c p_c log softmax(f)_c, as DATM's).
-
-    With a data-parallel ``group`` this rank takes its rows of b and returns its share of the
-    gradient, grad of (its rows' summed CE) / |b|: the shares of all ranks add up to the whole.
+    cross-entropy is then -sum_c p_c log softmax(f)_c, as DATM's). ``reduce`` combines what each
+    process computed of a result into the whole: nothing to do on one process.
+    ``dpd_cli.core.parallel.ShardedGradient`` is the same over several processes.
     """
-    x = images if idx is None else images[idx]
-    y = labels if idx is None else labels[idx]
-    if group is None:
+
+    def __call__(self, fm: FlatModel, theta, images, labels, idx, seed, mix, create_graph: bool) -> torch.Tensor:
+        x = images if idx is None else images[idx]
+        y = labels if idx is None else labels[idx]
         if mix is not None:
             x = dsa_mixed(x, *mix)
         elif seed is not None:
             x = dsa(x, seed)
-        ce = F.cross_entropy(fm(theta, x), y)
-    else:
-        if mix is not None:
-            raise ValueError("mixed DSA (the CUDA-graph path) is not used under data parallel")
-        n = len(y)
-        lo, hi = group.rows(n)
-        x, y = x[lo:hi], y[lo:hi]
-        if seed is not None:
-            x = dsa(x, seed, part=(lo, n))  # the whole batch's draws, this rank's rows
-        ce = F.cross_entropy(fm(theta, x), y, reduction="sum") / n
-    (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
-    return g
+        (g,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), y), theta, create_graph=create_graph)
+        return g
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def meta_gradient(
@@ -132,7 +125,7 @@ def meta_gradient(
     *,
     loss_mask: MaskFn | None = None,
     unroll_keep: torch.Tensor | None = None,
-    group=None,
+    batch_grad: BatchGradient | None = None,
     label_logits: torch.Tensor | None = None,
     keep_graphs: int = 0,
 ) -> MetaResult:
@@ -150,9 +143,9 @@ def meta_gradient(
             means MTT's unmasked loss.
         unroll_keep: bool ``(P,)``: only these parameters move during the unroll, the others stay
             at ``start`` (DPD's ``network`` mode); ``None`` lets every parameter move.
-        group: A data-parallel ``dpd_cli.core.parallel.Group``: this process computes its rows of
-            every mini-batch and the inner gradients are summed over the ranks every step; every
-            rank returns the same (whole) result. ``None`` on one process.
+        batch_grad: How the inner gradient of a mini-batch is computed (``BatchGradient``, the
+            default, on one process; ``dpd_cli.core.parallel.ShardedGradient`` splits every
+            mini-batch over the ranks of torchrun, each returning the same whole result).
         label_logits: Learnable soft labels ``(n, C)``: the student trains on softmax(label_logits)
             instead of ``labels``, and dL/d(label_logits) is returned too.
         keep_graphs: With ``memory="low"``: keep the last this many steps' graphs from the forward
@@ -165,12 +158,13 @@ def meta_gradient(
     if keep_graphs < 0:
         raise ValueError(f"keep_graphs must be >= 0, got {keep_graphs}")
     u = None if unroll_keep is None else unroll_keep.to(start.dtype)
+    grad = batch_grad or BatchGradient()
     if memory == "low":
-        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits, keep_graphs)
-    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group, label_logits)
+        return _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, label_logits, keep_graphs)
+    return _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, label_logits)
 
 
-def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None) -> MetaResult:
+def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, label_logits=None) -> MetaResult:
     x = images.detach().requires_grad_(True)
     a = lr.detach().requires_grad_(True)
     theta = start.detach().requires_grad_(True)
@@ -181,25 +175,15 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, group=
             leaves.append(ylog)
             labels = F.softmax(ylog, dim=1)  # (n, C) targets, differentiable w.r.t. the logits
         for idx, seed, mix in plan.steps():
-            g = _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True, group=group, mix=mix)
-            if group is not None:
-                g = group.sum_differentiable(g)  # the whole batch's gradient, on every rank
+            g = grad(fm, theta, x, labels, idx, seed, mix, create_graph=True)
             theta = theta - a * (g if u is None else u * g)
         keep = None if loss_mask is None else loss_mask(theta.detach(), target, start)
         loss = matching_loss(theta, target, start, keep)
-        if group is None:
-            grads = torch.autograd.grad(loss, leaves)
-        else:
-            # Every rank holds the same L. Differentiating L / W on each rank, whose all-reduces sum the
-            # incoming gradients, gives each rank its share of dL/dX (its rows) and of dL/dalpha; the sum
-            # over the ranks is the whole gradient.
-            grads = torch.autograd.grad(loss / group.world, leaves)
-            for t in grads:
-                group.sum_(t)
+        grads = [grad.reduce(t) for t in torch.autograd.grad(loss, leaves)]
     return MetaResult(loss.detach(), grads[0], grads[1], keep, grads[2] if label_logits is not None else None)
 
 
-def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=None, label_logits=None, keep_graphs=0) -> MetaResult:
+def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, label_logits=None, keep_graphs=0) -> MetaResult:
     a = lr.detach()
     n_steps = len(plan)
     # Steps first_kept..N-1 keep their graphs. The last one always: the backward sweep starts with it, so
@@ -222,19 +206,14 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
         for n, (idx, seed, mix) in enumerate(steps):
             if n < first_kept:
                 theta = thetas[n].detach().requires_grad_(True)
-                g = _inner_grad(fm, theta, x.detach(), plain_labels, idx, seed, create_graph=False, group=group, mix=mix)
-                if group is not None:
-                    group.sum_(g)
+                g = grad(fm, theta, x.detach(), plain_labels, idx, seed, mix, create_graph=False)
             else:
                 # Its own copy: writing theta_{n+1} into the buffer bumps the version of every row's view.
                 theta = thetas[n].clone().requires_grad_(True)
                 targets = F.softmax(ylog, dim=1) if soft else labels  # one softmax node per step: freed with it
-                g_graph = _inner_grad(fm, theta, x, targets, idx, seed, create_graph=True, group=group, mix=mix)
+                g_graph = grad(fm, theta, x, targets, idx, seed, mix, create_graph=True)
                 kept[n] = (theta, g_graph)
                 g = g_graph.detach()
-                if group is not None:
-                    g = g.clone()
-                    group.sum_(g)  # the whole batch's g_n; the graph keeps this rank's share
             with torch.no_grad():
                 torch.sub(thetas[n], a * (g if u is None else u * g), out=thetas[n + 1])
         end = thetas[n_steps].detach().requires_grad_(True)
@@ -254,24 +233,16 @@ def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, group=N
                 theta = thetas[n].detach().requires_grad_(True)
                 targets = F.softmax(ylog, dim=1) if soft else labels
                 idx, seed, mix = steps[n]
-                g = _inner_grad(fm, theta, x, targets, idx, seed, create_graph=True, group=group, mix=mix)
+                g = grad(fm, theta, x, targets, idx, seed, mix, create_graph=True)
             mu = lam if u is None else u * lam
-            # g is this rank's share: its products with mu are this rank's shares too (summed below).
             if soft:
                 d_theta, d_x, d_y = torch.autograd.grad(g, [theta, x, ylog], grad_outputs=mu)
                 grad_y.sub_(a * d_y)
             else:
                 d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
-            g_all = g.detach()
-            if group is not None:
-                group.sum_(g_all)  # g_n of the whole batch (g's graph is spent)
-                group.sum_(d_theta)  # the vector-Hessian product of the whole batch
-            grad_a -= (mu * g_all).sum()
+            grad_a -= (mu * g.detach()).sum()
             grad_x.sub_(a * d_x)
-            lam = lam - a * d_theta
+            lam = lam - a * grad.reduce(d_theta)  # the vector-Hessian product of the whole batch
             del g, theta
-    if group is not None:
-        group.sum_(grad_x)  # each rank holds dL/dX of its rows
-        if soft:
-            group.sum_(grad_y)
-    return MetaResult(loss.detach(), grad_x, grad_a, keep, grad_y if soft else None)
+    grad_x, grad_a = grad.reduce(grad_x), grad.reduce(grad_a)
+    return MetaResult(loss.detach(), grad_x, grad_a, keep, grad.reduce(grad_y) if soft else None)

@@ -17,11 +17,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-
-from dpd_cli.errors import UserError
 import torch.distributed as dist
+import torch.nn.functional as F
 
-__all__ = ["Group", "ParallelError", "start", "stop", "world_from_env"]
+from dpd_cli.core.augment import dsa
+from dpd_cli.errors import UserError
+
+__all__ = ["Group", "ParallelError", "ShardedGradient", "start", "stop", "world_from_env"]
 
 
 class ParallelError(UserError):
@@ -107,6 +109,37 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return ctx.group.sum_(grad.clone()), None
+
+
+class ShardedGradient:
+    """``matching.BatchGradient`` over the ranks: each rank takes its rows of the mini-batch b.
+
+    A rank computes grad of (its rows' summed CE) / |b|, its share; the sum over the ranks is the
+    whole gradient, which every rank returns (differentiably when the graph is kept: the backward of
+    that sum adds up the incoming gradients of all ranks, so a rank's gradients with respect to the
+    images, alpha or theta are W times its share). ``reduce`` turns such a per-rank result into the
+    whole: the sum over the ranks, divided by W.
+    """
+
+    def __init__(self, group: Group):
+        self.group = group
+
+    def __call__(self, fm, theta, images, labels, idx, seed, mix, create_graph: bool) -> torch.Tensor:
+        if mix is not None:
+            raise ValueError("mixed DSA (the CUDA-graph path) is not used under data parallel")
+        x = images if idx is None else images[idx]
+        y = labels if idx is None else labels[idx]
+        n = len(y)
+        lo, hi = self.group.rows(n)
+        x, y = x[lo:hi], y[lo:hi]
+        if seed is not None:
+            x = dsa(x, seed, part=(lo, n))  # the whole batch's draws, this rank's rows
+        ce = F.cross_entropy(fm(theta, x), y, reduction="sum") / n
+        (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
+        return self.group.sum_differentiable(g) if create_graph else self.group.sum_(g)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.group.sum_(t.clone()).div_(self.group.world)
 
 
 def start(device: torch.device, timeout_s: float, required: bool = True) -> Group | None:

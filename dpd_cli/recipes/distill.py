@@ -148,6 +148,7 @@ class DistillRecipe:
         self.group = parallel.start(self.device, s.dist_timeout)
         self._stack.callback(parallel.stop)
         self.main = self.group is None or self.group.is_main
+        self.batch_grad = matching.BatchGradient() if self.group is None else parallel.ShardedGradient(self.group)
         if not self.main:
             self.sink = NullSink()
         if self.group is not None and s.norm == "batch":
@@ -244,7 +245,7 @@ class DistillRecipe:
             unroll_keep = self.pruner.unroll_keep(ratio)
             res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
                                          loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
-                                         group=self.group, label_logits=st.label_logits, keep_graphs=s.keep_graphs)
+                                         batch_grad=self.batch_grad, label_logits=st.label_logits, keep_graphs=s.keep_graphs)
         self.pruner.commit()
         with torch.no_grad():
             # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).

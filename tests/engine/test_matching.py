@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dpd_cli.core.augment import dsa
-from dpd_cli.core.matching import MetaResult, StepPlan, _inner_grad, matching_loss, meta_gradient
+from dpd_cli.core.matching import BatchGradient, MetaResult, StepPlan, matching_loss, meta_gradient
 from dpd_cli.core.pruning import PruneConfig, prune_count, prune_keep_mask
 from dpd_cli.models import FlatModel, build_model
 from tests.helpers import assert_close, tiny_spec
@@ -392,7 +392,7 @@ def test_gradcheck_loss_wrt_images_two_step_unroll():
         # _meta_full's logic as a function of X.
         theta = start.detach().requires_grad_(True)
         for idx, seed in zip(plan.batches, plan.seeds):
-            theta = theta - a * _inner_grad(fm, theta, x, labels, idx, seed, create_graph=True)
+            theta = theta - a * BatchGradient()(fm, theta, x, labels, idx, seed, None, create_graph=True)
         return matching_loss(theta, target, start, keep)
 
     x = prob.images.clone().requires_grad_(True)

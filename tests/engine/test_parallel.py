@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dpd_cli.core import parallel
 from dpd_cli.core.matching import StepPlan, meta_gradient
 from dpd_cli.core.pruning import PruneConfig, prune_keep_mask
 from tests.engine.test_matching import Problem
@@ -37,7 +38,7 @@ def _run_all(n_images: int, group) -> dict:
             plan = StepPlan([torch.tensor([0, 2, 4, 5, 8]), None, torch.tensor([8, 7, 6])], plan.seeds)  # 5 and 3 rows: uneven
         mask = None if cfg.ratio <= 0 else (lambda e, t, s, cfg=cfg: prune_keep_mask(e, t, s, cfg, prob.sizes))
         res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory[:3],
-                            loss_mask=mask, group=group, label_logits=logits if soft else None,
+                            loss_mask=mask, batch_grad=None if group is None else parallel.ShardedGradient(group), label_logits=logits if soft else None,
                             keep_graphs=2 if memory == "low-keep2" else 0)
         out[(memory, prune, plan_name, dsa, soft)] = (res.loss, res.grad_images, res.grad_lr, res.keep,
                                                       res.grad_labels if soft else torch.zeros(()))
@@ -47,8 +48,6 @@ def _run_all(n_images: int, group) -> dict:
 def _worker(rank: int, world: int, port: int, n_images: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from dpd_cli.core import parallel
-
     group = parallel.start(torch.device("cpu"), timeout_s=60)
     try:
         out = _run_all(n_images, group)
