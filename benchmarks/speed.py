@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from dpd_cli.core.augment import dsa
 from dpd_cli.data import load_dataset
 from dpd_cli.recipes import distill as distill_engine
+from dpd_cli.recipes.distill_inputs import draw_plan
 from dpd_cli.core import matching, pruning
 from dpd_cli.recipes.runtime import build_preprocess, set_host_memory
 from dpd_cli.core.train import train_epoch
@@ -344,9 +345,9 @@ def _vm_size_bytes() -> int | None:
 
 
 def _plan(rng: random.Random, n_images: int, batch_syn: int, n_steps: int, use_dsa: bool, dev) -> matching.StepPlan:
-    """Per-step batches and DSA seeds, drawn by the engine's own planner (engine.distill._plan)."""
+    """Per-step batches and DSA seeds, drawn by the engine's own planner (recipes.distill_inputs.draw_plan)."""
     s = DistillSettings(syn_steps=n_steps, batch_syn=batch_syn if batch_syn < n_images else None, dsa=use_dsa)
-    return distill_engine._plan(rng, n_images, s, dev)
+    return draw_plan(rng, n_images, s, dev)
 
 
 def distill_worker(cfg: dict) -> dict:

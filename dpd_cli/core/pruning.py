@@ -60,6 +60,30 @@ class PruneConfig:
     ema_beta: float = 0.9  # mask "ema": weight of the past
     mode: str = "loss"  # MODES
     eps: float = 1e-12  # relative criterion: d / (|start - target| + eps)
+    warmup: int = 0  # iterations 0..warmup-1 prune nothing
+
+    @classmethod
+    def from_settings(cls, s) -> "PruneConfig":
+        """From ``dpd distill``'s settings (their ``prune_*`` fields and ``ema_beta``)."""
+        return cls(s.prune_ratio, s.prune_scope, s.prune_criterion, s.prune_direction, s.prune_mask, s.ema_beta,
+                   s.prune_mode, warmup=s.prune_warmup)
+
+    def ratio_at(self, iteration: int) -> float:
+        """rho in force at ``iteration`` (0 during the warm-up)."""
+        return 0.0 if iteration < self.warmup else self.ratio
+
+    def rule(self) -> dict:
+        """The settings in force, as recorded next to the prune counts and in every checkpoint."""
+        rule = {"ratio": self.ratio, "scope": self.scope, "criterion": self.criterion, "direction": self.direction,
+                "mask": self.mask, "mode": self.mode, "warmup": self.warmup}
+        if self.mask == "ema":
+            rule["ema_beta"] = self.ema_beta
+        return rule
+
+    def text(self) -> str:
+        """``global/abs/largest/step/loss`` (``ema0.9`` for the EMA mask): which parameters are pruned, and how."""
+        mask = f"ema{self.ema_beta:g}" if self.mask == "ema" else "step"
+        return f"{self.scope}/{self.criterion}/{self.direction}/{mask}/{self.mode}"
 
 
 def prune_count(ratio: float, n: int) -> int:

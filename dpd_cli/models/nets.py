@@ -13,7 +13,6 @@ Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,6 @@ from pathlib import Path
 from dpd_cli.io import paths
 from dpd_cli.artifacts import discover
 from dpd_cli.artifacts import experts as experts_file
-from dpd_cli.artifacts import layout
 from dpd_cli.artifacts.run import scan as scan_run
 from dpd_cli.errors import StorageError
 

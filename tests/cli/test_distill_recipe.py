@@ -270,7 +270,7 @@ def test_soft_label_options_need_soft_labels(dpd, experts, tmp_path):
 def test_init_real_correct_keeps_only_accepted_images():
     """--init real-correct walks each class's seeded permutation and keeps the first images the expert gets right."""
     from dpd_cli.data import Preprocess, load_dataset
-    from dpd_cli.recipes.distill import _init_images
+    from dpd_cli.recipes.distill_inputs import init_images as _init_images
     from dpd_cli.errors import DataError
     from dpd_cli.config.settings import resolve
 

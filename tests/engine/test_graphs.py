@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from dpd_cli.recipes import distill as distill_engine
+from dpd_cli.recipes.distill_inputs import draw_plan
 from dpd_cli.core import graphs, matching
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.models import FlatModel, build_model
@@ -42,7 +42,7 @@ class Problem:
 
     def plan(self, it, batch, dsa):
         s = DistillSettings(syn_steps=STEPS, batch_syn=batch, dsa=dsa)
-        return distill_engine._plan(random.Random(it), N_IMAGES, s, self.device)
+        return draw_plan(random.Random(it), N_IMAGES, s, self.device)
 
     def eager(self, it, batch, dsa, memory, mask_for, ratio):
         start, target = self.expert_pair(it)

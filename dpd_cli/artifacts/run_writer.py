@@ -1,0 +1,130 @@
+"""Everything ``dpd distill`` writes into its run directory, in one place (rank 0 alone writes).
+
+The files are named in ``dpd_cli.artifacts.layout``; each has its own module for its format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpd_cli.artifacts import evaluation, layout, run_settings
+from dpd_cli.artifacts import metrics as metrics_file
+from dpd_cli.artifacts import preprocess as preprocess_file
+from dpd_cli.artifacts import prune_counts as prune_file
+from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.data import Preprocess
+from dpd_cli.errors import OutputExistsError, StorageError
+from dpd_cli.io import storage
+from dpd_cli.io.images import save_grid
+
+__all__ = ["RunWriter"]
+
+
+class RunWriter:
+    """A run directory as ``dpd distill`` writes it.
+
+    Args:
+        run_dir: The run directory.
+        writes: False on the ranks of torchrun other than 0: every method that writes does nothing.
+    """
+
+    def __init__(self, run_dir: Path, writes: bool = True):
+        self.run_dir = Path(run_dir)
+        self.writes = writes
+
+    def checkpoints(self) -> list[Path]:
+        return layout.checkpoints(self.run_dir)
+
+    def lock(self, stack: contextlib.ExitStack) -> None:
+        """Hold the run directory's lock until ``stack`` closes; delete the temp files of a killed process."""
+        if not self.writes:
+            return
+        stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run"))
+        # With the lock held no other process is writing here.
+        storage.remove_stale_temps(self.run_dir)
+        storage.remove_stale_temps(self.run_dir / layout.CHECKPOINTS)
+
+    def prepare(self, resume: bool, force: bool) -> None:
+        """Refuse an existing run unless ``resume`` (its files are this run's: the settings hash was checked) or ``force``."""
+        existing = [f for f in layout.RUN_FILES if (self.run_dir / f).exists()]
+        if not self.writes or not existing or resume:
+            return
+        if not force:
+            raise OutputExistsError(
+                f"{self.run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume, start it over with "
+                "--force, or choose another --out."
+            )
+        for f in existing:
+            p = self.run_dir / f
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        evaluation.partial_path(self.run_dir / layout.EVAL).unlink(missing_ok=True)
+
+    def recorded_settings_hash(self) -> str | None:
+        """The settings hash in ``settings.json``."""
+        try:
+            return run_settings.load(self.run_dir).get("settings_hash")
+        except StorageError as e:
+            raise StorageError(f"{e} There is no checkpoint to resume: start over with --force.") from e
+
+    def start(self, settings_record: dict, pre: Preprocess) -> None:
+        """A fresh run's first files: its settings and preprocessing; no metrics line yet."""
+        if not self.writes:
+            return
+        metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
+        preprocess_file.save(self.run_dir / layout.PREPROCESS, pre)
+        run_settings.save(self.run_dir, settings_record)
+
+    def resumed(self, iteration: int) -> None:
+        """Drop the metrics lines past the checkpoint a resume starts from."""
+        if self.writes:
+            metrics_file.truncate(self.run_dir / layout.METRICS, iteration)
+
+    def metrics(self, records: list[dict]) -> None:
+        if self.writes:
+            metrics_file.append(self.run_dir / layout.METRICS, records)
+
+    def checkpoint(self, iteration: int, tensors: dict[str, torch.Tensor], pre: Preprocess, meta: dict[str, Any],
+                   keep: str | int, checkpoint_every: int) -> Path:
+        """Write the exact-resume checkpoint of ``iteration``, then delete those the keep policy lets go."""
+        path = layout.checkpoint_path(self.run_dir, iteration)
+        if not self.writes:
+            return path
+        synthetic_file.save_checkpoint(path, tensors, pre, meta)
+        kept = {layout.checkpoint_iteration(p): p for p in self.checkpoints()}
+        for it in layout.checkpoints_to_delete(list(kept), keep, checkpoint_every):
+            kept[it].unlink(missing_ok=True)
+        return path
+
+    def outputs(self, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, label_logits: torch.Tensor | None,
+                pre: Preprocess, meta: dict[str, Any], n_classes: int, prune_counts: torch.Tensor, param_layout: list,
+                iterations_pruned: int, prune_rule: dict) -> None:
+        """The standalone synthetic set, the prune counts and the picture of the images, as of ``meta["iteration"]``."""
+        if not self.writes:
+            return
+        synthetic_file.save_synthetic(self.run_dir / layout.SYNTHETIC, images, labels, lr, pre, meta, label_logits)
+        prune_file.save(self.run_dir / layout.PRUNE, prune_counts, param_layout, iterations_pruned, meta["iteration"],
+                        prune_rule)
+        save_grid(pre.invert(images), labels, n_classes, self.run_dir / layout.GRID)
+
+    def newest_state(self, check) -> tuple[dict[str, torch.Tensor], dict]:
+        """The newest checkpoint that loads, after ``check(path, tensors, meta)`` (which raises to refuse it).
+
+        Raises:
+            StorageError: No checkpoint loads.
+        """
+        errors = []
+        for path in self.checkpoints():
+            try:
+                t, meta = synthetic_file.load(path)
+            except StorageError as e:
+                errors.append(str(e))
+                continue
+            check(path, t, meta)
+            return t, meta
+        raise StorageError(f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} "
+                           "Start over with --force.")
