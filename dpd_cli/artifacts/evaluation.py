@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpd_cli.io import storage
 from dpd_cli.artifacts import json_number
 from dpd_cli.artifacts.layout import EVAL
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 
 __all__ = [
     "EVAL_FILE",
@@ -141,7 +141,9 @@ def _int_list(x) -> list[int]:
 def normalise(e: dict) -> dict:
     """One eval.json entry as ``inspect``, ``ls`` and ``compare`` show it: every key present, junk as None."""
     accs = e.get("accuracies") if isinstance(e.get("accuracies"), list) else []
-    checkpoints = [c for c in e.get("checkpoints") or [] if isinstance(c, dict)] if isinstance(e.get("checkpoints"), list) else []
+    checkpoints = (
+        [c for c in e.get("checkpoints") or [] if isinstance(c, dict)] if isinstance(e.get("checkpoints"), list) else []
+    )
     return {
         "source": e["source"],
         "model": e["model"],
@@ -210,6 +212,10 @@ def latest(path: Path) -> dict | None:
         found.pop(key, None)  # re-insert so the order follows the newest evaluations
         found[key] = e
     position = {id(e): i for i, e in enumerate(data["results"])}
-    results = [{**normalise(e), "position": position[id(e)]}
-               for e in sorted(found.values(), key=lambda e: (str(e["model"]), str(e.get("protocol")), _ORDER.get(e["source"], 9)))]
+    results = [
+        {**normalise(e), "position": position[id(e)]}
+        for e in sorted(
+            found.values(), key=lambda e: (str(e["model"]), str(e.get("protocol")), _ORDER.get(e["source"], 9))
+        )
+    ]
     return {"valid": True, "error": None, "n_entries": len(data["results"]), "skipped": skipped, "results": results}

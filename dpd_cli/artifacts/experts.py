@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
-from dpd_cli.io import paths, storage
 from dpd_cli.artifacts import json_number
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.io import paths, storage
 from dpd_cli.io.provenance import versions
-from dpd_cli.models.spec import spec_from_meta
 from dpd_cli.models import ModelSpec
+from dpd_cli.models.spec import spec_from_meta
 
 __all__ = [
     "MANIFEST",
@@ -75,7 +75,19 @@ _REDO = "Delete that file and rerun `dpd experts`."
 
 #: Settings that must agree for experts to share one folder (experts.json's ``compat``, with ``model``
 #: and ``preprocess_scheme``).
-COMPAT_FIELDS = ("dataset", "train_per_class", "val_per_class", "zca", "epochs", "lr", "momentum", "weight_decay", "batch", "dsa", "seed")
+COMPAT_FIELDS = (
+    "dataset",
+    "train_per_class",
+    "val_per_class",
+    "zca",
+    "epochs",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch",
+    "dsa",
+    "seed",
+)
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -125,8 +137,11 @@ def preprocess_scheme(compat: dict) -> int:
 
 def old_preprocess_message(folder: Path, compat: dict) -> str:
     """Why experts trained with dpd 0.1's preprocessing cannot be mixed with today's, and what to do."""
-    what = ("ZCA fitted on mean/std-normalised pixels" if compat.get("zca")
-            else "CIFAR-100 normalised with its own statistics")
+    what = (
+        "ZCA fitted on mean/std-normalised pixels"
+        if compat.get("zca")
+        else "CIFAR-100 normalised with its own statistics"
+    )
     return (
         f"The experts in {folder} were trained with dpd 0.1's preprocessing ({what}). This dpd preprocesses as "
         "MTT does (ZCA fitted on the raw [0, 1] pixels with no normalisation; CIFAR-100 normalised with CIFAR-10's "
@@ -154,10 +169,18 @@ def read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        raise StorageError(f"{path} is missing or unreadable ({e}); {path.parent} is not a complete experts folder. "
-                           "Rerun `dpd experts` with --out pointing at it (finished experts are kept), or choose another folder.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("compat"), dict):
-        raise StorageError(f"{path} is not a dpd experts manifest. Remove it and rerun `dpd experts`, or choose another folder.")
+        raise StorageError(
+            f"{path} is missing or unreadable ({e}); {path.parent} is not a complete experts folder. "
+            "Rerun `dpd experts` with --out pointing at it (finished experts are kept), or choose another folder."
+        ) from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("compat"), dict)
+    ):
+        raise StorageError(
+            f"{path} is not a dpd experts manifest. Remove it and rerun `dpd experts`, or choose another folder."
+        )
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise StorageError(
             f"{path} is dpd.experts format version {manifest.get('format_version')!r}; this dpd reads version {MANIFEST_VERSION}. "
@@ -204,8 +227,13 @@ def save_trajectory(path: Path, trajectory: torch.Tensor, meta: Mapping[str, Any
 
 def _is_layer(entry) -> bool:
     """``[name, [d0, d1, ...]]`` as ``FlatModel.layout`` writes it."""
-    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
-            and all(type(d) is int and 0 < d <= 1 << 24 for d in entry[1]))
+    return (
+        isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], list)
+        and all(type(d) is int and 0 < d <= 1 << 24 for d in entry[1])
+    )
 
 
 def _trajectory_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int]:
@@ -228,7 +256,9 @@ def _check_trajectory(path: Path, header: Mapping[str, Any], shape: tuple[int, i
     entry = header.get("trajectory", {})
     found = tuple(entry["shape"]) if "shape" in entry else None
     if entry.get("dtype") != "F32" or found != tuple(shape):
-        raise StorageError(f"{path}: trajectory tensor is {entry.get('dtype')} {found}, expected F32 {tuple(shape)}. {_REDO}")
+        raise StorageError(
+            f"{path}: trajectory tensor is {entry.get('dtype')} {found}, expected F32 {tuple(shape)}. {_REDO}"
+        )
 
 
 def _same_dataset(name, key) -> bool:
@@ -252,7 +282,9 @@ def model_tag(model) -> str | None:
         return model.get("name")
 
 
-def mismatches(meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None) -> list[str]:
+def mismatches(
+    meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None
+) -> list[str]:
     """Why an expert cannot be matched together with the folder's reference expert (empty: it can).
 
     The model, its parameter layout, the epochs and the preprocessing must be the reference's, and
@@ -278,8 +310,10 @@ def _mismatch_message(path: Path, problems: list[str]) -> str:
 
 
 def _fingerprint_message(ppath: Path, found: str, recorded: str) -> str:
-    return (f"{ppath} is not the normalisation the experts were trained with (fingerprint {found}, experts recorded "
-            f"{recorded}). Restore it, or train the experts again.")
+    return (
+        f"{ppath} is not the normalisation the experts were trained with (fingerprint {found}, experts recorded "
+        f"{recorded}). Restore it, or train the experts again."
+    )
 
 
 def load_preprocess(folder: Path, spec) -> Preprocess:
@@ -290,8 +324,10 @@ def load_preprocess(folder: Path, spec) -> Preprocess:
     """
     path = Path(folder) / PREPROCESS
     if not path.exists():
-        raise StorageError(f"{path} is missing; {path.parent} is not a complete experts folder. "
-                           "Rerun `dpd experts` with --out pointing at it (finished experts are kept).")
+        raise StorageError(
+            f"{path} is missing; {path.parent} is not a complete experts folder. "
+            "Rerun `dpd experts` with --out pointing at it (finished experts are kept)."
+        )
     return preprocess_file.load(path, spec.channels, spec.image_size, "Delete the file and rerun `dpd experts`.")
 
 
@@ -356,7 +392,7 @@ class ExpertSet:
         for f in self.files:
             f.close()
 
-    def __enter__(self) -> "ExpertSet":
+    def __enter__(self) -> ExpertSet:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -366,7 +402,9 @@ class ExpertSet:
         """Rows ``t`` and ``t + m`` of expert ``index`` (CPU float32), checked finite."""
         rows = self.files[index].rows("trajectory", [t, t + m])
         if not torch.isfinite(rows).all():
-            raise StorageError(f"{self.files[index].path} holds NaN or Inf parameters at epoch {t} or {t + m}. Delete it and rerun `dpd experts`.")
+            raise StorageError(
+                f"{self.files[index].path} holds NaN or Inf parameters at epoch {t} or {t + m}. Delete it and rerun `dpd experts`."
+            )
         return rows[0], rows[1]
 
 
@@ -420,8 +458,10 @@ def check(folder: Path) -> dict:
     manifest: dict = {}
     mpath = folder / MANIFEST
     if not mpath.exists():
-        problems.append("experts.json is missing, so `dpd distill` refuses this folder. Rerun `dpd experts --out` on this "
-                        "folder with the experts' settings to rewrite it (finished experts are kept).")
+        problems.append(
+            "experts.json is missing, so `dpd distill` refuses this folder. Rerun `dpd experts --out` on this "
+            "folder with the experts' settings to rewrite it (finished experts are kept)."
+        )
     else:
         try:
             manifest = read_manifest(folder)
@@ -437,8 +477,10 @@ def check(folder: Path) -> dict:
         except StorageError as e:
             problems.append(_short(e, ppath))
     else:
-        problems.append("preprocess.safetensors is missing (the normalisation the experts saw); `dpd distill` cannot use "
-                        "this folder. Rerun `dpd experts --out` on it with the experts' settings.")
+        problems.append(
+            "preprocess.safetensors is missing (the normalisation the experts saw); `dpd distill` cannot use "
+            "this folder. Rerun `dpd experts --out` on it with the experts' settings."
+        )
 
     experts: list[dict] = []
     ref: dict | None = None
@@ -464,11 +506,15 @@ def check(folder: Path) -> dict:
         problems.append("No expert files (expert_*.safetensors) yet: train them with `dpd experts`.")
     if ref is not None:
         if compat and compat.get("model") not in (None, ref["meta"].get("model")):
-            problems.append(f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
-                            f"{model_tag(ref['meta'].get('model'))}.")
+            problems.append(
+                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
+                f"{model_tag(ref['meta'].get('model'))}."
+            )
         recorded = ref["meta"].get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:
-            problems.append(_fingerprint_message(ppath, preprocess["fingerprint"], recorded).replace(str(ppath), ppath.name))
+            problems.append(
+                _fingerprint_message(ppath, preprocess["fingerprint"], recorded).replace(str(ppath), ppath.name)
+            )
     n_planned = planned_count(manifest)
     being_written = storage.is_locked(folder)
     return {
@@ -513,7 +559,9 @@ def summarize(folder: Path) -> dict:
     out: dict = {"folder": str(folder), "compat": facts["compat"] or None, "experts": []}
     for e in facts["experts"]:
         if e["valid"]:
-            out["experts"].append({k: e[k] for k in ("file", "index", "epochs", "final_test_accuracy", "train_images_per_s")})
+            out["experts"].append(
+                {k: e[k] for k in ("file", "index", "epochs", "final_test_accuracy", "train_images_per_s")}
+            )
         else:
             out.setdefault("invalid", []).append({"file": e["file"], "error": e["error"]})
     return out

@@ -27,13 +27,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from dpd_cli.io import storage
-from dpd_cli.data import Preprocess
 from PIL import Image
 
-__all__ = ["FORMAT", "RECORD", "README", "NPZ", "HARD_LABEL_GAP", "MTT_FILES", "datm_labels", "write_torch", "write_npz",
-           "write_imagefolder", "class_folder", "readme", "write_record", "read_record"]
+from dpd_cli.data import Preprocess
+from dpd_cli.io import storage
+
+__all__ = [
+    "FORMAT",
+    "RECORD",
+    "README",
+    "NPZ",
+    "HARD_LABEL_GAP",
+    "MTT_FILES",
+    "datm_labels",
+    "write_torch",
+    "write_npz",
+    "write_imagefolder",
+    "class_folder",
+    "readme",
+    "write_record",
+    "read_record",
+]
 
 FORMAT = "dpd.export"
 RECORD = "export.json"
@@ -57,8 +71,16 @@ def _save_pt(path: Path, obj) -> None:
         torch.save(obj, f)
 
 
-def write_torch(folder: Path, flavour: str, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, pre: Preprocess,
-                n_classes: int, label_logits: torch.Tensor | None) -> list[str]:
+def write_torch(
+    folder: Path,
+    flavour: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: torch.Tensor,
+    pre: Preprocess,
+    n_classes: int,
+    label_logits: torch.Tensor | None,
+) -> list[str]:
     """The ``mtt`` or ``datm`` files; returns their names."""
     if label_logits is not None:
         y = label_logits.float()
@@ -74,14 +96,21 @@ def write_torch(folder: Path, flavour: str, images: torch.Tensor, labels: torch.
     names = [*MTT_FILES, "normalization.pt"]
     if pre.has_zca:
         # kornia's ZCAWhitening computes (x - mean_vector) @ transform_matrix on flattened images, as dpd does.
-        _save_pt(folder / "zca.pt", {"mean_vector": t["zca_mean"].reshape(1, -1), "transform_matrix": t["zca_matrix"],
-                                     "transform_inv": t["zca_inverse"]})
+        _save_pt(
+            folder / "zca.pt",
+            {
+                "mean_vector": t["zca_mean"].reshape(1, -1),
+                "transform_matrix": t["zca_matrix"],
+                "transform_inv": t["zca_inverse"],
+            },
+        )
         names.append("zca.pt")
     return names
 
 
-def write_npz(folder: Path, tensors: dict[str, torch.Tensor], classes: list[str], meta: dict,
-              label_logits: torch.Tensor | None) -> list[str]:
+def write_npz(
+    folder: Path, tensors: dict[str, torch.Tensor], classes: list[str], meta: dict, label_logits: torch.Tensor | None
+) -> list[str]:
     """``synthetic.npz``: images, labels, lr, preprocessing, [label_logits], classes, meta_json."""
     keys = ["images", "labels", "lr", "norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse"]
     arrays = {k: tensors[k].detach().cpu().numpy() for k in keys if k in tensors}
@@ -100,8 +129,14 @@ def class_folder(k: int, name: str, n_classes: int) -> str:
     return f"{k:0{len(str(n_classes - 1))}d}-{safe}"
 
 
-def write_imagefolder(folder: Path, images: torch.Tensor, labels: torch.Tensor, pre: Preprocess, classes: list[str],
-                      label_logits: torch.Tensor | None) -> tuple[list[str], float]:
+def write_imagefolder(
+    folder: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    pre: Preprocess,
+    classes: list[str],
+    label_logits: torch.Tensor | None,
+) -> tuple[list[str], float]:
     """PNGs ``<NN>-<class>/<i>.png`` (i: the image's index in the set); returns (names, fraction of values clipped)."""
     pixels = pre.invert(images, clamp=False)  # (n, C, H, W), [0, 1] where representable
     clipped = float(((pixels < 0) | (pixels > 1)).float().mean()) if pixels.numel() else 0.0
@@ -137,10 +172,15 @@ def read_record(folder: Path) -> dict | None:
 # --- README.txt ---------------------------------------------------------------------------------
 def _space(pre: Preprocess, zca_subset: int | None) -> str:
     if pre.has_zca:
-        fitted = (f"fitted on {zca_subset} training images per class (--train-per-class)" if zca_subset
-                  else "fitted on the whole training set")
-        return ("ZCA-whitened: pixels scaled to [0, 1] with no mean/std normalisation, then x -> (x - mean) W, with W "
-                f"kornia's ZCAWhitening(eps=0.1) (as MTT's and DATM's code with --zca) {fitted}")
+        fitted = (
+            f"fitted on {zca_subset} training images per class (--train-per-class)"
+            if zca_subset
+            else "fitted on the whole training set"
+        )
+        return (
+            "ZCA-whitened: pixels scaled to [0, 1] with no mean/std normalisation, then x -> (x - mean) W, with W "
+            f"kornia's ZCAWhitening(eps=0.1) (as MTT's and DATM's code with --zca) {fitted}"
+        )
     mean = ", ".join(f"{v:.4g}" for v in pre.mean.tolist())
     std = ", ".join(f"{v:.4g}" for v in pre.std.tolist())
     return f"normalised: pixels scaled to [0, 1], then (x - mean) / std per channel, mean ({mean}), std ({std})"
@@ -161,10 +201,14 @@ def readme(fmt: str, info: dict) -> str:
         "",
         "Files",
     ]
-    body = {"mtt": _readme_torch, "datm": _readme_torch, "npz": _readme_npz, "imagefolder": _readme_imagefolder}[fmt](fmt, info)
+    body = {"mtt": _readme_torch, "datm": _readme_torch, "npz": _readme_npz, "imagefolder": _readme_imagefolder}[fmt](
+        fmt, info
+    )
     end = body.index("") if "" in body else len(body)  # the list of files ends at the first blank line
-    ours = [f"  {RECORD}  what was exported, from where, by which dpd (dpd export --force replaces only folders holding it).",
-            f"  {README}  this file."]
+    ours = [
+        f"  {RECORD}  what was exported, from where, by which dpd (dpd export --force replaces only folders holding it).",
+        f"  {README}  this file.",
+    ]
     return "\n".join(w for line in head + body[:end] + ours + body[end:] + [""] for w in _wrap(line))
 
 
@@ -180,12 +224,16 @@ def _wrap(line: str, width: int = 100) -> list[str]:
 def _label_text(fmt: str, info: dict) -> str:
     k = len(info["classes"])
     if info["soft"]:
-        return (f"float32 [n, {k}]: the learned soft labels as logits (DATM's labels_best.pt); train with soft "
-                "cross-entropy against softmax(logits), as DATM's evaluation.py does. MTT's own code has no soft labels.")
+        return (
+            f"float32 [n, {k}]: the learned soft labels as logits (DATM's labels_best.pt); train with soft "
+            "cross-entropy against softmax(logits), as DATM's evaluation.py does. MTT's own code has no soft labels."
+        )
     if fmt == "datm":
-        return (f"float32 [n, {k}]: logits 0 at the image's class and -{HARD_LABEL_GAP:g} elsewhere (DATM stores labels as "
-                "logits); their softmax is exactly the one-hot label, so DATM's soft cross-entropy equals the usual one. "
-                "Class indices: labels.argmax(1).")
+        return (
+            f"float32 [n, {k}]: logits 0 at the image's class and -{HARD_LABEL_GAP:g} elsewhere (DATM stores labels as "
+            "logits); their softmax is exactly the one-hot label, so DATM's soft cross-entropy equals the usual one. "
+            "Class indices: labels.argmax(1)."
+        )
     return "int64 [n]: class indices, class-major (ipc images of class 0, then class 1, ...), as MTT's label_syn."
 
 
@@ -199,67 +247,91 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
         "  normalization.pt  {'mean': [C], 'std': [C]} float32 (0 and 1 with ZCA: no normalisation then).",
     ]
     if pre.has_zca:
-        lines.append("  zca.pt            {'mean_vector': [1, D], 'transform_matrix': [D, D], 'transform_inv': [D, D]} float32, "
-                     "D = C*H*W: the fitted kornia ZCAWhitening, whitened = (x.flatten(1) - mean_vector) @ transform_matrix.")
-    lines += ["", "Load (plain PyTorch, no dpd needed)",
-              "    import torch",
-              "    images = torch.load('images_best.pt', weights_only=True)",
-              "    labels = torch.load('labels_best.pt', weights_only=True)",
-              "    lr = float(torch.load('lr_best.pt', weights_only=True))"]
+        lines.append(
+            "  zca.pt            {'mean_vector': [1, D], 'transform_matrix': [D, D], 'transform_inv': [D, D]} float32, "
+            "D = C*H*W: the fitted kornia ZCAWhitening, whitened = (x.flatten(1) - mean_vector) @ transform_matrix."
+        )
+    lines += [
+        "",
+        "Load (plain PyTorch, no dpd needed)",
+        "    import torch",
+        "    images = torch.load('images_best.pt', weights_only=True)",
+        "    labels = torch.load('labels_best.pt', weights_only=True)",
+        "    lr = float(torch.load('lr_best.pt', weights_only=True))",
+    ]
     if pre.has_zca:
-        lines += ["    # the ZCA transform, for test images x in [0, 1] of shape [N, C, H, W]:",
-                  "    import kornia",
-                  "    zca = kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True)",
-                  "    state = torch.load('zca.pt', weights_only=True)",
-                  "    zca.load_state_dict(state)   # kornia versions that keep the fit as buffers (e.g. 0.9);",
-                  "    # older kornia (0.6.3, DATM's environment) keeps it in attributes instead:",
-                  "    # zca.mean_vector, zca.transform_matrix, zca.transform_inv = state['mean_vector'], state['transform_matrix'], state['transform_inv']; zca.fitted = True",
-                  "    x_test = zca(x)"]
+        lines += [
+            "    # the ZCA transform, for test images x in [0, 1] of shape [N, C, H, W]:",
+            "    import kornia",
+            "    zca = kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True)",
+            "    state = torch.load('zca.pt', weights_only=True)",
+            "    zca.load_state_dict(state)   # kornia versions that keep the fit as buffers (e.g. 0.9);",
+            "    # older kornia (0.6.3, DATM's environment) keeps it in attributes instead:",
+            "    # zca.mean_vector, zca.transform_matrix, zca.transform_inv = state['mean_vector'], state['transform_matrix'], state['transform_inv']; zca.fitted = True",
+            "    x_test = zca(x)",
+        ]
     else:
         lines += ["    # test images x in [0, 1]: torchvision.transforms.Normalize(**torch.load('normalization.pt'))"]
     lines.append("")
     if name:
         zca = " --zca" if pre.has_zca else ""
-        lines += [f"With MTT's or DATM's code (dataset {name}{zca}): their get_dataset fits the same preprocessing on the dataset "
-                  "itself (ZCA: kornia, eps 0.1, raw [0, 1] pixels of the whole training set; else CIFAR-10's or ImageNet's "
-                  "mean/std, as dpd)."]
+        lines += [
+            f"With MTT's or DATM's code (dataset {name}{zca}): their get_dataset fits the same preprocessing on the dataset "
+            "itself (ZCA: kornia, eps 0.1, raw [0, 1] pixels of the whole training set; else CIFAR-10's or ImageNet's "
+            "mean/std, as dpd)."
+        ]
         if pre.has_zca and info.get("train_per_class"):
-            lines.append("This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images "
-                         "with zca.pt instead.")
-        lines += ["DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
-                  f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
-                  "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
-                  "MTT's code evaluates inside distill.py, with utils.evaluate_synset(0, net, images, labels, testloader, "
-                  "args) and args.lr_net = lr (it needs int64 labels: the mtt format)."]
+            lines.append(
+                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images "
+                "with zca.pt instead."
+            )
+        lines += [
+            "DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
+            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
+            "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
+            "MTT's code evaluates inside distill.py, with utils.evaluate_synset(0, net, images, labels, testloader, "
+            "args) and args.lr_net = lr (it needs int64 labels: the mtt format).",
+        ]
     else:
-        lines.append(f"MTT's and DATM's code has no dataset {info['dataset']!r}: load the files as above and map test "
-                     "images with normalization.pt" + (" and zca.pt." if pre.has_zca else "."))
+        lines.append(
+            f"MTT's and DATM's code has no dataset {info['dataset']!r}: load the files as above and map test "
+            "images with normalization.pt" + (" and zca.pt." if pre.has_zca else ".")
+        )
     return lines
 
 
 def _readme_npz(fmt: str, info: dict) -> list[str]:
     pre: Preprocess = info["pre"]
     k = len(info["classes"])
-    lines = [f"  {NPZ}  one NumPy archive (numpy.load reads it without allow_pickle):",
-             "    images        float32 [n, C, H, W]  the synthetic images, in the training space above",
-             "    labels        int64 [n]             class indices, class-major (ipc images of class 0, then class 1, ...)",
-             "    lr            float32 []            alpha, the learned step size (the evaluation learning rate)",
-             "    norm_mean     float32 [C]           per-channel mean (0 with ZCA)",
-             "    norm_std      float32 [C]           per-channel std (1 with ZCA)"]
+    lines = [
+        f"  {NPZ}  one NumPy archive (numpy.load reads it without allow_pickle):",
+        "    images        float32 [n, C, H, W]  the synthetic images, in the training space above",
+        "    labels        int64 [n]             class indices, class-major (ipc images of class 0, then class 1, ...)",
+        "    lr            float32 []            alpha, the learned step size (the evaluation learning rate)",
+        "    norm_mean     float32 [C]           per-channel mean (0 with ZCA)",
+        "    norm_std      float32 [C]           per-channel std (1 with ZCA)",
+    ]
     if pre.has_zca:
-        lines += ["    zca_mean      float32 [D]           D = C*H*W; mean of the flattened [0, 1] training images",
-                  "    zca_matrix    float32 [D, D]        the whitening matrix W (symmetric)",
-                  "    zca_inverse   float32 [D, D]        W^-1"]
+        lines += [
+            "    zca_mean      float32 [D]           D = C*H*W; mean of the flattened [0, 1] training images",
+            "    zca_matrix    float32 [D, D]        the whitening matrix W (symmetric)",
+            "    zca_inverse   float32 [D, D]        W^-1",
+        ]
     if info["soft"]:
-        lines.append(f"    label_logits  float32 [n, {k}]        learned soft labels as logits (train against softmax(logits))")
-    lines += [f"    classes       str [{k}]              class names; label k is classes[k]",
-              "    meta_json     str []                the synthetic set's metadata as JSON (dataset, model, ipc, settings, ...)",
-              "", "Load",
-              "    import numpy as np",
-              f"    z = np.load('{NPZ}')",
-              "    images, labels, lr = z['images'], z['labels'], float(z['lr'])",
-              "    # a test image x in [0, 1], shape [N, C, H, W], into the training space:",
-              "    x = (x - z['norm_mean'][None, :, None, None]) / z['norm_std'][None, :, None, None]"]
+        lines.append(
+            f"    label_logits  float32 [n, {k}]        learned soft labels as logits (train against softmax(logits))"
+        )
+    lines += [
+        f"    classes       str [{k}]              class names; label k is classes[k]",
+        "    meta_json     str []                the synthetic set's metadata as JSON (dataset, model, ipc, settings, ...)",
+        "",
+        "Load",
+        "    import numpy as np",
+        f"    z = np.load('{NPZ}')",
+        "    images, labels, lr = z['images'], z['labels'], float(z['lr'])",
+        "    # a test image x in [0, 1], shape [N, C, H, W], into the training space:",
+        "    x = (x - z['norm_mean'][None, :, None, None]) / z['norm_std'][None, :, None, None]",
+    ]
     if pre.has_zca:
         lines.append("    x = ((x.reshape(len(x), -1) - z['zca_mean']) @ z['zca_matrix']).reshape(x.shape)")
     return lines
@@ -278,6 +350,8 @@ def _readme_imagefolder(fmt: str, info: dict) -> list[str]:
         "up to that rounding and clipping: for exact tensors, use --format npz or mtt.",
     ]
     if info["soft"]:
-        lines.append(f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i "
-                     "(an image folder can only say the class).")
+        lines.append(
+            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i "
+            "(an image folder can only say the class)."
+        )
     return lines

@@ -19,8 +19,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SETTINGS", "PREPROCESS", "SYNTHETIC", "CHECKPOINTS", "METRICS", "PRUNE", "GRID", "EVAL", "RUN_FILES", "MARKERS",
-           "is_run", "checkpoint_path", "checkpoints", "checkpoint_iteration", "checkpoints_to_delete"]
+__all__ = [
+    "SETTINGS",
+    "PREPROCESS",
+    "SYNTHETIC",
+    "CHECKPOINTS",
+    "METRICS",
+    "PRUNE",
+    "GRID",
+    "EVAL",
+    "RUN_FILES",
+    "MARKERS",
+    "is_run",
+    "checkpoint_path",
+    "checkpoints",
+    "checkpoint_iteration",
+    "checkpoints_to_delete",
+]
 
 SETTINGS = "settings.json"
 PREPROCESS = "preprocess.safetensors"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.io import storage
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 
 __all__ = ["FORMAT", "REQUIRED", "save", "load", "check_header", "check_tensors"]
 
@@ -55,7 +55,9 @@ def check_header(path: Path) -> dict:
     return {"zca": "zca_matrix" in header, "fingerprint": meta.get("fingerprint")}
 
 
-def load(path: Path, channels: int, size: tuple[int, int], hint: str = "Delete the file and recreate it with dpd.") -> Preprocess:
+def load(
+    path: Path, channels: int, size: tuple[int, int], hint: str = "Delete the file and recreate it with dpd."
+) -> Preprocess:
     """The transform stored in ``path``, checked against the image shape it must apply to.
 
     Raises:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.io import storage
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 
 __all__ = ["FORMAT", "save", "load", "layer_stats"]
 
@@ -16,8 +16,12 @@ FORMAT = "dpd.prune_counts"
 
 def save(path: Path, counts: torch.Tensor, layout: list, iterations_pruned: int, iteration: int, rule: dict) -> None:
     """``counts``: (P,) int32; ``rule``: the prune settings that produced them (criterion, direction, mask, mode, ...)."""
-    storage.save_tensors(path, {"counts": counts}, FORMAT,
-                         {"layout": layout, "iterations_pruned": iterations_pruned, "iteration": iteration, "rule": rule})
+    storage.save_tensors(
+        path,
+        {"counts": counts},
+        FORMAT,
+        {"layout": layout, "iterations_pruned": iterations_pruned, "iteration": iteration, "rule": rule},
+    )
 
 
 def load(path: Path) -> tuple[torch.Tensor, dict]:
@@ -33,7 +37,9 @@ def load(path: Path) -> tuple[torch.Tensor, dict]:
     except (TypeError, ValueError) as e:
         raise StorageError(f"{path}: the metadata entry 'layout' is malformed ({e}).") from None
     if total != t["counts"].numel():
-        raise StorageError(f"{path}: the layer layout covers {total} parameters but the counter has {t['counts'].numel()}.")
+        raise StorageError(
+            f"{path}: the layer layout covers {total} parameters but the counter has {t['counts'].numel()}."
+        )
     if (t["counts"] < 0).any():
         raise StorageError(f"{path}: negative prune counts.")
     return t["counts"], meta
@@ -64,15 +70,17 @@ def layer_stats(counts: torch.Tensor, layout: list, iterations_pruned: int) -> d
     for (name, shape), seg in zip(layout, torch.split(counts, sizes), strict=True):  # seg: (layer size,)
         total = int(seg.sum())
         size = seg.numel()
-        layers.append({
-            "name": name,
-            "shape": list(shape),
-            "size": size,
-            "pruned": total,  # parameter-iterations pruned
-            "mean_pct": 100.0 * total / (size * iterations_pruned) if iterations_pruned and size else 0.0,
-            "ever_pct": 100.0 * int((seg > 0).sum()) / size if size else 0.0,
-            "max_count": int(seg.max()) if size else 0,
-        })
+        layers.append(
+            {
+                "name": name,
+                "shape": list(shape),
+                "size": size,
+                "pruned": total,  # parameter-iterations pruned
+                "mean_pct": 100.0 * total / (size * iterations_pruned) if iterations_pruned and size else 0.0,
+                "ever_pct": 100.0 * int((seg > 0).sum()) / size if size else 0.0,
+                "max_count": int(seg.max()) if size else 0,
+            }
+        )
     layers.sort(key=lambda r: (-r["mean_pct"], r["name"]))
     n = counts.numel()
     return {

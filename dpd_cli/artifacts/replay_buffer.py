@@ -31,8 +31,10 @@ __all__ = ["PATTERN", "find", "sha256", "load", "check_layout", "flatten"]
 #: The file names MTT gives its buffers; a folder given as a source contributes these.
 PATTERN = "replay_buffer_*.pt"
 _NUMBER = re.compile(r"replay_buffer_(\d+)\.pt$")
-_SAVE_HINT = ("A replay buffer must be what MTT's buffer.py saves: a list of experts, each a list of snapshots, "
-              "each a list of parameter tensors.")
+_SAVE_HINT = (
+    "A replay buffer must be what MTT's buffer.py saves: a list of experts, each a list of snapshots, "
+    "each a list of parameter tensors."
+)
 
 
 def find(sources: list[Path]) -> list[Path]:
@@ -44,8 +46,10 @@ def find(sources: list[Path]) -> list[Path]:
         StorageError: A source does not exist, or a folder holds no buffer.
     """
     if not sources:
-        raise StorageError("No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them "
-                           "(MTT writes them to <buffer_path>/<dataset>[_NO_ZCA]/<model>/).")
+        raise StorageError(
+            "No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them "
+            "(MTT writes them to <buffer_path>/<dataset>[_NO_ZCA]/<model>/)."
+        )
     files: list[Path] = []
     for src in map(Path, sources):
         if not str(src).strip():
@@ -53,13 +57,17 @@ def find(sources: list[Path]) -> list[Path]:
         if src.is_dir():
             found = [p for p in src.glob(PATTERN) if p.is_file() and _NUMBER.search(p.name)]
             if not found:
-                raise StorageError(f"{src} holds no replay_buffer_<n>.pt files. Name the buffer files themselves, or the "
-                                   "folder MTT wrote them to (<buffer_path>/<dataset>[_NO_ZCA]/<model>/).")
+                raise StorageError(
+                    f"{src} holds no replay_buffer_<n>.pt files. Name the buffer files themselves, or the "
+                    "folder MTT wrote them to (<buffer_path>/<dataset>[_NO_ZCA]/<model>/)."
+                )
             files += sorted(found, key=lambda p: int(_NUMBER.search(p.name).group(1)))
         elif src.is_file():
             files.append(src)
         else:
-            raise StorageError(f"{src} does not exist. Name the replay_buffer_<n>.pt files, or the folder holding them.")
+            raise StorageError(
+                f"{src} does not exist. Name the replay_buffer_<n>.pt files, or the folder holding them."
+            )
     unique: dict[Path, Path] = {}
     for f in files:
         unique.setdefault(f.resolve(), f)
@@ -89,7 +97,9 @@ def _load_error(path: Path, e: BaseException) -> StorageError:
             f"{_SAVE_HINT} Re-save it in that form (plain torch tensors, e.g. torch.from_numpy for NumPy arrays)."
         )
     if path.stat().st_size == 0:
-        return StorageError(f"{path} is empty (0 bytes): not a replay buffer. Copy it again from where the experts were trained.")
+        return StorageError(
+            f"{path} is empty (0 bytes): not a replay buffer. Copy it again from where the experts were trained."
+        )
     first = " ".join(text.split())
     m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", first)
     reason = (m.group(1) if m else first or type(e).__name__)[:200]
@@ -131,20 +141,28 @@ def load(path: Path) -> list[list[list[torch.Tensor]]]:
     for i, expert in enumerate(data):
         if not isinstance(expert, (list, tuple)) or len(expert) < 2:
             what = f"a list of {len(expert)} snapshot(s)" if isinstance(expert, (list, tuple)) else _describe(expert)
-            raise StorageError(f"{path}: expert {i} is {what}, expected a list of at least two snapshots (the "
-                               f"initialisation and one per epoch). {_SAVE_HINT}")
+            raise StorageError(
+                f"{path}: expert {i} is {what}, expected a list of at least two snapshots (the "
+                f"initialisation and one per epoch). {_SAVE_HINT}"
+            )
         for e, snapshot in enumerate(expert):
             if not isinstance(snapshot, (list, tuple)) or not snapshot:
                 what = "an empty list" if isinstance(snapshot, (list, tuple)) else _describe(snapshot)
-                raise StorageError(f"{path}: expert {i}, snapshot {e} is {what}, expected a list of parameter tensors. {_SAVE_HINT}")
+                raise StorageError(
+                    f"{path}: expert {i}, snapshot {e} is {what}, expected a list of parameter tensors. {_SAVE_HINT}"
+                )
             for k, p in enumerate(snapshot):
                 if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.layout != torch.strided:
-                    raise StorageError(f"{path}: expert {i}, snapshot {e}, parameter {k} is {_describe(p)}, expected a "
-                                       f"floating-point tensor. {_SAVE_HINT}")
+                    raise StorageError(
+                        f"{path}: expert {i}, snapshot {e}, parameter {k} is {_describe(p)}, expected a "
+                        f"floating-point tensor. {_SAVE_HINT}"
+                    )
     return [list(map(list, expert)) for expert in data]
 
 
-def check_layout(path: Path, experts: list[list[list[torch.Tensor]]], layout: list[list], network: str, hint: str) -> int:
+def check_layout(
+    path: Path, experts: list[list[list[torch.Tensor]]], layout: list[list], network: str, hint: str
+) -> int:
     """Check every snapshot against dpd's network; returns the number of epochs (snapshots - 1).
 
     Args:
@@ -162,8 +180,10 @@ def check_layout(path: Path, experts: list[list[list[torch.Tensor]]], layout: li
     n_snapshots = len(experts[0])
     for i, expert in enumerate(experts):
         if len(expert) != n_snapshots:
-            raise ExpertsError(f"{path}: expert {i} has {len(expert)} snapshots, expert 0 has {n_snapshots}; every expert of "
-                               "a dpd experts folder has the same number of epochs. Import the buffers of one training setup together.")
+            raise ExpertsError(
+                f"{path}: expert {i} has {len(expert)} snapshots, expert 0 has {n_snapshots}; every expert of "
+                "a dpd experts folder has the same number of epochs. Import the buffers of one training setup together."
+            )
         for e, snapshot in enumerate(expert):
             for k, ((name, shape), p) in enumerate(zip(layout, snapshot)):
                 if list(p.shape) != list(shape):
@@ -191,8 +211,10 @@ def flatten(path: Path, index: int, expert: list[list[torch.Tensor]]) -> torch.T
     rows = torch.stack([torch.cat([p.detach().reshape(-1).to(torch.float32) for p in snapshot]) for snapshot in expert])
     bad = (~torch.isfinite(rows)).any(1).nonzero().flatten()
     if len(bad):
-        raise StorageError(f"{path}: expert {index} holds NaN or Inf parameters from snapshot {int(bad[0])} on (it diverged). "
-                           "Remove it from the buffer (load the list in Python, delete that expert, save it again) and import again.")
+        raise StorageError(
+            f"{path}: expert {index} holds NaN or Inf parameters from snapshot {int(bad[0])} on (it diverged). "
+            "Remove it from the buffer (load the list in Python, delete that expert, save it again) and import again."
+        )
     same = (rows[1:] == rows[:-1]).all(1).nonzero().flatten()
     if len(same):
         e = int(same[0])

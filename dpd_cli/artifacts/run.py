@@ -31,9 +31,18 @@ def status(planned: int | None, iteration: int | None, checkpoint_iteration: int
     return "resumable" if checkpoint_iteration is not None else "no checkpoint"
 
 
-def disagreements(run_dir: Path, *, settings_hashes: dict[str, str], synthetic: int | None, checkpoint: int | None,
-                  prune: int | None, metrics: int | None, metrics_missing: int, evaluated: dict[str, int],
-                  resumable: bool) -> list[str]:
+def disagreements(
+    run_dir: Path,
+    *,
+    settings_hashes: dict[str, str],
+    synthetic: int | None,
+    checkpoint: int | None,
+    prune: int | None,
+    metrics: int | None,
+    metrics_missing: int,
+    evaluated: dict[str, int],
+    resumable: bool,
+) -> list[str]:
     """Sentences on a run's files that do not tell the same story, with what to do about each.
 
     A checkpoint, synthetic.safetensors and prune_frequency.safetensors are written together (in
@@ -50,34 +59,51 @@ def disagreements(run_dir: Path, *, settings_hashes: dict[str, str], synthetic: 
     out = []
     redo = f"Rerun the same `dpd distill` command with --resume to rewrite it from checkpoint {checkpoint}."
     if synthetic is not None and checkpoint is not None and synthetic != checkpoint:
-        what = (f"`dpd evaluate {run_dir}` would score that older set. {redo}" if synthetic < checkpoint
-                else f"a newer checkpoint is missing; a resume continues from checkpoint {checkpoint} and rewrites it.")
-        out.append(f"{SYNTHETIC} is at iteration {synthetic}, the newest checkpoint at {checkpoint}, but they are written "
-                   f"together (a process stopped between them, or a file was replaced): {what}")
+        what = (
+            f"`dpd evaluate {run_dir}` would score that older set. {redo}"
+            if synthetic < checkpoint
+            else f"a newer checkpoint is missing; a resume continues from checkpoint {checkpoint} and rewrites it."
+        )
+        out.append(
+            f"{SYNTHETIC} is at iteration {synthetic}, the newest checkpoint at {checkpoint}, but they are written "
+            f"together (a process stopped between them, or a file was replaced): {what}"
+        )
     if prune is not None and checkpoint is not None and prune != checkpoint:
-        out.append(f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are "
-                   f"not the run's current ones. {redo}")
+        out.append(
+            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are "
+            f"not the run's current ones. {redo}"
+        )
     if metrics is not None and checkpoint is not None:
         if metrics < checkpoint:
-            out.append(f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines "
-                       "are missing, so the curves stop early.")
+            out.append(
+                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines "
+                "are missing, so the curves stop early."
+            )
         elif metrics > checkpoint and resumable:
-            out.append(f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): "
-                       f"a resume redoes iterations {checkpoint + 1}-{metrics}.")
+            out.append(
+                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): "
+                f"a resume redoes iterations {checkpoint + 1}-{metrics}."
+            )
     if metrics_missing:
-        out.append(f"{METRICS} has no line for {metrics_missing} of iterations 1-{metrics} (lines were lost or removed), "
-                   "so the curves have gaps.")
+        out.append(
+            f"{METRICS} has no line for {metrics_missing} of iterations 1-{metrics} (lines were lost or removed), "
+            "so the curves have gaps."
+        )
     hashes = {name: h for name, h in settings_hashes.items() if h is not None}
     if len(set(hashes.values())) > 1:
         listed = ", ".join(f"{name} {h}" for name, h in hashes.items())
-        out.append(f"The run's files record different settings (settings_hash: {listed}): files of different runs are "
-                   f"mixed in {run_dir}. Start it over with --force, or keep each run in its own folder.")
+        out.append(
+            f"The run's files record different settings (settings_hash: {listed}): files of different runs are "
+            f"mixed in {run_dir}. Start it over with --force, or keep each run in its own folder."
+        )
     now = checkpoint if checkpoint is not None else synthetic
     stale = {m: it for m, it in evaluated.items() if now is not None and it != now}
     if stale:
         which = ", ".join(f"{m} at iteration {it}" for m, it in stale.items())
-        out.append(f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). "
-                   f"Rerun `dpd evaluate {run_dir}` for current numbers.")
+        out.append(
+            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). "
+            f"Rerun `dpd evaluate {run_dir}` for current numbers."
+        )
     return out
 
 
@@ -141,8 +167,11 @@ def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | No
         except OSError as e:
             errors[METRICS] = f"{METRICS} cannot be read ({e.strerror or e})."
 
-    newest = max((m for m in (syn, ckpts[0]["meta"] if ckpts else None) if m), key=lambda m: _int(m.get("iteration")) or 0,
-                 default={})
+    newest = max(
+        (m for m in (syn, ckpts[0]["meta"] if ckpts else None) if m),
+        key=lambda m: _int(m.get("iteration")) or 0,
+        default={},
+    )
     planned = _int(newest.get("iterations")) or _int(((settings or {}).get("settings") or {}).get("iterations"))
     syn_it = _int((syn or {}).get("iteration"))
     ckpt_it = _int(ckpts[0]["iteration"]) if ckpts else None
@@ -168,12 +197,29 @@ def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | No
                 evaluated[str(r["model"])] = it
         found = disagreements(
             run_dir,
-            settings_hashes={SETTINGS: (settings or {}).get("settings_hash"), SYNTHETIC: (syn or {}).get("settings_hash"),
-                             ckpts[0]["name"] if ckpts else "checkpoint": ckpts[0]["meta"].get("settings_hash") if ckpts else None},
-            synthetic=syn_it, checkpoint=ckpt_it, prune=_int((prune or {}).get("iteration")), metrics=metrics_it,
-            metrics_missing=missing, evaluated=evaluated, resumable=state["status"] == "resumable")
-    return {"settings": settings, "synthetic": syn, "checkpoints": ckpts, "prune": prune, "evaluation": ev,
-            "errors": errors, "state": state, "disagreements": found}
+            settings_hashes={
+                SETTINGS: (settings or {}).get("settings_hash"),
+                SYNTHETIC: (syn or {}).get("settings_hash"),
+                ckpts[0]["name"] if ckpts else "checkpoint": ckpts[0]["meta"].get("settings_hash") if ckpts else None,
+            },
+            synthetic=syn_it,
+            checkpoint=ckpt_it,
+            prune=_int((prune or {}).get("iteration")),
+            metrics=metrics_it,
+            metrics_missing=missing,
+            evaluated=evaluated,
+            resumable=state["status"] == "resumable",
+        )
+    return {
+        "settings": settings,
+        "synthetic": syn,
+        "checkpoints": ckpts,
+        "prune": prune,
+        "evaluation": ev,
+        "errors": errors,
+        "state": state,
+        "disagreements": found,
+    }
 
 
 def _int(x) -> int | None:

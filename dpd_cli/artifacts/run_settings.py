@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpd_cli.io import storage
 from dpd_cli.artifacts.layout import SETTINGS
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 
 __all__ = ["save", "load", "read"]
 

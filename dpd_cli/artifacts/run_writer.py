@@ -88,8 +88,15 @@ class RunWriter:
         if self.writes:
             metrics_file.append(self.run_dir / layout.METRICS, records)
 
-    def checkpoint(self, iteration: int, tensors: dict[str, torch.Tensor], pre: Preprocess, meta: dict[str, Any],
-                   keep: str | int, checkpoint_every: int) -> Path:
+    def checkpoint(
+        self,
+        iteration: int,
+        tensors: dict[str, torch.Tensor],
+        pre: Preprocess,
+        meta: dict[str, Any],
+        keep: str | int,
+        checkpoint_every: int,
+    ) -> Path:
         """Write the exact-resume checkpoint of ``iteration``, then delete those the keep policy lets go."""
         path = layout.checkpoint_path(self.run_dir, iteration)
         if not self.writes:
@@ -100,15 +107,27 @@ class RunWriter:
             kept[it].unlink(missing_ok=True)
         return path
 
-    def outputs(self, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, label_logits: torch.Tensor | None,
-                pre: Preprocess, meta: dict[str, Any], n_classes: int, prune_counts: torch.Tensor, param_layout: list,
-                iterations_pruned: int, prune_rule: dict) -> None:
+    def outputs(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        lr: torch.Tensor,
+        label_logits: torch.Tensor | None,
+        pre: Preprocess,
+        meta: dict[str, Any],
+        n_classes: int,
+        prune_counts: torch.Tensor,
+        param_layout: list,
+        iterations_pruned: int,
+        prune_rule: dict,
+    ) -> None:
         """The standalone synthetic set, the prune counts and the picture of the images, as of ``meta["iteration"]``."""
         if not self.writes:
             return
         synthetic_file.save_synthetic(self.run_dir / layout.SYNTHETIC, images, labels, lr, pre, meta, label_logits)
-        prune_file.save(self.run_dir / layout.PRUNE, prune_counts, param_layout, iterations_pruned, meta["iteration"],
-                        prune_rule)
+        prune_file.save(
+            self.run_dir / layout.PRUNE, prune_counts, param_layout, iterations_pruned, meta["iteration"], prune_rule
+        )
         save_grid(pre.invert(images), labels, n_classes, self.run_dir / layout.GRID)
 
     def newest_state(self, check) -> tuple[dict[str, torch.Tensor], dict]:
@@ -126,5 +145,7 @@ class RunWriter:
                 continue
             check(path, t, meta)
             return t, meta
-        raise StorageError(f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} "
-                           "Start over with --force.")
+        raise StorageError(
+            f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} "
+            "Start over with --force."
+        )

@@ -20,16 +20,28 @@ from typing import Any
 
 import torch
 
-from dpd_cli.io import storage
-from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import layout
+from dpd_cli.artifacts import preprocess as preprocess_file
+from dpd_cli.artifacts.experts import model_tag
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 from dpd_cli.models.spec import spec_from_meta
-from dpd_cli.artifacts.experts import model_tag
 
-__all__ = ["SYNTHETIC_FORMAT", "CHECKPOINT_FORMAT", "REQUIRED", "save_synthetic", "save_checkpoint", "load", "check_header",
-           "check", "describe", "STATE_TENSORS", "soft_targets", "label_mass"]
+__all__ = [
+    "SYNTHETIC_FORMAT",
+    "CHECKPOINT_FORMAT",
+    "REQUIRED",
+    "save_synthetic",
+    "save_checkpoint",
+    "load",
+    "check_header",
+    "check",
+    "describe",
+    "STATE_TENSORS",
+    "soft_targets",
+    "label_mass",
+]
 
 SYNTHETIC_FORMAT = "dpd.synthetic"
 CHECKPOINT_FORMAT = "dpd.checkpoint"
@@ -37,21 +49,39 @@ CHECKPOINT_FORMAT = "dpd.checkpoint"
 #: ``momentum_labels`` only with soft labels).
 STATE_TENSORS = ("momentum_images", "momentum_lr", "prune_counts", "prune_state", "momentum_labels")
 _HINT = "It is damaged or was not written by this dpd."
-_SYNTHETIC_TENSORS = {"images": (torch.float32, 4), "labels": (torch.int64, 1), "lr": (torch.float32, 0),
-                      "norm_mean": (torch.float32, 1), "norm_std": (torch.float32, 1)}
+_SYNTHETIC_TENSORS = {
+    "images": (torch.float32, 4),
+    "labels": (torch.int64, 1),
+    "lr": (torch.float32, 0),
+    "norm_mean": (torch.float32, 1),
+    "norm_std": (torch.float32, 1),
+}
 #: The tensors each format must hold, as ``(dtype, ndim)`` (more are checked once loaded).
 REQUIRED = {
     SYNTHETIC_FORMAT: _SYNTHETIC_TENSORS,
-    CHECKPOINT_FORMAT: {**_SYNTHETIC_TENSORS, "momentum_images": (torch.float32, 4), "momentum_lr": (torch.float32, 0),
-                        "prune_counts": (torch.int32, 1)},
+    CHECKPOINT_FORMAT: {
+        **_SYNTHETIC_TENSORS,
+        "momentum_images": (torch.float32, 4),
+        "momentum_lr": (torch.float32, 0),
+        "prune_counts": (torch.int32, 1),
+    },
 }
 
 
-def save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, pre: Preprocess,
-                   meta: Mapping[str, Any], label_logits: torch.Tensor | None = None) -> None:
+def save_synthetic(
+    path: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: torch.Tensor,
+    pre: Preprocess,
+    meta: Mapping[str, Any],
+    label_logits: torch.Tensor | None = None,
+) -> None:
     """Write a standalone synthetic set (atomically); ``label_logits`` are learned soft labels, if any."""
     soft = {} if label_logits is None else {"label_logits": label_logits}
-    storage.save_tensors(path, {"images": images, "labels": labels, "lr": lr, **soft, **pre.tensors()}, SYNTHETIC_FORMAT, meta)
+    storage.save_tensors(
+        path, {"images": images, "labels": labels, "lr": lr, **soft, **pre.tensors()}, SYNTHETIC_FORMAT, meta
+    )
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], pre: Preprocess, meta: Mapping[str, Any]) -> None:
@@ -87,7 +117,9 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     spec = spec_from_meta(path, meta["model"])
     classes = meta["classes"]
     if not isinstance(classes, list) or len(classes) != spec.n_classes or not all(isinstance(c, str) for c in classes):
-        raise StorageError(f"{path}: the metadata entry 'classes' is not a list of {spec.n_classes} class names. {_HINT}")
+        raise StorageError(
+            f"{path}: the metadata entry 'classes' is not a list of {spec.n_classes} class names. {_HINT}"
+        )
     if not isinstance(meta["dataset"], str) or not meta["dataset"]:
         raise StorageError(f"{path}: the metadata entry 'dataset' is not a dataset name. {_HINT}")
     for k, kind in (("settings", dict), ("iteration", int), ("iterations", int), ("ipc", int)):
@@ -97,19 +129,27 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise StorageError(f"{path}: a checkpoint needs a non-negative 'iteration' metadata entry. {_HINT}")
     images, labels = t["images"], t["labels"]
     if tuple(images.shape[1:]) != (spec.channels, *spec.image_size) or len(images) == 0:
-        raise StorageError(f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, "
-                           f"{spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}")
+        raise StorageError(
+            f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, "
+            f"{spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}"
+        )
     if len(images) != len(labels):
         raise StorageError(f"{path}: {len(images)} images but {len(labels)} labels.")
     if labels.min() < 0 or labels.max() >= spec.n_classes:
-        raise StorageError(f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {_HINT}")
+        raise StorageError(
+            f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {_HINT}"
+        )
     if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
         raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
     for k in ("label_logits", "momentum_labels"):
         v = t.get(k)
-        if v is not None and (v.dtype != torch.float32 or tuple(v.shape) != (len(labels), spec.n_classes) or not torch.isfinite(v).all()):
-            raise StorageError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 "
-                               f"{(len(labels), spec.n_classes)}. {_HINT}")
+        if v is not None and (
+            v.dtype != torch.float32 or tuple(v.shape) != (len(labels), spec.n_classes) or not torch.isfinite(v).all()
+        ):
+            raise StorageError(
+                f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 "
+                f"{(len(labels), spec.n_classes)}. {_HINT}"
+            )
     if fmt == CHECKPOINT_FORMAT:
         _check_state(path, t, images.shape)
         if meta.get("zca") is True and "zca_matrix" not in t:
@@ -147,14 +187,21 @@ def _check_state(path: Path, t: dict[str, torch.Tensor], image_shape) -> None:
     for k, shape in shapes.items():
         v = t[k]
         if tuple(v.shape) != shape or not torch.isfinite(v).all():
-            raise StorageError(f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. {_HINT}")
+            raise StorageError(
+                f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. {_HINT}"
+            )
     if (t["prune_counts"] < 0).any():
         raise StorageError(f"{path}: negative prune counts. {_HINT}")
     state = t.get("prune_state")
-    if state is not None and (state.dtype != torch.float32 or tuple(state.shape) != tuple(t["prune_counts"].shape)
-                              or not torch.isfinite(state).all()):
-        raise StorageError(f"{path}: tensor 'prune_state' is {state.dtype} {tuple(state.shape)}, expected finite float32 "
-                           f"{tuple(t['prune_counts'].shape)}. {_HINT}")
+    if state is not None and (
+        state.dtype != torch.float32
+        or tuple(state.shape) != tuple(t["prune_counts"].shape)
+        or not torch.isfinite(state).all()
+    ):
+        raise StorageError(
+            f"{path}: tensor 'prune_state' is {state.dtype} {tuple(state.shape)}, expected finite float32 "
+            f"{tuple(t['prune_counts'].shape)}. {_HINT}"
+        )
 
 
 def _run_zca(path: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
@@ -169,8 +216,10 @@ def _run_zca(path: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
         )
     pre = preprocess_file.load(source, spec.channels, spec.image_size, "Rerun `dpd distill --resume` to rewrite it.")
     if pre.fingerprint() != meta.get("preprocess_fingerprint"):
-        raise StorageError(f"{source} is not the preprocessing {path.name} was written with (fingerprint "
-                           f"{pre.fingerprint()}, the checkpoint records {meta.get('preprocess_fingerprint')}).")
+        raise StorageError(
+            f"{source} is not the preprocessing {path.name} was written with (fingerprint "
+            f"{pre.fingerprint()}, the checkpoint records {meta.get('preprocess_fingerprint')})."
+        )
     return {k: v for k, v in pre.tensors().items() if k.startswith("zca_")}
 
 
@@ -194,8 +243,13 @@ def label_mass(t: dict[str, torch.Tensor], classes: list[str], k: int = 3) -> li
             continue
         mean = rows.mean(0)
         top = torch.topk(mean, min(k, len(classes)))
-        out.append({"class": name, "own": float(mean[c]),
-                    "top": [{"class": classes[int(i)], "mass": float(v)} for v, i in zip(top.values, top.indices)]})
+        out.append(
+            {
+                "class": name,
+                "own": float(mean[c]),
+                "top": [{"class": classes[int(i)], "mass": float(v)} for v, i in zip(top.values, top.indices)],
+            }
+        )
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,6 +15,7 @@ from dpd_cli.cli.export import export
 from dpd_cli.cli.inspect import inspect
 from dpd_cli.cli.ls import ls
 from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
+
 
 class _Root(Group):
     """The ``dpd`` group: its commands listed in the order they are used."""
@@ -50,8 +51,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Print the version and exit.")] = None,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
 ) -> None:
     pass
 

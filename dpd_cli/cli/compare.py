@@ -14,10 +14,12 @@ from dpd_cli.cli.results import SOURCE_LABELS
 
 __all__ = ["compare"]
 
-SUMMARY = ("Show the evaluations of runs side by side: test accuracy mean ± std over networks, with the protocol, "
-           "the checkpoint selection and the iteration.\n\n"
-           "Runs evaluated with the same network seeds (same `dpd evaluate --seed` and --runs) are also compared network "
-           "by network: the mean paired difference against the first RUN, with a 95 % t-interval.")
+SUMMARY = (
+    "Show the evaluations of runs side by side: test accuracy mean ± std over networks, with the protocol, "
+    "the checkpoint selection and the iteration.\n\n"
+    "Runs evaluated with the same network seeds (same `dpd evaluate --seed` and --runs) are also compared network "
+    "by network: the mean paired difference against the first RUN, with a 95 % t-interval."
+)
 EXAMPLES = [
     ("dpd compare runs/mtt runs/dpd", "DPD against plain MTT, evaluated with the same seeds"),
     ("dpd compare runs/a runs/b runs/c --json", "three runs, as JSON"),
@@ -26,8 +28,14 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def compare(
-    runs: Annotated[list[str], typer.Argument(metavar="RUN", show_default=False,
-                                              help="Run directories evaluated with `dpd evaluate` (or evaluated files).")],
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="RUN",
+            show_default=False,
+            help="Run directories evaluated with `dpd evaluate` (or evaluated files).",
+        ),
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     with handle_errors():
@@ -73,8 +81,12 @@ def _run_line(i: int, r: dict) -> str:
 def lines(result: dict) -> list[str]:
     """The text ``dpd compare`` prints: the runs, then one block per (model, source, protocol)."""
     runs = result["runs"]
-    out = ["Runs", *(_run_line(i, r) for i, r in enumerate(runs)), "",
-           "Test accuracy %, mean ± std (networks): the latest evaluation of each run"]
+    out = [
+        "Runs",
+        *(_run_line(i, r) for i, r in enumerate(runs)),
+        "",
+        "Test accuracy %, mean ± std (networks): the latest evaluation of each run",
+    ]
     for row in result["rows"]:
         out.append(f"{row['model']} / {SOURCE_LABELS.get(row['source'], row['source'])} / {row['protocol']} protocol")
         for i, cell in enumerate(row["cells"]):
@@ -82,8 +94,15 @@ def lines(result: dict) -> list[str]:
                 out.append(f"  {_label(i)}  not evaluated")
                 continue
             marks = ("*" if cell["diverged_runs"] else "") + ("†" if cell["optimistic"] else "")
-            details = ", ".join(x for x in (_which(cell), f"{cell['epochs']} epochs" if cell["epochs"] else "",
-                                            f"evaluation loop v{cell['protocol_version']}" if cell["protocol_version"] else "") if x)
+            details = ", ".join(
+                x
+                for x in (
+                    _which(cell),
+                    f"{cell['epochs']} epochs" if cell["epochs"] else "",
+                    f"evaluation loop v{cell['protocol_version']}" if cell["protocol_version"] else "",
+                )
+                if x
+            )
             out.append(f"  {_label(i)}  {_pct(cell['mean'])} ± {_pct(cell['std'])} ({cell['runs']}){marks}  {details}")
         for d in row["differences"]:
             if d is None:
@@ -96,8 +115,10 @@ def lines(result: dict) -> list[str]:
             else:
                 lo, hi = d["ci95"]
                 verdict = "" if lo <= 0 <= hi else ", excludes 0"
-                out.append(f"  {name}  {_points(d['mean'])} points, 95% interval [{_points(lo)}, {_points(hi)}]{verdict} "
-                           f"(paired over {d['n']} networks)")
+                out.append(
+                    f"  {name}  {_points(d['mean'])} points, 95% interval [{_points(lo)}, {_points(hi)}]{verdict} "
+                    f"(paired over {d['n']} networks)"
+                )
     if any(c and c["diverged_runs"] for row in result["rows"] for c in row["cells"]):
         out.append("* some trainings diverged (training loss NaN/Inf); they count at the accuracy they ended with.")
     if any(c and c["optimistic"] for row in result["rows"] for c in row["cells"]):

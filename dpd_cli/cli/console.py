@@ -15,7 +15,15 @@ from functools import cache
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -32,8 +40,8 @@ from dpd_cli.events import (
     Event,
     ExpertDone,
     ExpertEpoch,
-    ExpertsStarted,
     ExpertSkipped,
+    ExpertsStarted,
     ExpertStarted,
     ImportExpert,
     ImportFileDone,
@@ -43,7 +51,16 @@ from dpd_cli.events import (
     NullSink,
 )
 
-__all__ = ["JSON_SCHEMA", "error_console", "out_console", "make_sink", "json_envelope", "print_json", "print_result", "sparkline"]
+__all__ = [
+    "JSON_SCHEMA",
+    "error_console",
+    "out_console",
+    "make_sink",
+    "json_envelope",
+    "print_json",
+    "print_result",
+    "sparkline",
+]
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -112,8 +129,13 @@ def make_sink(kind: str, quiet: bool, json_mode: bool = False):
         return NullSink()
     con = error_console()
     interactive = con.is_terminal and not con.is_dumb_terminal
-    views = {"experts": (ExpertsLive, ExpertsPlain), "experts_import": (ImportLive, ImportPlain), "distill": (DistillLive, DistillPlain),
-             "evaluate": (EvalLive, EvalPlain), "export": (_Plain, _Plain)}
+    views = {
+        "experts": (ExpertsLive, ExpertsPlain),
+        "experts_import": (ImportLive, ImportPlain),
+        "distill": (DistillLive, DistillPlain),
+        "evaluate": (EvalLive, EvalPlain),
+        "export": (_Plain, _Plain),
+    }
     live_cls, plain_cls = views[kind]
     return live_cls(con) if interactive else plain_cls(con)
 
@@ -166,19 +188,25 @@ class _JobClock:
             return None
         self.told = True
         per = (time.monotonic() - self.t0) / self.done
-        return (f"Estimated time for the whole job: about {duration(per * self.total)} ({self.what}; about "
-                f"{duration(per * (self.total - self.done))} left, at {per:.3g} s each so far).")
+        return (
+            f"Estimated time for the whole job: about {duration(per * self.total)} ({self.what}; about "
+            f"{duration(per * (self.total - self.done))} left, at {per:.3g} s each so far)."
+        )
 
 
 class ExpertsPlain(_Plain):
     def handle(self, e: Event) -> None:
         if isinstance(e, ExpertsStarted):
             self.clock = _JobClock(len(e.indices) * e.epochs, f"{len(e.indices)} experts × {e.epochs} epochs")
-            self.line(f"experts: {len(e.indices)} to train of {e.total} in {e.folder} ({e.epochs} epochs, {e.n_params:,} parameters, {e.device})")
+            self.line(
+                f"experts: {len(e.indices)} to train of {e.total} in {e.folder} ({e.epochs} epochs, {e.n_params:,} parameters, {e.device})"
+            )
         elif isinstance(e, ExpertSkipped):
             self.line(f"expert {e.index}: already finished, skipped")
         elif isinstance(e, ExpertEpoch):
-            self.line(f"expert {e.index} epoch {e.epoch}/{e.epochs}: loss {e.train_loss:.4f} train {e.train_acc:.1%} test {e.test_acc:.1%} ({e.images_per_s:,.0f} img/s)")
+            self.line(
+                f"expert {e.index} epoch {e.epoch}/{e.epochs}: loss {e.train_loss:.4f} train {e.train_acc:.1%} test {e.test_acc:.1%} ({e.images_per_s:,.0f} img/s)"
+            )
             note = self.clock.tick()
             if note:
                 self.line(note)
@@ -189,14 +217,23 @@ class ExpertsPlain(_Plain):
 class ExpertsLive(_Plain):
     def __init__(self, console: Console):
         super().__init__(console)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
         self.live: Live | None = None
         self.status = Text("")
         self.t_experts = self.t_epochs = None
 
     def handle(self, e: Event) -> None:
         if isinstance(e, ExpertsStarted):
-            self.line(f"Training {len(e.indices)} of {e.total} experts into {e.folder} ({e.n_params:,} parameters, {e.device})")
+            self.line(
+                f"Training {len(e.indices)} of {e.total} experts into {e.folder} ({e.n_params:,} parameters, {e.device})"
+            )
             self.clock = _JobClock(len(e.indices) * e.epochs, f"{len(e.indices)} experts × {e.epochs} epochs")
             # Counted in epochs, so that the time left is the whole job's.
             self.t_experts = self.progress.add_task(f"{len(e.indices)} experts", total=len(e.indices) * e.epochs)
@@ -233,7 +270,9 @@ def _file_line(e: ImportFileDone) -> str:
 class ImportPlain(_Plain):
     def handle(self, e: Event) -> None:
         if isinstance(e, ImportStarted):
-            self.line(f"experts import: {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)")
+            self.line(
+                f"experts import: {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)"
+            )
         elif isinstance(e, ImportFileStarted):
             self.line(f"reading {e.path}")
         elif isinstance(e, ImportFileDone):
@@ -245,13 +284,21 @@ class ImportLive(_Plain):
 
     def __init__(self, console: Console):
         super().__init__(console)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
         self.live: Live | None = None
 
     def handle(self, e: Event) -> None:
         if isinstance(e, ImportStarted):
-            self.line(f"Importing {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)")
+            self.line(
+                f"Importing {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)"
+            )
             self.t_files = self.progress.add_task("files  ", total=len(e.files))
             self.t_experts = self.progress.add_task("experts", total=None)
             self.live = Live(self.progress, console=self.c, refresh_per_second=4, transient=False)
@@ -293,11 +340,14 @@ class DistillPlain(_Plain):
             what = "resuming at" if e.start_iteration else "starting"
             left = e.iterations - e.start_iteration
             self.clock = _JobClock(left, f"{left} iterations", after=min(3, max(1, left - 1)))
-            self.line(f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
-                      f"{e.n_experts} experts, rho {e.prune_ratio:g}"
-                      + (f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else "")
-                      + f", memory {e.memory}" + (f" ({e.keep_graphs} graphs kept)" if e.keep_graphs else "")
-                      + f", {e.device} -> {e.run_dir}")
+            self.line(
+                f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
+                f"{e.n_experts} experts, rho {e.prune_ratio:g}"
+                + (f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else "")
+                + f", memory {e.memory}"
+                + (f" ({e.keep_graphs} graphs kept)" if e.keep_graphs else "")
+                + f", {e.device} -> {e.run_dir}"
+            )
         elif isinstance(e, DistillIteration):
             self.losses.append(e.loss)
             note = self.clock.tick()
@@ -307,8 +357,10 @@ class DistillPlain(_Plain):
             if e.iteration % self.every == 0 or e.iteration == e.iterations or now - self.t_last > 30:
                 self.t_last = now
                 total = sum(e.pruned)
-                self.line(f"iter {e.iteration}/{e.iterations}: loss {e.loss:.4f} (mean {sum(self.losses) / len(self.losses):.4f}) "
-                          f"alpha {e.lr:.5g} start {e.start_epoch} pruned {total:,} ({total / self.start.n_params:.2%}) {e.seconds:.2f} s/it")
+                self.line(
+                    f"iter {e.iteration}/{e.iterations}: loss {e.loss:.4f} (mean {sum(self.losses) / len(self.losses):.4f}) "
+                    f"alpha {e.lr:.5g} start {e.start_epoch} pruned {total:,} ({total / self.start.n_params:.2%}) {e.seconds:.2f} s/it"
+                )
         elif isinstance(e, DistillDone):
             self.line(f"distill: done, {e.iteration} iterations in {e.seconds:.0f} s -> {e.run_dir}")
 
@@ -318,8 +370,17 @@ class DistillLive(_Plain):
 
     def __init__(self, console: Console):
         super().__init__(console)
-        self.progress = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         self.live: Live | None = None
         self.losses: deque = deque(maxlen=50)
         self.last: DistillIteration | None = None
@@ -341,14 +402,20 @@ class DistillLive(_Plain):
             if note:
                 self.c.print(note, highlight=False)
             rate = (e.iteration - self.i0) / max(1e-9, time.monotonic() - self.t0)
-            self.progress.update(self.task, completed=e.iteration, rate=f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it")
+            self.progress.update(
+                self.task,
+                completed=e.iteration,
+                rate=f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it",
+            )
             if self.live:
                 self.live.update(self.render())
         elif isinstance(e, CheckpointSaved):
             self.ckpt = f"checkpoint @ {e.iteration}"
         elif isinstance(e, DistillDone):
             self.close()
-            self.line(f"Done: {e.iteration} iterations in {e.seconds:.0f} s, final loss {e.loss:.4f}, alpha {e.lr:.5g} -> {e.run_dir}")
+            self.line(
+                f"Done: {e.iteration} iterations in {e.seconds:.0f} s, final loss {e.loss:.4f}, alpha {e.lr:.5g} -> {e.run_dir}"
+            )
 
     def render(self):
         s = self.start
@@ -356,12 +423,16 @@ class DistillLive(_Plain):
         e = self.last
         if e is not None:
             mean = sum(self.losses) / len(self.losses)
-            parts.append(Text.from_markup(
-                f"loss [bold]{e.loss:.4f}[/]  mean(last {len(self.losses)}) {mean:.4f} {_trend(self.losses)}   "
-                f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}"
-                + (f" ({s.prune_rule})" if s.prune_ratio > 0 and s.prune_rule else "")
-                + f"   {s.memory} memory" + (f" ({s.keep_graphs} graphs kept)" if s.keep_graphs else "")
-                + f"   {self.ckpt}"))
+            parts.append(
+                Text.from_markup(
+                    f"loss [bold]{e.loss:.4f}[/]  mean(last {len(self.losses)}) {mean:.4f} {_trend(self.losses)}   "
+                    f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}"
+                    + (f" ({s.prune_rule})" if s.prune_ratio > 0 and s.prune_rule else "")
+                    + f"   {s.memory} memory"
+                    + (f" ({s.keep_graphs} graphs kept)" if s.keep_graphs else "")
+                    + f"   {self.ckpt}"
+                )
+            )
             table = Table(title=None, expand=False, pad_edge=False, show_edge=False)
             table.add_column("layer")
             table.add_column("size", justify="right")
@@ -378,7 +449,14 @@ class DistillLive(_Plain):
             for rank, (mean_pct, name, size, now) in enumerate(rows[: self.MAX_ROWS]):
                 style = "bold red" if rank < 3 and mean_pct > 0 else ""
                 bar = "█" * int(round(12 * mean_pct / top)) if mean_pct > 0 else ""
-                table.add_row(Text(name, style=style), f"{size:,}", f"{now:,}", f"{100 * now / size:.1f}", f"{mean_pct:.2f}", Text(bar, style="red"))
+                table.add_row(
+                    Text(name, style=style),
+                    f"{size:,}",
+                    f"{now:,}",
+                    f"{100 * now / size:.1f}",
+                    f"{mean_pct:.2f}",
+                    Text(bar, style="red"),
+                )
             if len(rows) > self.MAX_ROWS:
                 table.add_row(f"... {len(rows) - self.MAX_ROWS} more layers", "", "", "", "", "")
             parts.append(table)
@@ -410,7 +488,9 @@ class EvalPlain(_Plain):
             self.line(f"evaluate: {len(e.jobs)} trainings of {e.epochs} epochs on {e.device}{how}")
         elif isinstance(e, EvalRunDone):
             name = _set_name(e.source, e.iteration, getattr(self, "several", False))
-            self.line(f"{name} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%}{_val(e)} ({e.seconds:.0f} s){_diverged(e)}")
+            self.line(
+                f"{name} / {e.model} run {e.run}: test accuracy {e.accuracy:.2%}{_val(e)} ({e.seconds:.0f} s){_diverged(e)}"
+            )
 
 
 def _diverged(e: EvalRunDone) -> str:
@@ -422,8 +502,15 @@ class EvalLive(_Plain):
 
     def __init__(self, console: Console):
         super().__init__(console)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
         self.live: Live | None = None
         self.sets: dict = {}
         self.accs: dict = {}
@@ -442,7 +529,9 @@ class EvalLive(_Plain):
             self.live.start()
         elif isinstance(e, EvalEpoch):
             name = _set_name(e.source, e.iteration, self.several)
-            self.progress.update(self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{name}/{e.model} #{e.run}")
+            self.progress.update(
+                self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{name}/{e.model} #{e.run}"
+            )
         elif isinstance(e, EvalRunDone):
             self.progress.advance(self.t_runs)
             key = (e.source, e.iteration)
@@ -453,8 +542,11 @@ class EvalLive(_Plain):
             text = f"test {mean:.2%}" + (f"  val {sum(vals) / len(vals):.2%}" if vals else "")
             if key in self.sets:
                 self.progress.update(self.sets[key], advance=1, acc=text)
-            self.c.print(f"{_set_name(e.source, e.iteration, self.several)} / {e.model} run {e.run}: {e.accuracy:.2%}{_val(e)}"
-                         f"{_diverged(e)}", highlight=False)
+            self.c.print(
+                f"{_set_name(e.source, e.iteration, self.several)} / {e.model} run {e.run}: {e.accuracy:.2%}{_val(e)}"
+                f"{_diverged(e)}",
+                highlight=False,
+            )
         elif isinstance(e, EvalDone):
             self.close()
 

@@ -12,8 +12,8 @@ import typer
 from rich.markup import escape
 
 from dpd_cli import interrupt
-from dpd_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from dpd_cli.cli.console import error_console
+from dpd_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 __all__ = ["handle_errors", "fail"]
 
@@ -73,7 +73,10 @@ def handle_errors() -> Iterator[None]:
         raise fail(f"Interrupted: {e.resume_hint}.", EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         _ignore(previous)
-        raise fail("Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue.", EXIT_INTERRUPTED) from None
+        raise fail(
+            "Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue.",
+            EXIT_INTERRUPTED,
+        ) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -16,24 +16,37 @@ def _report(settings, result: dict) -> Report:
         return Report(None)  # a non-zero torchrun rank: rank 0 reports
     notes = [Text(n, style="dim") for n in (selection_note(entries), divergence_note(entries)) if n]
     warning = below_note(entries)
-    text = [Text(f"Test accuracy (%) on {entries[0]['dataset']}, IPC {entries[0]['ipc']}: mean ± std (runs)", style="bold"),
-            results_table(entries), *notes, *([Text(warning, style="bold red")] if warning else []),
-            f"Saved to {result['eval_file']}"]
+    text = [
+        Text(f"Test accuracy (%) on {entries[0]['dataset']}, IPC {entries[0]['ipc']}: mean ± std (runs)", style="bold"),
+        results_table(entries),
+        *notes,
+        *([Text(warning, style="bold red")] if warning else []),
+        f"Saved to {result['eval_file']}",
+    ]
     if result["passed"]:
         return Report(result, text)
     worst = min(result["below"], key=lambda r: r["mean"])
-    return Report(result, text, EXIT_BELOW_THRESHOLD,
-                  f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%.")
+    return Report(
+        result,
+        text,
+        EXIT_BELOW_THRESHOLD,
+        f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%.",
+    )
 
 
 _TARGET = synthetic_target("TARGET")
 
 evaluate = settings_command(
-    "evaluate", report=_report, arguments=[_TARGET],
+    "evaluate",
+    report=_report,
+    arguments=[_TARGET],
     summary="Train fresh networks on a synthetic set and report real test accuracy (mean ± std over runs).\n\n"
-            "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it.",
+    "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it.",
     examples=[
-        ("dpd evaluate runs/quick --config examples/quick.toml", "the quick preset's run, with its evaluation settings"),
+        (
+            "dpd evaluate runs/quick --config examples/quick.toml",
+            "the quick preset's run, with its evaluation settings",
+        ),
         ("dpd evaluate runs/cifar10-ipc10 --baseline random,full", "MTT protocol, with both baselines"),
         ("dpd evaluate runs/x --models convnet,resnet18 --fail-under 60", "two architectures; exit 3 below 60 %"),
     ],

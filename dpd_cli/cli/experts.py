@@ -25,14 +25,20 @@ def _report(settings, folder: Path) -> Report:
     summary = summarize(folder)
     accs = [e["final_test_accuracy"] for e in summary["experts"] if e["final_test_accuracy"] is not None]
     mean = sum(accs) / len(accs) if accs else float("nan")
-    return Report(summary, [f"{len(accs)} experts in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
-                            f"--dataset {settings.dataset}" + (f" --experts {folder}" if settings.out else "")])
+    return Report(
+        summary,
+        [
+            f"{len(accs)} experts in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
+            f"--dataset {settings.dataset}" + (f" --experts {folder}" if settings.out else "")
+        ],
+    )
 
 
 train = settings_command(
-    "experts", report=_report,
+    "experts",
+    report=_report,
     summary="Train expert trajectories on real data (one safetensors file per expert; reruns skip finished ones).\n\n"
-            "`dpd experts import SRC...` converts MTT/FTD/DATM replay buffers instead (see `dpd experts import --help`).",
+    "`dpd experts import SRC...` converts MTT/FTD/DATM replay buffers instead (see `dpd experts import --help`).",
     examples=[
         ("dpd experts --config examples/quick.toml", "the embedded dataset, with settings sized for a CPU"),
         ("dpd experts --dataset cifar10 --zca --num 50 --device cuda", "MTT's CIFAR-10 experts, on a GPU"),
@@ -48,32 +54,54 @@ def _import_report(settings, result: dict) -> Report:
     lines = [
         f"{result['n_experts']} imported experts in {result['folder']} ({result['epochs']} epochs each, {result['model_tag']}, "
         f"{result['dataset']} {zca}): {result['converted']} converted now"
-        + (f", {before} already there" if before else "") + f", from {len(result['files'])} buffer file(s).",
-        "Not recorded by the buffers: " + ", ".join(k.replace("_", " ") for k in result["unknown"])
-        + (" (state the training settings with --lr, --momentum, --weight-decay, --batch, --dsa/--no-dsa to record them)."
-           if any(k in result["unknown"] for k in ("lr", "batch")) else "."),
+        + (f", {before} already there" if before else "")
+        + f", from {len(result['files'])} buffer file(s).",
+        "Not recorded by the buffers: "
+        + ", ".join(k.replace("_", " ") for k in result["unknown"])
+        + (
+            " (state the training settings with --lr, --momentum, --weight-decay, --batch, --dsa/--no-dsa to record them)."
+            if any(k in result["unknown"] for k in ("lr", "batch"))
+            else "."
+        ),
         f"Next: dpd distill --experts {result['folder']}",
     ]
     return Report(result, lines)
 
 
-_SOURCES = inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[list[str], typer.Argument(
-    metavar="SRC", show_default=False,
-    help="replay_buffer_<n>.pt files, or folders holding them (read in the order of n).")])
+_SOURCES = inspect.Parameter(
+    "sources",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SRC",
+            show_default=False,
+            help="replay_buffer_<n>.pt files, or folders holding them (read in the order of n).",
+        ),
+    ],
+)
 
 experts_import = settings_command(
-    "experts_import", report=_import_report, arguments=[_SOURCES],
+    "experts_import",
+    report=_import_report,
+    arguments=[_SOURCES],
     summary="Convert MTT / FTD / DATM replay buffers (replay_buffer_<n>.pt) into a dpd experts folder that `dpd distill` "
-            "uses like trained experts.\n\n"
-            "The buffers hold parameters only: give the dataset, whether they were trained with ZCA, and the network "
-            "(shapes are checked parameter by parameter). Files are read with PyTorch's weights-only loader, which builds tensors and lists and nothing else. "
-            "Reruns convert only what is missing.",
+    "uses like trained experts.\n\n"
+    "The buffers hold parameters only: give the dataset, whether they were trained with ZCA, and the network "
+    "(shapes are checked parameter by parameter). Files are read with PyTorch's weights-only loader, which builds tensors and lists and nothing else. "
+    "Reruns convert only what is missing.",
     examples=[
         ("dpd experts import buffers/CIFAR10/ConvNet --dataset cifar10 --zca", "MTT's CIFAR-10 ZCA buffers"),
-        ("dpd experts import buffers/CIFAR10_NO_ZCA/ConvNet/replay_buffer_0.pt --dataset cifar10 --no-zca --lr 0.01 "
-         "--batch 256", "one file, recording the known training settings"),
-        ("dpd experts import buffers/Tiny/ConvNetD4 --dataset tiny-imagenet --data-dir data/tiny-imagenet-200 --no-zca "
-         "--depth 4", "MTT's Tiny ImageNet buffers (ConvNetD4)"),
+        (
+            "dpd experts import buffers/CIFAR10_NO_ZCA/ConvNet/replay_buffer_0.pt --dataset cifar10 --no-zca --lr 0.01 "
+            "--batch 256",
+            "one file, recording the known training settings",
+        ),
+        (
+            "dpd experts import buffers/Tiny/ConvNetD4 --dataset tiny-imagenet --data-dir data/tiny-imagenet-200 --no-zca "
+            "--depth 4",
+            "MTT's Tiny ImageNet buffers (ConvNetD4)",
+        ),
     ],
 )
 
@@ -86,10 +114,12 @@ def _group_callback(command_function):
         if ctx.invoked_subcommand is not None:
             given = [p.opts[0] for p in ctx.command.params if values.get(p.name) not in (None, False)]
             if given:
-                raise fail(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of `dpd experts` "
-                           f"(training). Put the options of `dpd experts {ctx.invoked_subcommand}` after "
-                           f"`{ctx.invoked_subcommand}`: dpd experts {ctx.invoked_subcommand} SRC... {' '.join(given)} ...",
-                           traceback=False)
+                raise fail(
+                    f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of `dpd experts` "
+                    f"(training). Put the options of `dpd experts {ctx.invoked_subcommand}` after "
+                    f"`{ctx.invoked_subcommand}`: dpd experts {ctx.invoked_subcommand} SRC... {' '.join(given)} ...",
+                    traceback=False,
+                )
             return
         command_function(**values)
 
@@ -100,7 +130,13 @@ def _group_callback(command_function):
     return callback
 
 
-experts_app = typer.Typer(cls=Group, invoke_without_command=True, no_args_is_help=False, epilog=ENVIRONMENT_HELP,
-                          subcommand_metavar="[import SRC...]", pretty_exceptions_enable=False)
+experts_app = typer.Typer(
+    cls=Group,
+    invoke_without_command=True,
+    no_args_is_help=False,
+    epilog=ENVIRONMENT_HELP,
+    subcommand_metavar="[import SRC...]",
+    pretty_exceptions_enable=False,
+)
 experts_app.callback(invoke_without_command=True)(_group_callback(train))
 experts_app.command("import", cls=Command, epilog=ENVIRONMENT_HELP)(experts_import)

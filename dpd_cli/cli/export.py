@@ -16,21 +16,36 @@ def _report(settings, result: dict) -> Report:
         extra.append("with the soft labels")
     if result["zca"] and result["format"] in ("mtt", "datm"):
         extra.append("the ZCA transform in zca.pt")
-    shown = ", ".join(result["files"][:6]) + (f", ... ({len(result['files'])} files)" if len(result["files"]) > 6 else "")
-    return Report(result, [f"Exported {result['n_images']} images ({result['format']}{', ' + ', '.join(extra) if extra else ''}) "
-                           f"to {result['out']}: {shown}. {Path(result['out']) / 'README.txt'} says how to load them."])
+    shown = ", ".join(result["files"][:6]) + (
+        f", ... ({len(result['files'])} files)" if len(result["files"]) > 6 else ""
+    )
+    return Report(
+        result,
+        [
+            f"Exported {result['n_images']} images ({result['format']}{', ' + ', '.join(extra) if extra else ''}) "
+            f"to {result['out']}: {shown}. {Path(result['out']) / 'README.txt'} says how to load them."
+        ],
+    )
 
 
 _TARGET = synthetic_target("RUN_OR_FILE")
 
 export = settings_command(
-    "export", report=_report, arguments=[_TARGET],
+    "export",
+    report=_report,
+    arguments=[_TARGET],
     summary="Write a synthetic set in the files other tools read: MTT's and DATM's .pt files (with the ZCA transform "
-            "for kornia), PNGs in class folders, or one NumPy archive; with a README.txt saying how to load them.\n\n"
-            "The folder appears complete or not at all; an existing one is replaced only with --force.",
+    "for kornia), PNGs in class folders, or one NumPy archive; with a README.txt saying how to load them.\n\n"
+    "The folder appears complete or not at all; an existing one is replaced only with --force.",
     examples=[
-        ("dpd export runs/cifar10-ipc10 --format datm --out exports/c10", "images_best.pt, labels_best.pt, lr_best.pt, zca.pt"),
+        (
+            "dpd export runs/cifar10-ipc10 --format datm --out exports/c10",
+            "images_best.pt, labels_best.pt, lr_best.pt, zca.pt",
+        ),
         ("dpd export runs/quick --format imagefolder --out exports/quick-png", "<NN>-<class>/<i>.png in pixel space"),
-        ("dpd export runs/quick/synthetic.safetensors --format npz --out exports/q --force", "replace an earlier export"),
+        (
+            "dpd export runs/quick/synthetic.safetensors --format npz --out exports/q --force",
+            "replace an earlier export",
+        ),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, RenderableType
@@ -27,8 +27,10 @@ _META_WIDTH = 52  # characters of a metadata value shown before "…"
 #: How to get matplotlib, which --plot needs (the package's `plot` extra).
 PLOT_INSTALL = 'pip install "dpd-cli[plot]"'
 
-SUMMARY = ("Show what a run directory, an experts folder or a dpd .safetensors file holds, and check its files.\n\n"
-           "Broken files inside a folder are reported, not fatal. Exit code 2 when PATH itself is missing or unreadable.")
+SUMMARY = (
+    "Show what a run directory, an experts folder or a dpd .safetensors file holds, and check its files.\n\n"
+    "Broken files inside a folder are reported, not fatal. Exit code 2 when PATH itself is missing or unreadable."
+)
 EXAMPLES = [
     ("dpd inspect runs/quick", "a run: settings, state, curves, pruning by layer, evaluations, files"),
     ("dpd inspect runs/quick --export-grid quick.png --plot curves.png", "also draw the images and the curves"),
@@ -43,36 +45,62 @@ def _check_png_target(flag: str, out: Path) -> None:
     folder = out.parent
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise SettingsError(f"{flag} {out}: the folder {folder} {what}. Create it first, or give a path in an existing folder.")
+        raise SettingsError(
+            f"{flag} {out}: the folder {folder} {what}. Create it first, or give a path in an existing folder."
+        )
 
 
 def _require_matplotlib() -> None:
     try:
         import matplotlib.figure  # noqa: F401
     except ImportError:
-        raise SettingsError(f"--plot needs matplotlib, which is not installed. Install it with `{PLOT_INSTALL}` "
-                            "(or `pip install matplotlib`), or leave --plot out.") from None
+        raise SettingsError(
+            f"--plot needs matplotlib, which is not installed. Install it with `{PLOT_INSTALL}` "
+            "(or `pip install matplotlib`), or leave --plot out."
+        ) from None
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(metavar="PATH", show_default=False, parser=keep_text,
-                                        help="A run directory, an experts folder, or a .safetensors file written by dpd.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="PATH",
+            show_default=False,
+            parser=keep_text,
+            help="A run directory, an experts folder, or a .safetensors file written by dpd.",
+        ),
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     export_grid: Annotated[
-        Optional[str],
-        typer.Option("--export-grid", metavar="FILE.png", show_default=False,
-                     help="Write the synthetic images as a PNG grid, one row per class (a run, or a synthetic/checkpoint file)."),
+        str | None,
+        typer.Option(
+            "--export-grid",
+            metavar="FILE.png",
+            show_default=False,
+            help="Write the synthetic images as a PNG grid, one row per class (a run, or a synthetic/checkpoint file).",
+        ),
     ] = None,
     plot: Annotated[
-        Optional[str],
-        typer.Option("--plot", metavar="FILE.png", show_default=False,
-                     help=escape("Draw loss, alpha and per-layer prune % (a run) or parameter distance and accuracy "
-                                 f"(experts) as a PNG; needs matplotlib: {PLOT_INSTALL}.")),
+        str | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE.png",
+            show_default=False,
+            help=escape(
+                "Draw loss, alpha and per-layer prune % (a run) or parameter distance and accuracy "
+                f"(experts) as a PNG; needs matplotlib: {PLOT_INSTALL}."
+            ),
+        ),
     ] = None,
     expert_epochs: Annotated[
-        Optional[int],
-        typer.Option("--expert-epochs", min=1, metavar="INT", show_default=False,
-                     help="M of the experts' parameter distance |theta_t - theta_t+M| (default: 2, as distill)."),
+        int | None,
+        typer.Option(
+            "--expert-epochs",
+            min=1,
+            metavar="INT",
+            show_default=False,
+            help="M of the experts' parameter distance |theta_t - theta_t+M| (default: 2, as distill).",
+        ),
     ] = None,
 ) -> None:
     with handle_errors():
@@ -86,10 +114,14 @@ def inspect(
                 _check_png_target(flag, out)
         kind = engine.detect(path)
         if grid_out is not None and kind == "experts":
-            raise SettingsError(f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory.")
+            raise SettingsError(
+                f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory."
+            )
         if plot_out is not None and kind == "file":
-            raise SettingsError(f"--plot draws a run directory or an experts folder, not a single file ({path}). "
-                                "Pass the folder the file belongs to.")
+            raise SettingsError(
+                f"--plot draws a run directory or an experts folder, not a single file ({path}). "
+                "Pass the folder the file belongs to."
+            )
         if plot_out is not None:
             from dpd_cli.cli.plot import plot as draw  # matplotlib (optional): only for --plot
 
@@ -206,12 +238,20 @@ def _evaluation(con: Console, ev: dict | None) -> None:
         return
     results = ev["results"]
     _put(con, results_table(results))
-    for note, style in ((selection_note(results), "dim"), (divergence_note(results), "dim"), (below_note(results), "bold red")):
+    for note, style in (
+        (selection_note(results), "dim"),
+        (divergence_note(results), "dim"),
+        (below_note(results), "bold red"),
+    ):
         if note:
             _put(con, note, style)
     older = ev["n_entries"] - len(results)
     if older > 0:
-        _put(con, f"The latest result per model, protocol and source is shown; {ev['file']} holds {older} older one{'s' if older > 1 else ''}.", "dim")
+        _put(
+            con,
+            f"The latest result per model, protocol and source is shown; {ev['file']} holds {older} older one{'s' if older > 1 else ''}.",
+            "dim",
+        )
 
 
 def _prune_table(con: Console, pruning: dict, title: str) -> None:
@@ -220,19 +260,49 @@ def _prune_table(con: Console, pruning: dict, title: str) -> None:
     if not n_it:
         _put(con, "No iteration pruned anything yet (prune ratio 0 is plain MTT, or the warm-up is not over).")
         return
-    _put(con, f"{pruning['overall_pct']:.2f}% of the {pruning['n_params']:,} parameters per iteration, over {n_it:,} pruned "
-              f"iteration{'s' if n_it != 1 else ''}; {pruning['ever_pct']:.1f}% were pruned at least once.")
-    table = _table(("layer", "left"), ("shape", "left"), ("params", "right"), ("mean %", "right"), ("ever %", "right"), ("", "left"))
+    _put(
+        con,
+        f"{pruning['overall_pct']:.2f}% of the {pruning['n_params']:,} parameters per iteration, over {n_it:,} pruned "
+        f"iteration{'s' if n_it != 1 else ''}; {pruning['ever_pct']:.1f}% were pruned at least once.",
+    )
+    table = _table(
+        ("layer", "left"),
+        ("shape", "left"),
+        ("params", "right"),
+        ("mean %", "right"),
+        ("ever %", "right"),
+        ("", "left"),
+    )
     layers = pruning["layers"]
     top = max((r["mean_pct"] for r in layers), default=0.0) or 1.0
     for rank, r in enumerate(layers[:_MAX_LAYER_ROWS]):
         bar = "█" * round(10 * r["mean_pct"] / top) if r["mean_pct"] > 0 else ""
         name = Text(r["name"], style="bold red" if rank < 3 and r["mean_pct"] > 0 else "")
-        _add_row(table, name, "×".join(map(str, r["shape"])) or "scalar", f"{r['size']:,}", f"{r['mean_pct']:.2f}", f"{r['ever_pct']:.1f}", Text(bar, style="red"))
+        _add_row(
+            table,
+            name,
+            "×".join(map(str, r["shape"])) or "scalar",
+            f"{r['size']:,}",
+            f"{r['mean_pct']:.2f}",
+            f"{r['ever_pct']:.1f}",
+            Text(bar, style="red"),
+        )
     if len(layers) > _MAX_LAYER_ROWS:
-        _add_row(table, Text(f"... {len(layers) - _MAX_LAYER_ROWS} more layers (--json lists all)", style="dim"), "", "", "", "", "")
+        _add_row(
+            table,
+            Text(f"... {len(layers) - _MAX_LAYER_ROWS} more layers (--json lists all)", style="dim"),
+            "",
+            "",
+            "",
+            "",
+            "",
+        )
     _put(con, table)
-    _put(con, "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once.", "dim")
+    _put(
+        con,
+        "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once.",
+        "dim",
+    )
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -256,32 +326,47 @@ def _show_run(con: Console, f: dict) -> None:
         pruning = f"ratio {rho:g}, scope {s.get('prune_scope')}, criterion {s.get('prune_criterion')}{warm}"
     distill = ""
     if s:
-        distill = (f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
-                   f"{s.get('max_start_epoch')}, memory {s.get('memory')}"
-                   + (f" (keep-graphs {s['keep_graphs']})" if s.get("keep_graphs") else "") + f", seed {s.get('seed')}")
+        distill = (
+            f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
+            f"{s.get('max_start_epoch')}, memory {s.get('memory')}"
+            + (f" (keep-graphs {s['keep_graphs']})" if s.get("keep_graphs") else "")
+            + f", seed {s.get('seed')}"
+        )
     experts = f["experts_folder"] or ""
     if experts and f["n_experts"]:
         experts += f" ({f['n_experts']} experts)"
-    _put(con, _facts_grid([
-        ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
-        ("model", f["model_tag"] or ""),
-        ("labels", _labels_line(syn)),
-        ("pruning", pruning),
-        ("distill", distill),
-        ("experts", experts),
-        ("state", _state_line(st, f["path"])),
-    ]))
+    _put(
+        con,
+        _facts_grid(
+            [
+                ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
+                ("model", f["model_tag"] or ""),
+                ("labels", _labels_line(syn)),
+                ("pruning", pruning),
+                ("distill", distill),
+                ("experts", experts),
+                ("state", _state_line(st, f["path"])),
+            ]
+        ),
+    )
 
     loss, alpha = f["loss"], f["alpha"]
     if loss or alpha:
         _heading(con, "Curves")
         rows = []
         if loss:
-            rows.append(("loss", f"{sparkline(loss['values'], 30)}  first {_num(loss['first'])}, last {_num(loss['last'])}, "
-                                 f"min {_num(loss['min'])} at iteration {loss['min_iteration']}"))
+            rows.append(
+                (
+                    "loss",
+                    f"{sparkline(loss['values'], 30)}  first {_num(loss['first'])}, last {_num(loss['last'])}, "
+                    f"min {_num(loss['min'])} at iteration {loss['min_iteration']}",
+                )
+            )
         if alpha:
             start = f" (start {_num(f['alpha_initial'])})" if f["alpha_initial"] is not None else ""
-            rows.append(("α (lr)", f"{sparkline(alpha['values'], 30)}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}"))
+            rows.append(
+                ("α (lr)", f"{sparkline(alpha['values'], 30)}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}")
+            )
         _put(con, _facts_grid(rows))
     elif st["iteration"]:
         _put(con, "(no readable metrics.jsonl: no curves)", "dim")
@@ -295,7 +380,11 @@ def _show_run(con: Console, f: dict) -> None:
     _heading(con, "Files")
     table = _table(("file", "left"), ("size", "right"), ("status", "left"))
     for entry in f["files"]:
-        status = {True: Text("ok", style="green"), False: Text("INVALID", style="bold red"), None: Text("-", style="dim")}[entry["valid"]]
+        status = {
+            True: Text("ok", style="green"),
+            False: Text("INVALID", style="bold red"),
+            None: Text("-", style="dim"),
+        }[entry["valid"]]
         _add_row(table, entry["name"], _size(entry["size"]), status)
     _put(con, table)
     _warnings(con, f["warnings"])
@@ -315,8 +404,10 @@ def _labels_line(syn: dict | None) -> str:
     origin = f", learned from expert {src['expert']}'s logits at epoch {src['epoch']}" if "epoch" in src else ""
     own = sum(c["own"] for c in mass) / len(mass)
     low = min(mass, key=lambda c: c["own"])
-    return (f"soft{origin}; on average {own:.0%} of an image's label mass is on its own class "
-            f"(lowest: {low['class']}, {low['own']:.0%})")
+    return (
+        f"soft{origin}; on average {own:.0%} of an image's label mass is on its own class "
+        f"(lowest: {low['class']}, {low['own']:.0%})"
+    )
 
 
 def _soft_label_table(con: Console, mass: list[dict]) -> None:
@@ -337,8 +428,10 @@ def _state_line(st: dict, path: str) -> str:
     if st["status"] == "running":
         return f"running ({of} so far; a dpd process holds the run's lock)"
     if st["status"] == "resumable":
-        return (f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "
-                f"`dpd distill` command with --resume)")
+        return (
+            f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "
+            f"`dpd distill` command with --resume)"
+        )
     return f"stopped at {of}; no checkpoint to resume from (rerun `dpd distill` with --force to start over)"
 
 
@@ -346,16 +439,20 @@ def _state_line(st: dict, path: str) -> str:
 def _show_experts(con: Console, f: dict) -> None:
     con.print(Text.assemble(("Experts folder ", "bold"), f["path"]))
     tr = f["training"]
-    training = ", ".join(x for x in [
-        f"lr {tr['lr']:g}" if tr.get("lr") is not None else "",
-        f"momentum {tr['momentum']:g}" if tr.get("momentum") else "",
-        f"weight decay {tr['weight_decay']:g}" if tr.get("weight_decay") else "",
-        f"batch {tr['batch']}" if tr.get("batch") else "",
-        "" if tr.get("dsa") is None else f"DSA {'on' if tr['dsa'] else 'off'}",
-        "" if tr.get("zca") is None else f"ZCA {'on' if tr['zca'] else 'off'}",
-        f"{tr['train_per_class']} images per class" if tr.get("train_per_class") else "",
-        f"seed {tr['seed']}" if tr.get("seed") is not None else "",
-    ] if x)
+    training = ", ".join(
+        x
+        for x in [
+            f"lr {tr['lr']:g}" if tr.get("lr") is not None else "",
+            f"momentum {tr['momentum']:g}" if tr.get("momentum") else "",
+            f"weight decay {tr['weight_decay']:g}" if tr.get("weight_decay") else "",
+            f"batch {tr['batch']}" if tr.get("batch") else "",
+            "" if tr.get("dsa") is None else f"DSA {'on' if tr['dsa'] else 'off'}",
+            "" if tr.get("zca") is None else f"ZCA {'on' if tr['zca'] else 'off'}",
+            f"{tr['train_per_class']} images per class" if tr.get("train_per_class") else "",
+            f"seed {tr['seed']}" if tr.get("seed") is not None else "",
+        ]
+        if x
+    )
     count = f"{f['count']}"
     if f["n_planned"] is not None and f["count"] < f["n_planned"]:
         count += f" of {f['n_planned']}"
@@ -372,19 +469,26 @@ def _show_experts(con: Console, f: dict) -> None:
     model = f["model_tag"] or "?"
     if f["n_params"]:
         model += f", {f['n_params']:,} parameters"
-    _put(con, _facts_grid([
-        ("experts", count),
-        ("dataset", f["dataset"] or "?"),
-        ("model", model),
-        ("epochs", str(f["epochs"]) if f["epochs"] is not None else ""),
-        ("training", training),
-        ("accuracy", accuracy),
-        *([("imported", _imported(f["imported"]))] if f.get("imported") else []),
-    ]))
+    _put(
+        con,
+        _facts_grid(
+            [
+                ("experts", count),
+                ("dataset", f["dataset"] or "?"),
+                ("model", model),
+                ("epochs", str(f["epochs"]) if f["epochs"] is not None else ""),
+                ("training", training),
+                ("accuracy", accuracy),
+                *([("imported", _imported(f["imported"]))] if f.get("imported") else []),
+            ]
+        ),
+    )
 
     d = f["distance"]
     if d and d["values"]:
-        _heading(con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {d['n_experts']} experts)")
+        _heading(
+            con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {d['n_experts']} experts)"
+        )
         v = d["values"]
         _put(con, f"{sparkline(v, 40)}  t=0: {_num(v[0])}, t={d['t'][-1]}: {_num(v[-1])}, max {_num(max(v))}")
         if d["n_experts_total"] > d["n_experts"]:
@@ -400,9 +504,21 @@ def _show_experts(con: Console, f: dict) -> None:
                 status = Text("mismatch", style="yellow")
             else:
                 status = Text("ok", style="green")
-            _add_row(table, e["file"], str(e.get("epochs", "")), _pct(e.get("final_test_accuracy")) if e["valid"] else "", status)
+            _add_row(
+                table,
+                e["file"],
+                str(e.get("epochs", "")),
+                _pct(e.get("final_test_accuracy")) if e["valid"] else "",
+                status,
+            )
         if len(f["experts"]) > _MAX_EXPERT_ROWS:
-            _add_row(table, Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"), "", "", "")
+            _add_row(
+                table,
+                Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"),
+                "",
+                "",
+                "",
+            )
         _put(con, table)
     _warnings(con, f["warnings"])
 
@@ -417,9 +533,21 @@ def _imported(record: dict) -> str:
 
 # --- single file ------------------------------------------------------------------------------
 _DETAIL_LABELS = {
-    "dataset": "dataset", "n_images": "images", "image_shape": "image shape", "n_classes": "classes", "ipc": "per class",
-    "iteration": "iteration", "iterations": "of", "alpha": "alpha", "zca": "ZCA", "model_tag": "model", "index": "expert",
-    "epochs": "epochs", "n_params": "parameters", "final_test_accuracy": "final test acc", "fingerprint": "fingerprint",
+    "dataset": "dataset",
+    "n_images": "images",
+    "image_shape": "image shape",
+    "n_classes": "classes",
+    "ipc": "per class",
+    "iteration": "iteration",
+    "iterations": "of",
+    "alpha": "alpha",
+    "zca": "ZCA",
+    "model_tag": "model",
+    "index": "expert",
+    "epochs": "epochs",
+    "n_params": "parameters",
+    "final_test_accuracy": "final test acc",
+    "fingerprint": "fingerprint",
 }
 
 
@@ -459,7 +587,9 @@ def _show_file(con: Console, f: dict) -> None:
     ]
     if f["part_of"]:
         what = "run" if f["part_of"]["kind"] == "run" else "experts folder"
-        rows.append(("part of", f"{what} {f['part_of']['path']} (`dpd inspect {f['part_of']['path']}` shows all of it)"))
+        rows.append(
+            ("part of", f"{what} {f['part_of']['path']} (`dpd inspect {f['part_of']['path']}` shows all of it)")
+        )
     details = f["details"] or {}
     if f["format"] in ("dpd.synthetic", "dpd.checkpoint") and details:
         d = details

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,9 +14,11 @@ from dpd_cli.cli.options import examples_help
 
 __all__ = ["ls"]
 
-SUMMARY = ("List the run directories and experts folders in or below DIR (default: runs/ and the experts root), "
-           "one line each, with their state and accuracy.\n\n"
-           "Reads only file headers and JSON, so it stays fast; `dpd inspect PATH` checks a folder in full.")
+SUMMARY = (
+    "List the run directories and experts folders in or below DIR (default: runs/ and the experts root), "
+    "one line each, with their state and accuracy.\n\n"
+    "Reads only file headers and JSON, so it stays fast; `dpd inspect PATH` checks a folder in full."
+)
 EXAMPLES = [
     ("dpd ls", "runs/ and the experts root"),
     ("dpd ls runs/cifar10 --json", "the runs below runs/cifar10, as JSON"),
@@ -24,8 +26,10 @@ EXAMPLES = [
 
 
 def ls(
-    dirs: Annotated[Optional[list[str]], typer.Argument(metavar="DIR", show_default=False,
-                                                        help="Folders to search, up to 4 levels deep.")] = None,
+    dirs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="DIR", show_default=False, help="Folders to search, up to 4 levels deep."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     with handle_errors():
@@ -83,17 +87,41 @@ def lines(result: dict) -> list[str]:
         for e in runs:
             rho = e["prune_ratio"]
             done = f"{e['iteration']}/{e['iterations']}" if e["iterations"] is not None else str(e["iteration"])
-            rows.append([("! " if e["problems"] else "  ") + _shown(e["path"]), str(e["dataset"] or "?"), str(e["ipc"] or "?"),
-                         "?" if rho is None else f"{rho:g}", (e["prune_criterion"] or "?") if rho else "-", done, e["state"],
-                         _accuracy(e["evaluation"])])
-        out += _table(["  path", "dataset", "ipc", "rho", "criterion", "iterations", "state", "accuracy %"], rows, {2, 3, 5})
+            rows.append(
+                [
+                    ("! " if e["problems"] else "  ") + _shown(e["path"]),
+                    str(e["dataset"] or "?"),
+                    str(e["ipc"] or "?"),
+                    "?" if rho is None else f"{rho:g}",
+                    (e["prune_criterion"] or "?") if rho else "-",
+                    done,
+                    e["state"],
+                    _accuracy(e["evaluation"]),
+                ]
+            )
+        out += _table(
+            ["  path", "dataset", "ipc", "rho", "criterion", "iterations", "state", "accuracy %"], rows, {2, 3, 5}
+        )
     if experts:
         out.append(f"Experts folders ({len(experts)})")
         rows = []
         for e in experts:
-            count = f"{e['count']} of {e['n_planned']}" if e["n_planned"] is not None and e["count"] < e["n_planned"] else str(e["count"])
-            rows.append([("! " if e["problems"] else "  ") + _shown(e["path"]), str(e["dataset"] or "?"), e["model_tag"] or "?",
-                         count, str(e["epochs"] or "?"), e["state"], _pct(e["accuracy"])])
+            count = (
+                f"{e['count']} of {e['n_planned']}"
+                if e["n_planned"] is not None and e["count"] < e["n_planned"]
+                else str(e["count"])
+            )
+            rows.append(
+                [
+                    ("! " if e["problems"] else "  ") + _shown(e["path"]),
+                    str(e["dataset"] or "?"),
+                    e["model_tag"] or "?",
+                    count,
+                    str(e["epochs"] or "?"),
+                    e["state"],
+                    _pct(e["accuracy"]),
+                ]
+            )
         out += _table(["  path", "dataset", "model", "experts", "epochs", "state", "accuracy %"], rows, {3, 4, 6})
     flagged = sum(1 for e in result["entries"] if e["problems"])
     if flagged:

@@ -9,6 +9,7 @@ config file, the environment or the default decide (``dpd_cli.config.settings.re
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -16,10 +17,18 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from dpd_cli.config.settings import COMMAND_SETTINGS, PANELS, SettingInfo, env_names, setting_infos
-from pathlib import Path
 
-__all__ = ["COMMON", "ENVIRONMENT_HELP", "Command", "Group", "common_parameters", "examples_help", "keep_text",
-           "settings_parameters", "synthetic_target"]
+__all__ = [
+    "COMMON",
+    "ENVIRONMENT_HELP",
+    "Command",
+    "Group",
+    "common_parameters",
+    "examples_help",
+    "keep_text",
+    "settings_parameters",
+    "synthetic_target",
+]
 
 #: Parameters of every settings command besides the settings themselves.
 COMMON = ("config", "print_config", "quiet", "json_out")
@@ -32,8 +41,14 @@ ENVIRONMENT_HELP = (
     "DPD_<COMMAND>_X, or DPD_X if it means the same in every command; see each option's help and docs/guide.md."
 )
 
-_VALUE = {"int": (int, "INT"), "float": (float, "FLOAT"), "path": (str, "PATH"), "choice": (str, "NAME"),
-          "list": (str, "LIST"), "text": (str, "TEXT")}
+_VALUE = {
+    "int": (int, "INT"),
+    "float": (float, "FLOAT"),
+    "path": (str, "PATH"),
+    "choice": (str, "NAME"),
+    "list": (str, "LIST"),
+    "text": (str, "TEXT"),
+}
 
 
 def keep_text(value: str) -> str:
@@ -46,9 +61,19 @@ def synthetic_target(metavar: str) -> inspect.Parameter:
 
     Kept as typed (``keep_text``): the engine refuses an empty TARGET, which a ``Path`` would read as ".".
     """
-    return inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
-        metavar=metavar, show_default=False, parser=keep_text,
-        help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.")])
+    return inspect.Parameter(
+        "target",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            Path,
+            typer.Argument(
+                metavar=metavar,
+                show_default=False,
+                parser=keep_text,
+                help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.",
+            ),
+        ],
+    )
 
 
 def _shown(value: Any) -> str:
@@ -77,25 +102,31 @@ def _help(command: str, s: SettingInfo) -> str:
 
 def _completer(choices: tuple[str, ...]):
     """Shell completion of an allowed value; in a comma-separated list, of the item being typed."""
+
     def complete(incomplete: str) -> list[str]:
         head, comma, last = incomplete.rpartition(",")
         return [head + comma + c for c in choices if c.startswith(last.lower())]
+
     return complete
 
 
 def _option(command: str, s: SettingInfo) -> inspect.Parameter:
     kw: dict[str, Any] = {"help": _help(command, s), "show_default": False, "rich_help_panel": s.panel}
     if s.kind == "bool":
-        annotation: Any = Optional[bool]
+        annotation: Any = Optional[bool]  # noqa: UP045 (typer reads it at run time)
         decls = (f"{s.flag}/--no-{s.flag[2:]}",)
     else:
         value_type, kw["metavar"] = _VALUE["choice" if s.choices and s.kind == "text" else s.kind]
-        annotation = Optional[value_type]
+        annotation = Optional[value_type]  # noqa: UP045
         decls = (s.flag,)
         if s.choices and s.kind in ("choice", "list"):
             kw["autocompletion"] = _completer(s.choices)
-    return inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[annotation, typer.Option(*decls, **kw)])
+    return inspect.Parameter(
+        s.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[annotation, typer.Option(*decls, **kw)],
+    )
 
 
 def settings_parameters(command: str) -> list[inspect.Parameter]:
@@ -113,17 +144,59 @@ def common_parameters() -> list[inspect.Parameter]:
     """``--config``, ``--print-config``, ``--quiet``, ``--json``: in the first panel, with ``--help``."""
     kw = inspect.Parameter.KEYWORD_ONLY
     return [
-        inspect.Parameter("config", kw, default=None, annotation=Annotated[Optional[str], typer.Option(
-            "--config", "-c", metavar="FILE", show_default=False,
-            help=escape("Settings file (TOML, JSON or YAML). Precedence: flag > DPD_<COMMAND>_X > DPD_X > file > "
-                        "default. [env: DPD_CONFIG]"))]),
-        inspect.Parameter("print_config", kw, default=False, annotation=Annotated[bool, typer.Option(
-            "--print-config", show_default=False,
-            help="Print the resolved settings as TOML, each value with its source (default, file, env, flag), and exit.")]),
-        inspect.Parameter("quiet", kw, default=False, annotation=Annotated[bool, typer.Option(
-            "--quiet", "-q", show_default=False, help="No progress output (errors still go to stderr).")]),
-        inspect.Parameter("json_out", kw, default=False, annotation=Annotated[bool, typer.Option(
-            "--json", show_default=False, help="Print the result as JSON on stdout; no progress output.")]),
+        inspect.Parameter(
+            "config",
+            kw,
+            default=None,
+            annotation=Annotated[
+                str | None,
+                typer.Option(
+                    "--config",
+                    "-c",
+                    metavar="FILE",
+                    show_default=False,
+                    help=escape(
+                        "Settings file (TOML, JSON or YAML). Precedence: flag > DPD_<COMMAND>_X > DPD_X > file > "
+                        "default. [env: DPD_CONFIG]"
+                    ),
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "print_config",
+            kw,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--print-config",
+                    show_default=False,
+                    help="Print the resolved settings as TOML, each value with its source (default, file, env, flag), and exit.",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "quiet",
+            kw,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--quiet", "-q", show_default=False, help="No progress output (errors still go to stderr)."
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "json_out",
+            kw,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--json", show_default=False, help="Print the result as JSON on stdout; no progress output."
+                ),
+            ],
+        ),
     ]
 
 
@@ -131,8 +204,11 @@ def examples_help(summary: str, examples: list[tuple[str, str]], settings: bool 
     """A command's help: its summary, then ``Examples:`` with one command and its comment per pair."""
     lines = "\n".join(f"  {escape(cmd)}\n      {escape(comment)}" for cmd, comment in examples)
     # Typer dedents help text by the indentation its lines share: an unindented last line keeps the examples'.
-    last = ("Every option can also come from a config file (--config) or the environment (see the end)."
-            if settings else "See docs/guide.md for what each part of the output means.")
+    last = (
+        "Every option can also come from a config file (--config) or the environment (see the end)."
+        if settings
+        else "See docs/guide.md for what each part of the output means."
+    )
     return f"{summary}\n\nExamples:\n{lines}\n{last}"
 
 

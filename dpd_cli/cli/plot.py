@@ -40,11 +40,19 @@ def plot(facts: dict, out: Path) -> Path | None:
         fig = Figure(figsize=(9, 3.8), layout="constrained")
         ax_d, ax_a = fig.subplots(1, 2)
         d = facts.get("distance") or {}
-        _line(ax_d, {"iterations": d.get("t", []), "values": d.get("values", [])},
-              f"‖θ(t) − θ(t+{d.get('m', '?')})‖ (mean of {d.get('n_experts', 0)} experts)", "start epoch t")
+        _line(
+            ax_d,
+            {"iterations": d.get("t", []), "values": d.get("values", [])},
+            f"‖θ(t) − θ(t+{d.get('m', '?')})‖ (mean of {d.get('n_experts', 0)} experts)",
+            "start epoch t",
+        )
         for e in facts["experts"]:
             if e.get("compatible") and e.get("test_accuracy"):
-                ax_a.plot([100 * a if a is not None else float("nan") for a in e["test_accuracy"]], color="0.75", linewidth=0.8)
+                ax_a.plot(
+                    [100 * a if a is not None else float("nan") for a in e["test_accuracy"]],
+                    color="0.75",
+                    linewidth=0.8,
+                )
         mean = facts["accuracy"]["mean_per_epoch"]
         ax_a.plot([100 * a if a is not None else float("nan") for a in mean], color="tab:blue", label="mean")
         ax_a.set_title("test accuracy (%)")

@@ -39,7 +39,11 @@ def results_table(results: list[dict]) -> Table:
             if hit:
                 r = hit[-1]
                 runs = "?" if r.get("runs") is None else r["runs"]
-                mark = ("*" if r.get("diverged_runs") else "") + ("†" if r.get("optimistic") else "") + ("!" if r.get("below_baselines") else "")
+                mark = (
+                    ("*" if r.get("diverged_runs") else "")
+                    + ("†" if r.get("optimistic") else "")
+                    + ("!" if r.get("below_baselines") else "")
+                )
                 cells.append(f"{_pct(r.get('mean'))} ± {_pct(r.get('std'))} ({runs}){mark}")
             else:
                 cells.append("")
@@ -60,9 +64,11 @@ def divergence_note(results: list[dict]) -> str | None:
         f"{', '.join(map(str, r['diverged_runs']))}" + ("" if r.get("lr") is None else f" (lr {r['lr']:.4g})")
         for r in hit
     )
-    return (f"* {n} of {total} trainings diverged (training loss became NaN/Inf): {where}. They count in the means at "
-            "the accuracy they ended with. A lower learning rate usually trains them: rerun with a lower --lr than "
-            "the one shown; networks without normalisation layers (alexnet) are the most sensitive.")
+    return (
+        f"* {n} of {total} trainings diverged (training loss became NaN/Inf): {where}. They count in the means at "
+        "the accuracy they ended with. A lower learning rate usually trains them: rerun with a lower --lr than "
+        "the one shown; networks without normalisation layers (alexnet) are the most sensitive."
+    )
 
 
 def selection_note(results: list[dict]) -> str | None:
@@ -72,19 +78,26 @@ def selection_note(results: list[dict]) -> str | None:
         if r["source"] != "distilled" or r.get("select") not in ("val", "test-max"):
             continue
         if r["select"] == "val":
-            how = "the best validation accuracy" + ("" if r.get("val_accuracy") is None else f" ({_pct(r['val_accuracy'])}%)")
+            how = "the best validation accuracy" + (
+                "" if r.get("val_accuracy") is None else f" ({_pct(r['val_accuracy'])}%)"
+            )
         else:
             how = "† the best TEST accuracy: optimistic, selected on the test set as published tables are"
         its = [c.get("iteration") for c in r.get("checkpoints") or []]
         among = f" of {len(its)} ({', '.join(map(str, its))})" if its else ""
         final = "" if r.get("final_accuracy") is None else f"; the final set scores {_pct(r['final_accuracy'])}%"
-        lines.append(f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}.")
+        lines.append(
+            f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}."
+        )
     return "\n".join(lines) or None
 
 
 def below_note(results: list[dict]) -> str | None:
     """``!``: a distilled set that scores below its own initial images or random real images by more than the spread."""
-    lines = [f"! {r['model']}: the distilled set scores below {' and '.join(_label(b) for b in r['below_baselines'])} "
-             "by more than the spread: distillation made these images worse (check --lr-img, --lr-teacher and the experts)."
-             for r in results if r.get("below_baselines")]
+    lines = [
+        f"! {r['model']}: the distilled set scores below {' and '.join(_label(b) for b in r['below_baselines'])} "
+        "by more than the spread: distillation made these images worse (check --lr-img, --lr-teacher and the experts)."
+        for r in results
+        if r.get("below_baselines")
+    ]
     return "\n".join(lines) or None

@@ -44,8 +44,14 @@ class Report:
     error: str | None = None
 
 
-def settings_command(command: str, *, report: Callable[[Any, Any], Report], summary: str,
-                     examples: list[tuple[str, str]], arguments: Sequence[inspect.Parameter] = ()) -> Callable[..., None]:
+def settings_command(
+    command: str,
+    *,
+    report: Callable[[Any, Any], Report],
+    summary: str,
+    examples: list[tuple[str, str]],
+    arguments: Sequence[inspect.Parameter] = (),
+) -> Callable[..., None]:
     """A Typer command function whose options are the settings of ``command``.
 
     Args:
@@ -88,5 +94,7 @@ def settings_command(command: str, *, report: Callable[[Any, Any], Report], summ
 
     command_function.__name__ = command
     command_function.__doc__ = examples_help(summary, examples)
-    command_function.__signature__ = inspect.Signature([*arguments, *settings_parameters(command), *common_parameters()])
+    command_function.__signature__ = inspect.Signature(
+        [*arguments, *settings_parameters(command), *common_parameters()]
+    )
     return command_function

@@ -91,10 +91,21 @@ __all__ = [
 ]
 
 #: Datasets the registry knows (``dpd_cli.data``); kept here so validation needs no torch.
-DATASET_NAMES = ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "imagefolder")
+DATASET_NAMES = (
+    "fashion-mnist-mini",
+    "fashion-mnist",
+    "mnist",
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "tiny-imagenet",
+    "imagefolder",
+)
 #: Why ``--device mps`` is refused (here and by ``engine.common.resolve_device``); see docs/guide.md.
-MPS_REFUSED = ("mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
-               "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU.")
+MPS_REFUSED = (
+    "mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
+    "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU."
+)
 #: ``--help`` panels in the order they are printed; a panel not listed here comes after them.
 PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation", "Model", "Output", "Run")
 #: The variable that names a config file when ``--config`` is not given.
@@ -149,23 +160,27 @@ class DataFields(_Settings):
         "Default: the dpd dataset cache, downloading on first use.",
     )
     zca: bool = Field(
-        False, description="ZCA-whiten images as MTT: eps 0.1, fitted on the raw [0, 1] training pixels, no mean/std normalisation."
+        False,
+        description="ZCA-whiten images as MTT: eps 0.1, fitted on the raw [0, 1] training pixels, no mean/std normalisation.",
     )
     train_per_class: int | None = Field(
         None, ge=1, description="Use only this many training images per class (seeded, class-balanced)."
     )
     val_per_class: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Hold out this many training images per class as a validation split (the same split for "
         "experts, distill and evaluate); experts and distillation never see them. Needed by evaluate --select val.",
     )
 
     @model_validator(mode="after")
-    def _folder_datasets_need_dir(self) -> "DataFields":
+    def _folder_datasets_need_dir(self) -> DataFields:
         if self.dataset == "imagefolder" and self.data_dir is None:
             raise ValueError("dataset 'imagefolder' needs --data-dir pointing at a folder with train/ and test/")
         if self.dataset == "tiny-imagenet" and self.data_dir is None:
-            raise ValueError("dataset 'tiny-imagenet' needs --data-dir pointing at the unpacked tiny-imagenet-200 folder")
+            raise ValueError(
+                "dataset 'tiny-imagenet' needs --data-dir pointing at the unpacked tiny-imagenet-200 folder"
+            )
         return self
 
 
@@ -190,17 +205,21 @@ class RunFields(_Settings):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
     host_memory: Literal["reuse", "system"] = Field(
-        "reuse", description="On the CPU, reuse keeps freed tensor memory in the process instead of handing it back to the "
+        "reuse",
+        description="On the CPU, reuse keeps freed tensor memory in the process instead of handing it back to the "
         "system after every use: about 1.4x faster distillation on two cores, with a somewhat higher peak RSS; system "
         "leaves the C library's allocator as it is (no effect on a GPU or off glibc Linux).",
     )
     deterministic: bool = Field(
-        False, description="On a GPU, use cuDNN's deterministic algorithms and no autotuning, so that runs repeat "
+        False,
+        description="On a GPU, use cuDNN's deterministic algorithms and no autotuning, so that runs repeat "
         "themselves (distillation only to rounding: DSA's grid_sample backward still adds with atomics). Can be slower; "
         "no effect on the CPU, which repeats itself anyway.",
     )
     dist_timeout: float = Field(
-        300.0, gt=0, description="Under torchrun: seconds a rank waits for the others before it gives up with a message "
+        300.0,
+        gt=0,
+        description="Under torchrun: seconds a rank waits for the others before it gives up with a message "
         "(a failed or stopped rank ends the job within this time).",
     )
 
@@ -228,7 +247,9 @@ class ExpertSettings(DataFields, ModelFields, RunFields):
     batch: int = Field(256, ge=1, description="Mini-batch size.")
     dsa: bool = Field(True, description="Differentiable siamese augmentation while training.")
     out: Path | None = Field(
-        None, description="Experts folder (default: <experts root>/<dataset>/<model tag>).", json_schema_extra={"panel": "Output"}
+        None,
+        description="Experts folder (default: <experts root>/<dataset>/<model tag>).",
+        json_schema_extra={"panel": "Output"},
     )
 
 
@@ -238,9 +259,10 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     panel: ClassVar[str] = "Distillation"
 
     experts: Path | None = Field(
-        None, description="Experts folder (default: the newest one under the experts root that fits the dataset and "
+        None,
+        description="Experts folder (default: the newest one under the experts root that fits the dataset and "
         "network settings given; the folder's own dataset and network settings apply unless given).",
-        json_schema_extra={"panel": "Data"}
+        json_schema_extra={"panel": "Data"},
     )
     ipc: int = Field(10, ge=1, description="Synthetic images per class.")
     iterations: int = Field(5000, ge=1, description="Distillation iterations.")
@@ -252,7 +274,11 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     lr_teacher: float = Field(0.01, gt=0, description="Initial student step size alpha_0.")
     batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
     prune_ratio: float = Field(
-        0.01, ge=0, lt=1, description="rho: fraction of parameters pruned from the loss; 0 is MTT.", json_schema_extra={"panel": "Pruning"},
+        0.01,
+        ge=0,
+        lt=1,
+        description="rho: fraction of parameters pruned from the loss; 0 is MTT.",
+        json_schema_extra={"panel": "Pruning"},
     )
     prune_scope: Literal["global", "layer"] = Field(
         "global", description="Rank parameters globally or within each layer.", json_schema_extra={"panel": "Pruning"}
@@ -260,52 +286,69 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = Field(
         "abs",
         description="Score that ranks parameters: abs |student - target|; relative: that divided by |start - target| + eps; "
-        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.", json_schema_extra={"panel": "Pruning"},
+        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.",
+        json_schema_extra={"panel": "Pruning"},
     )
     prune_direction: Literal["largest", "smallest"] = Field(
-        "largest", description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection).", json_schema_extra={"panel": "Pruning"},
+        "largest",
+        description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection).",
+        json_schema_extra={"panel": "Pruning"},
     )
     prune_mask: Literal["step", "ema"] = Field(
-        "step", description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's "
-        "score.", json_schema_extra={"panel": "Pruning"},
+        "step",
+        description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's "
+        "score.",
+        json_schema_extra={"panel": "Pruning"},
     )
     prune_ema_beta: float | None = Field(
-        None, description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9).", json_schema_extra={"panel": "Pruning"},
+        None,
+        description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9).",
+        json_schema_extra={"panel": "Pruning"},
     )
     prune_mode: Literal["loss", "network"] = Field(
-        "loss", description="loss: prune from the loss only; network: also freeze the pruned parameters at the "
-        "expert's start during the unroll (mask from earlier iterations).", json_schema_extra={"panel": "Pruning"},
+        "loss",
+        description="loss: prune from the loss only; network: also freeze the pruned parameters at the "
+        "expert's start during the unroll (mask from earlier iterations).",
+        json_schema_extra={"panel": "Pruning"},
     )
     prune_warmup: int = Field(
         0, ge=0, description="No pruning during the first K iterations.", json_schema_extra={"panel": "Pruning"}
     )
     memory: Literal["full", "low"] = Field(
-        "full", description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
+        "full",
+        description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
         json_schema_extra={"panel": "Memory"},
     )
     keep_graphs: int = Field(
-        0, ge=0, description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them. "
+        0,
+        ge=0,
+        description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them. "
         "Memory grows by K steps' activations (K/N of full's), time falls from low's toward full's (K = N: full's). "
         "The last step's graph is always kept (the backward sweep starts with it): K = 0 and 1 are the same.",
         json_schema_extra={"panel": "Memory"},
     )
     cuda_graphs: bool = Field(
-        True, description="On a GPU, record one iteration's meta-gradient as a CUDA graph and replay it (checked "
+        True,
+        description="On a GPU, record one iteration's meta-gradient as a CUDA graph and replay it (checked "
         "against the eager computation before use; falls back to eager if it differs by more than eager differs "
         "from itself). Faster at small IPC, no gain at IPC 50. Not used under torchrun or with --prune-mask ema / "
         "--prune-mode network.",
         json_schema_extra={"panel": "Memory"},
     )
     init: Literal["real", "real-correct", "noise"] = Field(
-        "real", description="Initialise images from real samples, from real samples the label expert classifies "
+        "real",
+        description="Initialise images from real samples, from real samples the label expert classifies "
         "correctly (DATM's; with --soft-labels), or from noise.",
     )
     soft_labels: bool = Field(
-        False, description="Learn soft labels too (DATM): logits initialised from an expert's logits on the initial "
+        False,
+        description="Learn soft labels too (DATM): logits initialised from an expert's logits on the initial "
         "images, trained by the same meta-gradient; evaluation trains on them with soft cross-entropy.",
     )
     label_epoch: int | None = Field(
-        None, ge=0, description="With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).",
+        None,
+        ge=0,
+        description="With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).",
     )
     lr_y: float = Field(2.0, gt=0, description="With --soft-labels: learning rate of the label logits (SGD).")
     momentum_y: float = Field(0.9, ge=0, lt=1, description="With --soft-labels: SGD momentum of the label logits.")
@@ -316,14 +359,18 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     keep_checkpoints: Literal["latest", "all"] | int = Field(
         "latest",
         description="Checkpoints kept besides checkpoint 0 (the initial images) and the newest two: latest (no others), "
-        "all, or N (every N-th), so that evaluate --select can pick among them.", json_schema_extra={"panel": "Output"},
+        "all, or N (every N-th), so that evaluate --select can pick among them.",
+        json_schema_extra={"panel": "Output"},
     )
     log_every: int | None = Field(
-        None, ge=1, description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU).",
+        None,
+        ge=1,
+        description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU).",
         json_schema_extra={"panel": "Output"},
     )
     out: Path | None = Field(
-        None, description="Run directory (default: a folder in runs/ named after the dataset, IPC, ratio and seed, "
+        None,
+        description="Run directory (default: a folder in runs/ named after the dataset, IPC, ratio and seed, "
         "e.g. runs/cifar10-ipc10-rho0.01-s0).",
         json_schema_extra={"panel": "Output"},
     )
@@ -346,7 +393,7 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         return v
 
     @model_validator(mode="after")
-    def _flags_agree(self) -> "DistillSettings":
+    def _flags_agree(self) -> DistillSettings:
         if self.resume and self.force:
             raise ValueError("can't use both --resume and --force: --resume continues the run, --force starts it over")
         if self.prune_warmup >= self.iterations and self.prune_ratio > 0:
@@ -356,18 +403,26 @@ class DistillSettings(DataFields, ModelFields, RunFields):
             raise ValueError(f"{what} needs --soft-labels: it concerns the expert whose logits initialise the labels")
         if self.keep_graphs:
             if self.memory != "low":
-                raise ValueError(f"--keep-graphs {self.keep_graphs} is for --memory low (full memory keeps every step's "
-                                 "graph already): add --memory low, or drop --keep-graphs")
+                raise ValueError(
+                    f"--keep-graphs {self.keep_graphs} is for --memory low (full memory keeps every step's "
+                    "graph already): add --memory low, or drop --keep-graphs"
+                )
             if self.keep_graphs > self.syn_steps:
-                raise ValueError(f"--keep-graphs {self.keep_graphs} is more than the {self.syn_steps} steps of the unroll "
-                                 f"(--syn-steps): use at most {self.syn_steps}")
+                raise ValueError(
+                    f"--keep-graphs {self.keep_graphs} is more than the {self.syn_steps} steps of the unroll "
+                    f"(--syn-steps): use at most {self.syn_steps}"
+                )
         if self.prune_ema_beta is not None:
             if self.prune_mask != "ema":
-                raise ValueError("--prune-ema-beta is the moving average's weight: it needs --prune-mask ema "
-                                 f"(the mask is {self.prune_mask!r})")
+                raise ValueError(
+                    "--prune-ema-beta is the moving average's weight: it needs --prune-mask ema "
+                    f"(the mask is {self.prune_mask!r})"
+                )
             if not 0 <= self.prune_ema_beta < 1:
-                raise ValueError(f"--prune-ema-beta must lie in [0, 1) (got {self.prune_ema_beta:g}): 0 uses only "
-                                 "the current iteration, values near 1 a long memory")
+                raise ValueError(
+                    f"--prune-ema-beta must lie in [0, 1) (got {self.prune_ema_beta:g}): 0 uses only "
+                    "the current iteration, values near 1 a long memory"
+                )
         return self
 
     @property
@@ -393,8 +448,9 @@ class EvalSettings(RunFields):
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
     dsa: bool = Field(True, description="DSA while training the evaluation networks.")
     baseline: list[Literal["random", "full", "init"]] = Field(
-        [], description="Also evaluate baselines: random (random real images, same IPC), full (all real training images), "
-        "init (the run's own initial images, at its learned alpha)."
+        [],
+        description="Also evaluate baselines: random (random real images, same IPC), full (all real training images), "
+        "init (the run's own initial images, at its learned alpha).",
     )
     select: Literal["val", "final", "test-max"] | None = Field(
         None,
@@ -404,11 +460,15 @@ class EvalSettings(RunFields):
     full_epochs: int = Field(20, ge=1, description="E for the full-data baseline (E + 1 epochs run).")
     distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
     fail_under: float | None = Field(
-        None, ge=0, le=100, description="Exit 3 if a distilled mean accuracy is below this percentage (0-100).",
+        None,
+        ge=0,
+        le=100,
+        description="Exit 3 if a distilled mean accuracy is below this percentage (0-100).",
         json_schema_extra={"panel": "Output"},
     )
     data_dir: Path | None = Field(
-        None, description="Folder with the dataset's files, if not where the run found them.",
+        None,
+        description="Folder with the dataset's files, if not where the run found them.",
         json_schema_extra={"panel": "Data", "shared": True},
     )
 
@@ -423,12 +483,14 @@ class EvalSettings(RunFields):
     @classmethod
     def _percent(cls, v: float | None) -> float | None:
         if v is not None and 0 < v <= 1:
-            raise ValueError(f"the threshold is a percentage (0-100), and {v:g} looks like a fraction: "
-                             f"for {100 * v:g} % give {100 * v:g}")
+            raise ValueError(
+                f"the threshold is a percentage (0-100), and {v:g} looks like a fraction: "
+                f"for {100 * v:g} % give {100 * v:g}"
+            )
         return v
 
     @model_validator(mode="after")
-    def _something_to_do(self) -> "EvalSettings":
+    def _something_to_do(self) -> EvalSettings:
         if not self.distilled and not self.baseline:
             raise ValueError("--no-distilled leaves nothing to evaluate: add --baseline random and/or full")
         return self
@@ -445,37 +507,53 @@ class ImportSettings(ModelFields):
     panel: ClassVar[str] = "Training"
 
     dataset: Literal[DATASET_NAMES] | None = Field(
-        None, description="Dataset the buffers' experts were trained on (required).",
+        None,
+        description="Dataset the buffers' experts were trained on (required).",
         json_schema_extra={"panel": "Data", "shared": True},
     )
     data_dir: Path | None = Field(
-        None, description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
-        "Default: the dpd dataset cache, downloading on first use.", json_schema_extra={"panel": "Data", "shared": True},
+        None,
+        description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
+        "Default: the dpd dataset cache, downloading on first use.",
+        json_schema_extra={"panel": "Data", "shared": True},
     )
     zca: bool | None = Field(
-        None, description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca; MTT "
+        None,
+        description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca; MTT "
         "stores buffers without ZCA in <dataset>_NO_ZCA folders). The buffers do not record it.",
         json_schema_extra={"panel": "Data", "shared": True},
     )
     model: Literal["convnet"] = Field(
-        "convnet", description="Network the buffers hold (MTT's ConvNet; other networks' parameter order is not "
-        "checked against dpd's).", json_schema_extra={"panel": "Model", "shared": True},
+        "convnet",
+        description="Network the buffers hold (MTT's ConvNet; other networks' parameter order is not "
+        "checked against dpd's).",
+        json_schema_extra={"panel": "Model", "shared": True},
     )
-    lr: float | None = Field(None, gt=0, description="The experts' SGD learning rate, if you know it (recorded, not checked).")
-    momentum: float | None = Field(None, ge=0, lt=1, description="The experts' SGD momentum, if you know it (recorded).")
-    weight_decay: float | None = Field(None, ge=0, description="The experts' SGD weight decay, if you know it (recorded).")
+    lr: float | None = Field(
+        None, gt=0, description="The experts' SGD learning rate, if you know it (recorded, not checked)."
+    )
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="The experts' SGD momentum, if you know it (recorded)."
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, description="The experts' SGD weight decay, if you know it (recorded)."
+    )
     batch: int | None = Field(None, ge=1, description="The experts' mini-batch size, if you know it (recorded).")
     dsa: bool | None = Field(None, description="Whether the experts were trained with DSA, if you know it (recorded).")
     out: Path | None = Field(
-        None, description="Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).",
+        None,
+        description="Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).",
         json_schema_extra={"panel": "Output"},
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch (default: the cores available).", json_schema_extra={"panel": "Run", "shared": True},
+        None,
+        ge=1,
+        description="CPU threads for torch (default: the cores available).",
+        json_schema_extra={"panel": "Run", "shared": True},
     )
 
     @model_validator(mode="after")
-    def _folder_datasets_need_dir(self) -> "ImportSettings":
+    def _folder_datasets_need_dir(self) -> ImportSettings:
         if self.dataset in ("imagefolder", "tiny-imagenet") and self.data_dir is None:
             raise ValueError(f"dataset {self.dataset!r} needs --data-dir pointing at its folder")
         return self
@@ -491,13 +569,17 @@ class ExportSettings(_Settings):
     panel: ClassVar[str] = "Output"
 
     format: Literal[EXPORT_FORMATS] | None = Field(
-        None, description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt as MTT's and DATM's "
+        None,
+        description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt as MTT's and DATM's "
         "evaluation code loads them, plus the ZCA transform; imagefolder: PNGs <class>/<i>.png in pixel space; "
         "npz: one NumPy archive with the images, labels, learning rate and preprocessing.",
     )
     out: Path | None = Field(None, description="Folder to write (required; refused if it exists, unless --force).")
-    force: bool = Field(False, description="Replace --out if it holds an earlier export (or is empty).",
-                        json_schema_extra={"shared": True})  # as distill's --force: replace what --out holds
+    force: bool = Field(
+        False,
+        description="Replace --out if it holds an earlier export (or is empty).",
+        json_schema_extra={"shared": True},
+    )  # as distill's --force: replace what --out holds
 
 
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {
@@ -586,10 +668,15 @@ def setting_infos(cls: type[_Settings]) -> dict[str, SettingInfo]:
         kind, literal = _kind(f.annotation)
         choices = tuple(str(c) for c in literal) or tuple(str(c) for c in extra.get("choices", ()))
         out[name] = SettingInfo(
-            name=name, kind=kind, literal=literal, choices=choices,
+            name=name,
+            kind=kind,
+            literal=literal,
+            choices=choices,
             panel=str(extra.get("panel") or owner.__dict__.get("panel") or _Settings.panel),
-            description=f.description or "", default=f.get_default(call_default_factory=True),
-            declared_by=owner, shared=bool(extra.get("shared")),
+            description=f.description or "",
+            default=f.get_default(call_default_factory=True),
+            declared_by=owner,
+            shared=bool(extra.get("shared")),
         )
     return out
 
@@ -613,8 +700,11 @@ def _commands_with(field: str) -> tuple[str, ...]:
 @cache
 def _is_shared(field: str) -> bool:
     """True when ``field`` means the same in every command that has it (see the module docstring)."""
-    owners = {setting_infos(COMMAND_SETTINGS[c])[field].declared_by for c in _commands_with(field)
-              if not setting_infos(COMMAND_SETTINGS[c])[field].shared}
+    owners = {
+        setting_infos(COMMAND_SETTINGS[c])[field].declared_by
+        for c in _commands_with(field)
+        if not setting_infos(COMMAND_SETTINGS[c])[field].shared
+    }
     return len(owners) <= 1
 
 
@@ -632,8 +722,10 @@ def _ambiguous_env(command: str, cls: type[_Settings], env: Mapping[str, str]) -
             names = [f"`dpd {command_title(c)}`" for c in (command, *others)]
             where = ", ".join(names[:-1]) + " and " + names[-1]
             theirs = ", ".join(f"{command_env_var(c, name)} for `dpd {command_title(c)}`" for c in others)
-            problems.append(f"{var} is set, but {name!r} means different things in {where}: set "
-                            f"{command_env_var(command, name)} instead ({theirs}) and unset {var}")
+            problems.append(
+                f"{var} is set, but {name!r} means different things in {where}: set "
+                f"{command_env_var(command, name)} instead ({theirs}) and unset {var}"
+            )
     return problems
 
 
@@ -661,7 +753,9 @@ def _load_file(path: Path, given_by: str) -> dict[str, Any]:
             try:
                 import yaml
             except ImportError as e:  # pragma: no cover - depends on the environment
-                raise SettingsError(f"{path} is YAML but PyYAML is not installed: `pip install pyyaml`, or use TOML.") from e
+                raise SettingsError(
+                    f"{path} is YAML but PyYAML is not installed: `pip install pyyaml`, or use TOML."
+                ) from e
             data = yaml.safe_load(text)
         else:
             try:
@@ -673,14 +767,20 @@ def _load_file(path: Path, given_by: str) -> dict[str, Any]:
     except SettingsError:
         raise
     except json.JSONDecodeError as e:
-        raise SettingsError(f"Config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from e
+        raise SettingsError(
+            f"Config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
+        ) from e
     except Exception as e:  # tomllib.TOMLDecodeError and yaml.YAMLError both say where
         where, problem = _syntax_error_position(e, text)
-        raise SettingsError(f"Config file {path} has a syntax error{where}: {problem}. Fix that line and run again.") from e
+        raise SettingsError(
+            f"Config file {path} has a syntax error{where}: {problem}. Fix that line and run again."
+        ) from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SettingsError(f"Config file {path} must hold a table of settings (key = value), not {type(data).__name__}.")
+        raise SettingsError(
+            f"Config file {path} must hold a table of settings (key = value), not {type(data).__name__}."
+        )
     return data
 
 
@@ -695,7 +795,9 @@ def _syntax_error_position(e: Exception, text: str) -> tuple[str, str]:
     if m:
         return f" (line {m.group(1)}, column {m.group(2)})", (msg[: m.start()] + msg[m.end() :]).strip()
     if "(at end of document)" in msg:
-        return f" (line {text.count(chr(10)) + 1}, at the end of the file)", msg.replace("(at end of document)", "").strip()
+        return f" (line {text.count(chr(10)) + 1}, at the end of the file)", msg.replace(
+            "(at end of document)", ""
+        ).strip()
     return "", msg
 
 
@@ -712,7 +814,9 @@ def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path:
     for key, value in data.items():
         if isinstance(value, dict):
             if key not in COMMAND_SETTINGS:
-                problems.append(f"unknown table [{key}]{_did_you_mean(key, COMMAND_SETTINGS)}; tables: {', '.join(COMMAND_SETTINGS)}")
+                problems.append(
+                    f"unknown table [{key}]{_did_you_mean(key, COMMAND_SETTINGS)}; tables: {', '.join(COMMAND_SETTINGS)}"
+                )
             continue
         norm = key.replace("-", "_")
         if norm in fields:
@@ -726,7 +830,11 @@ def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path:
         else:
             problems.append(f"unknown key {key!r} in [{command}]{_did_you_mean(norm, fields)}")
     if problems:
-        raise SettingsError(f"Config file {path}: " + "; ".join(problems) + f". Run `dpd {command_title(command)} --help` for the valid settings.")
+        raise SettingsError(
+            f"Config file {path}: "
+            + "; ".join(problems)
+            + f". Run `dpd {command_title(command)} --help` for the valid settings."
+        )
     return values
 
 
@@ -790,7 +898,9 @@ def resolve_sources(
     merged: dict[str, Any] = {}
     if config is not None:
         if not str(config).strip():
-            raise SettingsError("--config is empty. Give the path of a TOML, JSON or YAML settings file, or leave --config out.")
+            raise SettingsError(
+                "--config is empty. Give the path of a TOML, JSON or YAML settings file, or leave --config out."
+            )
         path = Path(config)
         for k, (v, in_table) in _file_values(command, cls, _load_file(path, given_by), path).items():
             merged[k] = v
@@ -827,10 +937,16 @@ def resolve_sources(
             got = f" (got {err['input']!r})" if loc in where and not isinstance(err.get("input"), dict) else ""
             lines.append(f"{origin}: {msg}{got}")
         raise SettingsError(
-            f"Invalid settings for `dpd {command_title(command)}`: " + "; ".join(lines) + f". See `dpd {command_title(command)} --help`."
+            f"Invalid settings for `dpd {command_title(command)}`: "
+            + "; ".join(lines)
+            + f". See `dpd {command_title(command)} --help`."
         ) from None
-    return Resolved(command, settings, {name: sources.get(name, "default") for name in cls.model_fields},
-                    Path(config) if config is not None else None)
+    return Resolved(
+        command,
+        settings,
+        {name: sources.get(name, "default") for name in cls.model_fields},
+        Path(config) if config is not None else None,
+    )
 
 
 # --- printing ---------------------------------------------------------------------------------

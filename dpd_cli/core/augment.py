@@ -116,12 +116,20 @@ def _draw_rotate(x, g, n):
 
 def _rotate(x, a):
     cos, sin = torch.cos(a), torch.sin(a)
-    theta = torch.stack([torch.stack([cos, sin, torch.zeros_like(a)], 1), torch.stack([-sin, cos, torch.zeros_like(a)], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, sin, torch.zeros_like(a)], 1), torch.stack([-sin, cos, torch.zeros_like(a)], 1)], 1
+    )
     return _affine(x, theta)
 
 
-_DRAW = {"color": _draw_color, "crop": _draw_crop, "cutout": _draw_cutout, "flip": _draw_flip, "scale": _draw_scale,
-         "rotate": _draw_rotate}
+_DRAW = {
+    "color": _draw_color,
+    "crop": _draw_crop,
+    "cutout": _draw_cutout,
+    "flip": _draw_flip,
+    "scale": _draw_scale,
+    "rotate": _draw_rotate,
+}
 _APPLY = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale": _scale, "rotate": _rotate}
 
 
@@ -160,7 +168,9 @@ def dsa(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS, part: tuple[int,
     return _FNS[op](x, _generator(x.device, seed), n, slice(lo, lo + x.shape[0]))
 
 
-def dsa_draw_all(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+def dsa_draw_all(
+    x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
     """Every family's numbers for ``seed``, and a one-hot weight on the family ``dsa`` would choose.
 
     Each family draws from the generator re-seeded with ``seed``, so the chosen family's numbers are
@@ -176,7 +186,9 @@ def dsa_draw_all(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS) -> tupl
     return weights, [_DRAW[op](x, _generator(x.device, seed), x.shape[0]) for op in ops]
 
 
-def dsa_mixed(x: torch.Tensor, weights: torch.Tensor, params: list[tuple[torch.Tensor, ...]], ops: tuple[str, ...] = OPS) -> torch.Tensor:
+def dsa_mixed(
+    x: torch.Tensor, weights: torch.Tensor, params: list[tuple[torch.Tensor, ...]], ops: tuple[str, ...] = OPS
+) -> torch.Tensor:
     """``sum_k weights[k] * family_k(x; params[k])``: with ``dsa_draw_all``'s one-hot weights, ``dsa(x, seed)``.
 
     Every family runs, so the sequence of operations does not depend on the seed (what a CUDA graph

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpd_cli.core.augment import OPS, dsa_draw_all
 from dpd_cli.core import matching
+from dpd_cli.core.augment import OPS, dsa_draw_all
 
 __all__ = ["StaticInputs", "GraphedMetaGradient", "CudaCapture", "close_enough", "differences"]
 
@@ -74,13 +74,16 @@ class StaticInputs:
         self.params = None
         if dsa:
             _, drawn = dsa_draw_all(probe, 0)
-            self.params = [tuple(torch.zeros((n_steps, *t.shape), device=device, dtype=t.dtype) for t in fam) for fam in drawn]
+            self.params = [
+                tuple(torch.zeros((n_steps, *t.shape), device=device, dtype=t.dtype) for t in fam) for fam in drawn
+            ]
         self._probe = probe
         self.plan = matching.StepPlan(
             batches=[None if self.index is None else self.index[k] for k in range(n_steps)],
             seeds=[None] * n_steps,
-            mixes=None if not dsa else [(self.weights[k], [tuple(t[k] for t in fam) for fam in self.params])
-                                        for k in range(n_steps)],
+            mixes=None
+            if not dsa
+            else [(self.weights[k], [tuple(t[k] for t in fam) for fam in self.params]) for k in range(n_steps)],
         )
 
     def load(self, start: torch.Tensor, target: torch.Tensor, plan: matching.StepPlan) -> None:
@@ -126,8 +129,9 @@ def differences(a: matching.MetaResult, b: matching.MetaResult) -> dict[str, flo
     return out
 
 
-def close_enough(a: matching.MetaResult, b: matching.MetaResult, tol: float = TOLERANCE,
-                 spread: dict[str, float] | None = None) -> str | None:
+def close_enough(
+    a: matching.MetaResult, b: matching.MetaResult, tol: float = TOLERANCE, spread: dict[str, float] | None = None
+) -> str | None:
     """``None`` when ``a`` agrees with ``b``; else what differs.
 
     Agreement: every output within ``tol`` (relative, in norm) and equal masks. ``spread`` is
@@ -199,9 +203,21 @@ class GraphedMetaGradient:
         capture: Warms up and captures (``CudaCapture`` on the images' device by default).
     """
 
-    def __init__(self, fm, images, labels, lr, memory: str, n_steps: int, batch: int | None, dsa: bool,
-                 mask_for: Callable[[float], matching.MaskFn | None], label_logits: torch.Tensor | None = None,
-                 capture=None, keep_graphs: int = 0):
+    def __init__(
+        self,
+        fm,
+        images,
+        labels,
+        lr,
+        memory: str,
+        n_steps: int,
+        batch: int | None,
+        dsa: bool,
+        mask_for: Callable[[float], matching.MaskFn | None],
+        label_logits: torch.Tensor | None = None,
+        capture=None,
+        keep_graphs: int = 0,
+    ):
         self.fm, self.images, self.labels, self.lr, self.memory = fm, images, labels, lr, memory
         self.keep_graphs = keep_graphs
         self.label_logits, self.mask_for = label_logits, mask_for
@@ -215,9 +231,19 @@ class GraphedMetaGradient:
 
     def _compute(self, ratio: float) -> matching.MetaResult:
         i = self.inputs
-        return matching.meta_gradient(self.fm, self.images, self.labels, self.lr, i.start, i.target, i.plan, self.memory,
-                                      loss_mask=self.mask_for(ratio), label_logits=self.label_logits,
-                                      keep_graphs=self.keep_graphs)
+        return matching.meta_gradient(
+            self.fm,
+            self.images,
+            self.labels,
+            self.lr,
+            i.start,
+            i.target,
+            i.plan,
+            self.memory,
+            loss_mask=self.mask_for(ratio),
+            label_logits=self.label_logits,
+            keep_graphs=self.keep_graphs,
+        )
 
     def __call__(self, start, target, plan: matching.StepPlan, ratio: float) -> tuple[matching.MetaResult, str | None]:
         """This iteration's meta-gradient, and a note when graphs were just turned off (else ``None``)."""
@@ -246,7 +272,10 @@ class GraphedMetaGradient:
         self.checks[ratio] = check
         if why is not None:
             self.enabled, self.graphs = False, {}
-            return eager, f"The CUDA graph's first replay differs from the eager computation ({why}); continuing without graphs."
+            return (
+                eager,
+                f"The CUDA graph's first replay differs from the eager computation ({why}); continuing without graphs.",
+            )
         self.graphs[ratio] = _Captured(graph, out)
         return _copy_loss(out), None
 
@@ -256,5 +285,6 @@ def _copy_loss(res: matching.MetaResult) -> matching.MetaResult:
 
 
 def _copy(res: matching.MetaResult) -> matching.MetaResult:
-    return matching.MetaResult(*(None if t is None else t.clone()
-                                 for t in (res.loss, res.grad_images, res.grad_lr, res.keep, res.grad_labels)))
+    return matching.MetaResult(
+        *(None if t is None else t.clone() for t in (res.loss, res.grad_images, res.grad_lr, res.keep, res.grad_labels))
+    )

@@ -82,7 +82,9 @@ class MetaResult:
     grad_labels: torch.Tensor | None = None  # like the label logits, with soft labels
 
 
-def matching_loss(student_end: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def matching_loss(
+    student_end: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
     """Normalised parameter-matching loss; with ``keep=None`` exactly MTT's sum/sum."""
     if keep is None:
         return ((student_end - target) ** 2).sum() / ((start - target) ** 2).sum()
@@ -183,7 +185,9 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, 
     return MetaResult(loss.detach(), grads[0], grads[1], keep, grads[2] if label_logits is not None else None)
 
 
-def _meta_low(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, label_logits=None, keep_graphs=0) -> MetaResult:
+def _meta_low(
+    fm, images, labels, lr, start, target, plan, loss_mask, u, grad, label_logits=None, keep_graphs=0
+) -> MetaResult:
     a = lr.detach()
     n_steps = len(plan)
     # Steps first_kept..N-1 keep their graphs. The last one always: the backward sweep starts with it, so

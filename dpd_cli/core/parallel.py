@@ -167,13 +167,21 @@ def start(device: torch.device, timeout_s: float, required: bool = True) -> Grou
 
     probe = Group(rank, world, timeout_s)
     if not dist.is_initialized():
-        nccl = device.type == "cuda" and dist.is_nccl_available() and torch.cuda.device_count() >= int(
-            os.environ.get("LOCAL_WORLD_SIZE", world))
-        probe._call("joining the other ranks", dist.init_process_group, "nccl" if nccl else "gloo",
-                    timeout=datetime.timedelta(seconds=timeout_s))
+        nccl = (
+            device.type == "cuda"
+            and dist.is_nccl_available()
+            and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        )
+        probe._call(
+            "joining the other ranks",
+            dist.init_process_group,
+            "nccl" if nccl else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     # Every rank creates the patient group now, together (new_group is itself collective).
-    patient = probe._call("joining the other ranks", dist.new_group, backend="gloo",
-                          timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S))
+    patient = probe._call(
+        "joining the other ranks", dist.new_group, backend="gloo", timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S)
+    )
     return Group(rank, world, timeout_s, patient)
 
 

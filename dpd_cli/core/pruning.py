@@ -63,10 +63,18 @@ class PruneConfig:
     warmup: int = 0  # iterations 0..warmup-1 prune nothing
 
     @classmethod
-    def from_settings(cls, s) -> "PruneConfig":
+    def from_settings(cls, s) -> PruneConfig:
         """From ``dpd distill``'s settings (their ``prune_*`` fields and ``ema_beta``)."""
-        return cls(s.prune_ratio, s.prune_scope, s.prune_criterion, s.prune_direction, s.prune_mask, s.ema_beta,
-                   s.prune_mode, warmup=s.prune_warmup)
+        return cls(
+            s.prune_ratio,
+            s.prune_scope,
+            s.prune_criterion,
+            s.prune_direction,
+            s.prune_mask,
+            s.ema_beta,
+            s.prune_mode,
+            warmup=s.prune_warmup,
+        )
 
     def ratio_at(self, iteration: int) -> float:
         """rho in force at ``iteration`` (0 during the warm-up)."""
@@ -74,8 +82,15 @@ class PruneConfig:
 
     def rule(self) -> dict:
         """The settings in force, as recorded next to the prune counts and in every checkpoint."""
-        rule = {"ratio": self.ratio, "scope": self.scope, "criterion": self.criterion, "direction": self.direction,
-                "mask": self.mask, "mode": self.mode, "warmup": self.warmup}
+        rule = {
+            "ratio": self.ratio,
+            "scope": self.scope,
+            "criterion": self.criterion,
+            "direction": self.direction,
+            "mask": self.mask,
+            "mode": self.mode,
+            "warmup": self.warmup,
+        }
         if self.mask == "ema":
             rule["ema_beta"] = self.ema_beta
         return rule
@@ -130,7 +145,9 @@ def criterion_scores(
             var = torch.zeros_like(mean).index_add_(0, ids, centred * centred) / n  # population variance
             std = var.sqrt()
             # A layer whose residuals are all equal has no spread: every entry scores 0 (average).
-            return torch.where(std[ids] > 0, centred / std[ids].clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(d))
+            return torch.where(
+                std[ids] > 0, centred / std[ids].clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(d)
+            )
         if criterion == "layer-rank":
             out = torch.empty_like(d)
             offset = 0
@@ -145,7 +162,9 @@ def criterion_scores(
     raise ValueError(f"unknown prune criterion {criterion!r}; known: {', '.join(CRITERIA)}")
 
 
-def select_keep(scores: torch.Tensor, ratio: float, scope: str, direction: str, layer_sizes: list[int]) -> torch.Tensor | None:
+def select_keep(
+    scores: torch.Tensor, ratio: float, scope: str, direction: str, layer_sizes: list[int]
+) -> torch.Tensor | None:
     """The kept set as a bool ``(P,)`` tensor (False = pruned); ``None`` when nothing is pruned.
 
     ``ceil(ratio * n)`` entries with the largest (or smallest) scores are pruned, over all entries
@@ -234,7 +253,9 @@ class Pruner:
             return None
         return select_keep(self.state, ratio, self.cfg.scope, self.cfg.direction, self.layer_sizes)
 
-    def loss_mask(self, ratio: float, unroll_keep: torch.Tensor | None = None) -> Callable[..., torch.Tensor | None] | None:
+    def loss_mask(
+        self, ratio: float, unroll_keep: torch.Tensor | None = None
+    ) -> Callable[..., torch.Tensor | None] | None:
         """The function ``meta_gradient`` calls with (theta_N, target, start) to get the loss mask.
 
         ``None`` when rho = 0 (the plain MTT path). It records this iteration's scores for ``commit``.

@@ -17,17 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from dpd_cli.io import paths
-from dpd_cli.errors import DataError
 from PIL import Image, UnidentifiedImageError
-from dpd_cli.io import storage
+
+from dpd_cli.errors import DataError
+from dpd_cli.io import paths, storage
 
 __all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx", "class_balanced"]
 
 MINI_DIR = Path(__file__).parent / "mini"
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -108,7 +118,9 @@ def read_idx(path: Path) -> torch.Tensor:
         if len(body) != n:
             raise ValueError(f"expected {n} bytes of data, found {len(body)}")
     except (OSError, ValueError, struct.error, EOFError) as e:
-        raise DataError(f"{path} is not a readable IDX file ({e}). Re-download the dataset or point --data-dir elsewhere.") from e
+        raise DataError(
+            f"{path} is not a readable IDX file ({e}). Re-download the dataset or point --data-dir elsewhere."
+        ) from e
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
@@ -132,11 +144,17 @@ def _load_idx_dataset(name: str, folder: Path, classes: list[str]) -> Dataset:
     if tr_x.shape[0] != tr_y.shape[0] or te_x.shape[0] != te_y.shape[0]:
         raise DataError(f"{folder}: image and label files of {name} have different lengths. Re-download the dataset.")
     mean, std = NORMALIZATION[name]
-    return Dataset(name, classes, tr_x[:, None].contiguous(), tr_y.long(), te_x[:, None].contiguous(), te_y.long(), mean, std)
+    return Dataset(
+        name, classes, tr_x[:, None].contiguous(), tr_y.long(), te_x[:, None].contiguous(), te_y.long(), mean, std
+    )
 
 
 #: What a given --data-dir must hold for the torchvision datasets read through torchvision.
-_EXPECTED = {"cifar10": ("cifar-10-batches-py/",), "cifar100": ("cifar-100-python/",), "svhn": ("train_32x32.mat", "test_32x32.mat")}
+_EXPECTED = {
+    "cifar10": ("cifar-10-batches-py/",),
+    "cifar100": ("cifar-100-python/",),
+    "svhn": ("train_32x32.mat", "test_32x32.mat"),
+}
 
 
 def _torchvision(name: str, data_dir: Path | None) -> Dataset:
@@ -181,7 +199,9 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
     except DataError:
         raise
     except ImportError as e:  # SVHN's .mat files need scipy
-        raise DataError(f"Reading {name} needs the package {e.name or 'scipy'}: `pip install {e.name or 'scipy'}`.") from e
+        raise DataError(
+            f"Reading {name} needs the package {e.name or 'scipy'}: `pip install {e.name or 'scipy'}`."
+        ) from e
     except (RuntimeError, OSError) as e:
         how = "could not be downloaded" if download else f"was not found in {root}"
         raise DataError(
@@ -262,20 +282,30 @@ def _tiny_imagenet(data_dir: Path) -> Dataset:
             if not line.strip():
                 continue
             if len(parts) < 2 or parts[1] not in index:
-                raise DataError(f"{annotations}, line {n}: expected '<file>\\t<wnid>' with a wnid from train/, got {line[:80]!r}.")
+                raise DataError(
+                    f"{annotations}, line {n}: expected '<file>\\t<wnid>' with a wnid from train/, got {line[:80]!r}."
+                )
             test_items.append((images / parts[0], index[parts[1]]))
         missing = [f for f, _ in test_items if not f.is_file()]
         if missing:
-            raise DataError(f"{annotations} names {len(missing)} image(s) missing from {images}, e.g. {missing[0].name}.")
+            raise DataError(
+                f"{annotations} names {len(missing)} image(s) missing from {images}, e.g. {missing[0].name}."
+            )
     else:
-        raise DataError(f"{val_dir} holds neither val_annotations.txt nor class folders under images/: "
-                        "unpack the tiny-imagenet-200 archive as published.")
-    return _decoded_folder("tiny-imagenet", root, classes, train_items, test_items, stats=NORMALIZATION["tiny-imagenet"])
+        raise DataError(
+            f"{val_dir} holds neither val_annotations.txt nor class folders under images/: "
+            "unpack the tiny-imagenet-200 archive as published."
+        )
+    return _decoded_folder(
+        "tiny-imagenet", root, classes, train_items, test_items, stats=NORMALIZATION["tiny-imagenet"]
+    )
 
 
 def _check_classes(root: Path, train_dir: Path, classes: list[str], train_items: list) -> None:
     if not classes or not train_items:
-        raise DataError(f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))}).")
+        raise DataError(
+            f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))})."
+        )
     if len(classes) < 2:
         raise DataError(
             f"{train_dir} has only one class folder ({classes[0]!r}); classification needs at least 2. "
@@ -299,7 +329,9 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
             t, _ = storage.load_tensors(cache, "dpd.imagecache")
             mean = tuple(t["mean"].tolist())
             std = tuple(t["std"].tolist())
-            return Dataset(name, classes, t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], mean, std)
+            return Dataset(
+                name, classes, t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], mean, std
+            )
         except Exception:  # a broken cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
     try:
@@ -321,8 +353,14 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
     try:
         storage.save_tensors(
             cache,
-            {"train_images": tr_x, "train_labels": tr_y, "test_images": te_x, "test_labels": te_y,
-             "mean": torch.tensor(mean), "std": torch.tensor(std)},
+            {
+                "train_images": tr_x,
+                "train_labels": tr_y,
+                "test_images": te_x,
+                "test_labels": te_y,
+                "mean": torch.tensor(mean),
+                "std": torch.tensor(std),
+            },
             "dpd.imagecache",
             {"source": str(root.resolve()), "classes": classes},
         )
@@ -358,11 +396,26 @@ def _holdout(ds: Dataset, per_class: int) -> Dataset:
             f"--val-per-class {per_class} would leave no training image of class {ds.classes[c]!r}, which has "
             f"{min(counts)}. Use at most {min(counts) - 1} (a few percent of a class is usual)."
         )
-    val = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(_VAL_SEED))).sort().values
+    val = (
+        torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(_VAL_SEED)))
+        .sort()
+        .values
+    )
     rest = torch.ones(len(ds.train_labels), dtype=torch.bool)
     rest[val] = False
-    return Dataset(ds.name, ds.classes, ds.train_images[rest], ds.train_labels[rest], ds.test_images, ds.test_labels,
-                   ds.mean, ds.std, ds.train_images[val], ds.train_labels[val], val)
+    return Dataset(
+        ds.name,
+        ds.classes,
+        ds.train_images[rest],
+        ds.train_labels[rest],
+        ds.test_images,
+        ds.test_labels,
+        ds.mean,
+        ds.std,
+        ds.train_images[val],
+        ds.train_labels[val],
+        val,
+    )
 
 
 def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
@@ -372,9 +425,24 @@ def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
             f"--train-per-class {per_class} is more than the smallest class of {ds.name} holds ({min(counts)}). "
             f"Use at most {min(counts)}."
         )
-    keep_t = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(seed))).sort().values
-    return Dataset(ds.name, ds.classes, ds.train_images[keep_t], ds.train_labels[keep_t], ds.test_images, ds.test_labels,
-                   ds.mean, ds.std, ds.val_images, ds.val_labels, ds.val_indices)
+    keep_t = (
+        torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(seed)))
+        .sort()
+        .values
+    )
+    return Dataset(
+        ds.name,
+        ds.classes,
+        ds.train_images[keep_t],
+        ds.train_labels[keep_t],
+        ds.test_images,
+        ds.test_labels,
+        ds.mean,
+        ds.std,
+        ds.val_images,
+        ds.val_labels,
+        ds.val_indices,
+    )
 
 
 def load_dataset(
@@ -411,7 +479,9 @@ def load_dataset(
         ds = _imagefolder(Path(data_dir))
     elif name == "tiny-imagenet":
         if data_dir is None:
-            raise DataError("Dataset tiny-imagenet needs --data-dir: the unpacked tiny-imagenet-200 folder (train/, val/).")
+            raise DataError(
+                "Dataset tiny-imagenet needs --data-dir: the unpacked tiny-imagenet-200 folder (train/, val/)."
+            )
         ds = _tiny_imagenet(Path(data_dir))
     else:
         ds = _torchvision(name, data_dir)

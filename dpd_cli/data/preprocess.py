@@ -41,7 +41,7 @@ class Preprocess:
     def has_zca(self) -> bool:
         return self.zca_matrix is not None
 
-    def to(self, device) -> "Preprocess":
+    def to(self, device) -> Preprocess:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Preprocess(mv(self.mean), mv(self.std), mv(self.zca_mean), mv(self.zca_matrix), mv(self.zca_inverse))
 
@@ -78,7 +78,7 @@ class Preprocess:
         return {k: v.detach().cpu().float().contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Preprocess":
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> Preprocess:
         return cls(t["norm_mean"], t["norm_std"], t.get("zca_mean"), t.get("zca_matrix"), t.get("zca_inverse"))
 
     def fingerprint(self) -> str:

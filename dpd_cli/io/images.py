@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from dpd_cli.io.storage import atomic_write
-from PIL import Image
 
 __all__ = ["save_grid", "check_png"]
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def save_grid(images01: torch.Tensor, labels: torch.Tensor, n_classes: int, path: Path, max_per_class: int = 10, scale: int = 2) -> Path:
+def save_grid(
+    images01: torch.Tensor, labels: torch.Tensor, n_classes: int, path: Path, max_per_class: int = 10, scale: int = 2
+) -> Path:
     """Save pixels in [0, 1] ``(n, C, H, W)`` as a grid, one row per class, upscaled ``scale`` x.
 
     Returns:

@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
 from dpd_cli import __version__
 from dpd_cli.errors import OutputExistsError, StorageError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save
-from safetensors import safe_open
 
 __all__ = [
     "FORMAT_VERSIONS",
@@ -61,7 +59,11 @@ FORMAT_VERSIONS = {
     "dpd.preprocess": 1,
 }
 #: The versions of each format this release reads (older files stay usable).
-READABLE_VERSIONS = {fmt: (v,) for fmt, v in FORMAT_VERSIONS.items()} | {"dpd.checkpoint": (1, 2), "dpd.synthetic": (1, 2)}
+READABLE_VERSIONS = {fmt: (v,) for fmt, v in FORMAT_VERSIONS.items()} | {
+    "dpd.checkpoint": (1, 2),
+    "dpd.synthetic": (1, 2),
+}
+
 
 def _current_umask() -> int:
     mask = os.umask(0o022)
@@ -237,7 +239,9 @@ def _encode_meta(fmt: str, meta: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta: Mapping[str, Any] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta: Mapping[str, Any] | None = None
+) -> None:
     """Save tensors atomically as safetensors, with JSON metadata.
 
     The header goes first, then each tensor's bytes straight from its memory into the temporary
@@ -259,7 +263,6 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str, meta
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = _encode_meta(fmt, meta or {})
     if sys.byteorder != "little":  # safetensors is little-endian; its own writer byte-swaps
-
         blob = save(clean, metadata=metadata)
         with atomic_write(Path(path)) as f:
             f.write(blob)
@@ -279,9 +282,22 @@ _WRITE_CHUNK = 64 * 1024 * 1024  # bytes per write call
 
 def _safetensors_dtypes() -> dict[torch.dtype, str]:
     names = {
-        "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-        "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64",
-        "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64",
+        "float64": "F64",
+        "float32": "F32",
+        "float16": "F16",
+        "bfloat16": "BF16",
+        "int64": "I64",
+        "int32": "I32",
+        "int16": "I16",
+        "int8": "I8",
+        "uint8": "U8",
+        "bool": "BOOL",
+        "uint16": "U16",
+        "uint32": "U32",
+        "uint64": "U64",
+        "float8_e4m3fn": "F8_E4M3",
+        "float8_e5m2": "F8_E5M2",
+        "complex64": "C64",
     }
     return {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}  # older torch lacks some
 
@@ -333,7 +349,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 raise StorageError(f"{path} is empty or truncated ({size} bytes): not a safetensors file.")
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > _MAX_HEADER or n > size - 8:
-                raise StorageError(f"{path} is not a valid safetensors file (header length {n} does not fit a {size}-byte file); it may be truncated or of another format.")
+                raise StorageError(
+                    f"{path} is not a valid safetensors file (header length {n} does not fit a {size}-byte file); it may be truncated or of another format."
+                )
             raw = f.read(n)
     except OSError as e:
         raise StorageError(f"Cannot read {path}: {e.strerror or e}.") from e
@@ -361,7 +379,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             raise StorageError(f"{path}: tensor entry {name!r} is malformed.")
         end = max(end, offsets[1])
     if 8 + n + end != size:
-        raise StorageError(f"{path} is truncated or padded: the header describes {8 + n + end} bytes, the file has {size}. {_hint_for(meta.get('format', ''))}")
+        raise StorageError(
+            f"{path} is truncated or padded: the header describes {8 + n + end} bytes, the file has {size}. {_hint_for(meta.get('format', ''))}"
+        )
     return header, meta
 
 
@@ -389,7 +409,9 @@ def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, 
     return meta
 
 
-def load_tensors(path: Path, fmt: str | None = None, required: Mapping[str, tuple[torch.dtype, int | None]] | None = None):
+def load_tensors(
+    path: Path, fmt: str | None = None, required: Mapping[str, tuple[torch.dtype, int | None]] | None = None
+):
     """Load every tensor of a safetensors file after validating its header.
 
     Args:
@@ -415,7 +437,9 @@ def load_tensors(path: Path, fmt: str | None = None, required: Mapping[str, tupl
         if t is None:
             raise StorageError(f"{path} lacks the tensor {name!r}. {_hint_for(fmt or '')}")
         if t.dtype != dtype or (ndim is not None and t.dim() != ndim):
-            raise StorageError(f"{path}: tensor {name!r} is {t.dtype} with shape {tuple(t.shape)}; expected {dtype} with {ndim} dimensions.")
+            raise StorageError(
+                f"{path}: tensor {name!r} is {t.dtype} with shape {tuple(t.shape)}; expected {dtype} with {ndim} dimensions."
+            )
     return tensors, meta
 
 
@@ -443,7 +467,9 @@ def read_meta(path: Path, fmt: str | tuple[str, ...] | None = None) -> tuple[dic
     return header, _decode_meta(path, raw, fmt)
 
 
-def check_header_tensors(path: Path, header: Mapping[str, Any], required: Mapping[str, tuple[torch.dtype, int | None]]) -> None:
+def check_header_tensors(
+    path: Path, header: Mapping[str, Any], required: Mapping[str, tuple[torch.dtype, int | None]]
+) -> None:
     """Check the ``required`` tensors' names, dtypes and ranks from a header alone (no data is read).
 
     Raises:
@@ -456,7 +482,9 @@ def check_header_tensors(path: Path, header: Mapping[str, Any], required: Mappin
             raise StorageError(f"{path} lacks the tensor {name!r}.")
         found = names.get(entry["dtype"], entry["dtype"])
         if found != dtype or (ndim is not None and len(entry["shape"]) != ndim):
-            raise StorageError(f"{path}: tensor {name!r} is {found} with shape {tuple(entry['shape'])}; expected {dtype} with {ndim} dimensions.")
+            raise StorageError(
+                f"{path}: tensor {name!r} is {found} with shape {tuple(entry['shape'])}; expected {dtype} with {ndim} dimensions."
+            )
 
 
 class TensorFile:
@@ -485,14 +513,18 @@ class TensorFile:
             sl = handle.get_slice(name)
             return torch.stack([sl[i : i + 1][0] for i in indices])
         except Exception as e:  # SafetensorError, and OS errors if the file changed underneath
-            raise StorageError(f"{self.path}: cannot read rows {indices} of {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
+            raise StorageError(
+                f"{self.path}: cannot read rows {indices} of {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}"
+            ) from e
 
     def get(self, name: str) -> torch.Tensor:
         handle = self._open_handle()
         try:
             return handle.get_tensor(name)
         except Exception as e:
-            raise StorageError(f"{self.path}: cannot read {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}") from e
+            raise StorageError(
+                f"{self.path}: cannot read {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}"
+            ) from e
 
     def close(self) -> None:
         """Release the file (its memory map); tensors already read stay valid. Closing twice is fine."""
@@ -505,7 +537,7 @@ class TensorFile:
             raise ValueError(f"{self.path} was closed")
         return self._handle
 
-    def __enter__(self) -> "TensorFile":
+    def __enter__(self) -> TensorFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -518,8 +550,13 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
 
 
 @contextlib.contextmanager
-def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait for it to finish, or choose another --out.",
-             shared: bool = False) -> Iterator[None]:
+def lock_dir(
+    folder: Path,
+    what: str,
+    name: str = ".lock",
+    advice: str = "Wait for it to finish, or choose another --out.",
+    shared: bool = False,
+) -> Iterator[None]:
     """Hold a lock on ``folder/<name>`` for the duration; a conflicting process gets a clear error.
 
     Uses ``flock``: the kernel releases it when the process dies, so a kill leaves no stale lock.
@@ -559,7 +596,9 @@ def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait f
                 ) from None
             raise StorageError(f"Cannot lock {path}: {e.strerror or e}. Check the output folder.") from e
         if not shared:  # who holds it, for people looking; several shared holders would write over each other
-            with contextlib.suppress(OSError):  # a full disk must not stop the command here, but at its first real write
+            with contextlib.suppress(
+                OSError
+            ):  # a full disk must not stop the command here, but at its first real write
                 os.ftruncate(fd, 0)
                 os.write(fd, str(os.getpid()).encode())
         yield
@@ -568,8 +607,14 @@ def lock_dir(folder: Path, what: str, name: str = ".lock", advice: str = "Wait f
 
 
 @contextlib.contextmanager
-def lock_shard(folder: Path, what: str, rank: int, world: int, name: str = ".lock",
-               advice: str = "Wait for it to finish, or choose another --out.") -> Iterator[None]:
+def lock_shard(
+    folder: Path,
+    what: str,
+    rank: int,
+    world: int,
+    name: str = ".lock",
+    advice: str = "Wait for it to finish, or choose another --out.",
+) -> Iterator[None]:
     """Lock ``folder`` for one process of a torchrun job, or exclusively for a plain process.
 
     A plain process (``world == 1``) takes ``folder/<name>`` exclusively. Rank ``r`` of a job takes

@@ -38,7 +38,14 @@ from dpd_cli.errors import DivergedError, ExpertsError, OutputExistsError, Stora
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.recipes.distill_inputs import RESUMABLE, check_experts, draw_plan, init_images, other_settings, with_experts
+from dpd_cli.recipes.distill_inputs import (
+    RESUMABLE,
+    check_experts,
+    draw_plan,
+    init_images,
+    other_settings,
+    with_experts,
+)
 from dpd_cli.recipes.runtime import derive_seed, model_spec, prepare_runtime
 
 __all__ = ["DistillRecipe", "DistillState", "run", "default_run_dir", "summarize"]
@@ -65,8 +72,13 @@ class DistillState:
     momentum_labels: torch.Tensor | None = None  # like label_logits
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"images": self.images, "lr": self.lr, "momentum_images": self.momentum_images,
-               "momentum_lr": self.momentum_lr, "prune_counts": self.prune_counts}
+        out = {
+            "images": self.images,
+            "lr": self.lr,
+            "momentum_images": self.momentum_images,
+            "momentum_lr": self.momentum_lr,
+            "prune_counts": self.prune_counts,
+        }
         if self.prune_state is not None:
             out["prune_state"] = self.prune_state.float()
         if self.label_logits is not None:
@@ -127,10 +139,22 @@ class DistillRecipe:
         self.pruned_total = _layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
         self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self.prune.ratio_at(i) > 0)
         s = self.s
-        self.sink.emit(DistillStarted(str(self.run_dir), self.state.iteration, s.iterations,
-                                      [(layer.name, layer.numel) for layer in self.fm.layers], self.fm.n_params,
-                                      len(self.state.images), len(self.experts), str(self.device), s.memory, s.prune_ratio,
-                                      self.prune.text(), s.keep_graphs))
+        self.sink.emit(
+            DistillStarted(
+                str(self.run_dir),
+                self.state.iteration,
+                s.iterations,
+                [(layer.name, layer.numel) for layer in self.fm.layers],
+                self.fm.n_params,
+                len(self.state.images),
+                len(self.experts),
+                str(self.device),
+                s.memory,
+                s.prune_ratio,
+                self.prune.text(),
+                s.keep_graphs,
+            )
+        )
         if not resume:
             self.checkpoint()  # checkpoint 0: the real images the run starts from, always kept
 
@@ -166,7 +190,9 @@ class DistillRecipe:
         self.run_dir = Path(s.out) if s.out else default_run_dir(s)
         self.writer = RunWriter(self.run_dir, writes=self.main)
         if s.resume and not self.writer.checkpoints() and not (self.run_dir / layout.SETTINGS).exists():
-            raise StorageError(f"Nothing to resume in {self.run_dir}: it has no checkpoint. Run without --resume to start it.")
+            raise StorageError(
+                f"Nothing to resume in {self.run_dir}: it has no checkpoint. Run without --resume to start it."
+            )
         self.shash = settings_hash(s, exclude=set(RESUMABLE))
         self._stack.enter_context(interrupt.safe_points())
         resume = s.resume and bool(self.writer.checkpoints())
@@ -199,17 +225,29 @@ class DistillRecipe:
             self.state = self._load_state(images.shape)
             self.writer.resumed(self.state.iteration)
             return
-        self.state = DistillState(0, images, torch.tensor(s.lr_teacher, device=self.device), torch.zeros_like(images),
-                                  torch.zeros((), device=self.device),
-                                  torch.zeros(self.fm.n_params, dtype=torch.int32, device=self.device))
+        self.state = DistillState(
+            0,
+            images,
+            torch.tensor(s.lr_teacher, device=self.device),
+            torch.zeros_like(images),
+            torch.zeros((), device=self.device),
+            torch.zeros(self.fm.n_params, dtype=torch.int32, device=self.device),
+        )
         if s.soft_labels:
             with torch.no_grad():
                 logits = torch.cat([self.fm(label_theta, images[i : i + 256]) for i in range(0, len(images), 256)])
             self.state.label_logits, self.state.momentum_labels = logits.float(), torch.zeros_like(logits).float()
-            self.soft_info = {"expert": 0, "epoch": self._label_epoch(),
-                              "initial_accuracy": float((logits.argmax(1) == self.labels).float().mean())}
-            self.sink.emit(Message(f"Soft labels: the logits of expert 0 at epoch {self.soft_info['epoch']} on the initial "
-                                   f"images; it classifies {self.soft_info['initial_accuracy']:.0%} of them correctly."))
+            self.soft_info = {
+                "expert": 0,
+                "epoch": self._label_epoch(),
+                "initial_accuracy": float((logits.argmax(1) == self.labels).float().mean()),
+            }
+            self.sink.emit(
+                Message(
+                    f"Soft labels: the logits of expert 0 at epoch {self.soft_info['epoch']} on the initial "
+                    f"images; it classifies {self.soft_info['initial_accuracy']:.0%} of them correctly."
+                )
+            )
         self.writer.start(self._settings_record(), self.pre)
 
     # --- one iteration --------------------------------------------------------------------------
@@ -229,9 +267,21 @@ class DistillRecipe:
                 self.sink.emit(Message(note, "warning"))
         else:
             unroll_keep = self.pruner.unroll_keep(ratio)
-            res = matching.meta_gradient(self.fm, st.images, self.labels, st.lr, start, target, plan, s.memory,
-                                         loss_mask=self.pruner.loss_mask(ratio, unroll_keep), unroll_keep=unroll_keep,
-                                         batch_grad=self.batch_grad, label_logits=st.label_logits, keep_graphs=s.keep_graphs)
+            res = matching.meta_gradient(
+                self.fm,
+                st.images,
+                self.labels,
+                st.lr,
+                start,
+                target,
+                plan,
+                s.memory,
+                loss_mask=self.pruner.loss_mask(ratio, unroll_keep),
+                unroll_keep=unroll_keep,
+                batch_grad=self.batch_grad,
+                label_logits=st.label_logits,
+                keep_graphs=s.keep_graphs,
+            )
         self.pruner.commit()
         with torch.no_grad():
             # SGD with momentum 0.5 (PyTorch semantics: buf = m * buf + g; p -= lr * buf).
@@ -249,8 +299,16 @@ class DistillRecipe:
                 pruned.index_add_(0, self.layer_ids, dropped.float())
         st.prune_state = self.pruner.state
         st.iteration = it + 1
-        self._pending.append({"iteration": it + 1, "loss": res.loss.float(), "lr": st.lr.clone(), "pruned": pruned,
-                              "expert": e, "start_epoch": t})
+        self._pending.append(
+            {
+                "iteration": it + 1,
+                "loss": res.loss.float(),
+                "lr": st.lr.clone(),
+                "pruned": pruned,
+                "expert": e,
+                "start_epoch": t,
+            }
+        )
 
     def _graphed(self) -> GraphedMetaGradient | None:
         """The CUDA-graph runner (``--cuda-graphs``, on a GPU), or ``None`` with a message saying why not."""
@@ -258,15 +316,31 @@ class DistillRecipe:
         if self.device.type != "cuda" or not s.cuda_graphs:
             return None
         st = self.state
-        why = ("under torchrun" if self.group is not None else
-               "--prune-mask ema and --prune-mode network carry state across iterations" if self.pruner.keeps_state else None)
+        why = (
+            "under torchrun"
+            if self.group is not None
+            else "--prune-mask ema and --prune-mode network carry state across iterations"
+            if self.pruner.keeps_state
+            else None
+        )
         if why:
             self.sink.emit(Message(f"CUDA graphs not used ({why}); each iteration runs eagerly."))
             return None
         n = len(st.images)
         batch = s.batch_syn if s.batch_syn and s.batch_syn < n else None
-        return GraphedMetaGradient(self.fm, st.images, self.labels, st.lr, s.memory, s.syn_steps, batch, s.dsa,
-                                   self.pruner.loss_mask, label_logits=st.label_logits, keep_graphs=s.keep_graphs)
+        return GraphedMetaGradient(
+            self.fm,
+            st.images,
+            self.labels,
+            st.lr,
+            s.memory,
+            s.syn_steps,
+            batch,
+            s.dsa,
+            self.pruner.loss_mask,
+            label_logits=st.label_logits,
+            keep_graphs=s.keep_graphs,
+        )
 
     def _stop_requested(self) -> bool:
         """A stop request (Ctrl-C, SIGTERM) on any rank stops every rank at the same iteration."""
@@ -298,14 +372,32 @@ class DistillRecipe:
             if sum(pr):
                 self.iterations_pruned += 1
             self.pruned_total = [a_ + b_ for a_, b_ in zip(self.pruned_total, pr, strict=True)]
-            rec = {"iteration": p["iteration"], "loss": loss, "lr": a, "expert": p["expert"], "start_epoch": p["start_epoch"],
-                   "pruned": {layer.name: c for layer, c in zip(self.fm.layers, pr, strict=True)},
-                   "pruned_fraction": sum(pr) / self.fm.n_params, "seconds": dt}
+            rec = {
+                "iteration": p["iteration"],
+                "loss": loss,
+                "lr": a,
+                "expert": p["expert"],
+                "start_epoch": p["start_epoch"],
+                "pruned": {layer.name: c for layer, c in zip(self.fm.layers, pr, strict=True)},
+                "pruned_fraction": sum(pr) / self.fm.n_params,
+                "seconds": dt,
+            }
             if rule:
                 rec["prune_rule"] = rule
             records.append(rec)
-            self.sink.emit(DistillIteration(p["iteration"], s.iterations, loss, a, p["start_epoch"], pr, list(self.pruned_total),
-                                            self.iterations_pruned, dt))
+            self.sink.emit(
+                DistillIteration(
+                    p["iteration"],
+                    s.iterations,
+                    loss,
+                    a,
+                    p["start_epoch"],
+                    pr,
+                    list(self.pruned_total),
+                    self.iterations_pruned,
+                    dt,
+                )
+            )
             self.last_loss = loss
         self.writer.metrics(records)
         self._pending = []
@@ -314,20 +406,47 @@ class DistillRecipe:
     def _diverged(self, iteration: int, loss: float, a: float) -> DivergedError:
         last = self.writer.checkpoints()
         kept = f"the last good checkpoint ({last[0].name}) is kept" if last else "no checkpoint was written yet"
-        what = f"loss became {loss}" if not (loss == loss and abs(loss) != float("inf")) else f"the learning rate alpha became {a}"
-        how = "rerun with --resume to continue from that checkpoint, or --force to start over" if last else "rerun with --force"
-        return DivergedError(f"Distillation diverged at iteration {iteration}: {what}; {kept}. Lower --lr-img or --lr-lr "
-                             f"(or --lr-teacher), then {how}.")
+        what = (
+            f"loss became {loss}"
+            if not (loss == loss and abs(loss) != float("inf"))
+            else f"the learning rate alpha became {a}"
+        )
+        how = (
+            "rerun with --resume to continue from that checkpoint, or --force to start over"
+            if last
+            else "rerun with --force"
+        )
+        return DivergedError(
+            f"Distillation diverged at iteration {iteration}: {what}; {kept}. Lower --lr-img or --lr-lr "
+            f"(or --lr-teacher), then {how}."
+        )
 
     def checkpoint(self) -> Path:
         """Flush the metrics, write the checkpoint of the current iteration and refresh the outputs (rank 0)."""
         self.flush()
         s, st = self.s, self.state
         meta = self._meta(st.iteration)
-        path = self.writer.checkpoint(st.iteration, {**st.tensors(), "labels": self.labels}, self.pre, meta,
-                                      s.keep_checkpoints, s.checkpoint_every)
-        self.writer.outputs(st.images, self.labels, st.lr, st.label_logits, self.pre, meta, self.ds.n_classes,
-                            st.prune_counts, self.fm.layout, self.iterations_pruned, self.prune.rule())
+        path = self.writer.checkpoint(
+            st.iteration,
+            {**st.tensors(), "labels": self.labels},
+            self.pre,
+            meta,
+            s.keep_checkpoints,
+            s.checkpoint_every,
+        )
+        self.writer.outputs(
+            st.images,
+            self.labels,
+            st.lr,
+            st.label_logits,
+            self.pre,
+            meta,
+            self.ds.n_classes,
+            st.prune_counts,
+            self.fm.layout,
+            self.iterations_pruned,
+            self.prune.rule(),
+        )
         if self.main:
             self.sink.emit(CheckpointSaved(st.iteration, str(path)))
         return path
@@ -349,14 +468,19 @@ class DistillRecipe:
             if self._stop_requested():
                 self.checkpoint()
                 raise interrupt.Interrupted(
-                    f"stopped after iteration {self.state.iteration}; rerun the same command with --resume to continue {self.run_dir}")
+                    f"stopped after iteration {self.state.iteration}; rerun the same command with --resume to continue {self.run_dir}"
+                )
             self.step()
             if len(self._pending) >= self.log_every:
                 self.flush()
             if self.state.iteration % s.checkpoint_every == 0 and self.state.iteration < s.iterations:
                 self.checkpoint()
         self.checkpoint()
-        self.sink.emit(DistillDone(str(self.run_dir), s.iterations, self.last_loss, float(self.state.lr), time.perf_counter() - t_run))
+        self.sink.emit(
+            DistillDone(
+                str(self.run_dir), s.iterations, self.last_loss, float(self.state.lr), time.perf_counter() - t_run
+            )
+        )
         return self.run_dir
 
     # --- records --------------------------------------------------------------------------------
@@ -387,7 +511,9 @@ class DistillRecipe:
             "settings_hash": self.shash,
             "experts_folder": str(self.experts.folder.resolve()),
             "preprocess_fingerprint": self.pre.fingerprint(),
-            "validation": None if ds.val_indices is None else {"per_class": s.val_per_class, "fingerprint": ds.val_fingerprint},
+            "validation": None
+            if ds.val_indices is None
+            else {"per_class": s.val_per_class, "fingerprint": ds.val_fingerprint},
             "prune_rule": self.prune.rule(),
             "soft_labels": self.soft_info,
             "versions": versions(),
@@ -400,7 +526,9 @@ class DistillRecipe:
         """The parameters (expert 0 at --label-epoch) whose logits initialise the soft labels."""
         epoch = self._label_epoch()
         if epoch > self.experts.epochs:
-            raise ExpertsError(f"--label-epoch {epoch}: the experts in {self.experts.folder} have epochs 0..{self.experts.epochs}.")
+            raise ExpertsError(
+                f"--label-epoch {epoch}: the experts in {self.experts.folder} have epochs 0..{self.experts.epochs}."
+            )
         return self.experts.files[0].rows("trajectory", [epoch])[0].to(self.device)
 
     def _load_state(self, image_shape) -> DistillState:
@@ -415,10 +543,14 @@ class DistillRecipe:
             if meta.get("settings_hash") != self.shash:
                 raise other_settings(self.run_dir)
             if tuple(t["images"].shape) != tuple(image_shape):
-                raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {tuple(image_shape)}.")
+                raise StorageError(
+                    f"{path}: images have shape {tuple(t['images'].shape)}, expected {tuple(image_shape)}."
+                )
             if t["prune_counts"].numel() != self.fm.n_params:
-                raise StorageError(f"{path}: prune counts for {t['prune_counts'].numel()} parameters, the model has "
-                                   f"{self.fm.n_params}. Start over with --force.")
+                raise StorageError(
+                    f"{path}: prune counts for {t['prune_counts'].numel()} parameters, the model has "
+                    f"{self.fm.n_params}. Start over with --force."
+                )
             if int(meta["iteration"]) > self.s.iterations:
                 raise OutputExistsError(
                     f"{self.run_dir} has a checkpoint at iteration {meta['iteration']}, past --iterations {self.s.iterations}: "
@@ -431,9 +563,17 @@ class DistillRecipe:
         dev = self.device
         opt = lambda k: None if k not in t else t[k].to(dev)  # noqa: E731
         self.soft_info = meta.get("soft_labels")
-        return DistillState(int(meta["iteration"]), t["images"].to(dev), t["lr"].to(dev), t["momentum_images"].to(dev),
-                            t["momentum_lr"].to(dev), t["prune_counts"].to(dev), opt("prune_state"),
-                            opt("label_logits"), opt("momentum_labels"))
+        return DistillState(
+            int(meta["iteration"]),
+            t["images"].to(dev),
+            t["lr"].to(dev),
+            t["momentum_images"].to(dev),
+            t["momentum_lr"].to(dev),
+            t["prune_counts"].to(dev),
+            opt("prune_state"),
+            opt("label_logits"),
+            opt("momentum_labels"),
+        )
 
 
 def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
@@ -458,7 +598,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _layer_totals(prune_counts: torch.Tensor, layer_ids: torch.Tensor, n_layers: int) -> list[int]:
-    totals = torch.zeros(n_layers, dtype=torch.int64, device=prune_counts.device).index_add_(0, layer_ids, prune_counts.long())
+    totals = torch.zeros(n_layers, dtype=torch.int64, device=prune_counts.device).index_add_(
+        0, layer_ids, prune_counts.long()
+    )
     return [int(v) for v in totals.tolist()]
 
 

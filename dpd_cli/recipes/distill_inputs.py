@@ -23,14 +23,49 @@ from dpd_cli.io import paths
 from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import dataset_key, derive_seed
 
-__all__ = ["RESUMABLE", "FROM_EXPERTS", "adopt", "with_experts", "check_experts", "init_images", "draw_plan",
-           "other_settings"]
+__all__ = [
+    "RESUMABLE",
+    "FROM_EXPERTS",
+    "adopt",
+    "with_experts",
+    "check_experts",
+    "init_images",
+    "draw_plan",
+    "other_settings",
+]
 
 #: Settings that may change between a run and its resume (all others are fixed by the run's settings hash).
-RESUMABLE = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every", "device", "threads", "out", "experts",
-             "resume", "force", "data_dir", "dist_timeout", "host_memory", "cuda_graphs", "keep_graphs", "deterministic")
+RESUMABLE = (
+    "iterations",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "device",
+    "threads",
+    "out",
+    "experts",
+    "resume",
+    "force",
+    "data_dir",
+    "dist_timeout",
+    "host_memory",
+    "cuda_graphs",
+    "keep_graphs",
+    "deterministic",
+)
 #: Settings an experts folder decides unless the user gives them (the network, the data it saw).
-FROM_EXPERTS = ("dataset", "data_dir", "zca", "train_per_class", "val_per_class", "model", "width", "depth", "norm", "pool")
+FROM_EXPERTS = (
+    "dataset",
+    "data_dir",
+    "zca",
+    "train_per_class",
+    "val_per_class",
+    "model",
+    "width",
+    "depth",
+    "norm",
+    "pool",
+)
 
 
 def adopt(s: DistillSettings, manifest: dict, spec: ModelSpec) -> DistillSettings:
@@ -95,11 +130,15 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
                 f"No experts found in the experts root {root} (set by DPD_EXPERTS_ROOT). Train them first with `dpd experts` "
                 "(same --dataset, --model, --width, --zca), or pass --experts pointing at an experts folder."
             )
-        wanted = ", ".join(f"{k} {getattr(s, k)}" for k in ("dataset", "model", "width", "depth", "norm", "pool", "zca",
-                                                             "train_per_class", "val_per_class") if k in given)
+        wanted = ", ".join(
+            f"{k} {getattr(s, k)}"
+            for k in ("dataset", "model", "width", "depth", "norm", "pool", "zca", "train_per_class", "val_per_class")
+            if k in given
+        )
         raise ExpertsError(
             f"None of the experts folders under {root} fits these settings ({wanted}): "
-            + ", ".join(str(p) for p in others[:8]) + ("..." if len(others) > 8 else "")
+            + ", ".join(str(p) for p in others[:8])
+            + ("..." if len(others) > 8 else "")
             + ". Train matching experts first with `dpd experts`, leave those settings out, or pass --experts."
         )
     more = f"the newest of {len(candidates)} matching folders; " if len(candidates) > 1 else ""
@@ -125,8 +164,11 @@ def _check_manifest(folder: Path, compat: dict, s: DistillSettings) -> None:
 def check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> None:
     """The experts' network is the one the settings describe, and they have the epochs the settings reach."""
     found_spec = experts.spec.to_dict()
-    diffs = [f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}" for k, v in spec.to_dict().items()
-             if found_spec.get(k) != v]
+    diffs = [
+        f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}"
+        for k, v in spec.to_dict().items()
+        if found_spec.get(k) != v
+    ]
     if diffs:
         raise ExpertsError(
             f"The experts in {experts.folder} do not fit these settings ({'; '.join(diffs)}). Leave the network settings "

@@ -39,28 +39,36 @@ from typing import NamedTuple
 import torch
 
 from dpd_cli import interrupt
-from dpd_cli.io import storage
-from dpd_cli.data import Preprocess, load_dataset
-from dpd_cli.data.datasets import class_balanced
-from dpd_cli.artifacts import evaluation
+from dpd_cli.artifacts import evaluation, layout
 from dpd_cli.artifacts import experts as experts_file
-from dpd_cli.core import parallel
-from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
-from dpd_cli.io.provenance import versions
-from dpd_cli.artifacts import layout
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.evaluation import EVAL_FILE  # noqa: F401  (re-exported)
 from dpd_cli.artifacts.evaluation import load as load_eval  # noqa: F401  (re-exported)
 from dpd_cli.artifacts.evaluation import path_for as eval_path
 from dpd_cli.artifacts.layout import SYNTHETIC
+from dpd_cli.config.settings import EvalSettings
+from dpd_cli.core import parallel
 from dpd_cli.core.train import accuracy, train_epoch
+from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.data.datasets import class_balanced
 from dpd_cli.errors import DataError, SettingsError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
+from dpd_cli.io import storage
+from dpd_cli.io.provenance import versions
 from dpd_cli.models import ModelSpec, build_model
-from dpd_cli.config.settings import EvalSettings
+from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
 
-__all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "PROTOCOL_VERSION", "epochs_run", "random_subset", "load_eval",
-           "eval_path"]
+__all__ = [
+    "run",
+    "verdict",
+    "EVAL_FILE",
+    "PROTOCOLS",
+    "PROTOCOL_VERSION",
+    "epochs_run",
+    "random_subset",
+    "load_eval",
+    "eval_path",
+]
 
 #: Protocol defaults: E (``--epochs``; E + 1 epochs run, see ``_train``) and lr (None = the learned alpha).
 #: Both protocols run the same loop, MTT's ``evaluate_synset``; they differ only in these two values.
@@ -78,8 +86,11 @@ def verdict(results: list[dict], fail_under: float | None) -> dict:
         ``{"fail_under", "passed", "below": [{"model", "mean"}, ...]}``: ``passed`` is True when no
         threshold is given; means are fractions, as in eval.json.
     """
-    below = [{"model": r["model"], "mean": r["mean"]} for r in results
-             if fail_under is not None and r["source"] == "distilled" and 100 * r["mean"] < fail_under]
+    below = [
+        {"model": r["model"], "mean": r["mean"]}
+        for r in results
+        if fail_under is not None and r["source"] == "distilled" and 100 * r["mean"] < fail_under
+    ]
     return {"fail_under": fail_under, "passed": not below, "below": below}
 
 
@@ -88,7 +99,9 @@ def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: in
     counts = torch.bincount(labels, minlength=n_classes)
     if int(counts.min()) < per_class:
         c = int(counts.argmin())
-        raise DataError(f"The random baseline needs {per_class} images of class {c}, the training set has {int(counts[c])}.")
+        raise DataError(
+            f"The random baseline needs {per_class} images of class {c}, the training set has {int(counts[c])}."
+        )
     return torch.cat(class_balanced(labels, n_classes, per_class, torch.Generator().manual_seed(seed)))
 
 
@@ -141,8 +154,9 @@ def _train(spec, x, y, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> t
     return net, (int(bad[0, 0]) + 1 if len(bad) else None)
 
 
-def _train_and_test(spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch,
-                    x_val=None, y_val=None) -> TrainResult:
+def _train_and_test(
+    spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch, x_val=None, y_val=None
+) -> TrainResult:
     """Train one fresh network (``_train``) and test it once, after its last epoch (and measure it on the
     validation split if given).
 
@@ -166,19 +180,27 @@ class _Set:
 def _targets(target: Path) -> tuple[Path, Path | None]:
     """(the file whose set is reported as "final", the run directory or None for a bare file)."""
     if not str(target).strip():
-        raise StorageError("The target is empty. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
+        raise StorageError(
+            "The target is empty. Give a run directory (from `dpd distill`) or a synthetic.safetensors file."
+        )
     target = Path(target)
     if not target.exists():
-        raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file.")
+        raise StorageError(
+            f"{target} does not exist. Give a run directory (from `dpd distill`) or a synthetic.safetensors file."
+        )
     if not target.is_dir():
         return target, None
     if experts_file.is_folder(target):
-        raise StorageError(f"{target} is an experts folder (from `dpd experts`): it holds training trajectories, not a "
-                           f"synthetic set. Distil one from it with `dpd distill --experts {target}`, then evaluate the "
-                           "run directory that `dpd distill` writes.")
+        raise StorageError(
+            f"{target} is an experts folder (from `dpd experts`): it holds training trajectories, not a "
+            f"synthetic set. Distil one from it with `dpd distill --experts {target}`, then evaluate the "
+            "run directory that `dpd distill` writes."
+        )
     file = target / SYNTHETIC
     if not file.exists():
-        raise StorageError(f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first.")
+        raise StorageError(
+            f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first."
+        )
     return file, target
 
 
@@ -190,7 +212,9 @@ def _choose_select(s: EvalSettings, run_dir: Path | None, checkpoints: list[Path
     if s.select == "final":
         return "final"
     if run_dir is None:
-        raise SettingsError(f"--select {s.select} compares a run's checkpoints: give the run directory, not a single file.")
+        raise SettingsError(
+            f"--select {s.select} compares a run's checkpoints: give the run directory, not a single file."
+        )
     if n <= 1:
         raise SettingsError(
             f"--select {s.select} picks among a run's kept checkpoints, but {run_dir} keeps {n}. Distil with "
@@ -229,11 +253,16 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     device = prepare_runtime(s.threads, s.device, s.host_memory, s.deterministic)
     run_settings = meta.get("settings", {})
     data_dir = s.data_dir or run_settings.get("data_dir")
-    ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None,
-                      val_per_class=validation["per_class"] if validation else None)
+    ds = load_dataset(
+        meta["dataset"],
+        Path(data_dir) if data_dir else None,
+        val_per_class=validation["per_class"] if validation else None,
+    )
     if validation and ds.val_fingerprint != validation.get("fingerprint"):
-        raise DataError(f"The validation split of dataset {ds.name} is not the one {file} was distilled with (the dataset "
-                        "changed?). Point --data-dir at the dataset the run used.")
+        raise DataError(
+            f"The validation split of dataset {ds.name} is not the one {file} was distilled with (the dataset "
+            "changed?). Point --data-dir at the dataset the run used."
+        )
     pre = Preprocess.from_tensors(tensors)
     base_spec = ModelSpec.from_dict(meta["model"])
     _check_dataset(ds, base_spec, tensors, meta)
@@ -277,19 +306,71 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         # Under torchrun: the process group now, with its timeout (ranks that fail end the job), left at the end.
         group = parallel.start(device, s.dist_timeout)
         stack.callback(parallel.stop)
-        return _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, sets, jobs, select, validation,
-                         x_test, y_test, x_val, y_val, device, epochs, protocol, learned_lr, ipc)
+        return _evaluate(
+            s,
+            sink,
+            group,
+            target,
+            file,
+            meta,
+            tensors,
+            pre,
+            ds,
+            base_spec,
+            sets,
+            jobs,
+            select,
+            validation,
+            x_test,
+            y_test,
+            x_val,
+            y_val,
+            device,
+            epochs,
+            protocol,
+            learned_lr,
+            ipc,
+        )
 
 
-def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, sets, jobs, select, validation,
-              x_test, y_test, x_val, y_val, device, epochs, protocol, learned_lr, ipc) -> dict:
+def _evaluate(
+    s,
+    sink,
+    group,
+    target,
+    file,
+    meta,
+    tensors,
+    pre,
+    ds,
+    base_spec,
+    sets,
+    jobs,
+    select,
+    validation,
+    x_test,
+    y_test,
+    x_val,
+    y_val,
+    device,
+    epochs,
+    protocol,
+    learned_lr,
+    ipc,
+) -> dict:
     """Train this rank's share of ``jobs``; rank 0 collects every rank's outcomes and writes eval.json."""
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     if rank != 0:
         sink = NullSink()
     mine = jobs[rank::world]
-    sink.emit(EvalStarted([(st.source, m, r, st.iteration) for st, m, r in mine], epochs_run(epochs)[0], str(device),
-                          select if s.distilled else None))
+    sink.emit(
+        EvalStarted(
+            [(st.source, m, r, st.iteration) for st, m, r in mine],
+            epochs_run(epochs)[0],
+            str(device),
+            select if s.distilled else None,
+        )
+    )
 
     data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -319,7 +400,10 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
     fingerprints = {id(st): _fingerprint(st.tensors) if st.tensors is not None else None for st in sets}
     keys = {(id(st), m, r): _job_key(s, fingerprints[id(st)], st.source, m, r) for st, m, r in mine}
     lock = f".{out_file.name}.lock"  # under torchrun: shared by the ranks, plus .<name>.rank<r>.lock each
-    with storage.lock_shard(out_file.parent, f"an evaluation of {file}", rank, world, lock, "Wait for it to finish."), interrupt.safe_points():
+    with (
+        storage.lock_shard(out_file.parent, f"an evaluation of {file}", rank, world, lock, "Wait for it to finish."),
+        interrupt.safe_points(),
+    ):
         done = evaluation.read_partial(partial, {k: job for job, k in keys.items()})
         if done:
             sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))
@@ -329,8 +413,16 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
             if job in done:
                 outcomes.append({**done[job], "iteration": st.iteration})
                 continue
-            spec = ModelSpec(m, base_spec.channels, base_spec.image_size, base_spec.n_classes,
-                             base_spec.width, base_spec.depth, base_spec.norm, base_spec.pool)
+            spec = ModelSpec(
+                m,
+                base_spec.channels,
+                base_spec.image_size,
+                base_spec.n_classes,
+                base_spec.width,
+                base_spec.depth,
+                base_spec.norm,
+                base_spec.pool,
+            )
             n_epochs = s.full_epochs if st.source == "full" else epochs
             seed = derive_seed(s.seed, "distilled" if st.source == "init" else st.source, m, r)
             x, y = data_for(st, r)
@@ -341,26 +433,58 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
                     sink.emit(EvalEpoch(st.source, m, r, epoch, total, float(loss_sum) / n, st.iteration))
 
             try:
-                res = _train_and_test(spec, x, y, x_test, y_test, n_epochs, lr_for(st), s, seed, device, on_epoch, x_val, y_val)
+                res = _train_and_test(
+                    spec, x, y, x_test, y_test, n_epochs, lr_for(st), s, seed, device, on_epoch, x_val, y_val
+                )
             except interrupt.Interrupted:
-                kept = f"{len(outcomes)} finished training(s) are kept in {partial}" if outcomes else "no training had finished"
+                kept = (
+                    f"{len(outcomes)} finished training(s) are kept in {partial}"
+                    if outcomes
+                    else "no training had finished"
+                )
                 raise interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue") from None
             dt = time.perf_counter() - t0
-            outcome = {"source": st.source, "model": m, "run": r, "accuracy": res.test_accuracy, "seed": seed, "seconds": dt,
-                       "epochs": n_epochs, "lr": lr_for(st), "diverged_epoch": res.diverged_epoch,
-                       "val_accuracy": res.val_accuracy, "iteration": st.iteration}
+            outcome = {
+                "source": st.source,
+                "model": m,
+                "run": r,
+                "accuracy": res.test_accuracy,
+                "seed": seed,
+                "seconds": dt,
+                "epochs": n_epochs,
+                "lr": lr_for(st),
+                "diverged_epoch": res.diverged_epoch,
+                "val_accuracy": res.val_accuracy,
+                "iteration": st.iteration,
+            }
             evaluation.append_partial(partial, keys[job], outcome)
             outcomes.append(outcome)
-            sink.emit(EvalRunDone(st.source, m, r, res.test_accuracy, dt, res.diverged_epoch, st.iteration, res.val_accuracy))
+            sink.emit(
+                EvalRunDone(st.source, m, r, res.test_accuracy, dt, res.diverged_epoch, st.iteration, res.val_accuracy)
+            )
 
         if group is not None:
             outcomes = [o for part in group.gather_objects(outcomes) for o in part]
             if rank != 0:
-                return {"target": str(target), "eval_file": None, "results": [], "warnings": [], **verdict([], s.fail_under)}
+                return {
+                    "target": str(target),
+                    "eval_file": None,
+                    "results": [],
+                    "warnings": [],
+                    **verdict([], s.fail_under),
+                }
 
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        common = {"protocol": s.protocol, "protocol_version": PROTOCOL_VERSION, "ipc": ipc, "dataset": ds.name, "synthetic": str(file), "timestamp": stamp,
-                  "settings": s.model_dump(mode="json"), "versions": versions()}
+        common = {
+            "protocol": s.protocol,
+            "protocol_version": PROTOCOL_VERSION,
+            "ipc": ipc,
+            "dataset": ds.name,
+            "synthetic": str(file),
+            "timestamp": stamp,
+            "settings": s.model_dump(mode="json"),
+            "versions": versions(),
+        }
         entries = []
         for source in dict.fromkeys(st.source for st in sets):
             for m in s.models:
@@ -368,14 +492,26 @@ def _evaluate(s, sink, group, target, file, meta, tensors, pre, ds, base_spec, s
                 if source == "distilled":
                     entries.append({**_distilled_entry(rows, select, meta.get("iteration")), **common})
                 else:
-                    entries.append({**_summary(rows), "source": source, "model": m, **common,
-                                    "iteration": 0 if source == "init" else None})
+                    entries.append(
+                        {
+                            **_summary(rows),
+                            "source": source,
+                            "model": m,
+                            **common,
+                            "iteration": 0 if source == "init" else None,
+                        }
+                    )
         warnings = _below_baselines(entries)
         evaluation.append(out_file, entries)
         partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
-    return {"target": str(target), "eval_file": str(out_file), "results": entries, "warnings": warnings,
-            **verdict(entries, s.fail_under)}
+    return {
+        "target": str(target),
+        "eval_file": str(out_file),
+        "results": entries,
+        "warnings": warnings,
+        **verdict(entries, s.fail_under),
+    }
 
 
 def _check_dataset(ds, spec: ModelSpec, tensors: dict, meta: dict) -> None:
@@ -403,8 +539,14 @@ def _summary(rows: list[dict]) -> dict:
     mean = _mean(accs)
     vals = [o.get("val_accuracy") for o in rows]
     return {
-        "model": rows[0]["model"], "epochs": rows[0]["epochs"], "lr": rows[0]["lr"], "runs": len(accs), "accuracies": accs,
-        "mean": mean, "std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)), "seeds": [o["seed"] for o in rows],
+        "model": rows[0]["model"],
+        "epochs": rows[0]["epochs"],
+        "lr": rows[0]["lr"],
+        "runs": len(accs),
+        "accuracies": accs,
+        "mean": mean,
+        "std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),
+        "seeds": [o["seed"] for o in rows],
         "diverged_runs": [o["run"] for o in rows if o.get("diverged_epoch")],
         "seconds_per_run": _mean([o["seconds"] for o in rows]),
         "val_accuracy": _mean(vals) if all(v is not None for v in vals) else None,
@@ -424,12 +566,27 @@ def _distilled_entry(rows: list[dict], select: str, final_iteration: int | None)
         chosen = max(per, key=lambda it: (per[it]["mean"], it))
     else:
         chosen = final_it
-    entry = {**per[chosen], "source": "distilled", "select": select, "selected_iteration": chosen,
-             "iteration": chosen if chosen is not None else final_iteration,
-             "final_accuracy": per[final_it]["mean"], "optimistic": select == "test-max"}
+    entry = {
+        **per[chosen],
+        "source": "distilled",
+        "select": select,
+        "selected_iteration": chosen,
+        "iteration": chosen if chosen is not None else final_iteration,
+        "final_accuracy": per[final_it]["mean"],
+        "optimistic": select == "test-max",
+    }
     if len(per) > 1:
-        entry["checkpoints"] = [{"iteration": it, "mean": v["mean"], "std": v["std"], "val_accuracy": v["val_accuracy"],
-                                 "accuracies": v["accuracies"], "lr": v["lr"]} for it, v in per.items()]
+        entry["checkpoints"] = [
+            {
+                "iteration": it,
+                "mean": v["mean"],
+                "std": v["std"],
+                "val_accuracy": v["val_accuracy"],
+                "accuracies": v["accuracies"],
+                "lr": v["lr"],
+            }
+            for it, v in per.items()
+        ]
     return entry
 
 
@@ -451,8 +608,20 @@ def _below_baselines(entries: list[dict]) -> list[str]:
 
 
 # Settings that only choose which trainings run (or where): a finished training is reused across them.
-_NOT_IN_JOB_KEY = {"device", "threads", "fail_under", "data_dir", "models", "runs", "baseline", "distilled", "select",
-                   "dist_timeout", "host_memory", "deterministic"}
+_NOT_IN_JOB_KEY = {
+    "device",
+    "threads",
+    "fail_under",
+    "data_dir",
+    "models",
+    "runs",
+    "baseline",
+    "distilled",
+    "select",
+    "dist_timeout",
+    "host_memory",
+    "deterministic",
+}
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -466,8 +635,10 @@ def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 def _job_key(s: EvalSettings, fingerprint: str, src: str, model: str, run: int) -> str:
     """Identifies one training: the synthetic set, every setting that changes its result, the loop's
     version (so a rerun never reuses a training made by an older loop) and (source, model, run)."""
-    data = {"settings": s.model_dump(mode="json", exclude=_NOT_IN_JOB_KEY & set(type(s).model_fields)),
-            "synthetic": fingerprint, "protocol_version": PROTOCOL_VERSION, "job": [src, model, run]}
+    data = {
+        "settings": s.model_dump(mode="json", exclude=_NOT_IN_JOB_KEY & set(type(s).model_fields)),
+        "synthetic": fingerprint,
+        "protocol_version": PROTOCOL_VERSION,
+        "job": [src, model, run],
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-

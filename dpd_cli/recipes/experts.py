@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from dpd_cli import interrupt
-from dpd_cli.io import storage
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts.experts import (
@@ -31,9 +30,16 @@ from dpd_cli.artifacts.experts import (
     validation_record,
     write_manifest,
 )
+from dpd_cli.config.settings import ExpertSettings
+from dpd_cli.core import parallel
+from dpd_cli.core.train import accuracy, train_epoch
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.core import parallel
+from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertSkipped, ExpertsStarted, ExpertStarted, NullSink, Sink
+from dpd_cli.io import storage
+from dpd_cli.io.provenance import versions
+from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.recipes.runtime import (
     build_preprocess,
     dataset_key,
@@ -41,12 +47,6 @@ from dpd_cli.recipes.runtime import (
     model_spec,
     prepare_runtime,
 )
-from dpd_cli.io.provenance import versions
-from dpd_cli.core.train import accuracy, train_epoch
-from dpd_cli.errors import ExpertsError, StorageError
-from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertsStarted, ExpertSkipped, ExpertStarted, NullSink, Sink
-from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.config.settings import ExpertSettings
 
 __all__ = ["run"]
 
@@ -60,7 +60,9 @@ def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
     return d
 
 
-def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSettings, make_pre, validation: dict | None) -> Preprocess:
+def _check_or_write_manifest(
+    folder: Path, compat: dict, settings: ExpertSettings, make_pre, validation: dict | None
+) -> Preprocess:
     """Refuse a folder whose experts were trained differently; else (re)write the manifest.
 
     ``make_pre()`` builds the preprocessing; it is called only for a new folder (a ZCA fit takes a while).
@@ -69,13 +71,17 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
     if (folder / MANIFEST).exists():
         previous = read_manifest(folder)
         if previous.get("import") is not None:
-            raise ExpertsError(f"The experts folder {folder} holds experts imported from replay buffers (`dpd experts "
-                               "import`); trained experts cannot be added to it. Pass another --out.")
+            raise ExpertsError(
+                f"The experts folder {folder} holds experts imported from replay buffers (`dpd experts "
+                "import`); trained experts cannot be added to it. Pass another --out."
+            )
         found = dict(previous["compat"])
         found["preprocess_scheme"] = preprocess_scheme(found)
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
             raise ExpertsError(old_preprocess_message(folder, found))
-        diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v]
+        diffs = [
+            f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v
+        ]
         recorded = (previous.get("validation") or {}).get("fingerprint")
         if validation and recorded and recorded != validation["fingerprint"]:
             diffs.append("the validation split holds other images (the dataset changed)")
@@ -91,7 +97,9 @@ def _check_or_write_manifest(folder: Path, compat: dict, settings: ExpertSetting
             return pre
     pre = make_pre()
     preprocess_file.save(folder / PREPROCESS, pre)
-    write_manifest(folder, new_manifest(compat, settings.model_dump(mode="json"), pre, validation, n_planned=settings.num))
+    write_manifest(
+        folder, new_manifest(compat, settings.model_dump(mode="json"), pre, validation, n_planned=settings.num)
+    )
     return pre
 
 
@@ -118,7 +126,9 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     """
     sink = sink or NullSink()
     device = prepare_runtime(settings.threads, settings.device, settings.host_memory, settings.deterministic)
-    ds = load_dataset(settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class)
+    ds = load_dataset(
+        settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class
+    )
     spec = model_spec(settings, ds)
     folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
     compat = _compat(settings, spec)
@@ -135,7 +145,9 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
         stack.enter_context(storage.lock_shard(folder, "experts", rank, world))
         stack.enter_context(interrupt.safe_points())
         # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
-        storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)])
+        storage.remove_stale_temps(
+            folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)]
+        )
         make_pre, validation = (lambda: build_preprocess(ds, settings.zca)), validation_record(ds)
         if rank == 0:  # writes the manifest and the preprocessing (a ZCA fit) once; the others then read them
             pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
@@ -174,7 +186,9 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
     torch.manual_seed(seed)
     net = build_model(spec).to(device)
     flat = FlatModel(net)
-    opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    opt = torch.optim.SGD(
+        net.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     sink.emit(ExpertStarted(i))

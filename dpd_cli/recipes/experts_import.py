@@ -21,18 +21,18 @@ import time
 from pathlib import Path
 
 from dpd_cli import interrupt
-from dpd_cli.io import storage
+from dpd_cli.artifacts import experts as experts_folder
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import replay_buffer
+from dpd_cli.config.settings import ImportSettings
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.artifacts import experts as experts_folder
-from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads
-from dpd_cli.io.provenance import versions
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import ImportExpert, ImportFileDone, ImportFileStarted, ImportStarted, NullSink, Sink
+from dpd_cli.io import storage
+from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.config.settings import ImportSettings
+from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads
 
 __all__ = ["run", "default_folder", "SOURCE_FORMAT", "STATED"]
 
@@ -55,17 +55,30 @@ def _require(s: ImportSettings) -> None:
     if s.dataset is None:
         missing.append("--dataset (the dataset the buffers' experts were trained on)")
     if s.zca is None:
-        missing.append("--zca or --no-zca (whether they were trained on ZCA-whitened images: MTT's buffer.py --zca; "
-                       "MTT writes buffers trained without ZCA to <dataset>_NO_ZCA folders)")
+        missing.append(
+            "--zca or --no-zca (whether they were trained on ZCA-whitened images: MTT's buffer.py --zca; "
+            "MTT writes buffers trained without ZCA to <dataset>_NO_ZCA folders)"
+        )
     if missing:
-        raise SettingsError("`dpd experts import` needs " + " and ".join(missing) + ". The buffers hold parameters only, "
-                            "so dpd cannot tell; the preprocessing stored with the experts depends on both.")
+        raise SettingsError(
+            "`dpd experts import` needs " + " and ".join(missing) + ". The buffers hold parameters only, "
+            "so dpd cannot tell; the preprocessing stored with the experts depends on both."
+        )
 
 
 def _compat(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
     """The folder's ``compat`` record, in the keys ``dpd experts`` uses; unknown values are ``None``."""
-    return {"dataset": dataset_key(s), "train_per_class": None, "val_per_class": None, "zca": s.zca, "epochs": epochs,
-            **stated, "seed": None, "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
+    return {
+        "dataset": dataset_key(s),
+        "train_per_class": None,
+        "val_per_class": None,
+        "zca": s.zca,
+        "epochs": epochs,
+        **stated,
+        "seed": None,
+        "model": spec.to_dict(),
+        "preprocess_scheme": PREPROCESS_SCHEME,
+    }
 
 
 def _settings_record(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
@@ -126,16 +139,20 @@ class _Import:
     def __init__(self, folder: Path, s: ImportSettings, spec: ModelSpec, ds, sink: Sink):
         self.folder, self.s, self.spec, self.ds, self.sink = folder, s, spec, ds, sink
         self.layout = FlatModel(build_model(spec)).layout
-        self.network = (f"{spec.tag()} for {ds.name} ({spec.channels}x{spec.image_size[0]}x{spec.image_size[1]} images, "
-                        f"{spec.n_classes} classes)")
+        self.network = (
+            f"{spec.tag()} for {ds.name} ({spec.channels}x{spec.image_size[0]}x{spec.image_size[1]} images, "
+            f"{spec.n_classes} classes)"
+        )
         self.manifest: dict | None = None
         self.pre: Preprocess | None = None
         self.stated = {k: getattr(s, k) for k in STATED}
         if (folder / experts_folder.MANIFEST).exists():
             self._adopt(experts_folder.read_manifest(folder))
         elif any(folder.glob("expert_*.safetensors")):
-            raise ExpertsError(f"{folder} holds expert files but no experts.json, so it is not an import of this dpd. "
-                               "Import into another --out.")
+            raise ExpertsError(
+                f"{folder} holds expert files but no experts.json, so it is not an import of this dpd. "
+                "Import into another --out."
+            )
         # (buffer SHA-256, position) -> folder index, for every expert already converted.
         self.done: dict[tuple[str, int], int] = {}
         self.taken: set[int] = set()  # indices of expert files present, readable or not
@@ -152,8 +169,10 @@ class _Import:
         """Continue an earlier import into this folder, if the settings agree with it."""
         imported = manifest.get("import")
         if not isinstance(imported, dict) or imported.get("format") != SOURCE_FORMAT:
-            raise ExpertsError(f"{self.folder} holds experts trained by `dpd experts`, not imported ones; imported "
-                               "experts cannot be added to it. Import into another --out.")
+            raise ExpertsError(
+                f"{self.folder} holds experts trained by `dpd experts`, not imported ones; imported "
+                "experts cannot be added to it. Import into another --out."
+            )
         found = manifest["compat"]
         want = {k: v for k, v in _compat(self.s, self.spec, found.get("epochs"), {}).items() if k not in STATED}
         diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
@@ -162,13 +181,17 @@ class _Import:
                 diffs.append(f"{k}: folder has {found.get(k)!r}, settings say {self.stated[k]!r}")
             self.stated[k] = found.get(k)
         if diffs:
-            raise ExpertsError(f"The experts folder {self.folder} holds experts imported with other settings "
-                               f"({'; '.join(diffs)}). Use the same settings, or pass another --out.")
+            raise ExpertsError(
+                f"The experts folder {self.folder} holds experts imported with other settings "
+                f"({'; '.join(diffs)}). Use the same settings, or pass another --out."
+            )
         self.manifest = manifest
         self.pre = experts_folder.load_preprocess(self.folder, self.spec)
         if self.pre.fingerprint() != manifest.get("preprocess_fingerprint"):
-            raise StorageError(f"{self.folder / experts_folder.PREPROCESS} is not the preprocessing experts.json records. "
-                               "Import into a new --out.")
+            raise StorageError(
+                f"{self.folder / experts_folder.PREPROCESS} is not the preprocessing experts.json records. "
+                "Import into a new --out."
+            )
 
     # --- the buffers ----------------------------------------------------------------------------
     def run(self, files: list[Path]) -> dict:
@@ -183,10 +206,18 @@ class _Import:
             report.append({"file": str(path), "n_experts": n, "converted": converted, "skipped": skipped})
             self.sink.emit(ImportFileDone(k, str(path), n, converted, skipped, time.perf_counter() - t0))
         unknown = [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)
-        return {"folder": str(self.folder), "files": report, "n_experts": len(self.done),
-                "converted": sum(r["converted"] for r in report), "epochs": self.manifest["compat"]["epochs"] if self.manifest else None,
-                "model_tag": self.spec.tag(), "dataset": dataset_key(self.s), "zca": self.s.zca,
-                "stated": {k: v for k, v in self.stated.items() if v is not None}, "unknown": unknown}
+        return {
+            "folder": str(self.folder),
+            "files": report,
+            "n_experts": len(self.done),
+            "converted": sum(r["converted"] for r in report),
+            "epochs": self.manifest["compat"]["epochs"] if self.manifest else None,
+            "model_tag": self.spec.tag(),
+            "dataset": dataset_key(self.s),
+            "zca": self.s.zca,
+            "stated": {k: v for k, v in self.stated.items() if v is not None},
+            "unknown": unknown,
+        }
 
     def _recorded(self, digest: str) -> dict | None:
         sources = (self.manifest or {}).get("import", {}).get("sources", [])
@@ -200,9 +231,11 @@ class _Import:
         experts = replay_buffer.load(path)
         epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
         if self.manifest is not None and epochs != self.manifest["compat"]["epochs"]:
-            raise ExpertsError(f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
-                               f"{self.manifest['compat']['epochs']}. One folder holds experts of one length: import it "
-                               "into another --out.")
+            raise ExpertsError(
+                f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
+                f"{self.manifest['compat']['epochs']}. One folder holds experts of one length: import it "
+                "into another --out."
+            )
         for j, expert in enumerate(experts):  # every check before the first write: a bad buffer adds nothing
             replay_buffer.flatten(path, j, expert)
         self._stop_if_requested(path)
@@ -228,7 +261,8 @@ class _Import:
         if interrupt.requested():
             raise interrupt.Interrupted(
                 f"stopped while importing {path}; the experts converted so far are kept in {self.folder}. "
-                "Rerun the same command to convert the rest (converted experts are skipped)")
+                "Rerun the same command to convert the rest (converted experts are skipped)"
+            )
 
     def _create(self, epochs: int) -> None:
         """Write the preprocessing, then the manifest: the folder becomes usable once both exist."""
@@ -236,9 +270,18 @@ class _Import:
         self.pre = build_preprocess(ds, bool(s.zca))
         preprocess_file.save(self.folder / experts_folder.PREPROCESS, self.pre)
         self.manifest = experts_folder.new_manifest(
-            _compat(s, self.spec, epochs, self.stated), _settings_record(s, self.spec, epochs, self.stated), self.pre, None,
-            **{"import": {"format": SOURCE_FORMAT, "sources": [],
-                          "unknown": [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)}})
+            _compat(s, self.spec, epochs, self.stated),
+            _settings_record(s, self.spec, epochs, self.stated),
+            self.pre,
+            None,
+            **{
+                "import": {
+                    "format": SOURCE_FORMAT,
+                    "sources": [],
+                    "unknown": [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN),
+                }
+            },
+        )
         experts_folder.write_manifest(self.folder, self.manifest)
 
     def _save(self, index: int, path: Path, digest: str, position: int, rows, epochs: int) -> None:
@@ -253,17 +296,31 @@ class _Import:
             "index": index,
             "zca": s.zca,
             "preprocess_fingerprint": self.pre.fingerprint(),
-            "source": {"format": SOURCE_FORMAT, "file": str(Path(path).resolve()), "sha256": digest, "position": position},
+            "source": {
+                "format": SOURCE_FORMAT,
+                "file": str(Path(path).resolve()),
+                "sha256": digest,
+                "position": position,
+            },
             "settings": self.manifest["settings"],
             "versions": versions(),
         }
-        storage.save_tensors(experts_folder.expert_path(self.folder, index), {"trajectory": rows}, experts_folder.TRAJECTORY, meta)
+        storage.save_tensors(
+            experts_folder.expert_path(self.folder, index), {"trajectory": rows}, experts_folder.TRAJECTORY, meta
+        )
 
     def _record(self, path: Path, digest: str, n: int) -> None:
         """Add (or refresh) the buffer's entry in experts.json once all its experts are in the folder."""
         sources = [r for r in self.manifest["import"]["sources"] if r.get("sha256") != digest]
-        sources.append({"file": str(Path(path).resolve()), "sha256": digest, "bytes": Path(path).stat().st_size,
-                        "n_experts": n, "experts": [self.done[(digest, j)] for j in range(n)]})
+        sources.append(
+            {
+                "file": str(Path(path).resolve()),
+                "sha256": digest,
+                "bytes": Path(path).stat().st_size,
+                "n_experts": n,
+                "experts": [self.done[(digest, j)] for j in range(n)],
+            }
+        )
         self.manifest["import"]["sources"] = sources
         experts_folder.write_manifest(self.folder, self.manifest)
 

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.io import storage
 from dpd_cli.artifacts import export as export_files
 from dpd_cli.artifacts import layout
 from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.config.settings import ExportSettings
 from dpd_cli.data import Preprocess
-from dpd_cli.io.provenance import versions
 from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
 from dpd_cli.events import Message, NullSink, Sink
+from dpd_cli.io import storage
+from dpd_cli.io.provenance import versions
 from dpd_cli.models import ModelSpec
-from dpd_cli.config.settings import ExportSettings
 
 __all__ = ["run", "source_file", "label_logits"]
 
@@ -39,17 +39,25 @@ def source_file(target: Path) -> Path:
     """
     target = Path(target)
     if not str(target).strip():
-        raise StorageError("The target is empty. Give a run directory (from `dpd distill`), its synthetic.safetensors, or a checkpoint.")
+        raise StorageError(
+            "The target is empty. Give a run directory (from `dpd distill`), its synthetic.safetensors, or a checkpoint."
+        )
     if not target.exists():
-        raise StorageError(f"{target} does not exist. Give a run directory (from `dpd distill`), its synthetic.safetensors, or a checkpoint.")
+        raise StorageError(
+            f"{target} does not exist. Give a run directory (from `dpd distill`), its synthetic.safetensors, or a checkpoint."
+        )
     if not target.is_dir():
         return target
     if (target / "experts.json").is_file() or any(target.glob("expert_*.safetensors")):
-        raise StorageError(f"{target} is an experts folder: it holds training trajectories, not a synthetic set. Distil one "
-                           f"with `dpd distill --experts {target}` and export the run directory it writes.")
+        raise StorageError(
+            f"{target} is an experts folder: it holds training trajectories, not a synthetic set. Distil one "
+            f"with `dpd distill --experts {target}` and export the run directory it writes."
+        )
     if not (target / layout.SYNTHETIC).exists():
-        raise StorageError(f"{target} has no {layout.SYNTHETIC}: it is not a run directory of `dpd distill`. Give a run "
-                           "directory, a synthetic.safetensors file or a checkpoint.")
+        raise StorageError(
+            f"{target} has no {layout.SYNTHETIC}: it is not a run directory of `dpd distill`. Give a run "
+            "directory, a synthetic.safetensors file or a checkpoint."
+        )
     return target / layout.SYNTHETIC
 
 
@@ -64,8 +72,10 @@ def label_logits(path: Path, t: dict[str, torch.Tensor], n_classes: int) -> torc
         return None
     shape = (len(t["labels"]), n_classes)
     if v.dtype != torch.float32 or tuple(v.shape) != shape or not torch.isfinite(v).all():
-        raise StorageError(f"{path}: tensor 'label_logits' is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. "
-                           "It is damaged or was not written by this dpd.")
+        raise StorageError(
+            f"{path}: tensor 'label_logits' is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. "
+            "It is damaged or was not written by this dpd."
+        )
     return v
 
 
@@ -76,10 +86,14 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
     if not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file. Give a folder path for the export (it is created).")
     if not force:
-        raise OutputExistsError(f"{out} already exists. Add --force to replace it (only a folder that `dpd export` wrote, "
-                                "or an empty one, is replaced), or choose another --out.")
+        raise OutputExistsError(
+            f"{out} already exists. Add --force to replace it (only a folder that `dpd export` wrote, "
+            "or an empty one, is replaced), or choose another --out."
+        )
     if Path(source).resolve().is_relative_to(out.resolve()):
-        raise OutputExistsError(f"--out {out} holds the set being exported ({source}): --force would delete it. Choose another --out.")
+        raise OutputExistsError(
+            f"--out {out} holds the set being exported ({source}): --force would delete it. Choose another --out."
+        )
     if any(out.iterdir()) and export_files.read_record(out) is None:
         raise OutputExistsError(
             f"{out} is not a folder `dpd export` wrote (it has no {export_files.RECORD}), so --force does not replace it: "
@@ -101,7 +115,9 @@ def run(settings: ExportSettings, target: Path, sink: Sink | None = None) -> dic
     s = settings
     sink = sink or NullSink()
     if s.format is None or s.out is None:
-        missing = " and ".join(x for x, v in (("--format mtt|datm|imagefolder|npz", s.format), ("--out DIR", s.out)) if v is None)
+        missing = " and ".join(
+            x for x, v in (("--format mtt|datm|imagefolder|npz", s.format), ("--out DIR", s.out)) if v is None
+        )
         raise SettingsError(f"`dpd export` needs {missing}: which files to write, and the folder to write them to.")
     file = source_file(target)
     t, meta = synthetic_file.load(file)
@@ -118,33 +134,74 @@ def run(settings: ExportSettings, target: Path, sink: Sink | None = None) -> dic
     try:
         clipped = None
         if s.format in ("mtt", "datm"):
-            files = export_files.write_torch(tmp, s.format, t["images"], t["labels"], t["lr"], pre, spec.n_classes, logits)
+            files = export_files.write_torch(
+                tmp, s.format, t["images"], t["labels"], t["lr"], pre, spec.n_classes, logits
+            )
         elif s.format == "npz":
             files = export_files.write_npz(tmp, t, list(meta["classes"]), _plain_meta(meta), logits)
         else:
             if spec.channels not in (1, 3):
-                raise SettingsError(f"--format imagefolder writes grayscale or RGB PNGs, and these images have {spec.channels} "
-                                    "channels. Use --format npz or mtt.")
-            files, clipped = export_files.write_imagefolder(tmp, t["images"], t["labels"], pre, list(meta["classes"]), logits)
+                raise SettingsError(
+                    f"--format imagefolder writes grayscale or RGB PNGs, and these images have {spec.channels} "
+                    "channels. Use --format npz or mtt."
+                )
+            files, clipped = export_files.write_imagefolder(
+                tmp, t["images"], t["labels"], pre, list(meta["classes"]), logits
+            )
         settings_run = meta.get("settings") or {}
-        info = {"source": str(file), "dataset": meta["dataset"], "classes": list(meta["classes"]),
-                "ipc": meta.get("ipc") or len(t["labels"]) // spec.n_classes, "shape": tuple(t["images"].shape),
-                "lr": float(t["lr"]), "pre": pre, "soft": logits is not None, "dpd": versions()["dpd"],
-                "train_per_class": settings_run.get("train_per_class"), "clipped": clipped}
+        info = {
+            "source": str(file),
+            "dataset": meta["dataset"],
+            "classes": list(meta["classes"]),
+            "ipc": meta.get("ipc") or len(t["labels"]) // spec.n_classes,
+            "shape": tuple(t["images"].shape),
+            "lr": float(t["lr"]),
+            "pre": pre,
+            "soft": logits is not None,
+            "dpd": versions()["dpd"],
+            "train_per_class": settings_run.get("train_per_class"),
+            "clipped": clipped,
+        }
         storage.atomic_write_text(tmp / export_files.README, export_files.readme(s.format, info))
-        export_files.write_record(tmp, {
-            "export_format": s.format, "source": str(file.resolve()), "dataset": meta["dataset"], "classes": info["classes"],
-            "ipc": info["ipc"], "n_images": len(t["labels"]), "iteration": meta.get("iteration"), "model": meta["model"],
-            "zca": pre.has_zca, "soft_labels": logits is not None, "preprocess_fingerprint": pre.fingerprint(),
-            "pixels_clipped": clipped, "files": files, "versions": versions()})
+        export_files.write_record(
+            tmp,
+            {
+                "export_format": s.format,
+                "source": str(file.resolve()),
+                "dataset": meta["dataset"],
+                "classes": info["classes"],
+                "ipc": info["ipc"],
+                "n_images": len(t["labels"]),
+                "iteration": meta.get("iteration"),
+                "model": meta["model"],
+                "zca": pre.has_zca,
+                "soft_labels": logits is not None,
+                "preprocess_fingerprint": pre.fingerprint(),
+                "pixels_clipped": clipped,
+                "files": files,
+                "versions": versions(),
+            },
+        )
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if clipped:
-        sink.emit(Message(f"{100 * clipped:.2f} % of the pixel values lay outside [0, 1] and were clipped in the PNGs.", "warning"))
-    return {"out": str(out), "format": s.format, "source": str(file), "files": files, "n_images": len(t["labels"]),
-            "soft_labels": logits is not None, "zca": pre.has_zca, "pixels_clipped": clipped}
+        sink.emit(
+            Message(
+                f"{100 * clipped:.2f} % of the pixel values lay outside [0, 1] and were clipped in the PNGs.", "warning"
+            )
+        )
+    return {
+        "out": str(out),
+        "format": s.format,
+        "source": str(file),
+        "files": files,
+        "n_images": len(t["labels"]),
+        "soft_labels": logits is not None,
+        "zca": pre.has_zca,
+        "pixels_clipped": clipped,
+    }
 
 
 def _plain_meta(meta: dict) -> dict:

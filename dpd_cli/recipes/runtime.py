@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from dpd_cli.config.settings import MPS_REFUSED
 from dpd_cli.data import Dataset, Preprocess, fit_zca
 from dpd_cli.errors import DataError, DeviceError
 from dpd_cli.models import ModelSpec, default_depth
-from dpd_cli.config.settings import MPS_REFUSED
-import ctypes
 
-__all__ = ["dataset_key", "resolve_device", "set_threads", "set_host_memory", "prepare_runtime", "derive_seed",
-           "build_preprocess", "model_spec"]
+__all__ = [
+    "dataset_key",
+    "resolve_device",
+    "set_threads",
+    "set_host_memory",
+    "prepare_runtime",
+    "derive_seed",
+    "build_preprocess",
+    "model_spec",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,7 +40,9 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             built = "built with CUDA " + torch.version.cuda if torch.version.cuda else "built without CUDA"
-            raise DeviceError(f"--device {name} was asked for, but no CUDA GPU is available (torch {torch.__version__}, {built}). Use --device cpu or --device auto.")
+            raise DeviceError(
+                f"--device {name} was asked for, but no CUDA GPU is available (torch {torch.__version__}, {built}). Use --device cpu or --device auto."
+            )
         dev = torch.device(name)
         if dev.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
@@ -135,11 +145,15 @@ def build_preprocess(ds: Dataset, zca: bool) -> Preprocess:
 def model_spec(settings, ds: Dataset, name: str | None = None) -> ModelSpec:
     c, h, w = ds.image_shape
     depth = settings.depth or default_depth((h, w))
-    spec = ModelSpec(name or settings.model, c, (h, w), ds.n_classes, settings.width, depth, settings.norm, settings.pool)
+    spec = ModelSpec(
+        name or settings.model, c, (h, w), ds.n_classes, settings.width, depth, settings.norm, settings.pool
+    )
     if spec.name == "convnet":
         side = min(h, w) + (4 if (c == 1 and (h, w) == (28, 28)) else 0)
         if side >> depth < 1:
-            raise DataError(f"--depth {depth} is too deep for {h}x{w} images: use at most {max(1, side.bit_length() - 1)}.")
+            raise DataError(
+                f"--depth {depth} is too deep for {h}x{w} images: use at most {max(1, side.bit_length() - 1)}."
+            )
     return spec
 
 

@@ -19,25 +19,47 @@ __all__ = ["run"]
 
 _SOURCES = {"distilled": 0, "init": 1, "random": 2, "full": 3}
 #: The keys of an eval.json entry shown per run (``dpd_cli.artifacts.evaluation.normalise``).
-_CELL = ("mean", "std", "runs", "accuracies", "seeds", "diverged_runs", "epochs", "lr", "protocol_version", "select",
-         "selected_iteration", "iteration", "optimistic", "timestamp")
+_CELL = (
+    "mean",
+    "std",
+    "runs",
+    "accuracies",
+    "seeds",
+    "diverged_runs",
+    "epochs",
+    "lr",
+    "protocol_version",
+    "select",
+    "selected_iteration",
+    "iteration",
+    "optimistic",
+    "timestamp",
+)
 
 
 def _evaluations(target: Path) -> dict:
     """A run's (or a file's) latest evaluations; refuses what has none, saying what to do."""
     if not target.exists():
-        raise StorageError(f"{target} does not exist. `dpd compare` takes run directories (or synthetic sets) evaluated "
-                           "with `dpd evaluate`.")
+        raise StorageError(
+            f"{target} does not exist. `dpd compare` takes run directories (or synthetic sets) evaluated "
+            "with `dpd evaluate`."
+        )
     kind = discover.kind_of(target) if target.is_dir() else "file"
     if kind == "experts":
-        raise StorageError(f"{target} is an experts folder: it has no evaluations. Compare the run directories distilled "
-                           "from it, after `dpd evaluate RUN`.")
+        raise StorageError(
+            f"{target} is an experts folder: it has no evaluations. Compare the run directories distilled "
+            "from it, after `dpd evaluate RUN`."
+        )
     if kind is None:
-        raise StorageError(f"{target} is not a run directory (from `dpd distill`). `dpd ls {target}` lists the runs below it.")
+        raise StorageError(
+            f"{target} is not a run directory (from `dpd distill`). `dpd ls {target}` lists the runs below it."
+        )
     eval_file = evaluation.path_for(target)
     ev = evaluation.latest(eval_file)
     if ev is None:
-        raise StorageError(f"{target} has not been evaluated ({eval_file} does not exist). Run `dpd evaluate {target}` first.")
+        raise StorageError(
+            f"{target} has not been evaluated ({eval_file} does not exist). Run `dpd evaluate {target}` first."
+        )
     if not ev["valid"]:
         raise StorageError(ev["error"])
     if not ev["results"]:
@@ -45,9 +67,16 @@ def _evaluations(target: Path) -> dict:
     record, _ = run_settings.read(target) if kind == "run" else (None, None)
     settings = (record or {}).get("settings") or {}
     first = ev["results"][0]
-    return {"path": str(target), "eval_file": str(eval_file), "n_entries": ev["n_entries"], "dataset": first["dataset"],
-            "ipc": first["ipc"], "prune_ratio": settings.get("prune_ratio"), "prune_criterion": settings.get("prune_criterion"),
-            "results": ev["results"]}
+    return {
+        "path": str(target),
+        "eval_file": str(eval_file),
+        "n_entries": ev["n_entries"],
+        "dataset": first["dataset"],
+        "ipc": first["ipc"],
+        "prune_ratio": settings.get("prune_ratio"),
+        "prune_criterion": settings.get("prune_criterion"),
+        "results": ev["results"],
+    }
 
 
 def _difference(a: dict, b: dict) -> dict:
@@ -86,12 +115,18 @@ def run(targets: list[Path]) -> dict:
         cells = []
         for r in runs:
             hit = [e for e in r["results"] if (e["model"], e["source"], e["protocol"]) == (model, source, protocol)]
-            cells.append({**{k: hit[0][k] for k in _CELL}, "evaluated_iteration": evaluation.evaluated_iteration(hit[0])} if hit else None)
+            cells.append(
+                {**{k: hit[0][k] for k in _CELL}, "evaluated_iteration": evaluation.evaluated_iteration(hit[0])}
+                if hit
+                else None
+            )
         differences = []
         for j in range(1, len(runs)):
             if cells[0] is None or cells[j] is None:
                 differences.append(None)
             else:
                 differences.append({"run": j, "against": 0, **_difference(cells[0], cells[j])})
-        rows.append({"model": model, "source": source, "protocol": protocol, "cells": cells, "differences": differences})
+        rows.append(
+            {"model": model, "source": source, "protocol": protocol, "cells": cells, "differences": differences}
+        )
     return {"runs": [{k: v for k, v in r.items() if k != "results"} for r in runs], "rows": rows}

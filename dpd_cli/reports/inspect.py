@@ -18,19 +18,17 @@ from typing import Any
 
 import torch
 
-from dpd_cli.io import storage
-from dpd_cli.artifacts import discover, evaluation, json_number
+from dpd_cli.artifacts import discover, evaluation, json_number, layout
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
-from dpd_cli.artifacts import layout
-from dpd_cli.artifacts.run import scan as scan_run
 from dpd_cli.artifacts import synthetic as synthetic_file
-from dpd_cli.errors import StorageError
-from dpd_cli.io.images import check_png
+from dpd_cli.artifacts.run import scan as scan_run
 from dpd_cli.data import Preprocess
-from dpd_cli.io.images import save_grid
+from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
+from dpd_cli.io.images import check_png, save_grid
 
 __all__ = ["inspect", "detect", "export_grid", "MAX_DISTANCE_EXPERTS", "DEFAULT_EXPERT_EPOCHS"]
 
@@ -79,8 +77,10 @@ def detect(path: Path) -> str:
     found = discover.find(path, depth=2, limit=6, max_children=200)
     if found:
         more = " and maybe more" if len(found) >= 6 else ""
-        raise StorageError(f"{path} is neither a run directory nor an experts folder, but it contains: {_list_found(found)}{more}. "
-                           "Pass one of those to `dpd inspect`.")
+        raise StorageError(
+            f"{path} is neither a run directory nor an experts folder, but it contains: {_list_found(found)}{more}. "
+            "Pass one of those to `dpd inspect`."
+        )
     try:
         names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     except OSError as e:
@@ -134,7 +134,9 @@ def _evaluation(eval_file: Path, warnings: list[str]) -> dict | None:
     if error:
         warnings.append(error)
     if ev["skipped"]:
-        warnings.append(f"{name}: {ev['skipped']} entr{'y' if ev['skipped'] == 1 else 'ies'} without source/model/mean skipped.")
+        warnings.append(
+            f"{name}: {ev['skipped']} entr{'y' if ev['skipped'] == 1 else 'ies'} without source/model/mean skipped."
+        )
     return {"file": name, "valid": ev["valid"], "error": error, "n_entries": ev["n_entries"], "results": ev["results"]}
 
 
@@ -154,8 +156,15 @@ def _curve(records: list[dict], key: str) -> dict | None:
         return None
     its, vals = [p[0] for p in pts], [p[1] for p in pts]
     k = min(range(len(vals)), key=vals.__getitem__)
-    return {"iterations": its, "values": vals, "first": vals[0], "last": vals[-1], "min": vals[k], "min_iteration": its[k],
-            "max": max(vals)}
+    return {
+        "iterations": its,
+        "values": vals,
+        "first": vals[0],
+        "last": vals[-1],
+        "min": vals[k],
+        "min_iteration": its[k],
+        "max": max(vals),
+    }
 
 
 def _inspect_run(run_dir: Path) -> dict:
@@ -193,7 +202,9 @@ def _inspect_run(run_dir: Path) -> dict:
 
     settings = record.get("settings") or (syn_meta or {}).get("settings") or ckpt_meta.get("settings") or {}
     if not settings:
-        warnings.append("No settings found (settings.json, synthetic.safetensors and the checkpoints are missing or unreadable).")
+        warnings.append(
+            "No settings found (settings.json, synthetic.safetensors and the checkpoints are missing or unreadable)."
+        )
     model = record.get("model") or (syn_meta or {}).get("model") or ckpt_meta.get("model")
 
     pruning = None
@@ -201,17 +212,27 @@ def _inspect_run(run_dir: Path) -> dict:
     if ppath.exists() and layout.PRUNE not in errors:
         try:
             counts, pmeta = prune_file.load(ppath)
-            pruning = {**prune_file.layer_stats(counts, pmeta["layout"], int(pmeta.get("iterations_pruned") or 0)),
-                       "iteration": pmeta.get("iteration")}
+            pruning = {
+                **prune_file.layer_stats(counts, pmeta["layout"], int(pmeta.get("iterations_pruned") or 0)),
+                "iteration": pmeta.get("iteration"),
+            }
         except (StorageError, KeyError, TypeError, ValueError) as e:
-            errors[layout.PRUNE] = _short_error(e if isinstance(e, StorageError) else f"{ppath}: cannot read the layer statistics ({e}).",
-                                                ppath, layout.PRUNE)
+            errors[layout.PRUNE] = _short_error(
+                e if isinstance(e, StorageError) else f"{ppath}: cannot read the layer statistics ({e}).",
+                ppath,
+                layout.PRUNE,
+            )
 
     ev = _evaluation(run_dir / layout.EVAL, warnings)
-    formats = {layout.SYNTHETIC: synthetic_file.SYNTHETIC_FORMAT, layout.PRUNE: prune_file.FORMAT,
-               **{c["name"]: synthetic_file.CHECKPOINT_FORMAT for c in scan["checkpoints"]}}
+    formats = {
+        layout.SYNTHETIC: synthetic_file.SYNTHETIC_FORMAT,
+        layout.PRUNE: prune_file.FORMAT,
+        **{c["name"]: synthetic_file.CHECKPOINT_FORMAT for c in scan["checkpoints"]},
+    }
     files = _run_files(run_dir, errors, formats)
-    warnings += [f["error"] for f in files if f["valid"] is False and f["name"] != layout.EVAL]  # eval.json's is already there
+    warnings += [
+        f["error"] for f in files if f["valid"] is False and f["name"] != layout.EVAL
+    ]  # eval.json's is already there
     warnings += scan["disagreements"]
 
     return {
@@ -281,7 +302,9 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
 
     distance = None
     if good and epochs is not None and m > epochs:
-        warnings.append(f"--expert-epochs {m} is more than the {epochs} epochs the experts have: no parameter distance.")
+        warnings.append(
+            f"--expert-epochs {m} is more than the {epochs} epochs the experts have: no parameter distance."
+        )
     elif good:
         distance = _distances([folder / e["file"] for e in good[:max_experts]], m, epochs, warnings)
         distance["n_experts_total"] = len(good)
@@ -301,7 +324,10 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
         "model_tag": experts_file.model_tag(model),
         "epochs": epochs,
         "n_params": good[0]["n_params"] if good else None,
-        "training": {k: compat.get(k, settings.get(k)) for k in ("lr", "momentum", "weight_decay", "batch", "dsa", "zca", "train_per_class", "seed")},
+        "training": {
+            k: compat.get(k, settings.get(k))
+            for k in ("lr", "momentum", "weight_decay", "batch", "dsa", "zca", "train_per_class", "seed")
+        },
         "imported": _import_record((facts["manifest"] or {}).get("import")),
         "preprocess": facts["preprocess"],
         "accuracy": {
@@ -321,8 +347,11 @@ def _import_record(record) -> dict | None:
     if not isinstance(record, dict):
         return None
     sources = record.get("sources") if isinstance(record.get("sources"), list) else []
-    return {"format": record.get("format"), "files": [s.get("file") for s in sources if isinstance(s, dict)],
-            "unknown": record.get("unknown") if isinstance(record.get("unknown"), list) else []}
+    return {
+        "format": record.get("format"),
+        "files": [s.get("file") for s in sources if isinstance(s, dict)],
+        "unknown": record.get("unknown") if isinstance(record.get("unknown"), list) else [],
+    }
 
 
 def _mean_per_epoch(curves: list[list]) -> list[float | None]:
@@ -357,7 +386,9 @@ def _distances(files: list[Path], m: int, epochs: int, warnings: list[str]) -> d
             warnings.append(_short_error(e, path, path.name))
             continue
         if not torch.isfinite(dist).all():
-            warnings.append(f"{path.name} holds NaN or Inf parameters; it is left out of the distance. Delete it and rerun `dpd experts`.")
+            warnings.append(
+                f"{path.name} holds NaN or Inf parameters; it is left out of the distance. Delete it and rerun `dpd experts`."
+            )
             continue
         sums += dist
         used += 1
@@ -385,10 +416,17 @@ def _decode_meta_lenient(raw: dict[str, str]) -> tuple[dict[str, Any], list[str]
 def _inspect_file(path: Path) -> dict:
     if path.suffix in (".json", ".jsonl"):
         beside = evaluation.target_of(path)
-        hint = (f" `dpd inspect {beside}` shows this evaluation with the set it scores." if beside and beside.exists()
-                else f" {_file_hint(path)}" if _container(path) else "")  # else the sentence above says it all
-        raise StorageError(f"{path} is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, "
-                           f"experts folders and safetensors files.{hint}")
+        hint = (
+            f" `dpd inspect {beside}` shows this evaluation with the set it scores."
+            if beside and beside.exists()
+            else f" {_file_hint(path)}"
+            if _container(path)
+            else ""
+        )  # else the sentence above says it all
+        raise StorageError(
+            f"{path} is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, "
+            f"experts folders and safetensors files.{hint}"
+        )
     try:
         header, raw = storage.read_header(path)
     except StorageError as e:
@@ -397,19 +435,30 @@ def _inspect_file(path: Path) -> dict:
     version = raw.get("format_version")
     # A foreign file or one of a version this dpd does not read is refused, as every dpd command would refuse it.
     if fmt is None:
-        raise StorageError(f"{path} is a safetensors file without dpd format metadata: it was not written by dpd. "
-                           "`dpd inspect` reads run directories, experts folders and the files dpd writes.")
+        raise StorageError(
+            f"{path} is a safetensors file without dpd format metadata: it was not written by dpd. "
+            "`dpd inspect` reads run directories, experts folders and the files dpd writes."
+        )
     if fmt not in storage.FORMAT_VERSIONS:
-        raise StorageError(f"{path} has format {fmt!r}, which is not one dpd writes ({', '.join(storage.FORMAT_VERSIONS)}).")
+        raise StorageError(
+            f"{path} has format {fmt!r}, which is not one dpd writes ({', '.join(storage.FORMAT_VERSIONS)})."
+        )
     readable = storage.READABLE_VERSIONS[fmt]
     if version not in {str(v) for v in readable}:
-        raise StorageError(f"{path} is {fmt} format version {version or '?'}; this dpd reads version "
-                           f"{' or '.join(map(str, readable))}. Use the dpd version that wrote it, or recreate the file.")
+        raise StorageError(
+            f"{path} is {fmt} format version {version or '?'}; this dpd reads version "
+            f"{' or '.join(map(str, readable))}. Use the dpd version that wrote it, or recreate the file."
+        )
     meta, not_json = _decode_meta_lenient(raw)
     warnings = [f"metadata entry {k!r} is not JSON (shown as text)." for k in not_json]
 
     tensors = [
-        {"name": name, "dtype": e["dtype"], "shape": list(e["shape"]), "bytes": int(e["data_offsets"][1]) - int(e["data_offsets"][0])}
+        {
+            "name": name,
+            "dtype": e["dtype"],
+            "shape": list(e["shape"]),
+            "bytes": int(e["data_offsets"][1]) - int(e["data_offsets"][0]),
+        }
         for name, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0]))
     ]
     details: dict | None = None
@@ -487,7 +536,9 @@ def export_grid(path: Path, out: Path) -> dict:
     path = Path(path)
     kind = detect(path)
     if kind == "experts":
-        raise StorageError(f"{path} is an experts folder: it holds trajectories, not images. Pass a run directory to --export-grid.")
+        raise StorageError(
+            f"{path} is an experts folder: it holds trajectories, not images. Pass a run directory to --export-grid."
+        )
     candidates = [path] if kind == "file" else [path / layout.SYNTHETIC, *layout.checkpoints(path)]
     errors = []
     for p in candidates:
@@ -501,4 +552,6 @@ def export_grid(path: Path, out: Path) -> dict:
         images01 = Preprocess.from_tensors(t).invert(t["images"])  # (N, C, H, W) in [0, 1]
         save_grid(images01, t["labels"], len(meta["classes"]), Path(out))
         return {"path": str(out), "source": str(p), "n_images": len(t["labels"]), "iteration": meta.get("iteration")}
-    raise StorageError(f"No synthetic images to draw in {path}: {' '.join(errors) or 'it has no synthetic.safetensors or checkpoint yet.'}")
+    raise StorageError(
+        f"No synthetic images to draw in {path}: {' '.join(errors) or 'it has no synthetic.safetensors or checkpoint yet.'}"
+    )

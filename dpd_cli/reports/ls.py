@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpd_cli.io import paths
 from dpd_cli.artifacts import discover
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts.run import scan as scan_run
 from dpd_cli.errors import StorageError
+from dpd_cli.io import paths
 
 __all__ = ["run", "DEFAULT_RUNS", "DEPTH"]
 
@@ -27,8 +27,10 @@ def _roots(dirs: list[Path]) -> list[Path]:
         for d in dirs:
             if not d.is_dir():
                 what = "does not exist" if not d.exists() else "is not a folder"
-                raise StorageError(f"{d} {what}. `dpd ls` lists the runs and experts folders below the folders it is given "
-                                   f"(by default {DEFAULT_RUNS}/ and the experts root, {paths.experts_root()}).")
+                raise StorageError(
+                    f"{d} {what}. `dpd ls` lists the runs and experts folders below the folders it is given "
+                    f"(by default {DEFAULT_RUNS}/ and the experts root, {paths.experts_root()})."
+                )
         return list(dirs)
     return [d for d in (DEFAULT_RUNS, paths.experts_root()) if d.is_dir()]
 
@@ -39,7 +41,10 @@ def _latest_distilled(ev: dict | None) -> dict | None:
     if not hits:
         return None
     r = max(hits, key=lambda r: r["position"])
-    return {k: r[k] for k in ("model", "protocol", "mean", "std", "runs", "select", "selected_iteration", "iteration", "optimistic")}
+    return {
+        k: r[k]
+        for k in ("model", "protocol", "mean", "std", "runs", "select", "selected_iteration", "iteration", "optimistic")
+    }
 
 
 def _run_entry(run_dir: Path) -> dict:
@@ -66,7 +71,9 @@ def _experts_entry(folder: Path) -> dict:
     facts = experts_file.check(folder)
     ref = facts["reference_meta"] or {}
     model = facts["compat"].get("model") or ref.get("model")
-    finals = [e["final_test_accuracy"] for e in facts["experts"] if e["compatible"] and e["final_test_accuracy"] is not None]
+    finals = [
+        e["final_test_accuracy"] for e in facts["experts"] if e["compatible"] and e["final_test_accuracy"] is not None
+    ]
     return {
         "kind": "experts",
         "path": str(folder),
@@ -102,5 +109,7 @@ def run(dirs: list[Path] | None = None, depth: int = DEPTH) -> dict:
         kind = discover.kind_of(root)
         for path, k in [(root, kind)] if kind else discover.find(root, depth):
             found.setdefault(path.resolve(), (path, k))
-    entries = [(_run_entry if k == "run" else _experts_entry)(p) for p, k in sorted(found.values(), key=lambda x: str(x[0]))]
+    entries = [
+        (_run_entry if k == "run" else _experts_entry)(p) for p, k in sorted(found.values(), key=lambda x: str(x[0]))
+    ]
     return {"roots": [str(r) for r in roots], "entries": entries}
