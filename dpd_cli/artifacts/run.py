@@ -15,7 +15,7 @@ from dpd_cli.artifacts.layout import CHECKPOINTS, EVAL, METRICS, PRUNE, SETTINGS
 from dpd_cli.errors import StorageError
 from dpd_cli.io import storage
 
-__all__ = ["status", "disagreements", "scan"]
+__all__ = ["status", "disagreements", "scan", "summarize"]
 
 
 # --- the run as a whole -------------------------------------------------------------------------
@@ -224,3 +224,19 @@ def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | No
 
 def _int(x) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def summarize(run_dir: Path) -> dict:
+    """A short description of a finished or partial run, from its files."""
+    run_dir = Path(run_dir)
+    t, meta = synthetic_file.load(run_dir / SYNTHETIC)
+    return {
+        "run_dir": str(run_dir),
+        "synthetic": str(run_dir / SYNTHETIC),
+        "dataset": meta["dataset"],
+        "n_images": len(t["labels"]),
+        "ipc": meta.get("ipc"),
+        "iteration": meta.get("iteration"),
+        "iterations": meta.get("iterations"),
+        "lr": float(t["lr"]),
+    }

@@ -30,11 +30,13 @@ class RunWriter:
 
     Args:
         run_dir: The run directory.
+        pre: The run's preprocessing (every tensor file carries it).
         writes: False on the ranks of torchrun other than 0: every method that writes does nothing.
     """
 
-    def __init__(self, run_dir: Path, writes: bool = True):
+    def __init__(self, run_dir: Path, pre: Preprocess, writes: bool = True):
         self.run_dir = Path(run_dir)
+        self.pre = pre
         self.writes = writes
 
     def checkpoints(self) -> list[Path]:
@@ -71,12 +73,12 @@ class RunWriter:
         except StorageError as e:
             raise StorageError(f"{e} There is no checkpoint to resume: start over with --force.") from e
 
-    def start(self, settings_record: dict, pre: Preprocess) -> None:
+    def start(self, settings_record: dict) -> None:
         """A fresh run's first files: its settings and preprocessing; no metrics line yet."""
         if not self.writes:
             return
         metrics_file.truncate(self.run_dir / layout.METRICS, 0)  # lines of a run stopped before checkpoint 0
-        preprocess_file.save(self.run_dir / layout.PREPROCESS, pre)
+        preprocess_file.save(self.run_dir / layout.PREPROCESS, self.pre)
         run_settings.save(self.run_dir, settings_record)
 
     def resumed(self, iteration: int) -> None:
@@ -88,47 +90,29 @@ class RunWriter:
         if self.writes:
             metrics_file.append(self.run_dir / layout.METRICS, records)
 
-    def checkpoint(
-        self,
-        iteration: int,
-        tensors: dict[str, torch.Tensor],
-        pre: Preprocess,
-        meta: dict[str, Any],
-        keep: str | int,
-        checkpoint_every: int,
-    ) -> Path:
-        """Write the exact-resume checkpoint of ``iteration``, then delete those the keep policy lets go."""
+    def save(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], param_layout: list, n_pruned: int) -> Path:
+        """The exact-resume checkpoint of ``meta["iteration"]`` (deleting those the keep policy lets go), then
+        the standalone synthetic set, the prune counts and the picture of the images.
+
+        ``tensors``: the state (``images``, ``lr``, ``prune_counts``, ...) and ``labels``; ``n_pruned``: how
+        many iterations pruned anything.
+        """
+        iteration, s = meta["iteration"], meta["settings"]
         path = layout.checkpoint_path(self.run_dir, iteration)
         if not self.writes:
             return path
-        synthetic_file.save_checkpoint(path, tensors, pre, meta)
+        synthetic_file.save_checkpoint(path, tensors, self.pre, meta)
         kept = {layout.checkpoint_iteration(p): p for p in self.checkpoints()}
-        for it in layout.checkpoints_to_delete(list(kept), keep, checkpoint_every):
+        for it in layout.checkpoints_to_delete(list(kept), s["keep_checkpoints"], s["checkpoint_every"]):
             kept[it].unlink(missing_ok=True)
-        return path
-
-    def outputs(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        lr: torch.Tensor,
-        label_logits: torch.Tensor | None,
-        pre: Preprocess,
-        meta: dict[str, Any],
-        n_classes: int,
-        prune_counts: torch.Tensor,
-        param_layout: list,
-        iterations_pruned: int,
-        prune_rule: dict,
-    ) -> None:
-        """The standalone synthetic set, the prune counts and the picture of the images, as of ``meta["iteration"]``."""
-        if not self.writes:
-            return
-        synthetic_file.save_synthetic(self.run_dir / layout.SYNTHETIC, images, labels, lr, pre, meta, label_logits)
-        prune_file.save(
-            self.run_dir / layout.PRUNE, prune_counts, param_layout, iterations_pruned, meta["iteration"], prune_rule
+        images, labels, logits = tensors["images"], tensors["labels"], tensors.get("label_logits")
+        synthetic_file.save_synthetic(
+            self.run_dir / layout.SYNTHETIC, images, labels, tensors["lr"], self.pre, meta, logits
         )
-        save_grid(pre.invert(images), labels, n_classes, self.run_dir / layout.GRID)
+        counts, rule = tensors["prune_counts"], meta["prune_rule"]
+        prune_file.save(self.run_dir / layout.PRUNE, counts, param_layout, n_pruned, iteration, rule)
+        save_grid(self.pre.invert(images), labels, len(meta["classes"]), self.run_dir / layout.GRID)
+        return path
 
     def newest_state(self, check) -> tuple[dict[str, torch.Tensor], dict]:
         """The newest checkpoint that loads, after ``check(path, tensors, meta)`` (which raises to refuse it).

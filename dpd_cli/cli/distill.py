@@ -8,7 +8,7 @@ from dpd_cli.cli.runner import Report, settings_command
 
 
 def _report(settings, run_dir: Path) -> Report:
-    from dpd_cli.recipes.distill import summarize
+    from dpd_cli.artifacts.run import summarize
 
     summary = summarize(run_dir)
     return Report(

@@ -13,15 +13,14 @@ Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpd_cli.models.spec import ModelSpec
+from dpd_cli.models import model_class
 from dpd_cli.models.conv import Conv2d, conv2d
 from dpd_cli.models.norm import AvgPool2, InstanceNorm, avg_pool2, instance_norm
-from dpd_cli.models import model_class
+from dpd_cli.models.spec import ModelSpec
 
 __all__ = ["build_model", "ConvNet"]
 

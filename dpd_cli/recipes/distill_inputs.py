@@ -1,5 +1,5 @@
-"""What a distillation starts from: its settings completed from the experts folder, the checks of the
-experts against them, the initial images, and each iteration's random draws.
+"""What a distillation starts from and carries: its settings completed from the experts folder, the checks
+of the experts against them, the initial images, each iteration's random draws, and the state a resume needs.
 
 ``with_experts`` is the one place where settings are adopted from an experts folder: a pure function
 of the user's settings and the folder's manifest (``adopt``), applied before the recipe is built.
@@ -7,7 +7,9 @@ of the user's settings and the folder's manifest (``adopt``), applied before the
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,13 +19,14 @@ from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import matching
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.errors import DataError, ExpertsError, OutputExistsError, StorageError
+from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
 from dpd_cli.events import Message, Sink
 from dpd_cli.io import paths
 from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import dataset_key, derive_seed
 
 __all__ = [
+    "DistillState",
     "RESUMABLE",
     "FROM_EXPERTS",
     "adopt",
@@ -33,6 +36,29 @@ __all__ = [
     "draw_plan",
     "other_settings",
 ]
+
+
+@dataclass
+class DistillState:
+    """Everything an exact resume needs besides the settings and the iteration's seeds."""
+
+    iteration: int  # iterations finished
+    images: torch.Tensor  # (n, C, H, W) training space
+    lr: torch.Tensor  # () alpha
+    momentum_images: torch.Tensor  # like images
+    momentum_lr: torch.Tensor  # ()
+    prune_counts: torch.Tensor  # (P,) int32: how often each parameter was pruned
+    prune_state: torch.Tensor | None = None  # (P,): EMA of scores, or the previous scores (network mode)
+    label_logits: torch.Tensor | None = None  # (n, C) learned soft labels (--soft-labels)
+    momentum_labels: torch.Tensor | None = None  # like label_logits
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds (the prune state as float32)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)[1:] if getattr(self, f.name) is not None}
+        if self.prune_state is not None:
+            out["prune_state"] = self.prune_state.float()
+        return out
+
 
 #: Settings that may change between a run and its resume (all others are fixed by the run's settings hash).
 RESUMABLE = (
@@ -247,6 +273,52 @@ def draw_plan(rng: random.Random, n_images: int, s: DistillSettings, device) -> 
     return matching.StepPlan(batches, seeds)
 
 
+def check_resumable(
+    run_dir: Path, s: DistillSettings, shash: str, image_shape: tuple, n_params: int, path: Path, t: dict, meta: dict
+) -> None:
+    """Refuse to resume from checkpoint ``path`` (tensors ``t``, metadata ``meta``) if it is not this run's."""
+    if ("label_logits" in t) != s.soft_labels:
+        has = "soft labels" if "label_logits" in t else "hard labels"
+        raise OutputExistsError(
+            f"{run_dir} was distilled with {has}; --soft-labels cannot be switched "
+            f"{'off' if 'label_logits' in t else 'on'} on --resume. Resume with the run's own setting, or start "
+            "over with --force (or another --out)."
+        )
+    if meta.get("settings_hash") != shash:
+        raise other_settings(run_dir)
+    if tuple(t["images"].shape) != image_shape:
+        raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {image_shape}.")
+    if t["prune_counts"].numel() != n_params:
+        raise StorageError(
+            f"{path}: prune counts for {t['prune_counts'].numel()} parameters, the model has {n_params}. "
+            "Start over with --force."
+        )
+    if int(meta["iteration"]) > s.iterations:
+        raise OutputExistsError(
+            f"{run_dir} has a checkpoint at iteration {meta['iteration']}, past --iterations {s.iterations}: "
+            f"resuming would label that later state as iteration {s.iterations}. Resume with --iterations "
+            f"{meta['iteration']} or more, evaluate an earlier checkpoint directly (dpd evaluate "
+            "RUN/checkpoints/ckpt-NNNNNN.safetensors), or use --force to start over."
+        )
+
+
+def diverged(iteration: int, loss: float, a: float, checkpoints: list[Path]) -> DivergedError:
+    """The error for a loss that became NaN/Inf or an alpha that became non-positive at ``iteration``."""
+    kept = (
+        f"the last good checkpoint ({checkpoints[0].name}) is kept" if checkpoints else "no checkpoint was written yet"
+    )
+    what = f"loss became {loss}" if not math.isfinite(loss) else f"the learning rate alpha became {a}"
+    how = (
+        "rerun with --resume to continue from that checkpoint, or --force to start over"
+        if checkpoints
+        else "rerun with --force"
+    )
+    return DivergedError(
+        f"Distillation diverged at iteration {iteration}: {what}; {kept}. Lower --lr-img or --lr-lr "
+        f"(or --lr-teacher), then {how}."
+    )
+
+
 def other_settings(run_dir: Path) -> OutputExistsError:
     """The refusal to resume a run with settings outside ``RESUMABLE`` changed."""
     flags = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k not in ("resume", "force"))
@@ -254,3 +326,61 @@ def other_settings(run_dir: Path) -> OutputExistsError:
         f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
         f"settings (only {flags} may change), or use --force to start over."
     )
+
+
+def cuda_graphs(s: DistillSettings, device: torch.device, group, pruner) -> str | None:
+    """``None`` when the meta-gradient is replayed from CUDA graphs; else why not (``""``: not asked for)."""
+    if device.type != "cuda" or not s.cuda_graphs:
+        return ""
+    if group is not None:
+        return "under torchrun"
+    if pruner.keeps_state:
+        return "--prune-mask ema and --prune-mode network carry state across iterations"
+    return None
+
+
+def graph_options(s: DistillSettings, state) -> dict:
+    """``GraphedMetaGradient``'s settings for this run (stateless prune settings only)."""
+    n = len(state.images)
+    batch = s.batch_syn if s.batch_syn and s.batch_syn < n else None
+    return {
+        "memory": s.memory,
+        "n_steps": s.syn_steps,
+        "batch": batch,
+        "dsa": s.dsa,
+        "label_logits": state.label_logits,
+        "keep_graphs": s.keep_graphs,
+    }
+
+
+def label_epoch(s: DistillSettings, experts: ExpertSet) -> int:
+    return experts.epochs if s.label_epoch is None else s.label_epoch
+
+
+def label_expert(s: DistillSettings, experts: ExpertSet, device) -> torch.Tensor:
+    """The parameters (expert 0 at --label-epoch) whose logits initialise the soft labels."""
+    epoch = label_epoch(s, experts)
+    if epoch > experts.epochs:
+        raise ExpertsError(f"--label-epoch {epoch}: the experts in {experts.folder} have epochs 0..{experts.epochs}.")
+    return experts.files[0].rows("trajectory", [epoch])[0].to(device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU -> device without a stream sync: copies from pinned memory are truly asynchronous."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def layer_totals(prune_counts: torch.Tensor, layer_ids: torch.Tensor, n_layers: int) -> list[int]:
+    """How often the parameters of each layer were pruned in all."""
+    totals = torch.zeros(n_layers, dtype=torch.int64, device=prune_counts.device)
+    return [int(v) for v in totals.index_add_(0, layer_ids, prune_counts.long()).tolist()]
+
+
+def initial_soft_labels(fm, theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, s, experts) -> tuple:
+    """The label expert's logits on the initial images (float32), and what ``settings.json`` records of them."""
+    with torch.no_grad():
+        logits = torch.cat([fm(theta, images[i : i + 256]) for i in range(0, len(images), 256)])
+    right = float((logits.argmax(1) == labels).float().mean())
+    return logits.float(), {"expert": 0, "epoch": label_epoch(s, experts), "initial_accuracy": right}
