@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["StopWhen", "assert_close", "make_image_folder", "mtt_buffer", "mtt_convnet", "tiny_spec"]
+__all__ = ["StopWhen", "assert_close", "fused", "make_image_folder", "mtt_buffer", "mtt_convnet", "tiny_spec"]
 
 
 class StopWhen:
@@ -23,6 +24,18 @@ class StopWhen:
 
     def close(self) -> None:
         pass
+
+
+@contextmanager
+def fused(enabled: bool):
+    """Run the block with ``dpd_cli.models.use_fused()`` set to ``enabled`` (restored afterwards)."""
+    from dpd_cli.models import set_fused
+
+    previous = set_fused(enabled)
+    try:
+        yield
+    finally:
+        set_fused(previous)
 
 
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, **kwargs) -> None:

@@ -12,7 +12,17 @@ from typing import Any
 
 from dpd_cli.models.spec import MODEL_NAMES, ModelSpec, default_depth
 
-__all__ = ["MODELS", "MODEL_NAMES", "FlatModel", "ModelSpec", "build_model", "default_depth", "model_class"]
+__all__ = [
+    "MODELS",
+    "MODEL_NAMES",
+    "FlatModel",
+    "ModelSpec",
+    "build_model",
+    "default_depth",
+    "model_class",
+    "set_fused",
+    "use_fused",
+]
 
 #: Every network dpd can build: name -> ``"module:Class"`` (the class takes a ``ModelSpec``).
 MODELS: dict[str, str] = {
@@ -25,6 +35,28 @@ assert tuple(MODELS) == MODEL_NAMES
 
 # Public names that need torch, imported on first use (PEP 562) so `dpd --help` stays instant.
 _LAZY = {"FlatModel": "dpd_cli.models.flat", "build_model": "dpd_cli.models.nets"}
+
+
+_FUSED = True
+
+
+def use_fused() -> bool:
+    """Whether ``conv2d``, ``instance_norm`` and ``avg_pool2`` run dpd's fused Functions (the default).
+
+    The one switch between the two paths of those functions: the fused one (``dpd_cli.models.conv``
+    and ``.norm``: ATen's kernels for the output and first derivative, a written-out second
+    derivative) and the reference one, ``torch.nn.functional`` itself (``F.conv2d``,
+    ``F.group_norm``, ``F.avg_pool2d``, differentiated by PyTorch). Both compute the same function;
+    the tests compare them.
+    """
+    return _FUSED
+
+
+def set_fused(enabled: bool) -> bool:
+    """Pick the fused (True) or the reference ``torch.nn.functional`` path (False); returns the previous setting."""
+    global _FUSED
+    previous, _FUSED = _FUSED, bool(enabled)
+    return previous
 
 
 def model_class(name: str) -> type:

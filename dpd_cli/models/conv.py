@@ -3,9 +3,9 @@
 The distillation student's gradient is differentiated again (``create_graph=True``). PyTorch's
 double backward of a convolution computes the weight-gradient term as a *forward* convolution with
 the batch and channel axes swapped, whose "kernel" is the whole feature map (16 x 16 for
-ConvNet-128's second layer on 28x28 inputs): on the CPU that one call took a seventh of a
-distillation iteration. Here the same three terms are each one call of the kernels that first
-derivatives use (``aten.convolution`` and ``aten.convolution_backward``).
+ConvNet-128's second layer on 28x28 inputs): a slow shape for convolution kernels (on 2 CPU cores
+that one call took a seventh of a distillation iteration). Here the same three terms are each one
+call of the kernels that first derivatives use (``aten.convolution`` and ``aten.convolution_backward``).
 
 With y = conv(x, w) + b and incoming gradient gy, the backward is::
 
@@ -22,23 +22,26 @@ is linear in gy and bilinear in (gy, x) or (gy, w); given cotangents (a, p, q) o
 because <a, gx> = <conv(a; w), gy> and <p, gw> = <conv(x; p), gy>. Only what the caller needs is
 computed; the second derivative is not differentiable again (``once_differentiable``). A plain
 backward (no ``create_graph``) computes (gx, gw, gb) without building the node for the second one.
+
+:func:`conv2d` runs this only while ``dpd_cli.models.use_fused()`` is on (the default); otherwise it is
+``F.conv2d`` itself, the reference the tests compare it with.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Conv2d", "conv2d"]
+from dpd_cli.models import use_fused
+
+__all__ = ["conv2d"]
 
 
 def _backward(gy, x, w, padding: int, mask):
     """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding)`` at incoming gradient ``gy``; entries not in ``mask`` are None.
 
-    gb is a plain sum over (n, h, w): on the CPU a quarter of the time of the bias reduction inside
-    ``aten.convolution_backward``.
+    gb is a plain sum over (n, h, w).
     """
     gx, gw, _ = torch.ops.aten.convolution_backward(
         gy, x, w, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [mask[0], mask[1], False]
@@ -99,28 +102,11 @@ class _Conv2dBackward(torch.autograd.Function):
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, no dilation, one group), twice differentiable
-    with the second derivative in ``aten.convolution`` / ``aten.convolution_backward`` calls."""
-    if x.dim() != 4:
+    with the second derivative in ``aten.convolution`` / ``aten.convolution_backward`` calls.
+
+    With ``dpd_cli.models.use_fused()`` off (or for an input that is not a batch of images) it is
+    ``F.conv2d`` itself.
+    """
+    if not use_fused() or x.dim() != 4:
         return F.conv2d(x, weight, bias, padding=padding)
     return _Conv2d.apply(x, weight, bias, padding)
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` computed as the distillation student computes it (the same parameters and state dict).
-
-    On the CPU, for a stride-1, undilated, ungrouped, zero-padded convolution, it runs :func:`conv2d`:
-    the same forward, and a bias gradient summed directly, which there takes 10 ms where ATen's
-    convolution backward spends 17 (ConvNet-128's first layer at batch 256). Otherwise -- and on a
-    GPU, where a Python autograd node costs launch time at small batches -- ``nn.Conv2d``'s forward.
-    """
-
-    def runs_student_conv(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs :func:`conv2d`: on the CPU, for the convolutions it covers."""
-        square_pad = not isinstance(self.padding, str) and self.padding[0] == self.padding[1]  # not "same"/"valid"
-        plain = self.stride == self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-        return x.device.type == "cpu" and plain and square_pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runs_student_conv(x):
-            return conv2d(x, self.weight, self.bias, self.padding[0])
-        return super().forward(x)

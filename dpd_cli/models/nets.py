@@ -1,14 +1,13 @@
 """Network definitions, sized from the image shape (28-64 px) and built from a plain spec.
 
 The ConvNet follows MTT/DC: ``depth`` x [conv3x3(width) -> norm -> ReLU -> pool 2x2], then a
-linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT. The
-distillation student (``forward_flat``) computes it with ``norm.instance_norm`` (the same kernels, a
-small double-backward graph); the module, which experts and evaluation train and nothing
-differentiates twice, keeps ``nn.GroupNorm`` itself: the same numbers without a Python autograd node
-(on a GPU at small batches each node costs launch time). The 2x2 average pool is ``norm.AvgPool2``
-(on the CPU the student's own pool, see ``norm._pool``), the convolutions ``conv.Conv2d`` (on the CPU
-the student's convolution), so the module and ``forward_flat`` compute the same numbers there.
-Grayscale 28 px inputs get padding 3 in the first conv so they are handled like 32 px.
+linear classifier. "instance" norm is ``GroupNorm(width, width)`` (affine), as in MTT. The module,
+which experts and evaluation train and nothing differentiates twice, is plain ``torch.nn``
+(``nn.Conv2d``, ``nn.GroupNorm``, ``nn.ReLU``, ``nn.AvgPool2d``). The distillation student
+(``forward_flat``) computes the same function with dpd's twice-differentiable ``conv.conv2d``,
+``norm.instance_norm`` (the ReLU folded in) and ``norm.avg_pool2``: the same forward kernels, a small
+double-backward graph. Grayscale 28 px inputs get padding 3 in the first conv so they are handled
+like 32 px.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpd_cli.models import model_class
-from dpd_cli.models.conv import Conv2d, conv2d
-from dpd_cli.models.norm import AvgPool2, InstanceNorm, avg_pool2, instance_norm
+from dpd_cli.models.conv import conv2d
+from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
 from dpd_cli.models.spec import ModelSpec
 
 __all__ = ["build_model", "ConvNet"]
@@ -28,9 +27,10 @@ __all__ = ["build_model", "ConvNet"]
 def _norm(kind: str, c: int, twice: bool = True) -> nn.Module:
     """The norm layer ``kind`` over ``c`` channels.
 
-    ``twice``: the module itself is differentiated twice (it is the distillation student, run through
-    ``functional_call``), so instance norm gets ``norm.InstanceNorm``'s second derivative; otherwise
-    it is ``nn.GroupNorm`` itself, whose forward and backward are the same kernels.
+    ``twice``: the module itself is differentiated twice (ResNet-18 and VGG-11 are their own students,
+    run through ``functional_call``), so instance norm is ``norm.InstanceNorm``: an ``nn.GroupNorm``
+    whose forward is ``norm.instance_norm`` (the same kernels, and its small double-backward graph
+    while ``use_fused()`` is on). Otherwise it is ``nn.GroupNorm`` itself.
     """
     if kind == "instance":
         # an nn.GroupNorm(c, c) either way: the same parameters, state dict and numbers
@@ -50,11 +50,12 @@ class ConvNet(nn.Module):
         self.supports_forward_flat = spec.norm != "batch"
         for d in range(spec.depth):
             pad = 3 if (d == 0 and spec.channels == 1 and spec.image_size == (28, 28)) else 1
-            self.add_module(f"conv{d + 1}", Conv2d(c, spec.width, 3, padding=pad))
-            # The student runs forward_flat (with norm.instance_norm); the module is differentiated once.
-            self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width, twice=not self.supports_forward_flat))
+            self.add_module(f"conv{d + 1}", nn.Conv2d(c, spec.width, 3, padding=pad))
+            # The student runs forward_flat (or, with batch norm, functional_call of this module, whose
+            # BatchNorm2d PyTorch differentiates twice itself): the module is plain torch.nn.
+            self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width, twice=False))
             self.add_module(f"act{d + 1}", nn.ReLU(inplace=True))
-            self.add_module(f"pool{d + 1}", AvgPool2() if spec.pool == "avg" else nn.MaxPool2d(2, 2))
+            self.add_module(f"pool{d + 1}", nn.AvgPool2d(2, 2) if spec.pool == "avg" else nn.MaxPool2d(2, 2))
             self._pads.append(pad)
             h, w = (h + 2 * pad - 2) // 2, (w + 2 * pad - 2) // 2
             c = spec.width
@@ -65,7 +66,9 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for d in range(1, self.depth + 1):
-            x = getattr(self, f"pool{d}")(getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x))))
+            x = getattr(self, f"pool{d}")(
+                getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x)))
+            )
         return self.fc(x.flatten(1))
 
     def forward_flat(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -152,11 +155,19 @@ class AlexNet(nn.Module):
         super().__init__()
         pad = 4 if spec.channels == 1 else 2
         self.features = nn.Sequential(
-            nn.Conv2d(spec.channels, 128, 5, 1, pad), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.Conv2d(128, 192, 5, 1, 2), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.Conv2d(192, 256, 3, 1, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 192, 3, 1, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(192, 192, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(spec.channels, 128, 5, 1, pad),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 192, 5, 1, 2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(192, 256, 3, 1, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 192, 3, 1, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(192, 192, 3, 1, 1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
         )
         with torch.no_grad():
             n = self.features(torch.zeros(1, spec.channels, *spec.image_size)).numel()

@@ -23,12 +23,10 @@ Folding the ReLU in (``relu=True``, used by ``ConvNet.forward_flat``) also remov
 backward of ``relu``, which back-propagates a zero tensor the size of the activation. ``avg_pool2``
 does the same for the 2x2 average pool.
 
-On the CPU, three operations are written differently because ATen runs them well below memory speed
-there at these sizes (2 cores, a 100 x 128 x 32 x 32 activation): the pool (``avg_pool2d`` 8.0 ms; two
-contiguous additions, 1.5 ms), the pool's backward (one 6-d broadcast copy 5.7 ms; two simpler
-broadcasts, 2.7 ms, the same numbers) and the per-instance dot products of the second derivative (a
-batched matmul, 5.1 ms; product and sum, 2.1 ms). On a GPU one kernel launch beats two or three, so
-the single kernels stay there.
+The three functions (:func:`instance_norm`, :func:`avg_pool2`, and ``conv.conv2d``) run these Functions
+while ``dpd_cli.models.use_fused()`` is on (the default); with it off they are ``torch.nn.functional``
+itself (``F.group_norm`` and ``F.relu``, ``F.avg_pool2d``, ``F.conv2d``), the reference the tests
+compare them with. Either way one code path on every device.
 
 Math, per instance (n, c) with M = H*W values, <.> the mean over them, r = 1/sqrt(var + eps),
 xh = (x - mean) r, and dz the incoming gradient after the ReLU mask::
@@ -55,7 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["AvgPool2", "InstanceNorm", "instance_norm", "avg_pool2"]
+from dpd_cli.models import use_fused
+
+__all__ = ["InstanceNorm", "instance_norm", "avg_pool2"]
 
 
 def _sizes(x: torch.Tensor) -> tuple[int, int, int]:
@@ -153,7 +153,7 @@ class _InstanceNormBackward(torch.autograd.Function):
             if a is not None:
                 d_dy.addcmul_(a3, rw)
             d_dy = d_dy.view(x.shape)
-            if y is not None:  # the ReLU mask, in place: a fresh CPU buffer of this size costs more than the op
+            if y is not None:  # the ReLU mask, in place (no second buffer of the activation's size)
                 torch.ops.aten.threshold_backward.grad_input(d_dy, y, 0, grad_input=d_dy)
         if need_w and a is not None and weight is not None:
             d_w = (r * a_dx).sum(0).mul_(hw).view(c)
@@ -172,14 +172,8 @@ class _InstanceNormBackward(torch.autograd.Function):
 
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(u * v).sum(2, keepdim=True)`` for ``(N, C, M)`` tensors.
-
-    On a GPU as one batched matmul (one kernel, no product tensor); on the CPU as written, which
-    takes 40 % of the batched matmul's time there.
-    """
+    """``(u * v).sum(2, keepdim=True)`` for ``(N, C, M)`` tensors, as one batched matmul (no product tensor)."""
     n, c, m = u.shape
-    if u.device.type == "cpu":
-        return (u * v).sum(2, keepdim=True)
     return torch.bmm(u.reshape(n * c, 1, m), v.reshape(n * c, m, 1)).view(n, c, 1)
 
 
@@ -194,7 +188,7 @@ class _AvgPool2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)  # for its shape only; the norm has saved this very tensor already
-        return _pool(x)
+        return F.avg_pool2d(x, 2, 2)
 
     @staticmethod
     def backward(ctx, dy):
@@ -205,31 +199,8 @@ class _AvgPool2(torch.autograd.Function):
 
 
 def _pool_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    if h % 2 or w % 2:
-        return torch.ops.aten.avg_pool2d_backward(dy, x, [2, 2], [2, 2], [0, 0], False, True, None)
-    # Even sizes: every input pixel gets a quarter of its window's gradient. The same numbers as
-    # aten's kernel (x / 4 and x * 0.25 are the same float), written as broadcast copies.
-    q = dy * 0.25
-    if dy.device.type == "cpu":  # each column twice, then each row twice: half the time of one 6-d broadcast there
-        q = q.unsqueeze(-1).expand(n, c, h // 2, w // 2, 2).reshape(n, c, h // 2, w)
-        return q.unsqueeze(3).expand(n, c, h // 2, 2, w).reshape(n, c, h, w)
-    return q[:, :, :, None, :, None].expand(n, c, h // 2, 2, w // 2, 2).reshape(n, c, h, w)
-
-
-def _pool(x: torch.Tensor) -> torch.Tensor:
-    """``F.avg_pool2d(x, 2, 2)``; on the CPU, for even sizes, as two additions of contiguous halves.
-
-    There each 2x2 window is summed as (top-left + bottom-left) + (top-right + bottom-right), where
-    ATen adds the four in reading order: the result can differ from ``F.avg_pool2d`` in the last bit
-    (one rounding), and takes a fifth of its time.
-    """
-    n, c, h, w = x.shape
-    if x.device.type != "cpu" or h % 2 or w % 2 or not x.is_contiguous():
-        return F.avg_pool2d(x, 2, 2)
-    rows = x.view(n * c * h // 2, 2 * w)  # each row pair side by side
-    cols = (rows[:, :w] + rows[:, w:]).view(-1, w // 2, 2)  # column sums of the pairs, then pairs of columns
-    return (cols[..., 0] + cols[..., 1]).mul_(0.25).view(n, c, h // 2, w // 2)
+    """``F.avg_pool2d(x, 2, 2)``'s backward at ``dy`` (ATen's kernel: ``x`` gives the shape only)."""
+    return torch.ops.aten.avg_pool2d_backward(dy, x, [2, 2], [2, 2], [0, 0], False, True, None)
 
 
 class _AvgPool2Backward(torch.autograd.Function):
@@ -239,36 +210,22 @@ class _AvgPool2Backward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, a):
-        return _pool(a), None
+        return F.avg_pool2d(a, 2, 2), None
 
 
 def avg_pool2(x: torch.Tensor) -> torch.Tensor:
-    """``F.avg_pool2d(x, 2, 2)``, twice differentiable without a zero-filled branch.
+    """``F.avg_pool2d(x, 2, 2)``, twice differentiable without a zero-filled branch (the same numbers).
 
-    On the CPU, for even sizes, the pooled values may differ from ``F.avg_pool2d``'s in the last bit
-    (see ``_pool``); the derivatives are the same linear maps.
+    With ``dpd_cli.models.use_fused()`` off it is ``F.avg_pool2d`` itself.
     """
+    if not use_fused():
+        return F.avg_pool2d(x, 2, 2)
     return _AvgPool2.apply(x)
 
 
-class AvgPool2(nn.AvgPool2d):
-    """``nn.AvgPool2d(2, 2)`` computed as the distillation student computes it.
-
-    On the CPU it runs :func:`avg_pool2`, so that expert and evaluation networks are the very function
-    ``ConvNet.forward_flat`` distils with (and get its faster kernels). On a GPU it runs
-    ``F.avg_pool2d`` (the same numbers there) without a Python autograd node: at small batches each
-    node costs launch time.
-    """
-
-    def __init__(self):
-        super().__init__(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return avg_pool2(x) if x.device.type == "cpu" else F.avg_pool2d(x, 2, 2)
-
-
-def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
-                  relu: bool = False) -> torch.Tensor:
+def instance_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5, relu: bool = False
+) -> torch.Tensor:
     """``F.group_norm(x, C, weight, bias, eps)`` for ``x`` of shape ``(N, C, *)``, twice differentiable in two nodes.
 
     Args:
@@ -277,10 +234,12 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
         eps: Added to the variance.
         relu: Apply ``relu`` to the result, inside the same two nodes (no ReLU node of its own).
 
+    With ``dpd_cli.models.use_fused()`` off it is ``F.group_norm`` (then ``F.relu``) itself.
+
     Returns:
         Like ``x``.
     """
-    if x.numel() <= 1 or (weight is None) != (bias is None):  # F.group_norm raises on one value
+    if not use_fused() or x.numel() <= 1 or (weight is None) != (bias is None):  # F.group_norm raises on one value
         y = F.group_norm(x, x.shape[1], weight, bias, eps)
         return F.relu(y) if relu else y
     return _InstanceNorm.apply(x, weight, bias, eps, relu)

@@ -61,6 +61,7 @@ def spec_from_meta(path: Path, value) -> ModelSpec:
     Raises:
         StorageError: The entry is missing or malformed (the file is damaged or foreign).
     """
+
     def pos_int(v) -> bool:
         return type(v) is int and 1 <= v <= 1 << 20
 
@@ -69,9 +70,14 @@ def spec_from_meta(path: Path, value) -> ModelSpec:
         and set(value) == {"name", "channels", "image_size", "n_classes", "width", "depth", "norm", "pool"}
         and value["name"] in MODEL_NAMES
         and all(pos_int(value[k]) for k in ("channels", "n_classes", "width", "depth"))
-        and isinstance(value["image_size"], list) and len(value["image_size"]) == 2 and all(pos_int(v) for v in value["image_size"])
-        and value["norm"] in ("instance", "batch", "none") and value["pool"] in ("avg", "max")
+        and isinstance(value["image_size"], list)
+        and len(value["image_size"]) == 2
+        and all(pos_int(v) for v in value["image_size"])
+        and value["norm"] in ("instance", "batch", "none")
+        and value["pool"] in ("avg", "max")
     )
     if not ok:
-        raise StorageError(f"{path}: the metadata entry 'model' is missing or malformed ({str(value)[:200]}); the file is damaged or was not written by dpd.")
+        raise StorageError(
+            f"{path}: the metadata entry 'model' is missing or malformed ({str(value)[:200]}); the file is damaged or was not written by dpd."
+        )
     return ModelSpec.from_dict(value)

@@ -1,5 +1,6 @@
 """The student's convolution (``dpd_cli.models.conv``): first and second derivatives against PyTorch's own
-``F.conv2d`` (which differentiates itself) and against finite differences, in float64."""
+``F.conv2d`` (which differentiates itself, and which ``conv2d`` is with the fused path off), against a
+convolution written out in the test, and against finite differences, in float64."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dpd_cli.models.conv import conv2d
+from tests.helpers import fused
 
 D = torch.float64
 
@@ -18,6 +20,16 @@ def _inputs(shape, cout, pad, bias, seed=0):
     w = torch.randn(cout, shape[1], 3, 3, generator=g, dtype=D).requires_grad_(True)
     b = torch.randn(cout, generator=g, dtype=D).requires_grad_(True) if bias else None
     return x, w, b
+
+
+def _naive_conv(x, w, b, pad):
+    """Stride-1 cross-correlation as a sum over the kernel's offsets (shifted slices times weights): nothing
+    shared with F.conv2d's kernels; autograd differentiates it twice like any elementwise expression."""
+    xp = F.pad(x, (pad, pad, pad, pad))
+    kh, kw = w.shape[2:]
+    h, wd = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+    out = sum(torch.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j]) for i in range(kh) for j in range(kw))
+    return out if b is None else out + b.view(1, -1, 1, 1)
 
 
 CASES = [((2, 3, 6, 5), 4, 1, True), ((3, 1, 7, 7), 2, 3, True), ((1, 2, 4, 9), 3, 0, False), ((2, 2, 3, 3), 5, 1, False)]
@@ -34,8 +46,9 @@ def test_gradcheck_and_gradgradcheck(shape, cout, pad, bias):
 
 @pytest.mark.parametrize("shape,cout,pad,bias", CASES)
 @pytest.mark.parametrize("cotangents", ["all", "gx", "gw", "gb", "gx+gw"])
-def test_second_derivatives_equal_pytorchs(shape, cout, pad, bias, cotangents):
-    """The output, the gradient and the gradient of any mix of (gx, gw, gb) against F.conv2d's, to 1e-12."""
+def test_second_derivatives_equal_pytorchs_and_the_written_out_convolution(shape, cout, pad, bias, cotangents):
+    """The output, the gradient and the gradient of any mix of (gx, gw, gb): the fused path against the
+    reference path (F.conv2d) and against the convolution written out above, to 1e-12."""
     x, w, b = _inputs(shape, cout, pad, bias, seed=1)
     params = [x, w] + ([b] if bias else [])
 
@@ -50,14 +63,27 @@ def test_second_derivatives_equal_pytorchs(shape, cout, pad, bias, cotangents):
         s = sum((grads[i] * c).sum() for i, c in zip(picked, cots, strict=True))
         return [y, *grads, *torch.autograd.grad(s, params + [gy], allow_unused=True)]
 
-    ours = derivatives(lambda: conv2d(x, w, b, pad))
-    ref = derivatives(lambda: F.conv2d(x, w, b, padding=pad))
-    assert len(ours) == len(ref)
-    for a, r in zip(ours, ref, strict=True):
-        if r is None or (a is None and not r.abs().max() > 0):  # PyTorch may return zeros where we return None
-            continue
-        assert a is not None
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    with fused(True):
+        ours = derivatives(lambda: conv2d(x, w, b, pad))
+    with fused(False):
+        plain = derivatives(lambda: conv2d(x, w, b, pad))
+    naive = derivatives(lambda: _naive_conv(x, w, b, pad))
+    for ref in (plain, naive):
+        assert len(ours) == len(ref)
+        for a, r in zip(ours, ref, strict=True):
+            if r is None or (a is None and not r.abs().max() > 0):  # PyTorch may return zeros where we return None
+                continue
+            assert a is not None
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_the_reference_path_is_f_conv2d_itself():
+    x, w, b = _inputs((2, 3, 6, 5), 4, 1, True, seed=2)
+    gy = torch.randn(2, 4, 6, 5, dtype=D)
+    with fused(False):
+        ours = [conv2d(x, w, b, 1), *torch.autograd.grad(conv2d(x, w, b, 1), [x, w, b], gy)]
+    ref = [F.conv2d(x, w, b, padding=1), *torch.autograd.grad(F.conv2d(x, w, b, padding=1), [x, w, b], gy)]
+    assert all(torch.equal(a, r) for a, r in zip(ours, ref, strict=True))
 
 
 def test_first_derivatives_of_input_and_weight_are_pytorchs_bit_for_bit_in_float32():
@@ -65,7 +91,7 @@ def test_first_derivatives_of_input_and_weight_are_pytorchs_bit_for_bit_in_float
     w = torch.randn(8, 3, 3, 3, requires_grad=True)
     b = torch.randn(8, requires_grad=True)
     gy = torch.randn(4, 8, 10, 10)
-    ours = torch.autograd.grad(conv2d(x, w, b, 1), [x, w, b], gy)
+    ours = torch.autograd.grad(conv2d(x, w, b, 1), [x, w, b], gy)  # the fused path (the default)
     ref = torch.autograd.grad(F.conv2d(x, w, b, padding=1), [x, w, b], gy)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     torch.testing.assert_close(ours[2], ref[2])  # a plain sum: equal up to summation order
@@ -79,27 +105,3 @@ def test_third_derivative_refuses_instead_of_being_wrong():
     (ggw,) = torch.autograd.grad(gx.square().sum(), [w], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         ggw.sum().backward()
-
-
-def test_the_conv_module_is_nn_conv2d_running_the_students_convolution_on_the_cpu():
-    from torch import nn
-
-    from dpd_cli.models.conv import Conv2d
-
-    torch.manual_seed(0)
-    ours = Conv2d(3, 5, 3, padding=1)
-    torch.manual_seed(0)
-    plain = nn.Conv2d(3, 5, 3, padding=1)
-    assert isinstance(ours, nn.Conv2d) and list(ours.state_dict()) == list(plain.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters(), strict=True))  # same init
-    x = torch.randn(4, 3, 8, 8, requires_grad=True)
-    y_ours, y_plain = ours(x), plain(x)
-    assert type(y_ours.grad_fn).__name__ == "_Conv2dBackward" and torch.equal(y_ours, y_plain)
-    gy = torch.randn_like(y_ours)
-    g_ours = torch.autograd.grad(y_ours, [x, ours.weight, ours.bias], gy)
-    g_plain = torch.autograd.grad(y_plain, [x, plain.weight, plain.bias], gy)
-    assert torch.equal(g_ours[0], g_plain[0]) and torch.equal(g_ours[1], g_plain[1])  # ATen's own kernels
-    torch.testing.assert_close(g_ours[2], gy.double().sum((0, 2, 3)).float())  # the bias: a plain sum
-    # What conv2d does not cover runs nn.Conv2d's own forward.
-    strided = Conv2d(3, 5, 3, stride=2, padding=1)
-    assert type(strided(x).grad_fn).__name__ == "ConvolutionBackward0"

@@ -1,5 +1,6 @@
-"""The instance norm (and 2x2 average pool) with analytic double backwards, against F.group_norm,
-F.avg_pool2d and a naive loop (float64)."""
+"""The instance norm (and 2x2 average pool) with analytic double backwards: the fused path against the
+reference path (``F.group_norm``, ``F.avg_pool2d``, which the functions are with the fused path off) and
+against a naive loop / the window means written out here (float64), plus finite differences."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
+from tests.helpers import fused
 
 # (N, C, *spatial): odd sizes on purpose, H = W = 1 (one value per instance), N = 1, C = 1, 1-D and 3-D maps.
 SHAPES = [(2, 3, 4, 5), (3, 2, 1, 1), (1, 4, 3, 5), (2, 1, 3, 5), (1, 1, 2, 3), (2, 3, 7), (2, 2, 2, 3, 2), (4, 5, 1, 2)]
@@ -80,10 +82,28 @@ def _assert_same(actual, expected, tol=1e-12):
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_forward_first_and_second_derivatives_equal_group_norm_and_naive_loop(shape, affine, relu):
     args = _inputs(shape, affine, seed=sum(shape) * 7 + len(shape))
-    ours = _derivatives(_fused(relu), *args)
+    with fused(True):
+        ours = _derivatives(_fused(relu), *args)
+    with fused(False):  # the reference path: F.group_norm (and F.relu), differentiated by PyTorch
+        plain = _derivatives(_fused(relu), *args)
     wrap = _with_relu if relu else (lambda fn: fn)
-    _assert_same(ours, _derivatives(wrap(_group_norm), *args))
+    _assert_same(ours, plain)
     _assert_same(ours, _derivatives(wrap(_naive_norm), *args))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norm", "norm+relu"])
+def test_the_reference_path_is_torch_nn_functional_itself(relu):
+    args = _inputs((2, 3, 4, 5), True, seed=8)
+    with fused(False):
+        plain = _derivatives(_fused(relu), *args)
+    ref = _derivatives(_with_relu(_group_norm) if relu else _group_norm, *args)
+    assert all(torch.equal(a, r) for a, r in zip(plain, ref, strict=True))
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 3, 3, 2, dtype=torch.float64)
+    with fused(False):
+        y = avg_pool2(x)
+        (gx,) = torch.autograd.grad(y, [x], gy)
+    assert torch.equal(y, F.avg_pool2d(x, 2, 2)) and torch.equal(gx, torch.autograd.grad(F.avg_pool2d(x, 2, 2), [x], gy)[0])
 
 
 @pytest.mark.parametrize("affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"])
@@ -141,13 +161,9 @@ def test_one_value_in_total_raises_like_group_norm():
 
 def _window_means(x: torch.Tensor) -> torch.Tensor:
     """The 2x2 average pool written out: each output pixel is the mean of its window (odd edges dropped)."""
-    n, c, h, w = x.shape
-    out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype)
-    for i in range(h // 2):
-        for j in range(w // 2):
-            out[:, :, i, j] = (x[:, :, 2 * i, 2 * j] + x[:, :, 2 * i, 2 * j + 1] + x[:, :, 2 * i + 1, 2 * j]
-                               + x[:, :, 2 * i + 1, 2 * j + 1]) / 4
-    return out
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    t = x[:, :, :h, :w]
+    return (t[:, :, 0::2, 0::2] + t[:, :, 0::2, 1::2] + t[:, :, 1::2, 0::2] + t[:, :, 1::2, 1::2]) / 4
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 2, 5, 7), (3, 1, 2, 2), (2, 4, 32, 32)], ids=["4x6", "5x7", "2x2", "32x32"])
@@ -163,14 +179,14 @@ def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
         (ggy,) = torch.autograd.grad((gx * cot).sum(), [gy])
         return [y, gx, ggy]
 
-    (y, gx, ggy), (ref_y, ref_gx, ref_ggy) = derivatives(avg_pool2), derivatives(lambda t: F.avg_pool2d(t, 2, 2))
-    assert torch.equal(gx, ref_gx)  # the backward: the same numbers
-    if shape[2] % 2 or shape[3] % 2:
-        assert torch.equal(y, ref_y) and torch.equal(ggy, ref_ggy)  # odd sizes run ATen's kernel
-    # Even sizes on the CPU add each window in another order: one rounding from ATen, and from the written-out means.
-    torch.testing.assert_close(y, ref_y, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(ggy, ref_ggy, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(y, _window_means(x.detach()), rtol=1e-15, atol=1e-15)
+    with fused(True):
+        ours = derivatives(avg_pool2)
+    with fused(False):
+        plain = derivatives(avg_pool2)
+    # ATen's pool and pool backward on both paths: the same numbers, bit for bit.
+    assert all(torch.equal(a, r) for a, r in zip(ours, plain, strict=True))
+    for a, r in zip(ours, derivatives(_window_means), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-15, atol=1e-15)
     small = x.detach()[:1, :1, :6, :6].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(avg_pool2, (small,))
     assert torch.autograd.gradgradcheck(avg_pool2, (small,))
@@ -182,65 +198,11 @@ def test_avg_pool2_in_float32_is_the_window_means_to_float32_rounding():
     # |x| < 4: every partial sum is below 16, where each of the three float32 additions rounds by at most
     # 2^-21; the quarter is exact, so the pooled value is within 3 * 2^-23 < 2^-21 of the true mean.
     assert x.abs().max() < 4
-    for t in (x, x.transpose(2, 3)):  # contiguous (two additions of halves) and strided (ATen's kernel)
+    for t in (x, x.transpose(2, 3)):  # contiguous and strided
         got = avg_pool2(t)
         want = exact if t.is_contiguous() else exact.transpose(2, 3)
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2 ** -21)
-        torch.testing.assert_close(got, F.avg_pool2d(t, 2, 2), rtol=0, atol=2 ** -21)
-
-
-def test_on_the_cpu_the_student_layer_runs_none_of_atens_slow_pool_and_dot_kernels():
-    """The speed of the CPU path: no avg_pool2d (forward or backward) and no batched-matmul dots anywhere in a
-    distillation step's three differentiations (forward, gradient with a graph, gradient of that)."""
-    from collections import Counter
-
-    from torch.profiler import profile
-
-    from dpd_cli.models import conv as conv_module
-
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 8, 8, requires_grad=True)
-    w, b = torch.randn(5, 3, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True)
-    nw, nb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
-    with profile() as prof:
-        y = avg_pool2(instance_norm(conv_module.conv2d(x, w, b, padding=1), nw, nb, relu=True))
-        g = torch.autograd.grad((y.square()).sum(), (w, b, nw, nb), create_graph=True)
-        sum((t * t).sum() for t in g).backward()
-    ops = Counter(e.name for e in prof.events())
-    assert x.grad is not None and nw.grad is not None
-    assert ops["aten::native_group_norm_backward"] and ops["aten::convolution_backward"]  # it did run the layer
-    assert not ops["aten::avg_pool2d"] and not ops["aten::avg_pool2d_backward"] and not ops["aten::bmm"], ops
-
-
-def test_the_convnet_pool_module_is_avg_pool2d_running_the_students_pool():
-    from dpd_cli.models.norm import AvgPool2
-
-    pool = AvgPool2()
-    assert isinstance(pool, nn.AvgPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (2, 2, 0)
-    assert list(pool.state_dict()) == []
-    x = torch.randn(2, 3, 8, 6, requires_grad=True)
-    y = pool(x)
-    assert torch.equal(y, avg_pool2(x)) and type(y.grad_fn).__name__ == "_AvgPool2Backward"
-    gy = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, [x], gy)
-    (ref,) = torch.autograd.grad(F.avg_pool2d(x, 2, 2), [x], gy)
-    assert torch.equal(gx, ref)
-
-
-def test_graph_has_two_nodes_per_norm():
-    # The point of the fused norm: forward and first backward are one node each, not ~30 ops.
-    x, weight, bias, gy, _ = _inputs((2, 3, 4, 3), True, seed=5)
-    y = instance_norm(x, weight, bias)
-    assert type(y.grad_fn).__name__ == "_InstanceNormBackward"
-    (gx,) = torch.autograd.grad(y, [x], gy, create_graph=True)
-    assert type(gx.grad_fn).__name__ == "_InstanceNormBackwardBackward"
-    assert {type(f).__name__ for f, _ in gx.grad_fn.next_functions if f is not None} <= {"AccumulateGrad"}
-    # With the ReLU folded in, still two nodes: no ReLU node and none of its zero-filled double backward.
-    y = instance_norm(x, weight, bias, relu=True)
-    assert type(y.grad_fn).__name__ == "_InstanceNormBackward"
-    (gx,) = torch.autograd.grad(y, [x], gy, create_graph=True)
-    assert type(gx.grad_fn).__name__ == "_InstanceNormBackwardBackward"
 
 
 def test_module_is_group_norm_with_the_same_state_and_bitwise_float32_training_math():
