@@ -365,7 +365,7 @@ def estimate_peak(done: list[dict], mode: str, ipc: int, steps: int, images: int
     return r["base_bytes"] + (r["peak_bytes"] - r["base_bytes"]) * steps * images / (r["steps"] * r["batch_syn"])
 
 
-def bench_distill(args, dev, cfg: dict) -> dict:
+def bench_distill(args, dev, cfg: dict, modes: list[str]) -> dict:
     if args.mem_limit_gb:
         limit = args.mem_limit_gb * GIB
     elif dev.type == "cuda":
@@ -376,7 +376,7 @@ def bench_distill(args, dev, cfg: dict) -> dict:
     done = []
     for ipc in args.ipcs:
         for n in args.step_list:
-            for mode in args.mode_list:
+            for mode in modes:
                 est = estimate_peak(done, mode, ipc, n, min(args.batch_syn or ipc * n_classes, ipc * n_classes))
                 tag = f"[distill] IPC {ipc} N {n} {mode}"
                 if est is not None and est > limit:
@@ -450,7 +450,7 @@ def bench_dp(args, experts: str) -> dict | None:
         s = resolve("distill", {"experts": experts, "ipc": args.ipcs[0], "syn_steps": args.step_list[0], "batch_syn": args.batch_syn,
                                 "memory": memory, "prune_ratio": 0.0, "device": args.device, "threads": args.threads,
                                 "iterations": args.warmup + args.iters + 1, "max_start_epoch": 1, "expert_epochs": 1,
-                                "lr_img": 1.0, "lr_lr": 0.0, "out": str(Path(args.scratch) / f"dp-w{world}-{memory}"),
+                                "lr_img": 1.0, "lr_lr": 0.0, "out": str(Path(tempfile.gettempdir()) / f"dpd-speed-dp-w{world}-{memory}"),
                                 "force": True, "log_every": 1000})
         with DistillRecipe(s) as recipe:
             dev = recipe.device
@@ -587,8 +587,8 @@ def main(argv=None) -> int:
         for sec in ("experts", "eval"):
             if sec in args.sections:
                 res[sec] = against_bare(args, dev, sec)
-        if "distill" in args.sections:
-            res["distill"] = bench_distill(args, dev, cfg)
+        if "distill" in args.sections:  # --smoke: its first two modes (a process each)
+            res["distill"] = bench_distill(args, dev, cfg, args.mode_list[:2] if args.smoke else args.mode_list)
         if "ab" in args.sections:
             res["ab"] = bench_ab(args, dev, cfg)
         if "dp" in args.sections:
