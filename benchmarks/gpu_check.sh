@@ -24,12 +24,13 @@ step() {  # step NAME MAX_SECONDS COMMAND...: timed, logged, bounded by the budg
 }
 
 if (( SMOKE )); then
-  COMMON=(--device cpu --threads 1 --width 8); DATA=(); IPCS=1; N=2; ROUNDS=(--warmup 1 --iters 1); K=low1; DMODES=full,low1; GPU_TESTS=tests/test_gpu.py
+  COMMON=(--device cpu --threads 1 --width 8); DATA=(--dataset fashion-mnist-mini); IPCS=1; N=2; ROUNDS=(--warmup 1 --iters 1); K=low1; DMODES=full,low1; GPU_TESTS=tests/test_gpu.py
+  EX_ARGS=(--train-per-class 20)
   X_ARGS=(--expert-images 128 --expert-reps 1 --eval-ipc 1 --eval-epochs 2 --eval-reps 1)
 else
   "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install --no-index --find-links .whl .whl/*.whl
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-  COMMON=(--device cuda); IPCS=10,50; N=30; ROUNDS=(--warmup 3 --iters 10); K=low12; DMODES=full,low,low12,ref; GPU_TESTS=tests/
+  COMMON=(--device cuda); IPCS=10,50; N=30; ROUNDS=(--warmup 3 --iters 10); K=low12; DMODES=full,low,low12,ref; GPU_TESTS=tests/; EX_ARGS=()
   X_ARGS=(--expert-images 25600 --expert-reps 3 --eval-epochs 50 --eval-reps 3)
   DATA=(--dataset fashion-mnist-mini)
   if [[ -f "$TGZ" ]] && mkdir -p "$WORK/cifar" && tar -xzf "$TGZ" -C "$WORK/cifar"; then
@@ -37,26 +38,26 @@ else
   fi
 fi
 SPEED=("$PY" benchmarks/speed.py "${COMMON[@]}")
-echo "data: ${DATA[*]:-embedded set}; GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo none)"
+echo "data: ${DATA[*]}; GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo none)"
 
 step "pytest -m gpu (CUDA vs CPU, graph replay vs eager, host syncs)" 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider "$GPU_TESTS"
+step "dpd experts: 1 expert, 2 epochs (its JSON: images/s)" 150 "$PY" -m dpd_cli experts "${DATA[@]}" --num 1 --epochs 2 \
+    --width "$( (( SMOKE )) && echo 8 || echo 128)" "${EX_ARGS[@]}" --device "${COMMON[1]}" --out "$WORK/experts" --quiet --json
 GRAPHS=$( (( SMOKE )) || echo ",full_graph,low_graph,${K}_graph")
 step "A/B interleaved: dpd vs reference MTT, rho 0" 200 "${SPEED[@]}" "${DATA[@]}" --only ab --ipc "$IPCS" --steps "$N" --batch-syn 0 \
     "${ROUNDS[@]}" --modes "full,low,$K,ref,sweep$GRAPHS" --out "$OUT/speed-ab.json"
 step "A/B --deterministic" 70 "${SPEED[@]}" "${DATA[@]}" --only ab --ipc "${IPCS%%,*}" --steps "$N" --batch-syn 0 --warmup 1 --iters 3 \
     --modes full,full_det,low,low_det --out "$OUT/speed-ab-deterministic.json"
 step "distill, each mode in its own process" 200 "${SPEED[@]}" "${DATA[@]}" --only distill --ipc "$IPCS" --steps "$N" --iters 3 \
-    --modes "$DMODES" --worker-timeout 150 --out "$OUT/speed-distill.json"
+    --modes "$DMODES" --experts "$WORK/experts" --worker-timeout 150 --out "$OUT/speed-distill.json"
 step "experts and evaluation training vs a bare loop" 150 "${SPEED[@]}" "${DATA[@]}" --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
-step "experts for the data-parallel step" 90 "$PY" -m dpd_cli experts --dataset fashion-mnist-mini --num 1 --epochs 1 \
-    --width "$( (( SMOKE )) && echo 8 || echo 128)" --train-per-class 20 --device "${COMMON[1]}" --out "$WORK/experts" --quiet
 step "data parallel: 2 torchrun ranks on one device" 120 env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone \
     --nproc-per-node 2 benchmarks/speed.py "${COMMON[@]}" --only dp --experts "$WORK/experts" --ipc "${IPCS%%,*}" \
     --steps "$N" "${ROUNDS[@]}" --modes full --out "$OUT/speed-dp2.json"
 step "data parallel: 1 process" 60 "${SPEED[@]}" --only dp --experts "$WORK/experts" --ipc "${IPCS%%,*}" --steps "$N" "${ROUNDS[@]}" \
     --modes full --out "$OUT/speed-dp1.json"
 (( SMOKE )) || step "distill with cudnn.benchmark" 90 "${SPEED[@]}" "${DATA[@]}" --cudnn-benchmark --only distill --ipc 10 --steps 30 \
-    --iters 3 --modes full,low --out "$OUT/speed-distill-cudnn-benchmark.json"
+    --iters 3 --modes full,low --experts "$WORK/experts" --out "$OUT/speed-distill-cudnn-benchmark.json"
 
 echo "=== $(( SECONDS - START )) s"; column -t -s $'\t' "$OUT/steps.tsv"; rm -rf "$WORK"
 exit "$FAILED"

@@ -218,10 +218,10 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
     s = DistillSettings()
     if cfg.get("experts"):  # expert 0's epochs 0 and M, read per iteration as the real loop does
         ex = ExpertSet(Path(cfg["experts"]))
-        spec, pre, m = ex.spec, ex.preprocess, min(s.expert_epochs, ex.epochs)
+        spec, pre, epochs = ex.spec, ex.preprocess, min(s.expert_epochs, ex.epochs)
 
         def rows():
-            return tuple(t.to(dev) for t in ex.pair(0, 0, m))
+            return tuple(t.to(dev) for t in ex.pair(0, 0, epochs))
     else:
         pre = build_preprocess(ds, zca=False)
         c, h, w = ds.image_shape
