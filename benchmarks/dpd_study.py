@@ -10,6 +10,8 @@ accuracy. The difference variant - MTT is taken per seed and summarised as mean,
 and a 95 % t-interval over seeds.
 
 Resumable: rerunning the same command skips finished experts, distillations and evaluations.
+Each variant is compared with MTT at the same image learning rate (``mtt@lrS`` for a variant
+``...@lrS`` of the robust plan); a run that diverges is recorded as such instead of stopping the study.
 Runs go to ``--workers`` processes with one torch thread each (small models use two cores better
 that way than one process with two threads).
 
@@ -18,8 +20,10 @@ Examples (from the repository root):
     # the whole study (see docs/results.md for what it costs):
     python benchmarks/dpd_study.py --fashion-mnist-dir data/fashion-mnist --cifar10-dir data/cifar10-jpeg \
         --out bench-out/dpd-study
-    # the same on a toy budget, to check the pipeline (a few minutes):
-    python benchmarks/dpd_study.py --plan smoke --fashion-mnist-dir data/fashion-mnist --out /tmp/study-smoke
+    # lr_img robustness: MTT and DPD at five image learning rates (Fashion-MNIST IPC 10):
+    python benchmarks/dpd_study.py --plan robust --fashion-mnist-dir data/fashion-mnist --out bench-out/dpd-robust
+    # the pipeline at toy size on the embedded set (no data folder; a temporary --out unless given):
+    python benchmarks/dpd_study.py --smoke
     # redraw the report and figures from finished runs only:
     python benchmarks/dpd_study.py --report-only --out bench-out/dpd-study --figures docs/figures/dpd-study
 """
@@ -28,15 +32,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
+
+from dpd_cli.artifacts import prune_counts
+from dpd_cli.artifacts.synthetic import load
+from dpd_cli.recipes import distill, evaluate, experts
+from dpd_cli.errors import DivergedError, StorageError
+from dpd_cli.config.settings import resolve
 from dpd_cli.stats import paired  # mean, sd and 95 % t-interval of paired differences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
     "fashion-mnist": {"preset": ROOT / "examples" / "fashion-mnist-cpu.toml", "lr_img": 1000.0},
     "cifar10": {"preset": ROOT / "examples" / "cifar10-jpeg-cpu.toml", "lr_img": 100.0},
+    # The embedded set (no folder needed): --dataset fashion-mnist-mini, and --smoke.
+    "fashion-mnist-mini": {"preset": ROOT / "examples" / "quick.toml", "lr_img": 1000.0},
 }
 #: Distillation per IPC: N student steps, alpha_0, mini-batch (IPC 50 walks 100 of its 500 images per step).
 IPC = {
@@ -76,6 +91,16 @@ VARIANTS = {
     # Soft labels (DATM), against MTT's hard labels.
     "mtt-soft": {"prune_ratio": 0.0, "soft_labels": True},
 }
+#: The robust plan: MTT and two DPD ratios, each at lr_img x scale ("NAME@lrS").
+LR_SCALES = [1, 10, 3, 0.3, 0.1]
+_ROBUST = ["mtt", "abs-largest-0.01", "abs-largest-0.05"]
+VARIANTS.update({f"{v}@lr{sc:g}": {**VARIANTS[v], "lr_img_scale": sc} for sc in LR_SCALES for v in _ROBUST})
+
+
+def baseline(variant: str) -> str:
+    """The MTT run a variant is paired with: MTT at the same lr_img scale."""
+    return "mtt" + variant[variant.index("@"):] if "@" in variant else "mtt"
+
 
 #: Which variants run in which (dataset, IPC) cell, on which seeds, and at what length. ``cpu`` fits a
 #: 2-core machine in an afternoon: the sharpest comparisons (every main variant) at CIFAR-10 IPC 10,
@@ -104,63 +129,60 @@ PLANS = {
         "runs": 3,
         "eval_epochs": 300,
     },
-    "smoke": {
+    "robust": {
+        "seeds": [0, 1, 2, 3, 4],
+        "cells": {("fashion-mnist", 10): [f"{v}@lr{sc:g}" for sc in LR_SCALES for v in _ROBUST]},
+        "iterations": 100,
+        "checkpoint_every": 25,
+        "runs": 2,
+        "eval_epochs": 300,
+    },
+    "smoke": {  # the pipeline at toy size: seconds on the embedded set (--smoke)
         "seeds": [0, 1],
-        "cells": {("fashion-mnist", 1): ["mtt", "abs-largest-0.05"],
-                  ("fashion-mnist", 10): ["mtt", "abs-largest-0.05", "abs-smallest-0.25"]},
-        "iterations": 20,
-        "checkpoint_every": 10,
+        "cells": {("fashion-mnist", 1): ["mtt", "abs-largest-0.05@lr1", "mtt@lr1"]},
+        "iterations": 2,
+        "checkpoint_every": 1,
         "runs": 1,
-        "eval_epochs": 20,
-        "overrides": {"max_start_epoch": 2},
-        "experts": {"num": 2, "epochs": 3},
+        "eval_epochs": 1,
+        "overrides": {"max_start_epoch": 1, "expert_epochs": 1, "syn_steps": 2, "width": 8, "train_per_class": 20},
+        "experts": {"num": 1, "epochs": 2, "width": 8, "train_per_class": 20},
     },
 }
 
 def _plan_jobs(plan: dict) -> list[tuple[str, int, str, int]]:
     jobs = []
-    for (dataset, ipc), variants in plan["cells"].items():
-        for seed in plan["seeds"]:
+    for seed in plan["seeds"]:
+        for (dataset, ipc), variants in plan["cells"].items():
             jobs += [(dataset, ipc, v, seed) for v in variants]
     return jobs
 
 
-def _experts_settings(dataset: str, out: Path, data_dir: Path, threads: int) -> dict:
-    return {"data_dir": str(data_dir), "val_per_class": VAL_PER_CLASS, "seed": 0, "threads": threads,
-            "out": str(out / dataset / "experts")}
+def _data_dir(data_dir: str | None) -> dict:
+    return {} if data_dir is None else {"data_dir": str(data_dir)}
 
 
 def _run_dir(out: Path, dataset: str, ipc: int, variant: str, seed: int) -> Path:
     return out / dataset / f"ipc{ipc}" / variant / f"s{seed}"
 
 
-def train_experts(dataset: str, out: str, data_dir: str, threads: int, plan_name: str) -> str:
-    from dpd_cli.recipes import experts
-    from dpd_cli.config.settings import resolve
-
-    flags = {**_experts_settings(dataset, Path(out), Path(data_dir), threads), **PLANS[plan_name].get("experts", {})}
+def train_experts(dataset: str, out: str, data_dir: str | None, threads: int, plan_name: str) -> str:
+    flags = {**_data_dir(data_dir), "val_per_class": VAL_PER_CLASS, "seed": 0, "threads": threads,
+             "out": str(Path(out) / dataset / "experts"), **PLANS[plan_name].get("experts", {})}
     s = resolve("experts", flags, DATASETS[dataset]["preset"])
     return str(experts.run(s))
 
 
-def run_one(job: tuple, out: str, data_dir: str, plan_name: str) -> dict:
+def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
     """Distil (or resume) and evaluate one (dataset, IPC, variant, seed); returns its record."""
-    import torch
-
-    from dpd_cli.artifacts import prune_counts
-    from dpd_cli.artifacts.synthetic import load
-    from dpd_cli.recipes import distill, evaluate
-    from dpd_cli.errors import StorageError
-    from dpd_cli.config.settings import resolve
-
     dataset, ipc, variant, seed = job
     plan = PLANS[plan_name]
     preset = DATASETS[dataset]["preset"]
     run_dir = _run_dir(Path(out), dataset, ipc, variant, seed)
-    flags = {"data_dir": data_dir, "val_per_class": VAL_PER_CLASS, "experts": str(Path(out) / dataset / "experts"),
+    flags = {**_data_dir(data_dir), "val_per_class": VAL_PER_CLASS, "experts": str(Path(out) / dataset / "experts"),
              "ipc": ipc, "iterations": plan["iterations"], "checkpoint_every": plan["checkpoint_every"], "keep_checkpoints": "all",
              "lr_img": DATASETS[dataset]["lr_img"], "seed": seed, "threads": 1, "out": str(run_dir), "log_every": 50,
              **IPC[ipc], **VARIANTS[variant], **plan.get("overrides", {})}
+    flags["lr_img"] *= flags.pop("lr_img_scale", 1)
     t0 = time.perf_counter()
     try:
         done = load(run_dir / "synthetic.safetensors")[1]["iteration"] >= flags["iterations"]
@@ -168,7 +190,11 @@ def run_one(job: tuple, out: str, data_dir: str, plan_name: str) -> dict:
         done = False
     if not done:
         resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-        distill.run(resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, preset))
+        try:
+            distill.run(resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, preset))
+        except DivergedError as err:  # the run stopped: record it as diverged, with no accuracy
+            return {"dataset": dataset, "ipc": ipc, "variant": variant, "seed": seed, "diverged": str(err),
+                    "distill_s": time.perf_counter() - t0, "evaluate_s": 0.0}
     t1 = time.perf_counter()
     ev = resolve("evaluate", {"seed": seed, "threads": 1, "runs": plan["runs"], "epochs": plan["eval_epochs"],
                               "select": "val", "baseline": []}, preset)
@@ -188,21 +214,33 @@ def run_one(job: tuple, out: str, data_dir: str, plan_name: str) -> dict:
 
 
 # --- statistics and report ---------------------------------------------------------------------
+def worst_drop(r: dict) -> float | None:
+    """Points the worst kept checkpoint falls below checkpoint 0 (the real images it started from)."""
+    means = {c["iteration"]: 100 * c["mean"] for c in r.get("checkpoints") or []}
+    return means[0] - min(means.values()) if 0 in means else None
+
+
 def summarise(records: list[dict]) -> list[dict]:
+    """Per (dataset, IPC, variant): accuracies over seeds, and the paired difference to its MTT (``baseline``)."""
     rows = []
     cells = sorted({(r["dataset"], r["ipc"]) for r in records})
     for dataset, ipc in cells:
         cell = [r for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)]
-        mtt = {r["seed"]: r for r in cell if r["variant"] == "mtt"}
         for variant in [v for v in VARIANTS if any(r["variant"] == v for r in cell)]:
-            mine = {r["seed"]: r for r in cell if r["variant"] == variant}
-            row = {"dataset": dataset, "ipc": ipc, "variant": variant, "n_seeds": len(mine)}
+            diverged = sorted(r["seed"] for r in cell if r["variant"] == variant and "diverged" in r)
+            mine = {r["seed"]: r for r in cell if r["variant"] == variant and "diverged" not in r}
+            mtt = {r["seed"]: r for r in cell if r["variant"] == baseline(variant) and "diverged" not in r}
+            row = {"dataset": dataset, "ipc": ipc, "variant": variant, "n_seeds": len(mine), "diverged_seeds": diverged,
+                   "worst_drop": [worst_drop(mine[s]) for s in sorted(mine)]}
+            if not mine:
+                rows.append(row)
+                continue
             for metric in ("selected", "final"):
                 vals = [100 * r[metric] for r in mine.values()]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0  # sample standard deviation over seeds
                 row[metric] = {"mean": statistics.fmean(vals), "std": sd}
                 seeds = sorted(set(mine) & set(mtt))
-                if variant != "mtt" and len(seeds) >= 2:
+                if variant != baseline(variant) and len(seeds) >= 2:
                     row[metric]["vs_mtt"] = paired([100 * (mine[s][metric] - mtt[s][metric]) for s in seeds])
             row["selected_iterations"] = [mine[s]["selected_iteration"] for s in sorted(mine)]
             # Checkpoint 0: the class-balanced real images the run starts from (a random-real baseline).
@@ -215,11 +253,12 @@ def summarise(records: list[dict]) -> list[dict]:
 def pooled(records: list[dict], metric: str = "selected") -> list[dict]:
     """Each variant against MTT over every (dataset, IPC, seed) where both ran: one paired test of
     "does this variant help in general", with more pairs than any single cell has."""
-    mtt = {(r["dataset"], r["ipc"], r["seed"]): r for r in records if r["variant"] == "mtt"}
+    records = [r for r in records if "diverged" not in r]
+    mtt = {(r["dataset"], r["ipc"], r["variant"], r["seed"]): r for r in records if r["variant"] == baseline(r["variant"])}
     out = []
-    for variant in [v for v in VARIANTS if v != "mtt" and any(r["variant"] == v for r in records)]:
+    for variant in [v for v in VARIANTS if v != baseline(v) and any(r["variant"] == v for r in records)]:
         diffs = [100 * (r[metric] - mtt[k][metric]) for r in records if r["variant"] == variant
-                 for k in [(r["dataset"], r["ipc"], r["seed"])] if k in mtt]
+                 for k in [(r["dataset"], r["ipc"], baseline(variant), r["seed"])] if k in mtt]
         cells = sorted({(r["dataset"], r["ipc"]) for r in records if r["variant"] == variant})
         if len(diffs) >= 2:
             out.append({"variant": variant, "metric": metric, "cells": [f"{d} IPC {i}" for d, i in cells], "vs_mtt": paired(diffs)})
@@ -240,14 +279,18 @@ def _fmt_pct(v: float | None) -> str:
 
 def markdown(rows: list[dict], meta: dict, pools: list[dict] | None = None) -> str:
     out = ["Test accuracy % (mean ± sample std over seeds) of the validation-selected checkpoint and of the final set, and the "
-           "paired difference to MTT with its 95 % confidence interval over seeds (** : the interval excludes 0). "
-           "'start': the real images every variant of a seed starts from (checkpoint 0), trained on alike.", "",
-           "| dataset | IPC | variant | seeds | start | selected | Δ selected vs MTT [95 % CI] | final | Δ final vs MTT [95 % CI] |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "paired difference to MTT (at the same lr_img scale for `@lrS` variants) with its 95 % confidence interval over seeds "
+           "(** : the interval excludes 0). 'start': the real images every variant of a seed starts from (checkpoint 0), trained "
+           "on alike. 'worst drop': per seed, points the worst kept checkpoint falls below checkpoint 0. Diverged runs have no "
+           "accuracy and are left out of the means.", "",
+           "| dataset | IPC | variant | seeds | diverged | start | selected | Δ selected vs MTT [95 % CI] | final | "
+           "Δ final vs MTT [95 % CI] | worst drop |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sel, fin = r["selected"], r["final"]
-        out.append(f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {_fmt_pct(r.get('start'))} | {sel['mean']:.2f} ± {sel['std']:.2f} | "
-                   f"{_fmt_ci(sel.get('vs_mtt'))} | {fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} |")
+        sel, fin = r.get("selected", {"mean": math.nan, "std": math.nan}), r.get("final", {"mean": math.nan, "std": math.nan})
+        drops = ", ".join("–" if d is None else f"{d:.1f}" for d in r["worst_drop"])
+        out.append(f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {len(r['diverged_seeds'])} | "
+                   f"{_fmt_pct(r.get('start'))} | {sel['mean']:.2f} ± {sel['std']:.2f} | {_fmt_ci(sel.get('vs_mtt'))} | "
+                   f"{fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} | {drops} |")
     if pools:
         out += ["", "Pooled over cells: each variant minus MTT over every (dataset, IPC, seed) where both ran, "
                 "validation-selected checkpoints.", "",
@@ -270,7 +313,7 @@ def figures(records: list[dict], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted({r["dataset"] for r in records}):
-        picks = [r for r in records if r["dataset"] == dataset and r["ipc"] == 10 and r["seed"] == 0
+        picks = [r for r in records if r["dataset"] == dataset and r["ipc"] == 10 and r["seed"] == 0 and "diverged" not in r
                  and VARIANTS[r["variant"]].get("prune_ratio", 0) > 0]
         if not picks:
             continue
@@ -292,26 +335,35 @@ def figures(records: list[dict], folder: Path) -> list[Path]:
     return written
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", choices=list(PLANS), default="cpu")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="Study folder (required unless --smoke).")
     p.add_argument("--fashion-mnist-dir", type=Path, help="Folder with the four Fashion-MNIST IDX files.")
     p.add_argument("--cifar10-dir", type=Path, help="CIFAR-10 as an image folder (train/<class>, test/<class>).")
+    p.add_argument("--dataset", choices=list(DATASETS), help="Run the plan's cells on this dataset instead of theirs.")
     p.add_argument("--workers", type=int, default=2, help="Parallel runs, one torch thread each.")
     p.add_argument("--only", nargs="*", help="Run only these datasets.")
     p.add_argument("--ipc", type=int, nargs="*", help="Run only these IPCs.")
-    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="Run only these variants (MTT is always added).")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="Run only these variants (their MTT is always added).")
     p.add_argument("--seeds", type=int, nargs="*", help="These seeds instead of the plan's (to add seeds to a finished plan).")
     p.add_argument("--report-only", action="store_true", help="Summarise finished runs without starting any.")
     p.add_argument("--figures", type=Path, help="Also draw the per-layer prune profiles into this folder.")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="--plan smoke --dataset fashion-mnist-mini --workers 1, a temporary --out")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.plan, args.dataset, args.workers = "smoke", "fashion-mnist-mini", 1
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="dpd-study-smoke-"))
+    if args.out is None:
+        p.error("--out is required")
     plan = dict(PLANS[args.plan])
     if args.seeds:
         plan["seeds"] = args.seeds
-    dirs = {"fashion-mnist": args.fashion_mnist_dir, "cifar10": args.cifar10_dir}
+    if args.dataset:
+        plan["cells"] = {(args.dataset, ipc): v for (_, ipc), v in plan["cells"].items()}
+    dirs = {"fashion-mnist": args.fashion_mnist_dir, "cifar10": args.cifar10_dir, "fashion-mnist-mini": None}
     datasets = [d for d in dict.fromkeys(c[0] for c in plan["cells"]) if not args.only or d in args.only]
-    wanted = None if args.variants is None else {"mtt", *args.variants}
+    wanted = None if args.variants is None else {*args.variants, *map(baseline, args.variants)}
     jobs = [j for j in _plan_jobs(plan) if j[0] in datasets and (not args.ipc or j[1] in args.ipc)
             and (wanted is None or j[2] in wanted)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -325,31 +377,27 @@ def main() -> None:
     log = lambda msg: print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)  # noqa: E731
 
     if not args.report_only:
-        missing = [d for d in datasets if dirs[d] is None]
+        missing = [d for d in datasets if dirs[d] is None and d != "fashion-mnist-mini"]
         if missing:
             p.error(f"give the data folder of {', '.join(missing)} (--{missing[0]}-dir)")
         todo = [j for j in jobs if j not in records]
-        log(f"{len(jobs)} runs in the plan, {len(todo)} to do, {args.workers} workers")
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
+        log(f"{len(jobs)} runs in the plan (by seed), {len(todo)} to do, {args.workers} workers")
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
             for d in datasets:  # experts first: every run of a dataset needs them
                 log(f"{d}: experts")
-                pool.submit(train_experts, d, str(args.out), str(dirs[d]), args.workers, args.plan).result()
-            futures = {pool.submit(run_one, j, str(args.out), str(dirs[j[0]]), args.plan): j for j in todo}
+                pool.submit(train_experts, d, str(args.out), dirs[d] and str(dirs[d]), args.workers, args.plan).result()
+            futures = {pool.submit(run_one, j, str(args.out), dirs[j[0]] and str(dirs[j[0]]), args.plan): j for j in todo}
             for fut in as_completed(futures):
                 job = futures[fut]
-                rec = fut.result()
-                records[job] = rec
+                rec = records[job] = fut.result()
                 with open(records_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                log(f"{job}: selected {100 * rec['selected']:.2f} (it {rec['selected_iteration']}), final {100 * rec['final']:.2f} "
+                log(f"{job}: diverged: {rec['diverged'][:120]}" if "diverged" in rec else
+                    f"{job}: selected {100 * rec['selected']:.2f} (it {rec['selected_iteration']}), final {100 * rec['final']:.2f} "
                     f"[{rec['distill_s']:.0f} + {rec['evaluate_s']:.0f} s]")
 
-    done = list(records.values())  # every finished run, also those of earlier invocations with other filters
-    rows = summarise(done)
-    pools = pooled(done)
-    import torch
-
+    done = list(records.values())  # every recorded run (diverged ones too), also those of earlier invocations with other filters
+    rows, pools = summarise(done), pooled(done)
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "plan": args.plan, "n_runs": len(done),
             "workers": args.workers, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,

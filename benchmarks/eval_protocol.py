@@ -26,16 +26,19 @@ The loops:
   generator). All switches at dpd's values (arm ``dpd``) is dpd 0.1.0's loop; ``+schedule``
   (MTT's epochs, decay point and restart, dpd's DSA and loader) is the current engine's loop;
   ``--check ARM`` compares an arm's accuracies with the engine's.
-* ``engine``: ``dpd_cli.recipes.evaluate``'s own loop, as checked out.
+* ``engine``: ``dpd_cli.recipes.evaluate``'s own loop, as checked out (``evaluate.run``, one network,
+  on a copy of the set in a temporary folder).
+
+Network ``i`` starts from seed ``derive_seed(i, "distilled", model, 0)`` in every arm: the seed
+``dpd evaluate --seed i`` gives its first network, so the engine's networks are paired too.
 
 Usage::
 
     nice -n 10 python benchmarks/eval_protocol.py RUN_OR_FILE [...] --nets 40 --epochs 300 \\
         --out bench-out/eval-protocol.json
     python benchmarks/eval_protocol.py RUN --check +schedule   # a knob arm vs the engine's loop
-    python benchmarks/eval_protocol.py RUN --check-dsa         # DSA distributions, family by family
-
-Nothing here is imported by the package or run by ``pytest``.
+    python benchmarks/eval_protocol.py RUN --check-dsa         # DSA distributions, family by family (needs scipy)
+    python benchmarks/eval_protocol.py --smoke                 # every arm, 1 network, 1 epoch, a set of real images
 """
 
 from __future__ import annotations
@@ -45,21 +48,28 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpd_cli.core.augment import dsa  # noqa: E402
-from dpd_cli.data import Preprocess, load_dataset  # noqa: E402
-from dpd_cli.recipes.distill import SYNTHETIC, load_synthetic  # noqa: E402
-from dpd_cli.core.train import accuracy  # noqa: E402
-from dpd_cli.models import ModelSpec, build_model  # noqa: E402
+from dpd_cli.artifacts.layout import SYNTHETIC
+from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.artifacts.synthetic import save_synthetic
+from dpd_cli.core.augment import OPS, dsa
+from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.recipes import evaluate
+from dpd_cli.recipes.runtime import build_preprocess, derive_seed
+from dpd_cli.core.train import accuracy
+from dpd_cli.models import ModelSpec, build_model, default_depth
+from dpd_cli.config.settings import EvalSettings
+from dpd_cli.stats import t_quantile
 
 MOMENTUM, WEIGHT_DECAY, BATCH = 0.9, 5e-4, 256
 DPD = {"epochs": "dpd", "decay": "dpd", "restart": False, "dsa": "dpd", "loader": "dpd"}
@@ -160,6 +170,11 @@ def mtt_diffaugment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the loops
+def net_seed(spec: ModelSpec, net: int) -> int:
+    """Network ``net``'s seed: what ``dpd evaluate --seed net`` gives its first network of this model."""
+    return derive_seed(net, "distilled", spec.name, 0)
+
+
 def _new_net(spec: ModelSpec, seed: int, device) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(spec).to(device)
@@ -167,8 +182,6 @@ def _new_net(spec: ModelSpec, seed: int, device) -> torch.nn.Module:
 
 def reference_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device) -> float:
     """MTT's evaluate_synset as distill.py calls it (see the module docstring)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     net = _new_net(spec, seed, device)  # leaves the global generator at a seed-determined state
     gen = torch.default_generator
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -192,8 +205,6 @@ def reference_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device) -> floa
 
 def knob_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device, knobs: dict) -> float:
     """dpd's random streams, with each protocol difference switchable (see the module docstring)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     k = {**DPD, **knobs}
     net = _new_net(spec, seed, device)
     make_opt = lambda lr_: torch.optim.SGD(net.parameters(), lr=lr_, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)  # noqa: E731
@@ -227,26 +238,21 @@ def knob_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device, knobs: dict)
     return accuracy(net, x_test, y_test)
 
 
-def engine_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device) -> float:
-    """dpd_cli.recipes.evaluate's loop as checked out, at --protocol mtt's batch, momentum and weight decay."""
-    import inspect
-
-    from dpd_cli.recipes import evaluate as ev
-    from dpd_cli.config.settings import EvalSettings
-
-    s = EvalSettings(batch=BATCH, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dsa=True, protocol="mtt")
-    params = inspect.signature(ev._train_and_test).parameters
-    kwargs = {"protocol": "mtt"} if "protocol" in params else {}
-    acc, _ = ev._train_and_test(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, lambda *a: None, **kwargs)
-    return acc
+def engine_loop(file: str, net: int, lr: float, epochs: int, device) -> float:
+    """``dpd evaluate FILE --seed net --runs 1 --epochs E --lr lr`` at MTT's batch, momentum and weight decay, on a copy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / SYNTHETIC
+        shutil.copy(file, copy)
+        s = EvalSettings(seed=net, runs=1, epochs=epochs, lr=lr, batch=BATCH, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                         dsa=True, protocol="mtt", device=str(device), threads=torch.get_num_threads())
+        return evaluate.run(s, copy)["results"][-1]["accuracies"][0]
 
 
-def run_arm(arm, *args) -> float:
-    if arm == "reference":
-        return reference_loop(*args)
+def run_arm(arm: str, st: dict, net: int, epochs: int, device) -> float:
     if arm == "engine":
-        return engine_loop(*args)
-    return knob_loop(*args, ARMS[arm])
+        return engine_loop(st["file"], net, st["lr"], epochs, device)
+    args = (st["spec"], st["x"], st["y"], st["x_test"], st["y_test"], st["lr"], epochs, net_seed(st["spec"], net), device)
+    return reference_loop(*args) if arm == "reference" else knob_loop(*args, ARMS[arm])
 
 
 # ---------------------------------------------------------------- data and statistics
@@ -264,21 +270,12 @@ def load_set(target: str, device):
     }
 
 
-def _t975(df: int) -> float:
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:  # normal approximation with a small-sample correction
-        return 1.96 + 2.4 / max(df, 1)
-
-
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t interval."""
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, float("nan")
-    return m, _t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def summarise(records: list[dict], arms: list[str], base: str) -> list[dict]:
@@ -302,15 +299,27 @@ def markdown(rows: list[dict], base: str, title: str) -> str:
     return "\n".join(out)
 
 
+def smoke_set(folder: Path) -> str:
+    """A synthetic file of one real image per class of the embedded set (width-8 ConvNet, lr 0.01)."""
+    ds = load_dataset("fashion-mnist-mini", None)
+    pre = build_preprocess(ds, zca=False)
+    c, h, w = ds.image_shape
+    spec = ModelSpec("convnet", c, (h, w), ds.n_classes, 8, default_depth((h, w)))
+    idx = evaluate.random_subset(ds.train_labels, ds.n_classes, 1, 0)
+    file = folder / SYNTHETIC
+    save_synthetic(file, pre.apply(ds.train_images[idx]), ds.train_labels[idx], torch.tensor(0.01), pre,
+                   {"model": spec.to_dict(), "classes": list(ds.classes), "dataset": ds.name, "ipc": 1})
+    return str(file)
+
+
 # ---------------------------------------------------------------- main
 def check(sets, epochs: int, device, arm: str) -> bool:
     """Does knob arm ``arm`` give the engine's accuracy, network for network?"""
     ok = True
     for st in sets:
-        for seed in range(3):
-            args = (st["spec"], st["x"], st["y"], st["x_test"], st["y_test"], st["lr"], epochs, seed, device)
-            a, b = run_arm(arm, *args), run_arm("engine", *args)
-            print(f"{st['file']} seed {seed}: {arm} {a:.4f} engine {b:.4f}", flush=True)
+        for net in range(3):
+            a, b = run_arm(arm, st, net, epochs, device), run_arm("engine", st, net, epochs, device)
+            print(f"{st['file']} network {net}: {arm} {a:.4f} engine {b:.4f}", flush=True)
             ok &= a == b
     return ok
 
@@ -323,9 +332,7 @@ def check_dsa(x: torch.Tensor, n: int = 20000) -> dict:
     zeros, distance to the input, correlation with the horizontally flipped input) are compared
     with two-sample Kolmogorov-Smirnov tests. Large p-values everywhere: no detectable difference.
     """
-    from scipy.stats import ks_2samp
-
-    from dpd_cli.core.augment import OPS
+    from scipy.stats import ks_2samp  # optional: only --check-dsa needs scipy
 
     img = x[:1].cpu().double()
     reps = img.expand(n, *img.shape[1:]).contiguous()
@@ -349,7 +356,7 @@ def check_dsa(x: torch.Tensor, n: int = 20000) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("targets", nargs="+", help="run directories or synthetic.safetensors files")
+    ap.add_argument("targets", nargs="*", help="run directories or synthetic.safetensors files")
     ap.add_argument("--nets", type=int, default=40, help="networks per arm and set")
     ap.add_argument("--first-net", type=int, default=0, help="index of the first network (to extend a run)")
     ap.add_argument("--epochs", type=int, default=300, help="E: dpd trains E epochs, MTT E + 1")
@@ -362,17 +369,24 @@ def main(argv=None) -> int:
                     "engine: dpd; the current one: +schedule), 3 networks of min(E, 30)")
     ap.add_argument("--check-dsa", action="store_true", help="only compare dpd's DSA with the MTT re-creation, family by family")
     ap.add_argument("--out", help="JSON file; existing records in it are kept and reused")
+    ap.add_argument("--smoke", action="store_true", help="every arm on 1 network of 1 epoch, on a set of real images of the "
+                    "embedded dataset (width 8) written to a temporary folder, then --check +schedule")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.smoke:
+        a.targets, a.nets, a.epochs = [smoke_set(Path(tempfile.mkdtemp(prefix="eval-protocol-smoke-")))], 1, 1
+    if not a.targets:
+        ap.error("give at least one run directory or synthetic file (or --smoke)")
     sets = [load_set(t, device) for t in a.targets]
     if a.lr is not None:
         for st in sets:
             st["lr"] = a.lr
-    if a.check:
-        ok = check(sets, min(a.epochs, 30), device, a.check)
+    if a.check or a.smoke:
+        ok = check(sets, min(a.epochs, 30), device, a.check or "+schedule")
         print("identical" if ok else "DIFFERENT")
-        return 0 if ok else 1
+        if not a.smoke or not ok:
+            return 0 if ok else 1
     if a.check_dsa:
         # The set's first image, and a seeded random colour image (grey images hide saturation).
         rgb = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -399,7 +413,7 @@ def main(argv=None) -> int:
                 if (st["file"], net, arm, a.epochs, st["lr"]) in have:
                     continue
                 t0 = time.perf_counter()
-                acc = run_arm(arm, st["spec"], st["x"], st["y"], st["x_test"], st["y_test"], st["lr"], a.epochs, net, device)
+                acc = run_arm(arm, st, net, a.epochs, device)
                 data["records"].append({"set": st["file"], "net": net, "arm": arm, "epochs": a.epochs, "acc": acc,
                                         "lr": st["lr"], "ipc": st["ipc"], "seconds": time.perf_counter() - t0})
             print(f"net {net}: {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)

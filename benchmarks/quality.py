@@ -14,8 +14,17 @@ Examples (from the repository root):
     python benchmarks/quality.py --config examples/quick.toml --ipc 1 --ratios 0 0.01 0.05 0.1 0.2 \
         --scopes global layer --seeds 0 1 2 --out bench-out/sweep-mini
 
+    # Figures from a finished output (matplotlib: pip install -e ".[plot]"), all or some of them:
+    python benchmarks/quality.py --out bench-out/quality-mini --report-only --figures docs/figures [--figure accuracy_vs_rho]
+
+    python benchmarks/quality.py --smoke    # the whole pipeline at toy size on the embedded set (a temporary --out)
+
 Per-IPC distillation overrides go in ``--ipc-settings '{"10": {"syn_steps": 10, "iterations": 100}}'``;
 any other setting of a command can be overridden with ``--set experts.num=3`` style flags.
+
+Figures (``--figures DIR``, from ``results.json``): accuracy_vs_rho.png (with more than two ratios),
+loss_curves.png (the runs of the first seed), grid_ipc*.png (a DPD set of the first seed),
+layer_pruning.png (mean % of each layer pruned per iteration, a DPD run of the first seed).
 """
 
 from __future__ import annotations
@@ -26,17 +35,29 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from dpd_cli import __version__
-from dpd_cli.recipes import distill, evaluate, experts
+from dpd_cli.artifacts import prune_counts
 from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.data import Preprocess
+from dpd_cli.recipes import distill, evaluate, experts
 from dpd_cli.errors import StorageError
+from dpd_cli.io.images import save_grid
 from dpd_cli.config.settings import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("accuracy_vs_rho", "loss_curves", "grids", "layer_pruning")
+#: --smoke: the embedded set's preset at toy sizes.
+SMOKE_SETS = ["experts.num=1", "experts.epochs=2", "experts.width=8", "experts.train_per_class=20", "distill.width=8",
+              "distill.train_per_class=20", "distill.iterations=2", "distill.syn_steps=2", "distill.max_start_epoch=1",
+              "distill.expert_epochs=1", "distill.checkpoint_every=1", "evaluate.epochs=1", "evaluate.runs=1",
+              "evaluate.full_epochs=1"]
 
 
 def _parse_value(text: str):
@@ -71,9 +92,9 @@ def _eval_entries(target: Path, source: str, model: str) -> list[dict]:
     return [e for e in data["results"] if e["source"] == source and e["model"] == model]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, required=True, help="Preset with [experts], [distill], [evaluate] tables.")
+    p.add_argument("--config", type=Path, help="Preset with [experts], [distill], [evaluate] tables (required to run).")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05])
     p.add_argument("--scopes", nargs="+", default=["global"], choices=["global", "layer"])
@@ -84,11 +105,29 @@ def main() -> None:
     p.add_argument("--shared-experts", action="store_true",
                    help="Train experts once (with the first seed) and distil every seed from them; seeds then vary "
                         "distillation and evaluation only. Saves most of the time on small machines.")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, help="Output folder (required unless --smoke).")
+    p.add_argument("--report-only", action="store_true", help="Run nothing: redraw the table and --figures from results.json.")
+    p.add_argument("--figures", type=Path, help="Draw the figures into this folder.")
+    p.add_argument("--figure", nargs="+", choices=FIGURES, default=list(FIGURES), help="Only these figures.")
+    p.add_argument("--smoke", action="store_true", help="The embedded set's preset at toy sizes: IPC 1, rho 0 and 0.05, "
+                   "seed 0, random baseline, figures when matplotlib is installed (a temporary --out unless given).")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.config, args.ipc, args.ratios, args.seeds, args.baselines = ROOT / "examples" / "quick.toml", [1], [0.0, 0.05], [0], ["random"]
+        args.sets = SMOKE_SETS + args.sets
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="quality-smoke-"))
+        args.figures = args.figures or args.out / "figures"
+    if args.out is None or (args.config is None and not args.report_only):
+        p.error("--out and --config are required (or --smoke)")
+    out: Path = args.out
+    if args.report_only:
+        data = json.loads((out / "results.json").read_text())
+        print(_markdown(data["summary"], data["meta"]))
+        if args.figures:
+            figures(data, args.figures, args.figure)
+        return
 
     over = _overrides(args.sets)
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)  # noqa: E731
@@ -161,6 +200,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=2))
     (out / "results.md").write_text(_markdown(summary, meta))
     print(_markdown(summary, meta))
+    if args.figures:
+        figures({"summary": summary, "records": records}, args.figures, args.figure)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -212,6 +253,73 @@ def _markdown(summary: list[dict], meta: dict) -> str:
     lines.append(f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}; " +
                  ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["seconds_by_stage"].items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def figures(data: dict, dst: Path, only=FIGURES) -> None:
+    """The figures of ``only`` from a results.json's content into ``dst`` (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figures (pip install -e \".[plot]\")", file=sys.stderr)
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    summary = data["summary"]
+    dist = [r for r in summary if r["source"] == "distilled"]
+    ipcs = sorted({r["ipc"] for r in dist})
+    runs = [r for r in data["records"] if r.get("run_dir")]
+    first = [r for r in runs if r["seed"] == min(x["seed"] for x in runs)] if runs else []
+    dpd_runs = [r for r in first if r["ratio"]]
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(dst / f"{name}.png", dpi=120)
+        plt.close(fig)
+
+    if "accuracy_vs_rho" in only and len({r["ratio"] for r in dist}) > 2:  # one line per (IPC, scope); random dashed
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for ipc in ipcs:
+            for scope in ("global", "layer"):
+                pts = sorted((r["ratio"], 100 * r["mean"], 100 * r["std"]) for r in dist
+                             if r["ipc"] == ipc and (r["scope"] == scope or r["ratio"] == 0))
+                if any(p[0] for p in pts) and any(r["scope"] == scope and r["ratio"] for r in dist if r["ipc"] == ipc):
+                    ax.errorbar(*zip(*pts), marker="o", capsize=3, label=f"IPC {ipc}, {scope}")
+            for r in summary:
+                if r["source"] == "random" and r["ipc"] == ipc:
+                    ax.axhline(100 * r["mean"], ls="--", lw=1, color="grey")
+        ax.set(xlabel="prune ratio rho", ylabel="test accuracy (%)", title="Accuracy vs prune ratio (dashed: random real subset)")
+        ax.legend()
+        save(fig, "accuracy_vs_rho")
+    if "loss_curves" in only and first:
+        fig, axes = plt.subplots(1, len(ipcs), figsize=(5 * len(ipcs), 3.5), squeeze=False)
+        for ax, ipc in zip(axes[0], ipcs):
+            for r in sorted((r for r in first if r["ipc"] == ipc and r["scope"] == "global"), key=lambda r: r["ratio"]):
+                m = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                loss = [x["loss"] for x in m]
+                smooth = [sum(loss[max(0, i - 9): i + 1]) / len(loss[max(0, i - 9): i + 1]) for i in range(len(loss))]
+                ax.plot([x["iteration"] for x in m], smooth, label=f"rho {r['ratio']:g}")
+            ax.set(title=f"Matching loss, IPC {ipc} (first seed, smoothed)", xlabel="iteration")
+            ax.legend()
+        save(fig, "loss_curves")
+    if "grids" in only:
+        for ipc in ipcs:
+            run = next((Path(r["run_dir"]) for r in dpd_runs if r["ipc"] == ipc), None)
+            if run is not None:
+                t, meta = load_synthetic(run / SYNTHETIC)
+                save_grid(Preprocess.from_tensors(t).invert(t["images"]), t["labels"], len(meta["classes"]), dst / f"grid_ipc{ipc}.png")
+    if "layer_pruning" in only and dpd_runs:
+        run = Path(dpd_runs[0]["run_dir"])
+        counts, meta = prune_counts.load(run / "prune_frequency.safetensors")
+        layers = prune_counts.layer_stats(counts, meta["layout"], max(1, int(meta.get("iterations_pruned") or 0)))["layers"]
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(layers) + 1))
+        ax.barh([r["name"] for r in layers][::-1], [r["mean_pct"] for r in layers][::-1], color="tab:red")
+        ax.set(xlabel="mean % of the layer pruned per iteration", title=f"Per-layer pruning, {run.name}")
+        save(fig, "layer_pruning")
 
 
 if __name__ == "__main__":
