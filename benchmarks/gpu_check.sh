@@ -8,6 +8,7 @@
 # runs under `timeout`, cut to what is left of BUDGET_S (default 480); SKIP='regex' leaves out matching steps.
 # If `import torch` fails, .whl/*.whl are installed; the package is used from PYTHONPATH (pure Python).
 set -uo pipefail
+[[ "${1:-}" == --help || "${1:-}" == -h ]] && { sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0; }
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 SMOKE=0; [[ "${1:-}" == "--smoke" ]] && { SMOKE=1; shift; }
 OUT="${OUT:-bench-out}"; TGZ="${1:-data/cifar10-jpeg.tar.gz}"; BUDGET_S="${BUDGET_S:-480}"; PY="${PYTHON:-python3}"
