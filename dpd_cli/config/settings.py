@@ -61,6 +61,10 @@ CONFIG_ENV = "DPD_CONFIG"
 #: What ``dpd export --format`` writes (``dpd_cli.artifacts.export``).
 EXPORT_FORMATS = ("mtt", "datm", "imagefolder", "npz")
 _DATA, _PRUNING, _MEMORY, _OUTPUT = ({"panel": p} for p in ("Data", "Pruning", "Memory", "Output"))
+_SHARED_DATA = {"panel": "Data", "shared": True}
+_DATA_DIR_HELP = (
+    "Dataset folder (imagefolder: with train/ and test/; default: the dpd cache, downloading on first use)."
+)
 #: Datasets read from a folder the user names, and what that folder is.
 _FOLDER_DATASETS = {
     "imagefolder": "a folder with train/ and test/",
@@ -109,14 +113,9 @@ class DataFields(_Settings):
     panel: ClassVar[str] = "Data"
 
     dataset: Literal[DATASET_NAMES] = Field("fashion-mnist-mini", description="Dataset to train on.")
-    data_dir: Path | None = Field(
-        None,
-        description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
-        "Default: the dpd dataset cache, downloading on first use.",
-    )
+    data_dir: Path | None = Field(None, description=_DATA_DIR_HELP)
     zca: bool = Field(
-        False,
-        description="ZCA-whiten images as MTT: eps 0.1, fitted on the raw [0, 1] training pixels, no mean/std normalisation.",
+        False, description="ZCA-whiten images as MTT (eps 0.1, fitted on the raw [0, 1] training pixels)."
     )
     train_per_class: int | None = Field(
         None, ge=1, description="Use only this many training images per class (seeded, class-balanced)."
@@ -124,8 +123,8 @@ class DataFields(_Settings):
     val_per_class: int | None = Field(
         None,
         ge=1,
-        description="Hold out this many training images per class as a validation split (the same in experts, "
-        "distill and evaluate, which never train on it). Needed by evaluate --select val.",
+        description="Hold out this many training images per class as a validation split, never trained on (needed "
+        "by evaluate --select val).",
     )
 
     @model_validator(mode="after")
@@ -157,20 +156,15 @@ class RunFields(_Settings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
     host_memory: Literal["reuse", "system"] = Field(
         "reuse",
-        description="On the CPU, reuse keeps freed tensor memory in the process instead of returning it to the system "
-        "after every use (about 1.4x faster distillation on two cores, somewhat higher peak RSS); system leaves the C "
-        "library's allocator as it is. No effect on a GPU or off glibc Linux.",
+        description="CPU allocator: reuse keeps freed tensor memory in the process (faster, somewhat higher peak RSS); "
+        "system returns it after every use. Only on glibc Linux.",
     )
     deterministic: bool = Field(
         False,
-        description="On a GPU, use cuDNN's deterministic algorithms and no autotuning, so that runs repeat (distillation "
-        "only to rounding: DSA's grid_sample backward adds with atomics). Can be slower; the CPU repeats anyway.",
+        description="On a GPU, use cuDNN's deterministic algorithms so that runs repeat (distillation only to rounding). "
+        "Can be slower.",
     )
-    dist_timeout: float = Field(
-        300.0,
-        gt=0,
-        description="Under torchrun: seconds a rank waits for the others before it gives up with a message.",
-    )
+    dist_timeout: float = Field(300.0, gt=0, description="Under torchrun: seconds a rank waits for the others.")
 
     @field_validator("device")
     @classmethod
@@ -207,8 +201,8 @@ class DistillSettings(DataFields, ModelFields, RunFields):
 
     experts: Path | None = Field(
         None,
-        description="Experts folder (default: the newest under the experts root that fits the dataset and network "
-        "settings given; the folder's own dataset and network settings apply unless given).",
+        description="Experts folder (default: the newest fitting one under the experts root); its dataset and network "
+        "settings apply unless given.",
         json_schema_extra=_DATA,
     )
     ipc: int = Field(10, ge=1, description="Synthetic images per class.")
@@ -221,40 +215,31 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     lr_teacher: float = Field(0.01, gt=0, description="Initial student step size alpha_0.")
     batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
     prune_ratio: float = Field(
-        0.01,
-        ge=0,
-        lt=1,
-        description="rho: fraction of parameters pruned from the loss; 0 is MTT.",
-        json_schema_extra=_PRUNING,
+        0.01, ge=0, lt=1, description="rho: fraction pruned from the loss; 0 is MTT.", json_schema_extra=_PRUNING
     )
     prune_scope: Literal["global", "layer"] = Field(
         "global", description="Rank parameters globally or within each layer.", json_schema_extra=_PRUNING
     )
     prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = Field(
         "abs",
-        description="Score that ranks parameters: abs |student - target|; relative: that divided by |start - target| + eps; "
-        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.",
+        description="Score ranking parameters: abs |student - target|; relative: abs / (|start - target| + eps); "
+        "layer-z: abs standardised per layer; layer-rank: abs's rank in its layer / layer size.",
         json_schema_extra=_PRUNING,
     )
     prune_direction: Literal["largest", "smallest"] = Field(
-        "largest",
-        description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection).",
-        json_schema_extra=_PRUNING,
+        "largest", description="Prune the largest scores (DPD) or the smallest (PAD).", json_schema_extra=_PRUNING
     )
     prune_mask: Literal["step", "ema"] = Field(
-        "step",
-        description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's score.",
-        json_schema_extra=_PRUNING,
+        "step", description="Mask from this iteration's scores or their moving average.", json_schema_extra=_PRUNING
     )
     prune_ema_beta: float | None = Field(
         None,
-        description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9).",
+        description="With --prune-mask ema: the average's weight of the past (default 0.9).",
         json_schema_extra=_PRUNING,
     )
     prune_mode: Literal["loss", "network"] = Field(
         "loss",
-        description="loss: prune from the loss only; network: also freeze the pruned parameters at the expert's start "
-        "during the unroll (mask from earlier iterations).",
+        description="loss: prune from the loss only; network: also freeze pruned parameters at the expert's start.",
         json_schema_extra=_PRUNING,
     )
     prune_warmup: int = Field(
@@ -262,32 +247,30 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     )
     memory: Literal["full", "low"] = Field(
         "full",
-        description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
+        description="full: keep the unrolled graph; low: recompute it, memory flat in N.",
         json_schema_extra=_MEMORY,
     )
     keep_graphs: int = Field(
         0,
         ge=0,
-        description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them: memory "
-        "grows by K/N of full's, time falls toward full's. The last step's graph is always kept (K = 0 and 1 are the same).",
+        description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them (K = N: "
+        "full's memory and time).",
         json_schema_extra=_MEMORY,
     )
     cuda_graphs: bool = Field(
         True,
-        description="On a GPU, record one iteration's meta-gradient as a CUDA graph and replay it (checked against the "
-        "eager computation first; eager if they differ). Faster at small IPC. Not used under torchrun or with "
-        "--prune-mask ema / --prune-mode network.",
+        description="On a GPU, replay one iteration's meta-gradient as a CUDA graph once checked against eager mode. "
+        "Not under torchrun, --prune-mask ema or --prune-mode network.",
         json_schema_extra=_MEMORY,
     )
     init: Literal["real", "real-correct", "noise"] = Field(
         "real",
-        description="Initialise images from real samples, from real samples the label expert classifies "
-        "correctly (DATM's; with --soft-labels), or from noise.",
+        description="Initial images: real samples, real samples the label expert gets right (with --soft-labels), or noise.",
     )
     soft_labels: bool = Field(
         False,
-        description="Learn soft labels too (DATM): logits initialised from an expert's logits on the initial images, "
-        "trained by the same meta-gradient; evaluation trains on them with soft cross-entropy.",
+        description="Learn soft labels too (DATM): logits from an expert on the initial images, trained by the "
+        "meta-gradient.",
     )
     label_epoch: int | None = Field(
         None,
@@ -300,20 +283,19 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     checkpoint_every: int = Field(100, ge=1, description="Iterations between checkpoints.", json_schema_extra=_OUTPUT)
     keep_checkpoints: Literal["latest", "all"] | int = Field(
         "latest",
-        description="Checkpoints kept besides checkpoint 0 (the initial images) and the newest two: latest (no others), "
-        "all, or N (every N-th), so that evaluate --select can pick among them.",
+        description="Checkpoints kept besides checkpoint 0 and the newest two, for evaluate --select: latest (none), "
+        "all, or N (every N-th).",
         json_schema_extra=_OUTPUT,
     )
     log_every: int | None = Field(
         None,
         ge=1,
-        description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU).",
+        description="Iterations between metric flushes (default: 1 on CPU, 10 on GPU).",
         json_schema_extra=_OUTPUT,
     )
     out: Path | None = Field(
         None,
-        description="Run directory (default: a folder in runs/ named after the dataset, IPC, ratio and seed, "
-        "e.g. runs/cifar10-ipc10-rho0.01-s0).",
+        description="Run directory (default: named after dataset, IPC, ratio and seed, e.g. runs/cifar10-ipc10-rho0.01-s0).",
         json_schema_extra=_OUTPUT,
     )
     resume: bool = Field(
@@ -388,13 +370,13 @@ class EvalSettings(RunFields):
     dsa: bool = Field(True, description="DSA while training the evaluation networks.")
     baseline: list[Literal["random", "full", "init"]] = Field(
         [],
-        description="Also evaluate baselines: random (random real images, same IPC), full (all real training images), "
-        "init (the run's own initial images, at its learned alpha).",
+        description="Also evaluate baselines: random (real images, same IPC), full (all training images), init (the run's "
+        "initial images).",
     )
     select: Literal["val", "final", "test-max"] | None = Field(
         None,
-        description="Which of a run's kept checkpoints to report: val (best on the validation split; the default when the "
-        "run has one and several checkpoints), final, or test-max (best on the test set: optimistic, as published tables).",
+        description="Checkpoint to report: val (best on the validation split; default when there is one), final, or "
+        "test-max (best on the test set: optimistic).",
     )
     full_epochs: int = Field(20, ge=1, description="E for the full-data baseline (E + 1 epochs run).")
     distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
@@ -402,13 +384,13 @@ class EvalSettings(RunFields):
         None,
         ge=0,
         le=100,
-        description="Exit 3 if a distilled mean accuracy is below this percentage (0-100).",
+        description="Exit 3 if a distilled mean accuracy is below this percentage.",
         json_schema_extra=_OUTPUT,
     )
     data_dir: Path | None = Field(
         None,
         description="Folder with the dataset's files, if not where the run found them.",
-        json_schema_extra={"panel": "Data", "shared": True},
+        json_schema_extra=_SHARED_DATA,
     )
 
     @field_validator("models")
@@ -445,23 +427,17 @@ class ImportSettings(ModelFields):
     dataset: Literal[DATASET_NAMES] | None = Field(
         None,
         description="Dataset the buffers' experts were trained on (required).",
-        json_schema_extra={"panel": "Data", "shared": True},
+        json_schema_extra=_SHARED_DATA,
     )
-    data_dir: Path | None = Field(
-        None,
-        description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
-        "Default: the dpd dataset cache, downloading on first use.",
-        json_schema_extra={"panel": "Data", "shared": True},
-    )
+    data_dir: Path | None = Field(None, description=_DATA_DIR_HELP, json_schema_extra=_SHARED_DATA)
     zca: bool | None = Field(
         None,
-        description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca; MTT "
-        "stores buffers without ZCA in <dataset>_NO_ZCA folders). The buffers do not record it.",
-        json_schema_extra={"panel": "Data", "shared": True},
+        description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca).",
+        json_schema_extra=_SHARED_DATA,
     )
     model: Literal["convnet"] = Field(
         "convnet",
-        description="Network the buffers hold (MTT's ConvNet; other networks' parameter order is not checked against dpd's).",
+        description="Network the buffers hold (MTT's ConvNet).",
         json_schema_extra={"panel": "Model", "shared": True},
     )
     lr: float | None = Field(
@@ -501,9 +477,8 @@ class ExportSettings(_Settings):
 
     format: Literal[EXPORT_FORMATS] | None = Field(
         None,
-        description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt as MTT's and DATM's evaluation "
-        "code loads them, plus the ZCA transform; imagefolder: PNGs <class>/<i>.png in pixel space; npz: one NumPy "
-        "archive with the images, labels, learning rate and preprocessing.",
+        description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt and the ZCA transform; "
+        "imagefolder: PNGs <class>/<i>.png; npz: one NumPy archive.",
     )
     out: Path | None = Field(None, description="Folder to write (required; refused if it exists, unless --force).")
     # As distill's --force: replace what --out holds.
