@@ -60,8 +60,6 @@ PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation",
 CONFIG_ENV = "DPD_CONFIG"
 #: What ``dpd export --format`` writes (``dpd_cli.artifacts.export``).
 EXPORT_FORMATS = ("mtt", "datm", "imagefolder", "npz")
-_DATA, _PRUNING, _MEMORY, _OUTPUT = ({"panel": p} for p in ("Data", "Pruning", "Memory", "Output"))
-_SHARED_DATA = {"panel": "Data", "shared": True}
 _DATA_DIR_HELP = (
     "Dataset folder (imagefolder: with train/ and test/; default: the dpd cache, downloading on first use)."
 )
@@ -70,6 +68,15 @@ _FOLDER_DATASETS = {
     "imagefolder": "a folder with train/ and test/",
     "tiny-imagenet": "the unpacked tiny-imagenet-200 folder",
 }
+
+
+def _setting(default: Any, description: str, panel: str | None = None, *, shared=False, choices=(), **constraints):
+    """A settings field: default, ``--help`` text, ``--help`` panel (default: the class's), ``shared`` (a
+    redeclaration that means the same as the others), the values ``--help`` lists, Pydantic constraints."""
+    extra = {"panel": panel, "shared": shared, "choices": choices}
+    return Field(
+        default, description=description, json_schema_extra={k: v for k, v in extra.items() if v}, **constraints
+    )
 
 
 class _Settings(BaseModel):
@@ -112,19 +119,17 @@ def _choose(value: Any, s: SettingInfo) -> Any:
 class DataFields(_Settings):
     panel: ClassVar[str] = "Data"
 
-    dataset: Literal[DATASET_NAMES] = Field("fashion-mnist-mini", description="Dataset to train on.")
-    data_dir: Path | None = Field(None, description=_DATA_DIR_HELP)
-    zca: bool = Field(
-        False, description="ZCA-whiten images as MTT (eps 0.1, fitted on the raw [0, 1] training pixels)."
+    dataset: Literal[DATASET_NAMES] = _setting("fashion-mnist-mini", "Dataset to train on.")
+    data_dir: Path | None = _setting(None, _DATA_DIR_HELP)
+    zca: bool = _setting(False, "ZCA-whiten images as MTT (eps 0.1, fitted on the raw [0, 1] training pixels).")
+    train_per_class: int | None = _setting(
+        None, "Use only this many training images per class (seeded, class-balanced).", ge=1
     )
-    train_per_class: int | None = Field(
-        None, ge=1, description="Use only this many training images per class (seeded, class-balanced)."
-    )
-    val_per_class: int | None = Field(
+    val_per_class: int | None = _setting(
         None,
-        ge=1,
-        description="Hold out this many training images per class as a validation split, never trained on (needed "
+        "Hold out this many training images per class as a validation split, never trained on (needed "
         "by evaluate --select val).",
+        ge=1,
     )
 
     @model_validator(mode="after")
@@ -137,34 +142,34 @@ class DataFields(_Settings):
 class ModelFields(_Settings):
     panel: ClassVar[str] = "Model"
 
-    model: Literal[MODEL_NAMES] = Field("convnet", description="Network architecture.")
-    width: int = Field(128, ge=1, le=4096, description="ConvNet channels per layer.")
-    depth: int | None = Field(None, ge=1, le=8, description="ConvNet depth (default: from the image size).")
-    norm: Literal["instance", "batch", "none"] = Field("instance", description="Normalisation layers.")
-    pool: Literal["avg", "max"] = Field("avg", description="ConvNet pooling.")
+    model: Literal[MODEL_NAMES] = _setting("convnet", "Network architecture.")
+    width: int = _setting(128, "ConvNet channels per layer.", ge=1, le=4096)
+    depth: int | None = _setting(None, "ConvNet depth (default: from the image size).", ge=1, le=8)
+    norm: Literal["instance", "batch", "none"] = _setting("instance", "Normalisation layers.")
+    pool: Literal["avg", "max"] = _setting("avg", "ConvNet pooling.")
 
 
 class RunFields(_Settings):
     panel: ClassVar[str] = "Run"
 
-    seed: int = Field(0, ge=0, description="Seed for every random choice.")
-    device: str = Field(
+    seed: int = _setting(0, "Seed for every random choice.", ge=0)
+    device: str = _setting(
         "auto",
-        description="Device to run on (auto: the first CUDA GPU if there is one, else the CPU).",
-        json_schema_extra={"choices": ["auto", "cpu", "cuda", "cuda:N"]},
+        "Device to run on (auto: the first CUDA GPU if there is one, else the CPU).",
+        choices=["auto", "cpu", "cuda", "cuda:N"],
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
-    host_memory: Literal["reuse", "system"] = Field(
+    threads: int | None = _setting(None, "CPU threads for torch (default: the cores available).", ge=1)
+    host_memory: Literal["reuse", "system"] = _setting(
         "reuse",
-        description="CPU allocator: reuse keeps freed tensor memory in the process (faster, somewhat higher peak RSS); "
+        "CPU allocator: reuse keeps freed tensor memory in the process (faster, somewhat higher peak RSS); "
         "system returns it after every use. Only on glibc Linux.",
     )
-    deterministic: bool = Field(
+    deterministic: bool = _setting(
         False,
-        description="On a GPU, use cuDNN's deterministic algorithms so that runs repeat (distillation only to rounding). "
+        "On a GPU, use cuDNN's deterministic algorithms so that runs repeat (distillation only to rounding). "
         "Can be slower.",
     )
-    dist_timeout: float = Field(300.0, gt=0, description="Under torchrun: seconds a rank waits for the others.")
+    dist_timeout: float = _setting(300.0, "Under torchrun: seconds a rank waits for the others.", gt=0)
 
     @field_validator("device")
     @classmethod
@@ -182,16 +187,14 @@ class ExpertSettings(DataFields, ModelFields, RunFields):
 
     panel: ClassVar[str] = "Training"
 
-    num: int = Field(50, ge=1, description="Number of experts to train.")
-    epochs: int = Field(50, ge=1, description="Epochs per expert (one snapshot per epoch).")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate.")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
-    batch: int = Field(256, ge=1, description="Mini-batch size.")
-    dsa: bool = Field(True, description="Differentiable siamese augmentation while training.")
-    out: Path | None = Field(
-        None, description="Experts folder (default: <experts root>/<dataset>/<model tag>).", json_schema_extra=_OUTPUT
-    )
+    num: int = _setting(50, "Number of experts to train.", ge=1)
+    epochs: int = _setting(50, "Epochs per expert (one snapshot per epoch).", ge=1)
+    lr: float = _setting(0.01, "SGD learning rate.", gt=0)
+    momentum: float = _setting(0.0, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = _setting(0.0, "SGD weight decay.", ge=0)
+    batch: int = _setting(256, "Mini-batch size.", ge=1)
+    dsa: bool = _setting(True, "Differentiable siamese augmentation while training.")
+    out: Path | None = _setting(None, "Experts folder (default: <experts root>/<dataset>/<model tag>).", "Output")
 
 
 class DistillSettings(DataFields, ModelFields, RunFields):
@@ -199,109 +202,92 @@ class DistillSettings(DataFields, ModelFields, RunFields):
 
     panel: ClassVar[str] = "Distillation"
 
-    experts: Path | None = Field(
+    experts: Path | None = _setting(
         None,
-        description="Experts folder (default: the newest fitting one under the experts root); its dataset and network "
+        "Experts folder (default: the newest fitting one under the experts root); its dataset and network "
         "settings apply unless given.",
-        json_schema_extra=_DATA,
+        "Data",
     )
-    ipc: int = Field(10, ge=1, description="Synthetic images per class.")
-    iterations: int = Field(5000, ge=1, description="Distillation iterations.")
-    syn_steps: int = Field(20, ge=1, description="N: student steps on the synthetic set per iteration.")
-    expert_epochs: int = Field(2, ge=1, description="M: expert epochs the student must match.")
-    max_start_epoch: int = Field(20, ge=1, description="T+: start epochs are drawn from 0..T+-1.")
-    lr_img: float = Field(1000.0, gt=0, description="Learning rate of the synthetic pixels.")
-    lr_lr: float = Field(1e-5, ge=0, description="Learning rate of the learnable step size alpha.")
-    lr_teacher: float = Field(0.01, gt=0, description="Initial student step size alpha_0.")
-    batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
-    prune_ratio: float = Field(
-        0.01, ge=0, lt=1, description="rho: fraction pruned from the loss; 0 is MTT.", json_schema_extra=_PRUNING
+    ipc: int = _setting(10, "Synthetic images per class.", ge=1)
+    iterations: int = _setting(5000, "Distillation iterations.", ge=1)
+    syn_steps: int = _setting(20, "N: student steps on the synthetic set per iteration.", ge=1)
+    expert_epochs: int = _setting(2, "M: expert epochs the student must match.", ge=1)
+    max_start_epoch: int = _setting(20, "T+: start epochs are drawn from 0..T+-1.", ge=1)
+    lr_img: float = _setting(1000.0, "Learning rate of the synthetic pixels.", gt=0)
+    lr_lr: float = _setting(1e-5, "Learning rate of the learnable step size alpha.", ge=0)
+    lr_teacher: float = _setting(0.01, "Initial student step size alpha_0.", gt=0)
+    batch_syn: int | None = _setting(None, "Synthetic mini-batch per student step (default: all).", ge=1)
+    prune_ratio: float = _setting(0.01, "rho: fraction pruned from the loss; 0 is MTT.", "Pruning", ge=0, lt=1)
+    prune_scope: Literal["global", "layer"] = _setting(
+        "global", "Rank parameters globally or within each layer.", "Pruning"
     )
-    prune_scope: Literal["global", "layer"] = Field(
-        "global", description="Rank parameters globally or within each layer.", json_schema_extra=_PRUNING
-    )
-    prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = Field(
+    prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = _setting(
         "abs",
-        description="Score ranking parameters: abs |student - target|; relative: abs / (|start - target| + eps); "
+        "Score ranking parameters: abs |student - target|; relative: abs / (|start - target| + eps); "
         "layer-z: abs standardised per layer; layer-rank: abs's rank in its layer / layer size.",
-        json_schema_extra=_PRUNING,
+        "Pruning",
     )
-    prune_direction: Literal["largest", "smallest"] = Field(
-        "largest", description="Prune the largest scores (DPD) or the smallest (PAD).", json_schema_extra=_PRUNING
+    prune_direction: Literal["largest", "smallest"] = _setting(
+        "largest", "Prune the largest scores (DPD) or the smallest (PAD).", "Pruning"
     )
-    prune_mask: Literal["step", "ema"] = Field(
-        "step", description="Mask from this iteration's scores or their moving average.", json_schema_extra=_PRUNING
+    prune_mask: Literal["step", "ema"] = _setting(
+        "step", "Mask from this iteration's scores or their moving average.", "Pruning"
     )
-    prune_ema_beta: float | None = Field(
-        None,
-        description="With --prune-mask ema: the average's weight of the past (default 0.9).",
-        json_schema_extra=_PRUNING,
+    prune_ema_beta: float | None = _setting(
+        None, "With --prune-mask ema: the average's weight of the past (default 0.9).", "Pruning"
     )
-    prune_mode: Literal["loss", "network"] = Field(
+    prune_mode: Literal["loss", "network"] = _setting(
         "loss",
-        description="loss: prune from the loss only; network: also freeze pruned parameters at the expert's start.",
-        json_schema_extra=_PRUNING,
+        "loss: prune from the loss only; network: also freeze pruned parameters at the expert's start.",
+        "Pruning",
     )
-    prune_warmup: int = Field(
-        0, ge=0, description="No pruning during the first K iterations.", json_schema_extra=_PRUNING
+    prune_warmup: int = _setting(0, "No pruning during the first K iterations.", "Pruning", ge=0)
+    memory: Literal["full", "low"] = _setting(
+        "full", "full: keep the unrolled graph; low: recompute it, memory flat in N.", "Memory"
     )
-    memory: Literal["full", "low"] = Field(
-        "full",
-        description="full: keep the unrolled graph; low: recompute it, memory flat in N.",
-        json_schema_extra=_MEMORY,
-    )
-    keep_graphs: int = Field(
+    keep_graphs: int = _setting(
         0,
-        ge=0,
-        description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them (K = N: "
+        "With --memory low: keep the last K of the N steps' graphs instead of recomputing them (K = N: "
         "full's memory and time).",
-        json_schema_extra=_MEMORY,
-    )
-    cuda_graphs: bool = Field(
-        True,
-        description="On a GPU, replay one iteration's meta-gradient as a CUDA graph once checked against eager mode. "
-        "Not under torchrun, --prune-mask ema or --prune-mode network.",
-        json_schema_extra=_MEMORY,
-    )
-    init: Literal["real", "real-correct", "noise"] = Field(
-        "real",
-        description="Initial images: real samples, real samples the label expert gets right (with --soft-labels), or noise.",
-    )
-    soft_labels: bool = Field(
-        False,
-        description="Learn soft labels too (DATM): logits from an expert on the initial images, trained by the "
-        "meta-gradient.",
-    )
-    label_epoch: int | None = Field(
-        None,
+        "Memory",
         ge=0,
-        description="With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).",
     )
-    lr_y: float = Field(2.0, gt=0, description="With --soft-labels: learning rate of the label logits (SGD).")
-    momentum_y: float = Field(0.9, ge=0, lt=1, description="With --soft-labels: SGD momentum of the label logits.")
-    dsa: bool = Field(True, description="Differentiable siamese augmentation in student steps.")
-    checkpoint_every: int = Field(100, ge=1, description="Iterations between checkpoints.", json_schema_extra=_OUTPUT)
-    keep_checkpoints: Literal["latest", "all"] | int = Field(
+    cuda_graphs: bool = _setting(
+        True,
+        "On a GPU, replay one iteration's meta-gradient as a CUDA graph once checked against eager mode. "
+        "Not under torchrun, --prune-mask ema or --prune-mode network.",
+        "Memory",
+    )
+    init: Literal["real", "real-correct", "noise"] = _setting(
+        "real", "Initial images: real samples, real samples the label expert gets right (with --soft-labels), or noise."
+    )
+    soft_labels: bool = _setting(
+        False,
+        "Learn soft labels too (DATM): logits from an expert on the initial images, trained by the meta-gradient.",
+    )
+    label_epoch: int | None = _setting(
+        None, "With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).", ge=0
+    )
+    lr_y: float = _setting(2.0, "With --soft-labels: learning rate of the label logits (SGD).", gt=0)
+    momentum_y: float = _setting(0.9, "With --soft-labels: SGD momentum of the label logits.", ge=0, lt=1)
+    dsa: bool = _setting(True, "Differentiable siamese augmentation in student steps.")
+    checkpoint_every: int = _setting(100, "Iterations between checkpoints.", "Output", ge=1)
+    keep_checkpoints: Literal["latest", "all"] | int = _setting(
         "latest",
-        description="Checkpoints kept besides checkpoint 0 and the newest two, for evaluate --select: latest (none), "
+        "Checkpoints kept besides checkpoint 0 and the newest two, for evaluate --select: latest (none), "
         "all, or N (every N-th).",
-        json_schema_extra=_OUTPUT,
+        "Output",
     )
-    log_every: int | None = Field(
+    log_every: int | None = _setting(
+        None, "Iterations between metric flushes (default: 1 on CPU, 10 on GPU).", "Output", ge=1
+    )
+    out: Path | None = _setting(
         None,
-        ge=1,
-        description="Iterations between metric flushes (default: 1 on CPU, 10 on GPU).",
-        json_schema_extra=_OUTPUT,
+        "Run directory (default: named after dataset, IPC, ratio and seed, e.g. runs/cifar10-ipc10-rho0.01-s0).",
+        "Output",
     )
-    out: Path | None = Field(
-        None,
-        description="Run directory (default: named after dataset, IPC, ratio and seed, e.g. runs/cifar10-ipc10-rho0.01-s0).",
-        json_schema_extra=_OUTPUT,
-    )
-    resume: bool = Field(
-        False, description="Continue the run in --out from its last checkpoint.", json_schema_extra=_OUTPUT
-    )
-    force: bool = Field(False, description="Overwrite an existing run in --out.", json_schema_extra=_OUTPUT)
+    resume: bool = _setting(False, "Continue the run in --out from its last checkpoint.", "Output")
+    force: bool = _setting(False, "Overwrite an existing run in --out.", "Output")
 
     @field_validator("keep_checkpoints", mode="before")
     @classmethod
@@ -357,40 +343,34 @@ class EvalSettings(RunFields):
 
     panel: ClassVar[str] = "Evaluation"
 
-    models: list[Literal[MODEL_NAMES]] = Field(["convnet"], description="Architectures to train.")
-    runs: int = Field(5, ge=1, description="Networks trained per architecture.")
-    protocol: Literal["mtt", "fixed"] = Field(
-        "mtt", description="MTT's evaluation loop; mtt: E = 1000 at the learned alpha; fixed: E = 300 at lr 0.01."
+    models: list[Literal[MODEL_NAMES]] = _setting(["convnet"], "Architectures to train.")
+    runs: int = _setting(5, "Networks trained per architecture.", ge=1)
+    protocol: Literal["mtt", "fixed"] = _setting(
+        "mtt", "MTT's evaluation loop; mtt: E = 1000 at the learned alpha; fixed: E = 300 at lr 0.01."
     )
-    epochs: int | None = Field(None, ge=1, description="Override the protocol's E (E + 1 epochs run, as in MTT).")
-    lr: float | None = Field(None, gt=0, description="Override the protocol's learning rate.")
-    batch: int = Field(256, ge=1, description="Mini-batch size.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
-    dsa: bool = Field(True, description="DSA while training the evaluation networks.")
-    baseline: list[Literal["random", "full", "init"]] = Field(
+    epochs: int | None = _setting(None, "Override the protocol's E (E + 1 epochs run, as in MTT).", ge=1)
+    lr: float | None = _setting(None, "Override the protocol's learning rate.", gt=0)
+    batch: int = _setting(256, "Mini-batch size.", ge=1)
+    momentum: float = _setting(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = _setting(5e-4, "SGD weight decay.", ge=0)
+    dsa: bool = _setting(True, "DSA while training the evaluation networks.")
+    baseline: list[Literal["random", "full", "init"]] = _setting(
         [],
-        description="Also evaluate baselines: random (real images, same IPC), full (all training images), init (the run's "
+        "Also evaluate baselines: random (real images, same IPC), full (all training images), init (the run's "
         "initial images).",
     )
-    select: Literal["val", "final", "test-max"] | None = Field(
+    select: Literal["val", "final", "test-max"] | None = _setting(
         None,
-        description="Checkpoint to report: val (best on the validation split; default when there is one), final, or "
+        "Checkpoint to report: val (best on the validation split; default when there is one), final, or "
         "test-max (best on the test set: optimistic).",
     )
-    full_epochs: int = Field(20, ge=1, description="E for the full-data baseline (E + 1 epochs run).")
-    distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
-    fail_under: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="Exit 3 if a distilled mean accuracy is below this percentage.",
-        json_schema_extra=_OUTPUT,
+    full_epochs: int = _setting(20, "E for the full-data baseline (E + 1 epochs run).", ge=1)
+    distilled: bool = _setting(True, "Evaluate the synthetic set itself (--no-distilled: only the baselines).")
+    fail_under: float | None = _setting(
+        None, "Exit 3 if a distilled mean accuracy is below this percentage.", "Output", ge=0, le=100
     )
-    data_dir: Path | None = Field(
-        None,
-        description="Folder with the dataset's files, if not where the run found them.",
-        json_schema_extra=_SHARED_DATA,
+    data_dir: Path | None = _setting(
+        None, "Folder with the dataset's files, if not where the run found them.", "Data", shared=True
     )
 
     @field_validator("models")
@@ -424,43 +404,24 @@ class ImportSettings(ModelFields):
 
     panel: ClassVar[str] = "Training"
 
-    dataset: Literal[DATASET_NAMES] | None = Field(
-        None,
-        description="Dataset the buffers' experts were trained on (required).",
-        json_schema_extra=_SHARED_DATA,
+    dataset: Literal[DATASET_NAMES] | None = _setting(
+        None, "Dataset the buffers' experts were trained on (required).", "Data", shared=True
     )
-    data_dir: Path | None = Field(None, description=_DATA_DIR_HELP, json_schema_extra=_SHARED_DATA)
-    zca: bool | None = Field(
-        None,
-        description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca).",
-        json_schema_extra=_SHARED_DATA,
+    data_dir: Path | None = _setting(None, _DATA_DIR_HELP, "Data", shared=True)
+    zca: bool | None = _setting(
+        None, "Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca).", "Data", shared=True
     )
-    model: Literal["convnet"] = Field(
-        "convnet",
-        description="Network the buffers hold (MTT's ConvNet).",
-        json_schema_extra={"panel": "Model", "shared": True},
+    model: Literal["convnet"] = _setting("convnet", "Network the buffers hold (MTT's ConvNet).", "Model", shared=True)
+    lr: float | None = _setting(None, "The experts' SGD learning rate, if you know it (recorded, not checked).", gt=0)
+    momentum: float | None = _setting(None, "The experts' SGD momentum, if you know it (recorded).", ge=0, lt=1)
+    weight_decay: float | None = _setting(None, "The experts' SGD weight decay, if you know it (recorded).", ge=0)
+    batch: int | None = _setting(None, "The experts' mini-batch size, if you know it (recorded).", ge=1)
+    dsa: bool | None = _setting(None, "Whether the experts were trained with DSA, if you know it (recorded).")
+    out: Path | None = _setting(
+        None, "Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).", "Output"
     )
-    lr: float | None = Field(
-        None, gt=0, description="The experts' SGD learning rate, if you know it (recorded, not checked)."
-    )
-    momentum: float | None = Field(
-        None, ge=0, lt=1, description="The experts' SGD momentum, if you know it (recorded)."
-    )
-    weight_decay: float | None = Field(
-        None, ge=0, description="The experts' SGD weight decay, if you know it (recorded)."
-    )
-    batch: int | None = Field(None, ge=1, description="The experts' mini-batch size, if you know it (recorded).")
-    dsa: bool | None = Field(None, description="Whether the experts were trained with DSA, if you know it (recorded).")
-    out: Path | None = Field(
-        None,
-        description="Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).",
-        json_schema_extra=_OUTPUT,
-    )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="CPU threads for torch (default: the cores available).",
-        json_schema_extra={"panel": "Run", "shared": True},
+    threads: int | None = _setting(
+        None, "CPU threads for torch (default: the cores available).", "Run", shared=True, ge=1
     )
 
     @model_validator(mode="after")
@@ -475,18 +436,14 @@ class ExportSettings(_Settings):
 
     panel: ClassVar[str] = "Output"
 
-    format: Literal[EXPORT_FORMATS] | None = Field(
+    format: Literal[EXPORT_FORMATS] | None = _setting(
         None,
-        description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt and the ZCA transform; "
+        "Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt and the ZCA transform; "
         "imagefolder: PNGs <class>/<i>.png; npz: one NumPy archive.",
     )
-    out: Path | None = Field(None, description="Folder to write (required; refused if it exists, unless --force).")
+    out: Path | None = _setting(None, "Folder to write (required; refused if it exists, unless --force).")
     # As distill's --force: replace what --out holds.
-    force: bool = Field(
-        False,
-        description="Replace --out if it holds an earlier export (or is empty).",
-        json_schema_extra={"shared": True},
-    )
+    force: bool = _setting(False, "Replace --out if it holds an earlier export (or is empty).", shared=True)
 
 
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {
