@@ -39,16 +39,7 @@ from dpd_cli.errors import SettingsError
 from dpd_cli.models import MODEL_NAMES
 
 #: Datasets the registry knows (``dpd_cli.data``); kept here so validation needs no torch.
-DATASET_NAMES = (
-    "fashion-mnist-mini",
-    "fashion-mnist",
-    "mnist",
-    "cifar10",
-    "cifar100",
-    "svhn",
-    "tiny-imagenet",
-    "imagefolder",
-)
+DATASET_NAMES = tuple("fashion-mnist-mini fashion-mnist mnist cifar10 cifar100 svhn tiny-imagenet imagefolder".split())
 #: Why ``--device mps`` is refused (here and by ``recipes.runtime.resolve_device``); see docs/guide.md.
 MPS_REFUSED = (
     "mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
@@ -743,10 +734,7 @@ def resolve_sources(
         lines = []
         for err in e.errors():
             loc = err["loc"][0] if err["loc"] else None
-            if loc is None or loc not in cls.model_fields and loc not in where:
-                origin = "settings"
-            else:
-                origin = where.get(loc, infos[loc].flag)
+            origin = where.get(loc, infos[loc].flag) if loc in cls.model_fields else "settings"
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err['input']!r})" if loc in where and not isinstance(err.get("input"), dict) else ""
             lines.append(f"{origin}: {msg}{got}")
