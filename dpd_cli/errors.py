@@ -6,20 +6,6 @@ message on stderr and exit code 2. Any other exception is a bug and keeps its tr
 
 from __future__ import annotations
 
-__all__ = [
-    "UserError",
-    "SettingsError",
-    "DataError",
-    "ExpertsError",
-    "StorageError",
-    "OutputExistsError",
-    "DeviceError",
-    "DivergedError",
-    "EXIT_USER_ERROR",
-    "EXIT_BELOW_THRESHOLD",
-    "EXIT_INTERRUPTED",
-]
-
 #: Exit codes of the ``dpd`` command (also documented in docs/guide.md).
 EXIT_USER_ERROR = 2
 EXIT_BELOW_THRESHOLD = 3  # ``dpd evaluate --fail-under`` and the mean accuracy was lower

@@ -5,30 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = [
-    "Event",
-    "Sink",
-    "NullSink",
-    "Message",
-    "ExpertsStarted",
-    "ExpertSkipped",
-    "ExpertStarted",
-    "ExpertEpoch",
-    "ExpertDone",
-    "ImportStarted",
-    "ImportFileStarted",
-    "ImportExpert",
-    "ImportFileDone",
-    "DistillStarted",
-    "DistillIteration",
-    "CheckpointSaved",
-    "DistillDone",
-    "EvalStarted",
-    "EvalEpoch",
-    "EvalRunDone",
-    "EvalDone",
-]
-
 
 class Event:
     """Base class of every event."""

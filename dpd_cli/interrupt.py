@@ -1,11 +1,8 @@
 """Cooperative stop requests (Ctrl-C), polled by the engine at safe points.
 
-The CLI installs a SIGINT handler. Inside the engine's work loops (``with safe_points():``)
-the first Ctrl-C calls ``request()``; the engine notices at its next safe point (end of a
-distillation iteration, a training batch), saves what is finished and raises
-``Interrupted``. Outside those loops (loading data, opening experts) there is nothing to
-save, so the first Ctrl-C quits at once, as a second Ctrl-C always does.
-Library users who install nothing get Python's default behaviour.
+Inside the engine's work loops (``with safe_points():``) the CLI's first Ctrl-C calls ``request()``;
+the engine notices at its next safe point, saves what is finished and raises ``Interrupted``.
+Outside them there is nothing to save, so the first Ctrl-C quits at once, as a second always does.
 """
 
 from __future__ import annotations
@@ -13,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-
-__all__ = ["Interrupted", "request", "requested", "clear", "check", "safe_points", "in_safe_points"]
 
 _flag = threading.Event()
 _depth = 0  # nesting of safe_points() (the main thread only: signal handlers run there)
@@ -28,16 +23,7 @@ class Interrupted(KeyboardInterrupt):
         self.resume_hint = resume_hint
 
 
-def request() -> None:
-    _flag.set()
-
-
-def requested() -> bool:
-    return _flag.is_set()
-
-
-def clear() -> None:
-    _flag.clear()
+request, requested, clear = _flag.set, _flag.is_set, _flag.clear
 
 
 def check(resume_hint: str) -> None:

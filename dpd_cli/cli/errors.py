@@ -15,18 +15,13 @@ from dpd_cli import interrupt
 from dpd_cli.cli.console import error_console
 from dpd_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
-__all__ = ["handle_errors", "fail"]
-
 
 def _debug() -> bool:
     return os.environ.get("DPD_DEBUG", "") not in ("", "0")
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR, traceback: bool = True) -> typer.Exit:
-    """Print ``Error: message`` to stderr and return the Exit to raise.
-
-    ``traceback``: whether there is a traceback worth seeing; if so, say how (``DPD_DEBUG=1``).
-    """
+    """Print ``Error: message`` to stderr (and how to see the traceback, if worth seeing); return the Exit to raise."""
     error_console().print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if code == EXIT_USER_ERROR and traceback and not _debug():
         error_console().print("[dim](Set DPD_DEBUG=1 to see the traceback.)[/]", highlight=False)
@@ -44,9 +39,8 @@ def _on_sigint(signum, frame) -> None:
 
 
 def _ignore(signals) -> None:
-    """While the closing message is printed the process is already leaving: a signal then (torchrun
-    sends SIGTERM to every rank once one has failed) must not cut the message short. Typer would turn
-    the handler's KeyboardInterrupt into a silent exit 130."""
+    """While the closing message is printed, a signal (torchrun sends SIGTERM to every rank once one has
+    failed) must not cut it short: Typer would turn the handler's KeyboardInterrupt into a silent exit 130."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -56,11 +50,9 @@ def handle_errors() -> Iterator[None]:
     """Translate user errors and interruptions into messages and exit codes (2, 130)."""
     interrupt.clear()
     previous = {}
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _on_sigint)
-    except ValueError:  # not the main thread (e.g. inside some test runners)
-        pass
     try:
         yield
     except UserError as e:

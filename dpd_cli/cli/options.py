@@ -1,9 +1,8 @@
 """Command-line options generated from the settings models, and the options every command shares.
 
-Each settings field (``dpd_cli.config.settings.setting_infos``) becomes one Typer option: flag, value
-type, default, help text, allowed values, env var names and ``--help`` panel all come from the
-field, so a new setting needs no edit here. An option left out is ``None``: "not given", so the
-config file, the environment or the default decide (``dpd_cli.config.settings.resolve_sources``).
+Each settings field (``setting_infos``) becomes one Typer option: flag, value type, default, help
+text, allowed values, env var names and ``--help`` panel all come from the field. An option left
+out is ``None``: "not given", so the config file, the environment or the default decide.
 """
 
 from __future__ import annotations
@@ -16,19 +15,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from dpd_cli.config.settings import COMMAND_SETTINGS, PANELS, SettingInfo, env_names, setting_infos
-
-__all__ = [
-    "COMMON",
-    "ENVIRONMENT_HELP",
-    "Command",
-    "Group",
-    "common_parameters",
-    "examples_help",
-    "keep_text",
-    "settings_parameters",
-    "synthetic_target",
-]
+from dpd_cli.config.settings import COMMAND_SETTINGS, SettingInfo, by_panel, env_names
 
 #: Parameters of every settings command besides the settings themselves.
 COMMON = ("config", "print_config", "quiet", "json_out")
@@ -41,15 +28,6 @@ ENVIRONMENT_HELP = (
     "DPD_<COMMAND>_X, or DPD_X if it means the same in every command; see each option's help and docs/guide.md."
 )
 
-_VALUE = {
-    "int": (int, "INT"),
-    "float": (float, "FLOAT"),
-    "path": (str, "PATH"),
-    "choice": (str, "NAME"),
-    "list": (str, "LIST"),
-    "text": (str, "TEXT"),
-}
-
 
 def keep_text(value: str) -> str:
     """A path argument's parser: keep the text as typed (a ``Path`` type would read ``""`` as ``"."``)."""
@@ -57,23 +35,10 @@ def keep_text(value: str) -> str:
 
 
 def synthetic_target(metavar: str) -> inspect.Parameter:
-    """The positional TARGET of ``evaluate`` and ``export``: a run directory, its synthetic set or a checkpoint.
-
-    Kept as typed (``keep_text``): the engine refuses an empty TARGET, which a ``Path`` would read as ".".
-    """
-    return inspect.Parameter(
-        "target",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[
-            Path,
-            typer.Argument(
-                metavar=metavar,
-                show_default=False,
-                parser=keep_text,
-                help="A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint.",
-            ),
-        ],
-    )
+    """The positional TARGET of ``evaluate`` and ``export``, kept as typed: the engine refuses an empty one."""
+    help_text = "A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint."
+    argument = typer.Argument(metavar=metavar, show_default=False, parser=keep_text, help=help_text)
+    return inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, argument])
 
 
 def _shown(value: Any) -> str:
@@ -89,11 +54,9 @@ def _help(command: str, s: SettingInfo) -> str:
     parts = [s.description.strip()]
     if s.choices:
         parts.append(("Comma-separated, from: " if s.kind == "list" else "One of: ") + ", ".join(s.choices) + ".")
-    if s.kind == "bool":
-        if s.default is not None:  # None: no default, the description says what leaving it out means
-            parts.append(f"(default: {s.flag if s.default else '--no-' + s.flag[2:]})")
-    elif s.default is not None:
-        parts.append(f"(default: {_shown(s.default)})")
+    if s.default is not None:  # None: no default, the description says what leaving it out means
+        default = (s.flag if s.default else "--no-" + s.flag[2:]) if s.kind == "bool" else _shown(s.default)
+        parts.append(f"(default: {default})")
     own, shared = env_names(command, s.name)
     parts.append(f"[env: {own}{' or ' + shared if shared else ''}]")
     # Typer renders help with Rich markup: escape() keeps "[env: ...]" and "[distill]" literal.
@@ -113,90 +76,40 @@ def _completer(choices: tuple[str, ...]):
 def _option(command: str, s: SettingInfo) -> inspect.Parameter:
     kw: dict[str, Any] = {"help": _help(command, s), "show_default": False, "rich_help_panel": s.panel}
     if s.kind == "bool":
-        annotation: Any = Optional[bool]  # noqa: UP045 (typer reads it at run time)
-        decls = (f"{s.flag}/--no-{s.flag[2:]}",)
+        value_type, decls = bool, (f"{s.flag}/--no-{s.flag[2:]}",)
     else:
-        value_type, kw["metavar"] = _VALUE["choice" if s.choices and s.kind == "text" else s.kind]
-        annotation = Optional[value_type]  # noqa: UP045
+        value_type = {"int": int, "float": float}.get(s.kind, str)
+        kw["metavar"] = "NAME" if s.choices and s.kind in ("choice", "text") else s.kind.upper()
         decls = (s.flag,)
         if s.choices and s.kind in ("choice", "list"):
             kw["autocompletion"] = _completer(s.choices)
-    return inspect.Parameter(
-        s.name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[annotation, typer.Option(*decls, **kw)],
-    )
+    annotation = Annotated[Optional[value_type], typer.Option(*decls, **kw)]  # noqa: UP045 (typer reads it at run time)
+    return inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
 def settings_parameters(command: str) -> list[inspect.Parameter]:
-    """One keyword parameter per setting of ``command``, ordered by panel (``PANELS``), then as declared."""
-    infos = list(setting_infos(COMMAND_SETTINGS[command]).values())
+    """One keyword parameter per setting of ``command``, ordered by panel, then as declared."""
+    infos = by_panel(COMMAND_SETTINGS[command])
     clash = {s.name for s in infos} & set(COMMON)
     if clash:
         raise TypeError(f"settings of {command} named like a common option: {sorted(clash)}")
-    order = {p: i for i, p in enumerate(PANELS)}
-    infos.sort(key=lambda s: order.get(s.panel, len(PANELS)))
     return [_option(command, s) for s in infos]
+
+
+def _common(name: str, default: Any, annotation: Any, *decls: str, **kw: Any) -> inspect.Parameter:
+    annotation = Annotated[annotation, typer.Option(*decls, show_default=False, **kw)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def common_parameters() -> list[inspect.Parameter]:
     """``--config``, ``--print-config``, ``--quiet``, ``--json``: in the first panel, with ``--help``."""
-    kw = inspect.Parameter.KEYWORD_ONLY
+    config_help = "Settings file (TOML, JSON or YAML). Precedence: flag > DPD_<COMMAND>_X > DPD_X > file > default. [env: DPD_CONFIG]"
+    print_help = "Print the resolved settings as TOML, each value with its source (default, file, env, flag), and exit."
     return [
-        inspect.Parameter(
-            "config",
-            kw,
-            default=None,
-            annotation=Annotated[
-                str | None,
-                typer.Option(
-                    "--config",
-                    "-c",
-                    metavar="FILE",
-                    show_default=False,
-                    help=escape(
-                        "Settings file (TOML, JSON or YAML). Precedence: flag > DPD_<COMMAND>_X > DPD_X > file > "
-                        "default. [env: DPD_CONFIG]"
-                    ),
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "print_config",
-            kw,
-            default=False,
-            annotation=Annotated[
-                bool,
-                typer.Option(
-                    "--print-config",
-                    show_default=False,
-                    help="Print the resolved settings as TOML, each value with its source (default, file, env, flag), and exit.",
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "quiet",
-            kw,
-            default=False,
-            annotation=Annotated[
-                bool,
-                typer.Option(
-                    "--quiet", "-q", show_default=False, help="No progress output (errors still go to stderr)."
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "json_out",
-            kw,
-            default=False,
-            annotation=Annotated[
-                bool,
-                typer.Option(
-                    "--json", show_default=False, help="Print the result as JSON on stdout; no progress output."
-                ),
-            ],
-        ),
+        _common("config", None, str | None, "--config", "-c", metavar="FILE", help=escape(config_help)),
+        _common("print_config", False, bool, "--print-config", help=print_help),
+        _common("quiet", False, bool, "--quiet", "-q", help="No progress output (errors still go to stderr)."),
+        _common("json_out", False, bool, "--json", help="Print the result as JSON on stdout; no progress output."),
     ]
 
 
@@ -212,23 +125,20 @@ def examples_help(summary: str, examples: list[tuple[str, str]], settings: bool 
     return f"{summary}\n\nExamples:\n{lines}\n{last}"
 
 
-def _switches_without_type(params: list) -> list:
+class _NoSwitchType:
     """Switches take no value: show no value type (Typer would print ``<bool>``) in ``--help``."""
-    for p in params:
-        if getattr(p, "is_flag", False) and not getattr(p, "count", False) and p.metavar is None:
-            p.metavar = ""
-    return params
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and not getattr(p, "count", False) and p.metavar is None:
+                p.metavar = ""
+        return params
 
 
-class Command(TyperCommand):
+class Command(_NoSwitchType, TyperCommand):
     """A ``dpd`` command: ``--help``/``-h`` and other switches show no value type."""
 
-    def get_params(self, ctx):
-        return _switches_without_type(super().get_params(ctx))
 
-
-class Group(TyperGroup):
+class Group(_NoSwitchType, TyperGroup):
     """The ``dpd`` group, with the same switches as its commands."""
-
-    def get_params(self, ctx):
-        return _switches_without_type(super().get_params(ctx))

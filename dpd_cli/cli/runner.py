@@ -1,8 +1,6 @@
 """The one sequence every settings command runs: resolve -> sink -> engine -> close -> report.
 
-``settings_command`` builds the Typer command function of ``experts``, ``distill`` or
-``evaluate``. One name runs through command, module and entry point: ``dpd distill`` calls
-``dpd_cli.recipes.distill.run``. The options come from the settings model (``dpd_cli.cli.options``);
+``dpd distill`` calls ``dpd_cli.recipes.distill.run``; its options come from the settings model, and
 the command's module supplies only how its result is reported and its help text.
 """
 
@@ -24,24 +22,15 @@ from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import COMMON, common_parameters, examples_help, settings_parameters
 from dpd_cli.config.settings import resolve_sources, to_toml
 
-__all__ = ["Report", "settings_command"]
-
 
 @dataclass
 class Report:
-    """What a command prints once its engine call returned.
+    """What a command prints once its engine call returned."""
 
-    Attributes:
-        json: Printed on stdout with ``--json`` (``None``: nothing, e.g. on a non-zero torchrun rank).
-        text: Printed on stdout otherwise, unless ``--quiet``.
-        exit_code: 0, or ``EXIT_BELOW_THRESHOLD``.
-        error: Printed on stderr in every mode when ``exit_code`` is not 0.
-    """
-
-    json: Any
-    text: list[RenderableType | str] = field(default_factory=list)
-    exit_code: int = 0
-    error: str | None = None
+    json: Any  # printed with --json (None: nothing, e.g. on a non-zero torchrun rank)
+    text: list[RenderableType | str] = field(default_factory=list)  # printed otherwise, unless --quiet
+    exit_code: int = 0  # or EXIT_BELOW_THRESHOLD
+    error: str | None = None  # printed on stderr in every mode when exit_code is not 0
 
 
 def settings_command(
@@ -54,18 +43,13 @@ def settings_command(
 ) -> Callable[..., None]:
     """A Typer command function whose options are the settings of ``command``.
 
-    Args:
-        command: ``experts``, ``distill`` or ``evaluate`` (a key of ``COMMAND_SETTINGS``).
-        report: ``(settings, result of dpd_cli.recipes.<command>.run) -> Report``.
-        summary: The first paragraph of ``--help``.
-        examples: ``(command line, what it does)`` pairs shown under the summary.
-        arguments: Positional arguments (``typer.Argument`` parameters), passed on to the engine's
-            ``run(settings, *arguments, sink)`` in this order.
+    ``report(settings, result of run) -> Report``; ``examples``: ``(command line, what it does)`` pairs
+    under the ``summary`` in ``--help``; ``arguments``: positional parameters, passed on in this order
+    to the engine's ``run(settings, *arguments, sink)``.
     """
-    names = [p.name for p in arguments]
 
     def command_function(**values: Any) -> None:
-        args = [values.pop(n) for n in names]
+        args = [values.pop(p.name) for p in arguments]
         config, print_config, quiet, json_out = (values.pop(n) for n in COMMON)
         with handle_errors():
             resolved = resolve_sources(command, values, config)  # values: exactly the settings flags
@@ -79,12 +63,10 @@ def settings_command(
             finally:
                 sink.close()
             shown = report(resolved.settings, result)
-        if os.environ.get("RANK", "0") != "0":
-            pass  # under torchrun rank 0 reports
-        elif json_out:
-            if shown.json is not None:
-                print_json(command, shown.json)
-        elif not quiet:
+        rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 reports
+        if rank0 and json_out and shown.json is not None:
+            print_json(command, shown.json)
+        elif rank0 and not json_out and not quiet:
             for item in shown.text:
                 out_console().print(item, highlight=False, soft_wrap=isinstance(item, str))
         if shown.exit_code:
@@ -94,7 +76,6 @@ def settings_command(
 
     command_function.__name__ = command
     command_function.__doc__ = examples_help(summary, examples)
-    command_function.__signature__ = inspect.Signature(
-        [*arguments, *settings_parameters(command), *common_parameters()]
-    )
+    params = [*arguments, *settings_parameters(command), *common_parameters()]
+    command_function.__signature__ = inspect.Signature(params)
     return command_function

@@ -1,43 +1,20 @@
 """Settings for every command, and how they are resolved.
 
-Each command has one Pydantic model (``ExpertSettings``, ``ImportSettings``, ``DistillSettings``,
-``EvalSettings``, ``ExportSettings``), built from groups that several commands share (``DataFields``,
-``ModelFields``, ``RunFields``). A subcommand's key joins the words with ``_``: ``dpd experts import`` is
-``experts_import`` (its table ``[experts_import]``, its variables ``DPD_EXPERTS_IMPORT_<SETTING>``).
+Each command has one Pydantic model, built from groups several commands share (``DataFields``,
+``ModelFields``, ``RunFields``); a subcommand's key joins its words with ``_`` (``experts_import``).
+A setting is one field: type, default, constraints, ``description`` (its ``--help``) and optionally
+``json_schema_extra={"panel": ...}`` (default: the ``panel`` of the declaring class). The flag, allowed
+values, config key and environment variables are derived from it (``setting_infos``).
 
-**One declaration per setting.** A setting is one field: its type, default, constraints and
-``description``, plus optionally ``json_schema_extra={"panel": "Pruning"}``, the group it is listed
-under in ``--help`` (default: the ``panel`` of the class that declares it). Everything else is derived
-from that field (``setting_infos``): the flag (``prune_ratio`` -> ``--prune-ratio``; a ``bool`` is the
-switch pair ``--zca/--no-zca``), the allowed values (a ``Literal`` type; matched case-insensitively),
-the config-file key and the environment variables. ``dpd_cli.cli.options`` builds the command-line
-options from it, so a new field appears in ``--help``, config files and the environment at once.
+Precedence, lowest first: field default < config file (``--config`` or ``DPD_CONFIG``; top-level keys,
+then the command's table ``[distill]``) < ``DPD_<SETTING>`` < ``DPD_<COMMAND>_<SETTING>`` < flag.
 
-**Where a value comes from**, lowest to highest precedence:
+A setting has the shared variable ``DPD_<SETTING>`` only if its name means the same in every command
+that has it: declared once, or redeclared with ``json_schema_extra={"shared": True}``. Otherwise
+(``out``, ``epochs``, ``lr``...) setting ``DPD_OUT`` is an error naming the command's own variable, so
+one variable never silently sets two different things.
 
-1. the field default;
-2. a config file (``--config FILE``, or the file named by ``DPD_CONFIG``; TOML, JSON or YAML).
-   Top-level keys apply to every command that has the setting; a table named after the command
-   (``[distill]``) applies to that command only and wins over top-level keys. A key that no
-   command knows is an error;
-3. the shared environment variable ``DPD_<SETTING>`` (``DPD_SEED=1``), which every command that has
-   the setting reads;
-4. the command's own variable ``DPD_<COMMAND>_<SETTING>`` (``DPD_DISTILL_OUT``, ``DPD_EXPERTS_EPOCHS``);
-5. a command-line flag.
-
-**Shared names.** A setting has a shared variable only if its name means the same thing in every
-command that has it: it is declared once (in a group several commands inherit), or it is declared
-again with ``json_schema_extra={"shared": True}`` to say it means the same. A name declared
-separately by several commands (``out``: experts folder vs run directory; ``epochs``, ``lr``,
-``batch``, ``momentum``, ``weight_decay``, ``dsa``: experts vs evaluation training) has no shared
-variable: ``DPD_OUT`` set while a command with an ``out`` setting runs is an error naming the
-command's own variable (``DPD_DISTILL_OUT``), so one variable never silently sets two different things.
-
-Unknown keys are errors and every problem is reported at once. The resolved settings are saved next
-to every output (``settings.json``) and inside every safetensors file written; ``to_toml`` prints them
-with the source of each value (``--print-config``).
-
-This module imports neither torch nor anything heavy, so ``dpd --help`` stays instant.
+This module imports nothing heavy, so ``dpd --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -45,7 +22,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import types
@@ -53,6 +29,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from itertools import groupby
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal
 
@@ -61,47 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dpd_cli.errors import SettingsError
 from dpd_cli.models import MODEL_NAMES
 
-__all__ = [
-    "DATASET_NAMES",
-    "MODEL_NAMES",
-    "MPS_REFUSED",
-    "PANELS",
-    "DataFields",
-    "ModelFields",
-    "RunFields",
-    "ExpertSettings",
-    "DistillSettings",
-    "EvalSettings",
-    "ImportSettings",
-    "ExportSettings",
-    "EXPORT_FORMATS",
-    "COMMAND_SETTINGS",
-    "command_title",
-    "SettingInfo",
-    "Resolved",
-    "setting_infos",
-    "resolve",
-    "resolve_sources",
-    "to_toml",
-    "settings_hash",
-    "env_var",
-    "command_env_var",
-    "env_names",
-    "CONFIG_ENV",
-]
-
 #: Datasets the registry knows (``dpd_cli.data``); kept here so validation needs no torch.
-DATASET_NAMES = (
-    "fashion-mnist-mini",
-    "fashion-mnist",
-    "mnist",
-    "cifar10",
-    "cifar100",
-    "svhn",
-    "tiny-imagenet",
-    "imagefolder",
-)
-#: Why ``--device mps`` is refused (here and by ``engine.common.resolve_device``); see docs/guide.md.
+DATASET_NAMES = tuple("fashion-mnist-mini fashion-mnist mnist cifar10 cifar100 svhn tiny-imagenet imagefolder".split())
+#: Why ``--device mps`` is refused (here and by ``recipes.runtime.resolve_device``); see docs/guide.md.
 MPS_REFUSED = (
     "mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
     "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU."
@@ -110,6 +49,25 @@ MPS_REFUSED = (
 PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation", "Model", "Output", "Run")
 #: The variable that names a config file when ``--config`` is not given.
 CONFIG_ENV = "DPD_CONFIG"
+#: What ``dpd export --format`` writes (``dpd_cli.artifacts.export``).
+EXPORT_FORMATS = ("mtt", "datm", "imagefolder", "npz")
+_DATA_DIR_HELP = (
+    "Dataset folder (imagefolder: with train/ and test/; default: the dpd cache, downloading on first use)."
+)
+#: Datasets read from a folder the user names, and what that folder is.
+_FOLDER_DATASETS = {
+    "imagefolder": "a folder with train/ and test/",
+    "tiny-imagenet": "the unpacked tiny-imagenet-200 folder",
+}
+
+
+def _setting(default: Any, description: str, panel: str | None = None, *, shared=False, choices=(), **constraints):
+    """A settings field: default, ``--help`` text, ``--help`` panel (default: the class's), ``shared`` (a
+    redeclaration that means the same as the others), the values ``--help`` lists, Pydantic constraints."""
+    extra = {"panel": panel, "shared": shared, "choices": choices}
+    return Field(
+        default, description=description, json_schema_extra={k: v for k, v in extra.items() if v}, **constraints
+    )
 
 
 class _Settings(BaseModel):
@@ -127,11 +85,10 @@ class _Settings(BaseModel):
             raise ValueError("the path is empty; give a path, or leave the setting out for the default")
         if s.kind == "list" and isinstance(v, str):
             v = [p for p in (part.strip() for part in v.split(",")) if p]
-        if s.literal:
-            if s.kind == "choice":
-                v = _choose(v, s)
-            elif isinstance(v, list):
-                v = [_choose(x, s) for x in v]
+        if s.literal and s.kind == "choice":
+            v = _choose(v, s)
+        elif s.literal and isinstance(v, list):
+            v = [_choose(x, s) for x in v]
         return v
 
 
@@ -140,88 +97,70 @@ def _choose(value: Any, s: SettingInfo) -> Any:
     if not isinstance(value, str):
         return value  # Pydantic reports the wrong type
     key = value.strip().lower()
-    for choice in s.literal:
-        if str(choice).lower() == key:
-            return choice
+    by_key = {str(c).lower(): c for c in s.literal}
+    if key in by_key:
+        return by_key[key]
     names = [str(c) for c in s.literal]
     noun = s.name.replace("_", " ")
-    if s.kind == "list" and noun.endswith("s"):
-        noun = noun[:-1]  # "models" lists model names
+    if s.kind == "list":
+        noun = noun.removesuffix("s")  # "models" lists model names
     raise ValueError(f"unknown {noun} {key!r}{_did_you_mean(key, names)}; known: {', '.join(names)}")
 
 
 class DataFields(_Settings):
     panel: ClassVar[str] = "Data"
 
-    dataset: Literal[DATASET_NAMES] = Field("fashion-mnist-mini", description="Dataset to train on.")
-    data_dir: Path | None = Field(
+    dataset: Literal[DATASET_NAMES] = _setting("fashion-mnist-mini", "Dataset to train on.")
+    data_dir: Path | None = _setting(None, _DATA_DIR_HELP)
+    zca: bool = _setting(False, "ZCA-whiten images as MTT (eps 0.1, fitted on the raw [0, 1] training pixels).")
+    train_per_class: int | None = _setting(
+        None, "Use only this many training images per class (seeded, class-balanced).", ge=1
+    )
+    val_per_class: int | None = _setting(
         None,
-        description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
-        "Default: the dpd dataset cache, downloading on first use.",
-    )
-    zca: bool = Field(
-        False,
-        description="ZCA-whiten images as MTT: eps 0.1, fitted on the raw [0, 1] training pixels, no mean/std normalisation.",
-    )
-    train_per_class: int | None = Field(
-        None, ge=1, description="Use only this many training images per class (seeded, class-balanced)."
-    )
-    val_per_class: int | None = Field(
-        None,
+        "Hold out this many training images per class as a validation split, never trained on (needed "
+        "by evaluate --select val).",
         ge=1,
-        description="Hold out this many training images per class as a validation split (the same split for "
-        "experts, distill and evaluate); experts and distillation never see them. Needed by evaluate --select val.",
     )
 
     @model_validator(mode="after")
     def _folder_datasets_need_dir(self) -> DataFields:
-        if self.dataset == "imagefolder" and self.data_dir is None:
-            raise ValueError("dataset 'imagefolder' needs --data-dir pointing at a folder with train/ and test/")
-        if self.dataset == "tiny-imagenet" and self.data_dir is None:
-            raise ValueError(
-                "dataset 'tiny-imagenet' needs --data-dir pointing at the unpacked tiny-imagenet-200 folder"
-            )
+        if self.dataset in _FOLDER_DATASETS and self.data_dir is None:
+            raise ValueError(f"dataset {self.dataset!r} needs --data-dir pointing at {_FOLDER_DATASETS[self.dataset]}")
         return self
 
 
 class ModelFields(_Settings):
     panel: ClassVar[str] = "Model"
 
-    model: Literal[MODEL_NAMES] = Field("convnet", description="Network architecture.")
-    width: int = Field(128, ge=1, le=4096, description="ConvNet channels per layer.")
-    depth: int | None = Field(None, ge=1, le=8, description="ConvNet depth (default: from the image size).")
-    norm: Literal["instance", "batch", "none"] = Field("instance", description="Normalisation layers.")
-    pool: Literal["avg", "max"] = Field("avg", description="ConvNet pooling.")
+    model: Literal[MODEL_NAMES] = _setting("convnet", "Network architecture.")
+    width: int = _setting(128, "ConvNet channels per layer.", ge=1, le=4096)
+    depth: int | None = _setting(None, "ConvNet depth (default: from the image size).", ge=1, le=8)
+    norm: Literal["instance", "batch", "none"] = _setting("instance", "Normalisation layers.")
+    pool: Literal["avg", "max"] = _setting("avg", "ConvNet pooling.")
 
 
 class RunFields(_Settings):
     panel: ClassVar[str] = "Run"
 
-    seed: int = Field(0, ge=0, description="Seed for every random choice.")
-    device: str = Field(
+    seed: int = _setting(0, "Seed for every random choice.", ge=0)
+    device: str = _setting(
         "auto",
-        description="Device to run on (auto: the first CUDA GPU if there is one, else the CPU).",
-        json_schema_extra={"choices": ["auto", "cpu", "cuda", "cuda:N"]},
+        "Device to run on (auto: the first CUDA GPU if there is one, else the CPU).",
+        choices=["auto", "cpu", "cuda", "cuda:N"],
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the cores available).")
-    host_memory: Literal["reuse", "system"] = Field(
+    threads: int | None = _setting(None, "CPU threads for torch (default: the cores available).", ge=1)
+    host_memory: Literal["reuse", "system"] = _setting(
         "reuse",
-        description="On the CPU, reuse keeps freed tensor memory in the process instead of handing it back to the "
-        "system after every use: about 1.4x faster distillation on two cores, with a somewhat higher peak RSS; system "
-        "leaves the C library's allocator as it is (no effect on a GPU or off glibc Linux).",
+        "CPU allocator: reuse keeps freed tensor memory in the process (faster, somewhat higher peak RSS); "
+        "system returns it after every use. Only on glibc Linux.",
     )
-    deterministic: bool = Field(
+    deterministic: bool = _setting(
         False,
-        description="On a GPU, use cuDNN's deterministic algorithms and no autotuning, so that runs repeat "
-        "themselves (distillation only to rounding: DSA's grid_sample backward still adds with atomics). Can be slower; "
-        "no effect on the CPU, which repeats itself anyway.",
+        "On a GPU, use cuDNN's deterministic algorithms so that runs repeat (distillation only to rounding). "
+        "Can be slower.",
     )
-    dist_timeout: float = Field(
-        300.0,
-        gt=0,
-        description="Under torchrun: seconds a rank waits for the others before it gives up with a message "
-        "(a failed or stopped rank ends the job within this time).",
-    )
+    dist_timeout: float = _setting(300.0, "Under torchrun: seconds a rank waits for the others.", gt=0)
 
     @field_validator("device")
     @classmethod
@@ -239,18 +178,14 @@ class ExpertSettings(DataFields, ModelFields, RunFields):
 
     panel: ClassVar[str] = "Training"
 
-    num: int = Field(50, ge=1, description="Number of experts to train.")
-    epochs: int = Field(50, ge=1, description="Epochs per expert (one snapshot per epoch).")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate.")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
-    batch: int = Field(256, ge=1, description="Mini-batch size.")
-    dsa: bool = Field(True, description="Differentiable siamese augmentation while training.")
-    out: Path | None = Field(
-        None,
-        description="Experts folder (default: <experts root>/<dataset>/<model tag>).",
-        json_schema_extra={"panel": "Output"},
-    )
+    num: int = _setting(50, "Number of experts to train.", ge=1)
+    epochs: int = _setting(50, "Epochs per expert (one snapshot per epoch).", ge=1)
+    lr: float = _setting(0.01, "SGD learning rate.", gt=0)
+    momentum: float = _setting(0.0, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = _setting(0.0, "SGD weight decay.", ge=0)
+    batch: int = _setting(256, "Mini-batch size.", ge=1)
+    dsa: bool = _setting(True, "Differentiable siamese augmentation while training.")
+    out: Path | None = _setting(None, "Experts folder (default: <experts root>/<dataset>/<model tag>).", "Output")
 
 
 class DistillSettings(DataFields, ModelFields, RunFields):
@@ -258,126 +193,92 @@ class DistillSettings(DataFields, ModelFields, RunFields):
 
     panel: ClassVar[str] = "Distillation"
 
-    experts: Path | None = Field(
+    experts: Path | None = _setting(
         None,
-        description="Experts folder (default: the newest one under the experts root that fits the dataset and "
-        "network settings given; the folder's own dataset and network settings apply unless given).",
-        json_schema_extra={"panel": "Data"},
+        "Experts folder (default: the newest fitting one under the experts root); its dataset and network "
+        "settings apply unless given.",
+        "Data",
     )
-    ipc: int = Field(10, ge=1, description="Synthetic images per class.")
-    iterations: int = Field(5000, ge=1, description="Distillation iterations.")
-    syn_steps: int = Field(20, ge=1, description="N: student steps on the synthetic set per iteration.")
-    expert_epochs: int = Field(2, ge=1, description="M: expert epochs the student must match.")
-    max_start_epoch: int = Field(20, ge=1, description="T+: start epochs are drawn from 0..T+-1.")
-    lr_img: float = Field(1000.0, gt=0, description="Learning rate of the synthetic pixels.")
-    lr_lr: float = Field(1e-5, ge=0, description="Learning rate of the learnable step size alpha.")
-    lr_teacher: float = Field(0.01, gt=0, description="Initial student step size alpha_0.")
-    batch_syn: int | None = Field(None, ge=1, description="Synthetic mini-batch per student step (default: all).")
-    prune_ratio: float = Field(
-        0.01,
-        ge=0,
-        lt=1,
-        description="rho: fraction of parameters pruned from the loss; 0 is MTT.",
-        json_schema_extra={"panel": "Pruning"},
+    ipc: int = _setting(10, "Synthetic images per class.", ge=1)
+    iterations: int = _setting(5000, "Distillation iterations.", ge=1)
+    syn_steps: int = _setting(20, "N: student steps on the synthetic set per iteration.", ge=1)
+    expert_epochs: int = _setting(2, "M: expert epochs the student must match.", ge=1)
+    max_start_epoch: int = _setting(20, "T+: start epochs are drawn from 0..T+-1.", ge=1)
+    lr_img: float = _setting(1000.0, "Learning rate of the synthetic pixels.", gt=0)
+    lr_lr: float = _setting(1e-5, "Learning rate of the learnable step size alpha.", ge=0)
+    lr_teacher: float = _setting(0.01, "Initial student step size alpha_0.", gt=0)
+    batch_syn: int | None = _setting(None, "Synthetic mini-batch per student step (default: all).", ge=1)
+    prune_ratio: float = _setting(0.01, "rho: fraction pruned from the loss; 0 is MTT.", "Pruning", ge=0, lt=1)
+    prune_scope: Literal["global", "layer"] = _setting(
+        "global", "Rank parameters globally or within each layer.", "Pruning"
     )
-    prune_scope: Literal["global", "layer"] = Field(
-        "global", description="Rank parameters globally or within each layer.", json_schema_extra={"panel": "Pruning"}
-    )
-    prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = Field(
+    prune_criterion: Literal["abs", "relative", "layer-z", "layer-rank"] = _setting(
         "abs",
-        description="Score that ranks parameters: abs |student - target|; relative: that divided by |start - target| + eps; "
-        "layer-z: abs standardised within its layer; layer-rank: abs's rank within its layer / layer size.",
-        json_schema_extra={"panel": "Pruning"},
+        "Score ranking parameters: abs |student - target|; relative: abs / (|start - target| + eps); "
+        "layer-z: abs standardised per layer; layer-rank: abs's rank in its layer / layer size.",
+        "Pruning",
     )
-    prune_direction: Literal["largest", "smallest"] = Field(
-        "largest",
-        description="Prune the largest scores (DPD: hardest to align) or the smallest (PAD's selection).",
-        json_schema_extra={"panel": "Pruning"},
+    prune_direction: Literal["largest", "smallest"] = _setting(
+        "largest", "Prune the largest scores (DPD) or the smallest (PAD).", "Pruning"
     )
-    prune_mask: Literal["step", "ema"] = Field(
-        "step",
-        description="step: the mask from this iteration's scores; ema: from a moving average of each parameter's "
-        "score.",
-        json_schema_extra={"panel": "Pruning"},
+    prune_mask: Literal["step", "ema"] = _setting(
+        "step", "Mask from this iteration's scores or their moving average.", "Pruning"
     )
-    prune_ema_beta: float | None = Field(
-        None,
-        description="With --prune-mask ema: weight of the past in the moving average, in [0, 1) (default 0.9).",
-        json_schema_extra={"panel": "Pruning"},
+    prune_ema_beta: float | None = _setting(
+        None, "With --prune-mask ema: the average's weight of the past (default 0.9).", "Pruning"
     )
-    prune_mode: Literal["loss", "network"] = Field(
+    prune_mode: Literal["loss", "network"] = _setting(
         "loss",
-        description="loss: prune from the loss only; network: also freeze the pruned parameters at the "
-        "expert's start during the unroll (mask from earlier iterations).",
-        json_schema_extra={"panel": "Pruning"},
+        "loss: prune from the loss only; network: also freeze pruned parameters at the expert's start.",
+        "Pruning",
     )
-    prune_warmup: int = Field(
-        0, ge=0, description="No pruning during the first K iterations.", json_schema_extra={"panel": "Pruning"}
+    prune_warmup: int = _setting(0, "No pruning during the first K iterations.", "Pruning", ge=0)
+    memory: Literal["full", "low"] = _setting(
+        "full", "full: keep the unrolled graph; low: recompute it, memory flat in N.", "Memory"
     )
-    memory: Literal["full", "low"] = Field(
-        "full",
-        description="full: keep the unrolled graph; low: exact recomputation, memory flat in N.",
-        json_schema_extra={"panel": "Memory"},
-    )
-    keep_graphs: int = Field(
+    keep_graphs: int = _setting(
         0,
+        "With --memory low: keep the last K of the N steps' graphs instead of recomputing them (K = N: "
+        "full's memory and time).",
+        "Memory",
         ge=0,
-        description="With --memory low: keep the last K of the N steps' graphs instead of recomputing them. "
-        "Memory grows by K steps' activations (K/N of full's), time falls from low's toward full's (K = N: full's). "
-        "The last step's graph is always kept (the backward sweep starts with it): K = 0 and 1 are the same.",
-        json_schema_extra={"panel": "Memory"},
     )
-    cuda_graphs: bool = Field(
+    cuda_graphs: bool = _setting(
         True,
-        description="On a GPU, record one iteration's meta-gradient as a CUDA graph and replay it (checked "
-        "against the eager computation before use; falls back to eager if it differs by more than eager differs "
-        "from itself). Faster at small IPC, no gain at IPC 50. Not used under torchrun or with --prune-mask ema / "
-        "--prune-mode network.",
-        json_schema_extra={"panel": "Memory"},
+        "On a GPU, replay one iteration's meta-gradient as a CUDA graph once checked against eager mode. "
+        "Not under torchrun, --prune-mask ema or --prune-mode network.",
+        "Memory",
     )
-    init: Literal["real", "real-correct", "noise"] = Field(
-        "real",
-        description="Initialise images from real samples, from real samples the label expert classifies "
-        "correctly (DATM's; with --soft-labels), or from noise.",
+    init: Literal["real", "real-correct", "noise"] = _setting(
+        "real", "Initial images: real samples, real samples the label expert gets right (with --soft-labels), or noise."
     )
-    soft_labels: bool = Field(
+    soft_labels: bool = _setting(
         False,
-        description="Learn soft labels too (DATM): logits initialised from an expert's logits on the initial "
-        "images, trained by the same meta-gradient; evaluation trains on them with soft cross-entropy.",
+        "Learn soft labels too (DATM): logits from an expert on the initial images, trained by the meta-gradient.",
     )
-    label_epoch: int | None = Field(
-        None,
-        ge=0,
-        description="With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).",
+    label_epoch: int | None = _setting(
+        None, "With --soft-labels: the epoch of expert 0 whose logits initialise the labels (default: its last).", ge=0
     )
-    lr_y: float = Field(2.0, gt=0, description="With --soft-labels: learning rate of the label logits (SGD).")
-    momentum_y: float = Field(0.9, ge=0, lt=1, description="With --soft-labels: SGD momentum of the label logits.")
-    dsa: bool = Field(True, description="Differentiable siamese augmentation in student steps.")
-    checkpoint_every: int = Field(
-        100, ge=1, description="Iterations between checkpoints.", json_schema_extra={"panel": "Output"}
-    )
-    keep_checkpoints: Literal["latest", "all"] | int = Field(
+    lr_y: float = _setting(2.0, "With --soft-labels: learning rate of the label logits (SGD).", gt=0)
+    momentum_y: float = _setting(0.9, "With --soft-labels: SGD momentum of the label logits.", ge=0, lt=1)
+    dsa: bool = _setting(True, "Differentiable siamese augmentation in student steps.")
+    checkpoint_every: int = _setting(100, "Iterations between checkpoints.", "Output", ge=1)
+    keep_checkpoints: Literal["latest", "all"] | int = _setting(
         "latest",
-        description="Checkpoints kept besides checkpoint 0 (the initial images) and the newest two: latest (no others), "
-        "all, or N (every N-th), so that evaluate --select can pick among them.",
-        json_schema_extra={"panel": "Output"},
+        "Checkpoints kept besides checkpoint 0 and the newest two, for evaluate --select: latest (none), "
+        "all, or N (every N-th).",
+        "Output",
     )
-    log_every: int | None = Field(
+    log_every: int | None = _setting(
+        None, "Iterations between metric flushes (default: 1 on CPU, 10 on GPU).", "Output", ge=1
+    )
+    out: Path | None = _setting(
         None,
-        ge=1,
-        description="Iterations between metric flushes, i.e. host syncs (default: 1 on CPU, 10 on GPU).",
-        json_schema_extra={"panel": "Output"},
+        "Run directory (default: named after dataset, IPC, ratio and seed, e.g. runs/cifar10-ipc10-rho0.01-s0).",
+        "Output",
     )
-    out: Path | None = Field(
-        None,
-        description="Run directory (default: a folder in runs/ named after the dataset, IPC, ratio and seed, "
-        "e.g. runs/cifar10-ipc10-rho0.01-s0).",
-        json_schema_extra={"panel": "Output"},
-    )
-    resume: bool = Field(
-        False, description="Continue the run in --out from its last checkpoint.", json_schema_extra={"panel": "Output"}
-    )
-    force: bool = Field(False, description="Overwrite an existing run in --out.", json_schema_extra={"panel": "Output"})
+    resume: bool = _setting(False, "Continue the run in --out from its last checkpoint.", "Output")
+    force: bool = _setting(False, "Overwrite an existing run in --out.", "Output")
 
     @field_validator("keep_checkpoints", mode="before")
     @classmethod
@@ -401,28 +302,25 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         if not self.soft_labels and (self.label_epoch is not None or self.init == "real-correct"):
             what = "--label-epoch" if self.label_epoch is not None else "--init real-correct"
             raise ValueError(f"{what} needs --soft-labels: it concerns the expert whose logits initialise the labels")
-        if self.keep_graphs:
-            if self.memory != "low":
-                raise ValueError(
-                    f"--keep-graphs {self.keep_graphs} is for --memory low (full memory keeps every step's "
-                    "graph already): add --memory low, or drop --keep-graphs"
-                )
-            if self.keep_graphs > self.syn_steps:
-                raise ValueError(
-                    f"--keep-graphs {self.keep_graphs} is more than the {self.syn_steps} steps of the unroll "
-                    f"(--syn-steps): use at most {self.syn_steps}"
-                )
-        if self.prune_ema_beta is not None:
-            if self.prune_mask != "ema":
-                raise ValueError(
-                    "--prune-ema-beta is the moving average's weight: it needs --prune-mask ema "
-                    f"(the mask is {self.prune_mask!r})"
-                )
-            if not 0 <= self.prune_ema_beta < 1:
-                raise ValueError(
-                    f"--prune-ema-beta must lie in [0, 1) (got {self.prune_ema_beta:g}): 0 uses only "
-                    "the current iteration, values near 1 a long memory"
-                )
+        if self.keep_graphs and self.memory != "low":
+            raise ValueError(
+                f"--keep-graphs {self.keep_graphs} is for --memory low (full memory keeps every step's "
+                "graph already): add --memory low, or drop --keep-graphs"
+            )
+        if self.keep_graphs > self.syn_steps:
+            raise ValueError(
+                f"--keep-graphs {self.keep_graphs} is more than the {self.syn_steps} steps of the unroll "
+                f"(--syn-steps): use at most {self.syn_steps}"
+            )
+        if self.prune_ema_beta is not None and self.prune_mask != "ema":
+            raise ValueError(
+                f"--prune-ema-beta is the moving average's weight: it needs --prune-mask ema (the mask is {self.prune_mask!r})"
+            )
+        if self.prune_ema_beta is not None and not 0 <= self.prune_ema_beta < 1:
+            raise ValueError(
+                f"--prune-ema-beta must lie in [0, 1) (got {self.prune_ema_beta:g}): 0 uses only "
+                "the current iteration, values near 1 a long memory"
+            )
         return self
 
     @property
@@ -436,40 +334,34 @@ class EvalSettings(RunFields):
 
     panel: ClassVar[str] = "Evaluation"
 
-    models: list[Literal[MODEL_NAMES]] = Field(["convnet"], description="Architectures to train.")
-    runs: int = Field(5, ge=1, description="Networks trained per architecture.")
-    protocol: Literal["mtt", "fixed"] = Field(
-        "mtt", description="MTT's evaluation loop; mtt: E = 1000 at the learned alpha; fixed: E = 300 at lr 0.01."
+    models: list[Literal[MODEL_NAMES]] = _setting(["convnet"], "Architectures to train.")
+    runs: int = _setting(5, "Networks trained per architecture.", ge=1)
+    protocol: Literal["mtt", "fixed"] = _setting(
+        "mtt", "MTT's evaluation loop; mtt: E = 1000 at the learned alpha; fixed: E = 300 at lr 0.01."
     )
-    epochs: int | None = Field(None, ge=1, description="Override the protocol's E (E + 1 epochs run, as in MTT).")
-    lr: float | None = Field(None, gt=0, description="Override the protocol's learning rate.")
-    batch: int = Field(256, ge=1, description="Mini-batch size.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
-    dsa: bool = Field(True, description="DSA while training the evaluation networks.")
-    baseline: list[Literal["random", "full", "init"]] = Field(
+    epochs: int | None = _setting(None, "Override the protocol's E (E + 1 epochs run, as in MTT).", ge=1)
+    lr: float | None = _setting(None, "Override the protocol's learning rate.", gt=0)
+    batch: int = _setting(256, "Mini-batch size.", ge=1)
+    momentum: float = _setting(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = _setting(5e-4, "SGD weight decay.", ge=0)
+    dsa: bool = _setting(True, "DSA while training the evaluation networks.")
+    baseline: list[Literal["random", "full", "init"]] = _setting(
         [],
-        description="Also evaluate baselines: random (random real images, same IPC), full (all real training images), "
-        "init (the run's own initial images, at its learned alpha).",
+        "Also evaluate baselines: random (real images, same IPC), full (all training images), init (the run's "
+        "initial images).",
     )
-    select: Literal["val", "final", "test-max"] | None = Field(
+    select: Literal["val", "final", "test-max"] | None = _setting(
         None,
-        description="Which of a run's kept checkpoints to report: val (best on the validation split; the default when the "
-        "run has one and several checkpoints), final, or test-max (best on the test set: optimistic, as published tables).",
+        "Checkpoint to report: val (best on the validation split; default when there is one), final, or "
+        "test-max (best on the test set: optimistic).",
     )
-    full_epochs: int = Field(20, ge=1, description="E for the full-data baseline (E + 1 epochs run).")
-    distilled: bool = Field(True, description="Evaluate the synthetic set itself (--no-distilled: only the baselines).")
-    fail_under: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="Exit 3 if a distilled mean accuracy is below this percentage (0-100).",
-        json_schema_extra={"panel": "Output"},
+    full_epochs: int = _setting(20, "E for the full-data baseline (E + 1 epochs run).", ge=1)
+    distilled: bool = _setting(True, "Evaluate the synthetic set itself (--no-distilled: only the baselines).")
+    fail_under: float | None = _setting(
+        None, "Exit 3 if a distilled mean accuracy is below this percentage.", "Output", ge=0, le=100
     )
-    data_dir: Path | None = Field(
-        None,
-        description="Folder with the dataset's files, if not where the run found them.",
-        json_schema_extra={"panel": "Data", "shared": True},
+    data_dir: Path | None = _setting(
+        None, "Folder with the dataset's files, if not where the run found them.", "Data", shared=True
     )
 
     @field_validator("models")
@@ -484,8 +376,7 @@ class EvalSettings(RunFields):
     def _percent(cls, v: float | None) -> float | None:
         if v is not None and 0 < v <= 1:
             raise ValueError(
-                f"the threshold is a percentage (0-100), and {v:g} looks like a fraction: "
-                f"for {100 * v:g} % give {100 * v:g}"
+                f"the threshold is a percentage (0-100), and {v:g} looks like a fraction: for {100 * v:g} % give {100 * v:g}"
             )
         return v
 
@@ -499,68 +390,36 @@ class EvalSettings(RunFields):
 class ImportSettings(ModelFields):
     """``dpd experts import``: convert MTT / FTD / DATM replay buffers into a dpd experts folder.
 
-    The buffers hold parameters only, so everything else is either stated here or recorded as
-    unknown (``None``). The dataset and ``--zca/--no-zca`` must be given: the preprocessing stored
-    with the experts is computed from them exactly as ``dpd experts`` would.
+    The buffers hold parameters only: what else is known is stated here or recorded as unknown (``None``).
     """
 
     panel: ClassVar[str] = "Training"
 
-    dataset: Literal[DATASET_NAMES] | None = Field(
-        None,
-        description="Dataset the buffers' experts were trained on (required).",
-        json_schema_extra={"panel": "Data", "shared": True},
+    dataset: Literal[DATASET_NAMES] | None = _setting(
+        None, "Dataset the buffers' experts were trained on (required).", "Data", shared=True
     )
-    data_dir: Path | None = Field(
-        None,
-        description="Folder holding the dataset's files (imagefolder: the folder with train/ and test/). "
-        "Default: the dpd dataset cache, downloading on first use.",
-        json_schema_extra={"panel": "Data", "shared": True},
+    data_dir: Path | None = _setting(None, _DATA_DIR_HELP, "Data", shared=True)
+    zca: bool | None = _setting(
+        None, "Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca).", "Data", shared=True
     )
-    zca: bool | None = Field(
-        None,
-        description="Required: whether the buffers were trained on ZCA-whitened images (MTT's --zca; MTT "
-        "stores buffers without ZCA in <dataset>_NO_ZCA folders). The buffers do not record it.",
-        json_schema_extra={"panel": "Data", "shared": True},
+    model: Literal["convnet"] = _setting("convnet", "Network the buffers hold (MTT's ConvNet).", "Model", shared=True)
+    lr: float | None = _setting(None, "The experts' SGD learning rate, if you know it (recorded, not checked).", gt=0)
+    momentum: float | None = _setting(None, "The experts' SGD momentum, if you know it (recorded).", ge=0, lt=1)
+    weight_decay: float | None = _setting(None, "The experts' SGD weight decay, if you know it (recorded).", ge=0)
+    batch: int | None = _setting(None, "The experts' mini-batch size, if you know it (recorded).", ge=1)
+    dsa: bool | None = _setting(None, "Whether the experts were trained with DSA, if you know it (recorded).")
+    out: Path | None = _setting(
+        None, "Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).", "Output"
     )
-    model: Literal["convnet"] = Field(
-        "convnet",
-        description="Network the buffers hold (MTT's ConvNet; other networks' parameter order is not "
-        "checked against dpd's).",
-        json_schema_extra={"panel": "Model", "shared": True},
-    )
-    lr: float | None = Field(
-        None, gt=0, description="The experts' SGD learning rate, if you know it (recorded, not checked)."
-    )
-    momentum: float | None = Field(
-        None, ge=0, lt=1, description="The experts' SGD momentum, if you know it (recorded)."
-    )
-    weight_decay: float | None = Field(
-        None, ge=0, description="The experts' SGD weight decay, if you know it (recorded)."
-    )
-    batch: int | None = Field(None, ge=1, description="The experts' mini-batch size, if you know it (recorded).")
-    dsa: bool | None = Field(None, description="Whether the experts were trained with DSA, if you know it (recorded).")
-    out: Path | None = Field(
-        None,
-        description="Experts folder to write (default: <experts root>/<dataset>/<model tag>[-zca]-imported).",
-        json_schema_extra={"panel": "Output"},
-    )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="CPU threads for torch (default: the cores available).",
-        json_schema_extra={"panel": "Run", "shared": True},
+    threads: int | None = _setting(
+        None, "CPU threads for torch (default: the cores available).", "Run", shared=True, ge=1
     )
 
     @model_validator(mode="after")
     def _folder_datasets_need_dir(self) -> ImportSettings:
-        if self.dataset in ("imagefolder", "tiny-imagenet") and self.data_dir is None:
+        if self.dataset in _FOLDER_DATASETS and self.data_dir is None:
             raise ValueError(f"dataset {self.dataset!r} needs --data-dir pointing at its folder")
         return self
-
-
-#: What ``dpd export --format`` writes (``dpd_cli.artifacts.export``).
-EXPORT_FORMATS = ("mtt", "datm", "imagefolder", "npz")
 
 
 class ExportSettings(_Settings):
@@ -568,18 +427,14 @@ class ExportSettings(_Settings):
 
     panel: ClassVar[str] = "Output"
 
-    format: Literal[EXPORT_FORMATS] | None = Field(
+    format: Literal[EXPORT_FORMATS] | None = _setting(
         None,
-        description="Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt as MTT's and DATM's "
-        "evaluation code loads them, plus the ZCA transform; imagefolder: PNGs <class>/<i>.png in pixel space; "
-        "npz: one NumPy archive with the images, labels, learning rate and preprocessing.",
+        "Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt and the ZCA transform; "
+        "imagefolder: PNGs <class>/<i>.png; npz: one NumPy archive.",
     )
-    out: Path | None = Field(None, description="Folder to write (required; refused if it exists, unless --force).")
-    force: bool = Field(
-        False,
-        description="Replace --out if it holds an earlier export (or is empty).",
-        json_schema_extra={"shared": True},
-    )  # as distill's --force: replace what --out holds
+    out: Path | None = _setting(None, "Folder to write (required; refused if it exists, unless --force).")
+    # As distill's --force: replace what --out holds.
+    force: bool = _setting(False, "Replace --out if it holds an earlier export (or is empty).", shared=True)
 
 
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {
@@ -589,41 +444,27 @@ COMMAND_SETTINGS: dict[str, type[_Settings]] = {
     "evaluate": EvalSettings,
     "export": ExportSettings,
 }
-#: How a command is typed, where its key in ``COMMAND_SETTINGS`` differs (a subcommand).
-_TITLES = {"experts_import": "experts import"}
 
 
 def command_title(command: str) -> str:
     """The command as typed after ``dpd``: ``experts_import`` -> ``experts import``."""
-    return _TITLES.get(command, command)
+    return command.replace("_", " ")
 
 
 # --- what each field declares -----------------------------------------------------------------
 @dataclass(frozen=True)
 class SettingInfo:
-    """One setting as the command line, config files and the environment see it.
+    """One setting as the command line, config files and the environment see it."""
 
-    Attributes:
-        name: The field name, also the config key (``prune_ratio``).
-        kind: ``bool``, ``int``, ``float``, ``path``, ``choice``, ``list`` or ``text``.
-        literal: The allowed values of a ``Literal`` type (or of a list's items); empty otherwise.
-        choices: The values listed in ``--help``: ``literal``, or ``json_schema_extra["choices"]``.
-        panel: The ``--help`` panel.
-        description: The field's description.
-        default: The field's default.
-        declared_by: The class that declares the field.
-        shared: ``json_schema_extra["shared"]``: a redeclaration that means the same as the others.
-    """
-
-    name: str
-    kind: str
-    literal: tuple
-    choices: tuple[str, ...]
+    name: str  # the field name, also the config key
+    kind: str  # bool, int, float, path, choice, list or text
+    literal: tuple  # the allowed values of a Literal type (or of a list's items)
+    choices: tuple[str, ...]  # the values --help lists: literal, or json_schema_extra["choices"]
     panel: str
     description: str
     default: Any
     declared_by: type
-    shared: bool
+    shared: bool  # json_schema_extra["shared"]: a redeclaration that means the same as the others
 
     @property
     def flag(self) -> str:
@@ -647,15 +488,9 @@ def _kind(annotation: Any) -> tuple[str, tuple]:
     if origin in (list, tuple, set, frozenset):
         item = _without_none((typing.get_args(t) or (str,))[0])
         return "list", typing.get_args(item) if typing.get_origin(item) is Literal else ()
-    if t is bool:
-        return "bool", ()
-    if t is int:
-        return "int", ()
-    if t is float:
-        return "float", ()
     if isinstance(t, type) and issubclass(t, PurePath):
         return "path", ()
-    return "text", ()
+    return {bool: "bool", int: "int", float: "float"}.get(t, "text"), ()
 
 
 @cache
@@ -666,12 +501,11 @@ def setting_infos(cls: type[_Settings]) -> dict[str, SettingInfo]:
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
         owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
         kind, literal = _kind(f.annotation)
-        choices = tuple(str(c) for c in literal) or tuple(str(c) for c in extra.get("choices", ()))
         out[name] = SettingInfo(
             name=name,
             kind=kind,
             literal=literal,
-            choices=choices,
+            choices=tuple(str(c) for c in literal or extra.get("choices", ())),
             panel=str(extra.get("panel") or owner.__dict__.get("panel") or _Settings.panel),
             description=f.description or "",
             default=f.get_default(call_default_factory=True),
@@ -679,6 +513,14 @@ def setting_infos(cls: type[_Settings]) -> dict[str, SettingInfo]:
             shared=bool(extra.get("shared")),
         )
     return out
+
+
+def by_panel(cls: type[_Settings]) -> list[SettingInfo]:
+    """The settings of ``cls`` in ``--help`` order: by panel (``PANELS`` first), then as declared."""
+    return sorted(
+        setting_infos(cls).values(),
+        key=lambda s: (PANELS.index(s.panel) if s.panel in PANELS else len(PANELS), s.panel),
+    )
 
 
 # --- environment variables --------------------------------------------------------------------
@@ -700,12 +542,8 @@ def _commands_with(field: str) -> tuple[str, ...]:
 @cache
 def _is_shared(field: str) -> bool:
     """True when ``field`` means the same in every command that has it (see the module docstring)."""
-    owners = {
-        setting_infos(COMMAND_SETTINGS[c])[field].declared_by
-        for c in _commands_with(field)
-        if not setting_infos(COMMAND_SETTINGS[c])[field].shared
-    }
-    return len(owners) <= 1
+    infos = [setting_infos(COMMAND_SETTINGS[c])[field] for c in _commands_with(field)]
+    return len({s.declared_by for s in infos if not s.shared}) <= 1
 
 
 def env_names(command: str, field: str) -> tuple[str, str | None]:
@@ -730,13 +568,28 @@ def _ambiguous_env(command: str, cls: type[_Settings], env: Mapping[str, str]) -
 
 
 # --- config files -----------------------------------------------------------------------------
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
 def _did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse(path: Path, text: str) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return json.loads(text)
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise SettingsError(
+                f"{path} is YAML but PyYAML is not installed: `pip install pyyaml`, or use TOML."
+            ) from e
+        return yaml.safe_load(text)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
 
 
 def _load_file(path: Path, given_by: str) -> dict[str, Any]:
@@ -745,25 +598,8 @@ def _load_file(path: Path, given_by: str) -> dict[str, Any]:
     if not path.is_file():
         raise SettingsError(f"Config file {path} does not exist. Check the {given_by} path.")
     text = path.read_text(encoding="utf-8", errors="replace")
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".json":
-            data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as e:  # pragma: no cover - depends on the environment
-                raise SettingsError(
-                    f"{path} is YAML but PyYAML is not installed: `pip install pyyaml`, or use TOML."
-                ) from e
-            data = yaml.safe_load(text)
-        else:
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-
-            data = tomllib.loads(text)
+        data = _parse(path, text)
     except SettingsError:
         raise
     except json.JSONDecodeError as e:
@@ -776,7 +612,7 @@ def _load_file(path: Path, given_by: str) -> dict[str, Any]:
             f"Config file {path} has a syntax error{where}: {problem}. Fix that line and run again."
         ) from e
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise SettingsError(
             f"Config file {path} must hold a table of settings (key = value), not {type(data).__name__}."
@@ -795,31 +631,24 @@ def _syntax_error_position(e: Exception, text: str) -> tuple[str, str]:
     if m:
         return f" (line {m.group(1)}, column {m.group(2)})", (msg[: m.start()] + msg[m.end() :]).strip()
     if "(at end of document)" in msg:
-        return f" (line {text.count(chr(10)) + 1}, at the end of the file)", msg.replace(
-            "(at end of document)", ""
-        ).strip()
+        problem = msg.replace("(at end of document)", "").strip()
+        return f" (line {text.count(chr(10)) + 1}, at the end of the file)", problem
     return "", msg
-
-
-def _all_known_fields() -> set[str]:
-    return {f for cls in COMMAND_SETTINGS.values() for f in cls.model_fields}
 
 
 def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path: Path) -> dict[str, tuple[Any, bool]]:
     """``{field: (value, from the command's table)}`` from a loaded config file."""
     fields = cls.model_fields
-    known = _all_known_fields()
+    known = {f for c in COMMAND_SETTINGS.values() for f in c.model_fields}
     problems: list[str] = []
     values: dict[str, tuple[Any, bool]] = {}
     for key, value in data.items():
+        norm = key.replace("-", "_")
         if isinstance(value, dict):
             if key not in COMMAND_SETTINGS:
-                problems.append(
-                    f"unknown table [{key}]{_did_you_mean(key, COMMAND_SETTINGS)}; tables: {', '.join(COMMAND_SETTINGS)}"
-                )
-            continue
-        norm = key.replace("-", "_")
-        if norm in fields:
+                tables = ", ".join(COMMAND_SETTINGS)
+                problems.append(f"unknown table [{key}]{_did_you_mean(key, COMMAND_SETTINGS)}; tables: {tables}")
+        elif norm in fields:
             values[norm] = (value, False)
         elif norm not in known:
             problems.append(f"unknown key {key!r}{_did_you_mean(norm, known)}")
@@ -830,26 +659,16 @@ def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path:
         else:
             problems.append(f"unknown key {key!r} in [{command}]{_did_you_mean(norm, fields)}")
     if problems:
-        raise SettingsError(
-            f"Config file {path}: "
-            + "; ".join(problems)
-            + f". Run `dpd {command_title(command)} --help` for the valid settings."
-        )
+        help_hint = f". Run `dpd {command_title(command)} --help` for the valid settings."
+        raise SettingsError(f"Config file {path}: " + "; ".join(problems) + help_hint)
     return values
 
 
 # --- resolution -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Resolved:
-    """A command's validated settings and where each value came from.
-
-    Attributes:
-        command: ``experts``, ``distill`` or ``evaluate``.
-        settings: The validated settings model.
-        sources: For every field: ``default``, ``file PATH`` (``file PATH [distill]`` from the command's
-            table), ``env VAR`` or ``flag --name``.
-        config: The config file read, if any.
-    """
+    """A command's validated settings, the config file read (if any) and where each value came from:
+    ``default``, ``file PATH`` (``file PATH [distill]`` from the command's table), ``env VAR`` or ``flag --name``."""
 
     command: str
     settings: _Settings
@@ -857,38 +676,22 @@ class Resolved:
     config: Path | None
 
 
-def resolve(
-    command: str,
-    flags: Mapping[str, Any],
-    config: Path | None = None,
-    env: Mapping[str, str] | None = None,
-):
-    """Resolve one command's settings (precedence in the module docstring); ``resolve_sources(...).settings``."""
+def resolve(command: str, flags: Mapping[str, Any], config: Path | None = None, env: Mapping[str, str] | None = None):
+    """Resolve one command's settings: ``resolve_sources(...).settings``."""
     return resolve_sources(command, flags, config, env).settings
 
 
 def resolve_sources(
-    command: str,
-    flags: Mapping[str, Any],
-    config: Path | None = None,
-    env: Mapping[str, str] | None = None,
+    command: str, flags: Mapping[str, Any], config: Path | None = None, env: Mapping[str, str] | None = None
 ) -> Resolved:
     """Resolve one command's settings: default < config file < ``DPD_<SETTING>`` < ``DPD_<COMMAND>_<SETTING>`` < flag.
 
-    Args:
-        command: ``experts``, ``distill`` or ``evaluate``.
-        flags: Values given on the command line; ``None`` means "not given".
-        config: Config file; when ``None``, the file named by ``DPD_CONFIG``, if set.
-        env: Environment (default ``os.environ``). An empty variable counts as unset.
-
-    Returns:
-        The validated settings and the source of each value.
-
-    Raises:
-        SettingsError: Every problem at once, each naming where the bad value came from.
+    ``flags`` maps a setting to its command-line value (``None``: not given); ``config`` defaults to the file
+    named by ``DPD_CONFIG``; ``env`` to ``os.environ``, where an empty variable counts as unset. Raises
+    ``SettingsError`` listing every problem at once, each naming where the bad value came from.
     """
     cls = COMMAND_SETTINGS[command]
-    infos = setting_infos(cls)
+    title = command_title(command)
     env = os.environ if env is None else env
     given_by = "--config"
     if config is None and env.get(CONFIG_ENV, ""):
@@ -908,20 +711,22 @@ def resolve_sources(
             where[k] = f"config key {k!r}"
     problems = _ambiguous_env(command, cls, env)
     if problems:
-        raise SettingsError(f"Ambiguous environment for `dpd {command_title(command)}`: " + "; ".join(problems) + ".")
+        raise SettingsError(f"Ambiguous environment for `dpd {title}`: " + "; ".join(problems) + ".")
     for name in cls.model_fields:
         for var in reversed(env_names(command, name)):  # shared first, so the command's own wins
             if var is not None and env.get(var, "") != "":
                 merged[name] = env[var]
                 sources[name] = where[name] = f"env {var}"
+    infos = setting_infos(cls)
     for name, value in flags.items():
         if value is None:
             continue
         if name not in cls.model_fields:
-            raise SettingsError(f"Unknown setting {name!r} for `dpd {command_title(command)}`.")
+            raise SettingsError(f"Unknown setting {name!r} for `dpd {title}`.")
         merged[name] = value
         # A switch is named as typed: --no-dsa for False.
-        where[name] = "--no-" + name.replace("_", "-") if value is False and infos[name].kind == "bool" else _flag(name)
+        flag = infos[name].flag
+        where[name] = "--no-" + flag[2:] if value is False and infos[name].kind == "bool" else flag
         sources[name] = f"flag {where[name]}"
     try:
         settings = cls.model_validate(merged)
@@ -929,85 +734,48 @@ def resolve_sources(
         lines = []
         for err in e.errors():
             loc = err["loc"][0] if err["loc"] else None
-            if loc is None or loc not in cls.model_fields and loc not in where:
-                origin = "settings"
-            else:
-                origin = where.get(loc, _flag(loc))
+            origin = where.get(loc, infos[loc].flag) if loc in cls.model_fields else "settings"
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err['input']!r})" if loc in where and not isinstance(err.get("input"), dict) else ""
             lines.append(f"{origin}: {msg}{got}")
         raise SettingsError(
-            f"Invalid settings for `dpd {command_title(command)}`: "
-            + "; ".join(lines)
-            + f". See `dpd {command_title(command)} --help`."
+            f"Invalid settings for `dpd {title}`: " + "; ".join(lines) + f". See `dpd {title} --help`."
         ) from None
-    return Resolved(
-        command,
-        settings,
-        {name: sources.get(name, "default") for name in cls.model_fields},
-        Path(config) if config is not None else None,
-    )
+    sources = {name: sources.get(name, "default") for name in cls.model_fields}
+    return Resolved(command, settings, sources, Path(config) if config is not None else None)
 
 
 # --- printing ---------------------------------------------------------------------------------
-def _toml_string(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # shortest text that reads back as the same float, e.g. 1e-05, 1000.0
+    if isinstance(value, (int, float)):
+        return repr(value)  # a float's shortest exact text (1e-05, 1000.0), and TOML's inf and nan
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return _toml_string(str(value))
-
-
-def _panel_order(panel: str) -> int:
-    return PANELS.index(panel) if panel in PANELS else len(PANELS)
+    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def to_toml(resolved: Resolved) -> str:
     """The resolved settings as a TOML file, each value followed by its source as a comment.
 
-    Feeding the text back with ``--config`` gives the same settings: values are in a table named
-    after the command, and a setting without a value (``None``: its default is computed at run
-    time) is a comment.
+    Fed back with ``--config`` it gives the same settings: values are in the command's table, and a
+    setting without a value (``None``: its default is computed at run time) is a comment.
     """
-    cmd = resolved.command
-    infos = setting_infos(type(resolved.settings))
+    cmd, title = resolved.command, command_title(resolved.command)
     data = resolved.settings.model_dump(mode="json")
     rows: list[tuple[str, str]] = []
-    for panel in sorted(dict.fromkeys(s.panel for s in infos.values()), key=_panel_order):
+    for panel, infos in groupby(by_panel(type(resolved.settings)), key=lambda s: s.panel):
         rows.append((f"# --- {panel}", ""))
-        for s in (s for s in infos.values() if s.panel == panel):
-            value = data[s.name]
-            line = f"# {s.name}: not set" if value is None else f"{s.name} = {_toml_value(value)}"
+        for s in infos:
+            line = f"# {s.name}: not set" if data[s.name] is None else f"{s.name} = {_toml_value(data[s.name])}"
             rows.append((line, resolved.sources[s.name]))
     width = max(len(line) for line, src in rows if src)
     head = [
-        f"# `dpd {command_title(cmd)}` settings; after each value, where it came from.",
+        f"# `dpd {title}` settings; after each value, where it came from.",
         f"# Precedence: flag > DPD_{cmd.upper()}_<SETTING> > DPD_<SETTING> > config file > default.",
-        f"# Use as a config file: dpd {command_title(cmd)} --config FILE",
+        f"# Use as a config file: dpd {title} --config FILE",
         "",
         f"[{cmd}]",
     ]
