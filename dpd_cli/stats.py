@@ -60,24 +60,16 @@ def t_quantile(p: float, df: float) -> float:
     while t_cdf(hi, df) < p:  # the CDF rises monotonically: bracket, then bisect
         lo, hi = hi, 2.0 * hi
     for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
         if hi - lo <= 1e-13 * hi:
             break
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return 0.5 * (lo + hi)
 
 
 def paired(diffs: list[float], level: float = 0.95) -> dict:
-    """Mean, sample standard deviation and ``level`` t-interval of paired differences.
-
-    The interval is ``mean ± t_{(1+level)/2, n-1} · sd / √n``; with fewer than two differences
-    there is no spread, so ``sd``, ``ci`` and ``half_width`` are ``None``.
-
-    Returns:
-        ``{"n", "mean", "sd", "ci": [lo, hi], "half_width", "level"}``.
+    """``{"n", "mean", "sd", "ci": [lo, hi], "half_width", "level"}`` of paired differences: the interval is
+    ``mean ± t_{(1+level)/2, n-1} · sd / √n``; a single difference has no spread (``sd``, ``ci``, ``half_width`` None).
     """
     n = len(diffs)
     if n == 0:

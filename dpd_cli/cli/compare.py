@@ -94,33 +94,29 @@ def lines(result: dict) -> list[str]:
                 out.append(f"  {_label(i)}  not evaluated")
                 continue
             marks = ("*" if cell["diverged_runs"] else "") + ("†" if cell["optimistic"] else "")
-            details = ", ".join(
-                x
-                for x in (
-                    _which(cell),
-                    f"{cell['epochs']} epochs" if cell["epochs"] else "",
-                    f"evaluation loop v{cell['protocol_version']}" if cell["protocol_version"] else "",
-                )
-                if x
-            )
+            details = [_which(cell)]
+            details += [f"{cell['epochs']} epochs"] if cell["epochs"] else []
+            details += [f"evaluation loop v{cell['protocol_version']}"] if cell["protocol_version"] else []
+            details = ", ".join(d for d in details if d)
             out.append(f"  {_label(i)}  {_pct(cell['mean'])} ± {_pct(cell['std'])} ({cell['runs']}){marks}  {details}")
-        for d in row["differences"]:
-            if d is None:
-                continue
-            name = f"{_label(d['run'])} − {_label(d['against'])}"
-            if not d["paired"]:
-                out.append(f"  {name}  not paired: {d['reason']}")
-            elif d["ci95"] is None:
-                out.append(f"  {name}  {_points(d['mean'])} points (1 network: no interval)")
-            else:
-                lo, hi = d["ci95"]
-                verdict = "" if lo <= 0 <= hi else ", excludes 0"
-                out.append(
-                    f"  {name}  {_points(d['mean'])} points, 95% interval [{_points(lo)}, {_points(hi)}]{verdict} "
-                    f"(paired over {d['n']} networks)"
-                )
-    if any(c and c["diverged_runs"] for row in result["rows"] for c in row["cells"]):
+        out += [_difference_line(d) for d in row["differences"] if d is not None]
+    cells = [c for row in result["rows"] for c in row["cells"] if c]
+    if any(c["diverged_runs"] for c in cells):
         out.append("* some trainings diverged (training loss NaN/Inf); they count at the accuracy they ended with.")
-    if any(c and c["optimistic"] for row in result["rows"] for c in row["cells"]):
+    if any(c["optimistic"] for c in cells):
         out.append("† selected on the test set: optimistic, as published tables are.")
     return out
+
+
+def _difference_line(d: dict) -> str:
+    name = f"{_label(d['run'])} − {_label(d['against'])}"
+    if not d["paired"]:
+        return f"  {name}  not paired: {d['reason']}"
+    if d["ci95"] is None:
+        return f"  {name}  {_points(d['mean'])} points (1 network: no interval)"
+    lo, hi = d["ci95"]
+    verdict = "" if lo <= 0 <= hi else ", excludes 0"
+    return (
+        f"  {name}  {_points(d['mean'])} points, 95% interval [{_points(lo)}, {_points(hi)}]{verdict} "
+        f"(paired over {d['n']} networks)"
+    )

@@ -16,7 +16,7 @@ from rich.text import Text
 from dpd_cli.cli.console import out_console, print_json, sparkline
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help, keep_text
-from dpd_cli.cli.results import below_note, divergence_note, results_table, selection_note
+from dpd_cli.cli.results import below_note, divergence_note, results_table, selection_note, table
 from dpd_cli.errors import SettingsError
 
 __all__ = ["inspect"]
@@ -48,16 +48,6 @@ def _check_png_target(flag: str, out: Path) -> None:
         raise SettingsError(
             f"{flag} {out}: the folder {folder} {what}. Create it first, or give a path in an existing folder."
         )
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib.figure  # noqa: F401
-    except ImportError:
-        raise SettingsError(
-            f"--plot needs matplotlib, which is not installed. Install it with `{PLOT_INSTALL}` "
-            "(or `pip install matplotlib`), or leave --plot out."
-        ) from None
 
 
 def inspect(
@@ -107,56 +97,66 @@ def inspect(
         from dpd_cli.reports import inspect as engine
 
         path = Path(path)
-        grid_out = None if export_grid is None else Path(export_grid)
-        plot_out = None if plot is None else Path(plot)
-        for flag, out in (("--export-grid", grid_out), ("--plot", plot_out)):
-            if out is not None:
-                _check_png_target(flag, out)
+        outs = {flag: Path(out) for flag, out in (("--export-grid", export_grid), ("--plot", plot)) if out is not None}
+        for flag, out in outs.items():
+            _check_png_target(flag, out)
         kind = engine.detect(path)
-        if grid_out is not None and kind == "experts":
+        if "--export-grid" in outs and kind == "experts":
             raise SettingsError(
                 f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory."
             )
-        if plot_out is not None and kind == "file":
+        if "--plot" in outs and kind == "file":
             raise SettingsError(
                 f"--plot draws a run directory or an experts folder, not a single file ({path}). "
                 "Pass the folder the file belongs to."
             )
-        if plot_out is not None:
-            from dpd_cli.cli.plot import plot as draw  # matplotlib (optional): only for --plot
+        if "--plot" in outs:
+            try:  # matplotlib is optional: imported only for --plot (checked anew: cli.plot may be imported already)
+                import matplotlib.figure  # noqa: F401
 
-            _require_matplotlib()
+                from dpd_cli.cli.plot import plot as draw
+            except ImportError:
+                raise SettingsError(
+                    f"--plot needs matplotlib, which is not installed. Install it with `{PLOT_INSTALL}` "
+                    "(or `pip install matplotlib`), or leave --plot out."
+                ) from None
 
         facts = engine.inspect(path, expert_epochs)
         exports: dict[str, Any] = {}
-        if grid_out is not None:
-            exports["grid"] = engine.export_grid(path, grid_out)
-        if plot_out is not None:
-            written = draw(facts, plot_out)
-            if written is None:  # matplotlib was importable above; the engine could not use it
-                raise SettingsError(f"--plot could not import matplotlib: `{PLOT_INSTALL}`.")
-            exports["plot"] = {"path": str(written)}
+        if "--export-grid" in outs:
+            exports["grid"] = engine.export_grid(path, outs["--export-grid"])
+        if "--plot" in outs:
+            exports["plot"] = {"path": str(draw(facts, outs["--plot"]))}
 
     if json_out:
         print_json("inspect", {**facts, "exports": exports})
     else:
         con = out_console()
         {"run": _show_run, "experts": _show_experts, "file": _show_file}[facts["kind"]](con, facts)
-        _show_exports(con, exports)
+        if "grid" in exports:
+            g = exports["grid"]
+            con.print()
+            con.print(
+                Text(
+                    f"Wrote {g['path']}: {g['n_images']} images from {Path(g['source']).name} (iteration {g['iteration']})."
+                )
+            )
+        if "plot" in exports:
+            con.print(Text(f"Wrote {exports['plot']['path']}."))
 
 
 inspect.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)
 
 
 # --- shared pieces ----------------------------------------------------------------------------
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "?"
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return ""
+    return f"{n:.1f} GB"
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -165,6 +165,10 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 def _pct(x: float | None, digits: int = 2) -> str:
     return "?" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _shape(shape: list[int]) -> str:
+    return "×".join(map(str, shape)) or "scalar"
 
 
 def _heading(con: Console, text: str) -> None:
@@ -180,63 +184,39 @@ def _put(con: Console, renderable: RenderableType | str, style: str = "") -> Non
 
 
 def _facts_grid(rows: list[tuple[str, str]]) -> Table:
-    """Aligned ``key  value`` lines; values wrap under themselves."""
+    """Aligned ``key  value`` lines, the empty ones left out; values wrap under themselves."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column(overflow="fold")
     for k, v in rows:
         if v:
-            grid.add_row(k, _cell(v))
+            grid.add_row(k, Text(v))
     return grid
 
 
-def _cell(value: str | Text) -> Text:
-    """Table cells as Text: file names and metadata may contain ``[...]``, which is not markup."""
-    return value if isinstance(value, Text) else Text(str(value))
-
-
-def _add_row(table: Table, *cells: str | Text) -> None:
-    table.add_row(*(_cell(c) for c in cells))
-
-
-def _table(*columns: tuple[str, str]) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
-    for name, justify in columns:
-        table.add_column(name, justify=justify, overflow="fold")
-    return table
+def _status(word: str) -> Text:
+    return Text(word, style={"ok": "green", "INVALID": "bold red", "mismatch": "yellow", "-": "dim"}[word])
 
 
 def _warnings(con: Console, warnings: list[str]) -> None:
-    if not warnings:
-        return
-    _heading(con, f"Warnings ({len(warnings)})")
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="yellow")
-    grid.add_column(overflow="fold")
-    for w in warnings:
-        grid.add_row("!", _cell(w))
-    _put(con, grid)
-
-
-def _show_exports(con: Console, exports: dict) -> None:
-    grid = exports.get("grid")
-    if grid:
-        src = Path(grid["source"]).name
-        con.print()
-        con.print(Text(f"Wrote {grid['path']}: {grid['n_images']} images from {src} (iteration {grid['iteration']})."))
-    p = exports.get("plot")
-    if p and p["path"]:
-        con.print(Text(f"Wrote {p['path']}."))
+    if warnings:
+        _heading(con, f"Warnings ({len(warnings)})")
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="yellow")
+        grid.add_column(overflow="fold")
+        for w in warnings:
+            grid.add_row("!", Text(w))
+        _put(con, grid)
 
 
 def _evaluation(con: Console, ev: dict | None) -> None:
     if ev is None:
         return
     _heading(con, f"Evaluation ({ev['file']}): test accuracy %, mean ± std (runs)")
-    if not ev["results"]:
+    results = ev["results"]
+    if not results:
         _put(con, "no results" + ("" if ev["valid"] else " (the file is unreadable; see the warnings)"))
         return
-    results = ev["results"]
     _put(con, results_table(results))
     for note, style in (
         (selection_note(results), "dim"),
@@ -254,9 +234,9 @@ def _evaluation(con: Console, ev: dict | None) -> None:
         )
 
 
-def _prune_table(con: Console, pruning: dict, title: str) -> None:
+def _prune_table(con: Console, pruning: dict) -> None:
     n_it = pruning["iterations_pruned"]
-    _heading(con, title)
+    _heading(con, "Pruning by layer (most pruned first)")
     if not n_it:
         _put(con, "No iteration pruned anything yet (prune ratio 0 is plain MTT, or the warm-up is not over).")
         return
@@ -265,39 +245,22 @@ def _prune_table(con: Console, pruning: dict, title: str) -> None:
         f"{pruning['overall_pct']:.2f}% of the {pruning['n_params']:,} parameters per iteration, over {n_it:,} pruned "
         f"iteration{'s' if n_it != 1 else ''}; {pruning['ever_pct']:.1f}% were pruned at least once.",
     )
-    table = _table(
-        ("layer", "left"),
-        ("shape", "left"),
-        ("params", "right"),
-        ("mean %", "right"),
-        ("ever %", "right"),
-        ("", "left"),
-    )
     layers = pruning["layers"]
     top = max((r["mean_pct"] for r in layers), default=0.0) or 1.0
-    for rank, r in enumerate(layers[:_MAX_LAYER_ROWS]):
-        bar = "█" * round(10 * r["mean_pct"] / top) if r["mean_pct"] > 0 else ""
-        name = Text(r["name"], style="bold red" if rank < 3 and r["mean_pct"] > 0 else "")
-        _add_row(
-            table,
-            name,
-            "×".join(map(str, r["shape"])) or "scalar",
+    rows = [
+        (
+            Text(r["name"], style="bold red" if rank < 3 and r["mean_pct"] > 0 else ""),
+            _shape(r["shape"]),
             f"{r['size']:,}",
             f"{r['mean_pct']:.2f}",
             f"{r['ever_pct']:.1f}",
-            Text(bar, style="red"),
+            Text("█" * round(10 * r["mean_pct"] / top) if r["mean_pct"] > 0 else "", style="red"),
         )
+        for rank, r in enumerate(layers[:_MAX_LAYER_ROWS])
+    ]
     if len(layers) > _MAX_LAYER_ROWS:
-        _add_row(
-            table,
-            Text(f"... {len(layers) - _MAX_LAYER_ROWS} more layers (--json lists all)", style="dim"),
-            "",
-            "",
-            "",
-            "",
-            "",
-        )
-    _put(con, table)
+        rows.append((Text(f"... {len(layers) - _MAX_LAYER_ROWS} more layers (--json lists all)", style="dim"),))
+    _put(con, table(("layer", "shape", ">params", ">mean %", ">ever %", ""), rows))
     _put(
         con,
         "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once.",
@@ -307,21 +270,18 @@ def _prune_table(con: Console, pruning: dict, title: str) -> None:
 
 # --- run --------------------------------------------------------------------------------------
 def _show_run(con: Console, f: dict) -> None:
-    s = f["settings"]
-    st = f["state"]
-    syn = f["synthetic"]
+    s, st, syn = f["settings"], f["state"], f["synthetic"]
     con.print(Text.assemble(("Run directory ", "bold"), f["path"]))
     images = ""
     if syn:
-        images = f", {syn['n_images']} images ({syn['ipc']} per class, {'×'.join(map(str, syn['image_shape']))})"
+        images = f", {syn['n_images']} images ({syn['ipc']} per class, {_shape(syn['image_shape'])})"
     elif s.get("ipc"):
         images = f", {s['ipc']} per class"
     rho = s.get("prune_ratio")
-    if rho is None:
-        pruning = ""
-    elif rho == 0:
+    pruning = ""
+    if rho == 0:
         pruning = "ratio 0: no pruning (plain MTT)"
-    else:
+    elif rho is not None:
         warm = f", warm-up {s['prune_warmup']}" if s.get("prune_warmup") else ""
         pruning = f"ratio {rho:g}, scope {s.get('prune_scope')}, criterion {s.get('prune_criterion')}{warm}"
     distill = ""
@@ -335,58 +295,49 @@ def _show_run(con: Console, f: dict) -> None:
     experts = f["experts_folder"] or ""
     if experts and f["n_experts"]:
         experts += f" ({f['n_experts']} experts)"
-    _put(
-        con,
-        _facts_grid(
-            [
-                ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
-                ("model", f["model_tag"] or ""),
-                ("labels", _labels_line(syn)),
-                ("pruning", pruning),
-                ("distill", distill),
-                ("experts", experts),
-                ("state", _state_line(st, f["path"])),
-            ]
-        ),
-    )
+    facts = [
+        ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
+        ("model", f["model_tag"] or ""),
+        ("labels", _labels_line(syn)),
+        ("pruning", pruning),
+        ("distill", distill),
+        ("experts", experts),
+        ("state", _state_line(st)),
+    ]
+    _put(con, _facts_grid(facts))
 
     loss, alpha = f["loss"], f["alpha"]
     if loss or alpha:
         _heading(con, "Curves")
         rows = []
         if loss:
+            spark = sparkline(loss["values"], 30)
             rows.append(
                 (
                     "loss",
-                    f"{sparkline(loss['values'], 30)}  first {_num(loss['first'])}, last {_num(loss['last'])}, "
+                    f"{spark}  first {_num(loss['first'])}, last {_num(loss['last'])}, "
                     f"min {_num(loss['min'])} at iteration {loss['min_iteration']}",
                 )
             )
         if alpha:
             start = f" (start {_num(f['alpha_initial'])})" if f["alpha_initial"] is not None else ""
-            rows.append(
-                ("α (lr)", f"{sparkline(alpha['values'], 30)}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}")
-            )
+            spark = sparkline(alpha["values"], 30)
+            rows.append(("α (lr)", f"{spark}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}"))
         _put(con, _facts_grid(rows))
     elif st["iteration"]:
         _put(con, "(no readable metrics.jsonl: no curves)", "dim")
 
     if f["pruning"]:
-        _prune_table(con, f["pruning"], "Pruning by layer (most pruned first)")
+        _prune_table(con, f["pruning"])
     if syn and syn.get("soft_labels"):
         _soft_label_table(con, syn["soft_labels"])
     _evaluation(con, f["evaluation"])
-
     _heading(con, "Files")
-    table = _table(("file", "left"), ("size", "right"), ("status", "left"))
-    for entry in f["files"]:
-        status = {
-            True: Text("ok", style="green"),
-            False: Text("INVALID", style="bold red"),
-            None: Text("-", style="dim"),
-        }[entry["valid"]]
-        _add_row(table, entry["name"], _size(entry["size"]), status)
-    _put(con, table)
+    rows = [
+        (e["name"], _size(e["size"]), _status({True: "ok", False: "INVALID", None: "-"}[e["valid"]]))
+        for e in f["files"]
+    ]
+    _put(con, table(("file", ">size", "status"), rows))
     _warnings(con, f["warnings"])
     if f["evaluation"] is None and st["status"] == "finished":
         con.print()
@@ -412,15 +363,19 @@ def _labels_line(syn: dict | None) -> str:
 
 def _soft_label_table(con: Console, mass: list[dict]) -> None:
     _heading(con, "Soft labels by class (mean over the class's images)")
-    table = _table(("class", "left"), ("own class", "right"), ("most mass", "left"))
-    for c in mass:
-        top = ", ".join(f"{t['class']} {t['mass']:.0%}" for t in c["top"])
-        _add_row(table, c["class"], Text(f"{c['own']:.0%}", style="bold red" if c["own"] < 0.5 else ""), top)
-    _put(con, table)
+    rows = [
+        (
+            c["class"],
+            Text(f"{c['own']:.0%}", style="bold red" if c["own"] < 0.5 else ""),
+            ", ".join(f"{t['class']} {t['mass']:.0%}" for t in c["top"]),
+        )
+        for c in mass
+    ]
+    _put(con, table(("class", ">own class", "most mass"), rows))
     _put(con, "A network trains on the softmax of each image's learned logits instead of its class.", "dim")
 
 
-def _state_line(st: dict, path: str) -> str:
+def _state_line(st: dict) -> str:
     done, planned = st["iteration"], st["iterations"]
     of = f"{done}/{planned} iterations" if planned else f"{done} iterations"
     if st["status"] == "finished":
@@ -436,29 +391,33 @@ def _state_line(st: dict, path: str) -> str:
 
 
 # --- experts ----------------------------------------------------------------------------------
+#: The training settings of an experts folder, as shown; lr and seed show even when 0, DSA and ZCA when off.
+_TRAINING = {
+    "lr": "lr {:g}",
+    "momentum": "momentum {:g}",
+    "weight_decay": "weight decay {:g}",
+    "batch": "batch {}",
+    "dsa": "DSA {}",
+    "zca": "ZCA {}",
+    "train_per_class": "{} images per class",
+    "seed": "seed {}",
+}
+
+
 def _show_experts(con: Console, f: dict) -> None:
     con.print(Text.assemble(("Experts folder ", "bold"), f["path"]))
-    tr = f["training"]
     training = ", ".join(
-        x
-        for x in [
-            f"lr {tr['lr']:g}" if tr.get("lr") is not None else "",
-            f"momentum {tr['momentum']:g}" if tr.get("momentum") else "",
-            f"weight decay {tr['weight_decay']:g}" if tr.get("weight_decay") else "",
-            f"batch {tr['batch']}" if tr.get("batch") else "",
-            "" if tr.get("dsa") is None else f"DSA {'on' if tr['dsa'] else 'off'}",
-            "" if tr.get("zca") is None else f"ZCA {'on' if tr['zca'] else 'off'}",
-            f"{tr['train_per_class']} images per class" if tr.get("train_per_class") else "",
-            f"seed {tr['seed']}" if tr.get("seed") is not None else "",
-        ]
-        if x
+        fmt.format(("off", "on")[v] if isinstance(v, bool) else v)
+        for k, fmt in _TRAINING.items()
+        if (v := f["training"].get(k)) is not None and (v or k in ("lr", "dsa", "zca", "seed"))
     )
     count = f"{f['count']}"
-    if f["n_planned"] is not None and f["count"] < f["n_planned"]:
+    stopped = f["n_planned"] is not None and f["count"] < f["n_planned"]
+    if stopped:
         count += f" of {f['n_planned']}"
     if f["being_written"]:
         count += ", being written (a dpd experts process holds the folder's lock)"
-    elif f["n_planned"] is not None and f["count"] < f["n_planned"]:
+    elif stopped:
         count += " (stopped early: rerun the same `dpd experts` command to train the rest)"
     if f["n_compatible"] != f["count"]:
         count += f" ({f['n_compatible']} usable, see the warnings)"
@@ -466,60 +425,40 @@ def _show_experts(con: Console, f: dict) -> None:
     accuracy = ""
     if acc["mean"] is not None:
         accuracy = f"final test accuracy {_pct(acc['mean'])} mean (min {_pct(acc['min'])}, max {_pct(acc['max'])})"
-    model = f["model_tag"] or "?"
-    if f["n_params"]:
-        model += f", {f['n_params']:,} parameters"
-    _put(
-        con,
-        _facts_grid(
-            [
-                ("experts", count),
-                ("dataset", f["dataset"] or "?"),
-                ("model", model),
-                ("epochs", str(f["epochs"]) if f["epochs"] is not None else ""),
-                ("training", training),
-                ("accuracy", accuracy),
-                *([("imported", _imported(f["imported"]))] if f.get("imported") else []),
-            ]
-        ),
-    )
+    model = (f["model_tag"] or "?") + (f", {f['n_params']:,} parameters" if f["n_params"] else "")
+    facts = [
+        ("experts", count),
+        ("dataset", f["dataset"] or "?"),
+        ("model", model),
+        ("epochs", "" if f["epochs"] is None else str(f["epochs"])),
+        ("training", training),
+        ("accuracy", accuracy),
+        ("imported", _imported(f["imported"]) if f.get("imported") else ""),
+    ]
+    _put(con, _facts_grid(facts))
 
     d = f["distance"]
     if d and d["values"]:
-        _heading(
-            con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {d['n_experts']} experts)"
-        )
-        v = d["values"]
+        v, n = d["values"], d["n_experts"]
+        _heading(con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {n} experts)")
         _put(con, f"{sparkline(v, 40)}  t=0: {_num(v[0])}, t={d['t'][-1]}: {_num(v[-1])}, max {_num(max(v))}")
-        if d["n_experts_total"] > d["n_experts"]:
-            _put(con, f"Computed on the first {d['n_experts']} of {d['n_experts_total']} experts, to stay fast.", "dim")
+        if d["n_experts_total"] > n:
+            _put(con, f"Computed on the first {n} of {d['n_experts_total']} experts, to stay fast.", "dim")
 
     if f["experts"]:
         _heading(con, "Experts")
-        table = _table(("file", "left"), ("epochs", "right"), ("final test acc", "right"), ("status", "left"))
-        for e in f["experts"][:_MAX_EXPERT_ROWS]:
-            if not e["valid"]:
-                status = Text("INVALID", style="bold red")
-            elif not e.get("compatible"):
-                status = Text("mismatch", style="yellow")
-            else:
-                status = Text("ok", style="green")
-            _add_row(
-                table,
+        rows = [
+            (
                 e["file"],
                 str(e.get("epochs", "")),
                 _pct(e.get("final_test_accuracy")) if e["valid"] else "",
-                status,
+                _status("INVALID" if not e["valid"] else "mismatch" if not e.get("compatible") else "ok"),
             )
+            for e in f["experts"][:_MAX_EXPERT_ROWS]
+        ]
         if len(f["experts"]) > _MAX_EXPERT_ROWS:
-            _add_row(
-                table,
-                Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"),
-                "",
-                "",
-                "",
-            )
-        _put(con, table)
+            rows.append((Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"),))
+        _put(con, table(("file", ">epochs", ">final test acc", "status"), rows))
     _warnings(con, f["warnings"])
 
 
@@ -532,22 +471,13 @@ def _imported(record: dict) -> str:
 
 
 # --- single file ------------------------------------------------------------------------------
+#: Labels of a trajectory's or a preprocessing file's details (the others show under their key).
 _DETAIL_LABELS = {
-    "dataset": "dataset",
-    "n_images": "images",
-    "image_shape": "image shape",
-    "n_classes": "classes",
-    "ipc": "per class",
-    "iteration": "iteration",
-    "iterations": "of",
-    "alpha": "alpha",
-    "zca": "ZCA",
-    "model_tag": "model",
     "index": "expert",
-    "epochs": "epochs",
     "n_params": "parameters",
     "final_test_accuracy": "final test acc",
-    "fingerprint": "fingerprint",
+    "model_tag": "model",
+    "zca": "ZCA",
 }
 
 
@@ -556,23 +486,9 @@ def _detail(key: str, value: Any) -> str:
         return "?"
     if key == "final_test_accuracy":
         return _pct(value)
-    if key == "alpha":
-        return _num(value, 5)
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, list):
-        return "×".join(map(str, value))
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _compact(value: Any) -> tuple[str, bool]:
-    """A one-line rendering of a metadata value, and whether it was cut."""
-    text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "), default=str)
-    if len(text) <= _META_WIDTH:
-        return text, False
-    return text[: _META_WIDTH - 1] + "…", True
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _show_file(con: Console, f: dict) -> None:
@@ -580,51 +496,46 @@ def _show_file(con: Console, f: dict) -> None:
     fmt = f["format"] or "none (not a dpd file)"
     if f["format_version"]:
         fmt += f" version {f['format_version']}"
+    part = f["part_of"]
     rows = [
         ("format", fmt),
         ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?"),
         ("status", "valid" if f["valid"] else "INVALID: " + " ".join(f["problems"])),
     ]
-    if f["part_of"]:
-        what = "run" if f["part_of"]["kind"] == "run" else "experts folder"
-        rows.append(
-            ("part of", f"{what} {f['part_of']['path']} (`dpd inspect {f['part_of']['path']}` shows all of it)")
-        )
-    details = f["details"] or {}
-    if f["format"] in ("dpd.synthetic", "dpd.checkpoint") and details:
-        d = details
+    if part:
+        what = "run" if part["kind"] == "run" else "experts folder"
+        rows.append(("part of", f"{what} {part['path']} (`dpd inspect {part['path']}` shows all of it)"))
+    d = f["details"] or {}
+    synthetic = f["format"] in ("dpd.synthetic", "dpd.checkpoint") and d
+    if synthetic:
         rows += [
             ("dataset", f"{d['dataset']}, {d['n_classes']} classes" + (", ZCA" if d["zca"] else "")),
-            ("images", f"{d['n_images']} ({d['ipc']} per class, {_detail('image_shape', d['image_shape'])})"),
+            ("images", f"{d['n_images']} ({d['ipc']} per class, {_shape(d['image_shape'])})"),
             ("iteration", f"{d['iteration']} of {d['iterations']}"),
             ("α (lr)", _num(d["alpha"], 5)),
             ("labels", _labels_line(d)),
             ("model", d["model_tag"] or "?"),
         ]
     elif f["format"] != "dpd.prune_counts":  # prune counts get their table below
-        rows += [(_DETAIL_LABELS.get(k, k), _detail(k, v)) for k, v in details.items()]
+        rows += [(_DETAIL_LABELS.get(k, k), _detail(k, v)) for k, v in d.items()]
     _put(con, _facts_grid(rows))
 
     _heading(con, f"Tensors ({len(f['tensors'])})")
-    table = _table(("name", "left"), ("dtype", "left"), ("shape", "left"), ("size", "right"))
-    for t in f["tensors"]:
-        _add_row(table, t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", _size(t["bytes"]))
-    _put(con, table)
-
+    rows = [(t["name"], t["dtype"], _shape(t["shape"]), _size(t["bytes"])) for t in f["tensors"]]
+    _put(con, table(("name", "dtype", "shape", ">size"), rows))
     if f["metadata"]:
         _heading(con, "Metadata")
-        table = _table(("key", "left"), ("value", "left"))
-        cut = False
-        for k, v in sorted(f["metadata"].items()):
-            text, was_cut = _compact(v)
-            cut |= was_cut
-            _add_row(table, k, text)
-        _put(con, table)
-        if cut:
+        texts = {
+            k: v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "), default=str)
+            for k, v in f["metadata"].items()
+        }
+        rows = [(k, t if len(t) <= _META_WIDTH else t[: _META_WIDTH - 1] + "…") for k, t in sorted(texts.items())]
+        _put(con, table(("key", "value"), rows))
+        if any(len(t) > _META_WIDTH for t in texts.values()):
             _put(con, "Long values are cut (…); --json shows them in full.", "dim")
-    if f["format"] in ("dpd.synthetic", "dpd.checkpoint") and details.get("soft_labels"):
-        _soft_label_table(con, details["soft_labels"])
-    if f["format"] == "dpd.prune_counts" and details:
-        _prune_table(con, details, "Pruning by layer (most pruned first)")
+    if synthetic and d.get("soft_labels"):
+        _soft_label_table(con, d["soft_labels"])
+    if f["format"] == "dpd.prune_counts" and d:
+        _prune_table(con, d)
     _evaluation(con, f["evaluation"])
     _warnings(con, f["warnings"])

@@ -63,66 +63,61 @@ def _accuracy(ev: dict | None) -> str:
     return f"{_pct(ev['mean'])} ± {_pct(ev['std'])} {ev['model']} ({how}{', optimistic' if ev['optimistic'] else ''})"
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    """Columns padded to their widest cell; each row stays on one line (the terminal may wrap it)."""
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, right-aligned where the header starts with ">"; each row stays on one
+    line (the terminal may wrap it)."""
+    right = [h.startswith(">") for h in header]
+    header = [h.removeprefix(">") for h in header]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = []
     for r in [header, *rows]:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        cells = [c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(r, widths, right, strict=True)]
         out.append("  " + "  ".join(cells).rstrip())
     return out
 
 
+def _run_row(e: dict) -> list[str]:
+    rho = e["prune_ratio"]
+    done = f"{e['iteration']}/{e['iterations']}" if e["iterations"] is not None else str(e["iteration"])
+    criterion = (e["prune_criterion"] or "?") if rho else "-"
+    return [
+        str(e["ipc"] or "?"),
+        "?" if rho is None else f"{rho:g}",
+        criterion,
+        done,
+        e["state"],
+        _accuracy(e["evaluation"]),
+    ]
+
+
+def _experts_row(e: dict) -> list[str]:
+    planned = e["n_planned"]
+    count = f"{e['count']} of {planned}" if planned is not None and e["count"] < planned else str(e["count"])
+    return [e["model_tag"] or "?", count, str(e["epochs"] or "?"), e["state"], _pct(e["accuracy"])]
+
+
+#: Per kind of folder: the table's title, its columns after the path and the dataset, a row's cells there.
+_TABLES = (
+    ("run", "Runs", [">ipc", ">rho", "criterion", ">iterations", "state", "accuracy %"], _run_row),
+    ("experts", "Experts folders", ["model", ">experts", ">epochs", "state", ">accuracy %"], _experts_row),
+)
+
+
 def lines(result: dict) -> list[str]:
     """The text ``dpd ls`` prints: a table of runs, then one of experts folders; ``!`` marks folders with problems."""
-    runs = [e for e in result["entries"] if e["kind"] == "run"]
-    experts = [e for e in result["entries"] if e["kind"] == "experts"]
-    if not runs and not experts:
+    if not result["entries"]:
         where = " and ".join(result["roots"]) or "runs/ and the experts root (neither exists)"
         return [f"No runs or experts folders in {where}."]
     out: list[str] = []
-    if runs:
-        out.append(f"Runs ({len(runs)})")
-        rows = []
-        for e in runs:
-            rho = e["prune_ratio"]
-            done = f"{e['iteration']}/{e['iterations']}" if e["iterations"] is not None else str(e["iteration"])
-            rows.append(
-                [
-                    ("! " if e["problems"] else "  ") + _shown(e["path"]),
-                    str(e["dataset"] or "?"),
-                    str(e["ipc"] or "?"),
-                    "?" if rho is None else f"{rho:g}",
-                    (e["prune_criterion"] or "?") if rho else "-",
-                    done,
-                    e["state"],
-                    _accuracy(e["evaluation"]),
-                ]
-            )
-        out += _table(
-            ["  path", "dataset", "ipc", "rho", "criterion", "iterations", "state", "accuracy %"], rows, {2, 3, 5}
-        )
-    if experts:
-        out.append(f"Experts folders ({len(experts)})")
-        rows = []
-        for e in experts:
-            count = (
-                f"{e['count']} of {e['n_planned']}"
-                if e["n_planned"] is not None and e["count"] < e["n_planned"]
-                else str(e["count"])
-            )
-            rows.append(
-                [
-                    ("! " if e["problems"] else "  ") + _shown(e["path"]),
-                    str(e["dataset"] or "?"),
-                    e["model_tag"] or "?",
-                    count,
-                    str(e["epochs"] or "?"),
-                    e["state"],
-                    _pct(e["accuracy"]),
-                ]
-            )
-        out += _table(["  path", "dataset", "model", "experts", "epochs", "state", "accuracy %"], rows, {3, 4, 6})
+    for kind, title, header, row in _TABLES:
+        found = [e for e in result["entries"] if e["kind"] == kind]
+        if found:
+            out.append(f"{title} ({len(found)})")
+            rows = [
+                [("! " if e["problems"] else "  ") + _shown(e["path"]), str(e["dataset"] or "?"), *row(e)]
+                for e in found
+            ]
+            out += _table(["  path", "dataset", *header], rows)
     flagged = sum(1 for e in result["entries"] if e["problems"])
     if flagged:
         out.append(f"! {flagged} folder{'s have' if flagged > 1 else ' has'} problems: `dpd inspect PATH` says which.")

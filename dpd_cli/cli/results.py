@@ -12,7 +12,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["SOURCE_LABELS", "results_table", "divergence_note", "selection_note", "below_note"]
+__all__ = ["SOURCE_LABELS", "table", "results_table", "divergence_note", "selection_note", "below_note"]
 
 SOURCE_LABELS = {"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}
 
@@ -25,31 +25,37 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2f}"
 
 
+def table(headers: tuple[str, ...], rows: list[tuple]) -> Table:
+    """A borderless table whose header starting with ">" is right-aligned. Cells are Text, not Rich markup:
+    model names, sources, file names and metadata are data (a row of fewer cells ends with empty ones)."""
+    t = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
+    for h in headers:
+        right = h.startswith(">")
+        t.add_column(h[1:] if right else h, justify="right" if right else "left", overflow="fold")
+    for row in rows:
+        t.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in row))
+    return t
+
+
 def results_table(results: list[dict]) -> Table:
     """The table of ``results`` (the latest entry wins where a model, protocol and source repeat)."""
     sources = [s for s in SOURCE_LABELS if any(r["source"] == s for r in results)]
     sources += sorted({str(r["source"]) for r in results} - set(sources))
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
-    for name, justify in (("model", "left"), ("protocol", "left"), *[(_label(s), "right") for s in sources]):
-        table.add_column(name, justify=justify, overflow="fold")
+    latest = {(r["model"], r.get("protocol"), str(r["source"])): r for r in results}
+    rows = []
     for model, protocol in dict.fromkeys((r["model"], r.get("protocol")) for r in results):
         cells = []
-        for s in sources:
-            hit = [r for r in results if (r["model"], r.get("protocol"), str(r["source"])) == (model, protocol, s)]
-            if hit:
-                r = hit[-1]
-                runs = "?" if r.get("runs") is None else r["runs"]
-                mark = (
-                    ("*" if r.get("diverged_runs") else "")
-                    + ("†" if r.get("optimistic") else "")
-                    + ("!" if r.get("below_baselines") else "")
-                )
-                cells.append(f"{_pct(r.get('mean'))} ± {_pct(r.get('std'))} ({runs}){mark}")
-            else:
+        for r in (latest.get((model, protocol, s)) for s in sources):
+            if r is None:
                 cells.append("")
-        # Text cells: model names and sources are data, not Rich markup.
-        table.add_row(*(Text(str(c)) for c in (model, protocol, *cells)))
-    return table
+                continue
+            runs = "?" if r.get("runs") is None else r["runs"]
+            marks = [
+                m for m, key in (("*", "diverged_runs"), ("†", "optimistic"), ("!", "below_baselines")) if r.get(key)
+            ]
+            cells.append(f"{_pct(r.get('mean'))} ± {_pct(r.get('std'))} ({runs}){''.join(marks)}")
+        rows.append((model, protocol, *cells))
+    return table(("model", "protocol", *(">" + _label(s) for s in sources)), rows)
 
 
 def divergence_note(results: list[dict]) -> str | None:

@@ -20,21 +20,9 @@ __all__ = ["run"]
 _SOURCES = {"distilled": 0, "init": 1, "random": 2, "full": 3}
 #: The keys of an eval.json entry shown per run (``dpd_cli.artifacts.evaluation.normalise``).
 _CELL = (
-    "mean",
-    "std",
-    "runs",
-    "accuracies",
-    "seeds",
-    "diverged_runs",
-    "epochs",
-    "lr",
-    "protocol_version",
-    "select",
-    "selected_iteration",
-    "iteration",
-    "optimistic",
-    "timestamp",
-)
+    "mean std runs accuracies seeds diverged_runs epochs lr protocol_version select selected_iteration iteration "
+    "optimistic timestamp"
+).split()
 
 
 def _evaluations(target: Path) -> dict:
@@ -93,39 +81,23 @@ def _difference(a: dict, b: dict) -> dict:
 def run(targets: list[Path]) -> dict:
     """Compare the evaluations of ``targets`` (run directories, or files evaluated with ``dpd evaluate FILE``).
 
-    Returns:
-        ``{"runs": [{"path", "eval_file", "n_entries", "dataset", "ipc", "prune_ratio", "prune_criterion"}],
-        "rows": [{"model", "source", "protocol", "cells": [cell or None per run], "differences": [...]}]}``.
-        A cell holds the entry's mean, std, runs, accuracies, seeds, selection and iterations (fractions,
-        as in eval.json, plus ``evaluated_iteration``: the newest checkpoint it trained on). ``differences``
-        has one item per run after the first, against the first: ``{"run", "against", "paired": True,
-        "n", "mean", "sd", "ci95"}`` or ``{"run", "against", "paired": False, "reason"}``; ``None`` where
-        either cell is missing.
-
-    Raises:
-        StorageError: A target is missing, not a run, or has no evaluation results.
+    Returns ``{"runs", "rows"}``: a row per (model, source, protocol) holds a cell per run (``None`` where not
+    evaluated) and, per run after the first, its difference against the first (docs/formats.md lists the keys).
     """
     runs = [_evaluations(Path(t)) for t in targets]
-    keys: dict[tuple, None] = {}
-    for r in runs:
-        for e in r["results"]:
-            keys[(e["model"], e["source"], e["protocol"])] = None
+    by_run = [{(e["model"], e["source"], e["protocol"]): e for e in r["results"]} for r in runs]
+    keys = dict.fromkeys(k for found in by_run for k in found)
     rows = []
     for model, source, protocol in sorted(keys, key=lambda k: (str(k[0]), str(k[2]), _SOURCES.get(k[1], 9), str(k[1]))):
-        cells = []
-        for r in runs:
-            hit = [e for e in r["results"] if (e["model"], e["source"], e["protocol"]) == (model, source, protocol)]
-            cells.append(
-                {**{k: hit[0][k] for k in _CELL}, "evaluated_iteration": evaluation.evaluated_iteration(hit[0])}
-                if hit
-                else None
-            )
-        differences = []
-        for j in range(1, len(runs)):
-            if cells[0] is None or cells[j] is None:
-                differences.append(None)
-            else:
-                differences.append({"run": j, "against": 0, **_difference(cells[0], cells[j])})
+        hits = [found.get((model, source, protocol)) for found in by_run]
+        cells = [
+            {**{k: e[k] for k in _CELL}, "evaluated_iteration": evaluation.evaluated_iteration(e)} if e else None
+            for e in hits
+        ]
+        differences = [
+            None if cells[0] is None or cell is None else {"run": j, "against": 0, **_difference(cells[0], cell)}
+            for j, cell in enumerate(cells[1:], 1)
+        ]
         rows.append(
             {"model": model, "source": source, "protocol": protocol, "cells": cells, "differences": differences}
         )

@@ -1,18 +1,14 @@
-"""``dpd inspect``: what is in a run directory, an experts folder or a safetensors file dpd wrote.
+"""``dpd inspect``: what is in a run directory, an experts folder or a safetensors file dpd wrote, as JSON-ready dicts.
 
-The rules of each file live in its module under ``dpd_cli.artifacts`` (strict loaders and the
-lenient checks used here); this module composes them into plain, JSON-ready dicts (the CLI
-formats them) and adds what only a report needs: curves, per-layer prune statistics and the
-experts' parameter distances. Only ``export_grid`` writes, and only the file it is given.
-
-A broken file *inside* a folder is reported (``files[i]["error"]``, ``warnings``), never
-raised: inspecting a damaged run is when this command is needed most. Only the path the user
-named must be usable, else a ``StorageError`` explains what it is and what would work.
+A broken file *inside* a folder is reported (``files[i]["error"]``, ``warnings``), never raised: inspecting
+a damaged run is when this command is needed most. Only the path the user named must be usable.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +33,7 @@ MAX_DISTANCE_EXPERTS = 10
 #: M in ``‖θ_t − θ_{t+M}‖`` when ``--expert-epochs`` is not given (the MTT default).
 DEFAULT_EXPERT_EPOCHS = 2
 
+_ENVELOPE_KEYS = ("format", "format_version", "dpd_version")
 _WHAT_WORKS = (
     "`dpd inspect` reads a run directory (from `dpd distill`), an experts folder (from `dpd experts`) "
     "or a .safetensors file written by dpd."
@@ -58,12 +55,7 @@ def _list_found(found: list[tuple[Path, str]]) -> str:
 
 
 def detect(path: Path) -> str:
-    """Which kind of thing ``path`` is: ``"run"``, ``"experts"`` or ``"file"``.
-
-    Raises:
-        StorageError: ``path`` does not exist, or is a folder that is neither a run nor an experts
-            folder (the message lists any such folders found inside it).
-    """
+    """``"run"``, ``"experts"`` or ``"file"``; a ``StorageError`` says what a missing path or a foreign folder holds."""
     path = Path(path)
     if not path.exists():
         near = discover.find(path.parent, depth=1, limit=6) if path.parent.is_dir() else []
@@ -93,19 +85,9 @@ def detect(path: Path) -> str:
 
 
 def inspect(path: Path, expert_epochs: int | None = None, max_experts: int = MAX_DISTANCE_EXPERTS) -> dict:
-    """Gather everything worth knowing about ``path``.
+    """Everything worth knowing about ``path``: ``{"kind", "path", ..., "warnings"}`` (docs/formats.md lists the keys).
 
-    Args:
-        path: A run directory, an experts folder, or a safetensors file written by dpd.
-        expert_epochs: M of the experts' parameter distance ``‖θ_t − θ_{t+M}‖`` (default 2).
-        max_experts: At most this many experts are read for that distance.
-
-    Returns:
-        ``{"kind": "run" | "experts" | "file", "path": ..., ..., "warnings": [...]}``; JSON-ready
-        (no NaN: missing numbers are ``None``). docs/formats.md lists the keys.
-
-    Raises:
-        StorageError: Missing path, a file that is not safetensors, or a folder of another kind.
+    ``expert_epochs`` is M of the experts' parameter distance ``‖θ_t − θ_{t+M}‖``, computed on ``max_experts``.
     """
     path = Path(path)
     kind = detect(path)
@@ -114,9 +96,6 @@ def inspect(path: Path, expert_epochs: int | None = None, max_experts: int = MAX
     if kind == "experts":
         return _inspect_experts(path, expert_epochs or DEFAULT_EXPERT_EPOCHS, max_experts)
     return _inspect_file(path)
-
-
-# --- small helpers ----------------------------------------------------------------------------
 
 
 def _short_error(e: Exception | str, path: Path, name: str) -> str:
@@ -150,21 +129,13 @@ def _file_entry(path: Path, name: str, valid: bool | None, error: str | None = N
 
 # --- run directory ----------------------------------------------------------------------------
 def _curve(records: list[dict], key: str) -> dict | None:
-    pts = [(int(r["iteration"]), json_number(r.get(key))) for r in records]
-    pts = [(i, v) for i, v in pts if v is not None]
+    pts = [(int(r["iteration"]), v) for r in records if (v := json_number(r.get(key))) is not None]
     if not pts:
         return None
-    its, vals = [p[0] for p in pts], [p[1] for p in pts]
-    k = min(range(len(vals)), key=vals.__getitem__)
-    return {
-        "iterations": its,
-        "values": vals,
-        "first": vals[0],
-        "last": vals[-1],
-        "min": vals[k],
-        "min_iteration": its[k],
-        "max": max(vals),
-    }
+    its, vals = map(list, zip(*pts, strict=True))
+    low = min(pts, key=lambda p: p[1])
+    curve = {"iterations": its, "values": vals, "first": vals[0], "last": vals[-1], "min": low[1]}
+    return {**curve, "min_iteration": low[0], "max": max(vals)}
 
 
 def _inspect_run(run_dir: Path) -> dict:
@@ -198,14 +169,14 @@ def _inspect_run(run_dir: Path) -> dict:
         except StorageError as e:
             errors[layout.SYNTHETIC] = _short_error(e, syn_path, layout.SYNTHETIC)
             syn_meta = None
+    syn_meta = syn_meta or {}
     ckpt_meta = scan["checkpoints"][0]["meta"] if scan["checkpoints"] else {}
-
-    settings = record.get("settings") or (syn_meta or {}).get("settings") or ckpt_meta.get("settings") or {}
+    settings = next((d["settings"] for d in (record, syn_meta, ckpt_meta) if d.get("settings")), {})
+    model = next((d["model"] for d in (record, syn_meta, ckpt_meta) if d.get("model")), None)
     if not settings:
         warnings.append(
             "No settings found (settings.json, synthetic.safetensors and the checkpoints are missing or unreadable)."
         )
-    model = record.get("model") or (syn_meta or {}).get("model") or ckpt_meta.get("model")
 
     pruning = None
     ppath = run_dir / layout.PRUNE
@@ -216,12 +187,10 @@ def _inspect_run(run_dir: Path) -> dict:
                 **prune_file.layer_stats(counts, pmeta["layout"], int(pmeta.get("iterations_pruned") or 0)),
                 "iteration": pmeta.get("iteration"),
             }
-        except (StorageError, KeyError, TypeError, ValueError) as e:
-            errors[layout.PRUNE] = _short_error(
-                e if isinstance(e, StorageError) else f"{ppath}: cannot read the layer statistics ({e}).",
-                ppath,
-                layout.PRUNE,
-            )
+        except StorageError as e:
+            errors[layout.PRUNE] = _short_error(e, ppath, layout.PRUNE)
+        except (KeyError, TypeError, ValueError) as e:
+            errors[layout.PRUNE] = f"{layout.PRUNE}: cannot read the layer statistics ({e})."
 
     ev = _evaluation(run_dir / layout.EVAL, warnings)
     formats = {
@@ -230,18 +199,17 @@ def _inspect_run(run_dir: Path) -> dict:
         **{c["name"]: synthetic_file.CHECKPOINT_FORMAT for c in scan["checkpoints"]},
     }
     files = _run_files(run_dir, errors, formats)
-    warnings += [
-        f["error"] for f in files if f["valid"] is False and f["name"] != layout.EVAL
-    ]  # eval.json's is already there
+    # eval.json's error is already there
+    warnings += [f["error"] for f in files if f["valid"] is False and f["name"] != layout.EVAL]
     warnings += scan["disagreements"]
 
     return {
         "kind": "run",
         "path": str(run_dir),
-        "dataset": settings.get("dataset") or (syn_meta or {}).get("dataset"),
+        "dataset": settings.get("dataset") or syn_meta.get("dataset"),
         "model": model,
         "model_tag": experts_file.model_tag(model),
-        "experts_folder": record.get("experts_folder") or (syn_meta or {}).get("experts_folder"),
+        "experts_folder": record.get("experts_folder") or syn_meta.get("experts_folder"),
         "n_experts": record.get("n_experts"),
         "settings": settings,
         "state": scan["state"],
@@ -258,34 +226,27 @@ def _inspect_run(run_dir: Path) -> dict:
 
 def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -> list[dict]:
     """Every visible file of the run (checkpoints included), with its size and validity."""
-    paths = [p for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
-    ck = run_dir / layout.CHECKPOINTS
-    if ck.is_dir():
-        paths += [p for p in ck.iterdir() if p.is_file() and not p.name.startswith(".")]
+    folders = [run_dir, run_dir / layout.CHECKPOINTS] if (run_dir / layout.CHECKPOINTS).is_dir() else [run_dir]
+    names = [str(p.relative_to(run_dir)) for d in folders for p in d.iterdir() if p.is_file() and p.name[0] != "."]
     order = {n: i for i, n in enumerate(layout.RUN_FILES)}
-
-    def key(p: Path):
-        top = p.relative_to(run_dir).parts[0]
-        return (order.get(top, len(order)), str(p.relative_to(run_dir)))
-
     out = []
-    for p in sorted(paths, key=key):
-        name = str(p.relative_to(run_dir))
+    for name in sorted(names, key=lambda n: (order.get(Path(n).parts[0], len(order)), n)):
+        p, valid, error, fmt = run_dir / name, True, errors.get(name), formats.get(name)
         if name in errors:
-            out.append(_file_entry(p, name, False, errors[name], formats.get(name)))
+            valid = False
         elif name in formats or name in (layout.SETTINGS, layout.METRICS, layout.EVAL):
-            out.append(_file_entry(p, name, True, None, formats.get(name)))
+            pass
         elif p.suffix == ".safetensors":
             try:  # a file this command did not otherwise read
-                _, meta = storage.read_meta(p)
-                out.append(_file_entry(p, name, True, None, meta.get("format")))
+                fmt = storage.read_meta(p)[1].get("format")
             except StorageError as e:
-                out.append(_file_entry(p, name, False, _short_error(e, p, name)))
+                valid, error = False, _short_error(e, p, name)
         elif p.suffix == ".png":
-            err = check_png(p)
-            out.append(_file_entry(p, name, err is None, err))
+            error = check_png(p)
+            valid = error is None
         else:
-            out.append(_file_entry(p, name, None))
+            valid = None
+        out.append(_file_entry(p, name, valid, error, fmt))
     return out
 
 
@@ -332,8 +293,8 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
         "preprocess": facts["preprocess"],
         "accuracy": {
             "mean": sum(finals) / len(finals) if finals else None,
-            "min": min(finals) if finals else None,
-            "max": max(finals) if finals else None,
+            "min": min(finals, default=None),
+            "max": max(finals, default=None),
             "mean_per_epoch": _mean_per_epoch([e["test_accuracy"] for e in good]),
         },
         "experts": experts,
@@ -355,16 +316,12 @@ def _import_record(record) -> dict | None:
 
 
 def _mean_per_epoch(curves: list[list]) -> list[float | None]:
-    n = max((len(c) for c in curves), default=0)
-    out = []
-    for e in range(n):
-        vals = [c[e] for c in curves if e < len(c) and c[e] is not None]
-        out.append(sum(vals) / len(vals) if vals else None)
-    return out
+    epochs = [[a for a in col if a is not None] for col in itertools.zip_longest(*curves)]
+    return [sum(vals) / len(vals) if vals else None for vals in epochs]
 
 
 def _distances(files: list[Path], m: int, epochs: int, warnings: list[str]) -> dict:
-    """Mean over experts of ``‖θ_t − θ_{t+m}‖`` for t = 0..epochs−m, reading one row at a time.
+    """Mean over experts of ``‖θ_t − θ_{t+m}‖`` for t = 0..epochs−m.
 
     Each expert is read once, row by row, holding only the last ``m + 1`` rows: memory stays
     at a few parameter vectors whatever the number of epochs.
@@ -376,12 +333,11 @@ def _distances(files: list[Path], m: int, epochs: int, warnings: list[str]) -> d
         dist = torch.zeros(n_t, dtype=torch.float64)
         try:
             with storage.TensorFile(path, experts_file.TRAJECTORY) as tf:
-                window: list[torch.Tensor] = []
+                window: deque[torch.Tensor] = deque(maxlen=m + 1)
                 for e in range(epochs + 1):
                     window.append(tf.rows("trajectory", [e])[0])  # (P,) float32
                     if len(window) > m:
-                        start = window.pop(0)
-                        dist[e - m] = torch.linalg.vector_norm(window[-1] - start, dtype=torch.float64)
+                        dist[e - m] = torch.linalg.vector_norm(window[-1] - window[0], dtype=torch.float64)
         except StorageError as e:  # the file changed since it was checked
             warnings.append(_short_error(e, path, path.name))
             continue
@@ -402,8 +358,7 @@ def _decode_meta_lenient(raw: dict[str, str]) -> tuple[dict[str, Any], list[str]
     meta: dict[str, Any] = {}
     not_json = []
     for k, v in raw.items():
-        if k in ("format", "format_version", "dpd_version"):
-            meta[k] = v
+        if k in _ENVELOPE_KEYS:
             continue
         try:
             meta[k] = json.loads(v)
@@ -416,13 +371,9 @@ def _decode_meta_lenient(raw: dict[str, str]) -> tuple[dict[str, Any], list[str]
 def _inspect_file(path: Path) -> dict:
     if path.suffix in (".json", ".jsonl"):
         beside = evaluation.target_of(path)
-        hint = (
-            f" `dpd inspect {beside}` shows this evaluation with the set it scores."
-            if beside and beside.exists()
-            else f" {_file_hint(path)}"
-            if _container(path)
-            else ""
-        )  # else the sentence above says it all
+        hint = f" {_file_hint(path)}" if _container(path) else ""  # else the sentence below says it all
+        if beside and beside.exists():
+            hint = f" `dpd inspect {beside}` shows this evaluation with the set it scores."
         raise StorageError(
             f"{path} is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, "
             f"experts folders and safetensors files.{hint}"
@@ -482,7 +433,7 @@ def _inspect_file(path: Path) -> dict:
         "valid": not problems,
         "problems": problems,
         "tensors": tensors,
-        "metadata": {k: v for k, v in meta.items() if k not in ("format", "format_version", "dpd_version")},
+        "metadata": meta,
         "details": details,
         "part_of": {"kind": container[0], "path": str(container[1])} if container else None,
         "evaluation": _evaluation(evaluation.path_for(path), warnings),  # where `dpd evaluate FILE` writes
@@ -523,16 +474,8 @@ def _file_details(path: Path, fmt: str) -> dict:
 
 # --- outputs ----------------------------------------------------------------------------------
 def export_grid(path: Path, out: Path) -> dict:
-    """Write the synthetic images of a run (or of a synthetic/checkpoint file) as a PNG grid.
-
-    A run whose synthetic.safetensors is unreadable falls back to its newest loadable checkpoint.
-
-    Returns:
-        ``{"path", "source", "n_images", "iteration"}``.
-
-    Raises:
-        StorageError: Nothing loadable holds images.
-    """
+    """Write the synthetic images of a run (or of a synthetic/checkpoint file) as a PNG grid: ``{"path", "source",
+    "n_images", "iteration"}``. A run whose synthetic.safetensors is unreadable falls back to its newest checkpoint."""
     path = Path(path)
     kind = detect(path)
     if kind == "experts":

@@ -23,16 +23,14 @@ DEPTH = 4
 
 
 def _roots(dirs: list[Path]) -> list[Path]:
-    if dirs:
-        for d in dirs:
-            if not d.is_dir():
-                what = "does not exist" if not d.exists() else "is not a folder"
-                raise StorageError(
-                    f"{d} {what}. `dpd ls` lists the runs and experts folders below the folders it is given "
-                    f"(by default {DEFAULT_RUNS}/ and the experts root, {paths.experts_root()})."
-                )
-        return list(dirs)
-    return [d for d in (DEFAULT_RUNS, paths.experts_root()) if d.is_dir()]
+    for d in dirs:
+        if not d.is_dir():
+            what = "does not exist" if not d.exists() else "is not a folder"
+            raise StorageError(
+                f"{d} {what}. `dpd ls` lists the runs and experts folders below the folders it is given "
+                f"(by default {DEFAULT_RUNS}/ and the experts root, {paths.experts_root()})."
+            )
+    return dirs or [d for d in (DEFAULT_RUNS, paths.experts_root()) if d.is_dir()]
 
 
 def _latest_distilled(ev: dict | None) -> dict | None:
@@ -41,10 +39,8 @@ def _latest_distilled(ev: dict | None) -> dict | None:
     if not hits:
         return None
     r = max(hits, key=lambda r: r["position"])
-    return {
-        k: r[k]
-        for k in ("model", "protocol", "mean", "std", "runs", "select", "selected_iteration", "iteration", "optimistic")
-    }
+    keys = "model protocol mean std runs select selected_iteration iteration optimistic".split()
+    return {k: r[k] for k in keys}
 
 
 def _run_entry(run_dir: Path) -> dict:
@@ -71,9 +67,8 @@ def _experts_entry(folder: Path) -> dict:
     facts = experts_file.check(folder)
     ref = facts["reference_meta"] or {}
     model = facts["compat"].get("model") or ref.get("model")
-    finals = [
-        e["final_test_accuracy"] for e in facts["experts"] if e["compatible"] and e["final_test_accuracy"] is not None
-    ]
+    finals = [e["final_test_accuracy"] for e in facts["experts"] if e["compatible"]]
+    finals = [a for a in finals if a is not None]
     return {
         "kind": "experts",
         "path": str(folder),
@@ -89,19 +84,8 @@ def _experts_entry(folder: Path) -> dict:
 
 
 def run(dirs: list[Path] | None = None, depth: int = DEPTH) -> dict:
-    """Every run directory and experts folder in or below ``dirs`` (default: ``runs/`` and the experts root).
-
-    Returns:
-        ``{"roots": [...], "entries": [...]}``, entries sorted by path. A run is ``{"kind": "run",
-        "path", "dataset", "ipc", "prune_ratio", "prune_criterion", "iteration", "iterations", "state",
-        "evaluation", "problems"}`` (``state`` as ``dpd_cli.artifacts.run.status``; ``evaluation``: the
-        distilled result appended last to eval.json, or ``None``); an experts folder is ``{"kind":
-        "experts", "path", "dataset", "model_tag", "count", "n_planned", "epochs", "state", "accuracy",
-        "problems"}`` (``state`` as ``dpd_cli.artifacts.experts.state``; ``accuracy``: the experts' mean
-        final test accuracy). ``problems``: what ``dpd inspect PATH`` would warn about.
-
-    Raises:
-        StorageError: A folder given does not exist.
+    """``{"roots", "entries"}``: every run directory and experts folder in or below ``dirs`` (default: ``runs/`` and
+    the experts root), sorted by path; docs/formats.md lists their keys. ``problems``: what ``dpd inspect`` warns about.
     """
     roots = _roots([Path(d) for d in dirs or []])
     found: dict[Path, tuple[Path, str]] = {}
