@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dpd_cli.core.augment import dsa
 from dpd_cli.core.matching import StepPlan, meta_gradient
 from dpd_cli.core.pruning import CRITERIA, PruneConfig, Pruner, criterion_scores, prune_keep_mask, select_keep
-from tests.engine.test_matching import Problem, assert_rel_close
+from tests.core.test_matching import Problem, assert_rel_close
 from tests.helpers import assert_close
 
 DT = torch.float64

@@ -9,8 +9,9 @@ import pytest
 
 from dpd_cli.config.settings import resolve
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PRESETS = sorted(EXAMPLES.glob("*.toml"))
+assert len(PRESETS) >= 10, f"the presets are missing from {EXAMPLES}"  # a moved test must not pass on nothing
 
 
 def test_presets_exist():

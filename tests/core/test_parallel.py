@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from dpd_cli.core import parallel
 from dpd_cli.core.matching import StepPlan, meta_gradient
 from dpd_cli.core.pruning import PruneConfig, prune_keep_mask
-from tests.engine.test_matching import Problem
+from tests.core.test_matching import Problem
 
 MEMORY = ["full", "low"]
 PRUNE = {"mtt": PruneConfig(0.0), "global": PruneConfig(0.1), "layer": PruneConfig(0.2, "layer", "layer-z")}
