@@ -85,7 +85,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         for folder in [path.parent, *(c.parent for c in created)]:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except BaseException as e:
         _unlink_quietly(tmp)
         if isinstance(e, OSError):
@@ -93,7 +93,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename or a new entry in ``folder`` durable; a file system that cannot sync folders is skipped."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -161,7 +161,7 @@ def append_text(path: Path, text: str, sync: bool = False) -> None:
         if sync:
             os.fsync(fd)
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
     except OSError as e:
         with contextlib.suppress(OSError):
             if start is not None:
