@@ -1,21 +1,11 @@
-"""What ``dpd export`` writes: one writer per format, the README.txt that explains it, and export.json.
+"""What ``dpd export`` writes (docs/formats.md, "Exports"): one writer per format, README.txt and export.json.
 
-Every export folder holds ``README.txt`` (what each file is and how to load it) and ``export.json``
-(what was exported, from where, by which dpd; ``dpd export --force`` replaces only folders holding
-one). The formats (docs/formats.md, "Exports"):
-
-* ``mtt`` / ``datm``: ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` as MTT's and DATM's
-  distillation code saves them and DATM's ``evaluation.py`` loads them, plus the
-  preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict; ``normalization.pt``). ``mtt``
-  stores hard labels as int64 class indices (MTT's ``label_syn``); ``datm`` always stores ``[n, K]``
-  float32 logits (DATM's ``label_syn``), for hard labels 0 at the class and ``-HARD_LABEL_GAP``
-  elsewhere, whose softmax is exactly the one-hot label. Soft labels (a ``label_logits`` tensor in the
-  synthetic set) are stored as those logits by both.
-* ``imagefolder``: ``<NN>-<class>/<i>.png``, the images back in 8-bit pixel space.
-* ``npz``: ``synthetic.npz``, every tensor as a NumPy array, readable without unpickling.
-
-Writers put files into a folder the caller made (``dpd_cli.recipes.export`` writes into a temporary
-folder and renames it into place), each file itself written atomically.
+``mtt`` / ``datm`` write MTT's and DATM's ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` plus the
+preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict; ``normalization.pt``). ``mtt`` stores hard
+labels as int64 class indices, ``datm`` as ``[n, K]`` float32 logits (0 at the class, ``-HARD_LABEL_GAP``
+elsewhere: their softmax is exactly the one-hot label); soft labels are stored as logits by both.
+``imagefolder`` writes 8-bit PNGs, ``npz`` every tensor as a NumPy array (readable without unpickling).
+Writers fill a folder the caller made, each file written atomically.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """``synthetic.safetensors`` and ``checkpoints/ckpt-NNNNNN.safetensors``.
 
-A synthetic set is standalone: images (training space), labels, the learned alpha and the full
-preprocessing, so it evaluates anywhere. From format version 2 it may hold learned soft labels
-(``label_logits``, ``(n, C)``: evaluation trains on their softmax); version 1 sets have hard labels
-only. A checkpoint holds the exact-resume state: the same tensors plus both optimisers' momentum, the prune counters and (for the EMA / network-mode masks)
-the prune state. From format version 2 a checkpoint stores only the normalisation and refers to
-its run's ``preprocess.safetensors`` for the ZCA matrices (two 3072 x 3072 matrices for CIFAR,
-75 MB, would otherwise be copied into every kept checkpoint); version 1 checkpoints carry them.
-
-``load`` is the one strict reader (every tensor and metadata entry a command uses is checked, so
-a damaged or foreign file is refused, never half-used); ``check`` lists its problems instead.
+A synthetic set is standalone: images (training space), labels, the learned alpha, the full preprocessing
+and, from format version 2, maybe learned soft labels (``label_logits``). A checkpoint adds the resume
+state (momentum, prune counters and state); from version 2 it refers to its run's ``preprocess.safetensors``
+for the ZCA matrices (75 MB for CIFAR, otherwise copied into every kept checkpoint). ``load`` is the one
+strict reader: a damaged or foreign file is refused, never half-used.
 """
 
 from __future__ import annotations

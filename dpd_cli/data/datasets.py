@@ -1,10 +1,7 @@
 """The dataset registry: every dataset becomes uint8 tensors ``[N, C, H, W]`` plus labels.
 
-Names: ``fashion-mnist-mini`` (embedded, offline), ``fashion-mnist``, ``mnist``, ``cifar10``,
-``cifar100``, ``svhn`` (torchvision; downloaded into the dataset cache on first use, or read
-from ``--data-dir``), ``tiny-imagenet`` (the unpacked tiny-imagenet-200 folder) and
-``imagefolder`` (``<dir>/train/<class>/*`` and ``<dir>/test/<class>/*``). Image folders are
-decoded once and cached.
+torchvision's datasets are downloaded into the dataset cache on first use, or read from ``--data-dir``;
+image folders (``imagefolder``, ``tiny-imagenet``) are decoded once and cached.
 """
 
 from __future__ import annotations
@@ -31,11 +28,8 @@ FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-#: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off. The datasets MTT's
-#: reference code defines use its constants: CIFAR-10's for CIFAR-10 *and* CIFAR-100, ImageNet's
-#: for Tiny ImageNet. The others carry the constants of the dataset-condensation benchmark code
-#: MTT descends from (MNIST, Fashion-MNIST, SVHN); image folders compute theirs from the training
-#: images. docs/algorithm.md lists them.
+#: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off: MTT's constants (CIFAR-10's for
+#: CIFAR-100 too), else those of the dataset-condensation code MTT descends from (docs/algorithm.md).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist-mini": ((0.2861,), (0.3530,)),
     "fashion-mnist": ((0.2861,), (0.3530,)),

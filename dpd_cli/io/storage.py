@@ -398,15 +398,11 @@ _ADVICE = "Wait for it to finish, or choose another --out."
 def lock_dir(
     folder: Path, what: str, name: str = ".lock", advice: str = _ADVICE, shared: bool = False
 ) -> Iterator[None]:
-    """Hold an ``flock`` on ``folder/<name>`` for the duration (shared or exclusive); a conflicting holder gets a clear error.
+    """Hold an ``flock`` on ``folder/<name>`` (shared or exclusive); a conflicting holder raises ``OutputExistsError``.
 
     The kernel releases it when the process dies, so a kill leaves no stale lock. A lock belongs to
     one open file description: a second ``lock_dir`` in the same process conflicts with the first.
     ``what`` (``"experts"``) and ``advice`` (its last sentence) word the conflict's message.
-
-    Raises:
-        OutputExistsError: Another holder conflicts.
-        StorageError: The folder cannot be written, or its file system does not support locks.
     """
     folder = Path(folder)
     path = folder / name
@@ -466,8 +462,7 @@ def is_locked(folder: Path, name: str = ".lock") -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the descriptor
         return False
     except BlockingIOError:
         return True

@@ -1,10 +1,7 @@
-"""``dpd export``: a synthetic set in the files MTT, DATM and other tools read.
+"""``dpd export``: a synthetic set in the files MTT, DATM and other tools read (``dpd_cli.artifacts.export``).
 
-The set (a run directory's ``synthetic.safetensors``, that file itself, or a checkpoint) is read with
-the strict loader, written into a temporary folder next to ``--out`` and renamed into place, so
-``--out`` never holds a partial export: a failure or Ctrl-C removes the temporary folder, and
-``--force`` swaps the new folder in before the old one is deleted. The formats are described in
-``dpd_cli.artifacts.export`` and docs/formats.md.
+The export is written into a temporary folder next to ``--out`` and renamed into place, so ``--out`` never
+holds a partial export; ``--force`` swaps the new folder in before the old one is deleted.
 """
 
 from __future__ import annotations
