@@ -4,15 +4,11 @@
 
     experts.json                  manifest: what every expert here was trained with
     preprocess.safetensors        the normalisation / ZCA tensors all experts saw
-    expert_00000.safetensors      trajectory (E+1, P) float32 + metadata, one per expert
+    expert_00000.safetensors      trajectory (E+1, P) float32 + metadata, one per expert (row e: after e epochs)
     .lock                         held while ``dpd experts`` writes here
 
-A trajectory row ``e`` holds the flat parameters after ``e`` epochs (row 0 = initialisation).
-
-``ExpertSet`` is the strict reader (``dpd distill``): it refuses a folder with any damaged, foreign
-or mismatched expert. ``check`` lists the same problems instead, from headers only, for ``dpd inspect``
-and ``dpd ls``. Both apply the same per-file rules (``_trajectory_shape``, ``_check_trajectory``) and
-the same rule for experts that cannot be matched together (``mismatches``).
+``ExpertSet`` (``dpd distill``) refuses a folder with any damaged, foreign or mismatched expert; ``check``
+(``dpd inspect``, ``dpd ls``) lists the same problems from headers only, by the same rules.
 """
 
 from __future__ import annotations
@@ -35,36 +31,6 @@ from dpd_cli.io.provenance import versions
 from dpd_cli.models import ModelSpec
 from dpd_cli.models.spec import spec_from_meta
 
-__all__ = [
-    "MANIFEST",
-    "MANIFEST_FORMAT",
-    "MANIFEST_VERSION",
-    "PREPROCESS",
-    "TRAJECTORY",
-    "COMPAT_FIELDS",
-    "ExpertSet",
-    "expert_path",
-    "expert_files",
-    "is_folder",
-    "default_folder",
-    "folders_under",
-    "preprocess_scheme",
-    "old_preprocess_message",
-    "validation_record",
-    "read_manifest",
-    "load_preprocess",
-    "new_manifest",
-    "write_manifest",
-    "planned_count",
-    "save_trajectory",
-    "mismatches",
-    "model_tag",
-    "check_trajectory",
-    "check",
-    "state",
-    "summarize",
-]
-
 MANIFEST = "experts.json"
 MANIFEST_FORMAT = "dpd.experts"
 MANIFEST_VERSION = 1
@@ -75,18 +41,8 @@ _REDO = "Delete that file and rerun `dpd experts`."
 
 #: Settings that must agree for experts to share one folder (experts.json's ``compat``, with ``model``
 #: and ``preprocess_scheme``).
-COMPAT_FIELDS = (
-    "dataset",
-    "train_per_class",
-    "val_per_class",
-    "zca",
-    "epochs",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch",
-    "dsa",
-    "seed",
+COMPAT_FIELDS = tuple(
+    "dataset train_per_class val_per_class zca epochs lr momentum weight_decay batch dsa seed".split()
 )
 
 
@@ -97,8 +53,7 @@ def expert_path(folder: Path, index: int) -> Path:
 
 def expert_files(folder: Path) -> list[Path]:
     """The folder's trajectory files, by index."""
-    folder = Path(folder)
-    return sorted(folder.glob(_GLOB)) if folder.is_dir() else []
+    return sorted(Path(folder).glob(_GLOB))
 
 
 def is_folder(path: Path) -> bool:
@@ -114,24 +69,19 @@ def default_folder(dataset: str, spec_tag: str, zca: bool) -> Path:
 
 def folders_under(root: Path) -> list[Path]:
     """Every experts folder with a manifest and at least one expert under ``root``, most recently written first."""
-    found = []
-    for manifest in Path(root).glob(f"**/{MANIFEST}"):
-        files = expert_files(manifest.parent)
-        if files:
-            found.append((max(f.stat().st_mtime for f in files), manifest.parent))
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(expert_files(m.parent), m.parent) for m in Path(root).glob(f"**/{MANIFEST}")]
+    return [p for _, p in sorted(((max(f.stat().st_mtime for f in fs), p) for fs, p in found if fs), reverse=True)]
 
 
 # --- manifest ---------------------------------------------------------------------------------
 def preprocess_scheme(compat: dict) -> int:
-    """The preprocessing recipe (``dpd_cli.data.preprocess.PREPROCESS_SCHEME``) a folder's experts saw.
+    """The preprocessing recipe (``PREPROCESS_SCHEME``) a folder's experts saw.
 
     Folders written by dpd 0.1 lack the entry: their preprocessing differs from today's only with
     ZCA (fitted on normalised pixels then) and for CIFAR-100 (normalised with its own statistics).
     """
-    scheme = compat.get("preprocess_scheme")
-    if scheme is not None:
-        return scheme
+    if compat.get("preprocess_scheme") is not None:
+        return compat["preprocess_scheme"]
     return 1 if compat.get("zca") or compat.get("dataset") == "cifar100" else PREPROCESS_SCHEME
 
 
@@ -160,11 +110,7 @@ def validation_record(ds) -> dict | None:
 
 
 def read_manifest(folder: Path) -> dict:
-    """``experts.json`` of ``folder``, checked: a dpd experts manifest of the version this dpd reads.
-
-    Raises:
-        StorageError: Missing, unreadable, foreign, or of another format version.
-    """
+    """``experts.json`` of ``folder``, checked: a dpd experts manifest of the version this dpd reads."""
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -209,13 +155,11 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def planned_count(manifest: Mapping[str, Any]) -> int | None:
-    """How many experts the folder's latest ``dpd experts`` run trains (``--num``); None if not recorded.
-
-    Manifests written before ``n_planned`` existed give their first run's ``--num``.
-    """
+    """How many experts the folder's latest ``dpd experts`` run trains (``--num``; before ``n_planned`` existed,
+    the first run's); None if not recorded."""
     n = manifest.get("n_planned")
-    if n is None:
-        n = (manifest.get("settings") or {}).get("num") if isinstance(manifest.get("settings"), dict) else None
+    if n is None and isinstance(manifest.get("settings"), dict):
+        n = manifest["settings"].get("num")
     return n if type(n) is int and n >= 0 else None
 
 
@@ -227,21 +171,13 @@ def save_trajectory(path: Path, trajectory: torch.Tensor, meta: Mapping[str, Any
 
 def _is_layer(entry) -> bool:
     """``[name, [d0, d1, ...]]`` as ``FlatModel.layout`` writes it."""
-    return (
-        isinstance(entry, list)
-        and len(entry) == 2
-        and isinstance(entry[0], str)
-        and isinstance(entry[1], list)
-        and all(type(d) is int and 0 < d <= 1 << 24 for d in entry[1])
-    )
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
+        return False
+    return isinstance(entry[0], str) and all(type(d) is int and 0 < d <= 1 << 24 for d in entry[1])
 
 
 def _trajectory_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int]:
-    """``(E + 1, P)``: the trajectory shape a file's own metadata (model, layout, epochs) implies.
-
-    Raises:
-        StorageError: The model, layout or epochs entry is missing or malformed.
-    """
+    """``(E + 1, P)``: the trajectory shape a file's own metadata (model, layout, epochs) implies, checked."""
     spec_from_meta(path, meta.get("model"))
     layout, epochs = meta.get("layout"), meta.get("epochs")
     if not (isinstance(layout, list) and layout and all(_is_layer(x) for x in layout)):
@@ -262,11 +198,8 @@ def _check_trajectory(path: Path, header: Mapping[str, Any], shape: tuple[int, i
 
 
 def _same_dataset(name, key) -> bool:
-    """Whether an expert file's ``dataset`` (a registry name) matches experts.json's dataset key.
-
-    The key tells image folders apart by folder name (``imagefolder-<folder>``); the files store
-    the registry name ``imagefolder``.
-    """
+    """Whether an expert file's ``dataset`` matches experts.json's: the files store the registry name
+    ``imagefolder``, the key tells image folders apart by folder name (``imagefolder-<folder>``)."""
     return name == key or (name == "imagefolder" and isinstance(key, str) and key.startswith("imagefolder-"))
 
 
@@ -275,7 +208,6 @@ def model_tag(model) -> str | None:
     ``None`` for anything but a table, its ``name`` for a table that is not a valid model."""
     if not isinstance(model, dict):
         return None
-
     try:
         return ModelSpec.from_dict(model).tag()
     except (KeyError, TypeError, ValueError):
@@ -317,11 +249,7 @@ def _fingerprint_message(ppath: Path, found: str, recorded: str) -> str:
 
 
 def load_preprocess(folder: Path, spec) -> Preprocess:
-    """``preprocess.safetensors`` of ``folder``, checked against the image shape of ``spec``.
-
-    Raises:
-        StorageError: Missing or damaged, or for other images.
-    """
+    """``preprocess.safetensors`` of ``folder``, checked against the image shape of ``spec``."""
     path = Path(folder) / PREPROCESS
     if not path.exists():
         raise StorageError(
@@ -333,9 +261,7 @@ def load_preprocess(folder: Path, spec) -> Preprocess:
 
 # --- the strict reader ------------------------------------------------------------------------
 class ExpertSet:
-    """The experts of one folder, opened for lazy two-row reads.
-
-    Every expert file stays open (memory-mapped) until ``close()``, or the end of a ``with`` block.
+    """The experts of one folder, each file open (memory-mapped) for lazy two-row reads until ``close()``.
 
     Example:
         >>> with ExpertSet(folder) as experts:
@@ -372,8 +298,7 @@ class ExpertSet:
         self.meta = first.meta
         shape = _trajectory_shape(first.path, self.meta)
         self.spec = spec_from_meta(first.path, self.meta["model"])
-        self.layout = self.meta["layout"]
-        self.epochs = self.meta["epochs"]
+        self.layout, self.epochs = self.meta["layout"], self.meta["epochs"]
         for f in self.files:
             _check_trajectory(f.path, f.header, shape)
             problems = mismatches(f.meta, self.meta, first.path.name, self.compat)
@@ -388,7 +313,6 @@ class ExpertSet:
         return len(self.files)
 
     def close(self) -> None:
-        """Release every expert file; closing twice is fine."""
         for f in self.files:
             f.close()
 
@@ -409,19 +333,13 @@ class ExpertSet:
 
 
 # --- the lenient check ------------------------------------------------------------------------
-
-
-def _short(e: Exception, path: Path) -> str:
+def _short(message: str, path: Path) -> str:
     """The message with the (long) path replaced by the file's name."""
-    return str(e).replace(str(path), path.name)
+    return str(message).replace(str(path), path.name)
 
 
 def check_trajectory(path: Path) -> dict:
-    """One trajectory file, checked on its own (header only): its facts.
-
-    Raises:
-        StorageError: What ``ExpertSet`` would refuse the file for by itself.
-    """
+    """One trajectory file's facts, after the checks ``ExpertSet`` makes of it alone (header only)."""
     path = Path(path)
     header, meta = storage.read_meta(path, TRAJECTORY)
     shape = _trajectory_shape(path, meta)
@@ -442,48 +360,43 @@ def check_trajectory(path: Path) -> dict:
 def check(folder: Path) -> dict:
     """What an experts folder holds and what is wrong with it, from headers and JSON only.
 
-    Nothing here raises for a damaged file: each problem is a sentence in ``problems`` (and an
-    expert's own in its entry's ``error``). The rules are ``ExpertSet``'s, so an empty
-    ``problems`` with at least one expert means ``dpd distill`` can use the folder.
+    Nothing here raises for a damaged file: each problem is a sentence in ``problems`` (an expert's
+    own also in its entry's ``error``). The rules are ``ExpertSet``'s, so an empty ``problems`` with
+    at least one expert means ``dpd distill`` can use the folder.
 
     Returns:
         ``{"manifest", "compat", "n_planned", "being_written", "state", "preprocess": {"zca", "fingerprint"}
-        | None, "experts": [entry, ...], "reference", "reference_meta", "problems"}`` (``state``: see
-        ``state``). An entry is ``{"file", "size", "valid", "error", "compatible", ...}`` plus
-        ``check_trajectory``'s facts (without ``meta``) when valid; ``reference`` is the file the others
-        are compared with (the first valid one), ``reference_meta`` its metadata.
+        | None, "experts": [entry, ...], "reference_meta", "problems"}``. An entry is ``{"file", "size",
+        "valid", "error", "compatible"}`` plus ``check_trajectory``'s facts but ``meta`` when valid;
+        ``reference_meta`` is the metadata of the first valid file, which the others are compared with.
     """
     folder = Path(folder)
     problems: list[str] = []
     manifest: dict = {}
-    mpath = folder / MANIFEST
-    if not mpath.exists():
+    mpath, ppath = folder / MANIFEST, folder / PREPROCESS
+    try:
+        manifest = read_manifest(folder)
+    except StorageError as e:
         problems.append(
-            "experts.json is missing, so `dpd distill` refuses this folder. Rerun `dpd experts --out` on this "
+            f"{_short(e, mpath)} `dpd distill` refuses this folder until it is fixed."
+            if mpath.exists()
+            else "experts.json is missing, so `dpd distill` refuses this folder. Rerun `dpd experts --out` on this "
             "folder with the experts' settings to rewrite it (finished experts are kept)."
         )
-    else:
-        try:
-            manifest = read_manifest(folder)
-        except StorageError as e:
-            problems.append(f"{_short(e, mpath)} `dpd distill` refuses this folder until it is fixed.")
     compat = manifest.get("compat") or {}
-
-    ppath = folder / PREPROCESS
     preprocess = None
-    if ppath.exists():
-        try:
-            preprocess = preprocess_file.check_header(ppath)
-        except StorageError as e:
-            problems.append(_short(e, ppath))
-    else:
+    try:
+        preprocess = preprocess_file.check_header(ppath)
+    except StorageError as e:
         problems.append(
-            "preprocess.safetensors is missing (the normalisation the experts saw); `dpd distill` cannot use "
+            _short(e, ppath)
+            if ppath.exists()
+            else "preprocess.safetensors is missing (the normalisation the experts saw); `dpd distill` cannot use "
             "this folder. Rerun `dpd experts --out` on it with the experts' settings."
         )
 
     experts: list[dict] = []
-    ref: dict | None = None
+    ref: tuple[str, dict] | None = None  # the first valid file and its metadata
     for p in expert_files(folder):
         entry: dict = {"file": p.name, "size": _size(p), "valid": False, "error": None, "compatible": False}
         experts.append(entry)
@@ -495,26 +408,23 @@ def check(folder: Path) -> dict:
             continue
         meta = facts.pop("meta")
         entry.update(valid=True, **facts)
-        if ref is None:
-            ref = {"file": p.name, "meta": meta}
-        found = mismatches(meta, ref["meta"], ref["file"], compat)
+        ref = ref or (p.name, meta)
+        found = mismatches(meta, ref[1], ref[0], compat)
+        entry["compatible"] = not found
         if found:
-            problems.append(_mismatch_message(p, found).replace(str(p), p.name))
-        else:
-            entry["compatible"] = True
+            problems.append(_short(_mismatch_message(p, found), p))
     if not experts:
         problems.append("No expert files (expert_*.safetensors) yet: train them with `dpd experts`.")
-    if ref is not None:
-        if compat and compat.get("model") not in (None, ref["meta"].get("model")):
+    ref_meta = ref[1] if ref else None
+    if ref_meta is not None:
+        if compat and compat.get("model") not in (None, ref_meta.get("model")):
             problems.append(
                 f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
-                f"{model_tag(ref['meta'].get('model'))}."
+                f"{model_tag(ref_meta.get('model'))}."
             )
-        recorded = ref["meta"].get("preprocess_fingerprint")
+        recorded = ref_meta.get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:
-            problems.append(
-                _fingerprint_message(ppath, preprocess["fingerprint"], recorded).replace(str(ppath), ppath.name)
-            )
+            problems.append(_short(_fingerprint_message(ppath, preprocess["fingerprint"], recorded), ppath))
     n_planned = planned_count(manifest)
     being_written = storage.is_locked(folder)
     return {
@@ -525,8 +435,7 @@ def check(folder: Path) -> dict:
         "state": state(len(experts), n_planned, being_written),
         "preprocess": preprocess,
         "experts": experts,
-        "reference": ref["file"] if ref else None,
-        "reference_meta": ref["meta"] if ref else None,
+        "reference_meta": ref_meta,
         "problems": problems,
     }
 
@@ -549,12 +458,8 @@ def _size(p: Path) -> int | None:
 
 
 def summarize(folder: Path) -> dict:
-    """What ``dpd experts --json`` reports: the folder, its ``compat`` and each expert (metadata only).
-
-    Returns:
-        ``{"folder", "compat", "experts": [{"file", "index", "epochs", "final_test_accuracy",
-        "train_images_per_s"}], "invalid": [{"file", "error"}] (only when some file is unreadable)}``.
-    """
+    """What ``dpd experts --json`` reports: the folder, its ``compat`` and each expert's metadata, and
+    ``invalid`` (``[{"file", "error"}]``) only when some file is unreadable."""
     facts = check(folder)
     out: dict = {"folder": str(folder), "compat": facts["compat"] or None, "experts": []}
     for e in facts["experts"]:

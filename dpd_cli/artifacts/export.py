@@ -1,21 +1,11 @@
-"""What ``dpd export`` writes: one writer per format, the README.txt that explains it, and export.json.
+"""What ``dpd export`` writes (docs/formats.md, "Exports"): one writer per format, README.txt and export.json.
 
-Every export folder holds ``README.txt`` (what each file is and how to load it) and ``export.json``
-(what was exported, from where, by which dpd; ``dpd export --force`` replaces only folders holding
-one). The formats (docs/formats.md, "Exports"):
-
-* ``mtt`` / ``datm``: ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` as MTT's and DATM's
-  distillation code saves them and DATM's ``evaluation.py`` loads them, plus the
-  preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict; ``normalization.pt``). ``mtt``
-  stores hard labels as int64 class indices (MTT's ``label_syn``); ``datm`` always stores ``[n, K]``
-  float32 logits (DATM's ``label_syn``), for hard labels 0 at the class and ``-HARD_LABEL_GAP``
-  elsewhere, whose softmax is exactly the one-hot label. Soft labels (a ``label_logits`` tensor in the
-  synthetic set) are stored as those logits by both.
-* ``imagefolder``: ``<NN>-<class>/<i>.png``, the images back in 8-bit pixel space.
-* ``npz``: ``synthetic.npz``, every tensor as a NumPy array, readable without unpickling.
-
-Writers put files into a folder the caller made (``dpd_cli.recipes.export`` writes into a temporary
-folder and renames it into place), each file itself written atomically.
+``mtt`` / ``datm`` write MTT's and DATM's ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` plus the
+preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict; ``normalization.pt``). ``mtt`` stores hard
+labels as int64 class indices, ``datm`` as ``[n, K]`` float32 logits (0 at the class, ``-HARD_LABEL_GAP``
+elsewhere: their softmax is exactly the one-hot label); soft labels are stored as logits by both.
+``imagefolder`` writes 8-bit PNGs, ``npz`` every tensor as a NumPy array (readable without unpickling).
+Writers fill a folder the caller made, each file written atomically.
 """
 
 from __future__ import annotations
@@ -31,23 +21,6 @@ from PIL import Image
 
 from dpd_cli.data import Preprocess
 from dpd_cli.io import storage
-
-__all__ = [
-    "FORMAT",
-    "RECORD",
-    "README",
-    "NPZ",
-    "HARD_LABEL_GAP",
-    "MTT_FILES",
-    "datm_labels",
-    "write_torch",
-    "write_npz",
-    "write_imagefolder",
-    "class_folder",
-    "readme",
-    "write_record",
-    "read_record",
-]
 
 FORMAT = "dpd.export"
 RECORD = "export.json"
@@ -66,61 +39,44 @@ def datm_labels(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return out
 
 
-def _save_pt(path: Path, obj) -> None:
-    with storage.atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-def write_torch(
-    folder: Path,
-    flavour: str,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    lr: torch.Tensor,
-    pre: Preprocess,
-    n_classes: int,
-    label_logits: torch.Tensor | None,
-) -> list[str]:
+def write_torch(folder: Path, flavour: str, t: dict, pre: Preprocess, meta: dict, logits) -> tuple[list[str], None]:
     """The ``mtt`` or ``datm`` files; returns their names."""
-    if label_logits is not None:
-        y = label_logits.float()
+    if logits is not None:
+        y = logits.float()
     elif flavour == "datm":
-        y = datm_labels(labels, n_classes)
+        y = datm_labels(t["labels"], len(meta["classes"]))
     else:
-        y = labels.long()
-    _save_pt(folder / "images_best.pt", images.detach().float().cpu().contiguous())
-    _save_pt(folder / "labels_best.pt", y.cpu().contiguous())
-    _save_pt(folder / "lr_best.pt", lr.detach().float().cpu().reshape(()))
-    t = pre.tensors()
-    _save_pt(folder / "normalization.pt", {"mean": t["norm_mean"], "std": t["norm_std"]})
-    names = [*MTT_FILES, "normalization.pt"]
+        y = t["labels"].long()
+    p = pre.tensors()
+    files = {
+        "images_best.pt": t["images"].detach().float(),
+        "labels_best.pt": y,
+        "lr_best.pt": t["lr"].detach().float().reshape(()),
+        "normalization.pt": {"mean": p["norm_mean"], "std": p["norm_std"]},
+    }
     if pre.has_zca:
         # kornia's ZCAWhitening computes (x - mean_vector) @ transform_matrix on flattened images, as dpd does.
-        _save_pt(
-            folder / "zca.pt",
-            {
-                "mean_vector": t["zca_mean"].reshape(1, -1),
-                "transform_matrix": t["zca_matrix"],
-                "transform_inv": t["zca_inverse"],
-            },
-        )
-        names.append("zca.pt")
-    return names
+        zca = {"mean_vector": p["zca_mean"].reshape(1, -1), "transform_matrix": p["zca_matrix"]}
+        files["zca.pt"] = {**zca, "transform_inv": p["zca_inverse"]}
+    for name, obj in files.items():
+        with storage.atomic_write(folder / name) as f:
+            torch.save(obj.cpu().contiguous() if isinstance(obj, torch.Tensor) else obj, f)
+    return list(files), None
 
 
-def write_npz(
-    folder: Path, tensors: dict[str, torch.Tensor], classes: list[str], meta: dict, label_logits: torch.Tensor | None
-) -> list[str]:
+def write_npz(folder: Path, fmt: str, t: dict, pre: Preprocess, meta: dict, logits) -> tuple[list[str], None]:
     """``synthetic.npz``: images, labels, lr, preprocessing, [label_logits], classes, meta_json."""
     keys = ["images", "labels", "lr", "norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse"]
-    arrays = {k: tensors[k].detach().cpu().numpy() for k in keys if k in tensors}
-    if label_logits is not None:
-        arrays["label_logits"] = label_logits.detach().float().cpu().numpy()
-    arrays["classes"] = np.array(classes, dtype=str)  # a unicode array: np.load reads it without pickle
-    arrays["meta_json"] = np.array(json.dumps(meta, sort_keys=True, default=str), dtype=str)
+    arrays = {k: t[k].detach().cpu().numpy() for k in keys if k in t}
+    if logits is not None:
+        arrays["label_logits"] = logits.detach().float().cpu().numpy()
+    arrays["classes"] = np.array(list(meta["classes"]), dtype=str)  # a unicode array: np.load reads it without pickle
+    # the set's metadata without the format entries (those describe the safetensors file, not the set)
+    plain = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dpd_version")}
+    arrays["meta_json"] = np.array(json.dumps(plain, sort_keys=True, default=str), dtype=str)
     with storage.atomic_write(folder / NPZ) as f:
         np.savez(f, **arrays)
-    return [NPZ]
+    return [NPZ], None
 
 
 def class_folder(k: int, name: str, n_classes: int) -> str:
@@ -129,29 +85,23 @@ def class_folder(k: int, name: str, n_classes: int) -> str:
     return f"{k:0{len(str(n_classes - 1))}d}-{safe}"
 
 
-def write_imagefolder(
-    folder: Path,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    pre: Preprocess,
-    classes: list[str],
-    label_logits: torch.Tensor | None,
-) -> tuple[list[str], float]:
+def write_imagefolder(folder: Path, fmt: str, t: dict, pre: Preprocess, meta: dict, logits) -> tuple[list[str], float]:
     """PNGs ``<NN>-<class>/<i>.png`` (i: the image's index in the set); returns (names, fraction of values clipped)."""
+    images, classes = t["images"], list(meta["classes"])
     pixels = pre.invert(images, clamp=False)  # (n, C, H, W), [0, 1] where representable
     clipped = float(((pixels < 0) | (pixels > 1)).float().mean()) if pixels.numel() else 0.0
     arr = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (n, H, W, C)
     width = len(str(len(images) - 1))
     names = []
-    for i, (a, y) in enumerate(zip(arr, labels.tolist(), strict=True)):
+    for i, (a, y) in enumerate(zip(arr, t["labels"].tolist(), strict=True)):
         name = f"{class_folder(y, classes[y], len(classes))}/{i:0{width}d}.png"
         image = Image.fromarray(a[:, :, 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
         with storage.atomic_write(folder / name) as f:
             image.save(f, format="PNG")
         names.append(name)
-    if label_logits is not None:
+    if logits is not None:
         with storage.atomic_write(folder / "label_logits.npy") as f:
-            np.save(f, label_logits.detach().float().cpu().numpy())
+            np.save(f, logits.detach().float().cpu().numpy())
         names.append("label_logits.npy")
     return names, clipped
 
@@ -194,7 +144,7 @@ def readme(fmt: str, info: dict) -> str:
     head = [
         f"dpd export ({fmt}) of {info['source']}",
         f"Dataset {info['dataset']}: {k} classes, {info['ipc']} images per class, {n} images of {c}x{h}x{w}; "
-        f"learned step size alpha = {info['lr']:.6g}. Written by dpd {info['dpd']}.",
+        f"learned step size alpha = {info['lr']:.6g}. Written by dpd {info['versions']['dpd']}.",
         "",
         f"The images live in the networks' training space, {_space(pre, info.get('train_per_class'))}. Test images must be "
         "mapped into the same space before a network trained on these images is tested.",
@@ -223,7 +173,7 @@ def _wrap(line: str, width: int = 100) -> list[str]:
 
 def _label_text(fmt: str, info: dict) -> str:
     k = len(info["classes"])
-    if info["soft"]:
+    if info["soft_labels"]:
         return (
             f"float32 [n, {k}]: the learned soft labels as logits (DATM's labels_best.pt); train with soft "
             "cross-entropy against softmax(logits), as DATM's evaluation.py does. MTT's own code has no soft labels."
@@ -317,7 +267,7 @@ def _readme_npz(fmt: str, info: dict) -> list[str]:
             "    zca_matrix    float32 [D, D]        the whitening matrix W (symmetric)",
             "    zca_inverse   float32 [D, D]        W^-1",
         ]
-    if info["soft"]:
+    if info["soft_labels"]:
         lines.append(
             f"    label_logits  float32 [n, {k}]        learned soft labels as logits (train against softmax(logits))"
         )
@@ -345,11 +295,11 @@ def _readme_imagefolder(fmt: str, info: dict) -> list[str]:
         "them); i is the image's index in the synthetic set.",
         "",
         "The images were mapped back to pixels (the ZCA undone, de-normalised), clipped to [0, 1] and rounded to 8 bits: "
-        f"{100 * info['clipped']:.2f} % of the values lay outside [0, 1] and were clipped. A network trained on these PNGs "
+        f"{100 * info['pixels_clipped']:.2f} % of the values lay outside [0, 1] and were clipped. A network trained on these PNGs "
         "must see them through the same preprocessing as above (the learned alpha assumes it), and still sees them only "
         "up to that rounding and clipping: for exact tensors, use --format npz or mtt.",
     ]
-    if info["soft"]:
+    if info["soft_labels"]:
         lines.append(
             f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i "
             "(an image folder can only say the class)."

@@ -1,15 +1,10 @@
 """``synthetic.safetensors`` and ``checkpoints/ckpt-NNNNNN.safetensors``.
 
-A synthetic set is standalone: images (training space), labels, the learned alpha and the full
-preprocessing, so it evaluates anywhere. From format version 2 it may hold learned soft labels
-(``label_logits``, ``(n, C)``: evaluation trains on their softmax); version 1 sets have hard labels
-only. A checkpoint holds the exact-resume state: the same tensors plus both optimisers' momentum, the prune counters and (for the EMA / network-mode masks)
-the prune state. From format version 2 a checkpoint stores only the normalisation and refers to
-its run's ``preprocess.safetensors`` for the ZCA matrices (two 3072 x 3072 matrices for CIFAR,
-75 MB, would otherwise be copied into every kept checkpoint); version 1 checkpoints carry them.
-
-``load`` is the one strict reader (every tensor and metadata entry a command uses is checked, so
-a damaged or foreign file is refused, never half-used); ``check`` lists its problems instead.
+A synthetic set is standalone: images (training space), labels, the learned alpha, the full preprocessing
+and, from format version 2, maybe learned soft labels (``label_logits``). A checkpoint adds the resume
+state (momentum, prune counters and state); from version 2 it refers to its run's ``preprocess.safetensors``
+for the ZCA matrices (75 MB for CIFAR, otherwise copied into every kept checkpoint). ``load`` is the one
+strict reader: a damaged or foreign file is refused, never half-used.
 """
 
 from __future__ import annotations
@@ -28,26 +23,8 @@ from dpd_cli.errors import StorageError
 from dpd_cli.io import storage
 from dpd_cli.models.spec import spec_from_meta
 
-__all__ = [
-    "SYNTHETIC_FORMAT",
-    "CHECKPOINT_FORMAT",
-    "REQUIRED",
-    "save_synthetic",
-    "save_checkpoint",
-    "load",
-    "check_header",
-    "check",
-    "describe",
-    "STATE_TENSORS",
-    "soft_targets",
-    "label_mass",
-]
-
 SYNTHETIC_FORMAT = "dpd.synthetic"
 CHECKPOINT_FORMAT = "dpd.checkpoint"
-#: The resume state a checkpoint adds to the synthetic set (``prune_state`` only when the mask keeps one,
-#: ``momentum_labels`` only with soft labels).
-STATE_TENSORS = ("momentum_images", "momentum_lr", "prune_counts", "prune_state", "momentum_labels")
 _HINT = "It is damaged or was not written by this dpd."
 _SYNTHETIC_TENSORS = {
     "images": (torch.float32, 4),
@@ -85,7 +62,7 @@ def save_synthetic(
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], pre: Preprocess, meta: Mapping[str, Any]) -> None:
-    """Write a checkpoint (atomically): ``tensors`` = images, labels, lr and ``STATE_TENSORS``.
+    """Write a checkpoint (atomically): ``tensors`` = images, labels, lr and the resume state.
 
     Only the normalisation goes in; the ZCA transform stays in the run's preprocess.safetensors,
     identified by ``preprocess_fingerprint`` in the metadata.
@@ -95,19 +72,9 @@ def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], pre: Prepro
     storage.save_tensors(path, {**tensors, **norm}, CHECKPOINT_FORMAT, meta)
 
 
-def _run_dir_of(path: Path) -> Path | None:
-    return path.parent.parent if path.parent.name == layout.CHECKPOINTS else None
-
-
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load and validate a synthetic set or a checkpoint.
-
-    The returned tensors always hold the complete preprocessing (``norm_*`` and, with ZCA,
-    ``zca_*``): a version 2 checkpoint's ZCA comes from its run's preprocess.safetensors.
-
-    Raises:
-        StorageError: Anything wrong with the file (or the preprocessing it refers to), naming the path.
-    """
+    """Load and validate a synthetic set or a checkpoint, with the complete preprocessing (``norm_*`` and, with
+    ZCA, ``zca_*``: a version 2 checkpoint's comes from its run's preprocess.safetensors)."""
     path = Path(path)
     fmt = _format(path)
     t, meta = storage.load_tensors(path, fmt, REQUIRED[fmt])
@@ -141,19 +108,17 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
         raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")
-    for k in ("label_logits", "momentum_labels"):
-        v = t.get(k)
-        if v is not None and (
-            v.dtype != torch.float32 or tuple(v.shape) != (len(labels), spec.n_classes) or not torch.isfinite(v).all()
-        ):
-            raise StorageError(
-                f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 "
-                f"{(len(labels), spec.n_classes)}. {_HINT}"
-            )
+    shapes = {"label_logits": (len(labels), spec.n_classes), "momentum_labels": (len(labels), spec.n_classes)}
     if fmt == CHECKPOINT_FORMAT:
-        _check_state(path, t, images.shape)
-        if meta.get("zca") is True and "zca_matrix" not in t:
-            t.update(_run_zca(path, meta, spec))
+        shapes.update(momentum_images=tuple(images.shape), momentum_lr=())
+        if (t["prune_counts"] < 0).any():
+            raise StorageError(f"{path}: negative prune counts. {_HINT}")
+        shapes["prune_state"] = tuple(t["prune_counts"].shape)
+    for k, shape in shapes.items():
+        if k in t:
+            preprocess_file.check_float(path, t, k, shape, _HINT)
+    if fmt == CHECKPOINT_FORMAT and meta.get("zca") is True and "zca_matrix" not in t:
+        t.update(_run_zca(path, meta, spec))
     preprocess_file.check_tensors(path, t, spec.channels, spec.image_size, _HINT)
     return t, meta
 
@@ -168,46 +133,17 @@ def _format(path: Path) -> str:
 
 
 def check_header(path: Path) -> dict:
-    """The metadata of a synthetic set or checkpoint, after the checks its header allows (no tensor is read).
-
-    Format, version and the required tensors' dtypes and ranks are checked; the tensors' values and
-    the metadata entries are not (``load`` checks everything).
-
-    Raises:
-        StorageError: What the header shows to be wrong, naming the path.
-    """
+    """The metadata of a synthetic set or checkpoint, after the checks its header allows: format, version
+    and the required tensors' dtypes and ranks (``load`` checks everything)."""
     path = Path(path)
     header, meta = storage.read_meta(path, _format(path))
     storage.check_header_tensors(path, header, REQUIRED[meta["format"]])
     return meta
 
 
-def _check_state(path: Path, t: dict[str, torch.Tensor], image_shape) -> None:
-    shapes = {"momentum_images": tuple(image_shape), "momentum_lr": ()}
-    for k, shape in shapes.items():
-        v = t[k]
-        if tuple(v.shape) != shape or not torch.isfinite(v).all():
-            raise StorageError(
-                f"{path}: tensor {k!r} is {v.dtype} {tuple(v.shape)}, expected finite float32 {shape}. {_HINT}"
-            )
-    if (t["prune_counts"] < 0).any():
-        raise StorageError(f"{path}: negative prune counts. {_HINT}")
-    state = t.get("prune_state")
-    if state is not None and (
-        state.dtype != torch.float32
-        or tuple(state.shape) != tuple(t["prune_counts"].shape)
-        or not torch.isfinite(state).all()
-    ):
-        raise StorageError(
-            f"{path}: tensor 'prune_state' is {state.dtype} {tuple(state.shape)}, expected finite float32 "
-            f"{tuple(t['prune_counts'].shape)}. {_HINT}"
-        )
-
-
 def _run_zca(path: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
     """The ZCA tensors a version 2 checkpoint refers to, from its run's preprocess.safetensors."""
-    run_dir = _run_dir_of(path)
-    source = (run_dir / layout.PREPROCESS) if run_dir is not None else None
+    source = path.parent.parent / layout.PREPROCESS if path.parent.name == layout.CHECKPOINTS else None
     if source is None or not source.exists():
         raise StorageError(
             f"{path} is a checkpoint of a ZCA run: its ZCA matrices live in the run directory's {layout.PREPROCESS}, "
@@ -238,28 +174,12 @@ def label_mass(t: dict[str, torch.Tensor], classes: list[str], k: int = 3) -> li
     probs, labels = torch.softmax(t["label_logits"].double(), dim=1), t["labels"]
     out = []
     for c, name in enumerate(classes):
-        rows = probs[labels == c]
-        if not len(rows):
-            continue
-        mean = rows.mean(0)
-        top = torch.topk(mean, min(k, len(classes)))
-        out.append(
-            {
-                "class": name,
-                "own": float(mean[c]),
-                "top": [{"class": classes[int(i)], "mass": float(v)} for v, i in zip(top.values, top.indices)],
-            }
-        )
+        if (labels == c).any():
+            mean = probs[labels == c].mean(0)
+            top = torch.topk(mean, min(k, len(classes)))
+            top = [{"class": classes[int(i)], "mass": float(v)} for v, i in zip(top.values, top.indices)]
+            out.append({"class": name, "own": float(mean[c]), "top": top})
     return out
-
-
-def check(path: Path) -> list[str]:
-    """The problems ``load`` would refuse ``path`` for (empty when it loads)."""
-    try:
-        load(path)
-    except StorageError as e:
-        return [str(e)]
-    return []
 
 
 def describe(t: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:

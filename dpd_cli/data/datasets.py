@@ -1,19 +1,18 @@
 """The dataset registry: every dataset becomes uint8 tensors ``[N, C, H, W]`` plus labels.
 
-Names: ``fashion-mnist-mini`` (embedded, offline), ``fashion-mnist``, ``mnist``, ``cifar10``,
-``cifar100``, ``svhn`` (torchvision; downloaded into the dataset cache on first use, or read
-from ``--data-dir``), ``tiny-imagenet`` (the unpacked tiny-imagenet-200 folder) and
-``imagefolder`` (``<dir>/train/<class>/*`` and ``<dir>/test/<class>/*``). Image folders are
-decoded once and cached.
+torchvision's datasets are downloaded into the dataset cache on first use, or read from ``--data-dir``;
+image folders (``imagefolder``, ``tiny-imagenet``) are decoded once and cached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import math
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,31 +21,15 @@ from PIL import Image, UnidentifiedImageError
 from dpd_cli.errors import DataError
 from dpd_cli.io import paths, storage
 
-__all__ = ["Dataset", "load_dataset", "NORMALIZATION", "read_idx", "class_balanced"]
-
 MINI_DIR = Path(__file__).parent / "mini"
 
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
 
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-#: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off. The datasets MTT's
-#: reference code defines use its constants: CIFAR-10's for CIFAR-10 *and* CIFAR-100, ImageNet's
-#: for Tiny ImageNet. The others carry the constants of the dataset-condensation benchmark code
-#: MTT descends from (MNIST, Fashion-MNIST, SVHN); image folders compute theirs from the training
-#: images. docs/algorithm.md lists them.
+#: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off: MTT's constants (CIFAR-10's for
+#: CIFAR-100 too), else those of the dataset-condensation code MTT descends from (docs/algorithm.md).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist-mini": ((0.2861,), (0.3530,)),
     "fashion-mnist": ((0.2861,), (0.3530,)),
@@ -111,10 +94,7 @@ def read_idx(path: Path) -> torch.Tensor:
         if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
             raise ValueError("not a uint8 IDX file")
         shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-        n = 1
-        for s in shape:
-            n *= s
-        body = data[4 + 4 * ndim :]
+        n, body = math.prod(shape), data[4 + 4 * ndim :]
         if len(body) != n:
             raise ValueError(f"expected {n} bytes of data, found {len(body)}")
     except (OSError, ValueError, struct.error, EOFError) as e:
@@ -125,10 +105,7 @@ def read_idx(path: Path) -> torch.Tensor:
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
-            return candidate
-    return None
+    return next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
 
 
 def _load_idx_dataset(name: str, folder: Path, classes: list[str]) -> Dataset:
@@ -160,6 +137,8 @@ _EXPECTED = {
 def _torchvision(name: str, data_dir: Path | None) -> Dataset:
     import torchvision.datasets as tvd
 
+    if name not in _EXPECTED and name not in ("mnist", "fashion-mnist"):
+        raise DataError(f"unknown dataset {name!r}")
     root = Path(data_dir) if data_dir is not None else paths.data_root()
     download = data_dir is None
     try:
@@ -171,8 +150,8 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
                 raw = root / cls.__name__ / "raw"
                 folder = raw if _find_idx(raw, "train-images-idx3-ubyte") else root
             else:
-                cls(str(root), train=True, download=download)
-                cls(str(root), train=False, download=download)
+                for train in (True, False):
+                    cls(str(root), train=train, download=True)
                 folder = root / cls.__name__ / "raw"
             classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
             return _load_idx_dataset(name, folder, classes)
@@ -181,23 +160,18 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
                 f"--data-dir {root} does not hold the {name} files: expected {' and '.join(_EXPECTED[name])} in it "
                 f"(as torchvision unpacks them). Point --data-dir at the folder holding them, or leave it out to download."
             )
-        if name in ("cifar10", "cifar100"):
-            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-            tr = cls(str(root), train=True, download=download)
-            te = cls(str(root), train=False, download=download)
-            to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731  (N,H,W,C) -> (N,C,H,W)
-            classes = list(tr.classes)
-            tr_x, tr_y, te_x, te_y = to_t(tr.data), torch.tensor(tr.targets), to_t(te.data), torch.tensor(te.targets)
-        elif name == "svhn":
-            tr = tvd.SVHN(str(root), split="train", download=download)
-            te = tvd.SVHN(str(root), split="test", download=download)
+        if name == "svhn":
+            tr, te = (tvd.SVHN(str(root), split=split, download=download) for split in ("train", "test"))
             classes = [str(i) for i in range(10)]
-            tr_x, tr_y = torch.from_numpy(tr.data).contiguous(), torch.from_numpy(tr.labels)
-            te_x, te_y = torch.from_numpy(te.data).contiguous(), torch.from_numpy(te.labels)
-        else:  # pragma: no cover - guarded by settings validation
-            raise DataError(f"unknown dataset {name!r}")
-    except DataError:
-        raise
+            (tr_x, tr_y), (te_x, te_y) = ((torch.from_numpy(d.data), torch.from_numpy(d.labels)) for d in (tr, te))
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            tr, te = (cls(str(root), train=train, download=download) for train in (True, False))
+            classes = list(tr.classes)
+            # (N, H, W, C) -> (N, C, H, W)
+            (tr_x, tr_y), (te_x, te_y) = (
+                (torch.from_numpy(d.data).permute(0, 3, 1, 2), torch.tensor(d.targets)) for d in (tr, te)
+            )
     except ImportError as e:  # SVHN's .mat files need scipy
         raise DataError(
             f"Reading {name} needs the package {e.name or 'scipy'}: `pip install {e.name or 'scipy'}`."
@@ -209,31 +183,28 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
             f"--data-dir to the folder holding it, or set DPD_DATA_ROOT."
         ) from e
     mean, std = NORMALIZATION[name]
-    return Dataset(name, classes, tr_x, tr_y.long(), te_x, te_y.long(), mean, std)
+    return Dataset(name, classes, tr_x.contiguous(), tr_y.long(), te_x.contiguous(), te_y.long(), mean, std)
 
 
 def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    items = []
-    for label, c in enumerate(classes):
-        # Any depth below the class folder (Tiny ImageNet keeps train/<wnid>/images/*.JPEG).
-        for f in sorted((split_dir / c).rglob("*")):
-            if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file():
-                items.append((f, label))
-    return classes, items
+    # Any depth below the class folder (Tiny ImageNet keeps train/<wnid>/images/*.JPEG).
+    files = [(label, sorted((split_dir / c).rglob("*"))) for label, c in enumerate(classes)]
+    return classes, [
+        (f, label) for label, fs in files for f in fs if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file()
+    ]
 
 
-def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int] | None) -> torch.Tensor:
+def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int]) -> torch.Tensor:
     def one(item):
         with Image.open(item[0]) as im:
             im = im.convert(mode)
-            if size is not None and im.size != size:
+            if im.size != size:
                 im = im.resize(size, Image.BILINEAR)
             return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.size[1], im.size[0], -1)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        arrays = list(pool.map(one, items))
-    return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
+        return torch.stack(list(pool.map(one, items))).permute(0, 3, 1, 2).contiguous()
 
 
 def _imagefolder(data_dir: Path) -> Dataset:
@@ -246,7 +217,7 @@ def _imagefolder(data_dir: Path) -> Dataset:
         )
     classes, train_items = _list_images(train_dir)
     test_classes, test_items = _list_images(test_dir)
-    _check_classes(root, train_dir, classes, train_items)
+    _check_classes(train_dir, classes, train_items)
     if test_classes != classes:
         raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
     return _decoded_folder("imagefolder", root, classes, train_items, test_items, stats=None)
@@ -264,18 +235,16 @@ def _tiny_imagenet(data_dir: Path) -> Dataset:
             "(the unpacked tiny-imagenet-200 archive). Point --data-dir at that folder."
         )
     classes, train_items = _list_images(train_dir)
-    _check_classes(root, train_dir, classes, train_items)
-    images = val_dir / "images"
-    annotations = val_dir / "val_annotations.txt"
+    _check_classes(train_dir, classes, train_items)
+    images, annotations = val_dir / "images", val_dir / "val_annotations.txt"
+    index = {c: i for i, c in enumerate(classes)}
     if images.is_dir() and any(p.is_dir() for p in images.iterdir()):
         val_classes, test_items = _list_images(images)
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
             raise DataError(f"{images} has class folders that train/ lacks: {', '.join(unknown[:5])}.")
-        index = {c: i for i, c in enumerate(classes)}
         test_items = [(f, index[val_classes[label]]) for f, label in test_items]
     elif annotations.is_file():
-        index = {c: i for i, c in enumerate(classes)}
         test_items = []
         for n, line in enumerate(annotations.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             parts = line.split("\t")
@@ -301,7 +270,7 @@ def _tiny_imagenet(data_dir: Path) -> Dataset:
     )
 
 
-def _check_classes(root: Path, train_dir: Path, classes: list[str], train_items: list) -> None:
+def _check_classes(train_dir: Path, classes: list[str], train_items: list) -> None:
     if not classes or not train_items:
         raise DataError(
             f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))})."
@@ -318,7 +287,6 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
 
     ``stats`` is the (mean, std) pair; ``None`` computes it from the training images.
     """
-
     listing = hashlib.sha256(name.encode())
     for f, label in train_items + test_items:
         st = f.stat()
@@ -327,46 +295,32 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
     if cache.is_file():
         try:
             t, _ = storage.load_tensors(cache, "dpd.imagecache")
-            mean = tuple(t["mean"].tolist())
-            std = tuple(t["std"].tolist())
-            return Dataset(
-                name, classes, t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], mean, std
-            )
+            splits = {k: t[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
+            return Dataset(name, classes, **splits, mean=tuple(t["mean"].tolist()), std=tuple(t["std"].tolist()))
         except Exception:  # a broken cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
     try:
         with Image.open(train_items[0][0]) as im:
             mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
             size = im.size
-        tr_x = _decode(train_items, mode, size)
-        te_x = _decode(test_items, mode, size)
+        tr_x, te_x = _decode(train_items, mode, size), _decode(test_items, mode, size)
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"Could not decode an image under {root}: {e}. Remove or fix that file.") from e
-    tr_y = torch.tensor([lab for _, lab in train_items])
-    te_y = torch.tensor([lab for _, lab in test_items])
+    splits = dict(
+        train_images=tr_x,
+        train_labels=torch.tensor([lab for _, lab in train_items]),
+        test_images=te_x,
+        test_labels=torch.tensor([lab for _, lab in test_items]),
+    )
     if stats is None:
         pixels = tr_x.double() / 255
-        mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-        std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
-    else:
-        mean, std = stats
-    try:
-        storage.save_tensors(
-            cache,
-            {
-                "train_images": tr_x,
-                "train_labels": tr_y,
-                "test_images": te_x,
-                "test_labels": te_y,
-                "mean": torch.tensor(mean),
-                "std": torch.tensor(std),
-            },
-            "dpd.imagecache",
-            {"source": str(root.resolve()), "classes": classes},
-        )
-    except Exception:  # the cache is an optimisation; an unwritable cache dir must not stop the run
-        pass
-    return Dataset(name, classes, tr_x, tr_y, te_x, te_y, mean, std)
+        stats = tuple(pixels.mean(dim=(0, 2, 3)).tolist()), tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    mean, std = stats
+    stored = {**splits, "mean": torch.tensor(mean), "std": torch.tensor(std)}
+    # The cache is an optimisation; an unwritable cache folder must not stop the run.
+    with contextlib.suppress(Exception):
+        storage.save_tensors(cache, stored, "dpd.imagecache", {"source": str(root.resolve()), "classes": classes})
+    return Dataset(name, classes, **splits, mean=mean, std=std)
 
 
 #: The validation split depends on the dataset and its size only (not on --seed), so that experts,
@@ -396,25 +350,17 @@ def _holdout(ds: Dataset, per_class: int) -> Dataset:
             f"--val-per-class {per_class} would leave no training image of class {ds.classes[c]!r}, which has "
             f"{min(counts)}. Use at most {min(counts) - 1} (a few percent of a class is usual)."
         )
-    val = (
-        torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(_VAL_SEED)))
-        .sort()
-        .values
-    )
+    g = torch.Generator().manual_seed(_VAL_SEED)
+    val = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
     rest = torch.ones(len(ds.train_labels), dtype=torch.bool)
     rest[val] = False
-    return Dataset(
-        ds.name,
-        ds.classes,
-        ds.train_images[rest],
-        ds.train_labels[rest],
-        ds.test_images,
-        ds.test_labels,
-        ds.mean,
-        ds.std,
-        ds.train_images[val],
-        ds.train_labels[val],
-        val,
+    return replace(
+        ds,
+        train_images=ds.train_images[rest],
+        train_labels=ds.train_labels[rest],
+        val_images=ds.train_images[val],
+        val_labels=ds.train_labels[val],
+        val_indices=val,
     )
 
 
@@ -425,24 +371,9 @@ def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
             f"--train-per-class {per_class} is more than the smallest class of {ds.name} holds ({min(counts)}). "
             f"Use at most {min(counts)}."
         )
-    keep_t = (
-        torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, torch.Generator().manual_seed(seed)))
-        .sort()
-        .values
-    )
-    return Dataset(
-        ds.name,
-        ds.classes,
-        ds.train_images[keep_t],
-        ds.train_labels[keep_t],
-        ds.test_images,
-        ds.test_labels,
-        ds.mean,
-        ds.std,
-        ds.val_images,
-        ds.val_labels,
-        ds.val_indices,
-    )
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
+    return replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
 
 
 def load_dataset(
@@ -452,22 +383,11 @@ def load_dataset(
     seed: int = 0,
     val_per_class: int | None = None,
 ) -> Dataset:
-    """Load a dataset from the registry.
+    """Load a dataset from the registry (``data_dir``: its files; ``None`` uses the cache and downloads).
 
-    Args:
-        name: A registry name (``dpd_cli.config.settings.DATASET_NAMES``).
-        data_dir: Folder with the dataset's files; ``None`` uses the cache and downloads.
-        train_per_class: Keep this many training images per class (seeded, class-balanced), taken
-            after the validation split.
-        seed: Seed of that subset.
-        val_per_class: Hold out this many training images per class as a validation split
-            (class-balanced, the same for a given dataset whatever the seed).
-
-    Returns:
-        The dataset as CPU uint8 tensors.
-
-    Raises:
-        DataError: Unknown name, missing or unreadable files, failed download.
+    ``val_per_class`` training images per class are held out as a validation split (class-balanced, the
+    same for a dataset whatever the seed); ``train_per_class`` then keeps that many of the rest per class
+    (seeded by ``seed``).
     """
     if data_dir is not None and not Path(data_dir).exists():
         raise DataError(f"--data-dir {data_dir} does not exist. Point it at the folder holding the {name} files.")

@@ -1,15 +1,9 @@
 """From uint8 pixels to the "training space" the networks see, and back.
 
-Training space, as MTT builds it (docs/algorithm.md, "Preprocessing and ZCA"):
-
-* without ZCA: pixels in [0, 1], normalised per channel with the dataset's mean and std;
-* with ZCA: pixels in [0, 1] with **no** normalisation (``mean`` 0, ``std`` 1 are stored so
-  that one formula covers both cases), then ZCA whitening with eps 0.1 fitted on those raw
-  [0, 1] training pixels -- kornia's ``ZCAWhitening(eps=0.1)``, which MTT uses.
-
-The mapping is always ``x = ZCA((pixels / 255 - mean) / std)`` with ZCA the identity when
-absent. The same transform must be applied to the test set at evaluation time, so it is
-stored with every expert and synthetic set.
+As MTT builds it (docs/algorithm.md): ``x = ZCA((pixels / 255 - mean) / std)``, with ZCA the identity
+when absent. With ZCA, ``mean`` 0 and ``std`` 1 (no normalisation) and the whitening (eps 0.1, kornia's
+``ZCAWhitening``, as MTT) is fitted on the raw [0, 1] training pixels. The test set must see the same
+transform, so it is stored with every expert and synthetic set.
 """
 
 from __future__ import annotations
@@ -18,8 +12,6 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-
-__all__ = ["Preprocess", "fit_zca", "ZCA_EPS", "PREPROCESS_SCHEME"]
 
 ZCA_EPS = 0.1
 #: Version of the recipe above. 1 (dpd 0.1) fitted ZCA on *normalised* pixels and normalised
@@ -41,10 +33,6 @@ class Preprocess:
     def has_zca(self) -> bool:
         return self.zca_matrix is not None
 
-    def to(self, device) -> Preprocess:
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Preprocess(mv(self.mean), mv(self.std), mv(self.zca_mean), mv(self.zca_matrix), mv(self.zca_inverse))
-
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         x = images_uint8.float() / 255.0
         return (x - self.mean.to(x.device).view(1, -1, 1, 1)) / self.std.to(x.device).view(1, -1, 1, 1)
@@ -58,9 +46,7 @@ class Preprocess:
                 flat = x.flatten(1) - self.zca_mean.to(x.device)
                 x = (flat @ self.zca_matrix.to(x.device)).view_as(x)
             out.append(x)
-        if not out:
-            return self.normalize(images_uint8)
-        return torch.cat(out)
+        return torch.cat(out) if out else self.normalize(images_uint8)
 
     def invert(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Training space -> pixels in [0, 1] (ZCA undone, then de-normalised, clamped unless ``clamp`` is False)."""
@@ -90,20 +76,15 @@ class Preprocess:
 
 
 def fit_zca(x: torch.Tensor, eps: float = ZCA_EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit ZCA whitening on images ``(N, C, H, W)`` (dpd passes raw [0, 1] pixels, as MTT).
+    """``(mean (D,), W (D, D), W^-1 (D, D))`` float32 of ZCA whitening fitted on images ``(N, C, H, W)``.
 
-    ``W = U diag(1/sqrt(S + eps)) U^T`` from the eigen-decomposition ``cov = U diag(S) U^T``,
-    with ``cov`` the (N-1)-normalised covariance of the flattened images (kornia's ZCAWhitening,
-    which MTT uses). Computed in float64.
-
-    Returns:
-        ``(mean (D,), W (D, D), W^-1 (D, D))`` as float32.
+    ``W = U diag(1/sqrt(S + eps)) U^T`` from ``cov = U diag(S) U^T``, the (N-1)-normalised covariance of
+    the flattened images, in float64 (kornia's ZCAWhitening, which MTT uses).
     """
     flat = x.flatten(1).double()
     mean = flat.mean(0)
     centred = flat - mean
-    cov = centred.T @ centred / max(1, flat.shape[0] - 1)
-    s, u = torch.linalg.eigh(cov)
+    s, u = torch.linalg.eigh(centred.T @ centred / max(1, flat.shape[0] - 1))
     s = s.clamp_min(0)
     w = (u * (s + eps).rsqrt()) @ u.T
     w_inv = (u * (s + eps).sqrt()) @ u.T

@@ -7,24 +7,21 @@ from pathlib import Path
 
 import platformdirs
 
-__all__ = ["data_root", "cache_root", "experts_root"]
 
-_APP = "dpd"
+def _root(env: str, base: str, name: str) -> Path:
+    return Path(os.environ[env]) if os.environ.get(env) else Path(base) / name
 
 
 def data_root() -> Path:
     """Where downloaded datasets go (``DPD_DATA_ROOT`` overrides)."""
-    env = os.environ.get("DPD_DATA_ROOT")
-    return Path(env) if env else Path(platformdirs.user_cache_dir(_APP)) / "datasets"
+    return _root("DPD_DATA_ROOT", platformdirs.user_cache_dir("dpd"), "datasets")
 
 
 def cache_root() -> Path:
     """Decoded-image caches (``DPD_CACHE_ROOT`` overrides)."""
-    env = os.environ.get("DPD_CACHE_ROOT")
-    return Path(env) if env else Path(platformdirs.user_cache_dir(_APP)) / "decoded"
+    return _root("DPD_CACHE_ROOT", platformdirs.user_cache_dir("dpd"), "decoded")
 
 
 def experts_root() -> Path:
     """Root of expert trajectories, ``<root>/<dataset>/<model tag>/`` (``DPD_EXPERTS_ROOT`` overrides)."""
-    env = os.environ.get("DPD_EXPERTS_ROOT")
-    return Path(env) if env else Path(platformdirs.user_data_dir(_APP)) / "experts"
+    return _root("DPD_EXPERTS_ROOT", platformdirs.user_data_dir("dpd"), "experts")

@@ -1,12 +1,7 @@
 """All file I/O: safetensors with validated metadata, atomic writes, locks, lazy slices.
 
-Every format written here carries ``format`` and ``format_version`` in its metadata; other
-metadata values are JSON. Loading validates the header before any tensor is touched and
-never unpickles anything.
-
-Example:
-    >>> save_tensors(path, {"images": x}, "dpd.synthetic", {"dataset": "cifar10"})
-    >>> tensors, meta = load_tensors(path, "dpd.synthetic")
+Every format written here carries ``format`` and ``format_version`` in its metadata; other metadata
+values are JSON. Loading validates the header before any tensor is touched and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -26,28 +21,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import _TYPES, load_file, save
 
 from dpd_cli import __version__
 from dpd_cli.errors import OutputExistsError, StorageError
-
-__all__ = [
-    "FORMAT_VERSIONS",
-    "READABLE_VERSIONS",
-    "atomic_write",
-    "atomic_write_text",
-    "append_text",
-    "save_tensors",
-    "load_tensors",
-    "read_header",
-    "read_meta",
-    "check_header_tensors",
-    "TensorFile",
-    "lock_dir",
-    "lock_shard",
-    "is_locked",
-    "remove_stale_temps",
-]
 
 #: The version of each format this release writes.
 FORMAT_VERSIONS = {
@@ -73,7 +50,9 @@ def _current_umask() -> int:
 
 _FILE_MODE = 0o666 & ~_current_umask()  # mkstemp creates 0600; outputs get the usual mode
 _MAX_HEADER = 64 * 1024 * 1024  # bytes; safetensors' own limit is 100 MB
+_WRITE_CHUNK = 64 * 1024 * 1024  # bytes per write call
 _RESERVED = ("format", "format_version", "dpd_version")
+_DTYPES = {dtype: name for name, dtype in _TYPES.items()}  # torch.float32 -> "F32", as safetensors names them
 
 
 def _hint_for(fmt: str) -> str:
@@ -88,15 +67,13 @@ def _hint_for(fmt: str) -> str:
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
     """Write ``path`` through a temporary file in the same folder, fsync, rename, fsync the folder.
 
-    A killed process leaves either the old file or the new one, never a partial one; after a
-    power cut the rename itself is on disk too (the folder's entry is synced).
-
-    Raises:
-        StorageError: The folder is missing, read-only or the disk is full.
+    A killed process leaves the old file or the new one, never a partial one; the folders' entries
+    (including folders created here) are synced, so the rename survives a power cut too.
     """
     path = Path(path)
     try:
-        created = _make_parents(path.parent)
+        created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise StorageError(_os_message(path, e)) from e
@@ -108,27 +85,15 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         for folder in [path.parent, *(c.parent for c in created)]:
-            _fsync_dir(folder)
-    except OSError as e:
+            fsync_dir(folder)
+    except BaseException as e:
         _unlink_quietly(tmp)
-        raise StorageError(_os_message(path, e)) from e
-    except BaseException:
-        _unlink_quietly(tmp)
+        if isinstance(e, OSError):
+            raise StorageError(_os_message(path, e)) from e
         raise
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created (their entries need a sync too)."""
-    missing = []
-    p = folder
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename or a new entry in ``folder`` durable; a file system that cannot sync folders is skipped."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -141,20 +106,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def remove_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
-    """Delete the temporary files (``.NAME.*.tmp``) a killed ``atomic_write`` left in ``folder``.
+    """Delete the temporary files (``.NAME.*.tmp``) a killed ``atomic_write`` left in ``folder``; returns them.
 
     Call it only while holding ``lock_dir`` on the folder (or, with ``names``, a torchrun rank's
     ``lock_shard`` and only that rank's files): another process's temp file is in use.
-
-    Returns:
-        The files removed.
     """
-    removed = []
     patterns = [f".{glob.escape(n)}.*.tmp" for n in names] if names is not None else [".*.tmp"]
-    for p in (p for pattern in patterns for p in Path(folder).glob(pattern)):
-        if p.is_file():
-            _unlink_quietly(p)
-            removed.append(p)
+    removed = [p for pattern in patterns for p in Path(folder).glob(pattern) if p.is_file()]
+    for p in removed:
+        _unlink_quietly(p)
     return removed
 
 
@@ -172,26 +132,14 @@ def _os_message(path: Path, e: OSError) -> str:
 
 
 def append_text(path: Path, text: str, sync: bool = False) -> None:
-    """Append ``text`` to ``path`` in place; if that fails (disk full), cut the file back to where it was.
+    """Append ``text`` to ``path`` in place (fsynced with ``sync``); if that fails (disk full), cut the file back.
 
     The bytes go straight to an ``O_APPEND`` descriptor, so a failed write leaves nothing buffered
     that a later flush could add; whatever part of ``text`` reached the file is truncated away and a
-    file this call created is removed. Other processes may append to the same file: each call's text
-    lands in one piece at the end.
-
-    Args:
-        path: The file (created if missing).
-        text: What to append, normally whole lines.
-        sync: Also fsync, so the text survives a power cut before the call returns.
-
-    Raises:
-        StorageError: The folder is missing or read-only, or the disk is full.
-
-    Example:
-        >>> append_text(run / "metrics.jsonl", json.dumps(record) + "\n")
+    file this call created is removed. Each call's text lands in one piece at the end, whoever else appends.
     """
     path = Path(path)
-    data = text.encode("utf-8")
+    data = memoryview(text.encode("utf-8"))
     try:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
@@ -203,9 +151,9 @@ def append_text(path: Path, text: str, sync: bool = False) -> None:
         raise StorageError(_os_message(path, e)) from e
     start = None  # where this call's bytes begin, once some have been written
     try:
-        view, done = memoryview(data), 0
+        done = 0
         while done < len(data):
-            n = os.write(fd, view[done:])
+            n = os.write(fd, data[done:])
             if start is None:
                 # O_APPEND placed the first bytes at the end as it was then; the offset is now past them.
                 start = os.lseek(fd, 0, os.SEEK_CUR) - n
@@ -213,7 +161,7 @@ def append_text(path: Path, text: str, sync: bool = False) -> None:
         if sync:
             os.fsync(fd)
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
     except OSError as e:
         with contextlib.suppress(OSError):
             if start is not None:
@@ -244,18 +192,9 @@ def save_tensors(
 ) -> None:
     """Save tensors atomically as safetensors, with JSON metadata.
 
-    The header goes first, then each tensor's bytes straight from its memory into the temporary
-    file: besides the tensors themselves (copied to the CPU if they are elsewhere), no serialised
-    copy of the file is ever held in memory (a trajectory can be gigabytes). Tensors are laid
-    out by decreasing element size, then name, so every one starts aligned to its element size,
-    as safetensors' own writer does.
-
-    Raises:
-        StorageError: The folder is missing or read-only, or the disk is full.
-        ValueError: A tensor is sparse, or of a dtype safetensors cannot store.
-
-    Example:
-        >>> save_tensors(Path("x.safetensors"), {"a": torch.zeros(2)}, "dpd.synthetic", {"note": 1})
+    The header goes first, then each tensor's bytes straight from its memory, so no serialised copy
+    of the file is held in memory (a trajectory can be gigabytes). Tensors are laid out by decreasing
+    element size, then name, each aligned to its element size, as safetensors' own writer does.
     """
     for k, v in tensors.items():
         if v.layout != torch.strided:
@@ -263,53 +202,14 @@ def save_tensors(
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = _encode_meta(fmt, meta or {})
     if sys.byteorder != "little":  # safetensors is little-endian; its own writer byte-swaps
-        blob = save(clean, metadata=metadata)
         with atomic_write(Path(path)) as f:
-            f.write(blob)
+            f.write(save(clean, metadata=metadata))
         return
     order = sorted(clean, key=lambda k: (-clean[k].element_size(), k))
-    header = _safetensors_header([(k, clean[k]) for k in order], metadata)
-    with atomic_write(Path(path)) as f:
-        f.write(header)
-        for k in order:
-            data = _bytes_of(clean[k])
-            for i in range(0, len(data), _WRITE_CHUNK):
-                f.write(data[i : i + _WRITE_CHUNK])
-
-
-_WRITE_CHUNK = 64 * 1024 * 1024  # bytes per write call
-
-
-def _safetensors_dtypes() -> dict[torch.dtype, str]:
-    names = {
-        "float64": "F64",
-        "float32": "F32",
-        "float16": "F16",
-        "bfloat16": "BF16",
-        "int64": "I64",
-        "int32": "I32",
-        "int16": "I16",
-        "int8": "I8",
-        "uint8": "U8",
-        "bool": "BOOL",
-        "uint16": "U16",
-        "uint32": "U32",
-        "uint64": "U64",
-        "float8_e4m3fn": "F8_E4M3",
-        "float8_e5m2": "F8_E5M2",
-        "complex64": "C64",
-    }
-    return {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}  # older torch lacks some
-
-
-_DTYPES = _safetensors_dtypes()
-
-
-def _safetensors_header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and the JSON header for ``tensors`` stored back to back in this order."""
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name, t in tensors:
+    for name in order:
+        t = clean[name]
         if t.dtype not in _DTYPES:
             raise ValueError(f"cannot save {name!r}: safetensors has no dtype for {t.dtype}")
         n = t.numel() * t.element_size()
@@ -317,21 +217,16 @@ def _safetensors_header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying them."""
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    with atomic_write(Path(path)) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            data = memoryview(clean[name].reshape(-1).view(torch.uint8).numpy())  # no copy
+            for i in range(0, len(data), _WRITE_CHUNK):
+                f.write(data[i : i + _WRITE_CHUNK])
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Read and check a safetensors header without loading tensors.
-
-    Returns:
-        ``(tensor entries {name: {dtype, shape, data_offsets}}, raw metadata)``.
+    """``(tensor entries {name: {dtype, shape, data_offsets}}, raw metadata)`` of a safetensors file, checked.
 
     Raises:
         StorageError: Missing, truncated, foreign or inconsistent file.
@@ -369,12 +264,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     end = 0
     for name, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (
-            not isinstance(entry, dict)
-            or not {"dtype", "shape", "data_offsets"} <= entry.keys()
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets)
+            and {"dtype", "shape"} <= entry.keys()
         ):
             raise StorageError(f"{path}: tensor entry {name!r} is malformed.")
         end = max(end, offsets[1])
@@ -399,96 +293,53 @@ def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, 
             )
     meta: dict[str, Any] = {}
     for k, v in raw.items():
-        if k in _RESERVED:
-            meta[k] = v
-            continue
         try:
-            meta[k] = json.loads(v)
+            meta[k] = v if k in _RESERVED else json.loads(v)
         except (json.JSONDecodeError, RecursionError):
             raise StorageError(f"{path}: metadata entry {k!r} is not valid JSON. {_hint_for(found or '')}") from None
     return meta
 
 
-def load_tensors(
-    path: Path, fmt: str | None = None, required: Mapping[str, tuple[torch.dtype, int | None]] | None = None
-):
-    """Load every tensor of a safetensors file after validating its header.
-
-    Args:
-        path: The file.
-        fmt: Expected ``format`` metadata (``None`` accepts any).
-        required: ``{name: (dtype, ndim or None)}`` that must be present.
-
-    Returns:
-        ``(tensors, metadata)`` with metadata values decoded from JSON.
-
-    Raises:
-        StorageError: Anything wrong with the file, naming the path.
-    """
-    path = Path(path)
+def read_meta(path: Path, fmt: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensor entries, metadata decoded from JSON)`` of a file of format ``fmt`` (``None``: any), no tensor read."""
     header, raw = read_header(path)
-    meta = _decode_meta(path, raw, fmt)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise StorageError(f"{path} is corrupted ({e}). {_hint_for(fmt or '')}") from e
-    for name, (dtype, ndim) in (required or {}).items():
-        t = tensors.get(name)
-        if t is None:
-            raise StorageError(f"{path} lacks the tensor {name!r}. {_hint_for(fmt or '')}")
-        if t.dtype != dtype or (ndim is not None and t.dim() != ndim):
-            raise StorageError(
-                f"{path}: tensor {name!r} is {t.dtype} with shape {tuple(t.shape)}; expected {dtype} with {ndim} dimensions."
-            )
-    return tensors, meta
-
-
-def read_meta(path: Path, fmt: str | tuple[str, ...] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The header and decoded metadata of a file, without reading any tensor.
-
-    Args:
-        path: The file.
-        fmt: The expected ``format`` (one name, or any of several); ``None`` accepts any.
-
-    Returns:
-        ``(tensor entries {name: {dtype, shape, data_offsets}}, metadata decoded from JSON)``.
-
-    Raises:
-        StorageError: As ``load_tensors`` for the header and metadata.
-    """
-    path = Path(path)
-    header, raw = read_header(path)
-    if isinstance(fmt, tuple):
-        found = raw.get("format")
-        if found not in fmt:
-            what = f"a {found!r} file" if found else "not a file written by dpd"
-            raise StorageError(f"{path} is {what}; expected {' or '.join(map(repr, fmt))}. Check the path.")
-        fmt = found
-    return header, _decode_meta(path, raw, fmt)
+    return header, _decode_meta(Path(path), raw, fmt)
 
 
 def check_header_tensors(
-    path: Path, header: Mapping[str, Any], required: Mapping[str, tuple[torch.dtype, int | None]]
+    path: Path, header: Mapping[str, Any], required: Mapping[str, tuple[torch.dtype, int | None]], hint: str = ""
 ) -> None:
-    """Check the ``required`` tensors' names, dtypes and ranks from a header alone (no data is read).
-
-    Raises:
-        StorageError: A tensor is missing or of another dtype or rank (worded as ``load_tensors`` words it).
-    """
-    names = {v: k for k, v in _DTYPES.items()}  # "F32" -> torch.float32
+    """Check the ``required`` tensors' names, dtypes and ranks (``{name: (dtype, ndim or None)}``) from a header."""
     for name, (dtype, ndim) in required.items():
         entry = header.get(name)
         if entry is None:
-            raise StorageError(f"{path} lacks the tensor {name!r}.")
-        found = names.get(entry["dtype"], entry["dtype"])
+            raise StorageError(f"{path} lacks the tensor {name!r}.{hint}")
+        found = _TYPES.get(entry["dtype"], entry["dtype"])
         if found != dtype or (ndim is not None and len(entry["shape"]) != ndim):
             raise StorageError(
                 f"{path}: tensor {name!r} is {found} with shape {tuple(entry['shape'])}; expected {dtype} with {ndim} dimensions."
             )
 
 
+def load_tensors(
+    path: Path, fmt: str | None = None, required: Mapping[str, tuple[torch.dtype, int | None]] | None = None
+):
+    """``(tensors, metadata)`` of a safetensors file of format ``fmt`` (``None``: any) holding the ``required`` tensors.
+
+    Raises:
+        StorageError: Anything wrong with the file, naming the path.
+    """
+    path = Path(path)
+    header, meta = read_meta(path, fmt)
+    check_header_tensors(path, header, required or {}, f" {_hint_for(fmt or '')}")
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise StorageError(f"{path} is corrupted ({e}). {_hint_for(fmt or '')}") from e
+
+
 class TensorFile:
-    """A safetensors file opened for lazy reads (``safe_open`` + ``get_slice``).
+    """A safetensors file opened for lazy reads (``safe_open`` + ``get_slice``); ``close()`` releases it.
 
     Example:
         >>> with TensorFile(path, "dpd.trajectory") as f:
@@ -497,8 +348,7 @@ class TensorFile:
 
     def __init__(self, path: Path, fmt: str | None = None):
         self.path = Path(path)
-        self.header, raw = read_header(self.path)
-        self.meta = _decode_meta(self.path, raw, fmt)
+        self.header, self.meta = read_meta(self.path, fmt)
         try:
             self._handle = safe_open(str(self.path), framework="pt")
         except Exception as e:  # SafetensorError and OS errors
@@ -508,22 +358,21 @@ class TensorFile:
         return tuple(self.header[name]["shape"])
 
     def rows(self, name: str, indices: list[int]) -> torch.Tensor:
-        handle = self._open_handle()
-        try:
-            sl = handle.get_slice(name)
-            return torch.stack([sl[i : i + 1][0] for i in indices])
-        except Exception as e:  # SafetensorError, and OS errors if the file changed underneath
-            raise StorageError(
-                f"{self.path}: cannot read rows {indices} of {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}"
-            ) from e
+        return self._read(
+            lambda h: torch.stack([h.get_slice(name)[i : i + 1][0] for i in indices]), f"rows {indices} of {name!r}"
+        )
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self._open_handle()
+        return self._read(lambda h: h.get_tensor(name), repr(name))
+
+    def _read(self, read, what: str) -> torch.Tensor:
+        if self._handle is None:
+            raise ValueError(f"{self.path} was closed")
         try:
-            return handle.get_tensor(name)
-        except Exception as e:
+            return read(self._handle)
+        except Exception as e:  # SafetensorError, and OS errors if the file changed underneath
             raise StorageError(
-                f"{self.path}: cannot read {name!r} ({e}). {_hint_for(self.meta.get('format', ''))}"
+                f"{self.path}: cannot read {what} ({e}). {_hint_for(self.meta.get('format', ''))}"
             ) from e
 
     def close(self) -> None:
@@ -531,11 +380,6 @@ class TensorFile:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.__exit__(None, None, None)
-
-    def _open_handle(self):
-        if self._handle is None:
-            raise ValueError(f"{self.path} was closed")
-        return self._handle
 
     def __enter__(self) -> TensorFile:
         return self
@@ -547,33 +391,18 @@ class TensorFile:
 #: ``flock`` errors that mean the file system does not do locks (NFS without a lock daemon, some
 #: parallel and FUSE file systems), as opposed to another process holding the lock.
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+_ADVICE = "Wait for it to finish, or choose another --out."
 
 
 @contextlib.contextmanager
 def lock_dir(
-    folder: Path,
-    what: str,
-    name: str = ".lock",
-    advice: str = "Wait for it to finish, or choose another --out.",
-    shared: bool = False,
+    folder: Path, what: str, name: str = ".lock", advice: str = _ADVICE, shared: bool = False
 ) -> Iterator[None]:
-    """Hold a lock on ``folder/<name>`` for the duration; a conflicting process gets a clear error.
+    """Hold an ``flock`` on ``folder/<name>`` (shared or exclusive); a conflicting holder raises ``OutputExistsError``.
 
-    Uses ``flock``: the kernel releases it when the process dies, so a kill leaves no stale lock.
-    A lock belongs to one open file description: a second ``lock_dir`` in the same process
-    conflicts with the first just as another process would.
-
-    Args:
-        folder: The folder to lock (created if missing).
-        what: What is being written, for the message (``"experts"``).
-        name: The lock file's name in ``folder``.
-        advice: The message's last sentence.
-        shared: Take a shared lock: any number of shared holders together, but none alongside an
-            exclusive holder (see ``lock_shard``).
-
-    Raises:
-        OutputExistsError: Another holder conflicts.
-        StorageError: The folder cannot be written, or its file system does not support locks.
+    The kernel releases it when the process dies, so a kill leaves no stale lock. A lock belongs to
+    one open file description: a second ``lock_dir`` in the same process conflicts with the first.
+    ``what`` (``"experts"``) and ``advice`` (its last sentence) word the conflict's message.
     """
     folder = Path(folder)
     path = folder / name
@@ -595,10 +424,10 @@ def lock_dir(
                     "files. Use a folder on a local disk: choose it with --out (for dpd evaluate, copy the run there first)."
                 ) from None
             raise StorageError(f"Cannot lock {path}: {e.strerror or e}. Check the output folder.") from e
-        if not shared:  # who holds it, for people looking; several shared holders would write over each other
-            with contextlib.suppress(
-                OSError
-            ):  # a full disk must not stop the command here, but at its first real write
+        # Who holds it, for people looking (several shared holders would write over each other); a full
+        # disk must not stop the command here, but at its first real write.
+        if not shared:
+            with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
                 os.write(fd, str(os.getpid()).encode())
         yield
@@ -607,24 +436,12 @@ def lock_dir(
 
 
 @contextlib.contextmanager
-def lock_shard(
-    folder: Path,
-    what: str,
-    rank: int,
-    world: int,
-    name: str = ".lock",
-    advice: str = "Wait for it to finish, or choose another --out.",
-) -> Iterator[None]:
-    """Lock ``folder`` for one process of a torchrun job, or exclusively for a plain process.
+def lock_shard(folder: Path, what: str, rank: int, world: int, name: str = ".lock", advice: str = _ADVICE):
+    """Lock ``folder`` for one process of a torchrun job, or exclusively for a plain process (``world == 1``).
 
-    A plain process (``world == 1``) takes ``folder/<name>`` exclusively. Rank ``r`` of a job takes
-    ``folder/<name>`` shared, so the job's ranks work side by side while any plain process is
-    kept out, and ``folder/<stem>.rank<r>.lock`` exclusively, so a second job's rank ``r`` is kept
-    out too (``.lock`` gives ``.rank0.lock``, ``.eval.json.lock`` gives ``.eval.json.rank0.lock``).
-
-    Raises:
-        OutputExistsError: Another process conflicts (a plain run while a job runs, or the reverse).
-        StorageError: The folder cannot be written, or its file system does not support locks.
+    Rank ``r`` takes ``folder/<name>`` shared, so the job's ranks work side by side while any plain
+    process is kept out, and ``folder/<stem>.rank<r>.lock`` exclusively, so a second job's rank ``r``
+    is kept out too (``.lock`` gives ``.rank0.lock``, ``.eval.json.lock`` gives ``.eval.json.rank0.lock``).
     """
     if world == 1:
         with lock_dir(folder, what, name, advice):
@@ -636,18 +453,16 @@ def lock_shard(
 
 
 def is_locked(folder: Path, name: str = ".lock") -> bool:
-    """Whether a process holds ``folder/<name>`` now, exclusively or shared (as ``lock_shard``'s ranks do).
+    """Whether a process holds ``folder/<name>`` now, exclusively or shared; a missing file or no locks read as not.
 
-    Probed read-only with a non-blocking exclusive ``flock`` that is released at once; nothing is
-    written. A missing lock file, or a file system without locks, reads as not locked.
+    Probed read-only with a non-blocking exclusive ``flock`` that is released at once; nothing is written.
     """
     try:
         fd = os.open(Path(folder) / name, os.O_RDONLY)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the descriptor
         return False
     except BlockingIOError:
         return True
