@@ -60,3 +60,50 @@ def test_the_guide_documents_every_option():
         missing += [f"dpd {command} --{name.replace('_', '-')}" for name in settings.model_fields
                     if f"--{name.replace('_', '-')}" not in section + shared]
     assert not missing, f"options missing from docs/guide.md: {missing}"
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _benchmark_commands() -> list[tuple[str, str, list[str]]]:
+    """Every ``python benchmarks/X.py ...`` command the docs give: (page, script, arguments)."""
+    import shlex
+
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]:
+        text = page.read_text().replace("\\\n", " ")
+        for m in re.finditer(r"python3? benchmarks/(\w+)\.py([^`\n]*)", text):
+            args = re.sub(r"\[[^\]]*\]", "", m.group(2)).split("#")[0]  # [optional parts] and comments out
+            found.append((page.name, m.group(1), shlex.split(args)))
+    return found
+
+
+def test_every_benchmark_command_in_the_docs_parses(monkeypatch):
+    """Each one's flags are accepted by the script's own parser (the script stops right after parsing)."""
+    import argparse
+    import importlib.util
+    import sys
+
+    commands = _benchmark_commands()
+    assert len(commands) >= 15
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    bad = []
+    for page, script, args in commands:
+        spec = importlib.util.spec_from_file_location(f"doc_{script}", ROOT / "benchmarks" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+        try:
+            module.main()
+        except _Parsed:
+            continue
+        except SystemExit as e:
+            bad.append(f"{page}: benchmarks/{script}.py {' '.join(args)} (exit {e.code})")
+    assert not bad, "\n".join(bad)
