@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -414,10 +415,8 @@ def _summary(rows: list[dict]) -> dict:
 
 def _distilled_entry(rows: list[dict], select: str, final_iteration: int | None) -> dict:
     """The distilled set's entry: the selected checkpoint's summary, the final one's accuracy, every checkpoint's means."""
-    by_it: dict = {}
-    for o in sorted(rows, key=lambda o: -1 if o["iteration"] is None else o["iteration"]):
-        by_it.setdefault(o["iteration"], []).append(o)
-    per = {it: _summary(group) for it, group in by_it.items()}
+    rows = sorted(rows, key=lambda o: -1 if o["iteration"] is None else o["iteration"])
+    per = {it: _summary(list(group)) for it, group in itertools.groupby(rows, key=lambda o: o["iteration"])}
     final_it = list(per)[-1]
     if select == "final":
         chosen = final_it

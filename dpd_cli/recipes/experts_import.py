@@ -78,13 +78,6 @@ def _compat(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> di
     }
 
 
-def _settings_record(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
-    """The manifest's ``settings``: what ``dpd distill`` adopts from a folder, plus what was stated."""
-    record = s.model_dump(mode="json")
-    record.update(stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=spec.depth)
-    return record
-
-
 def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None) -> dict:
     """Convert the experts of the buffer files in ``sources`` (files, or folders holding them) into an experts folder.
 
@@ -254,9 +247,12 @@ class _Import:
         s, ds = self.s, self.ds
         self.pre = build_preprocess(ds, bool(s.zca))
         preprocess_file.save(self.folder / experts_folder.PREPROCESS, self.pre)
+        # The manifest's settings: what `dpd distill` adopts from a folder, plus what was stated.
+        settings = s.model_dump(mode="json")
+        settings.update(self.stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=self.spec.depth)
         self.manifest = experts_folder.new_manifest(
             _compat(s, self.spec, epochs, self.stated),
-            _settings_record(s, self.spec, epochs, self.stated),
+            settings,
             self.pre,
             None,
             **{"import": {"format": SOURCE_FORMAT, "sources": [], "unknown": self._unknown()}},
