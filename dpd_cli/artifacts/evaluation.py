@@ -1,13 +1,9 @@
-"""``eval.json`` and ``eval.partial.jsonl``: the results of ``dpd evaluate``.
+"""``eval.json`` and ``eval.partial.jsonl``: the results of ``dpd evaluate`` (docs/formats.md lists every key).
 
 ``RUN/eval.json`` holds a run directory's results; a bare file ``X.safetensors`` gets the sidecar
-``X.eval.json`` (``path_for``; ``target_of`` goes back). While an evaluation runs, each finished
-training is appended to ``eval.partial.jsonl`` beside it (``partial_path``), removed once
-``eval.json`` is written. docs/formats.md lists every key.
-
-``load`` is the strict reader (``dpd evaluate`` appends to what it reads); ``latest`` reads
-leniently for ``dpd inspect``, ``dpd ls`` and ``dpd compare``: damaged entries are skipped and
-counted, numbers that are not finite become ``None``.
+``X.eval.json``. ``load`` is the strict reader (``dpd evaluate`` appends to what it reads); ``latest`` reads
+leniently for ``dpd inspect``, ``dpd ls`` and ``dpd compare``: damaged entries are skipped and counted,
+numbers that are not finite become ``None``.
 """
 
 from __future__ import annotations
@@ -22,13 +18,10 @@ from dpd_cli.io import storage
 
 __all__ = [
     "EVAL_FILE",
-    "FORMAT",
-    "FORMAT_VERSION",
     "path_for",
     "target_of",
     "partial_path",
     "load",
-    "save",
     "append",
     "read_partial",
     "append_partial",
@@ -64,11 +57,7 @@ def partial_path(eval_file: Path) -> Path:
 
 
 def load(path: Path) -> dict:
-    """Read an eval.json, validated; a missing file is an empty result list.
-
-    Raises:
-        StorageError: The file is unreadable or not a dpd evaluation file.
-    """
+    """Read an eval.json, validated (StorageError if it is not one); a missing file is an empty result list."""
     if not Path(path).exists():
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "results": []}
     try:
@@ -80,31 +69,20 @@ def load(path: Path) -> dict:
     return data
 
 
-def save(path: Path, record: dict) -> None:
-    """Write ``record`` (``{"format", "format_version", "results"}``) atomically."""
-    storage.atomic_write_text(path, json.dumps(record, indent=2))
-
-
 def append(path: Path, entries: list[dict]) -> None:
-    """Add ``entries`` to the results in ``path`` (created if missing); earlier entries stay.
-
-    Raises:
-        StorageError: The file there is not a readable dpd evaluation file.
-    """
+    """Add ``entries`` to the results in ``path`` (created if missing), atomically; earlier entries stay."""
     record = load(path)
     record["results"].extend(entries)
-    save(path, record)
+    storage.atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def read_partial(path: Path, wanted: dict[str, tuple]) -> dict[tuple, dict]:
     """The finished trainings in ``path`` whose key is wanted (``{key: job}``), as ``{job: outcome}``.
 
     A job is ``(set, model, run)``; a line whose outcome is for another model or run than its key's
-    job, torn or foreign lines, and an unreadable file are skipped.
+    job, torn or foreign lines, and a missing or unreadable file are skipped.
     """
     done: dict[tuple, dict] = {}
-    if not Path(path).exists():
-        return done
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
@@ -141,9 +119,7 @@ def _int_list(x) -> list[int]:
 def normalise(e: dict) -> dict:
     """One eval.json entry as ``inspect``, ``ls`` and ``compare`` show it: every key present, junk as None."""
     accs = e.get("accuracies") if isinstance(e.get("accuracies"), list) else []
-    checkpoints = (
-        [c for c in e.get("checkpoints") or [] if isinstance(c, dict)] if isinstance(e.get("checkpoints"), list) else []
-    )
+    checkpoints = e.get("checkpoints") if isinstance(e.get("checkpoints"), list) else []
     return {
         "source": e["source"],
         "model": e["model"],
@@ -163,7 +139,9 @@ def normalise(e: dict) -> dict:
         "timestamp": e.get("timestamp"),
         "select": e.get("select") if isinstance(e.get("select"), str) else None,
         "selected_iteration": _int(e.get("selected_iteration")),
-        "checkpoint_iterations": [c["iteration"] for c in checkpoints if _int(c.get("iteration")) is not None],
+        "checkpoint_iterations": [
+            c["iteration"] for c in checkpoints if isinstance(c, dict) and _int(c.get("iteration")) is not None
+        ],
         "val_accuracy": json_number(e.get("val_accuracy")),
         "final_accuracy": json_number(e.get("final_accuracy")),
         "optimistic": e.get("optimistic") is True,
@@ -172,15 +150,10 @@ def normalise(e: dict) -> dict:
 
 
 def evaluated_iteration(entry: dict) -> int | None:
-    """The newest iteration an entry's evaluation trained on.
-
-    With ``--select val`` or ``test-max`` the reported ``iteration`` is the selected checkpoint's,
-    possibly older than the run's newest; the newest evaluated is then the last of ``checkpoints``.
-    """
-    its = [i for i in entry.get("checkpoint_iterations") or [] if i is not None]
-    if its:
-        return max(its)
-    return _int(entry.get("iteration"))
+    """The newest iteration a normalised entry's evaluation trained on: with ``--select val`` or ``test-max``
+    the reported ``iteration`` is the selected checkpoint's, possibly older than the newest evaluated."""
+    its = entry.get("checkpoint_iterations")
+    return max(its) if its else _int(entry.get("iteration"))
 
 
 _ORDER = {"distilled": 0, "init": 1, "random": 2, "full": 3}
@@ -202,20 +175,18 @@ def latest(path: Path) -> dict | None:
         data = load(path)
     except StorageError as e:
         return {"valid": False, "error": str(e), "n_entries": 0, "skipped": 0, "results": []}
-    found: dict[tuple, dict] = {}
-    skipped = 0
-    for e in data["results"]:
-        if not isinstance(e, dict) or not {"source", "model", "mean"} <= e.keys():
-            skipped += 1
-            continue
-        key = (e["source"], e["model"], e.get("protocol"))
-        found.pop(key, None)  # re-insert so the order follows the newest evaluations
-        found[key] = e
-    position = {id(e): i for i, e in enumerate(data["results"])}
-    results = [
-        {**normalise(e), "position": position[id(e)]}
-        for e in sorted(
-            found.values(), key=lambda e: (str(e["model"]), str(e.get("protocol")), _ORDER.get(e["source"], 9))
-        )
-    ]
-    return {"valid": True, "error": None, "n_entries": len(data["results"]), "skipped": skipped, "results": results}
+    entries = data["results"]
+    usable = [i for i, e in enumerate(entries) if isinstance(e, dict) and {"source", "model", "mean"} <= e.keys()]
+    newest = {(entries[i]["source"], entries[i]["model"], entries[i].get("protocol")): i for i in usable}
+    order = sorted(
+        newest.values(),
+        key=lambda i: (
+            str(entries[i]["model"]),
+            str(entries[i].get("protocol")),
+            _ORDER.get(entries[i]["source"], 9),
+            i,
+        ),
+    )
+    results = [{**normalise(entries[i]), "position": i} for i in order]
+    skipped = len(entries) - len(usable)
+    return {"valid": True, "error": None, "n_entries": len(entries), "skipped": skipped, "results": results}

@@ -1,18 +1,13 @@
 """MTT / FTD / DATM expert buffers, ``replay_buffer_<n>.pt``: found, loaded safely and checked.
 
-MTT's ``buffer.py`` (and FTD's and DATM's copies of it) trains experts and, every
-``--save_interval`` experts, writes ``torch.save(trajectories, "replay_buffer_<n>.pt")``:
+MTT's ``buffer.py`` (and FTD's and DATM's copies of it) writes ``torch.save(trajectories, "replay_buffer_<n>.pt")``:
+a list of experts, each a list of snapshots (the initialisation, then one per epoch), each the list
+``[p.detach().cpu() for p in net.parameters()]`` in ``module.parameters()`` order.
 
-* ``trajectories``: a list with one entry per expert;
-* an expert: a list of snapshots, the initialisation and then one after every epoch;
-* a snapshot: ``[p.detach().cpu() for p in net.parameters()]``, the parameter tensors in
-  ``module.parameters()`` order (MTT's ConvNet: ``features.0.weight``, ``features.0.bias`` (conv),
-  ``features.1.weight``, ``features.1.bias`` (norm), ..., ``classifier.weight``, ``classifier.bias``).
-
-The files are pickles. They are read only with
-``torch.load(path, map_location="cpu", weights_only=True)``, which builds tensors, lists, tuples,
-dicts and numbers and refuses every other object; anything but nested lists/tuples of floating-point tensors is then refused here,
-naming the path and what was found. Nothing else in dpd reads pickles.
+The files are pickles. They are read only with ``torch.load(path, map_location="cpu", weights_only=True)``,
+which builds tensors, lists, tuples, dicts and numbers and refuses every other object; anything but nested
+lists/tuples of floating-point tensors is then refused here, naming the path and what was found. Nothing
+else in dpd reads pickles.
 """
 
 from __future__ import annotations
@@ -38,13 +33,8 @@ _SAVE_HINT = (
 
 
 def find(sources: list[Path]) -> list[Path]:
-    """The buffer files named by ``sources``: files as given, folders as their ``replay_buffer_<n>.pt`` in order of n.
-
-    A file named twice (or through a folder and by name) is kept once, where it first appears.
-
-    Raises:
-        StorageError: A source does not exist, or a folder holds no buffer.
-    """
+    """The buffer files named by ``sources``: files as given, folders as their ``replay_buffer_<n>.pt`` in order of n,
+    each file once, where it first appears."""
     if not sources:
         raise StorageError(
             "No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them "
@@ -119,13 +109,8 @@ def _describe(x) -> str:
 
 
 def load(path: Path) -> list[list[list[torch.Tensor]]]:
-    """The experts of one buffer file: ``[expert][snapshot][parameter]`` CPU tensors.
-
-    Raises:
-        StorageError: Empty, truncated, corrupted or pickled-object file; or another structure
-            than a non-empty list of experts, each of at least two snapshots, each a non-empty list
-            of floating-point tensors (the message names the first thing that is not).
-    """
+    """The experts of one buffer file: ``[expert][snapshot][parameter]`` CPU tensors, checked: a non-empty list
+    of experts, each of at least two snapshots, each a non-empty list of floating-point tensors."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -160,23 +145,9 @@ def load(path: Path) -> list[list[list[torch.Tensor]]]:
     return [list(map(list, expert)) for expert in data]
 
 
-def check_layout(
-    path: Path, experts: list[list[list[torch.Tensor]]], layout: list[list], network: str, hint: str
-) -> int:
-    """Check every snapshot against dpd's network; returns the number of epochs (snapshots - 1).
-
-    Args:
-        path: The buffer file, for messages.
-        experts: ``load(path)``.
-        layout: ``FlatModel.layout`` of the network dpd builds: ``[[name, shape], ...]`` in ``parameters()`` order.
-        network: How messages name that network (``convnet-w128-d3-instance-avg for cifar10``).
-        hint: What to change when the shapes differ (the flags that set the network).
-
-    Raises:
-        ExpertsError: A parameter of another shape, another number of parameters, experts of
-            different lengths in one file, or consecutive snapshots that are identical.
-        StorageError: NaN or Inf parameters.
-    """
+def check_layout(path: Path, experts: list, layout: list[list], network: str, hint: str) -> int:
+    """Check every snapshot of ``load(path)`` against ``layout`` (``FlatModel.layout`` of dpd's ``network``, as
+    messages name it); ``hint`` says what to change when they differ. Returns the number of epochs."""
     n_snapshots = len(experts[0])
     for i, expert in enumerate(experts):
         if len(expert) != n_snapshots:
@@ -200,14 +171,8 @@ def check_layout(
 
 
 def flatten(path: Path, index: int, expert: list[list[torch.Tensor]]) -> torch.Tensor:
-    """One expert as a dpd trajectory: ``(snapshots, P)`` float32, row ``e`` = snapshot ``e``'s parameters in order.
-
-    Raises:
-        StorageError: NaN or Inf parameters.
-        ExpertsError: Two consecutive snapshots are identical: the buffer was written by MTT's code
-            training on the CPU, where ``p.detach().cpu()`` returns the live parameter and every
-            snapshot aliases the final one.
-    """
+    """One expert as a dpd trajectory: ``(snapshots, P)`` float32, row ``e`` = snapshot ``e``'s parameters in order;
+    refuses NaN or Inf parameters and identical consecutive snapshots."""
     rows = torch.stack([torch.cat([p.detach().reshape(-1).to(torch.float32) for p in snapshot]) for snapshot in expert])
     bad = (~torch.isfinite(rows)).any(1).nonzero().flatten()
     if len(bad):

@@ -48,21 +48,16 @@ train = settings_command(
 
 
 def _import_report(settings, result: dict) -> Report:
-    done = sum(r["n_experts"] for r in result["files"])
-    before = done - result["converted"]
-    zca = "with ZCA" if result["zca"] else "without ZCA"
+    before = sum(r["n_experts"] for r in result["files"]) - result["converted"]
+    what = f"{result['epochs']} epochs each, {result['model_tag']}, {result['dataset']} {'with' if result['zca'] else 'without'} ZCA"
+    unknown = ", ".join(k.replace("_", " ") for k in result["unknown"])
+    if any(k in result["unknown"] for k in ("lr", "batch")):
+        unknown += " (state the training settings with --lr, --momentum, --weight-decay, --batch, --dsa/--no-dsa to record them)"
     lines = [
-        f"{result['n_experts']} imported experts in {result['folder']} ({result['epochs']} epochs each, {result['model_tag']}, "
-        f"{result['dataset']} {zca}): {result['converted']} converted now"
+        f"{result['n_experts']} imported experts in {result['folder']} ({what}): {result['converted']} converted now"
         + (f", {before} already there" if before else "")
         + f", from {len(result['files'])} buffer file(s).",
-        "Not recorded by the buffers: "
-        + ", ".join(k.replace("_", " ") for k in result["unknown"])
-        + (
-            " (state the training settings with --lr, --momentum, --weight-decay, --batch, --dsa/--no-dsa to record them)."
-            if any(k in result["unknown"] for k in ("lr", "batch"))
-            else "."
-        ),
+        f"Not recorded by the buffers: {unknown}.",
         f"Next: dpd distill --experts {result['folder']}",
     ]
     return Report(result, lines)

@@ -25,21 +25,12 @@ def train_epoch(
     augment: bool,
     count_correct: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One epoch of SGD over ``(x, y)`` (already on the device, in training space).
+    """One epoch of SGD over ``(x, y)`` (on the device, in training space); checks for a stop before every batch.
 
-    Args:
-        y: Class indices ``(N,)``, or class probabilities ``(N, C)`` (soft labels: the loss is then
-            the soft cross-entropy -sum_c y_c log softmax(f)_c, averaged over the batch).
-        gen: CPU generator for the shuffle.
-        rng: Source of the per-batch DSA seeds.
-        count_correct: Count the correctly classified training images (a few small operations per
-            batch, which a GPU pays for in launches when the batches are few and small).
-
-    Returns:
-        ``(summed loss, number correct or None)`` as device tensors: no host sync inside the loop.
-
-    Raises:
-        Interrupted: A stop was requested (checked before every batch).
+    ``y`` holds class indices ``(N,)`` or class probabilities ``(N, C)`` (soft labels: soft cross-entropy).
+    ``gen`` (CPU) draws the shuffle, ``rng`` the per-batch DSA seeds. ``count_correct=False`` skips the count
+    of correctly classified images (a few small operations per batch, which a GPU pays for in launches).
+    Returns ``(summed loss, number correct or None)`` as device tensors: no host sync inside the loop.
     """
     net.train()
     n = x.shape[0]

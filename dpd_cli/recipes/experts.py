@@ -17,19 +17,7 @@ import torch
 from dpd_cli import interrupt
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import preprocess as preprocess_file
-from dpd_cli.artifacts.experts import (
-    MANIFEST,
-    PREPROCESS,
-    default_folder,
-    expert_path,
-    load_preprocess,
-    new_manifest,
-    old_preprocess_message,
-    preprocess_scheme,
-    read_manifest,
-    validation_record,
-    write_manifest,
-)
+from dpd_cli.artifacts.experts import MANIFEST, PREPROCESS, expert_path
 from dpd_cli.config.settings import ExpertSettings
 from dpd_cli.core import parallel
 from dpd_cli.core.train import accuracy, train_epoch
@@ -40,13 +28,7 @@ from dpd_cli.events import ExpertDone, ExpertEpoch, ExpertSkipped, ExpertsStarte
 from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.recipes.runtime import (
-    build_preprocess,
-    dataset_key,
-    derive_seed,
-    model_spec,
-    prepare_runtime,
-)
+from dpd_cli.recipes.runtime import build_preprocess, dataset_key, derive_seed, model_spec, prepare_runtime
 
 __all__ = ["run"]
 
@@ -54,10 +36,7 @@ __all__ = ["run"]
 def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
     # dpd 0.1 manifests lack val_per_class: None there means the same as here (no split).
     d = {k: getattr(settings, k) for k in experts_file.COMPAT_FIELDS}
-    d["dataset"] = dataset_key(settings)
-    d["model"] = spec.to_dict()
-    d["preprocess_scheme"] = PREPROCESS_SCHEME
-    return d
+    return {**d, "dataset": dataset_key(settings), "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
 
 
 def _check_or_write_manifest(
@@ -69,16 +48,16 @@ def _check_or_write_manifest(
     An existing manifest is rewritten only to record this run's ``--num`` (``n_planned``).
     """
     if (folder / MANIFEST).exists():
-        previous = read_manifest(folder)
+        previous = experts_file.read_manifest(folder)
         if previous.get("import") is not None:
             raise ExpertsError(
                 f"The experts folder {folder} holds experts imported from replay buffers (`dpd experts "
                 "import`); trained experts cannot be added to it. Pass another --out."
             )
         found = dict(previous["compat"])
-        found["preprocess_scheme"] = preprocess_scheme(found)
+        found["preprocess_scheme"] = experts_file.preprocess_scheme(found)
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
-            raise ExpertsError(old_preprocess_message(folder, found))
+            raise ExpertsError(experts_file.old_preprocess_message(folder, found))
         diffs = [
             f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v
         ]
@@ -91,14 +70,15 @@ def _check_or_write_manifest(
                 "Mixing them would corrupt distillation: use the same settings, or pass another --out."
             )
         if (folder / PREPROCESS).exists():
-            pre = load_preprocess(folder, ModelSpec.from_dict(compat["model"]))
+            pre = experts_file.load_preprocess(folder, ModelSpec.from_dict(compat["model"]))
             if previous.get("n_planned") != settings.num:
-                write_manifest(folder, {**previous, "n_planned": settings.num})
+                experts_file.write_manifest(folder, {**previous, "n_planned": settings.num})
             return pre
     pre = make_pre()
     preprocess_file.save(folder / PREPROCESS, pre)
-    write_manifest(
-        folder, new_manifest(compat, settings.model_dump(mode="json"), pre, validation, n_planned=settings.num)
+    experts_file.write_manifest(
+        folder,
+        experts_file.new_manifest(compat, settings.model_dump(mode="json"), pre, validation, n_planned=settings.num),
     )
     return pre
 
@@ -112,25 +92,14 @@ def _finished(path: Path) -> bool:
 
 
 def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
-    """Train ``settings.num`` experts (this process's torchrun shard), skipping finished ones.
-
-    Args:
-        settings: Resolved ``dpd experts`` settings.
-        sink: Receives progress events.
-
-    Returns:
-        The experts folder.
-
-    Raises:
-        UserError: Bad dataset, device, or a folder holding incompatible experts.
-    """
+    """Train ``settings.num`` experts (this process's torchrun shard), skipping finished ones; returns the folder."""
     sink = sink or NullSink()
     device = prepare_runtime(settings.threads, settings.device, settings.host_memory, settings.deterministic)
     ds = load_dataset(
         settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class
     )
     spec = model_spec(settings, ds)
-    folder = Path(settings.out) if settings.out else default_folder(dataset_key(settings), spec.tag(), settings.zca)
+    folder = Path(settings.out or experts_file.default_folder(dataset_key(settings), spec.tag(), settings.zca))
     compat = _compat(settings, spec)
     # Each rank trains its share; under torchrun the process group exists from the start (with its timeout),
     # while a scheduler's job array (RANK and WORLD_SIZE alone) runs its ranks independently.
@@ -148,7 +117,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
         storage.remove_stale_temps(
             folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)]
         )
-        make_pre, validation = (lambda: build_preprocess(ds, settings.zca)), validation_record(ds)
+        make_pre, validation = (lambda: build_preprocess(ds, settings.zca)), experts_file.validation_record(ds)
         if rank == 0:  # writes the manifest and the preprocessing (a ZCA fit) once; the others then read them
             pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
         if group is not None:
@@ -217,12 +186,7 @@ def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test,
         "dataset": settings.dataset,
         "model": spec.to_dict(),
         "layout": flat.layout,
-        "epochs": settings.epochs,
-        "lr": settings.lr,
-        "momentum": settings.momentum,
-        "weight_decay": settings.weight_decay,
-        "batch": settings.batch,
-        "dsa": settings.dsa,
+        **{k: getattr(settings, k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")},
         "seed": seed,
         "index": i,
         "zca": settings.zca,

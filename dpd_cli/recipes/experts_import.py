@@ -1,22 +1,19 @@
 """``dpd experts import``: MTT / FTD / DATM replay buffers -> a dpd experts folder.
 
-Each expert of each buffer (``dpd_cli.artifacts.replay_buffer``) becomes one
-``expert_NNNNN.safetensors`` whose trajectory rows are its snapshots flattened in
-``module.parameters()`` order, which is the order of dpd's ConvNet too (conv, norm, ..., fc; the
-shapes are checked parameter by parameter). The folder gets the ``experts.json`` and
-``preprocess.safetensors`` that ``dpd experts`` would write for the same dataset and ``--zca``, so
-``dpd distill`` uses it like a folder of trained experts. What the buffers do not record (the
-optimiser, batch, DSA, seeds, accuracies) is recorded as unknown unless stated with flags.
-
-Every expert file names its source (the buffer's SHA-256 and the expert's position in it), so a
-rerun converts only what is missing, however the buffers were renamed or reordered; a buffer whose
-experts are all present is not even loaded. Nothing is written from a buffer before all of it was
-checked, and a new folder gets its manifest only once the first buffer passed.
+Each expert of each buffer (``dpd_cli.artifacts.replay_buffer``) becomes one ``expert_NNNNN.safetensors``
+whose rows are its snapshots flattened in ``module.parameters()`` order, dpd's ConvNet's order too. The
+folder gets the ``experts.json`` and ``preprocess.safetensors`` that ``dpd experts`` would write, so
+``dpd distill`` uses it like trained experts; what the buffers do not record is recorded as unknown
+unless stated with flags. Every expert file names its source (the buffer's SHA-256 and the expert's
+position), so a rerun converts only what is missing, however the buffers were renamed or reordered.
+Nothing is written from a buffer before all of it was checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -81,38 +78,20 @@ def _compat(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> di
     }
 
 
-def _settings_record(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
-    """The manifest's ``settings``: what ``dpd distill`` adopts from a folder, plus what was stated."""
-    record = s.model_dump(mode="json")
-    record.update(stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=spec.depth)
-    return record
-
-
 def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None) -> dict:
-    """Convert the experts of the buffer files in ``sources`` (files or folders) into an experts folder.
-
-    Args:
-        settings: Resolved ``dpd experts import`` settings.
-        sources: Buffer files, or folders holding ``replay_buffer_<n>.pt`` files.
-        sink: Receives progress events.
+    """Convert the experts of the buffer files in ``sources`` (files, or folders holding them) into an experts folder.
 
     Returns:
         ``{"folder", "files": [{"file", "n_experts", "converted", "skipped"}], "n_experts", "converted",
         "epochs", "model_tag", "dataset", "zca", "stated", "unknown"}``.
-
-    Raises:
-        UserError: Missing --dataset or --zca/--no-zca; a missing, unreadable or foreign buffer; a buffer
-            of another network (naming the first parameter whose shape differs); a folder holding other experts.
-        Interrupted: A stop was requested; finished experts are kept.
     """
-    s = settings
-    sink = sink or NullSink()
+    s, sink = settings, sink or NullSink()
     _require(s)
     files = replay_buffer.find(sources)
     set_threads(s.threads)
     ds = load_dataset(s.dataset, s.data_dir)  # the full training set: MTT's experts saw all of it
     spec = model_spec(s, ds)
-    folder = Path(s.out) if s.out else default_folder(s, spec)
+    folder = Path(s.out or default_folder(s, spec))
     created = not folder.exists()
     try:
         with storage.lock_dir(folder, "experts"), interrupt.safe_points():
@@ -125,12 +104,10 @@ def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None)
 
 def _remove_if_unused(folder: Path) -> None:
     """Undo the creation of ``folder`` when nothing but the lock file was written into it."""
-    try:
+    with contextlib.suppress(OSError):
         if {p.name for p in folder.iterdir()} <= {".lock"}:
             (folder / ".lock").unlink(missing_ok=True)
             folder.rmdir()
-    except OSError:
-        pass
 
 
 class _Import:
@@ -195,7 +172,9 @@ class _Import:
 
     # --- the buffers ----------------------------------------------------------------------------
     def run(self, files: list[Path]) -> dict:
-        self.sink.emit(ImportStarted(str(self.folder), [str(f) for f in files], sum(_numel(s) for _, s in self.layout)))
+        self.sink.emit(
+            ImportStarted(str(self.folder), [str(f) for f in files], sum(math.prod(shape) for _, shape in self.layout))
+        )
         report = []
         for k, path in enumerate(files):
             self._stop_if_requested(path)
@@ -205,7 +184,6 @@ class _Import:
             n, converted, skipped = self._add(path, digest)
             report.append({"file": str(path), "n_experts": n, "converted": converted, "skipped": skipped})
             self.sink.emit(ImportFileDone(k, str(path), n, converted, skipped, time.perf_counter() - t0))
-        unknown = [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)
         return {
             "folder": str(self.folder),
             "files": report,
@@ -216,16 +194,16 @@ class _Import:
             "dataset": dataset_key(self.s),
             "zca": self.s.zca,
             "stated": {k: v for k, v in self.stated.items() if v is not None},
-            "unknown": unknown,
+            "unknown": self._unknown(),
         }
 
-    def _recorded(self, digest: str) -> dict | None:
-        sources = (self.manifest or {}).get("import", {}).get("sources", [])
-        return next((r for r in sources if r.get("sha256") == digest), None)
+    def _unknown(self) -> list[str]:
+        return [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)
 
     def _add(self, path: Path, digest: str) -> tuple[int, int, bool]:
         """Convert the experts of one buffer not yet in the folder: ``(experts in it, converted, skipped whole)``."""
-        recorded = self._recorded(digest)
+        sources = (self.manifest or {}).get("import", {}).get("sources", [])
+        recorded = next((r for r in sources if r.get("sha256") == digest), None)
         if recorded and all((digest, j) in self.done for j in range(recorded["n_experts"])):
             return recorded["n_experts"], 0, True
         experts = replay_buffer.load(path)
@@ -269,18 +247,15 @@ class _Import:
         s, ds = self.s, self.ds
         self.pre = build_preprocess(ds, bool(s.zca))
         preprocess_file.save(self.folder / experts_folder.PREPROCESS, self.pre)
+        # The manifest's settings: what `dpd distill` adopts from a folder, plus what was stated.
+        settings = s.model_dump(mode="json")
+        settings.update(self.stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=self.spec.depth)
         self.manifest = experts_folder.new_manifest(
             _compat(s, self.spec, epochs, self.stated),
-            _settings_record(s, self.spec, epochs, self.stated),
+            settings,
             self.pre,
             None,
-            **{
-                "import": {
-                    "format": SOURCE_FORMAT,
-                    "sources": [],
-                    "unknown": [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN),
-                }
-            },
+            **{"import": {"format": SOURCE_FORMAT, "sources": [], "unknown": self._unknown()}},
         )
         experts_folder.write_manifest(self.folder, self.manifest)
 
@@ -305,9 +280,7 @@ class _Import:
             "settings": self.manifest["settings"],
             "versions": versions(),
         }
-        storage.save_tensors(
-            experts_folder.expert_path(self.folder, index), {"trajectory": rows}, experts_folder.TRAJECTORY, meta
-        )
+        experts_folder.save_trajectory(experts_folder.expert_path(self.folder, index), rows, meta)
 
     def _record(self, path: Path, digest: str, n: int) -> None:
         """Add (or refresh) the buffer's entry in experts.json once all its experts are in the folder."""
@@ -343,10 +316,3 @@ def _source_of(path: Path) -> dict | None:
     if isinstance(source, dict) and isinstance(source.get("sha256"), str) and type(source.get("position")) is int:
         return source
     return None
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
