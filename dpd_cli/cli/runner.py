@@ -57,6 +57,7 @@ def settings_command(
                 sys.stdout.write(to_toml(resolved))
                 return
             engine = importlib.import_module(f"dpd_cli.recipes.{command}")  # torch: only now, not for --help
+            _set_host_memory(resolved.settings)
             sink = make_sink(command, quiet, json_out)
             try:
                 result = engine.run(resolved.settings, *args, sink)
@@ -79,3 +80,11 @@ def settings_command(
     params = [*arguments, *settings_parameters(command), *common_parameters()]
     command_function.__signature__ = inspect.Signature(params)
     return command_function
+
+
+def _set_host_memory(settings: Any) -> None:
+    """``--host-memory`` sets glibc's allocator for the whole process, so the command sets it, once, first."""
+    if hasattr(settings, "host_memory"):
+        from dpd_cli.recipes.runtime import resolve_device, set_host_memory  # torch: only when a command runs
+
+        set_host_memory(settings.host_memory, resolve_device(settings.device))

@@ -128,7 +128,7 @@ class DistillRecipe:
     def _setup_runtime(self) -> None:
         """Threads, device, the process group under torchrun, and how a mini-batch's gradient is computed."""
         s = self.s
-        self.device = prepare_runtime(s.threads, s.device, s.host_memory, s.deterministic)
+        self.device = prepare_runtime(s.threads, s.device, s.deterministic)
         self.log_every = s.log_every or (1 if self.device.type == "cpu" else 10)
         self.group = parallel.start(self.device, s.dist_timeout)
         self._stack.callback(parallel.stop)

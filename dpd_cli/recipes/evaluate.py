@@ -207,7 +207,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     validation = meta.get("validation") or None
     checkpoints = sorted(layout.checkpoints(run_dir), key=layout.checkpoint_iteration) if run_dir is not None else []
     select = _choose_select(s, run_dir, checkpoints, validation is not None)
-    device = prepare_runtime(s.threads, s.device, s.host_memory, s.deterministic)
+    device = prepare_runtime(s.threads, s.device, s.deterministic)
     data_dir = s.data_dir or meta.get("settings", {}).get("data_dir")
     val_per_class = validation["per_class"] if validation else None
     ds = load_dataset(meta["dataset"], Path(data_dir) if data_dir else None, val_per_class=val_per_class)

@@ -94,7 +94,7 @@ def _finished(path: Path) -> bool:
 def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     """Train ``settings.num`` experts (this process's torchrun shard), skipping finished ones; returns the folder."""
     sink = sink or NullSink()
-    device = prepare_runtime(settings.threads, settings.device, settings.host_memory, settings.deterministic)
+    device = prepare_runtime(settings.threads, settings.device, settings.deterministic)
     ds = load_dataset(
         settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class
     )

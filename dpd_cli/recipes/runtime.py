@@ -110,12 +110,12 @@ def set_host_memory(mode: str, device: torch.device) -> str | None:
     return mode
 
 
-def prepare_runtime(threads: int | None, device: str, host_memory: str, deterministic: bool = False) -> torch.device:
-    """What every command does first: torch's threads, the device, the CPU allocator for it, and
-    cuDNN's choice of algorithms (``--deterministic``: the deterministic ones, no autotuning)."""
+def prepare_runtime(threads: int | None, device: str, deterministic: bool = False) -> torch.device:
+    """What every recipe does first: torch's threads, the device, and cuDNN's choice of algorithms
+    (``--deterministic``: the deterministic ones, no autotuning). The CPU allocator (``set_host_memory``)
+    is process-wide: the command line sets it before a recipe runs."""
     set_threads(threads)
     dev = resolve_device(device)
-    set_host_memory(host_memory, dev)
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         torch.backends.cudnn.benchmark = False

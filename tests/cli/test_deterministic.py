@@ -23,7 +23,7 @@ def cudnn_flags():
 @pytest.mark.parametrize("flag", [True, False])
 def test_prepare_runtime_sets_cudnn_for_the_command(cudnn_flags, flag):
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = not flag, True
-    assert prepare_runtime(None, "cpu", "system", deterministic=flag).type == "cpu"
+    assert prepare_runtime(None, "cpu", deterministic=flag).type == "cpu"
     assert torch.backends.cudnn.deterministic is flag
     assert torch.backends.cudnn.benchmark is (not flag)  # autotuning off with it, left alone without
 
@@ -35,8 +35,28 @@ def test_every_command_takes_it_and_records_it(dpd, cudnn_flags, tmp_path):
     assert r.exit_code == 0, r.output
     assert torch.backends.cudnn.deterministic is True
     assert json.loads((ex / "experts.json").read_text())["settings"]["deterministic"] is True
-    distill = ["distill", "--experts", ex, "--out", run, "--ipc", "1", "--syn-steps", "2", "--max-start-epoch", "1",
-               "--expert-epochs", "1", "--checkpoint-every", "1", "--lr-img", "10", "--lr-lr", "1e-8", *TINY]
+    distill = [
+        "distill",
+        "--experts",
+        ex,
+        "--out",
+        run,
+        "--ipc",
+        "1",
+        "--syn-steps",
+        "2",
+        "--max-start-epoch",
+        "1",
+        "--expert-epochs",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--lr-img",
+        "10",
+        "--lr-lr",
+        "1e-8",
+        *TINY,
+    ]
     assert dpd(*distill, "--iterations", "1").exit_code == 0
     assert torch.backends.cudnn.deterministic is False  # each command sets it from its own settings
     r = dpd(*distill, "--iterations", "2", "--resume", "--deterministic")  # may change on resume
@@ -52,8 +72,24 @@ def test_every_command_takes_it_and_records_it(dpd, cudnn_flags, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_deterministic_expert_training_repeats_bit_for_bit_on_cuda(dpd, cudnn_flags, tmp_path):
     for name in ("a", "b"):
-        r = dpd("experts", "--num", "1", "--epochs", "3", "--out", tmp_path / name, "--width", "32", "--depth", "3",
-                "--train-per-class", "64", "--device", "cuda", "--deterministic")
+        r = dpd(
+            "experts",
+            "--num",
+            "1",
+            "--epochs",
+            "3",
+            "--out",
+            tmp_path / name,
+            "--width",
+            "32",
+            "--depth",
+            "3",
+            "--train-per-class",
+            "64",
+            "--device",
+            "cuda",
+            "--deterministic",
+        )
         assert r.exit_code == 0, r.output
     a, b = ExpertSet(tmp_path / "a"), ExpertSet(tmp_path / "b")
     start_a, end_a = a.pair(0, 0, 3)
@@ -70,7 +106,7 @@ def test_deterministic_distillation_without_dsa_repeats_bit_for_bit_on_cuda(cudn
     from dpd_cli.models import FlatModel, build_model
     from tests.helpers import tiny_spec
 
-    prepare_runtime(None, "cuda", "reuse", deterministic=True)
+    prepare_runtime(None, "cuda", deterministic=True)
     torch.manual_seed(0)
     fm = FlatModel(build_model(tiny_spec(3, 16, 10, 32, 3)).cuda())
     images = torch.randn(50, 3, 16, 16, device="cuda")
@@ -78,6 +114,8 @@ def test_deterministic_distillation_without_dsa_repeats_bit_for_bit_on_cuda(cudn
     start = fm.flatten()
     target = start + 0.01 * torch.randn_like(start)
     plan = StepPlan([torch.randperm(50, device="cuda")[:20] for _ in range(5)], [None] * 5)
-    runs = [meta_gradient(fm, images, labels, torch.tensor(0.01, device="cuda"), start, target, plan, memory)
-            for _ in range(2)]
+    runs = [
+        meta_gradient(fm, images, labels, torch.tensor(0.01, device="cuda"), start, target, plan, memory)
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].grad_images, runs[1].grad_images) and torch.equal(runs[0].grad_lr, runs[1].grad_lr)

@@ -17,6 +17,7 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from dpd_cli.config import settings as S
+from tests.cli.conftest import TINY
 from dpd_cli.cli.app import app
 
 #: Each settings command and how it is typed (with the positional arguments it needs).
@@ -179,7 +180,7 @@ def test_completion_of_allowed_values():
     env |= {"COMP_WORDS": "dpd evaluate x --models convnet,v", "COMP_CWORD": "4"}
     assert CliRunner().invoke(app, [], env=env, prog_name="dpd").stdout.split() == ["convnet,vgg11"]
     r = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="dpd")
-    assert r.exit_code == 0 and "complete -o default -F _dpd_completion dpd" in r.stdout
+    assert r.exit_code == 0 and "complete -o default -F _dpd_completion dpd" in r.stdout, (r.output, r.exc_info)
 
 
 @pytest.fixture
@@ -232,3 +233,17 @@ def test_help_needs_no_torch():
             "assert 'torch' not in sys.modules, 'importing the CLI imported torch'")
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+
+
+def test_the_command_sets_the_host_memory_and_the_recipe_does_not(dpd, monkeypatch, tmp_path):
+    """``--host-memory`` is process-wide: the command line applies it before the recipe; the library never does."""
+    from dpd_cli.recipes import experts, runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "set_host_memory", lambda mode, device: calls.append((mode, device.type)))
+    r = dpd("experts", "--num", "1", "--epochs", "1", "--host-memory", "system", "--out", str(tmp_path / "a"), *TINY)
+    assert r.exit_code == 0, r.output
+    assert calls == [("system", "cpu")]
+    experts.run(S.resolve("experts", {"num": 1, "epochs": 1, "out": str(tmp_path / "b"), "width": 8, "depth": 2,
+                                      "train_per_class": 20, "threads": 1}))
+    assert calls == [("system", "cpu")]
