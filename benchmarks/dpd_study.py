@@ -47,9 +47,9 @@ import torch
 
 from dpd_cli.artifacts import prune_counts
 from dpd_cli.artifacts.synthetic import load
-from dpd_cli.recipes import distill, evaluate, experts
-from dpd_cli.errors import DivergedError, StorageError
 from dpd_cli.config.settings import resolve
+from dpd_cli.errors import DivergedError, StorageError
+from dpd_cli.recipes import distill, evaluate, experts
 from dpd_cli.stats import paired  # mean, sd and 95 % t-interval of paired differences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ VARIANTS.update({f"{v}@lr{sc:g}": {**VARIANTS[v], "lr_img_scale": sc} for sc in 
 
 def baseline(variant: str) -> str:
     """The MTT run a variant is paired with: MTT at the same lr_img scale."""
-    return "mtt" + variant[variant.index("@"):] if "@" in variant else "mtt"
+    return "mtt" + variant[variant.index("@") :] if "@" in variant else "mtt"
 
 
 #: Which variants run in which (dataset, IPC) cell, on which seeds, and at what length. ``cpu`` fits a
@@ -112,10 +112,12 @@ _MAIN = ["mtt", "abs-largest-0.01", "abs-smallest-0.25", "layer-z-largest-0.05",
 PLANS = {
     "cpu": {
         "seeds": [0, 1, 2, 3, 4],
-        "cells": {("cifar10", 10): _MAIN,
-                  ("fashion-mnist", 10): ["mtt", "abs-largest-0.01", "abs-smallest-0.25", "mtt-soft"],
-                  ("fashion-mnist", 1): ["mtt", "abs-largest-0.01", "abs-smallest-0.25"],
-                  ("cifar10", 1): ["mtt", "abs-largest-0.01", "abs-smallest-0.25"]},
+        "cells": {
+            ("cifar10", 10): _MAIN,
+            ("fashion-mnist", 10): ["mtt", "abs-largest-0.01", "abs-smallest-0.25", "mtt-soft"],
+            ("fashion-mnist", 1): ["mtt", "abs-largest-0.01", "abs-smallest-0.25"],
+            ("cifar10", 1): ["mtt", "abs-largest-0.01", "abs-smallest-0.25"],
+        },
         "iterations": 150,
         "checkpoint_every": 50,
         "runs": 2,
@@ -149,6 +151,7 @@ PLANS = {
     },
 }
 
+
 def _plan_jobs(plan: dict) -> list[tuple[str, int, str, int]]:
     jobs = []
     for seed in plan["seeds"]:
@@ -166,8 +169,14 @@ def _run_dir(out: Path, dataset: str, ipc: int, variant: str, seed: int) -> Path
 
 
 def train_experts(dataset: str, out: str, data_dir: str | None, threads: int, plan_name: str) -> str:
-    flags = {**_data_dir(data_dir), "val_per_class": VAL_PER_CLASS, "seed": 0, "threads": threads,
-             "out": str(Path(out) / dataset / "experts"), **PLANS[plan_name].get("experts", {})}
+    flags = {
+        **_data_dir(data_dir),
+        "val_per_class": VAL_PER_CLASS,
+        "seed": 0,
+        "threads": threads,
+        "out": str(Path(out) / dataset / "experts"),
+        **PLANS[plan_name].get("experts", {}),
+    }
     s = resolve("experts", flags, DATASETS[dataset]["preset"])
     return str(experts.run(s))
 
@@ -178,10 +187,23 @@ def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
     plan = PLANS[plan_name]
     preset = DATASETS[dataset]["preset"]
     run_dir = _run_dir(Path(out), dataset, ipc, variant, seed)
-    flags = {**_data_dir(data_dir), "val_per_class": VAL_PER_CLASS, "experts": str(Path(out) / dataset / "experts"),
-             "ipc": ipc, "iterations": plan["iterations"], "checkpoint_every": plan["checkpoint_every"], "keep_checkpoints": "all",
-             "lr_img": DATASETS[dataset]["lr_img"], "seed": seed, "threads": 1, "out": str(run_dir), "log_every": 50,
-             **IPC[ipc], **VARIANTS[variant], **plan.get("overrides", {})}
+    flags = {
+        **_data_dir(data_dir),
+        "val_per_class": VAL_PER_CLASS,
+        "experts": str(Path(out) / dataset / "experts"),
+        "ipc": ipc,
+        "iterations": plan["iterations"],
+        "checkpoint_every": plan["checkpoint_every"],
+        "keep_checkpoints": "all",
+        "lr_img": DATASETS[dataset]["lr_img"],
+        "seed": seed,
+        "threads": 1,
+        "out": str(run_dir),
+        "log_every": 50,
+        **IPC[ipc],
+        **VARIANTS[variant],
+        **plan.get("overrides", {}),
+    }
     flags["lr_img"] *= flags.pop("lr_img_scale", 1)
     t0 = time.perf_counter()
     try:
@@ -193,13 +215,33 @@ def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
         try:
             distill.run(resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, preset))
         except DivergedError as err:  # the run stopped: record it as diverged, with no accuracy
-            return {"dataset": dataset, "ipc": ipc, "variant": variant, "seed": seed, "diverged": str(err),
-                    "distill_s": time.perf_counter() - t0, "evaluate_s": 0.0}
+            return {
+                "dataset": dataset,
+                "ipc": ipc,
+                "variant": variant,
+                "seed": seed,
+                "diverged": str(err),
+                "distill_s": time.perf_counter() - t0,
+                "evaluate_s": 0.0,
+            }
     t1 = time.perf_counter()
-    ev = resolve("evaluate", {"seed": seed, "threads": 1, "runs": plan["runs"], "epochs": plan["eval_epochs"],
-                              "select": "val", "baseline": []}, preset)
-    entries = [e for e in evaluate.load_eval(evaluate.eval_path(run_dir))["results"]
-               if e["source"] == "distilled" and e.get("select") == "val" and e.get("settings") == ev.model_dump(mode="json")]
+    ev = resolve(
+        "evaluate",
+        {
+            "seed": seed,
+            "threads": 1,
+            "runs": plan["runs"],
+            "epochs": plan["eval_epochs"],
+            "select": "val",
+            "baseline": [],
+        },
+        preset,
+    )
+    entries = [
+        e
+        for e in evaluate.load_eval(evaluate.eval_path(run_dir))["results"]
+        if e["source"] == "distilled" and e.get("select") == "val" and e.get("settings") == ev.model_dump(mode="json")
+    ]
     if not entries:
         entries = evaluate.run(ev, run_dir)["results"]
     e = entries[-1]
@@ -207,10 +249,21 @@ def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
     counts, meta = prune_counts.load(run_dir / "prune_frequency.safetensors")
     layers = prune_counts.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0))["layers"]
     torch.set_num_threads(1)
-    return {"dataset": dataset, "ipc": ipc, "variant": variant, "seed": seed, "selected": e["mean"],
-            "final": e["final_accuracy"], "selected_iteration": e["selected_iteration"], "val_accuracy": e["val_accuracy"],
-            "checkpoints": e.get("checkpoints"), "accuracies": e["accuracies"], "distill_s": t1 - t0, "evaluate_s": t2 - t1,
-            "prune_layers": {r["name"]: r["mean_pct"] for r in layers}}
+    return {
+        "dataset": dataset,
+        "ipc": ipc,
+        "variant": variant,
+        "seed": seed,
+        "selected": e["mean"],
+        "final": e["final_accuracy"],
+        "selected_iteration": e["selected_iteration"],
+        "val_accuracy": e["val_accuracy"],
+        "checkpoints": e.get("checkpoints"),
+        "accuracies": e["accuracies"],
+        "distill_s": t1 - t0,
+        "evaluate_s": t2 - t1,
+        "prune_layers": {r["name"]: r["mean_pct"] for r in layers},
+    }
 
 
 # --- statistics and report ---------------------------------------------------------------------
@@ -230,8 +283,14 @@ def summarise(records: list[dict]) -> list[dict]:
             diverged = sorted(r["seed"] for r in cell if r["variant"] == variant and "diverged" in r)
             mine = {r["seed"]: r for r in cell if r["variant"] == variant and "diverged" not in r}
             mtt = {r["seed"]: r for r in cell if r["variant"] == baseline(variant) and "diverged" not in r}
-            row = {"dataset": dataset, "ipc": ipc, "variant": variant, "n_seeds": len(mine), "diverged_seeds": diverged,
-                   "worst_drop": [worst_drop(mine[s]) for s in sorted(mine)]}
+            row = {
+                "dataset": dataset,
+                "ipc": ipc,
+                "variant": variant,
+                "n_seeds": len(mine),
+                "diverged_seeds": diverged,
+                "worst_drop": [worst_drop(mine[s]) for s in sorted(mine)],
+            }
             if not mine:
                 rows.append(row)
                 continue
@@ -254,14 +313,28 @@ def pooled(records: list[dict], metric: str = "selected") -> list[dict]:
     """Each variant against MTT over every (dataset, IPC, seed) where both ran: one paired test of
     "does this variant help in general", with more pairs than any single cell has."""
     records = [r for r in records if "diverged" not in r]
-    mtt = {(r["dataset"], r["ipc"], r["variant"], r["seed"]): r for r in records if r["variant"] == baseline(r["variant"])}
+    mtt = {
+        (r["dataset"], r["ipc"], r["variant"], r["seed"]): r for r in records if r["variant"] == baseline(r["variant"])
+    }
     out = []
     for variant in [v for v in VARIANTS if v != baseline(v) and any(r["variant"] == v for r in records)]:
-        diffs = [100 * (r[metric] - mtt[k][metric]) for r in records if r["variant"] == variant
-                 for k in [(r["dataset"], r["ipc"], baseline(variant), r["seed"])] if k in mtt]
+        diffs = [
+            100 * (r[metric] - mtt[k][metric])
+            for r in records
+            if r["variant"] == variant
+            for k in [(r["dataset"], r["ipc"], baseline(variant), r["seed"])]
+            if k in mtt
+        ]
         cells = sorted({(r["dataset"], r["ipc"]) for r in records if r["variant"] == variant})
         if len(diffs) >= 2:
-            out.append({"variant": variant, "metric": metric, "cells": [f"{d} IPC {i}" for d, i in cells], "vs_mtt": paired(diffs)})
+            out.append(
+                {
+                    "variant": variant,
+                    "metric": metric,
+                    "cells": [f"{d} IPC {i}" for d, i in cells],
+                    "vs_mtt": paired(diffs),
+                }
+            )
     return out
 
 
@@ -278,28 +351,46 @@ def _fmt_pct(v: float | None) -> str:
 
 
 def markdown(rows: list[dict], meta: dict, pools: list[dict] | None = None) -> str:
-    out = ["Test accuracy % (mean ± sample std over seeds) of the validation-selected checkpoint and of the final set, and the "
-           "paired difference to MTT (at the same lr_img scale for `@lrS` variants) with its 95 % confidence interval over seeds "
-           "(** : the interval excludes 0). 'start': the real images every variant of a seed starts from (checkpoint 0), trained "
-           "on alike. 'worst drop': per seed, points the worst kept checkpoint falls below checkpoint 0. Diverged runs have no "
-           "accuracy and are left out of the means.", "",
-           "| dataset | IPC | variant | seeds | diverged | start | selected | Δ selected vs MTT [95 % CI] | final | "
-           "Δ final vs MTT [95 % CI] | worst drop |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "Test accuracy % (mean ± sample std over seeds) of the validation-selected checkpoint and of the final set, and the "
+        "paired difference to MTT (at the same lr_img scale for `@lrS` variants) with its 95 % confidence interval over seeds "
+        "(** : the interval excludes 0). 'start': the real images every variant of a seed starts from (checkpoint 0), trained "
+        "on alike. 'worst drop': per seed, points the worst kept checkpoint falls below checkpoint 0. Diverged runs have no "
+        "accuracy and are left out of the means.",
+        "",
+        "| dataset | IPC | variant | seeds | diverged | start | selected | Δ selected vs MTT [95 % CI] | final | "
+        "Δ final vs MTT [95 % CI] | worst drop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        sel, fin = r.get("selected", {"mean": math.nan, "std": math.nan}), r.get("final", {"mean": math.nan, "std": math.nan})
+        sel, fin = (
+            r.get("selected", {"mean": math.nan, "std": math.nan}),
+            r.get("final", {"mean": math.nan, "std": math.nan}),
+        )
         drops = ", ".join("–" if d is None else f"{d:.1f}" for d in r["worst_drop"])
-        out.append(f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {len(r['diverged_seeds'])} | "
-                   f"{_fmt_pct(r.get('start'))} | {sel['mean']:.2f} ± {sel['std']:.2f} | {_fmt_ci(sel.get('vs_mtt'))} | "
-                   f"{fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} | {drops} |")
+        out.append(
+            f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {len(r['diverged_seeds'])} | "
+            f"{_fmt_pct(r.get('start'))} | {sel['mean']:.2f} ± {sel['std']:.2f} | {_fmt_ci(sel.get('vs_mtt'))} | "
+            f"{fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} | {drops} |"
+        )
     if pools:
-        out += ["", "Pooled over cells: each variant minus MTT over every (dataset, IPC, seed) where both ran, "
-                "validation-selected checkpoints.", "",
-                "| variant | pairs | cells | Δ vs MTT [95 % CI] |", "|---|---|---|---|"]
+        out += [
+            "",
+            "Pooled over cells: each variant minus MTT over every (dataset, IPC, seed) where both ran, "
+            "validation-selected checkpoints.",
+            "",
+            "| variant | pairs | cells | Δ vs MTT [95 % CI] |",
+            "|---|---|---|---|",
+        ]
         for p in pools:
             out.append(f"| {p['variant']} | {p['vs_mtt']['n']} | {', '.join(p['cells'])} | {_fmt_ci(p['vs_mtt'])} |")
-    out += ["", f"This invocation {meta['wall_s'] / 3600:.2f} h on {meta['machine']} ({meta['workers']} workers × 1 thread); "
-            f"distillation {meta['distill_s'] / 3600:.2f} h and evaluation {meta['evaluate_s'] / 3600:.2f} h of worker time; "
-            f"{meta['n_runs']} runs.", ""]
+    out += [
+        "",
+        f"This invocation {meta['wall_s'] / 3600:.2f} h on {meta['machine']} ({meta['workers']} workers × 1 thread); "
+        f"distillation {meta['distill_s'] / 3600:.2f} h and evaluation {meta['evaluate_s'] / 3600:.2f} h of worker time; "
+        f"{meta['n_runs']} runs.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -313,8 +404,15 @@ def figures(records: list[dict], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted({r["dataset"] for r in records}):
-        picks = [r for r in records if r["dataset"] == dataset and r["ipc"] == 10 and r["seed"] == 0 and "diverged" not in r
-                 and VARIANTS[r["variant"]].get("prune_ratio", 0) > 0]
+        picks = [
+            r
+            for r in records
+            if r["dataset"] == dataset
+            and r["ipc"] == 10
+            and r["seed"] == 0
+            and "diverged" not in r
+            and VARIANTS[r["variant"]].get("prune_ratio", 0) > 0
+        ]
         if not picks:
             continue
         layers = list(picks[0]["prune_layers"])
@@ -326,7 +424,9 @@ def figures(records: list[dict], folder: Path) -> list[Path]:
         ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.0f}" if v >= 1 else (f"{v:.1f}" if v > 0 else ""), ha="center", va="center", fontsize=6)
+                ax.text(
+                    j, i, f"{v:.0f}" if v >= 1 else (f"{v:.1f}" if v > 0 else ""), ha="center", va="center", fontsize=6
+                )
         fig.colorbar(im, ax=ax)
         ax.set_title(f"{dataset}, IPC 10, seed 0: % of each layer pruned per iteration (mean over the run)")
         path = folder / f"prune_profile_{dataset}.png"
@@ -345,11 +445,17 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2, help="Parallel runs, one torch thread each.")
     p.add_argument("--only", nargs="*", help="Run only these datasets.")
     p.add_argument("--ipc", type=int, nargs="*", help="Run only these IPCs.")
-    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="Run only these variants (their MTT is always added).")
-    p.add_argument("--seeds", type=int, nargs="*", help="These seeds instead of the plan's (to add seeds to a finished plan).")
+    p.add_argument(
+        "--variants", nargs="*", choices=list(VARIANTS), help="Run only these variants (their MTT is always added)."
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="*", help="These seeds instead of the plan's (to add seeds to a finished plan)."
+    )
     p.add_argument("--report-only", action="store_true", help="Summarise finished runs without starting any.")
     p.add_argument("--figures", type=Path, help="Also draw the per-layer prune profiles into this folder.")
-    p.add_argument("--smoke", action="store_true", help="--plan smoke --dataset fashion-mnist-mini --workers 1, a temporary --out")
+    p.add_argument(
+        "--smoke", action="store_true", help="--plan smoke --dataset fashion-mnist-mini --workers 1, a temporary --out"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.plan, args.dataset, args.workers = "smoke", "fashion-mnist-mini", 1
@@ -364,8 +470,11 @@ def main(argv=None) -> None:
     dirs = {"fashion-mnist": args.fashion_mnist_dir, "cifar10": args.cifar10_dir, "fashion-mnist-mini": None}
     datasets = [d for d in dict.fromkeys(c[0] for c in plan["cells"]) if not args.only or d in args.only]
     wanted = None if args.variants is None else {*args.variants, *map(baseline, args.variants)}
-    jobs = [j for j in _plan_jobs(plan) if j[0] in datasets and (not args.ipc or j[1] in args.ipc)
-            and (wanted is None or j[2] in wanted)]
+    jobs = [
+        j
+        for j in _plan_jobs(plan)
+        if j[0] in datasets and (not args.ipc or j[1] in args.ipc) and (wanted is None or j[2] in wanted)
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / "records.jsonl"
     records = {}
@@ -386,23 +495,39 @@ def main(argv=None) -> None:
             for d in datasets:  # experts first: every run of a dataset needs them
                 log(f"{d}: experts")
                 pool.submit(train_experts, d, str(args.out), dirs[d] and str(dirs[d]), args.workers, args.plan).result()
-            futures = {pool.submit(run_one, j, str(args.out), dirs[j[0]] and str(dirs[j[0]]), args.plan): j for j in todo}
+            futures = {
+                pool.submit(run_one, j, str(args.out), dirs[j[0]] and str(dirs[j[0]]), args.plan): j for j in todo
+            }
             for fut in as_completed(futures):
                 job = futures[fut]
                 rec = records[job] = fut.result()
                 with open(records_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                log(f"{job}: diverged: {rec['diverged'][:120]}" if "diverged" in rec else
-                    f"{job}: selected {100 * rec['selected']:.2f} (it {rec['selected_iteration']}), final {100 * rec['final']:.2f} "
-                    f"[{rec['distill_s']:.0f} + {rec['evaluate_s']:.0f} s]")
+                log(
+                    f"{job}: diverged: {rec['diverged'][:120]}"
+                    if "diverged" in rec
+                    else f"{job}: selected {100 * rec['selected']:.2f} (it {rec['selected_iteration']}), final {100 * rec['final']:.2f} "
+                    f"[{rec['distill_s']:.0f} + {rec['evaluate_s']:.0f} s]"
+                )
 
-    done = list(records.values())  # every recorded run (diverged ones too), also those of earlier invocations with other filters
+    done = list(
+        records.values()
+    )  # every recorded run (diverged ones too), also those of earlier invocations with other filters
     rows, pools = summarise(done), pooled(done)
-    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "plan": args.plan, "n_runs": len(done),
-            "workers": args.workers, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,
-            "distill_s": sum(r["distill_s"] for r in done), "evaluate_s": sum(r["evaluate_s"] for r in done)}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "pooled": pools, "records": done}, indent=2))
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "plan": args.plan,
+        "n_runs": len(done),
+        "workers": args.workers,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "wall_s": time.perf_counter() - t_start,
+        "distill_s": sum(r["distill_s"] for r in done),
+        "evaluate_s": sum(r["evaluate_s"] for r in done),
+    }
+    (args.out / "results.json").write_text(
+        json.dumps({"meta": meta, "summary": rows, "pooled": pools, "records": done}, indent=2)
+    )
     (args.out / "results.md").write_text(markdown(rows, meta, pools))
     print(markdown(rows, meta, pools))
     if args.figures:

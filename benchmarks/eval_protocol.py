@@ -62,13 +62,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.synthetic import save_synthetic
+from dpd_cli.config.settings import EvalSettings
 from dpd_cli.core.augment import OPS, dsa
+from dpd_cli.core.train import accuracy
 from dpd_cli.data import Preprocess, load_dataset
+from dpd_cli.models import ModelSpec, build_model, default_depth
 from dpd_cli.recipes import evaluate
 from dpd_cli.recipes.runtime import build_preprocess, derive_seed
-from dpd_cli.core.train import accuracy
-from dpd_cli.models import ModelSpec, build_model, default_depth
-from dpd_cli.config.settings import EvalSettings
 from dpd_cli.stats import t_quantile
 
 MOMENTUM, WEIGHT_DECAY, BATCH = 0.9, 5e-4, 256
@@ -216,7 +216,9 @@ def knob_loop(spec, x, y, x_test, y_test, lr, epochs, seed, device, knobs: dict)
     rng = random.Random(seed)
     loader = None
     if k["loader"] == "mtt":
-        loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
     for done in range(1, n_epochs + 1):
         net.train()
         if loader is None:
@@ -243,15 +245,36 @@ def engine_loop(file: str, net: int, lr: float, epochs: int, device) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / SYNTHETIC
         shutil.copy(file, copy)
-        s = EvalSettings(seed=net, runs=1, epochs=epochs, lr=lr, batch=BATCH, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                         dsa=True, protocol="mtt", device=str(device), threads=torch.get_num_threads())
+        s = EvalSettings(
+            seed=net,
+            runs=1,
+            epochs=epochs,
+            lr=lr,
+            batch=BATCH,
+            momentum=MOMENTUM,
+            weight_decay=WEIGHT_DECAY,
+            dsa=True,
+            protocol="mtt",
+            device=str(device),
+            threads=torch.get_num_threads(),
+        )
         return evaluate.run(s, copy)["results"][-1]["accuracies"][0]
 
 
 def run_arm(arm: str, st: dict, net: int, epochs: int, device) -> float:
     if arm == "engine":
         return engine_loop(st["file"], net, st["lr"], epochs, device)
-    args = (st["spec"], st["x"], st["y"], st["x_test"], st["y_test"], st["lr"], epochs, net_seed(st["spec"], net), device)
+    args = (
+        st["spec"],
+        st["x"],
+        st["y"],
+        st["x_test"],
+        st["y_test"],
+        st["lr"],
+        epochs,
+        net_seed(st["spec"], net),
+        device,
+    )
     return reference_loop(*args) if arm == "reference" else knob_loop(*args, ARMS[arm])
 
 
@@ -264,9 +287,14 @@ def load_set(target: str, device):
     pre = Preprocess.from_tensors(tensors)
     spec = ModelSpec.from_dict(meta["model"])
     return {
-        "file": str(file), "spec": spec, "lr": float(tensors["lr"]), "ipc": int(meta.get("ipc") or 0),
-        "x": tensors["images"].to(device), "y": tensors["labels"].to(device),
-        "x_test": pre.apply(ds.test_images).to(device), "y_test": ds.test_labels.to(device),
+        "file": str(file),
+        "spec": spec,
+        "lr": float(tensors["lr"]),
+        "ipc": int(meta.get("ipc") or 0),
+        "x": tensors["images"].to(device),
+        "y": tensors["labels"].to(device),
+        "x_test": pre.apply(ds.test_images).to(device),
+        "y_test": ds.test_labels.to(device),
     }
 
 
@@ -284,15 +312,31 @@ def summarise(records: list[dict], arms: list[str], base: str) -> list[dict]:
     by = {(r["set"], r["net"], r["arm"]): r["acc"] for r in records}
     for arm in arms:
         accs = [r["acc"] * 100 for r in records if r["arm"] == arm]
-        pairs = [(by[k[0], k[1], arm] - by[k[0], k[1], base]) * 100 for k in by if k[2] == base and (k[0], k[1], arm) in by]
+        pairs = [
+            (by[k[0], k[1], arm] - by[k[0], k[1], base]) * 100 for k in by if k[2] == base and (k[0], k[1], arm) in by
+        ]
         d, ci = mean_ci(pairs) if pairs else (float("nan"), float("nan"))
-        rows.append({"arm": arm, "n": len(accs), "mean": statistics.fmean(accs) if accs else float("nan"),
-                     "std": statistics.pstdev(accs) if len(accs) > 1 else float("nan"), "diff": d, "ci": ci, "pairs": len(pairs)})
+        rows.append(
+            {
+                "arm": arm,
+                "n": len(accs),
+                "mean": statistics.fmean(accs) if accs else float("nan"),
+                "std": statistics.pstdev(accs) if len(accs) > 1 else float("nan"),
+                "diff": d,
+                "ci": ci,
+                "pairs": len(pairs),
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict], base: str, title: str) -> str:
-    out = [f"#### {title}", "", f"| arm | networks | mean % | std | paired diff vs {base} (95% CI) |", "|---|---|---|---|---|"]
+    out = [
+        f"#### {title}",
+        "",
+        f"| arm | networks | mean % | std | paired diff vs {base} (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         diff = "—" if r["arm"] == base or not r["pairs"] else f"{r['diff']:+.2f} ± {r['ci']:.2f}"
         out.append(f"| {r['arm']} | {r['n']} | {r['mean']:.2f} | {r['std']:.2f} | {diff} |")
@@ -307,8 +351,14 @@ def smoke_set(folder: Path) -> str:
     spec = ModelSpec("convnet", c, (h, w), ds.n_classes, 8, default_depth((h, w)))
     idx = evaluate.random_subset(ds.train_labels, ds.n_classes, 1, 0)
     file = folder / SYNTHETIC
-    save_synthetic(file, pre.apply(ds.train_images[idx]), ds.train_labels[idx], torch.tensor(0.01), pre,
-                   {"model": spec.to_dict(), "classes": list(ds.classes), "dataset": ds.name, "ipc": 1})
+    save_synthetic(
+        file,
+        pre.apply(ds.train_images[idx]),
+        ds.train_labels[idx],
+        torch.tensor(0.01),
+        pre,
+        {"model": spec.to_dict(), "classes": list(ds.classes), "dataset": ds.name, "ipc": 1},
+    )
     return str(file)
 
 
@@ -342,8 +392,13 @@ def check_dsa(x: torch.Tensor, n: int = 20000) -> dict:
         f = out.flatten(1)
         cen = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
         corr = (cen(f) * cen(flat_flip)).sum(1) / (cen(f).norm(dim=1) * cen(flat_flip).norm(dim=1)).clamp_min(1e-12)
-        return {"mean": f.mean(1), "std": f.std(1), "zeros": (f == 0).double().mean(1),
-                "dist": (f - flat_in).norm(dim=1), "corr_flipped": corr}
+        return {
+            "mean": f.mean(1),
+            "std": f.std(1),
+            "zeros": (f == 0).double().mean(1),
+            "dist": (f - flat_in).norm(dim=1),
+            "corr_flipped": corr,
+        }
 
     fams = dict(zip(OPS, _MTT_FAMILIES))
     result = {}
@@ -365,12 +420,22 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, help="train at this lr instead of each set's learned one (a stress test)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--check", metavar="ARM", help="only check that knob arm ARM gives the engine's accuracies (dpd 0.1.0's "
-                    "engine: dpd; the current one: +schedule), 3 networks of min(E, 30)")
-    ap.add_argument("--check-dsa", action="store_true", help="only compare dpd's DSA with the MTT re-creation, family by family")
+    ap.add_argument(
+        "--check",
+        metavar="ARM",
+        help="only check that knob arm ARM gives the engine's accuracies (dpd 0.1.0's "
+        "engine: dpd; the current one: +schedule), 3 networks of min(E, 30)",
+    )
+    ap.add_argument(
+        "--check-dsa", action="store_true", help="only compare dpd's DSA with the MTT re-creation, family by family"
+    )
     ap.add_argument("--out", help="JSON file; existing records in it are kept and reused")
-    ap.add_argument("--smoke", action="store_true", help="every arm on 1 network of 1 epoch, on a set of real images of the "
-                    "embedded dataset (width 8) written to a temporary folder, then --check +schedule")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every arm on 1 network of 1 epoch, on a set of real images of the "
+        "embedded dataset (width 8) written to a temporary folder, then --check +schedule",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -414,14 +479,26 @@ def main(argv=None) -> int:
                     continue
                 t0 = time.perf_counter()
                 acc = run_arm(arm, st, net, a.epochs, device)
-                data["records"].append({"set": st["file"], "net": net, "arm": arm, "epochs": a.epochs, "acc": acc,
-                                        "lr": st["lr"], "ipc": st["ipc"], "seconds": time.perf_counter() - t0})
+                data["records"].append(
+                    {
+                        "set": st["file"],
+                        "net": net,
+                        "arm": arm,
+                        "epochs": a.epochs,
+                        "acc": acc,
+                        "lr": st["lr"],
+                        "ipc": st["ipc"],
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
             print(f"net {net}: {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
             if out:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(data))
     wanted = {(s["file"], s["lr"]) for s in sets}
-    records = [r for r in data["records"] if r["epochs"] == a.epochs and (r["set"], r["lr"]) in wanted and r["arm"] in arms]
+    records = [
+        r for r in data["records"] if r["epochs"] == a.epochs and (r["set"], r["lr"]) in wanted and r["arm"] in arms
+    ]
     print(f"load average at start {load:.2f}, torch {torch.__version__}, {a.threads} thread(s), E = {a.epochs}\n")
     for st in sets:
         rows = summarise([r for r in records if r["set"] == st["file"]], arms, a.base)

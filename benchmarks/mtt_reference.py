@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpd_cli.core.augment import dsa
 from dpd_cli.core import matching
+from dpd_cli.core.augment import dsa
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 
 __all__ = ["ReparamModule", "MTTReference", "MTTConvNet", "mtt_network", "buffer_entry", "check_against_dpd"]
@@ -66,7 +66,9 @@ class MTTConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for d in range(1, self.depth + 1):
-            x = getattr(self, f"pool{d}")(getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x))))
+            x = getattr(self, f"pool{d}")(
+                getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x)))
+            )
         return self.fc(x.flatten(1))
 
 
@@ -120,7 +122,16 @@ def buffer_entry(flat: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
 class MTTReference:
     """State of a reference MTT distillation (images, lr, their optimisers) and one iteration."""
 
-    def __init__(self, spec: ModelSpec, images, labels, lr_teacher: float, lr_img: float, lr_lr: float, batch_syn: int | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        images,
+        labels,
+        lr_teacher: float,
+        lr_img: float,
+        lr_lr: float,
+        batch_syn: int | None = None,
+    ):
         self.spec, self.device = spec, images.device
         self.image_syn = images.detach().clone().requires_grad_(True)
         self.label_syn = labels
@@ -129,8 +140,14 @@ class MTTReference:
         self.optimizer_lr = torch.optim.SGD([self.syn_lr], lr=lr_lr, momentum=0.5)
         self.batch_syn = batch_syn or len(images)
 
-    def iteration(self, starting_params: list[torch.Tensor], target_params: list[torch.Tensor], seeds: list[int | None],
-                  identity_order: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def iteration(
+        self,
+        starting_params: list[torch.Tensor],
+        target_params: list[torch.Tensor],
+        seeds: list[int | None],
+        identity_order: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """One MTT iteration: unroll ``len(seeds)`` steps, match, backward, step. Returns the loss (detached)."""
         dev = self.device
         student_net = mtt_network(self.spec).to(dev)  # a fresh network every iteration, as MTT
@@ -146,7 +163,9 @@ class MTTReference:
         for seed in seeds:
             if not indices_chunks:
                 n = len(self.image_syn)
-                indices_chunks = list(torch.split(torch.arange(n) if identity_order else torch.randperm(n), self.batch_syn))
+                indices_chunks = list(
+                    torch.split(torch.arange(n) if identity_order else torch.randperm(n), self.batch_syn)
+                )
             these = indices_chunks.pop()
             x, y = self.image_syn[these], self.label_syn[these]
             if seed is not None:
@@ -178,15 +197,22 @@ def check_against_dpd(device: str = "cpu", n_steps: int = 3, rtol: float = 1e-9)
     rng = random.Random(1)
     seeds = [rng.getrandbits(63) for _ in range(n_steps)]
     lr = torch.tensor(0.01, device=dev, dtype=torch.float64)
-    res = matching.meta_gradient(fm, images, labels, lr, start, target, matching.StepPlan([None] * n_steps, seeds), "full")
+    res = matching.meta_gradient(
+        fm, images, labels, lr, start, target, matching.StepPlan([None] * n_steps, seeds), "full"
+    )
     ref = MTTReference(spec, images, labels, 0.01, lr_img=1.0, lr_lr=1.0)
-    loss = ref.iteration(buffer_entry(start, spec), buffer_entry(target, spec), seeds, identity_order=True, dtype=torch.float64)
+    loss = ref.iteration(
+        buffer_entry(start, spec), buffer_entry(target, spec), seeds, identity_order=True, dtype=torch.float64
+    )
 
     def rel(a, b):
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
-    out = {"loss_rel": rel(loss, res.loss), "grad_images_rel": rel(ref.image_syn.grad, res.grad_images),
-           "grad_lr_rel": rel(ref.syn_lr.grad, res.grad_lr)}
+    out = {
+        "loss_rel": rel(loss, res.loss),
+        "grad_images_rel": rel(ref.image_syn.grad, res.grad_images),
+        "grad_lr_rel": rel(ref.syn_lr.grad, res.grad_lr),
+    }
     out["ok"] = all(v <= rtol for v in out.values())
     return out
 

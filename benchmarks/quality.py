@@ -45,19 +45,31 @@ from dpd_cli import __version__
 from dpd_cli.artifacts import prune_counts
 from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.config.settings import resolve
 from dpd_cli.data import Preprocess
-from dpd_cli.recipes import distill, evaluate, experts
 from dpd_cli.errors import StorageError
 from dpd_cli.io.images import save_grid
-from dpd_cli.config.settings import resolve
+from dpd_cli.recipes import distill, evaluate, experts
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("accuracy_vs_rho", "loss_curves", "grids", "layer_pruning")
 #: --smoke: the embedded set's preset at toy sizes.
-SMOKE_SETS = ["experts.num=1", "experts.epochs=2", "experts.width=8", "experts.train_per_class=20", "distill.width=8",
-              "distill.train_per_class=20", "distill.iterations=2", "distill.syn_steps=2", "distill.max_start_epoch=1",
-              "distill.expert_epochs=1", "distill.checkpoint_every=1", "evaluate.epochs=1", "evaluate.runs=1",
-              "evaluate.full_epochs=1"]
+SMOKE_SETS = [
+    "experts.num=1",
+    "experts.epochs=2",
+    "experts.width=8",
+    "experts.train_per_class=20",
+    "distill.width=8",
+    "distill.train_per_class=20",
+    "distill.iterations=2",
+    "distill.syn_steps=2",
+    "distill.max_start_epoch=1",
+    "distill.expert_epochs=1",
+    "distill.checkpoint_every=1",
+    "evaluate.epochs=1",
+    "evaluate.runs=1",
+    "evaluate.full_epochs=1",
+]
 
 
 def _parse_value(text: str):
@@ -102,18 +114,33 @@ def main(argv=None) -> None:
     p.add_argument("--baselines", nargs="*", default=["random", "full"], choices=["random", "full", "init"])
     p.add_argument("--ipc-settings", type=json.loads, default={}, help="JSON: {ipc: {distill setting: value}}.")
     p.add_argument("--set", dest="sets", action="append", default=[], help="command.field=value override (repeatable).")
-    p.add_argument("--shared-experts", action="store_true",
-                   help="Train experts once (with the first seed) and distil every seed from them; seeds then vary "
-                        "distillation and evaluation only. Saves most of the time on small machines.")
+    p.add_argument(
+        "--shared-experts",
+        action="store_true",
+        help="Train experts once (with the first seed) and distil every seed from them; seeds then vary "
+        "distillation and evaluation only. Saves most of the time on small machines.",
+    )
     p.add_argument("--out", type=Path, help="Output folder (required unless --smoke).")
-    p.add_argument("--report-only", action="store_true", help="Run nothing: redraw the table and --figures from results.json.")
+    p.add_argument(
+        "--report-only", action="store_true", help="Run nothing: redraw the table and --figures from results.json."
+    )
     p.add_argument("--figures", type=Path, help="Draw the figures into this folder.")
     p.add_argument("--figure", nargs="+", choices=FIGURES, default=list(FIGURES), help="Only these figures.")
-    p.add_argument("--smoke", action="store_true", help="The embedded set's preset at toy sizes: IPC 1, rho 0 and 0.05, "
-                   "seed 0, random baseline, figures when matplotlib is installed (a temporary --out unless given).")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="The embedded set's preset at toy sizes: IPC 1, rho 0 and 0.05, "
+        "seed 0, random baseline, figures when matplotlib is installed (a temporary --out unless given).",
+    )
     args = p.parse_args(argv)
     if args.smoke:
-        args.config, args.ipc, args.ratios, args.seeds, args.baselines = ROOT / "examples" / "quick.toml", [1], [0.0, 0.05], [0], ["random"]
+        args.config, args.ipc, args.ratios, args.seeds, args.baselines = (
+            ROOT / "examples" / "quick.toml",
+            [1],
+            [0.0, 0.05],
+            [0],
+            ["random"],
+        )
         args.sets = SMOKE_SETS + args.sets
         args.out = args.out or Path(tempfile.mkdtemp(prefix="quality-smoke-"))
         args.figures = args.figures or args.out / "figures"
@@ -142,7 +169,9 @@ def main(argv=None) -> None:
 
     for seed in args.seeds:
         ex_seed = args.seeds[0] if args.shared_experts else seed
-        ex_settings = resolve("experts", {**over["experts"], "seed": ex_seed, "out": out / f"experts-s{ex_seed}"}, args.config)
+        ex_settings = resolve(
+            "experts", {**over["experts"], "seed": ex_seed, "out": out / f"experts-s{ex_seed}"}, args.config
+        )
         log(f"seed {seed}: experts -> {ex_settings.out}")
         folder = timed("experts", lambda: experts.run(ex_settings))
         for ipc in args.ipc:
@@ -153,39 +182,78 @@ def main(argv=None) -> None:
                         continue  # rho = 0 is MTT whatever the scope
                     name = f"ipc{ipc}-rho{ratio:g}-{scope}-s{seed}"
                     run_dir = out / name
-                    flags = {**over["distill"], **extra, "ipc": ipc, "prune_ratio": ratio, "prune_scope": scope, "seed": seed,
-                             "experts": folder, "out": run_dir}
+                    flags = {
+                        **over["distill"],
+                        **extra,
+                        "ipc": ipc,
+                        "prune_ratio": ratio,
+                        "prune_scope": scope,
+                        "seed": seed,
+                        "experts": folder,
+                        "out": run_dir,
+                    }
                     ds = resolve("distill", flags, args.config)
                     if _done_distill(run_dir, ds.iterations):
                         log(f"{name}: distilled already")
                     else:
                         resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-                        ds = resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, args.config)
+                        ds = resolve(
+                            "distill", {**flags, "resume": resume or None, "force": (not resume) or None}, args.config
+                        )
                         log(f"{name}: distilling ({ds.iterations} iterations, N={ds.syn_steps})")
                         timed(f"distill ipc{ipc}", lambda ds=ds: distill.run(ds))
                     ev = resolve("evaluate", {**over["evaluate"], "seed": seed, "baseline": []}, args.config)
                     for model in ev.models:
                         if not _eval_entries(run_dir, "distilled", model):
                             log(f"{name}: evaluating {model}")
-                            timed(f"evaluate ipc{ipc}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), run_dir))
+                            timed(
+                                f"evaluate ipc{ipc}",
+                                lambda: evaluate.run(ev.model_copy(update={"models": [model]}), run_dir),
+                            )
                         e = _eval_entries(run_dir, "distilled", model)[-1]
-                        records.append({"seed": seed, "ipc": ipc, "source": "distilled", "ratio": ratio, "scope": scope,
-                                        "model": model, "mean": e["mean"], "accuracies": e["accuracies"], "run_dir": str(run_dir),
-                                        "select": e.get("select", "final"), "selected_iteration": e.get("selected_iteration"),
-                                        "final": e.get("final_accuracy", e["mean"])})
+                        records.append(
+                            {
+                                "seed": seed,
+                                "ipc": ipc,
+                                "source": "distilled",
+                                "ratio": ratio,
+                                "scope": scope,
+                                "model": model,
+                                "mean": e["mean"],
+                                "accuracies": e["accuracies"],
+                                "run_dir": str(run_dir),
+                                "select": e.get("select", "final"),
+                                "selected_iteration": e.get("selected_iteration"),
+                                "final": e.get("final_accuracy", e["mean"]),
+                            }
+                        )
             # Baselines: once per seed and IPC, evaluated through the rho-0 run's synthetic file for the data and transform.
             base_dir = out / f"ipc{ipc}-rho{args.ratios[0]:g}-{args.scopes[0]}-s{seed}"
             for b in args.baselines:
                 if b == "full" and ipc != args.ipc[0]:
                     continue  # the full-data baseline does not depend on the IPC
-                ev = resolve("evaluate", {**over["evaluate"], "seed": seed, "baseline": [b], "distilled": False}, args.config)
+                ev = resolve(
+                    "evaluate", {**over["evaluate"], "seed": seed, "baseline": [b], "distilled": False}, args.config
+                )
                 for model in ev.models:
                     if not _eval_entries(base_dir, b, model):
                         log(f"seed {seed} ipc {ipc}: baseline {b} / {model}")
-                        timed(f"baseline {b}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), base_dir))
+                        timed(
+                            f"baseline {b}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), base_dir)
+                        )
                     e = _eval_entries(base_dir, b, model)[-1]
-                    records.append({"seed": seed, "ipc": ipc if b == "random" else None, "source": b, "ratio": None, "scope": None,
-                                    "model": model, "mean": e["mean"], "accuracies": e["accuracies"]})
+                    records.append(
+                        {
+                            "seed": seed,
+                            "ipc": ipc if b == "random" else None,
+                            "source": b,
+                            "ratio": None,
+                            "scope": None,
+                            "model": model,
+                            "mean": e["mean"],
+                            "accuracies": e["accuracies"],
+                        }
+                    )
 
     summary = _summarise(records)
     meta = {
@@ -219,8 +287,17 @@ def _summarise(records: list[dict]) -> list[dict]:
     for (model, source, ipc, ratio, scope), recs in groups.items():
         vals = [r["mean"] for r in recs]
         m, s = _stats(vals)
-        row = {"model": model, "source": source, "ipc": ipc, "ratio": ratio, "scope": scope,
-               "mean": m, "std": s, "n_seeds": len(vals), "per_seed": vals}
+        row = {
+            "model": model,
+            "source": source,
+            "ipc": ipc,
+            "ratio": ratio,
+            "scope": scope,
+            "mean": m,
+            "std": s,
+            "n_seeds": len(vals),
+            "per_seed": vals,
+        }
         if source == "distilled":
             finals = [r.get("final", r["mean"]) for r in recs]
             row["final_mean"], row["final_std"] = _stats(finals)
@@ -233,25 +310,41 @@ def _summarise(records: list[dict]) -> list[dict]:
 
 def _markdown(summary: list[dict], meta: dict) -> str:
     """Test accuracy of the final set, and of the checkpoint chosen on the validation split where there is one."""
-    lines = ["| model | IPC | method | final set (%) | validation-selected (%) | selected iterations | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | IPC | method | final set (%) | validation-selected (%) | selected iterations | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     order = {"random": 0, "init": 1, "distilled": 2, "full": 3}
-    for r in sorted(summary, key=lambda r: (r["model"], r["ipc"] if r["ipc"] is not None else 10**9, order[r["source"]], r["scope"] or "", r["ratio"] or 0)):
+    for r in sorted(
+        summary,
+        key=lambda r: (
+            r["model"],
+            r["ipc"] if r["ipc"] is not None else 10**9,
+            order[r["source"]],
+            r["scope"] or "",
+            r["ratio"] or 0,
+        ),
+    ):
         if r["source"] == "distilled":
             method = "MTT (rho 0)" if r["ratio"] == 0 else f"DPD rho {r['ratio']:g} {r['scope']}"
         else:
-            method = {"random": "random real subset", "full": "full training set", "init": "the initial images"}[r["source"]]
+            method = {"random": "random real subset", "full": "full training set", "init": "the initial images"}[
+                r["source"]
+            ]
         ipc = "all" if r["ipc"] is None else str(r["ipc"])
         if r["source"] == "distilled":
             final = f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
-            chosen = (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r["select"] == "val" else "–")
+            chosen = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r["select"] == "val" else "–"
             its = ", ".join(str(i) for i in r["selected_iterations"]) if r["select"] == "val" else "–"
         else:
             final, chosen, its = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}", "", ""
         lines.append(f"| {r['model']} | {ipc} | {method} | {final} | {chosen} | {its} | {r['n_seeds']} |")
     lines.append("")
-    lines.append(f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}; " +
-                 ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["seconds_by_stage"].items()) + ".")
+    lines.append(
+        f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}; "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["seconds_by_stage"].items())
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +359,7 @@ def figures(data: dict, dst: Path, only=FIGURES) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no figures (pip install -e \".[plot]\")", file=sys.stderr)
+        print('matplotlib is not installed: no figures (pip install -e ".[plot]")', file=sys.stderr)
         return
     dst.mkdir(parents=True, exist_ok=True)
     summary = data["summary"]
@@ -285,23 +378,32 @@ def figures(data: dict, dst: Path, only=FIGURES) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for ipc in ipcs:
             for scope in ("global", "layer"):
-                pts = sorted((r["ratio"], 100 * r["mean"], 100 * r["std"]) for r in dist
-                             if r["ipc"] == ipc and (r["scope"] == scope or r["ratio"] == 0))
+                pts = sorted(
+                    (r["ratio"], 100 * r["mean"], 100 * r["std"])
+                    for r in dist
+                    if r["ipc"] == ipc and (r["scope"] == scope or r["ratio"] == 0)
+                )
                 if any(p[0] for p in pts) and any(r["scope"] == scope and r["ratio"] for r in dist if r["ipc"] == ipc):
                     ax.errorbar(*zip(*pts), marker="o", capsize=3, label=f"IPC {ipc}, {scope}")
             for r in summary:
                 if r["source"] == "random" and r["ipc"] == ipc:
                     ax.axhline(100 * r["mean"], ls="--", lw=1, color="grey")
-        ax.set(xlabel="prune ratio rho", ylabel="test accuracy (%)", title="Accuracy vs prune ratio (dashed: random real subset)")
+        ax.set(
+            xlabel="prune ratio rho",
+            ylabel="test accuracy (%)",
+            title="Accuracy vs prune ratio (dashed: random real subset)",
+        )
         ax.legend()
         save(fig, "accuracy_vs_rho")
     if "loss_curves" in only and first:
         fig, axes = plt.subplots(1, len(ipcs), figsize=(5 * len(ipcs), 3.5), squeeze=False)
         for ax, ipc in zip(axes[0], ipcs):
             for r in sorted((r for r in first if r["ipc"] == ipc and r["scope"] == "global"), key=lambda r: r["ratio"]):
-                m = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                m = [
+                    json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()
+                ]
                 loss = [x["loss"] for x in m]
-                smooth = [sum(loss[max(0, i - 9): i + 1]) / len(loss[max(0, i - 9): i + 1]) for i in range(len(loss))]
+                smooth = [sum(loss[max(0, i - 9) : i + 1]) / len(loss[max(0, i - 9) : i + 1]) for i in range(len(loss))]
                 ax.plot([x["iteration"] for x in m], smooth, label=f"rho {r['ratio']:g}")
             ax.set(title=f"Matching loss, IPC {ipc} (first seed, smoothed)", xlabel="iteration")
             ax.legend()
@@ -311,11 +413,18 @@ def figures(data: dict, dst: Path, only=FIGURES) -> None:
             run = next((Path(r["run_dir"]) for r in dpd_runs if r["ipc"] == ipc), None)
             if run is not None:
                 t, meta = load_synthetic(run / SYNTHETIC)
-                save_grid(Preprocess.from_tensors(t).invert(t["images"]), t["labels"], len(meta["classes"]), dst / f"grid_ipc{ipc}.png")
+                save_grid(
+                    Preprocess.from_tensors(t).invert(t["images"]),
+                    t["labels"],
+                    len(meta["classes"]),
+                    dst / f"grid_ipc{ipc}.png",
+                )
     if "layer_pruning" in only and dpd_runs:
         run = Path(dpd_runs[0]["run_dir"])
         counts, meta = prune_counts.load(run / "prune_frequency.safetensors")
-        layers = prune_counts.layer_stats(counts, meta["layout"], max(1, int(meta.get("iterations_pruned") or 0)))["layers"]
+        layers = prune_counts.layer_stats(counts, meta["layout"], max(1, int(meta.get("iterations_pruned") or 0)))[
+            "layers"
+        ]
         fig, ax = plt.subplots(figsize=(6, 0.3 * len(layers) + 1))
         ax.barh([r["name"] for r in layers][::-1], [r["mean_pct"] for r in layers][::-1], color="tab:red")
         ax.set(xlabel="mean % of the layer pruned per iteration", title=f"Per-layer pruning, {run.name}")

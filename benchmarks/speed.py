@@ -53,17 +53,17 @@ import torch.nn.functional as F
 
 from dpd_cli import __version__
 from dpd_cli.artifacts.experts import ExpertSet
-from dpd_cli.core.augment import dsa
-from dpd_cli.data import load_dataset
-from dpd_cli.recipes import experts as experts_engine
-from dpd_cli.core import matching
-from dpd_cli.recipes.runtime import build_preprocess, set_host_memory
-from dpd_cli.recipes.distill import DistillRecipe
-from dpd_cli.core.graphs import GraphedMetaGradient
-from dpd_cli.core.pruning import Pruner, PruneConfig
-from dpd_cli.core.train import train_epoch
-from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
 from dpd_cli.config.settings import DistillSettings, EvalSettings, ExpertSettings, resolve
+from dpd_cli.core import matching
+from dpd_cli.core.augment import dsa
+from dpd_cli.core.graphs import GraphedMetaGradient
+from dpd_cli.core.pruning import PruneConfig, Pruner
+from dpd_cli.core.train import train_epoch
+from dpd_cli.data import load_dataset
+from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
+from dpd_cli.recipes import experts as experts_engine
+from dpd_cli.recipes.distill import DistillRecipe
+from dpd_cli.recipes.runtime import build_preprocess, set_host_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtt_reference import MTTReference, buffer_entry, check_against_dpd, mtt_network  # noqa: E402
@@ -72,8 +72,21 @@ GIB = 2**30
 SECTIONS = ("experts", "distill", "eval", "ab", "dp")
 MODE_RE = re.compile(r"(full|low|ref|sweep|full_det|low_det|low\d+)(_graph)?")
 PROTOCOL_EPOCHS = 1000  # one MTT-protocol evaluation network
-SMOKE = {"width": 8, "expert_images": 256, "expert_reps": 1, "eval_ipc": 1, "eval_epochs": 2, "eval_reps": 1, "ipc": "1",
-         "steps": "2", "iters": 1, "warmup": 1, "threads": 1, "modes": "full,low1,ref,sweep", "only": "experts,distill,eval,ab"}
+SMOKE = {
+    "width": 8,
+    "expert_images": 256,
+    "expert_reps": 1,
+    "eval_ipc": 1,
+    "eval_epochs": 2,
+    "eval_reps": 1,
+    "ipc": "1",
+    "steps": "2",
+    "iters": 1,
+    "warmup": 1,
+    "threads": 1,
+    "modes": "full,low1,ref,sweep",
+    "only": "experts,distill,eval,ab",
+}
 
 
 def log(msg: str) -> None:
@@ -109,26 +122,57 @@ def stats(xs: list[float]) -> dict:
 
 
 def environment(args, dev) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    return {"python": platform.python_version(), "torch": torch.__version__, "dpd": __version__, "git": git or None, "cpu": cpu,
-            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "device": str(dev),
-            "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(), "host_memory": args.host_memory,
-            "loadavg_start": os.getloadavg()[0], "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dpd": __version__,
+        "git": git or None,
+        "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "device": str(dev),
+        "cores": len(os.sched_getaffinity(0)),
+        "threads": torch.get_num_threads(),
+        "host_memory": args.host_memory,
+        "loadavg_start": os.getloadavg()[0],
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def load_data(args):
     ds = load_dataset(args.dataset, Path(args.data_dir) if args.data_dir else None)
     c, h, w = ds.image_shape
-    return ds, build_preprocess(ds, zca=False), ModelSpec("convnet", c, (h, w), ds.n_classes, args.width, default_depth((h, w)))
+    return (
+        ds,
+        build_preprocess(ds, zca=False),
+        ModelSpec("convnet", c, (h, w), ds.n_classes, args.width, default_depth((h, w))),
+    )
 
 
 def class_balanced(labels: torch.Tensor, n_classes: int, per_class: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([idx[torch.randperm(len(idx), generator=g)[:per_class]]
-                      for idx in (torch.nonzero(labels == c).flatten() for c in range(n_classes))])
+    return torch.cat(
+        [
+            idx[torch.randperm(len(idx), generator=g)[:per_class]]
+            for idx in (torch.nonzero(labels == c).flatten() for c in range(n_classes))
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- experts and eval: dpd against a bare loop
@@ -139,7 +183,7 @@ def bare_epoch(net, opt, x, y, batch, gen, rng, augment: bool) -> None:
     net.train()
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
     for i in range(0, x.shape[0], batch):
-        idx = order[i: i + batch]
+        idx = order[i : i + batch]
         xb = dsa(x[idx], rng.getrandbits(63)) if augment else x[idx]
         loss = F.cross_entropy(net(xb), y[idx])
         opt.zero_grad()
@@ -183,9 +227,22 @@ def against_bare(args, dev, section: str) -> dict:
     unit = len(y) if section == "experts" else epochs  # images/s or epochs/s
     rate = {k: [unit / t for t in v] for k, v in secs.items()}
     med = {k: statistics.median(v) for k, v in rate.items()}
-    out = {"images": len(y), "width": spec.width, "batch": s.batch, "lr": lr, "momentum": s.momentum, "weight_decay": s.weight_decay,
-           "dsa": aug, "reps": reps, "epochs_per_rep": epochs, "seconds": secs, "rate": rate, "median": med,
-           "unit": "images/s" if section == "experts" else "epochs/s", "dpd_over_bare": med["dpd"] / med["bare"]}
+    out = {
+        "images": len(y),
+        "width": spec.width,
+        "batch": s.batch,
+        "lr": lr,
+        "momentum": s.momentum,
+        "weight_decay": s.weight_decay,
+        "dsa": aug,
+        "reps": reps,
+        "epochs_per_rep": epochs,
+        "seconds": secs,
+        "rate": rate,
+        "median": med,
+        "unit": "images/s" if section == "experts" else "epochs/s",
+        "dpd_over_bare": med["dpd"] / med["bare"],
+    }
     if section == "eval":
         out["mtt_protocol_minutes_per_network"] = PROTOCOL_EPOCHS / med["dpd"] / 60
     log(f"[{section}] dpd {med['dpd']:.2f} {out['unit']}, bare {med['bare']:.2f}, ratio {out['dpd_over_bare']:.3f}")
@@ -206,7 +263,7 @@ def draw_plan(rng: random.Random, n_images: int, batch: int, n_steps: int, use_d
         else:
             if pos + batch > n_images:
                 order, pos = torch.randperm(n_images, generator=gen, device=dev), 0
-            batches.append(order[pos: pos + batch])
+            batches.append(order[pos : pos + batch])
             pos += batch
         seeds.append(rng.getrandbits(63) if use_dsa else None)
     return matching.StepPlan(batches, seeds)
@@ -232,6 +289,7 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
 
         def rows():
             return pair
+
     idx = class_balanced(ds.train_labels, ds.n_classes, cfg["ipc"])
     images0, labels = pre.apply(ds.train_images[idx]).to(dev), ds.train_labels[idx].to(dev)
     n, n_steps, ratio = len(labels), cfg["steps"], cfg["prune_ratio"]
@@ -247,8 +305,22 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
         mom_x, mom_lr = torch.zeros_like(x), torch.zeros_like(lr)
         pruner = Pruner(PruneConfig(ratio), sizes)
         counts = torch.zeros(fm.n_params, dtype=torch.int32, device=dev)
-        graph = GraphedMetaGradient(fm, x, labels, lr, memory, n_steps, batch if batch < n else None, cfg["dsa"],
-                                    pruner.loss_mask, keep_graphs=keep) if graphed else None
+        graph = (
+            GraphedMetaGradient(
+                fm,
+                x,
+                labels,
+                lr,
+                memory,
+                n_steps,
+                batch if batch < n else None,
+                cfg["dsa"],
+                pruner.loss_mask,
+                keep_graphs=keep,
+            )
+            if graphed
+            else None
+        )
 
         def run(it):
             start, target = rows()
@@ -261,8 +333,18 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
                     if note:
                         log(f"{memory} graph: {note} (its times are eager ones)")
                 else:
-                    res = matching.meta_gradient(fm, x, labels, lr, start.clone(), target.clone(), plan(it), memory,
-                                                 loss_mask=pruner.loss_mask(ratio), keep_graphs=keep)
+                    res = matching.meta_gradient(
+                        fm,
+                        x,
+                        labels,
+                        lr,
+                        start.clone(),
+                        target.clone(),
+                        plan(it),
+                        memory,
+                        loss_mask=pruner.loss_mask(ratio),
+                        keep_graphs=keep,
+                    )
             finally:
                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
             with torch.no_grad():  # engine.distill.run's updates
@@ -290,6 +372,7 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
                 (g,) = torch.autograd.grad(F.cross_entropy(fm(th, xb), yb), th)
                 theta = theta - lr * g
             return theta.sum()
+
         return run
 
     def ref():
@@ -298,6 +381,7 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
         def run(it):
             start, target = rows()
             return r.iteration(buffer_entry(start, spec), buffer_entry(target, spec), plan(it).seeds)
+
         return run
 
     out = {}
@@ -314,9 +398,15 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
             memory = "full" if base.startswith("full") else "low"
             keep = int(base[3:]) if base[3:].isdigit() else 0
             out[mode] = dpd(memory, keep, graphed, base.endswith("_det"))
-    info = {"n_images": n, "batch_syn": batch, "n_params": sum(p.numel() for p in build_model(spec).parameters()),
-            "width": spec.width, "depth": spec.depth, "image_shape": list(images0.shape[1:]),
-            "source": cfg.get("experts") or "random: PyTorch init, target = start + 0.01 N(0,1)"}
+    info = {
+        "n_images": n,
+        "batch_syn": batch,
+        "n_params": sum(p.numel() for p in build_model(spec).parameters()),
+        "width": spec.width,
+        "depth": spec.depth,
+        "image_shape": list(images0.shape[1:]),
+        "source": cfg.get("experts") or "random: PyTorch init, target = start + 0.01 N(0,1)",
+    }
     return out, info
 
 
@@ -329,11 +419,15 @@ def rss() -> int:
 
 def worker(cfg: dict) -> dict:
     dev = setup(cfg["device"], cfg["threads"], cfg["host_memory"], cfg["cudnn_benchmark"])
-    if dev.type == "cpu" and cfg.get("mem_limit_bytes"):  # an allocation error here rather than the OOM killer elsewhere
+    if dev.type == "cpu" and cfg.get(
+        "mem_limit_bytes"
+    ):  # an allocation error here rather than the OOM killer elsewhere
         vm = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (vm + int(cfg["mem_limit_bytes"]),) * 2)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.5)  # the same imports in every mode
-    runners, info = make_runners({**cfg, "prune_ratio": 0.0 if cfg["mode"] == "ref" else cfg["prune_ratio"]}, [cfg["mode"]], dev)
+    runners, info = make_runners(
+        {**cfg, "prune_ratio": 0.0 if cfg["mode"] == "ref" else cfg["prune_ratio"]}, [cfg["mode"]], dev
+    )
     run = runners[cfg["mode"]]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -345,20 +439,31 @@ def worker(cfg: dict) -> dict:
         times.append(timed(dev, lambda: losses.append(float(run(it)))))
         cpu.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss()
-    return {**info, "seconds": times, "s_per_it": statistics.median(times), "cpu_s_per_it": statistics.median(cpu),
-            "base_bytes": base, "peak_bytes": peak, "losses": losses, "finite": all(map(math.isfinite, losses)),
-            "memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS"}
+    return {
+        **info,
+        "seconds": times,
+        "s_per_it": statistics.median(times),
+        "cpu_s_per_it": statistics.median(cpu),
+        "base_bytes": base,
+        "peak_bytes": peak,
+        "losses": losses,
+        "finite": all(map(math.isfinite, losses)),
+        "memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS",
+    }
 
 
 def estimate_peak(done: list[dict], mode: str, ipc: int, steps: int, images: int) -> float | None:
     """Linear in N through the two largest N measured (same mode and IPC; the reference falls back on full's);
     with one N, everything above the pre-iteration baseline grows with N x images per step."""
-    pts = [r for r in done if r["mode"] == mode and "peak_bytes" in r] or \
-          [r for r in done if mode == "ref" and r["mode"] == "full" and "peak_bytes" in r]
+    pts = [r for r in done if r["mode"] == mode and "peak_bytes" in r] or [
+        r for r in done if mode == "ref" and r["mode"] == "full" and "peak_bytes" in r
+    ]
     same = sorted((r for r in pts if r["ipc"] == ipc), key=lambda r: r["steps"])
     if len(same) >= 2 and same[-1]["steps"] != same[0]["steps"]:
         a, b = same[0] if same[-2]["steps"] == same[-1]["steps"] else same[-2], same[-1]
-        return b["peak_bytes"] + (steps - b["steps"]) * max(0.0, (b["peak_bytes"] - a["peak_bytes"]) / (b["steps"] - a["steps"]))
+        return b["peak_bytes"] + (steps - b["steps"]) * max(
+            0.0, (b["peak_bytes"] - a["peak_bytes"]) / (b["steps"] - a["steps"])
+        )
     if not pts:
         return None
     r = max(same or pts, key=lambda r: r["steps"] * r["batch_syn"])
@@ -384,15 +489,31 @@ def bench_distill(args, dev, cfg: dict, modes: list[str]) -> dict:
                 else:
                     job = {**cfg, "mode": mode, "ipc": ipc, "steps": n, "mem_limit_bytes": limit, "iters": args.iters}
                     try:
-                        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                                           text=True, timeout=args.worker_timeout)
-                        r = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else \
-                            {"error": f"exit {p.returncode}: " + " | ".join(p.stderr.strip().splitlines()[-3:])[-400:]}
+                        p = subprocess.run(
+                            [sys.executable, __file__, "--worker", json.dumps(job)],
+                            capture_output=True,
+                            text=True,
+                            timeout=args.worker_timeout,
+                        )
+                        r = (
+                            json.loads(p.stdout.strip().splitlines()[-1])
+                            if p.returncode == 0
+                            else {
+                                "error": f"exit {p.returncode}: "
+                                + " | ".join(p.stderr.strip().splitlines()[-3:])[-400:]
+                            }
+                        )
                     except subprocess.TimeoutExpired:
                         r = {"error": f"timeout after {args.worker_timeout:.0f} s"}
                 r.update(mode=mode, ipc=ipc, steps=n, estimate_bytes=est)
-                log(f"{tag}: " + (f"{r['s_per_it']:.3f} s/it, peak {r['peak_bytes'] / GIB:.2f} GiB" if "s_per_it" in r
-                                  else r.get("skipped") or f"FAILED {r['error']}"))
+                log(
+                    f"{tag}: "
+                    + (
+                        f"{r['s_per_it']:.3f} s/it, peak {r['peak_bytes'] / GIB:.2f} GiB"
+                        if "s_per_it" in r
+                        else r.get("skipped") or f"FAILED {r['error']}"
+                    )
+                )
                 done.append(r)
     return {"configs": done, "mem_limit_bytes": limit, "iters": args.iters, "prune_ratio": args.prune_ratio}
 
@@ -408,7 +529,7 @@ def bench_ab(args, dev, cfg: dict) -> list[dict]:
             names = list(runners)
             wall, cpu, peak = {k: [] for k in names}, {k: [] for k in names}, dict.fromkeys(names, 0)
             for r in range(args.warmup + args.iters):
-                for k in names[r % len(names):] + names[: r % len(names)]:
+                for k in names[r % len(names) :] + names[: r % len(names)]:
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
                     c0 = time.process_time()
@@ -418,11 +539,15 @@ def bench_ab(args, dev, cfg: dict) -> list[dict]:
                     if r >= args.warmup:
                         wall[k].append(t)
                         cpu[k].append(time.process_time() - c0)
-                log(f"[ab] IPC {ipc} N {n} round {r}: " + (", ".join(f"{k} {wall[k][-1]:.2f} s" for k in names)
-                                                        if r >= args.warmup else "warm-up") + f", load {os.getloadavg()[0]:.2f}")
+                log(
+                    f"[ab] IPC {ipc} N {n} round {r}: "
+                    + (", ".join(f"{k} {wall[k][-1]:.2f} s" for k in names) if r >= args.warmup else "warm-up")
+                    + f", load {os.getloadavg()[0]:.2f}"
+                )
 
             def paired(a, b):
                 return statistics.median(x / y for x, y in zip(wall[a], wall[b]))
+
             ratios = {}
             for k in names:  # each mode against full (graphs against full_graph), and the reference against each
                 base = "full_graph" if k.endswith("_graph") and "full_graph" in wall else "full"
@@ -431,12 +556,28 @@ def bench_ab(args, dev, cfg: dict) -> list[dict]:
                 if k != "ref" and "ref" in wall:
                     ratios[f"ref/{k}"] = paired("ref", k)
             if {"low", "sweep", "full"} <= set(wall):  # low memory's backward sweep over full
-                ratios["(low-sweep)/full"] = statistics.median((a - b) / c for a, b, c in zip(wall["low"], wall["sweep"], wall["full"]))
-            graphs = {k: {"kept": f.graph.enabled, "checks": {str(q): c for q, c in f.graph.checks.items()}}
-                      for k, f in runners.items() if getattr(f, "graph", None) is not None}
-            blocks.append({"ipc": ipc, "steps": n, **info, "seconds": wall, "cpu_seconds": cpu,
-                           "stats": {k: stats(v) for k, v in wall.items()}, "peak_bytes": peak if dev.type == "cuda" else None,
-                           "process_peak_rss_bytes": rss(), "paired_ratios_median": ratios, "graphs": graphs})
+                ratios["(low-sweep)/full"] = statistics.median(
+                    (a - b) / c for a, b, c in zip(wall["low"], wall["sweep"], wall["full"])
+                )
+            graphs = {
+                k: {"kept": f.graph.enabled, "checks": {str(q): c for q, c in f.graph.checks.items()}}
+                for k, f in runners.items()
+                if getattr(f, "graph", None) is not None
+            }
+            blocks.append(
+                {
+                    "ipc": ipc,
+                    "steps": n,
+                    **info,
+                    "seconds": wall,
+                    "cpu_seconds": cpu,
+                    "stats": {k: stats(v) for k, v in wall.items()},
+                    "peak_bytes": peak if dev.type == "cuda" else None,
+                    "process_peak_rss_bytes": rss(),
+                    "paired_ratios_median": ratios,
+                    "graphs": graphs,
+                }
+            )
     return blocks
 
 
@@ -447,11 +588,27 @@ def bench_dp(args, experts: str) -> dict | None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = {}
     for memory in [m for m in args.mode_list if m in ("full", "low")] or ["full"]:
-        s = resolve("distill", {"experts": experts, "ipc": args.ipcs[0], "syn_steps": args.step_list[0], "batch_syn": args.batch_syn,
-                                "memory": memory, "prune_ratio": 0.0, "device": args.device, "threads": args.threads,
-                                "iterations": args.warmup + args.iters + 1, "max_start_epoch": 1, "expert_epochs": 1,
-                                "lr_img": 1.0, "lr_lr": 0.0, "out": str(Path(tempfile.gettempdir()) / f"dpd-speed-dp-w{world}-{memory}"),
-                                "force": True, "log_every": 1000})
+        s = resolve(
+            "distill",
+            {
+                "experts": experts,
+                "ipc": args.ipcs[0],
+                "syn_steps": args.step_list[0],
+                "batch_syn": args.batch_syn,
+                "memory": memory,
+                "prune_ratio": 0.0,
+                "device": args.device,
+                "threads": args.threads,
+                "iterations": args.warmup + args.iters + 1,
+                "max_start_epoch": 1,
+                "expert_epochs": 1,
+                "lr_img": 1.0,
+                "lr_lr": 0.0,
+                "out": str(Path(tempfile.gettempdir()) / f"dpd-speed-dp-w{world}-{memory}"),
+                "force": True,
+                "log_every": 1000,
+            },
+        )
         with DistillRecipe(s) as recipe:
             dev = recipe.device
             for _ in range(args.warmup):
@@ -460,8 +617,13 @@ def bench_dp(args, experts: str) -> dict | None:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             times = [timed(dev, recipe.step) for _ in range(args.iters)]
-            mine = {"rank": rank, "seconds": times, "median_s": statistics.median(times), "threads": torch.get_num_threads(),
-                    "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss()}
+            mine = {
+                "rank": rank,
+                "seconds": times,
+                "median_s": statistics.median(times),
+                "threads": torch.get_num_threads(),
+                "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss(),
+            }
             ranks = recipe.group.gather_objects(mine) if recipe.group is not None else [mine]
         out[memory] = {"world": world, "ranks": ranks, "median_s": max(r["median_s"] for r in ranks)}
     return out if rank == 0 else None
@@ -472,72 +634,124 @@ def bench_dp(args, experts: str) -> dict | None:
 
 def markdown(res: dict) -> str:
     env = res["environment"]
-    lines = [f"## dpd speed — {env['gpu'] or env['cpu']} ({env['device']}, torch {env['torch']}, {env['threads']} threads)", ""]
+    lines = [
+        f"## dpd speed — {env['gpu'] or env['cpu']} ({env['device']}, torch {env['torch']}, {env['threads']} threads)",
+        "",
+    ]
     if env["device"] == "cpu" and env["loadavg_start"] > 0.5:
-        lines += [f"**warning:** load average {env['loadavg_start']:.1f} at the start: other processes used the CPU; timings are not clean.", ""]
+        lines += [
+            f"**warning:** load average {env['loadavg_start']:.1f} at the start: other processes used the CPU; timings are not clean.",
+            "",
+        ]
     for sec in ("experts", "eval"):
         if sec in res:
             e = res[sec]
-            lines += [f"### {sec}: {e['unit']}, ConvNet-{e['width']}, {e['images']} images, batch {e['batch']}, DSA {e['dsa']}, "
-                      f"{e['reps']} interleaved reps of {e['epochs_per_rep']} epoch(s)", "",
-                      "| trainer | median | runs | dpd / bare |", "|---|---|---|---|"]
+            lines += [
+                f"### {sec}: {e['unit']}, ConvNet-{e['width']}, {e['images']} images, batch {e['batch']}, DSA {e['dsa']}, "
+                f"{e['reps']} interleaved reps of {e['epochs_per_rep']} epoch(s)",
+                "",
+                "| trainer | median | runs | dpd / bare |",
+                "|---|---|---|---|",
+            ]
             for k, name in (("dpd", "dpd `train_epoch`"), ("bare", "bare PyTorch loop")):
-                lines.append(f"| {name} | {e['median'][k]:.2f} | {', '.join(f'{v:.2f}' for v in e['rate'][k])} | "
-                             + (f"{e['dpd_over_bare']:.3f} |" if k == "dpd" else " |"))
+                lines.append(
+                    f"| {name} | {e['median'][k]:.2f} | {', '.join(f'{v:.2f}' for v in e['rate'][k])} | "
+                    + (f"{e['dpd_over_bare']:.3f} |" if k == "dpd" else " |")
+                )
             if sec == "eval":
-                lines.append(f"\nOne MTT-protocol network ({PROTOCOL_EPOCHS} epochs) ≈ {e['mtt_protocol_minutes_per_network']:.1f} min here.")
+                lines.append(
+                    f"\nOne MTT-protocol network ({PROTOCOL_EPOCHS} epochs) ≈ {e['mtt_protocol_minutes_per_network']:.1f} min here."
+                )
             lines.append("")
     if "distill" in res:
         d = res["distill"]
         kind = next((r["memory_kind"] for r in d["configs"] if "memory_kind" in r), "peak")
-        lines += [f"### distill: s/it and {kind}, prune ratio {d['prune_ratio']} (ref: 0), median of {d['iters']} after 1 warm-up, "
-                  f"fresh process each, limit {d['mem_limit_bytes'] / GIB:.1f} GiB", "",
-                  "| IPC | N | mode | s/it | peak GiB | time / full | memory / full |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### distill: s/it and {kind}, prune ratio {d['prune_ratio']} (ref: 0), median of {d['iters']} after 1 warm-up, "
+            f"fresh process each, limit {d['mem_limit_bytes'] / GIB:.1f} GiB",
+            "",
+            "| IPC | N | mode | s/it | peak GiB | time / full | memory / full |",
+            "|---|---|---|---|---|---|---|",
+        ]
         full = {(r["ipc"], r["steps"]): r for r in d["configs"] if r["mode"] == "full" and "s_per_it" in r}
         for r in d["configs"]:
             f = full.get((r["ipc"], r["steps"]))
             if "s_per_it" in r:
-                rel = (f"{r['s_per_it'] / f['s_per_it']:.3f} | {r['peak_bytes'] / f['peak_bytes']:.3f}" if f else "– | –")
-                lines.append(f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r['s_per_it']:.3f} | {r['peak_bytes'] / GIB:.2f} | {rel} |")
+                rel = f"{r['s_per_it'] / f['s_per_it']:.3f} | {r['peak_bytes'] / f['peak_bytes']:.3f}" if f else "– | –"
+                lines.append(
+                    f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r['s_per_it']:.3f} | {r['peak_bytes'] / GIB:.2f} | {rel} |"
+                )
             else:
-                lines.append(f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r.get('skipped') or r.get('error')} | – | – | – |")
+                lines.append(
+                    f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r.get('skipped') or r.get('error')} | – | – | – |"
+                )
         lows = [r for r in d["configs"] if r["mode"] == "low" and "peak_bytes" in r]
         for ipc in sorted({r["ipc"] for r in lows}):
             a, b = (lambda v: (v[0], v[-1]))(sorted((r for r in lows if r["ipc"] == ipc), key=lambda r: r["steps"]))
             if b["steps"] > a["steps"]:
-                lines.append(f"\nlow-memory peak, IPC {ipc}, N {a['steps']} → {b['steps']}: {100 * (b['peak_bytes'] / a['peak_bytes'] - 1):+.1f}%")
+                lines.append(
+                    f"\nlow-memory peak, IPC {ipc}, N {a['steps']} → {b['steps']}: {100 * (b['peak_bytes'] / a['peak_bytes'] - 1):+.1f}%"
+                )
         lines.append("")
     for b in res.get("ab", []):
-        lines += [f"### ab: ConvNet-{b['width']}, IPC {b['ipc']}, N {b['steps']}, batch_syn {b['batch_syn']}, rho 0, interleaved, "
-                  f"{res['args']['warmup']} warm-up + {res['args']['iters']} timed rounds", "",
-                  "| mode | s/it median | min | max | CPU s/it | peak GiB |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"### ab: ConvNet-{b['width']}, IPC {b['ipc']}, N {b['steps']}, batch_syn {b['batch_syn']}, rho 0, interleaved, "
+            f"{res['args']['warmup']} warm-up + {res['args']['iters']} timed rounds",
+            "",
+            "| mode | s/it median | min | max | CPU s/it | peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, st in b["stats"].items():
             pk = f"{b['peak_bytes'][k] / GIB:.2f}" if b["peak_bytes"] else "–"
-            lines.append(f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {statistics.median(b['cpu_seconds'][k]):.3f} | {pk} |")
-        lines.append("\npaired ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in b["paired_ratios_median"].items()))
+            lines.append(
+                f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {statistics.median(b['cpu_seconds'][k]):.3f} | {pk} |"
+            )
+        lines.append(
+            "\npaired ratios (median over rounds): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in b["paired_ratios_median"].items())
+        )
         for k, g in b["graphs"].items():
-            lines.append(f"{k}: graph {'kept' if g['kept'] else 'turned off (eager times)'}; checks " + json.dumps(g["checks"]))
+            lines.append(
+                f"{k}: graph {'kept' if g['kept'] else 'turned off (eager times)'}; checks " + json.dumps(g["checks"])
+            )
         lines.append("")
     for memory, d in (res.get("dp") or {}).items():
-        lines.append(f"### dp ({memory}): {d['world']} process(es), " + ", ".join(
-            f"rank {r['rank']} {r['median_s']:.3f} s/it peak {r['peak_bytes'] / GIB:.2f} GiB" for r in d["ranks"]))
+        lines.append(
+            f"### dp ({memory}): {d['world']} process(es), "
+            + ", ".join(
+                f"rank {r['rank']} {r['median_s']:.3f} s/it peak {r['peak_bytes'] / GIB:.2f} GiB" for r in d["ranks"]
+            )
+        )
     if "reference_check" in res:
         c = res["reference_check"]
-        lines.append(f"\nreference check (float64, MTT vs dpd full, rho 0): loss {c['loss_rel']:.1e}, dL/dX {c['grad_images_rel']:.1e}, "
-                     f"dL/dalpha {c['grad_lr_rel']:.1e} → {'OK' if c['ok'] else 'MISMATCH'}")
+        lines.append(
+            f"\nreference check (float64, MTT vs dpd full, rho 0): loss {c['loss_rel']:.1e}, dL/dX {c['grad_images_rel']:.1e}, "
+            f"dL/dalpha {c['grad_lr_rel']:.1e} → {'OK' if c['ok'] else 'MISMATCH'}"
+        )
     return "\n".join(lines)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="every section at toy size, 1 thread (options given still count)")
-    p.add_argument("--only", default="experts,distill,eval", help=f"sections: {','.join(SECTIONS)} (default experts,distill,eval)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="every section at toy size, 1 thread (options given still count)"
+    )
+    p.add_argument(
+        "--only", default="experts,distill,eval", help=f"sections: {','.join(SECTIONS)} (default experts,distill,eval)"
+    )
     p.add_argument("--out", help="JSON file (Markdown next to it, .md)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores available)")
-    p.add_argument("--host-memory", choices=["reuse", "system"], default="reuse", help="dpd's --host-memory, for every side")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark on (dpd leaves it off)")
+    p.add_argument(
+        "--host-memory", choices=["reuse", "system"], default="reuse", help="dpd's --host-memory, for every side"
+    )
+    p.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark on (dpd leaves it off)"
+    )
     p.add_argument("--dataset", default="fashion-mnist-mini")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--width", type=int, default=128)
@@ -553,9 +767,15 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=2, help="timed iterations (distill), rounds (ab), iterations (dp)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (ab) or iterations (dp)")
     p.add_argument("--batch-syn", type=int, default=None, help="images per student step (default, or 0: all)")
-    p.add_argument("--prune-ratio", type=float, default=DistillSettings().prune_ratio, help="rho of dpd in distill (ab, dp: 0)")
-    p.add_argument("--experts", default=None, help="experts folder: expert 0's epochs instead of random parameters (dp needs one)")
-    p.add_argument("--mem-limit-gb", type=float, default=None, help="distill: skip above this estimated peak (default 80%%)")
+    p.add_argument(
+        "--prune-ratio", type=float, default=DistillSettings().prune_ratio, help="rho of dpd in distill (ab, dp: 0)"
+    )
+    p.add_argument(
+        "--experts", default=None, help="experts folder: expert 0's epochs instead of random parameters (dp needs one)"
+    )
+    p.add_argument(
+        "--mem-limit-gb", type=float, default=None, help="distill: skip above this estimated peak (default 80%%)"
+    )
     p.add_argument("--worker-timeout", type=float, default=3600)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -579,9 +799,19 @@ def main(argv=None) -> int:
         return 0
     dev = setup(args.device, args.threads, args.host_memory, args.cudnn_benchmark)
     res = {"environment": environment(args, dev), "args": {k: v for k, v in vars(args).items() if k != "worker"}}
-    cfg = {"device": str(dev), "threads": args.threads, "host_memory": args.host_memory, "cudnn_benchmark": args.cudnn_benchmark,
-           "dataset": args.dataset, "data_dir": args.data_dir, "width": args.width, "experts": args.experts,
-           "batch_syn": args.batch_syn, "prune_ratio": args.prune_ratio, "dsa": not args.no_dsa}
+    cfg = {
+        "device": str(dev),
+        "threads": args.threads,
+        "host_memory": args.host_memory,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "width": args.width,
+        "experts": args.experts,
+        "batch_syn": args.batch_syn,
+        "prune_ratio": args.prune_ratio,
+        "dsa": not args.no_dsa,
+    }
     with tempfile.TemporaryDirectory() as scratch:
         args.scratch = scratch
         for sec in ("experts", "eval"):
@@ -596,9 +826,23 @@ def main(argv=None) -> int:
             if experts is None:
                 if not args.smoke:
                     sys.exit("--only dp needs --experts")
-                experts = str(experts_engine.run(resolve("experts", {
-                    "dataset": args.dataset, "num": 1, "epochs": 1, "width": args.width, "train_per_class": 20,
-                    "threads": args.threads, "device": args.device, "out": str(Path(scratch) / "experts")})))
+                experts = str(
+                    experts_engine.run(
+                        resolve(
+                            "experts",
+                            {
+                                "dataset": args.dataset,
+                                "num": 1,
+                                "epochs": 1,
+                                "width": args.width,
+                                "train_per_class": 20,
+                                "threads": args.threads,
+                                "device": args.device,
+                                "out": str(Path(scratch) / "experts"),
+                            },
+                        )
+                    )
+                )
             dp = bench_dp(args, experts)
             if dp is None:  # not rank 0
                 return 0

@@ -71,8 +71,15 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_split=(3, 2), side
     return root
 
 
-def mtt_convnet(channel: int, n_classes: int, width: int, depth: int, im_size=(32, 32), norm: str = "instancenorm",
-                pooling: str = "avgpooling"):
+def mtt_convnet(
+    channel: int,
+    n_classes: int,
+    width: int,
+    depth: int,
+    im_size=(32, 32),
+    norm: str = "instancenorm",
+    pooling: str = "avgpooling",
+):
     """MTT's ConvNet as MTT's networks.py builds it, written out for tests: ``features`` (conv, norm, ReLU, pool per
     layer) then ``classifier``, so ``parameters()`` come in MTT's order. 28 px is treated as 32 px and grayscale
     images get padding 3 in the first conv, as there."""

@@ -21,9 +21,15 @@ NAMES = [p.stem for p in SCRIPTS]
 
 
 def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OUT": str(tmp / "gpu-check"), "NO_COLOR": "1", "DPD_EXPERTS_ROOT": str(tmp / "experts-root"),
-           "DPD_CACHE_ROOT": str(tmp / "cache-root"), "DPD_DATA_ROOT": str(tmp / "data-root")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OUT": str(tmp / "gpu-check"),
+        "NO_COLOR": "1",
+        "DPD_EXPERTS_ROOT": str(tmp / "experts-root"),
+        "DPD_CACHE_ROOT": str(tmp / "cache-root"),
+        "DPD_DATA_ROOT": str(tmp / "data-root"),
+    }
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -34,8 +40,9 @@ def runs(tmp_path_factory) -> dict:
     for p in SCRIPTS:
         jobs[p.stem, "--help"] = [sys.executable, str(p), "--help"]
         out = tmp_path_factory.mktemp(p.stem)
-        jobs[p.stem, "--smoke"] = [sys.executable, str(p), "--smoke"] + ([] if p.stem == "mtt_reference" else ["--out", str(
-            out / "out.json" if p.stem == "speed" else out / "out")])
+        jobs[p.stem, "--smoke"] = [sys.executable, str(p), "--smoke"] + (
+            [] if p.stem == "mtt_reference" else ["--out", str(out / "out.json" if p.stem == "speed" else out / "out")]
+        )
     for flag in ("--help", "--smoke"):
         jobs["gpu_check.sh", flag] = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), flag]
     # The longest first, so that the two lanes finish together.
@@ -51,9 +58,13 @@ def test_the_script_imports_with_public_names_only(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert callable(module.main)
-    private = [f"{n.module}.{a.name}" for n in ast.walk(ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text()))
-               if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("dpd_cli") for a in n.names
-               if "._" in f".{n.module}" or (a.name.startswith("_") and not a.name.endswith("__"))]
+    private = [
+        f"{n.module}.{a.name}"
+        for n in ast.walk(ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text()))
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("dpd_cli")
+        for a in n.names
+        if "._" in f".{n.module}" or (a.name.startswith("_") and not a.name.endswith("__"))
+    ]
     assert not private, f"{name} imports private names of dpd_cli: {private}"
 
 
@@ -70,13 +81,34 @@ def test_the_study_report_pairs_each_variant_with_mtt_at_its_lr_and_keeps_diverg
     spec.loader.exec_module(study)
 
     def rec(variant, seed, acc, ckpts=(0.5, 0.4)):
-        return {"dataset": "d", "ipc": 10, "variant": variant, "seed": seed, "selected": acc, "final": acc, "selected_iteration": 25,
-                "checkpoints": [{"iteration": 25 * i, "mean": m} for i, m in enumerate(ckpts)], "distill_s": 1.0, "evaluate_s": 1.0}
+        return {
+            "dataset": "d",
+            "ipc": 10,
+            "variant": variant,
+            "seed": seed,
+            "selected": acc,
+            "final": acc,
+            "selected_iteration": 25,
+            "checkpoints": [{"iteration": 25 * i, "mean": m} for i, m in enumerate(ckpts)],
+            "distill_s": 1.0,
+            "evaluate_s": 1.0,
+        }
 
-    records = [rec("mtt@lr10", s, 0.50) for s in range(3)] + [rec("abs-largest-0.01@lr10", s, 0.51 + 0.01 * s) for s in range(3)]
+    records = [rec("mtt@lr10", s, 0.50) for s in range(3)] + [
+        rec("abs-largest-0.01@lr10", s, 0.51 + 0.01 * s) for s in range(3)
+    ]
     records += [rec("mtt@lr1", s, 0.60) for s in range(3)] + [rec("abs-largest-0.01@lr1", s, 0.58) for s in range(2)]
-    records.append({"dataset": "d", "ipc": 10, "variant": "abs-largest-0.01@lr1", "seed": 2, "diverged": "NaN", "distill_s": 1.0,
-                    "evaluate_s": 0.0})
+    records.append(
+        {
+            "dataset": "d",
+            "ipc": 10,
+            "variant": "abs-largest-0.01@lr1",
+            "seed": 2,
+            "diverged": "NaN",
+            "distill_s": 1.0,
+            "evaluate_s": 0.0,
+        }
+    )
     rows = {r["variant"]: r for r in study.summarise(records)}
     assert rows["abs-largest-0.01@lr10"]["selected"]["vs_mtt"]["mean"] == pytest.approx(2.0)
     assert rows["abs-largest-0.01@lr1"]["selected"]["vs_mtt"]["mean"] == pytest.approx(-2.0)

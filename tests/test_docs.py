@@ -42,7 +42,10 @@ def test_every_link_between_documents_resolves():
             if not file.exists():
                 broken.append(f"{page.name}: {target} (no such file)")
             elif anchor and file.suffix == ".md":
-                slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", file.read_text(), flags=re.S), re.M)}
+                slugs = {
+                    _slug(h)
+                    for h in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", file.read_text(), flags=re.S), re.M)
+                }
                 if anchor not in slugs:
                     broken.append(f"{page.name}: {target} (no heading #{anchor})")
     assert not broken, "\n".join(broken)
@@ -52,13 +55,16 @@ def test_the_guide_documents_every_option():
     from dpd_cli.config.settings import DistillSettings, EvalSettings, ExpertSettings
 
     guide = (ROOT / "docs" / "guide.md").read_text()
-    shared = guide[guide.index("Options shared by"):guide.index("### `dpd experts`")]
+    shared = guide[guide.index("Options shared by") : guide.index("### `dpd experts`")]
     missing = []
     for command, settings in (("experts", ExpertSettings), ("distill", DistillSettings), ("evaluate", EvalSettings)):
         start = guide.index(f"### `dpd {command}`")
-        section = guide[start:guide.index("\n### ", start + 1)]
-        missing += [f"dpd {command} --{name.replace('_', '-')}" for name in settings.model_fields
-                    if f"--{name.replace('_', '-')}" not in section + shared]
+        section = guide[start : guide.index("\n### ", start + 1)]
+        missing += [
+            f"dpd {command} --{name.replace('_', '-')}"
+            for name in settings.model_fields
+            if f"--{name.replace('_', '-')}" not in section + shared
+        ]
     assert not missing, f"options missing from docs/guide.md: {missing}"
 
 

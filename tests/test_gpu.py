@@ -17,23 +17,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpd_cli.recipes import experts
+from dpd_cli.config.settings import resolve
 from dpd_cli.core import graphs, matching
-from dpd_cli.recipes.distill import DistillRecipe
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.models import FlatModel, ModelSpec, build_model
-from dpd_cli.config.settings import resolve
+from dpd_cli.recipes import experts
+from dpd_cli.recipes.distill import DistillRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", 3, (16, 16), 4, width=8, depth=2)
 N_IMAGES, N_STEPS = 8, 4
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
-PRUNES = {"rho0": PruneConfig(0.0), "rho0.1-global": PruneConfig(0.1, "global"), "rho0.1-layer": PruneConfig(0.1, "layer")}
+PRUNES = {
+    "rho0": PruneConfig(0.0),
+    "rho0.1-global": PruneConfig(0.1, "global"),
+    "rho0.1-layer": PruneConfig(0.1, "layer"),
+}
 
 
-def iteration(device: str, memory: str, prune: PruneConfig, dsa: bool, batch: int | None, keep_graphs: int = 0,
-              dtype=torch.float64) -> matching.MetaResult:
+def iteration(
+    device: str,
+    memory: str,
+    prune: PruneConfig,
+    dsa: bool,
+    batch: int | None,
+    keep_graphs: int = 0,
+    dtype=torch.float64,
+) -> matching.MetaResult:
     """One tiny meta-gradient; the problem (network, parameters, images, batches, seeds) is drawn on the CPU."""
     torch.manual_seed(0)
     fm = FlatModel(build_model(SPEC).to(dtype))
@@ -42,21 +53,41 @@ def iteration(device: str, memory: str, prune: PruneConfig, dsa: bool, batch: in
     images = torch.randn(N_IMAGES, 3, 16, 16, dtype=dtype)
     labels = torch.arange(SPEC.n_classes).repeat_interleave(N_IMAGES // SPEC.n_classes)
     g, rng, dev = torch.Generator().manual_seed(2), random.Random(1), torch.device(device)
-    plan = matching.StepPlan([None if batch is None else torch.randperm(N_IMAGES, generator=g)[:batch].to(dev) for _ in range(N_STEPS)],
-                             [rng.getrandbits(63) if dsa else None for _ in range(N_STEPS)])
+    plan = matching.StepPlan(
+        [None if batch is None else torch.randperm(N_IMAGES, generator=g)[:batch].to(dev) for _ in range(N_STEPS)],
+        [rng.getrandbits(63) if dsa else None for _ in range(N_STEPS)],
+    )
     fm.module.to(dev)
     pruner = Pruner(prune, [layer.numel for layer in fm.layers])
-    res = matching.meta_gradient(fm, images.to(dev), labels.to(dev), torch.tensor(0.02, dtype=dtype, device=dev), start.to(dev),
-                                 target.to(dev), plan, memory, loss_mask=pruner.loss_mask(prune.ratio), keep_graphs=keep_graphs)
-    return matching.MetaResult(*(None if t is None else t.cpu() for t in (res.loss, res.grad_images, res.grad_lr, res.keep)))
+    res = matching.meta_gradient(
+        fm,
+        images.to(dev),
+        labels.to(dev),
+        torch.tensor(0.02, dtype=dtype, device=dev),
+        start.to(dev),
+        target.to(dev),
+        plan,
+        memory,
+        loss_mask=pruner.loss_mask(prune.ratio),
+        keep_graphs=keep_graphs,
+    )
+    return matching.MetaResult(
+        *(None if t is None else t.cpu() for t in (res.loss, res.grad_images, res.grad_lr, res.keep))
+    )
 
 
 def assert_same(a: matching.MetaResult, b: matching.MetaResult, rtol: float = 1e-8) -> None:
     """Every output within ``rtol`` (largest absolute difference over the largest value) and the same loss mask."""
-    for name, x, y in (("loss", a.loss, b.loss), ("dL/dX", a.grad_images, b.grad_images), ("dL/dalpha", a.grad_lr, b.grad_lr)):
+    for name, x, y in (
+        ("loss", a.loss, b.loss),
+        ("dL/dX", a.grad_images, b.grad_images),
+        ("dL/dalpha", a.grad_lr, b.grad_lr),
+    ):
         rel = float((x - y).abs().max() / y.abs().max().clamp_min(1e-300))
         assert rel <= rtol, f"{name} differs by {rel:.1e} relative"
-    assert (a.keep is None) == (b.keep is None) and (a.keep is None or torch.equal(a.keep, b.keep)), "the loss masks differ"
+    assert (a.keep is None) == (b.keep is None) and (a.keep is None or torch.equal(a.keep, b.keep)), (
+        "the loss masks differ"
+    )
 
 
 @pytest.mark.parametrize("batch", [None, 4])
@@ -66,7 +97,9 @@ def assert_same(a: matching.MetaResult, b: matching.MetaResult, rtol: float = 1e
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_meta_gradient_on_cuda_equals_the_cpus_in_float64(memory, prune, batch):
     """DSA off: the two devices draw different random numbers, so augmented runs cannot be compared across them."""
-    assert_same(iteration("cuda", memory, PRUNES[prune], False, batch), iteration("cpu", memory, PRUNES[prune], False, batch))
+    assert_same(
+        iteration("cuda", memory, PRUNES[prune], False, batch), iteration("cpu", memory, PRUNES[prune], False, batch)
+    )
 
 
 @pytest.mark.parametrize("prune", ["rho0", "rho0.1-global"])
@@ -75,7 +108,10 @@ def test_low_memory_replays_full_memorys_augmentation(device, prune):
     """Low memory redraws each step's DSA from its seed in the backward sweep; keeping half the graphs changes nothing."""
     full = iteration(device, "full", PRUNES[prune], True, None)
     assert_same(iteration(device, "low", PRUNES[prune], True, None), full)
-    assert_same(iteration(device, "low", PRUNES[prune], True, 4, keep_graphs=N_STEPS // 2), iteration(device, "full", PRUNES[prune], True, 4))
+    assert_same(
+        iteration(device, "low", PRUNES[prune], True, 4, keep_graphs=N_STEPS // 2),
+        iteration(device, "full", PRUNES[prune], True, 4),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -88,7 +124,9 @@ def test_the_reference_mtt_loop_gives_dpds_meta_gradient(device):
 
 
 def _copy(res: matching.MetaResult) -> matching.MetaResult:
-    return matching.MetaResult(*(None if t is None else t.clone() for t in (res.loss, res.grad_images, res.grad_lr, res.keep)))
+    return matching.MetaResult(
+        *(None if t is None else t.clone() for t in (res.loss, res.grad_images, res.grad_lr, res.keep))
+    )
 
 
 @pytest.mark.parametrize("memory, dsa, ratio", [("full", False, 0.0), ("low", False, 0.01), ("full", True, 0.0)])
@@ -113,7 +151,9 @@ def test_a_cuda_graph_replays_the_eager_iteration_under_deterministic_cudnn(memo
         mask = Pruner(PruneConfig(ratio), [layer.numel for layer in fm.layers]).loss_mask(ratio)
 
         def fn():
-            return matching.meta_gradient(fm, images, labels, lr, inputs.start, inputs.target, inputs.plan, memory, loss_mask=mask)
+            return matching.meta_gradient(
+                fm, images, labels, lr, inputs.start, inputs.target, inputs.plan, memory, loss_mask=mask
+            )
 
         cap = graphs.CudaCapture(dev)
         eager1, eager2 = cap.warm_up(fn), cap.warm_up(fn)
@@ -138,7 +178,11 @@ def _count_syncs(fn) -> collections.Counter:
     def record(message, category, filename, lineno, file=None, line=None):
         if "called a synchronizing" in str(message):  # not the debug mode's own "prototype feature" notice
             ours = [f for f in traceback.extract_stack()[:-1] if "dpd_cli" in f.filename]
-            where[f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line})" if ours else f"{filename}:{lineno}"] += 1
+            where[
+                f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line})"
+                if ours
+                else f"{filename}:{lineno}"
+            ] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -154,20 +198,51 @@ def _count_syncs(fn) -> collections.Counter:
 @pytest.fixture(scope="module")
 def cuda_experts(tmp_path_factory):
     out = tmp_path_factory.mktemp("experts") / "ex"
-    return experts.run(resolve("experts", {"dataset": "fashion-mnist-mini", "num": 1, "epochs": 2, "width": 8, "train_per_class": 20,
-                                           "device": "cuda", "out": str(out)}))
+    return experts.run(
+        resolve(
+            "experts",
+            {
+                "dataset": "fashion-mnist-mini",
+                "num": 1,
+                "epochs": 2,
+                "width": 8,
+                "train_per_class": 20,
+                "device": "cuda",
+                "out": str(out),
+            },
+        )
+    )
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 @pytest.mark.parametrize("memory", ["full", "low"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_distillation_iteration_makes_no_host_sync_and_says_where_if_it_does(cuda_experts, tmp_path, memory, cuda_graphs):
+def test_a_distillation_iteration_makes_no_host_sync_and_says_where_if_it_does(
+    cuda_experts, tmp_path, memory, cuda_graphs
+):
     """The loop ``dpd distill`` runs, 3 iterations between two metrics flushes (the flush may sync, by design)."""
-    s = resolve("distill", {"experts": str(cuda_experts), "ipc": 2, "syn_steps": 4, "memory": memory, "cuda_graphs": cuda_graphs,
-                            "prune_ratio": 0.01, "device": "cuda", "iterations": 6, "max_start_epoch": 1, "expert_epochs": 1,
-                            "lr_img": 1.0, "lr_lr": 0.0, "log_every": 6, "checkpoint_every": 1000, "out": str(tmp_path / "run"),
-                            "force": True})
+    s = resolve(
+        "distill",
+        {
+            "experts": str(cuda_experts),
+            "ipc": 2,
+            "syn_steps": 4,
+            "memory": memory,
+            "cuda_graphs": cuda_graphs,
+            "prune_ratio": 0.01,
+            "device": "cuda",
+            "iterations": 6,
+            "max_start_epoch": 1,
+            "expert_epochs": 1,
+            "lr_img": 1.0,
+            "lr_lr": 0.0,
+            "log_every": 6,
+            "checkpoint_every": 1000,
+            "out": str(tmp_path / "run"),
+            "force": True,
+        },
+    )
     with DistillRecipe(s) as recipe:
         recipe.step()  # warm-up: first-touch allocations, library handles, the graph's capture
         recipe.flush()

@@ -20,8 +20,20 @@ def _t_cdf_by_integration(t: float, df: float, n: int = 20_000) -> float:
 
 
 # Two-sided 95 % quantiles as printed in statistics tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
-TABLE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 20: 2.086, 29: 2.045, 30: 2.042,
-             60: 2.000, 100: 1.984}
+TABLE_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    9: 2.262,
+    10: 2.228,
+    20: 2.086,
+    29: 2.045,
+    30: 2.042,
+    60: 2.000,
+    100: 1.984,
+}
 
 
 @pytest.mark.parametrize("df", sorted(TABLE_975))

@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import save as st_save
 
 import dpd_cli
-from dpd_cli.io import storage
-from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.experts import MANIFEST, PREPROCESS, ExpertSet
+from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.errors import StorageError, UserError
+from dpd_cli.io import storage
 from dpd_cli.models import FlatModel, build_model
 from tests.helpers import tiny_spec
 
@@ -46,13 +46,25 @@ def _meta_bytes(fmt: str, meta: dict) -> dict[str, str]:
 
 
 def synthetic_tensors() -> dict[str, torch.Tensor]:
-    return {"images": torch.randn(3, 1, 8, 8), "labels": torch.arange(3), "lr": torch.tensor(0.01),
-            "norm_mean": torch.tensor([0.5]), "norm_std": torch.tensor([0.25])}
+    return {
+        "images": torch.randn(3, 1, 8, 8),
+        "labels": torch.arange(3),
+        "lr": torch.tensor(0.01),
+        "norm_mean": torch.tensor([0.5]),
+        "norm_std": torch.tensor([0.25]),
+    }
 
 
 def synthetic_meta() -> dict:
-    return {"dataset": "fashion-mnist-mini", "classes": ["a", "b", "c"], "model": SPEC.to_dict(), "iteration": 4,
-            "iterations": 4, "ipc": 1, "settings": {"seed": 0}}
+    return {
+        "dataset": "fashion-mnist-mini",
+        "classes": ["a", "b", "c"],
+        "model": SPEC.to_dict(),
+        "iteration": 4,
+        "iterations": 4,
+        "ipc": 1,
+        "settings": {"seed": 0},
+    }
 
 
 def synthetic_blob(tensors=None, meta=None, fmt="dpd.synthetic", raw_meta: dict[str, str] | None = None) -> bytes:
@@ -75,8 +87,12 @@ def experts_folder(tmp_path) -> Path:
     """A valid experts folder with two experts; tests replace expert_00000 with a broken file."""
     folder = tmp_path / "experts"
     folder.mkdir()
-    (folder / MANIFEST).write_text(json.dumps({"format": "dpd.experts", "format_version": 1, "compat": {"dataset": "x", "zca": False}}))
-    storage.save_tensors(folder / PREPROCESS, {"norm_mean": torch.tensor([0.5]), "norm_std": torch.tensor([0.25])}, "dpd.preprocess")
+    (folder / MANIFEST).write_text(
+        json.dumps({"format": "dpd.experts", "format_version": 1, "compat": {"dataset": "x", "zca": False}})
+    )
+    storage.save_tensors(
+        folder / PREPROCESS, {"norm_mean": torch.tensor([0.5]), "norm_std": torch.tensor([0.25])}, "dpd.preprocess"
+    )
     for i in range(2):
         (folder / f"expert_{i:05d}.safetensors").write_bytes(trajectory_blob())
     ExpertSet(folder)  # valid as built
@@ -94,7 +110,11 @@ def _file(tmp: Path, blob: bytes, name="f.safetensors") -> Path:
 
 
 def load_with_load_tensors(tmp, blob, kind, experts_folder):
-    fmt, required = ("dpd.synthetic", SYN_REQUIRED) if kind == "synthetic" else ("dpd.trajectory", {"trajectory": (torch.float32, 2)})
+    fmt, required = (
+        ("dpd.synthetic", SYN_REQUIRED)
+        if kind == "synthetic"
+        else ("dpd.trajectory", {"trajectory": (torch.float32, 2)})
+    )
     path = _file(tmp, blob)
     return path, lambda: storage.load_tensors(path, fmt, required)
 
@@ -108,6 +128,7 @@ def load_with_tensor_file(tmp, blob, kind, experts_folder):
             if name not in f.header:
                 raise StorageError(f"{path} lacks {name}")  # what a caller does with the header
             return f.rows(name, [0])
+
     return path, load
 
 
@@ -123,6 +144,7 @@ def load_with_expert_set(tmp, blob, kind, experts_folder):
     def load():
         es = ExpertSet(experts_folder)
         return [es.pair(i, 0, EPOCHS) for i in range(len(es))]
+
     return path, load
 
 
@@ -133,7 +155,12 @@ LOADERS: dict[str, Callable] = {
     "ExpertSet": load_with_expert_set,
 }
 #: Which valid file each loader starts from.
-KIND = {"load_tensors": "synthetic", "TensorFile": "synthetic", "load_synthetic": "synthetic", "ExpertSet": "trajectory"}
+KIND = {
+    "load_tensors": "synthetic",
+    "TensorFile": "synthetic",
+    "load_synthetic": "synthetic",
+    "ExpertSet": "trajectory",
+}
 
 
 def _valid(kind: str) -> bytes:
@@ -174,6 +201,7 @@ def _edit_header(edit: Callable[[dict], None]) -> Callable[[bytes], bytes]:
         header, body = _header_and_body(blob)
         edit(header)
         return _rebuild(header, body)
+
     return damage
 
 
@@ -224,7 +252,9 @@ BYTE_DAMAGE: dict[str, Callable[[bytes], bytes]] = {
     "shape-negative": _edit_header(lambda h: _first_tensor(h).update(shape=[-1])),
     "shape-disagrees-with-offsets": _edit_header(lambda h: _first_tensor(h).update(shape=[1000])),
     "offsets-overlap": _edit_header(lambda h: h.update(alias=dict(_first_tensor(h)))),  # two tensors on the same bytes
-    "offsets-reversed": _edit_header(lambda h: _first_tensor(h).update(data_offsets=list(reversed(_first_tensor(h)["data_offsets"])))),
+    "offsets-reversed": _edit_header(
+        lambda h: _first_tensor(h).update(data_offsets=list(reversed(_first_tensor(h)["data_offsets"])))
+    ),
     "metadata-a-list": _edit_header(lambda h: h.update(__metadata__=["a"])),
     "metadata-value-not-text": _edit_header(lambda h: h["__metadata__"].update(model={"name": "convnet"})),
     "metadata-value-not-json": _set_meta(model="{not json"),
@@ -275,42 +305,102 @@ SYNTHETIC_CASES: dict[str, tuple[bytes, str]] = {
     "no-images": (_syn(lambda t: t.pop("images")), "lacks the tensor 'images'"),
     "images-float64": (_syn(lambda t: t.update(images=t["images"].double())), "tensor 'images' is torch.float64"),
     "images-3d": (_syn(lambda t: t.update(images=t["images"][:, 0])), "expected torch.float32 with 4 dimensions"),
-    "images-wrong-size": (_syn(lambda t: t.update(images=torch.randn(3, 1, 9, 9))), "but the model takes (1, 8, 8) images"),
+    "images-wrong-size": (
+        _syn(lambda t: t.update(images=torch.randn(3, 1, 9, 9))),
+        "but the model takes (1, 8, 8) images",
+    ),
     "images-nan": (_syn(lambda t: t["images"].fill_(float("nan"))), "non-finite images"),
-    "images-empty": (_syn(lambda t: t.update(images=torch.zeros(0, 1, 8, 8), labels=torch.zeros(0, dtype=torch.long))), "images have shape (0, 1, 8, 8)"),
+    "images-empty": (
+        _syn(lambda t: t.update(images=torch.zeros(0, 1, 8, 8), labels=torch.zeros(0, dtype=torch.long))),
+        "images have shape (0, 1, 8, 8)",
+    ),
     "labels-int32": (_syn(lambda t: t.update(labels=t["labels"].int())), "tensor 'labels' is torch.int32"),
-    "labels-out-of-range": (_syn(lambda t: t.update(labels=torch.tensor([0, 1, 7]))), "labels must lie in 0..2, found 0..7"),
+    "labels-out-of-range": (
+        _syn(lambda t: t.update(labels=torch.tensor([0, 1, 7]))),
+        "labels must lie in 0..2, found 0..7",
+    ),
     "labels-negative": (_syn(lambda t: t.update(labels=torch.tensor([-1, 0, 1]))), "labels must lie in 0..2"),
     "labels-count": (_syn(lambda t: t.update(labels=torch.arange(2))), "3 images but 2 labels"),
     "lr-negative": (_syn(lambda t: t.update(lr=torch.tensor(-1.0))), "non-positive learning rate"),
-    "lr-inf": (_syn(lambda t: t.update(lr=torch.tensor(float("inf")))), "non-finite images or a non-positive learning rate"),
+    "lr-inf": (
+        _syn(lambda t: t.update(lr=torch.tensor(float("inf")))),
+        "non-finite images or a non-positive learning rate",
+    ),
     "lr-vector": (_syn(lambda t: t.update(lr=torch.tensor([0.01]))), "tensor 'lr' is torch.float32 with shape (1,)"),
     "norm-std-zero": (_syn(lambda t: t.update(norm_std=torch.tensor([0.0]))), "normalisation std must be positive"),
-    "norm-wrong-channels": (_syn(lambda t: t.update(norm_mean=torch.zeros(3))), "tensor 'norm_mean' is torch.float32 (3,), expected finite float32 (1,)"),
+    "norm-wrong-channels": (
+        _syn(lambda t: t.update(norm_mean=torch.zeros(3))),
+        "tensor 'norm_mean' is torch.float32 (3,), expected finite float32 (1,)",
+    ),
     "zca-partial": (_syn(lambda t: t.update(zca_matrix=torch.eye(64))), "only part of the ZCA transform"),
-    "zca-wrong-shape": (_syn(lambda t: t.update(zca_mean=torch.zeros(64), zca_matrix=torch.eye(3), zca_inverse=torch.eye(64))), "tensor 'zca_matrix'"),
+    "zca-wrong-shape": (
+        _syn(lambda t: t.update(zca_mean=torch.zeros(64), zca_matrix=torch.eye(3), zca_inverse=torch.eye(64))),
+        "tensor 'zca_matrix'",
+    ),
     "no-model-metadata": (_syn(meta_edit=lambda m: m.pop("model")), "lacks the metadata entry 'model'"),
-    "model-a-string": (_syn(meta_edit=lambda m: m.update(model="convnet")), "the metadata entry 'model' is missing or malformed"),
-    "model-unknown-name": (_syn(meta_edit=lambda m: m["model"].update(name="gpt")), "the metadata entry 'model' is missing or malformed"),
-    "model-negative-channels": (_syn(meta_edit=lambda m: m["model"].update(channels=-1)), "the metadata entry 'model' is missing or malformed"),
-    "model-extra-key": (_syn(meta_edit=lambda m: m["model"].update(evil=1)), "the metadata entry 'model' is missing or malformed"),
-    "classes-too-few": (_syn(meta_edit=lambda m: m.update(classes=["a"])), "the metadata entry 'classes' is not a list of 3 class names"),
+    "model-a-string": (
+        _syn(meta_edit=lambda m: m.update(model="convnet")),
+        "the metadata entry 'model' is missing or malformed",
+    ),
+    "model-unknown-name": (
+        _syn(meta_edit=lambda m: m["model"].update(name="gpt")),
+        "the metadata entry 'model' is missing or malformed",
+    ),
+    "model-negative-channels": (
+        _syn(meta_edit=lambda m: m["model"].update(channels=-1)),
+        "the metadata entry 'model' is missing or malformed",
+    ),
+    "model-extra-key": (
+        _syn(meta_edit=lambda m: m["model"].update(evil=1)),
+        "the metadata entry 'model' is missing or malformed",
+    ),
+    "classes-too-few": (
+        _syn(meta_edit=lambda m: m.update(classes=["a"])),
+        "the metadata entry 'classes' is not a list of 3 class names",
+    ),
     "classes-not-text": (_syn(meta_edit=lambda m: m.update(classes=[1, 2, 3])), "the metadata entry 'classes'"),
-    "dataset-not-text": (_syn(meta_edit=lambda m: m.update(dataset=5)), "the metadata entry 'dataset' is not a dataset name"),
+    "dataset-not-text": (
+        _syn(meta_edit=lambda m: m.update(dataset=5)),
+        "the metadata entry 'dataset' is not a dataset name",
+    ),
     "settings-a-list": (_syn(meta_edit=lambda m: m.update(settings=[1])), "the metadata entry 'settings' is malformed"),
     "ipc-text": (_syn(meta_edit=lambda m: m.update(ipc="ten")), "the metadata entry 'ipc' is malformed"),
-    "iteration-bool": (_syn(meta_edit=lambda m: m.update(iteration=True)), "the metadata entry 'iteration' is malformed"),
+    "iteration-bool": (
+        _syn(meta_edit=lambda m: m.update(iteration=True)),
+        "the metadata entry 'iteration' is malformed",
+    ),
     "checkpoint-without-momentum": (_syn(fmt="dpd.checkpoint"), "lacks the tensor 'momentum_images'"),
     "checkpoint-bad-momentum-shape": (
-        _syn(lambda t: t.update(momentum_images=torch.zeros(3, 1, 4, 4), momentum_lr=torch.tensor(0.0),
-                                prune_counts=torch.zeros(N_PARAMS, dtype=torch.int32)), fmt="dpd.checkpoint"),
-        "tensor 'momentum_images' is torch.float32 (3, 1, 4, 4)"),
+        _syn(
+            lambda t: t.update(
+                momentum_images=torch.zeros(3, 1, 4, 4),
+                momentum_lr=torch.tensor(0.0),
+                prune_counts=torch.zeros(N_PARAMS, dtype=torch.int32),
+            ),
+            fmt="dpd.checkpoint",
+        ),
+        "tensor 'momentum_images' is torch.float32 (3, 1, 4, 4)",
+    ),
     "checkpoint-negative-iteration": (
-        _syn(lambda t: t.update(momentum_images=torch.zeros(3, 1, 8, 8), momentum_lr=torch.tensor(0.0),
-                                prune_counts=torch.zeros(N_PARAMS, dtype=torch.int32)), lambda m: m.update(iteration=-1), fmt="dpd.checkpoint"),
-        "a checkpoint needs a non-negative 'iteration'"),
-    "a-trajectory": (trajectory_blob(), "is not a synthetic set or checkpoint written by dpd distill (format 'dpd.trajectory')"),
-    "plain-safetensors": (st_save(synthetic_tensors()), "is not a synthetic set or checkpoint written by dpd distill (format None)"),
+        _syn(
+            lambda t: t.update(
+                momentum_images=torch.zeros(3, 1, 8, 8),
+                momentum_lr=torch.tensor(0.0),
+                prune_counts=torch.zeros(N_PARAMS, dtype=torch.int32),
+            ),
+            lambda m: m.update(iteration=-1),
+            fmt="dpd.checkpoint",
+        ),
+        "a checkpoint needs a non-negative 'iteration'",
+    ),
+    "a-trajectory": (
+        trajectory_blob(),
+        "is not a synthetic set or checkpoint written by dpd distill (format 'dpd.trajectory')",
+    ),
+    "plain-safetensors": (
+        st_save(synthetic_tensors()),
+        "is not a synthetic set or checkpoint written by dpd distill (format None)",
+    ),
 }
 
 
@@ -329,19 +419,43 @@ def _traj(trajectory=None, meta_edit=None) -> bytes:
 
 
 TRAJECTORY_CASES: dict[str, tuple[bytes, str]] = {
-    "no-trajectory": (trajectory_blob({"weights": torch.zeros(EPOCHS + 1, N_PARAMS)}), "trajectory tensor is None None, expected F32"),
+    "no-trajectory": (
+        trajectory_blob({"weights": torch.zeros(EPOCHS + 1, N_PARAMS)}),
+        "trajectory tensor is None None, expected F32",
+    ),
     "float64": (_traj(torch.zeros(EPOCHS + 1, N_PARAMS, dtype=torch.float64)), "trajectory tensor is F64"),
     "float16": (_traj(torch.zeros(EPOCHS + 1, N_PARAMS, dtype=torch.float16)), "trajectory tensor is F16"),
-    "missing-epoch-row": (_traj(torch.zeros(EPOCHS, N_PARAMS)), f"trajectory tensor is F32 ({EPOCHS}, {N_PARAMS}), expected F32 ({EPOCHS + 1}, {N_PARAMS})"),
+    "missing-epoch-row": (
+        _traj(torch.zeros(EPOCHS, N_PARAMS)),
+        f"trajectory tensor is F32 ({EPOCHS}, {N_PARAMS}), expected F32 ({EPOCHS + 1}, {N_PARAMS})",
+    ),
     "wrong-parameter-count": (_traj(torch.zeros(EPOCHS + 1, N_PARAMS + 1)), "expected F32"),
     "1d": (_traj(torch.zeros(N_PARAMS)), "expected F32"),
     "model-missing": (_traj(meta_edit=lambda m: m.pop("model")), "the metadata entry 'model' is missing or malformed"),
-    "model-bad-image-size": (_traj(meta_edit=lambda m: m["model"].update(image_size=[8])), "the metadata entry 'model' is missing or malformed"),
-    "layout-missing": (_traj(meta_edit=lambda m: m.pop("layout")), "the metadata entry 'layout' is missing or malformed"),
-    "layout-garbage": (_traj(meta_edit=lambda m: m.update(layout=[["w", ["x"]]])), "the metadata entry 'layout' is missing or malformed"),
-    "layout-huge-dim": (_traj(meta_edit=lambda m: m.update(layout=[["w", [2**40]]])), "the metadata entry 'layout' is missing or malformed"),
-    "epochs-text": (_traj(meta_edit=lambda m: m.update(epochs="2")), "the metadata entry 'epochs' is missing or malformed"),
-    "epochs-zero": (_traj(meta_edit=lambda m: m.update(epochs=0)), "the metadata entry 'epochs' is missing or malformed"),
+    "model-bad-image-size": (
+        _traj(meta_edit=lambda m: m["model"].update(image_size=[8])),
+        "the metadata entry 'model' is missing or malformed",
+    ),
+    "layout-missing": (
+        _traj(meta_edit=lambda m: m.pop("layout")),
+        "the metadata entry 'layout' is missing or malformed",
+    ),
+    "layout-garbage": (
+        _traj(meta_edit=lambda m: m.update(layout=[["w", ["x"]]])),
+        "the metadata entry 'layout' is missing or malformed",
+    ),
+    "layout-huge-dim": (
+        _traj(meta_edit=lambda m: m.update(layout=[["w", [2**40]]])),
+        "the metadata entry 'layout' is missing or malformed",
+    ),
+    "epochs-text": (
+        _traj(meta_edit=lambda m: m.update(epochs="2")),
+        "the metadata entry 'epochs' is missing or malformed",
+    ),
+    "epochs-zero": (
+        _traj(meta_edit=lambda m: m.update(epochs=0)),
+        "the metadata entry 'epochs' is missing or malformed",
+    ),
     "a-synthetic-set": (synthetic_blob(), "is a 'dpd.synthetic' file; expected a 'dpd.trajectory' file"),
 }
 
@@ -356,7 +470,9 @@ def test_wrong_content_refused_by_expert_set(case, tmp_path, experts_folder):
 def test_second_expert_with_another_model_refused(tmp_path, experts_folder):
     other = tiny_spec(channels=1, side=8, n_classes=3, width=3, depth=1)
     fm = FlatModel(build_model(other))
-    blob = trajectory_blob(torch.zeros(EPOCHS + 1, fm.n_params), {"model": other.to_dict(), "layout": fm.layout, "epochs": EPOCHS})
+    blob = trajectory_blob(
+        torch.zeros(EPOCHS + 1, fm.n_params), {"model": other.to_dict(), "layout": fm.layout, "epochs": EPOCHS}
+    )
     path = experts_folder / "expert_00001.safetensors"
     path.write_bytes(blob)
     assert "expected F32" in assert_refused(lambda: ExpertSet(experts_folder), path)
@@ -431,7 +547,7 @@ def _mutate(blob: bytes, rng: random.Random) -> bytes:
         elif op == "byte":
             b[rng.randrange(len(b))] = rng.choice(b'{}[]",:0123456789-e.\x00\xff ')
         elif op == "truncate":
-            del b[rng.randrange(len(b)):]
+            del b[rng.randrange(len(b)) :]
         elif op == "insert":
             i = rng.randrange(len(b) + 1)
             b[i:i] = rng.randbytes(rng.randint(1, 16))
@@ -445,6 +561,7 @@ def _mutate(blob: bytes, rng: random.Random) -> bytes:
 
 def test_fuzz_loaders_only_refuse_or_validate(tmp_path, experts_folder, monkeypatch):
     """Every mutation either loads as validated or raises a UserError: never another exception, never pickle."""
+
     def no_pickle(*a, **k):
         raise AssertionError("a loader tried to unpickle")
 
@@ -455,7 +572,11 @@ def test_fuzz_loaders_only_refuse_or_validate(tmp_path, experts_folder, monkeypa
     for i in range(FUZZ_ITERATIONS):
         kind = "synthetic" if i % 2 == 0 else "trajectory"
         blob = _mutate(_valid(kind), rng)
-        loaders = ["load_tensors", "TensorFile", "load_synthetic"] if kind == "synthetic" else ["load_tensors", "TensorFile", "ExpertSet"]
+        loaders = (
+            ["load_tensors", "TensorFile", "load_synthetic"]
+            if kind == "synthetic"
+            else ["load_tensors", "TensorFile", "ExpertSet"]
+        )
         for loader in loaders:
             path, load = LOADERS[loader](tmp_path, blob, kind, experts_folder)
             try:
@@ -491,13 +612,17 @@ def test_package_never_unpickles():
     ``torch.load(..., weights_only=True)``, which builds tensors and containers only (export READMEs
     tell users to load with it too).
     """
-    banned = re.compile(r"\btorch\.load\b|\bimport pickle\b|\bpickle\.|\bdill\b|\bjoblib\b|allow_pickle\s*=\s*True|\bcloudpickle\b|torch\.jit\.load")
+    banned = re.compile(
+        r"\btorch\.load\b|\bimport pickle\b|\bpickle\.|\bdill\b|\bjoblib\b|allow_pickle\s*=\s*True|\bcloudpickle\b|torch\.jit\.load"
+    )
     root = Path(dpd_cli.__file__).parent
     offenders, weights_only = [], []
     for f in sorted(root.rglob("*.py")):
         for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#", 1)[0]
-            if re.search(r"\btorch\.load\(.*weights_only=True", code) and not re.search(r"weights_only=False|pickle_module", code):
+            if re.search(r"\btorch\.load\(.*weights_only=True", code) and not re.search(
+                r"weights_only=False|pickle_module", code
+            ):
                 weights_only.append(f"{f.relative_to(root)}:{n}")
             elif banned.search(code):
                 offenders.append(f"{f.relative_to(root)}:{n}: {line.strip()}")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpd_cli.artifacts.experts import ExpertSet, expert_path
+from dpd_cli.config.settings import ExpertSettings
+from dpd_cli.errors import StorageError
 from dpd_cli.io import storage
 from dpd_cli.recipes import experts as experts_engine
-from dpd_cli.artifacts.experts import ExpertSet, expert_path
-from dpd_cli.errors import StorageError
-from dpd_cli.config.settings import ExpertSettings
 
 EPOCHS = 3
 
@@ -39,7 +39,9 @@ def trained(tmp_path_factory):
     mp.setattr(experts_engine, "train_epoch", recording)
     try:
         folder = tmp_path_factory.mktemp("experts") / "ex"
-        s = ExpertSettings(num=2, epochs=EPOCHS, width=8, depth=2, train_per_class=20, threads=1, device="cpu", out=folder)
+        s = ExpertSettings(
+            num=2, epochs=EPOCHS, width=8, depth=2, train_per_class=20, threads=1, device="cpu", out=folder
+        )
         experts_engine.run(s)
     finally:
         mp.undo()
@@ -77,8 +79,12 @@ def test_refused_folder_leaves_nothing_open(trained, tmp_path):
     shutil.copytree(trained[0], folder)
     t, meta = storage.load_tensors(folder / "expert_00001.safetensors", "dpd.trajectory")
     reserved = {"format", "format_version", "dpd_version"}
-    storage.save_tensors(folder / "expert_00001.safetensors", {"trajectory": t["trajectory"][:2]}, "dpd.trajectory",
-                         {k: v for k, v in meta.items() if k not in reserved})
+    storage.save_tensors(
+        folder / "expert_00001.safetensors",
+        {"trajectory": t["trajectory"][:2]},
+        "dpd.trajectory",
+        {k: v for k, v in meta.items() if k not in reserved},
+    )
     del t  # its tensor maps the file it was read from
     with pytest.raises(StorageError, match="trajectory tensor is F32") as info:
         ExpertSet(folder)

@@ -22,18 +22,39 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpd_cli.io import storage
-from dpd_cli.cli.app import app
-from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.experts import ExpertSet
+from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.cli.app import app
+from dpd_cli.io import storage
 from tests.cli.conftest import TINY
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mounts a Linux tmpfs")
 
 CPU = ["--device", "cpu"]
 EXPERTS = ["experts", "--num", "2", "--epochs", "3", *CPU, "--quiet", *TINY]
-DISTILL = ["--ipc", "2", "--batch-syn", "7", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
-           "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "2", "--iterations", "14", *CPU, "--quiet", *TINY]
+DISTILL = [
+    "--ipc",
+    "2",
+    "--batch-syn",
+    "7",
+    "--syn-steps",
+    "3",
+    "--max-start-epoch",
+    "2",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    "--checkpoint-every",
+    "2",
+    "--iterations",
+    "14",
+    *CPU,
+    "--quiet",
+    *TINY,
+]
 EVALUATE = ["--runs", "2", "--epochs", "2", "--threads", "1", *CPU, "--quiet"]
 FULL = "Free some space and rerun (add --resume where it applies)."
 
@@ -180,7 +201,10 @@ def _same_run(a: Path, b: Path) -> None:
     pa, _ = storage.load_tensors(a / "prune_frequency.safetensors")
     pb, _ = storage.load_tensors(b / "prune_frequency.safetensors")
     assert torch.equal(pa["counts"], pb["counts"])
-    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda run: [
+        {k: v for k, v in json.loads(x).items() if k != "seconds"}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]  # noqa: E731
     assert strip(a) == strip(b)
 
 
@@ -215,7 +239,10 @@ def test_experts_disk_full_while_saving_a_trajectory(disk, experts, monkeypatch)
         assert len(got) == len(want) == 2
         for a, b in zip(got.files, want.files, strict=True):
             assert torch.equal(a.get("trajectory"), b.get("trajectory")), a.path
-    assert json.loads((out / "experts.json").read_text())["compat"] == json.loads((experts / "experts.json").read_text())["compat"]
+    assert (
+        json.loads((out / "experts.json").read_text())["compat"]
+        == json.loads((experts / "experts.json").read_text())["compat"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +251,11 @@ def test_experts_disk_full_while_saving_a_trajectory(disk, experts, monkeypatch)
 
 @pytest.mark.parametrize(
     ("name", "nth", "torn"),
-    [("ckpt-000004.safetensors", 1, False), ("synthetic.safetensors", 4, False), ("metrics.jsonl", 1, True)],  # synthetic: written at 0, 2, 4, 6
+    [
+        ("ckpt-000004.safetensors", 1, False),
+        ("synthetic.safetensors", 4, False),
+        ("metrics.jsonl", 1, True),
+    ],  # synthetic: written at 0, 2, 4, 6
     ids=["checkpoint", "synthetic", "metrics-line"],
 )
 def test_distill_disk_full_then_resume(disk, experts, reference_run, name, nth, torn):

@@ -11,13 +11,29 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpd_cli.io import storage
 from dpd_cli.artifacts import layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.io import storage
 from tests.cli.conftest import TINY
 
-PLAIN = ["--ipc", "1", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1", "--lr-img", "10",
-         "--lr-lr", "1e-8", "--checkpoint-every", "2", "--threads", "1"]
+PLAIN = [
+    "--ipc",
+    "1",
+    "--syn-steps",
+    "3",
+    "--max-start-epoch",
+    "2",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    "--checkpoint-every",
+    "2",
+    "--threads",
+    "1",
+]
 DISTILL = [*PLAIN, *TINY]
 
 
@@ -25,7 +41,9 @@ def ckpts(run: Path) -> list[int]:
     return sorted(layout.checkpoint_iteration(p) for p in layout.checkpoints(run))
 
 
-@pytest.mark.parametrize(("keep", "expected"), [("latest", [0, 8, 10]), ("all", [0, 2, 4, 6, 8, 10]), ("2", [0, 4, 8, 10])])
+@pytest.mark.parametrize(
+    ("keep", "expected"), [("latest", [0, 8, 10]), ("all", [0, 2, 4, 6, 8, 10]), ("2", [0, 4, 8, 10])]
+)
 def test_keep_checkpoints(dpd, experts, tmp_path, keep, expected):
     run = tmp_path / "run"
     r = dpd("distill", "--experts", experts, "--out", run, *DISTILL, "--iterations", "10", "--keep-checkpoints", keep)
@@ -53,12 +71,28 @@ def test_resume_below_the_checkpoint_is_refused(dpd, experts, tmp_path):
     assert load_synthetic(run / "synthetic.safetensors")[1]["iteration"] == 6
 
 
-@pytest.mark.parametrize("prune", [
-    ["--prune-ratio", "0.1", "--prune-mask", "ema", "--prune-ema-beta", "0.7"],
-    ["--prune-ratio", "0.1", "--prune-mode", "network", "--prune-criterion", "layer-z"],
-    ["--prune-ratio", "0.25", "--prune-mode", "network", "--prune-mask", "ema", "--prune-direction", "smallest",
-     "--prune-criterion", "layer-rank", "--prune-scope", "layer"],
-], ids=["ema", "network-step", "network-ema-smallest"])
+@pytest.mark.parametrize(
+    "prune",
+    [
+        ["--prune-ratio", "0.1", "--prune-mask", "ema", "--prune-ema-beta", "0.7"],
+        ["--prune-ratio", "0.1", "--prune-mode", "network", "--prune-criterion", "layer-z"],
+        [
+            "--prune-ratio",
+            "0.25",
+            "--prune-mode",
+            "network",
+            "--prune-mask",
+            "ema",
+            "--prune-direction",
+            "smallest",
+            "--prune-criterion",
+            "layer-rank",
+            "--prune-scope",
+            "layer",
+        ],
+    ],
+    ids=["ema", "network-step", "network-ema-smallest"],
+)
 def test_stateful_masks_resume_exactly(dpd, experts, tmp_path, prune):
     args = ["distill", "--experts", experts, *DISTILL, *prune]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -71,13 +105,24 @@ def test_stateful_masks_resume_exactly(dpd, experts, tmp_path, prune):
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["lr"], b["lr"])
     ck, _ = load_synthetic(layout.checkpoint_path(full, 6))
     assert ck["prune_state"].shape == ck["prune_counts"].shape  # the state a resume needs is in the checkpoint
-    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
-                         for x in (run / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda run: [
+        {k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
     assert strip(full) == strip(part)
     records = strip(full)
-    assert records[0]["prune_rule"] == ma["settings"]["prune_scope"] + "/" + ma["settings"]["prune_criterion"] + "/" + \
-        ma["settings"]["prune_direction"] + "/" + ("ema0.7" if "0.7" in prune else "ema0.9" if "ema" in prune else "step") + \
-        "/" + ma["settings"]["prune_mode"]
+    assert (
+        records[0]["prune_rule"]
+        == ma["settings"]["prune_scope"]
+        + "/"
+        + ma["settings"]["prune_criterion"]
+        + "/"
+        + ma["settings"]["prune_direction"]
+        + "/"
+        + ("ema0.7" if "0.7" in prune else "ema0.9" if "ema" in prune else "step")
+        + "/"
+        + ma["settings"]["prune_mode"]
+    )
     if "network" in prune:  # the first iteration has no earlier scores: it prunes nothing
         assert sum(records[0]["pruned"].values()) == 0 and sum(records[1]["pruned"].values()) > 0
 
@@ -99,10 +144,14 @@ def test_keeping_graphs_in_low_memory_changes_no_result_and_may_change_on_resume
     assert (a["images"] - start["images"]).abs().max() > 100 * 1e-5 and not torch.equal(a["lr"], start["lr"])
     for run in (kept, mixed):
         b, meta = load_synthetic(run / "synthetic.safetensors")
-        assert torch.allclose(b["images"], a["images"], rtol=1e-4, atol=1e-5) and torch.allclose(b["lr"], a["lr"], rtol=1e-5)
+        assert torch.allclose(b["images"], a["images"], rtol=1e-4, atol=1e-5) and torch.allclose(
+            b["lr"], a["lr"], rtol=1e-5
+        )
         assert meta["settings"]["memory"] == "low"
     assert load_synthetic(kept / "synthetic.safetensors")[1]["settings"]["keep_graphs"] == 2
-    assert load_synthetic(mixed / "synthetic.safetensors")[1]["settings"]["keep_graphs"] == 0  # what the resume ran with
+    assert (
+        load_synthetic(mixed / "synthetic.safetensors")[1]["settings"]["keep_graphs"] == 0
+    )  # what the resume ran with
 
 
 def test_rho_zero_is_plain_mtt_with_no_prune_state(dpd, experts, tmp_path):
@@ -128,7 +177,9 @@ def test_zca_checkpoints_refer_to_the_run_preprocessing(dpd, tmp_path):
     assert os.path.getsize(ckpt) < os.path.getsize(run / "synthetic.safetensors")
     alone = tmp_path / "alone.safetensors"
     shutil.copy(ckpt, alone)
-    with pytest.raises(storage.StorageError, match="its ZCA matrices live in the run directory's preprocess.safetensors"):
+    with pytest.raises(
+        storage.StorageError, match="its ZCA matrices live in the run directory's preprocess.safetensors"
+    ):
         load_synthetic(alone)
 
 
@@ -163,8 +214,21 @@ def val_run(dpd, tmp_path) -> Path:
 
 @pytest.mark.parametrize("select", ["val", "final", "test-max"])
 def test_evaluate_select_modes(dpd, val_run, select):
-    r = dpd("evaluate", val_run, "--select", select, "--epochs", "2", "--runs", "1", "--baseline", "init", "--json",
-            "--threads", "1")
+    r = dpd(
+        "evaluate",
+        val_run,
+        "--select",
+        select,
+        "--epochs",
+        "2",
+        "--runs",
+        "1",
+        "--baseline",
+        "init",
+        "--json",
+        "--threads",
+        "1",
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     d = next(e for e in data["results"] if e["source"] == "distilled")
@@ -203,8 +267,8 @@ def test_evaluate_select_val_without_a_split(dpd, experts, tmp_path):
 
 
 def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, monkeypatch):
-    from dpd_cli.recipes import evaluate as E
     from dpd_cli.artifacts.experts import ExpertSet
+    from dpd_cli.recipes import evaluate as E
 
     run = tmp_path / "soft"
     args = ["distill", "--experts", experts, "--out", run, *DISTILL, "--soft-labels", "--lr-y", "5"]
@@ -217,6 +281,7 @@ def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, mo
     assert t["label_logits"].shape == (10, 10) and not torch.equal(t["label_logits"], first["label_logits"])  # learned
     # Checkpoint 0's logits are expert 0's logits on the initial images (computed here without dpd's student code).
     from dpd_cli.models import FlatModel, build_model
+
     with ExpertSet(experts) as es:
         fm = FlatModel(build_model(es.spec))
         fm.load_(es.files[0].rows("trajectory", [3])[0])
@@ -259,7 +324,10 @@ def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, mo
     r = dpd("inspect", hard)
     assert "hard (one class per image)" in r.output and "Soft labels" not in r.output
     r = dpd("distill", "--experts", experts, "--out", hard, *DISTILL, "--iterations", "4", "--soft-labels", "--resume")
-    assert r.exit_code == 2 and "was distilled with hard labels; --soft-labels cannot be switched on on --resume" in r.output
+    assert (
+        r.exit_code == 2
+        and "was distilled with hard labels; --soft-labels cannot be switched on on --resume" in r.output
+    )
 
 
 def test_soft_label_options_need_soft_labels(dpd, experts, tmp_path):
@@ -269,10 +337,10 @@ def test_soft_label_options_need_soft_labels(dpd, experts, tmp_path):
 
 def test_init_real_correct_keeps_only_accepted_images():
     """--init real-correct walks each class's seeded permutation and keeps the first images the expert gets right."""
-    from dpd_cli.data import Preprocess, load_dataset
-    from dpd_cli.recipes.distill_inputs import init_images as _init_images
-    from dpd_cli.errors import DataError
     from dpd_cli.config.settings import resolve
+    from dpd_cli.data import Preprocess, load_dataset
+    from dpd_cli.errors import DataError
+    from dpd_cli.recipes.distill_inputs import init_images as _init_images
 
     ds = load_dataset("fashion-mnist-mini", train_per_class=30)
     pre = Preprocess(torch.tensor(ds.mean), torch.tensor(ds.std))
@@ -295,7 +363,9 @@ def test_the_whole_jobs_time_is_estimated_early(dpd, tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("Estimated time for the whole job: about "))
-    assert "(2 experts × 3 epochs; about" in lines[at] and lines[at - 1].startswith("expert 0 epoch 1/3")  # after the first epoch
+    assert "(2 experts × 3 epochs; about" in lines[at] and lines[at - 1].startswith(
+        "expert 0 epoch 1/3"
+    )  # after the first epoch
     r = dpd("distill", "--experts", tmp_path / "ex", "--out", tmp_path / "run", *DISTILL, "--iterations", "6")
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -309,19 +379,41 @@ def test_duration_wording():
     assert [duration(s) for s in (40, 25 * 60, 3.5 * 3600, 60 * 3600)] == ["40 s", "25 min", "3.5 h", "2.5 days"]
 
 
-@pytest.mark.parametrize("extra,graphed,batch", [({}, True, None), ({"batch_syn": 4}, True, 4), ({"batch_syn": 20}, True, None),
-                                                   ({"cuda_graphs": False}, False, None), ({"prune_mask": "ema"}, False, None),
-                                                   ({"prune_mode": "network"}, False, None)])
+@pytest.mark.parametrize(
+    "extra,graphed,batch",
+    [
+        ({}, True, None),
+        ({"batch_syn": 4}, True, 4),
+        ({"batch_syn": 20}, True, None),
+        ({"cuda_graphs": False}, False, None),
+        ({"prune_mask": "ema"}, False, None),
+        ({"prune_mode": "network"}, False, None),
+    ],
+)
 def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, batch):
     """On a GPU (the device is only pretended here: building the runner touches no GPU) graphs serve stateless runs."""
-    from dpd_cli.recipes.distill import DistillRecipe
+    from dpd_cli.config.settings import resolve
     from dpd_cli.core.graphs import GraphedMetaGradient
     from dpd_cli.events import Message
-    from dpd_cli.config.settings import resolve
+    from dpd_cli.recipes.distill import DistillRecipe
 
-    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "prune_ratio": 0.05, "device": "cpu",
-                            "iterations": 2, "max_start_epoch": 2, "expert_epochs": 1, "out": str(tmp_path / "run"),
-                            "force": True, **_tiny(), **extra})
+    s = resolve(
+        "distill",
+        {
+            "experts": str(experts),
+            "ipc": 2,
+            "syn_steps": 3,
+            "prune_ratio": 0.05,
+            "device": "cpu",
+            "iterations": 2,
+            "max_start_epoch": 2,
+            "expert_epochs": 1,
+            "out": str(tmp_path / "run"),
+            "force": True,
+            **_tiny(),
+            **extra,
+        },
+    )
     events = []
     with DistillRecipe(s, SimpleNamespace(emit=events.append, close=lambda: None)) as recipe:
         assert recipe.graphed is None  # the CPU never captures
@@ -335,9 +427,14 @@ def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, 
         assert runner.images is recipe.state.images and runner.lr is recipe.state.lr  # updated in place by the run
     else:
         assert runner is None
-        assert notes == ([] if extra.get("cuda_graphs") is False else
-                         ["CUDA graphs not used (--prune-mask ema and --prune-mode network carry state across iterations); "
-                          "each iteration runs eagerly."])
+        assert notes == (
+            []
+            if extra.get("cuda_graphs") is False
+            else [
+                "CUDA graphs not used (--prune-mask ema and --prune-mode network carry state across iterations); "
+                "each iteration runs eagerly."
+            ]
+        )
 
 
 @pytest.mark.gpu
@@ -346,13 +443,32 @@ def test_which_runs_would_replay_cuda_graphs(experts, tmp_path, extra, graphed, 
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_no_host_sync_inside_a_cuda_iteration(experts, tmp_path, memory, cuda_graphs):
     """An iteration never makes the host wait for the GPU (the metrics flush, once per window, may), graphed or not."""
-    from dpd_cli.recipes.distill import DistillRecipe
     from dpd_cli.config.settings import resolve
+    from dpd_cli.recipes.distill import DistillRecipe
 
-    s = resolve("distill", {"experts": str(experts), "ipc": 2, "syn_steps": 3, "memory": "low" if memory == "low2" else memory,
-                            "keep_graphs": 2 if memory == "low2" else 0, "prune_ratio": 0.05,
-                            "cuda_graphs": cuda_graphs, "device": "cuda", "iterations": 10, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8,
-                            "log_every": 10, "checkpoint_every": 1000, "out": str(tmp_path / "run"), "force": True, **_tiny()})
+    s = resolve(
+        "distill",
+        {
+            "experts": str(experts),
+            "ipc": 2,
+            "syn_steps": 3,
+            "memory": "low" if memory == "low2" else memory,
+            "keep_graphs": 2 if memory == "low2" else 0,
+            "prune_ratio": 0.05,
+            "cuda_graphs": cuda_graphs,
+            "device": "cuda",
+            "iterations": 10,
+            "max_start_epoch": 2,
+            "expert_epochs": 1,
+            "lr_img": 10,
+            "lr_lr": 1e-8,
+            "log_every": 10,
+            "checkpoint_every": 1000,
+            "out": str(tmp_path / "run"),
+            "force": True,
+            **_tiny(),
+        },
+    )
     with DistillRecipe(s) as recipe:
         recipe.step()  # warm-up: first-touch allocations and library handles (and the graph's capture)
         recipe.flush()

@@ -11,33 +11,108 @@ import pytest
 import torch
 
 from dpd_cli import interrupt
-from dpd_cli.io import storage
 from dpd_cli.events import DistillIteration
+from dpd_cli.io import storage
 from tests.helpers import StopWhen, assert_close, make_image_folder
 
-_DISTILL = {"width": 4, "depth": 2, "ipc": 1, "iterations": 3, "syn_steps": 2, "max_start_epoch": 1, "train_per_class": 20,
-            "lr_img": 10, "prune_ratio": 0.05, "threads": 1}
+_DISTILL = {
+    "width": 4,
+    "depth": 2,
+    "ipc": 1,
+    "iterations": 3,
+    "syn_steps": 2,
+    "max_start_epoch": 1,
+    "train_per_class": 20,
+    "lr_img": 10,
+    "prune_ratio": 0.05,
+    "threads": 1,
+}
 
 #: Five evaluations; the first is superseded by the third (same source, model and protocol).
 EVAL = {
     "format": "dpd.eval",
     "format_version": 1,
     "results": [
-        {"source": "distilled", "model": "convnet", "protocol": "fixed", "epochs": 300, "lr": 0.01, "runs": 3,
-         "accuracies": [0.5, 0.52, 0.51], "mean": 0.51, "std": 0.008, "seeds": [1, 2, 3], "ipc": 1,
-         "dataset": "fashion-mnist-mini", "iteration": 2, "timestamp": "2026-01-01T00:00:00"},
-        {"source": "random", "model": "convnet", "protocol": "fixed", "epochs": 300, "lr": 0.01, "runs": 3,
-         "accuracies": [0.40, 0.42, 0.41], "mean": 0.41, "std": 0.008, "seeds": [1, 2, 3], "ipc": 1,
-         "dataset": "fashion-mnist-mini", "iteration": 3, "timestamp": "2026-01-02T00:00:00"},
-        {"source": "distilled", "model": "convnet", "protocol": "fixed", "epochs": 300, "lr": 0.01, "runs": 3,
-         "accuracies": [0.71, 0.70, 0.72], "mean": 0.71, "std": 0.00816, "seeds": [1, 2, 3], "ipc": 1,
-         "dataset": "fashion-mnist-mini", "iteration": 3, "timestamp": "2026-01-02T00:00:00"},
-        {"source": "full", "model": "convnet", "protocol": "fixed", "epochs": 20, "lr": 0.01, "runs": 1,
-         "accuracies": [0.85], "mean": 0.85, "std": 0.0, "seeds": [1], "ipc": 1,
-         "dataset": "fashion-mnist-mini", "iteration": 3, "timestamp": "2026-01-02T00:00:00"},
-        {"source": "distilled", "model": "resnet18", "protocol": "mtt", "epochs": 1000, "lr": 0.007, "runs": 2,
-         "accuracies": [0.61, 0.63], "mean": 0.62, "std": 0.01, "seeds": [1, 2], "ipc": 1,
-         "dataset": "fashion-mnist-mini", "iteration": 3, "timestamp": "2026-01-02T00:00:00"},
+        {
+            "source": "distilled",
+            "model": "convnet",
+            "protocol": "fixed",
+            "epochs": 300,
+            "lr": 0.01,
+            "runs": 3,
+            "accuracies": [0.5, 0.52, 0.51],
+            "mean": 0.51,
+            "std": 0.008,
+            "seeds": [1, 2, 3],
+            "ipc": 1,
+            "dataset": "fashion-mnist-mini",
+            "iteration": 2,
+            "timestamp": "2026-01-01T00:00:00",
+        },
+        {
+            "source": "random",
+            "model": "convnet",
+            "protocol": "fixed",
+            "epochs": 300,
+            "lr": 0.01,
+            "runs": 3,
+            "accuracies": [0.40, 0.42, 0.41],
+            "mean": 0.41,
+            "std": 0.008,
+            "seeds": [1, 2, 3],
+            "ipc": 1,
+            "dataset": "fashion-mnist-mini",
+            "iteration": 3,
+            "timestamp": "2026-01-02T00:00:00",
+        },
+        {
+            "source": "distilled",
+            "model": "convnet",
+            "protocol": "fixed",
+            "epochs": 300,
+            "lr": 0.01,
+            "runs": 3,
+            "accuracies": [0.71, 0.70, 0.72],
+            "mean": 0.71,
+            "std": 0.00816,
+            "seeds": [1, 2, 3],
+            "ipc": 1,
+            "dataset": "fashion-mnist-mini",
+            "iteration": 3,
+            "timestamp": "2026-01-02T00:00:00",
+        },
+        {
+            "source": "full",
+            "model": "convnet",
+            "protocol": "fixed",
+            "epochs": 20,
+            "lr": 0.01,
+            "runs": 1,
+            "accuracies": [0.85],
+            "mean": 0.85,
+            "std": 0.0,
+            "seeds": [1],
+            "ipc": 1,
+            "dataset": "fashion-mnist-mini",
+            "iteration": 3,
+            "timestamp": "2026-01-02T00:00:00",
+        },
+        {
+            "source": "distilled",
+            "model": "resnet18",
+            "protocol": "mtt",
+            "epochs": 1000,
+            "lr": 0.007,
+            "runs": 2,
+            "accuracies": [0.61, 0.63],
+            "mean": 0.62,
+            "std": 0.01,
+            "seeds": [1, 2],
+            "ipc": 1,
+            "dataset": "fashion-mnist-mini",
+            "iteration": 3,
+            "timestamp": "2026-01-02T00:00:00",
+        },
     ],
 }
 
@@ -45,21 +120,43 @@ EVAL = {
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """Two tiny experts, a finished 3-iteration run with an eval.json, and a run stopped at 2 of 5."""
-    from dpd_cli.recipes import distill, experts
     from dpd_cli.config.settings import resolve
+    from dpd_cli.recipes import distill, experts
 
     tmp = tmp_path_factory.mktemp("inspect")
     with pytest.MonkeyPatch.context() as mp:
-        for var, sub in (("DPD_EXPERTS_ROOT", "experts-root"), ("DPD_DATA_ROOT", "data-root"), ("DPD_CACHE_ROOT", "cache-root")):
+        for var, sub in (
+            ("DPD_EXPERTS_ROOT", "experts-root"),
+            ("DPD_DATA_ROOT", "data-root"),
+            ("DPD_CACHE_ROOT", "cache-root"),
+        ):
             mp.setenv(var, str(tmp / sub))
         torch.manual_seed(0)
-        experts.run(resolve("experts", {"num": 2, "epochs": 3, "width": 4, "depth": 2, "train_per_class": 20, "out": tmp / "ex",
-                                        "dsa": False, "threads": 1}))
+        experts.run(
+            resolve(
+                "experts",
+                {
+                    "num": 2,
+                    "epochs": 3,
+                    "width": 4,
+                    "depth": 2,
+                    "train_per_class": 20,
+                    "out": tmp / "ex",
+                    "dsa": False,
+                    "threads": 1,
+                },
+            )
+        )
         distill.run(resolve("distill", {**_DISTILL, "experts": tmp / "ex", "out": tmp / "run"}))
         (tmp / "run" / "eval.json").write_text(json.dumps(EVAL))
         try:
-            distill.run(resolve("distill", {**_DISTILL, "iterations": 5, "prune_ratio": 0.0, "experts": tmp / "ex", "out": tmp / "stopped"}),
-                        StopWhen(lambda e: isinstance(e, DistillIteration) and e.iteration == 2))
+            distill.run(
+                resolve(
+                    "distill",
+                    {**_DISTILL, "iterations": 5, "prune_ratio": 0.0, "experts": tmp / "ex", "out": tmp / "stopped"},
+                ),
+                StopWhen(lambda e: isinstance(e, DistillIteration) and e.iteration == 2),
+            )
         except interrupt.Interrupted:
             pass
         finally:
@@ -93,10 +190,24 @@ def test_run_text_shows_key_facts(dpd, built):
     r = dpd("inspect", built["run"])
     _ok(r)
     out = " ".join(r.output.split())  # undo Rich's wrapping
-    for phrase in ("Run directory", "fashion-mnist-mini, 10 images (1 per class, 1×28×28)", "convnet-w4-d2-instance-avg",
-                   "ratio 0.05, scope global, criterion abs", "finished (3/3 iterations)", "loss", "(start 0.01)",
-                   "Pruning by layer", "fc.weight", "71.00 ± 0.82 (3)", "41.00 ± 0.80 (3)", "85.00 ± 0.00 (1)", "62.00 ± 1.00 (2)",
-                   "eval.json holds 1 older one", "synthetic.safetensors", "checkpoints/ckpt-000003.safetensors"):
+    for phrase in (
+        "Run directory",
+        "fashion-mnist-mini, 10 images (1 per class, 1×28×28)",
+        "convnet-w4-d2-instance-avg",
+        "ratio 0.05, scope global, criterion abs",
+        "finished (3/3 iterations)",
+        "loss",
+        "(start 0.01)",
+        "Pruning by layer",
+        "fc.weight",
+        "71.00 ± 0.82 (3)",
+        "41.00 ± 0.80 (3)",
+        "85.00 ± 0.00 (1)",
+        "62.00 ± 1.00 (2)",
+        "eval.json holds 1 older one",
+        "synthetic.safetensors",
+        "checkpoints/ckpt-000003.safetensors",
+    ):
         assert phrase in out, phrase
     assert "INVALID" not in out and "Warnings" not in out
     assert max(len(line) for line in r.output.splitlines()) <= 80
@@ -107,8 +218,14 @@ def test_run_json(dpd, built):
     _ok(r)
     data = json.loads(r.stdout)
     assert data["kind"] == "run" and data["exports"] == {}
-    assert data["state"] == {"status": "finished", "iteration": 3, "iterations": 3, "synthetic_iteration": 3,
-                             "checkpoint_iteration": 3, "metrics_iteration": 3}
+    assert data["state"] == {
+        "status": "finished",
+        "iteration": 3,
+        "iterations": 3,
+        "synthetic_iteration": 3,
+        "checkpoint_iteration": 3,
+        "metrics_iteration": 3,
+    }
     assert data["settings"]["ipc"] == 1 and data["settings"]["prune_ratio"] == 0.05
     metrics = [json.loads(x) for x in (built["run"] / "metrics.jsonl").read_text().splitlines()]
     assert data["loss"]["values"] == [m["loss"] for m in metrics]
@@ -135,11 +252,19 @@ def test_run_json(dpd, built):
     ev = data["evaluation"]
     assert ev["n_entries"] == 5
     latest = {(e["source"], e["model"], e["protocol"]): e for e in ev["results"]}
-    assert set(latest) == {("distilled", "convnet", "fixed"), ("random", "convnet", "fixed"), ("full", "convnet", "fixed"),
-                           ("distilled", "resnet18", "mtt")}
-    assert latest["distilled", "convnet", "fixed"]["mean"] == 0.71 and latest["distilled", "convnet", "fixed"]["runs"] == 3
+    assert set(latest) == {
+        ("distilled", "convnet", "fixed"),
+        ("random", "convnet", "fixed"),
+        ("full", "convnet", "fixed"),
+        ("distilled", "resnet18", "mtt"),
+    }
+    assert (
+        latest["distilled", "convnet", "fixed"]["mean"] == 0.71 and latest["distilled", "convnet", "fixed"]["runs"] == 3
+    )
     files = {f["name"]: f for f in data["files"]}
-    assert files["synthetic.safetensors"]["valid"] is True and files["synthetic.safetensors"]["format"] == "dpd.synthetic"
+    assert (
+        files["synthetic.safetensors"]["valid"] is True and files["synthetic.safetensors"]["format"] == "dpd.synthetic"
+    )
     assert all(f["valid"] is not False for f in data["files"]), data["files"]
     assert data["warnings"] == []
 
@@ -185,7 +310,11 @@ def test_experts_json(dpd, built):
     _ok(r)
     data = json.loads(r.stdout)
     assert data["kind"] == "experts" and data["count"] == 2 and data["n_compatible"] == 2
-    assert data["dataset"] == "fashion-mnist-mini" and data["epochs"] == 3 and data["model_tag"] == "convnet-w4-d2-instance-avg"
+    assert (
+        data["dataset"] == "fashion-mnist-mini"
+        and data["epochs"] == 3
+        and data["model_tag"] == "convnet-w4-d2-instance-avg"
+    )
     trajectories = []
     for e in data["experts"]:
         tf = storage.TensorFile(built["experts"] / e["file"], "dpd.trajectory")
@@ -207,8 +336,14 @@ def test_experts_json(dpd, built):
 def test_experts_text_and_warnings(dpd, built, tmp_path):
     r = dpd("inspect", built["experts"])
     _ok(r)
-    for phrase in ("Experts folder", "convnet-w4-d2-instance-avg", "final test accuracy", "Parameter distance",
-                   "expert_00000.safetensors", "expert_00001.safetensors"):
+    for phrase in (
+        "Experts folder",
+        "convnet-w4-d2-instance-avg",
+        "final test accuracy",
+        "Parameter distance",
+        "expert_00000.safetensors",
+        "expert_00001.safetensors",
+    ):
         assert phrase in r.output, phrase
 
     folder = tmp_path / "ex"
@@ -223,24 +358,53 @@ def test_experts_text_and_warnings(dpd, built, tmp_path):
     assert "experts.json is missing" in text and "expert_00002.safetensors is truncated" in text
 
 
-
 def test_image_folder_experts_are_usable(dpd, tmp_path):
     # experts.json keys image folders by folder name ("imagefolder-<name>"); the files say "imagefolder"
     root = make_image_folder(tmp_path / "pets", per_split=(4, 2))
     out = tmp_path / "ex-pets"
-    _ok(dpd("experts", "--dataset", "imagefolder", "--data-dir", root, "--num", "2", "--epochs", "1",
-            "--width", "4", "--depth", "1", "--batch", "4", "--threads", "1", "--out", out, "--quiet"))
+    _ok(
+        dpd(
+            "experts",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            root,
+            "--num",
+            "2",
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--depth",
+            "1",
+            "--batch",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+            out,
+            "--quiet",
+        )
+    )
     r = dpd("inspect", out, "--json", "--expert-epochs", "1")
     _ok(r)
     data = json.loads(r.stdout)
     assert data["dataset"] == "imagefolder-pets"
     assert data["n_compatible"] == 2 and data["warnings"] == []
 
+
 # --- single files -----------------------------------------------------------------------------
 def test_single_files(dpd, built):
     r = dpd("inspect", built["experts"] / "expert_00000.safetensors")
     _ok(r)
-    for phrase in ("dpd.trajectory version 1", "trajectory", "F32", "Metadata", "test_accuracy", "--json shows them in full"):
+    for phrase in (
+        "dpd.trajectory version 1",
+        "trajectory",
+        "F32",
+        "Metadata",
+        "test_accuracy",
+        "--json shows them in full",
+    ):
         assert phrase in r.output, phrase
 
     r = dpd("inspect", built["run"] / "synthetic.safetensors", "--json")
@@ -261,7 +425,9 @@ def test_single_files(dpd, built):
 def test_export_grid_writes_png(dpd, built, tmp_path):
     from PIL import Image
 
-    out = tmp_path / "syn.png"  # in an existing folder: a missing one is refused (test_image_outputs_need_an_existing_folder)
+    out = (
+        tmp_path / "syn.png"
+    )  # in an existing folder: a missing one is refused (test_image_outputs_need_an_existing_folder)
     r = dpd("inspect", built["run"], "--export-grid", out)
     _ok(r)
     text = " ".join(r.output.split())  # the message wraps at the terminal width, where depends on the path's length
@@ -285,7 +451,7 @@ def test_plot_without_matplotlib_is_a_user_error(dpd, built, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     r = dpd("inspect", built["experts"], "--plot", tmp_path / "none.png", "--json")
-    _user_error(r, "--plot needs matplotlib, which is not installed. Install it with `pip install \"dpd-cli[plot]\"`")
+    _user_error(r, '--plot needs matplotlib, which is not installed. Install it with `pip install "dpd-cli[plot]"`')
     assert r.stdout == "" and "DPD_DEBUG" not in r.output
     assert not (tmp_path / "none.png").exists()
 
@@ -304,8 +470,12 @@ def test_truncated_synthetic_file_is_a_user_error(dpd, built, tmp_path):
     syn = run / "synthetic.safetensors"
     syn.write_bytes(syn.read_bytes()[:-100])
     r = dpd("inspect", syn)
-    _user_error(r, "synthetic.safetensors is truncated or padded", "Rerun `dpd distill` with --resume",
-                f"`dpd inspect {run}` shows the rest of the run.")
+    _user_error(
+        r,
+        "synthetic.safetensors is truncated or padded",
+        "Rerun `dpd distill` with --resume",
+        f"`dpd inspect {run}` shows the rest of the run.",
+    )
 
 
 @pytest.mark.parametrize(
@@ -340,12 +510,17 @@ def test_diverged_runs_shown_and_malformed_ones_ignored(dpd, built, tmp_path):
 
 
 def test_json_files_point_to_what_inspect_reads(dpd, built, tmp_path):
-    _user_error(dpd("inspect", built["run"] / "eval.json"), "eval.json is a JSON file (plain text: open it directly)",
-                f"`dpd inspect {built['run']}` shows the rest of the run.")
+    _user_error(
+        dpd("inspect", built["run"] / "eval.json"),
+        "eval.json is a JSON file (plain text: open it directly)",
+        f"`dpd inspect {built['run']}` shows the rest of the run.",
+    )
     shutil.copy(built["run"] / "synthetic.safetensors", tmp_path / "best.safetensors")
     (tmp_path / "best.eval.json").write_text(json.dumps(EVAL))
-    _user_error(dpd("inspect", tmp_path / "best.eval.json"),
-                f"`dpd inspect {tmp_path / 'best.safetensors'}` shows this evaluation with the set it scores.")
+    _user_error(
+        dpd("inspect", tmp_path / "best.eval.json"),
+        f"`dpd inspect {tmp_path / 'best.safetensors'}` shows this evaluation with the set it scores.",
+    )
 
 
 def test_missing_path_and_foreign_folder(dpd, built, tmp_path):
@@ -353,12 +528,18 @@ def test_missing_path_and_foreign_folder(dpd, built, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("hi")
     _user_error(dpd("inspect", tmp_path / "notes"), "is neither a run directory", "It holds a.txt.")
-    _user_error(dpd("inspect", built["run"].parent), "is neither a run directory nor an experts folder, but it contains:",
-                f"{built['run']} (run)", f"{built['experts']} (experts folder)")
+    _user_error(
+        dpd("inspect", built["run"].parent),
+        "is neither a run directory nor an experts folder, but it contains:",
+        f"{built['run']} (run)",
+        f"{built['experts']} (experts folder)",
+    )
 
 
 def test_flag_errors(dpd, built, tmp_path):
     _user_error(dpd("inspect", built["experts"], "--export-grid", tmp_path / "g.png"), "is an experts folder")
-    _user_error(dpd("inspect", built["run"] / "synthetic.safetensors", "--plot", tmp_path / "p.png"),
-                "--plot draws a run directory or an experts folder")
+    _user_error(
+        dpd("inspect", built["run"] / "synthetic.safetensors", "--plot", tmp_path / "p.png"),
+        "--plot draws a run directory or an experts folder",
+    )
     _user_error(dpd("inspect", built["run"], "--export-grid", tmp_path / "g.jpg"), "give a file name ending in .png")

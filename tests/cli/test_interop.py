@@ -14,15 +14,31 @@ import numpy as np
 import pytest
 import torch
 
-from dpd_cli.io import storage
 from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.io import storage
 from tests.cli.conftest import TINY
 from tests.helpers import mtt_convnet
 
 # The imported folder knows nothing of --train-per-class (MTT's experts saw the whole training set).
 NET = ["--width", "8", "--depth", "2", "--threads", "1"]
-DISTILL = ["--ipc", "1", "--iterations", "3", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
-           "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "3"]
+DISTILL = [
+    "--ipc",
+    "1",
+    "--iterations",
+    "3",
+    "--syn-steps",
+    "3",
+    "--max-start-epoch",
+    "2",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    "--checkpoint-every",
+    "3",
+]
 EVAL = ["--epochs", "4", "--runs", "2", "--json", "--threads", "1", "--seed", "3"]
 
 
@@ -46,8 +62,19 @@ def imported(dpd, tmp_path) -> Path:
     buffers = tmp_path / "buffers" / "FashionMNIST_NO_ZCA" / "ConvNet"
     buffers.mkdir(parents=True)
     torch.save(_as_mtt_buffer(tmp_path / "trained"), buffers / "replay_buffer_0.pt")
-    r = dpd("experts", "import", buffers, "--dataset", "fashion-mnist-mini", "--no-zca", "--out", tmp_path / "imported",
-            "--lr", "0.01", *NET)
+    r = dpd(
+        "experts",
+        "import",
+        buffers,
+        "--dataset",
+        "fashion-mnist-mini",
+        "--no-zca",
+        "--out",
+        tmp_path / "imported",
+        "--lr",
+        "0.01",
+        *NET,
+    )
     assert r.exit_code == 0, r.output
     assert "2 imported experts in" in r.stdout and "2 converted now" in r.stdout
     assert f"Next: dpd distill --experts {tmp_path / 'imported'}" in r.stdout
@@ -96,11 +123,15 @@ def test_inspect_and_an_mtt_export_that_loads_back_as_the_run(dpd, imported, tmp
     r = dpd("inspect", imported)
     assert r.exit_code == 0, r.output
     text = " ".join(r.stdout.split())
-    assert ("imported from 1 replay buffer file (mtt-replay-buffer); not recorded: momentum, weight decay, batch, dsa, seed, "
-            "test accuracy") in text
+    assert (
+        "imported from 1 replay buffer file (mtt-replay-buffer); not recorded: momentum, weight decay, batch, dsa, seed, "
+        "test accuracy"
+    ) in text
     assert "lr 0.01" in text
     facts = json.loads(dpd("inspect", imported, "--json").stdout)
-    assert facts["imported"]["files"] == [str((imported.parent / "buffers/FashionMNIST_NO_ZCA/ConvNet/replay_buffer_0.pt").resolve())]
+    assert facts["imported"]["files"] == [
+        str((imported.parent / "buffers/FashionMNIST_NO_ZCA/ConvNet/replay_buffer_0.pt").resolve())
+    ]
     assert dpd("distill", "--experts", imported, "--out", tmp_path / "run", *DISTILL, "--threads", "1").exit_code == 0
     r = dpd("export", tmp_path / "run", "--format", "mtt", "--out", tmp_path / "mtt")
     assert r.exit_code == 0, r.output
@@ -117,7 +148,17 @@ def test_inspect_and_an_mtt_export_that_loads_back_as_the_run(dpd, imported, tmp
 
 def test_import_bad_input_exits_2_with_a_message(dpd, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
-    r = dpd("experts", "import", tmp_path / "empty.pt", "--dataset", "fashion-mnist-mini", "--no-zca", "--out", tmp_path / "x", *NET)
+    r = dpd(
+        "experts",
+        "import",
+        tmp_path / "empty.pt",
+        "--dataset",
+        "fashion-mnist-mini",
+        "--no-zca",
+        "--out",
+        tmp_path / "x",
+        *NET,
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert f"Error: {tmp_path / 'empty.pt'} is empty (0 bytes): not a replay buffer." in r.output
     assert not (tmp_path / "x").exists()
@@ -125,7 +166,10 @@ def test_import_bad_input_exits_2_with_a_message(dpd, tmp_path):
     assert r.exit_code == 2 and "needs --zca or --no-zca" in r.output
     r = dpd("experts", "--num", "3", "import", tmp_path / "empty.pt")
     assert r.exit_code == 2
-    assert "--num is an option of `dpd experts` (training). Put the options of `dpd experts import` after `import`" in r.output
+    assert (
+        "--num is an option of `dpd experts` (training). Put the options of `dpd experts import` after `import`"
+        in r.output
+    )
     r = dpd("export", tmp_path, "--format", "npz")
     assert r.exit_code == 2 and "`dpd export` needs --out DIR" in r.output
 
@@ -134,7 +178,6 @@ def test_experts_without_subcommand_still_trains(dpd, tmp_path):
     r = dpd("experts", "--num", "1", "--epochs", "1", "--out", tmp_path / "ex", *TINY)
     assert r.exit_code == 0, r.output
     assert "1 experts in" in r.stdout and (tmp_path / "ex" / "expert_00000.safetensors").exists()
-
 
 
 def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dpd, monkeypatch, tmp_path):
@@ -152,7 +195,10 @@ def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dp
     assert error_console().is_terminal  # the Rich live view, not plain lines
     torch.manual_seed(0)
     for n in range(2):
-        torch.save(mtt_buffer([mtt_convnet(1, 10, 8, 2, (28, 28)) for _ in range(2)], 2, seed=n), tmp_path / f"replay_buffer_{n}.pt")
+        torch.save(
+            mtt_buffer([mtt_convnet(1, 10, 8, 2, (28, 28)) for _ in range(2)], 2, seed=n),
+            tmp_path / f"replay_buffer_{n}.pt",
+        )
     real, saved = experts_import.storage.save_tensors, []
 
     def save_then_sigint(path, *a, **k):
@@ -163,11 +209,23 @@ def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dp
             time.sleep(0.05)
 
     monkeypatch.setattr(experts_import.storage, "save_tensors", save_then_sigint)
-    args = ["experts", "import", tmp_path, "--dataset", "fashion-mnist-mini", "--no-zca", "--out", tmp_path / "imp", *NET]
+    args = [
+        "experts",
+        "import",
+        tmp_path,
+        "--dataset",
+        "fashion-mnist-mini",
+        "--no-zca",
+        "--out",
+        tmp_path / "imp",
+        *NET,
+    ]
     r = dpd(*args)
     assert r.exit_code == 130, r.output
-    assert (f"Interrupted: stopped while importing {tmp_path / 'replay_buffer_0.pt'}; the experts converted so far are kept in "
-            f"{tmp_path / 'imp'}. Rerun the same command to convert the rest") in " ".join(r.output.split())
+    assert (
+        f"Interrupted: stopped while importing {tmp_path / 'replay_buffer_0.pt'}; the experts converted so far are kept in "
+        f"{tmp_path / 'imp'}. Rerun the same command to convert the rest"
+    ) in " ".join(r.output.split())
     assert [p.name for p in (tmp_path / "imp").glob("expert_*")] == ["expert_00000.safetensors"]
     r = dpd(*args)
     assert r.exit_code == 0, r.output

@@ -26,24 +26,45 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpd_cli.io import storage
-from dpd_cli.cli.app import app
 from dpd_cli.artifacts import layout
-from dpd_cli.recipes import distill as distill_engine
-from dpd_cli.core import matching
-from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.experts import ExpertSet
+from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.cli.app import app
+from dpd_cli.core import matching
+from dpd_cli.io import storage
+from dpd_cli.recipes import distill as distill_engine
 from tests.cli.conftest import TINY
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses fork, POSIX signals and /proc/self/fd")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="uses fork, POSIX signals and /proc/self/fd"
+)
 
 ITER = 14
 #: Bit-identical resumes are promised on the same device; CPU makes them so on a GPU machine too.
 CPU = ["--device", "cpu"]
-DISTILL = ["--ipc", "2", "--batch-syn", "7", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
-           "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "2", *CPU, "--quiet", *TINY]
+DISTILL = [
+    "--ipc",
+    "2",
+    "--batch-syn",
+    "7",
+    "--syn-steps",
+    "3",
+    "--max-start-epoch",
+    "2",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    "--checkpoint-every",
+    "2",
+    *CPU,
+    "--quiet",
+    *TINY,
+]
 
-ZYGOTE = r'''
+ZYGOTE = r"""
 import json, os, signal, sys, time, traceback
 import torch  # the expensive imports, done once; children are forked from here (no torch op has run: no threads)
 import torch._dynamo, torch.func, PIL.Image  # noqa: F401  (torch.optim imports torch._dynamo on first use: ~2 s)
@@ -105,13 +126,13 @@ for line in sys.stdin:
     print(json.dumps({"pid": pid}), flush=True)
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
-'''
+"""
 
 
 class Child:
     """A dpd command running in a forked child; ``code`` is its exit code (-9: SIGKILL)."""
 
-    def __init__(self, zygote: "Zygote", pid: int, out: Path, err: Path):
+    def __init__(self, zygote: Zygote, pid: int, out: Path, err: Path):
         self.zygote, self.pid, self.out, self.err = zygote, pid, out, err
         self.code: int | None = None
 
@@ -136,7 +157,9 @@ class Child:
 
 class Zygote:
     def __init__(self, cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
         self._buf = b""
         self.ready = False
 
@@ -167,7 +190,14 @@ class Zygote:
             self.ready = True
         n = len(list(tmp.glob("child-*.out")))
         out, err = tmp / f"child-{n}.out", tmp / f"child-{n}.err"
-        job = {"argv": [str(a) for a in argv], "cwd": str(tmp), "env": env, "out": str(out), "err": str(err), "hook": hook}
+        job = {
+            "argv": [str(a) for a in argv],
+            "cwd": str(tmp),
+            "env": env,
+            "out": str(out),
+            "err": str(err),
+            "hook": hook,
+        }
         self.proc.stdin.write((json.dumps(job) + "\n").encode())
         self.proc.stdin.flush()
         return Child(self, json.loads(self.readline(30))["pid"], out, err)
@@ -195,7 +225,9 @@ def experts(tmp_path_factory, zygote) -> Path:
 @pytest.fixture
 def env(tmp_path) -> dict:
     """The isolated environment of tests/cli/conftest.py, for children."""
-    return {k: os.environ[k] for k in ("NO_COLOR", "COLUMNS", "DPD_EXPERTS_ROOT", "DPD_DATA_ROOT", "DPD_CACHE_ROOT")} | {"DPD_DEBUG": ""}
+    return {
+        k: os.environ[k] for k in ("NO_COLOR", "COLUMNS", "DPD_EXPERTS_ROOT", "DPD_DATA_ROOT", "DPD_CACHE_ROOT")
+    } | {"DPD_DEBUG": ""}
 
 
 def dpd(*args):
@@ -237,11 +269,18 @@ def assert_only_complete_files(run: Path) -> None:
 def same_result(a: Path, b: Path) -> None:
     ta, _ = load_synthetic(a / "synthetic.safetensors")
     tb, _ = load_synthetic(b / "synthetic.safetensors")
-    assert torch.equal(ta["images"], tb["images"]) and torch.equal(ta["lr"], tb["lr"]) and torch.equal(ta["labels"], tb["labels"])
+    assert (
+        torch.equal(ta["images"], tb["images"])
+        and torch.equal(ta["lr"], tb["lr"])
+        and torch.equal(ta["labels"], tb["labels"])
+    )
     pa, _ = storage.load_tensors(a / "prune_frequency.safetensors")
     pb, _ = storage.load_tensors(b / "prune_frequency.safetensors")
     assert torch.equal(pa["counts"], pb["counts"])
-    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda run: [
+        {k: v for k, v in json.loads(x).items() if k != "seconds"}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]  # noqa: E731
     assert strip(a) == strip(b)
 
 
@@ -263,7 +302,9 @@ def test_kills_and_ctrl_c_then_resume_equal_an_uninterrupted_run(zygote, experts
     assert_only_complete_files(part)
 
     # 2. SIGKILL inside the write of checkpoint 6, its temp file torn in half: the temp stays, never a ckpt-000006.
-    child = zygote.start([*args, "--out", part, "--resume"], tmp_path, env, {"kill_on_fsync": "ckpt-000006.safetensors", "torn": True})
+    child = zygote.start(
+        [*args, "--out", part, "--resume"], tmp_path, env, {"kill_on_fsync": "ckpt-000006.safetensors", "torn": True}
+    )
     assert child.wait(60) == -signal.SIGKILL, child.stderr
     assert not (part / "checkpoints" / "ckpt-000006.safetensors").exists()
     (torn,) = (part / "checkpoints").glob(".ckpt-000006.safetensors.*.tmp")
@@ -289,7 +330,10 @@ def test_kills_and_ctrl_c_then_resume_equal_an_uninterrupted_run(zygote, experts
     assert time.monotonic() - t0 < 3
     stopped = metric_lines(part)
     assert "Stopping at the next safe point" in child.stderr
-    assert f"Interrupted: stopped after iteration {stopped}; rerun the same command with --resume to continue {part}." in child.stderr
+    assert (
+        f"Interrupted: stopped after iteration {stopped}; rerun the same command with --resume to continue {part}."
+        in child.stderr
+    )
     assert (part / "checkpoints" / f"ckpt-{stopped:06d}.safetensors").exists()
     assert load_synthetic(part / "synthetic.safetensors")[1]["iteration"] == stopped
     assert not list(part.rglob("*.tmp"))
@@ -353,16 +397,25 @@ def test_second_ctrl_c_quits_at_once_and_a_second_writer_is_refused(zygote, expe
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     r = dpd(*args)
     assert r.exit_code == 2
-    assert f"Error: Another dpd process is writing a distillation run in {run}. Wait for it to finish, or choose another --out." in r.output
+    assert (
+        f"Error: Another dpd process is writing a distillation run in {run}. Wait for it to finish, or choose another --out."
+        in r.output
+    )
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
     t0 = time.monotonic()
     child.signal(signal.SIGINT)
     assert child.wait(10) == 130, child.stderr
     assert time.monotonic() - t0 < 2
-    assert "Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue." in child.stderr
+    assert (
+        "Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue."
+        in child.stderr
+    )
     assert "Traceback" not in child.stderr
-    assert [p.name for p in layout.checkpoints(run)] == ["ckpt-000002.safetensors", "ckpt-000000.safetensors"]  # nothing for the broken step
+    assert [p.name for p in layout.checkpoints(run)] == [
+        "ckpt-000002.safetensors",
+        "ckpt-000000.safetensors",
+    ]  # nothing for the broken step
     assert not list(run.rglob("*.tmp"))
     r = dpd(*args, "--resume")
     assert r.exit_code == 0, r.output
@@ -378,11 +431,14 @@ def test_ctrl_c_during_experts_keeps_finished_experts(zygote, tmp_path, env):
     child.signal(signal.SIGINT)
     assert child.wait(30) == 130, child.stderr
     assert time.monotonic() - t0 < 3
-    assert f"Interrupted: stopped while training expert 2; the 2 finished expert(s) in {out} are kept. Rerun the same command" in child.stderr
+    assert (
+        f"Interrupted: stopped while training expert 2; the 2 finished expert(s) in {out} are kept. Rerun the same command"
+        in child.stderr
+    )
     kept = {p: p.stat().st_mtime_ns for p in out.glob("expert_*.safetensors")}
     assert sorted(p.name for p in kept) == ["expert_00000.safetensors", "expert_00001.safetensors"]
     assert len(ExpertSet(out)) == 2 and not list(out.glob("*.tmp"))
-    r = dpd(*args[:-len(TINY) - 1], *TINY)
+    r = dpd(*args[: -len(TINY) - 1], *TINY)
     assert r.exit_code == 0, r.output
     assert "expert 0: already finished, skipped" in r.output and "expert 1: already finished, skipped" in r.output
     assert {p: p.stat().st_mtime_ns for p in kept} == kept and len(ExpertSet(out)) == 3
@@ -454,11 +510,27 @@ def test_ctrl_c_inside_rich_live_view(live_views, monkeypatch, experts, tmp_path
     run = tmp_path / "run"
     _sigint_in_step(monkeypatch, 3, times)
     previous = signal.getsignal(signal.SIGINT)
-    r = CliRunner().invoke(app, ["distill", "--experts", str(experts), *DISTILL[:-len(TINY) - 1], *TINY, "--iterations", "6", "--out", str(run)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            "--experts",
+            str(experts),
+            *DISTILL[: -len(TINY) - 1],
+            *TINY,
+            "--iterations",
+            "6",
+            "--out",
+            str(run),
+        ],
+    )
     assert r.exit_code == 130, r.output
     assert "Traceback" not in r.output and "Stopping at the next safe point (Ctrl-C again to quit at once)" in r.output
     if times == 1:
-        assert f"Interrupted: stopped after iteration 3; rerun the same command with --resume to continue {run}." in r.output
+        assert (
+            f"Interrupted: stopped after iteration 3; rerun the same command with --resume to continue {run}."
+            in r.output
+        )
         assert layout.checkpoints(run)[0].name == "ckpt-000003.safetensors"
     else:
         assert "Interrupted. Finished pieces are kept" in r.output
@@ -508,8 +580,10 @@ def test_disk_full_during_distill_then_resume(experts, tmp_path):
         _enospc_on(mp, "ckpt-000002")
         r = dpd(*args)
     assert r.exit_code == 2
-    assert f"Error: No space left on the device while writing {run}/checkpoints/ckpt-000002.safetensors. " \
-           "Free some space and rerun (add --resume where it applies)." in r.output
+    assert (
+        f"Error: No space left on the device while writing {run}/checkpoints/ckpt-000002.safetensors. "
+        "Free some space and rerun (add --resume where it applies)." in r.output
+    )
     assert "Traceback" not in r.output
     assert not list(run.rglob("*.tmp")) and not (run / "checkpoints" / "ckpt-000002.safetensors").exists()
     assert_only_complete_files(run)  # checkpoint 0 and the outputs written with it are whole
@@ -586,7 +660,10 @@ def test_read_only_output_folder(experts, tmp_path, monkeypatch):
     finally:
         ro.chmod(0o755)
     assert r.exit_code == 2
-    assert f"Error: Cannot write {ro}/.lock: Permission denied. Choose a writable output folder (--out) or fix its permissions." in r.output
+    assert (
+        f"Error: Cannot write {ro}/.lock: Permission denied. Choose a writable output folder (--out) or fix its permissions."
+        in r.output
+    )
     assert list(ro.iterdir()) == []
 
 
@@ -603,8 +680,13 @@ def test_read_only_file_system_mid_run(monkeypatch, experts, tmp_path):
     monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
     r = dpd("distill", "--experts", experts, *DISTILL, "--iterations", 4, "--out", run)
     assert r.exit_code == 2
-    assert f"Error: Cannot write {run}/synthetic.safetensors: Read-only file system. Choose a writable output folder (--out)" in r.output
-    load_synthetic(run / "checkpoints" / "ckpt-000000.safetensors")  # the synthetic set is first written with checkpoint 0
+    assert (
+        f"Error: Cannot write {run}/synthetic.safetensors: Read-only file system. Choose a writable output folder (--out)"
+        in r.output
+    )
+    load_synthetic(
+        run / "checkpoints" / "ckpt-000000.safetensors"
+    )  # the synthetic set is first written with checkpoint 0
     assert not (run / "synthetic.safetensors").exists() and not list(run.rglob("*.tmp"))
 
 
@@ -625,7 +707,9 @@ def test_second_writer_is_refused(command, experts, tmp_path):
         assert dpd("distill", "--experts", experts, *DISTILL, "--iterations", 2, "--out", folder).exit_code == 0
         lock, what = ".eval.json.lock", f"an evaluation of {folder / 'synthetic.safetensors'}"
         args = ["evaluate", folder, "--runs", "1", "--epochs", "1", "--threads", "1"]
-    with storage.lock_dir(folder, "the test", lock):  # flock: another open file description conflicts, even in this process
+    with storage.lock_dir(
+        folder, "the test", lock
+    ):  # flock: another open file description conflicts, even in this process
         r = dpd(*args)
     assert r.exit_code == 2
     assert f"Error: Another dpd process is writing {what} in {folder}." in r.output

@@ -16,13 +16,18 @@ import pytest
 from pydantic import Field
 from typer.testing import CliRunner
 
+from dpd_cli.cli.app import app
 from dpd_cli.config import settings as S
 from tests.cli.conftest import TINY
-from dpd_cli.cli.app import app
 
 #: Each settings command and how it is typed (with the positional arguments it needs).
-COMMANDS = {"experts": ["experts"], "experts_import": ["experts", "import", "buffers/x.pt"], "distill": ["distill"],
-            "evaluate": ["evaluate", "runs/x"], "export": ["export", "runs/x"]}
+COMMANDS = {
+    "experts": ["experts"],
+    "experts_import": ["experts", "import", "buffers/x.pt"],
+    "distill": ["distill"],
+    "evaluate": ["evaluate", "runs/x"],
+    "export": ["export", "runs/x"],
+}
 
 
 def _toml(text: str) -> dict:
@@ -49,8 +54,14 @@ def _print_config(*argv: str, env: dict[str, str] | None = None) -> tuple[dict, 
 
 def _other_value(s: S.SettingInfo) -> Any:
     """A valid value of setting ``s`` that is not its default, as the settings model stores it."""
-    special = {"fail_under": 50.0, "device": "cpu", "dataset": "fashion-mnist", "keep_checkpoints": "all", "init": "noise",
-               "format": "npz"}
+    special = {
+        "fail_under": 50.0,
+        "device": "cpu",
+        "dataset": "fashion-mnist",
+        "keep_checkpoints": "all",
+        "init": "noise",
+        "format": "npz",
+    }
     if s.name in special:
         return special[s.name]
     if s.kind == "bool":
@@ -61,7 +72,9 @@ def _other_value(s: S.SettingInfo) -> Any:
         return 0.5 if s.default in (None, 0.0) else s.default / 2
     if s.kind == "path":
         return "some dir/x"
-    if s.kind == "choice":  # a setting with one allowed value (experts import's model) keeps it: its source still changes
+    if (
+        s.kind == "choice"
+    ):  # a setting with one allowed value (experts import's model) keeps it: its source still changes
         return next((c for c in s.choices if c != s.default), s.default)
     if s.kind == "list":
         return list(reversed(s.choices))
@@ -89,8 +102,12 @@ def _as_toml(value: Any) -> str:
 
 
 # Settings whose other value needs a companion so the settings stay valid.
-_NEEDS = {"distilled": ["--baseline", "random"], "prune_ema_beta": ["--prune-mask", "ema"], "label_epoch": ["--soft-labels"],
-          "keep_graphs": ["--memory", "low"]}
+_NEEDS = {
+    "distilled": ["--baseline", "random"],
+    "prune_ema_beta": ["--prune-mask", "ema"],
+    "label_epoch": ["--soft-labels"],
+    "keep_graphs": ["--memory", "low"],
+}
 
 CASES = [(c, s) for c in COMMANDS for s in S.setting_infos(S.COMMAND_SETTINGS[c]).values()]
 
@@ -106,8 +123,13 @@ def test_every_setting_from_file_env_and_flag_in_order(command, s, tmp_path):
     steps = [([*argv, "--config", str(cfg)], {}, f"file {cfg} [{command}]")]
     if shared:
         steps.append(([*argv, "--config", str(cfg)], {shared: _as_env(s, value)}, f"env {shared}"))
-    steps.append(([*argv, "--config", str(cfg)], {**({shared: _as_env(s, value)} if shared else {}), own: _as_env(s, value)},
-                  f"env {own}"))
+    steps.append(
+        (
+            [*argv, "--config", str(cfg)],
+            {**({shared: _as_env(s, value)} if shared else {}), own: _as_env(s, value)},
+            f"env {own}",
+        )
+    )
     flag = _as_flag(s, value)
     steps.append(([*argv, "--config", str(cfg), *flag], {own: _as_env(s, value)}, f"flag {flag[0]}"))
     for args, env, source in steps:
@@ -124,12 +146,30 @@ def test_defaults(command):
 
 
 def test_print_config_round_trips_through_the_command_line(tmp_path):
-    values, sources = _print_config("distill", "--ipc", "3", "--prune-scope", "LAYER", "--no-dsa",
-                                    env={"DPD_DISTILL_OUT": "runs/r", "DPD_SEED": "4"})
-    assert (sources["ipc"], sources["prune_scope"], sources["dsa"]) == ("flag --ipc", "flag --prune-scope", "flag --no-dsa")
+    values, sources = _print_config(
+        "distill",
+        "--ipc",
+        "3",
+        "--prune-scope",
+        "LAYER",
+        "--no-dsa",
+        env={"DPD_DISTILL_OUT": "runs/r", "DPD_SEED": "4"},
+    )
+    assert (sources["ipc"], sources["prune_scope"], sources["dsa"]) == (
+        "flag --ipc",
+        "flag --prune-scope",
+        "flag --no-dsa",
+    )
     assert (sources["out"], sources["seed"]) == ("env DPD_DISTILL_OUT", "env DPD_SEED")
-    printed = CliRunner().invoke(app, ["distill", "--ipc", "3", "--prune-scope", "LAYER", "--no-dsa", "--print-config"],
-                                 env={"DPD_DISTILL_OUT": "runs/r", "DPD_SEED": "4"}).stdout
+    printed = (
+        CliRunner()
+        .invoke(
+            app,
+            ["distill", "--ipc", "3", "--prune-scope", "LAYER", "--no-dsa", "--print-config"],
+            env={"DPD_DISTILL_OUT": "runs/r", "DPD_SEED": "4"},
+        )
+        .stdout
+    )
     (tmp_path / "p.toml").write_text(printed)
     again, again_sources = _print_config("distill", "--config", str(tmp_path / "p.toml"), env={})
     assert again == values
@@ -150,7 +190,9 @@ def test_print_config_reports_bad_settings(tmp_path):
     assert "--protocol: unknown protocol 'mt' (did you mean 'mtt'?)" in r.stderr and r.stdout == ""
 
 
-@pytest.mark.parametrize("argv", [[], ["experts"], ["experts", "import"], ["distill"], ["evaluate"], ["inspect"], ["export"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["experts"], ["experts", "import"], ["distill"], ["evaluate"], ["inspect"], ["export"]]
+)
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help(argv, flag):
     r = CliRunner().invoke(app, [*argv, flag])
@@ -201,7 +243,9 @@ def test_a_new_field_is_one_declaration(monkeypatch, tmp_path, fresh_caches):
 
     class WithKnob(S.DistillSettings):
         panel: ClassVar[str] = "Distillation"
-        knob_mode: Literal["soft", "hard"] = Field("soft", description="A new knob.", json_schema_extra={"panel": "Pruning"})
+        knob_mode: Literal["soft", "hard"] = Field(
+            "soft", description="A new knob.", json_schema_extra={"panel": "Pruning"}
+        )
         knob_gain: float = Field(1.0, gt=0, description="Its gain.")
 
     monkeypatch.setitem(S.COMMAND_SETTINGS, "distill", WithKnob)
@@ -212,14 +256,17 @@ def test_a_new_field_is_one_declaration(monkeypatch, tmp_path, fresh_caches):
     one.command("other")(lambda: None)  # two commands: the group keeps the command name in argv
     runner = CliRunner()
     help_text = " ".join(runner.invoke(one, ["distill", "--help"]).stdout.replace("│", " ").split())
-    pruning = help_text[help_text.index("─ Pruning"):help_text.index("─ Memory")]
+    pruning = help_text[help_text.index("─ Pruning") : help_text.index("─ Memory")]
     assert "--knob-mode" in pruning and "soft, hard" in pruning and "DPD_DISTILL_KNOB_MODE or DPD_KNOB_MODE" in pruning
-    assert "--knob-gain" in help_text[help_text.index("─ Distillation"):help_text.index("─ Pruning")]
+    assert "--knob-gain" in help_text[help_text.index("─ Distillation") : help_text.index("─ Pruning")]
 
     cfg = tmp_path / "c.toml"
     cfg.write_text("knob_gain = 3.0\n")
-    r = runner.invoke(one, ["distill", "--knob-mode", "HARD", "--config", str(cfg), "--print-config"],
-                      env={"DPD_DISTILL_KNOB_GAIN": "", "DPD_KNOB_MODE": "soft"})
+    r = runner.invoke(
+        one,
+        ["distill", "--knob-mode", "HARD", "--config", str(cfg), "--print-config"],
+        env={"DPD_DISTILL_KNOB_GAIN": "", "DPD_KNOB_MODE": "soft"},
+    )
     assert r.exit_code == 0, r.output
     table = _toml(r.stdout)["distill"]
     assert (table["knob_mode"], table["knob_gain"]) == ("hard", 3.0)
@@ -228,9 +275,11 @@ def test_a_new_field_is_one_declaration(monkeypatch, tmp_path, fresh_caches):
 
 
 def test_help_needs_no_torch():
-    code = ("import sys; from dpd_cli.cli.app import app; from dpd_cli.models import MODEL_NAMES; "
-            "assert MODEL_NAMES == ('convnet', 'resnet18', 'vgg11', 'alexnet'), MODEL_NAMES; "
-            "assert 'torch' not in sys.modules, 'importing the CLI imported torch'")
+    code = (
+        "import sys; from dpd_cli.cli.app import app; from dpd_cli.models import MODEL_NAMES; "
+        "assert MODEL_NAMES == ('convnet', 'resnet18', 'vgg11', 'alexnet'), MODEL_NAMES; "
+        "assert 'torch' not in sys.modules, 'importing the CLI imported torch'"
+    )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
 
@@ -244,6 +293,18 @@ def test_the_command_sets_the_host_memory_and_the_recipe_does_not(dpd, monkeypat
     r = dpd("experts", "--num", "1", "--epochs", "1", "--host-memory", "system", "--out", str(tmp_path / "a"), *TINY)
     assert r.exit_code == 0, r.output
     assert calls == [("system", "cpu")]
-    experts.run(S.resolve("experts", {"num": 1, "epochs": 1, "out": str(tmp_path / "b"), "width": 8, "depth": 2,
-                                      "train_per_class": 20, "threads": 1}))
+    experts.run(
+        S.resolve(
+            "experts",
+            {
+                "num": 1,
+                "epochs": 1,
+                "out": str(tmp_path / "b"),
+                "width": 8,
+                "depth": 2,
+                "train_per_class": 20,
+                "threads": 1,
+            },
+        )
+    )
     assert calls == [("system", "cpu")]

@@ -12,8 +12,25 @@ from dpd_cli.artifacts.experts import ExpertSet
 from dpd_cli.core.pruning import prune_count
 from tests.cli.conftest import TINY
 
-DISTILL = ["--ipc", "1", "--iterations", "4", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1",
-           "--lr-img", "10", "--lr-lr", "1e-8", "--checkpoint-every", "2", *TINY]
+DISTILL = [
+    "--ipc",
+    "1",
+    "--iterations",
+    "4",
+    "--syn-steps",
+    "3",
+    "--max-start-epoch",
+    "2",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    "--checkpoint-every",
+    "2",
+    *TINY,
+]
 
 
 def test_experts_writes_trajectories(dpd, experts):
@@ -66,7 +83,10 @@ def test_distill_writes_complete_run(dpd, experts, tmp_path):
         assert (run / name).is_file(), name
     # Checkpoint 0 (the initial images) and the newest two.
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.safetensors")) == [
-        "ckpt-000000.safetensors", "ckpt-000002.safetensors", "ckpt-000004.safetensors"]
+        "ckpt-000000.safetensors",
+        "ckpt-000002.safetensors",
+        "ckpt-000004.safetensors",
+    ]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1, 2, 3, 4]
     n_params = ExpertSet(experts).files[0].shape("trajectory")[1]
@@ -85,7 +105,7 @@ def test_distill_refuses_existing_run_then_resumes(dpd, experts, tmp_path):
     assert dpd(*args).exit_code == 0
     r = dpd(*args)
     assert r.exit_code == 2 and "--resume" in r.output and "--force" in r.output
-    r = dpd(*args[:-len(DISTILL)], *[a if a != "4" else "6" for a in DISTILL], "--resume")
+    r = dpd(*args[: -len(DISTILL)], *[a if a != "4" else "6" for a in DISTILL], "--resume")
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1, 2, 3, 4, 5, 6]
@@ -112,8 +132,20 @@ def test_resume_equals_uninterrupted(dpd, experts, tmp_path):
 
 
 def test_distill_refuses_mismatched_experts(dpd, experts, tmp_path):
-    r = dpd("distill", "--experts", experts, "--out", tmp_path / "run", *DISTILL[:-8], "--width", "16", "--depth", "2",
-            "--train-per-class", "20")
+    r = dpd(
+        "distill",
+        "--experts",
+        experts,
+        "--out",
+        tmp_path / "run",
+        *DISTILL[:-8],
+        "--width",
+        "16",
+        "--depth",
+        "2",
+        "--train-per-class",
+        "20",
+    )
     assert r.exit_code == 2
     assert "width: experts have 8, settings give 16" in r.output
 

@@ -8,8 +8,23 @@ import pytest
 
 from tests.cli.conftest import TINY
 
-DISTILL = ["--ipc", "1", "--iterations", "1", "--syn-steps", "2", "--max-start-epoch", "1", "--expert-epochs", "1",
-           "--lr-img", "10", "--lr-lr", "1e-8", *TINY]
+DISTILL = [
+    "--ipc",
+    "1",
+    "--iterations",
+    "1",
+    "--syn-steps",
+    "2",
+    "--max-start-epoch",
+    "1",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    *TINY,
+]
 
 
 def _make_old(folder) -> None:

@@ -12,35 +12,54 @@ import pytest
 import torch
 
 from dpd_cli import __version__, interrupt
-from dpd_cli.io import storage
 from dpd_cli.events import ExpertDone
+from dpd_cli.io import storage
 from tests.helpers import StopWhen
 
-_DISTILL = {"width": 4, "depth": 2, "ipc": 1, "iterations": 3, "syn_steps": 2, "max_start_epoch": 1, "train_per_class": 20,
-            "lr_img": 10, "prune_ratio": 0.05, "threads": 1}
+_DISTILL = {
+    "width": 4,
+    "depth": 2,
+    "ipc": 1,
+    "iterations": 3,
+    "syn_steps": 2,
+    "max_start_epoch": 1,
+    "train_per_class": 20,
+    "lr_img": 10,
+    "prune_ratio": 0.05,
+    "threads": 1,
+}
 _EXPERTS = {"epochs": 3, "width": 4, "depth": 2, "train_per_class": 20, "dsa": False, "threads": 1}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """An experts folder whose second `dpd experts` run planned 5 and stopped at 3; runs A (rho 0.05) and B (rho 0)."""
-    from dpd_cli.recipes import distill, experts
     from dpd_cli.config.settings import resolve
+    from dpd_cli.recipes import distill, experts
 
     tmp = tmp_path_factory.mktemp("overview")
     with pytest.MonkeyPatch.context() as mp:
-        for var, sub in (("DPD_EXPERTS_ROOT", "experts-root"), ("DPD_DATA_ROOT", "data-root"), ("DPD_CACHE_ROOT", "cache-root")):
+        for var, sub in (
+            ("DPD_EXPERTS_ROOT", "experts-root"),
+            ("DPD_DATA_ROOT", "data-root"),
+            ("DPD_CACHE_ROOT", "cache-root"),
+        ):
             mp.setenv(var, str(tmp / sub))
         torch.manual_seed(0)
         experts.run(resolve("experts", {**_EXPERTS, "num": 2, "out": tmp / "ex"}))
         try:
-            experts.run(resolve("experts", {**_EXPERTS, "num": 5, "out": tmp / "ex"}), StopWhen(lambda e: isinstance(e, ExpertDone) and e.index == 2))
+            experts.run(
+                resolve("experts", {**_EXPERTS, "num": 5, "out": tmp / "ex"}),
+                StopWhen(lambda e: isinstance(e, ExpertDone) and e.index == 2),
+            )
         except interrupt.Interrupted:
             pass
         finally:
             interrupt.clear()
         distill.run(resolve("distill", {**_DISTILL, "experts": tmp / "ex", "out": tmp / "runs" / "a"}))
-        distill.run(resolve("distill", {**_DISTILL, "prune_ratio": 0.0, "experts": tmp / "ex", "out": tmp / "runs" / "b"}))
+        distill.run(
+            resolve("distill", {**_DISTILL, "prune_ratio": 0.0, "experts": tmp / "ex", "out": tmp / "runs" / "b"})
+        )
     return {"root": tmp, "experts": tmp / "ex", "a": tmp / "runs" / "a", "b": tmp / "runs" / "b"}
 
 
@@ -65,9 +84,24 @@ def _copy(src: Path, dst: Path) -> Path:
 def _entry(model: str, accuracies: list[float], seeds: list[int], iteration: int = 3, **extra) -> dict:
     mean = sum(accuracies) / len(accuracies)
     std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / len(accuracies))
-    return {"source": "distilled", "model": model, "protocol": "fixed", "epochs": 300, "lr": 0.01, "runs": len(accuracies),
-            "accuracies": accuracies, "mean": mean, "std": std, "seeds": seeds, "ipc": 1, "dataset": "fashion-mnist-mini",
-            "iteration": iteration, "select": "final", "selected_iteration": iteration, **extra}
+    return {
+        "source": "distilled",
+        "model": model,
+        "protocol": "fixed",
+        "epochs": 300,
+        "lr": 0.01,
+        "runs": len(accuracies),
+        "accuracies": accuracies,
+        "mean": mean,
+        "std": std,
+        "seeds": seeds,
+        "ipc": 1,
+        "dataset": "fashion-mnist-mini",
+        "iteration": iteration,
+        "select": "final",
+        "selected_iteration": iteration,
+        **extra,
+    }
 
 
 def _write_eval(run: Path, *entries: dict) -> None:
@@ -79,10 +113,35 @@ def test_every_json_output_has_the_envelope(dpd, built, tmp_path):
     run = _copy(built["a"], tmp_path / "run")
     ex = _copy(built["experts"], tmp_path / "ex")
     outputs = {
-        "experts": dpd("experts", "--num", "3", "--epochs", "3", "--width", "4", "--depth", "2", "--train-per-class", "20",
-                       "--no-dsa", "--threads", "1", "--out", ex, "--json"),
-        "distill": dpd("distill", "--experts", ex, "--out", run, "--resume", "--json",
-                       *[f"--{k.replace('_', '-')}={v}" for k, v in _DISTILL.items()]),
+        "experts": dpd(
+            "experts",
+            "--num",
+            "3",
+            "--epochs",
+            "3",
+            "--width",
+            "4",
+            "--depth",
+            "2",
+            "--train-per-class",
+            "20",
+            "--no-dsa",
+            "--threads",
+            "1",
+            "--out",
+            ex,
+            "--json",
+        ),
+        "distill": dpd(
+            "distill",
+            "--experts",
+            ex,
+            "--out",
+            run,
+            "--resume",
+            "--json",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in _DISTILL.items()],
+        ),
         "evaluate": dpd("evaluate", run, "--epochs", "1", "--runs", "1", "--threads", "1", "--json"),
         "inspect": dpd("inspect", run, "--json"),
         "ls": dpd("ls", tmp_path, "--json"),
@@ -100,8 +159,12 @@ def test_every_json_output_has_the_envelope(dpd, built, tmp_path):
 def test_envelope_names_the_command_as_typed_and_keeps_its_keys():
     from dpd_cli.cli.console import json_envelope
 
-    assert json_envelope("experts_import", {"folder": "x"}) == {"command": "experts import", "dpd_version": __version__,
-                                                               "schema": 1, "folder": "x"}
+    assert json_envelope("experts_import", {"folder": "x"}) == {
+        "command": "experts import",
+        "dpd_version": __version__,
+        "schema": 1,
+        "folder": "x",
+    }
     with pytest.raises(ValueError, match="envelope's keys"):
         json_envelope("inspect", {"dpd_version": "0.0.1"})  # a payload may not shadow the envelope
 
@@ -119,8 +182,14 @@ def test_inspect_flags_a_synthetic_set_older_than_the_newest_checkpoint(dpd, bui
 
     run = _copy(built["a"], tmp_path / "run")
     t, meta = synthetic_file.load(run / "checkpoints" / "ckpt-000000.safetensors")  # the initial images, iteration 0
-    synthetic_file.save_synthetic(run / "synthetic.safetensors", t["images"], t["labels"], t["lr"], Preprocess.from_tensors(t),
-                                  {k: v for k, v in meta.items() if k not in ("format", "format_version", "dpd_version")})
+    synthetic_file.save_synthetic(
+        run / "synthetic.safetensors",
+        t["images"],
+        t["labels"],
+        t["lr"],
+        Preprocess.from_tensors(t),
+        {k: v for k, v in meta.items() if k not in ("format", "format_version", "dpd_version")},
+    )
     data = json.loads(dpd("inspect", run, "--json").stdout)
     assert data["state"]["status"] == "finished" and data["state"]["synthetic_iteration"] == 0
     text = " ".join(data["warnings"])
@@ -142,14 +211,26 @@ def test_inspect_flags_other_disagreements(dpd, built, tmp_path):
     text = " ".join(json.loads(dpd("inspect", run, "--json").stdout)["warnings"])
     assert "metrics.jsonl has no line for 1 of iterations 1-3" in text
     assert "record different settings (settings_hash: settings.json 0000000000000000" in text
-    assert "eval.json: the latest distilled results (convnet at iteration 2) are not for the run's newest iteration (3)" in text
+    assert (
+        "eval.json: the latest distilled results (convnet at iteration 2) are not for the run's newest iteration (3)"
+        in text
+    )
 
 
 def test_inspect_reads_a_validation_selected_evaluation_as_current(dpd, built, tmp_path):
     # --select val reports an older checkpoint, but the evaluation trained on the newest one too: not stale.
     run = _copy(built["a"], tmp_path / "run")
-    _write_eval(run, _entry("convnet", [0.5, 0.6], [1, 2], iteration=0, select="val",
-                            checkpoints=[{"iteration": 0, "mean": 0.55}, {"iteration": 3, "mean": 0.5}]))
+    _write_eval(
+        run,
+        _entry(
+            "convnet",
+            [0.5, 0.6],
+            [1, 2],
+            iteration=0,
+            select="val",
+            checkpoints=[{"iteration": 0, "mean": 0.55}, {"iteration": 3, "mean": 0.5}],
+        ),
+    )
     assert json.loads(dpd("inspect", run, "--json").stdout)["warnings"] == []
 
 
@@ -187,9 +268,19 @@ def test_ls_lists_runs_and_experts(dpd, built, tmp_path, monkeypatch):
     _copy(built["a"], root / "runs" / "cifar" / "a")
     _copy(built["b"], root / "runs" / "b")
     _copy(built["experts"], root / "experts-root" / "fashion" / "convnet")
-    _write_eval(root / "runs" / "b", _entry("convnet", [0.6, 0.7], [1, 2]),
-                _entry("convnet", [0.5, 0.52], [1, 2], select="val", selected_iteration=0, iteration=0,
-                       checkpoints=[{"iteration": 0}, {"iteration": 3}]))
+    _write_eval(
+        root / "runs" / "b",
+        _entry("convnet", [0.6, 0.7], [1, 2]),
+        _entry(
+            "convnet",
+            [0.5, 0.52],
+            [1, 2],
+            select="val",
+            selected_iteration=0,
+            iteration=0,
+            checkpoints=[{"iteration": 0}, {"iteration": 3}],
+        ),
+    )
     (root / "runs" / "notes").mkdir()
     monkeypatch.chdir(root)
     monkeypatch.setenv("DPD_EXPERTS_ROOT", str(root / "experts-root"))
@@ -201,13 +292,21 @@ def test_ls_lists_runs_and_experts(dpd, built, tmp_path, monkeypatch):
     by_path = {e["path"]: e for e in data["entries"]}
     assert set(by_path) == {"runs/b", "runs/cifar/a", str(root / "experts-root" / "fashion" / "convnet")}
     a, b = by_path["runs/cifar/a"], by_path["runs/b"]
-    assert (a["kind"], a["dataset"], a["ipc"], a["prune_ratio"], a["prune_criterion"]) == ("run", "fashion-mnist-mini", 1, 0.05, "abs")
+    assert (a["kind"], a["dataset"], a["ipc"], a["prune_ratio"], a["prune_criterion"]) == (
+        "run",
+        "fashion-mnist-mini",
+        1,
+        0.05,
+        "abs",
+    )
     assert (a["iteration"], a["iterations"], a["state"], a["evaluation"], a["problems"]) == (3, 3, "finished", None, [])
     assert b["prune_ratio"] == 0 and b["evaluation"]["mean"] == pytest.approx(0.51)  # the entry appended last
     assert (b["evaluation"]["select"], b["evaluation"]["selected_iteration"]) == ("val", 0)
     ex = by_path[str(root / "experts-root" / "fashion" / "convnet")]
-    finals = [storage.TensorFile(f, "dpd.trajectory").meta["test_accuracy"][-1]
-              for f in sorted((root / "experts-root" / "fashion" / "convnet").glob("expert_*.safetensors"))]
+    finals = [
+        storage.TensorFile(f, "dpd.trajectory").meta["test_accuracy"][-1]
+        for f in sorted((root / "experts-root" / "fashion" / "convnet").glob("expert_*.safetensors"))
+    ]
     assert (ex["kind"], ex["count"], ex["n_planned"], ex["epochs"], ex["state"]) == ("experts", 3, 5, 3, "incomplete")
     assert ex["accuracy"] == pytest.approx(sum(finals) / 3, rel=1e-12)
 
@@ -259,7 +358,9 @@ def test_compare_pairs_runs_evaluated_with_the_same_seeds(dpd, built, tmp_path):
     _ok(r)
     out = " ".join(r.output.split())
     assert "A runs/" not in out and f"A {a} fashion-mnist-mini, IPC 1, rho 0.05 (abs)" in out
-    assert f"B − A {100 * mean:+.2f} points, 95% interval [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]" in out
+    assert (
+        f"B − A {100 * mean:+.2f} points, 95% interval [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]" in out
+    )
     assert "(paired over 3 networks)" in out and "not paired: different network seeds" in out
 
 

@@ -22,16 +22,46 @@ from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.cli.app import app
 from tests.cli.conftest import TINY
 
-DISTILL = ["--ipc", "2", "--syn-steps", "3", "--max-start-epoch", "2", "--expert-epochs", "1", "--lr-img", "10",
-           "--lr-lr", "1e-8", "--checkpoint-every", "2", "--prune-ratio", "0.05", "--device", "cpu", "--quiet", *TINY]
+DISTILL = [
+    "--ipc",
+    "2",
+    "--syn-steps",
+    "3",
+    "--max-start-epoch",
+    "2",
+    "--expert-epochs",
+    "1",
+    "--lr-img",
+    "10",
+    "--lr-lr",
+    "1e-8",
+    "--checkpoint-every",
+    "2",
+    "--prune-ratio",
+    "0.05",
+    "--device",
+    "cpu",
+    "--quiet",
+    *TINY,
+]
 
 
 def torchrun(args: list, cwd: Path, **kw) -> subprocess.Popen:
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")  # kept: the package's dependencies may come from there
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + (os.pathsep + path if path else "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dpd_cli", "--",
-           *[str(a) for a in args]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dpd_cli",
+        "--",
+        *[str(a) for a in args],
+    ]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -50,7 +80,10 @@ def _torchrun_ok(args: list, cwd: Path) -> None:
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "seconds"}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,7 +107,9 @@ def _assert_same_run(two: Path, one: Path, iterations: int, tol: float, same_mas
 
 def test_two_processes_distil_like_one_and_resume(experts, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(one), "--iterations", "4", *DISTILL])
+    r = CliRunner().invoke(
+        app, ["distill", "--experts", str(experts), "--out", str(one), "--iterations", "4", *DISTILL]
+    )
     assert r.exit_code == 0, r.output
     _torchrun_ok(["distill", "--experts", experts, "--out", two, "--iterations", "2", *DISTILL], tmp_path)
     _torchrun_ok(["distill", "--experts", experts, "--out", two, "--iterations", "4", "--resume", *DISTILL], tmp_path)
@@ -84,8 +119,11 @@ def test_two_processes_distil_like_one_and_resume(experts, tmp_path):
 
 def test_a_killed_rank_ends_the_job_with_a_message(experts, tmp_path):
     run = tmp_path / "run"
-    p = torchrun(["distill", "--experts", experts, "--out", run, "--iterations", "500", "--dist-timeout", "20", *DISTILL],
-                 tmp_path, start_new_session=True)
+    p = torchrun(
+        ["distill", "--experts", experts, "--out", run, "--iterations", "500", "--dist-timeout", "20", *DISTILL],
+        tmp_path,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
@@ -146,7 +184,9 @@ def test_experts_and_evaluate_under_torchrun_equal_one_process(experts, tmp_path
             assert torch.equal(a.get("trajectory"), b.get("trajectory")), a.path
 
     run = tmp_path / "run"
-    r = CliRunner().invoke(app, ["distill", "--experts", str(experts), "--out", str(run), "--iterations", "2", *DISTILL])
+    r = CliRunner().invoke(
+        app, ["distill", "--experts", str(experts), "--out", str(run), "--iterations", "2", *DISTILL]
+    )
     assert r.exit_code == 0, r.output
     ev = ["evaluate", run, "--epochs", "2", "--runs", "3", "--baseline", "random", "--threads", "1", "--quiet"]
     r = CliRunner().invoke(app, [str(a) for a in ev])

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from dpd_cli.errors import SettingsError
 from dpd_cli.config.settings import (
     DistillSettings,
     EvalSettings,
@@ -19,6 +18,7 @@ from dpd_cli.config.settings import (
     settings_hash,
     to_toml,
 )
+from dpd_cli.errors import SettingsError
 
 
 def _write(path: Path, text: str) -> Path:
@@ -51,8 +51,7 @@ def test_env_var_names():
 def test_precedence_defaults_file_env_flags(tmp_path):
     cfg = _write(
         tmp_path / "c.toml",
-        "ipc = 3\nseed = 4\nsyn_steps = 7\nlr_img = 5.0\niterations = 9\n"
-        "[distill]\nipc = 4\nseed = 5\n",
+        "ipc = 3\nseed = 4\nsyn_steps = 7\nlr_img = 5.0\niterations = 9\n[distill]\nipc = 4\nseed = 5\n",
     )
     # file only: the [distill] table wins over the top-level key
     s = resolve("distill", {}, config=cfg, env={})
@@ -360,8 +359,17 @@ def test_dpd_config_names_the_file(tmp_path):
 
 def test_choices_ignore_case_from_every_source(tmp_path):
     cfg = _write(tmp_path / "c.toml", '[distill]\nnorm = "BATCH"\nprune_scope = "Layer"\n')
-    s = resolve("distill", {"dataset": "CIFAR10", "memory": "LOW"}, config=cfg, env={"DPD_POOL": "Max", "DPD_MODEL": "VGG11"})
-    assert (s.dataset, s.memory, s.norm, s.prune_scope, s.pool, s.model) == ("cifar10", "low", "batch", "layer", "max", "vgg11")
+    s = resolve(
+        "distill", {"dataset": "CIFAR10", "memory": "LOW"}, config=cfg, env={"DPD_POOL": "Max", "DPD_MODEL": "VGG11"}
+    )
+    assert (s.dataset, s.memory, s.norm, s.prune_scope, s.pool, s.model) == (
+        "cifar10",
+        "low",
+        "batch",
+        "layer",
+        "max",
+        "vgg11",
+    )
     s = resolve("evaluate", {"protocol": "MTT", "baseline": "Random, FULL", "models": "AlexNet"}, env={})
     assert (s.protocol, s.baseline, s.models) == ("mtt", ["random", "full"], ["alexnet"])
 
@@ -395,7 +403,9 @@ def _toml(text: str) -> dict:
 
 def test_print_config_round_trips_with_sources(tmp_path):
     data = tmp_path / 'odd "dir" \\ ü'
-    cfg = _write(tmp_path / "c.toml", f'width = 16\n[distill]\nprune_scope = "layer"\ndata_dir = "{tmp_path.as_posix()}"\n')
+    cfg = _write(
+        tmp_path / "c.toml", f'width = 16\n[distill]\nprune_scope = "layer"\ndata_dir = "{tmp_path.as_posix()}"\n'
+    )
     env = {"DPD_SEED": "3", "DPD_DISTILL_LR_LR": "2.5e-07", "DPD_ZCA": "true"}
     flags = {"ipc": 2, "prune_ratio": 0.125, "data_dir": str(data), "out": "runs/x"}
     r = resolve_sources("distill", flags, config=cfg, env=env)
@@ -403,9 +413,17 @@ def test_print_config_round_trips_with_sources(tmp_path):
     table = _toml(text)["distill"]
     dumped = r.settings.model_dump(mode="json")
     assert table == {k: v for k, v in dumped.items() if v is not None}  # unset (None) settings are comments
-    expected = {"ipc": "flag --ipc", "prune_ratio": "flag --prune-ratio", "data_dir": "flag --data-dir", "out": "flag --out",
-                "seed": "env DPD_SEED", "lr_lr": "env DPD_DISTILL_LR_LR", "zca": "env DPD_ZCA",
-                "width": f"file {cfg}", "prune_scope": f"file {cfg} [distill]"}
+    expected = {
+        "ipc": "flag --ipc",
+        "prune_ratio": "flag --prune-ratio",
+        "data_dir": "flag --data-dir",
+        "out": "flag --out",
+        "seed": "env DPD_SEED",
+        "lr_lr": "env DPD_DISTILL_LR_LR",
+        "zca": "env DPD_ZCA",
+        "width": f"file {cfg}",
+        "prune_scope": f"file {cfg} [distill]",
+    }
     for line in text.splitlines():
         if "=" in line and not line.startswith("#"):
             key = line.split("=")[0].strip()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpd_cli.core import augment
-from dpd_cli.core.augment import OPS, _FNS, dsa
+from dpd_cli.core.augment import _FNS, OPS, dsa
 from tests.helpers import assert_close
 
 
@@ -70,7 +70,9 @@ def test_dsa_chooses_the_op_from_the_seed_and_all_six_appear(monkeypatch):
     seen = []
     originals = dict(_FNS)
     for name, fn in originals.items():
-        monkeypatch.setitem(_FNS, name, lambda x, g, n, rows, _fn=fn, _name=name: (seen.append(_name), _fn(x, g, n, rows))[1])
+        monkeypatch.setitem(
+            _FNS, name, lambda x, g, n, rows, _fn=fn, _name=name: (seen.append(_name), _fn(x, g, n, rows))[1]
+        )
     for seed in range(60):
         y = dsa(x, seed)
         expected_op = OPS[random.Random(seed).randrange(len(OPS))]
@@ -213,8 +215,11 @@ def test_mixed_with_drawn_weights_is_dsa_bit_for_bit_with_derivatives(seed):
 
     weights, params = augment.dsa_draw_all(x0, seed)
     assert weights.sum() == 1 and weights[OPS.index(OPS[random.Random(seed).randrange(len(OPS))])] == 1
-    for want, got in zip(first_and_second(lambda x: dsa(x, seed)),
-                         first_and_second(lambda x: augment.dsa_mixed(x, weights, params)), strict=True):
+    for want, got in zip(
+        first_and_second(lambda x: dsa(x, seed)),
+        first_and_second(lambda x: augment.dsa_mixed(x, weights, params)),
+        strict=True,
+    ):
         assert torch.equal(want, got)
 
 

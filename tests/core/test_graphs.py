@@ -12,11 +12,11 @@ import random
 import pytest
 import torch
 
-from dpd_cli.recipes.distill_inputs import draw_plan
+from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import graphs, matching
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.config.settings import DistillSettings
+from dpd_cli.recipes.distill_inputs import draw_plan
 from tests.helpers import tiny_spec
 
 N_IMAGES, N_CLASSES, STEPS = 12, 3, 4
@@ -47,8 +47,19 @@ class Problem:
     def eager(self, it, batch, dsa, memory, mask_for, ratio):
         start, target = self.expert_pair(it)
         memory, keep = _memory(memory)
-        return matching.meta_gradient(self.fm, self.images, self.labels, self.lr, start, target, self.plan(it, batch, dsa),
-                                      memory, loss_mask=mask_for(ratio), label_logits=self.label_logits, keep_graphs=keep)
+        return matching.meta_gradient(
+            self.fm,
+            self.images,
+            self.labels,
+            self.lr,
+            start,
+            target,
+            self.plan(it, batch, dsa),
+            memory,
+            loss_mask=mask_for(ratio),
+            label_logits=self.label_logits,
+            keep_graphs=keep,
+        )
 
 
 def _memory(name: str) -> tuple[str, int]:
@@ -86,13 +97,26 @@ def test_static_buffers_compute_the_eager_meta_gradient_bit_for_bit(memory, batc
     """What a graph records (buffers + mixed DSA), run without a graph, is the eager iteration, bit for bit, every iteration."""
     p = Problem(soft=soft)
     mask_for = _mask_for(cfg, p.sizes)
-    inputs = graphs.StaticInputs(p.fm.n_params, STEPS, batch if batch else None, tuple(p.images.shape), dsa, "cpu", torch.float32)
+    inputs = graphs.StaticInputs(
+        p.fm.n_params, STEPS, batch if batch else None, tuple(p.images.shape), dsa, "cpu", torch.float32
+    )
     for it in range(3):  # the same buffers, refilled: a stale buffer would repeat an earlier iteration
         start, target = p.expert_pair(it)
         inputs.load(start, target, p.plan(it, batch, dsa))
         mem, keep = _memory(memory)
-        static = matching.meta_gradient(p.fm, p.images, p.labels, p.lr, inputs.start, inputs.target, inputs.plan, mem,
-                                        loss_mask=mask_for(cfg.ratio), label_logits=p.label_logits, keep_graphs=keep)
+        static = matching.meta_gradient(
+            p.fm,
+            p.images,
+            p.labels,
+            p.lr,
+            inputs.start,
+            inputs.target,
+            inputs.plan,
+            mem,
+            loss_mask=mask_for(cfg.ratio),
+            label_logits=p.label_logits,
+            keep_graphs=keep,
+        )
         _assert_equal(static, p.eager(it, batch, dsa, memory, mask_for, cfg.ratio))
 
 
@@ -138,8 +162,11 @@ class CpuCapture:
         class Graph:
             def replay(self):
                 new = fn()
-                for dst, src in zip((out.loss, out.grad_images, out.grad_lr, out.keep, out.grad_labels),
-                                    (new.loss, new.grad_images, new.grad_lr, new.keep, new.grad_labels), strict=True):
+                for dst, src in zip(
+                    (out.loss, out.grad_images, out.grad_lr, out.keep, out.grad_labels),
+                    (new.loss, new.grad_images, new.grad_lr, new.keep, new.grad_labels),
+                    strict=True,
+                ):
                     if dst is not None:
                         dst.copy_(src)
                 if capture.corrupt:
@@ -158,26 +185,35 @@ def test_graphs_are_captured_once_per_ratio_share_a_pool_and_replay_each_iterati
     mask_for = _mask_for(cfg, p.sizes)
     cap = CpuCapture()
     mem, keep = _memory(memory)
-    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, mem, STEPS, 5, True, mask_for, capture=cap, keep_graphs=keep)
+    runner = graphs.GraphedMetaGradient(
+        p.fm, p.images, p.labels, p.lr, mem, STEPS, 5, True, mask_for, capture=cap, keep_graphs=keep
+    )
     losses = []
     for it, ratio in enumerate([0.0, 0.0, 0.1, 0.1, 0.0]):  # prune warm-up, then rho, then back
         res, note = runner(*p.expert_pair(it), p.plan(it, 5, True), ratio)
         assert note is None
         _assert_equal(res, p.eager(it, 5, True, memory, mask_for, ratio))
         losses.append((res.loss, p.eager(it, 5, True, memory, mask_for, ratio).loss))
-    assert cap.captures == 2 and cap.pools[0] is None and cap.pools[1] is not None  # the second graph shares the first's pool
+    assert (
+        cap.captures == 2 and cap.pools[0] is None and cap.pools[1] is not None
+    )  # the second graph shares the first's pool
     assert all(torch.equal(kept, want) for kept, want in losses)  # each loss survived the later replays
 
 
-@pytest.mark.parametrize("capture,why", [
-    (CpuCapture(corrupt=1e-4), "dL/dX differs by 1.00e-04 relative"),  # eager repeats itself: 1e-6 holds
-    (CpuCapture(corrupt=1e-2, eager_noise=1e-5), "two eager runs differ by up to"),  # beyond 10x the eager spread
-    (CpuCapture(fail=True), "capture failed"),
-])
+@pytest.mark.parametrize(
+    "capture,why",
+    [
+        (CpuCapture(corrupt=1e-4), "dL/dX differs by 1.00e-04 relative"),  # eager repeats itself: 1e-6 holds
+        (CpuCapture(corrupt=1e-2, eager_noise=1e-5), "two eager runs differ by up to"),  # beyond 10x the eager spread
+        (CpuCapture(fail=True), "capture failed"),
+    ],
+)
 def test_a_graph_that_does_not_reproduce_the_eager_result_is_given_up(capture, why):
     p = Problem()
     mask_for = _mask_for(PruneConfig(), p.sizes)
-    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, "low", STEPS, None, True, mask_for, capture=capture)
+    runner = graphs.GraphedMetaGradient(
+        p.fm, p.images, p.labels, p.lr, "low", STEPS, None, True, mask_for, capture=capture
+    )
     res, note = runner(*p.expert_pair(0), p.plan(0, None, True), 0.0)
     assert why in note and "continuing without graphs" in note
     want = p.eager(0, None, True, "low", mask_for, 0.0)
@@ -201,26 +237,36 @@ def test_a_replay_within_the_eager_runs_own_spread_is_kept():
     assert note is None and runner.enabled and cap.warm_ups == 2  # the second eager run measured the spread
     check = runner.checks[0.0]
     assert check["replay"]["dL/dX"] == pytest.approx(2**0.5 * 1e-5, rel=0.1)  # 1e-5 off + 1e-5 of noise, independent
-    assert check["eager_spread"]["dL/dX"] == pytest.approx(2**0.5 * 1e-5, rel=0.1) and check["eager_spread"]["loss"] == 0
+    assert (
+        check["eager_spread"]["dL/dX"] == pytest.approx(2**0.5 * 1e-5, rel=0.1) and check["eager_spread"]["loss"] == 0
+    )
     res, note = runner(*p.expert_pair(1), p.plan(1, 5, True), 0.0)  # replayed, no further eager runs
     assert note is None and cap.warm_ups == 2
 
 
 def test_close_enough_with_a_spread_allows_ten_times_it_and_a_few_mask_entries():
-    a = matching.MetaResult(torch.tensor(1.0), torch.ones(10_000), torch.tensor(2.0), torch.ones(10_000, dtype=torch.bool))
+    a = matching.MetaResult(
+        torch.tensor(1.0), torch.ones(10_000), torch.tensor(2.0), torch.ones(10_000, dtype=torch.bool)
+    )
     near = graphs._copy(a)
     near.grad_images[0] += 5e-3  # 5e-5 relative
     assert "dL/dX differs by" in graphs.close_enough(near, a)
     assert graphs.close_enough(near, a, spread={"loss": 0.0, "dL/dX": 1e-5, "dL/dalpha": 0.0, "mask": 0.0}) is None
-    assert "allowed 4.0e-05" in graphs.close_enough(near, a, spread={"loss": 4e-6, "dL/dX": 0.0, "dL/dalpha": 0.0, "mask": 0.0})
+    assert "allowed 4.0e-05" in graphs.close_enough(
+        near, a, spread={"loss": 4e-6, "dL/dX": 0.0, "dL/dalpha": 0.0, "mask": 0.0}
+    )
     masked = graphs._copy(a)
     masked.keep[:10] = False  # 1e-3 of the entries: at the slack
     assert graphs.close_enough(masked, a) == "the loss masks differ"
     assert graphs.close_enough(masked, a, spread={"loss": 1e-7, "mask": 0.0}) is None
     masked.keep[10] = False
     assert "the loss masks differ in 1.1e-03" in graphs.close_enough(masked, a, spread={"loss": 1e-7, "mask": 0.0})
-    assert graphs.close_enough(masked, a, spread={"loss": 1e-7, "mask": 2e-4}) is None  # 10x what two eager runs differ in
-    assert "dL/dX differs" in graphs.close_enough(near, a, spread={"loss": float("nan"), "mask": 0.0})  # no allowance from NaN
+    assert (
+        graphs.close_enough(masked, a, spread={"loss": 1e-7, "mask": 2e-4}) is None
+    )  # 10x what two eager runs differ in
+    assert "dL/dX differs" in graphs.close_enough(
+        near, a, spread={"loss": float("nan"), "mask": 0.0}
+    )  # no allowance from NaN
     d = graphs.differences(masked, a)
     assert d == {"loss": 0.0, "dL/dX": 0.0, "dL/dalpha": 0.0, "mask": pytest.approx(11 / 10_000)}
 
@@ -246,6 +292,7 @@ def test_close_enough_measures_relative_difference_and_masks():
 # ----------------------------------------------------------------------------------------------
 # On a GPU: the real capture.
 
+
 @pytest.mark.parametrize("memory", ["full", "low", "low2"])
 @pytest.mark.parametrize("batch", [None, 5])
 @pytest.mark.parametrize("soft", [False, True])
@@ -256,8 +303,9 @@ def test_cuda_graph_replays_equal_the_eager_iterations(memory, batch, soft):
     cfg = PruneConfig(ratio=0.05)
     mask_for = _mask_for(cfg, p.sizes)
     mem, keep = _memory(memory)
-    runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, mem, STEPS, batch, True, mask_for,
-                                        label_logits=p.label_logits, keep_graphs=keep)
+    runner = graphs.GraphedMetaGradient(
+        p.fm, p.images, p.labels, p.lr, mem, STEPS, batch, True, mask_for, label_logits=p.label_logits, keep_graphs=keep
+    )
     for it, ratio in enumerate([0.0, 0.05, 0.05, 0.0, 0.05]):
         res, note = runner(*p.expert_pair(it), p.plan(it, batch, True), ratio)
         assert note is None, note
@@ -301,7 +349,9 @@ def test_without_dsa_and_with_deterministic_cudnn_a_replay_equals_eager_within_1
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         mem, keep = _memory(memory)
-        runner = graphs.GraphedMetaGradient(p.fm, p.images, p.labels, p.lr, mem, STEPS, 5, False, mask_for, keep_graphs=keep)
+        runner = graphs.GraphedMetaGradient(
+            p.fm, p.images, p.labels, p.lr, mem, STEPS, 5, False, mask_for, keep_graphs=keep
+        )
         for it in range(3):
             res, note = runner(*p.expert_pair(it), p.plan(it, 5, False), 0.05)
             assert note is None, note

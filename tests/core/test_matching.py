@@ -172,8 +172,19 @@ def test_matching_loss_gradient_by_hand():
 
 @pytest.mark.parametrize(
     "ratio,n,expected",
-    [(0.0, 100, 0), (-0.1, 100, 0), (0.05, 255, 13), (0.1, 10, 1), (0.3, 10, 3), (0.01, 100, 1),
-     (0.001, 10, 1), (0.5, 3, 2), (0.999, 2, 1), (0.9, 1, 0), (0.07, 100, 7)],
+    [
+        (0.0, 100, 0),
+        (-0.1, 100, 0),
+        (0.05, 255, 13),
+        (0.1, 10, 1),
+        (0.3, 10, 3),
+        (0.01, 100, 1),
+        (0.001, 10, 1),
+        (0.5, 3, 2),
+        (0.999, 2, 1),
+        (0.9, 1, 0),
+        (0.07, 100, 7),
+    ],
 )
 def test_prune_count(ratio, n, expected):
     assert prune_count(ratio, n) == expected
@@ -316,8 +327,11 @@ def test_pruned_loss_drops_the_largest_residuals(prob):
 
 
 @pytest.mark.parametrize("plan", [PLAIN, batched_plan(), dsa_plan()], ids=["all-images", "batches", "dsa"])
-@pytest.mark.parametrize("prune", [PruneConfig(0.0), PruneConfig(0.1), PruneConfig(0.2, "layer", "relative")],
-                         ids=["mtt", "global", "layer-relative"])
+@pytest.mark.parametrize(
+    "prune",
+    [PruneConfig(0.0), PruneConfig(0.1), PruneConfig(0.2, "layer", "relative")],
+    ids=["mtt", "global", "layer-relative"],
+)
 def test_low_memory_equals_full(prob, plan, prune):
     full = prob.run(plan, prune, "full")
     low = prob.run(plan, prune, "low")
@@ -348,9 +362,18 @@ def test_low_memory_long_unroll_float32():
 @pytest.mark.parametrize("ratio", [0.0, 0.1])
 def test_low_memory_keeping_graphs_equals_naive(prob, plan, ratio, keep_graphs):
     # Keeping the last K steps' graphs (K >= N keeps all) changes where the work happens, not the result.
-    res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, "low",
-                        loss_mask=None if ratio == 0 else (lambda e, t, s: prune_keep_mask(e, t, s, PruneConfig(ratio), prob.sizes)),
-                        keep_graphs=keep_graphs)
+    res = meta_gradient(
+        prob.fm,
+        prob.images,
+        prob.labels,
+        prob.lr,
+        prob.start,
+        prob.target,
+        plan,
+        "low",
+        loss_mask=None if ratio == 0 else (lambda e, t, s: prune_keep_mask(e, t, s, PruneConfig(ratio), prob.sizes)),
+        keep_graphs=keep_graphs,
+    )
     loss, gx, ga, _ = naive_mtt(prob, plan.batches, plan.seeds, keep=res.keep)
     assert (res.keep is None) == (ratio == 0)
     assert_rel_close(res.loss, loss, 1e-12)
@@ -366,14 +389,18 @@ def test_low_memory_recomputes_only_the_steps_it_did_not_keep(prob, keep_graphs,
     forward = type(prob.fm).__call__
     monkeypatch.setattr(type(prob.fm), "__call__", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     n = len(dsa_plan())
-    meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, dsa_plan(), "low", keep_graphs=keep_graphs)
+    meta_gradient(
+        prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, dsa_plan(), "low", keep_graphs=keep_graphs
+    )
     assert len(calls) == n + max(n - max(keep_graphs, 1), 0)
 
 
 def test_keep_graphs_must_not_be_negative(prob):
     for memory in ("full", "low"):
         with pytest.raises(ValueError, match="keep_graphs"):
-            meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, PLAIN, memory, keep_graphs=-1)
+            meta_gradient(
+                prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, PLAIN, memory, keep_graphs=-1
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +452,11 @@ def test_gradcheck_meta_gradient(memory):
     for _ in range(3):
         assert torch.autograd.gradcheck(
             lambda x_, a_: _MetaLoss.apply(x_, a_, prob, plan, prune, memory),
-            (x, a), eps=1e-6, atol=1e-8, rtol=1e-5, fast_mode=True,
+            (x, a),
+            eps=1e-6,
+            atol=1e-8,
+            rtol=1e-5,
+            fast_mode=True,
         )
 
 
@@ -495,8 +526,9 @@ def test_low_memory_holds_one_steps_graph_at_a_time(prob):
 
     def low(n_steps, keep=0):
         plan = StepPlan([None] * n_steps, seeds[:n_steps])
-        return lambda: meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, "low",
-                                     keep_graphs=keep)
+        return lambda: meta_gradient(
+            prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, "low", keep_graphs=keep
+        )
 
     def one_step(seed):  # written out: one step's gradient with its graph, and the products low memory takes of it
         theta = prob.start.clone().requires_grad_(True)

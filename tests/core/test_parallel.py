@@ -17,9 +17,13 @@ from tests.core.test_matching import Problem
 
 MEMORY = ["full", "low"]
 PRUNE = {"mtt": PruneConfig(0.0), "global": PruneConfig(0.1), "layer": PruneConfig(0.2, "layer", "layer-z")}
-PLANS = {"all": lambda dsa: StepPlan([None] * 3, [11, 12, 13] if dsa else [None] * 3),
-         "batch": lambda dsa: StepPlan([torch.tensor([0, 2, 4, 5]), torch.tensor([1, 3, 5, 0]), torch.tensor([5, 4, 3, 2])],
-                                       [21, 22, 23] if dsa else [None] * 3)}
+PLANS = {
+    "all": lambda dsa: StepPlan([None] * 3, [11, 12, 13] if dsa else [None] * 3),
+    "batch": lambda dsa: StepPlan(
+        [torch.tensor([0, 2, 4, 5]), torch.tensor([1, 3, 5, 0]), torch.tensor([5, 4, 3, 2])],
+        [21, 22, 23] if dsa else [None] * 3,
+    ),
+}
 CASES = [(*c, False) for c in itertools.product(MEMORY, PRUNE, PLANS, [False, True])]
 CASES += [(m, "global", plan, True, True) for m in MEMORY for plan in PLANS]  # soft labels
 CASES += [("low-keep2", "global", plan, True, soft) for plan in PLANS for soft in (False, True)]  # kept graphs
@@ -35,13 +39,31 @@ def _run_all(n_images: int, group) -> dict:
         cfg = PRUNE[prune]
         plan = PLANS[plan_name](dsa)
         if n_images == 9 and plan_name == "batch":
-            plan = StepPlan([torch.tensor([0, 2, 4, 5, 8]), None, torch.tensor([8, 7, 6])], plan.seeds)  # 5 and 3 rows: uneven
+            plan = StepPlan(
+                [torch.tensor([0, 2, 4, 5, 8]), None, torch.tensor([8, 7, 6])], plan.seeds
+            )  # 5 and 3 rows: uneven
         mask = None if cfg.ratio <= 0 else (lambda e, t, s, cfg=cfg: prune_keep_mask(e, t, s, cfg, prob.sizes))
-        res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory[:3],
-                            loss_mask=mask, batch_grad=None if group is None else parallel.ShardedGradient(group), label_logits=logits if soft else None,
-                            keep_graphs=2 if memory == "low-keep2" else 0)
-        out[(memory, prune, plan_name, dsa, soft)] = (res.loss, res.grad_images, res.grad_lr, res.keep,
-                                                      res.grad_labels if soft else torch.zeros(()))
+        res = meta_gradient(
+            prob.fm,
+            prob.images,
+            prob.labels,
+            prob.lr,
+            prob.start,
+            prob.target,
+            plan,
+            memory[:3],
+            loss_mask=mask,
+            batch_grad=None if group is None else parallel.ShardedGradient(group),
+            label_logits=logits if soft else None,
+            keep_graphs=2 if memory == "low-keep2" else 0,
+        )
+        out[(memory, prune, plan_name, dsa, soft)] = (
+            res.loss,
+            res.grad_images,
+            res.grad_lr,
+            res.keep,
+            res.grad_labels if soft else torch.zeros(()),
+        )
     return out
 
 

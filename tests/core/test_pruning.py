@@ -82,10 +82,15 @@ def test_layer_criteria_are_scale_free():
     scaled_end = end.clone()
     scaled_end[:5] = target[:5] + 1000 * (end[:5] - target[:5])
     for criterion in ("layer-z", "layer-rank"):
-        assert_close(criterion_scores(scaled_end, target, start, criterion, SIZES),
-                     criterion_scores(end, target, start, criterion, SIZES), rtol=1e-9, atol=1e-12)
-    assert not torch.allclose(criterion_scores(scaled_end, target, start, "abs", SIZES),
-                              criterion_scores(end, target, start, "abs", SIZES))
+        assert_close(
+            criterion_scores(scaled_end, target, start, criterion, SIZES),
+            criterion_scores(end, target, start, criterion, SIZES),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+    assert not torch.allclose(
+        criterion_scores(scaled_end, target, start, "abs", SIZES), criterion_scores(end, target, start, "abs", SIZES)
+    )
 
 
 def test_layer_z_of_a_constant_layer_is_zero():
@@ -108,7 +113,9 @@ def test_selection_matches_sort_reference(criterion, scope, direction, ratio):
     if criterion == "layer-rank" and scope == "global":  # ranks tie across layers: compare counts per value
         assert int((~got).sum()) == int((~ref).sum())
         pruned_vals = sorted(scores[~got].tolist())
-        assert pruned_vals == sorted(torch.tensor(ref_scores(end, target, start, criterion, SIZES), dtype=DT)[~ref].tolist())
+        assert pruned_vals == sorted(
+            torch.tensor(ref_scores(end, target, start, criterion, SIZES), dtype=DT)[~ref].tolist()
+        )
     else:
         assert torch.equal(got, ref)
 
@@ -247,8 +254,19 @@ def test_network_mode_equals_naive_frozen_unroll(plan, memory):
     prob = Problem()
     keep = _frozen(prob)
     memory, kept = memory
-    res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
-                        loss_mask=lambda e, t, s: keep, unroll_keep=keep, keep_graphs=kept)
+    res = meta_gradient(
+        prob.fm,
+        prob.images,
+        prob.labels,
+        prob.lr,
+        prob.start,
+        prob.target,
+        plan,
+        memory,
+        loss_mask=lambda e, t, s: keep,
+        unroll_keep=keep,
+        keep_graphs=kept,
+    )
     loss, gx, ga, end = _network_reference(prob, plan, keep)
     # The frozen parameters really did not move.
     assert torch.equal(end[~keep], prob.start[~keep]) and not torch.equal(end[keep], prob.start[keep])
@@ -256,8 +274,17 @@ def test_network_mode_equals_naive_frozen_unroll(plan, memory):
     assert_rel_close(res.grad_images, gx, 1e-10)
     assert_rel_close(res.grad_lr, ga, 1e-10)
     # And it is not the loss-only mask's result.
-    loss_only = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
-                              loss_mask=lambda e, t, s: keep)
+    loss_only = meta_gradient(
+        prob.fm,
+        prob.images,
+        prob.labels,
+        prob.lr,
+        prob.start,
+        prob.target,
+        plan,
+        memory,
+        loss_mask=lambda e, t, s: keep,
+    )
     assert not torch.allclose(loss_only.grad_images, res.grad_images)
 
 
@@ -268,8 +295,18 @@ def test_network_mode_gradient_finite_differences(memory):
     keep = _frozen(prob, 0.25, seed=2)
 
     def loss_at(x, a):
-        return meta_gradient(prob.fm, x, prob.labels, a, prob.start, prob.target, plan, memory,
-                             loss_mask=lambda e, t, s: keep, unroll_keep=keep)
+        return meta_gradient(
+            prob.fm,
+            x,
+            prob.labels,
+            a,
+            prob.start,
+            prob.target,
+            plan,
+            memory,
+            loss_mask=lambda e, t, s: keep,
+            unroll_keep=keep,
+        )
 
     res = loss_at(prob.images, prob.lr)
     h = 1e-6
@@ -318,23 +355,45 @@ def test_soft_labels_meta_gradient_equals_naive(plan, memory):
     cfg = PruneConfig(0.1)
     mask = lambda e, t, s: prune_keep_mask(e, t, s, cfg, prob.sizes)  # noqa: E731
     memory, kept = memory
-    res = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory,
-                        loss_mask=mask, label_logits=logits, keep_graphs=kept)
+    res = meta_gradient(
+        prob.fm,
+        prob.images,
+        prob.labels,
+        prob.lr,
+        prob.start,
+        prob.target,
+        plan,
+        memory,
+        loss_mask=mask,
+        label_logits=logits,
+        keep_graphs=kept,
+    )
     loss, gx, ga, gy = naive_soft(prob, logits, plan, res.keep)
     assert_rel_close(res.loss, loss, 1e-12)
     assert_rel_close(res.grad_images, gx, 1e-10)
     assert_rel_close(res.grad_lr, ga, 1e-10)
     assert_rel_close(res.grad_labels, gy, 1e-10)
     assert res.grad_labels.shape == logits.shape and res.grad_labels.abs().max() > 0
-    hard = meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory, loss_mask=mask)
+    hard = meta_gradient(
+        prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan, memory, loss_mask=mask
+    )
     assert hard.grad_labels is None and not torch.allclose(hard.grad_images, res.grad_images)
 
 
 def test_soft_label_gradient_finite_differences():
     prob, logits = _soft_problem()
     plan = PLANS["batches-dsa"]
-    loss = lambda y: meta_gradient(prob.fm, prob.images, prob.labels, prob.lr, prob.start, prob.target, plan,  # noqa: E731
-                                   "low", label_logits=y)
+    loss = lambda y: meta_gradient(
+        prob.fm,
+        prob.images,
+        prob.labels,
+        prob.lr,
+        prob.start,
+        prob.target,
+        plan,  # noqa: E731
+        "low",
+        label_logits=y,
+    )
     res = loss(logits)
     g = torch.Generator().manual_seed(1)
     v = torch.randn(logits.shape, generator=g, dtype=DT)

@@ -175,7 +175,9 @@ def test_imagefolder_broken_cache_is_rebuilt(tmp_path):
 def test_imagefolder_class_mismatch(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
     (root / "test" / "dog").rename(root / "test" / "bird")
-    with pytest.raises(DataError, match=r"train/ and test/ have different class folders \(\['cat', 'dog'\] vs \['bird', 'cat'\]\)"):
+    with pytest.raises(
+        DataError, match=r"train/ and test/ have different class folders \(\['cat', 'dog'\] vs \['bird', 'cat'\]\)"
+    ):
         load_dataset("imagefolder", data_dir=root)
 
 

@@ -114,7 +114,11 @@ def test_tensors_from_tensors_round_trip():
     for pre in (plain, zca):
         t = pre.tensors()
         assert all(v.dtype == torch.float32 and v.is_contiguous() for v in t.values())
-        assert set(t) == ({"norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse"} if pre.has_zca else {"norm_mean", "norm_std"})
+        assert set(t) == (
+            {"norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse"}
+            if pre.has_zca
+            else {"norm_mean", "norm_std"}
+        )
         again = Preprocess.from_tensors(t)
         assert again.has_zca == pre.has_zca
         assert torch.equal(again.apply(px), pre.apply(px))
@@ -154,7 +158,9 @@ def _rgb_dataset(n=300, side=6, seed=0):
 
     px = _pixels(n=n, c=3, side=side, seed=seed)
     labels = torch.arange(n) % 3
-    return Dataset("cifar10", ["a", "b", "c"], px, labels, px[:10], labels[:10], (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    return Dataset(
+        "cifar10", ["a", "b", "c"], px, labels, px[:10], labels[:10], (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    )
 
 
 def _zca_reference_float64(pixels: torch.Tensor, eps: float = ZCA_EPS):

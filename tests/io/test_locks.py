@@ -17,9 +17,9 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from dpd_cli.io import storage
 from dpd_cli.cli.app import app
 from dpd_cli.errors import OutputExistsError, StorageError
+from dpd_cli.io import storage
 from tests.cli.conftest import TINY
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock semantics of Linux")
@@ -60,7 +60,10 @@ def test_experts_on_a_file_system_without_locks_exits_2(tmp_path, monkeypatch, e
     out = tmp_path / "ex"
     r = dpd("experts", "--num", "1", "--epochs", "1", "--out", out, "--quiet", *TINY)
     assert r.exit_code == 2, r.output
-    assert f"Error: Cannot lock {out / '.lock'}: its file system does not support file locks ({os.strerror(err)}" in r.output
+    assert (
+        f"Error: Cannot lock {out / '.lock'}: its file system does not support file locks ({os.strerror(err)}"
+        in r.output
+    )
     assert "Use a folder on a local disk: choose it with --out" in r.output
     assert "Traceback" not in r.output
     assert not list(out.glob("expert_*"))
@@ -100,7 +103,10 @@ def test_ranks_share_the_folder_and_keep_a_plain_run_out(tmp_path):
         with pytest.raises(OutputExistsError) as info:  # a plain run
             with storage.lock_shard(folder, "experts", 0, 1):
                 pass
-        assert str(info.value) == f"Another dpd process is writing experts in {folder}. Wait for it to finish, or choose another --out."
+        assert (
+            str(info.value)
+            == f"Another dpd process is writing experts in {folder}. Wait for it to finish, or choose another --out."
+        )
         with pytest.raises(OutputExistsError):  # the same rank of a second job
             with storage.lock_shard(folder, "experts", 1, 2):
                 pass
@@ -145,13 +151,18 @@ def test_plain_experts_run_is_refused_while_a_torchrun_rank_writes(tmp_path, mon
     rank0_temp = out / ".expert_00000.safetensors.k3j2.tmp"  # rank 0's trajectory being written
     rank0_temp.write_bytes(b"being written")
     args = ["experts", "--num", "2", "--epochs", "1", "--out", out, "--quiet", *TINY]
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_RANK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RANK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
 
         r = dpd(*args)  # a plain run: refused, and it touches nothing
         assert r.exit_code == 2, r.output
-        assert f"Error: Another dpd process is writing experts in {out}. Wait for it to finish, or choose another --out." in r.output
+        assert (
+            f"Error: Another dpd process is writing experts in {out}. Wait for it to finish, or choose another --out."
+            in r.output
+        )
         assert rank0_temp.exists() and not (out / "experts.json").exists()
 
         monkeypatch.setenv("RANK", "1")

@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from dpd_cli import __version__
-from dpd_cli.io import storage
 from dpd_cli.errors import OutputExistsError, StorageError
-from dpd_cli.io.storage import TensorFile, atomic_write, atomic_write_text, load_tensors, lock_dir, read_header, save_tensors
+from dpd_cli.io import storage
+from dpd_cli.io.storage import (
+    TensorFile,
+    atomic_write,
+    atomic_write_text,
+    load_tensors,
+    lock_dir,
+    read_header,
+    save_tensors,
+)
 
 
 def _save(path, fmt="dpd.synthetic", meta=None):
@@ -21,7 +29,9 @@ def _save(path, fmt="dpd.synthetic", meta=None):
         "labels": torch.arange(4),
         "lr": torch.tensor(0.01, dtype=torch.float64),
     }
-    save_tensors(path, tensors, fmt, meta if meta is not None else {"dataset": "cifar10", "n": 3, "nested": {"a": [1, 2.5]}})
+    save_tensors(
+        path, tensors, fmt, meta if meta is not None else {"dataset": "cifar10", "n": 3, "nested": {"a": [1, 2.5]}}
+    )
     return tensors
 
 
@@ -84,7 +94,10 @@ def test_required_tensors(tmp_path):
     load_tensors(p, "dpd.synthetic", required={"images": (torch.float32, 4), "labels": (torch.int64, None)})
     with pytest.raises(StorageError, match=r"lacks the tensor 'alpha'"):
         load_tensors(p, "dpd.synthetic", required={"alpha": (torch.float32, 0)})
-    with pytest.raises(StorageError, match=r"tensor 'images' is torch.float32 with shape \(4, 1, 3, 3\); expected torch.float32 with 2 dimensions"):
+    with pytest.raises(
+        StorageError,
+        match=r"tensor 'images' is torch.float32 with shape \(4, 1, 3, 3\); expected torch.float32 with 2 dimensions",
+    ):
         load_tensors(p, "dpd.synthetic", required={"images": (torch.float32, 2)})
 
 
@@ -177,8 +190,14 @@ def test_random_bytes(tmp_path):
 
 def test_small_header_length_with_garbage(tmp_path):
     p = tmp_path / "g.safetensors"
-    for header in (b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'"text"', b'{"a": 1}', b'{"a": {"dtype": "F32"}}',
-                   b'{"__metadata__": {"k": 1}}'):
+    for header in (
+        b"\xff\xfe\x00garbage",
+        b"[1, 2, 3]",
+        b'"text"',
+        b'{"a": 1}',
+        b'{"a": {"dtype": "F32"}}',
+        b'{"__metadata__": {"k": 1}}',
+    ):
         p.write_bytes(struct.pack("<Q", len(header)) + header)
         with pytest.raises(StorageError):
             load_tensors(p)

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from dpd_cli.io import storage
 from dpd_cli.errors import StorageError
+from dpd_cli.io import storage
 
 # ----------------------------------------------------------------------------------------------
 # save_tensors: the safetensors format, written without a serialised copy
@@ -56,12 +56,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-@pytest.mark.parametrize("meta", [{}, {"note": "x", "nested": {"a": [1, 2.5]}, "text": "ünïcode ✓ \"quoted\""}])
+@pytest.mark.parametrize("meta", [{}, {"note": "x", "nested": {"a": [1, 2.5]}, "text": 'ünïcode ✓ "quoted"'}])
 def test_streamed_file_reads_back_as_safetensors_own(tmp_path, meta):
     tensors = _tensors()
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     storage.save_tensors(ours, tensors, "dpd.checkpoint", meta)
-    theirs.write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=storage._encode_meta("dpd.checkpoint", meta)))
+    theirs.write_bytes(
+        st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=storage._encode_meta("dpd.checkpoint", meta))
+    )
 
     a, b = load_file(str(ours)), load_file(str(theirs))
     assert set(a) == set(b) == set(tensors)
@@ -145,7 +147,10 @@ def test_append_text_cut_back_after_a_short_write(tmp_path, monkeypatch):
     ShortWriteThenFull(monkeypatch, p, room=5)
     with pytest.raises(StorageError) as info:
         storage.append_text(p, '{"b": 2}\n{"c": 3}\n')
-    assert str(info.value) == f"No space left on the device while writing {p}. Free some space and rerun (add --resume where it applies)."
+    assert (
+        str(info.value)
+        == f"No space left on the device while writing {p}. Free some space and rerun (add --resume where it applies)."
+    )
     assert p.read_text() == '{"a": 1}\n'
 
 
@@ -225,7 +230,10 @@ def test_append_text_read_only_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.os, "open", refuse)
     with pytest.raises(StorageError) as info:
         storage.append_text(tmp_path / "m.jsonl", "x\n")
-    assert str(info.value) == f"Cannot write {tmp_path / 'm.jsonl'}: Permission denied. Choose a writable output folder (--out) or fix its permissions."
+    assert (
+        str(info.value)
+        == f"Cannot write {tmp_path / 'm.jsonl'}: Permission denied. Choose a writable output folder (--out) or fix its permissions."
+    )
 
 
 # ----------------------------------------------------------------------------------------------

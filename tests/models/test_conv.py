@@ -28,11 +28,20 @@ def _naive_conv(x, w, b, pad):
     xp = F.pad(x, (pad, pad, pad, pad))
     kh, kw = w.shape[2:]
     h, wd = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
-    out = sum(torch.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j]) for i in range(kh) for j in range(kw))
+    out = sum(
+        torch.einsum("nchw,oc->nohw", xp[:, :, i : i + h, j : j + wd], w[:, :, i, j])
+        for i in range(kh)
+        for j in range(kw)
+    )
     return out if b is None else out + b.view(1, -1, 1, 1)
 
 
-CASES = [((2, 3, 6, 5), 4, 1, True), ((3, 1, 7, 7), 2, 3, True), ((1, 2, 4, 9), 3, 0, False), ((2, 2, 3, 3), 5, 1, False)]
+CASES = [
+    ((2, 3, 6, 5), 4, 1, True),
+    ((3, 1, 7, 7), 2, 3, True),
+    ((1, 2, 4, 9), 3, 0, False),
+    ((2, 2, 3, 3), 5, 1, False),
+]
 
 
 @pytest.mark.parametrize("shape,cout,pad,bias", CASES)
@@ -56,7 +65,9 @@ def test_second_derivatives_equal_pytorchs_and_the_written_out_convolution(shape
         y = conv()
         gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=D).requires_grad_(True)
         grads = torch.autograd.grad(y, params, gy, create_graph=True)
-        picked = {"gx": [0], "gw": [1], "gb": [2] if bias else [], "gx+gw": [0, 1], "all": list(range(len(grads)))}[cotangents]
+        picked = {"gx": [0], "gw": [1], "gb": [2] if bias else [], "gx+gw": [0, 1], "all": list(range(len(grads)))}[
+            cotangents
+        ]
         if not picked:
             return [y]
         cots = [torch.randn(grads[i].shape, generator=torch.Generator().manual_seed(4 + i), dtype=D) for i in picked]

@@ -38,9 +38,16 @@ def test_layout():
     fm = _fm()
     # conv(1->4, 3x3), GN(4), conv(4->4), GN(4), fc(4*2*2 -> 3)
     assert fm.layout == [
-        ["conv1.weight", [4, 1, 3, 3]], ["conv1.bias", [4]], ["norm1.weight", [4]], ["norm1.bias", [4]],
-        ["conv2.weight", [4, 4, 3, 3]], ["conv2.bias", [4]], ["norm2.weight", [4]], ["norm2.bias", [4]],
-        ["fc.weight", [3, 16]], ["fc.bias", [3]],
+        ["conv1.weight", [4, 1, 3, 3]],
+        ["conv1.bias", [4]],
+        ["norm1.weight", [4]],
+        ["norm1.bias", [4]],
+        ["conv2.weight", [4, 4, 3, 3]],
+        ["conv2.bias", [4]],
+        ["norm2.weight", [4]],
+        ["norm2.bias", [4]],
+        ["fc.weight", [3, 16]],
+        ["fc.bias", [3]],
     ]
     offsets = [layer.offset for layer in fm.layers]
     numels = [layer.numel for layer in fm.layers]

@@ -169,5 +169,9 @@ def test_the_networks_are_plain_torch_nn_modules(name):
     kinds = {type(m) for m in layers if type(m).__module__.startswith("dpd_cli")}
     assert kinds == ({InstanceNorm} if name in ("resnet18", "vgg11") else set())
     if name == "convnet":
-        assert {type(net.conv1), type(net.norm1), type(net.act1), type(net.pool1)} == {nn.Conv2d, nn.GroupNorm, nn.ReLU,
-                                                                                         nn.AvgPool2d}
+        assert {type(net.conv1), type(net.norm1), type(net.act1), type(net.pool1)} == {
+            nn.Conv2d,
+            nn.GroupNorm,
+            nn.ReLU,
+            nn.AvgPool2d,
+        }

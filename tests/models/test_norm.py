@@ -13,7 +13,16 @@ from dpd_cli.models.norm import InstanceNorm, avg_pool2, instance_norm
 from tests.helpers import fused
 
 # (N, C, *spatial): odd sizes on purpose, H = W = 1 (one value per instance), N = 1, C = 1, 1-D and 3-D maps.
-SHAPES = [(2, 3, 4, 5), (3, 2, 1, 1), (1, 4, 3, 5), (2, 1, 3, 5), (1, 1, 2, 3), (2, 3, 7), (2, 2, 2, 3, 2), (4, 5, 1, 2)]
+SHAPES = [
+    (2, 3, 4, 5),
+    (3, 2, 1, 1),
+    (1, 4, 3, 5),
+    (2, 1, 3, 5),
+    (1, 1, 2, 3),
+    (2, 3, 7),
+    (2, 2, 2, 3, 2),
+    (4, 5, 1, 2),
+]
 
 
 def _naive_norm(x, weight, bias, eps):
@@ -78,7 +87,9 @@ def _assert_same(actual, expected, tol=1e-12):
         torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m, i=i: f"output {i}: {m}")
 
 
-@pytest.mark.parametrize("affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"])
+@pytest.mark.parametrize(
+    "affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"]
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_forward_first_and_second_derivatives_equal_group_norm_and_naive_loop(shape, affine, relu):
     args = _inputs(shape, affine, seed=sum(shape) * 7 + len(shape))
@@ -103,10 +114,14 @@ def test_the_reference_path_is_torch_nn_functional_itself(relu):
     with fused(False):
         y = avg_pool2(x)
         (gx,) = torch.autograd.grad(y, [x], gy)
-    assert torch.equal(y, F.avg_pool2d(x, 2, 2)) and torch.equal(gx, torch.autograd.grad(F.avg_pool2d(x, 2, 2), [x], gy)[0])
+    assert torch.equal(y, F.avg_pool2d(x, 2, 2)) and torch.equal(
+        gx, torch.autograd.grad(F.avg_pool2d(x, 2, 2), [x], gy)[0]
+    )
 
 
-@pytest.mark.parametrize("affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"])
+@pytest.mark.parametrize(
+    "affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"]
+)
 @pytest.mark.parametrize("shape", [(2, 3, 3, 5), (3, 2, 1, 1), (1, 1, 2, 3)], ids=["2x3x3x5", "3x2x1x1", "1x1x2x3"])
 def test_gradcheck_and_gradgradcheck(shape, affine, relu):
     x, weight, bias, _, _ = _inputs(shape, affine, seed=1)
@@ -127,8 +142,12 @@ def test_second_derivatives_with_some_cotangents_absent(which, relu):
 
     def second(fn):
         gx, gw, gb = torch.autograd.grad(fn(x, weight, bias, 1e-5), [x, weight, bias], gy, create_graph=True)
-        picked = {"x": gx.square().sum(), "weight": gw.pow(3).sum(), "bias": gb.square().sum(),
-                  "x+weight": gx.square().sum() + gw.square().sum()}[which]
+        picked = {
+            "x": gx.square().sum(),
+            "weight": gw.pow(3).sum(),
+            "bias": gb.square().sum(),
+            "x+weight": gx.square().sum() + gw.square().sum(),
+        }[which]
         out = torch.autograd.grad(picked, [x, weight, gy], allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for g, t in zip(out, [x, weight, gy])]
 
@@ -166,7 +185,9 @@ def _window_means(x: torch.Tensor) -> torch.Tensor:
     return (t[:, :, 0::2, 0::2] + t[:, :, 0::2, 1::2] + t[:, :, 1::2, 0::2] + t[:, :, 1::2, 1::2]) / 4
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 2, 5, 7), (3, 1, 2, 2), (2, 4, 32, 32)], ids=["4x6", "5x7", "2x2", "32x32"])
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 4, 6), (1, 2, 5, 7), (3, 1, 2, 2), (2, 4, 32, 32)], ids=["4x6", "5x7", "2x2", "32x32"]
+)
 def test_avg_pool2_equals_avg_pool2d_with_its_derivatives(shape):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
@@ -202,13 +223,18 @@ def test_avg_pool2_in_float32_is_the_window_means_to_float32_rounding():
         got = avg_pool2(t)
         want = exact if t.is_contiguous() else exact.transpose(2, 3)
         assert got.dtype == torch.float32 and got.shape == want.shape
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=2 ** -21)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2**-21)
 
 
 def test_module_is_group_norm_with_the_same_state_and_bitwise_float32_training_math():
     torch.manual_seed(0)
     ours, plain = InstanceNorm(6), nn.GroupNorm(6, 6)
-    assert isinstance(ours, nn.GroupNorm) and (ours.num_groups, ours.num_channels, ours.eps, ours.affine) == (6, 6, 1e-5, True)
+    assert isinstance(ours, nn.GroupNorm) and (ours.num_groups, ours.num_channels, ours.eps, ours.affine) == (
+        6,
+        6,
+        1e-5,
+        True,
+    )
     with torch.no_grad():
         ours.weight.normal_()
         ours.bias.normal_()
@@ -230,7 +256,9 @@ def test_module_is_group_norm_with_the_same_state_and_bitwise_float32_training_m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"])
+@pytest.mark.parametrize(
+    "affine,relu", [(True, False), (False, False), (True, True)], ids=["affine", "plain", "affine+relu"]
+)
 @pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 2, 1, 1), (2, 5, 3, 7)], ids=["4x16x8x8", "3x2x1x1", "2x5x3x7"])
 def test_cuda_equals_group_norm(shape, affine, relu):
     cpu_args = _inputs(shape, affine, seed=6)
@@ -289,4 +317,6 @@ def test_a_plain_backward_makes_no_second_derivative_nodes_and_matches_pytorchs_
     for p, t, r in zip(plain, twice, plain_ref, strict=True):
         assert torch.equal(p, t.detach())  # the same kernels either way
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)  # and PyTorch's own layers' gradients
-    assert torch.equal(plain[0], plain_ref[0]) and torch.equal(plain[2], plain_ref[2])  # conv weight, norm weight: bit for bit
+    assert torch.equal(plain[0], plain_ref[0]) and torch.equal(
+        plain[2], plain_ref[2]
+    )  # conv weight, norm weight: bit for bit

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from dpd_cli.artifacts import evaluation
-from dpd_cli.core.augment import dsa
-from dpd_cli.recipes import evaluate as E
-from dpd_cli.models import build_model
 from dpd_cli.config.settings import resolve
+from dpd_cli.core.augment import dsa
+from dpd_cli.models import build_model
+from dpd_cli.recipes import evaluate as E
 from tests.helpers import tiny_spec
 
 
@@ -31,8 +31,9 @@ def _blobs(n: int = 12, side: int = 8, n_classes: int = 3):
     return x, y
 
 
-def _reference_evaluate_synset(spec, images, labels, epoch_eval_train, lr_net, batch_train, seed, augment=True,
-                               momentum=0.9, weight_decay=0.0005):
+def _reference_evaluate_synset(
+    spec, images, labels, epoch_eval_train, lr_net, batch_train, seed, augment=True, momentum=0.9, weight_decay=0.0005
+):
     torch.manual_seed(seed)
     net = build_model(spec)
     shuffles = torch.Generator().manual_seed(seed)  # injected: dpd's shuffle stream
@@ -69,7 +70,9 @@ def test_training_loop_is_mtts_evaluate_synset(epochs, augment):
     x, y = _blobs()
     s = resolve("evaluate", {"batch": 5, "dsa": augment, "threads": 1})
     seen = []
-    net, diverged = E._train(tiny_spec(), x, y, epochs, 0.05, s, 7, torch.device("cpu"), lambda ep, loss: seen.append((ep, float(loss))))
+    net, diverged = E._train(
+        tiny_spec(), x, y, epochs, 0.05, s, 7, torch.device("cpu"), lambda ep, loss: seen.append((ep, float(loss)))
+    )
     ref, ref_losses = _reference_evaluate_synset(tiny_spec(), x, y, epochs, 0.05, 5, 7, augment)
     assert diverged is None
     assert [ep for ep, _ in seen] == list(range(1, epochs + 2))  # E + 1 epochs, reported 1-based
@@ -89,7 +92,9 @@ def test_train_and_test_tests_the_trained_network():
     assert acc == expected
 
 
-@pytest.mark.parametrize("epochs, run, before_drop", [(1, 2, 2), (2, 3, 3), (5, 6, 4), (300, 301, 152), (1000, 1001, 502)])
+@pytest.mark.parametrize(
+    "epochs, run, before_drop", [(1, 2, 2), (2, 3, 3), (5, 6, 4), (300, 301, 152), (1000, 1001, 502)]
+)
 def test_epochs_run(epochs, run, before_drop):
     assert E.epochs_run(epochs) == (run, before_drop)
 

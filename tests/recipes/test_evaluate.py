@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.config.settings import resolve
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.recipes import evaluate as E
 from dpd_cli.recipes.runtime import derive_seed
-from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.config.settings import resolve
 from tests.helpers import tiny_spec
 
 _TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
@@ -26,11 +26,31 @@ def zca_run(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
-        for var, sub in (("DPD_EXPERTS_ROOT", "experts-root"), ("DPD_DATA_ROOT", "data-root"), ("DPD_CACHE_ROOT", "cache-root")):
+        for var, sub in (
+            ("DPD_EXPERTS_ROOT", "experts-root"),
+            ("DPD_DATA_ROOT", "data-root"),
+            ("DPD_CACHE_ROOT", "cache-root"),
+        ):
             mp.setenv(var, str(tmp / sub))
         experts.run(resolve("experts", {**_TINY, "num": 2, "epochs": 2, "zca": True, "dsa": False, "out": tmp / "ex"}))
-        distill.run(resolve("distill", {**_TINY, "zca": True, "ipc": 2, "iterations": 2, "syn_steps": 2, "max_start_epoch": 1,
-                                        "expert_epochs": 1, "lr_img": 10, "lr_lr": 1e-8, "experts": tmp / "ex", "out": tmp / "run"}))
+        distill.run(
+            resolve(
+                "distill",
+                {
+                    **_TINY,
+                    "zca": True,
+                    "ipc": 2,
+                    "iterations": 2,
+                    "syn_steps": 2,
+                    "max_start_epoch": 1,
+                    "expert_epochs": 1,
+                    "lr_img": 10,
+                    "lr_lr": 1e-8,
+                    "experts": tmp / "ex",
+                    "out": tmp / "run",
+                },
+            )
+        )
     return tmp / "run"
 
 
@@ -50,8 +70,18 @@ def _record_trainings(monkeypatch) -> list[dict]:
     calls: list[dict] = []
 
     def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
-        calls.append({"x": x.clone(), "y": y.clone(), "x_test": x_test.clone(), "y_test": y_test.clone(), "lr": lr, "seed": seed,
-                      "x_val": x_val, "y_val": y_val})
+        calls.append(
+            {
+                "x": x.clone(),
+                "y": y.clone(),
+                "x_test": x_test.clone(),
+                "y_test": y_test.clone(),
+                "lr": lr,
+                "seed": seed,
+                "x_val": x_val,
+                "y_val": y_val,
+            }
+        )
         return E.TrainResult(0.5, None, None if x_val is None else 0.5)
 
     monkeypatch.setattr(E, "_train_and_test", fake)
@@ -111,8 +141,9 @@ def _blobs(n: int = 12, side: int = 8, n_classes: int = 3):
 def test_the_first_non_finite_epoch_is_the_one_reported(monkeypatch):
     losses = iter([1.0, 2.0, float("nan"), 3.0, float("inf")])  # epoch 3 goes bad first; 5 epochs for E = 4
     monkeypatch.setattr(E, "train_epoch", lambda *a, **k: (torch.tensor(next(losses)), None))
-    _, diverged = E._train(tiny_spec(), *_blobs(), 4, 0.01, _settings(dsa=False, batch=4), 0, torch.device("cpu"),
-                           lambda epoch, loss: None)
+    _, diverged = E._train(
+        tiny_spec(), *_blobs(), 4, 0.01, _settings(dsa=False, batch=4), 0, torch.device("cpu"), lambda epoch, loss: None
+    )
     assert diverged == 3
 
 
@@ -121,8 +152,19 @@ def test_train_and_test_reports_divergence(lr, diverges):
     x, y = _blobs()
     s = _settings(dsa=False, batch=4)
     epochs_seen = []
-    acc, diverged, _ = E._train_and_test(tiny_spec(), x, y, x, y, 4, lr, s, 0, torch.device("cpu"),
-                                         lambda epoch, loss: epochs_seen.append((epoch, float(loss))))
+    acc, diverged, _ = E._train_and_test(
+        tiny_spec(),
+        x,
+        y,
+        x,
+        y,
+        4,
+        lr,
+        s,
+        0,
+        torch.device("cpu"),
+        lambda epoch, loss: epochs_seen.append((epoch, float(loss))),
+    )
     assert 0.0 <= acc <= 1.0 and len(epochs_seen) == 5  # --epochs E runs E + 1
     if diverges:
         first_bad = next(epoch for epoch, loss in epochs_seen if not torch.isfinite(torch.tensor(loss)))

@@ -15,21 +15,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpd_cli.io import storage
 from dpd_cli.artifacts import export as export_files
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.artifacts.synthetic import save_synthetic
-from dpd_cli.data import Preprocess, fit_zca
-from dpd_cli.recipes import export
-from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
-from dpd_cli.models import ModelSpec
 from dpd_cli.config.settings import ExportSettings
+from dpd_cli.data import Preprocess, fit_zca
+from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
+from dpd_cli.io import storage
+from dpd_cli.models import ModelSpec
+from dpd_cli.recipes import export
 
 CLASSES = ["airplane", "T-shirt/top", "frog"]
 
 
-def _make_set(path: Path, zca: bool, channels: int = 3, side: int = 8, ipc: int = 2, dataset: str = "cifar10",
-              train_per_class: int | None = None) -> Path:
+def _make_set(
+    path: Path,
+    zca: bool,
+    channels: int = 3,
+    side: int = 8,
+    ipc: int = 2,
+    dataset: str = "cifar10",
+    train_per_class: int | None = None,
+) -> Path:
     g = torch.Generator().manual_seed(3)
     pixels = torch.randint(0, 256, (40, channels, side, side), generator=g, dtype=torch.uint8)
     if zca:
@@ -42,8 +49,16 @@ def _make_set(path: Path, zca: bool, channels: int = 3, side: int = 8, ipc: int 
     images = pre.apply(pixels[:n]) + 0.3 * torch.randn(n, channels, side, side, generator=g)  # some leave [0, 1]
     labels = torch.arange(len(CLASSES)).repeat_interleave(ipc)
     spec = ModelSpec("convnet", channels, (side, side), len(CLASSES), width=4, depth=2)
-    meta = {"dataset": dataset, "classes": CLASSES, "model": spec.to_dict(), "ipc": ipc, "iteration": 7, "iterations": 7,
-            "zca": zca, "settings": {"train_per_class": train_per_class}}
+    meta = {
+        "dataset": dataset,
+        "classes": CLASSES,
+        "model": spec.to_dict(),
+        "ipc": ipc,
+        "iteration": 7,
+        "iterations": 7,
+        "zca": zca,
+        "settings": {"train_per_class": train_per_class},
+    }
     save_synthetic(path, images, labels, torch.tensor(0.0123), pre, meta)
     return path
 
@@ -76,13 +91,23 @@ def test_mtt_files_load_with_plain_torch_as_the_same_tensors(tmp_path, zca):
     else:
         assert not (out / "zca.pt").exists()
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["images_best.pt", "labels_best.pt", "lr_best.pt", "normalization.pt", "README.txt", "export.json"]
-                           + (["zca.pt"] if zca else []))
-    assert result["files"] == [n for n in ["images_best.pt", "labels_best.pt", "lr_best.pt", "normalization.pt", "zca.pt"]
-                               if (out / n).exists()]
+    assert names == sorted(
+        ["images_best.pt", "labels_best.pt", "lr_best.pt", "normalization.pt", "README.txt", "export.json"]
+        + (["zca.pt"] if zca else [])
+    )
+    assert result["files"] == [
+        n
+        for n in ["images_best.pt", "labels_best.pt", "lr_best.pt", "normalization.pt", "zca.pt"]
+        if (out / n).exists()
+    ]
     record = json.loads((out / "export.json").read_text())
     assert (record["format"], record["export_format"], record["source"], record["n_images"], record["zca"]) == (
-        "dpd.export", "mtt", str(src.resolve()), 6, zca)
+        "dpd.export",
+        "mtt",
+        str(src.resolve()),
+        6,
+        zca,
+    )
     readme = (out / "README.txt").read_text()
     for name in result["files"]:
         assert name in readme
@@ -104,7 +129,9 @@ def test_datm_labels_are_logits_whose_softmax_is_the_one_hot_label(tmp_path):
         return torch.sum(-F.log_softmax(inputs, dim=1) * F.softmax(target, dim=1)) / inputs.shape[0]
 
     logits = torch.randn(6, 3, dtype=torch.float64)
-    assert torch.equal(datm_soft_cross_entropy(logits, labels.double()), F.cross_entropy(logits, hard, reduction="sum") / 6)
+    assert torch.equal(
+        datm_soft_cross_entropy(logits, labels.double()), F.cross_entropy(logits, hard, reduction="sum") / 6
+    )
     assert "softmax is exactly the one-hot label" in (tmp_path / "out" / "README.txt").read_text()
 
 
@@ -119,11 +146,17 @@ def test_zca_pt_is_a_kornia_zcawhitening(tmp_path):
     loaded = kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True)
     loaded.load_state_dict(state)
     older = kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True)  # the README's way for kornia without the buffers
-    older.mean_vector, older.transform_matrix, older.transform_inv = state["mean_vector"], state["transform_matrix"], state["transform_inv"]
+    older.mean_vector, older.transform_matrix, older.transform_inv = (
+        state["mean_vector"],
+        state["transform_matrix"],
+        state["transform_inv"],
+    )
     older.fitted = True
     for zca in (loaded, older):
         torch.testing.assert_close(zca(pixels.float() / 255), pre.apply(pixels), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(zca.inverse_transform(t["images"]), pre.invert(t["images"], clamp=False), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            zca.inverse_transform(t["images"]), pre.invert(t["images"], clamp=False), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_npz_loads_without_pickle_as_the_same_tensors(tmp_path):
@@ -132,8 +165,18 @@ def test_npz_loads_without_pickle_as_the_same_tensors(tmp_path):
     _export(src, tmp_path / "out", "npz")
     with np.load(tmp_path / "out" / "synthetic.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    assert set(arrays) == {"images", "labels", "lr", "norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse", "classes",
-                           "meta_json"}
+    assert set(arrays) == {
+        "images",
+        "labels",
+        "lr",
+        "norm_mean",
+        "norm_std",
+        "zca_mean",
+        "zca_matrix",
+        "zca_inverse",
+        "classes",
+        "meta_json",
+    }
     for k in ("images", "labels", "lr", "norm_mean", "norm_std", "zca_mean", "zca_matrix", "zca_inverse"):
         assert arrays[k].dtype == t[k].numpy().dtype and np.array_equal(arrays[k], t[k].numpy()), k
     assert arrays["classes"].tolist() == CLASSES
@@ -189,12 +232,16 @@ def test_soft_labels_are_exported_as_logits(tmp_path):
         assert "the learned soft labels as logits" in (tmp_path / fmt / "README.txt").read_text()
     _export(soft, tmp_path / "npz", "npz")
     with np.load(tmp_path / "npz" / "synthetic.npz") as z:
-        assert np.array_equal(z["label_logits"], logits.numpy()) and np.array_equal(z["labels"], np.repeat([0, 1, 2], 2))
+        assert np.array_equal(z["label_logits"], logits.numpy()) and np.array_equal(
+            z["labels"], np.repeat([0, 1, 2], 2)
+        )
     _export(soft, tmp_path / "png", "imagefolder")
     assert np.array_equal(np.load(tmp_path / "png" / "label_logits.npy"), logits.numpy())
     assert json.loads((tmp_path / "png" / "export.json").read_text())["soft_labels"] is True
     bad = _with_soft_labels(src, torch.randn(6, 4))
-    with pytest.raises(StorageError, match=r"tensor 'label_logits' is torch.float32 \(6, 4\), expected finite float32 \(6, 3\)"):
+    with pytest.raises(
+        StorageError, match=r"tensor 'label_logits' is torch.float32 \(6, 4\), expected finite float32 \(6, 3\)"
+    ):
         _export(bad, tmp_path / "bad", "mtt")
     assert not (tmp_path / "bad").exists()
 
@@ -206,9 +253,13 @@ def test_an_existing_out_is_replaced_only_with_force_and_only_if_it_is_an_export
     (mine / "thesis.tex").write_text("precious")
     with pytest.raises(OutputExistsError) as e:
         _export(src, mine, "npz")
-    assert str(e.value) == (f"{mine} already exists. Add --force to replace it (only a folder that `dpd export` wrote, or an "
-                            "empty one, is replaced), or choose another --out.")
-    with pytest.raises(OutputExistsError, match="is not a folder `dpd export` wrote .it has no export.json., so --force does not"):
+    assert str(e.value) == (
+        f"{mine} already exists. Add --force to replace it (only a folder that `dpd export` wrote, or an "
+        "empty one, is replaced), or choose another --out."
+    )
+    with pytest.raises(
+        OutputExistsError, match="is not a folder `dpd export` wrote .it has no export.json., so --force does not"
+    ):
         _export(src, mine, "npz", force=True)
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
@@ -258,8 +309,10 @@ def test_targets_and_required_settings(tmp_path):
     assert _export(run, tmp_path / "a", "npz")["source"] == str(run / "synthetic.safetensors")
     with pytest.raises(SettingsError) as e:
         export.run(ExportSettings(), run)
-    assert str(e.value) == ("`dpd export` needs --format mtt|datm|imagefolder|npz and --out DIR: which files to write, and "
-                            "the folder to write them to.")
+    assert str(e.value) == (
+        "`dpd export` needs --format mtt|datm|imagefolder|npz and --out DIR: which files to write, and "
+        "the folder to write them to."
+    )
     (tmp_path / "ex").mkdir()
     (tmp_path / "ex" / "experts.json").write_text("{}")
     with pytest.raises(StorageError, match="is an experts folder"):

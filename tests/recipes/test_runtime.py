@@ -10,12 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from dpd_cli.cli.app import app
-from dpd_cli.recipes.runtime import resolve_device
-from dpd_cli.errors import DeviceError, SettingsError
 from dpd_cli.config.settings import MPS_REFUSED, resolve
+from dpd_cli.errors import DeviceError, SettingsError
+from dpd_cli.recipes.runtime import resolve_device
 
-MPS_MESSAGE = ("mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
-               "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU.")
+MPS_MESSAGE = (
+    "mps is not supported: Apple's MPS backend has no float64, and dpd builds float64 tensors on the device "
+    "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU."
+)
 
 
 def test_mps_refused_by_resolve_device():
@@ -36,7 +38,9 @@ def test_mps_refused_on_the_command_line(monkeypatch):
     monkeypatch.delenv("DPD_DEBUG", raising=False)
     r = CliRunner().invoke(app, ["distill", "--device", "mps"])
     assert r.exit_code == 2, r.output
-    assert "--device: mps is not supported: Apple's MPS backend has no float64" in r.output and "Traceback" not in r.output
+    assert (
+        "--device: mps is not supported: Apple's MPS backend has no float64" in r.output and "Traceback" not in r.output
+    )
 
 
 def test_unknown_device_refused_by_resolve_device():

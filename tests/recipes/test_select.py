@@ -12,9 +12,9 @@ import torch
 from dpd_cli import interrupt
 from dpd_cli.artifacts import layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
-from dpd_cli.recipes import evaluate as E
-from dpd_cli.errors import SettingsError, StorageError
 from dpd_cli.config.settings import resolve
+from dpd_cli.errors import SettingsError, StorageError
+from dpd_cli.recipes import evaluate as E
 
 _TINY = {"width": 4, "depth": 2, "train_per_class": 20, "threads": 1}
 
@@ -25,15 +25,32 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     from dpd_cli.recipes import distill, experts
 
     tmp = tmp_path_factory.mktemp("select")
-    common = {"ipc": 1, "iterations": 6, "syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1, "lr_img": 10,
-              "lr_lr": 1e-8, "checkpoint_every": 2, "keep_checkpoints": "all"}
+    common = {
+        "ipc": 1,
+        "iterations": 6,
+        "syn_steps": 2,
+        "max_start_epoch": 1,
+        "expert_epochs": 1,
+        "lr_img": 10,
+        "lr_lr": 1e-8,
+        "checkpoint_every": 2,
+        "keep_checkpoints": "all",
+    }
     with pytest.MonkeyPatch.context() as mp:
-        for var, sub in (("DPD_EXPERTS_ROOT", "experts-root"), ("DPD_DATA_ROOT", "data-root"), ("DPD_CACHE_ROOT", "cache-root")):
+        for var, sub in (
+            ("DPD_EXPERTS_ROOT", "experts-root"),
+            ("DPD_DATA_ROOT", "data-root"),
+            ("DPD_CACHE_ROOT", "cache-root"),
+        ):
             mp.setenv(var, str(tmp / sub))
         for name, val in (("val", 5), ("noval", None)):
             extra = {"val_per_class": val} if val else {}
-            experts.run(resolve("experts", {**_TINY, **extra, "num": 1, "epochs": 2, "dsa": False, "out": tmp / f"ex-{name}"}))
-            distill.run(resolve("distill", {**_TINY, **extra, **common, "experts": tmp / f"ex-{name}", "out": tmp / name}))
+            experts.run(
+                resolve("experts", {**_TINY, **extra, "num": 1, "epochs": 2, "dsa": False, "out": tmp / f"ex-{name}"})
+            )
+            distill.run(
+                resolve("distill", {**_TINY, **extra, **common, "experts": tmp / f"ex-{name}", "out": tmp / name})
+            )
     return {"val": tmp / "val", "noval": tmp / "noval"}
 
 
@@ -69,7 +86,9 @@ def _register(refs: dict, run: Path) -> None:
 
 
 def test_checkpoint_0_and_every_kept_one_are_candidates(run_val, monkeypatch):
-    calls, refs = _scripted(monkeypatch, {("distilled", i): (0.5 + i / 100, 0.9 - abs(i - 2) / 10) for i in range(0, 7, 2)})
+    calls, refs = _scripted(
+        monkeypatch, {("distilled", i): (0.5 + i / 100, 0.9 - abs(i - 2) / 10) for i in range(0, 7, 2)}
+    )
     _register(refs, run_val)
     result = E.run(_settings(), run_val)  # default: val, since the run has a split and several checkpoints
     (entry,) = result["results"]
@@ -120,7 +139,9 @@ def test_init_baseline_and_the_warning(run_val, monkeypatch):
     assert init["source"] == "init" and init["iteration"] == 0
     final_lr = float(load_synthetic(run_val / "synthetic.safetensors")[0]["lr"])
     assert {c["lr"] for c in calls} == {final_lr}  # the initial images train at the final learned step size
-    assert [c["seed"] for c in calls if c["key"][0] == "distilled"] == [c["seed"] for c in calls if c["key"][0] == "init"]
+    assert [c["seed"] for c in calls if c["key"][0] == "distilled"] == [
+        c["seed"] for c in calls if c["key"][0] == "init"
+    ]
     assert d["below_baselines"] == ["init"]
     (warning,) = result["warnings"]
     assert "15.00 points below its own initial images" in warning
@@ -147,7 +168,9 @@ def test_selection_trainings_resume(run_val, monkeypatch):
 
 
 def test_bad_selections(runs, tmp_path):
-    with pytest.raises(SettingsError, match="--select val needs a validation split, and .* has none. Train experts and distil with"):
+    with pytest.raises(
+        SettingsError, match="--select val needs a validation split, and .* has none. Train experts and distil with"
+    ):
         E.run(_settings(select="val"), runs["noval"])
     single = tmp_path / "one"
     shutil.copytree(runs["val"], single, ignore=shutil.ignore_patterns(".*lock*"))
