@@ -1,44 +1,17 @@
 """Why does ``dpd evaluate`` read lower than MTT's own evaluation? One difference at a time.
 
-Trains many fresh networks on one or more synthetic sets under several evaluation loops
-and reports each loop's mean test accuracy and its paired difference from a baseline loop,
-with 95% confidence intervals. Every network of a given index starts from the same
-initialisation in every arm (``torch.manual_seed(seed)`` before ``build_model``), and the
-arms that share dpd's random streams also share their shuffles and DSA draws, so their
-differences are tightly paired.
+Trains fresh networks on synthetic sets under several evaluation loops and reports each loop's mean
+test accuracy and its paired difference from dpd 0.1.0's loop (arm ``dpd``), with 95 % intervals.
+Network ``i`` starts from the seed ``dpd evaluate --seed i`` gives its first network, in every arm.
 
-The loops:
+* ``reference``: MTT's ``evaluate_synset`` re-created from reading the public code (not copied): a
+  shuffled ``DataLoader``, batch 256, SGD (momentum 0.9, weight decay 5e-4), ``E + 1`` epochs, a new
+  optimiser at lr x 0.1 after epoch ``E // 2 + 1``, MTT's ``DiffAugment``, torch's global generator.
+* the knob arms: dpd's random streams, with five switches (``epochs``, ``decay``, ``restart``,
+  ``dsa``, ``loader``) each at dpd 0.1.0's or MTT's value; ``+schedule`` is the current engine's loop.
+* ``engine``: ``dpd_cli.recipes.evaluate`` as checked out, one network on a copy of the set.
 
-* ``reference``: an independent re-creation, written for this benchmark from reading the
-  public MTT code (GeorgeCazenavette/mtt-distillation, ``utils.evaluate_synset``, ``utils.epoch``
-  and ``utils.DiffAugment`` as ``distill.py`` calls them), not copied: a ``DataLoader`` with
-  ``shuffle=True`` over a ``TensorDataset``, batch 256, SGD (momentum 0.9, weight decay 5e-4)
-  at the learned lr, ``E + 1`` epochs, after the epoch of index ``E // 2 + 1`` the lr is
-  multiplied by 0.1 by building a new SGD optimiser (so momentum restarts from zero), DSA
-  ``color_crop_cutout_flip_scale_rotate`` with per-image parameters, every random number
-  from torch's global generator, one test after the last epoch.
-* ``knobs``: one loop with dpd's random streams (a seeded ``randperm`` per epoch, one DSA seed
-  per batch from ``random.Random(seed)``) and five switches: ``epochs`` (``E`` or MTT's
-  ``E + 1``), ``decay`` (dpd's ``MultiStepLR`` after ``E // 2`` epochs, or MTT's after ``E // 2 + 2``),
-  ``restart`` (keep the momentum at the decay, or re-create the optimiser), ``dsa`` (dpd's
-  ``dsa`` or the MTT re-creation below, drawing from a generator seeded with the batch's
-  seed) and ``loader`` (dpd's ``randperm`` or a shuffled ``DataLoader`` with its own seeded
-  generator). All switches at dpd's values (arm ``dpd``) is dpd 0.1.0's loop; ``+schedule``
-  (MTT's epochs, decay point and restart, dpd's DSA and loader) is the current engine's loop;
-  ``--check ARM`` compares an arm's accuracies with the engine's.
-* ``engine``: ``dpd_cli.recipes.evaluate``'s own loop, as checked out (``evaluate.run``, one network,
-  on a copy of the set in a temporary folder).
-
-Network ``i`` starts from seed ``derive_seed(i, "distilled", model, 0)`` in every arm: the seed
-``dpd evaluate --seed i`` gives its first network, so the engine's networks are paired too.
-
-Usage::
-
-    nice -n 10 python benchmarks/eval_protocol.py RUN_OR_FILE [...] --nets 40 --epochs 300 \\
-        --out bench-out/eval-protocol.json
-    python benchmarks/eval_protocol.py RUN --check +schedule   # a knob arm vs the engine's loop
-    python benchmarks/eval_protocol.py RUN --check-dsa         # DSA distributions, family by family (needs scipy)
-    python benchmarks/eval_protocol.py --smoke                 # every arm, 1 network, 1 epoch, a set of real images
+The commands and the numbers: docs/results.md, "Evaluation loop: dpd vs MTT's evaluate_synset".
 """
 
 from __future__ import annotations
@@ -264,17 +237,8 @@ def engine_loop(file: str, net: int, lr: float, epochs: int, device) -> float:
 def run_arm(arm: str, st: dict, net: int, epochs: int, device) -> float:
     if arm == "engine":
         return engine_loop(st["file"], net, st["lr"], epochs, device)
-    args = (
-        st["spec"],
-        st["x"],
-        st["y"],
-        st["x_test"],
-        st["y_test"],
-        st["lr"],
-        epochs,
-        net_seed(st["spec"], net),
-        device,
-    )
+    data = [st[k] for k in ("spec", "x", "y", "x_test", "y_test", "lr")]
+    args = (*data, epochs, net_seed(st["spec"], net), device)
     return reference_loop(*args) if arm == "reference" else knob_loop(*args, ARMS[arm])
 
 
@@ -306,7 +270,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def summarise(records: list[dict], arms: list[str], base: str) -> list[dict]:
+def summarise(records: list[dict], arms: list[str], base: str = "dpd") -> list[dict]:
     """Per arm: mean accuracy, std over networks, paired difference from ``base`` with its 95% CI."""
     rows = []
     by = {(r["set"], r["net"], r["arm"]): r["acc"] for r in records}
@@ -330,7 +294,7 @@ def summarise(records: list[dict], arms: list[str], base: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], base: str, title: str) -> str:
+def markdown(rows: list[dict], title: str, base: str = "dpd") -> str:
     out = [
         f"#### {title}",
         "",
@@ -413,10 +377,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("targets", nargs="*", help="run directories or synthetic.safetensors files")
     ap.add_argument("--nets", type=int, default=40, help="networks per arm and set")
-    ap.add_argument("--first-net", type=int, default=0, help="index of the first network (to extend a run)")
     ap.add_argument("--epochs", type=int, default=300, help="E: dpd trains E epochs, MTT E + 1")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
-    ap.add_argument("--base", default="dpd", help="arm the paired differences are taken against")
     ap.add_argument("--lr", type=float, help="train at this lr instead of each set's learned one (a stress test)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -472,7 +434,7 @@ def main(argv=None) -> int:
     have = {(r["set"], r["net"], r["arm"], r["epochs"], r["lr"]) for r in data["records"]}
     load = os.getloadavg()[0]
     t_start = time.time()
-    for net in range(a.first_net, a.first_net + a.nets):
+    for net in range(a.nets):
         for st in sets:
             for arm in arms:
                 if (st["file"], net, arm, a.epochs, st["lr"]) in have:
@@ -501,11 +463,11 @@ def main(argv=None) -> int:
     ]
     print(f"load average at start {load:.2f}, torch {torch.__version__}, {a.threads} thread(s), E = {a.epochs}\n")
     for st in sets:
-        rows = summarise([r for r in records if r["set"] == st["file"]], arms, a.base)
+        rows = summarise([r for r in records if r["set"] == st["file"]], arms)
         what = "lr" if a.lr is not None else "learned lr"
-        print(markdown(rows, a.base, f"{st['file']} (IPC {st['ipc']}, {what} {st['lr']:.5f})") + "\n")
+        print(markdown(rows, f"{st['file']} (IPC {st['ipc']}, {what} {st['lr']:.5f})") + "\n")
     if len(sets) > 1:
-        print(markdown(summarise(records, arms, a.base), a.base, f"all {len(sets)} sets pooled") + "\n")
+        print(markdown(summarise(records, arms), f"all {len(sets)} sets pooled") + "\n")
     return 0
 
 

@@ -1,30 +1,12 @@
 r"""Quality benchmark: experts -> distill (several prune settings) -> evaluate, over seeds, with baselines.
 
 Writes ``results.json`` and ``results.md`` (mean ± std over seeds; each seed's figure is the mean
-over its evaluation runs) into ``--out``. Every piece is resumable: rerunning the same command skips
-finished experts, distillations and evaluations, so it can be stopped and continued.
-
-Examples (from the repository root):
-
-    # The embedded dataset, quick preset, IPC 1 and 10, MTT (rho 0) vs DPD (rho 0.05), 3 seeds:
-    python benchmarks/quality.py --config examples/quick.toml --ipc 1 10 --ratios 0 0.05 --seeds 0 1 2 \
-        --out bench-out/quality-mini
-
-    # A prune-ratio sweep over both scopes at IPC 1:
-    python benchmarks/quality.py --config examples/quick.toml --ipc 1 --ratios 0 0.01 0.05 0.1 0.2 \
-        --scopes global layer --seeds 0 1 2 --out bench-out/sweep-mini
-
-    # Figures from a finished output (matplotlib: pip install -e ".[plot]"), all or some of them:
-    python benchmarks/quality.py --out bench-out/quality-mini --report-only --figures docs/figures [--figure accuracy_vs_rho]
-
-    python benchmarks/quality.py --smoke    # the whole pipeline at toy size on the embedded set (a temporary --out)
-
-Per-IPC distillation overrides go in ``--ipc-settings '{"10": {"syn_steps": 10, "iterations": 100}}'``;
-any other setting of a command can be overridden with ``--set experts.num=3`` style flags.
-
-Figures (``--figures DIR``, from ``results.json``): accuracy_vs_rho.png (with more than two ratios),
-loss_curves.png (the runs of the first seed), grid_ipc*.png (a DPD set of the first seed),
-layer_pruning.png (mean % of each layer pruned per iteration, a DPD run of the first seed).
+over its evaluation runs) into ``--out``. Resumable: rerunning the same command skips finished
+experts, distillations and evaluations. Per-IPC distillation overrides go in
+``--ipc-settings '{"10": {"syn_steps": 10}}'``, any other setting in ``--set experts.num=3``.
+``--figures DIR`` (needs matplotlib) draws accuracy_vs_rho.png, loss_curves.png, grid_ipc*.png and
+layer_pruning.png; ``--report-only`` redraws the table and figures from results.json. The commands
+behind each published number are in docs/results.md.
 """
 
 from __future__ import annotations
@@ -52,7 +34,6 @@ from dpd_cli.io.images import save_grid
 from dpd_cli.recipes import distill, evaluate, experts
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("accuracy_vs_rho", "loss_curves", "grids", "layer_pruning")
 #: --smoke: the embedded set's preset at toy sizes.
 SMOKE_SETS = [
     "experts.num=1",
@@ -125,7 +106,6 @@ def main(argv=None) -> None:
         "--report-only", action="store_true", help="Run nothing: redraw the table and --figures from results.json."
     )
     p.add_argument("--figures", type=Path, help="Draw the figures into this folder.")
-    p.add_argument("--figure", nargs="+", choices=FIGURES, default=list(FIGURES), help="Only these figures.")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -151,7 +131,7 @@ def main(argv=None) -> None:
         data = json.loads((out / "results.json").read_text())
         print(_markdown(data["summary"], data["meta"]))
         if args.figures:
-            figures(data, args.figures, args.figure)
+            figures(data, args.figures)
         return
 
     over = _overrides(args.sets)
@@ -269,7 +249,7 @@ def main(argv=None) -> None:
     (out / "results.md").write_text(_markdown(summary, meta))
     print(_markdown(summary, meta))
     if args.figures:
-        figures({"summary": summary, "records": records}, args.figures, args.figure)
+        figures({"summary": summary, "records": records}, args.figures)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -351,8 +331,8 @@ def _markdown(summary: list[dict], meta: dict) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
-def figures(data: dict, dst: Path, only=FIGURES) -> None:
-    """The figures of ``only`` from a results.json's content into ``dst`` (skipped without matplotlib)."""
+def figures(data: dict, dst: Path) -> None:
+    """The figures from a results.json's content into ``dst`` (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -374,7 +354,7 @@ def figures(data: dict, dst: Path, only=FIGURES) -> None:
         fig.savefig(dst / f"{name}.png", dpi=120)
         plt.close(fig)
 
-    if "accuracy_vs_rho" in only and len({r["ratio"] for r in dist}) > 2:  # one line per (IPC, scope); random dashed
+    if len({r["ratio"] for r in dist}) > 2:  # one line per (IPC, scope); random dashed
         fig, ax = plt.subplots(figsize=(6, 4))
         for ipc in ipcs:
             for scope in ("global", "layer"):
@@ -395,7 +375,7 @@ def figures(data: dict, dst: Path, only=FIGURES) -> None:
         )
         ax.legend()
         save(fig, "accuracy_vs_rho")
-    if "loss_curves" in only and first:
+    if first:
         fig, axes = plt.subplots(1, len(ipcs), figsize=(5 * len(ipcs), 3.5), squeeze=False)
         for ax, ipc in zip(axes[0], ipcs):
             for r in sorted((r for r in first if r["ipc"] == ipc and r["scope"] == "global"), key=lambda r: r["ratio"]):
@@ -408,18 +388,13 @@ def figures(data: dict, dst: Path, only=FIGURES) -> None:
             ax.set(title=f"Matching loss, IPC {ipc} (first seed, smoothed)", xlabel="iteration")
             ax.legend()
         save(fig, "loss_curves")
-    if "grids" in only:
-        for ipc in ipcs:
-            run = next((Path(r["run_dir"]) for r in dpd_runs if r["ipc"] == ipc), None)
-            if run is not None:
-                t, meta = load_synthetic(run / SYNTHETIC)
-                save_grid(
-                    Preprocess.from_tensors(t).invert(t["images"]),
-                    t["labels"],
-                    len(meta["classes"]),
-                    dst / f"grid_ipc{ipc}.png",
-                )
-    if "layer_pruning" in only and dpd_runs:
+    for ipc in ipcs:
+        run = next((Path(r["run_dir"]) for r in dpd_runs if r["ipc"] == ipc), None)
+        if run is not None:
+            t, meta = load_synthetic(run / SYNTHETIC)
+            images = Preprocess.from_tensors(t).invert(t["images"])
+            save_grid(images, t["labels"], len(meta["classes"]), dst / f"grid_ipc{ipc}.png")
+    if dpd_runs:
         run = Path(dpd_runs[0]["run_dir"])
         counts, meta = prune_counts.load(run / "prune_frequency.safetensors")
         layers = prune_counts.layer_stats(counts, meta["layout"], max(1, int(meta.get("iterations_pruned") or 0)))[

@@ -1,34 +1,12 @@
 #!/usr/bin/env python3
 r"""Speed of dpd: expert and evaluation training, distillation against the reference MTT loop, data parallel.
 
-    python benchmarks/speed.py --smoke                               # every section at toy size
-    python benchmarks/speed.py --out bench-out/speed-cpu.json        # experts, distill, eval on this CPU
-    python benchmarks/speed.py --only ab --modes full,low,ref --warmup 3 --iters 5
-    python benchmarks/speed.py --only ab --device cuda --dataset imagefolder --data-dir CIFAR10_JPEG --ipc 10,50 \
-        --steps 30 --iters 10 --modes full,low,ref,full_graph,low_graph
-    torchrun --standalone --nproc-per-node 2 benchmarks/speed.py --only dp --experts EX --ipc 10 --steps 20
-
-Sections (``--only``, default ``experts,distill,eval``):
-
-experts  images/s of ``train_epoch`` with ``ExpertSettings``' SGD against a bare PyTorch loop on MTT's
-         network (``mtt_reference.mtt_network``), same batches and DSA; epochs interleaved, medians.
-eval     epochs/s of evaluation training (``EvalSettings``' SGD, a step schedule) on IPC x classes real
-         images, against the bare loop; interleaved, medians.
-distill  seconds per iteration and peak memory, each (IPC, N, mode) in a fresh subprocess: one untimed
-         warm-up iteration, ``--iters`` timed. Peak: ``ru_maxrss`` (the whole process) on the CPU,
-         ``max_memory_allocated`` on CUDA. Configurations estimated above ``--mem-limit-gb`` are skipped.
-ab       the same iteration, every mode in ONE process, round by round (the order rotates), so load
-         changes hit every mode alike; ``--warmup`` untimed and ``--iters`` timed rounds; medians,
-         min/max and paired per-round ratios; rho 0 everywhere (the reference does not prune).
-dp       seconds per iteration and peak memory per rank of ``DistillRecipe`` (the loop ``dpd distill``
-         runs) on ``--experts``, one process or every rank under torchrun; rho 0.
-
-Modes (``--modes``): ``full`` / ``low`` (``matching.meta_gradient`` + engine.distill's momentum
-updates), ``lowK`` (low keeping the last K steps' graphs, ``--keep-graphs K``), ``ref`` (the reference,
-``mtt_reference.py``), in ``ab`` also ``sweep`` (low memory's forward sweep alone), ``full_det`` /
-``low_det`` (cuDNN deterministic, ``--deterministic``) and on CUDA ``full_graph`` / ``low_graph`` /
-``lowK_graph`` (``--cuda-graphs``). Every mode of iteration i uses the same DSA seeds and the same
-start/target parameters.
+Sections (``--only``, default ``experts,distill,eval``): ``experts`` / ``eval`` (dpd's ``train_epoch``
+against a bare PyTorch loop, interleaved), ``distill`` (s/it and peak memory, each mode in a fresh
+process), ``ab`` (every mode interleaved in one process, rho 0, paired per-round ratios), ``dp``
+(``DistillRecipe`` on ``--experts``, alone or under torchrun). Modes (``--modes``): ``full``, ``low``,
+``lowK`` (``--keep-graphs K``), ``ref`` (``mtt_reference.py``); in ``ab`` also ``sweep``, ``full_det`` /
+``low_det`` and on CUDA ``full_graph`` / ``low_graph`` / ``lowK_graph``. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -61,8 +39,8 @@ from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.core.train import train_epoch
 from dpd_cli.data import load_dataset
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
-from dpd_cli.recipes import experts as experts_engine
 from dpd_cli.recipes.distill import DistillRecipe
+from dpd_cli.recipes.distill_inputs import draw_plan
 from dpd_cli.recipes.runtime import build_preprocess, set_host_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,18 +100,8 @@ def stats(xs: list[float]) -> dict:
 
 
 def environment(args, dev) -> dict:
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = re.search(r"model name\s*:\s*(.*)", info)
     git = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
@@ -142,7 +110,7 @@ def environment(args, dev) -> dict:
         "torch": torch.__version__,
         "dpd": __version__,
         "git": git or None,
-        "cpu": cpu,
+        "cpu": cpu[1] if cpu else platform.processor(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "device": str(dev),
         "cores": len(os.sched_getaffinity(0)),
@@ -178,14 +146,13 @@ def class_balanced(labels: torch.Tensor, n_classes: int, per_class: int, seed: i
 # ----------------------------------------------------------------------------- experts and eval: dpd against a bare loop
 
 
-def bare_epoch(net, opt, x, y, batch, gen, rng, augment: bool) -> None:
+def bare_epoch(net, opt, x, y, batch, gen, rng) -> None:
     """The plainest PyTorch epoch: shuffled index batches, DSA, forward, CE, backward, step."""
     net.train()
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
     for i in range(0, x.shape[0], batch):
         idx = order[i : i + batch]
-        xb = dsa(x[idx], rng.getrandbits(63)) if augment else x[idx]
-        loss = F.cross_entropy(net(xb), y[idx])
+        loss = F.cross_entropy(net(dsa(x[idx], rng.getrandbits(63))), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -202,7 +169,6 @@ def against_bare(args, dev, section: str) -> dict:
         s, lr, reps, epochs = EvalSettings(), 0.01, args.eval_reps, args.eval_epochs
         idx = class_balanced(ds.train_labels, ds.n_classes, args.eval_ipc)
     x, y = pre.apply(ds.train_images[idx]).to(dev), ds.train_labels[idx].to(dev)
-    aug = not args.no_dsa
 
     def run(side: str, r: int, n_epochs: int) -> None:
         torch.manual_seed(1000 + r)
@@ -212,9 +178,9 @@ def against_bare(args, dev, section: str) -> dict:
         gen, rng = torch.Generator().manual_seed(r), random.Random(r)
         for _ in range(n_epochs):
             if side == "dpd":
-                train_epoch(net, opt, x, y, s.batch, gen, rng, aug, count_correct=section == "experts")
+                train_epoch(net, opt, x, y, s.batch, gen, rng, True, count_correct=section == "experts")
             else:
-                bare_epoch(net, opt, x, y, s.batch, gen, rng, aug)
+                bare_epoch(net, opt, x, y, s.batch, gen, rng)
             if section == "eval":
                 sched.step()
 
@@ -234,7 +200,6 @@ def against_bare(args, dev, section: str) -> dict:
         "lr": lr,
         "momentum": s.momentum,
         "weight_decay": s.weight_decay,
-        "dsa": aug,
         "reps": reps,
         "epochs_per_rep": epochs,
         "seconds": secs,
@@ -250,23 +215,6 @@ def against_bare(args, dev, section: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- one distillation iteration per mode
-
-
-def draw_plan(rng: random.Random, n_images: int, batch: int, n_steps: int, use_dsa: bool, dev) -> matching.StepPlan:
-    """engine.distill's draws for one iteration: a device permutation walked batch by batch, a DSA seed per step."""
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(rng.getrandbits(63))
-    batches, seeds, order, pos = [], [], None, n_images
-    for _ in range(n_steps):
-        if batch >= n_images:
-            batches.append(None)
-        else:
-            if pos + batch > n_images:
-                order, pos = torch.randperm(n_images, generator=gen, device=dev), 0
-            batches.append(order[pos : pos + batch])
-            pos += batch
-        seeds.append(rng.getrandbits(63) if use_dsa else None)
-    return matching.StepPlan(batches, seeds)
 
 
 def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
@@ -295,8 +243,10 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
     n, n_steps, ratio = len(labels), cfg["steps"], cfg["prune_ratio"]
     batch = min(cfg["batch_syn"] or n, n)
 
+    plan_settings = s.model_copy(update={"batch_syn": batch, "syn_steps": n_steps, "dsa": True})
+
     def plan(it):
-        return draw_plan(random.Random(it), n, batch, n_steps, cfg["dsa"], dev)
+        return draw_plan(random.Random(it), n, plan_settings, dev)
 
     def dpd(memory: str, keep: int = 0, graphed: bool = False, det: bool = False):
         fm = FlatModel(build_model(spec).to(dev))
@@ -314,7 +264,7 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
                 memory,
                 n_steps,
                 batch if batch < n else None,
-                cfg["dsa"],
+                True,
                 pruner.loss_mask,
                 keep_graphs=keep,
             )
@@ -419,11 +369,6 @@ def rss() -> int:
 
 def worker(cfg: dict) -> dict:
     dev = setup(cfg["device"], cfg["threads"], cfg["host_memory"], cfg["cudnn_benchmark"])
-    if dev.type == "cpu" and cfg.get(
-        "mem_limit_bytes"
-    ):  # an allocation error here rather than the OOM killer elsewhere
-        vm = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (vm + int(cfg["mem_limit_bytes"]),) * 2)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.5)  # the same imports in every mode
     runners, info = make_runners(
         {**cfg, "prune_ratio": 0.0 if cfg["mode"] == "ref" else cfg["prune_ratio"]}, [cfg["mode"]], dev
@@ -431,91 +376,40 @@ def worker(cfg: dict) -> dict:
     run = runners[cfg["mode"]]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else rss()
     losses = [float(run(0))]  # warm-up, untimed (its peak counts: the same work)
-    times, cpu = [], []
-    for it in range(1, cfg["iters"] + 1):
-        c0 = time.process_time()
-        times.append(timed(dev, lambda: losses.append(float(run(it)))))
-        cpu.append(time.process_time() - c0)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss()
+    times = [timed(dev, lambda: losses.append(float(run(it)))) for it in range(1, cfg["iters"] + 1)]
     return {
         **info,
         "seconds": times,
         "s_per_it": statistics.median(times),
-        "cpu_s_per_it": statistics.median(cpu),
-        "base_bytes": base,
-        "peak_bytes": peak,
+        "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss(),
         "losses": losses,
         "finite": all(map(math.isfinite, losses)),
-        "memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS",
     }
 
 
-def estimate_peak(done: list[dict], mode: str, ipc: int, steps: int, images: int) -> float | None:
-    """Linear in N through the two largest N measured (same mode and IPC; the reference falls back on full's);
-    with one N, everything above the pre-iteration baseline grows with N x images per step."""
-    pts = [r for r in done if r["mode"] == mode and "peak_bytes" in r] or [
-        r for r in done if mode == "ref" and r["mode"] == "full" and "peak_bytes" in r
-    ]
-    same = sorted((r for r in pts if r["ipc"] == ipc), key=lambda r: r["steps"])
-    if len(same) >= 2 and same[-1]["steps"] != same[0]["steps"]:
-        a, b = same[0] if same[-2]["steps"] == same[-1]["steps"] else same[-2], same[-1]
-        return b["peak_bytes"] + (steps - b["steps"]) * max(
-            0.0, (b["peak_bytes"] - a["peak_bytes"]) / (b["steps"] - a["steps"])
-        )
-    if not pts:
-        return None
-    r = max(same or pts, key=lambda r: r["steps"] * r["batch_syn"])
-    return r["base_bytes"] + (r["peak_bytes"] - r["base_bytes"]) * steps * images / (r["steps"] * r["batch_syn"])
+def run_worker(args, job: dict) -> dict:
+    try:
+        cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {args.worker_timeout:.0f} s"}
+    if p.returncode:
+        return {"error": f"exit {p.returncode}: " + " | ".join(p.stderr.strip().splitlines()[-3:])[-400:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def bench_distill(args, dev, cfg: dict, modes: list[str]) -> dict:
-    if args.mem_limit_gb:
-        limit = args.mem_limit_gb * GIB
-    elif dev.type == "cuda":
-        limit = 0.8 * torch.cuda.get_device_properties(dev).total_memory
-    else:
-        limit = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    n_classes = load_dataset(args.dataset, Path(args.data_dir) if args.data_dir else None).n_classes
+def bench_distill(args, cfg: dict, modes: list[str]) -> dict:
     done = []
     for ipc in args.ipcs:
         for n in args.step_list:
             for mode in modes:
-                est = estimate_peak(done, mode, ipc, n, min(args.batch_syn or ipc * n_classes, ipc * n_classes))
-                tag = f"[distill] IPC {ipc} N {n} {mode}"
-                if est is not None and est > limit:
-                    r = {"skipped": f"skipped: needs ~{est / GIB:.1f} GiB"}
-                else:
-                    job = {**cfg, "mode": mode, "ipc": ipc, "steps": n, "mem_limit_bytes": limit, "iters": args.iters}
-                    try:
-                        p = subprocess.run(
-                            [sys.executable, __file__, "--worker", json.dumps(job)],
-                            capture_output=True,
-                            text=True,
-                            timeout=args.worker_timeout,
-                        )
-                        r = (
-                            json.loads(p.stdout.strip().splitlines()[-1])
-                            if p.returncode == 0
-                            else {
-                                "error": f"exit {p.returncode}: "
-                                + " | ".join(p.stderr.strip().splitlines()[-3:])[-400:]
-                            }
-                        )
-                    except subprocess.TimeoutExpired:
-                        r = {"error": f"timeout after {args.worker_timeout:.0f} s"}
-                r.update(mode=mode, ipc=ipc, steps=n, estimate_bytes=est)
-                log(
-                    f"{tag}: "
-                    + (
-                        f"{r['s_per_it']:.3f} s/it, peak {r['peak_bytes'] / GIB:.2f} GiB"
-                        if "s_per_it" in r
-                        else r.get("skipped") or f"FAILED {r['error']}"
-                    )
-                )
+                r = run_worker(args, {**cfg, "mode": mode, "ipc": ipc, "steps": n, "iters": args.iters})
+                r.update(mode=mode, ipc=ipc, steps=n)
+                result = f"{r['s_per_it']:.3f} s/it, peak {r['peak_bytes'] / GIB:.2f} GiB" if "error" not in r else ""
+                log(f"[distill] IPC {ipc} N {n} {mode}: {result or 'FAILED ' + r['error']}")
                 done.append(r)
-    return {"configs": done, "mem_limit_bytes": limit, "iters": args.iters, "prune_ratio": args.prune_ratio}
+    return {"configs": done, "iters": args.iters, "prune_ratio": args.prune_ratio}
 
 
 # ----------------------------------------------------------------------------- ab: interleaved in one process
@@ -647,7 +541,7 @@ def markdown(res: dict) -> str:
         if sec in res:
             e = res[sec]
             lines += [
-                f"### {sec}: {e['unit']}, ConvNet-{e['width']}, {e['images']} images, batch {e['batch']}, DSA {e['dsa']}, "
+                f"### {sec}: {e['unit']}, ConvNet-{e['width']}, {e['images']} images, batch {e['batch']}, DSA on, "
                 f"{e['reps']} interleaved reps of {e['epochs_per_rep']} epoch(s)",
                 "",
                 "| trainer | median | runs | dpd / bare |",
@@ -665,10 +559,10 @@ def markdown(res: dict) -> str:
             lines.append("")
     if "distill" in res:
         d = res["distill"]
-        kind = next((r["memory_kind"] for r in d["configs"] if "memory_kind" in r), "peak")
+        kind = "max_memory_allocated" if env["device"].startswith("cuda") else "process peak RSS"
         lines += [
             f"### distill: s/it and {kind}, prune ratio {d['prune_ratio']} (ref: 0), median of {d['iters']} after 1 warm-up, "
-            f"fresh process each, limit {d['mem_limit_bytes'] / GIB:.1f} GiB",
+            "fresh process each",
             "",
             "| IPC | N | mode | s/it | peak GiB | time / full | memory / full |",
             "|---|---|---|---|---|---|---|",
@@ -682,12 +576,11 @@ def markdown(res: dict) -> str:
                     f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r['s_per_it']:.3f} | {r['peak_bytes'] / GIB:.2f} | {rel} |"
                 )
             else:
-                lines.append(
-                    f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r.get('skipped') or r.get('error')} | – | – | – |"
-                )
+                lines.append(f"| {r['ipc']} | {r['steps']} | {r['mode']} | {r['error']} | – | – | – |")
         lows = [r for r in d["configs"] if r["mode"] == "low" and "peak_bytes" in r]
         for ipc in sorted({r["ipc"] for r in lows}):
-            a, b = (lambda v: (v[0], v[-1]))(sorted((r for r in lows if r["ipc"] == ipc), key=lambda r: r["steps"]))
+            runs = sorted((r for r in lows if r["ipc"] == ipc), key=lambda r: r["steps"])
+            a, b = runs[0], runs[-1]
             if b["steps"] > a["steps"]:
                 lines.append(
                     f"\nlow-memory peak, IPC {ipc}, N {a['steps']} → {b['steps']}: {100 * (b['peak_bytes'] / a['peak_bytes'] - 1):+.1f}%"
@@ -755,7 +648,6 @@ def parse(argv=None):
     p.add_argument("--dataset", default="fashion-mnist-mini")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--expert-images", type=int, default=None, help="experts: images per epoch (default all)")
     p.add_argument("--expert-reps", type=int, default=3)
     p.add_argument("--eval-ipc", type=int, default=10)
@@ -772,9 +664,6 @@ def parse(argv=None):
     )
     p.add_argument(
         "--experts", default=None, help="experts folder: expert 0's epochs instead of random parameters (dp needs one)"
-    )
-    p.add_argument(
-        "--mem-limit-gb", type=float, default=None, help="distill: skip above this estimated peak (default 80%%)"
     )
     p.add_argument("--worker-timeout", type=float, default=3600)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -799,54 +688,21 @@ def main(argv=None) -> int:
         return 0
     dev = setup(args.device, args.threads, args.host_memory, args.cudnn_benchmark)
     res = {"environment": environment(args, dev), "args": {k: v for k, v in vars(args).items() if k != "worker"}}
-    cfg = {
-        "device": str(dev),
-        "threads": args.threads,
-        "host_memory": args.host_memory,
-        "cudnn_benchmark": args.cudnn_benchmark,
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "width": args.width,
-        "experts": args.experts,
-        "batch_syn": args.batch_syn,
-        "prune_ratio": args.prune_ratio,
-        "dsa": not args.no_dsa,
-    }
-    with tempfile.TemporaryDirectory() as scratch:
-        args.scratch = scratch
-        for sec in ("experts", "eval"):
-            if sec in args.sections:
-                res[sec] = against_bare(args, dev, sec)
-        if "distill" in args.sections:  # --smoke: its first two modes (a process each)
-            res["distill"] = bench_distill(args, dev, cfg, args.mode_list[:2] if args.smoke else args.mode_list)
-        if "ab" in args.sections:
-            res["ab"] = bench_ab(args, dev, cfg)
-        if "dp" in args.sections:
-            experts = args.experts
-            if experts is None:
-                if not args.smoke:
-                    sys.exit("--only dp needs --experts")
-                experts = str(
-                    experts_engine.run(
-                        resolve(
-                            "experts",
-                            {
-                                "dataset": args.dataset,
-                                "num": 1,
-                                "epochs": 1,
-                                "width": args.width,
-                                "train_per_class": 20,
-                                "threads": args.threads,
-                                "device": args.device,
-                                "out": str(Path(scratch) / "experts"),
-                            },
-                        )
-                    )
-                )
-            dp = bench_dp(args, experts)
-            if dp is None:  # not rank 0
-                return 0
-            res["dp"] = dp
+    keys = ("threads", "host_memory", "cudnn_benchmark", "dataset", "data_dir", "width", "experts", "batch_syn")
+    cfg = {"device": str(dev), "prune_ratio": args.prune_ratio, **{k: getattr(args, k) for k in keys}}
+    for sec in ("experts", "eval"):
+        if sec in args.sections:
+            res[sec] = against_bare(args, dev, sec)
+    if "distill" in args.sections:  # --smoke: its first two modes (a process each)
+        res["distill"] = bench_distill(args, cfg, args.mode_list[:2] if args.smoke else args.mode_list)
+    if "ab" in args.sections:
+        res["ab"] = bench_ab(args, dev, cfg)
+    if "dp" in args.sections:
+        if args.experts is None:
+            sys.exit("--only dp needs --experts")
+        res["dp"] = bench_dp(args, args.experts)
+        if res["dp"] is None:  # not rank 0
+            return 0
     if "ref" in args.mode_list and {"distill", "ab"} & set(args.sections):
         res["reference_check"] = check_against_dpd(str(dev))
     text = markdown(res)
