@@ -1,30 +1,13 @@
 r"""Does DPD beat MTT? A paired study over seeds, with 95 % confidence intervals of the differences.
 
-For each dataset the experts are trained once (with a held-out validation split). For every seed,
-plain MTT (rho 0) and every pruning variant share those experts, the initial images and every
-per-iteration draw (expert, start epoch, mini-batches, DSA): dpd derives all of them from
-``(seed, iteration)``, whatever the prune settings. Evaluation networks share their seeds too. Each
-run is evaluated with ``dpd evaluate --select val`` (every kept checkpoint, checkpoint 0 included,
-trained on and the best on the validation split reported), which also gives the final set's
-accuracy. The difference variant - MTT is taken per seed and summarised as mean, standard deviation
-and a 95 % t-interval over seeds.
+Per dataset the experts are trained once (with a validation split). Per seed, MTT (rho 0) and every
+pruning variant share them, the initial images, every per-iteration draw and the evaluation seeds;
+each run is evaluated with ``dpd evaluate --select val``, and variant - MTT is summarised per seed
+as a mean with its 95 % t-interval. A variant ``...@lrS`` of the robust plan is compared with
+``mtt@lrS``; a run that diverges is recorded as such. Resumable; runs go to ``--workers`` processes
+of one torch thread each. The commands and the numbers: docs/results.md, "Does DPD beat MTT?".
 
-Resumable: rerunning the same command skips finished experts, distillations and evaluations.
-Each variant is compared with MTT at the same image learning rate (``mtt@lrS`` for a variant
-``...@lrS`` of the robust plan); a run that diverges is recorded as such instead of stopping the study.
-Runs go to ``--workers`` processes with one torch thread each (small models use two cores better
-that way than one process with two threads).
-
-Examples (from the repository root):
-
-    # the whole study (see docs/results.md for what it costs):
-    python benchmarks/dpd_study.py --fashion-mnist-dir data/fashion-mnist --cifar10-dir data/cifar10-jpeg \
-        --out bench-out/dpd-study
-    # lr_img robustness: MTT and DPD at five image learning rates (Fashion-MNIST IPC 10):
     python benchmarks/dpd_study.py --plan robust --fashion-mnist-dir data/fashion-mnist --out bench-out/dpd-robust
-    # the pipeline at toy size on the embedded set (no data folder; a temporary --out unless given):
-    python benchmarks/dpd_study.py --smoke
-    # redraw the report and figures from finished runs only:
     python benchmarks/dpd_study.py --report-only --out bench-out/dpd-study --figures docs/figures/dpd-study
 """
 
@@ -102,12 +85,9 @@ def baseline(variant: str) -> str:
     return "mtt" + variant[variant.index("@") :] if "@" in variant else "mtt"
 
 
-#: Which variants run in which (dataset, IPC) cell, on which seeds, and at what length. ``cpu`` fits a
-#: 2-core machine in an afternoon: the sharpest comparisons (every main variant) at CIFAR-10 IPC 10,
-#: soft labels against hard at Fashion-MNIST IPC 10 too, the two published readings of DPD (largest
-#: and smallest residuals) at IPC 1 and 10 on both datasets. ``full`` is the whole grid for a
-#: bigger machine. Checkpoints every ``checkpoint_every`` iterations (0 included) are the candidates
-#: of ``--select val``.
+#: Which variants run in which (dataset, IPC) cell, on which seeds, and at what length: ``cpu`` fits a
+#: 2-core machine in an afternoon, ``full`` is the whole grid. Checkpoints every ``checkpoint_every``
+#: iterations (0 included) are the candidates of ``--select val``.
 _MAIN = ["mtt", "abs-largest-0.01", "abs-smallest-0.25", "layer-z-largest-0.05", "mtt-soft"]
 PLANS = {
     "cpu": {
@@ -184,6 +164,7 @@ def train_experts(dataset: str, out: str, data_dir: str | None, threads: int, pl
 def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
     """Distil (or resume) and evaluate one (dataset, IPC, variant, seed); returns its record."""
     dataset, ipc, variant, seed = job
+    key = {"dataset": dataset, "ipc": ipc, "variant": variant, "seed": seed}
     plan = PLANS[plan_name]
     preset = DATASETS[dataset]["preset"]
     run_dir = _run_dir(Path(out), dataset, ipc, variant, seed)
@@ -215,15 +196,7 @@ def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
         try:
             distill.run(resolve("distill", {**flags, "resume": resume or None, "force": (not resume) or None}, preset))
         except DivergedError as err:  # the run stopped: record it as diverged, with no accuracy
-            return {
-                "dataset": dataset,
-                "ipc": ipc,
-                "variant": variant,
-                "seed": seed,
-                "diverged": str(err),
-                "distill_s": time.perf_counter() - t0,
-                "evaluate_s": 0.0,
-            }
+            return {**key, "diverged": str(err), "distill_s": time.perf_counter() - t0, "evaluate_s": 0.0}
     t1 = time.perf_counter()
     ev = resolve(
         "evaluate",
@@ -250,10 +223,7 @@ def run_one(job: tuple, out: str, data_dir: str | None, plan_name: str) -> dict:
     layers = prune_counts.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0))["layers"]
     torch.set_num_threads(1)
     return {
-        "dataset": dataset,
-        "ipc": ipc,
-        "variant": variant,
-        "seed": seed,
+        **key,
         "selected": e["mean"],
         "final": e["final_accuracy"],
         "selected_iteration": e["selected_iteration"],
@@ -346,8 +316,7 @@ def _fmt_ci(d: dict | None) -> str:
     return f"{d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
 
 
-def _fmt_pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}"
+NAN = {"mean": math.nan, "std": math.nan}
 
 
 def markdown(rows: list[dict], meta: dict, pools: list[dict] | None = None) -> str:
@@ -363,14 +332,11 @@ def markdown(rows: list[dict], meta: dict, pools: list[dict] | None = None) -> s
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        sel, fin = (
-            r.get("selected", {"mean": math.nan, "std": math.nan}),
-            r.get("final", {"mean": math.nan, "std": math.nan}),
-        )
+        sel, fin = r.get("selected", NAN), r.get("final", NAN)
         drops = ", ".join("–" if d is None else f"{d:.1f}" for d in r["worst_drop"])
         out.append(
             f"| {r['dataset']} | {r['ipc']} | {r['variant']} | {r['n_seeds']} | {len(r['diverged_seeds'])} | "
-            f"{_fmt_pct(r.get('start'))} | {sel['mean']:.2f} ± {sel['std']:.2f} | {_fmt_ci(sel.get('vs_mtt'))} | "
+            f"{'–' if r.get('start') is None else format(r['start'], '.2f')} | {sel['mean']:.2f} ± {sel['std']:.2f} | {_fmt_ci(sel.get('vs_mtt'))} | "
             f"{fin['mean']:.2f} ± {fin['std']:.2f} | {_fmt_ci(fin.get('vs_mtt'))} | {drops} |"
         )
     if pools:
@@ -443,8 +409,6 @@ def main(argv=None) -> None:
     p.add_argument("--cifar10-dir", type=Path, help="CIFAR-10 as an image folder (train/<class>, test/<class>).")
     p.add_argument("--dataset", choices=list(DATASETS), help="Run the plan's cells on this dataset instead of theirs.")
     p.add_argument("--workers", type=int, default=2, help="Parallel runs, one torch thread each.")
-    p.add_argument("--only", nargs="*", help="Run only these datasets.")
-    p.add_argument("--ipc", type=int, nargs="*", help="Run only these IPCs.")
     p.add_argument(
         "--variants", nargs="*", choices=list(VARIANTS), help="Run only these variants (their MTT is always added)."
     )
@@ -468,13 +432,9 @@ def main(argv=None) -> None:
     if args.dataset:
         plan["cells"] = {(args.dataset, ipc): v for (_, ipc), v in plan["cells"].items()}
     dirs = {"fashion-mnist": args.fashion_mnist_dir, "cifar10": args.cifar10_dir, "fashion-mnist-mini": None}
-    datasets = [d for d in dict.fromkeys(c[0] for c in plan["cells"]) if not args.only or d in args.only]
+    datasets = list(dict.fromkeys(c[0] for c in plan["cells"]))
     wanted = None if args.variants is None else {*args.variants, *map(baseline, args.variants)}
-    jobs = [
-        j
-        for j in _plan_jobs(plan)
-        if j[0] in datasets and (not args.ipc or j[1] in args.ipc) and (wanted is None or j[2] in wanted)
-    ]
+    jobs = [j for j in _plan_jobs(plan) if j[0] in datasets and (wanted is None or j[2] in wanted)]
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / "records.jsonl"
     records = {}
@@ -510,9 +470,8 @@ def main(argv=None) -> None:
                     f"[{rec['distill_s']:.0f} + {rec['evaluate_s']:.0f} s]"
                 )
 
-    done = list(
-        records.values()
-    )  # every recorded run (diverged ones too), also those of earlier invocations with other filters
+    # every recorded run (diverged ones too), also those of earlier invocations with other filters
+    done = list(records.values())
     rows, pools = summarise(done), pooled(done)
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -42,7 +42,7 @@ from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.models import ModelSpec, build_model, default_depth
 from dpd_cli.recipes import evaluate
 from dpd_cli.recipes.runtime import build_preprocess, derive_seed
-from dpd_cli.stats import t_quantile
+from dpd_cli.stats import paired
 
 MOMENTUM, WEIGHT_DECAY, BATCH = 0.9, 5e-4, 256
 DPD = {"epochs": "dpd", "decay": "dpd", "restart": False, "dsa": "dpd", "loader": "dpd"}
@@ -262,14 +262,6 @@ def load_set(target: str, device):
     }
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t interval."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def summarise(records: list[dict], arms: list[str], base: str = "dpd") -> list[dict]:
     """Per arm: mean accuracy, std over networks, paired difference from ``base`` with its 95% CI."""
     rows = []
@@ -279,15 +271,15 @@ def summarise(records: list[dict], arms: list[str], base: str = "dpd") -> list[d
         pairs = [
             (by[k[0], k[1], arm] - by[k[0], k[1], base]) * 100 for k in by if k[2] == base and (k[0], k[1], arm) in by
         ]
-        d, ci = mean_ci(pairs) if pairs else (float("nan"), float("nan"))
+        d = paired(pairs) if pairs else {"mean": math.nan, "half_width": None}
         rows.append(
             {
                 "arm": arm,
                 "n": len(accs),
                 "mean": statistics.fmean(accs) if accs else float("nan"),
                 "std": statistics.pstdev(accs) if len(accs) > 1 else float("nan"),
-                "diff": d,
-                "ci": ci,
+                "diff": d["mean"],
+                "ci": math.nan if d["half_width"] is None else d["half_width"],
                 "pairs": len(pairs),
             }
         )

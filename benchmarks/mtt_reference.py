@@ -1,31 +1,16 @@
 #!/usr/bin/env python3
 """A re-creation of the reference MTT inner loop: the speed baseline of ``speed.py``.
 
-    python benchmarks/mtt_reference.py            # one iteration vs dpd's meta_gradient, float64 (exit 1 if not equal)
-    python benchmarks/mtt_reference.py --device cuda
-    python benchmarks/mtt_reference.py --smoke
+    python benchmarks/mtt_reference.py [--device cuda]   # one iteration vs dpd's meta_gradient, float64
 
-Written for this benchmark from the structure of the public MTT code
-(GeorgeCazenavette/mtt-distillation: ``distill.py`` and ``reparam_module.py``); no code was
-copied. What is kept, because it decides speed and memory:
-
-* The student is a ``ReparamModule``-style wrapper: the network's parameters are removed from its
-  modules and replaced by plain-attribute *views* into one flat vector, swapped in for each forward
-  (dpd runs ``forward_flat`` on an unmodified module instead).
-* A fresh student network every iteration, built as MTT builds its ConvNet, from PyTorch's own
-  layers: ``nn.Conv2d``, ``nn.GroupNorm(C, C, affine=True)`` (instance norm), ``nn.ReLU``,
-  ``nn.AvgPool2d(2)`` (``mtt_network``).
-* The expert trajectory held as per-layer CPU tensors (MTT's replay buffer), concatenated to the
-  device every iteration.
-* The unroll keeps every student parameter vector and back-propagates once through all N steps
-  (``create_graph=True``): MTT's "full" memory profile.
-* Each step indexes the synthetic set with a random-permutation chunk (MTT's ``indices_chunks``).
-* Loss ``mse_loss(reduction="sum")`` ratio; ``grand_loss.backward()``; ``torch.optim.SGD(momentum=0.5)``
-  on the images and on the learnable lr.
-
-Deliberate difference: the augmentation is dpd's ``dsa`` with dpd's per-step seeds, so both sides
-do identical augmentation work. With ``identity_order=True``, no pruning and the same seeds, one
-iteration gives dpd's loss and image gradient (``check_against_dpd``).
+Written from the structure of the public MTT code (GeorgeCazenavette/mtt-distillation: ``distill.py``,
+``reparam_module.py``); no code copied. Kept, because it decides speed and memory: a
+``ReparamModule``-style student (parameters swapped in as views of one flat vector), a fresh
+``mtt_network`` of PyTorch's layers every iteration, the expert trajectory as per-layer CPU tensors,
+one backward through all N steps (``create_graph=True``), random-permutation chunks per step, the
+summed-MSE ratio loss and ``SGD(momentum=0.5)`` on images and lr. Deliberate difference: dpd's
+``dsa`` with dpd's seeds, so that both sides augment alike; with ``identity_order=True``, no pruning
+and the same seeds, one iteration gives dpd's loss and gradients (``check_against_dpd``).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from dpd_cli.data import load_dataset
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
 from dpd_cli.recipes.distill import DistillRecipe
 from dpd_cli.recipes.distill_inputs import draw_plan
+from dpd_cli.recipes.evaluate import random_subset
 from dpd_cli.recipes.runtime import build_preprocess, set_host_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,23 +124,13 @@ def environment(args, dev) -> dict:
     }
 
 
-def load_data(args):
-    ds = load_dataset(args.dataset, Path(args.data_dir) if args.data_dir else None)
+def load_data(dataset: str, data_dir: str | None, width: int):
+    ds = load_dataset(dataset, Path(data_dir) if data_dir else None)
     c, h, w = ds.image_shape
     return (
         ds,
         build_preprocess(ds, zca=False),
-        ModelSpec("convnet", c, (h, w), ds.n_classes, args.width, default_depth((h, w))),
-    )
-
-
-def class_balanced(labels: torch.Tensor, n_classes: int, per_class: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat(
-        [
-            idx[torch.randperm(len(idx), generator=g)[:per_class]]
-            for idx in (torch.nonzero(labels == c).flatten() for c in range(n_classes))
-        ]
+        ModelSpec("convnet", c, (h, w), ds.n_classes, width, default_depth((h, w))),
     )
 
 
@@ -160,14 +151,14 @@ def bare_epoch(net, opt, x, y, batch, gen, rng) -> None:
 
 def against_bare(args, dev, section: str) -> dict:
     """dpd's ``train_epoch`` against ``bare_epoch``, fresh networks from the same seed, interleaved repetitions."""
-    ds, pre, spec = load_data(args)
+    ds, pre, spec = load_data(args.dataset, args.data_dir, args.width)
     if section == "experts":
         s, lr, reps, epochs = ExpertSettings(), ExpertSettings().lr, args.expert_reps, 1
         n = min(args.expert_images or len(ds.train_labels), len(ds.train_labels))
         idx = torch.randperm(len(ds.train_labels), generator=torch.Generator().manual_seed(0))[:n]
     else:
         s, lr, reps, epochs = EvalSettings(), 0.01, args.eval_reps, args.eval_epochs
-        idx = class_balanced(ds.train_labels, ds.n_classes, args.eval_ipc)
+        idx = random_subset(ds.train_labels, ds.n_classes, args.eval_ipc, 0)
     x, y = pre.apply(ds.train_images[idx]).to(dev), ds.train_labels[idx].to(dev)
 
     def run(side: str, r: int, n_epochs: int) -> None:
@@ -219,7 +210,7 @@ def against_bare(args, dev, section: str) -> dict:
 
 def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
     """``mode -> run(it) -> loss`` on one shared problem (images, start and target parameters, per-iteration draws)."""
-    ds = load_dataset(cfg["dataset"], Path(cfg["data_dir"]) if cfg["data_dir"] else None)
+    ds, pre, spec = load_data(cfg["dataset"], cfg["data_dir"], cfg["width"])
     s = DistillSettings()
     if cfg.get("experts"):  # expert 0's epochs 0 and M, read per iteration as the real loop does
         ex = ExpertSet(Path(cfg["experts"]))
@@ -228,9 +219,6 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
         def rows():
             return tuple(t.to(dev) for t in ex.pair(0, 0, epochs))
     else:
-        pre = build_preprocess(ds, zca=False)
-        c, h, w = ds.image_shape
-        spec = ModelSpec("convnet", c, (h, w), ds.n_classes, cfg["width"], default_depth((h, w)))
         torch.manual_seed(0)
         start0 = FlatModel(build_model(spec)).flatten()
         pair = (start0.to(dev), (start0 + 0.01 * torch.randn_like(start0)).to(dev))
@@ -238,7 +226,7 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
         def rows():
             return pair
 
-    idx = class_balanced(ds.train_labels, ds.n_classes, cfg["ipc"])
+    idx = random_subset(ds.train_labels, ds.n_classes, cfg["ipc"], 0)
     images0, labels = pre.apply(ds.train_images[idx]).to(dev), ds.train_labels[idx].to(dev)
     n, n_steps, ratio = len(labels), cfg["steps"], cfg["prune_ratio"]
     batch = min(cfg["batch_syn"] or n, n)
@@ -421,18 +409,16 @@ def bench_ab(args, dev, cfg: dict) -> list[dict]:
         for n in args.step_list:
             runners, info = make_runners({**cfg, "ipc": ipc, "steps": n, "prune_ratio": 0.0}, args.mode_list, dev)
             names = list(runners)
-            wall, cpu, peak = {k: [] for k in names}, {k: [] for k in names}, dict.fromkeys(names, 0)
+            wall, peak = {k: [] for k in names}, dict.fromkeys(names, 0)
             for r in range(args.warmup + args.iters):
                 for k in names[r % len(names) :] + names[: r % len(names)]:
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
-                    c0 = time.process_time()
                     t = timed(dev, lambda: float(runners[k](r)))
                     if dev.type == "cuda":
                         peak[k] = max(peak[k], torch.cuda.max_memory_allocated(dev))
                     if r >= args.warmup:
                         wall[k].append(t)
-                        cpu[k].append(time.process_time() - c0)
                 log(
                     f"[ab] IPC {ipc} N {n} round {r}: "
                     + (", ".join(f"{k} {wall[k][-1]:.2f} s" for k in names) if r >= args.warmup else "warm-up")
@@ -464,7 +450,6 @@ def bench_ab(args, dev, cfg: dict) -> list[dict]:
                     "steps": n,
                     **info,
                     "seconds": wall,
-                    "cpu_seconds": cpu,
                     "stats": {k: stats(v) for k, v in wall.items()},
                     "peak_bytes": peak if dev.type == "cuda" else None,
                     "process_peak_rss_bytes": rss(),
@@ -591,14 +576,12 @@ def markdown(res: dict) -> str:
             f"### ab: ConvNet-{b['width']}, IPC {b['ipc']}, N {b['steps']}, batch_syn {b['batch_syn']}, rho 0, interleaved, "
             f"{res['args']['warmup']} warm-up + {res['args']['iters']} timed rounds",
             "",
-            "| mode | s/it median | min | max | CPU s/it | peak GiB |",
-            "|---|---|---|---|---|---|",
+            "| mode | s/it median | min | max | peak GiB |",
+            "|---|---|---|---|---|",
         ]
         for k, st in b["stats"].items():
             pk = f"{b['peak_bytes'][k] / GIB:.2f}" if b["peak_bytes"] else "–"
-            lines.append(
-                f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {statistics.median(b['cpu_seconds'][k]):.3f} | {pk} |"
-            )
+            lines.append(f"| {k} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | {pk} |")
         lines.append(
             "\npaired ratios (median over rounds): "
             + ", ".join(f"{k} {v:.3f}" for k, v in b["paired_ratios_median"].items())
