@@ -297,14 +297,8 @@ def pooled(records: list[dict], metric: str = "selected") -> list[dict]:
         ]
         cells = sorted({(r["dataset"], r["ipc"]) for r in records if r["variant"] == variant})
         if len(diffs) >= 2:
-            out.append(
-                {
-                    "variant": variant,
-                    "metric": metric,
-                    "cells": [f"{d} IPC {i}" for d, i in cells],
-                    "vs_mtt": paired(diffs),
-                }
-            )
+            names = [f"{d} IPC {i}" for d, i in cells]
+            out.append({"variant": variant, "metric": metric, "cells": names, "vs_mtt": paired(diffs)})
     return out
 
 
@@ -409,17 +403,11 @@ def main(argv=None) -> None:
     p.add_argument("--cifar10-dir", type=Path, help="CIFAR-10 as an image folder (train/<class>, test/<class>).")
     p.add_argument("--dataset", choices=list(DATASETS), help="Run the plan's cells on this dataset instead of theirs.")
     p.add_argument("--workers", type=int, default=2, help="Parallel runs, one torch thread each.")
-    p.add_argument(
-        "--variants", nargs="*", choices=list(VARIANTS), help="Run only these variants (their MTT is always added)."
-    )
-    p.add_argument(
-        "--seeds", type=int, nargs="*", help="These seeds instead of the plan's (to add seeds to a finished plan)."
-    )
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="Only these variants (and their MTT).")
+    p.add_argument("--seeds", type=int, nargs="*", help="These seeds instead of the plan's.")
     p.add_argument("--report-only", action="store_true", help="Summarise finished runs without starting any.")
     p.add_argument("--figures", type=Path, help="Also draw the per-layer prune profiles into this folder.")
-    p.add_argument(
-        "--smoke", action="store_true", help="--plan smoke --dataset fashion-mnist-mini --workers 1, a temporary --out"
-    )
+    p.add_argument("--smoke", action="store_true", help="--plan smoke on the embedded set, a temporary --out")
     args = p.parse_args(argv)
     if args.smoke:
         args.plan, args.dataset, args.workers = "smoke", "fashion-mnist-mini", 1

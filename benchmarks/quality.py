@@ -95,23 +95,11 @@ def main(argv=None) -> None:
     p.add_argument("--baselines", nargs="*", default=["random", "full"], choices=["random", "full", "init"])
     p.add_argument("--ipc-settings", type=json.loads, default={}, help="JSON: {ipc: {distill setting: value}}.")
     p.add_argument("--set", dest="sets", action="append", default=[], help="command.field=value override (repeatable).")
-    p.add_argument(
-        "--shared-experts",
-        action="store_true",
-        help="Train experts once (with the first seed) and distil every seed from them; seeds then vary "
-        "distillation and evaluation only. Saves most of the time on small machines.",
-    )
+    p.add_argument("--shared-experts", action="store_true", help="One experts folder (first seed) for every seed.")
     p.add_argument("--out", type=Path, help="Output folder (required unless --smoke).")
-    p.add_argument(
-        "--report-only", action="store_true", help="Run nothing: redraw the table and --figures from results.json."
-    )
+    p.add_argument("--report-only", action="store_true", help="Run nothing: redraw from results.json.")
     p.add_argument("--figures", type=Path, help="Draw the figures into this folder.")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="The embedded set's preset at toy sizes: IPC 1, rho 0 and 0.05, "
-        "seed 0, random baseline, figures when matplotlib is installed (a temporary --out unless given).",
-    )
+    p.add_argument("--smoke", action="store_true", help="The whole pipeline at toy size on the embedded set.")
     args = p.parse_args(argv)
     if args.smoke:
         args.config, args.ipc, args.ratios, args.seeds, args.baselines = (
@@ -146,6 +134,18 @@ def main(argv=None) -> None:
         result = fn()
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
         return result
+
+    def evaluated(target: Path, source: str, ev, model: str, stage: str, **fields) -> None:
+        """Evaluate ``model`` on ``target`` unless done already; record its latest result with ``fields``."""
+        if not _eval_entries(target, source, model):
+            log(f"{target.name}: evaluating {source} / {model}")
+            timed(stage, lambda: evaluate.run(ev.model_copy(update={"models": [model]}), target))
+        e = _eval_entries(target, source, model)[-1]
+        rec = {**fields, "source": source, "model": model, "mean": e["mean"], "accuracies": e["accuracies"]}
+        if source == "distilled":
+            rec.update(select=e.get("select", "final"), selected_iteration=e.get("selected_iteration"))
+            rec["final"] = e.get("final_accuracy", e["mean"])
+        records.append(rec)
 
     for seed in args.seeds:
         ex_seed = args.seeds[0] if args.shared_experts else seed
@@ -184,29 +184,8 @@ def main(argv=None) -> None:
                         timed(f"distill ipc{ipc}", lambda ds=ds: distill.run(ds))
                     ev = resolve("evaluate", {**over["evaluate"], "seed": seed, "baseline": []}, args.config)
                     for model in ev.models:
-                        if not _eval_entries(run_dir, "distilled", model):
-                            log(f"{name}: evaluating {model}")
-                            timed(
-                                f"evaluate ipc{ipc}",
-                                lambda: evaluate.run(ev.model_copy(update={"models": [model]}), run_dir),
-                            )
-                        e = _eval_entries(run_dir, "distilled", model)[-1]
-                        records.append(
-                            {
-                                "seed": seed,
-                                "ipc": ipc,
-                                "source": "distilled",
-                                "ratio": ratio,
-                                "scope": scope,
-                                "model": model,
-                                "mean": e["mean"],
-                                "accuracies": e["accuracies"],
-                                "run_dir": str(run_dir),
-                                "select": e.get("select", "final"),
-                                "selected_iteration": e.get("selected_iteration"),
-                                "final": e.get("final_accuracy", e["mean"]),
-                            }
-                        )
+                        fields = {"ratio": ratio, "scope": scope, "run_dir": str(run_dir)}
+                        evaluated(run_dir, "distilled", ev, model, f"evaluate ipc{ipc}", seed=seed, ipc=ipc, **fields)
             # Baselines: once per seed and IPC, evaluated through the rho-0 run's synthetic file for the data and transform.
             base_dir = out / f"ipc{ipc}-rho{args.ratios[0]:g}-{args.scopes[0]}-s{seed}"
             for b in args.baselines:
@@ -216,24 +195,8 @@ def main(argv=None) -> None:
                     "evaluate", {**over["evaluate"], "seed": seed, "baseline": [b], "distilled": False}, args.config
                 )
                 for model in ev.models:
-                    if not _eval_entries(base_dir, b, model):
-                        log(f"seed {seed} ipc {ipc}: baseline {b} / {model}")
-                        timed(
-                            f"baseline {b}", lambda: evaluate.run(ev.model_copy(update={"models": [model]}), base_dir)
-                        )
-                    e = _eval_entries(base_dir, b, model)[-1]
-                    records.append(
-                        {
-                            "seed": seed,
-                            "ipc": ipc if b == "random" else None,
-                            "source": b,
-                            "ratio": None,
-                            "scope": None,
-                            "model": model,
-                            "mean": e["mean"],
-                            "accuracies": e["accuracies"],
-                        }
-                    )
+                    fields = {"ipc": ipc if b == "random" else None, "ratio": None, "scope": None}
+                    evaluated(base_dir, b, ev, model, f"baseline {b}", seed=seed, **fields)
 
     summary = _summarise(records)
     meta = {
