@@ -754,3 +754,11 @@ def test_bad_input(case: Case, shared, tmp_path):
         hint = [] if case.id in _NO_TRACEBACK else ["(Set DPD_DEBUG=1 to see the traceback.)"]
         assert lines[0].startswith("Error: ") and lines[1:] == hint, result.stderr
         assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code():
+    result = CliRunner().invoke(app, ["distill", "--ipc", "0", "--print-config"], env={"DPD_DEBUG": "1"})
+    assert result.exit_code == 2, result.output
+    assert "Traceback (most recent call last)" in result.stderr and "SettingsError" in result.stderr
+    assert "Error: Invalid settings for `dpd distill`: --ipc:" in result.stderr
+    assert "Set DPD_DEBUG=1" not in result.stderr and result.stdout == ""
