@@ -330,6 +330,15 @@ CASES = [
         env={"WORLD_SIZE": "2", "RANK": "0"},
     ),
     Case(
+        "env-unknown-variable",
+        ["distill", *D],
+        [
+            "Unknown environment variable for `dpd distill`: DPD_DISTIL_IPC is not a dpd variable "
+            "(did you mean 'DPD_DISTILL_IPC'?). Unset it, or see `dpd distill --help` for each setting's variables."
+        ],
+        env={"DPD_DISTIL_IPC": "3"},
+    ),
+    Case(
         "shared-env-of-colliding-setting",
         ["distill", *D],
         [
@@ -718,6 +727,7 @@ _NO_TRACEBACK = {
     "fail-under-fraction",
     "unknown-protocol",
     "shared-env-of-colliding-setting",
+    "env-unknown-variable",
     "config-from-env-missing",
     "prune-ema-beta-without-ema",
     "prune-ema-beta-one",
