@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dpd_cli.artifacts import run_settings
 from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, preprocess_scheme, read_manifest
 from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import matching
@@ -285,7 +286,7 @@ def check_resumable(
             "over with --force (or another --out)."
         )
     if meta.get("settings_hash") != shash:
-        raise other_settings(run_dir)
+        raise other_settings(run_dir, s)
     if tuple(t["images"].shape) != image_shape:
         raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {image_shape}.")
     if t["prune_counts"].numel() != n_params:
@@ -319,11 +320,25 @@ def diverged(iteration: int, loss: float, a: float, checkpoints: list[Path]) -> 
     )
 
 
-def other_settings(run_dir: Path) -> OutputExistsError:
-    """The refusal to resume a run with settings outside ``RESUMABLE`` changed."""
+def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
+    """The refusal to resume a run with settings outside ``RESUMABLE`` changed, naming each one that differs
+    from the run's ``settings.json`` with both values."""
     flags = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k not in ("resume", "force"))
+    record, _ = run_settings.read(run_dir)
+    recorded = (record or {}).get("settings") or {}
+    given = s.model_dump(mode="json")
+    diffs = [
+        f"--{k.replace('_', '-')}: the run has {recorded.get(k)!r}, settings give {v!r}"
+        for k, v in given.items()
+        if k not in RESUMABLE and recorded.get(k, v) != v
+    ]
+    if recorded:  # a setting this dpd does not know (written by another version)
+        diffs += [
+            f"{k}: the run has {v!r}, this dpd has no such setting" for k, v in recorded.items() if k not in given
+        ]
+    which = f"({'; '.join(diffs)})" if diffs else "(the run's settings.json has them)"
     return OutputExistsError(
-        f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
+        f"{run_dir} was started with other settings {which}. Resume with the same "
         f"settings (only {flags} may change), or use --force to start over."
     )
 

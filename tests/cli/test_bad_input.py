@@ -648,7 +648,7 @@ CASES = [
     Case(
         "resume-with-other-settings",
         ["distill", "--resume", "--experts", "{experts}", "--out", "{tmp}/run", *D, "--lr-img", "20"],
-        ["{tmp}/run was started with other settings"],
+        ["{tmp}/run was started with other settings (--lr-img: the run has 10.0, settings give 20.0). Resume"],
         _copy("run", "run"),
     ),
     Case(
