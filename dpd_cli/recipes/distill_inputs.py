@@ -15,13 +15,20 @@ from pathlib import Path
 import torch
 
 from dpd_cli.artifacts import run_settings
-from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, preprocess_scheme, read_manifest
+from dpd_cli.artifacts.experts import (
+    ExpertSet,
+    expert_files,
+    folders_under,
+    old_preprocess_message,
+    preprocess_scheme,
+    read_manifest,
+)
 from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import matching
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
-from dpd_cli.events import Message, Sink
+from dpd_cli.events import Message, NullSink, Sink
 from dpd_cli.io import paths
 from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import dataset_key, derive_seed
@@ -32,6 +39,7 @@ __all__ = [
     "FROM_EXPERTS",
     "adopt",
     "with_experts",
+    "with_experts_sources",
     "check_experts",
     "init_images",
     "draw_plan",
@@ -124,6 +132,33 @@ def with_experts(s: DistillSettings, sink: Sink) -> tuple[DistillSettings, Exper
         experts.close()
         raise
     return s, experts
+
+
+def with_experts_sources(s: DistillSettings) -> tuple[DistillSettings, dict[str, str]]:
+    """The settings a run of ``s`` uses, completed by ``with_experts`` without running anything, and the
+    source of each value the experts gave (``experts``), for ``--print-config``.
+
+    The folder chosen under the experts root (no ``--experts``) becomes ``experts``, so that the printed
+    settings, fed back, use the same folder. With no experts yet (no fitting folder under the root, or an
+    ``--experts`` folder without experts files) ``s`` is returned as it is: the run stops there with the reason.
+
+    Raises:
+        ExpertsError, StorageError: The experts folder is damaged or contradicts the settings given.
+    """
+    sources = {}
+    if s.experts and not expert_files(Path(s.experts)):
+        return s, {}
+    if not s.experts:
+        try:
+            folder = _choose_experts_folder(s, NullSink())
+        except ExpertsError:
+            return s, {}
+        s = type(s).model_validate({**{k: getattr(s, k) for k in s.model_fields_set}, "experts": folder})
+        sources["experts"] = "the newest fitting folder under the experts root"
+    completed, experts = with_experts(s, NullSink())
+    experts.close()
+    sources.update({k: "experts" for k in completed.model_fields_set - s.model_fields_set})
+    return completed, sources
 
 
 def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
