@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from dpd_cli.cli.runner import Report, settings_command
+from dpd_cli.config.settings import Resolved
 
 
 def _report(settings, run_dir: Path) -> Report:
@@ -20,9 +22,18 @@ def _report(settings, run_dir: Path) -> Report:
     )
 
 
+def _complete(resolved: Resolved) -> Resolved:
+    """The settings the run uses: those the experts folder decides adopted from it, as the recipe does."""
+    from dpd_cli.recipes.distill_inputs import with_experts_sources  # torch: only now
+
+    settings, sources = with_experts_sources(resolved.settings)
+    return dataclasses.replace(resolved, settings=settings, sources={**resolved.sources, **sources})
+
+
 distill = settings_command(
     "distill",
     report=_report,
+    complete=_complete,
     summary="Distil a synthetic set by trajectory matching with Difference-Driven Pruning (rho = 0 is MTT).",
     examples=[
         ("dpd distill --config examples/quick.toml", "the embedded dataset, with settings sized for a CPU"),

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 
 import typer
@@ -57,8 +58,8 @@ def handle_errors() -> Iterator[None]:
         yield
     except UserError as e:
         _ignore(previous)
-        if _debug():
-            raise
+        if _debug():  # the traceback on stderr, then the same message and exit code as without DPD_DEBUG
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
         raise fail(str(e), traceback=e.has_traceback) from None
     except interrupt.Interrupted as e:
         _ignore(previous)

@@ -20,7 +20,7 @@ from rich.console import RenderableType
 from dpd_cli.cli.console import error_console, make_sink, out_console, print_json
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import COMMON, common_parameters, examples_help, settings_parameters
-from dpd_cli.config.settings import resolve_sources, to_toml
+from dpd_cli.config.settings import Resolved, resolve_sources, to_toml
 
 
 @dataclass
@@ -40,12 +40,14 @@ def settings_command(
     summary: str,
     examples: list[tuple[str, str]],
     arguments: Sequence[inspect.Parameter] = (),
+    complete: Callable[[Resolved], Resolved] | None = None,
 ) -> Callable[..., None]:
     """A Typer command function whose options are the settings of ``command``.
 
     ``report(settings, result of run) -> Report``; ``examples``: ``(command line, what it does)`` pairs
     under the ``summary`` in ``--help``; ``arguments``: positional parameters, passed on in this order
-    to the engine's ``run(settings, *arguments, sink)``.
+    to the engine's ``run(settings, *arguments, sink)``; ``complete``: what ``--print-config`` prints instead
+    of the resolved settings when the engine completes them before it runs (their values and sources).
     """
 
     def command_function(**values: Any) -> None:
@@ -54,7 +56,7 @@ def settings_command(
         with handle_errors():
             resolved = resolve_sources(command, values, config)  # values: exactly the settings flags
             if print_config:
-                sys.stdout.write(to_toml(resolved))
+                sys.stdout.write(to_toml(complete(resolved) if complete else resolved))
                 return
             engine = importlib.import_module(f"dpd_cli.recipes.{command}")  # torch: only now, not for --help
             _set_host_memory(resolved.settings)

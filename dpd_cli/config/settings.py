@@ -49,6 +49,15 @@ MPS_REFUSED = (
 PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation", "Model", "Output", "Run")
 #: The variable that names a config file when ``--config`` is not given.
 CONFIG_ENV = "DPD_CONFIG"
+#: The ``DPD_*`` variables that are not settings; any other ``DPD_*`` variable must name a setting
+#: (docs/guide.md lists them too).
+OTHER_ENV = {
+    CONFIG_ENV: "a config file, when --config is not given",
+    "DPD_DEBUG": "1: show the traceback of an error",
+    "DPD_EXPERTS_ROOT": "where experts folders go (dpd_cli.io.paths)",
+    "DPD_DATA_ROOT": "where downloaded datasets go (dpd_cli.io.paths)",
+    "DPD_CACHE_ROOT": "where decoded image folders are cached (dpd_cli.io.paths)",
+}
 #: What ``dpd export --format`` writes (``dpd_cli.artifacts.export``).
 EXPORT_FORMATS = ("mtt", "datm", "imagefolder", "npz")
 _DATA_DIR_HELP = (
@@ -567,6 +576,25 @@ def _ambiguous_env(command: str, cls: type[_Settings], env: Mapping[str, str]) -
     return problems
 
 
+def _known_env() -> frozenset[str]:
+    """Every ``DPD_*`` variable dpd reads: each command's and each shared setting variable, and ``OTHER_ENV``."""
+    names = set(OTHER_ENV)
+    for command, cls in COMMAND_SETTINGS.items():
+        for name in cls.model_fields:
+            names.update((command_env_var(command, name), env_var(name)))
+    return frozenset(names)
+
+
+def _unknown_env(env: Mapping[str, str]) -> list[str]:
+    """A problem for each set ``DPD_*`` variable that names no setting of any command (a typo would be ignored)."""
+    known = _known_env()
+    return [
+        f"{var} is not a dpd variable{_did_you_mean(var, known)}"
+        for var in sorted(env)
+        if var.startswith("DPD_") and var not in known and env[var] != ""
+    ]
+
+
 # --- config files -----------------------------------------------------------------------------
 def _did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
@@ -709,6 +737,13 @@ def resolve_sources(
             merged[k] = v
             sources[k] = f"file {path}" + (f" [{command}]" if in_table else "")
             where[k] = f"config key {k!r}"
+    unknown = _unknown_env(env)
+    if unknown:
+        raise SettingsError(
+            f"Unknown environment variable{'s' if len(unknown) > 1 else ''} for `dpd {title}`: "
+            + "; ".join(unknown)
+            + f". Unset {'them' if len(unknown) > 1 else 'it'}, or see `dpd {title} --help` for each setting's variables."
+        )
     problems = _ambiguous_env(command, cls, env)
     if problems:
         raise SettingsError(f"Ambiguous environment for `dpd {title}`: " + "; ".join(problems) + ".")

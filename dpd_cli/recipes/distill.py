@@ -168,7 +168,7 @@ class DistillRecipe:
             if s.resume and not resume:
                 # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.
                 if self.writer.recorded_settings_hash() != self.shash:
-                    raise other_settings(self.run_dir)
+                    raise other_settings(self.run_dir, s)
                 self.sink.emit(Message(f"{self.run_dir} has no checkpoint yet: starting from iteration 0."))
             self.writer.prepare(s.resume, s.force)
         if self.group is not None:

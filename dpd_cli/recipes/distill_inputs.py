@@ -14,13 +14,21 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.artifacts.experts import ExpertSet, folders_under, old_preprocess_message, preprocess_scheme, read_manifest
+from dpd_cli.artifacts import run_settings
+from dpd_cli.artifacts.experts import (
+    ExpertSet,
+    expert_files,
+    folders_under,
+    old_preprocess_message,
+    preprocess_scheme,
+    read_manifest,
+)
 from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import matching
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
-from dpd_cli.events import Message, Sink
+from dpd_cli.events import Message, NullSink, Sink
 from dpd_cli.io import paths
 from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import dataset_key, derive_seed
@@ -31,6 +39,7 @@ __all__ = [
     "FROM_EXPERTS",
     "adopt",
     "with_experts",
+    "with_experts_sources",
     "check_experts",
     "init_images",
     "draw_plan",
@@ -123,6 +132,33 @@ def with_experts(s: DistillSettings, sink: Sink) -> tuple[DistillSettings, Exper
         experts.close()
         raise
     return s, experts
+
+
+def with_experts_sources(s: DistillSettings) -> tuple[DistillSettings, dict[str, str]]:
+    """The settings a run of ``s`` uses, completed by ``with_experts`` without running anything, and the
+    source of each value the experts gave (``experts``), for ``--print-config``.
+
+    The folder chosen under the experts root (no ``--experts``) becomes ``experts``, so that the printed
+    settings, fed back, use the same folder. With no experts yet (no fitting folder under the root, or an
+    ``--experts`` folder without experts files) ``s`` is returned as it is: the run stops there with the reason.
+
+    Raises:
+        ExpertsError, StorageError: The experts folder is damaged or contradicts the settings given.
+    """
+    sources = {}
+    if s.experts and not expert_files(Path(s.experts)):
+        return s, {}
+    if not s.experts:
+        try:
+            folder = _choose_experts_folder(s, NullSink())
+        except ExpertsError:
+            return s, {}
+        s = type(s).model_validate({**{k: getattr(s, k) for k in s.model_fields_set}, "experts": folder})
+        sources["experts"] = "the newest fitting folder under the experts root"
+    completed, experts = with_experts(s, NullSink())
+    experts.close()
+    sources.update({k: "experts" for k in completed.model_fields_set - s.model_fields_set})
+    return completed, sources
 
 
 def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
@@ -285,7 +321,7 @@ def check_resumable(
             "over with --force (or another --out)."
         )
     if meta.get("settings_hash") != shash:
-        raise other_settings(run_dir)
+        raise other_settings(run_dir, s)
     if tuple(t["images"].shape) != image_shape:
         raise StorageError(f"{path}: images have shape {tuple(t['images'].shape)}, expected {image_shape}.")
     if t["prune_counts"].numel() != n_params:
@@ -319,11 +355,25 @@ def diverged(iteration: int, loss: float, a: float, checkpoints: list[Path]) -> 
     )
 
 
-def other_settings(run_dir: Path) -> OutputExistsError:
-    """The refusal to resume a run with settings outside ``RESUMABLE`` changed."""
+def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
+    """The refusal to resume a run with settings outside ``RESUMABLE`` changed, naming each one that differs
+    from the run's ``settings.json`` with both values."""
     flags = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k not in ("resume", "force"))
+    record, _ = run_settings.read(run_dir)
+    recorded = (record or {}).get("settings") or {}
+    given = s.model_dump(mode="json")
+    diffs = [
+        f"--{k.replace('_', '-')}: the run has {recorded.get(k)!r}, settings give {v!r}"
+        for k, v in given.items()
+        if k not in RESUMABLE and recorded.get(k, v) != v
+    ]
+    if recorded:  # a setting this dpd does not know (written by another version)
+        diffs += [
+            f"{k}: the run has {v!r}, this dpd has no such setting" for k, v in recorded.items() if k not in given
+        ]
+    which = f"({'; '.join(diffs)})" if diffs else "(the run's settings.json has them)"
     return OutputExistsError(
-        f"{run_dir} was started with other settings (the run's settings.json has them). Resume with the same "
+        f"{run_dir} was started with other settings {which}. Resume with the same "
         f"settings (only {flags} may change), or use --force to start over."
     )
 

@@ -330,6 +330,15 @@ CASES = [
         env={"WORLD_SIZE": "2", "RANK": "0"},
     ),
     Case(
+        "env-unknown-variable",
+        ["distill", *D],
+        [
+            "Unknown environment variable for `dpd distill`: DPD_DISTIL_IPC is not a dpd variable "
+            "(did you mean 'DPD_DISTILL_IPC'?). Unset it, or see `dpd distill --help` for each setting's variables."
+        ],
+        env={"DPD_DISTIL_IPC": "3"},
+    ),
+    Case(
         "shared-env-of-colliding-setting",
         ["distill", *D],
         [
@@ -639,7 +648,7 @@ CASES = [
     Case(
         "resume-with-other-settings",
         ["distill", "--resume", "--experts", "{experts}", "--out", "{tmp}/run", *D, "--lr-img", "20"],
-        ["{tmp}/run was started with other settings"],
+        ["{tmp}/run was started with other settings (--lr-img: the run has 10.0, settings give 20.0). Resume"],
         _copy("run", "run"),
     ),
     Case(
@@ -718,6 +727,7 @@ _NO_TRACEBACK = {
     "fail-under-fraction",
     "unknown-protocol",
     "shared-env-of-colliding-setting",
+    "env-unknown-variable",
     "config-from-env-missing",
     "prune-ema-beta-without-ema",
     "prune-ema-beta-one",
@@ -754,3 +764,11 @@ def test_bad_input(case: Case, shared, tmp_path):
         hint = [] if case.id in _NO_TRACEBACK else ["(Set DPD_DEBUG=1 to see the traceback.)"]
         assert lines[0].startswith("Error: ") and lines[1:] == hint, result.stderr
         assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code():
+    result = CliRunner().invoke(app, ["distill", "--ipc", "0", "--print-config"], env={"DPD_DEBUG": "1"})
+    assert result.exit_code == 2, result.output
+    assert "Traceback (most recent call last)" in result.stderr and "SettingsError" in result.stderr
+    assert "Error: Invalid settings for `dpd distill`: --ipc:" in result.stderr
+    assert "Set DPD_DEBUG=1" not in result.stderr and result.stdout == ""

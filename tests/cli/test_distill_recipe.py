@@ -71,6 +71,46 @@ def test_resume_below_the_checkpoint_is_refused(dpd, experts, tmp_path):
     assert load_synthetic(run / "synthetic.safetensors")[1]["iteration"] == 6
 
 
+def test_print_config_shows_the_settings_the_experts_decide_and_runs_as_printed(dpd, tmp_path):
+    root = tmp_path / "experts-root"  # DPD_EXPERTS_ROOT (conftest)
+    folder = root / "w16"
+    tiny = ["--width", "16", "--depth", "2", "--train-per-class", "20", "--num", "1", "--epochs", "2"]
+    assert dpd("experts", *tiny, "--threads", "1", "--out", folder).exit_code == 0
+    r = dpd("distill", "--experts", folder, "--print-config")
+    assert r.exit_code == 0, r.output
+    lines = {" ".join(line.split()) for line in r.stdout.splitlines()}
+    for line in ("width = 16 # experts", "depth = 2 # experts", "train_per_class = 20 # experts", "ipc = 10 # default"):
+        assert line in lines, r.stdout
+    assert f'experts = "{folder}" # flag --experts' in lines
+    (tmp_path / "run.toml").write_text(r.stdout)
+    run = tmp_path / "run"
+    r = dpd("distill", "--config", tmp_path / "run.toml", "--out", run, *PLAIN, "--iterations", "2")
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((run / "settings.json").read_text())["settings"]
+    assert (recorded["width"], recorded["depth"], recorded["train_per_class"]) == (16, 2, 20)
+    # Without --experts: the folder the run would choose, named so that the printed settings choose it again.
+    r = dpd("distill", "--print-config")
+    assert r.exit_code == 0, r.output
+    lines = {" ".join(line.split()) for line in r.stdout.splitlines()}
+    assert f'experts = "{folder}" # the newest fitting folder under the experts root' in lines
+    assert "width = 16 # experts" in lines
+
+
+def test_resume_with_other_settings_names_each_one(dpd, experts, tmp_path):
+    run = tmp_path / "run"
+    args = ["distill", "--experts", experts, "--out", run, *DISTILL, "--iterations", "2"]
+    assert dpd(*args).exit_code == 0
+    r = dpd(*args, "--ipc", "2", "--seed", "5", "--iterations", "4", "--resume")  # --iterations may change
+    assert r.exit_code == 2
+    flags = "--iterations, --checkpoint-every, --keep-checkpoints, --log-every, --device, --threads, --out, "
+    flags += "--experts, --data-dir, --dist-timeout, --host-memory, --cuda-graphs, --keep-graphs, --deterministic"
+    assert r.stderr.splitlines()[0] == (
+        f"Error: {run} was started with other settings (--seed: the run has 0, settings give 5; --ipc: the run "
+        f"has 1, settings give 2). Resume with the same settings (only {flags} may change), or use --force to "
+        "start over."
+    )
+
+
 @pytest.mark.parametrize(
     "prune",
     [

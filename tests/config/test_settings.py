@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from dpd_cli.config.settings import (
+    OTHER_ENV,
     DistillSettings,
     EvalSettings,
     ExpertSettings,
@@ -339,7 +341,37 @@ def test_variable_names_are_unique_and_avoid_reserved_ones():
                     owner.setdefault(var, set()).add(name)
     assert all(len(fields) == 1 for fields in owner.values()), {v: f for v, f in owner.items() if len(f) > 1}
     reserved = {"DPD_EXPERTS_ROOT", "DPD_DATA_ROOT", "DPD_CACHE_ROOT", "DPD_DEBUG", "DPD_CONFIG"}
-    assert not reserved & set(owner)
+    assert set(OTHER_ENV) == reserved and not reserved & set(owner)
+
+
+def test_unknown_variables_are_errors_with_the_closest_name():
+    tail = ". Unset it, or see `dpd distill --help` for each setting's variables."
+    for typo, meant in (
+        ("DPD_DISTILL_IPCC", "DPD_DISTILL_IPC"),
+        ("DPD_ITERATONS", "DPD_ITERATIONS"),
+        ("DPD_DISTIL_IPC", "DPD_DISTILL_IPC"),
+    ):
+        assert _error("distill", env={typo: "3"}) == (
+            f"Unknown environment variable for `dpd distill`: {typo} is not a dpd variable "
+            f"(did you mean {meant!r}?){tail}"
+        )
+    msg = _error("evaluate", env={"DPD_RUNZ": "3", "DPD_EVALUATE_LRR": "0.1"})
+    assert msg.startswith("Unknown environment variables for `dpd evaluate`: DPD_EVALUATE_LRR is not")
+    assert "DPD_RUNZ is not a dpd variable (did you mean 'DPD_RUNS'?)" in msg and "Unset them" in msg
+    # Empty counts as unset; another command's variables and those that are not settings are fine.
+    assert resolve("distill", {}, env={"DPD_DISTILL_IPCC": ""}).ipc == 10
+    other = {"DPD_EXPERTS_EPOCHS": "3", "DPD_EVALUATE_RUNS": "2", **dict.fromkeys(OTHER_ENV, "0")}
+    other.pop("DPD_CONFIG")
+    assert resolve("distill", {}, env=other).ipc == 10
+
+
+def test_every_variable_the_code_reads_is_known():
+    """A ``DPD_*`` variable read anywhere in dpd_cli is a setting's or listed in ``OTHER_ENV`` (else it is refused)."""
+    import dpd_cli
+
+    root = Path(dpd_cli.__file__).parent
+    read = {m for f in root.rglob("*.py") for m in re.findall(r'"(DPD_[A-Z_]*[A-Z])"', f.read_text())}
+    assert read and read <= set(OTHER_ENV)
 
 
 def test_dpd_config_names_the_file(tmp_path):
