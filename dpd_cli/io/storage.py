@@ -80,7 +80,7 @@ def _damage_hint(fmt: str) -> str:
     return {
         "dpd.trajectory": "Recreate it: delete it and rerun the `dpd experts` command that wrote it (finished experts are skipped).",
         "dpd.synthetic": "Recreate it: rerun the `dpd distill` command with --resume, which rewrites it from the newest checkpoint.",
-        "dpd.checkpoint": "Delete it: `dpd distill --resume` falls back to the previous checkpoint (checkpoint 0 is always kept).",
+        "dpd.checkpoint": "Delete it: `dpd distill --resume` skips it and resumes from the previous checkpoint (checkpoint 0 is always kept).",
         "dpd.prune_counts": "Recreate it: rerun the `dpd distill` command with --resume, which rewrites it from the newest checkpoint.",
         "dpd.preprocess": "Recreate it: rerun the dpd command that wrote it (`dpd experts`, or `dpd distill --resume` in a run).",
     }.get(fmt, "Recreate it: rerun the dpd command that wrote it.")
