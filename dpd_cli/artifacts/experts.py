@@ -357,8 +357,9 @@ def check_trajectory(path: Path) -> dict:
     }
 
 
-def check(folder: Path) -> dict:
-    """What an experts folder holds and what is wrong with it, from headers and JSON only.
+def check(folder: Path, verify: bool = False) -> dict:
+    """What an experts folder holds and what is wrong with it, from headers and JSON only; with ``verify``, the
+    tensor data of the trajectories and the preprocessing is checked against their checksums too (every byte read).
 
     Nothing here raises for a damaged file: each problem is a sentence in ``problems`` (an expert's
     own also in its entry's ``error``). The rules are ``ExpertSet``'s, so an empty ``problems`` with
@@ -387,6 +388,8 @@ def check(folder: Path) -> dict:
     preprocess = None
     try:
         preprocess = preprocess_file.check_header(ppath)
+        if verify:
+            storage.verify_data(ppath)
     except StorageError as e:
         problems.append(
             _short(e, ppath)
@@ -402,6 +405,8 @@ def check(folder: Path) -> dict:
         experts.append(entry)
         try:
             facts = check_trajectory(p)
+            if verify:
+                storage.verify_data(p)
         except StorageError as e:
             entry["error"] = _short(e, p)
             problems.append(entry["error"])

@@ -111,14 +111,19 @@ def _relative_error(e: Exception, path: Path, name: str) -> str:
     return str(e).replace(str(path), name)
 
 
-def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | None = None) -> dict:
-    """What a run's files say about its progress, from headers and JSON only (no tensor is read).
+def scan(
+    run_dir: Path, every_checkpoint: bool = False, records: list[dict] | None = None, verify: bool = False
+) -> dict:
+    """What a run's files say about its progress, from headers and JSON (no tensor is loaded).
 
     Args:
         run_dir: The run directory.
         every_checkpoint: Check every checkpoint's header (else only down to the newest usable one).
         records: metrics.jsonl's records if the caller read them (``dpd_cli.artifacts.metrics.read``);
             else only the file's end is read.
+        verify: Also check the tensor data of the synthetic set, prune counts and the checkpoints checked
+            against their recorded checksums (``storage.verify_data``: reads every byte of them). A damaged
+            newest checkpoint is then an error and the next one is tried, as a resume does.
 
     Returns:
         ``{"settings", "synthetic", "checkpoints", "prune", "evaluation", "errors", "state", "disagreements"}``:
@@ -139,7 +144,10 @@ def scan(run_dir: Path, every_checkpoint: bool = False, records: list[dict] | No
         if not path.exists():
             return None
         try:
-            return read(path)
+            meta = read(path)
+            if verify:
+                storage.verify_data(path)
+            return meta
         except StorageError as e:
             errors[name] = _relative_error(e, path, name)
             return None

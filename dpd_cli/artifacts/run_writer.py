@@ -114,8 +114,10 @@ class RunWriter:
         save_grid(self.pre.invert(images), labels, len(meta["classes"]), self.run_dir / layout.GRID)
         return path
 
-    def newest_state(self, check) -> tuple[dict[str, torch.Tensor], dict]:
+    def newest_state(self, check, skipped=None) -> tuple[dict[str, torch.Tensor], dict]:
         """The newest checkpoint that loads, after ``check(path, tensors, meta)`` (which raises to refuse it).
+
+        ``skipped(message)`` is told about each newer checkpoint that did not load (damaged), when an older one does.
 
         Raises:
             StorageError: No checkpoint loads.
@@ -128,6 +130,8 @@ class RunWriter:
                 errors.append(str(e))
                 continue
             check(path, t, meta)
+            for error in errors if skipped is not None else []:
+                skipped(f"{error} Resuming from the previous checkpoint that loads, {path.name}.")
             return t, meta
         raise StorageError(
             f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} "

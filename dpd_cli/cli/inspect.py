@@ -491,6 +491,12 @@ def _detail(key: str, value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+_CHECKSUM = {
+    "verified": "verified (the tensor data is as written)",
+    "mismatch": "DAMAGED (the tensor data does not match the checksum recorded when it was written)",
+}
+
+
 def _show_file(con: Console, f: dict) -> None:
     con.print(Text.assemble(("File ", "bold"), f["path"], f" ({_size(f['size'])})"))
     fmt = f["format"] or "none (not a dpd file)"
@@ -501,6 +507,7 @@ def _show_file(con: Console, f: dict) -> None:
         ("format", fmt),
         ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?"),
         ("status", "valid" if f["valid"] else "INVALID: " + " ".join(f["problems"])),
+        ("checksum", _CHECKSUM.get(f["checksum"], f["checksum"])),
     ]
     if part:
         what = "run" if part["kind"] == "run" else "experts folder"

@@ -17,11 +17,13 @@ __all__ = ["ls"]
 SUMMARY = (
     "List the run directories and experts folders in or below DIR (default: runs/ and the experts root), "
     "one line each, with their state and accuracy.\n\n"
-    "Reads only file headers and JSON, so it stays fast; `dpd inspect PATH` checks a folder in full."
+    "Reads file headers and JSON, and checks each run's synthetic set and newest checkpoint against their checksums, "
+    "so it stays fast; --verify checks every checkpoint and expert too, and `dpd inspect PATH` checks a folder in full."
 )
 EXAMPLES = [
     ("dpd ls", "runs/ and the experts root"),
     ("dpd ls runs/cifar10 --json", "the runs below runs/cifar10, as JSON"),
+    ("dpd ls --verify", "also check every checkpoint and expert against its checksum (reads them all)"),
 ]
 
 
@@ -31,11 +33,19 @@ def ls(
         typer.Argument(metavar="DIR", show_default=False, help="Folders to search, up to 4 levels deep."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check the tensor data of every checkpoint and expert against its checksum, not only each run's "
+            "synthetic set and newest checkpoint (reads every byte: slow for big experts folders).",
+        ),
+    ] = False,
 ) -> None:
     with handle_errors():
         from dpd_cli.reports import ls as engine
 
-        result = engine.run([Path(d) for d in dirs or []])
+        result = engine.run([Path(d) for d in dirs or []], verify=verify)
     print_result("ls", result, json_out, [] if json_out else lines(result))
 
 

@@ -372,7 +372,7 @@ class DistillRecipe:
     def _load_state(self, image_shape) -> DistillState:
         s = self.s
         check = partial(check_resumable, self.run_dir, s, self.shash, tuple(image_shape), self.fm.n_params)
-        t, meta = self.writer.newest_state(check)
+        t, meta = self.writer.newest_state(check, lambda text: self.sink.emit(Message(text, "warning")))
         self.soft_info = meta.get("soft_labels")
         opt = {k: t[k].to(self.device) for k in ("prune_state", "label_logits", "momentum_labels") if k in t}
         fixed = [t[k].to(self.device) for k in ("images", "lr", "momentum_images", "momentum_lr", "prune_counts")]

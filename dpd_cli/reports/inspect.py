@@ -34,6 +34,8 @@ MAX_DISTANCE_EXPERTS = 10
 DEFAULT_EXPERT_EPOCHS = 2
 
 _ENVELOPE_KEYS = ("format", "format_version", "dpd_version")
+#: ``checksum`` of a file written before dpd recorded a digest of the tensor data (0.2 and older).
+UNVERIFIED = "unverified (written before checksums)"
 _WHAT_WORKS = (
     "`dpd inspect` reads a run directory (from `dpd distill`), an experts folder (from `dpd experts`) "
     "or a .safetensors file written by dpd."
@@ -149,7 +151,7 @@ def _inspect_run(run_dir: Path) -> dict:
                 metrics_error = f"metrics.jsonl: {bad} of {total} lines are not metric records (skipped)."
         except OSError as e:
             metrics_error = f"metrics.jsonl cannot be read ({e.strerror or e})."
-    scan = scan_run(run_dir, every_checkpoint=True, records=records)
+    scan = scan_run(run_dir, every_checkpoint=True, records=records, verify=True)
     errors = dict(scan["errors"])  # file name -> why it is invalid
     if metrics_error:
         errors[layout.METRICS] = metrics_error
@@ -238,7 +240,9 @@ def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -
             pass
         elif p.suffix == ".safetensors":
             try:  # a file this command did not otherwise read
-                fmt = storage.read_meta(p)[1].get("format")
+                meta = storage.read_meta(p)[1]
+                fmt = meta.get("format")
+                storage.verify_data(p, meta)
             except StorageError as e:
                 valid, error = False, _short_error(e, p, name)
         elif p.suffix == ".png":
@@ -252,7 +256,7 @@ def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -
 
 # --- experts folder ---------------------------------------------------------------------------
 def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
-    facts = experts_file.check(folder)
+    facts = experts_file.check(folder, verify=True)
     warnings = list(facts["problems"])
     compat, experts = facts["compat"], facts["experts"]
     ref_meta = facts["reference_meta"] or {}
@@ -415,11 +419,17 @@ def _inspect_file(path: Path) -> dict:
     details: dict | None = None
     problems: list[str] = []
     try:
-        details = _file_details(path, fmt)
+        checksum = "verified" if storage.verify_data(path, raw) else UNVERIFIED
     except StorageError as e:
+        checksum = "mismatch"
         problems.append(_short_error(e, path, path.name))
-    except (KeyError, TypeError, ValueError) as e:
-        problems.append(f"{path.name}: metadata does not fit the {fmt} format ({e}).")
+    if not problems:
+        try:
+            details = _file_details(path, fmt)
+        except StorageError as e:
+            problems.append(_short_error(e, path, path.name))
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"{path.name}: metadata does not fit the {fmt} format ({e}).")
 
     container = _container(path)
     return {
@@ -432,6 +442,7 @@ def _inspect_file(path: Path) -> dict:
         "written_by": raw.get("dpd_version"),
         "valid": not problems,
         "problems": problems,
+        "checksum": checksum,
         "tensors": tensors,
         "metadata": meta,
         "details": details,

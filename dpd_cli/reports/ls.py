@@ -1,7 +1,9 @@
 """``dpd ls``: every run directory and experts folder below some folders, one summary each.
 
-Only headers and JSON files are read (``dpd_cli.artifacts.run.scan``, ``dpd_cli.artifacts.experts.check``):
-no tensor is loaded, so listing many runs stays fast.
+Only headers and JSON files are read (``dpd_cli.artifacts.run.scan``, ``dpd_cli.artifacts.experts.check``), and
+the tensor data of each run's synthetic set, prune counts and newest checkpoint is checked against its checksum
+(what ``dpd evaluate`` and a resume read): no tensor is loaded, and experts (gigabytes) are left to ``dpd inspect``
+or ``verify=True`` (``dpd ls --verify``), so listing many runs stays fast.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def _latest_distilled(ev: dict | None) -> dict | None:
     return {k: r[k] for k in keys}
 
 
-def _run_entry(run_dir: Path) -> dict:
-    scan = scan_run(run_dir)
+def _run_entry(run_dir: Path, verify: bool = False) -> dict:
+    scan = scan_run(run_dir, every_checkpoint=verify, verify=True)
     meta = scan["synthetic"] or (scan["checkpoints"][0]["meta"] if scan["checkpoints"] else {})
     settings = (scan["settings"] or {}).get("settings") or meta.get("settings") or {}
     state = scan["state"]
@@ -63,8 +65,8 @@ def _run_entry(run_dir: Path) -> dict:
     }
 
 
-def _experts_entry(folder: Path) -> dict:
-    facts = experts_file.check(folder)
+def _experts_entry(folder: Path, verify: bool = False) -> dict:
+    facts = experts_file.check(folder, verify=verify)
     ref = facts["reference_meta"] or {}
     model = facts["compat"].get("model") or ref.get("model")
     finals = [e["final_test_accuracy"] for e in facts["experts"] if e["compatible"]]
@@ -83,9 +85,10 @@ def _experts_entry(folder: Path) -> dict:
     }
 
 
-def run(dirs: list[Path] | None = None, depth: int = DEPTH) -> dict:
+def run(dirs: list[Path] | None = None, depth: int = DEPTH, verify: bool = False) -> dict:
     """``{"roots", "entries"}``: every run directory and experts folder in or below ``dirs`` (default: ``runs/`` and
     the experts root), sorted by path; docs/formats.md lists their keys. ``problems``: what ``dpd inspect`` warns about.
+    ``verify``: check the tensor data of every checkpoint and expert too, not only each run's newest files.
     """
     roots = _roots([Path(d) for d in dirs or []])
     found: dict[Path, tuple[Path, str]] = {}
@@ -94,6 +97,7 @@ def run(dirs: list[Path] | None = None, depth: int = DEPTH) -> dict:
         for path, k in [(root, kind)] if kind else discover.find(root, depth):
             found.setdefault(path.resolve(), (path, k))
     entries = [
-        (_run_entry if k == "run" else _experts_entry)(p) for p, k in sorted(found.values(), key=lambda x: str(x[0]))
+        (_run_entry if k == "run" else _experts_entry)(p, verify)
+        for p, k in sorted(found.values(), key=lambda x: str(x[0]))
     ]
     return {"roots": [str(r) for r in roots], "entries": entries}

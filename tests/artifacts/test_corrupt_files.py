@@ -10,6 +10,7 @@ whatever loads is as validated. No loader may unpickle anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
@@ -637,3 +638,83 @@ def test_corrupt_synthetic_in_a_run_dir_keeps_message_actionable(tmp_path):
     (run / "synthetic.safetensors").write_bytes(synthetic_blob()[:-10])
     msg = assert_refused(lambda: load_synthetic(run / "synthetic.safetensors"), run / "synthetic.safetensors")
     assert "Rerun `dpd distill` with --resume" in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Content checksums: the digest of the tensor data recorded in the metadata.
+
+
+def _written(tmp: Path, kind: str) -> bytes:
+    """The bytes of a valid file of ``kind`` as dpd writes it (with its data digest)."""
+    p = tmp / f"written-{kind}.safetensors"
+    if kind == "synthetic":
+        storage.save_tensors(p, synthetic_tensors(), "dpd.synthetic", synthetic_meta())
+    else:
+        storage.save_tensors(p, {"trajectory": torch.randn(EPOCHS + 1, N_PARAMS)}, "dpd.trajectory", trajectory_meta())
+    return p.read_bytes()
+
+
+def _data_start(blob: bytes) -> int:
+    return 8 + struct.unpack("<Q", blob[:8])[0]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_flipped_data_byte_refused_by_every_loader(loader, where, tmp_path, experts_folder):
+    """One byte inverted inside the tensor data, header intact: each loader refuses it, naming the file and why."""
+    blob = bytearray(_written(tmp_path, KIND[loader]))
+    start = _data_start(bytes(blob))
+    pos = {"first": start, "middle": (start + len(blob)) // 2, "last": len(blob) - 1}[where]
+    blob[pos] ^= 0x01
+    path, load = LOADERS[loader](tmp_path, bytes(blob), KIND[loader], experts_folder)
+    msg = assert_refused(load, path)
+    assert "does not match the checksum recorded when it was written" in msg
+    assert "Recreate it" in msg or "Delete it" in msg
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_file_without_digest_still_loads(loader, tmp_path, experts_folder):
+    """Files written before dpd recorded checksums (safetensors' own writer here, as 0.2's fixtures) read as before."""
+    blob = _valid(KIND[loader])
+    assert storage.DIGEST_KEY not in storage._encode_meta("dpd.synthetic", {})
+    path, load = LOADERS[loader](tmp_path, blob, KIND[loader], experts_folder)
+    load()
+    assert storage.verify_data(path) is False  # unverified, not refused
+
+
+def test_streamed_digest_equals_hashlib_over_the_data(tmp_path, monkeypatch):
+    """The streamed check agrees with BLAKE2b-128 of the raw bytes after the 8 + N header bytes, across chunks."""
+    monkeypatch.setattr(storage, "_VERIFY_CHUNK", 1000)  # many chunks, the last one partial
+    p = tmp_path / "t.safetensors"
+    storage.save_tensors(p, {"a": torch.randn(1234), "b": torch.arange(77, dtype=torch.int16)}, "dpd.prune_counts")
+    blob = p.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    expected = hashlib.blake2b(blob[8 + n :], digest_size=16).hexdigest()
+    assert storage.data_digest(p) == expected
+    assert storage.read_meta(p)[1][storage.DIGEST_KEY] == expected
+    assert storage.verify_data(p) is True
+
+
+def test_tensor_file_verifies_once_per_process(tmp_path, monkeypatch):
+    """The whole data is read once when a file is first opened; later opens and row reads do not read it again."""
+    p = tmp_path / "expert.safetensors"
+    storage.save_tensors(p, {"trajectory": torch.randn(EPOCHS + 1, N_PARAMS)}, "dpd.trajectory", trajectory_meta())
+    calls = []
+    real = storage._digest_from
+    monkeypatch.setattr(storage, "_digest_from", lambda f: calls.append(1) or real(f))
+    for _ in range(3):
+        with storage.TensorFile(p, "dpd.trajectory") as f:
+            assert f.verified
+            f.rows("trajectory", [0, 1])
+    assert len(calls) == 1
+    # A rewritten file (another inode or modification time) is verified again.
+    storage.save_tensors(p, {"trajectory": torch.randn(EPOCHS + 1, N_PARAMS)}, "dpd.trajectory", trajectory_meta())
+    storage.TensorFile(p, "dpd.trajectory").close()
+    assert len(calls) == 2
+
+
+def test_malformed_digest_entry_refused(tmp_path):
+    raw = {**_meta_bytes("dpd.synthetic", synthetic_meta()), storage.DIGEST_KEY: json.dumps("not-a-digest")}
+    p = _file(tmp_path, synthetic_blob(raw_meta=raw))
+    msg = assert_refused(lambda: load_synthetic(p), p)
+    assert storage.DIGEST_KEY in msg

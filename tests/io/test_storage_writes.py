@@ -9,6 +9,7 @@ bytes in and then fails. tests/cli/test_disk_full.py does the same on a real ful
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -64,6 +65,10 @@ def test_streamed_file_reads_back_as_safetensors_own(tmp_path, meta):
     theirs.write_bytes(
         st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=storage._encode_meta("dpd.checkpoint", meta))
     )
+    blob = ours.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    # The digest dpd records is BLAKE2b-128 of the file's data section (every byte after the header).
+    digest = hashlib.blake2b(blob[8 + n :], digest_size=16).hexdigest()
 
     a, b = load_file(str(ours)), load_file(str(theirs))
     assert set(a) == set(b) == set(tensors)
@@ -72,7 +77,8 @@ def test_streamed_file_reads_back_as_safetensors_own(tmp_path, meta):
         assert a[k].shape == b[k].shape == tensors[k].shape, k
         assert torch.equal(_bits(a[k]), _bits(b[k])) and torch.equal(_bits(a[k]), _bits(tensors[k])), k
     with safe_open(str(ours), "pt") as fa, safe_open(str(theirs), "pt") as fb:
-        assert fa.metadata() == fb.metadata()
+        assert fa.metadata().pop(storage.DIGEST_KEY) == json.dumps(digest)
+        assert {k: v for k, v in fa.metadata().items() if k != storage.DIGEST_KEY} == fb.metadata()
         assert sorted(fa.keys()) == sorted(fb.keys())
         for k in tensors:
             assert torch.equal(_bits(fa.get_tensor(k)), _bits(fb.get_tensor(k))), k
@@ -80,8 +86,12 @@ def test_streamed_file_reads_back_as_safetensors_own(tmp_path, meta):
                 assert torch.equal(_bits(fa.get_slice(k)[1:2]), _bits(fb.get_slice(k)[1:2])), k
     # dpd's own strict reader agrees, metadata decoded from JSON
     loaded, m = storage.load_tensors(ours, "dpd.checkpoint")
-    assert {k: v for k, v in m.items() if k not in ("format", "format_version", "dpd_version")} == meta
-    assert ours.stat().st_size == theirs.stat().st_size  # same header content (key order may differ), same data
+    assert {
+        k: v for k, v in m.items() if k not in ("format", "format_version", "dpd_version", storage.DIGEST_KEY)
+    } == meta
+    assert m[storage.DIGEST_KEY] == digest
+    other = theirs.read_bytes()
+    assert len(blob) - 8 - n == len(other) - 8 - struct.unpack("<Q", other[:8])[0]  # same amount of data
 
 
 def test_streamed_layout_is_aligned_and_packed(tmp_path):
