@@ -70,7 +70,8 @@ class DistillRecipe:
     settings the user did not give are taken from the experts folder first (``with_experts``)."""
 
     def __init__(self, settings: DistillSettings, sink: Sink | None = None):
-        self.sink = sink or NullSink()
+        rank, _ = parallel.world_from_env()
+        self.sink = sink if sink is not None and rank == 0 else NullSink()  # under torchrun rank 0 alone reports
         self._stack = contextlib.ExitStack()
         self.s, self.experts = with_experts(settings, self.sink)
         self._stack.callback(self.experts.close)
@@ -133,8 +134,6 @@ class DistillRecipe:
         self.group = parallel.start(self.device, s.dist_timeout)
         self._stack.callback(parallel.stop)
         self.main = self.group is None or self.group.is_main
-        if not self.main:
-            self.sink = NullSink()
         if self.group is not None and s.norm == "batch":
             raise ExpertsError(
                 "--norm batch cannot be distilled over several processes: batch norm mixes the rows that the ranks "
