@@ -74,7 +74,8 @@ VARIANTS = {
     # Soft labels (DATM), against MTT's hard labels.
     "mtt-soft": {"prune_ratio": 0.0, "soft_labels": True},
 }
-#: The robust plan: MTT and two DPD ratios, each at lr_img x scale ("NAME@lrS").
+_PAPER_VARIANTS = list(VARIANTS)
+#: The robust plan: MTT and two DPD ratios, each at lr_img x scale ("NAME@lrS"); the scales in the order run.
 LR_SCALES = [1, 10, 3, 0.3, 0.1]
 _ROBUST = ["mtt", "abs-largest-0.01", "abs-largest-0.05"]
 VARIANTS.update({f"{v}@lr{sc:g}": {**VARIANTS[v], "lr_img_scale": sc} for sc in LR_SCALES for v in _ROBUST})
@@ -105,7 +106,7 @@ PLANS = {
     },
     "full": {
         "seeds": [0, 1, 2, 3, 4],
-        "cells": {(d, i): (list(VARIANTS) if i == 10 else _MAIN) for d in DATASETS for i in (10, 1, 50)},
+        "cells": {(d, i): (_PAPER_VARIANTS if i == 10 else _MAIN) for d in DATASETS for i in (10, 1, 50)},
         "iterations": 300,
         "checkpoint_every": 100,
         "runs": 3,
@@ -113,7 +114,7 @@ PLANS = {
     },
     "robust": {
         "seeds": [0, 1, 2, 3, 4],
-        "cells": {("fashion-mnist", 10): [f"{v}@lr{sc:g}" for sc in LR_SCALES for v in _ROBUST]},
+        "cells": {(d, 10): [f"{v}@lr{sc:g}" for sc in LR_SCALES for v in _ROBUST] for d in DATASETS},
         "iterations": 100,
         "checkpoint_every": 25,
         "runs": 2,
@@ -133,11 +134,13 @@ PLANS = {
 
 
 def _plan_jobs(plan: dict) -> list[tuple[str, int, str, int]]:
-    jobs = []
-    for seed in plan["seeds"]:
-        for (dataset, ipc), variants in plan["cells"].items():
-            jobs += [(dataset, ipc, v, seed) for v in variants]
-    return jobs
+    """Every run of the plan; the robust plan's step sizes in ``LR_SCALES`` order, each over every seed, so
+    that the runs done first already make complete paired comparisons."""
+    jobs = [
+        (d, ipc, v, seed) for seed in plan["seeds"] for (d, ipc), variants in plan["cells"].items() for v in variants
+    ]
+    scale = {f"{v}@lr{sc:g}": i for i, sc in enumerate(LR_SCALES) for v in _ROBUST}
+    return sorted(jobs, key=lambda j: scale.get(j[2], 0))  # stable: the order above within a scale
 
 
 def _data_dir(data_dir: str | None) -> dict:
