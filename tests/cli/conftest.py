@@ -8,6 +8,9 @@ from typer.testing import CliRunner
 from dpd_cli.cli.app import app
 
 #: Flags that make every command tiny: 8-channel ConvNet on 20 images per class.
+#: A tiny distillation: 4 iterations of 3 steps at IPC 1, checkpoints every 2.
+DISTILL_TINY = "--ipc 1 --iterations 4 --syn-steps 3 --max-start-epoch 2 --expert-epochs 1 --lr-img 10 --lr-lr 1e-8 --checkpoint-every 2".split()
+
 TINY = ["--width", "8", "--depth", "2", "--train-per-class", "20", "--threads", "1"]
 
 

@@ -21,27 +21,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dpd_cli.cli.app import app
-from tests.cli.conftest import TINY
+from tests.cli.conftest import DISTILL_TINY, TINY
 
-DISTILL = [
-    "--ipc",
-    "1",
-    "--iterations",
-    "4",
-    "--syn-steps",
-    "3",
-    "--max-start-epoch",
-    "2",
-    "--expert-epochs",
-    "1",
-    "--lr-img",
-    "10",
-    "--lr-lr",
-    "1e-8",
-    "--checkpoint-every",
-    "2",
-    *TINY,
-]
+DISTILL = [*DISTILL_TINY, *TINY]
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,9 @@ import torch
 
 from dpd_cli.artifacts.experts import ExpertSet
 from dpd_cli.core.pruning import prune_count
-from tests.cli.conftest import TINY
+from tests.cli.conftest import DISTILL_TINY, TINY
 
-DISTILL = [
-    "--ipc",
-    "1",
-    "--iterations",
-    "4",
-    "--syn-steps",
-    "3",
-    "--max-start-epoch",
-    "2",
-    "--expert-epochs",
-    "1",
-    "--lr-img",
-    "10",
-    "--lr-lr",
-    "1e-8",
-    "--checkpoint-every",
-    "2",
-    *TINY,
-]
+DISTILL = [*DISTILL_TINY, *TINY]
 
 
 def test_experts_writes_trajectories(dpd, experts):
