@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -94,11 +95,35 @@ class _Settings(BaseModel):
             raise ValueError("the path is empty; give a path, or leave the setting out for the default")
         if s.kind == "list" and isinstance(v, str):
             v = [p for p in (part.strip() for part in v.split(",")) if p]
+        if s.kind == "float" and _is_nan(v):  # NaN fails every comparison: Pydantic would name a bound it meets
+            raise ValueError(f"must be a number{_range(cls.model_fields[info.field_name].metadata)}")
         if s.literal and s.kind == "choice":
             v = _choose(v, s)
         elif s.literal and isinstance(v, list):
             v = [_choose(x, s) for x in v]
         return v
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _range(constraints: list) -> str:
+    """`` in [0, 1)``, `` above 0``, `` of at most 100``...: the values a float field's constraints allow."""
+    low = next(((c.ge, "[") for c in constraints if getattr(c, "ge", None) is not None), None) or next(
+        ((c.gt, "(") for c in constraints if getattr(c, "gt", None) is not None), None
+    )
+    high = next(((c.le, "]") for c in constraints if getattr(c, "le", None) is not None), None) or next(
+        ((c.lt, ")") for c in constraints if getattr(c, "lt", None) is not None), None
+    )
+    if low and high:
+        return f" in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+    if low:
+        return f" {'above' if low[1] == '(' else 'of at least'} {low[0]:g}"
+    return f" {'below' if high[1] == ')' else 'of at most'} {high[0]:g}" if high else ""
 
 
 def _choose(value: Any, s: SettingInfo) -> Any:

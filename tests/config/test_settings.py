@@ -196,6 +196,12 @@ def test_negative_prune_ratio():
     assert "--prune-ratio: Input should be greater than or equal to 0 (got -0.1)" in msg
 
 
+def test_nan_is_refused_with_the_range_allowed():
+    assert "--prune-ratio: must be a number in [0, 1) (got nan)" in _error("distill", flags={"prune_ratio": float("nan")})
+    assert "env DPD_LR_IMG: must be a number above 0 (got 'NaN')" in _error("distill", env={"DPD_LR_IMG": "NaN"})
+    assert "--fail-under: must be a number in [0, 100] (got nan)" in _error("evaluate", flags={"fail_under": float("nan")})
+
+
 def test_zero_epochs():
     msg = _error("experts", flags={"epochs": 0})
     assert "--epochs: Input should be greater than or equal to 1 (got 0)" in msg
