@@ -59,8 +59,10 @@ def _root(
 
 
 app.add_typer(experts_app, name="experts")
-for command in (distill, evaluate, inspect, export, ls, compare):
+for command in (distill, evaluate, export):
     app.command(cls=Command, epilog=ENVIRONMENT_HELP)(command)
+for command in (inspect, ls, compare):  # no settings: no DPD_<COMMAND>_X variables to mention
+    app.command(cls=Command)(command)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from dpd_cli.config.settings import COMMAND_SETTINGS, SettingInfo, by_panel, env
 #: Parameters of every settings command besides the settings themselves.
 COMMON = ("config", "print_config", "quiet", "json_out")
 
-#: The epilog of every command: variables that are not settings.
+#: The epilog of the group and of every command with settings: the variables that are not settings.
 ENVIRONMENT_HELP = (
     "Environment: DPD_EXPERTS_ROOT (where experts are written and looked for), DPD_DATA_ROOT (downloaded "
     "datasets), DPD_CACHE_ROOT (decoded image folders), DPD_CONFIG (a config file, when --config is not given), "

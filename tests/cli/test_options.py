@@ -215,6 +215,24 @@ def test_help_lists_every_setting_with_its_variables(command):
             assert choice in text, (s.name, choice)
 
 
+def _help_text(*argv: str) -> str:
+    return " ".join(CliRunner().invoke(app, [*argv, "--help"]).stdout.replace("│", " ").split())
+
+
+def test_the_environment_footer_only_under_commands_with_settings():
+    for argv in ([], ["experts"], ["experts", "import"], ["distill"], ["evaluate"], ["export"]):
+        assert "DPD_<COMMAND>_X" in _help_text(*argv), argv
+    for command in ("inspect", "ls", "compare"):  # they take no settings
+        assert "DPD_" not in _help_text(command), command
+
+
+@pytest.mark.parametrize("command", [["experts"], ["evaluate"], ["distill"]])
+def test_host_memory_help_fits_every_command(command):
+    text = _help_text(*command)
+    help_text = text[text.index("--host-memory") : text.index("--deterministic")]
+    assert "CPU allocator" in help_text and "distil" not in help_text
+
+
 def test_completion_of_allowed_values(monkeypatch):
     env = {"_DPD_COMPLETE": "complete_bash", "COMP_WORDS": "dpd distill --prune-scope ", "COMP_CWORD": "3"}
     r = CliRunner().invoke(app, [], env=env, prog_name="dpd")
