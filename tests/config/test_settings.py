@@ -197,9 +197,13 @@ def test_negative_prune_ratio():
 
 
 def test_nan_is_refused_with_the_range_allowed():
-    assert "--prune-ratio: must be a number in [0, 1) (got nan)" in _error("distill", flags={"prune_ratio": float("nan")})
+    assert "--prune-ratio: must be a number in [0, 1) (got nan)" in _error(
+        "distill", flags={"prune_ratio": float("nan")}
+    )
     assert "env DPD_LR_IMG: must be a number above 0 (got 'NaN')" in _error("distill", env={"DPD_LR_IMG": "NaN"})
-    assert "--fail-under: must be a number in [0, 100] (got nan)" in _error("evaluate", flags={"fail_under": float("nan")})
+    assert "--fail-under: must be a number in [0, 100] (got nan)" in _error(
+        "evaluate", flags={"fail_under": float("nan")}
+    )
 
 
 def test_zero_epochs():
