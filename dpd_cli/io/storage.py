@@ -552,6 +552,28 @@ def lock_dir(
 
 
 @contextlib.contextmanager
+def removed_if_unused(folder: Path, lock: str = ".lock") -> Iterator[None]:
+    """Undo the creation of ``folder`` and of the parents made for it when the block wrote nothing but ``lock``
+    there: a command refused after locking its output leaves no empty folders behind."""
+    made = [p for p in (Path(folder), *Path(folder).parents) if not p.exists()]  # the deepest first
+    try:
+        yield
+    finally:
+        _remove_empty(made, lock)
+
+
+def _remove_empty(folders: list[Path], lock: str) -> None:
+    for p in folders:
+        try:
+            if {c.name for c in p.iterdir()} - {lock}:
+                return
+            (p / lock).unlink(missing_ok=True)
+            p.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
 def lock_shard(folder: Path, what: str, rank: int, world: int, name: str = ".lock", advice: str = _ADVICE):
     """Lock ``folder`` for one process of a torchrun job, or exclusively for a plain process (``world == 1``).
 

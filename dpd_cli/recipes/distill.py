@@ -35,11 +35,13 @@ from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.data import load_dataset
 from dpd_cli.errors import ExpertsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
+from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, build_model
 from dpd_cli.recipes.distill_inputs import (
     RESUMABLE,
     DistillState,
+    check_data,
     check_experts,
     check_resumable,
     cuda_graphs,
@@ -146,6 +148,7 @@ class DistillRecipe:
         """The dataset and the network the experts were trained on."""
         s = self.s
         self.ds = load_dataset(s.dataset, s.data_dir, s.train_per_class, s.seed, s.val_per_class)
+        check_data(s, self.ds)
         self.spec = model_spec(s, self.ds)
         check_experts(self.experts, s, self.spec)
         self.pre = self.experts.preprocess
@@ -163,6 +166,7 @@ class DistillRecipe:
         self._stack.enter_context(interrupt.safe_points())
         resume = s.resume and bool(self.writer.checkpoints())
         if self.main:
+            self._stack.enter_context(storage.removed_if_unused(self.run_dir))  # released after the lock
             self.writer.lock(self._stack)
             if s.resume and not resume:
                 # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.

@@ -27,11 +27,12 @@ from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import matching
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
-from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, StorageError
+from dpd_cli.errors import DataError, DivergedError, ExpertsError, OutputExistsError, SettingsError, StorageError
 from dpd_cli.events import Message, NullSink, Sink
 from dpd_cli.io import paths
 from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import dataset_key, derive_seed
+from dpd_cli.text import plural
 
 __all__ = [
     "DistillState",
@@ -40,6 +41,7 @@ __all__ = [
     "adopt",
     "with_experts",
     "with_experts_sources",
+    "check_data",
     "check_experts",
     "init_images",
     "draw_plan",
@@ -245,16 +247,26 @@ def check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> No
         )
 
 
-def init_images(s: DistillSettings, ds, pre: Preprocess, device, accept=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` images per class, class-major: random real ones, the first random real ones ``accept`` passes
-    (``--init real-correct``: those the label expert classifies correctly), or noise."""
+def check_data(s: DistillSettings, ds) -> None:
+    """The dataset holds ``ipc`` images of every class, and a synthetic mini-batch fits in the synthetic set."""
     counts = ds.class_counts()
     if s.ipc > min(counts):
         c = counts.index(min(counts))
         raise DataError(
-            f"--ipc {s.ipc} is larger than class {ds.classes[c]!r} of {ds.name}, which has {min(counts)} training images. "
-            f"Use --ipc {min(counts)} or less."
+            f"--ipc {s.ipc} is larger than class {ds.classes[c]!r} of {ds.name}, which has "
+            f"{plural(min(counts), 'training image')}. Use --ipc {min(counts)} or less."
         )
+    n = s.ipc * ds.n_classes
+    if s.batch_syn is not None and s.batch_syn > n:
+        raise SettingsError(
+            f"--batch-syn {s.batch_syn} is larger than the synthetic set, which has {n} images (--ipc {s.ipc} × "
+            f"{ds.n_classes} classes). Use --batch-syn {n} or less, or leave it out to use all images in every step."
+        )
+
+
+def init_images(s: DistillSettings, ds, pre: Preprocess, device, accept=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` images per class, class-major: random real ones, the first random real ones ``accept`` passes
+    (``--init real-correct``: those the label expert classifies correctly), or noise. ``check_data`` first."""
     g = torch.Generator().manual_seed(derive_seed(s.seed, "init"))
     labels = torch.arange(ds.n_classes).repeat_interleave(s.ipc)  # class-major: (n_classes * ipc,)
     if s.init in ("real", "real-correct"):

@@ -6,12 +6,11 @@ folder gets the ``experts.json`` and ``preprocess.safetensors`` that ``dpd exper
 ``dpd distill`` uses it like trained experts; what the buffers do not record is recorded as unknown
 unless stated with flags. Every expert file names its source (the buffer's SHA-256 and the expert's
 position), so a rerun converts only what is missing, however the buffers were renamed or reordered.
-Nothing is written from a buffer before all of it was checked.
+Nothing is written before every buffer was checked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -92,22 +91,9 @@ def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None)
     ds = load_dataset(s.dataset, s.data_dir)  # the full training set: MTT's experts saw all of it
     spec = model_spec(s, ds)
     folder = Path(s.out or default_folder(s, spec))
-    created = not folder.exists()
-    try:
-        with storage.lock_dir(folder, "experts"), interrupt.safe_points():
-            storage.remove_stale_temps(folder)
-            return _Import(folder, s, spec, ds, sink).run(files)
-    finally:
-        if created:
-            _remove_if_unused(folder)
-
-
-def _remove_if_unused(folder: Path) -> None:
-    """Undo the creation of ``folder`` when nothing but the lock file was written into it."""
-    with contextlib.suppress(OSError):
-        if {p.name for p in folder.iterdir()} <= {".lock"}:
-            (folder / ".lock").unlink(missing_ok=True)
-            folder.rmdir()
+    with storage.removed_if_unused(folder), storage.lock_dir(folder, "experts"), interrupt.safe_points():
+        storage.remove_stale_temps(folder)
+        return _Import(folder, s, spec, ds, sink).run(files)
 
 
 class _Import:
@@ -122,6 +108,7 @@ class _Import:
         )
         self.manifest: dict | None = None
         self.pre: Preprocess | None = None
+        self.checked: tuple = (None, None, None)  # (path, experts, epochs) of the buffer checked last
         self.stated = {k: getattr(s, k) for k in STATED}
         if (folder / experts_folder.MANIFEST).exists():
             self._adopt(experts_folder.read_manifest(folder))
@@ -175,12 +162,12 @@ class _Import:
         self.sink.emit(
             ImportStarted(str(self.folder), [str(f) for f in files], sum(math.prod(shape) for _, shape in self.layout))
         )
+        digests = self._check_all(files)
         report = []
-        for k, path in enumerate(files):
+        for k, (path, digest) in enumerate(zip(files, digests, strict=True)):
             self._stop_if_requested(path)
             self.sink.emit(ImportFileStarted(k, str(path)))
             t0 = time.perf_counter()
-            digest = replay_buffer.sha256(path)
             n, converted, skipped = self._add(path, digest)
             report.append({"file": str(path), "n_experts": n, "converted": converted, "skipped": skipped})
             self.sink.emit(ImportFileDone(k, str(path), n, converted, skipped, time.perf_counter() - t0))
@@ -197,26 +184,57 @@ class _Import:
             "unknown": self._unknown(),
         }
 
+    def _check_all(self, files: list[Path]) -> list[str]:
+        """Every buffer not imported before, checked before the first write (one at a time in memory): a bad
+        buffer, or buffers of different lengths, add nothing. Returns the files' SHA-256 digests."""
+        digests, first = [], None
+        for path in files:
+            self._stop_if_requested(path)
+            digests.append(replay_buffer.sha256(path))
+            if self._recorded(digests[-1]) is not None:
+                continue
+            experts = replay_buffer.load(path)
+            epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+            if self.manifest is not None and epochs != self.manifest["compat"]["epochs"]:
+                raise ExpertsError(
+                    f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
+                    f"{self.manifest['compat']['epochs']}. One folder holds experts of one length: import it "
+                    "into another --out."
+                )
+            if first is not None and epochs != first[1]:
+                raise ExpertsError(
+                    f"{path}: its experts have {epochs} epochs, those of {first[0]} have {first[1]}. One folder holds "
+                    "experts of one length: import them into separate --out folders. Nothing was converted."
+                )
+            first = first or (path, epochs)
+            for j, expert in enumerate(experts):
+                replay_buffer.flatten(path, j, expert)
+            # One buffer to convert is not loaded again; of several, none is kept (one buffer in memory at a time).
+            self.checked = (path, experts, epochs) if self.checked[0] is None and first[0] == path else (None,) * 3
+        return digests
+
+    def _recorded(self, digest: str) -> int | None:
+        """The number of experts of a buffer imported whole before, else ``None``."""
+        sources = (self.manifest or {}).get("import", {}).get("sources", [])
+        recorded = next((r for r in sources if r.get("sha256") == digest), None)
+        if recorded and all((digest, j) in self.done for j in range(recorded["n_experts"])):
+            return recorded["n_experts"]
+        return None
+
     def _unknown(self) -> list[str]:
         return [k for k in STATED if self.stated[k] is None] + list(_NEVER_KNOWN)
 
     def _add(self, path: Path, digest: str) -> tuple[int, int, bool]:
-        """Convert the experts of one buffer not yet in the folder: ``(experts in it, converted, skipped whole)``."""
-        sources = (self.manifest or {}).get("import", {}).get("sources", [])
-        recorded = next((r for r in sources if r.get("sha256") == digest), None)
-        if recorded and all((digest, j) in self.done for j in range(recorded["n_experts"])):
-            return recorded["n_experts"], 0, True
-        experts = replay_buffer.load(path)
-        epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
-        if self.manifest is not None and epochs != self.manifest["compat"]["epochs"]:
-            raise ExpertsError(
-                f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
-                f"{self.manifest['compat']['epochs']}. One folder holds experts of one length: import it "
-                "into another --out."
-            )
-        for j, expert in enumerate(experts):  # every check before the first write: a bad buffer adds nothing
-            replay_buffer.flatten(path, j, expert)
-        self._stop_if_requested(path)
+        """Convert the experts of one checked buffer not yet in the folder: ``(experts in it, converted, skipped whole)``."""
+        n = self._recorded(digest)
+        if n is not None:
+            return n, 0, True
+        if self.checked[0] == path:
+            experts, epochs = self.checked[1:]
+        else:
+            experts = replay_buffer.load(path)
+            epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+        self.checked = (None, None, None)
         if self.manifest is None:
             self._create(epochs)
         converted = 0

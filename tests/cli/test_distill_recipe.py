@@ -375,6 +375,30 @@ def test_soft_label_options_need_soft_labels(dpd, experts, tmp_path):
     assert r.exit_code == 2 and "--init real-correct needs --soft-labels" in r.output
 
 
+def test_a_refused_run_leaves_no_folder(dpd, experts, tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "deep" / "r"
+    r = dpd("distill", "--experts", experts, "--out", out, *DISTILL, "--ipc", "21", "--iterations", "2")
+    assert r.exit_code == 2 and "--ipc 21 is larger than class 'T-shirt/top'" in r.output
+    r = dpd("distill", "--experts", experts, "--out", out, *DISTILL, "--iterations", "2", "--batch-syn", "11")
+    assert r.exit_code == 2
+    assert " ".join(r.output.split()) == (
+        "Error: --batch-syn 11 is larger than the synthetic set, which has 10 images (--ipc 1 × 10 classes). Use "
+        "--batch-syn 10 or less, or leave it out to use all images in every step."
+    )
+    from dpd_cli.errors import DataError
+
+    def refuse(*args):
+        raise DataError("no images")
+
+    monkeypatch.setattr("dpd_cli.recipes.distill.init_images", refuse)  # refused once the run directory is locked
+    r = dpd("distill", "--experts", experts, "--out", out, *DISTILL, "--iterations", "2")
+    assert r.exit_code == 2 and "no images" in r.output
+    assert not (tmp_path / "runs").exists()  # nor the parents made for --out
+    (tmp_path / "runs").mkdir()
+    r = dpd("distill", "--experts", experts, "--out", out, *DISTILL, "--iterations", "2")
+    assert r.exit_code == 2 and [p.name for p in tmp_path.joinpath("runs").iterdir()] == []
+
+
 def test_init_real_correct_keeps_only_accepted_images():
     """--init real-correct walks each class's seeded permutation and keeps the first images the expert gets right."""
     from dpd_cli.config.settings import resolve

@@ -370,15 +370,29 @@ def test_bad_buffers_are_refused_naming_the_path_and_what_was_found(tmp_path):
         assert not out.exists(), name  # nothing half-written: not even the folder
 
 
-def test_a_bad_second_buffer_keeps_the_first(tmp_path):
+def test_buffers_of_different_lengths_convert_nothing(tmp_path):
     a = _save(tmp_path / "a.pt", mtt_buffer(_fmnist_nets(1), 3))
     b = _save(tmp_path / "b.pt", mtt_buffer(_fmnist_nets(2, seed=5), 4))
-    with pytest.raises(
-        ExpertsError, match=r"its experts have 3 epochs, those in .* have 2\. One folder holds experts of one length"
-    ):
-        experts_import.run(_settings(tmp_path / "imp"), [a, b])
-    assert [p.name for p in (tmp_path / "imp").glob("expert_*")] == ["expert_00000.safetensors"]
-    assert len(ExpertSet(tmp_path / "imp")) == 1
+    out = tmp_path / "new" / "parents" / "imp"
+    with pytest.raises(ExpertsError) as e:
+        experts_import.run(_settings(out), [a, b])
+    assert str(e.value) == (
+        f"{b}: its experts have 3 epochs, those of {a} have 2. One folder holds experts of one length: import them "
+        "into separate --out folders. Nothing was converted."
+    )
+    assert not (tmp_path / "new").exists()  # nor the parents the import made for --out
+    experts_import.run(_settings(tmp_path / "imp"), [a])
+    c = _save(tmp_path / "c.pt", mtt_buffer(_fmnist_nets(1, seed=7), 3))
+    with pytest.raises(ExpertsError, match=r"d\.pt: its experts have 3 epochs, those in .* have 2\. One folder"):
+        experts_import.run(_settings(tmp_path / "imp"), [c, _save(tmp_path / "d.pt", mtt_buffer(_fmnist_nets(1), 4))])
+    assert [p.name for p in (tmp_path / "imp").glob("expert_*")] == ["expert_00000.safetensors"]  # c not added
+
+
+def test_a_refused_import_removes_the_folders_it_made(tmp_path):
+    src = _save(tmp_path / "b.pt", mtt_buffer(_fmnist_nets(1), 2))
+    with pytest.raises(UserError, match="The buffer holds another network"):
+        experts_import.run(_settings(tmp_path / "x" / "y" / "imp", width=8), [src])
+    assert list(tmp_path.iterdir()) == [src]
 
 
 def test_settings_must_name_the_dataset_and_zca(tmp_path):
