@@ -10,7 +10,7 @@ import typer
 from dpd_cli.cli.console import print_result
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help
-from dpd_cli.cli.results import SOURCE_LABELS
+from dpd_cli.cli.results import SOURCE_LABELS, spread
 
 __all__ = ["compare"]
 
@@ -50,10 +50,6 @@ compare.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)
 
 def _label(i: int) -> str:
     return _LETTERS[i] if i < len(_LETTERS) else f"#{i + 1}"
-
-
-def _pct(x: float | None) -> str:
-    return "?" if x is None else f"{100 * x:.2f}"
 
 
 def _points(x: float) -> str:
@@ -98,7 +94,7 @@ def lines(result: dict) -> list[str]:
             details += [f"{cell['epochs']} epochs"] if cell["epochs"] else []
             details += [f"evaluation loop v{cell['protocol_version']}"] if cell["protocol_version"] else []
             details = ", ".join(d for d in details if d)
-            out.append(f"  {_label(i)}  {_pct(cell['mean'])} ± {_pct(cell['std'])} ({cell['runs']}){marks}  {details}")
+            out.append(f"  {_label(i)}  {spread(cell['mean'], cell['std'], cell['runs'])}{marks}  {details}")
         out += [_difference_line(d) for d in row["differences"] if d is not None]
     cells = [c for row in result["rows"] for c in row["cells"] if c]
     if any(c["diverged_runs"] for c in cells):

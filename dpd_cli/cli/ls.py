@@ -70,6 +70,8 @@ def _accuracy(ev: dict | None) -> str:
     how = ev["select"] or "final"
     if ev["select"] in ("val", "test-max") and ev["selected_iteration"] is not None:
         how += f"@{ev['selected_iteration']}"
+    if ev.get("runs") == 1:  # one network: no spread
+        return f"{_pct(ev['mean'])} {ev['model']} ({how}, 1 network{', optimistic' if ev['optimistic'] else ''})"
     return f"{_pct(ev['mean'])} ± {_pct(ev['std'])} {ev['model']} ({how}{', optimistic' if ev['optimistic'] else ''})"
 
 

@@ -1,7 +1,7 @@
 """The evaluation results table, shared by ``dpd evaluate`` and ``dpd inspect``.
 
 Rows are (model, protocol), columns are sources (distilled, initial images, random real, full data,
-then any other source by name), and a cell is ``mean ± std (runs)`` in percent, ``*`` marking diverged
+then any other source by name), and a cell is ``mean ± std (runs)`` in percent (``spread``), ``*`` marking diverged
 trainings, ``†`` a distilled checkpoint selected on the test set (optimistic) and ``!`` a distilled set
 below its initial images or random real images by more than the spread.
 Entries are eval.json entries; ``inspect`` reads them leniently, so any number may be ``None``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["SOURCE_LABELS", "table", "results_table", "divergence_note", "selection_note", "below_note"]
+__all__ = ["SOURCE_LABELS", "table", "results_table", "spread", "divergence_note", "selection_note", "below_note"]
 
 SOURCE_LABELS = {"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}
 
@@ -23,6 +23,13 @@ def _label(source: str) -> str:
 
 def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2f}"
+
+
+def spread(mean: float | None, std: float | None, runs: int | None) -> str:
+    """``57.32 ± 0.41 (5)`` in percent; one network has no spread: ``57.32 (1 network)``."""
+    if runs == 1:
+        return f"{_pct(mean)} (1 network)"
+    return f"{_pct(mean)} ± {_pct(std)} ({'?' if runs is None else runs})"
 
 
 def table(headers: tuple[str, ...], rows: list[tuple]) -> Table:
@@ -49,11 +56,10 @@ def results_table(results: list[dict]) -> Table:
             if r is None:
                 cells.append("")
                 continue
-            runs = "?" if r.get("runs") is None else r["runs"]
             marks = [
                 m for m, key in (("*", "diverged_runs"), ("†", "optimistic"), ("!", "below_baselines")) if r.get(key)
             ]
-            cells.append(f"{_pct(r.get('mean'))} ± {_pct(r.get('std'))} ({runs}){''.join(marks)}")
+            cells.append(spread(r.get("mean"), r.get("std"), r.get("runs")) + "".join(marks))
         rows.append((model, protocol, *cells))
     return table(("model", "protocol", *(">" + _label(s) for s in sources)), rows)
 

@@ -202,7 +202,7 @@ def test_run_text_shows_key_facts(dpd, built):
         "fc.weight",
         "71.00 ± 0.82 (3)",
         "41.00 ± 0.80 (3)",
-        "85.00 ± 0.00 (1)",
+        "85.00 (1 network)",
         "62.00 ± 1.00 (2)",
         "eval.json holds 1 older one",
         "synthetic.safetensors",

@@ -60,6 +60,16 @@ def test_rows_columns_and_cells():
     assert lines[2] == "vgg11 fixed ? ± ? (?)"
 
 
+def test_one_network_has_no_spread():
+    one = {"source": "distilled", "model": "convnet", "protocol": "mtt", "mean": 0.221, "std": 0.0, "runs": 1}
+    assert _render(results_table([one]))[1] == "convnet mtt 22.10 (1 network)"
+    from dpd_cli.cli.ls import _accuracy  # dpd ls, and dpd compare's cells (spread)
+
+    ev = {"mean": 0.221, "std": 0.0, "runs": 1, "model": "convnet", "select": None, "optimistic": False}
+    assert _accuracy(ev) == "22.10 convnet (final, 1 network)"
+    assert _accuracy({**ev, "runs": 3, "std": 0.01}) == "22.10 ± 1.00 convnet (final)"
+
+
 def test_divergence_note():
     results = [
         {
