@@ -21,6 +21,7 @@ from PIL import Image
 
 from dpd_cli.data import Preprocess
 from dpd_cli.io import storage
+from dpd_cli.text import plural
 
 FORMAT = "dpd.export"
 RECORD = "export.json"
@@ -123,7 +124,7 @@ def read_record(folder: Path) -> dict | None:
 def _space(pre: Preprocess, zca_subset: int | None) -> str:
     if pre.has_zca:
         fitted = (
-            f"fitted on {zca_subset} training images per class (--train-per-class)"
+            f"fitted on {plural(zca_subset, 'training image')} per class (--train-per-class)"
             if zca_subset
             else "fitted on the whole training set"
         )
@@ -143,7 +144,7 @@ def readme(fmt: str, info: dict) -> str:
     k = len(info["classes"])
     head = [
         f"dpd export ({fmt}) of {info['source']}",
-        f"Dataset {info['dataset']}: {k} classes, {info['ipc']} images per class, {n} images of {c}x{h}x{w}; "
+        f"Dataset {info['dataset']}: {k} classes, {plural(info['ipc'], 'image')} per class, {plural(n, 'image')} of {c}x{h}x{w}; "
         f"learned step size alpha = {info['lr']:.6g}. Written by dpd {info['versions']['dpd']}.",
         "",
         f"The images live in the networks' training space, {_space(pre, info.get('train_per_class'))}. Test images must be "

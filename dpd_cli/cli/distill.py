@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dpd_cli.cli.runner import Report, settings_command
 from dpd_cli.config.settings import Resolved
+from dpd_cli.text import plural
 
 
 def _report(settings, run_dir: Path) -> Report:
@@ -16,7 +17,7 @@ def _report(settings, run_dir: Path) -> Report:
     return Report(
         summary,
         [
-            f"Synthetic set: {summary['synthetic']} ({summary['n_images']} images, alpha {summary['lr']:.5g}). "
+            f"Synthetic set: {summary['synthetic']} ({plural(summary['n_images'], 'image')}, alpha {summary['lr']:.5g}). "
             f"Next: dpd evaluate {run_dir}"
         ],
     )

@@ -15,6 +15,7 @@ import typer
 from dpd_cli.cli.errors import fail
 from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
 from dpd_cli.cli.runner import Report, settings_command
+from dpd_cli.text import plural
 
 __all__ = ["experts_app"]
 
@@ -28,7 +29,7 @@ def _report(settings, folder: Path) -> Report:
     return Report(
         summary,
         [
-            f"{len(accs)} experts in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
+            f"{plural(len(accs), 'expert')} in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
             f"--dataset {settings.dataset}" + (f" --experts {folder}" if settings.out else "")
         ],
     )
@@ -49,14 +50,14 @@ train = settings_command(
 
 def _import_report(settings, result: dict) -> Report:
     before = sum(r["n_experts"] for r in result["files"]) - result["converted"]
-    what = f"{result['epochs']} epochs each, {result['model_tag']}, {result['dataset']} {'with' if result['zca'] else 'without'} ZCA"
+    what = f"{plural(result['epochs'], 'epoch')} each, {result['model_tag']}, {result['dataset']} {'with' if result['zca'] else 'without'} ZCA"
     unknown = ", ".join(k.replace("_", " ") for k in result["unknown"])
     if any(k in result["unknown"] for k in ("lr", "batch")):
         unknown += " (state the training settings with --lr, --momentum, --weight-decay, --batch, --dsa/--no-dsa to record them)"
     lines = [
-        f"{result['n_experts']} imported experts in {result['folder']} ({what}): {result['converted']} converted now"
+        f"{plural(result['n_experts'], 'imported expert')} in {result['folder']} ({what}): {result['converted']} converted now"
         + (f", {before} already there" if before else "")
-        + f", from {len(result['files'])} buffer file(s).",
+        + f", from {plural(len(result['files']), 'buffer file')}.",
         f"Not recorded by the buffers: {unknown}.",
         f"Next: dpd distill --experts {result['folder']}",
     ]

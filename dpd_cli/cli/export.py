@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dpd_cli.cli.options import synthetic_target
 from dpd_cli.cli.runner import Report, settings_command
+from dpd_cli.text import plural
 
 __all__ = ["export"]
 
@@ -22,7 +23,7 @@ def _report(settings, result: dict) -> Report:
     return Report(
         result,
         [
-            f"Exported {result['n_images']} images ({result['format']}{', ' + ', '.join(extra) if extra else ''}) "
+            f"Exported {plural(result['n_images'], 'image')} ({result['format']}{', ' + ', '.join(extra) if extra else ''}) "
             f"to {result['out']}: {shown}. {Path(result['out']) / 'README.txt'} says how to load them."
         ],
     )

@@ -18,6 +18,7 @@ from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help, keep_text
 from dpd_cli.cli.results import below_note, divergence_note, results_table, selection_note, table
 from dpd_cli.errors import SettingsError
+from dpd_cli.text import plural
 
 __all__ = ["inspect"]
 
@@ -138,7 +139,7 @@ def inspect(
             con.print()
             con.print(
                 Text(
-                    f"Wrote {g['path']}: {g['n_images']} images from {Path(g['source']).name} (iteration {g['iteration']})."
+                    f"Wrote {g['path']}: {plural(g['n_images'], 'image')} from {Path(g['source']).name} (iteration {g['iteration']})."
                 )
             )
         if "plot" in exports:
@@ -294,7 +295,7 @@ def _show_run(con: Console, f: dict) -> None:
         )
     experts = f["experts_folder"] or ""
     if experts and f["n_experts"]:
-        experts += f" ({f['n_experts']} experts)"
+        experts += f" ({plural(f['n_experts'], 'expert')})"
     facts = [
         ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
         ("model", f["model_tag"] or ""),
@@ -399,7 +400,7 @@ _TRAINING = {
     "batch": "batch {}",
     "dsa": "DSA {}",
     "zca": "ZCA {}",
-    "train_per_class": "{} images per class",
+    "train_per_class": lambda n: f"{plural(n, 'image')} per class",
     "seed": "seed {}",
 }
 
@@ -407,7 +408,7 @@ _TRAINING = {
 def _show_experts(con: Console, f: dict) -> None:
     con.print(Text.assemble(("Experts folder ", "bold"), f["path"]))
     training = ", ".join(
-        fmt.format(("off", "on")[v] if isinstance(v, bool) else v)
+        fmt(v) if callable(fmt) else fmt.format(("off", "on")[v] if isinstance(v, bool) else v)
         for k, fmt in _TRAINING.items()
         if (v := f["training"].get(k)) is not None and (v or k in ("lr", "dsa", "zca", "seed"))
     )
@@ -440,7 +441,7 @@ def _show_experts(con: Console, f: dict) -> None:
     d = f["distance"]
     if d and d["values"]:
         v, n = d["values"], d["n_experts"]
-        _heading(con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {n} experts)")
+        _heading(con, f"Parameter distance ‖θ(t) − θ(t+{d['m']})‖ per start epoch t (mean over {plural(n, 'expert')})")
         _put(con, f"{sparkline(v, 40)}  t=0: {_num(v[0])}, t={d['t'][-1]}: {_num(v[-1])}, max {_num(max(v))}")
         if d["n_experts_total"] > n:
             _put(con, f"Computed on the first {n} of {d['n_experts_total']} experts, to stay fast.", "dim")

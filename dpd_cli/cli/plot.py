@@ -9,6 +9,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backe
 from matplotlib.ticker import MaxNLocator
 
 from dpd_cli.io import storage
+from dpd_cli.text import plural
 
 __all__ = ["plot"]
 
@@ -36,7 +37,7 @@ def plot(facts: dict, out: Path) -> Path:
         _line(
             ax_d,
             {"iterations": d.get("t", []), "values": d.get("values", [])},
-            f"‖θ(t) − θ(t+{d.get('m', '?')})‖ (mean of {d.get('n_experts', 0)} experts)",
+            f"‖θ(t) − θ(t+{d.get('m', '?')})‖ (mean of {plural(d.get('n_experts', 0), 'expert')})",
             "start epoch t",
         )
         for e in facts["experts"]:
@@ -46,7 +47,7 @@ def plot(facts: dict, out: Path) -> Path:
         ax_a.set_title("test accuracy (%)")
         ax_a.set_xlabel("epoch")
         ax_a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.suptitle(f"{facts['path']} ({facts['count']} experts)")
+        fig.suptitle(f"{facts['path']} ({plural(facts['count'], 'expert')})")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     with storage.atomic_write(Path(out)) as f:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from dpd_cli.text import plural
+
 __all__ = ["SOURCE_LABELS", "table", "results_table", "spread", "divergence_note", "selection_note", "below_note"]
 
 SOURCE_LABELS = {"distilled": "distilled", "init": "initial images", "random": "random real", "full": "full data"}
@@ -77,7 +79,7 @@ def divergence_note(results: list[dict]) -> str | None:
         for r in hit
     )
     return (
-        f"* {n} of {total} trainings diverged (training loss became NaN/Inf): {where}. They count in the means at "
+        f"* {n} of {plural(total, 'training')} diverged (training loss became NaN/Inf): {where}. They count in the means at "
         "the accuracy they ended with. A lower learning rate usually trains them: rerun with a lower --lr than "
         "the one shown; networks without normalisation layers (alexnet) are the most sensitive."
     )

@@ -288,7 +288,7 @@ def init_images(s: DistillSettings, ds, pre: Preprocess, device, accept=None) ->
             found = torch.cat(chosen)[: s.ipc]
             if len(found) < s.ipc:
                 raise DataError(
-                    f"--init real-correct: expert 0 classifies only {len(found)} training images of class "
+                    f"--init real-correct: expert 0 classifies only {plural(len(found), 'training image')} of class "
                     f"{ds.classes[c]!r} correctly, fewer than --ipc {s.ipc}. Use --init real, or another --label-epoch."
                 )
             picks.append(found)

@@ -46,6 +46,7 @@ from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import ModelSpec, build_model
 from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
+from dpd_cli.text import plural
 
 __all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "PROTOCOL_VERSION", "epochs_run", "random_subset", "load_eval"]
 
@@ -76,7 +77,7 @@ def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: in
     if int(counts.min()) < per_class:
         c = int(counts.argmin())
         raise DataError(
-            f"The random baseline needs {per_class} images of class {c}, the training set has {int(counts[c])}."
+            f"The random baseline needs {plural(per_class, 'image')} of class {c}, the training set has {int(counts[c])}."
         )
     return torch.cat(class_balanced(labels, n_classes, per_class, torch.Generator().manual_seed(seed)))
 
