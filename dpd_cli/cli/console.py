@@ -21,6 +21,7 @@ from rich.text import Text
 
 from dpd_cli import __version__
 from dpd_cli import events as ev
+from dpd_cli.text import plural
 
 __all__ = [
     "JSON_SCHEMA",
@@ -102,10 +103,13 @@ def duration(seconds: float) -> str:
 
 
 class _JobClock:
-    """The whole job's time, estimated once from its first units of work (epochs, iterations)."""
+    """The whole job's time, estimated once from its first units of work (epochs, iterations).
 
-    def __init__(self, total_units: int, what: str, after: int = 1):
-        self.total, self.what, self.after = total_units, what, after
+    ``live``: the sentence stays on screen above the bars, so it leaves out the time left (the bars count it down).
+    """
+
+    def __init__(self, total_units: int, what: str, after: int = 1, live: bool = False):
+        self.total, self.what, self.after, self.live = total_units, what, after, live
         self.done = 0
         self.t0 = time.monotonic()
         self.told = False
@@ -117,10 +121,8 @@ class _JobClock:
             return None
         self.told = True
         per = (time.monotonic() - self.t0) / self.done
-        return (
-            f"Estimated time for the whole job: about {duration(per * self.total)} ({self.what}; about "
-            f"{duration(per * (self.total - self.done))} left, at {per:.3g} s each so far)."
-        )
+        left = "" if self.live else f"about {duration(per * (self.total - self.done))} left, "
+        return f"Estimated time for the whole job: about {duration(per * self.total)} ({self.what}; {left}at {per:.3g} s each so far)."
 
 
 def make_sink(kind: str, quiet: bool, json_mode: bool = False):
@@ -189,15 +191,19 @@ class _Experts(_View):
             n = len(e.indices)
             if not self.interactive:
                 self.line(
-                    f"experts: {n} to train of {e.total} in {e.folder} ({e.epochs} epochs, {e.n_params:,} parameters, {e.device})"
+                    f"experts: {n} to train of {e.total} in {e.folder} ({plural(e.epochs, 'epoch')}, {e.n_params:,} parameters, {e.device})"
                 )
             else:
-                self.line(f"Training {n} of {e.total} experts into {e.folder} ({e.n_params:,} parameters, {e.device})")
+                self.line(
+                    f"Training {n} of {plural(e.total, 'expert')} into {e.folder} ({e.n_params:,} parameters, {e.device})"
+                )
                 self.progress, self.status = self.bars(), Text("")
                 # Counted in epochs, so that the time left is the whole job's.
-                self.t_experts = self.progress.add_task(f"{n} experts", total=n * e.epochs)
+                self.t_experts = self.progress.add_task(plural(n, "expert"), total=n * e.epochs)
                 self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
-            self.clock = _JobClock(n * e.epochs, f"{n} experts × {e.epochs} epochs")
+            self.clock = _JobClock(
+                n * e.epochs, f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}", 1, self.interactive
+            )
             if self.interactive:
                 self.show(Group(self.progress, self.status))
         elif isinstance(e, ev.ExpertSkipped):
@@ -226,7 +232,9 @@ class _Import(_View):
     def handle(self, e: ev.Event) -> None:
         if isinstance(e, ev.ImportStarted):
             what = "Importing" if self.interactive else "experts import:"
-            self.line(f"{what} {len(e.files)} buffer file(s) into {e.folder} ({e.n_params:,} parameters per snapshot)")
+            self.line(
+                f"{what} {plural(len(e.files), 'buffer file')} into {e.folder} ({e.n_params:,} parameters per snapshot)"
+            )
             if self.interactive:
                 self.progress = self.bars()
                 self.t_files = self.progress.add_task("files  ", total=len(e.files))
@@ -243,9 +251,9 @@ class _Import(_View):
             if self.interactive:
                 self.progress.advance(self.t_files)
             if e.skipped:
-                self.note(f"{e.path}: all {e.n_experts} experts imported before, skipped")
+                self.note(f"{e.path}: all {plural(e.n_experts, 'expert')} imported before, skipped")
             else:
-                self.note(f"{e.path}: {e.converted} of {e.n_experts} experts converted ({e.seconds:.1f} s)")
+                self.note(f"{e.path}: {e.converted} of {plural(e.n_experts, 'expert')} converted ({e.seconds:.1f} s)")
 
 
 def _trend(losses: deque) -> str:
@@ -267,7 +275,7 @@ class _Distill(_View):
         if isinstance(e, ev.DistillStarted):
             self.s, self.losses, self.last, self.ckpt = e, deque(maxlen=50), None, ""
             self.t0, left = time.monotonic(), e.iterations - e.start_iteration
-            self.clock = _JobClock(left, f"{left} iterations", after=min(3, max(1, left - 1)))
+            self.clock = _JobClock(left, plural(left, "iteration"), min(3, max(1, left - 1)), self.interactive)
             self.rule = f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else ""
             self.kept = f" ({e.keep_graphs} graphs kept)" if e.keep_graphs else ""
             if self.interactive:
@@ -289,7 +297,7 @@ class _Distill(_View):
                 what = "resuming at" if e.start_iteration else "starting"
                 self.line(
                     f"distill: {what} iteration {e.start_iteration}/{e.iterations}, {e.n_images} images, {e.n_params:,} parameters, "
-                    f"{e.n_experts} experts, rho {e.prune_ratio:g}{self.rule}, memory {e.memory}{self.kept}, {e.device} -> {e.run_dir}"
+                    f"{plural(e.n_experts, 'expert')}, rho {e.prune_ratio:g}{self.rule}, memory {e.memory}{self.kept}, {e.device} -> {e.run_dir}"
                 )
         elif isinstance(e, ev.DistillIteration):
             self.losses.append(e.loss)
@@ -311,11 +319,11 @@ class _Distill(_View):
         elif isinstance(e, ev.CheckpointSaved):
             self.ckpt = f"checkpoint @ {e.iteration}"
         elif isinstance(e, ev.DistillDone) and not self.interactive:
-            self.line(f"distill: done, {e.iteration} iterations in {e.seconds:.0f} s -> {e.run_dir}")
+            self.line(f"distill: done, {plural(e.iteration, 'iteration')} in {e.seconds:.0f} s -> {e.run_dir}")
         elif isinstance(e, ev.DistillDone):
             self.close()
             self.line(
-                f"Done: {e.iteration} iterations in {e.seconds:.0f} s, final loss {e.loss:.4f}, alpha {e.lr:.5g} -> {e.run_dir}"
+                f"Done: {plural(e.iteration, 'iteration')} in {e.seconds:.0f} s, final loss {e.loss:.4f}, alpha {e.lr:.5g} -> {e.run_dir}"
             )
 
     def render(self) -> Group:
@@ -323,10 +331,11 @@ class _Distill(_View):
         if e is None:
             return Group(self.progress)
         mean = sum(self.losses) / len(self.losses)
+        # Two short lines: one would wrap mid-phrase at 120 columns.
         status = Text.from_markup(
             f"loss [bold]{e.loss:.4f}[/]  mean(last {len(self.losses)}) {mean:.4f} {_trend(self.losses)}   "
-            f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   rho {s.prune_ratio:g}{self.rule}   "
-            f"{s.memory} memory{self.kept}   {self.ckpt}"
+            f"alpha {e.lr:.5g}   start epoch {e.start_epoch}   {self.ckpt}\n"
+            f"rho {s.prune_ratio:g}{self.rule}   {s.memory} memory{self.kept}"
         )
         right = [Column(h, justify="right") for h in ("size", "pruned now", "%", "mean % so far")]
         table = Table("layer", *right, "", pad_edge=False, show_edge=False)
@@ -365,7 +374,9 @@ class _Evaluate(_View):
             self.several = len({j[3] for j in e.jobs if j[0] == "distilled"}) > 1
             if not self.interactive:
                 how = f", choosing the checkpoint by {e.select}" if self.several and e.select else ""
-                self.line(f"evaluate: {len(e.jobs)} trainings of {e.epochs} epochs on {e.device}{how}")
+                self.line(
+                    f"evaluate: {plural(len(e.jobs), 'training')} of {plural(e.epochs, 'epoch')} on {e.device}{how}"
+                )
                 return
             self.progress = self.bars(rp.TextColumn("{task.fields[acc]}"))
             self.t_runs = self.progress.add_task("all trainings", total=len(e.jobs), acc="")
