@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -204,6 +205,13 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     s, sink = settings, sink or NullSink()
     file, run_dir = _targets(target)
     target = Path(target)
+    if not os.access(eval_path(target).parent, os.W_OK):  # refused before any training, not after
+        what = "run directory" if run_dir else "file"
+        raise StorageError(
+            f"Cannot write {eval_path(target)}: {eval_path(target).parent} is read-only, and `dpd evaluate` writes its "
+            f"results next to the {what} it evaluates. Copy the {what} to a writable folder and evaluate the copy "
+            f"(cp -r {target} COPY && dpd evaluate COPY), or make the folder writable."
+        )
     tensors, meta = synthetic_file.load(file)
     validation = meta.get("validation") or None
     checkpoints = sorted(layout.checkpoints(run_dir), key=layout.checkpoint_iteration) if run_dir is not None else []
@@ -311,7 +319,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         stack.enter_context(interrupt.safe_points())
         done = evaluation.read_partial(partial, {k: job for job, k in keys.items()})
         if done:
-            sink.emit(Message(f"Reusing {len(done)} finished training(s) from {partial}."))
+            sink.emit(Message(f"Reusing {plural(len(done), 'finished training')} from {partial}."))
         outcomes = []
         for st, m, r in mine:
             job = (id(st), m, r)
@@ -322,7 +330,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
                 o = train(st, m, r)
             except interrupt.Interrupted:
                 kept = (
-                    f"{len(outcomes)} finished training(s) are kept in {partial}"
+                    f"{plural(len(outcomes), 'finished training')} {'is' if len(outcomes) == 1 else 'are'} kept in {partial}"
                     if outcomes
                     else "no training had finished"
                 )

@@ -457,11 +457,12 @@ def test_ctrl_c_during_evaluate_keeps_finished_trainings(zygote, experts, tmp_pa
     assert child.wait(30) == 130, child.stderr
     done = partial.read_text().count("\n")
     assert 1 <= done < 3
-    assert f"finished training(s) are kept in {partial}. Rerun the same command to continue." in child.stderr
+    kept = "1 finished training is" if done == 1 else f"{done} finished trainings are"
+    assert f"{kept} kept in {partial}. Rerun the same command to continue." in child.stderr
     assert not (run / "eval.json").exists()
     r = dpd(*args[:-1])
     assert r.exit_code == 0, r.output
-    assert f"Reusing {done} finished training(s) from {partial}." in r.output
+    assert f"Reusing {done} finished training{'s' if done > 1 else ''} from {partial}." in r.output
     assert not partial.exists()
     assert dpd("evaluate", copy, *args[2:]).exit_code == 0  # uninterrupted
     a, b = (json.loads((d / "eval.json").read_text())["results"][0] for d in (run, copy))
@@ -665,6 +666,27 @@ def test_read_only_output_folder(experts, tmp_path, monkeypatch):
         in r.output
     )
     assert list(ro.iterdir()) == []
+
+
+def test_evaluate_of_a_read_only_run_says_how_to_evaluate_it(experts, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert dpd("distill", "--experts", experts, *DISTILL, "--iterations", 2, "--out", run).exit_code == 0
+    if os.geteuid() == 0:  # root ignores chmod: the folder answers as a read-only one would
+        from dpd_cli.recipes import evaluate as recipe
+
+        real = os.access
+        monkeypatch.setattr(recipe.os, "access", lambda p, mode: False if Path(p) == run else real(p, mode))
+    run.chmod(0o555)
+    try:
+        r = dpd("evaluate", run, "--runs", "1", "--epochs", "1", "--threads", "1")
+    finally:
+        run.chmod(0o755)
+    assert r.exit_code == 2 and "--out" not in r.output
+    assert " ".join(r.output.split()) == (
+        f"Error: Cannot write {run}/eval.json: {run} is read-only, and `dpd evaluate` writes its results next to the "
+        f"run directory it evaluates. Copy the run directory to a writable folder and evaluate the copy (cp -r {run} "
+        "COPY && dpd evaluate COPY), or make the folder writable. (Set DPD_DEBUG=1 to see the traceback.)"
+    )
 
 
 def test_read_only_file_system_mid_run(monkeypatch, experts, tmp_path):
