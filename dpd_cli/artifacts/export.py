@@ -1,9 +1,11 @@
 """What ``dpd export`` writes (docs/formats.md, "Exports"): one writer per format, README.txt and export.json.
 
-``mtt`` / ``datm`` write MTT's and DATM's ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` plus the
-preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict; ``normalization.pt``). ``mtt`` stores hard
-labels as int64 class indices, ``datm`` as ``[n, K]`` float32 logits (0 at the class, ``-HARD_LABEL_GAP``
-elsewhere: their softmax is exactly the one-hot label); soft labels are stored as logits by both.
+``mtt`` / ``datm`` write ``images_best.pt`` and ``labels_best.pt`` (the names MTT's and DATM's distill scripts
+give their best set), ``lr_best.pt`` (DATM's file for alpha: MTT saves no learning rate, and none of MTT's
+scripts loads a saved set) plus the preprocessing (``zca.pt``: a kornia ``ZCAWhitening`` state dict;
+``normalization.pt``). ``mtt`` stores hard labels as int64 class indices (a set with soft labels is refused
+by the recipe), ``datm`` as ``[n, K]`` float32 logits (0 at the class, ``-HARD_LABEL_GAP`` elsewhere: their
+softmax is exactly the one-hot label), or the learned soft labels' logits.
 ``imagefolder`` writes 8-bit PNGs, ``npz`` every tensor as a NumPy array (readable without unpickling).
 Writers fill a folder the caller made, each file written atomically.
 """
@@ -81,8 +83,9 @@ def write_npz(folder: Path, fmt: str, t: dict, pre: Preprocess, meta: dict, logi
 
 
 def class_folder(k: int, name: str, n_classes: int) -> str:
-    """``03-T-shirt_top``: numbered so that sorted order is class order (image-folder readers sort names)."""
-    safe = re.sub(r"[^A-Za-z0-9._ -]+", "_", name).strip(" .") or "class"
+    """``03-T-shirt_top``, ``9-Ankle_boot``: numbered so that sorted order is class order (image-folder readers sort
+    names); characters other than letters, digits, ``.``, ``_`` and ``-`` (spaces, slashes) become ``_``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
     return f"{k:0{len(str(n_classes - 1))}d}-{safe}"
 
 
@@ -194,7 +197,8 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
     lines = [
         "  images_best.pt    float32 [n, C, H, W]: the synthetic images, in the training space above.",
         f"  labels_best.pt    {_label_text(fmt, info)}",
-        "  lr_best.pt        float32 scalar: alpha; MTT's evaluation protocol trains with lr = alpha (args.lr_net).",
+        "  lr_best.pt        float32 scalar: alpha, the learned step size; MTT's evaluation trains with lr = alpha "
+        "(args.lr_net). DATM saves this file; MTT saves no learning rate (it only logs it).",
         "  normalization.pt  {'mean': [C], 'std': [C]} float32 (0 and 1 with ZCA: no normalisation then).",
     ]
     if pre.has_zca:
@@ -240,8 +244,11 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
             "DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
             f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
             "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
-            "MTT's code evaluates inside distill.py, with utils.evaluate_synset(0, net, images, labels, testloader, "
-            "args) and args.lr_net = lr (it needs int64 labels: the mtt format).",
+            "MTT's distill.py saves images_<it>.pt and labels_<it>.pt (and images_best.pt, labels_best.pt) under "
+            "logged_files/, but none of MTT's scripts loads them: it evaluates inside distill.py. To use MTT's code, "
+            "write a script that loads these files as above, sets args as distill.py does (dsa, dsa_param, "
+            "epoch_eval_train, batch_train, device) with args.lr_net = lr, and calls utils.evaluate_synset(0, net, "
+            "images, labels, testloader, args) with net = utils.get_network(...); it needs int64 labels: the mtt format.",
         ]
     else:
         lines.append(

@@ -463,8 +463,9 @@ class ExportSettings(_Settings):
 
     format: Literal[EXPORT_FORMATS] | None = _setting(
         None,
-        "Required. mtt / datm: images_best.pt, labels_best.pt, lr_best.pt and the ZCA transform; "
-        "imagefolder: PNGs <class>/<i>.png; npz: one NumPy archive.",
+        "Required. mtt / datm: images_best.pt, labels_best.pt (mtt: class indices, hard labels only; datm: "
+        "logits), lr_best.pt (alpha) and the preprocessing; imagefolder: PNGs <NN>-<class>/<i>.png; npz: one "
+        "NumPy archive.",
     )
     out: Path | None = _setting(None, "Folder to write (required; refused if it exists, unless --force).")
     # As distill's --force: replace what --out holds.

@@ -51,6 +51,7 @@ def _current_umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_current_umask()  # mkstemp creates 0600; outputs get the usual mode
+DIR_MODE = 0o777 & ~_current_umask()  # mkdtemp creates 0700; an output folder gets mkdir's mode
 _MAX_HEADER = 64 * 1024 * 1024  # bytes; safetensors' own limit is 100 MB
 _WRITE_CHUNK = 64 * 1024 * 1024  # bytes per write call
 _RESERVED = ("format", "format_version", "dpd_version")

@@ -88,6 +88,12 @@ def run(settings: ExportSettings, target: Path, sink: Sink | None = None) -> dic
     logits = t.get("label_logits")
     out = Path(s.out)
     _check_out(out, file, s.force)
+    if s.format == "mtt" and logits is not None:
+        raise SettingsError(
+            f"{file} has learned soft labels, and --format mtt stores labels as int64 class indices: MTT's "
+            "evaluate_synset casts them with .long(), so it cannot train on soft labels. Export the set with --format "
+            "datm (labels_best.pt holds the logits; DATM's evaluation.py trains on their softmax) or --format npz."
+        )
     if s.format == "imagefolder" and t["images"].shape[1] not in (1, 3):
         raise SettingsError(
             f"--format imagefolder writes grayscale or RGB PNGs, and these images have {t['images'].shape[1]} "
@@ -97,6 +103,7 @@ def run(settings: ExportSettings, target: Path, sink: Sink | None = None) -> dic
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, storage.DIR_MODE)  # mkdtemp makes it private; the export gets a run directory's mode
     except OSError as e:
         raise StorageError(f"Cannot create {out}: {e.strerror or e}. Choose a writable --out.") from e
     try:

@@ -226,6 +226,11 @@ def test_the_environment_footer_only_under_commands_with_settings():
         assert "DPD_" not in _help_text(command), command
 
 
+def test_export_help_names_the_files_written():
+    text = _help_text("export").replace(" ", "")
+    assert text.count("<NN>-<class>/<i>.png") == 2 and "PNGs<class>/" not in text  # --format's help and the example
+
+
 @pytest.mark.parametrize("command", [["experts"], ["evaluate"], ["distill"]])
 def test_host_memory_help_fits_every_command(command):
     text = _help_text(*command)

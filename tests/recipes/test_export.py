@@ -8,6 +8,7 @@ that clipping is exercised.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from dpd_cli.io import storage
 from dpd_cli.models import ModelSpec
 from dpd_cli.recipes import export
 
-CLASSES = ["airplane", "T-shirt/top", "frog"]
+CLASSES = ["airplane", "T-shirt/top", "frog's eye"]
 
 
 def _make_set(
@@ -65,6 +66,12 @@ def _make_set(
 
 def _export(target: Path, out: Path, fmt: str, force: bool = False) -> dict:
     return export.run(ExportSettings(format=fmt, out=out, force=force), target)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _load_pt(path: Path):
@@ -111,6 +118,10 @@ def test_mtt_files_load_with_plain_torch_as_the_same_tensors(tmp_path, zca):
     readme = (out / "README.txt").read_text()
     for name in result["files"]:
         assert name in readme
+    # What MTT's code does with these files, truthfully: it saves no lr_best.pt and loads no saved set.
+    assert "MTT saves no learning rate" in readme and "none of MTT's scripts loads them" in readme
+    (tmp_path / "made").mkdir()  # as a run directory is made: mkdir's mode, under the umask
+    assert out.stat().st_mode & 0o777 == (tmp_path / "made").stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert "--dataset CIFAR10" + (" --zca" if zca else "") in readme
     assert ("kornia.enhance.ZCAWhitening(eps=0.1" in readme) == zca
 
@@ -199,7 +210,7 @@ def test_imagefolder_pngs_are_the_images_in_pixel_space(tmp_path, zca, channels)
     x = x.view(t["images"].shape) * t["norm_std"].double().view(1, -1, 1, 1) + t["norm_mean"].double().view(1, -1, 1, 1)
     want = (x.clamp(0, 1) * 255).round()
     folders = sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir())
-    assert folders == ["0-airplane", "1-T-shirt_top", "2-frog"]  # sorted names give the class order
+    assert folders == ["0-airplane", "1-T-shirt_top", "2-frog_s_eye"]  # sorted names give the class order
     for i, y in enumerate(t["labels"].tolist()):
         png = Image.open(tmp_path / "out" / folders[y] / f"{i}.png")
         assert png.mode == ("RGB" if channels == 3 else "L")
@@ -225,11 +236,18 @@ def test_soft_labels_are_exported_as_logits(tmp_path):
     src = _make_set(tmp_path / "s.safetensors", zca=False)
     logits = torch.randn(6, 3)
     soft = _with_soft_labels(src, logits)
-    for fmt in ("mtt", "datm"):
-        result = _export(soft, tmp_path / fmt, fmt)
-        assert result["soft_labels"] is True
-        assert torch.equal(_load_pt(tmp_path / fmt / "labels_best.pt"), logits)
-        assert "the learned soft labels as logits" in (tmp_path / fmt / "README.txt").read_text()
+    result = _export(soft, tmp_path / "datm", "datm")
+    assert result["soft_labels"] is True
+    assert torch.equal(_load_pt(tmp_path / "datm" / "labels_best.pt"), logits)
+    assert "the learned soft labels as logits" in (tmp_path / "datm" / "README.txt").read_text()
+    with pytest.raises(SettingsError) as e:  # MTT's evaluate_synset casts labels with .long()
+        _export(soft, tmp_path / "mtt", "mtt")
+    assert str(e.value) == (
+        f"{soft} has learned soft labels, and --format mtt stores labels as int64 class indices: MTT's evaluate_synset "
+        "casts them with .long(), so it cannot train on soft labels. Export the set with --format datm (labels_best.pt "
+        "holds the logits; DATM's evaluation.py trains on their softmax) or --format npz."
+    )
+    assert not (tmp_path / "mtt").exists()
     _export(soft, tmp_path / "npz", "npz")
     with np.load(tmp_path / "npz" / "synthetic.npz") as z:
         assert np.array_equal(z["label_logits"], logits.numpy()) and np.array_equal(
@@ -242,7 +260,7 @@ def test_soft_labels_are_exported_as_logits(tmp_path):
     with pytest.raises(
         StorageError, match=r"tensor 'label_logits' is torch.float32 \(6, 4\), expected finite float32 \(6, 3\)"
     ):
-        _export(bad, tmp_path / "bad", "mtt")
+        _export(bad, tmp_path / "bad", "datm")
     assert not (tmp_path / "bad").exists()
 
 
