@@ -175,6 +175,15 @@ def _wrap(line: str, width: int = 100) -> list[str]:
     return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
 
+def label_summary(fmt: str | None, soft: bool) -> str:
+    """What an export's labels are, in a few words (``dpd inspect`` of an export folder)."""
+    if soft:
+        return "the learned soft labels, as float32 [n, K] logits"
+    if fmt == "datm":
+        return f"hard, as float32 [n, K] logits (0 at the class, -{HARD_LABEL_GAP:g} elsewhere)"
+    return "hard, as int64 class indices" + (" (and the PNGs' class folders)" if fmt == "imagefolder" else "")
+
+
 def _label_text(fmt: str, info: dict) -> str:
     k = len(info["classes"])
     if info["soft_labels"]:

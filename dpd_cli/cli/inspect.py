@@ -29,7 +29,8 @@ _META_WIDTH = 52  # characters of a metadata value shown before "…"
 PLOT_INSTALL = 'pip install "dpd-cli[plot]"'
 
 SUMMARY = (
-    "Show what a run directory, an experts folder or a dpd .safetensors file holds, and check its files.\n\n"
+    "Show what a run directory, an experts folder, an export folder or a .safetensors file holds, and check its "
+    "files.\n\n"
     "Broken files inside a folder are reported, not fatal. Exit code 2 when PATH itself is missing or unreadable."
 )
 EXAMPLES = [
@@ -58,7 +59,7 @@ def inspect(
             metavar="PATH",
             show_default=False,
             parser=keep_text,
-            help="A run directory, an experts folder, or a .safetensors file written by dpd.",
+            help="A run directory, an experts folder, an export folder, or a .safetensors file.",
         ),
     ],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -106,6 +107,12 @@ def inspect(
             raise SettingsError(
                 f"{path} is an experts folder: it holds trajectories, not images. Give --export-grid a run directory."
             )
+        if outs and kind == "export":
+            flags = " and ".join(outs)
+            raise SettingsError(
+                f"{path} is an export folder (from `dpd export`): {flags} draw{'s' if len(outs) == 1 else ''} a run "
+                "directory. Give the run the set was exported from (`dpd inspect` on the folder names it)."
+            )
         if "--plot" in outs and kind == "file":
             raise SettingsError(
                 f"--plot draws a run directory or an experts folder, not a single file ({path}). "
@@ -133,7 +140,9 @@ def inspect(
         print_json("inspect", {**facts, "exports": exports})
     else:
         con = out_console()
-        {"run": _show_run, "experts": _show_experts, "file": _show_file}[facts["kind"]](con, facts)
+        {"run": _show_run, "experts": _show_experts, "export": _show_export, "file": _show_file}[facts["kind"]](
+            con, facts
+        )
         if "grid" in exports:
             g = exports["grid"]
             con.print()
@@ -471,6 +480,31 @@ def _imported(record: dict) -> str:
     return text
 
 
+# --- export folder ----------------------------------------------------------------------------
+def _show_export(con: Console, f: dict) -> None:
+    con.print(Text.assemble(("Export folder ", "bold"), f["path"], f" (dpd export --format {f['format']})"))
+    shape = f", {_shape(f['image_shape'])}" if f["image_shape"] else ""
+    images = f"{plural(f['n_images'] or 0, 'image')} ({f['ipc']} per class, {f['n_classes']} classes{shape})"
+    facts = [
+        ("dataset", (f["dataset"] or "?") + (", ZCA" if f["zca"] else "")),
+        ("images", images + ("" if f["iteration"] is None else f", iteration {f['iteration']}")),
+        ("labels", f["labels"]),
+        ("model", f["model_tag"] or ""),
+        ("source", f["source"] or "?"),
+        ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?"),
+    ]
+    _put(con, _facts_grid(facts))
+    _heading(con, "Files")
+    rows: list[tuple] = [(e["name"], _size(e["size"]), _status("ok" if e["valid"] else "INVALID")) for e in f["files"]]
+    if len(rows) > _MAX_EXPERT_ROWS:  # one PNG per image
+        rows[_MAX_EXPERT_ROWS - 2 : -2] = [
+            (Text(f"... {len(rows) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"),)
+        ]
+    _put(con, table(("file", ">size", "status"), rows))
+    _put(con, "README.txt says how to load them.", "dim")
+    _warnings(con, f["warnings"])
+
+
 # --- single file ------------------------------------------------------------------------------
 #: Labels of a trajectory's or a preprocessing file's details (the others show under their key).
 _DETAIL_LABELS = {
@@ -500,15 +534,15 @@ _CHECKSUM = {
 
 def _show_file(con: Console, f: dict) -> None:
     con.print(Text.assemble(("File ", "bold"), f["path"], f" ({_size(f['size'])})"))
-    fmt = f["format"] or "none (not a dpd file)"
+    fmt = f["format"] or "a safetensors file not written by dpd (no dpd format metadata)"
     if f["format_version"]:
         fmt += f" version {f['format_version']}"
     part = f["part_of"]
     rows = [
         ("format", fmt),
-        ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?"),
+        ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?" if f["format"] else "another tool"),
         ("status", "valid" if f["valid"] else "INVALID: " + " ".join(f["problems"])),
-        ("checksum", _CHECKSUM.get(f["checksum"], f["checksum"])),
+        ("checksum", _CHECKSUM.get(f["checksum"], f["checksum"]) if f["format"] else ""),
     ]
     if part:
         what = "run" if part["kind"] == "run" else "experts folder"

@@ -16,6 +16,7 @@ import torch
 
 from dpd_cli.artifacts import discover, evaluation, json_number, layout
 from dpd_cli.artifacts import experts as experts_file
+from dpd_cli.artifacts import export as export_file
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
@@ -37,8 +38,8 @@ _ENVELOPE_KEYS = ("format", "format_version", "dpd_version")
 #: ``checksum`` of a file written before dpd recorded a digest of the tensor data (0.2 and older).
 UNVERIFIED = "unverified (written before checksums)"
 _WHAT_WORKS = (
-    "`dpd inspect` reads a run directory (from `dpd distill`), an experts folder (from `dpd experts`) "
-    "or a .safetensors file written by dpd."
+    "`dpd inspect` reads a run directory (from `dpd distill`), an experts folder (from `dpd experts`), "
+    "an export folder (from `dpd export`) or a .safetensors file."
 )
 
 
@@ -57,7 +58,8 @@ def _list_found(found: list[tuple[Path, str]]) -> str:
 
 
 def detect(path: Path) -> str:
-    """``"run"``, ``"experts"`` or ``"file"``; a ``StorageError`` says what a missing path or a foreign folder holds."""
+    """``"run"``, ``"experts"``, ``"export"`` (a ``dpd export`` folder) or ``"file"``; a ``StorageError`` says what a
+    missing path or a foreign folder holds."""
     path = Path(path)
     if not path.exists():
         near = discover.find(path.parent, depth=1, limit=6) if path.parent.is_dir() else []
@@ -68,6 +70,8 @@ def detect(path: Path) -> str:
     kind = discover.kind_of(path)
     if kind:
         return kind
+    if export_file.read_record(path) is not None:
+        return "export"
     found = discover.find(path, depth=2, limit=6, max_children=200)
     if found:
         more = " and maybe more" if len(found) >= 6 else ""
@@ -97,6 +101,8 @@ def inspect(path: Path, expert_epochs: int | None = None, max_experts: int = MAX
         return _inspect_run(path)
     if kind == "experts":
         return _inspect_experts(path, expert_epochs or DEFAULT_EXPERT_EPOCHS, max_experts)
+    if kind == "export":
+        return _inspect_export(path)
     return _inspect_file(path)
 
 
@@ -356,6 +362,39 @@ def _distances(files: list[Path], m: int, epochs: int, warnings: list[str]) -> d
     return {"m": m, "t": list(range(n_t)) if used else [], "values": values, "n_experts": used}
 
 
+# --- export folder ----------------------------------------------------------------------------
+def _inspect_export(folder: Path) -> dict:
+    """A ``dpd export`` folder as its export.json records it, each listed file checked to be there."""
+    record = export_file.read_record(folder)
+    listed = [*record.get("files", []), export_file.README, export_file.RECORD]
+    files = [_file_entry(folder / name, name, (folder / name).is_file()) for name in listed]
+    warnings = [
+        f"{f['name']} is missing: the folder was changed after `dpd export` wrote it." for f in files if not f["valid"]
+    ]
+    model = record.get("model") or {}
+    size = model.get("image_size") or []
+    fmt, soft = record.get("export_format"), bool(record.get("soft_labels"))
+    return {
+        "kind": "export",
+        "path": str(folder),
+        "format": fmt,
+        "source": record.get("source"),
+        "dataset": record.get("dataset"),
+        "n_classes": len(record.get("classes") or []),
+        "ipc": record.get("ipc"),
+        "n_images": record.get("n_images"),
+        "image_shape": [model["channels"], *size] if "channels" in model and size else None,
+        "iteration": record.get("iteration"),
+        "model_tag": experts_file.model_tag(model or None),
+        "zca": record.get("zca"),
+        "labels": export_file.label_summary(fmt, soft),
+        "soft_labels": soft,
+        "written_by": (record.get("versions") or {}).get("dpd"),
+        "files": files,
+        "warnings": warnings,
+    }
+
+
 # --- single file ------------------------------------------------------------------------------
 def _decode_meta_lenient(raw: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """Metadata values JSON-decoded where possible; the keys that are not JSON."""
@@ -380,26 +419,22 @@ def _inspect_file(path: Path) -> dict:
             hint = f" `dpd inspect {beside}` shows this evaluation with the set it scores."
         raise StorageError(
             f"{path} is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, "
-            f"experts folders and safetensors files.{hint}"
+            f"experts folders, export folders and safetensors files.{hint}"
         )
+    _refuse_torch_file(path)
     try:
         header, raw = storage.read_header(path)
     except StorageError as e:
         raise StorageError(f"{e} {_file_hint(path)}") from None
     fmt = raw.get("format")
     version = raw.get("format_version")
-    # A foreign file or one of a version this dpd does not read is refused, as every dpd command would refuse it.
-    if fmt is None:
-        raise StorageError(
-            f"{path} is a safetensors file without dpd format metadata: it was not written by dpd. "
-            "`dpd inspect` reads run directories, experts folders and the files dpd writes."
-        )
-    if fmt not in storage.FORMAT_VERSIONS:
+    # A file of a version this dpd does not read is refused, as every dpd command would refuse it.
+    if fmt is not None and fmt not in storage.FORMAT_VERSIONS:
         raise StorageError(
             f"{path} has format {fmt!r}, which is not one dpd writes ({', '.join(storage.FORMAT_VERSIONS)})."
         )
-    readable = storage.READABLE_VERSIONS[fmt]
-    if version not in {str(v) for v in readable}:
+    readable = storage.READABLE_VERSIONS.get(fmt, ())
+    if fmt is not None and version not in {str(v) for v in readable}:
         raise StorageError(
             f"{path} is {fmt} format version {version or '?'}; this dpd reads version "
             f"{' or '.join(map(str, readable))}. Use the dpd version that wrote it, or recreate the file."
@@ -423,7 +458,9 @@ def _inspect_file(path: Path) -> dict:
     except StorageError as e:
         checksum = "mismatch"
         problems.append(_short_error(e, path, path.name))
-    if not problems:
+    if fmt is None:  # a safetensors file another tool wrote: its tensors and metadata, nothing dpd-specific
+        checksum = "-"
+    elif not problems:
         try:
             details = _file_details(path, fmt)
         except StorageError as e:
@@ -438,7 +475,7 @@ def _inspect_file(path: Path) -> dict:
         "size": path.stat().st_size,
         "format": fmt,
         "format_version": version,
-        "format_version_supported": storage.FORMAT_VERSIONS[fmt],
+        "format_version_supported": storage.FORMAT_VERSIONS.get(fmt),
         "written_by": raw.get("dpd_version"),
         "valid": not problems,
         "problems": problems,
@@ -450,6 +487,32 @@ def _inspect_file(path: Path) -> dict:
         "evaluation": _evaluation(evaluation.path_for(path), warnings),  # where `dpd evaluate FILE` writes
         "warnings": warnings,
     }
+
+
+def _refuse_torch_file(path: Path) -> None:
+    """A PyTorch file (``torch.save``: a zip archive, or a pickle before PyTorch 1.6) or a NumPy archive is refused,
+    saying what reads it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return  # read_header says why
+    if head not in (b"PK", b"\x80\x02"):
+        return
+    what = "a NumPy archive" if path.suffix == ".npz" else "a PyTorch file (torch.save)"
+    if export_file.read_record(path.parent) is not None:
+        hint = f"It belongs to a `dpd export` folder: `dpd inspect {path.parent}` describes it."
+    elif path.suffix != ".npz":
+        hint = (
+            f"If it is an MTT, FTD or DATM replay buffer (replay_buffer_N.pt), convert its experts with `dpd experts "
+            f"import {path} --dataset NAME --zca` (or --no-zca), then inspect the experts folder that writes."
+        )
+    else:
+        hint = ""
+    raise StorageError(
+        f"{path} is {what}, not a safetensors file: `dpd inspect` reads run directories, experts folders, export "
+        f"folders and safetensors files. {hint}".rstrip()
+    )
 
 
 def _file_hint(path: Path) -> str:

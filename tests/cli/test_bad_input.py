@@ -661,8 +661,8 @@ CASES = [
         "inspect-json-file",
         ["inspect", "{tmp}/cfg.json"],
         [
-            "{tmp}/cfg.json is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, experts folders "
-            "and safetensors files.\n"
+            "{tmp}/cfg.json is a JSON file (plain text: open it directly); `dpd inspect` reads run directories, experts folders, "
+            "export folders and safetensors files.\n"
         ],
         _write("cfg.json", "{}"),
     ),

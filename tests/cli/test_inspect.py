@@ -483,13 +483,63 @@ def test_truncated_synthetic_file_is_a_user_error(dpd, built, tmp_path):
     [
         (bytes(range(256)) * 4, "is not a valid safetensors file (header length"),  # random bytes
         (b"", "is empty or truncated (0 bytes): not a safetensors file."),
-        (b"PK\x03\x04" + b"\x00" * 60, "is not a valid safetensors file"),  # a zip, e.g. torch.save's format
     ],
 )
 def test_non_safetensors_files_are_user_errors(dpd, tmp_path, content, phrase):
     path = tmp_path / "thing.safetensors"
     path.write_bytes(content)
     _user_error(dpd("inspect", path), phrase, "`dpd inspect` reads a run directory")
+
+
+def test_a_torch_file_points_to_experts_import(dpd, tmp_path):
+    import torch
+
+    for name in ("replay_buffer_0.pt", "legacy.pt"):  # torch.save's zip, and its pickle before PyTorch 1.6
+        torch.save([[torch.zeros(3)]], tmp_path / name, _use_new_zipfile_serialization=name != "legacy.pt")
+        _user_error(
+            dpd("inspect", tmp_path / name),
+            f"{tmp_path / name} is a PyTorch file (torch.save), not a safetensors file:",
+            f"replay buffer (replay_buffer_N.pt), convert its experts with `dpd experts import {tmp_path / name} "
+            "--dataset NAME --zca` (or --no-zca)",
+        )
+
+
+def test_a_safetensors_file_of_another_tool_lists_its_tensors(dpd, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3, 4), "b": torch.ones(2)}, tmp_path / "other.safetensors", metadata={"by": "x"})
+    r = dpd("inspect", tmp_path / "other.safetensors")
+    _ok(r)
+    out = " ".join(r.output.split())
+    assert "format a safetensors file not written by dpd (no dpd format metadata)" in out and "None" not in out
+    assert "Tensors (2)" in out and "w F32 3×4 48 B" in out and "b F32 2 8 B" in out and "by x" in out
+    data = json.loads(dpd("inspect", tmp_path / "other.safetensors", "--json").stdout)
+    assert (data["kind"], data["format"], data["valid"]) == ("file", None, True)
+
+
+def test_an_export_folder_is_described(dpd, built, tmp_path):
+    out = tmp_path / "exp"
+    _ok(dpd("export", built["run"], "--format", "datm", "--out", out))
+    r = dpd("inspect", out)
+    _ok(r)
+    text = " ".join(r.output.split())
+    for phrase in (
+        f"Export folder {out} (dpd export --format datm)",
+        "images 10 images (1 per class, 10 classes, 1×28×28)",
+        "labels hard, as float32 [n, K] logits (0 at the class, -1000 elsewhere)",
+        f"source {(built['run'] / 'synthetic.safetensors').resolve()}",
+        "images_best.pt",
+        "lr_best.pt",
+        "README.txt says how to load them.",
+    ):
+        assert phrase in text, phrase
+    (out / "lr_best.pt").unlink()
+    data = json.loads(dpd("inspect", out, "--json").stdout)
+    assert (data["kind"], data["format"], data["n_images"], data["image_shape"]) == ("export", "datm", 10, [1, 28, 28])
+    assert data["warnings"] == ["lr_best.pt is missing: the folder was changed after `dpd export` wrote it."]
+    _user_error(dpd("inspect", out / "images_best.pt"), f"It belongs to a `dpd export` folder: `dpd inspect {out}`")
+    _user_error(dpd("inspect", out, "--plot", tmp_path / "p.png"), "is an export folder (from `dpd export`)")
 
 
 def test_diverged_runs_shown_and_malformed_ones_ignored(dpd, built, tmp_path):
