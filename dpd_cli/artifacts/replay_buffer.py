@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.text import plural
 
 __all__ = ["PATTERN", "find", "sha256", "load", "check_layout", "flatten"]
 
@@ -152,7 +153,7 @@ def check_layout(path: Path, experts: list, layout: list[list], network: str, hi
     for i, expert in enumerate(experts):
         if len(expert) != n_snapshots:
             raise ExpertsError(
-                f"{path}: expert {i} has {len(expert)} snapshots, expert 0 has {n_snapshots}; every expert of "
+                f"{path}: expert {i} has {plural(len(expert), 'snapshot')}, expert 0 has {n_snapshots}; every expert of "
                 "a dpd experts folder has the same number of epochs. Import the buffers of one training setup together."
             )
         for e, snapshot in enumerate(expert):

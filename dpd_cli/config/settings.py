@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dpd_cli.errors import SettingsError
 from dpd_cli.models import MODEL_NAMES
+from dpd_cli.text import plural
 
 #: Datasets the registry knows (``dpd_cli.data``); kept here so validation needs no torch.
 DATASET_NAMES = tuple("fashion-mnist-mini fashion-mnist mnist cifar10 cifar100 svhn tiny-imagenet imagefolder".split())
@@ -343,7 +344,7 @@ class DistillSettings(DataFields, ModelFields, RunFields):
             )
         if self.keep_graphs > self.syn_steps:
             raise ValueError(
-                f"--keep-graphs {self.keep_graphs} is more than the {self.syn_steps} steps of the unroll "
+                f"--keep-graphs {self.keep_graphs} is more than the {plural(self.syn_steps, 'step')} of the unroll "
                 f"(--syn-steps): use at most {self.syn_steps}"
             )
         if self.prune_ema_beta is not None and self.prune_mask != "ema":
