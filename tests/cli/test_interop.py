@@ -177,7 +177,7 @@ def test_import_bad_input_exits_2_with_a_message(dpd, tmp_path):
 def test_experts_without_subcommand_still_trains(dpd, tmp_path):
     r = dpd("experts", "--num", "1", "--epochs", "1", "--out", tmp_path / "ex", *TINY)
     assert r.exit_code == 0, r.output
-    assert "1 experts in" in r.stdout and (tmp_path / "ex" / "expert_00000.safetensors").exists()
+    assert "1 expert in" in r.stdout and (tmp_path / "ex" / "expert_00000.safetensors").exists()
 
 
 def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dpd, monkeypatch, tmp_path):
