@@ -46,7 +46,7 @@ class RunWriter:
         """Hold the run directory's lock until ``stack`` closes; delete the temp files of a killed process."""
         if not self.writes:
             return
-        stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run"))
+        stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run", holder="dpd distill"))
         # With the lock held no other process is writing here.
         storage.remove_stale_temps(self.run_dir)
         storage.remove_stale_temps(self.run_dir / layout.CHECKPOINTS)

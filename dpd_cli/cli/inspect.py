@@ -381,7 +381,7 @@ def _state_line(st: dict) -> str:
     if st["status"] == "finished":
         return f"finished ({of})"
     if st["status"] == "running":
-        return f"running ({of} so far; a dpd process holds the run's lock)"
+        return f"running ({of} so far; {st.get('holder') or 'a dpd process'} holds the run's lock)"
     if st["status"] == "resumable":
         return (
             f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "

@@ -512,13 +512,14 @@ _ADVICE = "Wait for it to finish, or choose another --out."
 
 @contextlib.contextmanager
 def lock_dir(
-    folder: Path, what: str, name: str = ".lock", advice: str = _ADVICE, shared: bool = False
+    folder: Path, what: str, name: str = ".lock", advice: str = _ADVICE, shared: bool = False, holder: str = "dpd"
 ) -> Iterator[None]:
     """Hold an ``flock`` on ``folder/<name>`` (shared or exclusive); a conflicting holder raises ``OutputExistsError``.
 
     The kernel releases it when the process dies, so a kill leaves no stale lock. A lock belongs to
     one open file description: a second ``lock_dir`` in the same process conflicts with the first.
-    ``what`` (``"experts"``) and ``advice`` (its last sentence) word the conflict's message.
+    ``what`` (``"experts"``) and ``advice`` (its last sentence) word the conflict's message; an exclusive
+    holder writes its pid and ``holder`` (what it is, ``"dpd distill"``) into the file for ``lock_holder``.
     """
     folder = Path(folder)
     path = folder / name
@@ -545,7 +546,7 @@ def lock_dir(
         if not shared:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
+                os.write(fd, f"{os.getpid()} {holder}\n".encode())
         yield
     finally:
         os.close(fd)
@@ -586,3 +587,19 @@ def is_locked(folder: Path, name: str = ".lock") -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def lock_holder(folder: Path, name: str = ".lock") -> str | None:
+    """Who holds ``folder/<name>`` now (``is_locked``): ``"dpd distill (pid 1234)"`` as an exclusive holder recorded
+    itself, ``"another dpd process"`` where none did (shared holders record nothing); ``None`` when nobody holds it."""
+    if not is_locked(folder, name):
+        return None
+    try:
+        pid, _, holder = (Path(folder) / name).read_text(encoding="utf-8", errors="replace").strip().partition(" ")
+        if pid.isdigit() and pid != "0":
+            with contextlib.suppress(PermissionError):  # alive, another user's
+                os.kill(int(pid), 0)  # a pid recorded by an earlier holder whose process is gone says nothing
+            return f"{holder or 'a dpd process'} (pid {pid})"
+    except (OSError, ValueError):
+        pass
+    return "another dpd process"
