@@ -18,7 +18,7 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.data import Preprocess
-from dpd_cli.errors import OutputExistsError, StorageError
+from dpd_cli.errors import DamagedError, OutputExistsError, StorageError
 from dpd_cli.io import storage
 from dpd_cli.io.images import save_grid
 
@@ -114,26 +114,44 @@ class RunWriter:
         save_grid(self.pre.invert(images), labels, len(meta["classes"]), self.run_dir / layout.GRID)
         return path
 
-    def newest_state(self, check, skipped=None) -> tuple[dict[str, torch.Tensor], dict]:
-        """The newest checkpoint that loads, after ``check(path, tensors, meta)`` (which raises to refuse it).
+    def reached(self) -> int:
+        """The newest iteration ``metrics.jsonl`` records (0: none): how far the run had got."""
+        with contextlib.suppress(OSError):
+            return metrics_file.last_iteration(self.run_dir / layout.METRICS) or 0
+        return 0
 
-        ``skipped(message)`` is told about each newer checkpoint that did not load (damaged), when an older one does.
+    def set_aside_damaged(self) -> list[tuple[Path, str, Path]]:
+        """Rename each damaged checkpoint newer than the newest sound one to ``<name>.damaged`` (``.damaged.1``, ...
+        if taken), so that a resume neither reads nor overwrites it; ``[(checkpoint, how it is damaged, new path)]``.
+
+        A sound checkpoint's header and tensor data (against its checksum) are checked here; other problems
+        (a newer format, another run's file) stop the resume where it loads the file.
+        """
+        moved = []
+        for path in self.checkpoints() if self.writes else []:
+            try:
+                synthetic_file.check_header(path)
+                storage.verify_data(path)
+                break
+            except DamagedError as e:
+                aside, n = path.with_name(f"{path.name}.damaged"), 0
+                while aside.exists():  # an earlier one of the same name is kept too
+                    n += 1
+                    aside = path.with_name(f"{path.name}.damaged.{n}")
+                path.rename(aside)
+                storage.fsync_dir(path.parent)
+                moved.append((path, e.reason, aside))
+            except StorageError:
+                break
+        return moved
+
+    def newest_state(self, check) -> tuple[dict[str, torch.Tensor], dict]:
+        """The newest checkpoint, loaded, after ``check(path, tensors, meta)`` (which raises to refuse it).
 
         Raises:
-            StorageError: No checkpoint loads.
+            StorageError: It does not load (``set_aside_damaged`` moves damaged ones aside first).
         """
-        errors = []
-        for path in self.checkpoints():
-            try:
-                t, meta = synthetic_file.load(path)
-            except StorageError as e:
-                errors.append(str(e))
-                continue
-            check(path, t, meta)
-            for error in errors if skipped is not None else []:
-                skipped(f"{error} Resuming from the previous checkpoint that loads, {path.name}.")
-            return t, meta
-        raise StorageError(
-            f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} "
-            "Start over with --force."
-        )
+        path = self.checkpoints()[0]
+        t, meta = synthetic_file.load(path)
+        check(path, t, meta)
+        return t, meta

@@ -51,6 +51,7 @@ from dpd_cli.recipes.distill_inputs import (
     label_expert,
     layer_totals,
     other_settings,
+    resume_message,
     to_device,
     with_experts,
 )
@@ -161,18 +162,22 @@ class DistillRecipe:
             )
         self.shash = settings_hash(s, exclude=set(RESUMABLE))
         self._stack.enter_context(interrupt.safe_points())
-        resume = s.resume and bool(self.writer.checkpoints())
+        self.aside, self.reached = [], 0  # damaged checkpoints moved aside; the iteration the run had reached
         if self.main:
             self.writer.lock(self._stack)
-            if s.resume and not resume:
-                # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.
+            if s.resume:
+                self.aside, self.reached = self.writer.set_aside_damaged(), self.writer.reached()
+                self.reached = max([self.reached, *(layout.checkpoint_iteration(p) for p, _, _ in self.aside)])
+            if s.resume and not self.writer.checkpoints():
+                # Stopped before checkpoint 0 was written, or every checkpoint is damaged: every choice is seeded,
+                # so starting over is the exact resume.
                 if self.writer.recorded_settings_hash() != self.shash:
                     raise other_settings(self.run_dir, s)
-                self.sink.emit(Message(f"{self.run_dir} has no checkpoint yet: starting from iteration 0."))
+                self.sink.emit(resume_message(self.run_dir, self.aside, None, self.reached))
             self.writer.prepare(s.resume, s.force)
         if self.group is not None:
             self.group.barrier()  # the other ranks read the run directory only once rank 0 has it in order
-        return resume
+        return s.resume and bool(self.writer.checkpoints())
 
     def _setup_state(self, resume: bool) -> None:
         """The student network, the labels and the state: resumed from the newest checkpoint, or fresh."""
@@ -371,7 +376,8 @@ class DistillRecipe:
     def _load_state(self, image_shape) -> DistillState:
         s = self.s
         check = partial(check_resumable, self.run_dir, s, self.shash, tuple(image_shape), self.fm.n_params)
-        t, meta = self.writer.newest_state(check, lambda text: self.sink.emit(Message(text, "warning")))
+        t, meta = self.writer.newest_state(check)
+        self.sink.emit(resume_message(self.run_dir, self.aside, int(meta["iteration"]), self.reached))
         self.soft_info = meta.get("soft_labels")
         opt = {k: t[k].to(self.device) for k in ("prune_state", "label_logits", "momentum_labels") if k in t}
         fixed = [t[k].to(self.device) for k in ("images", "lr", "momentum_images", "momentum_lr", "prune_counts")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.artifacts import run_settings
+from dpd_cli.artifacts import layout, run_settings
 from dpd_cli.artifacts.experts import (
     ExpertSet,
     expert_files,
@@ -353,6 +353,27 @@ def diverged(iteration: int, loss: float, a: float, checkpoints: list[Path]) -> 
         f"Distillation diverged at iteration {iteration}: {what}; {kept}. Lower --lr-img or --lr-lr "
         f"(or --lr-teacher), then {how}."
     )
+
+
+def resume_message(run_dir: Path, aside: list, iteration: int | None, reached: int) -> Message:
+    """What a resume does: the damaged checkpoints it moved aside (``RunWriter.set_aside_damaged``), the checkpoint
+    it continues from (``iteration``; ``None``: there is none, it starts again from iteration 0) and how many
+    iterations it redoes (the run had got to ``reached``)."""
+    parts = [f"{p.name} is damaged ({why}): moved aside to {new.name}" for p, why, new in aside]
+    if iteration is None:
+        parts.append(
+            f"{run_dir} has no checkpoint {'left' if aside else 'yet'}: starting again from iteration 0 with the same "
+            "settings (every random choice is seeded, so the result is the same)"
+        )
+    else:
+        name = layout.checkpoint_path(run_dir, iteration).name
+        parts.append(f"{'r' if aside else 'R'}esuming {run_dir} from {name} (iteration {iteration})")
+    text, start = "; ".join(parts), iteration or 0
+    if reached > start:
+        text += f", {reached - start} iterations redone ({start + 1}-{reached})"
+        if not aside:
+            text += f": the run had got to iteration {reached}" + (", past its newest checkpoint" if iteration else "")
+    return Message(text + ".", "warning" if aside else "info")
 
 
 def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
