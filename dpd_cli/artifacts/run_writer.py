@@ -86,6 +86,18 @@ class RunWriter:
         if self.writes:
             metrics_file.truncate(self.run_dir / layout.METRICS, iteration)
 
+    def record_changes(self, iteration: int, changed: dict) -> None:
+        """Record in ``settings.json`` the settings a resume from ``iteration`` changes (``{name: {"from", "to"}}``),
+        dropping the changes recorded at or after it (the iterations they applied to are redone)."""
+        record, _ = run_settings.read(self.run_dir)
+        if not self.writes or record is None:
+            return
+        old = record.get("changes") or []
+        new = [c for c in old if c.get("iteration", 0) < iteration]
+        new += [{"iteration": iteration, "setting": k, **c} for k, c in changed.items()]
+        if new != old:
+            run_settings.save(self.run_dir, {**record, "changes": new})
+
     def metrics(self, records: list[dict]) -> None:
         if self.writes:
             metrics_file.append(self.run_dir / layout.METRICS, records)

@@ -302,6 +302,7 @@ def _show_run(con: Console, f: dict) -> None:
         ("pruning", pruning),
         ("distill", distill),
         ("experts", experts),
+        ("changed", "; ".join(_change(c) for c in f.get("changes") or [])),
         ("state", _state_line(st)),
     ]
     _put(con, _facts_grid(facts))
@@ -373,6 +374,12 @@ def _soft_label_table(con: Console, mass: list[dict]) -> None:
     ]
     _put(con, table(("class", ">own class", "most mass"), rows))
     _put(con, "A network trains on the softmax of each image's learned logits instead of its class.", "dim")
+
+
+def _change(c: dict) -> str:
+    """A setting a resume changed: ``--lr-img 1000 → 100 after iteration 50``."""
+    name = str(c.get("setting", "?")).replace("_", "-")
+    return f"--{name} {_num(c.get('from'))} → {_num(c.get('to'))} after iteration {c.get('iteration')}"
 
 
 def _state_line(st: dict) -> str:
