@@ -629,8 +629,8 @@ CASES = [
     ),
     Case(
         "resume-with-other-settings",
-        ["distill", "--resume", "--experts", "{experts}", "--out", "{tmp}/run", *D, "--lr-img", "20"],
-        ["{tmp}/run was started with other settings (--lr-img: the run has 10.0, settings give 20.0). Resume"],
+        ["distill", "--resume", "--experts", "{experts}", "--out", "{tmp}/run", *D, "--syn-steps", "4"],
+        ["{tmp}/run was started with other settings (--syn-steps: the run has 3, settings give 4). Resume"],
         _copy("run", "run"),
     ),
     Case(
