@@ -37,6 +37,15 @@ class StorageError(UserError):
     """A file is missing, corrupted, foreign, or cannot be written."""
 
 
+class DamagedError(StorageError):
+    """A file's bytes are not those that were written (cut short, changed on disk); ``reason`` says how in a few
+    words (``"truncated"``, ``"checksum mismatch"``)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class OutputExistsError(UserError):
     """An output already exists and neither ``--force`` nor ``--resume`` was given."""
 

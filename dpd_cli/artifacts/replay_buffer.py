@@ -6,15 +6,18 @@ a list of experts, each a list of snapshots (the initialisation, then one per ep
 
 The files are pickles. They are read only with ``torch.load(path, map_location="cpu", weights_only=True)``,
 which builds tensors, lists, tuples, dicts and numbers and refuses every other object; anything but nested
-lists/tuples of floating-point tensors is then refused here, naming the path and what was found. Nothing
+lists/tuples of floating-point tensors is then refused here, naming the path and what was found. A refused
+file's opcodes are read (``pickletools``, nothing is run) to name the objects it would have created. Nothing
 else in dpd reads pickles.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +30,9 @@ __all__ = ["PATTERN", "find", "sha256", "load", "check_layout", "flatten"]
 #: The file names MTT gives its buffers; a folder given as a source contributes these.
 PATTERN = "replay_buffer_*.pt"
 _NUMBER = re.compile(r"replay_buffer_(\d+)\.pt$")
+#: Modules (and built-ins) whose functions a pickle can call to run commands or code of its own.
+_RUNS_CODE = {"os", "posix", "nt", "sys", "subprocess", "runpy", "importlib", "shutil", "socket", "pty", "ctypes"}
+_RUNS_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "open", "breakpoint"}
 _SAVE_HINT = (
     "A replay buffer must be what MTT's buffer.py saves: a list of experts, each a list of snapshots, "
     "each a list of parameter tensors."
@@ -77,9 +83,43 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _globals(path: Path) -> list[str]:
+    """The Python objects (``module.name``) the pickle in ``path`` (raw, or a PyTorch zip's ``data.pkl``) refers to,
+    read from its opcodes without running any of them; what a damaged pickle holds before the damage."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    except (zipfile.BadZipFile, StopIteration, OSError, KeyError):
+        with open(path, "rb") as f:
+            data = f.read(64 * 1024 * 1024)
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(".".join(strings[-2:]))
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+    except Exception:  # damaged or not a pickle: what was read so far
+        pass
+    return found
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.partition(".")
+    return module in _RUNS_CODE or (module in ("builtins", "__builtin__") and attr in _RUNS_CODE_BUILTINS)
+
+
 def _load_error(path: Path, e: BaseException) -> StorageError:
     """A one-paragraph reason why ``torch.load(weights_only=True)`` refused ``path``."""
     text = str(e)
+    code = [g for g in _globals(path) if _runs_code(g)]
+    if code:
+        return StorageError(
+            f"{path} holds Python objects that would run code when loaded ({', '.join(dict.fromkeys(code))}); "
+            "refused — dpd never unpickles."
+        )
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if m:
         return StorageError(

@@ -11,14 +11,56 @@ from dpd_cli.artifacts import evaluation, run_settings
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import synthetic as synthetic_file
-from dpd_cli.artifacts.layout import CHECKPOINTS, EVAL, METRICS, PRUNE, SETTINGS, SYNTHETIC, checkpoints
-from dpd_cli.errors import StorageError
+from dpd_cli.artifacts.layout import (
+    CHECKPOINTS,
+    EVAL,
+    METRICS,
+    PRUNE,
+    SETTINGS,
+    SYNTHETIC,
+    checkpoint_iteration,
+    checkpoints,
+)
+from dpd_cli.errors import OutputExistsError, StorageError
 from dpd_cli.io import storage
 
-__all__ = ["status", "disagreements", "scan", "summarize"]
+__all__ = ["status", "disagreements", "scan", "summarize", "refuse_running"]
 
 
 # --- the run as a whole -------------------------------------------------------------------------
+def refuse_running(target: Path, instead: str) -> None:
+    """Refuse a run directory, or its synthetic set, while another process holds the run's lock (``dpd distill``
+    writing it): its synthetic set changes at every checkpoint and is not the run's result. A checkpoint named
+    explicitly is fine (it never changes once written).
+
+    ``instead``: how to use the newest complete checkpoint instead, with ``{checkpoint}`` for its path.
+    """
+    target = Path(target)
+    run_dir = target if target.is_dir() else target.parent if target.name == SYNTHETIC else None
+    holder = storage.lock_holder(run_dir) if run_dir is not None else None
+    if holder is None:
+        return
+    newest = next((p for p in checkpoints(run_dir) if _header_ok(p)), None)
+    what = (
+        f"{run_dir} is being distilled right now by {holder}: its {SYNTHETIC} changes at every checkpoint and is "
+        "not the run's result yet."
+    )
+    if newest is None:
+        raise OutputExistsError(f"{what} It has no complete checkpoint yet: wait for the run to finish.")
+    raise OutputExistsError(
+        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to "
+        f"finish, or {instead.format(checkpoint=newest)}."
+    )
+
+
+def _header_ok(path: Path) -> bool:
+    try:
+        synthetic_file.check_header(path)
+        return True
+    except StorageError:
+        return False
+
+
 def status(planned: int | None, iteration: int | None, checkpoint_iteration: int | None, running: bool) -> str:
     """``running`` (a process holds the run's lock), ``finished``, ``resumable`` or ``no checkpoint``.
 
@@ -130,7 +172,7 @@ def scan(
         settings.json's record, the synthetic set's and prune counts' metadata (``None`` when absent or
         unusable), the usable checkpoints newest first (``{"name", "iteration", "meta"}``), eval.json's
         latest results (``dpd_cli.artifacts.evaluation.latest``), ``{file name: why it is unusable}``,
-        ``{"status", "iteration", "iterations", "synthetic_iteration", "checkpoint_iteration",
+        ``{"status", "holder", "iteration", "iterations", "synthetic_iteration", "checkpoint_iteration",
         "metrics_iteration"}`` and ``disagreements``'s sentences (none while the run is running).
     """
 
@@ -184,9 +226,11 @@ def scan(
     syn_it = _int((syn or {}).get("iteration"))
     ckpt_it = _int(ckpts[0]["iteration"]) if ckpts else None
     written = max([i for i in (syn_it, ckpt_it) if i is not None], default=None)
-    running = storage.is_locked(run_dir)
+    holder = storage.lock_holder(run_dir)
+    running = holder is not None
     state = {
         "status": status(planned, written, ckpt_it, running),
+        "holder": holder,
         "iteration": max([i for i in (syn_it, ckpt_it, metrics_it) if i is not None], default=0),
         "iterations": planned,
         "synthetic_iteration": syn_it,

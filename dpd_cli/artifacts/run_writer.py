@@ -18,7 +18,7 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.data import Preprocess
-from dpd_cli.errors import OutputExistsError, StorageError
+from dpd_cli.errors import DamagedError, OutputExistsError, StorageError
 from dpd_cli.io import storage
 from dpd_cli.io.images import save_grid
 
@@ -46,7 +46,7 @@ class RunWriter:
         """Hold the run directory's lock until ``stack`` closes; delete the temp files of a killed process."""
         if not self.writes:
             return
-        stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run"))
+        stack.enter_context(storage.lock_dir(self.run_dir, "a distillation run", holder="dpd distill"))
         # With the lock held no other process is writing here.
         storage.remove_stale_temps(self.run_dir)
         storage.remove_stale_temps(self.run_dir / layout.CHECKPOINTS)
@@ -86,6 +86,18 @@ class RunWriter:
         if self.writes:
             metrics_file.truncate(self.run_dir / layout.METRICS, iteration)
 
+    def record_changes(self, iteration: int, changed: dict) -> None:
+        """Record in ``settings.json`` the settings a resume from ``iteration`` changes (``{name: {"from", "to"}}``),
+        dropping the changes recorded at or after it (the iterations they applied to are redone)."""
+        record, _ = run_settings.read(self.run_dir)
+        if not self.writes or record is None:
+            return
+        old = record.get("changes") or []
+        new = [c for c in old if c.get("iteration", 0) < iteration]
+        new += [{"iteration": iteration, "setting": k, **c} for k, c in changed.items()]
+        if new != old:
+            run_settings.save(self.run_dir, {**record, "changes": new})
+
     def metrics(self, records: list[dict]) -> None:
         if self.writes:
             metrics_file.append(self.run_dir / layout.METRICS, records)
@@ -114,26 +126,44 @@ class RunWriter:
         save_grid(self.pre.invert(images), labels, len(meta["classes"]), self.run_dir / layout.GRID)
         return path
 
-    def newest_state(self, check, skipped=None) -> tuple[dict[str, torch.Tensor], dict]:
-        """The newest checkpoint that loads, after ``check(path, tensors, meta)`` (which raises to refuse it).
+    def reached(self) -> int:
+        """The newest iteration ``metrics.jsonl`` records (0: none): how far the run had got."""
+        with contextlib.suppress(OSError):
+            return metrics_file.last_iteration(self.run_dir / layout.METRICS) or 0
+        return 0
 
-        ``skipped(message)`` is told about each newer checkpoint that did not load (damaged), when an older one does.
+    def set_aside_damaged(self) -> list[tuple[Path, str, Path]]:
+        """Rename each damaged checkpoint newer than the newest sound one to ``<name>.damaged`` (``.damaged.1``, ...
+        if taken), so that a resume neither reads nor overwrites it; ``[(checkpoint, how it is damaged, new path)]``.
+
+        A sound checkpoint's header and tensor data (against its checksum) are checked here; other problems
+        (a newer format, another run's file) stop the resume where it loads the file.
+        """
+        moved = []
+        for path in self.checkpoints() if self.writes else []:
+            try:
+                synthetic_file.check_header(path)
+                storage.verify_data(path)
+                break
+            except DamagedError as e:
+                aside, n = path.with_name(f"{path.name}.damaged"), 0
+                while aside.exists():  # an earlier one of the same name is kept too
+                    n += 1
+                    aside = path.with_name(f"{path.name}.damaged.{n}")
+                path.rename(aside)
+                storage.fsync_dir(path.parent)
+                moved.append((path, e.reason, aside))
+            except StorageError:
+                break
+        return moved
+
+    def newest_state(self, check) -> tuple[dict[str, torch.Tensor], dict]:
+        """The newest checkpoint, loaded, after ``check(path, tensors, meta)`` (which raises to refuse it).
 
         Raises:
-            StorageError: No checkpoint loads.
+            StorageError: It does not load (``set_aside_damaged`` moves damaged ones aside first).
         """
-        errors = []
-        for path in self.checkpoints():
-            try:
-                t, meta = synthetic_file.load(path)
-            except StorageError as e:
-                errors.append(str(e))
-                continue
-            check(path, t, meta)
-            for error in errors if skipped is not None else []:
-                skipped(f"{error} Resuming from the previous checkpoint that loads, {path.name}.")
-            return t, meta
-        raise StorageError(
-            f"No loadable checkpoint in {self.run_dir / layout.CHECKPOINTS}: {' '.join(errors)} "
-            "Start over with --force."
-        )
+        path = self.checkpoints()[0]
+        t, meta = synthetic_file.load(path)
+        check(path, t, meta)
+        return t, meta

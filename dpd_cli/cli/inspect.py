@@ -312,6 +312,7 @@ def _show_run(con: Console, f: dict) -> None:
         ("pruning", pruning),
         ("distill", distill),
         ("experts", experts),
+        ("changed", "; ".join(_change(c) for c in f.get("changes") or [])),
         ("state", _state_line(st)),
     ]
     _put(con, _facts_grid(facts))
@@ -385,13 +386,19 @@ def _soft_label_table(con: Console, mass: list[dict]) -> None:
     _put(con, "A network trains on the softmax of each image's learned logits instead of its class.", "dim")
 
 
+def _change(c: dict) -> str:
+    """A setting a resume changed: ``--lr-img 1000 → 100 after iteration 50``."""
+    name = str(c.get("setting", "?")).replace("_", "-")
+    return f"--{name} {_num(c.get('from'))} → {_num(c.get('to'))} after iteration {c.get('iteration')}"
+
+
 def _state_line(st: dict) -> str:
     done, planned = st["iteration"], st["iterations"]
     of = f"{done}/{planned} iterations" if planned else f"{done} iterations"
     if st["status"] == "finished":
         return f"finished ({of})"
     if st["status"] == "running":
-        return f"running ({of} so far; a dpd process holds the run's lock)"
+        return f"running ({of} so far; {st.get('holder') or 'a dpd process'} holds the run's lock)"
     if st["status"] == "resumable":
         return (
             f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import _TYPES, load_file, save
 
 from dpd_cli import __version__
-from dpd_cli.errors import OutputExistsError, StorageError
+from dpd_cli.errors import DamagedError, OutputExistsError, StorageError
 
 #: The version of each format this release writes.
 FORMAT_VERSIONS = {
@@ -73,7 +73,7 @@ def _hint_for(fmt: str) -> str:
     return {
         "dpd.trajectory": "Delete it and rerun `dpd experts` (finished experts are skipped).",
         "dpd.synthetic": "Rerun `dpd distill` with --resume to rewrite it from the last checkpoint.",
-        "dpd.checkpoint": "Delete the checkpoints/ folder's broken file; --resume falls back to an older one.",
+        "dpd.checkpoint": "`dpd distill --resume` moves it aside (*.damaged) and resumes from an older checkpoint.",
     }.get(fmt, "Delete it and recreate it with dpd.")
 
 
@@ -81,7 +81,7 @@ def _damage_hint(fmt: str) -> str:
     return {
         "dpd.trajectory": "Recreate it: delete it and rerun the `dpd experts` command that wrote it (finished experts are skipped).",
         "dpd.synthetic": "Recreate it: rerun the `dpd distill` command with --resume, which rewrites it from the newest checkpoint.",
-        "dpd.checkpoint": "Delete it: `dpd distill --resume` skips it and resumes from the previous checkpoint (checkpoint 0 is always kept).",
+        "dpd.checkpoint": "Rerun the `dpd distill` command with --resume: it moves the file aside (*.damaged) and resumes from the previous checkpoint.",
         "dpd.prune_counts": "Recreate it: rerun the `dpd distill` command with --resume, which rewrites it from the newest checkpoint.",
         "dpd.preprocess": "Recreate it: rerun the dpd command that wrote it (`dpd experts`, or `dpd distill --resume` in a run).",
     }.get(fmt, "Recreate it: rerun the dpd command that wrote it.")
@@ -275,11 +275,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise StorageError(f"{path} is empty or truncated ({size} bytes): not a safetensors file.")
+                raise DamagedError(f"{path} is empty or truncated ({size} bytes): not a safetensors file.", "truncated")
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > _MAX_HEADER or n > size - 8:
-                raise StorageError(
-                    f"{path} is not a valid safetensors file (header length {n} does not fit a {size}-byte file); it may be truncated or of another format."
+                raise DamagedError(
+                    f"{path} is not a valid safetensors file (header length {n} does not fit a {size}-byte file); it may be truncated or of another format.",
+                    "truncated or not a safetensors file",
                 )
             raw = f.read(n)
     except OSError as e:
@@ -287,14 +288,18 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         header = json.loads(raw)
     except RecursionError:
-        raise StorageError(f"{path} is not a valid safetensors file: its header is nested too deeply.") from None
+        raise DamagedError(
+            f"{path} is not a valid safetensors file: its header is nested too deeply.", "bad header"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StorageError(f"{path} is not a valid safetensors file: its header is not JSON ({e}).") from None
+        raise DamagedError(
+            f"{path} is not a valid safetensors file: its header is not JSON ({e}).", "bad header"
+        ) from None
     if not isinstance(header, dict):
-        raise StorageError(f"{path} is not a valid safetensors file: its header is not a table.")
+        raise DamagedError(f"{path} is not a valid safetensors file: its header is not a table.", "bad header")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise StorageError(f"{path} has malformed metadata (must map text to text).")
+        raise DamagedError(f"{path} has malformed metadata (must map text to text).", "bad header")
     end = 0
     for name, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
@@ -304,11 +309,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             and all(type(o) is int and o >= 0 for o in offsets)
             and {"dtype", "shape"} <= entry.keys()
         ):
-            raise StorageError(f"{path}: tensor entry {name!r} is malformed.")
+            raise DamagedError(f"{path}: tensor entry {name!r} is malformed.", "bad header")
         end = max(end, offsets[1])
     if 8 + n + end != size:
-        raise StorageError(
-            f"{path} is truncated or padded: the header describes {8 + n + end} bytes, the file has {size}. {_hint_for(meta.get('format', ''))}"
+        raise DamagedError(
+            f"{path} is truncated or padded: the header describes {8 + n + end} bytes, the file has {size}. {_hint_for(meta.get('format', ''))}",
+            "truncated" if size < 8 + n + end else "padded",
         )
     return header, meta
 
@@ -330,7 +336,9 @@ def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, 
         try:
             meta[k] = v if k in _RESERVED else json.loads(v)
         except (json.JSONDecodeError, RecursionError):
-            raise StorageError(f"{path}: metadata entry {k!r} is not valid JSON. {_hint_for(found or '')}") from None
+            raise DamagedError(
+                f"{path}: metadata entry {k!r} is not valid JSON. {_hint_for(found or '')}", "bad header"
+            ) from None
     return meta
 
 
@@ -370,7 +378,7 @@ def load_tensors(
     try:
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise StorageError(f"{path} is corrupted ({e}). {_hint_for(fmt or '')}") from e
+        raise DamagedError(f"{path} is corrupted ({e}). {_hint_for(fmt or '')}", "corrupted") from e
 
 
 def recorded_digest(path: Path, meta: Mapping[str, Any]) -> str | None:
@@ -385,9 +393,10 @@ def recorded_digest(path: Path, meta: Mapping[str, Any]) -> str | None:
         return None
     digest = value.strip('"') if isinstance(value, str) else ""  # raw metadata keeps the JSON quotes
     if not _DIGEST_RE.fullmatch(digest):
-        raise StorageError(
+        raise DamagedError(
             f"{path}: the metadata entry {DIGEST_KEY!r} is not a checksum ({str(value)[:80]}). "
-            f"{_damage_hint(str(meta.get('format', '')))}"
+            f"{_damage_hint(str(meta.get('format', '')))}",
+            "bad checksum entry",
         )
     return digest
 
@@ -442,10 +451,11 @@ def verify_data(path: Path, meta: Mapping[str, Any] | None = None) -> bool:
     except OSError as e:
         raise StorageError(f"Cannot read {path}: {e.strerror or e}.") from e
     if found != recorded:
-        raise StorageError(
+        raise DamagedError(
             f"{path} is damaged: its tensor data does not match the checksum recorded when it was written "
             f"({DIGEST_KEY} {recorded}, the data now gives {found}); it was damaged on disk or in transfer. "
-            f"{_damage_hint(str(meta.get('format', '')))}"
+            f"{_damage_hint(str(meta.get('format', '')))}",
+            "checksum mismatch",
         )
     _VERIFIED.add(key)
     return True
@@ -513,13 +523,14 @@ _ADVICE = "Wait for it to finish, or choose another --out."
 
 @contextlib.contextmanager
 def lock_dir(
-    folder: Path, what: str, name: str = ".lock", advice: str = _ADVICE, shared: bool = False
+    folder: Path, what: str, name: str = ".lock", advice: str = _ADVICE, shared: bool = False, holder: str = "dpd"
 ) -> Iterator[None]:
     """Hold an ``flock`` on ``folder/<name>`` (shared or exclusive); a conflicting holder raises ``OutputExistsError``.
 
     The kernel releases it when the process dies, so a kill leaves no stale lock. A lock belongs to
     one open file description: a second ``lock_dir`` in the same process conflicts with the first.
-    ``what`` (``"experts"``) and ``advice`` (its last sentence) word the conflict's message.
+    ``what`` (``"experts"``) and ``advice`` (its last sentence) word the conflict's message; an exclusive
+    holder writes its pid and ``holder`` (what it is, ``"dpd distill"``) into the file for ``lock_holder``.
     """
     folder = Path(folder)
     path = folder / name
@@ -546,7 +557,7 @@ def lock_dir(
         if not shared:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
+                os.write(fd, f"{os.getpid()} {holder}\n".encode())
         yield
     finally:
         os.close(fd)
@@ -609,3 +620,19 @@ def is_locked(folder: Path, name: str = ".lock") -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def lock_holder(folder: Path, name: str = ".lock") -> str | None:
+    """Who holds ``folder/<name>`` now (``is_locked``): ``"dpd distill (pid 1234)"`` as an exclusive holder recorded
+    itself, ``"another dpd process"`` where none did (shared holders record nothing); ``None`` when nobody holds it."""
+    if not is_locked(folder, name):
+        return None
+    try:
+        pid, _, holder = (Path(folder) / name).read_text(encoding="utf-8", errors="replace").strip().partition(" ")
+        if pid.isdigit() and pid != "0":
+            with contextlib.suppress(PermissionError):  # alive, another user's
+                os.kill(int(pid), 0)  # a pid recorded by an earlier holder whose process is gone says nothing
+            return f"{holder or 'a dpd process'} (pid {pid})"
+    except (OSError, ValueError):
+        pass
+    return "another dpd process"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dpd_cli import interrupt
-from dpd_cli.artifacts import layout
+from dpd_cli.artifacts import layout, run_settings
 from dpd_cli.artifacts.experts import validation_record
 from dpd_cli.artifacts.run_writer import RunWriter
 from dpd_cli.config.settings import DistillSettings, settings_hash
@@ -39,6 +39,7 @@ from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, build_model
 from dpd_cli.recipes.distill_inputs import (
+    ADJUSTABLE,
     RESUMABLE,
     DistillState,
     check_data,
@@ -53,6 +54,7 @@ from dpd_cli.recipes.distill_inputs import (
     label_expert,
     layer_totals,
     other_settings,
+    resume_message,
     to_device,
     with_experts,
 )
@@ -81,6 +83,7 @@ class DistillRecipe:
         self._pending: list[dict] = []  # per-iteration records not yet on disk; device tensors until flushed
         self._window_t0 = 0.0
         self.last_loss = float("nan")
+        self.changed: dict = {}  # ADJUSTABLE settings this resume changed, for the next metrics line
 
     def __enter__(self) -> DistillRecipe:
         try:
@@ -162,21 +165,29 @@ class DistillRecipe:
             raise StorageError(
                 f"Nothing to resume in {self.run_dir}: it has no checkpoint. Run without --resume to start it."
             )
-        self.shash = settings_hash(s, exclude=set(RESUMABLE))
+        # A resume may change ADJUSTABLE settings: the run's hash is that of the values it started with.
+        started = ((run_settings.read(self.run_dir)[0] or {}).get("settings") or {}) if s.resume else {}
+        base = s.model_copy(update={k: started[k] for k in ADJUSTABLE if k in started})
+        self.shash = settings_hash(base, exclude=set(RESUMABLE))
         self._stack.enter_context(interrupt.safe_points())
-        resume = s.resume and bool(self.writer.checkpoints())
+        self.aside, self.reached = [], 0  # damaged checkpoints moved aside; the iteration the run had reached
         if self.main:
             self._stack.enter_context(storage.removed_if_unused(self.run_dir))  # released after the lock
             self.writer.lock(self._stack)
-            if s.resume and not resume:
-                # Stopped before checkpoint 0 was written: every choice is seeded, so starting over is the exact resume.
+            if s.resume:
+                self.aside, self.reached = self.writer.set_aside_damaged(), self.writer.reached()
+                self.reached = max([self.reached, *(layout.checkpoint_iteration(p) for p, _, _ in self.aside)])
+            if s.resume and not self.writer.checkpoints():
+                # Stopped before checkpoint 0 was written, or every checkpoint is damaged: every choice is seeded,
+                # so starting over is the exact resume.
                 if self.writer.recorded_settings_hash() != self.shash:
                     raise other_settings(self.run_dir, s)
-                self.sink.emit(Message(f"{self.run_dir} has no checkpoint yet: starting from iteration 0."))
+                self.shash = settings_hash(s, exclude=set(RESUMABLE))  # started again: with these values
+                self.sink.emit(resume_message(self.run_dir, self.aside, None, self.reached))
             self.writer.prepare(s.resume, s.force)
         if self.group is not None:
             self.group.barrier()  # the other ranks read the run directory only once rank 0 has it in order
-        return resume
+        return s.resume and bool(self.writer.checkpoints())
 
     def _setup_state(self, resume: bool) -> None:
         """The student network, the labels and the state: resumed from the newest checkpoint, or fresh."""
@@ -296,6 +307,8 @@ class DistillRecipe:
             self.pruned_total = [a_ + b_ for a_, b_ in zip(self.pruned_total, pruned, strict=True)]
             layers = {layer.name: c for layer, c in zip(self.fm.layers, pruned, strict=True)}
             rec = {**p, "loss": loss, "lr": a, "pruned": layers, "pruned_fraction": sum(pruned) / self.fm.n_params}
+            if self.changed:
+                rec["changed"], self.changed = self.changed, {}
             records.append(
                 {**rec, "seconds": dt} | ({"prune_rule": self.prune.text()} if self.s.prune_ratio > 0 else {})
             )
@@ -375,7 +388,15 @@ class DistillRecipe:
     def _load_state(self, image_shape) -> DistillState:
         s = self.s
         check = partial(check_resumable, self.run_dir, s, self.shash, tuple(image_shape), self.fm.n_params)
-        t, meta = self.writer.newest_state(check, lambda text: self.sink.emit(Message(text, "warning")))
+        t, meta = self.writer.newest_state(check)
+        it, before = int(meta["iteration"]), meta.get("settings") or {}
+        self.sink.emit(resume_message(self.run_dir, self.aside, it, self.reached))
+        now = s.model_dump(mode="json")
+        self.changed = {k: {"from": before[k], "to": now[k]} for k in ADJUSTABLE if before.get(k, now[k]) != now[k]}
+        for k, c in self.changed.items():
+            flag = f"--{k.replace('_', '-')}"
+            self.sink.emit(Message(f"{flag} changes from {c['from']:g} to {c['to']:g} after iteration {it}."))
+        self.writer.record_changes(it, self.changed)
         self.soft_info = meta.get("soft_labels")
         opt = {k: t[k].to(self.device) for k in ("prune_state", "label_logits", "momentum_labels") if k in t}
         fixed = [t[k].to(self.device) for k in ("images", "lr", "momentum_images", "momentum_lr", "prune_counts")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpd_cli.artifacts import run_settings
+from dpd_cli.artifacts import layout, run_settings
 from dpd_cli.artifacts.experts import (
     ExpertSet,
     expert_files,
@@ -37,6 +37,7 @@ from dpd_cli.text import plural
 __all__ = [
     "DistillState",
     "RESUMABLE",
+    "ADJUSTABLE",
     "FROM_EXPERTS",
     "adopt",
     "with_experts",
@@ -90,6 +91,9 @@ RESUMABLE = (
     "keep_graphs",
     "deterministic",
 )
+#: Settings a resume may change, each change recorded (``settings.json`` "changes", the next metrics line); the
+#: settings hash covers the values the run started with.
+ADJUSTABLE = ("lr_img", "lr_lr")
 #: Settings an experts folder decides unless the user gives them (the network, the data it saw).
 FROM_EXPERTS = (
     "dataset",
@@ -352,32 +356,55 @@ def check_resumable(
 
 def diverged(iteration: int, loss: float, a: float, checkpoints: list[Path]) -> DivergedError:
     """The error for a loss that became NaN/Inf or an alpha that became non-positive at ``iteration``."""
-    kept = (
-        f"the last good checkpoint ({checkpoints[0].name}) is kept" if checkpoints else "no checkpoint was written yet"
-    )
-    what = f"loss became {loss}" if not math.isfinite(loss) else f"the learning rate alpha became {a}"
+    flag, what = ("--lr-img (or --lr-lr)", f"loss became {loss}")
+    if math.isfinite(loss):
+        flag, what = "--lr-lr", f"the learning rate alpha became {a}"
     how = (
-        "rerun with --resume to continue from that checkpoint, or --force to start over"
+        f"--resume: it continues from the last good checkpoint, {checkpoints[0].name}, and records the change (or "
+        "with --force instead of --resume, to start over)"
         if checkpoints
-        else "rerun with --force"
+        else "--force, to start over"
     )
     return DivergedError(
-        f"Distillation diverged at iteration {iteration}: {what}; {kept}. Lower --lr-img or --lr-lr "
-        f"(or --lr-teacher), then {how}."
+        f"Distillation diverged at iteration {iteration}: {what}. Rerun the same command with a lower {flag} and {how}."
     )
+
+
+def resume_message(run_dir: Path, aside: list, iteration: int | None, reached: int) -> Message:
+    """What a resume does: the damaged checkpoints it moved aside (``RunWriter.set_aside_damaged``), the checkpoint
+    it continues from (``iteration``; ``None``: there is none, it starts again from iteration 0) and how many
+    iterations it redoes (the run had got to ``reached``)."""
+    parts = [f"{p.name} is damaged ({why}): moved aside to {new.name}" for p, why, new in aside]
+    if iteration is None:
+        parts.append(
+            f"{run_dir} has no checkpoint {'left' if aside else 'yet'}: starting again from iteration 0 with the same "
+            "settings (every random choice is seeded, so the result is the same)"
+        )
+    else:
+        name = layout.checkpoint_path(run_dir, iteration).name
+        parts.append(f"{'r' if aside else 'R'}esuming {run_dir} from {name} (iteration {iteration})")
+    text, start = "; ".join(parts), iteration or 0
+    if reached > start:
+        n, span = reached - start, f"{start + 1}-{reached}" if reached - start > 1 else str(reached)
+        text += f", {n} iteration{'s' * (n > 1)} redone ({span})"
+        if not aside:
+            text += f": the run had got to iteration {reached}" + (
+                ", past its newest checkpoint" if iteration is not None else ""
+            )
+    return Message(text + ".", "warning" if aside else "info")
 
 
 def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
     """The refusal to resume a run with settings outside ``RESUMABLE`` changed, naming each one that differs
     from the run's ``settings.json`` with both values."""
-    flags = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k not in ("resume", "force"))
+    flags = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE + ADJUSTABLE if k not in ("resume", "force"))
     record, _ = run_settings.read(run_dir)
     recorded = (record or {}).get("settings") or {}
     given = s.model_dump(mode="json")
     diffs = [
         f"--{k.replace('_', '-')}: the run has {recorded.get(k)!r}, settings give {v!r}"
         for k, v in given.items()
-        if k not in RESUMABLE and recorded.get(k, v) != v
+        if k not in RESUMABLE + ADJUSTABLE and recorded.get(k, v) != v
     ]
     if recorded:  # a setting this dpd does not know (written by another version)
         diffs += [

@@ -36,6 +36,7 @@ from dpd_cli.artifacts.evaluation import EVAL_FILE
 from dpd_cli.artifacts.evaluation import load as load_eval
 from dpd_cli.artifacts.evaluation import path_for as eval_path
 from dpd_cli.artifacts.layout import SYNTHETIC
+from dpd_cli.artifacts.run import refuse_running
 from dpd_cli.config.settings import EvalSettings
 from dpd_cli.core import parallel
 from dpd_cli.core.train import accuracy, train_epoch
@@ -153,6 +154,7 @@ def _targets(target: Path) -> tuple[Path, Path | None]:
     target = Path(target)
     if not target.exists():
         raise StorageError(f"{target} does not exist. {_TARGET_HINT}")
+    refuse_running(target, "evaluate that checkpoint by naming it: `dpd evaluate {checkpoint}`")
     if not target.is_dir():
         return target, None
     if experts_file.is_folder(target):

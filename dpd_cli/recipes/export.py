@@ -16,6 +16,7 @@ from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import export as export_files
 from dpd_cli.artifacts import layout
 from dpd_cli.artifacts import synthetic as synthetic_file
+from dpd_cli.artifacts.run import refuse_running
 from dpd_cli.config.settings import ExportSettings
 from dpd_cli.data import Preprocess
 from dpd_cli.errors import OutputExistsError, SettingsError, StorageError
@@ -33,6 +34,9 @@ def source_file(target: Path) -> Path:
         raise StorageError(f"The target is empty. {_GIVE}")
     if not target.exists():
         raise StorageError(f"{target} does not exist. {_GIVE}")
+    refuse_running(
+        target, "export that checkpoint by naming it: `dpd export {checkpoint}` with the same --format and --out"
+    )
     if not target.is_dir():
         return target
     if experts_file.is_folder(target):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dpd_cli import stats
 from dpd_cli.artifacts import discover, evaluation, run_settings
+from dpd_cli.artifacts.run import refuse_running
 from dpd_cli.errors import StorageError
 
 __all__ = ["run"]
@@ -32,6 +33,9 @@ def _evaluations(target: Path) -> dict:
             f"{target} does not exist. `dpd compare` takes run directories (or synthetic sets) evaluated "
             "with `dpd evaluate`."
         )
+    refuse_running(
+        target, "evaluate that checkpoint (`dpd evaluate {checkpoint}`) and compare it: `dpd compare {checkpoint}`"
+    )
     kind = discover.kind_of(target) if target.is_dir() else "file"
     if kind == "experts":
         raise StorageError(

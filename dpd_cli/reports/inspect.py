@@ -220,6 +220,7 @@ def _inspect_run(run_dir: Path) -> dict:
         "experts_folder": record.get("experts_folder") or syn_meta.get("experts_folder"),
         "n_experts": record.get("n_experts"),
         "settings": settings,
+        "changes": record.get("changes") or [],
         "state": scan["state"],
         "synthetic": synthetic,
         "loss": _curve(records, "loss"),

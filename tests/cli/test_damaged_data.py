@@ -7,6 +7,9 @@ import json
 import struct
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from tests.cli.test_pipeline import DISTILL
 
 
@@ -72,6 +75,7 @@ def test_damaged_checkpoint(dpd, experts, tmp_path):
     ckpts = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))
     newest = ckpts[-1]
     flip_data_byte(newest)
+    damaged = newest.read_bytes()
 
     r = dpd("inspect", newest, "--json")
     assert json.loads(r.stdout)["checksum"] == "mismatch"
@@ -82,14 +86,73 @@ def test_damaged_checkpoint(dpd, experts, tmp_path):
     assert any(newest.name in p for p in problems), problems
     assert_refused(dpd("evaluate", newest), newest)
 
-    # A resume skips the damaged checkpoint, says so, and continues from the previous one.
+    # A resume moves the damaged checkpoint aside, says so, and continues from the previous one.
+    _resumes(
+        dpd,
+        experts,
+        run,
+        f"Warning: ckpt-000004.safetensors is damaged (checksum mismatch): moved aside to "
+        f"ckpt-000004.safetensors.damaged; resuming {run} from ckpt-000002.safetensors (iteration 2), 2 iterations "
+        "redone (3-4).",
+    )
+    assert (run / "checkpoints" / "ckpt-000004.safetensors.damaged").read_bytes() == damaged
+
+
+def _resumes(dpd, experts, run, message: str) -> None:
     r = _distill(dpd, experts, run, "--resume")
     assert r.exit_code == 0, r.output
-    assert newest.name in r.output and "checksum" in r.output and ckpts[-2].name in r.output
-    # With every checkpoint damaged there is nothing to resume from.
-    for p in (run / "checkpoints").glob("ckpt-*.safetensors"):
-        flip_data_byte(p)
-    assert_refused(_distill(dpd, experts, run, "--resume"), newest)
+    assert message in " ".join(r.output.split()), r.output
+    assert not _ls(dpd, run.parent)[run.name]["problems"]
+
+
+def test_resume_moves_damaged_checkpoints_aside_and_says_what_it_redoes(dpd, experts, tmp_path):
+    run = tmp_path / "runs" / "run"
+    assert _distill(dpd, experts, run).exit_code == 0
+    first = load_file(run / "synthetic.safetensors")
+    folder = run / "checkpoints"
+    newest = folder / "ckpt-000004.safetensors"
+    cut = newest.read_bytes()[: newest.stat().st_size // 2]
+    newest.write_bytes(cut)
+    _resumes(
+        dpd,
+        experts,
+        run,
+        f"Warning: ckpt-000004.safetensors is damaged (truncated): moved aside to ckpt-000004.safetensors.damaged; "
+        f"resuming {run} from ckpt-000002.safetensors (iteration 2), 2 iterations redone (3-4).",
+    )
+    assert (folder / "ckpt-000004.safetensors.damaged").read_bytes() == cut
+
+    # A run killed after its metrics but before its checkpoint.
+    newest.unlink()
+    _resumes(
+        dpd,
+        experts,
+        run,
+        f"Resuming {run} from ckpt-000002.safetensors (iteration 2), 2 iterations redone (3-4): the run had got to "
+        "iteration 4, past its newest checkpoint.",
+    )
+
+    # Every checkpoint damaged: each is kept aside, and the run starts again from iteration 0 to the same result.
+    flip_data_byte(folder / "ckpt-000000.safetensors")
+    flip_data_byte(folder / "ckpt-000002.safetensors")
+    newest.write_bytes(cut)
+    _resumes(
+        dpd,
+        experts,
+        run,
+        "Warning: ckpt-000004.safetensors is damaged (truncated): moved aside to ckpt-000004.safetensors.damaged.1; "
+        "ckpt-000002.safetensors is damaged (checksum mismatch): moved aside to ckpt-000002.safetensors.damaged; "
+        "ckpt-000000.safetensors is damaged (checksum mismatch): moved aside to ckpt-000000.safetensors.damaged; "
+        f"{run} has no checkpoint left: starting again from iteration 0 with the same settings (every random choice "
+        "is seeded, so the result is the same), 4 iterations redone (1-4).",
+    )
+    assert sorted(p.name for p in folder.glob("*.damaged*")) == [
+        "ckpt-000000.safetensors.damaged",
+        "ckpt-000002.safetensors.damaged",
+        "ckpt-000004.safetensors.damaged",
+        "ckpt-000004.safetensors.damaged.1",
+    ]
+    assert torch.equal(load_file(run / "synthetic.safetensors")["images"], first["images"])
 
 
 def test_damaged_expert(dpd, experts, tmp_path):

@@ -103,7 +103,7 @@ def test_resume_with_other_settings_names_each_one(dpd, experts, tmp_path):
     r = dpd(*args, "--ipc", "2", "--seed", "5", "--iterations", "4", "--resume")  # --iterations may change
     assert r.exit_code == 2
     flags = "--iterations, --checkpoint-every, --keep-checkpoints, --log-every, --device, --threads, --out, "
-    flags += "--experts, --data-dir, --dist-timeout, --host-memory, --cuda-graphs, --keep-graphs, --deterministic"
+    flags += "--experts, --data-dir, --dist-timeout, --host-memory, --cuda-graphs, --keep-graphs, --deterministic, --lr-img, --lr-lr"
     assert r.stderr.splitlines()[0] == (
         f"Error: {run} was started with other settings (--seed: the run has 0, settings give 5; --ipc: the run "
         f"has 1, settings give 2). Resume with the same settings (only {flags} may change), or use --force to "

@@ -220,6 +220,7 @@ def test_run_json(dpd, built):
     assert data["kind"] == "run" and data["exports"] == {}
     assert data["state"] == {
         "status": "finished",
+        "holder": None,
         "iteration": 3,
         "iterations": 3,
         "synthetic_iteration": 3,

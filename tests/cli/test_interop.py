@@ -235,3 +235,34 @@ def test_ctrl_c_in_the_live_view_keeps_converted_experts_and_a_rerun_finishes(dp
     while [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
+
+
+class _Payload:
+    """Unpickling it would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(dpd, tmp_path, how):
+    import pickle
+
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    if how == "torch.save":
+        torch.save([_Payload(marker)], evil)
+    else:
+        evil.write_bytes(pickle.dumps([[[_Payload(marker)]]]))
+    r = dpd("experts", "import", evil, "--dataset", "fashion-mnist-mini", "--no-zca", "--out", tmp_path / "x", *NET)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert (
+        f"Error: {evil} holds Python objects that would run code when loaded (posix.system); refused — dpd never "
+        "unpickles."
+    ) in " ".join(r.output.split())
+    assert "weights_only" not in r.output and "truncated" not in r.output
+    assert not marker.exists() and not (tmp_path / "x").exists()

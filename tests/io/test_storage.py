@@ -18,6 +18,7 @@ from dpd_cli.io.storage import (
     atomic_write_text,
     load_tensors,
     lock_dir,
+    lock_holder,
     read_header,
     save_tensors,
 )
@@ -321,10 +322,19 @@ def test_save_tensors_failure_keeps_old_file(tmp_path, monkeypatch):
 # Locks
 
 
+def test_lock_holder_ignores_what_an_earlier_holder_recorded(tmp_path):
+    """Shared holders (torchrun ranks) record nothing: the pid of a process that is gone names nobody."""
+    (tmp_path / ".lock").write_text("999999999 dpd distill\n")
+    assert lock_holder(tmp_path) is None
+    with lock_dir(tmp_path, "a run", shared=True):
+        assert lock_holder(tmp_path) == "another dpd process"
+
+
 def test_lock_dir_second_acquisition_refused(tmp_path):
     folder = tmp_path / "run"
-    with lock_dir(folder, "a run"):
-        assert (folder / ".lock").read_text() == str(os.getpid())
+    with lock_dir(folder, "a run", holder="dpd distill"):
+        assert (folder / ".lock").read_text() == f"{os.getpid()} dpd distill\n"
+        assert lock_holder(folder) == f"dpd distill (pid {os.getpid()})"
         with pytest.raises(OutputExistsError) as info:
             with lock_dir(folder, "a run"):
                 pass
@@ -332,6 +342,7 @@ def test_lock_dir_second_acquisition_refused(tmp_path):
             f"Another dpd process is writing a run in {folder}. Wait for it to finish, or choose another --out."
         )
     # released on exit: can be taken again
+    assert lock_holder(folder) is None
     with lock_dir(folder, "a run"):
         pass
 
