@@ -459,11 +459,13 @@ class StudySettings(BaseModel):
 
     seeds: list[int] = Field(min_length=1, description="The seeds; each variant runs once per seed.")
     variants: dict[str, dict[str, Any]] = Field(
-        min_length=2, description="name = {distill settings that differ from [distill]}."
+        min_length=1, description="name = {distill settings that differ from [distill]}."
     )
     baseline: str = Field("mtt", description="The variant every other one is compared with.")
     out: Path | None = Field(None, description="Study folder (default: runs/study-<config name>).")
-    experts: Path | None = Field(None, description="Experts folder (default: <out>/experts, trained from [experts]).")
+    experts: Path | None = Field(
+        None, description="Experts folder (default: <out>/experts); [experts] trains what it lacks."
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -847,6 +849,25 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_inline(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, PurePath):
+        value = str(value)
+    return _toml_value(value)
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """``data`` as a config file: its plain values first, then one ``[table]`` per mapping (deeper ones inline)."""
+    plain = [f"{k} = {_toml_inline(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    tables = [
+        f"\n[{k}]\n" + "".join(f"{kk} = {_toml_inline(vv)}\n" for kk, vv in v.items())
+        for k, v in data.items()
+        if isinstance(v, Mapping)
+    ]
+    return "\n".join(plain) + "\n" + "".join(tables)
 
 
 def to_toml(resolved: Resolved) -> str:

@@ -7,7 +7,7 @@ experts with ``--seed SEED``, so the runs of one seed share the initial images, 
 is a paired difference per seed. Each run is evaluated with ``--select val``; the test-max checkpoint
 (optimistic) is read from the same trainings. The study folder::
 
-    <out>/experts/            the shared experts (unless [study] experts names a folder)
+    <out>/experts/            the shared experts ([study] experts may name another folder), trained from [experts]
     <out>/<variant>/s<seed>/  one run directory per (variant, seed)
     <out>/records.jsonl       one record per finished run: a rerun reuses them, and resumes the others
     <out>/study.json          the summary
@@ -190,9 +190,8 @@ def run(config: Path, out: Path | None = None, report_only: bool = False, sink: 
         ex = resolve("experts", {"out": str(study.experts)}, study.config)
         with parallel.held(torch.device("cpu"), ex.dist_timeout) as group:
             sink.emit(StudyStarted(str(study.out), len(study.runs), len(todo), world))
-            if study.plan.experts is None:  # else a folder given as it is
-                sink.emit(Message(f"experts: {ex.num} × {ex.epochs} epochs in {study.experts}"))
-                experts.run(ex)
+            sink.emit(Message(f"experts: {ex.num} × {ex.epochs} epochs in {study.experts} (finished ones are reused)"))
+            experts.run(ex)
             if group is not None:
                 group.gather_objects(None)  # every rank's experts are written
             for variant, seed in todo[rank::world]:
