@@ -151,3 +151,16 @@ def test_summary_pairs_with_each_variants_baseline_and_counts_diverged_runs():
     assert "vs_baseline" not in rows["mtt@lr1"]["selected"]
     pools = {p["variant"]: p for p in study.pooled(records, base)}
     assert pools["dpd@lr10"]["vs_baseline"]["n"] == 3 and pools["dpd@lr1"]["vs_baseline"]["n"] == 2
+
+
+def test_study_under_torchrun_spreads_the_runs_over_the_ranks(tmp_path):
+    from tests.cli.test_torchrun import torchrun
+
+    p = torchrun(["study", _config(tmp_path)], tmp_path)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert "4 of 4 runs to do, spread over 2 processes" in out and out.count("Saved to") == 1
+    records = study.read_records(tmp_path / "st")
+    assert sorted((r["variant"], r["seed"]) for r in records) == [("dpd", 0), ("dpd", 1), ("mtt", 0), ("mtt", 1)]
+    summary = {r["variant"]: r for r in json.loads((tmp_path / "st" / "study.json").read_text())["summary"]}
+    assert summary["dpd"]["selected"]["vs_baseline"]["n"] == 2
