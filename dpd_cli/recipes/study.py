@@ -43,8 +43,7 @@ RECORDS, SUMMARY = "records.jsonl", "study.json"
 #: What each run reports: the validation-selected checkpoint, the final set and the test-selected one (optimistic).
 METRICS = ("selected", "final", "test_max")
 #: Settings that say where or how fast a run goes, not what it computes: left out of a record's key.
-_PLACE = {"out", "experts", "resume", "force", "data_dir", "device", "threads", "log_every", "dist_timeout"}
-_PLACE |= {"host_memory", "fail_under"}
+_PLACE = set("out experts resume force data_dir device threads log_every dist_timeout host_memory fail_under".split())
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,7 @@ class Study:
     def key(self, variant: str, seed: int) -> str:
         """What a record must match to be reused: the run's distill and evaluate settings, but for paths and devices."""
         d, e = self.distill_settings(variant, seed), self.eval_settings(seed)
-        return settings_hash(d, _PLACE & set(type(d).model_fields)) + settings_hash(
-            e, _PLACE & set(type(e).model_fields)
-        )
+        return settings_hash(d, _PLACE) + settings_hash(e, _PLACE)
 
 
 def load(config: Path, out: Path | None = None) -> Study:
