@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.text import Text
 
 from dpd_cli.cli.console import make_sink, out_console, print_json
@@ -36,7 +37,7 @@ def study(
     out: Annotated[
         str | None,
         typer.Option(
-            "--out", metavar="DIR", help="Study folder (default: [study] out, else runs/study-<CONFIG name>)."
+            "--out", metavar="DIR", help=escape("Study folder (default: [study] out, else runs/study-<CONFIG name>).")
         ),
     ] = None,
     report_only: Annotated[
@@ -64,7 +65,7 @@ def study(
             out_console().print(item, highlight=False, soft_wrap=isinstance(item, str))
 
 
-study.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)
+study.__doc__ = examples_help(escape(SUMMARY), EXAMPLES, settings=False)
 
 
 def _acc(m: dict | None) -> str:
