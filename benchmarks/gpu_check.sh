@@ -3,22 +3,24 @@
 #
 #     bash benchmarks/gpu_check.sh [CIFAR_TGZ]   # default data/cifar10-jpeg.tar.gz; without it, the embedded set
 #     bash benchmarks/gpu_check.sh --smoke       # every step at toy size on the CPU (validates this script)
+#     bash benchmarks/gpu_check.sh --scale [TGZ] # only DPD against MTT at MTT's CIFAR-10 scale (dpd_study.py --plan scale)
 #
 # Results in ${OUT:-bench-out}/: gpu_check.log, steps.tsv, a JSON + Markdown file per measurement. Each step
 # runs under `timeout`, cut to what is left of BUDGET_S (default 480); SKIP='regex' leaves out matching steps.
 # If `import torch` fails, .whl/*.whl are installed; the package is used from PYTHONPATH (pure Python).
 set -uo pipefail
-[[ "${1:-}" == --help || "${1:-}" == -h ]] && { sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0; }
+[[ "${1:-}" == --help || "${1:-}" == -h ]] && { sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0; }
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 SMOKE=0; [[ "${1:-}" == "--smoke" ]] && { SMOKE=1; shift; }
-OUT="${OUT:-bench-out}"; TGZ="${1:-data/cifar10-jpeg.tar.gz}"; BUDGET_S="${BUDGET_S:-480}"; PY="${PYTHON:-python3}"
+SCALE=0; [[ "${1:-}" == "--scale" ]] && { SCALE=1; shift; }  # the scale step alone
+OUT="${OUT:-bench-out}"; TGZ="${1:-data/cifar10-jpeg.tar.gz}"; BUDGET_S="${BUDGET_S:-$(( SCALE ? 560 : 480 ))}"; PY="${PYTHON:-python3}"
 WORK="$(mktemp -d /tmp/dpd-gpu-check.XXXX)"; START=$SECONDS; FAILED=0
 mkdir -p "$OUT" && rm -f "$OUT/steps.tsv" && exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DPD_EXPERTS_ROOT="$WORK/ex" DPD_CACHE_ROOT="$WORK/cache" NO_COLOR=1
 
 step() {  # step NAME MAX_SECONDS COMMAND...: timed, logged, bounded by the budget
-  local name=$1 max=$2 left=$(( BUDGET_S - SECONDS + START )); shift 2
-  if [[ -n "${SKIP:-}" && "$name" =~ $SKIP ]] || (( left < 15 )); then printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"; return; fi
+  local name=$1 max=$2 left=$(( BUDGET_S - SECONDS + START )) scale=0; shift 2; [[ $name == "dpd study"* ]] && scale=1
+  if [[ -n "${SKIP:-}" && "$name" =~ $SKIP ]] || (( left < 15 || scale != SCALE )); then printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"; return; fi
   echo "=== $name"; local t0=$SECONDS; timeout -k 10 $(( max < left ? max : left )) "$@"; local rc=$?
   (( rc )) && FAILED=1
   printf '%s\t%s\t%s\n' "$name" "$([[ $rc == 0 ]] && echo ok || echo "FAILED ($rc)")" "$(( SECONDS - t0 ))" >> "$OUT/steps.tsv"
@@ -35,7 +37,7 @@ else
   X_ARGS=(--expert-images 25600 --expert-reps 3 --eval-epochs 50 --eval-reps 3)
   DATA=(--dataset fashion-mnist-mini)
   if [[ -f "$TGZ" ]] && mkdir -p "$WORK/cifar" && tar -xzf "$TGZ" -C "$WORK/cifar"; then
-    DATA=(--dataset imagefolder --data-dir "$WORK/cifar/$(ls "$WORK/cifar" | head -1)")
+    D="$WORK/cifar"; [[ -d "$D/train" ]] || D="$D/$(ls "$D" | head -1)"; DATA=(--dataset imagefolder --data-dir "$D")
   fi
 fi
 SPEED=("$PY" benchmarks/speed.py "${COMMON[@]}")
@@ -59,6 +61,9 @@ step "data parallel: 1 process" 60 "${SPEED[@]}" --only dp --experts "$WORK/expe
     --modes full --out "$OUT/speed-dp1.json"
 (( SMOKE )) || step "distill with cudnn.benchmark" 90 "${SPEED[@]}" "${DATA[@]}" --cudnn-benchmark --only distill --ipc 10 --steps 30 \
     --iters 3 --modes full,low --experts "$WORK/experts" --out "$OUT/speed-distill-cudnn-benchmark.json"
+# The scale answer (with --scale only): sizes that fit 9 minutes; SCALE_ARGS='' runs dpd_study.py's minimum sizes.
+(( SCALE )) && step "dpd study at MTT's CIFAR-10 scale" 545 "$PY" benchmarks/dpd_study.py --plan scale --cifar10-dir "$TGZ" \
+    --out "$OUT/dpd-scale" ${SCALE_ARGS---experts 10 --expert-epochs 24 --iterations 250 --eval-runs 1}
 
 echo "=== $(( SECONDS - START )) s"; column -t -s $'\t' "$OUT/steps.tsv"; rm -rf "$WORK"
 exit "$FAILED"

@@ -184,3 +184,17 @@ class EvalRunDone(Event):
 @dataclass
 class EvalDone(Event):
     results: list[dict]
+
+
+# --- study -------------------------------------------------------------------------------
+@dataclass
+class StudyStarted(Event):
+    out: str
+    n_runs: int  # every (variant, seed) of the study
+    todo: int  # those without a record yet (spread over ``ranks`` processes)
+    ranks: int
+
+
+@dataclass
+class StudyRunDone(Event):
+    record: dict  # as records.jsonl keeps it (``dpd_cli.recipes.study.run_one``)

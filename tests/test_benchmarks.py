@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def runs(tmp_path_factory) -> dict:
         jobs[p.stem, "--smoke"] = [sys.executable, str(p), "--smoke"] + (
             [] if p.stem == "mtt_reference" else ["--out", str(out / "out.json" if p.stem == "speed" else out / "out")]
         )
+    out = tmp_path_factory.mktemp("scale")  # the scale answer's pipeline at toy size (CPU, embedded set)
+    jobs["dpd_study", "--plan scale --smoke"] = [sys.executable, str(ROOT / "benchmarks" / "dpd_study.py")]
+    jobs["dpd_study", "--plan scale --smoke"] += ["--plan", "scale", "--smoke", "--out", str(out / "out")]
     for flag in ("--help", "--smoke"):
         jobs["gpu_check.sh", flag] = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), flag]
     # The longest first, so that the two lanes finish together.
@@ -75,21 +79,21 @@ def test_the_script_runs(runs, name, flag):
     assert r.returncode == 0, f"{name} {flag}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
-def test_the_study_report_pairs_each_variant_with_mtt_at_its_lr_and_keeps_diverged_runs():
-    spec = importlib.util.spec_from_file_location("bench_dpd_study", ROOT / "benchmarks" / "dpd_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+def test_the_scale_answer_runs_at_smoke_size(runs):
+    r = runs["dpd_study", "--plan scale --smoke"]
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "| abs-largest-0.01 | 2 | 0 |" in r.stdout and "65.3 ± 0.7 %" in r.stdout
+
+
+def test_the_study_report_reads_the_earlier_scripts_records_and_pairs_each_variant_with_mtt_at_its_lr(tmp_path):
+    """``--report-only`` on ``<out>/records.jsonl`` as the earlier dpd_study.py wrote it (its run layout
+    ``<out>/<dataset>/ipc<IPC>/<variant>/s<seed>`` is the one `dpd study` now writes per cell)."""
 
     def rec(variant, seed, acc, ckpts=(0.5, 0.4)):
-        return {
-            "dataset": "d",
-            "ipc": 10,
-            "variant": variant,
-            "seed": seed,
-            "selected": acc,
-            "final": acc,
+        checkpoints = [{"iteration": 25 * i, "mean": m} for i, m in enumerate(ckpts)]
+        return {"dataset": "d", "ipc": 10, "variant": variant, "seed": seed, "selected": acc, "final": acc} | {
             "selected_iteration": 25,
-            "checkpoints": [{"iteration": 25 * i, "mean": m} for i, m in enumerate(ckpts)],
+            "checkpoints": checkpoints,
             "distill_s": 1.0,
             "evaluate_s": 1.0,
         }
@@ -98,23 +102,21 @@ def test_the_study_report_pairs_each_variant_with_mtt_at_its_lr_and_keeps_diverg
         rec("abs-largest-0.01@lr10", s, 0.51 + 0.01 * s) for s in range(3)
     ]
     records += [rec("mtt@lr1", s, 0.60) for s in range(3)] + [rec("abs-largest-0.01@lr1", s, 0.58) for s in range(2)]
-    records.append(
-        {
-            "dataset": "d",
-            "ipc": 10,
-            "variant": "abs-largest-0.01@lr1",
-            "seed": 2,
-            "diverged": "NaN",
-            "distill_s": 1.0,
-            "evaluate_s": 0.0,
-        }
+    diverged = {"dataset": "d", "ipc": 10, "variant": "abs-largest-0.01@lr1", "seed": 2, "diverged": "NaN"}
+    records.append(diverged | {"distill_s": 1.0, "evaluate_s": 0.0})
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dpd_study.py"), "--report-only", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    rows = {r["variant"]: r for r in study.summarise(records)}
-    assert rows["abs-largest-0.01@lr10"]["selected"]["vs_mtt"]["mean"] == pytest.approx(2.0)
-    assert rows["abs-largest-0.01@lr1"]["selected"]["vs_mtt"]["mean"] == pytest.approx(-2.0)
+    assert r.returncode == 0, r.stderr
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "results.json").read_text())["summary"]}
+    assert rows["abs-largest-0.01@lr10"]["selected"]["vs_baseline"]["mean"] == pytest.approx(2.0)
+    assert rows["abs-largest-0.01@lr1"]["selected"]["vs_baseline"]["mean"] == pytest.approx(-2.0)
     assert rows["abs-largest-0.01@lr1"]["diverged_seeds"] == [2] and rows["abs-largest-0.01@lr1"]["n_seeds"] == 2
-    assert rows["mtt@lr1"]["worst_drop"] == [pytest.approx(10.0)] * 3
-    assert "vs_mtt" not in rows["mtt@lr1"]["selected"]
-    meta = {"wall_s": 1.0, "machine": "m", "workers": 1, "distill_s": 1.0, "evaluate_s": 1.0, "n_runs": len(records)}
-    text = study.markdown(list(rows.values()), meta, study.pooled(records))
-    assert "| abs-largest-0.01@lr1 | 2 | 1 |" in text
+    assert (
+        rows["mtt@lr1"]["worst_drop"] == [pytest.approx(10.0)] * 3 and "vs_baseline" not in rows["mtt@lr1"]["selected"]
+    )
+    assert "| abs-largest-0.01@lr1 | 2 | 1 |" in (tmp_path / "results.md").read_text()

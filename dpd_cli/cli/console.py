@@ -133,7 +133,13 @@ def make_sink(kind: str, quiet: bool, json_mode: bool = False):
     if quiet or json_mode or os.environ.get("RANK", "0") != "0":
         return ev.NullSink()
     con = error_console()
-    views = {"experts": _Experts, "experts_import": _Import, "distill": _Distill, "evaluate": _Evaluate}
+    views = {
+        "experts": _Experts,
+        "experts_import": _Import,
+        "distill": _Distill,
+        "evaluate": _Evaluate,
+        "study": _Study,
+    }
     return views.get(kind, _View)(con, con.is_terminal and not con.is_dumb_terminal)
 
 
@@ -413,3 +419,32 @@ class _Evaluate(_View):
             self.note(f"{name}: {e.accuracy:.2%}{val}{diverged}")
         elif isinstance(e, ev.EvalDone):
             self.close()
+
+
+class _Study(_View):
+    """A bar over the runs on a terminal, and one line per finished run."""
+
+    def handle(self, e: ev.Event) -> None:
+        if isinstance(e, ev.StudyStarted):
+            ranks = f", spread over {e.ranks} processes" if e.ranks > 1 else ""
+            self.line(f"study: {e.todo} of {e.n_runs} runs to do{ranks} -> {e.out}")
+            self.clock = _JobClock(e.todo, f"{e.todo} runs")
+            if self.interactive:
+                self.progress = self.bars()
+                self.task = self.progress.add_task("runs", total=e.todo)
+                self.show(self.progress)
+        elif isinstance(e, ev.StudyRunDone):
+            r = e.record
+            name = f"{r['variant']} s{r['seed']}"
+            if "diverged" in r:
+                text = f"{name}: diverged ({r['diverged'][:120]})"
+            else:
+                text = (
+                    f"{name}: val-selected {100 * r['selected']:.2f} % (iteration {r['selected_iteration']}), final "
+                    f"{100 * r['final']:.2f} %, test-max {100 * r['test_max']:.2f} % "
+                    f"[{r['distill_s']:.0f} + {r['evaluate_s']:.0f} s]"
+                )
+            if self.interactive:
+                self.progress.advance(self.task)
+            self.note(text)
+            self.note(self.clock.tick())

@@ -473,6 +473,65 @@ class ExportSettings(_Settings):
     force: bool = _setting(False, "Replace --out if it holds an earlier export (or is empty).", shared=True)
 
 
+class StudySettings(BaseModel):
+    """The ``[study]`` table of a ``dpd study`` config: which variants of ``[distill]`` run on which seeds.
+
+    Every variant's runs of one seed share the experts, the initial images, every per-iteration draw and
+    the evaluation seeds (all derived from the seed), so each variant minus ``baseline`` is a paired difference.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: Distill settings the study sets itself, per run.
+    RESERVED: ClassVar[tuple[str, ...]] = ("seed", "out", "experts", "resume", "force")
+
+    seeds: list[int] = Field(min_length=1, description="The seeds; each variant runs once per seed.")
+    variants: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="name = {distill settings that differ from [distill]}."
+    )
+    baseline: str = Field("mtt", description="The variant every other one is compared with.")
+    out: Path | None = Field(None, description="Study folder (default: runs/study-<config name>).")
+    experts: Path | None = Field(
+        None, description="Experts folder (default: <out>/experts); [experts] trains what it lacks."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError("the seeds must be distinct and non-negative")
+        return v
+
+    @model_validator(mode="after")
+    def _known_baseline(self) -> StudySettings:
+        if self.baseline not in self.variants:
+            raise ValueError(f"baseline {self.baseline!r} is not a variant; variants: {', '.join(self.variants)}")
+        for name, v in self.variants.items():
+            if not re.fullmatch(r"[\w.@+-]+", name):
+                raise ValueError(f"variant name {name!r}: use letters, digits and . _ - + @ (it names a folder)")
+            clash = sorted(set(v) & set(self.RESERVED))
+            if clash:
+                raise ValueError(f"variant {name!r} sets {', '.join(clash)}: the study sets these itself, per run")
+        return self
+
+
+def study_settings(config: Path) -> StudySettings:
+    """The ``[study]`` table of ``config``; raises ``SettingsError`` saying what is wrong."""
+    data = _load_file(Path(config), "CONFIG")
+    if not isinstance(data.get("study"), dict):
+        raise SettingsError(
+            f'Config file {config} has no [study] table. Add one with seeds = [0, 1, 2], baseline = "mtt" and '
+            "variants = {mtt = {prune_ratio = 0}, dpd = {prune_ratio = 0.01}} (see examples/study-quick.toml)."
+        )
+    try:
+        return StudySettings.model_validate(data["study"])
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'study'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
+        raise SettingsError(f"Config file {config}, [study]: {problems}.") from None
+
+
 COMMAND_SETTINGS: dict[str, type[_Settings]] = {
     "experts": ExpertSettings,
     "experts_import": ImportSettings,
@@ -700,8 +759,8 @@ def _file_values(command: str, cls: type[_Settings], data: dict[str, Any], path:
     for key, value in data.items():
         norm = key.replace("-", "_")
         if isinstance(value, dict):
-            if key not in COMMAND_SETTINGS:
-                tables = ", ".join(COMMAND_SETTINGS)
+            if key not in COMMAND_SETTINGS and key != "study":  # [study]: read by StudySettings
+                tables = ", ".join([*COMMAND_SETTINGS, "study"])
                 problems.append(f"unknown table [{key}]{_did_you_mean(key, COMMAND_SETTINGS)}; tables: {tables}")
         elif norm in fields:
             values[norm] = (value, False)
@@ -817,6 +876,25 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_inline(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, PurePath):
+        value = str(value)
+    return _toml_value(value)
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """``data`` as a config file: its plain values first, then one ``[table]`` per mapping (deeper ones inline)."""
+    plain = [f"{k} = {_toml_inline(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    tables = [
+        f"\n[{k}]\n" + "".join(f"{kk} = {_toml_inline(vv)}\n" for kk, vv in v.items())
+        for k, v in data.items()
+        if isinstance(v, Mapping)
+    ]
+    return "\n".join(plain) + "\n" + "".join(tables)
 
 
 def to_toml(resolved: Resolved) -> str:

@@ -12,6 +12,7 @@ first ``n % W`` ranks take one row more); ``docs/algorithm.md`` ("Data parallel"
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from dpd_cli.core.augment import dsa
 from dpd_cli.errors import UserError
 
-__all__ = ["Group", "ParallelError", "ShardedGradient", "start", "stop", "world_from_env"]
+__all__ = ["Group", "ParallelError", "ShardedGradient", "start", "stop", "held", "alone", "world_from_env"]
 
 
 class ParallelError(UserError):
@@ -185,7 +186,35 @@ def start(device: torch.device, timeout_s: float, required: bool = True) -> Grou
     return Group(rank, world, timeout_s, patient)
 
 
+_held = False  # inside held(): the commands run in it leave the group in place
+
+
 def stop() -> None:
-    """Leave the process group, if one was joined."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group, if one was joined (and is not ``held`` by a job of several commands)."""
+    if not _held and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def held(device: torch.device, timeout_s: float):
+    """The process group for a job of several commands (``dpd study``), kept while they start and stop;
+    yields its ``Group`` (``None`` under plain python)."""
+    global _held
+    group = start(device, timeout_s)
+    _held = group is not None
+    try:
+        yield group
+    finally:
+        _held = False
+        stop()
+
+
+@contextlib.contextmanager
+def alone():
+    """Run a command as one process under torchrun: ``RANK`` and ``WORLD_SIZE`` are hidden meanwhile
+    (``LOCAL_RANK`` stays: the rank keeps its GPU)."""
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

@@ -10,7 +10,8 @@ import pytest
 from dpd_cli.config.settings import resolve
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-PRESETS = sorted(EXAMPLES.glob("*.toml"))
+STUDIES = sorted(p for p in EXAMPLES.glob("*.toml") if "\n[study]" in p.read_text())
+PRESETS = sorted(set(EXAMPLES.glob("*.toml")) - set(STUDIES))
 assert len(PRESETS) >= 10, f"the presets are missing from {EXAMPLES}"  # a moved test must not pass on nothing
 
 
@@ -31,3 +32,12 @@ def test_preset_resolves_and_documents_its_command(preset: Path, tmp_path: Path)
     assert Path(evaluated.group(1)) == Path(settings["distill"].out)
     assert 0 <= settings["distill"].prune_ratio < 1
     assert settings["experts"].dataset == settings["distill"].dataset
+
+
+@pytest.mark.parametrize("config", STUDIES, ids=[p.stem for p in STUDIES])
+def test_study_config_loads_and_documents_its_command(config: Path):
+    from dpd_cli.recipes import study
+
+    s = study.load(config)
+    assert config.read_text().splitlines()[0] == f"# dpd study examples/{config.name}"
+    assert s.plan.baseline in s.plan.variants and len(s.plan.seeds) >= 3

@@ -128,7 +128,7 @@ def test_unknown_keys_and_tables_all_reported(tmp_path):
     msg = _error("distill", config=cfg)
     assert msg == (
         f"Config file {cfg}: unknown key 'prune_ratoi' (did you mean 'prune_ratio'?); "
-        "unknown table [distil] (did you mean 'distill'?); tables: experts, experts_import, distill, evaluate, export; "
+        "unknown table [distil] (did you mean 'distill'?); tables: experts, experts_import, distill, evaluate, export, study; "
         "unknown key 'ipcc' in [distill] (did you mean 'ipc'?). Run `dpd distill --help` for the valid settings."
     )
 
