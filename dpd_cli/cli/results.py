@@ -3,7 +3,7 @@
 Rows are (model, protocol), columns are sources (distilled, initial images, random real, full data,
 then any other source by name), and a cell is ``mean ± std (runs)`` in percent, ``*`` marking diverged
 trainings, ``†`` a distilled checkpoint selected on the test set (optimistic) and ``!`` a distilled set
-below its initial images or random real images by more than the spread.
+below random real images by more than the spread, or whose distillation did not help (``no_gain``).
 Entries are eval.json entries; ``inspect`` reads them leniently, so any number may be ``None``.
 """
 
@@ -50,9 +50,8 @@ def results_table(results: list[dict]) -> Table:
                 cells.append("")
                 continue
             runs = "?" if r.get("runs") is None else r["runs"]
-            marks = [
-                m for m, key in (("*", "diverged_runs"), ("†", "optimistic"), ("!", "below_baselines")) if r.get(key)
-            ]
+            marks = [m for m, key in (("*", "diverged_runs"), ("†", "optimistic")) if r.get(key)]
+            marks += ["!"] if r.get("below_baselines") or r.get("no_gain") else []
             cells.append(f"{_pct(r.get('mean'))} ± {_pct(r.get('std'))} ({runs}){''.join(marks)}")
         rows.append((model, protocol, *cells))
     return table(("model", "protocol", *(">" + _label(s) for s in sources)), rows)
@@ -99,11 +98,12 @@ def selection_note(results: list[dict]) -> str | None:
 
 
 def below_note(results: list[dict]) -> str | None:
-    """``!``: a distilled set that scores below its own initial images or random real images by more than the spread."""
+    """``!``: a distilled set below random real images by more than the spread, or whose distillation did not help."""
     lines = [
         f"! {r['model']}: the distilled set scores below {' and '.join(_label(b) for b in r['below_baselines'])} "
         "by more than the spread: distillation made these images worse (check --lr-img, --lr-teacher and the experts)."
         for r in results
         if r.get("below_baselines")
     ]
+    lines += [f"! {r['no_gain']['message']}" for r in results if r.get("no_gain")]
     return "\n".join(lines) or None

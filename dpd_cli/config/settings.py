@@ -369,6 +369,9 @@ class EvalSettings(RunFields):
     fail_under: float | None = _setting(
         None, "Exit 3 if a distilled mean accuracy is below this percentage.", "Output", ge=0, le=100
     )
+    fail_if_no_gain: bool = _setting(
+        False, "Exit 3 if distillation did not help: the initial images score at least as well (see no_gain).", "Output"
+    )
     data_dir: Path | None = _setting(
         None, "Folder with the dataset's files, if not where the run found them.", "Data", shared=True
     )
