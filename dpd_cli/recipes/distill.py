@@ -333,8 +333,8 @@ class DistillRecipe:
         for kind, what in found.items():
             if kind not in {w["kind"] for w in self.step_warnings}:
                 text = (
-                    f"Iteration {it}: {what}. The signature of too large an image step: try a smaller --lr-img (e.g. "
-                    f"{lr / 10:g}, a tenth of {lr:g}); `dpd evaluate --select val` tells whether distillation helped."
+                    f"Iteration {it}: {what}. The signature of too large an image step: try a smaller --lr-img "
+                    f"(e.g. {lr / 10:g}, a tenth of {lr:g}); `dpd evaluate --baseline init` tells whether it helped."
                 )
                 self.step_warnings.append({"kind": kind, "iteration": it, "message": text})
                 self.sink.emit(Message(text, "warning"))

@@ -497,7 +497,7 @@ def _no_gain(entries: list[dict], lr_img: float | None) -> list[str]:
                 f"{d['model']}: distillation did not help: {why}. Test accuracy (%) by iteration: "
                 + ", ".join(f"{c['iteration']}: {100 * c['mean']:.2f}" for c in curve)
                 + f" (final minus initial {100 * diff['mean']:+.2f} points over {diff['n']} networks{spread}). "
-                f"Too large an image step does this: try a smaller --lr-img ({smaller}), or DPD pruning "
+                f"Too large an image step can do this: try a smaller --lr-img ({smaller}), or DPD pruning "
                 "(--prune-ratio 0.01), which kept the images intact in one such case."
             ),
         }
