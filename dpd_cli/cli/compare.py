@@ -99,9 +99,7 @@ def lines(result: dict) -> list[str]:
             details = [_which(cell)]
             details += [f"{cell['epochs']} epochs"] if cell["epochs"] else []
             details += [f"evaluation loop v{cell['protocol_version']}"] if cell["protocol_version"] else []
-            details += (
-                [f"no gain: the initial images score {_pct(cell['no_gain']['initial'])}"] if cell["no_gain"] else []
-            )
+            details += [f"no gain: initial images {_pct(cell['no_gain']['initial'])}"] if cell["no_gain"] else []
             details = ", ".join(d for d in details if d)
             out.append(f"  {_label(i)}  {_pct(cell['mean'])} ± {_pct(cell['std'])} ({cell['runs']}){marks}  {details}")
         out += [_difference_line(d) for d in row["differences"] if d is not None]

@@ -372,7 +372,8 @@ class EvalSettings(RunFields):
     )
     fail_if_no_gain: bool = _setting(
         False,
-        "Exit 3 if distillation did not help: the initial images score at least as well (see no_gain).",
+        "Exit 3 if distillation did not help: checkpoint 0 (the initial images) selected, or the final set below "
+        "it beyond noise.",
         "Exit code",
     )
     data_dir: Path | None = _setting(

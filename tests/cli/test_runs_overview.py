@@ -429,7 +429,7 @@ def test_no_gain_is_said_by_evaluate_inspect_ls_and_compare(dpd, built, tmp_path
     _ok(r)
     out = " ".join(r.output.split())
     assert "A 81.00 ± 1.00 (2)†! checkpoint 0, chosen on the test set (optimistic)" in out
-    assert "no gain: the initial images score 81.00" in out
+    assert "(optimistic), 1 epochs, evaluation loop v2, no gain: initial images 81.00" in out
     assert "! convnet: distillation did not help" in out
     cell = json.loads(dpd("compare", run, other, "--json").stdout)["rows"][0]["cells"][0]
     assert cell["no_gain"] == ng
