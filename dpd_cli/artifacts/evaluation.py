@@ -120,6 +120,7 @@ def normalise(e: dict) -> dict:
     """One eval.json entry as ``inspect``, ``ls`` and ``compare`` show it: every key present, junk as None."""
     accs = e.get("accuracies") if isinstance(e.get("accuracies"), list) else []
     checkpoints = e.get("checkpoints") if isinstance(e.get("checkpoints"), list) else []
+    no_gain = e.get("no_gain")
     return {
         "source": e["source"],
         "model": e["model"],
@@ -146,6 +147,9 @@ def normalise(e: dict) -> dict:
         "final_accuracy": json_number(e.get("final_accuracy")),
         "optimistic": e.get("optimistic") is True,
         "below_baselines": [b for b in e.get("below_baselines") or [] if isinstance(b, str)],
+        "no_gain": {**no_gain, **{k: json_number(no_gain.get(k)) for k in ("initial", "final", "selected")}}
+        if isinstance(no_gain, dict) and isinstance(no_gain.get("message"), str)
+        else None,
     }
 
 

@@ -291,4 +291,5 @@ def summarize(run_dir: Path) -> dict:
         "iteration": meta.get("iteration"),
         "iterations": meta.get("iterations"),
         "lr": float(t["lr"]),
+        "warnings": [w["message"] for w in meta.get("warnings") or []],
     }

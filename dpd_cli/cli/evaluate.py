@@ -25,6 +25,9 @@ def _report(settings, result: dict) -> Report:
     ]
     if result["passed"]:
         return Report(result, text)
+    if not result["below"]:
+        failed = f"No gain from distillation ({', '.join(result['no_gain'])}; see the warning): --fail-if-no-gain."
+        return Report(result, text, EXIT_BELOW_THRESHOLD, failed)
     worst = min(result["below"], key=lambda r: r["mean"])
     return Report(
         result,
@@ -41,7 +44,8 @@ evaluate = settings_command(
     report=_report,
     arguments=[_TARGET],
     summary="Train fresh networks on a synthetic set and report real test accuracy (mean ± std over runs).\n\n"
-    "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it.",
+    "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it, or with --fail-if-no-gain "
+    "when distillation did not help (the initial images score at least as well).",
     examples=[
         (
             "dpd evaluate runs/quick --config examples/quick.toml",

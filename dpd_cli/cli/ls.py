@@ -70,9 +70,10 @@ def _accuracy(ev: dict | None) -> str:
     how = ev["select"] or "final"
     if ev["select"] in ("val", "test-max") and ev["selected_iteration"] is not None:
         how += f"@{ev['selected_iteration']}"
+    flags = (", optimistic" if ev["optimistic"] else "") + (", NO GAIN" if ev["no_gain"] else "")
     if ev.get("runs") == 1:  # one network: no spread
-        return f"{_pct(ev['mean'])} {ev['model']} ({how}, 1 network{', optimistic' if ev['optimistic'] else ''})"
-    return f"{_pct(ev['mean'])} ± {_pct(ev['std'])} {ev['model']} ({how}{', optimistic' if ev['optimistic'] else ''})"
+        return f"{_pct(ev['mean'])} {ev['model']} ({how}, 1 network{flags})"
+    return f"{_pct(ev['mean'])} ± {_pct(ev['std'])} {ev['model']} ({how}{flags})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -130,6 +131,10 @@ def lines(result: dict) -> list[str]:
                 for e in found
             ]
             out += _table(["  path", "dataset", *header], rows)
+    if any((e.get("evaluation") or {}).get("no_gain") for e in result["entries"]):
+        out.append(
+            "NO GAIN: distillation did not help, the initial images score as well; `dpd inspect PATH` says more."
+        )
     flagged = sum(1 for e in result["entries"] if e["problems"])
     if flagged:
         out.append(f"! {flagged} folder{'s have' if flagged > 1 else ' has'} problems: `dpd inspect PATH` says which.")

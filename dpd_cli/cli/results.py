@@ -3,7 +3,7 @@
 Rows are (model, protocol), columns are sources (distilled, initial images, random real, full data,
 then any other source by name), and a cell is ``mean ± std (runs)`` in percent (``spread``), ``*`` marking diverged
 trainings, ``†`` a distilled checkpoint selected on the test set (optimistic) and ``!`` a distilled set
-below its initial images or random real images by more than the spread.
+below random real images by more than the spread, or whose distillation did not help (``no_gain``).
 Entries are eval.json entries; ``inspect`` reads them leniently, so any number may be ``None``.
 """
 
@@ -23,15 +23,15 @@ def _label(source: str) -> str:
     return SOURCE_LABELS.get(source, str(source))
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2f}"
 
 
 def spread(mean: float | None, std: float | None, runs: int | None) -> str:
     """``57.32 ± 0.41 (5)`` in percent; one network has no spread: ``57.32 (1 network)``."""
     if runs == 1:
-        return f"{_pct(mean)} (1 network)"
-    return f"{_pct(mean)} ± {_pct(std)} ({'?' if runs is None else runs})"
+        return f"{pct(mean)} (1 network)"
+    return f"{pct(mean)} ± {pct(std)} ({'?' if runs is None else runs})"
 
 
 def table(headers: tuple[str, ...], rows: list[tuple]) -> Table:
@@ -58,9 +58,8 @@ def results_table(results: list[dict]) -> Table:
             if r is None:
                 cells.append("")
                 continue
-            marks = [
-                m for m, key in (("*", "diverged_runs"), ("†", "optimistic"), ("!", "below_baselines")) if r.get(key)
-            ]
+            marks = [m for m, key in (("*", "diverged_runs"), ("†", "optimistic")) if r.get(key)]
+            marks += ["!"] if r.get("below_baselines") or r.get("no_gain") else []
             cells.append(spread(r.get("mean"), r.get("std"), r.get("runs")) + "".join(marks))
         rows.append((model, protocol, *cells))
     return table(("model", "protocol", *(">" + _label(s) for s in sources)), rows)
@@ -93,13 +92,13 @@ def selection_note(results: list[dict]) -> str | None:
             continue
         if r["select"] == "val":
             how = "the best validation accuracy" + (
-                "" if r.get("val_accuracy") is None else f" ({_pct(r['val_accuracy'])}%)"
+                "" if r.get("val_accuracy") is None else f" ({pct(r['val_accuracy'])}%)"
             )
         else:
             how = "† the best TEST accuracy: optimistic, selected on the test set as published tables are"
         its = [c.get("iteration") for c in r.get("checkpoints") or []]
         among = f" of {len(its)} ({', '.join(map(str, its))})" if its else ""
-        final = "" if r.get("final_accuracy") is None else f"; the final set scores {_pct(r['final_accuracy'])}%"
+        final = "" if r.get("final_accuracy") is None else f"; the final set scores {pct(r['final_accuracy'])}%"
         lines.append(
             f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}."
         )
@@ -107,11 +106,12 @@ def selection_note(results: list[dict]) -> str | None:
 
 
 def below_note(results: list[dict]) -> str | None:
-    """``!``: a distilled set that scores below its own initial images or random real images by more than the spread."""
+    """``!``: a distilled set below random real images by more than the spread, or whose distillation did not help."""
     lines = [
         f"! {r['model']}: the distilled set scores below {' and '.join(_label(b) for b in r['below_baselines'])} "
         "by more than the spread: distillation made these images worse (check --lr-img, --lr-teacher and the experts)."
         for r in results
         if r.get("below_baselines")
     ]
+    lines += [f"! {r['no_gain']['message']}" for r in results if r.get("no_gain")]
     return "\n".join(lines) or None

@@ -48,7 +48,8 @@ MPS_REFUSED = (
     "(for example to total the pruning counts per layer). Use --device cpu; on a Mac, --device auto picks the CPU."
 )
 #: ``--help`` panels in the order they are printed; a panel not listed here comes after them.
-PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation", "Model", "Output", "Run")
+#: ("Exit code" holds --fail-if-no-gain alone: beside --fail-under's value column its variable's name would be cut.)
+PANELS = ("Data", "Distillation", "Pruning", "Memory", "Training", "Evaluation", "Model", "Output", "Exit code", "Run")
 #: The variable that names a config file when ``--config`` is not given.
 CONFIG_ENV = "DPD_CONFIG"
 #: The ``DPD_*`` variables that are not settings; any other ``DPD_*`` variable must name a setting
@@ -394,6 +395,12 @@ class EvalSettings(RunFields):
     distilled: bool = _setting(True, "Evaluate the synthetic set itself (--no-distilled: only the baselines).")
     fail_under: float | None = _setting(
         None, "Exit 3 if a distilled mean accuracy is below this percentage.", "Output", ge=0, le=100
+    )
+    fail_if_no_gain: bool = _setting(
+        False,
+        "Exit 3 if distillation did not help: checkpoint 0 (the initial images) selected, or the final set below "
+        "it beyond noise.",
+        "Exit code",
     )
     data_dir: Path | None = _setting(
         None, "Folder with the dataset's files, if not where the run found them.", "Data", shared=True

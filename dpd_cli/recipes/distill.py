@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,11 @@ from dpd_cli.recipes.runtime import derive_seed, model_spec, prepare_runtime
 __all__ = ["DistillRecipe", "run", "default_run_dir"]
 
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
+#: The signatures of too large an image step, warned about once each (docs/guide.md, "Too large an image step"):
+#: the median matching loss of iterations 2..K+1 above LOSS_RISE times iteration 1's (the loss of the real images,
+#: before any update; the median rides out the noise of the expert and start epoch each iteration draws), and the
+#: images' std above STD_GROWTH times the initial images'.
+_RISE_K, _LOSS_RISE, _STD_GROWTH = 5, 1.5, 5.0
 
 
 def default_run_dir(s: DistillSettings) -> Path:
@@ -84,6 +90,8 @@ class DistillRecipe:
         self._window_t0 = 0.0
         self.last_loss = float("nan")
         self.changed: dict = {}  # ADJUSTABLE settings this resume changed, for the next metrics line
+        self._early_losses: list[float] = []  # of iterations 1..K+1, for the loss-rise check
+        self.step_warnings: list[dict] = []  # {"kind", "iteration", "message"}, kept in the run's files
 
     def __enter__(self) -> DistillRecipe:
         try:
@@ -201,6 +209,7 @@ class DistillRecipe:
         if s.init == "real-correct":
             accept = lambda x, c: self.fm(label_theta, x).argmax(1) == c  # noqa: E731
         images, self.labels = init_images(s, self.ds, self.pre, self.device, accept)
+        self.image_std0 = float(images.std())  # the initial images', for the image-scale check
         self.soft_info = None
         if resume:
             self.state = self._load_state(images.shape)
@@ -243,10 +252,11 @@ class DistillRecipe:
                 dropped = (~res.keep).to(torch.int32)
                 st.prune_counts.add_(dropped)
                 pruned.index_add_(0, self.layer_ids, dropped.float())
+            image_std = st.images.std().float()  # on the device: read with the loss, in flush()
         st.prune_state = self.pruner.state
         st.iteration = it + 1
         record = {"iteration": it + 1, "loss": res.loss.float(), "lr": st.lr.clone(), "pruned": pruned, "expert": e}
-        self._pending.append({**record, "start_epoch": t})
+        self._pending.append({**record, "start_epoch": t, "image_std": image_std})
 
     def _meta_gradient(self, start, target, plan: matching.StepPlan, ratio: float) -> matching.MetaResult:
         """The iteration's meta-gradient: replayed from a CUDA graph where one was captured, else computed eagerly."""
@@ -297,16 +307,18 @@ class DistillRecipe:
             return
         pending, self._pending = self._pending, []
         dt = (time.perf_counter() - self._window_t0) / len(pending)
-        values = {k: torch.stack([p[k] for p in pending]).tolist() for k in ("loss", "lr")}
+        values = torch.stack([torch.stack([p["loss"], p["lr"].float(), p["image_std"]]) for p in pending]).tolist()
         per_layer = torch.stack([p["pruned"] for p in pending]).round().long().tolist()
         records = []
-        for p, loss, a, pruned in zip(pending, values["loss"], values["lr"], per_layer, strict=True):
+        for p, (loss, a, image_std), pruned in zip(pending, values, per_layer, strict=True):
             if not math.isfinite(loss) or not a > 0:  # a NaN alpha fails "> 0" too
                 raise diverged(p["iteration"], loss, a, self.writer.checkpoints())
+            self._watch(p["iteration"], loss, image_std)
             self.iterations_pruned += bool(sum(pruned))
             self.pruned_total = [a_ + b_ for a_, b_ in zip(self.pruned_total, pruned, strict=True)]
             layers = {layer.name: c for layer, c in zip(self.fm.layers, pruned, strict=True)}
-            rec = {**p, "loss": loss, "lr": a, "pruned": layers, "pruned_fraction": sum(pruned) / self.fm.n_params}
+            rec = {**p, "loss": loss, "lr": a, "image_std": image_std, "pruned": layers}
+            rec["pruned_fraction"] = sum(pruned) / self.fm.n_params
             if self.changed:
                 rec["changed"], self.changed = self.changed, {}
             records.append(
@@ -318,6 +330,31 @@ class DistillRecipe:
             self.last_loss = loss
         self.writer.metrics(records)
         self._window_t0 = time.perf_counter()
+
+    def _watch(self, it: int, loss: float, image_std: float) -> None:
+        """Warn, once per kind, when iteration ``it`` shows a signature of too large an image step (``_RISE_K``)."""
+        early, found = self._early_losses, {}
+        if it == len(early) + 1 <= _RISE_K + 1:  # iterations 1..K+1, run in order by this process
+            early.append(loss)
+        if it == _RISE_K + 1 == len(early) and (rise := statistics.median(early[1:])) > _LOSS_RISE * early[0]:
+            found["loss"] = (
+                f"the matching loss rose: median {rise:.4g} over iterations 2-{it}, against {early[0]:.4g} at "
+                "iteration 1 (the real images)"
+            )
+        if image_std > _STD_GROWTH * self.image_std0:
+            found["image_scale"] = (
+                f"the images' scale exploded: their std is {image_std:.4g}, {image_std / self.image_std0:.1f}x the "
+                f"initial images' {self.image_std0:.4g}"
+            )
+        lr = self.s.lr_img
+        for kind, what in found.items():
+            if kind not in {w["kind"] for w in self.step_warnings}:
+                text = (
+                    f"Iteration {it}: {what}. The signature of too large an image step: try a smaller --lr-img "
+                    f"(e.g. {lr / 10:g}, a tenth of {lr:g}); `dpd evaluate --baseline init` tells whether it helped."
+                )
+                self.step_warnings.append({"kind": kind, "iteration": it, "message": text})
+                self.sink.emit(Message(text, "warning"))
 
     def checkpoint(self) -> Path:
         """Flush the metrics, write the checkpoint of the current iteration and refresh the outputs (rank 0)."""
@@ -382,6 +419,7 @@ class DistillRecipe:
             "preprocess_fingerprint": self.pre.fingerprint(),
             "validation": validation,
             "prune_rule": self.prune.rule(),
+            "warnings": self.step_warnings,
             "versions": versions(),
         }
 
@@ -398,6 +436,7 @@ class DistillRecipe:
             self.sink.emit(Message(f"{flag} changes from {c['from']:g} to {c['to']:g} after iteration {it}."))
         self.writer.record_changes(it, self.changed)
         self.soft_info = meta.get("soft_labels")
+        self.step_warnings = list(meta.get("warnings") or [])
         opt = {k: t[k].to(self.device) for k in ("prune_state", "label_logits", "momentum_labels") if k in t}
         fixed = [t[k].to(self.device) for k in ("images", "lr", "momentum_images", "momentum_lr", "prune_counts")]
         return DistillState(int(meta["iteration"]), *fixed, **opt)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from dpd_cli import interrupt
+from dpd_cli import interrupt, stats
 from dpd_cli.artifacts import evaluation, layout
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import synthetic as synthetic_file
@@ -63,14 +63,17 @@ _WAIT = "Wait for it to finish."
 _TARGET_HINT = "Give a run directory (from `dpd distill`) or a synthetic.safetensors file."
 
 
-def verdict(results: list[dict], fail_under: float | None) -> dict:
-    """``{"fail_under", "passed", "below": [{"model", "mean"}]}``: the distilled means under ``--fail-under`` %."""
+def verdict(results: list[dict], fail_under: float | None, fail_if_no_gain: bool = False) -> dict:
+    """``{"fail_under", "passed", "below": [{"model", "mean"}], "no_gain": [model]}``: the distilled means under
+    ``--fail-under`` % and the models whose distillation did not help (failing with ``--fail-if-no-gain``)."""
     below = [
         {"model": r["model"], "mean": r["mean"]}
         for r in results
         if fail_under is not None and r["source"] == "distilled" and 100 * r["mean"] < fail_under
     ]
-    return {"fail_under": fail_under, "passed": not below, "below": below}
+    no_gain = [r["model"] for r in results if r["source"] == "distilled" and r.get("no_gain")]
+    passed = not below and not (fail_if_no_gain and no_gain)
+    return {"fail_under": fail_under, "passed": passed, "below": below, "no_gain": no_gain}
 
 
 def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: int) -> torch.Tensor:
@@ -347,7 +350,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         if group is not None:
             outcomes = [o for part in group.gather_objects(outcomes) for o in part]
         if rank != 0:
-            return _result(target, None, [], [], s.fail_under)
+            return _result(target, None, [], [], s)
         common = {
             "protocol": s.protocol,
             "protocol_version": PROTOCOL_VERSION,
@@ -367,21 +370,21 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
                 else:
                     iteration = 0 if source == "init" else None
                     entries.append({**_summary(rows), "source": source, "model": m, **common, "iteration": iteration})
-        warnings = _below_baselines(entries)
+        warnings = _below_baselines(entries) + _no_gain(entries, meta.get("settings", {}).get("lr_img"))
         evaluation.append(out_file, entries)
         partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
-    return _result(target, out_file, entries, warnings, s.fail_under)
+    return _result(target, out_file, entries, warnings, s)
 
 
-def _result(target: Path, out_file: Path | None, entries: list[dict], warnings: list[str], fail_under) -> dict:
+def _result(target: Path, out_file: Path | None, entries: list[dict], warnings: list[str], s: EvalSettings) -> dict:
     eval_file = str(out_file) if out_file else None
     return {
         "target": str(target),
         "eval_file": eval_file,
         "results": entries,
         "warnings": warnings,
-        **verdict(entries, fail_under),
+        **verdict(entries, s.fail_under, s.fail_if_no_gain),
     }
 
 
@@ -449,25 +452,74 @@ def _distilled_entry(rows: list[dict], select: str, final_iteration: int | None)
 
 
 def _below_baselines(entries: list[dict]) -> list[str]:
-    """Warnings for a distilled set below the init or random baseline by more than the larger of the two spreads."""
+    """Warnings for a distilled set below the random baseline by more than the larger of the two spreads (against
+    its own initial images, ``_no_gain`` compares network by network)."""
     notes = []
     for d in (e for e in entries if e["source"] == "distilled"):
-        for b in (e for e in entries if e["source"] in ("init", "random") and e["model"] == d["model"]):
+        for b in (e for e in entries if e["source"] == "random" and e["model"] == d["model"]):
             gap = b["mean"] - d["mean"]
             if gap > max(d["std"], b["std"]):
-                what = "its own initial images" if b["source"] == "init" else "random real images"
                 notes.append(
-                    f"The distilled set ({d['model']}) scores {100 * d['mean']:.2f}%, {100 * gap:.2f} points below {what} "
-                    f"({100 * b['mean']:.2f}%) trained the same way: distillation made these images worse. Check the "
+                    f"The distilled set ({d['model']}) scores {100 * d['mean']:.2f}%, {100 * gap:.2f} points below "
+                    f"random real images ({100 * b['mean']:.2f}%) trained the same way: distillation made these images worse. Check the "
                     "learning rates (--lr-img, --lr-teacher) and the experts' accuracy."
                 )
                 d.setdefault("below_baselines", []).append(b["source"])
     return notes
 
 
+def _no_gain(entries: list[dict], lr_img: float | None) -> list[str]:
+    """Mark (``no_gain``) and explain each distilled entry whose distillation did not help: ``--select`` chose
+    checkpoint 0, the initial images, or the final set scores below them beyond noise, i.e. the 95 % t-interval of
+    the per-network differences (final minus initial; the same network seeds train both) lies below 0. The initial
+    images are checkpoint 0 among the selected checkpoints, else the ``init`` baseline."""
+    notes = []
+    for d in (e for e in entries if e["source"] == "distilled"):
+        init = next((e for e in entries if e["source"] == "init" and e["model"] == d["model"]), None)
+        points = d.get("checkpoints") or ([init, d] if init is not None and init["seeds"] == d["seeds"] else [])
+        if len(points) < 2 or points[0]["iteration"] != 0:
+            continue
+        first, last = points[0], points[-1]
+        diff = stats.paired([b - a for a, b in zip(first["accuracies"], last["accuracies"], strict=True)])
+        chose_initial = d["select"] in ("val", "test-max") and d["selected_iteration"] == 0
+        if not chose_initial and (diff["ci"] is None or diff["ci"][1] >= 0):
+            continue
+        why = (
+            f"--select {d['select']} chose checkpoint 0, the untouched initial images: the {100 * d['mean']:.2f}% "
+            "reported is theirs"
+            if chose_initial
+            else "the final set scores below its own initial images (checkpoint 0) beyond noise"
+        )
+        spread = (
+            "" if diff["ci"] is None else f", 95% interval [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}]"
+        )
+        smaller = f"e.g. {lr_img / 10:g}, a tenth of this run's {lr_img:g}" if lr_img else "e.g. a tenth"
+        curve = [{"iteration": p["iteration"], "mean": p["mean"]} for p in points]
+        d["no_gain"] = {
+            "reason": "selected_initial" if chose_initial else "final_below_initial",
+            "initial": first["mean"],
+            "final": last["mean"],
+            "final_iteration": last["iteration"],
+            "selected": d["mean"],
+            "selected_iteration": d["selected_iteration"],
+            "difference": {"n": diff["n"], "mean": diff["mean"], "ci95": diff["ci"]},
+            "curve": curve,
+            "message": (
+                f"{d['model']}: distillation did not help: {why}. Test accuracy (%) by iteration: "
+                + ", ".join(f"{c['iteration']}: {100 * c['mean']:.2f}" for c in curve)
+                + f" (final minus initial {100 * diff['mean']:+.2f} points over {diff['n']} networks{spread}). "
+                f"Too large an image step can do this: try a smaller --lr-img ({smaller}), or DPD pruning "
+                "(--prune-ratio 0.01), which kept the images intact in one such case."
+            ),
+        }
+        notes.append(d["no_gain"]["message"])
+    return notes
+
+
 # Settings that only choose which trainings run (or where): a finished training is reused across them.
 _NOT_IN_JOB_KEY = set(
-    "device threads fail_under data_dir models runs baseline distilled select dist_timeout host_memory deterministic".split()
+    "device threads fail_under fail_if_no_gain data_dir models runs baseline distilled select dist_timeout host_memory "
+    "deterministic".split()
 )
 
 

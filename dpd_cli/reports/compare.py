@@ -22,7 +22,7 @@ _SOURCES = {"distilled": 0, "init": 1, "random": 2, "full": 3}
 #: The keys of an eval.json entry shown per run (``dpd_cli.artifacts.evaluation.normalise``).
 _CELL = (
     "mean std runs accuracies seeds diverged_runs epochs lr protocol_version select selected_iteration iteration "
-    "optimistic timestamp"
+    "optimistic timestamp no_gain"
 ).split()
 
 

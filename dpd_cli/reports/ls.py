@@ -41,7 +41,7 @@ def _latest_distilled(ev: dict | None) -> dict | None:
     if not hits:
         return None
     r = max(hits, key=lambda r: r["position"])
-    keys = "model protocol mean std runs select selected_iteration iteration optimistic".split()
+    keys = "model protocol mean std runs select selected_iteration iteration optimistic no_gain".split()
     return {k: r[k] for k in keys}
 
 

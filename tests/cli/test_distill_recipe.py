@@ -554,3 +554,28 @@ def _tiny() -> dict:
         flag = args.pop(0).lstrip("-").replace("-", "_")
         out[flag] = args.pop(0) if args and not args[0].startswith("--") else True
     return out
+
+
+def test_too_large_an_image_step_is_warned_about(dpd, experts, tmp_path):
+    """A huge --lr-img: the loss rises over the first iterations and the images' scale explodes; each said once."""
+    big = [*DISTILL, "--iterations", "8", "--lr-img", "100000"]
+    r = dpd("distill", "--experts", experts, "--out", tmp_path / "big", *big)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert out.count("Warning: Iteration ") == 2, out
+    assert "Warning: Iteration 6: the matching loss rose: median " in out and "at iteration 1 (the real images)" in out
+    assert "Warning: Iteration 1: the images' scale exploded: their std is " in out
+    assert "try a smaller --lr-img (e.g. 10000, a tenth of 100000)" in out
+    records = [json.loads(line) for line in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    initial = float(load_synthetic(layout.checkpoint_path(tmp_path / "big", 0))[0]["images"].std())
+    assert all(rec["image_std"] > 5 * initial for rec in records)  # the images' std, logged every iteration
+    # A resume keeps what was said (in the checkpoint) and does not say it again.
+    r = dpd("distill", "--experts", experts, "--out", tmp_path / "big", *big, "--iterations", "10", "--resume")
+    assert r.exit_code == 0 and "Warning" not in r.output, r.output
+    assert len(load_synthetic(tmp_path / "big" / "synthetic.safetensors")[1]["warnings"]) == 2
+    data = json.loads(dpd("distill", "--experts", experts, "--out", tmp_path / "big2", *big, "--json").stdout)
+    assert [w.split(":")[0] for w in data["warnings"]] == ["Iteration 1", "Iteration 6"]
+    # The step size the tests distil with warns about nothing.
+    r = dpd("distill", "--experts", experts, "--out", tmp_path / "ok", *DISTILL, "--iterations", "8", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == [] and "Warning" not in r.output

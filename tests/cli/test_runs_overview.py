@@ -376,3 +376,60 @@ def test_ls_with_nothing_to_list(dpd, tmp_path):
     _ok(r)
     assert r.output.startswith("No runs or experts folders in runs/ and the experts root")
     assert json.loads(dpd("ls", "--json").stdout)["entries"] == []
+
+
+# --- distillation that did not help -----------------------------------------------------------
+def test_no_gain_is_said_by_evaluate_inspect_ls_and_compare(dpd, built, tmp_path, monkeypatch):
+    """The initial images (checkpoint 0) beat the final set: every command says so, --fail-if-no-gain exits 3."""
+    from dpd_cli.artifacts import layout
+    from dpd_cli.artifacts.synthetic import load as load_synthetic
+    from dpd_cli.recipes import evaluate as E
+
+    run = _copy(built["a"], tmp_path / "runs" / "a")
+    images = {layout.checkpoint_iteration(p): load_synthetic(p)[0]["images"] for p in layout.checkpoints(run)}
+    assert sorted(images) == [0, 3]
+    tests, seeds = {0: [0.80, 0.82], 3: [0.60, 0.61]}, []
+
+    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
+        it = next(i for i, ref in images.items() if torch.equal(ref, x))
+        seeds.extend([seed] if seed not in seeds else [])
+        return E.TrainResult(tests[it][seeds.index(seed)], None, None)
+
+    monkeypatch.setattr(E, "_train_and_test", fake)
+    flags = ["--select", "test-max", "--epochs", "1", "--runs", "2", "--threads", "1"]
+    r = dpd("evaluate", run, *flags)
+    _ok(r)
+    out = " ".join(r.output.split())
+    assert "81.00 ± 1.00 (2)†!" in out
+    assert "! convnet: distillation did not help: --select test-max chose checkpoint 0, the untouched initial" in out
+    assert "Test accuracy (%) by iteration: 0: 81.00, 3: 60.50" in out and "try a smaller --lr-img (e.g. 1," in out
+    r = dpd("evaluate", run, *flags, "--json")
+    _ok(r)
+    data = json.loads(r.stdout)
+    ng = data["results"][0]["no_gain"]
+    assert (ng["reason"], ng["initial"], ng["final"], data["no_gain"]) == ("selected_initial", 0.81, 0.605, ["convnet"])
+    assert data["passed"] and data["warnings"] == [ng["message"]]
+    assert json.loads((run / "eval.json").read_text())["results"][-1]["no_gain"] == ng
+    r = dpd("evaluate", run, *flags, "--fail-if-no-gain")
+    assert r.exit_code == 3, r.output
+    assert "No gain from distillation (convnet; see the warning): --fail-if-no-gain." in r.output
+
+    r = dpd("inspect", run)
+    _ok(r)
+    assert "distillation did not help" in " ".join(r.output.split())
+    assert json.loads(dpd("inspect", run, "--json").stdout)["evaluation"]["results"][0]["no_gain"] == ng
+    r = dpd("ls", tmp_path / "runs")
+    _ok(r)
+    assert "81.00 ± 1.00 convnet (test-max@0, optimistic, NO GAIN)" in r.output
+    assert "NO GAIN: distillation did not help" in r.output
+    assert json.loads(dpd("ls", tmp_path / "runs", "--json").stdout)["entries"][0]["evaluation"]["no_gain"] == ng
+    other = _copy(built["b"], tmp_path / "b")
+    _write_eval(other, _entry("convnet", [0.7, 0.71], [1, 2], protocol="mtt"))
+    r = dpd("compare", run, other)
+    _ok(r)
+    out = " ".join(r.output.split())
+    assert "A 81.00 ± 1.00 (2)†! checkpoint 0, chosen on the test set (optimistic)" in out
+    assert "(optimistic), 1 epochs, evaluation loop v2, no gain: initial images 81.00" in out
+    assert "! convnet: distillation did not help" in out
+    cell = json.loads(dpd("compare", run, other, "--json").stdout)["rows"][0]["cells"][0]
+    assert cell["no_gain"] == ng

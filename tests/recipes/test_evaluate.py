@@ -190,11 +190,16 @@ def test_verdict():
         {"source": "distilled", "model": "vgg11", "mean": 0.595},
         {"source": "random", "model": "convnet", "mean": 0.10},  # baselines are not gated
     ]
-    assert E.verdict(results, None) == {"fail_under": None, "passed": True, "below": []}
-    assert E.verdict(results, 59.5) == {"fail_under": 59.5, "passed": True, "below": []}  # equal passes
-    assert E.verdict(results, 60) == {"fail_under": 60, "passed": False, "below": [{"model": "vgg11", "mean": 0.595}]}
+    assert E.verdict(results, None) == {"fail_under": None, "passed": True, "below": [], "no_gain": []}
+    assert E.verdict(results, 59.5) == {"fail_under": 59.5, "passed": True, "below": [], "no_gain": []}  # equal passes
+    below = [{"model": "vgg11", "mean": 0.595}]
+    assert E.verdict(results, 60) == {"fail_under": 60, "passed": False, "below": below, "no_gain": []}
     assert E.verdict(results, 61)["below"] == [{"model": "convnet", "mean": 0.605}, {"model": "vgg11", "mean": 0.595}]
     assert E.verdict([], 99)["passed"] is True
+    # Distillation that did not help fails only with --fail-if-no-gain.
+    results[1]["no_gain"] = {"reason": "selected_initial"}
+    assert E.verdict(results, None) == {"fail_under": None, "passed": True, "below": [], "no_gain": ["vgg11"]}
+    assert E.verdict(results, None, fail_if_no_gain=True)["passed"] is False
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["classes", "soft-labels"])

@@ -66,14 +66,17 @@ def _settings(**flags):
 
 
 def _scripted(monkeypatch, table: dict) -> list[dict]:
-    """Trainings replaced by a table: (source, checkpoint iteration or None) -> (test, val) accuracy."""
+    """Trainings replaced by a table: (source, checkpoint iteration or None) -> (test, val) accuracy; a list of test
+    accuracies gives one per network (in the order of their seeds' first use)."""
     calls: list[dict] = []
+    seeds: list[int] = []
 
     def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
         key = next(k for k, ref in refs.items() if ref is not None and torch.equal(ref, x))
         calls.append({"key": key, "lr": lr, "seed": seed, "x_val": x_val, "y_val": y_val})
+        seeds.extend([seed] if seed not in seeds else [])
         test, val = table[key]
-        return E.TrainResult(test, None, val)
+        return E.TrainResult(test[seeds.index(seed)] if isinstance(test, list) else test, None, val)
 
     refs: dict = {}
     monkeypatch.setattr(E, "_train_and_test", fake)
@@ -142,9 +145,57 @@ def test_init_baseline_and_the_warning(run_val, monkeypatch):
     assert [c["seed"] for c in calls if c["key"][0] == "distilled"] == [
         c["seed"] for c in calls if c["key"][0] == "init"
     ]
-    assert d["below_baselines"] == ["init"]
+    # Against its own initial images the final set is compared network by network (no_gain), not as a baseline.
+    assert "below_baselines" not in d and d["no_gain"]["reason"] == "final_below_initial"
     (warning,) = result["warnings"]
-    assert "15.00 points below its own initial images" in warning
+    assert "the final set scores below its own initial images (checkpoint 0) beyond noise" in warning
+    assert "Test accuracy (%) by iteration: 0: 75.00, 6: 60.00 (final minus initial -15.00 points over 2" in warning
+
+
+def _curve(test: dict, val: dict) -> dict:
+    return {("distilled", i): (test[i], val[i]) for i in test}
+
+
+def test_no_gain_when_selection_returns_the_initial_images(run_val, monkeypatch):
+    # The failure case of a too-large image step: the initial images (checkpoint 0) beat every distilled checkpoint.
+    test = {0: 0.916, 2: 0.611, 4: 0.696, 6: 0.805}
+    calls, refs = _scripted(monkeypatch, _curve(test, {0: 0.9, 2: 0.6, 4: 0.7, 6: 0.8}))
+    _register(refs, run_val)
+    result = E.run(_settings(select="val"), run_val)
+    d = result["results"][0]
+    assert d["selected_iteration"] == 0 and d["mean"] == pytest.approx(0.916)
+    ng = d["no_gain"]
+    assert (ng["reason"], ng["selected_iteration"], ng["final_iteration"]) == ("selected_initial", 0, 6)
+    assert (ng["initial"], ng["final"]) == (pytest.approx(0.916), pytest.approx(0.805))
+    assert [(c["iteration"], c["mean"]) for c in ng["curve"]] == [(i, pytest.approx(a)) for i, a in test.items()]
+    assert ng["difference"]["mean"] == pytest.approx(-0.111) and ng["difference"]["n"] == 2
+    assert (
+        "--select val chose checkpoint 0, the untouched initial images: the 91.60% reported is theirs" in ng["message"]
+    )
+    assert "Test accuracy (%) by iteration: 0: 91.60, 2: 61.10, 4: 69.60, 6: 80.50" in ng["message"]
+    assert (
+        "try a smaller --lr-img (e.g. 1, a tenth of this run's 10), or DPD pruning (--prune-ratio 0.01)"
+        in ng["message"]
+    )
+    assert result["warnings"] == [ng["message"]] and result["no_gain"] == ["convnet"] and result["passed"]
+    assert json.loads((run_val / "eval.json").read_text())["results"][-1]["no_gain"] == ng
+    assert not E.run(_settings(select="val", fail_if_no_gain=True), run_val)["passed"]
+
+
+def test_no_gain_when_the_final_set_is_below_the_initial_images_beyond_noise(run_val, monkeypatch):
+    val = {0: 0.5, 2: 0.9, 4: 0.6, 6: 0.6}  # validation picks checkpoint 2, not 0
+    initial, final = [0.80, 0.81], [0.70, 0.72]
+    calls, refs = _scripted(monkeypatch, _curve({0: initial, 2: [0.85, 0.86], 4: 0.7, 6: final}, val))
+    _register(refs, run_val)
+    d = E.run(_settings(select="val"), run_val)["results"][0]
+    assert d["selected_iteration"] == 2 and d["no_gain"]["reason"] == "final_below_initial"
+    lo, hi = d["no_gain"]["difference"]["ci95"]
+    assert hi < 0 and lo < -0.095 < hi  # -0.095 ± t(0.975, 1) · sd / √2
+    # Within the networks' spread it is noise: no warning, and --fail-if-no-gain passes.
+    calls, refs = _scripted(monkeypatch, _curve({0: initial, 2: [0.85, 0.86], 4: 0.7, 6: [0.70, 0.90]}, val))
+    _register(refs, run_val)
+    result = E.run(_settings(select="val", fail_if_no_gain=True), run_val)
+    assert "no_gain" not in result["results"][0] and result["passed"] and result["warnings"] == []
 
 
 def test_selection_trainings_resume(run_val, monkeypatch):
