@@ -70,7 +70,7 @@ def _accuracy(ev: dict | None) -> str:
     how = ev["select"] or "final"
     if ev["select"] in ("val", "test-max") and ev["selected_iteration"] is not None:
         how += f"@{ev['selected_iteration']}"
-    flags = (", optimistic" if ev["optimistic"] else "") + (", NO GAIN" if ev["no_gain"] else "")
+    flags = (", optimistic" if ev["optimistic"] else "") + (", NO GAIN" if ev.get("no_gain") else "")
     if ev.get("runs") == 1:  # one network: no spread
         return f"{_pct(ev['mean'])} {ev['model']} ({how}, 1 network{flags})"
     return f"{_pct(ev['mean'])} ± {_pct(ev['std'])} {ev['model']} ({how}{flags})"
