@@ -15,12 +15,13 @@ from dpd_cli.cli.export import export
 from dpd_cli.cli.inspect import inspect
 from dpd_cli.cli.ls import ls
 from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
+from dpd_cli.cli.run import run
 
 
 class _Root(Group):
     """The ``dpd`` group: its commands listed in the order they are used."""
 
-    ORDER = ("experts", "distill", "evaluate", "inspect", "export")
+    ORDER = ("run", "experts", "distill", "evaluate", "inspect", "export")
 
     def list_commands(self, ctx):
         names = super().list_commands(ctx)
@@ -30,7 +31,8 @@ class _Root(Group):
 app = typer.Typer(
     name="dpd",
     help="Dataset distillation by trajectory matching with Difference-Driven Pruning.\n\n"
-    "Typical use: dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR; dpd ls lists runs and "
+    "Typical use: dpd run CONFIG, which runs dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR "
+    "with the config file's settings (each can be run alone); dpd ls lists runs and "
     "dpd compare RUN... sets their evaluations side by side. With MTT's tools: dpd experts import BUFFERS..., "
     "dpd export RUN_DIR --format mtt.\n\n"
     "Exit codes: 0 ok, 2 user error, 3 accuracy below --fail-under, 130 interrupted; anything else is a bug.",
@@ -59,7 +61,7 @@ def _root(
 
 
 app.add_typer(experts_app, name="experts")
-for command in (distill, evaluate, inspect, export, ls, compare):
+for command in (run, distill, evaluate, inspect, export, ls, compare):
     app.command(cls=Command, epilog=ENVIRONMENT_HELP)(command)
 
 
