@@ -5,6 +5,7 @@ Each step is the command of its name with the config's settings; a rerun continu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,6 @@ from rich.table import Table
 from rich.text import Text
 
 from dpd_cli import interrupt
-from dpd_cli.artifacts.evaluation import partial_path, path_for
 from dpd_cli.cli.console import error_console, make_sink, print_json
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.evaluate import report as evaluate_report
@@ -23,6 +23,7 @@ from dpd_cli.cli.inspect import show
 from dpd_cli.cli.options import examples_help, keep_text
 from dpd_cli.cli.runner import run_engine, set_host_memory
 from dpd_cli.config.settings import resolve_sources
+from dpd_cli.errors import SettingsError
 
 __all__ = ["run"]
 
@@ -79,8 +80,11 @@ def run(
     ] = False,
 ) -> None:
     with handle_errors():
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:  # the ranks would decide apart what to skip
+            raise SettingsError("dpd run is one process: under torchrun run dpd experts, distill and evaluate instead.")
         settings = {c: resolve_sources(c, {"device": device, "seed": seed}, config).settings for c in STEPS}
-        from dpd_cli.recipes.distill import existing  # torch: only now
+        from dpd_cli.artifacts.evaluation import partial_path, path_for  # torch: only now
+        from dpd_cli.recipes.distill import existing
         from dpd_cli.recipes.evaluate import previous
 
         def step(command: str, s, *args):
@@ -97,7 +101,7 @@ def run(
         todo = len(seen["ExpertsStarted"].indices)
         status = {"experts": "ran" if todo == settings["experts"].num else "resumed" if todo else "skipped"}
         d = settings["distill"]
-        d = d.model_copy(update={"experts": d.experts or folder})  # as `dpd distill` finds them under the root
+        d = d.model_copy(update={"experts": d.experts or folder})  # the experts just trained, unless it names others
         run_dir, found = existing(d)
         status["distill"] = "ran" if d.force or found == "none" else "skipped" if found == "finished" else "resumed"
         if status["distill"] != "skipped":
