@@ -80,10 +80,11 @@ def test_run_does_the_four_steps_then_a_rerun_does_nothing(dpd, place):
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 2  # nothing appended
     assert _mtimes(experts, run) == before  # nothing rewritten
 
-    # A changed evaluation setting evaluates again; a changed distillation setting is refused, as --resume does.
-    (here / "tiny.toml").write_text(CONFIG.replace("runs = 2", "runs = 1"))
+    # A changed evaluation setting evaluates again (and --fail-under's exit code is evaluate's);
+    # a changed distillation setting is refused, as --resume refuses it.
+    (here / "tiny.toml").write_text(CONFIG.replace("runs = 2", "runs = 1\nfail_under = 99"))
     r = dpd("run", "tiny.toml", "--quiet")
-    assert r.exit_code == 0 and r.output == ""
+    assert r.exit_code == 3 and r.stdout == "" and "reached" in r.stderr and "< --fail-under 99%" in r.stderr
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 4
     (here / "tiny.toml").write_text(CONFIG.replace("lr_img = 10", "lr_img = 20"))
     r = dpd("run", "tiny.toml")
