@@ -131,10 +131,10 @@ def test_sigint_to_a_real_process_then_rerun_equals_an_uninterrupted_run(dpd, pl
         stopped = place("stopped")
         env = {k: os.environ[k] for k in ("NO_COLOR", "COLUMNS", "DPD_EXPERTS_ROOT", "DPD_DATA_ROOT", "DPD_CACHE_ROOT")}
         child = zygote.start(["run", "tiny.toml"], stopped, env | {"DPD_DEBUG": ""})
-        wait_for(lambda: any((stopped / "experts-root").glob("*/*/expert_00000.safetensors")), child)
+        wait_for(lambda: any((stopped / "experts-root").glob("*/*/expert_00000.safetensors")), child, timeout=300)
         child.signal(signal.SIGINT)
         assert child.wait(60) == 130, child.stderr
-        assert "rerun the same `dpd run` to continue" in child.stderr and "Traceback" not in child.stderr
+        assert "Interrupted" in child.stderr and "rerun the same" in child.stderr and "Traceback" not in child.stderr
     finally:
         zygote.close()
     assert not (stopped / "runs/tiny" / layout.EVAL).exists()
