@@ -10,7 +10,7 @@ from dpd_cli.cli.runner import Report, settings_command
 from dpd_cli.errors import EXIT_BELOW_THRESHOLD
 
 
-def _report(settings, result: dict) -> Report:
+def report(settings, result: dict) -> Report:
     entries = result["results"]
     if not entries:
         return Report(None)  # a non-zero torchrun rank: rank 0 reports
@@ -41,7 +41,7 @@ _TARGET = synthetic_target("TARGET")
 
 evaluate = settings_command(
     "evaluate",
-    report=_report,
+    report=report,
     arguments=[_TARGET],
     summary="Train fresh networks on a synthetic set and report real test accuracy (mean ± std over runs).\n\n"
     "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it, or with --fail-if-no-gain "

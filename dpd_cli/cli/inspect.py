@@ -20,7 +20,7 @@ from dpd_cli.cli.results import below_note, divergence_note, results_table, sele
 from dpd_cli.errors import SettingsError
 from dpd_cli.text import plural
 
-__all__ = ["inspect"]
+__all__ = ["inspect", "show"]
 
 _MAX_LAYER_ROWS = 15
 _MAX_EXPERT_ROWS = 20
@@ -139,10 +139,7 @@ def inspect(
     if json_out:
         print_json("inspect", {**facts, "exports": exports})
     else:
-        con = out_console()
-        {"run": _show_run, "experts": _show_experts, "export": _show_export, "file": _show_file}[facts["kind"]](
-            con, facts
-        )
+        con = show(facts)
         if "grid" in exports:
             g = exports["grid"]
             con.print()
@@ -156,6 +153,13 @@ def inspect(
 
 
 inspect.__doc__ = examples_help(SUMMARY, EXAMPLES, settings=False)
+
+
+def show(facts: dict) -> Console:
+    """Print what ``reports.inspect.inspect`` found, as ``dpd inspect`` does; returns the console."""
+    con = out_console()
+    {"run": _show_run, "experts": _show_experts, "export": _show_export, "file": _show_file}[facts["kind"]](con, facts)
+    return con
 
 
 # --- shared pieces ----------------------------------------------------------------------------

@@ -58,13 +58,8 @@ def settings_command(
             if print_config:
                 sys.stdout.write(to_toml(complete(resolved) if complete else resolved))
                 return
-            engine = importlib.import_module(f"dpd_cli.recipes.{command}")  # torch: only now, not for --help
-            _set_host_memory(resolved.settings)
-            sink = make_sink(command, quiet, json_out)
-            try:
-                result = engine.run(resolved.settings, *args, sink)
-            finally:
-                sink.close()
+            set_host_memory(resolved.settings)
+            result = run_engine(command, resolved.settings, *args, sink=make_sink(command, quiet, json_out))
             shown = report(resolved.settings, result)
         rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 reports
         if rank0 and json_out and shown.json is not None:
@@ -84,7 +79,16 @@ def settings_command(
     return command_function
 
 
-def _set_host_memory(settings: Any) -> None:
+def run_engine(command: str, settings: Any, *args: Any, sink: Any) -> Any:
+    """``dpd_cli.recipes.<command>.run(settings, *args, sink)``, closing ``sink`` afterwards."""
+    engine = importlib.import_module(f"dpd_cli.recipes.{command}")  # torch: only now, not for --help
+    try:
+        return engine.run(settings, *args, sink)
+    finally:
+        sink.close()
+
+
+def set_host_memory(settings: Any) -> None:
     """``--host-memory`` sets glibc's allocator for the whole process, so the command sets it, once, first."""
     if hasattr(settings, "host_memory"):
         from dpd_cli.recipes.runtime import resolve_device, set_host_memory  # torch: only when a command runs

@@ -27,6 +27,7 @@ import torch
 
 from dpd_cli import interrupt
 from dpd_cli.artifacts import layout, run_settings
+from dpd_cli.artifacts import synthetic as synthetic_file
 from dpd_cli.artifacts.experts import validation_record
 from dpd_cli.artifacts.run_writer import RunWriter
 from dpd_cli.config.settings import DistillSettings, settings_hash
@@ -58,10 +59,11 @@ from dpd_cli.recipes.distill_inputs import (
     resume_message,
     to_device,
     with_experts,
+    with_experts_sources,
 )
 from dpd_cli.recipes.runtime import derive_seed, model_spec, prepare_runtime
 
-__all__ = ["DistillRecipe", "run", "default_run_dir"]
+__all__ = ["DistillRecipe", "run", "default_run_dir", "existing"]
 
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
 #: The signatures of too large an image step, warned about once each (docs/guide.md, "Too large an image step"):
@@ -73,6 +75,22 @@ _RISE_K, _LOSS_RISE, _STD_GROWTH = 5, 1.5, 5.0
 
 def default_run_dir(s: DistillSettings) -> Path:
     return Path("runs") / f"{s.dataset}-ipc{s.ipc}-rho{s.prune_ratio:g}-s{s.seed}"
+
+
+def existing(settings: DistillSettings) -> tuple[Path, str]:
+    """The run directory a run of ``settings`` writes and what it holds: ``"none"``, ``"finished"`` (a complete
+    synthetic set distilled with these settings) or ``"started"`` (anything else: ``--resume`` continues it,
+    or says why it cannot)."""
+    s, _ = with_experts_sources(settings)
+    run_dir = Path(s.out) if s.out else default_run_dir(s)
+    if not (run_dir / layout.SETTINGS).exists() and not layout.checkpoints(run_dir):
+        return run_dir, "none"
+    try:
+        _, meta = synthetic_file.load(run_dir / layout.SYNTHETIC)
+    except StorageError:
+        return run_dir, "started"
+    same = meta.get("settings_hash") == settings_hash(s, exclude=set(RESUMABLE))
+    return run_dir, "finished" if same and meta.get("iteration", -1) >= s.iterations else "started"
 
 
 class DistillRecipe:

@@ -50,7 +50,17 @@ from dpd_cli.models import ModelSpec, build_model
 from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
 from dpd_cli.text import plural
 
-__all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "PROTOCOL_VERSION", "epochs_run", "random_subset", "load_eval"]
+__all__ = [
+    "run",
+    "previous",
+    "verdict",
+    "EVAL_FILE",
+    "PROTOCOLS",
+    "PROTOCOL_VERSION",
+    "epochs_run",
+    "random_subset",
+    "load_eval",
+]
 
 #: Protocol defaults: E (``--epochs``; E + 1 epochs run, see ``_train``) and lr (None = the learned alpha).
 #: Both protocols run the same loop, MTT's ``evaluate_synset``; they differ only in these two values.
@@ -357,6 +367,7 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
             "ipc": ipc,
             "dataset": ds.name,
             "synthetic": str(file),
+            "synthetic_fingerprint": _fingerprint(tensors),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "settings": s.model_dump(mode="json"),
             "versions": versions(),
@@ -375,6 +386,35 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
     return _result(target, out_file, entries, warnings, s)
+
+
+def previous(settings: EvalSettings, target: Path) -> dict | None:
+    """What ``run(settings, target)`` returns, read from the eval.json of an earlier call that evaluated the
+    same synthetic set with the same settings (all but where and how fast it ran); None if there is none."""
+    file, _ = _targets(target)
+    out_file = eval_path(target)
+    if not out_file.exists():
+        return None
+    tensors, _ = synthetic_file.load(file)
+    mine = {"fingerprint": _fingerprint(tensors), **_comparable(settings.model_dump(mode="json"))}
+    latest = {(e.get("source"), e.get("model")): e for e in load_eval(out_file)["results"] if isinstance(e, dict)}
+    sources = (["distilled"] if settings.distilled else []) + list(dict.fromkeys(settings.baseline))
+    entries = [latest.get((src, m)) for src in sources for m in settings.models]
+    if any(
+        e is None
+        or e.get("protocol_version") != PROTOCOL_VERSION
+        or {"fingerprint": e.get("synthetic_fingerprint"), **_comparable(e.get("settings") or {})} != mine
+        for e in entries
+    ):
+        return None
+    entries = [{k: v for k, v in e.items() if k != "below_baselines"} for e in entries]
+    notes = [e["no_gain"]["message"] for e in entries if isinstance(e.get("no_gain"), dict)]
+    return _result(target, out_file, entries, _below_baselines(entries) + notes, settings)
+
+
+def _comparable(settings: dict) -> dict:
+    """Evaluation settings without those that change only where and how fast it runs, or its verdict."""
+    return {k: v for k, v in settings.items() if k not in _NOT_IN_RESULT}
 
 
 def _result(target: Path, out_file: Path | None, entries: list[dict], warnings: list[str], s: EvalSettings) -> dict:
@@ -521,6 +561,10 @@ _NOT_IN_JOB_KEY = set(
     "device threads fail_under fail_if_no_gain data_dir models runs baseline distilled select dist_timeout host_memory "
     "deterministic".split()
 )
+
+
+# Settings that change neither which trainings run nor their results.
+_NOT_IN_RESULT = _NOT_IN_JOB_KEY - set("models runs baseline distilled select".split())
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:

@@ -191,7 +191,7 @@ def test_print_config_reports_bad_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["experts"], ["experts", "import"], ["distill"], ["evaluate"], ["inspect"], ["export"]]
+    "argv", [[], ["run"], ["experts"], ["experts", "import"], ["distill"], ["evaluate"], ["inspect"], ["export"]]
 )
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help(argv, flag):
