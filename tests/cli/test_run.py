@@ -86,9 +86,9 @@ def test_run_does_the_four_steps_then_a_rerun_does_nothing(dpd, place):
     r = dpd("run", "tiny.toml", "--quiet")
     assert r.exit_code == 3 and r.stdout == "" and "reached" in r.stderr and "< --fail-under 99%" in r.stderr
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 4
-    (here / "tiny.toml").write_text(CONFIG.replace("lr_img = 10", "lr_img = 20"))
+    (here / "tiny.toml").write_text(CONFIG.replace("syn_steps = 3", "syn_steps = 2"))
     r = dpd("run", "tiny.toml")
-    assert r.exit_code == 2 and "--lr-img: the run has 10.0, settings give 20.0" in r.output, r.output
+    assert r.exit_code == 2 and "--syn-steps: the run has 3, settings give 2" in r.output, r.output
     assert "Traceback" not in r.output
 
 
