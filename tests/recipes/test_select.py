@@ -69,11 +69,14 @@ def _scripted(monkeypatch, table: dict) -> list[dict]:
     """Trainings replaced by a table: (source, checkpoint iteration or None) -> (test, val) accuracy."""
     calls: list[dict] = []
 
-    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
-        key = next(k for k, ref in refs.items() if ref is not None and torch.equal(ref, x))
-        calls.append({"key": key, "lr": lr, "seed": seed, "x_val": x_val, "y_val": y_val})
-        test, val = table[key]
-        return E.TrainResult(test, None, val)
+    def fake(spec, xs, ys, x_test, y_test, epochs, lrs, s, seeds, device, on_epoch, x_val=None, y_val=None):
+        out = []
+        for x, lr, seed in zip(xs, lrs, seeds):
+            key = next(k for k, ref in refs.items() if ref is not None and torch.equal(ref, x))
+            calls.append({"key": key, "lr": lr, "seed": seed, "x_val": x_val, "y_val": y_val})
+            test, val = table[key]
+            out.append(E.TrainResult(test, None, val))
+        return out
 
     refs: dict = {}
     monkeypatch.setattr(E, "_train_and_test", fake)
@@ -159,10 +162,10 @@ def test_selection_trainings_resume(run_val, monkeypatch):
 
     monkeypatch.setattr(E, "_train_and_test", stops_after_three)
     with pytest.raises(interrupt.Interrupted):
-        E.run(_settings(select="val"), run_val)
+        E.run(_settings(select="val", concurrent=1), run_val)
     assert len(calls) == 3
     monkeypatch.setattr(E, "_train_and_test", real)
-    E.run(_settings(select="val"), run_val)
+    E.run(_settings(select="val"), run_val)  # trained in groups now: the finished trainings are reused all the same
     assert len(calls) == 8  # 3 reused from the partial file, 5 trained now
     assert not (run_val / "eval.partial.jsonl").exists()
 
