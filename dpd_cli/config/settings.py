@@ -360,7 +360,8 @@ class EvalSettings(RunFields):
     concurrent: int | None = _setting(
         None,
         "Networks trained at once as one batched computation, each as it would be alone (1: one at a time; "
-        "default: 8).",
+        "default: 1 on the CPU, 8 on a GPU).",
+        shared=True,
         ge=1,
     )
     momentum: float = _setting(0.9, "SGD momentum.", ge=0, lt=1)

@@ -57,8 +57,8 @@ PROTOCOLS = {"mtt": {"epochs": 1000, "lr": None}, "fixed": {"epochs": 300, "lr":
 #: trained E epochs with ``MultiStepLR`` at E // 2 and kept the momentum; version 2 is MTT's loop.
 PROTOCOL_VERSION = 2
 _BASELINE_LR = 0.01
-#: ``--concurrent``'s default, (on the CPU, on a GPU): trainings run as one batched computation (docs/guide.md).
-CONCURRENT = (8, 8)
+#: ``--concurrent``'s default (on the CPU, on a GPU): on the CPU a batch pays nothing (docs/results.md).
+CONCURRENT = (1, 8)
 _WAIT = "Wait for it to finish."
 _TARGET_HINT = "Give a run directory (from `dpd distill`) or a synthetic.safetensors file."
 

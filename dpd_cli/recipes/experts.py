@@ -33,7 +33,7 @@ from dpd_cli.recipes.runtime import build_preprocess, dataset_key, derive_seed, 
 
 __all__ = ["run", "CONCURRENT"]
 
-#: ``--concurrent``'s default, (on the CPU, on a GPU): experts trained as one batched computation (docs/guide.md).
+#: ``--concurrent``'s default (on the CPU, on a GPU): on the CPU a batch pays nothing (docs/results.md).
 CONCURRENT = (1, 4)
 
 

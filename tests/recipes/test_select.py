@@ -165,7 +165,7 @@ def test_selection_trainings_resume(run_val, monkeypatch):
         E.run(_settings(select="val", concurrent=1), run_val)
     assert len(calls) == 3
     monkeypatch.setattr(E, "_train_and_test", real)
-    E.run(_settings(select="val"), run_val)  # trained in groups now: the finished trainings are reused all the same
+    E.run(_settings(select="val", concurrent=4), run_val)  # in groups now: finished trainings are reused all the same
     assert len(calls) == 8  # 3 reused from the partial file, 5 trained now
     assert not (run_val / "eval.partial.jsonl").exists()
 
