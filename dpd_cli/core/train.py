@@ -52,11 +52,6 @@ class Stack:
         """``(K, P)``: each member's parameters as ``FlatModel.flatten`` lays them out (a copy)."""
         return torch.cat([p.detach().reshape(self.k, -1) for p in self.params.values()], 1)
 
-    def member(self, k: int, net: nn.Module) -> nn.Module:
-        """``net`` (of the same architecture) loaded with member ``k``'s parameters and buffers."""
-        net.load_state_dict({n: t[k] for n, t in (self.params | self.buffers).items()})
-        return net
-
 
 class _StackSGD:
     """``torch.optim.SGD`` (no dampening, no Nesterov) on a ``Stack``'s parameters, with one lr per member."""
