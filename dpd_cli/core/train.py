@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from dpd_cli import interrupt
 from dpd_cli.core.augment import dsa
-from dpd_cli.models import set_fused
+from dpd_cli.models import build_model, set_fused
 
-__all__ = ["Stack", "sgd", "train_epoch", "accuracy"]
+__all__ = ["Stack", "fresh", "sgd", "train_epoch", "accuracy"]
 
 
 class Stack:
@@ -76,6 +77,20 @@ class _StackSGD:
                     self.bufs[i].mul_(self.momentum).add_(d)
                 d = self.bufs[i]
             p.sub_(d * self.lr.view(-1, *[1] * (p.dim() - 1)))
+
+
+def fresh(spec, seeds: list[int], device: torch.device, x, y) -> tuple:
+    """``(net, x, y, gen, rng)`` for ``train_epoch``: each network built after ``torch.manual_seed(seed)``, its
+    shuffles drawn by ``Generator().manual_seed(seed)`` and its DSA seeds by ``Random(seed)``. One seed: the
+    network itself; several: a ``Stack``, with ``x``, ``y`` (tensors, or lists of one per member) and the streams
+    as lists, so that each member trains as it would alone."""
+    nets = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        nets.append(build_model(spec).to(device))
+    xs, ys = (v if isinstance(v, list) else [v] * len(seeds) for v in (x, y))
+    gens, rngs = [torch.Generator().manual_seed(s) for s in seeds], [random.Random(s) for s in seeds]
+    return (nets[0], xs[0], ys[0], gens[0], rngs[0]) if len(nets) == 1 else (Stack(nets), xs, ys, gens, rngs)
 
 
 def sgd(net: nn.Module | Stack, lrs: list[float], momentum: float, weight_decay: float):

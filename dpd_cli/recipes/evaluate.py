@@ -19,7 +19,6 @@ import hashlib
 import itertools
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,14 +37,14 @@ from dpd_cli.artifacts.evaluation import path_for as eval_path
 from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.config.settings import EvalSettings
 from dpd_cli.core import parallel
-from dpd_cli.core.train import Stack, accuracy, sgd, train_epoch
+from dpd_cli.core.train import accuracy, fresh, sgd, train_epoch
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.datasets import class_balanced
 from dpd_cli.errors import DataError, SettingsError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
 from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
-from dpd_cli.models import ModelSpec, build_model
+from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
 
 __all__ = ["run", "verdict", "EVAL_FILE", "PROTOCOLS", "PROTOCOL_VERSION", "epochs_run", "random_subset", "load_eval"]
@@ -108,17 +107,9 @@ def _train(spec, xs, ys, epochs, lrs, s: EvalSettings, seeds, device, on_epoch) 
     shuffles and DSA draws, so each ends as it would alone, up to rounding. ``on_epoch(epoch, loss_sums)`` runs
     after every epoch, 1-based. Returns ``(network or Stack, each member's first epoch whose loss was NaN/Inf or None)``.
     """
-    nets = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        nets.append(build_model(spec).to(device))
-    one = len(nets) == 1
-    net = nets[0] if one else Stack(nets)
-    if not one and any(y.dim() == 2 for y in ys):  # soft and hard labels together: hard ones as probabilities
+    if len(ys) > 1 and any(y.dim() == 2 for y in ys):  # soft and hard labels together: hard ones as probabilities
         ys = [y if y.dim() == 2 else F.one_hot(y, spec.n_classes).to(xs[0].dtype) for y in ys]
-    gens = [torch.Generator().manual_seed(seed) for seed in seeds]  # the shuffles
-    rngs = [random.Random(seed) for seed in seeds]  # one DSA seed per batch
-    x, y, gen, rng = (xs[0], ys[0], gens[0], rngs[0]) if one else (xs, ys, gens, rngs)
+    net, x, y, gen, rng = fresh(spec, seeds, device, xs, ys)
     n_epochs, decay_after = epochs_run(epochs)
     opt = sgd(net, lrs, s.momentum, s.weight_decay)
     losses = []  # each epoch's summed losses, kept on the device: checked once, after the last epoch

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts.experts import MANIFEST, PREPROCESS, expert_path
 from dpd_cli.config.settings import ExpertSettings
 from dpd_cli.core import parallel
-from dpd_cli.core.train import Stack, accuracy, sgd, train_epoch
+from dpd_cli.core.train import accuracy, fresh, sgd, train_epoch
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import ExpertsError, StorageError
@@ -31,7 +30,7 @@ from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.recipes.runtime import build_preprocess, dataset_key, derive_seed, model_spec, prepare_runtime
 
-__all__ = ["run", "CONCURRENT"]
+__all__ = ["run"]
 
 #: ``--concurrent``'s default (on the CPU, on a GPU): on the CPU a batch pays nothing (docs/results.md).
 CONCURRENT = (1, 4)
@@ -161,16 +160,10 @@ def _train_group(indices, settings, spec, pre, folder, x_train, y_train, x_test,
     """Train experts ``indices`` together (a ``Stack`` when several) and save each: each with its own seeded
     initialisation, shuffles and DSA draws, so each file is the one it would be alone, up to rounding."""
     seeds = [derive_seed(settings.seed, "expert", i) for i in indices]
-    nets = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        nets.append(build_model(spec).to(device))
-    k, n = len(nets), len(y_train)
-    net, flat = nets[0] if k == 1 else Stack(nets), FlatModel(nets[0])
+    k, n = len(seeds), len(y_train)
+    net, x, y, gen, rng = fresh(spec, seeds, device, x_train, y_train)
+    flat = FlatModel(net if k == 1 else net.base)  # a Stack's base: the layout (its parameters live on "meta")
     opt = sgd(net, [settings.lr] * k, settings.momentum, settings.weight_decay)
-    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-    rngs = [random.Random(seed) for seed in seeds]
-    x, y, gen, rng = (x_train, y_train, gens[0], rngs[0]) if k == 1 else ([x_train] * k, [y_train] * k, gens, rngs)
     sink.emit(ExpertStarted(indices[0], k))
     # (K, E+1, P), filled row by row: the only copy of the trajectories in memory, each saved without another.
     trajectories = torch.empty(k, settings.epochs + 1, flat.n_params, dtype=torch.float32)
