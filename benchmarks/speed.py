@@ -4,7 +4,8 @@ r"""Speed of dpd: expert and evaluation training, distillation against the refer
 Sections (``--only``, default ``experts,distill,eval``): ``experts`` / ``eval`` (dpd's ``train_epoch``
 against a bare PyTorch loop, interleaved), ``distill`` (s/it and peak memory, each mode in a fresh
 process), ``ab`` (every mode interleaved in one process, rho 0, paired per-round ratios), ``dp``
-(``DistillRecipe`` on ``--experts``, alone or under torchrun). Modes (``--modes``): ``full``, ``low``,
+(``DistillRecipe`` on ``--experts``, alone or under torchrun), ``batched`` (``--concurrent`` K experts and
+evaluation networks as one ``Stack`` against one at a time, paired). Modes (``--modes``): ``full``, ``low``,
 ``lowK`` (``--keep-graphs K``), ``ref`` (``mtt_reference.py``); in ``ab`` also ``sweep``, ``full_det`` /
 ``low_det`` and on CUDA ``full_graph`` / ``low_graph`` / ``lowK_graph``. See benchmarks/README.md.
 """
@@ -36,7 +37,7 @@ from dpd_cli.core import matching
 from dpd_cli.core.augment import dsa
 from dpd_cli.core.graphs import GraphedMetaGradient
 from dpd_cli.core.pruning import PruneConfig, Pruner
-from dpd_cli.core.train import train_epoch
+from dpd_cli.core.train import Stack, sgd, train_epoch
 from dpd_cli.data import load_dataset
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
 from dpd_cli.recipes.distill import DistillRecipe
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtt_reference import MTTReference, buffer_entry, mtt_network  # noqa: E402
 
 GIB = 2**30
-SECTIONS = ("experts", "distill", "eval", "ab", "dp")
+SECTIONS = ("experts", "distill", "eval", "ab", "dp", "batched")
 MODE_RE = re.compile(r"(full|low|ref|sweep|full_det|low_det|low\d+)(_graph)?")
 PROTOCOL_EPOCHS = 1000  # one MTT-protocol evaluation network
 SMOKE = {
@@ -64,7 +65,8 @@ SMOKE = {
     "warmup": 1,
     "threads": 1,
     "modes": "full,low1,ref,sweep",
-    "only": "experts,distill,eval,ab",
+    "only": "experts,distill,eval,ab,batched",
+    "concurrent": 2,
 }
 
 
@@ -184,24 +186,54 @@ def against_bare(args, dev, section: str) -> dict:
     unit = len(y) if section == "experts" else epochs  # images/s or epochs/s
     rate = {k: [unit / t for t in v] for k, v in secs.items()}
     med = {k: statistics.median(v) for k, v in rate.items()}
-    out = {
-        "images": len(y),
-        "width": spec.width,
-        "batch": s.batch,
-        "lr": lr,
-        "momentum": s.momentum,
-        "weight_decay": s.weight_decay,
-        "reps": reps,
-        "epochs_per_rep": epochs,
-        "seconds": secs,
-        "rate": rate,
-        "median": med,
-        "unit": "images/s" if section == "experts" else "epochs/s",
-        "dpd_over_bare": med["dpd"] / med["bare"],
-    }
+    out = {"images": len(y), "width": spec.width, "batch": s.batch, "lr": lr, "momentum": s.momentum}
+    out |= {"weight_decay": s.weight_decay, "reps": reps, "epochs_per_rep": epochs, "seconds": secs, "rate": rate}
+    out |= {"median": med, "unit": "images/s" if section == "experts" else "epochs/s"}
+    out["dpd_over_bare"] = med["dpd"] / med["bare"]
     if section == "eval":
         out["mtt_protocol_minutes_per_network"] = PROTOCOL_EPOCHS / med["dpd"] / 60
     log(f"[{section}] dpd {med['dpd']:.2f} {out['unit']}, bare {med['bare']:.2f}, ratio {out['dpd_over_bare']:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- batched: K networks at once against one at a time
+
+
+def bench_batched(args, dev) -> dict:
+    """``--concurrent K`` networks as one ``Stack`` against K one at a time: experts (1 epoch) and evaluation networks."""
+    ds, pre, spec = load_data(args.dataset, args.data_dir, args.width)
+    k, n, out = args.concurrent, min(args.expert_images or len(ds.train_labels), len(ds.train_labels)), {}
+    subsets = {"experts": torch.randperm(len(ds.train_labels), generator=torch.Generator().manual_seed(0))[:n]}
+    subsets["eval"] = random_subset(ds.train_labels, ds.n_classes, args.eval_ipc, 0)
+    for sec, s, epochs, reps in (
+        ("experts", ExpertSettings(), 1, args.expert_reps),
+        ("eval", EvalSettings(), args.eval_epochs, args.eval_reps),
+    ):
+        x, y = pre.apply(ds.train_images[subsets[sec]]).to(dev), ds.train_labels[subsets[sec]].to(dev)
+
+        def run(m: int) -> None:  # k networks, m at a time
+            nets = [build_model(spec).to(dev) for _ in range(k)]
+            for group in [nets[i : i + m] for i in range(0, k, m)]:
+                net, gens = group[0] if m == 1 else Stack(group), [torch.Generator().manual_seed(i) for i in range(m)]
+                opt, rngs = sgd(net, [0.01] * m, s.momentum, s.weight_decay), [random.Random(i) for i in range(m)]
+                xs, ys, gen, rng = (x, y, gens[0], rngs[0]) if m == 1 else ([x] * m, [y] * m, gens, rngs)
+                for _ in range(epochs):
+                    train_epoch(net, opt, xs, ys, s.batch, gen, rng, True, count_correct=sec == "experts")
+
+        secs, peak = {1: [], k: []}, {1: 0, k: 0}
+        for r in range(reps + 1):  # the first round warms up, untimed
+            for m in secs:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t = timed(dev, lambda: run(m))
+                peak[m] = max(peak[m], torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0)
+                secs[m] += [t] if r else []
+        unit = (k * len(y), "images/s") if sec == "experts" else (k, f"networks/s ({epochs} epochs each)")
+        rate = {m: statistics.median(unit[0] / t for t in v) for m, v in secs.items()}
+        paired = statistics.median(a / b for a, b in zip(secs[1], secs[k]))
+        out[sec] = {"k": k, "images": len(y), "unit": unit[1], "seconds": secs, "rate": rate, "peak_bytes": peak}
+        out[sec] |= {"speedup_paired_median": paired, "width": spec.width, "batch": s.batch}
+        log(f"[batched {sec}] 1 at a time {rate[1]:.2f}, {k} at once {rate[k]:.2f} {unit[1]}, paired ×{paired:.2f}")
     return out
 
 
@@ -315,15 +347,9 @@ def make_runners(cfg: dict, modes: list[str], dev) -> tuple[dict, dict]:
             memory = "full" if base.startswith("full") else "low"
             keep = int(base[3:]) if base[3:].isdigit() else 0
             out[mode] = dpd(memory, keep, graphed, base.endswith("_det"))
-    info = {
-        "n_images": n,
-        "batch_syn": batch,
-        "n_params": sum(p.numel() for p in build_model(spec).parameters()),
-        "width": spec.width,
-        "depth": spec.depth,
-        "image_shape": list(images0.shape[1:]),
-        "source": cfg.get("experts") or "random: PyTorch init, target = start + 0.01 N(0,1)",
-    }
+    info = {"n_images": n, "batch_syn": batch, "n_params": sum(p.numel() for p in build_model(spec).parameters())}
+    info |= {"width": spec.width, "depth": spec.depth, "image_shape": list(images0.shape[1:])}
+    info["source"] = cfg.get("experts") or "random: PyTorch init, target = start + 0.01 N(0,1)"
     return out, info
 
 
@@ -345,14 +371,9 @@ def worker(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     losses = [float(run(0))]  # warm-up, untimed (its peak counts: the same work)
     times = [timed(dev, lambda: losses.append(float(run(it)))) for it in range(1, cfg["iters"] + 1)]
-    return {
-        **info,
-        "seconds": times,
-        "s_per_it": statistics.median(times),
-        "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss(),
-        "losses": losses,
-        "finite": all(map(math.isfinite, losses)),
-    }
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss()
+    out = {**info, "seconds": times, "s_per_it": statistics.median(times), "peak_bytes": peak, "losses": losses}
+    return {**out, "finite": all(map(math.isfinite, losses))}
 
 
 def run_worker(args, job: dict) -> dict:
@@ -423,19 +444,9 @@ def bench_ab(args, dev, cfg: dict) -> list[dict]:
                 for k, f in runners.items()
                 if getattr(f, "graph", None) is not None
             }
-            blocks.append(
-                {
-                    "ipc": ipc,
-                    "steps": n,
-                    **info,
-                    "seconds": wall,
-                    "stats": {k: stats(v) for k, v in wall.items()},
-                    "peak_bytes": peak if dev.type == "cuda" else None,
-                    "process_peak_rss_bytes": rss(),
-                    "paired_ratios_median": ratios,
-                    "graphs": graphs,
-                }
-            )
+            block = {"ipc": ipc, "steps": n, **info, "seconds": wall, "stats": {k: stats(v) for k, v in wall.items()}}
+            block |= {"peak_bytes": peak if dev.type == "cuda" else None, "process_peak_rss_bytes": rss()}
+            blocks.append({**block, "paired_ratios_median": ratios, "graphs": graphs})
     return blocks
 
 
@@ -446,27 +457,11 @@ def bench_dp(args, experts: str) -> dict | None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = {}
     for memory in [m for m in args.mode_list if m in ("full", "low")] or ["full"]:
-        s = resolve(
-            "distill",
-            {
-                "experts": experts,
-                "ipc": args.ipcs[0],
-                "syn_steps": args.step_list[0],
-                "batch_syn": args.batch_syn,
-                "memory": memory,
-                "prune_ratio": 0.0,
-                "device": args.device,
-                "threads": args.threads,
-                "iterations": args.warmup + args.iters + 1,
-                "max_start_epoch": 1,
-                "expert_epochs": 1,
-                "lr_img": 1.0,
-                "lr_lr": 0.0,
-                "out": str(Path(tempfile.gettempdir()) / f"dpd-speed-dp-w{world}-{memory}"),
-                "force": True,
-                "log_every": 1000,
-            },
-        )
+        flags = {"experts": experts, "ipc": args.ipcs[0], "syn_steps": args.step_list[0], "batch_syn": args.batch_syn}
+        flags |= {"memory": memory, "prune_ratio": 0.0, "device": args.device, "threads": args.threads, "lr_lr": 0.0}
+        flags |= {"iterations": args.warmup + args.iters + 1, "max_start_epoch": 1, "expert_epochs": 1, "lr_img": 1.0}
+        out_dir = Path(tempfile.gettempdir()) / f"dpd-speed-dp-w{world}-{memory}"
+        s = resolve("distill", {**flags, "out": str(out_dir), "force": True, "log_every": 1000})
         with DistillRecipe(s) as recipe:
             dev = recipe.device
             for _ in range(args.warmup):
@@ -570,6 +565,16 @@ def markdown(res: dict) -> str:
                 f"{k}: graph {'kept' if g['kept'] else 'turned off (eager times)'}; checks " + json.dumps(g["checks"])
             )
         lines.append("")
+    for sec, b in (res.get("batched") or {}).items():
+        peak = {m: f"{v / GIB:.2f}" if v else "–" for m, v in b["peak_bytes"].items()}
+        lines += [
+            f"### batched {sec}: ConvNet-{b['width']}, {b['images']} images, batch {b['batch']}, DSA on; {b['unit']}",
+            "",
+            "| networks at once | rate | peak GiB allocated (CUDA) |",
+            "|---|---|---|",
+            *(f"| {m} | {r:.2f} | {peak[m]} |" for m, r in b["rate"].items()),
+            f"\n{b['k']} at once vs one at a time: ×{b['speedup_paired_median']:.2f} (median of paired rounds)\n",
+        ]
     for memory, d in (res.get("dp") or {}).items():
         lines.append(
             f"### dp ({memory}): {d['world']} process(es), "
@@ -601,6 +606,7 @@ def parse(argv=None):
     p.add_argument("--eval-ipc", type=int, default=10)
     p.add_argument("--eval-epochs", type=int, default=20)
     p.add_argument("--eval-reps", type=int, default=5)
+    p.add_argument("--concurrent", type=int, default=8, help="batched: networks trained at once")
     p.add_argument("--ipc", default="10", help="comma-separated (distill, ab; dp takes the first)")
     p.add_argument("--steps", default="10,20,40,80", help="comma-separated N (distill, ab; dp takes the first)")
     p.add_argument("--modes", default="full,low,ref", help="see above (default full,low,ref)")
@@ -641,6 +647,8 @@ def main(argv=None) -> int:
         res["distill"] = bench_distill(args, cfg, args.mode_list[:2] if args.smoke else args.mode_list)
     if "ab" in args.sections:
         res["ab"] = bench_ab(args, dev, cfg)
+    if "batched" in args.sections:
+        res["batched"] = bench_batched(args, dev)
     if "dp" in args.sections:
         if args.experts is None:
             sys.exit("--only dp needs --experts")

@@ -50,6 +50,7 @@ class ExpertSkipped(Event):
 @dataclass
 class ExpertStarted(Event):
     index: int
+    trainings: int = 1  # experts trained together from this one on (one batched computation)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class EvalEpoch(Event):
     epochs: int
     loss: float
     iteration: int | None = None  # the checkpoint trained on
+    trainings: int = 1  # trained together with this one (it first), one batched computation
 
 
 @dataclass

@@ -216,7 +216,8 @@ class _Experts(_View):
             self.line(f"expert {e.index}: already finished, skipped")
         elif isinstance(e, ev.ExpertStarted) and self.live:
             self.progress.reset(self.t_epochs)
-            self.progress.update(self.t_epochs, description=f"expert {e.index}")
+            more = f" +{e.trainings - 1}" if e.trainings > 1 else ""
+            self.progress.update(self.t_epochs, description=f"expert {e.index}{more}")
         elif isinstance(e, ev.ExpertEpoch):
             if self.interactive:
                 self.progress.update(self.t_epochs, completed=e.epoch)
@@ -396,8 +397,9 @@ class _Evaluate(_View):
             self.show(self.progress)
         elif isinstance(e, ev.EvalEpoch) and self.interactive:
             name = _set_name(e.source, e.iteration, self.several)
+            more = f" +{e.trainings - 1}" if e.trainings > 1 else ""
             self.progress.update(
-                self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{name}/{e.model} #{e.run}"
+                self.t_epochs, completed=e.epoch, total=e.epochs, description=f"{name}/{e.model} #{e.run}{more}"
             )
         elif isinstance(e, ev.EvalRunDone):
             val = f" (validation {e.val_accuracy:.2%})" if e.val_accuracy is not None else ""

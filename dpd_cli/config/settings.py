@@ -220,6 +220,12 @@ class ExpertSettings(DataFields, ModelFields, RunFields):
     momentum: float = _setting(0.0, "SGD momentum.", ge=0, lt=1)
     weight_decay: float = _setting(0.0, "SGD weight decay.", ge=0)
     batch: int = _setting(256, "Mini-batch size.", ge=1)
+    concurrent: int | None = _setting(
+        None,
+        "Experts trained at once as one batched computation, each as it would be alone (1: one at a time; "
+        "default: 1 on the CPU, 4 on a GPU).",
+        ge=1,
+    )
     dsa: bool = _setting(True, "Differentiable siamese augmentation while training.")
     out: Path | None = _setting(None, "Experts folder (default: <experts root>/<dataset>/<model tag>).", "Output")
 
@@ -378,6 +384,13 @@ class EvalSettings(RunFields):
     epochs: int | None = _setting(None, "Override the protocol's E (E + 1 epochs run, as in MTT).", ge=1)
     lr: float | None = _setting(None, "Override the protocol's learning rate.", gt=0)
     batch: int = _setting(256, "Mini-batch size.", ge=1)
+    concurrent: int | None = _setting(
+        None,
+        "Networks trained at once as one batched computation, each as it would be alone (1: one at a time; "
+        "default: 1 on the CPU, 8 on a GPU).",
+        shared=True,
+        ge=1,
+    )
     momentum: float = _setting(0.9, "SGD momentum.", ge=0, lt=1)
     weight_decay: float = _setting(5e-4, "SGD weight decay.", ge=0)
     dsa: bool = _setting(True, "DSA while training the evaluation networks.")

@@ -20,13 +20,13 @@ import itertools
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from dpd_cli import interrupt, stats
 from dpd_cli.artifacts import evaluation, layout
@@ -39,14 +39,14 @@ from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.run import refuse_running
 from dpd_cli.config.settings import EvalSettings
 from dpd_cli.core import parallel
-from dpd_cli.core.train import accuracy, train_epoch
+from dpd_cli.core.train import accuracy, fresh, sgd, train_epoch
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.datasets import class_balanced
 from dpd_cli.errors import DataError, SettingsError, StorageError
 from dpd_cli.events import EvalDone, EvalEpoch, EvalRunDone, EvalStarted, Message, NullSink, Sink
 from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
-from dpd_cli.models import ModelSpec, build_model
+from dpd_cli.models import ModelSpec
 from dpd_cli.recipes.runtime import derive_seed, prepare_runtime
 from dpd_cli.text import plural
 
@@ -69,6 +69,8 @@ PROTOCOLS = {"mtt": {"epochs": 1000, "lr": None}, "fixed": {"epochs": 300, "lr":
 #: trained E epochs with ``MultiStepLR`` at E // 2 and kept the momentum; version 2 is MTT's loop.
 PROTOCOL_VERSION = 2
 _BASELINE_LR = 0.01
+#: ``--concurrent``'s default (on the CPU, on a GPU): on the CPU a batch pays nothing (docs/results.md).
+CONCURRENT = (1, 8)
 _WAIT = "Wait for it to finish."
 _TARGET_HINT = "Give a run directory (from `dpd distill`) or a synthetic.safetensors file."
 
@@ -112,42 +114,43 @@ def epochs_run(epochs: int) -> tuple[int, int]:
     return epochs + 1, epochs // 2 + 2
 
 
-def _sgd(net, lr: float, s: EvalSettings) -> torch.optim.SGD:
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
-
-
-def _train(spec, x, y, epochs, lr, s: EvalSettings, seed, device, on_epoch) -> tuple[torch.nn.Module, int | None]:
-    """Train one fresh network with MTT's evaluation loop (docs/algorithm.md, "Evaluation protocols").
+def _train(spec, xs, ys, epochs, lrs, s: EvalSettings, seeds, device, on_epoch) -> tuple:
+    """Train fresh networks, one per seed, with MTT's evaluation loop (docs/algorithm.md, "Evaluation protocols").
 
     ``epochs`` is MTT's E (``epochs_run``); the lr drops x0.1 by building a new optimiser, so the momentum
-    restarts from zero, as in MTT. ``on_epoch(epoch, loss_sum)`` runs after every epoch, 1-based.
-    Returns ``(network, first epoch whose loss was NaN/Inf or None)``.
+    restarts from zero, as in MTT. Member k trains on ``(xs[k], ys[k])`` at ``lrs[k]`` from the network that
+    ``torch.manual_seed(seeds[k])`` builds; several (of one image count) train as one ``Stack``, each with its own
+    shuffles and DSA draws, so each ends as it would alone, up to rounding. ``on_epoch(epoch, loss_sums)`` runs
+    after every epoch, 1-based. Returns ``(network or Stack, each member's first epoch whose loss was NaN/Inf or None)``.
     """
-    torch.manual_seed(seed)
-    net = build_model(spec).to(device)
+    if len(ys) > 1 and any(y.dim() == 2 for y in ys):  # soft and hard labels together: hard ones as probabilities
+        ys = [y if y.dim() == 2 else F.one_hot(y, spec.n_classes).to(xs[0].dtype) for y in ys]
+    net, x, y, gen, rng = fresh(spec, seeds, device, xs, ys)
     n_epochs, decay_after = epochs_run(epochs)
-    opt = _sgd(net, lr, s)
-    gen = torch.Generator().manual_seed(seed)  # the shuffles
-    rng = random.Random(seed)  # one DSA seed per batch
-    losses = []  # each epoch's summed loss, kept on the device: checked once, after the last epoch
+    opt = sgd(net, lrs, s.momentum, s.weight_decay)
+    losses = []  # each epoch's summed losses, kept on the device: checked once, after the last epoch
     for epoch in range(1, n_epochs + 1):
         interrupt.check("evaluation stopped")  # run() re-raises with what was kept
         loss_sum, _ = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa, count_correct=False)
         if epoch == decay_after:
-            opt = _sgd(net, lr * 0.1, s)  # a fresh optimiser: zero momentum, as MTT
+            opt = sgd(net, [lr * 0.1 for lr in lrs], s.momentum, s.weight_decay)  # zero momentum, as MTT
         losses.append(loss_sum)
         on_epoch(epoch, loss_sum)
-    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
-    return net, (int(bad[0, 0]) + 1 if len(bad) else None)
+    bad = ~torch.isfinite(torch.stack(losses).view(n_epochs, -1))
+    return net, [int(col.nonzero()[0, 0]) + 1 if col.any() else None for col in bad.T]
 
 
 def _train_and_test(
-    spec, x, y, x_test, y_test, epochs, lr, s: EvalSettings, seed, device, on_epoch, x_val=None, y_val=None
-) -> TrainResult:
+    spec, xs, ys, x_test, y_test, epochs, lrs, s: EvalSettings, seeds, device, on_epoch, x_val=None, y_val=None
+) -> list[TrainResult]:
     """``_train``, then test once (and measure on the validation split if given); a diverged run still counts."""
-    net, diverged = _train(spec, x, y, epochs, lr, s, seed, device, on_epoch)
-    val = accuracy(net, x_val, y_val) if x_val is not None else None
-    return TrainResult(accuracy(net, x_test, y_test), diverged, val)
+    net, diverged = _train(spec, xs, ys, epochs, lrs, s, seeds, device, on_epoch)
+    val = [None] * len(seeds) if x_val is None else _listed(accuracy(net, x_val, y_val))
+    return [TrainResult(*r) for r in zip(_listed(accuracy(net, x_test, y_test)), diverged, val)]
+
+
+def _listed(acc) -> list[float]:
+    return acc if isinstance(acc, list) else [acc]
 
 
 @dataclass
@@ -289,32 +292,46 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
             full.extend((pre.apply(ds.train_images).to(device), ds.train_labels.to(device)))
         return tuple(full)
 
-    def train(st: _Set, m: str, r: int) -> dict:
-        """One training's outcome, as eval.partial.jsonl keeps it."""
-        n_epochs = s.full_epochs if st.source == "full" else epochs
-        seed = derive_seed(s.seed, "distilled" if st.source == "init" else st.source, m, r)
-        x, y = data_for(st, r)
+    def n_epochs(st: _Set) -> int:
+        return s.full_epochs if st.source == "full" else epochs
+
+    def n_images(st: _Set) -> int:
+        if st.source == "full":
+            return len(ds.train_labels)
+        return len(st.tensors["labels"]) if st.tensors is not None else ipc * ds.n_classes
+
+    def train(members: list[tuple[_Set, str, int]]) -> list[dict]:
+        """The outcomes of trainings of one model, epoch count and image count, trained as one (``_train``)."""
+        first, m, first_run = members[0]
+        seeds = [derive_seed(s.seed, "distilled" if st.source == "init" else st.source, m, r) for st, _, r in members]
+        xs, ys = map(list, zip(*(data_for(st, r) for st, _, r in members)))
+        lrs, total = [lr_for(st) for st, _, _ in members], n_epochs(first) + 1
         t0 = time.perf_counter()
 
-        def on_epoch(epoch, loss_sum, total=n_epochs + 1):
+        def on_epoch(epoch, loss_sums):  # the first member's loss stands for the group
             if epoch == total or epoch % max(1, total // 50) == 0:
-                sink.emit(EvalEpoch(st.source, m, r, epoch, total, float(loss_sum) / len(y), st.iteration))
+                loss = float(loss_sums.view(-1)[0]) / len(ys[0])
+                sink.emit(EvalEpoch(first.source, m, first_run, epoch, total, loss, first.iteration, len(members)))
 
         spec = replace(base_spec, name=m)
-        res = _train_and_test(spec, x, y, *test, n_epochs, lr_for(st), s, seed, device, on_epoch, *val)
-        return {
-            "source": st.source,
-            "model": m,
-            "run": r,
-            "accuracy": res.test_accuracy,
-            "seed": seed,
-            "seconds": time.perf_counter() - t0,
-            "epochs": n_epochs,
-            "lr": lr_for(st),
-            "diverged_epoch": res.diverged_epoch,
-            "val_accuracy": res.val_accuracy,
-            "iteration": st.iteration,
-        }
+        res = _train_and_test(spec, xs, ys, *test, total - 1, lrs, s, seeds, device, on_epoch, *val)
+        seconds = (time.perf_counter() - t0) / len(members)  # each member's share of the time
+        return [
+            {
+                "source": st.source,
+                "model": m,
+                "run": r,
+                "accuracy": o.test_accuracy,
+                "seed": seed,
+                "seconds": seconds,
+                "epochs": total - 1,
+                "lr": lr,
+                "diverged_epoch": o.diverged_epoch,
+                "val_accuracy": o.val_accuracy,
+                "iteration": st.iteration,
+            }
+            for (st, _, r), o, seed, lr in zip(members, res, seeds, lrs)
+        ]
 
     with contextlib.ExitStack() as stack:
         # Under torchrun: the process group now, with its timeout (ranks that fail end the job), left at the end.
@@ -335,28 +352,41 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         done = evaluation.read_partial(partial, {k: job for job, k in keys.items()})
         if done:
             sink.emit(Message(f"Reusing {plural(len(done), 'finished training')} from {partial}."))
-        outcomes = []
+        outcomes = [{**done[job], "iteration": st.iteration} for st, m, r in mine if (job := (id(st), m, r)) in done]
+        # The rest in groups of at most --concurrent trainings that share a model, an epoch and an image count.
+        alike: dict[tuple, list] = {}
         for st, m, r in mine:
-            job = (id(st), m, r)
-            if job in done:
-                outcomes.append({**done[job], "iteration": st.iteration})
-                continue
-            try:
-                o = train(st, m, r)
-            except interrupt.Interrupted:
-                kept = (
-                    f"{plural(len(outcomes), 'finished training')} {'is' if len(outcomes) == 1 else 'are'} kept in {partial}"
-                    if outcomes
-                    else "no training had finished"
-                )
-                raise interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue") from None
-            evaluation.append_partial(partial, keys[job], o)
-            outcomes.append(o)
-            sink.emit(
-                EvalRunDone(
-                    st.source, m, r, o["accuracy"], o["seconds"], o["diverged_epoch"], st.iteration, o["val_accuracy"]
-                )
-            )
+            if (id(st), m, r) not in done:
+                alike.setdefault((m, n_epochs(st), n_images(st)), []).append((st, m, r))
+        k = s.concurrent or CONCURRENT[device.type == "cuda"]
+        for jobs_alike in alike.values():
+            for i in range(0, len(jobs_alike), k):
+                try:
+                    trained = train(jobs_alike[i : i + k])
+                except interrupt.Interrupted:
+                    kept = (
+                        f"{plural(len(outcomes), 'finished training')} {'is' if len(outcomes) == 1 else 'are'} kept in {partial}"
+                        if outcomes
+                        else "no training had finished"
+                    )
+                    raise interrupt.Interrupted(
+                        f"evaluation stopped; {kept}. Rerun the same command to continue"
+                    ) from None
+                for (st, m, r), o in zip(jobs_alike[i : i + k], trained):
+                    evaluation.append_partial(partial, keys[id(st), m, r], o)
+                    outcomes.append(o)
+                    sink.emit(
+                        EvalRunDone(
+                            st.source,
+                            m,
+                            r,
+                            o["accuracy"],
+                            o["seconds"],
+                            o["diverged_epoch"],
+                            st.iteration,
+                            o["val_accuracy"],
+                        )
+                    )
         if group is not None:
             outcomes = [o for part in group.gather_objects(outcomes) for o in part]
         if rank != 0:
@@ -559,7 +589,7 @@ def _no_gain(entries: list[dict], lr_img: float | None) -> list[str]:
 # Settings that only choose which trainings run (or where): a finished training is reused across them.
 _NOT_IN_JOB_KEY = set(
     "device threads fail_under fail_if_no_gain data_dir models runs baseline distilled select dist_timeout host_memory "
-    "deterministic".split()
+    "deterministic concurrent".split()
 )
 
 

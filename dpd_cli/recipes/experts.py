@@ -8,7 +8,7 @@ Trajectory rows are copies taken with ``FlatModel.flatten`` (never views of live
 from __future__ import annotations
 
 import contextlib
-import random
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts.experts import MANIFEST, PREPROCESS, expert_path
 from dpd_cli.config.settings import ExpertSettings
 from dpd_cli.core import parallel
-from dpd_cli.core.train import accuracy, train_epoch
+from dpd_cli.core.train import accuracy, fresh, sgd, train_epoch
 from dpd_cli.data import Preprocess, load_dataset
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import ExpertsError, StorageError
@@ -31,6 +31,9 @@ from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.recipes.runtime import build_preprocess, dataset_key, derive_seed, model_spec, prepare_runtime
 
 __all__ = ["run"]
+
+#: ``--concurrent``'s default (on the CPU, on a GPU): on the CPU a batch pays nothing (docs/results.md).
+CONCURRENT = (1, 4)
 
 
 def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
@@ -138,66 +141,73 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
                 todo.append(i)
         n_params = FlatModel(build_model(spec)).n_params
         sink.emit(ExpertsStarted(str(folder), todo, settings.num, settings.epochs, n_params, str(device)))
-        for n, i in enumerate(todo):
+        k = settings.concurrent or CONCURRENT[device.type == "cuda"]
+        for n in range(0, len(todo), k):
+            group = todo[n : n + k]
             try:
-                _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink)
+                _train_group(group, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink)
             except interrupt.Interrupted:
                 kept = len(mine) - len(todo) + n
+                which = f"expert {group[0]}" if len(group) == 1 else f"experts {', '.join(map(str, group))}"
                 raise interrupt.Interrupted(
-                    f"stopped while training expert {i}; the {kept} finished expert(s) in {folder} are kept. "
+                    f"stopped while training {which}; the {kept} finished expert(s) in {folder} are kept. "
                     "Rerun the same command to train the rest (finished experts are skipped)"
                 ) from None
     return folder
 
 
-def _train_one(i, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink) -> None:
-    seed = derive_seed(settings.seed, "expert", i)
-    torch.manual_seed(seed)
-    net = build_model(spec).to(device)
-    flat = FlatModel(net)
-    opt = torch.optim.SGD(
-        net.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    sink.emit(ExpertStarted(i))
-    # (E+1, P), filled row by row: the only copy of the trajectory in memory, saved without another.
-    trajectory = torch.empty(settings.epochs + 1, flat.n_params, dtype=torch.float32)
-    trajectory[0].copy_(flat.flatten())
-    test_acc = [accuracy(net, x_test, y_test)]
-    train_loss, train_acc, t_train = [], [], 0.0
+def _train_group(indices, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink) -> None:
+    """Train experts ``indices`` together (a ``Stack`` when several) and save each: each with its own seeded
+    initialisation, shuffles and DSA draws, so each file is the one it would be alone, up to rounding."""
+    seeds = [derive_seed(settings.seed, "expert", i) for i in indices]
+    k, n = len(seeds), len(y_train)
+    net, x, y, gen, rng = fresh(spec, seeds, device, x_train, y_train)
+    flat = FlatModel(net if k == 1 else net.base)  # a Stack's base: the layout (its parameters live on "meta")
+    opt = sgd(net, [settings.lr] * k, settings.momentum, settings.weight_decay)
+    sink.emit(ExpertStarted(indices[0], k))
+    # (K, E+1, P), filled row by row: the only copy of the trajectories in memory, each saved without another.
+    trajectories = torch.empty(k, settings.epochs + 1, flat.n_params, dtype=torch.float32)
+
+    def record(epoch: int) -> list[float]:  # the parameters after ``epoch`` (copies, not views), the test accuracies
+        trajectories[:, epoch].copy_(flat.flatten()[None] if k == 1 else net.flatten())
+        acc = accuracy(net, x_test, y_test)
+        return acc if k > 1 else [acc]
+
+    test_acc, train_loss, train_acc, t_train = [record(0)], [], [], 0.0
     t0 = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        loss_sum, correct = train_epoch(net, opt, x_train, y_train, settings.batch, gen, rng, settings.dsa)
-        loss, acc = loss_sum.item() / len(y_train), correct.item() / len(y_train)  # syncs: the epoch is done
+        loss_sum, correct = train_epoch(net, opt, x, y, settings.batch, gen, rng, settings.dsa)
+        loss, acc = [v / n for v in loss_sum.view(-1).tolist()], [v / n for v in correct.view(-1).tolist()]  # syncs
         dt = time.perf_counter() - t
         t_train += dt
-        if not torch.isfinite(torch.tensor(loss)):
-            raise ExpertsError(f"Expert {i} diverged (loss {loss}) at epoch {epoch}. Lower --lr.")
-        trajectory[epoch].copy_(flat.flatten())  # a copy, not a view of the live parameters
-        test_acc.append(accuracy(net, x_test, y_test))
+        for i, v in zip(indices, loss):
+            if not math.isfinite(v):
+                raise ExpertsError(f"Expert {i} diverged (loss {v}) at epoch {epoch}. Lower --lr.")
+        test_acc.append(record(epoch))
         train_loss.append(loss)
         train_acc.append(acc)
-        sink.emit(ExpertEpoch(i, epoch, settings.epochs, loss, acc, test_acc[-1], len(y_train) / dt))
-    meta = {
-        "dataset": settings.dataset,
-        "model": spec.to_dict(),
-        "layout": flat.layout,
-        **{k: getattr(settings, k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")},
-        "seed": seed,
-        "index": i,
-        "zca": settings.zca,
-        "preprocess_fingerprint": pre.fingerprint(),
-        "test_accuracy": test_acc,
-        "train_accuracy": train_acc,
-        "train_loss": train_loss,
-        "train_images_per_s": len(y_train) * settings.epochs / t_train,
-        "settings": settings.model_dump(mode="json"),
-        "versions": versions(),
-    }
-    path = expert_path(folder, i)
-    experts_file.save_trajectory(path, trajectory, meta)
-    sink.emit(ExpertDone(i, str(path), test_acc[-1], time.perf_counter() - t0))
+        for j, i in enumerate(indices):  # images/s: of all the experts trained together
+            sink.emit(ExpertEpoch(i, epoch, settings.epochs, loss[j], acc[j], test_acc[-1][j], k * n / dt))
+    for j, i in enumerate(indices):
+        meta = {
+            "dataset": settings.dataset,
+            "model": spec.to_dict(),
+            "layout": flat.layout,
+            **{f: getattr(settings, f) for f in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")},
+            "seed": seeds[j],
+            "index": i,
+            "zca": settings.zca,
+            "preprocess_fingerprint": pre.fingerprint(),
+            "test_accuracy": [a[j] for a in test_acc],
+            "train_accuracy": [a[j] for a in train_acc],
+            "train_loss": [v[j] for v in train_loss],
+            "train_images_per_s": k * n * settings.epochs / t_train,
+            "settings": settings.model_dump(mode="json"),
+            "versions": versions(),
+        }
+        path = expert_path(folder, i)
+        experts_file.save_trajectory(path, trajectories[j], meta)
+        sink.emit(ExpertDone(i, str(path), test_acc[-1][j], time.perf_counter() - t0))

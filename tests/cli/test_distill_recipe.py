@@ -344,9 +344,9 @@ def test_soft_labels_are_learned_stored_and_evaluated(dpd, experts, tmp_path, mo
     # evaluate trains on softmax(logits); the random baseline keeps hard labels.
     seen = []
 
-    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
-        seen.append(y.clone())
-        return E.TrainResult(0.5, None, None)
+    def fake(spec, xs, ys, x_test, y_test, epochs, lrs, s, seeds, device, on_epoch, x_val=None, y_val=None):
+        seen.extend(y.clone() for y in ys)
+        return [E.TrainResult(0.5, None, None)] * len(ys)
 
     monkeypatch.setattr(E, "_train_and_test", fake)
     r = dpd("evaluate", run, "--epochs", "1", "--runs", "1", "--baseline", "random", "--threads", "1", "--quiet")

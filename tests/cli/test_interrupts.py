@@ -449,7 +449,7 @@ def test_ctrl_c_during_evaluate_keeps_finished_trainings(zygote, experts, tmp_pa
     assert dpd("distill", "--experts", experts, *DISTILL, "--iterations", 2, "--out", run).exit_code == 0
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    args = ["evaluate", run, "--runs", "3", "--epochs", "60", "--threads", "1", *CPU, "--quiet"]
+    args = ["evaluate", run, "--runs", "3", "--epochs", "60", "--threads", "1", "--concurrent", "1", *CPU, "--quiet"]
     partial = run / "eval.partial.jsonl"
     child = zygote.start(args, tmp_path, env)
     wait_for(lambda: partial.exists() and partial.read_text().count("\n") >= 1, child)

@@ -314,13 +314,15 @@ def test_colliding_names_have_no_shared_variable():
             owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
             by_name.setdefault(name, set()).add(owner)
     separate = {n for n, owners in by_name.items() if len(owners) > 1}
-    assert separate == {"out", "epochs", "lr", "batch", "momentum", "weight_decay", "dsa", "data_dir"}
+    assert separate == {"out", "epochs", "lr", "batch", "momentum", "weight_decay", "dsa", "data_dir", "concurrent"}
     for command, cls in (("experts", ExpertSettings), ("distill", DistillSettings), ("evaluate", EvalSettings)):
         for name in cls.model_fields:
             own, shared = env_names(command, name)
             assert own == f"DPD_{command.upper()}_{name.upper()}"
-            # data_dir is declared again by evaluate, marked as meaning the same (the dataset's folder).
-            assert shared == (None if name in separate - {"data_dir"} else f"DPD_{name.upper()}"), (command, name)
+            # data_dir and concurrent are declared again by evaluate, marked as meaning the same (the dataset's
+            # folder; networks trained at once).
+            same = {"data_dir", "concurrent"}
+            assert shared == (None if name in separate - same else f"DPD_{name.upper()}"), (command, name)
 
 
 def test_shared_variable_of_a_colliding_setting_is_refused():

@@ -71,10 +71,18 @@ def test_training_loop_is_mtts_evaluate_synset(epochs, augment):
     s = resolve("evaluate", {"batch": 5, "dsa": augment, "threads": 1})
     seen = []
     net, diverged = E._train(
-        tiny_spec(), x, y, epochs, 0.05, s, 7, torch.device("cpu"), lambda ep, loss: seen.append((ep, float(loss)))
+        tiny_spec(),
+        [x],
+        [y],
+        epochs,
+        [0.05],
+        s,
+        [7],
+        torch.device("cpu"),
+        lambda ep, loss: seen.append((ep, float(loss))),
     )
     ref, ref_losses = _reference_evaluate_synset(tiny_spec(), x, y, epochs, 0.05, 5, 7, augment)
-    assert diverged is None
+    assert diverged == [None]
     assert [ep for ep, _ in seen] == list(range(1, epochs + 2))  # E + 1 epochs, reported 1-based
     torch.testing.assert_close([loss for _, loss in seen], ref_losses, rtol=1e-6, atol=0)
     for (name, p), q in zip(net.named_parameters(), ref.parameters()):
@@ -84,7 +92,9 @@ def test_training_loop_is_mtts_evaluate_synset(epochs, augment):
 def test_train_and_test_tests_the_trained_network():
     x, y = _blobs()
     s = resolve("evaluate", {"batch": 5, "threads": 1})
-    acc, _, _ = E._train_and_test(tiny_spec(), x, y, x[:6], y[:6], 5, 0.05, s, 3, torch.device("cpu"), lambda *a: None)
+    ((acc, _, _),) = E._train_and_test(
+        tiny_spec(), [x], [y], x[:6], y[:6], 5, [0.05], s, [3], torch.device("cpu"), lambda *a: None
+    )
     ref, _ = _reference_evaluate_synset(tiny_spec(), x, y, 5, 0.05, 5, 3)
     with torch.no_grad():
         ref.eval()

@@ -69,20 +69,21 @@ def _record_trainings(monkeypatch) -> list[dict]:
     """Replace the training with a recorder (accuracy 0.5): what each training would have been given."""
     calls: list[dict] = []
 
-    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
-        calls.append(
-            {
-                "x": x.clone(),
-                "y": y.clone(),
-                "x_test": x_test.clone(),
-                "y_test": y_test.clone(),
-                "lr": lr,
-                "seed": seed,
-                "x_val": x_val,
-                "y_val": y_val,
-            }
-        )
-        return E.TrainResult(0.5, None, None if x_val is None else 0.5)
+    def fake(spec, xs, ys, x_test, y_test, epochs, lrs, s, seeds, device, on_epoch, x_val=None, y_val=None):
+        for x, y, lr, seed in zip(xs, ys, lrs, seeds):
+            calls.append(
+                {
+                    "x": x.clone(),
+                    "y": y.clone(),
+                    "x_test": x_test.clone(),
+                    "y_test": y_test.clone(),
+                    "lr": lr,
+                    "seed": seed,
+                    "x_val": x_val,
+                    "y_val": y_val,
+                }
+            )
+        return [E.TrainResult(0.5, None, None if x_val is None else 0.5)] * len(xs)
 
     monkeypatch.setattr(E, "_train_and_test", fake)
     return calls
@@ -141,10 +142,10 @@ def _blobs(n: int = 12, side: int = 8, n_classes: int = 3):
 def test_the_first_non_finite_epoch_is_the_one_reported(monkeypatch):
     losses = iter([1.0, 2.0, float("nan"), 3.0, float("inf")])  # epoch 3 goes bad first; 5 epochs for E = 4
     monkeypatch.setattr(E, "train_epoch", lambda *a, **k: (torch.tensor(next(losses)), None))
-    _, diverged = E._train(
-        tiny_spec(), *_blobs(), 4, 0.01, _settings(dsa=False, batch=4), 0, torch.device("cpu"), lambda epoch, loss: None
-    )
-    assert diverged == 3
+    x, y = _blobs()
+    s = _settings(dsa=False, batch=4)
+    _, diverged = E._train(tiny_spec(), [x], [y], 4, [0.01], s, [0], torch.device("cpu"), lambda epoch, loss: None)
+    assert diverged == [3]
 
 
 @pytest.mark.parametrize("lr, diverges", [(0.01, False), (1e9, True)])
@@ -152,16 +153,16 @@ def test_train_and_test_reports_divergence(lr, diverges):
     x, y = _blobs()
     s = _settings(dsa=False, batch=4)
     epochs_seen = []
-    acc, diverged, _ = E._train_and_test(
+    ((acc, diverged, _),) = E._train_and_test(
         tiny_spec(),
-        x,
-        y,
+        [x],
+        [y],
         x,
         y,
         4,
-        lr,
+        [lr],
         s,
-        0,
+        [0],
         torch.device("cpu"),
         lambda epoch, loss: epochs_seen.append((epoch, float(loss))),
     )
@@ -239,3 +240,11 @@ def test_train_epoch_sums_the_loss_and_counts_the_right_answers_of_every_batch(s
     assert train_epoch(net, opt, x, y, 5, gen, rng, augment=False, count_correct=False)[1] is None
     empty = train_epoch(net, opt, x[:0], y[:0], 5, gen, rng, augment=False)
     assert float(empty[0]) == 0.0 and int(empty[1]) == 0
+
+
+def test_trainings_in_groups_score_as_they_do_one_at_a_time(run_copy):
+    alone = E.run(_settings(concurrent=1, baseline=["random"]), run_copy)["results"]
+    together = E.run(_settings(concurrent=4, baseline=["random"]), run_copy)["results"]  # one group of 4
+    for a, b in zip(alone, together, strict=True):
+        assert (a["source"], a["seeds"]) == (b["source"], b["seeds"])
+        assert a["accuracies"] == pytest.approx(b["accuracies"], abs=2e-3)

@@ -71,12 +71,15 @@ def _scripted(monkeypatch, table: dict) -> list[dict]:
     calls: list[dict] = []
     seeds: list[int] = []
 
-    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
-        key = next(k for k, ref in refs.items() if ref is not None and torch.equal(ref, x))
-        calls.append({"key": key, "lr": lr, "seed": seed, "x_val": x_val, "y_val": y_val})
-        seeds.extend([seed] if seed not in seeds else [])
-        test, val = table[key]
-        return E.TrainResult(test[seeds.index(seed)] if isinstance(test, list) else test, None, val)
+    def fake(spec, xs, ys, x_test, y_test, epochs, lrs, s, seeds_, device, on_epoch, x_val=None, y_val=None):
+        out = []
+        for x, lr, seed in zip(xs, lrs, seeds_, strict=True):
+            key = next(k for k, ref in refs.items() if ref is not None and torch.equal(ref, x))
+            calls.append({"key": key, "lr": lr, "seed": seed, "x_val": x_val, "y_val": y_val})
+            seeds.extend([seed] if seed not in seeds else [])
+            test, val = table[key]
+            out.append(E.TrainResult(test[seeds.index(seed)] if isinstance(test, list) else test, None, val))
+        return out
 
     refs: dict = {}
     monkeypatch.setattr(E, "_train_and_test", fake)
@@ -210,10 +213,10 @@ def test_selection_trainings_resume(run_val, monkeypatch):
 
     monkeypatch.setattr(E, "_train_and_test", stops_after_three)
     with pytest.raises(interrupt.Interrupted):
-        E.run(_settings(select="val"), run_val)
+        E.run(_settings(select="val", concurrent=1), run_val)
     assert len(calls) == 3
     monkeypatch.setattr(E, "_train_and_test", real)
-    E.run(_settings(select="val"), run_val)
+    E.run(_settings(select="val", concurrent=4), run_val)  # in groups now: finished trainings are reused all the same
     assert len(calls) == 8  # 3 reused from the partial file, 5 trained now
     assert not (run_val / "eval.partial.jsonl").exists()
 
