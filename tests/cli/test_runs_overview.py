@@ -390,10 +390,13 @@ def test_no_gain_is_said_by_evaluate_inspect_ls_and_compare(dpd, built, tmp_path
     assert sorted(images) == [0, 3]
     tests, seeds = {0: [0.80, 0.82], 3: [0.60, 0.61]}, []
 
-    def fake(spec, x, y, x_test, y_test, epochs, lr, s, seed, device, on_epoch, x_val=None, y_val=None):
-        it = next(i for i, ref in images.items() if torch.equal(ref, x))
-        seeds.extend([seed] if seed not in seeds else [])
-        return E.TrainResult(tests[it][seeds.index(seed)], None, None)
+    def fake(spec, xs, ys, x_test, y_test, epochs, lrs, s, seeds_, device, on_epoch, x_val=None, y_val=None):
+        out = []
+        for x, seed in zip(xs, seeds_, strict=True):
+            it = next(i for i, ref in images.items() if torch.equal(ref, x))
+            seeds.extend([seed] if seed not in seeds else [])
+            out.append(E.TrainResult(tests[it][seeds.index(seed)], None, None))
+        return out
 
     monkeypatch.setattr(E, "_train_and_test", fake)
     flags = ["--select", "test-max", "--epochs", "1", "--runs", "2", "--threads", "1"]
