@@ -34,7 +34,7 @@ from dpd_cli.core import matching, parallel
 from dpd_cli.core.graphs import GraphedMetaGradient
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.data import load_dataset
-from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, build_model
@@ -410,7 +410,7 @@ class SeedsRecipe:
 
     def __init__(self, settings: DistillSettings, sink: Sink | None = None):
         if parallel.world_from_env()[1] > 1:
-            raise ExpertsError("--seeds runs on one process: under torchrun, launch one --seed per run.")
+            raise SettingsError("--seeds runs on one process: under torchrun, launch one --seed per run.")
         sink = sink or NullSink()
         runs = seed_settings(settings)
         dirs = [r.out or default_run_dir(r) for r in runs]

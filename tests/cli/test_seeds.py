@@ -112,3 +112,9 @@ def test_runs_at_different_iterations_are_refused_together_and_resume_alone(dpd,
 def test_seeds_must_be_distinct(dpd):
     r = dpd("distill", "--seeds", "1,1")
     assert r.exit_code != 0 and "distinct seeds" in " ".join(r.output.split())
+
+
+def test_seeds_are_refused_under_torchrun(dpd, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = dpd("distill", "--seeds", "0,1")
+    assert r.exit_code == 2 and "--seeds runs on one process" in " ".join(r.output.split())
