@@ -10,17 +10,17 @@ from dpd_cli.config.settings import Resolved
 from dpd_cli.text import plural
 
 
-def _report(settings, run_dir: Path) -> Report:
+def _report(settings, result: Path | list[Path]) -> Report:
+    """One run's summary; with --seeds ``{"runs": [...]}``, one per run."""
     from dpd_cli.artifacts.run import summarize
 
-    summary = summarize(run_dir)
-    return Report(
-        summary,
-        [
-            f"Synthetic set: {summary['synthetic']} ({plural(summary['n_images'], 'image')}, alpha {summary['lr']:.5g}). "
-            f"Next: dpd evaluate {run_dir}"
-        ],
-    )
+    dirs = result if isinstance(result, list) else [result]
+    summaries = [summarize(d) for d in dirs]
+    text = [
+        f"Synthetic set: {s['synthetic']} ({plural(s['n_images'], 'image')}, alpha {s['lr']:.5g}). Next: dpd evaluate {d}"
+        for s, d in zip(summaries, dirs, strict=True)
+    ]
+    return Report({"runs": summaries} if isinstance(result, list) else summaries[0], text)
 
 
 def _complete(resolved: Resolved) -> Resolved:
@@ -43,5 +43,9 @@ distill = settings_command(
             "CIFAR-10 at 10 images per class, rho 0.01",
         ),
         ("dpd distill --config examples/quick.toml --resume", "continue that run from its last checkpoint"),
+        (
+            "dpd distill --config examples/quick.toml --seeds 0,1,2",
+            "three runs in one batch: runs/quick-s0, runs/quick-s1, runs/quick-s2",
+        ),
     ],
 )

@@ -319,6 +319,12 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         "Run directory (default: named after dataset, IPC, ratio and seed, e.g. runs/cifar10-ipc10-rho0.01-s0).",
         "Output",
     )
+    seeds: list[int] | None = _setting(
+        None,
+        "Run one distillation per seed (e.g. 0,1,2) as one batched computation, instead of --seed: each writes "
+        "the run directory --seed S would (with --out X: X-sS), with the same results up to rounding.",
+        "Run",
+    )
     resume: bool = _setting(False, "Continue the run in --out from its last checkpoint.", "Output")
     force: bool = _setting(False, "Overwrite an existing run in --out.", "Output")
 
@@ -339,6 +345,8 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     def _flags_agree(self) -> DistillSettings:
         if self.resume and self.force:
             raise ValueError("can't use both --resume and --force: --resume continues the run, --force starts it over")
+        if self.seeds is not None and (not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) < len(self.seeds)):
+            raise ValueError(f"--seeds needs distinct seeds >= 0, e.g. 0,1,2 (got {self.seeds})")
         if self.prune_warmup >= self.iterations and self.prune_ratio > 0:
             raise ValueError(f"--prune-warmup {self.prune_warmup} leaves no pruned iteration of {self.iterations}")
         if not self.soft_labels and (self.label_epoch is not None or self.init == "real-correct"):

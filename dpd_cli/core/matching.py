@@ -31,6 +31,12 @@ Two ways to get dL/dX and dL/dalpha, equal up to rounding:
   graphs (with create_graph) and keeps them, so the backward sweep recomputes only the first
   N - K steps. Peak memory is about K steps' graphs plus the buffer; K = 0 and K = 1 are plain
   ``low``, and K = N does the work of ``full`` (each step's graph kept on its own instead of one chain).
+
+K independent distillations at once (``dpd distill --seeds``): every per-run quantity gains a leading
+member axis -- theta ``(K, P)``, X ``(K, n, C, H, W)``, alpha ``(K,)``, masks ``(K, P)``, a ``StepPlan.stack``
+of the K plans -- and the same code runs them: member k's inner gradient is that of the SUM of the K
+cross-entropies (the other members' do not depend on theta_k), its loss is its own (the loss is ``(K,)``,
+autograd differentiates its sum), and ``FlatModel`` runs the K students as one wide network.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch.nn.functional as F
 from dpd_cli.core.augment import dsa, dsa_mixed
 from dpd_cli.models import FlatModel
 
-__all__ = ["StepPlan", "MaskFn", "matching_loss", "meta_gradient", "MetaResult"]
+__all__ = ["StepPlan", "MaskFn", "matching_loss", "meta_gradient", "MetaResult", "stack_masks"]
 
 #: ``(theta_N, target, start) -> keep`` (bool (P,), False = left out of the loss) or ``None`` (keep all).
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -72,24 +78,59 @@ class StepPlan:
         """``(batch, seed, mix)`` per step."""
         return zip(self.batches, self.seeds, self.mixes or [None] * len(self.seeds), strict=True)
 
+    @classmethod
+    def stack(cls, plans: list[StepPlan]) -> StepPlan:
+        """K members' plans as one: per step the batches ``(K, b)`` (or ``None``) and a tuple of K seeds."""
+        steps = list(zip(*(zip(p.batches, p.seeds, strict=True) for p in plans), strict=True))
+        batches = [None if step[0][0] is None else torch.stack([b for b, _ in step]) for step in steps]
+        return cls(batches, [None if step[0][1] is None else tuple(sd for _, sd in step) for step in steps])
+
 
 @dataclass
 class MetaResult:
-    loss: torch.Tensor  # () detached
+    loss: torch.Tensor  # () detached; (K,) for K members
     grad_images: torch.Tensor  # like X
     grad_lr: torch.Tensor  # () like alpha
     keep: torch.Tensor | None  # (P,) bool loss mask, False = pruned; None when nothing is pruned
     grad_labels: torch.Tensor | None = None  # like the label logits, with soft labels
 
+    def member(self, k: int) -> MetaResult:
+        """Member k's result, of K computed at once."""
+        return MetaResult(
+            *(
+                None if t is None else t[k]
+                for t in (self.loss, self.grad_images, self.grad_lr, self.keep, self.grad_labels)
+            )
+        )
+
 
 def matching_loss(
     student_end: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None
 ) -> torch.Tensor:
-    """Normalised parameter-matching loss; with ``keep=None`` exactly MTT's sum/sum."""
+    """Normalised parameter-matching loss; with ``keep=None`` exactly MTT's sum/sum (per member: ``(K,)``)."""
     if keep is None:
-        return ((student_end - target) ** 2).sum() / ((start - target) ** 2).sum()
+        return ((student_end - target) ** 2).sum(-1) / ((start - target) ** 2).sum(-1)
     m = keep.to(student_end.dtype)
-    return (m * (student_end - target) ** 2).sum() / (m * (start - target) ** 2).sum()
+    return (m * (student_end - target) ** 2).sum(-1) / (m * (start - target) ** 2).sum(-1)
+
+
+def stack_masks(fns: list[MaskFn | None]) -> MaskFn | None:
+    """K members' loss-mask functions as one over ``(K, P)`` rows (a member without a mask keeps everything)."""
+    if all(f is None for f in fns):
+        return None
+
+    def mask(ends, targets, starts):
+        keeps = [None if f is None else f(e, t, s) for f, e, t, s in zip(fns, ends, targets, starts, strict=True)]
+        if all(k is None for k in keeps):
+            return None
+        return torch.stack([torch.ones_like(e, dtype=torch.bool) if k is None else k for k, e in zip(keeps, ends)])
+
+    return mask
+
+
+def _per(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha against ``t``: the scalar itself, or the K members' ``(K,)`` along ``t``'s leading member axis."""
+    return a if a.dim() == 0 else a.view(-1, *[1] * (t.dim() - 1))
 
 
 class BatchGradient:
@@ -99,16 +140,26 @@ class BatchGradient:
     cross-entropy is then -sum_c p_c log softmax(f)_c, as DATM's). ``reduce`` combines what each
     process computed of a result into the whole: nothing to do on one process.
     ``dpd_cli.core.parallel.ShardedGradient`` is the same over several processes.
+
+    K members (theta ``(K, P)``, ``idx`` ``(K, b)``, ``seed`` a tuple of K): each member's rows and DSA draw as
+    its own run's, and the gradient of the sum of the members' mean cross-entropies, ``(K, P)``.
     """
 
     def __call__(self, fm: FlatModel, theta, images, labels, idx, seed, mix, create_graph: bool) -> torch.Tensor:
-        x = images if idx is None else images[idx]
-        y = labels if idx is None else labels[idx]
+        members = theta.dim() == 2
+        x, y = images, labels
+        if idx is not None:
+            at = (torch.arange(len(idx), device=idx.device).unsqueeze(1), idx) if members else idx
+            x, y = images[at], labels[at]
         if mix is not None:
             x = dsa_mixed(x, *mix)
         elif seed is not None:
-            x = dsa(x, seed)
-        (g,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), y), theta, create_graph=create_graph)
+            x = torch.stack([dsa(xk, sk) for xk, sk in zip(x, seed, strict=True)]) if members else dsa(x, seed)
+        logits = fm(theta, x)
+        if members:  # the mean over all K*b rows, times K: the sum of the members' means
+            logits, y = logits.flatten(0, 1), y.flatten(0, 1)
+        ce = F.cross_entropy(logits, y) * (len(theta) if members else 1)
+        (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
         return g
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -138,7 +189,8 @@ def meta_gradient(
         images: Synthetic images X ``(n, C, H, W)`` (values only; no grad needed on input).
         labels: ``(n,)`` int64.
         lr: alpha, a 0-dim tensor.
-        start, target: theta*_t and theta*_{t+M}, ``(P,)``.
+        start, target: theta*_t and theta*_{t+M}, ``(P,)``. With K members every one of these, the
+            masks and the label logits have a leading axis K (and ``plan`` is a ``StepPlan.stack``).
         plan: Per-step batches and DSA seeds (N = ``len(plan)``).
         memory: ``full`` or ``low``.
         loss_mask: Called once with (theta_N detached, target, start) for the loss mask; ``None``
@@ -155,7 +207,7 @@ def meta_gradient(
             kept, at no cost in peak memory). Ignored by ``full``.
 
     Returns:
-        Loss, dL/dX, dL/dalpha, the loss mask used, and dL/d(label_logits) with soft labels.
+        Loss, dL/dX, dL/dalpha, the loss mask used, and dL/d(label_logits) with soft labels (per member).
     """
     if keep_graphs < 0:
         raise ValueError(f"keep_graphs must be >= 0, got {keep_graphs}")
@@ -175,13 +227,13 @@ def _meta_full(fm, images, labels, lr, start, target, plan, loss_mask, u, grad, 
         if label_logits is not None:
             ylog = label_logits.detach().requires_grad_(True)
             leaves.append(ylog)
-            labels = F.softmax(ylog, dim=1)  # (n, C) targets, differentiable w.r.t. the logits
+            labels = F.softmax(ylog, dim=-1)  # (n, C) targets, differentiable w.r.t. the logits
         for idx, seed, mix in plan.steps():
             g = grad(fm, theta, x, labels, idx, seed, mix, create_graph=True)
-            theta = theta - a * (g if u is None else u * g)
+            theta = theta - _per(a, g) * (g if u is None else u * g)
         keep = None if loss_mask is None else loss_mask(theta.detach(), target, start)
         loss = matching_loss(theta, target, start, keep)
-        grads = [grad.reduce(t) for t in torch.autograd.grad(loss, leaves)]
+        grads = [grad.reduce(t) for t in torch.autograd.grad(loss.sum(), leaves)]
     return MetaResult(loss.detach(), grads[0], grads[1], keep, grads[2] if label_logits is not None else None)
 
 
@@ -198,12 +250,12 @@ def _meta_low(
     if soft:
         ylog = label_logits.detach().requires_grad_(True)
         with torch.no_grad():
-            plain_labels = F.softmax(ylog, dim=1)  # the recomputed steps' forward sweep needs no graph to the logits
+            plain_labels = F.softmax(ylog, dim=-1)  # the recomputed steps' forward sweep needs no graph to the logits
     else:
         plain_labels = labels
     kept = {}  # n -> (theta_n leaf, g_n with its graph): the steps whose graphs the backward sweep reuses
     # Forward: only theta_0..theta_N are kept, in one buffer allocated once.   (N+1, P)
-    thetas = torch.empty((n_steps + 1, start.numel()), dtype=start.dtype, device=start.device)
+    thetas = torch.empty((n_steps + 1, *start.shape), dtype=start.dtype, device=start.device)
     thetas[0] = start.detach()
     with torch.enable_grad():
         steps = list(plan.steps())
@@ -214,16 +266,16 @@ def _meta_low(
             else:
                 # Its own copy: writing theta_{n+1} into the buffer bumps the version of every row's view.
                 theta = thetas[n].clone().requires_grad_(True)
-                targets = F.softmax(ylog, dim=1) if soft else labels  # one softmax node per step: freed with it
+                targets = F.softmax(ylog, dim=-1) if soft else labels  # one softmax node per step: freed with it
                 g_graph = grad(fm, theta, x, targets, idx, seed, mix, create_graph=True)
                 kept[n] = (theta, g_graph)
                 g = g_graph.detach()
             with torch.no_grad():
-                torch.sub(thetas[n], a * (g if u is None else u * g), out=thetas[n + 1])
+                torch.sub(thetas[n], _per(a, g) * (g if u is None else u * g), out=thetas[n + 1])
         end = thetas[n_steps].detach().requires_grad_(True)
         keep = None if loss_mask is None else loss_mask(end.detach(), target, start)
         loss = matching_loss(end, target, start, keep)
-        (lam,) = torch.autograd.grad(loss, end)  # dL/dtheta_N
+        (lam,) = torch.autograd.grad(loss.sum(), end)  # dL/dtheta_N
     # Backward: reuse the kept graphs, recompute the others one step at a time.
     grad_x = torch.zeros_like(x)
     grad_a = torch.zeros_like(a)
@@ -235,18 +287,18 @@ def _meta_low(
                 theta, g = kept.pop(n)
             else:
                 theta = thetas[n].detach().requires_grad_(True)
-                targets = F.softmax(ylog, dim=1) if soft else labels
+                targets = F.softmax(ylog, dim=-1) if soft else labels
                 idx, seed, mix = steps[n]
                 g = grad(fm, theta, x, targets, idx, seed, mix, create_graph=True)
             mu = lam if u is None else u * lam
             if soft:
                 d_theta, d_x, d_y = torch.autograd.grad(g, [theta, x, ylog], grad_outputs=mu)
-                grad_y.sub_(a * d_y)
+                grad_y.sub_(_per(a, d_y) * d_y)
             else:
                 d_theta, d_x = torch.autograd.grad(g, [theta, x], grad_outputs=mu)
-            grad_a -= (mu * g.detach()).sum()
-            grad_x.sub_(a * d_x)
-            lam = lam - a * grad.reduce(d_theta)  # the vector-Hessian product of the whole batch
+            grad_a -= (mu * g.detach()).sum(-1)
+            grad_x.sub_(_per(a, d_x) * d_x)
+            lam = lam - _per(a, lam) * grad.reduce(d_theta)  # the vector-Hessian product of the whole batch
             del g, theta
     grad_x, grad_a = grad.reduce(grad_x), grad.reduce(grad_a)
     return MetaResult(loss.detach(), grad_x, grad_a, keep, grad.reduce(grad_y) if soft else None)

@@ -20,7 +20,9 @@ is linear in gy and bilinear in (gy, x) or (gy, w); given cotangents (a, p, q) o
     d w  = conv_w^T(gy; a)                       (the weight gradient of conv(a; w))
 
 because <a, gx> = <conv(a; w), gy> and <p, gw> = <conv(x; p), gy>. Only what the caller needs is
-computed; the second derivative is not differentiable again (``once_differentiable``). A plain
+computed; the second derivative is not differentiable again (``once_differentiable``). A grouped
+convolution (``groups`` G: G convolutions side by side, as K students run as one wide network) is
+block-diagonal, so every identity holds block by block and the same calls take ``groups``. A plain
 backward (no ``create_graph``) computes (gx, gw, gb) without building the node for the second one.
 
 :func:`conv2d` runs this only while ``dpd_cli.models.use_fused()`` is on (the default); otherwise it is
@@ -38,42 +40,43 @@ from dpd_cli.models import use_fused
 __all__ = ["conv2d"]
 
 
-def _backward(gy, x, w, padding: int, mask):
-    """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding)`` at incoming gradient ``gy``; entries not in ``mask`` are None.
+def _backward(gy, x, w, padding: int, mask, groups: int = 1):
+    """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding, groups)`` at incoming gradient ``gy``; entries not in ``mask``
+    are None.
 
     gb is a plain sum over (n, h, w).
     """
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        gy, x, w, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [mask[0], mask[1], False]
+        gy, x, w, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], groups, [mask[0], mask[1], False]
     )
     return gx, gw, (gy.sum((0, 2, 3)) if mask[2] else None)
 
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, padding):
+    def forward(ctx, x, w, b, padding, groups):
         ctx.save_for_backward(x, w)
-        ctx.padding = padding
-        return F.conv2d(x, w, b, padding=padding)
+        ctx.padding, ctx.groups = padding, groups
+        return F.conv2d(x, w, b, padding=padding, groups=groups)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         mask = tuple(ctx.needs_input_grad[:3])
         if not torch.is_grad_enabled():  # a plain backward (no create_graph): no node for a second derivative
-            return (*_backward(gy, x, w, ctx.padding, mask), None)
-        gx, gw, gb = _Conv2dBackward.apply(gy, x, w, ctx.padding, mask)
-        return gx, gw, gb, None
+            return (*_backward(gy, x, w, ctx.padding, mask, ctx.groups), None, None)
+        gx, gw, gb = _Conv2dBackward.apply(gy, x, w, ctx.padding, mask, ctx.groups)
+        return gx, gw, gb, None, None
 
 
 class _Conv2dBackward(torch.autograd.Function):
     """``(gy, x, w) -> (gx, gw, gb)`` of the convolution; its own backward is the closed form above."""
 
     @staticmethod
-    def forward(ctx, gy, x, w, padding, mask):
-        gx, gw, gb = _backward(gy, x, w, padding, mask)
+    def forward(ctx, gy, x, w, padding, mask, groups):
+        gx, gw, gb = _backward(gy, x, w, padding, mask, groups)
         ctx.save_for_backward(gy, x, w)
-        ctx.padding = padding
+        ctx.padding, ctx.groups = padding, groups
         ctx.set_materialize_grads(False)  # absent cotangents arrive as None: no zero tensors, no work
         return gx, gw, gb
 
@@ -82,31 +85,33 @@ class _Conv2dBackward(torch.autograd.Function):
     def backward(ctx, a, p, q):
         gy, x, w = ctx.saved_tensors
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
-        pad = ctx.padding
+        pad, groups = ctx.padding, ctx.groups
         d_gy = d_x = d_w = None
         if need_gy:
             if a is not None:
-                d_gy = F.conv2d(a, w, padding=pad)
+                d_gy = F.conv2d(a, w, padding=pad, groups=groups)
             if p is not None:
-                term = F.conv2d(x, p, padding=pad)
+                term = F.conv2d(x, p, padding=pad, groups=groups)
                 d_gy = term if d_gy is None else d_gy.add_(term)
             if q is not None:
                 qb = q.view(1, -1, 1, 1)
                 d_gy = qb.expand_as(gy).clone() if d_gy is None else d_gy.add_(qb)
         if need_x and p is not None:
-            d_x = _backward(gy, x, p, pad, (True, False, False))[0]
+            d_x = _backward(gy, x, p, pad, (True, False, False), groups)[0]
         if need_w and a is not None:
-            d_w = _backward(gy, a, w, pad, (False, True, False))[1]
-        return d_gy, d_x, d_w, None, None
+            d_w = _backward(gy, a, w, pad, (False, True, False), groups)[1]
+        return d_gy, d_x, d_w, None, None, None
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, no dilation, one group), twice differentiable
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0, groups: int = 1
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)`` (stride 1, no dilation), twice differentiable
     with the second derivative in ``aten.convolution`` / ``aten.convolution_backward`` calls.
 
     With ``dpd_cli.models.use_fused()`` off (or for an input that is not a batch of images) it is
     ``F.conv2d`` itself.
     """
     if not use_fused() or x.dim() != 4:
-        return F.conv2d(x, weight, bias, padding=padding)
-    return _Conv2d.apply(x, weight, bias, padding)
+        return F.conv2d(x, weight, bias, padding=padding, groups=groups)
+    return _Conv2d.apply(x, weight, bias, padding, groups)

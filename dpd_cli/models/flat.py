@@ -72,7 +72,17 @@ class FlatModel:
                 p.copy_(v)
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params = self.unflatten(flat)
+        """The logits at ``flat`` ``(P,)`` on ``x``; or K members' at once: ``flat`` ``(K, P)``, ``x`` ``(K, n, ...)``,
+        logits ``(K, n, classes)``, member k the network at ``flat[k]`` on ``x[k]``."""
+        if flat.dim() == 2 and not getattr(self.module, "supports_forward_flat", False):
+            return torch.stack([self(f, xk) for f, xk in zip(flat, x, strict=True)])
+        if flat.dim() == 2:
+            chunks = torch.split(flat, self._numels, dim=1)
+            params = {
+                layer.name: c.reshape(len(flat), *layer.shape) for layer, c in zip(self.layers, chunks, strict=True)
+            }
+        else:
+            params = self.unflatten(flat)
         if getattr(self.module, "supports_forward_flat", False):
             return self.module.forward_flat(params, x)  # same math, no per-call module swapping
         return functional_call(self.module, params, (x,))

@@ -77,15 +77,27 @@ class ConvNet(nn.Module):
         The distillation student runs this N times per iteration; it computes exactly what
         ``functional_call(self, p, x)`` does without that call's per-call module swapping,
         which dominates on a GPU at small batch sizes.
+
+        K students at once (``dpd distill --seeds``): ``x`` is ``(K, n, C, H, W)`` and every tensor of ``p``
+        has a leading member axis K; the result is ``(K, n, classes)``. They run as one network K times as
+        wide: member k's channels are the k-th block, its convolutions a group of their own, and instance
+        norm, ReLU and pooling act per channel anyway.
         """
+        k = x.shape[0] if x.dim() == 5 else 1
+        wide = (lambda t: t.flatten(0, 1)) if x.dim() == 5 else (lambda t: t)
+        if x.dim() == 5:
+            x = x.transpose(0, 1).flatten(1, 2)  # (n, K*C, H, W)
         for d in range(1, self.depth + 1):
-            x = conv2d(x, p[f"conv{d}.weight"], p[f"conv{d}.bias"], padding=self._pads[d - 1])
+            x = conv2d(x, wide(p[f"conv{d}.weight"]), wide(p[f"conv{d}.bias"]), padding=self._pads[d - 1], groups=k)
             if self._norm_kind == "instance":
-                x = instance_norm(x, p[f"norm{d}.weight"], p[f"norm{d}.bias"], eps=1e-5, relu=True)
+                x = instance_norm(x, wide(p[f"norm{d}.weight"]), wide(p[f"norm{d}.bias"]), eps=1e-5, relu=True)
             else:
                 x = F.relu(x)
             x = avg_pool2(x) if self._pool_kind == "avg" else F.max_pool2d(x, 2, 2)
-        return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
+        if p["fc.weight"].dim() == 2:
+            return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
+        x = x.reshape(x.shape[0], k, -1).transpose(0, 1)  # (K, n, features): member k's in its own order
+        return torch.baddbmm(p["fc.bias"].unsqueeze(1), x, p["fc.weight"].transpose(1, 2))
 
 
 class _BasicBlock(nn.Module):

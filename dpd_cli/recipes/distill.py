@@ -20,6 +20,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from dpd_cli.core import matching, parallel
 from dpd_cli.core.graphs import GraphedMetaGradient
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.data import load_dataset
-from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
 from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
@@ -57,13 +58,14 @@ from dpd_cli.recipes.distill_inputs import (
     layer_totals,
     other_settings,
     resume_message,
+    seed_settings,
     to_device,
     with_experts,
     with_experts_sources,
 )
 from dpd_cli.recipes.runtime import derive_seed, model_spec, prepare_runtime
 
-__all__ = ["DistillRecipe", "run", "default_run_dir", "existing"]
+__all__ = ["DistillRecipe", "SeedsRecipe", "run", "default_run_dir", "existing"]
 
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
 #: The signatures of too large an image step, warned about once each (docs/guide.md, "Too large an image step"):
@@ -110,6 +112,7 @@ class DistillRecipe:
         self.changed: dict = {}  # ADJUSTABLE settings this resume changed, for the next metrics line
         self._early_losses: list[float] = []  # of iterations 1..K+1, for the loss-rise check
         self.step_warnings: list[dict] = []  # {"kind", "iteration", "message"}, kept in the run's files
+        self.in_batch = False  # one of --seeds' runs: SeedsRecipe steps it
 
     def __enter__(self) -> DistillRecipe:
         try:
@@ -251,14 +254,25 @@ class DistillRecipe:
     # --- one iteration --------------------------------------------------------------------------
     def step(self) -> None:
         """Run iteration ``state.iteration``: unroll, mask, meta-gradient, update images and alpha."""
+        it, e, t, start, target, plan = self.draw()
+        self.update(self._meta_gradient(start, target, plan, self.prune.ratio_at(it)), e, t)
+
+    def draw(self) -> tuple[int, int, int, torch.Tensor, torch.Tensor, matching.StepPlan]:
+        """Iteration ``state.iteration``'s random choices, all from ``(seed, iteration)``: the iteration, the
+        expert e, the start epoch t, theta*_t and theta*_{t+M} of expert e, and the unroll's plan."""
         s, st = self.s, self.state
         it = st.iteration
         rng = random.Random(derive_seed(s.seed, "iteration", it))
         e = rng.randrange(len(self.experts))
         t = rng.randrange(s.max_start_epoch)
         start, target = (to_device(v, self.device) for v in self.experts.pair(e, t, s.expert_epochs))
-        plan = draw_plan(rng, len(st.images), s, self.device)
-        res = self._meta_gradient(start, target, plan, self.prune.ratio_at(it))
+        return it, e, t, start, target, draw_plan(rng, len(st.images), s, self.device)
+
+    def update(self, res: matching.MetaResult, e: int, t: int) -> None:
+        """Apply the iteration's meta-gradient (from expert e, start epoch t): SGD on the images, alpha and
+        the label logits, the prune counts and state, and the iteration's record."""
+        s, st = self.s, self.state
+        it = st.iteration
         self.pruner.commit()
         with torch.no_grad():
             _sgd_(st.images, st.momentum_images, res.grad_images, s.lr_img, _MOMENTUM)
@@ -283,27 +297,27 @@ class DistillRecipe:
             if note:
                 self.sink.emit(Message(note, "warning"))
             return res
-        st, keep = self.state, self.pruner.unroll_keep(ratio)
-        mask = self.pruner.loss_mask(ratio, keep)
         return matching.meta_gradient(
             self.fm,
-            st.images,
-            self.labels,
-            st.lr,
-            start,
-            target,
-            plan,
-            self.s.memory,
-            loss_mask=mask,
-            unroll_keep=keep,
+            start=start,
+            target=target,
+            plan=plan,
+            memory=self.s.memory,
             batch_grad=self.batch_grad,
-            label_logits=st.label_logits,
             keep_graphs=self.s.keep_graphs,
+            **self.problem(ratio),
         )
+
+    def problem(self, ratio: float) -> dict:
+        """This run's own arguments of ``meta_gradient`` at prune ratio ``ratio``: images, labels, alpha, the label
+        logits, the loss mask and the parameters that move in the unroll."""
+        st, keep = self.state, self.pruner.unroll_keep(ratio)
+        own = {"images": st.images, "labels": self.labels, "lr": st.lr, "label_logits": st.label_logits}
+        return {**own, "loss_mask": self.pruner.loss_mask(ratio, keep), "unroll_keep": keep}
 
     def _graphed(self) -> GraphedMetaGradient | None:
         """The CUDA-graph runner (``--cuda-graphs``, on a GPU), or ``None`` with a message saying why not."""
-        why_not, st = cuda_graphs(self.s, self.device, self.group, self.pruner), self.state
+        why_not, st = cuda_graphs(self.s, self.device, self.group, self.pruner, self.in_batch), self.state
         if why_not:
             self.sink.emit(Message(f"CUDA graphs not used ({why_not}); each iteration runs eagerly."))
         if why_not is not None:
@@ -388,27 +402,7 @@ class DistillRecipe:
     def train(self) -> Path:
         """Iterate until ``--iterations``, checkpointing every ``--checkpoint-every`` and, before raising
         ``Interrupted``, on a stop request; returns the run directory."""
-        s = self.s
-        t_run = time.perf_counter()
-        self._window_t0 = t_run
-        while self.state.iteration < s.iterations:
-            if self._stop_requested():
-                self.checkpoint()
-                raise interrupt.Interrupted(
-                    f"stopped after iteration {self.state.iteration}; rerun the same command with --resume to continue {self.run_dir}"
-                )
-            self.step()
-            if len(self._pending) >= self.log_every:
-                self.flush()
-            if self.state.iteration % s.checkpoint_every == 0 and self.state.iteration < s.iterations:
-                self.checkpoint()
-        self.checkpoint()
-        self.sink.emit(
-            DistillDone(
-                str(self.run_dir), s.iterations, self.last_loss, float(self.state.lr), time.perf_counter() - t_run
-            )
-        )
-        return self.run_dir
+        return _train(self.step, [self])[0]
 
     def _record(self, iteration: int | str) -> dict:
         """What ``settings.json`` (``iteration="settings"``) or the files of an iteration record about the run."""
@@ -460,17 +454,139 @@ class DistillRecipe:
         return DistillState(int(meta["iteration"]), *fixed, **opt)
 
 
-def run(settings: DistillSettings, sink: Sink | None = None) -> Path:
-    """Distil a synthetic set; resumable, deterministic under ``settings.seed``.
+def _train(step: Callable[[], None], runs: list[DistillRecipe]) -> list[Path]:
+    """``step`` (all of ``runs`` one iteration on) until ``--iterations``; each run flushes and checkpoints as
+    on its own: every ``--checkpoint-every`` and, before ``Interrupted`` is raised, on a stop request."""
+    first, s = runs[0], runs[0].s
+    t_run = time.perf_counter()
+    for r in runs:
+        r._window_t0 = t_run
+    while first.state.iteration < s.iterations:
+        if first._stop_requested():
+            for r in runs:
+                r.checkpoint()
+            dirs = ", ".join(str(r.run_dir) for r in runs)
+            raise interrupt.Interrupted(
+                f"stopped after iteration {first.state.iteration}; rerun the same command with --resume to continue {dirs}"
+            )
+        step()
+        for r in runs:
+            if len(r._pending) >= r.log_every:
+                r.flush()
+            if r.state.iteration % s.checkpoint_every == 0 and r.state.iteration < s.iterations:
+                r.checkpoint()
+    for r in runs:
+        r.checkpoint()
+        seconds = time.perf_counter() - t_run
+        r.sink.emit(DistillDone(str(r.run_dir), s.iterations, r.last_loss, float(r.state.lr), seconds))
+    return [r.run_dir for r in runs]
+
+
+class SeedsRecipe:
+    """``--seeds``: K distillations that differ only in their seed, as one computation.
+
+    Each is a ``DistillRecipe`` of its own (settings, run directory, state, random draws, checkpoints, as
+    ``--seed S`` would have them); every iteration their meta-gradients are one ``meta_gradient`` call over
+    the K runs stacked along a leading member axis (``dpd_cli.core.matching``), eagerly (no CUDA graphs).
+    """
+
+    def __init__(self, settings: DistillSettings, sink: Sink | None = None):
+        if parallel.world_from_env()[1] > 1:
+            raise SettingsError("--seeds runs on one process: under torchrun, launch one --seed per run.")
+        sink = sink or NullSink()
+        runs = seed_settings(settings)
+        dirs = [r.out or default_run_dir(r) for r in runs]
+        sink.emit(
+            Message(f"{len(runs)} runs in one batch, the progress shown is the first's: {', '.join(map(str, dirs))}")
+        )
+        self.runs: list[DistillRecipe] = []
+        try:
+            for k, s in enumerate(runs):
+                self.runs.append(DistillRecipe(s, _RunSink(sink, s.seed, progress=k == 0)))
+                self.runs[-1].in_batch = True
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> SeedsRecipe:
+        try:
+            for r in self.runs:
+                r.setup()
+            at = {r.state.iteration for r in self.runs}
+            if len(at) > 1:
+                where = ", ".join(f"{r.run_dir} at iteration {r.state.iteration}" for r in self.runs)
+                raise StorageError(
+                    f"--seeds resumes its runs together, but they stopped at different iterations ({where}). "
+                    f"Bring the others to iteration {max(at)} on their own (dpd distill --seed S --out DIR "
+                    f"--resume --iterations {max(at)}), then resume them together."
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for r in self.runs:
+            r.close()
+
+    def step(self) -> None:
+        """One iteration of every run: each draws as on its own, one meta-gradient for all, each updates itself."""
+        draws = [r.draw() for r in self.runs]
+        first, ratio = self.runs[0], self.runs[0].prune.ratio_at(draws[0][0])
+        parts = [r.problem(ratio) for r in self.runs]
+        both = {
+            k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]) for k in parts[0] if k != "loss_mask"
+        }
+        res = matching.meta_gradient(
+            first.fm,
+            start=torch.stack([d[3] for d in draws]),
+            target=torch.stack([d[4] for d in draws]),
+            plan=matching.StepPlan.stack([d[5] for d in draws]),
+            memory=first.s.memory,
+            keep_graphs=first.s.keep_graphs,
+            loss_mask=matching.stack_masks([p["loss_mask"] for p in parts]),
+            **both,
+        )
+        for k, (r, d) in enumerate(zip(self.runs, draws, strict=True)):
+            r.update(res.member(k), d[1], d[2])
+
+    def train(self) -> list[Path]:
+        """As ``DistillRecipe.train``, for all the runs together; returns their run directories."""
+        return _train(self.step, self.runs)
+
+
+class _RunSink:
+    """What one of ``--seeds``' runs reports: its messages (marked with its seed) and its end; the first run its
+    progress too (all move together)."""
+
+    def __init__(self, sink: Sink, seed: int, progress: bool):
+        self.sink, self.seed, self.progress = sink, seed, progress
+
+    def emit(self, event) -> None:
+        if isinstance(event, Message):
+            self.sink.emit(Message(f"seed {self.seed}: {event.text}", event.level))
+        elif self.progress or isinstance(event, DistillDone):
+            self.sink.emit(event)
+
+    def close(self) -> None:
+        pass
+
+
+def run(settings: DistillSettings, sink: Sink | None = None) -> Path | list[Path]:
+    """Distil a synthetic set; resumable, deterministic under ``settings.seed``. With ``settings.seeds`` one
+    run per seed, as one computation (``SeedsRecipe``).
 
     Returns:
-        The run directory.
+        The run directory (with ``seeds``: one per seed).
 
     Raises:
         UserError: Missing/mismatched experts, impossible IPC, existing output, divergence.
         Interrupted: A stop was requested; a checkpoint was written first.
     """
-    with DistillRecipe(settings, sink) as recipe:
+    with SeedsRecipe(settings, sink) if settings.seeds else DistillRecipe(settings, sink) as recipe:
         return recipe.train()
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "init_images",
     "draw_plan",
     "other_settings",
+    "seed_settings",
 ]
 
 
@@ -325,6 +326,14 @@ def draw_plan(rng: random.Random, n_images: int, s: DistillSettings, device) -> 
     return matching.StepPlan(batches, seeds)
 
 
+def seed_settings(s: DistillSettings) -> list[DistillSettings]:
+    """The runs of ``--seeds``: each the settings as given, with ``--seed S`` and, with ``--out X``, ``--out X-sS``
+    (without: the default run directory, which names the seed), and no ``--seeds``."""
+    given = {k: getattr(s, k) for k in s.model_fields_set if k != "seeds"}
+    outs = [{"out": s.out.with_name(f"{s.out.name}-s{seed}")} if s.out else {} for seed in s.seeds]
+    return [type(s).model_validate({**given, "seed": seed, **out}) for seed, out in zip(s.seeds, outs, strict=True)]
+
+
 def check_resumable(
     run_dir: Path, s: DistillSettings, shash: str, image_shape: tuple, n_params: int, path: Path, t: dict, meta: dict
 ) -> None:
@@ -417,12 +426,14 @@ def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
     )
 
 
-def cuda_graphs(s: DistillSettings, device: torch.device, group, pruner) -> str | None:
+def cuda_graphs(s: DistillSettings, device: torch.device, group, pruner, in_batch: bool = False) -> str | None:
     """``None`` when the meta-gradient is replayed from CUDA graphs; else why not (``""``: not asked for)."""
     if device.type != "cuda" or not s.cuda_graphs:
         return ""
     if group is not None:
         return "under torchrun"
+    if in_batch:
+        return "--seeds runs its batch eagerly"
     if pruner.keeps_state:
         return "--prune-mask ema and --prune-mode network carry state across iterations"
     return None

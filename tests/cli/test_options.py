@@ -61,6 +61,7 @@ def _other_value(s: S.SettingInfo) -> Any:
         "keep_checkpoints": "all",
         "init": "noise",
         "format": "npz",
+        "seeds": [3, 1],
     }
     if s.name in special:
         return special[s.name]
@@ -85,12 +86,18 @@ def _as_flag(s: S.SettingInfo, value: Any) -> list[str]:
     if s.kind == "bool":
         return [s.flag if value else "--no-" + s.flag[2:]]
     # Allowed values given in upper case: the command line must accept them in any case.
-    text = ",".join(value).upper() if s.kind == "list" else str(value).upper() if s.kind == "choice" else str(value)
+    text = (
+        ",".join(map(str, value)).upper()
+        if s.kind == "list"
+        else str(value).upper()
+        if s.kind == "choice"
+        else str(value)
+    )
     return [s.flag, text]
 
 
 def _as_env(s: S.SettingInfo, value: Any) -> str:
-    return ",".join(value) if s.kind == "list" else str(value).lower() if s.kind == "bool" else str(value)
+    return ",".join(map(str, value)) if s.kind == "list" else str(value).lower() if s.kind == "bool" else str(value)
 
 
 def _as_toml(value: Any) -> str:

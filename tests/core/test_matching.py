@@ -544,3 +544,93 @@ def test_low_memory_holds_one_steps_graph_at_a_time(prob):
         assert max(steps[:n]) <= _SavedBytes()(low(n)) <= max(steps[:n]) + vector + 8
     assert _SavedBytes()(low(6, keep=3)) >= 2.5 * min(steps)
     assert _SavedBytes()(low(6, keep=6)) >= 5.5 * min(steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# K distillations at once (dpd distill --seeds)
+
+
+def _member_plan(k: int, n_images: int) -> StepPlan:
+    """Member k's own mini-batches and DSA seeds, as its run draws them."""
+    g = torch.Generator().manual_seed(100 + k)
+    return StepPlan([torch.randperm(n_images, generator=g)[:4] for _ in range(3)], [1000 * k + i for i in range(3)])
+
+
+@pytest.mark.parametrize("memory,keep_graphs", [("full", 0), ("low", 0), ("low", 2)], ids=["full", "low", "low-keep2"])
+@pytest.mark.parametrize(
+    "prune",
+    [PruneConfig(), PruneConfig(0.1), PruneConfig(0.1, "layer", mask="ema"), PruneConfig(0.1, mode="network")],
+    ids=["mtt", "loss", "loss-ema-layer", "network"],
+)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_k_members_at_once_equal_k_separate_runs(memory, keep_graphs, prune, soft):
+    """Three runs with their own images, alpha, expert pair, batches, DSA draws, labels and prune state, through
+    three iterations of image/alpha/label updates: one batched meta_gradient per iteration equals three
+    single ones (the single-run code is the reference) to 1e-10 in float64."""
+    from dpd_cli.core.matching import stack_masks
+    from dpd_cli.core.pruning import Pruner
+
+    probs = [Problem(seed=k) for k in range(3)]
+    sizes = probs[0].sizes
+    runs = [
+        {
+            "images": p.images.clone(),
+            "lr": p.lr + 0.01 * k,
+            "logits": torch.randn(len(p.labels), 3, generator=torch.Generator().manual_seed(k), dtype=DT)
+            if soft
+            else None,
+        }
+        for k, p in enumerate(probs)
+    ]
+    batch = [dict(r) for r in runs]
+    single_pruners = [Pruner(prune, sizes) for _ in probs]
+    batch_pruners = [Pruner(prune, sizes) for _ in probs]
+
+    def single(k, it):
+        p, r, pr = probs[k], runs[k], single_pruners[k]
+        keep = pr.unroll_keep(prune.ratio)
+        res = meta_gradient(
+            p.fm, r["images"], p.labels, r["lr"], p.start, p.target, _member_plan(k + 10 * it, 6), memory,
+            loss_mask=pr.loss_mask(prune.ratio, keep), unroll_keep=keep, label_logits=r["logits"], keep_graphs=keep_graphs,
+        )  # fmt: skip
+        pr.commit()
+        return res
+
+    def stacked(key):
+        return None if batch[0][key] is None else torch.stack([b[key] for b in batch])
+
+    for it in range(3):
+        separate = [single(k, it) for k in range(3)]
+        keeps = [pr.unroll_keep(prune.ratio) for pr in batch_pruners]
+        res = meta_gradient(
+            probs[0].fm,
+            stacked("images"),
+            torch.stack([p.labels for p in probs]),
+            stacked("lr"),
+            torch.stack([p.start for p in probs]),
+            torch.stack([p.target for p in probs]),
+            StepPlan.stack([_member_plan(k + 10 * it, 6) for k in range(3)]),
+            memory,
+            loss_mask=stack_masks([pr.loss_mask(prune.ratio, kp) for pr, kp in zip(batch_pruners, keeps)]),
+            unroll_keep=None if keeps[0] is None else torch.stack(keeps),
+            label_logits=stacked("logits"),
+            keep_graphs=keep_graphs,
+        )
+        for pr in batch_pruners:
+            pr.commit()
+        assert res.loss.shape == (3,) and res.grad_lr.shape == (3,)
+        for k, ref in enumerate(separate):
+            got = res.member(k)
+            assert (
+                (got.keep is None) == (ref.keep is None) == (prune.ratio == 0 or (it == 0 and prune.mode == "network"))
+            )
+            if ref.keep is not None:
+                assert torch.equal(got.keep, ref.keep)
+            for name in ("loss", "grad_images", "grad_lr") + (("grad_labels",) if soft else ()):
+                assert_rel_close(getattr(got, name), getattr(ref, name))
+            # the next iteration starts from each run's own update
+            for side, r in ((ref, runs[k]), (got, batch[k])):
+                r["images"] = r["images"] - 50.0 * side.grad_images
+                r["lr"] = r["lr"] - 1e-4 * side.grad_lr
+                if soft:
+                    r["logits"] = r["logits"] - 2.0 * side.grad_labels

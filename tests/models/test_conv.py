@@ -14,17 +14,21 @@ from tests.helpers import fused
 D = torch.float64
 
 
-def _inputs(shape, cout, pad, bias, seed=0):
+def _inputs(shape, cout, pad, bias, seed=0, groups=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g, dtype=D).requires_grad_(True)
-    w = torch.randn(cout, shape[1], 3, 3, generator=g, dtype=D).requires_grad_(True)
+    w = torch.randn(cout, shape[1] // groups, 3, 3, generator=g, dtype=D).requires_grad_(True)
     b = torch.randn(cout, generator=g, dtype=D).requires_grad_(True) if bias else None
     return x, w, b
 
 
-def _naive_conv(x, w, b, pad):
+def _naive_conv(x, w, b, pad, groups=1):
     """Stride-1 cross-correlation as a sum over the kernel's offsets (shifted slices times weights): nothing
-    shared with F.conv2d's kernels; autograd differentiates it twice like any elementwise expression."""
+    shared with F.conv2d's kernels; autograd differentiates it twice like any elementwise expression. With
+    ``groups``: each group's channels convolved on their own, the outputs side by side."""
+    if groups > 1:
+        parts = zip(x.chunk(groups, 1), w.chunk(groups, 0), b.chunk(groups) if b is not None else [None] * groups)
+        return torch.cat([_naive_conv(xg, wg, bg, pad) for xg, wg, bg in parts], 1)
     xp = F.pad(x, (pad, pad, pad, pad))
     kh, kw = w.shape[2:]
     h, wd = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
@@ -37,28 +41,30 @@ def _naive_conv(x, w, b, pad):
 
 
 CASES = [
-    ((2, 3, 6, 5), 4, 1, True),
-    ((3, 1, 7, 7), 2, 3, True),
-    ((1, 2, 4, 9), 3, 0, False),
-    ((2, 2, 3, 3), 5, 1, False),
+    ((2, 3, 6, 5), 4, 1, True, 1),
+    ((3, 1, 7, 7), 2, 3, True, 1),
+    ((1, 2, 4, 9), 3, 0, False, 1),
+    ((2, 2, 3, 3), 5, 1, False, 1),
+    ((2, 6, 5, 5), 9, 1, True, 3),  # three students side by side (dpd distill --seeds)
+    ((1, 4, 4, 6), 4, 0, False, 2),
 ]
 
 
-@pytest.mark.parametrize("shape,cout,pad,bias", CASES)
-def test_gradcheck_and_gradgradcheck(shape, cout, pad, bias):
-    x, w, b = _inputs(shape, cout, pad, bias)
+@pytest.mark.parametrize("shape,cout,pad,bias,groups", CASES)
+def test_gradcheck_and_gradgradcheck(shape, cout, pad, bias, groups):
+    x, w, b = _inputs(shape, cout, pad, bias, groups=groups)
     args = (x, w, b) if bias else (x, w)
-    fn = (lambda x, w, b: conv2d(x, w, b, pad)) if bias else (lambda x, w: conv2d(x, w, None, pad))
+    fn = (lambda x, w, b: conv2d(x, w, b, pad, groups)) if bias else (lambda x, w: conv2d(x, w, None, pad, groups))
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
 
 
-@pytest.mark.parametrize("shape,cout,pad,bias", CASES)
+@pytest.mark.parametrize("shape,cout,pad,bias,groups", CASES)
 @pytest.mark.parametrize("cotangents", ["all", "gx", "gw", "gb", "gx+gw"])
-def test_second_derivatives_equal_pytorchs_and_the_written_out_convolution(shape, cout, pad, bias, cotangents):
+def test_second_derivatives_equal_pytorchs_and_the_written_out_convolution(shape, cout, pad, bias, groups, cotangents):
     """The output, the gradient and the gradient of any mix of (gx, gw, gb): the fused path against the
     reference path (F.conv2d) and against the convolution written out above, to 1e-12."""
-    x, w, b = _inputs(shape, cout, pad, bias, seed=1)
+    x, w, b = _inputs(shape, cout, pad, bias, seed=1, groups=groups)
     params = [x, w] + ([b] if bias else [])
 
     def derivatives(conv):
@@ -75,10 +81,10 @@ def test_second_derivatives_equal_pytorchs_and_the_written_out_convolution(shape
         return [y, *grads, *torch.autograd.grad(s, params + [gy], allow_unused=True)]
 
     with fused(True):
-        ours = derivatives(lambda: conv2d(x, w, b, pad))
+        ours = derivatives(lambda: conv2d(x, w, b, pad, groups))
     with fused(False):
-        plain = derivatives(lambda: conv2d(x, w, b, pad))
-    naive = derivatives(lambda: _naive_conv(x, w, b, pad))
+        plain = derivatives(lambda: conv2d(x, w, b, pad, groups))
+    naive = derivatives(lambda: _naive_conv(x, w, b, pad, groups))
     for ref in (plain, naive):
         assert len(ours) == len(ref)
         for a, r in zip(ours, ref, strict=True):

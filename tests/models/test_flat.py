@@ -23,6 +23,33 @@ def test_forward_equals_module(use_fused):
         assert torch.equal(fm(fm.flatten(), x), fm.module(x))
 
 
+@pytest.mark.parametrize("use_fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("norm", ["instance", "none", "batch"])
+def test_k_members_at_once_equal_each_member_on_its_own(use_fused, norm):
+    """(K, P) parameters on (K, n, ...) images: member k's logits and their first and second derivatives
+    are those of the network at theta[k] on x[k] alone (the wide grouped network, or a loop with batch norm)."""
+    fm = FlatModel(build_model(ModelSpec("convnet", 2, (8, 8), 3, width=4, depth=2, norm=norm)).double())
+    g = torch.Generator().manual_seed(0)
+    thetas = (torch.randn(3, fm.n_params, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
+    x = torch.randn(3, 5, 2, 8, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.randint(0, 3, (3, 5), generator=g)
+    v = torch.randn(3, fm.n_params, generator=g, dtype=torch.float64)
+
+    def derivatives(logits, theta):  # logits, grad_theta CE, and d<v, grad_theta CE>/d(theta, x)
+        (gt,) = torch.autograd.grad(
+            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), theta, create_graph=True
+        )
+        return [logits, gt, *torch.autograd.grad((gt * v).sum(), [thetas, x])]
+
+    with fused(use_fused):
+        ours = derivatives(fm(thetas, x), thetas)
+        rows = [thetas[k] for k in range(3)]
+        alone = derivatives(torch.stack([fm(rows[k], x[k]) for k in range(3)]), thetas)
+    assert ours[0].shape == (3, 5, 3)
+    for a, r in zip(ours, alone, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
 def test_flatten_is_a_detached_copy_in_parameter_order():
     fm = _fm()
     flat = fm.flatten()
