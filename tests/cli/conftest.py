@@ -14,6 +14,16 @@ DISTILL_TINY = "--ipc 1 --iterations 4 --syn-steps 3 --max-start-epoch 2 --exper
 TINY = ["--width", "8", "--depth", "2", "--train-per-class", "20", "--threads", "1"]
 
 
+def user_error(result, *phrases: str) -> None:
+    """Exit code 2, one ``Error:`` paragraph holding ``phrases``, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("Error: ")
+    message = " ".join(result.output.split())  # undo Rich's wrapping
+    for phrase in phrases:
+        assert phrase in message, message
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")

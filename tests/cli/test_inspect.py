@@ -13,6 +13,7 @@ import torch
 from dpd_cli import interrupt
 from dpd_cli.events import DistillIteration
 from dpd_cli.io import storage
+from tests.cli.conftest import user_error
 from tests.helpers import StopWhen, assert_close, make_image_folder
 
 _DISTILL = {
@@ -167,16 +168,6 @@ def built(tmp_path_factory) -> dict[str, Path]:
 def _ok(result) -> None:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-
-
-def _user_error(result, *phrases: str) -> None:
-    """Exit code 2, one ``Error:`` paragraph holding ``phrases``, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.output.startswith("Error: ")
-    message = " ".join(result.output.split())  # undo Rich's wrapping
-    for phrase in phrases:
-        assert phrase in message, message
 
 
 def _copy_run(built, tmp_path) -> Path:
@@ -447,12 +438,12 @@ def test_plot_writes_png(dpd, built, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_is_a_user_error(dpd, built, tmp_path, monkeypatch):
+def test_plot_without_matplotlib_is_auser_error(dpd, built, tmp_path, monkeypatch):
     # An entry of None in sys.modules makes `import matplotlib...` raise ImportError, as if it were not installed.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     r = dpd("inspect", built["experts"], "--plot", tmp_path / "none.png", "--json")
-    _user_error(r, '--plot needs matplotlib, which is not installed. Install it with `pip install "dpd-cli[plot]"`')
+    user_error(r, '--plot needs matplotlib, which is not installed. Install it with `pip install "dpd-cli[plot]"`')
     assert r.stdout == "" and "DPD_DEBUG" not in r.output
     assert not (tmp_path / "none.png").exists()
 
@@ -461,17 +452,17 @@ def test_image_outputs_need_an_existing_folder(dpd, built, tmp_path):
     for flag in ("--export-grid", "--plot"):
         out = tmp_path / "no" / "such" / "g.png"
         r = dpd("inspect", built["run"], flag, out)
-        _user_error(r, f"{flag} {out}: the folder {out.parent} does not exist. Create it first")
+        user_error(r, f"{flag} {out}: the folder {out.parent} does not exist. Create it first")
         assert not (tmp_path / "no").exists()
 
 
 # --- errors -----------------------------------------------------------------------------------
-def test_truncated_synthetic_file_is_a_user_error(dpd, built, tmp_path):
+def test_truncated_synthetic_file_is_auser_error(dpd, built, tmp_path):
     run = _copy_run(built, tmp_path)
     syn = run / "synthetic.safetensors"
     syn.write_bytes(syn.read_bytes()[:-100])
     r = dpd("inspect", syn)
-    _user_error(
+    user_error(
         r,
         "synthetic.safetensors is truncated or padded",
         "Rerun `dpd distill` with --resume",
@@ -489,7 +480,7 @@ def test_truncated_synthetic_file_is_a_user_error(dpd, built, tmp_path):
 def test_non_safetensors_files_are_user_errors(dpd, tmp_path, content, phrase):
     path = tmp_path / "thing.safetensors"
     path.write_bytes(content)
-    _user_error(dpd("inspect", path), phrase, "`dpd inspect` reads a run directory")
+    user_error(dpd("inspect", path), phrase, "`dpd inspect` reads a run directory")
 
 
 def test_a_torch_file_points_to_experts_import(dpd, tmp_path):
@@ -497,7 +488,7 @@ def test_a_torch_file_points_to_experts_import(dpd, tmp_path):
 
     for name in ("replay_buffer_0.pt", "legacy.pt"):  # torch.save's zip, and its pickle before PyTorch 1.6
         torch.save([[torch.zeros(3)]], tmp_path / name, _use_new_zipfile_serialization=name != "legacy.pt")
-        _user_error(
+        user_error(
             dpd("inspect", tmp_path / name),
             f"{tmp_path / name} is a PyTorch file (torch.save), not a safetensors file:",
             f"replay buffer (replay_buffer_N.pt), convert its experts with `dpd experts import {tmp_path / name} "
@@ -539,8 +530,8 @@ def test_an_export_folder_is_described(dpd, built, tmp_path):
     data = json.loads(dpd("inspect", out, "--json").stdout)
     assert (data["kind"], data["format"], data["n_images"], data["image_shape"]) == ("export", "datm", 10, [1, 28, 28])
     assert data["warnings"] == ["lr_best.pt is missing: the folder was changed after `dpd export` wrote it."]
-    _user_error(dpd("inspect", out / "images_best.pt"), f"It belongs to a `dpd export` folder: `dpd inspect {out}`")
-    _user_error(dpd("inspect", out, "--plot", tmp_path / "p.png"), "is an export folder (from `dpd export`)")
+    user_error(dpd("inspect", out / "images_best.pt"), f"It belongs to a `dpd export` folder: `dpd inspect {out}`")
+    user_error(dpd("inspect", out, "--plot", tmp_path / "p.png"), "is an export folder (from `dpd export`)")
 
 
 def test_diverged_runs_shown_and_malformed_ones_ignored(dpd, built, tmp_path):
@@ -561,25 +552,25 @@ def test_diverged_runs_shown_and_malformed_ones_ignored(dpd, built, tmp_path):
 
 
 def test_json_files_point_to_what_inspect_reads(dpd, built, tmp_path):
-    _user_error(
+    user_error(
         dpd("inspect", built["run"] / "eval.json"),
         "eval.json is a JSON file (plain text: open it directly)",
         f"`dpd inspect {built['run']}` shows the rest of the run.",
     )
     shutil.copy(built["run"] / "synthetic.safetensors", tmp_path / "best.safetensors")
     (tmp_path / "best.eval.json").write_text(json.dumps(EVAL))
-    _user_error(
+    user_error(
         dpd("inspect", tmp_path / "best.eval.json"),
         f"`dpd inspect {tmp_path / 'best.safetensors'}` shows this evaluation with the set it scores.",
     )
 
 
 def test_missing_path_and_foreign_folder(dpd, built, tmp_path):
-    _user_error(dpd("inspect", tmp_path / "nope"), "nope does not exist.")
+    user_error(dpd("inspect", tmp_path / "nope"), "nope does not exist.")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("hi")
-    _user_error(dpd("inspect", tmp_path / "notes"), "is neither a run directory", "It holds a.txt.")
-    _user_error(
+    user_error(dpd("inspect", tmp_path / "notes"), "is neither a run directory", "It holds a.txt.")
+    user_error(
         dpd("inspect", built["run"].parent),
         "is neither a run directory nor an experts folder, but it contains:",
         f"{built['run']} (run)",
@@ -588,9 +579,9 @@ def test_missing_path_and_foreign_folder(dpd, built, tmp_path):
 
 
 def test_flag_errors(dpd, built, tmp_path):
-    _user_error(dpd("inspect", built["experts"], "--export-grid", tmp_path / "g.png"), "is an experts folder")
-    _user_error(
+    user_error(dpd("inspect", built["experts"], "--export-grid", tmp_path / "g.png"), "is an experts folder")
+    user_error(
         dpd("inspect", built["run"] / "synthetic.safetensors", "--plot", tmp_path / "p.png"),
         "--plot draws a run directory or an experts folder",
     )
-    _user_error(dpd("inspect", built["run"], "--export-grid", tmp_path / "g.jpg"), "give a file name ending in .png")
+    user_error(dpd("inspect", built["run"], "--export-grid", tmp_path / "g.jpg"), "give a file name ending in .png")

@@ -14,6 +14,7 @@ import torch
 from dpd_cli import __version__, interrupt
 from dpd_cli.events import ExpertDone
 from dpd_cli.io import storage
+from tests.cli.conftest import user_error
 from tests.helpers import StopWhen
 
 _DISTILL = {
@@ -66,14 +67,6 @@ def built(tmp_path_factory) -> dict[str, Path]:
 def _ok(result) -> None:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-
-
-def _user_error(result, *phrases: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.output.startswith("Error: ")
-    message = " ".join(result.output.split())
-    for phrase in phrases:
-        assert phrase in message, message
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -326,7 +319,7 @@ def test_ls_marks_problems_and_refuses_a_missing_folder(dpd, built, tmp_path):
     assert any("synthetic.safetensors is truncated" in p for p in data["entries"][0]["problems"])
     r = dpd("ls", tmp_path / "runs")
     assert "! 1 folder has problems" in r.output
-    _user_error(dpd("ls", tmp_path / "nope"), "nope does not exist.")
+    user_error(dpd("ls", tmp_path / "nope"), "nope does not exist.")
 
 
 # --- compare ----------------------------------------------------------------------------------
@@ -366,9 +359,9 @@ def test_compare_pairs_runs_evaluated_with_the_same_seeds(dpd, built, tmp_path):
 
 def test_compare_errors(dpd, built, tmp_path):
     run = _copy(built["a"], tmp_path / "run")
-    _user_error(dpd("compare", run), "has not been evaluated", f"Run `dpd evaluate {run}` first.")
-    _user_error(dpd("compare", built["experts"]), "is an experts folder: it has no evaluations")
-    _user_error(dpd("compare", tmp_path / "nope"), "nope does not exist.")
+    user_error(dpd("compare", run), "has not been evaluated", f"Run `dpd evaluate {run}` first.")
+    user_error(dpd("compare", built["experts"]), "is an experts folder: it has no evaluations")
+    user_error(dpd("compare", tmp_path / "nope"), "nope does not exist.")
 
 
 def test_ls_with_nothing_to_list(dpd, tmp_path):
