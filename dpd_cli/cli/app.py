@@ -72,7 +72,3 @@ for command in (inspect, ls, compare):  # no settings: no DPD_<COMMAND>_X variab
 
 def main() -> None:
     app(prog_name="dpd")
-
-
-if __name__ == "__main__":
-    main()

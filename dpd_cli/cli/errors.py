@@ -39,13 +39,6 @@ def _on_sigint(signum, frame) -> None:
     print(f"\nStopping at the next safe point ({what} again to quit at once)...", file=sys.stderr, flush=True)
 
 
-def _ignore(signals) -> None:
-    """While the closing message is printed, a signal (torchrun sends SIGTERM to every rank once one has
-    failed) must not cut it short: Typer would turn the handler's KeyboardInterrupt into a silent exit 130."""
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 @contextlib.contextmanager
 def handle_errors() -> Iterator[None]:
     """Translate user errors and interruptions into messages and exit codes (2, 130)."""
@@ -56,20 +49,19 @@ def handle_errors() -> Iterator[None]:
             previous[sig] = signal.signal(sig, _on_sigint)
     try:
         yield
-    except UserError as e:
-        _ignore(previous)
-        if _debug():  # the traceback on stderr, then the same message and exit code as without DPD_DEBUG
-            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
-        raise fail(str(e), traceback=e.has_traceback) from None
-    except interrupt.Interrupted as e:
-        _ignore(previous)
-        raise fail(f"Interrupted: {e.resume_hint}.", EXIT_INTERRUPTED) from None
-    except KeyboardInterrupt:
-        _ignore(previous)
-        raise fail(
-            "Interrupted. Finished pieces are kept; rerun the same command (with --resume for distill) to continue.",
-            EXIT_INTERRUPTED,
-        ) from None
+    except (UserError, KeyboardInterrupt) as e:  # interrupt.Interrupted is a KeyboardInterrupt
+        # While the closing message is printed, a signal (torchrun sends SIGTERM to every rank once one has
+        # failed) must not cut it short: Typer would turn the handler's KeyboardInterrupt into a silent exit 130.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        if isinstance(e, UserError):
+            if _debug():  # the traceback on stderr, then the same message and exit code as without DPD_DEBUG
+                traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+            raise fail(str(e), traceback=e.has_traceback) from None
+        if isinstance(e, interrupt.Interrupted):
+            raise fail(f"Interrupted: {e.resume_hint}.", EXIT_INTERRUPTED) from None
+        rerun = "rerun the same command (with --resume for distill) to continue"
+        raise fail(f"Interrupted. Finished pieces are kept; {rerun}.", EXIT_INTERRUPTED) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

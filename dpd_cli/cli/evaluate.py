@@ -37,12 +37,10 @@ def report(settings, result: dict) -> Report:
     )
 
 
-_TARGET = synthetic_target("TARGET")
-
 evaluate = settings_command(
     "evaluate",
     report=report,
-    arguments=[_TARGET],
+    arguments=[synthetic_target("TARGET")],
     summary="Train fresh networks on a synthetic set and report real test accuracy (mean ± std over runs).\n\n"
     "Exit code 3 when --fail-under is given and a distilled mean accuracy is below it, or with --fail-if-no-gain "
     "when distillation did not help (the initial images score at least as well).",

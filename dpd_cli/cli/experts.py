@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from dpd_cli.cli.errors import fail
-from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group
+from dpd_cli.cli.options import ENVIRONMENT_HELP, Command, Group, argument
 from dpd_cli.cli.runner import Report, settings_command
 from dpd_cli.text import plural
 
@@ -64,23 +63,11 @@ def _import_report(settings, result: dict) -> Report:
     return Report(result, lines)
 
 
-_SOURCES = inspect.Parameter(
-    "sources",
-    inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    annotation=Annotated[
-        list[str],
-        typer.Argument(
-            metavar="SRC",
-            show_default=False,
-            help="replay_buffer_<n>.pt files, or folders holding them (read in the order of n).",
-        ),
-    ],
-)
-
+_SOURCES_HELP = "replay_buffer_<n>.pt files, or folders holding them (read in the order of n)."
 experts_import = settings_command(
     "experts_import",
     report=_import_report,
-    arguments=[_SOURCES],
+    arguments=[argument("sources", list[str], "SRC", _SOURCES_HELP)],
     summary="Convert MTT / FTD / DATM replay buffers (replay_buffer_<n>.pt) into a dpd experts folder that `dpd distill` "
     "uses like trained experts.\n\n"
     "The buffers hold parameters only: give the dataset, whether they were trained with ZCA, and the network "

@@ -29,12 +29,10 @@ def _report(settings, result: dict) -> Report:
     )
 
 
-_TARGET = synthetic_target("RUN_OR_FILE")
-
 export = settings_command(
     "export",
     report=_report,
-    arguments=[_TARGET],
+    arguments=[synthetic_target("RUN_OR_FILE")],
     summary="Write a synthetic set in the files other tools read: MTT's and DATM's .pt files (with the ZCA transform "
     "for kornia), PNGs in class folders, or one NumPy archive; with a README.txt saying how to load them.\n\n"
     "The folder appears complete or not at all; an existing one is replaced only with --force.",

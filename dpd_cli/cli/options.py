@@ -7,7 +7,7 @@ out is ``None``: "not given", so the config file, the environment or the default
 
 from __future__ import annotations
 
-import inspect
+from inspect import Parameter
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,9 +16,6 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from dpd_cli.config.settings import COMMAND_SETTINGS, SettingInfo, by_panel, env_names
-
-#: Parameters of every settings command besides the settings themselves.
-COMMON = ("config", "print_config", "quiet", "json_out")
 
 #: The epilog of the group and of every command with settings: the variables that are not settings.
 ENVIRONMENT_HELP = (
@@ -34,11 +31,16 @@ def keep_text(value: str) -> str:
     return value
 
 
-def synthetic_target(metavar: str) -> inspect.Parameter:
+def argument(name: str, annotation: Any, metavar: str, help_text: str, **kw: Any) -> Parameter:
+    """A positional parameter of a generated command (``settings_command``'s ``arguments``)."""
+    info = typer.Argument(metavar=metavar, show_default=False, help=help_text, **kw)
+    return Parameter(name, Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[annotation, info])
+
+
+def synthetic_target(metavar: str) -> Parameter:
     """The positional TARGET of ``evaluate`` and ``export``, kept as typed: the engine refuses an empty one."""
     help_text = "A run directory from `dpd distill`, its synthetic.safetensors, or a checkpoint."
-    argument = typer.Argument(metavar=metavar, show_default=False, parser=keep_text, help=help_text)
-    return inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, argument])
+    return argument("target", Path, metavar, help_text, parser=keep_text)
 
 
 def _shown(value: Any) -> str:
@@ -73,8 +75,14 @@ def _completer(choices: tuple[str, ...]):
     return complete
 
 
-def _option(command: str, s: SettingInfo) -> inspect.Parameter:
-    kw: dict[str, Any] = {"help": _help(command, s), "show_default": False, "rich_help_panel": s.panel}
+def _keyword(name: str, default: Any, annotation: Any, *decls: str, **kw: Any) -> Parameter:
+    """A keyword-only parameter: one ``typer.Option``."""
+    annotation = Annotated[annotation, typer.Option(*decls, show_default=False, **kw)]
+    return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _option(command: str, s: SettingInfo) -> Parameter:
+    kw: dict[str, Any] = {"help": _help(command, s), "rich_help_panel": s.panel}
     if s.kind == "bool":
         value_type, decls = bool, (f"{s.flag}/--no-{s.flag[2:]}",)
     else:
@@ -83,33 +91,27 @@ def _option(command: str, s: SettingInfo) -> inspect.Parameter:
         decls = (s.flag,)
         if s.choices and s.kind in ("choice", "list"):
             kw["autocompletion"] = _completer(s.choices)
-    annotation = Annotated[Optional[value_type], typer.Option(*decls, **kw)]  # noqa: UP045 (typer reads it at run time)
-    return inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+    return _keyword(s.name, None, Optional[value_type], *decls, **kw)  # noqa: UP045 (typer reads it at run time)
 
 
-def settings_parameters(command: str) -> list[inspect.Parameter]:
+def settings_parameters(command: str) -> list[Parameter]:
     """One keyword parameter per setting of ``command``, ordered by panel, then as declared."""
     infos = by_panel(COMMAND_SETTINGS[command])
-    clash = {s.name for s in infos} & set(COMMON)
+    clash = {s.name for s in infos} & {p.name for p in common_parameters()}
     if clash:
         raise TypeError(f"settings of {command} named like a common option: {sorted(clash)}")
     return [_option(command, s) for s in infos]
 
 
-def _common(name: str, default: Any, annotation: Any, *decls: str, **kw: Any) -> inspect.Parameter:
-    annotation = Annotated[annotation, typer.Option(*decls, show_default=False, **kw)]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-
-def common_parameters() -> list[inspect.Parameter]:
+def common_parameters() -> list[Parameter]:
     """``--config``, ``--print-config``, ``--quiet``, ``--json``: in the first panel, with ``--help``."""
     config_help = "Settings file (TOML, JSON or YAML). Precedence: flag > DPD_<COMMAND>_X > DPD_X > file > default. [env: DPD_CONFIG]"
     print_help = "Print the resolved settings as TOML, each value with its source (default, file, env, flag), and exit."
     return [
-        _common("config", None, str | None, "--config", "-c", metavar="FILE", help=escape(config_help)),
-        _common("print_config", False, bool, "--print-config", help=print_help),
-        _common("quiet", False, bool, "--quiet", "-q", help="No progress output (errors still go to stderr)."),
-        _common("json_out", False, bool, "--json", help="Print the result as JSON on stdout; no progress output."),
+        _keyword("config", None, str | None, "--config", "-c", metavar="FILE", help=escape(config_help)),
+        _keyword("print_config", False, bool, "--print-config", help=print_help),
+        _keyword("quiet", False, bool, "--quiet", "-q", help="No progress output (errors still go to stderr)."),
+        _keyword("json_out", False, bool, "--json", help="Print the result as JSON on stdout; no progress output."),
     ]
 
 

@@ -19,7 +19,7 @@ from rich.console import RenderableType
 
 from dpd_cli.cli.console import error_console, make_sink, out_console, print_json
 from dpd_cli.cli.errors import handle_errors
-from dpd_cli.cli.options import COMMON, common_parameters, examples_help, settings_parameters
+from dpd_cli.cli.options import common_parameters, examples_help, settings_parameters
 from dpd_cli.config.settings import Resolved, resolve_sources, to_toml
 
 
@@ -50,9 +50,11 @@ def settings_command(
     of the resolved settings when the engine completes them before it runs (their values and sources).
     """
 
+    common = common_parameters()
+
     def command_function(**values: Any) -> None:
         args = [values.pop(p.name) for p in arguments]
-        config, print_config, quiet, json_out = (values.pop(n) for n in COMMON)
+        config, print_config, quiet, json_out = (values.pop(p.name) for p in common)
         with handle_errors():
             resolved = resolve_sources(command, values, config)  # values: exactly the settings flags
             if print_config:
@@ -74,7 +76,7 @@ def settings_command(
 
     command_function.__name__ = command
     command_function.__doc__ = examples_help(summary, examples)
-    params = [*arguments, *settings_parameters(command), *common_parameters()]
+    params = [*arguments, *settings_parameters(command), *common]
     command_function.__signature__ = inspect.Signature(params)
     return command_function
 

@@ -115,17 +115,14 @@ def _is_nan(value: Any) -> bool:
 
 def _range(constraints: list) -> str:
     """`` in [0, 1)``, `` above 0``, `` of at most 100``...: the values a float field's constraints allow."""
-    low = next(((c.ge, "[") for c in constraints if getattr(c, "ge", None) is not None), None) or next(
-        ((c.gt, "(") for c in constraints if getattr(c, "gt", None) is not None), None
-    )
-    high = next(((c.le, "]") for c in constraints if getattr(c, "le", None) is not None), None) or next(
-        ((c.lt, ")") for c in constraints if getattr(c, "lt", None) is not None), None
-    )
+    b = {k: getattr(c, k) for c in constraints for k in ("ge", "gt", "le", "lt") if getattr(c, k, None) is not None}
+    low = f"[{b['ge']:g}" if "ge" in b else f"({b['gt']:g}" if "gt" in b else ""
+    high = f"{b['le']:g}]" if "le" in b else f"{b['lt']:g})" if "lt" in b else ""
     if low and high:
-        return f" in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+        return f" in {low}, {high}"
     if low:
-        return f" {'above' if low[1] == '(' else 'of at least'} {low[0]:g}"
-    return f" {'below' if high[1] == ')' else 'of at most'} {high[0]:g}" if high else ""
+        return f" {'above' if 'gt' in b else 'of at least'} {low[1:]}"
+    return f" {'below' if 'lt' in b else 'of at most'} {high[:-1]}" if high else ""
 
 
 def _choose(value: Any, s: SettingInfo) -> Any:
@@ -690,18 +687,11 @@ def _ambiguous_env(command: str, cls: type[_Settings], env: Mapping[str, str]) -
     return problems
 
 
-def _known_env() -> frozenset[str]:
-    """Every ``DPD_*`` variable dpd reads: each command's and each shared setting variable, and ``OTHER_ENV``."""
-    names = set(OTHER_ENV)
-    for command, cls in COMMAND_SETTINGS.items():
-        for name in cls.model_fields:
-            names.update((command_env_var(command, name), env_var(name)))
-    return frozenset(names)
-
-
 def _unknown_env(env: Mapping[str, str]) -> list[str]:
     """A problem for each set ``DPD_*`` variable that names no setting of any command (a typo would be ignored)."""
-    known = _known_env()
+    known = set(OTHER_ENV)
+    for command, cls in COMMAND_SETTINGS.items():
+        known.update(v for name in cls.model_fields for v in (command_env_var(command, name), env_var(name)))
     return [
         f"{var} is not a dpd variable{_did_you_mean(var, known)}"
         for var in sorted(env)
@@ -832,15 +822,13 @@ def resolve_sources(
     named by ``DPD_CONFIG``; ``env`` to ``os.environ``, where an empty variable counts as unset. Raises
     ``SettingsError`` listing every problem at once, each naming where the bad value came from.
     """
-    cls = COMMAND_SETTINGS[command]
-    title = command_title(command)
+    cls, title = COMMAND_SETTINGS[command], command_title(command)
+    infos = setting_infos(cls)
     env = os.environ if env is None else env
     given_by = "--config"
     if config is None and env.get(CONFIG_ENV, ""):
         config, given_by = Path(env[CONFIG_ENV]), CONFIG_ENV
-    sources: dict[str, str] = {}
-    where: dict[str, str] = {}  # how error messages name a value's origin
-    merged: dict[str, Any] = {}
+    given: dict[str, tuple[Any, str, str]] = {}  # setting -> (value, source, how error messages name the source)
     if config is not None:
         if not str(config).strip():
             raise SettingsError(
@@ -848,9 +836,7 @@ def resolve_sources(
             )
         path = Path(config)
         for k, (v, in_table) in _file_values(command, cls, _load_file(path, given_by), path).items():
-            merged[k] = v
-            sources[k] = f"file {path}" + (f" [{command}]" if in_table else "")
-            where[k] = f"config key {k!r}"
+            given[k] = (v, f"file {path}" + (f" [{command}]" if in_table else ""), f"config key {k!r}")
     unknown = _unknown_env(env)
     if unknown:
         raise SettingsError(
@@ -864,33 +850,28 @@ def resolve_sources(
     for name in cls.model_fields:
         for var in reversed(env_names(command, name)):  # shared first, so the command's own wins
             if var is not None and env.get(var, "") != "":
-                merged[name] = env[var]
-                sources[name] = where[name] = f"env {var}"
-    infos = setting_infos(cls)
+                given[name] = (env[var], f"env {var}", f"env {var}")
     for name, value in flags.items():
         if value is None:
             continue
-        if name not in cls.model_fields:
+        if name not in infos:
             raise SettingsError(f"Unknown setting {name!r} for `dpd {title}`.")
-        merged[name] = value
-        # A switch is named as typed: --no-dsa for False.
         flag = infos[name].flag
-        where[name] = "--no-" + flag[2:] if value is False and infos[name].kind == "bool" else flag
-        sources[name] = f"flag {where[name]}"
+        flag = "--no-" + flag[2:] if value is False and infos[name].kind == "bool" else flag  # as typed: --no-dsa
+        given[name] = (value, f"flag {flag}", flag)
     try:
-        settings = cls.model_validate(merged)
+        settings = cls.model_validate({name: value for name, (value, _, _) in given.items()})
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = err["loc"][0] if err["loc"] else None
-            origin = where.get(loc, infos[loc].flag) if loc in cls.model_fields else "settings"
-            msg = err["msg"].removeprefix("Value error, ")
-            got = f" (got {err['input']!r})" if loc in where and not isinstance(err.get("input"), dict) else ""
-            lines.append(f"{origin}: {msg}{got}")
+            origin = given[loc][2] if loc in given else infos[loc].flag if loc in infos else "settings"
+            got = f" (got {err['input']!r})" if loc in given and not isinstance(err.get("input"), dict) else ""
+            lines.append(f"{origin}: {err['msg'].removeprefix('Value error, ')}{got}")
         raise SettingsError(
             f"Invalid settings for `dpd {title}`: " + "; ".join(lines) + f". See `dpd {title} --help`."
         ) from None
-    sources = {name: sources.get(name, "default") for name in cls.model_fields}
+    sources = {name: given[name][1] if name in given else "default" for name in infos}
     return Resolved(command, settings, sources, Path(config) if config is not None else None)
 
 
@@ -902,23 +883,17 @@ def _toml_value(value: Any) -> str:
         return repr(value)  # a float's shortest exact text (1e-05, 1000.0), and TOML's inf and nan
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # deeper than a table: inline
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def _toml_inline(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_inline(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, PurePath):
-        value = str(value)
-    return _toml_value(value)
-
-
 def dump_toml(data: Mapping[str, Any]) -> str:
     """``data`` as a config file: its plain values first, then one ``[table]`` per mapping (deeper ones inline)."""
-    plain = [f"{k} = {_toml_inline(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    plain = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
     tables = [
-        f"\n[{k}]\n" + "".join(f"{kk} = {_toml_inline(vv)}\n" for kk, vv in v.items())
+        f"\n[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items())
         for k, v in data.items()
         if isinstance(v, Mapping)
     ]
