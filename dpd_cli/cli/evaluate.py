@@ -25,16 +25,12 @@ def report(settings, result: dict) -> Report:
     ]
     if result["passed"]:
         return Report(result, text)
-    if not result["below"]:
+    if result["below"]:
+        worst = min(result["below"], key=lambda r: r["mean"])
+        failed = f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%."
+    else:
         failed = f"No gain from distillation ({', '.join(result['no_gain'])}; see the warning): --fail-if-no-gain."
-        return Report(result, text, EXIT_BELOW_THRESHOLD, failed)
-    worst = min(result["below"], key=lambda r: r["mean"])
-    return Report(
-        result,
-        text,
-        EXIT_BELOW_THRESHOLD,
-        f"Accuracy below threshold: {worst['model']} reached {100 * worst['mean']:.2f}% < --fail-under {result['fail_under']:g}%.",
-    )
+    return Report(result, text, EXIT_BELOW_THRESHOLD, failed)
 
 
 evaluate = settings_command(

@@ -25,13 +25,8 @@ def _report(settings, folder: Path) -> Report:
     summary = summarize(folder)
     accs = [e["final_test_accuracy"] for e in summary["experts"] if e["final_test_accuracy"] is not None]
     mean = sum(accs) / len(accs) if accs else float("nan")
-    return Report(
-        summary,
-        [
-            f"{plural(len(accs), 'expert')} in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
-            f"--dataset {settings.dataset}" + (f" --experts {folder}" if settings.out else "")
-        ],
-    )
+    line = f"{plural(len(accs), 'expert')} in {folder} (final test accuracy mean {mean:.2%}). Next: dpd distill "
+    return Report(summary, [line + f"--dataset {settings.dataset}" + (f" --experts {folder}" if settings.out else "")])
 
 
 train = settings_command(
@@ -89,30 +84,24 @@ experts_import = settings_command(
 )
 
 
-def _group_callback(command_function):
+def experts(ctx: typer.Context, **values) -> None:
     """The group's callback: train when no subcommand follows; refuse training options before one."""
-    params = list(inspect.signature(command_function).parameters.values())
-
-    def callback(ctx: typer.Context, **values) -> None:
-        if ctx.invoked_subcommand is not None:
-            given = [p.opts[0] for p in ctx.command.params if values.get(p.name) not in (None, False)]
-            if given:
-                raise fail(
-                    f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of `dpd experts` "
-                    f"(training). Put the options of `dpd experts {ctx.invoked_subcommand}` after "
-                    f"`{ctx.invoked_subcommand}`: dpd experts {ctx.invoked_subcommand} SRC... {' '.join(given)} ...",
-                    traceback=False,
-                )
-            return
-        command_function(**values)
-
-    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    callback.__signature__ = inspect.Signature([ctx_param, *params])
-    callback.__doc__ = command_function.__doc__
-    callback.__name__ = "experts"
-    return callback
+    sub = ctx.invoked_subcommand
+    if sub is None:
+        return train(**values)
+    given = [p.opts[0] for p in ctx.command.params if values.get(p.name) not in (None, False)]
+    if given:
+        raise fail(
+            f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of `dpd experts` "
+            f"(training). Put the options of `dpd experts {sub}` after `{sub}`: dpd experts {sub} SRC... "
+            f"{' '.join(given)} ...",
+            traceback=False,
+        )
 
 
+_context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+experts.__signature__ = inspect.Signature([_context, *inspect.signature(train).parameters.values()])
+experts.__doc__ = train.__doc__  # the group's --help is the training command's
 experts_app = typer.Typer(
     cls=Group,
     invoke_without_command=True,
@@ -121,5 +110,5 @@ experts_app = typer.Typer(
     subcommand_metavar="[import SRC...]",
     pretty_exceptions_enable=False,
 )
-experts_app.callback(invoke_without_command=True)(_group_callback(train))
+experts_app.callback(invoke_without_command=True)(experts)
 experts_app.command("import", cls=Command, epilog=ENVIRONMENT_HELP)(experts_import)

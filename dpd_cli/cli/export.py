@@ -12,21 +12,15 @@ __all__ = ["export"]
 
 
 def _report(settings, result: dict) -> Report:
-    extra = []
-    if result["soft_labels"]:
-        extra.append("with the soft labels")
+    extra = ["with the soft labels"] if result["soft_labels"] else []
     if result["zca"] and result["format"] in ("mtt", "datm"):
         extra.append("the ZCA transform in zca.pt")
-    shown = ", ".join(result["files"][:6]) + (
-        f", ... ({len(result['files'])} files)" if len(result["files"]) > 6 else ""
-    )
-    return Report(
-        result,
-        [
-            f"Exported {plural(result['n_images'], 'image')} ({result['format']}{', ' + ', '.join(extra) if extra else ''}) "
-            f"to {result['out']}: {shown}. {Path(result['out']) / 'README.txt'} says how to load them."
-        ],
-    )
+    files = result["files"]
+    shown = ", ".join(files[:6]) + (f", ... ({len(files)} files)" if len(files) > 6 else "")
+    what = result["format"] + (", " + ", ".join(extra) if extra else "")
+    readme = Path(result["out"]) / "README.txt"
+    line = f"Exported {plural(result['n_images'], 'image')} ({what}) to {result['out']}: {shown}. {readme} says how to load them."
+    return Report(result, [line])
 
 
 export = settings_command(

@@ -22,7 +22,7 @@ from dpd_cli.cli.evaluate import report as evaluate_report
 from dpd_cli.cli.inspect import show
 from dpd_cli.cli.options import examples_help, keep_text
 from dpd_cli.cli.runner import run_engine, set_host_memory
-from dpd_cli.config.settings import resolve_sources
+from dpd_cli.config.settings import resolve
 from dpd_cli.errors import SettingsError
 
 __all__ = ["run"]
@@ -82,10 +82,11 @@ def run(
     with handle_errors():
         if int(os.environ.get("WORLD_SIZE") or 1) > 1:  # the ranks would decide apart what to skip
             raise SettingsError("dpd run is one process: under torchrun run dpd experts, distill and evaluate instead.")
-        settings = {c: resolve_sources(c, {"device": device, "seed": seed}, config).settings for c in STEPS}
+        settings = {c: resolve(c, {"device": device, "seed": seed}, config) for c in STEPS}
         from dpd_cli.artifacts.evaluation import partial_path, path_for  # torch: only now
         from dpd_cli.recipes.distill import existing
         from dpd_cli.recipes.evaluate import previous
+        from dpd_cli.reports.inspect import inspect as inspect_run
 
         def step(command: str, s, *args):
             sink = _Watch(make_sink(command, quiet, json_out))
@@ -110,9 +111,7 @@ def run(
         status["evaluate"] = "skipped" if result else "resumed" if partial_path(path_for(run_dir)).exists() else "ran"
         if result is None:
             result, _ = step("evaluate", settings["evaluate"], run_dir)
-        from dpd_cli.reports import inspect as inspect_engine
-
-        facts = inspect_engine.inspect(run_dir)
+        facts = inspect_run(run_dir)
     paths = {"experts": str(folder), "distill": str(run_dir), "evaluate": result["eval_file"]}
     shown = evaluate_report(settings["evaluate"], result)
     if json_out:

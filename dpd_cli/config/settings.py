@@ -34,6 +34,10 @@ from itertools import groupby
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpd_cli.errors import SettingsError
@@ -76,10 +80,8 @@ _FOLDER_DATASETS = {
 def _setting(default: Any, description: str, panel: str | None = None, *, shared=False, choices=(), **constraints):
     """A settings field: default, ``--help`` text, ``--help`` panel (default: the class's), ``shared`` (a
     redeclaration that means the same as the others), the values ``--help`` lists, Pydantic constraints."""
-    extra = {"panel": panel, "shared": shared, "choices": choices}
-    return Field(
-        default, description=description, json_schema_extra={k: v for k, v in extra.items() if v}, **constraints
-    )
+    extra = {k: v for k, v in {"panel": panel, "shared": shared, "choices": choices}.items() if v}
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
 class _Settings(BaseModel):
@@ -621,17 +623,10 @@ def setting_infos(cls: type[_Settings]) -> dict[str, SettingInfo]:
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
         owner = next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
         kind, literal = _kind(f.annotation)
-        out[name] = SettingInfo(
-            name=name,
-            kind=kind,
-            literal=literal,
-            choices=tuple(str(c) for c in literal or extra.get("choices", ())),
-            panel=str(extra.get("panel") or owner.__dict__.get("panel") or _Settings.panel),
-            description=f.description or "",
-            default=f.get_default(call_default_factory=True),
-            declared_by=owner,
-            shared=bool(extra.get("shared")),
-        )
+        choices = tuple(str(c) for c in literal or extra.get("choices", ()))
+        panel = str(extra.get("panel") or owner.__dict__.get("panel") or _Settings.panel)
+        default, shared = f.get_default(call_default_factory=True), bool(extra.get("shared"))
+        out[name] = SettingInfo(name, kind, literal, choices, panel, f.description or "", default, owner, shared)
     return out
 
 
@@ -705,10 +700,14 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _parse(path: Path, text: str) -> Any:
+def _load_file(path: Path, given_by: str) -> dict[str, Any]:
+    if path.is_dir():
+        raise SettingsError(f"Config file {path} is a folder. Give the path of a TOML, JSON or YAML settings file.")
+    if not path.is_file():
+        raise SettingsError(f"Config file {path} does not exist. Check the {given_by} path.")
+    text = path.read_text(encoding="utf-8", errors="replace")
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        return json.loads(text)
+    parse = json.loads if suffix == ".json" else tomllib.loads
     if suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -716,24 +715,9 @@ def _parse(path: Path, text: str) -> Any:
             raise SettingsError(
                 f"{path} is YAML but PyYAML is not installed: `pip install pyyaml`, or use TOML."
             ) from e
-        return yaml.safe_load(text)
+        parse = yaml.safe_load
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib.loads(text)
-
-
-def _load_file(path: Path, given_by: str) -> dict[str, Any]:
-    if path.is_dir():
-        raise SettingsError(f"Config file {path} is a folder. Give the path of a TOML, JSON or YAML settings file.")
-    if not path.is_file():
-        raise SettingsError(f"Config file {path} does not exist. Check the {given_by} path.")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        data = _parse(path, text)
-    except SettingsError:
-        raise
+        data = parse(text)
     except json.JSONDecodeError as e:
         raise SettingsError(
             f"Config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
