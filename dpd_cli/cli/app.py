@@ -35,8 +35,7 @@ app = typer.Typer(
     "Typical use: dpd run CONFIG, which runs dpd experts -> dpd distill -> dpd evaluate RUN_DIR -> dpd inspect RUN_DIR "
     "with the config file's settings (each can be run alone); dpd ls lists runs, dpd compare RUN... sets their "
     "evaluations side by side, and dpd study CONFIG runs a paired comparison over seeds. With MTT's tools: "
-    "dpd experts import BUFFERS..., "
-    "dpd export RUN_DIR --format mtt.\n\n"
+    "dpd experts import BUFFERS..., dpd export RUN_DIR --format mtt.\n\n"
     "Exit codes: 0 ok, 2 user error, 3 accuracy below --fail-under (or no gain with --fail-if-no-gain), "
     "130 interrupted; anything else is a bug.",
     epilog=ENVIRONMENT_HELP,

@@ -116,10 +116,8 @@ def run(
     shown = evaluate_report(settings["evaluate"], result)
     if json_out:
         steps = {c: {"path": paths[c], "status": status[c]} for c in STEPS}
-        print_json(
-            "run",
-            {"config": str(config), **steps, **{k: v for k, v in result.items() if k not in ("target", "eval_file")}},
-        )
+        rest = {k: v for k, v in result.items() if k not in ("target", "eval_file")}
+        print_json("run", {"config": str(config), **steps, **rest})
     elif not quiet:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(), grid.add_column(), grid.add_column(overflow="fold")
