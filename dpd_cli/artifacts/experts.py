@@ -242,10 +242,7 @@ def _mismatch_message(path: Path, problems: list[str]) -> str:
 
 
 def _fingerprint_message(ppath: Path, found: str, recorded: str) -> str:
-    return (
-        f"{ppath} is not the normalisation the experts were trained with (fingerprint {found}, experts recorded "
-        f"{recorded}). Restore it, or train the experts again."
-    )
+    return f"{ppath} is not the normalisation the experts were trained with (fingerprint {found}, experts recorded {recorded}). Restore it, or train the experts again."
 
 
 def load_preprocess(folder: Path, spec) -> Preprocess:
@@ -253,8 +250,7 @@ def load_preprocess(folder: Path, spec) -> Preprocess:
     path = Path(folder) / PREPROCESS
     if not path.exists():
         raise StorageError(
-            f"{path} is missing; {path.parent} is not a complete experts folder. "
-            "Rerun `dpd experts` with --out pointing at it (finished experts are kept)."
+            f"{path} is missing; {path.parent} is not a complete experts folder. Rerun `dpd experts` with --out pointing at it (finished experts are kept)."
         )
     return preprocess_file.load(path, spec.channels, spec.image_size, "Delete the file and rerun `dpd experts`.")
 
@@ -424,8 +420,7 @@ def check(folder: Path, verify: bool = False) -> dict:
     if ref_meta is not None:
         if compat and compat.get("model") not in (None, ref_meta.get("model")):
             problems.append(
-                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
-                f"{model_tag(ref_meta.get('model'))}."
+                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' {model_tag(ref_meta.get('model'))}."
             )
         recorded = ref_meta.get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:

@@ -246,13 +246,11 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
         ]
         if pre.has_zca and info.get("train_per_class"):
             lines.append(
-                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images "
-                "with zca.pt instead."
+                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images with zca.pt instead."
             )
         lines += [
             "DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
-            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
-            "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
+            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt --label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
             "MTT's distill.py saves images_<it>.pt and labels_<it>.pt (and images_best.pt, labels_best.pt) under "
             "logged_files/, but none of MTT's scripts loads them: it evaluates inside distill.py. To use MTT's code, "
             "write a script that loads these files as above, sets args as distill.py does (dsa, dsa_param, "
@@ -318,7 +316,6 @@ def _readme_imagefolder(fmt: str, info: dict) -> list[str]:
     ]
     if info["soft_labels"]:
         lines.append(
-            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i "
-            "(an image folder can only say the class)."
+            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i (an image folder can only say the class)."
         )
     return lines

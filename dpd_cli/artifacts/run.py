@@ -41,15 +41,11 @@ def refuse_running(target: Path, instead: str) -> None:
     if holder is None:
         return
     newest = next((p for p in checkpoints(run_dir) if _header_ok(p)), None)
-    what = (
-        f"{run_dir} is being distilled right now by {holder}: its {SYNTHETIC} changes at every checkpoint and is "
-        "not the run's result yet."
-    )
+    what = f"{run_dir} is being distilled right now by {holder}: its {SYNTHETIC} changes at every checkpoint and is not the run's result yet."
     if newest is None:
         raise OutputExistsError(f"{what} It has no complete checkpoint yet: wait for the run to finish.")
     raise OutputExistsError(
-        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to "
-        f"finish, or {instead.format(checkpoint=newest)}."
+        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to finish, or {instead.format(checkpoint=newest)}."
     )
 
 
@@ -112,24 +108,20 @@ def disagreements(
         )
     if prune is not None and checkpoint is not None and prune != checkpoint:
         out.append(
-            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are "
-            f"not the run's current ones. {redo}"
+            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are not the run's current ones. {redo}"
         )
     if metrics is not None and checkpoint is not None:
         if metrics < checkpoint:
             out.append(
-                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines "
-                "are missing, so the curves stop early."
+                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines are missing, so the curves stop early."
             )
         elif metrics > checkpoint and resumable:
             out.append(
-                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): "
-                f"a resume redoes iterations {checkpoint + 1}-{metrics}."
+                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): a resume redoes iterations {checkpoint + 1}-{metrics}."
             )
     if metrics_missing:
         out.append(
-            f"{METRICS} has no line for {metrics_missing} of iterations 1-{metrics} (lines were lost or removed), "
-            "so the curves have gaps."
+            f"{METRICS} has no line for {metrics_missing} of iterations 1-{metrics} (lines were lost or removed), so the curves have gaps."
         )
     hashes = {name: h for name, h in settings_hashes.items() if h is not None}
     if len(set(hashes.values())) > 1:
@@ -143,8 +135,7 @@ def disagreements(
     if stale:
         which = ", ".join(f"{m} at iteration {it}" for m, it in stale.items())
         out.append(
-            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). "
-            f"Rerun `dpd evaluate {run_dir}` for current numbers."
+            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). Rerun `dpd evaluate {run_dir}` for current numbers."
         )
     return out
 

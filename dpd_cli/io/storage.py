@@ -394,8 +394,7 @@ def recorded_digest(path: Path, meta: Mapping[str, Any]) -> str | None:
     digest = value.strip('"') if isinstance(value, str) else ""  # raw metadata keeps the JSON quotes
     if not _DIGEST_RE.fullmatch(digest):
         raise DamagedError(
-            f"{path}: the metadata entry {DIGEST_KEY!r} is not a checksum ({str(value)[:80]}). "
-            f"{_damage_hint(str(meta.get('format', '')))}",
+            f"{path}: the metadata entry {DIGEST_KEY!r} is not a checksum ({str(value)[:80]}). {_damage_hint(str(meta.get('format', '')))}",
             "bad checksum entry",
         )
     return digest
