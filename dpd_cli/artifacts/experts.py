@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dpd_cli.artifacts import json_number
+from dpd_cli.artifacts import json_number, short_message
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
@@ -329,11 +330,6 @@ class ExpertSet:
 
 
 # --- the lenient check ------------------------------------------------------------------------
-def _short(message: str, path: Path) -> str:
-    """The message with the (long) path replaced by the file's name."""
-    return str(message).replace(str(path), path.name)
-
-
 def check_trajectory(path: Path) -> dict:
     """One trajectory file's facts, after the checks ``ExpertSet`` makes of it alone (header only)."""
     path = Path(path)
@@ -375,7 +371,7 @@ def check(folder: Path, verify: bool = False) -> dict:
         manifest = read_manifest(folder)
     except StorageError as e:
         problems.append(
-            f"{_short(e, mpath)} `dpd distill` refuses this folder until it is fixed."
+            f"{short_message(e, mpath)} `dpd distill` refuses this folder until it is fixed."
             if mpath.exists()
             else "experts.json is missing, so `dpd distill` refuses this folder. Rerun `dpd experts --out` on this "
             "folder with the experts' settings to rewrite it (finished experts are kept)."
@@ -388,7 +384,7 @@ def check(folder: Path, verify: bool = False) -> dict:
             storage.verify_data(ppath)
     except StorageError as e:
         problems.append(
-            _short(e, ppath)
+            short_message(e, ppath)
             if ppath.exists()
             else "preprocess.safetensors is missing (the normalisation the experts saw); `dpd distill` cannot use "
             "this folder. Rerun `dpd experts --out` on it with the experts' settings."
@@ -397,14 +393,16 @@ def check(folder: Path, verify: bool = False) -> dict:
     experts: list[dict] = []
     ref: tuple[str, dict] | None = None  # the first valid file and its metadata
     for p in expert_files(folder):
-        entry: dict = {"file": p.name, "size": _size(p), "valid": False, "error": None, "compatible": False}
+        entry: dict = {"file": p.name, "size": None, "valid": False, "error": None, "compatible": False}
         experts.append(entry)
+        with contextlib.suppress(OSError):
+            entry["size"] = p.stat().st_size
         try:
             facts = check_trajectory(p)
             if verify:
                 storage.verify_data(p)
         except StorageError as e:
-            entry["error"] = _short(e, p)
+            entry["error"] = short_message(e, p)
             problems.append(entry["error"])
             continue
         meta = facts.pop("meta")
@@ -413,7 +411,7 @@ def check(folder: Path, verify: bool = False) -> dict:
         found = mismatches(meta, ref[1], ref[0], compat)
         entry["compatible"] = not found
         if found:
-            problems.append(_short(_mismatch_message(p, found), p))
+            problems.append(short_message(_mismatch_message(p, found), p))
     if not experts:
         problems.append("No expert files (expert_*.safetensors) yet: train them with `dpd experts`.")
     ref_meta = ref[1] if ref else None
@@ -424,7 +422,7 @@ def check(folder: Path, verify: bool = False) -> dict:
             )
         recorded = ref_meta.get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:
-            problems.append(_short(_fingerprint_message(ppath, preprocess["fingerprint"], recorded), ppath))
+            problems.append(short_message(_fingerprint_message(ppath, preprocess["fingerprint"], recorded), ppath))
     n_planned = planned_count(manifest)
     being_written = storage.is_locked(folder)
     return {
@@ -448,13 +446,6 @@ def state(count: int, n_planned: int | None, being_written: bool) -> str:
     if count == 0:
         return "empty"
     return "incomplete" if n_planned is not None and count < n_planned else "complete"
-
-
-def _size(p: Path) -> int | None:
-    try:
-        return p.stat().st_size
-    except OSError:
-        return None
 
 
 def summarize(folder: Path) -> dict:

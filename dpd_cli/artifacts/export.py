@@ -31,7 +31,6 @@ README = "README.txt"
 NPZ = "synthetic.npz"
 #: datm: the logit of every other class for a hard label; softmax(-1000) is 0 in float32 and float64.
 HARD_LABEL_GAP = 1000.0
-MTT_FILES = ("images_best.pt", "labels_best.pt", "lr_best.pt")
 _TORCH_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "tiny-imagenet": "Tiny"}
 
 
