@@ -215,10 +215,10 @@ def model_tag(model) -> str | None:
         return model.get("name")
 
 
-def mismatches(
-    meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None
-) -> list[str]:
-    """Why an expert cannot be matched together with the folder's reference expert (empty: it can).
+def mismatch(
+    path: Path, meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None
+) -> str | None:
+    """Why the expert in ``path`` cannot be matched together with the folder's reference expert (``None``: it can).
 
     The model, its parameter layout, the epochs and the preprocessing must be the reference's, and
     the dataset the manifest's. Entries a file does not record are not compared.
@@ -235,11 +235,11 @@ def mismatches(
     fp, ref_fp = meta.get("preprocess_fingerprint"), ref.get("preprocess_fingerprint")
     if fp is not None and ref_fp is not None and fp != ref_fp:
         problems.append(f"it saw another normalisation/ZCA than {ref_name}")
-    return problems
-
-
-def _mismatch_message(path: Path, problems: list[str]) -> str:
-    return f"{path}: {'; '.join(problems)}. `dpd distill` refuses mixed folders; keep one kind of expert per folder."
+    if problems:
+        return (
+            f"{path}: {'; '.join(problems)}. `dpd distill` refuses mixed folders; keep one kind of expert per folder."
+        )
+    return None
 
 
 def _fingerprint_message(ppath: Path, found: str, recorded: str) -> str:
@@ -265,7 +265,7 @@ class ExpertSet:
         ...     start, target = experts.pair(3, t=5, m=2)   # reads rows 5 and 7 of expert 3 only
 
     Raises:
-        ExpertsError: No experts, or experts that cannot be matched together (``mismatches``).
+        ExpertsError: No experts, or experts that cannot be matched together (``mismatch``).
         StorageError: A damaged or foreign manifest, preprocessing or trajectory file.
     """
 
@@ -298,9 +298,9 @@ class ExpertSet:
         self.layout, self.epochs = self.meta["layout"], self.meta["epochs"]
         for f in self.files:
             _check_trajectory(f.path, f.header, shape)
-            problems = mismatches(f.meta, self.meta, first.path.name, self.compat)
-            if problems:
-                raise ExpertsError(_mismatch_message(f.path, problems))
+            problem = mismatch(f.path, f.meta, self.meta, first.path.name, self.compat)
+            if problem:
+                raise ExpertsError(problem)
         self.preprocess = load_preprocess(self.folder, self.spec)
         recorded = self.meta.get("preprocess_fingerprint")
         if recorded is not None and recorded != self.preprocess.fingerprint():
@@ -408,10 +408,10 @@ def check(folder: Path, verify: bool = False) -> dict:
         meta = facts.pop("meta")
         entry.update(valid=True, **facts)
         ref = ref or (p.name, meta)
-        found = mismatches(meta, ref[1], ref[0], compat)
+        found = mismatch(p, meta, ref[1], ref[0], compat)
         entry["compatible"] = not found
         if found:
-            problems.append(short_message(_mismatch_message(p, found), p))
+            problems.append(short_message(found, p))
     if not experts:
         problems.append("No expert files (expert_*.safetensors) yet: train them with `dpd experts`.")
     ref_meta = ref[1] if ref else None

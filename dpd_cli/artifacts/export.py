@@ -34,19 +34,13 @@ HARD_LABEL_GAP = 1000.0
 _TORCH_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "tiny-imagenet": "Tiny"}
 
 
-def datm_labels(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``[n, K]`` float32 logits for hard ``labels``: 0 at the class, ``-HARD_LABEL_GAP`` elsewhere."""
-    out = torch.full((len(labels), n_classes), -HARD_LABEL_GAP, dtype=torch.float32)
-    out[torch.arange(len(labels)), labels.long()] = 0.0
-    return out
-
-
 def write_torch(folder: Path, flavour: str, t: dict, pre: Preprocess, meta: dict, logits) -> tuple[list[str], None]:
     """The ``mtt`` or ``datm`` files; returns their names."""
     if logits is not None:
         y = logits.float()
-    elif flavour == "datm":
-        y = datm_labels(t["labels"], len(meta["classes"]))
+    elif flavour == "datm":  # logits 0 at the class, -HARD_LABEL_GAP elsewhere
+        y = torch.full((len(t["labels"]), len(meta["classes"])), -HARD_LABEL_GAP, dtype=torch.float32)
+        y[torch.arange(len(y)), t["labels"].long()] = 0.0
     else:
         y = t["labels"].long()
     p = pre.tensors()
