@@ -18,8 +18,9 @@ modules only; ``dpd inspect`` and ``dpd ls`` use their lenient checks, which lis
 """
 
 import math
+from pathlib import Path
 
-__all__ = ["json_number"]
+__all__ = ["json_number", "json_int", "short_message"]
 
 
 def json_number(x) -> float | None:
@@ -29,3 +30,13 @@ def json_number(x) -> float | None:
     except (TypeError, ValueError):
         return None
     return x if math.isfinite(x) else None
+
+
+def json_int(x) -> int | None:
+    """``x`` if it is a JSON integer (not a bool), else ``None``."""
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def short_message(message, path: Path, name: str | None = None) -> str:
+    """``message`` with the (long) ``path`` written as ``name`` (default: the file's name)."""
+    return str(message).replace(str(path), name or Path(path).name)

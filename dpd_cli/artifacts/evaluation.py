@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpd_cli.artifacts import json_number
+from dpd_cli.artifacts import json_int, json_number
 from dpd_cli.artifacts.layout import EVAL
 from dpd_cli.errors import StorageError
 from dpd_cli.io import storage
@@ -107,13 +107,9 @@ def append_partial(path: Path, key: str, outcome: dict) -> None:
 # --- lenient reading --------------------------------------------------------------------------
 
 
-def _int(x) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) else None
-
-
 def _int_list(x) -> list[int]:
     """The integers of a JSON list (anything else, e.g. a field older files lack, is an empty list)."""
-    return [v for v in x if _int(v) is not None] if isinstance(x, list) else []
+    return [v for v in x if json_int(v) is not None] if isinstance(x, list) else []
 
 
 def normalise(e: dict) -> dict:
@@ -125,7 +121,7 @@ def normalise(e: dict) -> dict:
         "source": e["source"],
         "model": e["model"],
         "protocol": e.get("protocol"),
-        "protocol_version": _int(e.get("protocol_version")),
+        "protocol_version": json_int(e.get("protocol_version")),
         "mean": json_number(e.get("mean")),
         "std": json_number(e.get("std")),
         "runs": e.get("runs", len(accs) or None),
@@ -139,9 +135,9 @@ def normalise(e: dict) -> dict:
         "iteration": e.get("iteration"),
         "timestamp": e.get("timestamp"),
         "select": e.get("select") if isinstance(e.get("select"), str) else None,
-        "selected_iteration": _int(e.get("selected_iteration")),
+        "selected_iteration": json_int(e.get("selected_iteration")),
         "checkpoint_iterations": [
-            c["iteration"] for c in checkpoints if isinstance(c, dict) and _int(c.get("iteration")) is not None
+            c["iteration"] for c in checkpoints if isinstance(c, dict) and json_int(c.get("iteration")) is not None
         ],
         "val_accuracy": json_number(e.get("val_accuracy")),
         "final_accuracy": json_number(e.get("final_accuracy")),
@@ -157,7 +153,7 @@ def evaluated_iteration(entry: dict) -> int | None:
     """The newest iteration a normalised entry's evaluation trained on: with ``--select val`` or ``test-max``
     the reported ``iteration`` is the selected checkpoint's, possibly older than the newest evaluated."""
     its = entry.get("checkpoint_iterations")
-    return max(its) if its else _int(entry.get("iteration"))
+    return max(its) if its else json_int(entry.get("iteration"))
 
 
 _ORDER = {"distilled": 0, "init": 1, "random": 2, "full": 3}

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dpd_cli.artifacts import json_number
+from dpd_cli.artifacts import json_number, short_message
 from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.data import Preprocess
 from dpd_cli.data.preprocess import PREPROCESS_SCHEME
@@ -214,10 +215,10 @@ def model_tag(model) -> str | None:
         return model.get("name")
 
 
-def mismatches(
-    meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None
-) -> list[str]:
-    """Why an expert cannot be matched together with the folder's reference expert (empty: it can).
+def mismatch(
+    path: Path, meta: Mapping[str, Any], ref: Mapping[str, Any], ref_name: str, compat: Mapping[str, Any] | None
+) -> str | None:
+    """Why the expert in ``path`` cannot be matched together with the folder's reference expert (``None``: it can).
 
     The model, its parameter layout, the epochs and the preprocessing must be the reference's, and
     the dataset the manifest's. Entries a file does not record are not compared.
@@ -234,18 +235,15 @@ def mismatches(
     fp, ref_fp = meta.get("preprocess_fingerprint"), ref.get("preprocess_fingerprint")
     if fp is not None and ref_fp is not None and fp != ref_fp:
         problems.append(f"it saw another normalisation/ZCA than {ref_name}")
-    return problems
-
-
-def _mismatch_message(path: Path, problems: list[str]) -> str:
-    return f"{path}: {'; '.join(problems)}. `dpd distill` refuses mixed folders; keep one kind of expert per folder."
+    if problems:
+        return (
+            f"{path}: {'; '.join(problems)}. `dpd distill` refuses mixed folders; keep one kind of expert per folder."
+        )
+    return None
 
 
 def _fingerprint_message(ppath: Path, found: str, recorded: str) -> str:
-    return (
-        f"{ppath} is not the normalisation the experts were trained with (fingerprint {found}, experts recorded "
-        f"{recorded}). Restore it, or train the experts again."
-    )
+    return f"{ppath} is not the normalisation the experts were trained with (fingerprint {found}, experts recorded {recorded}). Restore it, or train the experts again."
 
 
 def load_preprocess(folder: Path, spec) -> Preprocess:
@@ -253,8 +251,7 @@ def load_preprocess(folder: Path, spec) -> Preprocess:
     path = Path(folder) / PREPROCESS
     if not path.exists():
         raise StorageError(
-            f"{path} is missing; {path.parent} is not a complete experts folder. "
-            "Rerun `dpd experts` with --out pointing at it (finished experts are kept)."
+            f"{path} is missing; {path.parent} is not a complete experts folder. Rerun `dpd experts` with --out pointing at it (finished experts are kept)."
         )
     return preprocess_file.load(path, spec.channels, spec.image_size, "Delete the file and rerun `dpd experts`.")
 
@@ -268,7 +265,7 @@ class ExpertSet:
         ...     start, target = experts.pair(3, t=5, m=2)   # reads rows 5 and 7 of expert 3 only
 
     Raises:
-        ExpertsError: No experts, or experts that cannot be matched together (``mismatches``).
+        ExpertsError: No experts, or experts that cannot be matched together (``mismatch``).
         StorageError: A damaged or foreign manifest, preprocessing or trajectory file.
     """
 
@@ -301,9 +298,9 @@ class ExpertSet:
         self.layout, self.epochs = self.meta["layout"], self.meta["epochs"]
         for f in self.files:
             _check_trajectory(f.path, f.header, shape)
-            problems = mismatches(f.meta, self.meta, first.path.name, self.compat)
-            if problems:
-                raise ExpertsError(_mismatch_message(f.path, problems))
+            problem = mismatch(f.path, f.meta, self.meta, first.path.name, self.compat)
+            if problem:
+                raise ExpertsError(problem)
         self.preprocess = load_preprocess(self.folder, self.spec)
         recorded = self.meta.get("preprocess_fingerprint")
         if recorded is not None and recorded != self.preprocess.fingerprint():
@@ -333,11 +330,6 @@ class ExpertSet:
 
 
 # --- the lenient check ------------------------------------------------------------------------
-def _short(message: str, path: Path) -> str:
-    """The message with the (long) path replaced by the file's name."""
-    return str(message).replace(str(path), path.name)
-
-
 def check_trajectory(path: Path) -> dict:
     """One trajectory file's facts, after the checks ``ExpertSet`` makes of it alone (header only)."""
     path = Path(path)
@@ -379,7 +371,7 @@ def check(folder: Path, verify: bool = False) -> dict:
         manifest = read_manifest(folder)
     except StorageError as e:
         problems.append(
-            f"{_short(e, mpath)} `dpd distill` refuses this folder until it is fixed."
+            f"{short_message(e, mpath)} `dpd distill` refuses this folder until it is fixed."
             if mpath.exists()
             else "experts.json is missing, so `dpd distill` refuses this folder. Rerun `dpd experts --out` on this "
             "folder with the experts' settings to rewrite it (finished experts are kept)."
@@ -392,7 +384,7 @@ def check(folder: Path, verify: bool = False) -> dict:
             storage.verify_data(ppath)
     except StorageError as e:
         problems.append(
-            _short(e, ppath)
+            short_message(e, ppath)
             if ppath.exists()
             else "preprocess.safetensors is missing (the normalisation the experts saw); `dpd distill` cannot use "
             "this folder. Rerun `dpd experts --out` on it with the experts' settings."
@@ -401,35 +393,36 @@ def check(folder: Path, verify: bool = False) -> dict:
     experts: list[dict] = []
     ref: tuple[str, dict] | None = None  # the first valid file and its metadata
     for p in expert_files(folder):
-        entry: dict = {"file": p.name, "size": _size(p), "valid": False, "error": None, "compatible": False}
+        entry: dict = {"file": p.name, "size": None, "valid": False, "error": None, "compatible": False}
         experts.append(entry)
+        with contextlib.suppress(OSError):
+            entry["size"] = p.stat().st_size
         try:
             facts = check_trajectory(p)
             if verify:
                 storage.verify_data(p)
         except StorageError as e:
-            entry["error"] = _short(e, p)
+            entry["error"] = short_message(e, p)
             problems.append(entry["error"])
             continue
         meta = facts.pop("meta")
         entry.update(valid=True, **facts)
         ref = ref or (p.name, meta)
-        found = mismatches(meta, ref[1], ref[0], compat)
+        found = mismatch(p, meta, ref[1], ref[0], compat)
         entry["compatible"] = not found
         if found:
-            problems.append(_short(_mismatch_message(p, found), p))
+            problems.append(short_message(found, p))
     if not experts:
         problems.append("No expert files (expert_*.safetensors) yet: train them with `dpd experts`.")
     ref_meta = ref[1] if ref else None
     if ref_meta is not None:
         if compat and compat.get("model") not in (None, ref_meta.get("model")):
             problems.append(
-                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
-                f"{model_tag(ref_meta.get('model'))}."
+                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' {model_tag(ref_meta.get('model'))}."
             )
         recorded = ref_meta.get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:
-            problems.append(_short(_fingerprint_message(ppath, preprocess["fingerprint"], recorded), ppath))
+            problems.append(short_message(_fingerprint_message(ppath, preprocess["fingerprint"], recorded), ppath))
     n_planned = planned_count(manifest)
     being_written = storage.is_locked(folder)
     return {
@@ -453,13 +446,6 @@ def state(count: int, n_planned: int | None, being_written: bool) -> str:
     if count == 0:
         return "empty"
     return "incomplete" if n_planned is not None and count < n_planned else "complete"
-
-
-def _size(p: Path) -> int | None:
-    try:
-        return p.stat().st_size
-    except OSError:
-        return None
 
 
 def summarize(folder: Path) -> dict:

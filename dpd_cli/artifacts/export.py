@@ -31,23 +31,16 @@ README = "README.txt"
 NPZ = "synthetic.npz"
 #: datm: the logit of every other class for a hard label; softmax(-1000) is 0 in float32 and float64.
 HARD_LABEL_GAP = 1000.0
-MTT_FILES = ("images_best.pt", "labels_best.pt", "lr_best.pt")
 _TORCH_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "tiny-imagenet": "Tiny"}
-
-
-def datm_labels(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``[n, K]`` float32 logits for hard ``labels``: 0 at the class, ``-HARD_LABEL_GAP`` elsewhere."""
-    out = torch.full((len(labels), n_classes), -HARD_LABEL_GAP, dtype=torch.float32)
-    out[torch.arange(len(labels)), labels.long()] = 0.0
-    return out
 
 
 def write_torch(folder: Path, flavour: str, t: dict, pre: Preprocess, meta: dict, logits) -> tuple[list[str], None]:
     """The ``mtt`` or ``datm`` files; returns their names."""
     if logits is not None:
         y = logits.float()
-    elif flavour == "datm":
-        y = datm_labels(t["labels"], len(meta["classes"]))
+    elif flavour == "datm":  # logits 0 at the class, -HARD_LABEL_GAP elsewhere
+        y = torch.full((len(t["labels"]), len(meta["classes"])), -HARD_LABEL_GAP, dtype=torch.float32)
+        y[torch.arange(len(y)), t["labels"].long()] = 0.0
     else:
         y = t["labels"].long()
     p = pre.tensors()
@@ -246,13 +239,11 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
         ]
         if pre.has_zca and info.get("train_per_class"):
             lines.append(
-                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images "
-                "with zca.pt instead."
+                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images with zca.pt instead."
             )
         lines += [
             "DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
-            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
-            "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
+            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt --label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
             "MTT's distill.py saves images_<it>.pt and labels_<it>.pt (and images_best.pt, labels_best.pt) under "
             "logged_files/, but none of MTT's scripts loads them: it evaluates inside distill.py. To use MTT's code, "
             "write a script that loads these files as above, sets args as distill.py does (dsa, dsa_param, "
@@ -318,7 +309,6 @@ def _readme_imagefolder(fmt: str, info: dict) -> list[str]:
     ]
     if info["soft_labels"]:
         lines.append(
-            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i "
-            "(an image folder can only say the class)."
+            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i (an image folder can only say the class)."
         )
     return lines

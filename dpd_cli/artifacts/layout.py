@@ -81,12 +81,6 @@ def checkpoints_to_delete(iterations: list[int], keep: str | int, checkpoint_eve
     """
     if keep == "all":
         return []
-    newest = sorted(iterations, reverse=True)[:2]
-    out = []
-    for it in iterations:
-        if it == 0 or it in newest:
-            continue
-        if isinstance(keep, int) and it % (keep * checkpoint_every) == 0:
-            continue
-        out.append(it)
-    return out
+    kept = [0, *sorted(iterations, reverse=True)[:2]]
+    every = keep * checkpoint_every if isinstance(keep, int) else None
+    return [it for it in iterations if it not in kept and not (every is not None and it % every == 0)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def load(path: Path) -> tuple[torch.Tensor, dict]:
     t, meta = storage.load_tensors(path, FORMAT, {"counts": (torch.int32, 1)})
     layout = meta.get("layout")
     try:
-        total = sum(_numel(shape) for _, shape in layout)
+        total = sum(math.prod(map(int, shape)) for _, shape in layout)
     except (TypeError, ValueError) as e:
         raise StorageError(f"{path}: the metadata entry 'layout' is malformed ({e}).") from None
     if total != t["counts"].numel():
@@ -43,13 +44,6 @@ def load(path: Path) -> tuple[torch.Tensor, dict]:
     if (t["counts"] < 0).any():
         raise StorageError(f"{path}: negative prune counts.")
     return t["counts"], meta
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def layer_stats(counts: torch.Tensor, layout: list, iterations_pruned: int) -> dict:
@@ -62,7 +56,7 @@ def layer_stats(counts: torch.Tensor, layout: list, iterations_pruned: int) -> d
     Raises:
         StorageError: The layout does not add up to the counter's length.
     """
-    sizes = [_numel(shape) for _, shape in layout]
+    sizes = [math.prod(map(int, shape)) for _, shape in layout]
     if sum(sizes) != counts.numel():
         raise StorageError(f"the layer layout covers {sum(sizes)} parameters but the counter has {counts.numel()}.")
     counts = counts.to(torch.int64)

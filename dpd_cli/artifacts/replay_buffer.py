@@ -33,10 +33,7 @@ _NUMBER = re.compile(r"replay_buffer_(\d+)\.pt$")
 #: Modules (and built-ins) whose functions a pickle can call to run commands or code of its own.
 _RUNS_CODE = {"os", "posix", "nt", "sys", "subprocess", "runpy", "importlib", "shutil", "socket", "pty", "ctypes"}
 _RUNS_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "open", "breakpoint"}
-_SAVE_HINT = (
-    "A replay buffer must be what MTT's buffer.py saves: a list of experts, each a list of snapshots, "
-    "each a list of parameter tensors."
-)
+_SAVE_HINT = "A replay buffer must be what MTT's buffer.py saves: a list of experts, each a list of snapshots, each a list of parameter tensors."
 
 
 def find(sources: list[Path]) -> list[Path]:
@@ -44,8 +41,7 @@ def find(sources: list[Path]) -> list[Path]:
     each file once, where it first appears."""
     if not sources:
         raise StorageError(
-            "No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them "
-            "(MTT writes them to <buffer_path>/<dataset>[_NO_ZCA]/<model>/)."
+            "No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them (MTT writes them to <buffer_path>/<dataset>[_NO_ZCA]/<model>/)."
         )
     files: list[Path] = []
     for src in map(Path, sources):
@@ -117,8 +113,7 @@ def _load_error(path: Path, e: BaseException) -> StorageError:
     code = [g for g in _globals(path) if _runs_code(g)]
     if code:
         return StorageError(
-            f"{path} holds Python objects that would run code when loaded ({', '.join(dict.fromkeys(code))}); "
-            "refused — dpd never unpickles."
+            f"{path} holds Python objects that would run code when loaded ({', '.join(dict.fromkeys(code))}); refused — dpd never unpickles."
         )
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if m:
@@ -135,8 +130,7 @@ def _load_error(path: Path, e: BaseException) -> StorageError:
     m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", first)
     reason = (m.group(1) if m else first or type(e).__name__)[:200]
     return StorageError(
-        f"{path} is not a readable PyTorch file ({reason}): it is truncated, corrupted or of another format. "
-        "Copy it again from where the experts were trained."
+        f"{path} is not a readable PyTorch file ({reason}): it is truncated, corrupted or of another format. Copy it again from where the experts were trained."
     )
 
 
@@ -168,8 +162,7 @@ def load(path: Path) -> list[list[list[torch.Tensor]]]:
         if not isinstance(expert, (list, tuple)) or len(expert) < 2:
             what = f"a list of {len(expert)} snapshot(s)" if isinstance(expert, (list, tuple)) else _describe(expert)
             raise StorageError(
-                f"{path}: expert {i} is {what}, expected a list of at least two snapshots (the "
-                f"initialisation and one per epoch). {_SAVE_HINT}"
+                f"{path}: expert {i} is {what}, expected a list of at least two snapshots (the initialisation and one per epoch). {_SAVE_HINT}"
             )
         for e, snapshot in enumerate(expert):
             if not isinstance(snapshot, (list, tuple)) or not snapshot:
@@ -180,8 +173,7 @@ def load(path: Path) -> list[list[list[torch.Tensor]]]:
             for k, p in enumerate(snapshot):
                 if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.layout != torch.strided:
                     raise StorageError(
-                        f"{path}: expert {i}, snapshot {e}, parameter {k} is {_describe(p)}, expected a "
-                        f"floating-point tensor. {_SAVE_HINT}"
+                        f"{path}: expert {i}, snapshot {e}, parameter {k} is {_describe(p)}, expected a floating-point tensor. {_SAVE_HINT}"
                     )
     return [list(map(list, expert)) for expert in data]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpd_cli.artifacts import evaluation, run_settings
+from dpd_cli.artifacts import evaluation, json_int, run_settings, short_message
 from dpd_cli.artifacts import metrics as metrics_file
 from dpd_cli.artifacts import prune_counts as prune_file
 from dpd_cli.artifacts import synthetic as synthetic_file
@@ -24,7 +24,7 @@ from dpd_cli.artifacts.layout import (
 from dpd_cli.errors import OutputExistsError, StorageError
 from dpd_cli.io import storage
 
-__all__ = ["status", "disagreements", "scan", "summarize", "refuse_running"]
+__all__ = ["disagreements", "scan", "summarize", "refuse_running"]
 
 
 # --- the run as a whole -------------------------------------------------------------------------
@@ -41,15 +41,11 @@ def refuse_running(target: Path, instead: str) -> None:
     if holder is None:
         return
     newest = next((p for p in checkpoints(run_dir) if _header_ok(p)), None)
-    what = (
-        f"{run_dir} is being distilled right now by {holder}: its {SYNTHETIC} changes at every checkpoint and is "
-        "not the run's result yet."
-    )
+    what = f"{run_dir} is being distilled right now by {holder}: its {SYNTHETIC} changes at every checkpoint and is not the run's result yet."
     if newest is None:
         raise OutputExistsError(f"{what} It has no complete checkpoint yet: wait for the run to finish.")
     raise OutputExistsError(
-        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to "
-        f"finish, or {instead.format(checkpoint=newest)}."
+        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to finish, or {instead.format(checkpoint=newest)}."
     )
 
 
@@ -61,29 +57,8 @@ def _header_ok(path: Path) -> bool:
         return False
 
 
-def status(planned: int | None, iteration: int | None, checkpoint_iteration: int | None, running: bool) -> str:
-    """``running`` (a process holds the run's lock), ``finished``, ``resumable`` or ``no checkpoint``.
-
-    ``iteration``: the newest iteration written as a synthetic set or checkpoint.
-    """
-    if running:
-        return "running"
-    if planned is not None and iteration is not None and iteration >= planned:
-        return "finished"
-    return "resumable" if checkpoint_iteration is not None else "no checkpoint"
-
-
 def disagreements(
-    run_dir: Path,
-    *,
-    settings_hashes: dict[str, str],
-    synthetic: int | None,
-    checkpoint: int | None,
-    prune: int | None,
-    metrics: int | None,
-    metrics_missing: int,
-    evaluated: dict[str, int],
-    resumable: bool,
+    run_dir: Path, state: dict, settings_hashes: dict[str, str], prune: int | None, missing: int, evaluated: dict
 ) -> list[str]:
     """Sentences on a run's files that do not tell the same story, with what to do about each.
 
@@ -92,12 +67,15 @@ def disagreements(
 
     Args:
         run_dir: The run (named in the advice).
+        state: ``scan``'s: the iteration each file is at (``None``: absent or unreadable) and the run's status
+            (a resumable run stopped before its last iteration: metrics past the checkpoint are expected then).
         settings_hashes: ``{file name: settings_hash}`` of settings.json, the synthetic set and the newest checkpoint.
-        synthetic, checkpoint, prune, metrics: The iteration each file is at (``None``: absent or unreadable).
-        metrics_missing: Iterations up to ``metrics`` that have no line.
+        prune: The iteration prune_frequency.safetensors is at.
+        missing: Iterations up to the newest metrics line that have no line.
         evaluated: ``{model: newest iteration}`` of eval.json's latest distilled results.
-        resumable: The run stopped before its last iteration (metrics past the checkpoint are expected then).
     """
+    synthetic, checkpoint = state["synthetic_iteration"], state["checkpoint_iteration"]
+    metrics = state["metrics_iteration"]
     out = []
     redo = f"Rerun the same `dpd distill` command with --resume to rewrite it from checkpoint {checkpoint}."
     if synthetic is not None and checkpoint is not None and synthetic != checkpoint:
@@ -112,24 +90,20 @@ def disagreements(
         )
     if prune is not None and checkpoint is not None and prune != checkpoint:
         out.append(
-            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are "
-            f"not the run's current ones. {redo}"
+            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are not the run's current ones. {redo}"
         )
     if metrics is not None and checkpoint is not None:
         if metrics < checkpoint:
             out.append(
-                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines "
-                "are missing, so the curves stop early."
+                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines are missing, so the curves stop early."
             )
-        elif metrics > checkpoint and resumable:
+        elif metrics > checkpoint and state["status"] == "resumable":
             out.append(
-                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): "
-                f"a resume redoes iterations {checkpoint + 1}-{metrics}."
+                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): a resume redoes iterations {checkpoint + 1}-{metrics}."
             )
-    if metrics_missing:
+    if missing:
         out.append(
-            f"{METRICS} has no line for {metrics_missing} of iterations 1-{metrics} (lines were lost or removed), "
-            "so the curves have gaps."
+            f"{METRICS} has no line for {missing} of iterations 1-{metrics} (lines were lost or removed), so the curves have gaps."
         )
     hashes = {name: h for name, h in settings_hashes.items() if h is not None}
     if len(set(hashes.values())) > 1:
@@ -143,14 +117,9 @@ def disagreements(
     if stale:
         which = ", ".join(f"{m} at iteration {it}" for m, it in stale.items())
         out.append(
-            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). "
-            f"Rerun `dpd evaluate {run_dir}` for current numbers."
+            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). Rerun `dpd evaluate {run_dir}` for current numbers."
         )
     return out
-
-
-def _relative_error(e: Exception, path: Path, name: str) -> str:
-    return str(e).replace(str(path), name)
 
 
 def scan(
@@ -173,16 +142,17 @@ def scan(
         unusable), the usable checkpoints newest first (``{"name", "iteration", "meta"}``), eval.json's
         latest results (``dpd_cli.artifacts.evaluation.latest``), ``{file name: why it is unusable}``,
         ``{"status", "holder", "iteration", "iterations", "synthetic_iteration", "checkpoint_iteration",
-        "metrics_iteration"}`` and ``disagreements``'s sentences (none while the run is running).
+        "metrics_iteration"}`` and ``disagreements``'s sentences (none while the run is running). ``status``:
+        ``running`` (a process holds the run's lock), ``finished``, ``resumable`` or ``no checkpoint``.
     """
 
     run_dir = Path(run_dir)
     errors: dict[str, str] = {}
     settings, problem = run_settings.read(run_dir)
     if problem:
-        errors[SETTINGS] = _relative_error(StorageError(problem), run_dir / SETTINGS, SETTINGS)
+        errors[SETTINGS] = short_message(problem, run_dir / SETTINGS)
 
-    def header(path: Path, name: str, read) -> dict | None:
+    def header(path: Path, read) -> dict | None:
         if not path.exists():
             return None
         try:
@@ -191,19 +161,19 @@ def scan(
                 storage.verify_data(path)
             return meta
         except StorageError as e:
-            errors[name] = _relative_error(e, path, name)
+            name = path.relative_to(run_dir).as_posix()
+            errors[name] = short_message(e, path, name)
             return None
 
-    syn = header(run_dir / SYNTHETIC, SYNTHETIC, synthetic_file.check_header)
+    syn = header(run_dir / SYNTHETIC, synthetic_file.check_header)
     ckpts = []
     for p in checkpoints(run_dir):
-        name = f"{CHECKPOINTS}/{p.name}"
-        meta = header(p, name, synthetic_file.check_header)
+        meta = header(p, synthetic_file.check_header)
         if meta is not None:
-            ckpts.append({"name": name, "iteration": meta.get("iteration"), "meta": meta})
+            ckpts.append({"name": f"{CHECKPOINTS}/{p.name}", "iteration": meta.get("iteration"), "meta": meta})
             if not every_checkpoint:
                 break
-    prune = header(run_dir / PRUNE, PRUNE, lambda p: storage.read_meta(p, prune_file.FORMAT)[1])
+    prune = header(run_dir / PRUNE, lambda p: storage.read_meta(p, prune_file.FORMAT)[1])
 
     missing = 0
     metrics_it = None
@@ -219,17 +189,22 @@ def scan(
 
     newest = max(
         (m for m in (syn, ckpts[0]["meta"] if ckpts else None) if m),
-        key=lambda m: _int(m.get("iteration")) or 0,
+        key=lambda m: json_int(m.get("iteration")) or 0,
         default={},
     )
-    planned = _int(newest.get("iterations")) or _int(((settings or {}).get("settings") or {}).get("iterations"))
-    syn_it = _int((syn or {}).get("iteration"))
-    ckpt_it = _int(ckpts[0]["iteration"]) if ckpts else None
+    planned = json_int(newest.get("iterations")) or json_int(((settings or {}).get("settings") or {}).get("iterations"))
+    syn_it = json_int((syn or {}).get("iteration"))
+    ckpt_it = json_int(ckpts[0]["iteration"]) if ckpts else None
     written = max([i for i in (syn_it, ckpt_it) if i is not None], default=None)
     holder = storage.lock_holder(run_dir)
-    running = holder is not None
+    if holder is not None:
+        status = "running"
+    elif planned is not None and written is not None and written >= planned:
+        status = "finished"
+    else:
+        status = "resumable" if ckpt_it is not None else "no checkpoint"
     state = {
-        "status": status(planned, written, ckpt_it, running),
+        "status": status,
         "holder": holder,
         "iteration": max([i for i in (syn_it, ckpt_it, metrics_it) if i is not None], default=0),
         "iterations": planned,
@@ -239,29 +214,20 @@ def scan(
     }
     ev = evaluation.latest(run_dir / EVAL)
     if ev is not None and not ev["valid"]:
-        errors[EVAL] = _relative_error(StorageError(ev["error"]), run_dir / EVAL, EVAL)
+        errors[EVAL] = short_message(ev["error"], run_dir / EVAL)
     found = []
-    if not running:
+    if holder is None:
         evaluated = {}
         for r in (ev or {}).get("results", []):
             it = evaluation.evaluated_iteration(r)
             if r["source"] == "distilled" and it is not None:
                 evaluated[str(r["model"])] = it
-        found = disagreements(
-            run_dir,
-            settings_hashes={
-                SETTINGS: (settings or {}).get("settings_hash"),
-                SYNTHETIC: (syn or {}).get("settings_hash"),
-                ckpts[0]["name"] if ckpts else "checkpoint": ckpts[0]["meta"].get("settings_hash") if ckpts else None,
-            },
-            synthetic=syn_it,
-            checkpoint=ckpt_it,
-            prune=_int((prune or {}).get("iteration")),
-            metrics=metrics_it,
-            metrics_missing=missing,
-            evaluated=evaluated,
-            resumable=state["status"] == "resumable",
-        )
+        hashes = {
+            SETTINGS: (settings or {}).get("settings_hash"),
+            SYNTHETIC: (syn or {}).get("settings_hash"),
+            ckpts[0]["name"] if ckpts else "checkpoint": ckpts[0]["meta"].get("settings_hash") if ckpts else None,
+        }
+        found = disagreements(run_dir, state, hashes, json_int((prune or {}).get("iteration")), missing, evaluated)
     return {
         "settings": settings,
         "synthetic": syn,
@@ -272,10 +238,6 @@ def scan(
         "state": state,
         "disagreements": found,
     }
-
-
-def _int(x) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
 def summarize(run_dir: Path) -> dict:

@@ -58,8 +58,7 @@ class RunWriter:
             return
         if not force:
             raise OutputExistsError(
-                f"{self.run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume, start it over with "
-                "--force, or choose another --out."
+                f"{self.run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume, start it over with --force, or choose another --out."
             )
         for f in existing:
             p = self.run_dir / f

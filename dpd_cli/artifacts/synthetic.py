@@ -97,8 +97,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     images, labels = t["images"], t["labels"]
     if tuple(images.shape[1:]) != (spec.channels, *spec.image_size) or len(images) == 0:
         raise StorageError(
-            f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, "
-            f"{spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}"
+            f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, {spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}"
         )
     if len(images) != len(labels):
         raise StorageError(f"{path}: {len(images)} images but {len(labels)} labels.")

@@ -319,7 +319,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, meta
 
 
-def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, Any]:
+def read_meta(path: Path, fmt: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensor entries, metadata decoded from JSON)`` of a file of format ``fmt`` (``None``: any), no tensor read."""
+    path = Path(path)
+    header, raw = read_header(path)
     found = raw.get("format")
     if fmt is not None and found != fmt:
         what = f"a {found!r} file" if found else "not a file written by dpd"
@@ -339,13 +342,7 @@ def _decode_meta(path: Path, raw: dict[str, str], fmt: str | None) -> dict[str, 
             raise DamagedError(
                 f"{path}: metadata entry {k!r} is not valid JSON. {_hint_for(found or '')}", "bad header"
             ) from None
-    return meta
-
-
-def read_meta(path: Path, fmt: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(tensor entries, metadata decoded from JSON)`` of a file of format ``fmt`` (``None``: any), no tensor read."""
-    header, raw = read_header(path)
-    return header, _decode_meta(Path(path), raw, fmt)
+    return header, meta
 
 
 def check_header_tensors(
@@ -381,49 +378,28 @@ def load_tensors(
         raise DamagedError(f"{path} is corrupted ({e}). {_hint_for(fmt or '')}", "corrupted") from e
 
 
-def recorded_digest(path: Path, meta: Mapping[str, Any]) -> str | None:
-    """The tensor data digest a file's metadata (raw or decoded) records; ``None`` for a file written before dpd
-    recorded one (0.2 and older).
-
-    Raises:
-        StorageError: The entry is there but is not a digest.
-    """
-    value = meta.get(DIGEST_KEY)
-    if value is None:
-        return None
-    digest = value.strip('"') if isinstance(value, str) else ""  # raw metadata keeps the JSON quotes
-    if not _DIGEST_RE.fullmatch(digest):
-        raise DamagedError(
-            f"{path}: the metadata entry {DIGEST_KEY!r} is not a checksum ({str(value)[:80]}). "
-            f"{_damage_hint(str(meta.get('format', '')))}",
-            "bad checksum entry",
-        )
-    return digest
-
-
 def data_digest(path: Path) -> str:
     """BLAKE2b (16 bytes, hex) of the tensor data of a safetensors file: every byte after the header, read in
     chunks of 16 MiB (a file of any size is hashed in constant memory)."""
     path = Path(path)
     try:
         with open(path, "rb", buffering=0) as f:
-            return _digest_from(f)[0]
+            return _digest_from(f)
     except OSError as e:
         raise StorageError(f"Cannot read {path}: {e.strerror or e}.") from e
 
 
-def _digest_from(f) -> tuple[str, os.stat_result]:
-    """The data digest of the open (unbuffered) safetensors file ``f`` and its ``fstat``."""
-    st = os.fstat(f.fileno())
+def _digest_from(f) -> str:
+    """The data digest of the open (unbuffered) safetensors file ``f``."""
     head = f.read(8)
-    (n,) = struct.unpack("<Q", head) if len(head) == 8 else (st.st_size,)
+    (n,) = struct.unpack("<Q", head) if len(head) == 8 else (os.fstat(f.fileno()).st_size,)
     f.seek(8 + n)
     h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
     buf = bytearray(_VERIFY_CHUNK)
     view = memoryview(buf)
     while got := f.readinto(buf):
         h.update(view[:got])
-    return h.hexdigest(), st
+    return h.hexdigest()
 
 
 def verify_data(path: Path, meta: Mapping[str, Any] | None = None) -> bool:
@@ -438,16 +414,23 @@ def verify_data(path: Path, meta: Mapping[str, Any] | None = None) -> bool:
     path = Path(path)
     if meta is None:
         meta = read_header(path)[1]
-    recorded = recorded_digest(path, meta)
-    if recorded is None:
+    value = meta.get(DIGEST_KEY)
+    if value is None:
         return False
+    recorded = value.strip('"') if isinstance(value, str) else ""  # raw metadata keeps the JSON quotes
+    if not _DIGEST_RE.fullmatch(recorded):
+        raise DamagedError(
+            f"{path}: the metadata entry {DIGEST_KEY!r} is not a checksum ({str(value)[:80]}). "
+            f"{_damage_hint(str(meta.get('format', '')))}",
+            "bad checksum entry",
+        )
     try:
         with open(path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, recorded)
             if key in _VERIFIED:
                 return True
-            found, _ = _digest_from(f)
+            found = _digest_from(f)
     except OSError as e:
         raise StorageError(f"Cannot read {path}: {e.strerror or e}.") from e
     if found != recorded:
@@ -571,18 +554,14 @@ def removed_if_unused(folder: Path, lock: str = ".lock") -> Iterator[None]:
     try:
         yield
     finally:
-        _remove_empty(made, lock)
-
-
-def _remove_empty(folders: list[Path], lock: str) -> None:
-    for p in folders:
-        try:
-            if {c.name for c in p.iterdir()} - {lock}:
-                return
-            (p / lock).unlink(missing_ok=True)
-            p.rmdir()
-        except OSError:
-            return
+        for p in made:
+            try:
+                if {c.name for c in p.iterdir()} - {lock}:
+                    break
+                (p / lock).unlink(missing_ok=True)
+                p.rmdir()
+            except OSError:
+                break
 
 
 @contextlib.contextmanager
@@ -613,13 +592,13 @@ def is_locked(folder: Path, name: str = ".lock") -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the descriptor
-        return False
     except BlockingIOError:
         return True
     except OSError:
-        return False
+        pass
     finally:
         os.close(fd)
+    return False
 
 
 def lock_holder(folder: Path, name: str = ".lock") -> str | None:
