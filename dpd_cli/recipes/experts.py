@@ -36,10 +36,23 @@ __all__ = ["run"]
 CONCURRENT = (1, 4)
 
 
-def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
-    # dpd 0.1 manifests lack val_per_class: None there means the same as here (no split).
-    d = {k: getattr(settings, k) for k in experts_file.COMPAT_FIELDS}
-    return {**d, "dataset": dataset_key(settings), "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
+def compat_record(known: dict, spec: ModelSpec) -> dict:
+    """An experts folder's ``compat`` record: every ``COMPAT_FIELDS`` entry (``None`` where not ``known``), the
+    network and the preprocessing scheme. dpd 0.1 manifests lack val_per_class: None there means no split."""
+    compat = {k: known.get(k) for k in experts_file.COMPAT_FIELDS}
+    return {**compat, "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
+
+
+def differences(found: dict, want: dict) -> list[str]:
+    """``key: folder has X, settings say Y`` for every value of ``want`` that the folder records otherwise."""
+    return [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
+
+
+def trajectory_meta(dataset, spec: ModelSpec, layout, training: dict, index: int, zca, pre, settings: dict, **extra):
+    """An expert file's metadata: what trained it (``training``: epochs, the optimiser's settings, dsa, seed), its
+    place in the folder, its preprocessing, ``extra`` (what it learned, or where it came from), the settings."""
+    head = {"dataset": dataset, "model": spec.to_dict(), "layout": layout, **training, "index": index, "zca": zca}
+    return {**head, "preprocess_fingerprint": pre.fingerprint(), **extra, "settings": settings, "versions": versions()}
 
 
 def _check_or_write_manifest(
@@ -61,9 +74,7 @@ def _check_or_write_manifest(
         found["preprocess_scheme"] = experts_file.preprocess_scheme(found)
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
             raise ExpertsError(experts_file.old_preprocess_message(folder, found))
-        diffs = [
-            f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v
-        ]
+        diffs = differences(found, compat)
         recorded = (previous.get("validation") or {}).get("fingerprint")
         if validation and recorded and recorded != validation["fingerprint"]:
             diffs.append("the validation split holds other images (the dataset changed)")
@@ -103,7 +114,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     )
     spec = model_spec(settings, ds)
     folder = Path(settings.out or experts_file.default_folder(dataset_key(settings), spec.tag(), settings.zca))
-    compat = _compat(settings, spec)
+    compat = compat_record({**settings.model_dump(), "dataset": dataset_key(settings)}, spec)
     # Each rank trains its share; under torchrun the process group exists from the start (with its timeout),
     # while a scheduler's job array (RANK and WORLD_SIZE alone) runs its ranks independently.
     group = parallel.start(device, settings.dist_timeout, required=False)
@@ -127,10 +138,8 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
             group.barrier()
         if rank != 0:
             pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
-        x_train = pre.apply(ds.train_images).to(device)
-        y_train = ds.train_labels.to(device)
-        x_test = pre.apply(ds.test_images).to(device)
-        y_test = ds.test_labels.to(device)
+        x_train, y_train = pre.apply(ds.train_images).to(device), ds.train_labels.to(device)
+        x_test, y_test = pre.apply(ds.test_images).to(device), ds.test_labels.to(device)
 
         mine = list(range(rank, settings.num, world))
         todo = []
@@ -191,23 +200,22 @@ def _train_group(indices, settings, spec, pre, folder, x_train, y_train, x_test,
         train_acc.append(acc)
         for j, i in enumerate(indices):  # images/s: of all the experts trained together
             sink.emit(ExpertEpoch(i, epoch, settings.epochs, loss[j], acc[j], test_acc[-1][j], k * n / dt))
+    training = {f: getattr(settings, f) for f in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")}
     for j, i in enumerate(indices):
-        meta = {
-            "dataset": settings.dataset,
-            "model": spec.to_dict(),
-            "layout": flat.layout,
-            **{f: getattr(settings, f) for f in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")},
-            "seed": seeds[j],
-            "index": i,
-            "zca": settings.zca,
-            "preprocess_fingerprint": pre.fingerprint(),
-            "test_accuracy": [a[j] for a in test_acc],
-            "train_accuracy": [a[j] for a in train_acc],
-            "train_loss": [v[j] for v in train_loss],
-            "train_images_per_s": k * n * settings.epochs / t_train,
-            "settings": settings.model_dump(mode="json"),
-            "versions": versions(),
-        }
+        meta = trajectory_meta(
+            settings.dataset,
+            spec,
+            flat.layout,
+            {**training, "seed": seeds[j]},
+            i,
+            settings.zca,
+            pre,
+            settings.model_dump(mode="json"),
+            test_accuracy=[a[j] for a in test_acc],
+            train_accuracy=[a[j] for a in train_acc],
+            train_loss=[v[j] for v in train_loss],
+            train_images_per_s=k * n * settings.epochs / t_train,
+        )
         path = expert_path(folder, i)
         experts_file.save_trajectory(path, trajectories[j], meta)
         sink.emit(ExpertDone(i, str(path), test_acc[-1][j], time.perf_counter() - t0))

@@ -22,12 +22,11 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import replay_buffer
 from dpd_cli.config.settings import ImportSettings
 from dpd_cli.data import Preprocess, load_dataset
-from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import ImportExpert, ImportFileDone, ImportFileStarted, ImportStarted, NullSink, Sink
 from dpd_cli.io import storage
-from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, ModelSpec, build_model
+from dpd_cli.recipes.experts import compat_record, differences, trajectory_meta
 from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads
 
 __all__ = ["run", "default_folder", "SOURCE_FORMAT", "STATED"]
@@ -64,17 +63,7 @@ def _require(s: ImportSettings) -> None:
 
 def _compat(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
     """The folder's ``compat`` record, in the keys ``dpd experts`` uses; unknown values are ``None``."""
-    return {
-        "dataset": dataset_key(s),
-        "train_per_class": None,
-        "val_per_class": None,
-        "zca": s.zca,
-        "epochs": epochs,
-        **stated,
-        "seed": None,
-        "model": spec.to_dict(),
-        "preprocess_scheme": PREPROCESS_SCHEME,
-    }
+    return compat_record({"dataset": dataset_key(s), "zca": s.zca, "epochs": epochs, **stated}, spec)
 
 
 def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None) -> dict:
@@ -139,11 +128,9 @@ class _Import:
             )
         found = manifest["compat"]
         want = {k: v for k, v in _compat(self.s, self.spec, found.get("epochs"), {}).items() if k not in STATED}
-        diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
-        for k in STATED:  # a stated value must agree; one left out now keeps the recorded one
-            if k in self.s.model_fields_set and found.get(k) != self.stated[k]:
-                diffs.append(f"{k}: folder has {found.get(k)!r}, settings say {self.stated[k]!r}")
-            self.stated[k] = found.get(k)
+        # A stated value must agree; one left out now keeps the recorded one.
+        diffs = differences(found, want | {k: self.stated[k] for k in STATED if k in self.s.model_fields_set})
+        self.stated = {k: found.get(k) for k in STATED}
         if diffs:
             raise ExpertsError(
                 f"The experts folder {self.folder} holds experts imported with other settings "
@@ -193,8 +180,7 @@ class _Import:
             digests.append(replay_buffer.sha256(path))
             if self._recorded(digests[-1]) is not None:
                 continue
-            experts = replay_buffer.load(path)
-            epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+            experts, epochs = self._load(path)
             if self.manifest is not None and epochs != self.manifest["compat"]["epochs"]:
                 raise ExpertsError(
                     f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
@@ -213,6 +199,11 @@ class _Import:
             self.checked = (path, experts, epochs) if self.checked[0] is None and first[0] == path else (None,) * 3
         return digests
 
+    def _load(self, path: Path) -> tuple[list, int]:
+        """A buffer's experts, checked against the network, and their number of epochs."""
+        experts = replay_buffer.load(path)
+        return experts, replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+
     def _recorded(self, digest: str) -> int | None:
         """The number of experts of a buffer imported whole before, else ``None``."""
         sources = (self.manifest or {}).get("import", {}).get("sources", [])
@@ -229,11 +220,7 @@ class _Import:
         n = self._recorded(digest)
         if n is not None:
             return n, 0, True
-        if self.checked[0] == path:
-            experts, epochs = self.checked[1:]
-        else:
-            experts = replay_buffer.load(path)
-            epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+        experts, epochs = self.checked[1:] if self.checked[0] == path else self._load(path)
         self.checked = (None, None, None)
         if self.manifest is None:
             self._create(epochs)
@@ -278,26 +265,19 @@ class _Import:
         experts_folder.write_manifest(self.folder, self.manifest)
 
     def _save(self, index: int, path: Path, digest: str, position: int, rows, epochs: int) -> None:
-        s = self.s
-        meta = {
-            "dataset": s.dataset,
-            "model": self.spec.to_dict(),
-            "layout": self.layout,
-            "epochs": epochs,
-            **self.stated,
-            "seed": None,
-            "index": index,
-            "zca": s.zca,
-            "preprocess_fingerprint": self.pre.fingerprint(),
-            "source": {
-                "format": SOURCE_FORMAT,
-                "file": str(Path(path).resolve()),
-                "sha256": digest,
-                "position": position,
-            },
-            "settings": self.manifest["settings"],
-            "versions": versions(),
-        }
+        source = {"format": SOURCE_FORMAT, "file": str(Path(path).resolve()), "sha256": digest, "position": position}
+        training = {"epochs": epochs, **self.stated, "seed": None}
+        meta = trajectory_meta(
+            self.s.dataset,
+            self.spec,
+            self.layout,
+            training,
+            index,
+            self.s.zca,
+            self.pre,
+            self.manifest["settings"],
+            source=source,
+        )
         experts_folder.save_trajectory(experts_folder.expert_path(self.folder, index), rows, meta)
 
     def _record(self, path: Path, digest: str, n: int) -> None:
