@@ -154,8 +154,8 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
     root = paths.experts_root()
     given = [k for k in FROM_EXPERTS if k != "data_dir" and k in s.model_fields_set]
     want = {k: dataset_key(s) if k == "dataset" else getattr(s, k) for k in given}
-    candidates = []
-    for folder in folders_under(root):
+    candidates, folders = [], folders_under(root)
+    for folder in folders:
         try:
             compat = read_manifest(folder)["compat"]
             has = {**compat, **compat["model"], "model": compat["model"].get("name")}  # the folder's settings
@@ -164,8 +164,7 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
         if all(has.get(k) == v for k, v in want.items()):
             candidates.append(folder)
     if not candidates:
-        others = folders_under(root)
-        if not others:
+        if not folders:
             raise ExpertsError(
                 f"No experts found in the experts root {root} (set by DPD_EXPERTS_ROOT). Train them first with `dpd experts` "
                 "(same --dataset, --model, --width, --zca), or pass --experts pointing at an experts folder."
@@ -173,8 +172,8 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
         wanted = ", ".join(f"{k} {getattr(s, k)}" for k in given)
         raise ExpertsError(
             f"None of the experts folders under {root} fits these settings ({wanted}): "
-            + ", ".join(str(p) for p in others[:8])
-            + ("..." if len(others) > 8 else "")
+            + ", ".join(str(p) for p in folders[:8])
+            + ("..." if len(folders) > 8 else "")
             + ". Train matching experts first with `dpd experts`, leave those settings out, or pass --experts."
         )
     more = f"the newest of {len(candidates)} matching folders; " if len(candidates) > 1 else ""
@@ -367,10 +366,8 @@ def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
         for k, v in given.items()
         if k not in RESUMABLE + ADJUSTABLE and recorded.get(k, v) != v
     ]
-    if recorded:  # a setting this dpd does not know (written by another version)
-        diffs += [
-            f"{k}: the run has {v!r}, this dpd has no such setting" for k, v in recorded.items() if k not in given
-        ]
+    # Settings this dpd does not know (written by another version).
+    diffs += [f"{k}: the run has {v!r}, this dpd has no such setting" for k, v in recorded.items() if k not in given]
     which = f"({'; '.join(diffs)})" if diffs else "(the run's settings.json has them)"
     return OutputExistsError(
         f"{run_dir} was started with other settings {which}. Resume with the same "

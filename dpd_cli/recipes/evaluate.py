@@ -32,10 +32,8 @@ from dpd_cli import interrupt, stats
 from dpd_cli.artifacts import evaluation, layout
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import synthetic as synthetic_file
-from dpd_cli.artifacts.evaluation import EVAL_FILE
 from dpd_cli.artifacts.evaluation import load as load_eval
 from dpd_cli.artifacts.evaluation import path_for as eval_path
-from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.run import refuse_running
 from dpd_cli.config.settings import EvalSettings
 from dpd_cli.core import parallel
@@ -54,7 +52,6 @@ __all__ = [
     "run",
     "previous",
     "verdict",
-    "EVAL_FILE",
     "PROTOCOLS",
     "PROTOCOL_VERSION",
     "epochs_run",
@@ -179,11 +176,11 @@ def _targets(target: Path) -> tuple[Path, Path | None]:
             f"synthetic set. Distil one from it with `dpd distill --experts {target}`, then evaluate the "
             "run directory that `dpd distill` writes."
         )
-    if not (target / SYNTHETIC).exists():
+    if not (target / layout.SYNTHETIC).exists():
         raise StorageError(
-            f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first."
+            f"{target} has no {layout.SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first."
         )
-    return target / SYNTHETIC, target
+    return target / layout.SYNTHETIC, target
 
 
 def _choose_select(s: EvalSettings, run_dir: Path | None, checkpoints: list[Path], has_val: bool) -> str:
@@ -423,14 +420,8 @@ def _comparable(settings: dict) -> dict:
 
 
 def _result(target: Path, out_file: Path | None, entries: list[dict], warnings: list[str], s: EvalSettings) -> dict:
-    eval_file = str(out_file) if out_file else None
-    return {
-        "target": str(target),
-        "eval_file": eval_file,
-        "results": entries,
-        "warnings": warnings,
-        **verdict(entries, s.fail_under, s.fail_if_no_gain),
-    }
+    head = {"target": str(target), "eval_file": str(out_file) if out_file else None, "results": entries}
+    return {**head, "warnings": warnings, **verdict(entries, s.fail_under, s.fail_if_no_gain)}
 
 
 def _check_dataset(ds, spec: ModelSpec, tensors: dict, meta: dict) -> None:

@@ -119,8 +119,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     # while a scheduler's job array (RANK and WORLD_SIZE alone) runs its ranks independently.
     group = parallel.start(device, settings.dist_timeout, required=False)
     rank, world = parallel.world_from_env()
-    if rank != 0:
-        sink = NullSink()
+    sink = sink if rank == 0 else NullSink()
 
     # Under torchrun the ranks share the folder and each locks its own rank; a plain run is kept out.
     with contextlib.ExitStack() as stack:
@@ -142,12 +141,9 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
         x_test, y_test = pre.apply(ds.test_images).to(device), ds.test_labels.to(device)
 
         mine = list(range(rank, settings.num, world))
-        todo = []
-        for i in mine:
-            if _finished(expert_path(folder, i)):
-                sink.emit(ExpertSkipped(i, str(expert_path(folder, i))))
-            else:
-                todo.append(i)
+        todo = [i for i in mine if not _finished(expert_path(folder, i))]
+        for i in sorted(set(mine) - set(todo)):
+            sink.emit(ExpertSkipped(i, str(expert_path(folder, i))))
         n_params = FlatModel(build_model(spec)).n_params
         sink.emit(ExpertsStarted(str(folder), todo, settings.num, settings.epochs, n_params, str(device)))
         k = settings.concurrent or CONCURRENT[device.type == "cuda"]
