@@ -146,9 +146,8 @@ class _Import:
 
     # --- the buffers ----------------------------------------------------------------------------
     def run(self, files: list[Path]) -> dict:
-        self.sink.emit(
-            ImportStarted(str(self.folder), [str(f) for f in files], sum(math.prod(shape) for _, shape in self.layout))
-        )
+        n_params = sum(math.prod(shape) for _, shape in self.layout)
+        self.sink.emit(ImportStarted(str(self.folder), [str(f) for f in files], n_params))
         digests = self._check_all(files)
         report = []
         for k, (path, digest) in enumerate(zip(files, digests, strict=True)):
@@ -249,19 +248,15 @@ class _Import:
 
     def _create(self, epochs: int) -> None:
         """Write the preprocessing, then the manifest: the folder becomes usable once both exist."""
-        s, ds = self.s, self.ds
-        self.pre = build_preprocess(ds, bool(s.zca))
+        s = self.s
+        self.pre = build_preprocess(self.ds, bool(s.zca))
         preprocess_file.save(self.folder / experts_folder.PREPROCESS, self.pre)
         # The manifest's settings: what `dpd distill` adopts from a folder, plus what was stated.
         settings = s.model_dump(mode="json")
         settings.update(self.stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=self.spec.depth)
-        self.manifest = experts_folder.new_manifest(
-            _compat(s, self.spec, epochs, self.stated),
-            settings,
-            self.pre,
-            None,
-            **{"import": {"format": SOURCE_FORMAT, "sources": [], "unknown": self._unknown()}},
-        )
+        compat = _compat(s, self.spec, epochs, self.stated)
+        imported = {"format": SOURCE_FORMAT, "sources": [], "unknown": self._unknown()}
+        self.manifest = experts_folder.new_manifest(compat, settings, self.pre, None, **{"import": imported})
         experts_folder.write_manifest(self.folder, self.manifest)
 
     def _save(self, index: int, path: Path, digest: str, position: int, rows, epochs: int) -> None:
