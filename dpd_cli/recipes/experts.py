@@ -48,10 +48,10 @@ def differences(found: dict, want: dict) -> list[str]:
     return [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
 
 
-def trajectory_meta(dataset, spec: ModelSpec, layout, training: dict, index: int, zca, pre, settings: dict, **extra):
-    """An expert file's metadata: what trained it (``training``: epochs, the optimiser's settings, dsa, seed), its
-    place in the folder, its preprocessing, ``extra`` (what it learned, or where it came from), the settings."""
-    head = {"dataset": dataset, "model": spec.to_dict(), "layout": layout, **training, "index": index, "zca": zca}
+def trajectory_meta(s, spec: ModelSpec, layout, training: dict, index: int, pre, settings: dict, **extra) -> dict:
+    """An expert file's metadata: the data (``s.dataset``, ``s.zca``), what trained it (``training``: epochs, the
+    optimiser's settings, dsa, seed), its place in the folder, ``extra`` (what it learned, or where it came from)."""
+    head = {"dataset": s.dataset, "model": spec.to_dict(), "layout": layout, **training, "index": index, "zca": s.zca}
     return {**head, "preprocess_fingerprint": pre.fingerprint(), **extra, "settings": settings, "versions": versions()}
 
 
@@ -193,12 +193,11 @@ def _train_group(indices, s: ExpertSettings, spec, pre, folder, x_train, y_train
     training = {f: getattr(s, f) for f in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")}
     for j, i in enumerate(indices):
         meta = trajectory_meta(
-            s.dataset,
+            s,
             spec,
             flat.layout,
             {**training, "seed": seeds[j]},
             i,
-            s.zca,
             pre,
             s.model_dump(mode="json"),
             test_accuracy=[a[j] for a in test_acc],

@@ -263,15 +263,7 @@ class _Import:
         source = {"format": SOURCE_FORMAT, "file": str(Path(path).resolve()), "sha256": digest, "position": position}
         training = {"epochs": epochs, **self.stated, "seed": None}
         meta = trajectory_meta(
-            self.s.dataset,
-            self.spec,
-            self.layout,
-            training,
-            index,
-            self.s.zca,
-            self.pre,
-            self.manifest["settings"],
-            source=source,
+            self.s, self.spec, self.layout, training, index, self.pre, self.manifest["settings"], source=source
         )
         experts_folder.save_trajectory(experts_folder.expert_path(self.folder, index), rows, meta)
 
