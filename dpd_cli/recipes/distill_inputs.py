@@ -74,51 +74,24 @@ class DistillState:
 
 
 #: Settings that may change between a run and its resume (all others are fixed by the run's settings hash).
-RESUMABLE = (
-    "iterations",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "log_every",
-    "device",
-    "threads",
-    "out",
-    "experts",
-    "resume",
-    "force",
-    "data_dir",
-    "dist_timeout",
-    "host_memory",
-    "cuda_graphs",
-    "keep_graphs",
-    "deterministic",
+RESUMABLE = tuple(
+    "iterations checkpoint_every keep_checkpoints log_every device threads out experts resume force data_dir "
+    "dist_timeout host_memory cuda_graphs keep_graphs deterministic".split()
 )
 #: Settings a resume may change, each change recorded (``settings.json`` "changes", the next metrics line); the
 #: settings hash covers the values the run started with.
 ADJUSTABLE = ("lr_img", "lr_lr")
 #: Settings an experts folder decides unless the user gives them (the network, the data it saw).
-FROM_EXPERTS = (
-    "dataset",
-    "data_dir",
-    "zca",
-    "train_per_class",
-    "val_per_class",
-    "model",
-    "width",
-    "depth",
-    "norm",
-    "pool",
-)
+FROM_EXPERTS = tuple("dataset data_dir model width depth norm pool zca train_per_class val_per_class".split())
+_NETWORK = ("width", "depth", "norm", "pool")  # the settings a ModelSpec records under the same names
 
 
 def adopt(s: DistillSettings, manifest: dict, spec: ModelSpec) -> DistillSettings:
     """``s`` with every setting of ``FROM_EXPERTS`` that the user did not give taken from the experts'
-    manifest and network."""
+    manifest and network (the network's values win)."""
     given = s.model_fields_set
-    recorded = manifest.get("settings") or {}
+    recorded = {**(manifest.get("settings") or {}), **{k: getattr(spec, k) for k in _NETWORK}, "model": spec.name}
     adopted = {k: recorded[k] for k in FROM_EXPERTS if k not in given and k in recorded}
-    adopted.update({k: getattr(spec, k) for k in ("width", "depth", "norm", "pool") if k not in given})
-    if "model" not in given:
-        adopted["model"] = spec.name
     if not adopted:
         return s
     return type(s).model_validate({**{k: getattr(s, k) for k in given}, **adopted})
@@ -134,7 +107,11 @@ def with_experts(s: DistillSettings, sink: Sink) -> tuple[DistillSettings, Exper
     experts = ExpertSet(Path(s.experts) if s.experts else _choose_experts_folder(s, sink))
     try:
         s = adopt(s, experts.manifest, experts.spec)
-        _check_manifest(experts.folder, experts.compat, s)
+        # What the manifest alone tells, before any dataset is loaded.
+        if preprocess_scheme(experts.compat) != PREPROCESS_SCHEME:
+            raise ExpertsError(old_preprocess_message(experts.folder, experts.compat))
+        want = {"dataset": dataset_key(s), "zca": s.zca, "val_per_class": s.val_per_class}
+        _refuse_misfit(experts.folder, experts.compat, want, "those settings")
     except BaseException:
         experts.close()
         raise
@@ -175,39 +152,28 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
     network setting the user gave; the most recently written one wins.
     """
     root = paths.experts_root()
-    given = s.model_fields_set
-    candidates = []
-    for folder in folders_under(root):
+    given = [k for k in FROM_EXPERTS if k != "data_dir" and k in s.model_fields_set]
+    want = {k: dataset_key(s) if k == "dataset" else getattr(s, k) for k in given}
+    candidates, folders = [], folders_under(root)
+    for folder in folders:
         try:
             compat = read_manifest(folder)["compat"]
-            model = compat["model"]
-        except (StorageError, KeyError, TypeError):
+            has = {**compat, **compat["model"], "model": compat["model"].get("name")}  # the folder's settings
+        except (StorageError, KeyError, TypeError, AttributeError):
             continue
-        if "dataset" in given and compat.get("dataset") != dataset_key(s):
-            continue
-        if any(k in given and getattr(s, k) != compat.get(k) for k in ("zca", "val_per_class", "train_per_class")):
-            continue
-        if any(k in given and getattr(s, k) != model.get(k) for k in ("width", "depth", "norm", "pool")):
-            continue
-        if "model" in given and s.model != model.get("name"):
-            continue
-        candidates.append(folder)
+        if all(has.get(k) == v for k, v in want.items()):
+            candidates.append(folder)
     if not candidates:
-        others = folders_under(root)
-        if not others:
+        if not folders:
             raise ExpertsError(
                 f"No experts found in the experts root {root} (set by DPD_EXPERTS_ROOT). Train them first with `dpd experts` "
                 "(same --dataset, --model, --width, --zca), or pass --experts pointing at an experts folder."
             )
-        wanted = ", ".join(
-            f"{k} {getattr(s, k)}"
-            for k in ("dataset", "model", "width", "depth", "norm", "pool", "zca", "train_per_class", "val_per_class")
-            if k in given
-        )
+        wanted = ", ".join(f"{k} {getattr(s, k)}" for k in given)
         raise ExpertsError(
             f"None of the experts folders under {root} fits these settings ({wanted}): "
-            + ", ".join(str(p) for p in others[:8])
-            + ("..." if len(others) > 8 else "")
+            + ", ".join(str(p) for p in folders[:8])
+            + ("..." if len(folders) > 8 else "")
             + ". Train matching experts first with `dpd experts`, leave those settings out, or pass --experts."
         )
     more = f"the newest of {len(candidates)} matching folders; " if len(candidates) > 1 else ""
@@ -215,34 +181,19 @@ def _choose_experts_folder(s: DistillSettings, sink: Sink) -> Path:
     return candidates[0]
 
 
-def _check_manifest(folder: Path, compat: dict, s: DistillSettings) -> None:
-    """What can be checked from the manifest alone, before any dataset is loaded."""
-    if preprocess_scheme(compat) != PREPROCESS_SCHEME:
-        raise ExpertsError(old_preprocess_message(folder, compat))
-    diffs = []
-    for key, want in (("dataset", dataset_key(s)), ("zca", s.zca), ("val_per_class", s.val_per_class)):
-        if compat.get(key) != want:
-            diffs.append(f"{key}: experts have {compat.get(key)!r}, settings give {want!r}")
+def _refuse_misfit(folder: Path, have: dict, want: dict, which: str) -> None:
+    """Refuse experts whose recorded values (``have``) differ from those the settings give (``want``)."""
+    diffs = [f"{k}: experts have {have.get(k)!r}, settings give {v!r}" for k, v in want.items() if have.get(k) != v]
     if diffs:
         raise ExpertsError(
-            f"The experts in {folder} do not fit these settings ({'; '.join(diffs)}). Leave those settings out "
-            "to use the experts' own, or train matching experts with `dpd experts`."
+            f"The experts in {folder} do not fit these settings ({'; '.join(diffs)}). Leave {which} out to use the "
+            "experts' own, or train matching experts with `dpd experts`."
         )
 
 
 def check_experts(experts: ExpertSet, s: DistillSettings, spec: ModelSpec) -> None:
     """The experts' network is the one the settings describe, and they have the epochs the settings reach."""
-    found_spec = experts.spec.to_dict()
-    diffs = [
-        f"{k}: experts have {found_spec.get(k)!r}, settings give {v!r}"
-        for k, v in spec.to_dict().items()
-        if found_spec.get(k) != v
-    ]
-    if diffs:
-        raise ExpertsError(
-            f"The experts in {experts.folder} do not fit these settings ({'; '.join(diffs)}). Leave the network settings "
-            "out to use the experts' own, or train matching experts with `dpd experts`."
-        )
+    _refuse_misfit(experts.folder, experts.spec.to_dict(), spec.to_dict(), "the network settings")
     # Start epochs t are 0..T+-1 and the target is t+M, so T+ - 1 + M must be an epoch the experts have.
     if s.max_start_epoch - 1 + s.expert_epochs > experts.epochs:
         raise ExpertsError(
@@ -415,10 +366,8 @@ def other_settings(run_dir: Path, s: DistillSettings) -> OutputExistsError:
         for k, v in given.items()
         if k not in RESUMABLE + ADJUSTABLE and recorded.get(k, v) != v
     ]
-    if recorded:  # a setting this dpd does not know (written by another version)
-        diffs += [
-            f"{k}: the run has {v!r}, this dpd has no such setting" for k, v in recorded.items() if k not in given
-        ]
+    # Settings this dpd does not know (written by another version).
+    diffs += [f"{k}: the run has {v!r}, this dpd has no such setting" for k, v in recorded.items() if k not in given]
     which = f"({'; '.join(diffs)})" if diffs else "(the run's settings.json has them)"
     return OutputExistsError(
         f"{run_dir} was started with other settings {which}. Resume with the same "

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,10 +32,8 @@ from dpd_cli import interrupt, stats
 from dpd_cli.artifacts import evaluation, layout
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import synthetic as synthetic_file
-from dpd_cli.artifacts.evaluation import EVAL_FILE
 from dpd_cli.artifacts.evaluation import load as load_eval
 from dpd_cli.artifacts.evaluation import path_for as eval_path
-from dpd_cli.artifacts.layout import SYNTHETIC
 from dpd_cli.artifacts.run import refuse_running
 from dpd_cli.config.settings import EvalSettings
 from dpd_cli.core import parallel
@@ -54,7 +52,6 @@ __all__ = [
     "run",
     "previous",
     "verdict",
-    "EVAL_FILE",
     "PROTOCOLS",
     "PROTOCOL_VERSION",
     "epochs_run",
@@ -100,7 +97,7 @@ def random_subset(labels: torch.Tensor, n_classes: int, per_class: int, seed: in
 
 
 class TrainResult(NamedTuple):
-    test_accuracy: float
+    accuracy: float  # on the test set
     diverged_epoch: int | None  # first epoch whose training loss was NaN/Inf
     val_accuracy: float | None  # on the validation split, when there is one
 
@@ -179,11 +176,11 @@ def _targets(target: Path) -> tuple[Path, Path | None]:
             f"synthetic set. Distil one from it with `dpd distill --experts {target}`, then evaluate the "
             "run directory that `dpd distill` writes."
         )
-    if not (target / SYNTHETIC).exists():
+    if not (target / layout.SYNTHETIC).exists():
         raise StorageError(
-            f"{target} has no {SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first."
+            f"{target} has no {layout.SYNTHETIC}: it is not a finished or checkpointed run. Run `dpd distill --out {target}` (or --resume) first."
         )
-    return target / SYNTHETIC, target
+    return target / layout.SYNTHETIC, target
 
 
 def _choose_select(s: EvalSettings, run_dir: Path | None, checkpoints: list[Path], has_val: bool) -> str:
@@ -222,11 +219,11 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
     """
     s, sink = settings, sink or NullSink()
     file, run_dir = _targets(target)
-    target = Path(target)
-    if not os.access(eval_path(target).parent, os.W_OK):  # refused before any training, not after
+    target, out_file = Path(target), eval_path(target)
+    if not os.access(out_file.parent, os.W_OK):  # refused before any training, not after
         what = "run directory" if run_dir else "file"
         raise StorageError(
-            f"Cannot write {eval_path(target)}: {eval_path(target).parent} is read-only, and `dpd evaluate` writes its "
+            f"Cannot write {out_file}: {out_file.parent} is read-only, and `dpd evaluate` writes its "
             f"results next to the {what} it evaluates. Copy the {what} to a writable folder and evaluate the copy "
             f"(cp -r {target} COPY && dpd evaluate COPY), or make the folder writable."
         )
@@ -292,20 +289,17 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
             full.extend((pre.apply(ds.train_images).to(device), ds.train_labels.to(device)))
         return tuple(full)
 
-    def n_epochs(st: _Set) -> int:
-        return s.full_epochs if st.source == "full" else epochs
-
     def n_images(st: _Set) -> int:
         if st.source == "full":
             return len(ds.train_labels)
         return len(st.tensors["labels"]) if st.tensors is not None else ipc * ds.n_classes
 
-    def train(members: list[tuple[_Set, str, int]]) -> list[dict]:
-        """The outcomes of trainings of one model, epoch count and image count, trained as one (``_train``)."""
+    def train(members: list[tuple[_Set, str, int]], total: int) -> list[dict]:
+        """The outcomes of trainings of one model, image count and ``total`` epochs, trained as one (``_train``)."""
         first, m, first_run = members[0]
         seeds = [derive_seed(s.seed, "distilled" if st.source == "init" else st.source, m, r) for st, _, r in members]
         xs, ys = map(list, zip(*(data_for(st, r) for st, _, r in members)))
-        lrs, total = [lr_for(st) for st, _, _ in members], n_epochs(first) + 1
+        lrs = [lr_for(st) for st, _, _ in members]
         t0 = time.perf_counter()
 
         def on_epoch(epoch, loss_sums):  # the first member's loss stands for the group
@@ -317,19 +311,8 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         res = _train_and_test(spec, xs, ys, *test, total - 1, lrs, s, seeds, device, on_epoch, *val)
         seconds = (time.perf_counter() - t0) / len(members)  # each member's share of the time
         return [
-            {
-                "source": st.source,
-                "model": m,
-                "run": r,
-                "accuracy": o.test_accuracy,
-                "seed": seed,
-                "seconds": seconds,
-                "epochs": total - 1,
-                "lr": lr,
-                "diverged_epoch": o.diverged_epoch,
-                "val_accuracy": o.val_accuracy,
-                "iteration": st.iteration,
-            }
+            {"source": st.source, "model": m, "run": r, **o._asdict(), "seed": seed, "seconds": seconds}
+            | {"epochs": total - 1, "lr": lr, "iteration": st.iteration}
             for (st, _, r), o, seed, lr in zip(members, res, seeds, lrs)
         ]
 
@@ -342,7 +325,6 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         mine = [(st, m, r) for st in sets for m in s.models for r in range(s.runs)][rank::world]
         jobs = [(st.source, m, r, st.iteration) for st, m, r in mine]
         sink.emit(EvalStarted(jobs, epochs + 1, str(device), select if s.distilled else None))
-        out_file = eval_path(target)
         partial = evaluation.partial_path(out_file)  # finished trainings of an interrupted evaluation
         fingerprints = {id(st): _fingerprint(st.tensors) if st.tensors is not None else None for st in sets}
         keys = {(id(st), m, r): _job_key(s, fingerprints[id(st)], st.source, m, r) for st, m, r in mine}
@@ -357,36 +339,19 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         alike: dict[tuple, list] = {}
         for st, m, r in mine:
             if (id(st), m, r) not in done:
-                alike.setdefault((m, n_epochs(st), n_images(st)), []).append((st, m, r))
+                n_epochs = s.full_epochs if st.source == "full" else epochs
+                alike.setdefault((m, n_epochs + 1, n_images(st)), []).append((st, m, r))
         k = s.concurrent or CONCURRENT[device.type == "cuda"]
-        for jobs_alike in alike.values():
+        for (_, total, _), jobs_alike in alike.items():
             for i in range(0, len(jobs_alike), k):
                 try:
-                    trained = train(jobs_alike[i : i + k])
+                    trained = train(jobs_alike[i : i + k], total)
                 except interrupt.Interrupted:
-                    kept = (
-                        f"{plural(len(outcomes), 'finished training')} {'is' if len(outcomes) == 1 else 'are'} kept in {partial}"
-                        if outcomes
-                        else "no training had finished"
-                    )
-                    raise interrupt.Interrupted(
-                        f"evaluation stopped; {kept}. Rerun the same command to continue"
-                    ) from None
+                    raise _stopped(len(outcomes), partial) from None
                 for (st, m, r), o in zip(jobs_alike[i : i + k], trained):
                     evaluation.append_partial(partial, keys[id(st), m, r], o)
                     outcomes.append(o)
-                    sink.emit(
-                        EvalRunDone(
-                            st.source,
-                            m,
-                            r,
-                            o["accuracy"],
-                            o["seconds"],
-                            o["diverged_epoch"],
-                            st.iteration,
-                            o["val_accuracy"],
-                        )
-                    )
+                    sink.emit(EvalRunDone(**{f.name: o[f.name] for f in fields(EvalRunDone)}))  # all in the outcome
         if group is not None:
             outcomes = [o for part in group.gather_objects(outcomes) for o in part]
         if rank != 0:
@@ -416,6 +381,13 @@ def run(settings: EvalSettings, target: Path, sink: Sink | None = None) -> dict:
         partial.unlink(missing_ok=True)
     sink.emit(EvalDone(entries))
     return _result(target, out_file, entries, warnings, s)
+
+
+def _stopped(n_done: int, partial: Path) -> interrupt.Interrupted:
+    """The interruption's message: how many finished trainings ``partial`` keeps for a rerun."""
+    kept = f"{plural(n_done, 'finished training')} {'is' if n_done == 1 else 'are'} kept in {partial}"
+    kept = kept if n_done else "no training had finished"
+    return interrupt.Interrupted(f"evaluation stopped; {kept}. Rerun the same command to continue")
 
 
 def previous(settings: EvalSettings, target: Path) -> dict | None:
@@ -448,14 +420,8 @@ def _comparable(settings: dict) -> dict:
 
 
 def _result(target: Path, out_file: Path | None, entries: list[dict], warnings: list[str], s: EvalSettings) -> dict:
-    eval_file = str(out_file) if out_file else None
-    return {
-        "target": str(target),
-        "eval_file": eval_file,
-        "results": entries,
-        "warnings": warnings,
-        **verdict(entries, s.fail_under, s.fail_if_no_gain),
-    }
+    head = {"target": str(target), "eval_file": str(out_file) if out_file else None, "results": entries}
+    return {**head, "warnings": warnings, **verdict(entries, s.fail_under, s.fail_if_no_gain)}
 
 
 def _check_dataset(ds, spec: ModelSpec, tensors: dict, meta: dict) -> None:

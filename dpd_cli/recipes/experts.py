@@ -36,14 +36,27 @@ __all__ = ["run"]
 CONCURRENT = (1, 4)
 
 
-def _compat(settings: ExpertSettings, spec: ModelSpec) -> dict:
-    # dpd 0.1 manifests lack val_per_class: None there means the same as here (no split).
-    d = {k: getattr(settings, k) for k in experts_file.COMPAT_FIELDS}
-    return {**d, "dataset": dataset_key(settings), "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
+def compat_record(known: dict, spec: ModelSpec) -> dict:
+    """An experts folder's ``compat`` record: every ``COMPAT_FIELDS`` entry (``None`` where not ``known``), the
+    network and the preprocessing scheme. dpd 0.1 manifests lack val_per_class: None there means no split."""
+    compat = {k: known.get(k) for k in experts_file.COMPAT_FIELDS}
+    return {**compat, "model": spec.to_dict(), "preprocess_scheme": PREPROCESS_SCHEME}
+
+
+def differences(found: dict, want: dict) -> list[str]:
+    """``key: folder has X, settings say Y`` for every value of ``want`` that the folder records otherwise."""
+    return [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
+
+
+def trajectory_meta(s, spec: ModelSpec, layout, training: dict, index: int, pre, settings: dict, **extra) -> dict:
+    """An expert file's metadata: the data (``s.dataset``, ``s.zca``), what trained it (``training``: epochs, the
+    optimiser's settings, dsa, seed), its place in the folder, ``extra`` (what it learned, or where it came from)."""
+    head = {"dataset": s.dataset, "model": spec.to_dict(), "layout": layout, **training, "index": index, "zca": s.zca}
+    return {**head, "preprocess_fingerprint": pre.fingerprint(), **extra, "settings": settings, "versions": versions()}
 
 
 def _check_or_write_manifest(
-    folder: Path, compat: dict, settings: ExpertSettings, make_pre, validation: dict | None
+    folder: Path, compat: dict, s: ExpertSettings, make_pre, validation: dict | None
 ) -> Preprocess:
     """Refuse a folder whose experts were trained differently; else (re)write the manifest.
 
@@ -61,9 +74,7 @@ def _check_or_write_manifest(
         found["preprocess_scheme"] = experts_file.preprocess_scheme(found)
         if found["preprocess_scheme"] != compat["preprocess_scheme"]:
             raise ExpertsError(experts_file.old_preprocess_message(folder, found))
-        diffs = [
-            f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in compat.items() if found.get(k) != v
-        ]
+        diffs = differences(found, compat)
         recorded = (previous.get("validation") or {}).get("fingerprint")
         if validation and recorded and recorded != validation["fingerprint"]:
             diffs.append("the validation split holds other images (the dataset changed)")
@@ -74,15 +85,13 @@ def _check_or_write_manifest(
             )
         if (folder / PREPROCESS).exists():
             pre = experts_file.load_preprocess(folder, ModelSpec.from_dict(compat["model"]))
-            if previous.get("n_planned") != settings.num:
-                experts_file.write_manifest(folder, {**previous, "n_planned": settings.num})
+            if previous.get("n_planned") != s.num:
+                experts_file.write_manifest(folder, {**previous, "n_planned": s.num})
             return pre
     pre = make_pre()
     preprocess_file.save(folder / PREPROCESS, pre)
-    experts_file.write_manifest(
-        folder,
-        experts_file.new_manifest(compat, settings.model_dump(mode="json"), pre, validation, n_planned=settings.num),
-    )
+    manifest = experts_file.new_manifest(compat, s.model_dump(mode="json"), pre, validation, n_planned=s.num)
+    experts_file.write_manifest(folder, manifest)
     return pre
 
 
@@ -96,56 +105,46 @@ def _finished(path: Path) -> bool:
 
 def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     """Train ``settings.num`` experts (this process's torchrun shard), skipping finished ones; returns the folder."""
-    sink = sink or NullSink()
-    device = prepare_runtime(settings.threads, settings.device, settings.deterministic)
-    ds = load_dataset(
-        settings.dataset, settings.data_dir, settings.train_per_class, settings.seed, settings.val_per_class
-    )
-    spec = model_spec(settings, ds)
-    folder = Path(settings.out or experts_file.default_folder(dataset_key(settings), spec.tag(), settings.zca))
-    compat = _compat(settings, spec)
+    s, sink = settings, sink or NullSink()
+    device = prepare_runtime(s.threads, s.device, s.deterministic)
+    ds = load_dataset(s.dataset, s.data_dir, s.train_per_class, s.seed, s.val_per_class)
+    spec = model_spec(s, ds)
+    folder = Path(s.out or experts_file.default_folder(dataset_key(s), spec.tag(), s.zca))
+    compat = compat_record({**s.model_dump(), "dataset": dataset_key(s)}, spec)
     # Each rank trains its share; under torchrun the process group exists from the start (with its timeout),
     # while a scheduler's job array (RANK and WORLD_SIZE alone) runs its ranks independently.
-    group = parallel.start(device, settings.dist_timeout, required=False)
+    group = parallel.start(device, s.dist_timeout, required=False)
     rank, world = parallel.world_from_env()
-    if rank != 0:
-        sink = NullSink()
+    sink = sink if rank == 0 else NullSink()
 
     # Under torchrun the ranks share the folder and each locks its own rank; a plain run is kept out.
     with contextlib.ExitStack() as stack:
         stack.callback(parallel.stop)
         stack.enter_context(storage.lock_shard(folder, "experts", rank, world))
         stack.enter_context(interrupt.safe_points())
+        mine = list(range(rank, s.num, world))  # this rank's experts
         # Temp files of a killed process (only this rank's own files when torchrun shares the folder).
-        storage.remove_stale_temps(
-            folder, None if world == 1 else [expert_path(folder, i).name for i in range(rank, settings.num, world)]
-        )
-        make_pre, validation = (lambda: build_preprocess(ds, settings.zca)), experts_file.validation_record(ds)
+        storage.remove_stale_temps(folder, None if world == 1 else [expert_path(folder, i).name for i in mine])
+        make_pre, validation = (lambda: build_preprocess(ds, s.zca)), experts_file.validation_record(ds)
         if rank == 0:  # writes the manifest and the preprocessing (a ZCA fit) once; the others then read them
-            pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
+            pre = _check_or_write_manifest(folder, compat, s, make_pre, validation)
         if group is not None:
             group.barrier()
         if rank != 0:
-            pre = _check_or_write_manifest(folder, compat, settings, make_pre, validation)
-        x_train = pre.apply(ds.train_images).to(device)
-        y_train = ds.train_labels.to(device)
-        x_test = pre.apply(ds.test_images).to(device)
-        y_test = ds.test_labels.to(device)
+            pre = _check_or_write_manifest(folder, compat, s, make_pre, validation)
+        x_train, y_train = pre.apply(ds.train_images).to(device), ds.train_labels.to(device)
+        x_test, y_test = pre.apply(ds.test_images).to(device), ds.test_labels.to(device)
 
-        mine = list(range(rank, settings.num, world))
-        todo = []
-        for i in mine:
-            if _finished(expert_path(folder, i)):
-                sink.emit(ExpertSkipped(i, str(expert_path(folder, i))))
-            else:
-                todo.append(i)
+        todo = [i for i in mine if not _finished(expert_path(folder, i))]
+        for i in sorted(set(mine) - set(todo)):
+            sink.emit(ExpertSkipped(i, str(expert_path(folder, i))))
         n_params = FlatModel(build_model(spec)).n_params
-        sink.emit(ExpertsStarted(str(folder), todo, settings.num, settings.epochs, n_params, str(device)))
-        k = settings.concurrent or CONCURRENT[device.type == "cuda"]
+        sink.emit(ExpertsStarted(str(folder), todo, s.num, s.epochs, n_params, str(device)))
+        k = s.concurrent or CONCURRENT[device.type == "cuda"]
         for n in range(0, len(todo), k):
             group = todo[n : n + k]
             try:
-                _train_group(group, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink)
+                _train_group(group, s, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink)
             except interrupt.Interrupted:
                 kept = len(mine) - len(todo) + n
                 which = f"expert {group[0]}" if len(group) == 1 else f"experts {', '.join(map(str, group))}"
@@ -156,17 +155,17 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
     return folder
 
 
-def _train_group(indices, settings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink) -> None:
+def _train_group(indices, s: ExpertSettings, spec, pre, folder, x_train, y_train, x_test, y_test, device, sink) -> None:
     """Train experts ``indices`` together (a ``Stack`` when several) and save each: each with its own seeded
     initialisation, shuffles and DSA draws, so each file is the one it would be alone, up to rounding."""
-    seeds = [derive_seed(settings.seed, "expert", i) for i in indices]
+    seeds = [derive_seed(s.seed, "expert", i) for i in indices]
     k, n = len(seeds), len(y_train)
     net, x, y, gen, rng = fresh(spec, seeds, device, x_train, y_train)
     flat = FlatModel(net if k == 1 else net.base)  # a Stack's base: the layout (its parameters live on "meta")
-    opt = sgd(net, [settings.lr] * k, settings.momentum, settings.weight_decay)
+    opt = sgd(net, [s.lr] * k, s.momentum, s.weight_decay)
     sink.emit(ExpertStarted(indices[0], k))
     # (K, E+1, P), filled row by row: the only copy of the trajectories in memory, each saved without another.
-    trajectories = torch.empty(k, settings.epochs + 1, flat.n_params, dtype=torch.float32)
+    trajectories = torch.empty(k, s.epochs + 1, flat.n_params, dtype=torch.float32)
 
     def record(epoch: int) -> list[float]:  # the parameters after ``epoch`` (copies, not views), the test accuracies
         trajectories[:, epoch].copy_(flat.flatten()[None] if k == 1 else net.flatten())
@@ -175,11 +174,11 @@ def _train_group(indices, settings, spec, pre, folder, x_train, y_train, x_test,
 
     test_acc, train_loss, train_acc, t_train = [record(0)], [], [], 0.0
     t0 = time.perf_counter()
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(1, s.epochs + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        loss_sum, correct = train_epoch(net, opt, x, y, settings.batch, gen, rng, settings.dsa)
+        loss_sum, correct = train_epoch(net, opt, x, y, s.batch, gen, rng, s.dsa)
         loss, acc = [v / n for v in loss_sum.view(-1).tolist()], [v / n for v in correct.view(-1).tolist()]  # syncs
         dt = time.perf_counter() - t
         t_train += dt
@@ -190,24 +189,22 @@ def _train_group(indices, settings, spec, pre, folder, x_train, y_train, x_test,
         train_loss.append(loss)
         train_acc.append(acc)
         for j, i in enumerate(indices):  # images/s: of all the experts trained together
-            sink.emit(ExpertEpoch(i, epoch, settings.epochs, loss[j], acc[j], test_acc[-1][j], k * n / dt))
+            sink.emit(ExpertEpoch(i, epoch, s.epochs, loss[j], acc[j], test_acc[-1][j], k * n / dt))
+    training = {f: getattr(s, f) for f in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")}
     for j, i in enumerate(indices):
-        meta = {
-            "dataset": settings.dataset,
-            "model": spec.to_dict(),
-            "layout": flat.layout,
-            **{f: getattr(settings, f) for f in ("epochs", "lr", "momentum", "weight_decay", "batch", "dsa")},
-            "seed": seeds[j],
-            "index": i,
-            "zca": settings.zca,
-            "preprocess_fingerprint": pre.fingerprint(),
-            "test_accuracy": [a[j] for a in test_acc],
-            "train_accuracy": [a[j] for a in train_acc],
-            "train_loss": [v[j] for v in train_loss],
-            "train_images_per_s": k * n * settings.epochs / t_train,
-            "settings": settings.model_dump(mode="json"),
-            "versions": versions(),
-        }
+        meta = trajectory_meta(
+            s,
+            spec,
+            flat.layout,
+            {**training, "seed": seeds[j]},
+            i,
+            pre,
+            s.model_dump(mode="json"),
+            test_accuracy=[a[j] for a in test_acc],
+            train_accuracy=[a[j] for a in train_acc],
+            train_loss=[v[j] for v in train_loss],
+            train_images_per_s=k * n * s.epochs / t_train,
+        )
         path = expert_path(folder, i)
         experts_file.save_trajectory(path, trajectories[j], meta)
         sink.emit(ExpertDone(i, str(path), test_acc[-1][j], time.perf_counter() - t0))

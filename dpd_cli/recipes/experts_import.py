@@ -22,12 +22,11 @@ from dpd_cli.artifacts import preprocess as preprocess_file
 from dpd_cli.artifacts import replay_buffer
 from dpd_cli.config.settings import ImportSettings
 from dpd_cli.data import Preprocess, load_dataset
-from dpd_cli.data.preprocess import PREPROCESS_SCHEME
 from dpd_cli.errors import ExpertsError, SettingsError, StorageError
 from dpd_cli.events import ImportExpert, ImportFileDone, ImportFileStarted, ImportStarted, NullSink, Sink
 from dpd_cli.io import storage
-from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, ModelSpec, build_model
+from dpd_cli.recipes.experts import compat_record, differences, trajectory_meta
 from dpd_cli.recipes.runtime import build_preprocess, dataset_key, model_spec, set_threads
 
 __all__ = ["run", "default_folder", "SOURCE_FORMAT", "STATED"]
@@ -64,17 +63,7 @@ def _require(s: ImportSettings) -> None:
 
 def _compat(s: ImportSettings, spec: ModelSpec, epochs: int, stated: dict) -> dict:
     """The folder's ``compat`` record, in the keys ``dpd experts`` uses; unknown values are ``None``."""
-    return {
-        "dataset": dataset_key(s),
-        "train_per_class": None,
-        "val_per_class": None,
-        "zca": s.zca,
-        "epochs": epochs,
-        **stated,
-        "seed": None,
-        "model": spec.to_dict(),
-        "preprocess_scheme": PREPROCESS_SCHEME,
-    }
+    return compat_record({"dataset": dataset_key(s), "zca": s.zca, "epochs": epochs, **stated}, spec)
 
 
 def run(settings: ImportSettings, sources: list[Path], sink: Sink | None = None) -> dict:
@@ -139,11 +128,9 @@ class _Import:
             )
         found = manifest["compat"]
         want = {k: v for k, v in _compat(self.s, self.spec, found.get("epochs"), {}).items() if k not in STATED}
-        diffs = [f"{k}: folder has {found.get(k)!r}, settings say {v!r}" for k, v in want.items() if found.get(k) != v]
-        for k in STATED:  # a stated value must agree; one left out now keeps the recorded one
-            if k in self.s.model_fields_set and found.get(k) != self.stated[k]:
-                diffs.append(f"{k}: folder has {found.get(k)!r}, settings say {self.stated[k]!r}")
-            self.stated[k] = found.get(k)
+        # A stated value must agree; one left out now keeps the recorded one.
+        diffs = differences(found, want | {k: self.stated[k] for k in STATED if k in self.s.model_fields_set})
+        self.stated = {k: found.get(k) for k in STATED}
         if diffs:
             raise ExpertsError(
                 f"The experts folder {self.folder} holds experts imported with other settings "
@@ -159,9 +146,8 @@ class _Import:
 
     # --- the buffers ----------------------------------------------------------------------------
     def run(self, files: list[Path]) -> dict:
-        self.sink.emit(
-            ImportStarted(str(self.folder), [str(f) for f in files], sum(math.prod(shape) for _, shape in self.layout))
-        )
+        n_params = sum(math.prod(shape) for _, shape in self.layout)
+        self.sink.emit(ImportStarted(str(self.folder), [str(f) for f in files], n_params))
         digests = self._check_all(files)
         report = []
         for k, (path, digest) in enumerate(zip(files, digests, strict=True)):
@@ -193,8 +179,7 @@ class _Import:
             digests.append(replay_buffer.sha256(path))
             if self._recorded(digests[-1]) is not None:
                 continue
-            experts = replay_buffer.load(path)
-            epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+            experts, epochs = self._load(path)
             if self.manifest is not None and epochs != self.manifest["compat"]["epochs"]:
                 raise ExpertsError(
                     f"{path}: its experts have {epochs} epochs, those in {self.folder} have "
@@ -213,6 +198,11 @@ class _Import:
             self.checked = (path, experts, epochs) if self.checked[0] is None and first[0] == path else (None,) * 3
         return digests
 
+    def _load(self, path: Path) -> tuple[list, int]:
+        """A buffer's experts, checked against the network, and their number of epochs."""
+        experts = replay_buffer.load(path)
+        return experts, replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+
     def _recorded(self, digest: str) -> int | None:
         """The number of experts of a buffer imported whole before, else ``None``."""
         sources = (self.manifest or {}).get("import", {}).get("sources", [])
@@ -229,11 +219,7 @@ class _Import:
         n = self._recorded(digest)
         if n is not None:
             return n, 0, True
-        if self.checked[0] == path:
-            experts, epochs = self.checked[1:]
-        else:
-            experts = replay_buffer.load(path)
-            epochs = replay_buffer.check_layout(path, experts, self.layout, self.network, _NETWORK_HINT)
+        experts, epochs = self.checked[1:] if self.checked[0] == path else self._load(path)
         self.checked = (None, None, None)
         if self.manifest is None:
             self._create(epochs)
@@ -262,42 +248,23 @@ class _Import:
 
     def _create(self, epochs: int) -> None:
         """Write the preprocessing, then the manifest: the folder becomes usable once both exist."""
-        s, ds = self.s, self.ds
-        self.pre = build_preprocess(ds, bool(s.zca))
+        s = self.s
+        self.pre = build_preprocess(self.ds, bool(s.zca))
         preprocess_file.save(self.folder / experts_folder.PREPROCESS, self.pre)
         # The manifest's settings: what `dpd distill` adopts from a folder, plus what was stated.
         settings = s.model_dump(mode="json")
         settings.update(self.stated, train_per_class=None, val_per_class=None, epochs=epochs, depth=self.spec.depth)
-        self.manifest = experts_folder.new_manifest(
-            _compat(s, self.spec, epochs, self.stated),
-            settings,
-            self.pre,
-            None,
-            **{"import": {"format": SOURCE_FORMAT, "sources": [], "unknown": self._unknown()}},
-        )
+        compat = _compat(s, self.spec, epochs, self.stated)
+        imported = {"format": SOURCE_FORMAT, "sources": [], "unknown": self._unknown()}
+        self.manifest = experts_folder.new_manifest(compat, settings, self.pre, None, **{"import": imported})
         experts_folder.write_manifest(self.folder, self.manifest)
 
     def _save(self, index: int, path: Path, digest: str, position: int, rows, epochs: int) -> None:
-        s = self.s
-        meta = {
-            "dataset": s.dataset,
-            "model": self.spec.to_dict(),
-            "layout": self.layout,
-            "epochs": epochs,
-            **self.stated,
-            "seed": None,
-            "index": index,
-            "zca": s.zca,
-            "preprocess_fingerprint": self.pre.fingerprint(),
-            "source": {
-                "format": SOURCE_FORMAT,
-                "file": str(Path(path).resolve()),
-                "sha256": digest,
-                "position": position,
-            },
-            "settings": self.manifest["settings"],
-            "versions": versions(),
-        }
+        source = {"format": SOURCE_FORMAT, "file": str(Path(path).resolve()), "sha256": digest, "position": position}
+        training = {"epochs": epochs, **self.stated, "seed": None}
+        meta = trajectory_meta(
+            self.s, self.spec, self.layout, training, index, self.pre, self.manifest["settings"], source=source
+        )
         experts_folder.save_trajectory(experts_folder.expert_path(self.folder, index), rows, meta)
 
     def _record(self, path: Path, digest: str, n: int) -> None:

@@ -129,9 +129,8 @@ def run(settings: ExportSettings, target: Path, sink: Sink | None = None) -> dic
             "files": files,
             "versions": versions(),
         }
-        train_per_class = (meta.get("settings") or {}).get("train_per_class")
-        info = {**record, "source": str(file), "pre": pre, "train_per_class": train_per_class}
-        info.update(shape=tuple(t["images"].shape), lr=float(t["lr"]))
+        info = {**record, "source": str(file), "pre": pre, "shape": tuple(t["images"].shape), "lr": float(t["lr"])}
+        info["train_per_class"] = (meta.get("settings") or {}).get("train_per_class")
         storage.atomic_write_text(tmp / export_files.README, export_files.readme(s.format, info))
         export_files.write_record(tmp, record)
         _swap_in(tmp, out)

@@ -61,11 +61,8 @@ def set_threads(threads: int | None) -> int:
 
     Under torchrun the cores are split between the local ranks.
     """
-    if threads:
-        n = threads
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n)
     return n
 
@@ -97,7 +94,6 @@ def set_host_memory(mode: str, device: torch.device) -> str | None:
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
             return None
-
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, ValueError):
         return None
