@@ -7,7 +7,6 @@ import math
 import statistics
 
 import pytest
-import torch
 
 from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.recipes import study
