@@ -169,7 +169,8 @@ def batches(study: Study, runs: list[tuple[str, int]], k: int) -> list[list[tupl
 
 def run_batch(study: Study, runs: list[tuple[str, int]]) -> list[dict]:
     """Distil (or resume, or reuse) the (variant, seed) ``runs`` as one computation, then evaluate each;
-    returns their records (``diverged`` for a run that did: the others go on). ``distill_s`` is the batch's."""
+    returns their records (``diverged`` for a run that did: the others go on; ``distill_s``: a run's share of
+    the batch's time)."""
     todo = [r for r in runs if not _distilled(study.distill_settings(*r))]
     t0, ended = time.perf_counter(), {}
     if len(todo) == 1:
@@ -180,7 +181,7 @@ def run_batch(study: Study, runs: list[tuple[str, int]]) -> list[dict]:
     elif todo:
         with batch.BatchRecipe([_start(study.distill_settings(*r)) for r in todo], None, distill.DistillRecipe) as b:
             ended = {r: o for r, o in zip(todo, b.train(keep_going=True), strict=True) if isinstance(o, DivergedError)}
-    distill_s = time.perf_counter() - t0
+    distill_s = (time.perf_counter() - t0) / max(len(todo), 1)  # each run's share of the batch
     return [_record(study, v, s, distill_s, ended.get((v, s))) for v, s in runs]
 
 
