@@ -38,19 +38,7 @@ from dpd_cli.recipes import batch, distill, evaluate, experts
 from dpd_cli.recipes.runtime import resolve_device
 from dpd_cli.stats import paired
 
-__all__ = [
-    "Study",
-    "load",
-    "run",
-    "run_batch",
-    "batches",
-    "run_one",
-    "read_records",
-    "summarise",
-    "pooled",
-    "METRICS",
-    "RECORDS",
-]
+__all__ = ["Study", "load", "run", "run_batch", "read_records", "summarise", "pooled", "METRICS", "RECORDS"]
 
 RECORDS, SUMMARY = "records.jsonl", "study.json"
 #: What each run reports: the validation-selected checkpoint, the final set and the test-selected one (optimistic).
@@ -149,7 +137,7 @@ def _start(d: DistillSettings) -> DistillSettings:
     return d.model_copy(update={"resume": resume, "force": not resume})
 
 
-def batches(study: Study, runs: list[tuple[str, int]], k: int) -> list[list[tuple[str, int]]]:
+def _batches(study: Study, runs: list[tuple[str, int]], k: int) -> list[list[tuple[str, int]]]:
     """``runs`` in batches of at most ``k`` that can run as one computation, in order (a seed's variants
     together): the same settings but for ``batch.PER_RUN``, and the same iteration to start from. A run whose
     synthetic set is finished (it is only evaluated) goes alone."""
@@ -183,11 +171,6 @@ def run_batch(study: Study, runs: list[tuple[str, int]]) -> list[dict]:
             ended = {r: o for r, o in zip(todo, b.train(keep_going=True), strict=True) if isinstance(o, DivergedError)}
     distill_s = (time.perf_counter() - t0) / max(len(todo), 1)  # each run's share of the batch
     return [_record(study, v, s, distill_s, ended.get((v, s))) for v, s in runs]
-
-
-def run_one(study: Study, variant: str, seed: int) -> dict:
-    """Distil (or resume, or reuse) and evaluate one (variant, seed); returns its record (``diverged`` if it did)."""
-    return run_batch(study, [(variant, seed)])[0]
 
 
 def _record(study: Study, variant: str, seed: int, distill_s: float, err: DivergedError | None) -> dict:
@@ -261,7 +244,7 @@ def run(
                 group.gather_objects(None)  # every rank's experts are written
             device = resolve_device(study.distill_settings(*todo[0]).device)
             k = concurrent or study.plan.concurrent or CONCURRENT[device.type == "cuda"]
-            for runs in batches(study, todo[rank::world], k):
+            for runs in _batches(study, todo[rank::world], k):
                 try:
                     with parallel.alone():
                         recs = run_batch(study, runs)
