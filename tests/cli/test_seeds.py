@@ -192,11 +192,15 @@ def test_runs_that_differ_in_the_shared_computation_are_refused(experts, tmp_pat
 
 
 def test_a_member_that_diverges_drops_out_and_the_others_finish(experts, tmp_path):
-    runs = [_settings(experts, tmp_path / "ok"), _settings(experts, tmp_path / "bad", lr_img=math.inf, log_every=1)]
+    steady = {"lr_lr": 1e-8, "log_every": 1}  # alpha stays positive
+    runs = [
+        _settings(experts, tmp_path / "ok", **steady),
+        _settings(experts, tmp_path / "bad", **steady, lr_img=math.inf),
+    ]
     with BatchRecipe(runs, None, DistillRecipe) as b:
         ok, bad = b.train(keep_going=True)
     assert ok == tmp_path / "ok" and "Distillation diverged at iteration 2" in str(bad)
-    with DistillRecipe(_settings(experts, tmp_path / "alone")) as one:
+    with DistillRecipe(_settings(experts, tmp_path / "alone", **steady)) as one:
         one.train()
     _close(tmp_path / "ok", tmp_path / "alone")
     assert [p.name for p in layout.checkpoints(tmp_path / "bad")] == ["ckpt-000000.safetensors"]
