@@ -18,11 +18,13 @@ MTT (rho 0) against dpd's default (rho 0.01, abs, largest) over 3 seeds; results
     distill   2 variants × 3 seeds × 1,000 iterations × 0.133 s/it       ~800 s  (+ ~10 s per run to start)
     evaluate  6 runs × 5 checkpoints (every 250) × 2 networks × ~3 s     ~180 s
 
-about 24 minutes: these minimum sizes do not fit 9 minutes on one GPU, one network at a time. Within 9
-minutes today (``gpu_check.sh --scale``): ``--experts 10 --expert-epochs 24 --iterations 250 --eval-runs 1``,
-about 180 + 200 + 40 s plus ~90 s of start-up. Batched experts and evaluation networks (``--concurrent K``,
-being built) would leave most of the 9 minutes to distillation; several processes on one GPU do not help
-(two torchrun ranks: 0.414 s/it against 0.229 for one process).
+about 24 minutes one run at a time: these minimum sizes do not fit 9 minutes on one GPU. Within 9 minutes
+(``gpu_check.sh --scale``): ``--experts 10 --expert-epochs 24 --iterations 250 --eval-runs 1``, about 180 + 200
++ 40 s plus ~90 s of start-up, one run at a time. The plan distils its 6 runs as one batch (``[study]
+concurrent = 8``, ``dpd study --concurrent``): at the 4x aggregate speed that gpu_check.sh's batched step asks
+of a batch of 8, the distillation line would shrink to about a quarter -- an estimate, the batch's speed on
+this study is not measured yet. Several processes on one GPU do not help (two torchrun ranks: 0.414 s/it
+against 0.229 for one process).
 
     python benchmarks/dpd_study.py --plan robust --fashion-mnist-dir data/fashion-mnist --out bench-out/dpd-robust
     python benchmarks/dpd_study.py --plan scale --cifar10-dir data/cifar10-jpeg.tar.gz --out bench-out/dpd-scale
@@ -142,6 +144,7 @@ PLANS = {
         "cells": {("cifar10-mtt", 10): ["mtt", "abs-largest-0.01"]},
         **{"iterations": 1000, "checkpoint_every": 250, "runs": 2, "eval_epochs": 1000, "mtt_settings": True},
         "experts": {"num": 20, "epochs": 30},
+        "concurrent": 8,  # the 6 runs as one batch on the GPU
     },
     # the pipeline at toy size: seconds on the embedded set (--smoke)
     "smoke": {**_SMOKE, "cells": {("fashion-mnist", 1): ["mtt", "abs-largest-0.05@lr1", "mtt@lr1"]}},
@@ -174,6 +177,7 @@ def configs(plan: dict, out: Path, dirs: dict) -> list[Path]:
             **{"val_per_class": VAL_PER_CLASS, "threads": 1},
             "study": {
                 **{"seeds": plan["seeds"], "baseline": b, "out": str(cell), "experts": str(out / d / "experts")},
+                **({"concurrent": plan["concurrent"]} if "concurrent" in plan else {}),
                 "variants": {v: _variant(v, info["lr_img"]) for v in variants},
             },
             "experts": {**preset.get("experts", {}), **data, **plan.get("experts", {})},

@@ -54,8 +54,9 @@ step "A/B --deterministic" 70 "${SPEED[@]}" "${DATA[@]}" --only ab --ipc "${IPCS
 step "distill, each mode in its own process" 200 "${SPEED[@]}" "${DATA[@]}" --only distill --ipc "$IPCS" --steps "$N" --iters 3 \
     --modes "$DMODES" --experts "$WORK/experts" --worker-timeout 150 --out "$OUT/speed-distill.json"
 step "experts and evaluation training vs a bare loop" 150 "${SPEED[@]}" "${DATA[@]}" --only experts,eval "${X_ARGS[@]}" --out "$OUT/speed-experts-eval.json"
-step "batched: experts and evaluation networks, K at once vs one at a time" 120 "${SPEED[@]}" "${DATA[@]}" --only batched \
-    "${X_ARGS[@]}" --concurrent "$( (( SMOKE )) && echo 2 || echo 8)" --out "$OUT/speed-batched.json"
+step "batched: experts, evaluation networks and distillations (IPC ${IPCS%%,*}, N $N), K at once vs one at a time" 150 \
+    "${SPEED[@]}" "${DATA[@]}" --only batched "${X_ARGS[@]}" --concurrent "$( (( SMOKE )) && echo 2 || echo 8)" \
+    --experts "$WORK/experts" --ipc "${IPCS%%,*}" --steps "$N" "${ROUNDS[@]}" --out "$OUT/speed-batched.json"
 step "data parallel: 2 torchrun ranks on one device" 120 env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone \
     --nproc-per-node 2 benchmarks/speed.py "${COMMON[@]}" --only dp --experts "$WORK/experts" --ipc "${IPCS%%,*}" \
     --steps "$N" "${ROUNDS[@]}" --modes full --out "$OUT/speed-dp2.json"

@@ -5,7 +5,9 @@ Sections (``--only``, default ``experts,distill,eval``): ``experts`` / ``eval`` 
 against a bare PyTorch loop, interleaved), ``distill`` (s/it and peak memory, each mode in a fresh
 process), ``ab`` (every mode interleaved in one process, rho 0, paired per-round ratios), ``dp``
 (``DistillRecipe`` on ``--experts``, alone or under torchrun), ``batched`` (``--concurrent`` K experts and
-evaluation networks as one ``Stack`` against one at a time, paired). Modes (``--modes``): ``full``, ``low``,
+evaluation networks as one ``Stack`` against one at a time, paired; K distillations as one ``BatchRecipe``
+against one run, on ``--experts`` or, without, a tiny experts folder of its own, at the first ``--ipc`` and
+``--steps``). Modes (``--modes``): ``full``, ``low``,
 ``lowK`` (``--keep-graphs K``), ``ref`` (``mtt_reference.py``); in ``ab`` also ``sweep``, ``full_det`` /
 ``low_det`` and on CUDA ``full_graph`` / ``low_graph`` / ``lowK_graph``. See benchmarks/README.md.
 """
@@ -40,6 +42,8 @@ from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.core.train import Stack, sgd, train_epoch
 from dpd_cli.data import load_dataset
 from dpd_cli.models import FlatModel, ModelSpec, build_model, default_depth
+from dpd_cli.recipes import experts as experts_recipe
+from dpd_cli.recipes.batch import BatchRecipe
 from dpd_cli.recipes.distill import DistillRecipe
 from dpd_cli.recipes.distill_inputs import draw_plan
 from dpd_cli.recipes.evaluate import random_subset
@@ -234,7 +238,52 @@ def bench_batched(args, dev) -> dict:
         out[sec] = {"k": k, "images": len(y), "unit": unit[1], "seconds": secs, "rate": rate, "peak_bytes": peak}
         out[sec] |= {"speedup_paired_median": paired, "width": spec.width, "batch": s.batch}
         log(f"[batched {sec}] 1 at a time {rate[1]:.2f}, {k} at once {rate[k]:.2f} {unit[1]}, paired ×{paired:.2f}")
+    out["distill"] = bench_batched_distill(args, dev)
     return out
+
+
+def bench_batched_distill(args, dev) -> dict:
+    """K distillations as one ``BatchRecipe`` against one ``DistillRecipe`` as a user runs it (on a GPU with CUDA
+    graphs, the batch eagerly), interleaved: aggregate iterations/s, and peak memory allocated (CUDA)."""
+    k, tmp = args.concurrent, Path(tempfile.mkdtemp(prefix="dpd-speed-batched-"))
+    experts = args.experts
+    if experts is None:  # --smoke: a tiny experts folder of its own
+        experts = str(tmp / "experts")
+        flags = {"num": 1, "epochs": 2, "width": args.width, "train_per_class": 20, "threads": args.threads}
+        experts_recipe.run(
+            resolve("experts", {**flags, "dataset": args.dataset, "out": experts, "device": args.device})
+        )
+    flags = {"experts": experts, "ipc": args.ipcs[0], "syn_steps": args.step_list[0], "batch_syn": args.batch_syn}
+    flags |= {"prune_ratio": args.prune_ratio, "device": args.device, "threads": args.threads, "lr_img": 1.0}
+    flags |= {"iterations": 10**6, "checkpoint_every": 10**6, "log_every": 10**6, "max_start_epoch": 1, "force": True}
+    runs = [resolve("distill", {**flags, "expert_epochs": 1, "seed": i, "out": str(tmp / f"run{i}")}) for i in range(k)]
+    one_s = resolve("distill", {**flags, "expert_epochs": 1, "seed": 0, "out": str(tmp / "one")})
+    secs, peak = {1: [], k: []}, {1: 0, k: 0}
+    with DistillRecipe(one_s) as one, BatchRecipe(runs, None, DistillRecipe) as many:
+        for r in range(args.warmup + args.iters):  # the warm-up rounds untimed (CUDA graphs are captured there)
+            for m, step in ((1, one.step), (k, many.step)):
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t = timed(dev, step)
+                peak[m] = max(peak[m], torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0)
+                secs[m] += [t] if r >= args.warmup else []
+        images, width = len(one.state.images), one.spec.width
+    rate = {m: statistics.median(m / t for t in v) for m, v in secs.items()}
+    paired = statistics.median(k * a / b for a, b in zip(secs[1], secs[k]))
+    log(f"[batched distill] 1 run {rate[1]:.2f}, {k} as one batch {rate[k]:.2f} iterations/s, paired ×{paired:.2f}")
+    return {
+        "k": k,
+        "what": "runs",
+        "images": images,
+        "steps": args.step_list[0],
+        "unit": f"iterations/s over all runs (N {args.step_list[0]}, rho {args.prune_ratio:g})",
+        "seconds": secs,
+        "rate": rate,
+        "peak_bytes": peak,
+        "speedup_paired_median": paired,
+        "width": width,
+        "batch": args.batch_syn or "all",
+    }
 
 
 # ----------------------------------------------------------------------------- one distillation iteration per mode
@@ -570,7 +619,7 @@ def markdown(res: dict) -> str:
         lines += [
             f"### batched {sec}: ConvNet-{b['width']}, {b['images']} images, batch {b['batch']}, DSA on; {b['unit']}",
             "",
-            "| networks at once | rate | peak GiB allocated (CUDA) |",
+            f"| {b.get('what', 'networks')} at once | rate | peak GiB allocated (CUDA) |",
             "|---|---|---|",
             *(f"| {m} | {r:.2f} | {peak[m]} |" for m, r in b["rate"].items()),
             f"\n{b['k']} at once vs one at a time: ×{b['speedup_paired_median']:.2f} (median of paired rounds)\n",
@@ -606,7 +655,7 @@ def parse(argv=None):
     p.add_argument("--eval-ipc", type=int, default=10)
     p.add_argument("--eval-epochs", type=int, default=20)
     p.add_argument("--eval-reps", type=int, default=5)
-    p.add_argument("--concurrent", type=int, default=8, help="batched: networks trained at once")
+    p.add_argument("--concurrent", type=int, default=8, help="batched: networks trained (runs distilled) at once")
     p.add_argument("--ipc", default="10", help="comma-separated (distill, ab; dp takes the first)")
     p.add_argument("--steps", default="10,20,40,80", help="comma-separated N (distill, ab; dp takes the first)")
     p.add_argument("--modes", default="full,low,ref", help="see above (default full,low,ref)")

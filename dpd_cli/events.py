@@ -199,4 +199,4 @@ class StudyStarted(Event):
 
 @dataclass
 class StudyRunDone(Event):
-    record: dict  # as records.jsonl keeps it (``dpd_cli.recipes.study.run_one``)
+    record: dict  # as records.jsonl keeps it (``dpd_cli.recipes.study.run_batch``)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import statistics
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -36,55 +34,28 @@ from dpd_cli.core import matching, parallel
 from dpd_cli.core.graphs import GraphedMetaGradient
 from dpd_cli.core.pruning import PruneConfig, Pruner
 from dpd_cli.data import load_dataset
-from dpd_cli.errors import ExpertsError, SettingsError, StorageError
-from dpd_cli.events import CheckpointSaved, DistillDone, DistillIteration, DistillStarted, Message, NullSink, Sink
+from dpd_cli.errors import ExpertsError, StorageError
+from dpd_cli.events import CheckpointSaved, DistillIteration, DistillStarted, Message, NullSink, Sink
 from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, build_model
-from dpd_cli.recipes.distill_inputs import (
-    ADJUSTABLE,
-    RESUMABLE,
-    DistillState,
-    check_data,
-    check_experts,
-    check_resumable,
-    cuda_graphs,
-    diverged,
-    draw_plan,
-    graph_options,
-    init_images,
-    initial_soft_labels,
-    label_expert,
-    layer_totals,
-    other_settings,
-    resume_message,
-    seed_settings,
-    to_device,
-    with_experts,
-    with_experts_sources,
-)
+from dpd_cli.recipes import batch
+from dpd_cli.recipes import distill_inputs as inputs
+from dpd_cli.recipes.distill_inputs import ADJUSTABLE, RESUMABLE, DistillState
 from dpd_cli.recipes.runtime import derive_seed, model_spec, prepare_runtime
+from dpd_cli.recipes.step_watch import StepWatch
 
-__all__ = ["DistillRecipe", "SeedsRecipe", "run", "default_run_dir", "existing"]
+__all__ = ["DistillRecipe", "run", "existing"]
 
 _MOMENTUM = 0.5  # SGD momentum of the images and of alpha, as MTT
-#: The signatures of too large an image step, warned about once each (docs/guide.md, "Too large an image step"):
-#: the median matching loss of iterations 2..K+1 above LOSS_RISE times iteration 1's (the loss of the real images,
-#: before any update; the median rides out the noise of the expert and start epoch each iteration draws), and the
-#: images' std above STD_GROWTH times the initial images'.
-_RISE_K, _LOSS_RISE, _STD_GROWTH = 5, 1.5, 5.0
-
-
-def default_run_dir(s: DistillSettings) -> Path:
-    return Path("runs") / f"{s.dataset}-ipc{s.ipc}-rho{s.prune_ratio:g}-s{s.seed}"
 
 
 def existing(settings: DistillSettings) -> tuple[Path, str]:
     """The run directory a run of ``settings`` writes and what it holds: ``"none"``, ``"finished"`` (a complete
     synthetic set distilled with these settings) or ``"started"`` (anything else: ``--resume`` continues it,
     or says why it cannot)."""
-    s, _ = with_experts_sources(settings)
-    run_dir = Path(s.out) if s.out else default_run_dir(s)
+    s, _ = inputs.with_experts_sources(settings)
+    run_dir = DistillRecipe.run_dir_for(s)
     if not (run_dir / layout.SETTINGS).exists() and not layout.checkpoints(run_dir):
         return run_dir, "none"
     try:
@@ -103,16 +74,20 @@ class DistillRecipe:
         rank, _ = parallel.world_from_env()
         self.sink = sink if sink is not None and rank == 0 else NullSink()  # under torchrun rank 0 alone reports
         self._stack = contextlib.ExitStack()
-        self.s, self.experts = with_experts(settings, self.sink)
+        self.s, self.experts = inputs.with_experts(settings, self.sink)
         self._stack.callback(self.experts.close)
         self.prune = PruneConfig.from_settings(self.s)
         self._pending: list[dict] = []  # per-iteration records not yet on disk; device tensors until flushed
         self._window_t0 = 0.0
         self.last_loss = float("nan")
         self.changed: dict = {}  # ADJUSTABLE settings this resume changed, for the next metrics line
-        self._early_losses: list[float] = []  # of iterations 1..K+1, for the loss-rise check
-        self.step_warnings: list[dict] = []  # {"kind", "iteration", "message"}, kept in the run's files
-        self.in_batch = False  # one of --seeds' runs: SeedsRecipe steps it
+        self.in_batch = False  # one of a batch's runs: BatchRecipe steps it
+        self.run_dir = self.run_dir_for(self.s)
+
+    @staticmethod
+    def run_dir_for(s: DistillSettings) -> Path:
+        """``--out``, or by default named after dataset, IPC, prune ratio and seed."""
+        return Path(s.out) if s.out else Path("runs") / f"{s.dataset}-ipc{s.ipc}-rho{s.prune_ratio:g}-s{s.seed}"
 
     def __enter__(self) -> DistillRecipe:
         try:
@@ -138,25 +113,13 @@ class DistillRecipe:
         self._setup_state(resume)
         self.pruner = Pruner(self.prune, self.sizes, self.state.prune_state)
         self.graphed = self._graphed()
-        self.pruned_total = layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
+        self.pruned_total = inputs.layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
         self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self.prune.ratio_at(i) > 0)
-        s = self.s
-        self.sink.emit(
-            DistillStarted(
-                str(self.run_dir),
-                self.state.iteration,
-                s.iterations,
-                [(layer.name, layer.numel) for layer in self.fm.layers],
-                self.fm.n_params,
-                len(self.state.images),
-                len(self.experts),
-                str(self.device),
-                s.memory,
-                s.prune_ratio,
-                self.prune.text(),
-                s.keep_graphs,
-            )
-        )
+        s, layers = self.s, [(layer.name, layer.numel) for layer in self.fm.layers]
+        st = self.state
+        where = (str(self.run_dir), st.iteration, s.iterations, layers, self.fm.n_params, len(st.images))
+        how = (len(self.experts), str(self.device), s.memory, s.prune_ratio, self.prune.text(), s.keep_graphs)
+        self.sink.emit(DistillStarted(*where, *how))
         if not resume:
             self.checkpoint()  # checkpoint 0: the real images the run starts from, always kept
 
@@ -180,15 +143,14 @@ class DistillRecipe:
         """The dataset and the network the experts were trained on."""
         s = self.s
         self.ds = load_dataset(s.dataset, s.data_dir, s.train_per_class, s.seed, s.val_per_class)
-        check_data(s, self.ds)
+        inputs.check_data(s, self.ds)
         self.spec = model_spec(s, self.ds)
-        check_experts(self.experts, s, self.spec)
+        inputs.check_experts(self.experts, s, self.spec)
         self.pre = self.experts.preprocess
 
     def _setup_run_dir(self) -> bool:
         """Lock the run directory and refuse what must not be overwritten; True when resuming from a checkpoint."""
         s = self.s
-        self.run_dir = Path(s.out) if s.out else default_run_dir(s)
         self.writer = RunWriter(self.run_dir, self.pre, writes=self.main)
         if s.resume and not self.writer.checkpoints() and not (self.run_dir / layout.SETTINGS).exists():
             raise StorageError(
@@ -210,9 +172,9 @@ class DistillRecipe:
                 # Stopped before checkpoint 0 was written, or every checkpoint is damaged: every choice is seeded,
                 # so starting over is the exact resume.
                 if self.writer.recorded_settings_hash() != self.shash:
-                    raise other_settings(self.run_dir, s)
+                    raise inputs.other_settings(self.run_dir, s)
                 self.shash = settings_hash(s, exclude=set(RESUMABLE))  # started again: with these values
-                self.sink.emit(resume_message(self.run_dir, self.aside, None, self.reached))
+                self.sink.emit(inputs.resume_message(self.run_dir, self.aside, None, self.reached))
             self.writer.prepare(s.resume, s.force)
         if self.group is not None:
             self.group.barrier()  # the other ranks read the run directory only once rank 0 has it in order
@@ -225,12 +187,12 @@ class DistillRecipe:
         self.fm = FlatModel(build_model(self.spec).to(self.device))
         self.sizes = [layer.numel for layer in self.fm.layers]
         self.layer_ids = self.fm.layer_ids(self.device)
-        label_theta = label_expert(s, self.experts, self.device) if s.soft_labels else None
+        label_theta = inputs.label_expert(s, self.experts, self.device) if s.soft_labels else None
         accept = None
         if s.init == "real-correct":
             accept = lambda x, c: self.fm(label_theta, x).argmax(1) == c  # noqa: E731
-        images, self.labels = init_images(s, self.ds, self.pre, self.device, accept)
-        self.image_std0 = float(images.std())  # the initial images', for the image-scale check
+        images, self.labels = inputs.init_images(s, self.ds, self.pre, self.device, accept)
+        self.watch = StepWatch(float(images.std()))
         self.soft_info = None
         if resume:
             self.state = self._load_state(images.shape)
@@ -241,7 +203,9 @@ class DistillRecipe:
         lr = torch.tensor(s.lr_teacher, device=self.device)
         self.state = DistillState(0, images, lr, torch.zeros_like(images), zero, counts)
         if s.soft_labels:
-            logits, self.soft_info = initial_soft_labels(self.fm, label_theta, images, self.labels, s, self.experts)
+            logits, self.soft_info = inputs.initial_soft_labels(
+                self.fm, label_theta, images, self.labels, s, self.experts
+            )
             self.state.label_logits, self.state.momentum_labels = logits, torch.zeros_like(logits)
             self.sink.emit(
                 Message(
@@ -265,8 +229,8 @@ class DistillRecipe:
         rng = random.Random(derive_seed(s.seed, "iteration", it))
         e = rng.randrange(len(self.experts))
         t = rng.randrange(s.max_start_epoch)
-        start, target = (to_device(v, self.device) for v in self.experts.pair(e, t, s.expert_epochs))
-        return it, e, t, start, target, draw_plan(rng, len(st.images), s, self.device)
+        start, target = (inputs.to_device(v, self.device) for v in self.experts.pair(e, t, s.expert_epochs))
+        return it, e, t, start, target, inputs.draw_plan(rng, len(st.images), s, self.device)
 
     def update(self, res: matching.MetaResult, e: int, t: int) -> None:
         """Apply the iteration's meta-gradient (from expert e, start epoch t): SGD on the images, alpha and
@@ -297,16 +261,8 @@ class DistillRecipe:
             if note:
                 self.sink.emit(Message(note, "warning"))
             return res
-        return matching.meta_gradient(
-            self.fm,
-            start=start,
-            target=target,
-            plan=plan,
-            memory=self.s.memory,
-            batch_grad=self.batch_grad,
-            keep_graphs=self.s.keep_graphs,
-            **self.problem(ratio),
-        )
+        options = {"memory": self.s.memory, "keep_graphs": self.s.keep_graphs, "batch_grad": self.batch_grad}
+        return matching.meta_gradient(self.fm, start=start, target=target, plan=plan, **options, **self.problem(ratio))
 
     def problem(self, ratio: float) -> dict:
         """This run's own arguments of ``meta_gradient`` at prune ratio ``ratio``: images, labels, alpha, the label
@@ -317,12 +273,12 @@ class DistillRecipe:
 
     def _graphed(self) -> GraphedMetaGradient | None:
         """The CUDA-graph runner (``--cuda-graphs``, on a GPU), or ``None`` with a message saying why not."""
-        why_not, st = cuda_graphs(self.s, self.device, self.group, self.pruner, self.in_batch), self.state
+        why_not, st = inputs.cuda_graphs(self.s, self.device, self.group, self.pruner, self.in_batch), self.state
         if why_not:
             self.sink.emit(Message(f"CUDA graphs not used ({why_not}); each iteration runs eagerly."))
         if why_not is not None:
             return None
-        options = graph_options(self.s, st)
+        options = inputs.graph_options(self.s, st)
         return GraphedMetaGradient(self.fm, st.images, self.labels, st.lr, mask_for=self.pruner.loss_mask, **options)
 
     def _stop_requested(self) -> bool:
@@ -344,8 +300,9 @@ class DistillRecipe:
         records = []
         for p, (loss, a, image_std), pruned in zip(pending, values, per_layer, strict=True):
             if not math.isfinite(loss) or not a > 0:  # a NaN alpha fails "> 0" too
-                raise diverged(p["iteration"], loss, a, self.writer.checkpoints())
-            self._watch(p["iteration"], loss, image_std)
+                raise inputs.diverged(p["iteration"], loss, a, self.writer.checkpoints())
+            for text in self.watch.check(p["iteration"], loss, image_std, self.s.lr_img):
+                self.sink.emit(Message(text, "warning"))
             self.iterations_pruned += bool(sum(pruned))
             self.pruned_total = [a_ + b_ for a_, b_ in zip(self.pruned_total, pruned, strict=True)]
             layers = {layer.name: c for layer, c in zip(self.fm.layers, pruned, strict=True)}
@@ -363,31 +320,6 @@ class DistillRecipe:
         self.writer.metrics(records)
         self._window_t0 = time.perf_counter()
 
-    def _watch(self, it: int, loss: float, image_std: float) -> None:
-        """Warn, once per kind, when iteration ``it`` shows a signature of too large an image step (``_RISE_K``)."""
-        early, found = self._early_losses, {}
-        if it == len(early) + 1 <= _RISE_K + 1:  # iterations 1..K+1, run in order by this process
-            early.append(loss)
-        if it == _RISE_K + 1 == len(early) and (rise := statistics.median(early[1:])) > _LOSS_RISE * early[0]:
-            found["loss"] = (
-                f"the matching loss rose: median {rise:.4g} over iterations 2-{it}, against {early[0]:.4g} at "
-                "iteration 1 (the real images)"
-            )
-        if image_std > _STD_GROWTH * self.image_std0:
-            found["image_scale"] = (
-                f"the images' scale exploded: their std is {image_std:.4g}, {image_std / self.image_std0:.1f}x the "
-                f"initial images' {self.image_std0:.4g}"
-            )
-        lr = self.s.lr_img
-        for kind, what in found.items():
-            if kind not in {w["kind"] for w in self.step_warnings}:
-                text = (
-                    f"Iteration {it}: {what}. The signature of too large an image step: try a smaller --lr-img "
-                    f"(e.g. {lr / 10:g}, a tenth of {lr:g}); `dpd evaluate --baseline init` tells whether it helped."
-                )
-                self.step_warnings.append({"kind": kind, "iteration": it, "message": text})
-                self.sink.emit(Message(text, "warning"))
-
     def checkpoint(self) -> Path:
         """Flush the metrics, write the checkpoint of the current iteration and refresh the outputs (rank 0)."""
         self.flush()
@@ -402,7 +334,7 @@ class DistillRecipe:
     def train(self) -> Path:
         """Iterate until ``--iterations``, checkpointing every ``--checkpoint-every`` and, before raising
         ``Interrupted``, on a stop request; returns the run directory."""
-        return _train(self.step, [self])[0]
+        return batch.train(lambda live: self.step(), [self])[0]
 
     def _record(self, iteration: int | str) -> dict:
         """What ``settings.json`` (``iteration="settings"``) or the files of an iteration record about the run."""
@@ -417,30 +349,18 @@ class DistillRecipe:
         if iteration == "settings":
             extra = {"n_experts": len(self.experts), "validation": validation_record(ds)}
             return {"command": "distill", **record, **extra, "versions": versions()}
-        validation = (
-            None if ds.val_indices is None else {"per_class": s.val_per_class, "fingerprint": ds.val_fingerprint}
-        )
-        return {
-            "dataset": ds.name,
-            "classes": ds.classes,
-            "iteration": iteration,
-            "iterations": s.iterations,
-            "ipc": s.ipc,
-            "zca": s.zca,
-            **record,
-            "preprocess_fingerprint": self.pre.fingerprint(),
-            "validation": validation,
-            "prune_rule": self.prune.rule(),
-            "warnings": self.step_warnings,
-            "versions": versions(),
-        }
+        val = None if ds.val_indices is None else {"per_class": s.val_per_class, "fingerprint": ds.val_fingerprint}
+        head = {"dataset": ds.name, "classes": ds.classes, "iteration": iteration, "iterations": s.iterations}
+        tail = {"preprocess_fingerprint": self.pre.fingerprint(), "validation": val, "prune_rule": self.prune.rule()}
+        rest = {"warnings": self.watch.warnings, "versions": versions()}
+        return {**head, "ipc": s.ipc, "zca": s.zca, **record, **tail, **rest}
 
     def _load_state(self, image_shape) -> DistillState:
         s = self.s
-        check = partial(check_resumable, self.run_dir, s, self.shash, tuple(image_shape), self.fm.n_params)
+        check = partial(inputs.check_resumable, self.run_dir, s, self.shash, tuple(image_shape), self.fm.n_params)
         t, meta = self.writer.newest_state(check)
         it, before = int(meta["iteration"]), meta.get("settings") or {}
-        self.sink.emit(resume_message(self.run_dir, self.aside, it, self.reached))
+        self.sink.emit(inputs.resume_message(self.run_dir, self.aside, it, self.reached))
         now = s.model_dump(mode="json")
         self.changed = {k: {"from": before[k], "to": now[k]} for k in ADJUSTABLE if before.get(k, now[k]) != now[k]}
         for k, c in self.changed.items():
@@ -448,136 +368,15 @@ class DistillRecipe:
             self.sink.emit(Message(f"{flag} changes from {c['from']:g} to {c['to']:g} after iteration {it}."))
         self.writer.record_changes(it, self.changed)
         self.soft_info = meta.get("soft_labels")
-        self.step_warnings = list(meta.get("warnings") or [])
+        self.watch.warnings = list(meta.get("warnings") or [])
         opt = {k: t[k].to(self.device) for k in ("prune_state", "label_logits", "momentum_labels") if k in t}
         fixed = [t[k].to(self.device) for k in ("images", "lr", "momentum_images", "momentum_lr", "prune_counts")]
         return DistillState(int(meta["iteration"]), *fixed, **opt)
 
 
-def _train(step: Callable[[], None], runs: list[DistillRecipe]) -> list[Path]:
-    """``step`` (all of ``runs`` one iteration on) until ``--iterations``; each run flushes and checkpoints as
-    on its own: every ``--checkpoint-every`` and, before ``Interrupted`` is raised, on a stop request."""
-    first, s = runs[0], runs[0].s
-    t_run = time.perf_counter()
-    for r in runs:
-        r._window_t0 = t_run
-    while first.state.iteration < s.iterations:
-        if first._stop_requested():
-            for r in runs:
-                r.checkpoint()
-            dirs = ", ".join(str(r.run_dir) for r in runs)
-            raise interrupt.Interrupted(
-                f"stopped after iteration {first.state.iteration}; rerun the same command with --resume to continue {dirs}"
-            )
-        step()
-        for r in runs:
-            if len(r._pending) >= r.log_every:
-                r.flush()
-            if r.state.iteration % s.checkpoint_every == 0 and r.state.iteration < s.iterations:
-                r.checkpoint()
-    for r in runs:
-        r.checkpoint()
-        seconds = time.perf_counter() - t_run
-        r.sink.emit(DistillDone(str(r.run_dir), s.iterations, r.last_loss, float(r.state.lr), seconds))
-    return [r.run_dir for r in runs]
-
-
-class SeedsRecipe:
-    """``--seeds``: K distillations that differ only in their seed, as one computation.
-
-    Each is a ``DistillRecipe`` of its own (settings, run directory, state, random draws, checkpoints, as
-    ``--seed S`` would have them); every iteration their meta-gradients are one ``meta_gradient`` call over
-    the K runs stacked along a leading member axis (``dpd_cli.core.matching``), eagerly (no CUDA graphs).
-    """
-
-    def __init__(self, settings: DistillSettings, sink: Sink | None = None):
-        if parallel.world_from_env()[1] > 1:
-            raise SettingsError("--seeds runs on one process: under torchrun, launch one --seed per run.")
-        sink = sink or NullSink()
-        runs = seed_settings(settings)
-        dirs = [r.out or default_run_dir(r) for r in runs]
-        sink.emit(
-            Message(f"{len(runs)} runs in one batch, the progress shown is the first's: {', '.join(map(str, dirs))}")
-        )
-        self.runs: list[DistillRecipe] = []
-        try:
-            for k, s in enumerate(runs):
-                self.runs.append(DistillRecipe(s, _RunSink(sink, s.seed, progress=k == 0)))
-                self.runs[-1].in_batch = True
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self) -> SeedsRecipe:
-        try:
-            for r in self.runs:
-                r.setup()
-            at = {r.state.iteration for r in self.runs}
-            if len(at) > 1:
-                where = ", ".join(f"{r.run_dir} at iteration {r.state.iteration}" for r in self.runs)
-                raise StorageError(
-                    f"--seeds resumes its runs together, but they stopped at different iterations ({where}). "
-                    f"Bring the others to iteration {max(at)} on their own (dpd distill --seed S --out DIR "
-                    f"--resume --iterations {max(at)}), then resume them together."
-                )
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for r in self.runs:
-            r.close()
-
-    def step(self) -> None:
-        """One iteration of every run: each draws as on its own, one meta-gradient for all, each updates itself."""
-        draws = [r.draw() for r in self.runs]
-        first, ratio = self.runs[0], self.runs[0].prune.ratio_at(draws[0][0])
-        parts = [r.problem(ratio) for r in self.runs]
-        both = {
-            k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]) for k in parts[0] if k != "loss_mask"
-        }
-        res = matching.meta_gradient(
-            first.fm,
-            start=torch.stack([d[3] for d in draws]),
-            target=torch.stack([d[4] for d in draws]),
-            plan=matching.StepPlan.stack([d[5] for d in draws]),
-            memory=first.s.memory,
-            keep_graphs=first.s.keep_graphs,
-            loss_mask=matching.stack_masks([p["loss_mask"] for p in parts]),
-            **both,
-        )
-        for k, (r, d) in enumerate(zip(self.runs, draws, strict=True)):
-            r.update(res.member(k), d[1], d[2])
-
-    def train(self) -> list[Path]:
-        """As ``DistillRecipe.train``, for all the runs together; returns their run directories."""
-        return _train(self.step, self.runs)
-
-
-class _RunSink:
-    """What one of ``--seeds``' runs reports: its messages (marked with its seed) and its end; the first run its
-    progress too (all move together)."""
-
-    def __init__(self, sink: Sink, seed: int, progress: bool):
-        self.sink, self.seed, self.progress = sink, seed, progress
-
-    def emit(self, event) -> None:
-        if isinstance(event, Message):
-            self.sink.emit(Message(f"seed {self.seed}: {event.text}", event.level))
-        elif self.progress or isinstance(event, DistillDone):
-            self.sink.emit(event)
-
-    def close(self) -> None:
-        pass
-
-
 def run(settings: DistillSettings, sink: Sink | None = None) -> Path | list[Path]:
     """Distil a synthetic set; resumable, deterministic under ``settings.seed``. With ``settings.seeds`` one
-    run per seed, as one computation (``SeedsRecipe``).
+    run per seed, as one computation (``batch.BatchRecipe``).
 
     Returns:
         The run directory (with ``seeds``: one per seed).
@@ -586,7 +385,9 @@ def run(settings: DistillSettings, sink: Sink | None = None) -> Path | list[Path
         UserError: Missing/mismatched experts, impossible IPC, existing output, divergence.
         Interrupted: A stop was requested; a checkpoint was written first.
     """
-    with SeedsRecipe(settings, sink) if settings.seeds else DistillRecipe(settings, sink) as recipe:
+    runs = inputs.seed_settings(settings) if settings.seeds else None
+    recipe = batch.BatchRecipe(runs, sink, DistillRecipe) if runs else DistillRecipe(settings, sink)
+    with recipe:
         return recipe.train()
 
 

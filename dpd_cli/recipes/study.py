@@ -34,14 +34,18 @@ from dpd_cli.config.settings import DistillSettings, EvalSettings, StudySettings
 from dpd_cli.core import parallel
 from dpd_cli.errors import DivergedError, SettingsError, StorageError
 from dpd_cli.events import Message, NullSink, Sink, StudyRunDone, StudyStarted
-from dpd_cli.recipes import distill, evaluate, experts
+from dpd_cli.recipes import batch, distill, evaluate, experts
+from dpd_cli.recipes.runtime import resolve_device
 from dpd_cli.stats import paired
 
-__all__ = ["Study", "load", "run", "run_one", "read_records", "summarise", "pooled", "METRICS", "RECORDS"]
+__all__ = ["Study", "load", "run", "run_batch", "read_records", "summarise", "pooled", "METRICS", "RECORDS"]
 
 RECORDS, SUMMARY = "records.jsonl", "study.json"
 #: What each run reports: the validation-selected checkpoint, the final set and the test-selected one (optimistic).
 METRICS = ("selected", "final", "test_max")
+#: ``--concurrent``'s default (on the CPU, on a GPU): one run at a time on the CPU, as ``dpd study`` always ran;
+#: 8 on a GPU, where the gain of a batch is not measured yet.
+CONCURRENT = (1, 8)
 #: Settings that say where or how fast a run goes, not what it computes: left out of a record's key.
 _PLACE = set("out experts resume force data_dir device threads log_every dist_timeout host_memory fail_under".split())
 
@@ -120,22 +124,62 @@ def _append(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def run_one(study: Study, variant: str, seed: int) -> dict:
-    """Distil (or resume, or reuse) and evaluate one (variant, seed); returns its record (``diverged`` if it did)."""
+def _distilled(d: DistillSettings) -> bool:
+    try:
+        return synthetic_file.load(Path(d.out) / layout.SYNTHETIC)[1]["iteration"] >= d.iterations
+    except StorageError:
+        return False
+
+
+def _start(d: DistillSettings) -> DistillSettings:
+    """``d`` resumed from its newest checkpoint, or started over where it has none."""
+    resume = bool(layout.checkpoints(Path(d.out)))
+    return d.model_copy(update={"resume": resume, "force": not resume})
+
+
+def _batches(study: Study, runs: list[tuple[str, int]], k: int) -> list[list[tuple[str, int]]]:
+    """``runs`` in batches of at most ``k`` that can run as one computation, in order (a seed's variants
+    together): the same settings but for ``batch.PER_RUN``, and the same iteration to start from. A run whose
+    synthetic set is finished (it is only evaluated) goes alone."""
+    groups: dict = {}
+    for v, s in runs:
+        d = study.distill_settings(v, s)
+        newest = layout.checkpoints(Path(d.out))[:1]
+        at = layout.checkpoint_iteration(newest[0]) if newest else 0
+        key = (v, s) if _distilled(d) else (json.dumps(batch.shared_settings(d), sort_keys=True), at)
+        open_ = [g for g in groups.get(key, []) if len(g) < k]
+        if open_:
+            open_[0].append((v, s))
+        else:
+            groups.setdefault(key, []).append([(v, s)])
+    return sorted((g for gs in groups.values() for g in gs), key=lambda g: runs.index(g[0]))
+
+
+def run_batch(study: Study, runs: list[tuple[str, int]]) -> list[dict]:
+    """Distil (or resume, or reuse) the (variant, seed) ``runs`` as one computation, then evaluate each;
+    returns their records (``diverged`` for a run that did: the others go on; ``distill_s``: a run's share of
+    the batch's time)."""
+    todo = [r for r in runs if not _distilled(study.distill_settings(*r))]
+    t0, ended = time.perf_counter(), {}
+    if len(todo) == 1:
+        try:
+            distill.run(_start(study.distill_settings(*todo[0])))
+        except DivergedError as err:  # the run stopped: recorded as diverged, with no accuracy
+            ended[todo[0]] = err
+    elif todo:
+        with batch.BatchRecipe([_start(study.distill_settings(*r)) for r in todo], None, distill.DistillRecipe) as b:
+            ended = {r: o for r, o in zip(todo, b.train(keep_going=True), strict=True) if isinstance(o, DivergedError)}
+    distill_s = (time.perf_counter() - t0) / max(len(todo), 1)  # each run's share of the batch
+    return [_record(study, v, s, distill_s, ended.get((v, s))) for v, s in runs]
+
+
+def _record(study: Study, variant: str, seed: int, distill_s: float, err: DivergedError | None) -> dict:
+    """The record of a distilled (variant, seed): evaluated (or its evaluation reused), or diverged (``err``)."""
     d, ev = study.distill_settings(variant, seed), study.eval_settings(seed)
     run_dir = Path(d.out)
     key = {"dataset": d.dataset, "ipc": d.ipc, "variant": variant, "seed": seed, "key": study.key(variant, seed)}
-    t0 = time.perf_counter()
-    try:
-        done = synthetic_file.load(run_dir / layout.SYNTHETIC)[1]["iteration"] >= d.iterations
-    except StorageError:
-        done = False
-    if not done:
-        resume = bool(layout.checkpoints(run_dir))
-        try:
-            distill.run(d.model_copy(update={"resume": resume, "force": not resume}))
-        except DivergedError as err:  # the run stopped: recorded as diverged, with no accuracy
-            return {**key, "diverged": str(err), "distill_s": time.perf_counter() - t0, "evaluate_s": 0.0}
+    if err is not None:  # the run stopped: recorded as diverged, with no accuracy
+        return {**key, "diverged": str(err), "distill_s": distill_s, "evaluate_s": 0.0}
     t1 = time.perf_counter()
     want = ev.model_dump(mode="json")
     entries = [
@@ -157,15 +201,22 @@ def run_one(study: Study, variant: str, seed: int) -> dict:
         "val_accuracy": e["val_accuracy"],
         "checkpoints": e.get("checkpoints"),
         "accuracies": e["accuracies"],
-        "distill_s": t1 - t0,
+        "distill_s": distill_s,
         "evaluate_s": time.perf_counter() - t1,
         "prune_layers": {r["name"]: r["mean_pct"] for r in layers},
     }
 
 
-def run(config: Path, out: Path | None = None, report_only: bool = False, sink: Sink | None = None) -> dict:
+def run(
+    config: Path,
+    out: Path | None = None,
+    report_only: bool = False,
+    sink: Sink | None = None,
+    concurrent: int | None = None,
+) -> dict:
     """Run every (variant, seed) of the study in ``config`` that has no record yet (none with ``report_only``),
-    then summarise the records.
+    at most ``concurrent`` at once (default: ``[study] concurrent``, else ``CONCURRENT`` for the device), then
+    summarise the records.
 
     Returns:
         ``{"config", "out", "baseline", "variants", "seeds", "missing", "summary", "records"}``; on the other
@@ -191,17 +242,24 @@ def run(config: Path, out: Path | None = None, report_only: bool = False, sink: 
             experts.run(ex)
             if group is not None:
                 group.gather_objects(None)  # every rank's experts are written
-            for variant, seed in todo[rank::world]:
+            device = resolve_device(study.distill_settings(*todo[0]).device)
+            k = concurrent or study.plan.concurrent or CONCURRENT[device.type == "cuda"]
+            for runs in _batches(study, todo[rank::world], k):
                 try:
                     with parallel.alone():
-                        rec = run_one(study, variant, seed)
+                        recs = run_batch(study, runs)
                 except interrupt.Interrupted:
+                    names = ", ".join(f"{v} s{s}" for v, s in runs)
+                    these = (
+                        ("run", "this one resumes from its") if len(runs) == 1 else ("runs", "these resume from their")
+                    )
                     raise interrupt.Interrupted(
-                        f"stopped in run {variant} s{seed}; rerun `dpd study {config}` to continue (finished runs "
-                        "are reused, this one resumes from its last checkpoint)"
+                        f"stopped in {these[0]} {names}; rerun `dpd study {config}` to continue (finished runs are "
+                        f"reused, {these[1]} last checkpoint)"
                     ) from None
-                _append(study.out, rec)
-                sink.emit(StudyRunDone(rec))
+                for rec in recs:
+                    _append(study.out, rec)
+                    sink.emit(StudyRunDone(rec))
             if group is not None:
                 group.gather_objects(None)  # every rank's runs are recorded
     records = [r for r in read_records(study.out) if valid(r)]

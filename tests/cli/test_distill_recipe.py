@@ -390,7 +390,9 @@ def test_a_refused_run_leaves_no_folder(dpd, experts, tmp_path, monkeypatch):
     def refuse(*args):
         raise DataError("no images")
 
-    monkeypatch.setattr("dpd_cli.recipes.distill.init_images", refuse)  # refused once the run directory is locked
+    monkeypatch.setattr(
+        "dpd_cli.recipes.distill_inputs.init_images", refuse
+    )  # refused once the run directory is locked
     r = dpd("distill", "--experts", experts, "--out", out, *DISTILL, "--iterations", "2")
     assert r.exit_code == 2 and "no images" in r.output
     assert not (tmp_path / "runs").exists()  # nor the parents made for --out

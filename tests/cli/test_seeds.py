@@ -1,8 +1,10 @@
-"""dpd distill --seeds: K runs as one batched computation, each run directory as a separate --seed run's."""
+"""K runs as one batched computation (``BatchRecipe``: ``dpd distill --seeds``, ``dpd study --concurrent``), each
+run directory as a separate run's."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -13,8 +15,13 @@ import torch
 
 from dpd_cli.artifacts import layout
 from dpd_cli.artifacts.synthetic import load as load_synthetic
+from dpd_cli.config.settings import DistillSettings
 from dpd_cli.core import matching
+from dpd_cli.errors import SettingsError
 from dpd_cli.io import storage
+from dpd_cli.recipes import distill_inputs
+from dpd_cli.recipes.batch import BatchRecipe
+from dpd_cli.recipes.distill import DistillRecipe
 from tests.cli.conftest import DISTILL_TINY, TINY
 
 
@@ -118,3 +125,82 @@ def test_seeds_are_refused_under_torchrun(dpd, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     r = dpd("distill", "--seeds", "0,1")
     assert r.exit_code == 2 and "--seeds runs on one process" in " ".join(r.output.split())
+
+
+def _settings(experts, out, **flags) -> DistillSettings:
+    tiny = {"ipc": 1, "iterations": 5, "syn_steps": 3, "max_start_epoch": 2, "expert_epochs": 1, "lr_img": 10.0}
+    tiny |= {"lr_lr": 1e-6, "width": 8, "depth": 2, "train_per_class": 20, "threads": 1, "log_every": 100}
+    return DistillSettings.model_validate({**tiny, "experts": experts, "out": out, **flags})
+
+
+def _in_float64(recipe: DistillRecipe) -> None:
+    st = recipe.state
+    for name in ("images", "lr", "momentum_images", "momentum_lr", "label_logits", "momentum_labels"):
+        if getattr(st, name) is not None:
+            setattr(st, name, getattr(st, name).double())
+
+
+#: Variants in one batch: rho 0 (MTT), 0.05, another criterion, direction and step size, network mode with an EMA
+#: mask, and a warm-up with another seed and expert epochs. (Not --prune-scope layer here: the conv biases, which
+#: instance norm leaves without a gradient, tie at 0 up to rounding, and a tie may go either way.)
+VARIANTS = [
+    {"prune_ratio": 0.0},
+    {"prune_ratio": 0.05},
+    {"prune_ratio": 0.05, "prune_criterion": "relative", "prune_direction": "smallest", "lr_img": 3.0},
+    {"prune_ratio": 0.1, "prune_mode": "network", "prune_mask": "ema"},
+    {"prune_ratio": 0.05, "prune_warmup": 2, "expert_epochs": 2, "seed": 1},
+]
+
+
+@pytest.mark.parametrize(
+    "shared", [{}, {"memory": "low", "soft_labels": True, "batch_syn": 1}], ids=["full", "low-soft-batches"]
+)
+def test_a_batch_of_variants_computes_what_each_variant_computes_alone_in_float64(
+    experts, tmp_path, monkeypatch, shared
+):
+    """Each member its own prune ratio, criterion, mask and step size: 1e-10 in float64 after 4 iterations."""
+    monkeypatch.setattr(distill_inputs, "to_device", lambda t, device: t.to(device, torch.float64))
+    runs = [_settings(experts, tmp_path / f"b{k}", **shared, **v) for k, v in enumerate(VARIANTS)]
+    with BatchRecipe(runs, None, DistillRecipe) as b:
+        for r in b.runs:
+            _in_float64(r)
+        for _ in range(4):
+            b.step()
+        together = [r.state for r in b.runs]
+    for k, s in enumerate(runs):
+        with DistillRecipe(s.model_copy(update={"out": tmp_path / f"one{k}"})) as one:
+            _in_float64(one)
+            for _ in range(4):
+                one.step()
+            alone, mine = one.state, together[k]
+            for name in ("images", "lr", "label_logits", "prune_state"):
+                if getattr(alone, name) is not None:
+                    torch.testing.assert_close(getattr(mine, name), getattr(alone, name), rtol=1e-10, atol=1e-10)
+            assert torch.equal(mine.prune_counts, alone.prune_counts), k
+    assert [int(t.prune_counts.sum() > 0) for t in together] == [0, 1, 1, 1, 1]
+
+
+def test_runs_that_differ_in_the_shared_computation_are_refused(experts, tmp_path):
+    runs = [_settings(experts, tmp_path / "a"), _settings(experts, tmp_path / "b", ipc=2, memory="low")]
+    with pytest.raises(SettingsError) as e:
+        BatchRecipe(runs, None, DistillRecipe)
+    assert str(e.value) == (
+        f"{tmp_path / 'b'} cannot join {tmp_path / 'a'} in one batch: they differ in --ipc (2 against 1), --memory "
+        "('low' against 'full'). Runs batched together may differ only in their seed, output, learning rates, "
+        "initial images and prune settings; run the others separately."
+    )
+
+
+def test_a_member_that_diverges_drops_out_and_the_others_finish(experts, tmp_path):
+    steady = {"lr_lr": 1e-8, "log_every": 1}  # alpha stays positive
+    runs = [
+        _settings(experts, tmp_path / "ok", **steady),
+        _settings(experts, tmp_path / "bad", **steady, lr_img=math.inf),
+    ]
+    with BatchRecipe(runs, None, DistillRecipe) as b:
+        ok, bad = b.train(keep_going=True)
+    assert ok == tmp_path / "ok" and "Distillation diverged at iteration 2" in str(bad)
+    with DistillRecipe(_settings(experts, tmp_path / "alone", **steady)) as one:
+        one.train()
+    _close(tmp_path / "ok", tmp_path / "alone")
+    assert [p.name for p in layout.checkpoints(tmp_path / "bad")] == ["ckpt-000000.safetensors"]

@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from dpd_cli.artifacts.synthetic import load as load_synthetic
 from dpd_cli.recipes import study
 
 TINY_STUDY = """
@@ -164,3 +165,33 @@ def test_study_under_torchrun_spreads_the_runs_over_the_ranks(tmp_path):
     assert sorted((r["variant"], r["seed"]) for r in records) == [("dpd", 0), ("dpd", 1), ("mtt", 0), ("mtt", 1)]
     summary = {r["variant"]: r for r in json.loads((tmp_path / "st" / "study.json").read_text())["summary"]}
     assert summary["dpd"]["selected"]["vs_baseline"]["n"] == 2
+
+
+def test_runs_batched_with_concurrent_2_record_what_they_record_one_at_a_time(dpd, tmp_path, monkeypatch):
+    """Variants of a seed go in one batch (the diverging one drops out of its batch, the other finishes); every
+    record and synthetic set as one at a time, up to float32 rounding."""
+    from dpd_cli.recipes import batch
+
+    sizes, init = [], batch.BatchRecipe.__init__
+    monkeypatch.setattr(
+        batch.BatchRecipe, "__init__", lambda self, runs, *a: sizes.append(len(runs)) or init(self, runs, *a)
+    )
+    variants = "mtt = { prune_ratio = 0 }, dpd = { prune_ratio = 0.05 }, wild = { prune_ratio = 0.05, lr_img = inf }"
+    cfg = _config(tmp_path, 'experts = "ex"', **{"mtt = { prune_ratio = 0 }, dpd = { prune_ratio = 0.05 }": variants})
+    records = {}
+    for k in (1, 2):
+        r = dpd("study", cfg, "--out", f"k{k}", "--concurrent", k, "--json")
+        assert r.exit_code == 0, r.output
+        records[k] = {(x["variant"], x["seed"]): x for x in json.loads(r.stdout)["records"]}
+    assert sizes == [2, 2, 2]  # (mtt, dpd) s0, (wild s0, mtt s1), (dpd, wild) s1
+    assert records[1].keys() == records[2].keys() and len(records[1]) == 6
+    for run, one in records[1].items():
+        two = records[2][run]
+        assert ("diverged" in one) == ("diverged" in two) == (run[0] == "wild"), run
+        if "diverged" in one:
+            assert one["diverged"] == two["diverged"]
+            continue
+        for metric in ("selected", "final", "test_max"):
+            assert two[metric] == pytest.approx(one[metric], abs=0.05), (run, metric)
+        a, b = (load_synthetic(tmp_path / f"k{k}" / run[0] / f"s{run[1]}" / "synthetic.safetensors")[0] for k in (1, 2))
+        assert float((b["images"] - a["images"]).norm() / a["images"].norm()) < 1e-4, run  # float32 rounding
