@@ -521,7 +521,7 @@ class StudySettings(BaseModel):
         None, description="Experts folder (default: <out>/experts); [experts] trains what it lacks."
     )
     concurrent: int | None = Field(
-        None, ge=1, description="Runs distilled at once as one computation (default: 1 on the CPU, 8 on a GPU)."
+        None, ge=1, description="Runs distilled at once as one computation (default: 4 on the CPU, 8 on a GPU)."
     )
 
     @field_validator("seeds")
