@@ -58,15 +58,10 @@ MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | No
 
 @dataclass
 class StepPlan:
-    """The randomness of one unroll, so that it can be replayed exactly.
+    """The randomness of one unroll, so that it can be replayed exactly."""
 
-    Attributes:
-        batches: Per step, indices into the synthetic set, or ``None`` for all images.
-        seeds: Per step, the DSA seed, or ``None`` for no augmentation.
-    """
-
-    batches: list[torch.Tensor | None]
-    seeds: list[int | None]
+    batches: list[torch.Tensor | None]  # per step, indices into the synthetic set, or None for all images
+    seeds: list[int | None]  # per step, the DSA seed, or None for no augmentation
     #: Per step, ``(weights, params)`` for ``dsa_mixed`` instead of a seed (the CUDA-graph path,
     #: ``dpd_cli.core.graphs``: numbers drawn outside the graph, applied inside it).
     mixes: list[tuple] | None = None
@@ -96,12 +91,7 @@ class MetaResult:
 
     def member(self, k: int) -> MetaResult:
         """Member k's result, of K computed at once."""
-        return MetaResult(
-            *(
-                None if t is None else t[k]
-                for t in (self.loss, self.grad_images, self.grad_lr, self.keep, self.grad_labels)
-            )
-        )
+        return MetaResult(*(None if t is None else t[k] for t in vars(self).values()))
 
 
 def matching_loss(

@@ -144,15 +144,13 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
     try:
         if name in ("mnist", "fashion-mnist"):
             cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-            # Files given directly (the four IDX files in data_dir) or torchvision's layout. A given
-            # folder is read as it is (never downloaded into), so a missing file is named, not guessed.
-            if data_dir is not None:
-                raw = root / cls.__name__ / "raw"
-                folder = raw if _find_idx(raw, "train-images-idx3-ubyte") else root
-            else:
+            raw = root / cls.__name__ / "raw"
+            if download:
                 for train in (True, False):
                     cls(str(root), train=train, download=True)
-                folder = root / cls.__name__ / "raw"
+            # Files given directly (the four IDX files in data_dir) or torchvision's layout. A given
+            # folder is read as it is (never downloaded into), so a missing file is named, not guessed.
+            folder = raw if download or _find_idx(raw, "train-images-idx3-ubyte") else root
             classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
             return _load_idx_dataset(name, folder, classes)
         if data_dir is not None and not all((root / f).exists() for f in _EXPECTED[name]):
@@ -323,6 +321,12 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
     return Dataset(name, classes, **splits, mean=mean, std=std)
 
 
+#: The datasets read from image files: name -> (loader, what ``--data-dir`` must be).
+_FOLDERS = {
+    "imagefolder": (_imagefolder, " with train/<class>/ and test/<class>/ folders"),
+    "tiny-imagenet": (_tiny_imagenet, ": the unpacked tiny-imagenet-200 folder (train/, val/)"),
+}
+
 #: The validation split depends on the dataset and its size only (not on --seed), so that experts,
 #: distillation and evaluation, whatever their seeds, agree on which images it holds.
 _VAL_SEED = int.from_bytes(hashlib.sha256(b"dpd validation split").digest()[:8], "little") & ((1 << 63) - 1)
@@ -341,6 +345,12 @@ def class_balanced(labels: torch.Tensor, n_classes: int, per_class: int, g: torc
     return picks
 
 
+def _balanced(ds: Dataset, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``per_class`` training images per class, drawn by ``class_balanced`` from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
+
+
 def _holdout(ds: Dataset, per_class: int) -> Dataset:
     """Take a seeded, class-balanced validation split of ``per_class`` images per class out of the training set."""
     counts = ds.class_counts()
@@ -350,8 +360,7 @@ def _holdout(ds: Dataset, per_class: int) -> Dataset:
             f"--val-per-class {per_class} would leave no training image of class {ds.classes[c]!r}, which has "
             f"{min(counts)}. Use at most {min(counts) - 1} (a few percent of a class is usual)."
         )
-    g = torch.Generator().manual_seed(_VAL_SEED)
-    val = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
+    val = _balanced(ds, per_class, _VAL_SEED)
     rest = torch.ones(len(ds.train_labels), dtype=torch.bool)
     rest[val] = False
     return replace(
@@ -371,8 +380,7 @@ def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
             f"--train-per-class {per_class} is more than the smallest class of {ds.name} holds ({min(counts)}). "
             f"Use at most {min(counts)}."
         )
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
+    keep = _balanced(ds, per_class, seed)
     return replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
 
 
@@ -393,16 +401,11 @@ def load_dataset(
         raise DataError(f"--data-dir {data_dir} does not exist. Point it at the folder holding the {name} files.")
     if name == "fashion-mnist-mini":
         ds = _load_idx_dataset(name, MINI_DIR, FASHION_CLASSES)
-    elif name == "imagefolder":
+    elif name in _FOLDERS:
+        loader, needs = _FOLDERS[name]
         if data_dir is None:
-            raise DataError("Dataset imagefolder needs --data-dir with train/<class>/ and test/<class>/ folders.")
-        ds = _imagefolder(Path(data_dir))
-    elif name == "tiny-imagenet":
-        if data_dir is None:
-            raise DataError(
-                "Dataset tiny-imagenet needs --data-dir: the unpacked tiny-imagenet-200 folder (train/, val/)."
-            )
-        ds = _tiny_imagenet(Path(data_dir))
+            raise DataError(f"Dataset {name} needs --data-dir{needs}.")
+        ds = loader(Path(data_dir))
     else:
         ds = _torchvision(name, data_dir)
     if val_per_class is not None:
