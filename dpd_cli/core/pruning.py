@@ -31,23 +31,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = [
-    "CRITERIA",
-    "DIRECTIONS",
-    "MASKS",
-    "MODES",
-    "PruneConfig",
-    "prune_count",
-    "criterion_scores",
-    "select_keep",
-    "prune_keep_mask",
-    "Pruner",
-]
+__all__ = ["CRITERIA", "PruneConfig", "prune_count", "criterion_scores", "select_keep", "prune_keep_mask", "Pruner"]
 
 CRITERIA = ("abs", "relative", "layer-z", "layer-rank")
-DIRECTIONS = ("largest", "smallest")
-MASKS = ("step", "ema")
-MODES = ("loss", "network")
 
 
 @dataclass(frozen=True)
@@ -55,10 +41,10 @@ class PruneConfig:
     ratio: float = 0.0  # rho
     scope: str = "global"  # global | layer
     criterion: str = "abs"  # CRITERIA
-    direction: str = "largest"  # DIRECTIONS
-    mask: str = "step"  # MASKS
+    direction: str = "largest"  # largest | smallest
+    mask: str = "step"  # step | ema
     ema_beta: float = 0.9  # mask "ema": weight of the past
-    mode: str = "loss"  # MODES
+    mode: str = "loss"  # loss | network
     eps: float = 1e-12  # relative criterion: d / (|start - target| + eps)
     warmup: int = 0  # iterations 0..warmup-1 prune nothing
 

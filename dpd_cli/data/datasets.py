@@ -205,35 +205,31 @@ def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int]) -> 
         return torch.stack(list(pool.map(one, items))).permute(0, 3, 1, 2).contiguous()
 
 
-def _imagefolder(data_dir: Path) -> Dataset:
-    root = Path(data_dir)
+def _imagefolder(root: Path) -> tuple[list[str], list, list]:
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise DataError(
             f"{root} is not an image folder: it needs train/<class>/<images> and test/<class>/<images>. "
             f"For the CIFAR-10 JPEG copy, unpack the archive and point --data-dir at the unpacked folder."
         )
-    classes, train_items = _list_images(train_dir)
+    classes, train_items = _list_train(train_dir)
     test_classes, test_items = _list_images(test_dir)
-    _check_classes(train_dir, classes, train_items)
     if test_classes != classes:
         raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
-    return _decoded_folder("imagefolder", root, classes, train_items, test_items, stats=None)
+    return classes, train_items, test_items
 
 
-def _tiny_imagenet(data_dir: Path) -> Dataset:
+def _tiny_imagenet(root: Path) -> tuple[list[str], list, list]:
     """Tiny ImageNet (200 classes, 64x64): ``train/<wnid>/images/*.JPEG``; the labelled validation set
     serves as the test set, either as published (``val/images/*.JPEG`` + ``val/val_annotations.txt``)
     or split into class folders (``val/images/<wnid>/*.JPEG``, the layout MTT's code reads)."""
-    root = Path(data_dir)
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise DataError(
             f"{root} is not a Tiny ImageNet folder: it needs train/<wnid>/images/*.JPEG and val/ "
             "(the unpacked tiny-imagenet-200 archive). Point --data-dir at that folder."
         )
-    classes, train_items = _list_images(train_dir)
-    _check_classes(train_dir, classes, train_items)
+    classes, train_items = _list_train(train_dir)
     images, annotations = val_dir / "images", val_dir / "val_annotations.txt"
     index = {c: i for i, c in enumerate(classes)}
     if images.is_dir() and any(p.is_dir() for p in images.iterdir()):
@@ -263,12 +259,12 @@ def _tiny_imagenet(data_dir: Path) -> Dataset:
             f"{val_dir} holds neither val_annotations.txt nor class folders under images/: "
             "unpack the tiny-imagenet-200 archive as published."
         )
-    return _decoded_folder(
-        "tiny-imagenet", root, classes, train_items, test_items, stats=NORMALIZATION["tiny-imagenet"]
-    )
+    return classes, train_items, test_items
 
 
-def _check_classes(train_dir: Path, classes: list[str], train_items: list) -> None:
+def _list_train(train_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """``_list_images`` of the training split, which must hold at least two classes with images."""
+    classes, train_items = _list_images(train_dir)
     if not classes or not train_items:
         raise DataError(
             f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))})."
@@ -278,13 +274,15 @@ def _check_classes(train_dir: Path, classes: list[str], train_items: list) -> No
             f"{train_dir} has only one class folder ({classes[0]!r}); classification needs at least 2. "
             "Put each class's images in its own folder under train/ and test/."
         )
+    return classes, train_items
 
 
-def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test_items, stats) -> Dataset:
+def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test_items) -> Dataset:
     """Decode listed image files into a Dataset, through a cache keyed by the files' names, sizes and times.
 
-    ``stats`` is the (mean, std) pair; ``None`` computes it from the training images.
+    The (mean, std) pair is ``NORMALIZATION``'s, or for a dataset it does not list, the training images'.
     """
+    stats = NORMALIZATION.get(name)
     listing = hashlib.sha256(name.encode())
     for f, label in train_items + test_items:
         st = f.stat()
@@ -321,7 +319,8 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
     return Dataset(name, classes, **splits, mean=mean, std=std)
 
 
-#: The datasets read from image files: name -> (loader, what ``--data-dir`` must be).
+#: The datasets read from image files: name -> (what lists their classes and each split's (file, label) pairs,
+#: what ``--data-dir`` must be).
 _FOLDERS = {
     "imagefolder": (_imagefolder, " with train/<class>/ and test/<class>/ folders"),
     "tiny-imagenet": (_tiny_imagenet, ": the unpacked tiny-imagenet-200 folder (train/, val/)"),
@@ -402,10 +401,10 @@ def load_dataset(
     if name == "fashion-mnist-mini":
         ds = _load_idx_dataset(name, MINI_DIR, FASHION_CLASSES)
     elif name in _FOLDERS:
-        loader, needs = _FOLDERS[name]
+        list_files, needs = _FOLDERS[name]
         if data_dir is None:
             raise DataError(f"Dataset {name} needs --data-dir{needs}.")
-        ds = loader(Path(data_dir))
+        ds = _decoded_folder(name, Path(data_dir), *list_files(Path(data_dir)))
     else:
         ds = _torchvision(name, data_dir)
     if val_per_class is not None:

@@ -37,11 +37,10 @@ class FlatModel:
     def __init__(self, module: nn.Module):
         self.module = module
         self.layers: list[Layer] = []
-        offset = 0
+        self.n_params = 0
         for name, p in module.named_parameters():
-            self.layers.append(Layer(name, tuple(p.shape), offset, p.numel()))
-            offset += p.numel()
-        self.n_params = offset
+            self.layers.append(Layer(name, tuple(p.shape), self.n_params, p.numel()))
+            self.n_params += p.numel()
         self._numels = [layer.numel for layer in self.layers]
 
     @property
