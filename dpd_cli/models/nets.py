@@ -38,7 +38,7 @@ class ConvNet(nn.Module):
         super().__init__()
         c, (h, w) = spec.channels, spec.image_size
         self._pads: list[int] = []
-        self._norm_kind, self._pool_kind, self._width = spec.norm, spec.pool, spec.width
+        self._norm_kind, self._pool_kind = spec.norm, spec.pool
         # Batch norm keeps running statistics in buffers: leave it to functional_call.
         self.supports_forward_flat = spec.norm != "batch"
         for d in range(spec.depth):
