@@ -211,7 +211,7 @@ class GraphedMetaGradient:
             label_logits=label_logits,
             keep_graphs=keep_graphs,
         )
-        self.mask_for = mask_for
+        self.images, self.lr, self.mask_for = images, lr, mask_for
         self.capture = capture or CudaCapture(images.device)
         self.inputs = StaticInputs(fm.n_params, n_steps, batch, tuple(images.shape), dsa, images.device, images.dtype)
         #: Per ratio, ``(graph, its outputs)``: a torch.cuda.CUDAGraph (or a test stand-in with replay() and pool()).

@@ -100,8 +100,9 @@ def criterion_scores(
         if criterion == "relative":
             return d / ((start - target).abs() + eps)
         if criterion == "layer-z":
+            sizes = torch.tensor(layer_sizes, device=d.device)
+            ids = torch.repeat_interleave(torch.arange(len(layer_sizes), device=d.device), sizes)  # (P,) layer index
             n = torch.tensor(layer_sizes, device=d.device, dtype=d.dtype)
-            ids = torch.repeat_interleave(torch.arange(len(layer_sizes), device=d.device), n.long())
             mean = torch.zeros(len(layer_sizes), device=d.device, dtype=d.dtype).index_add_(0, ids, d) / n
             centred = d - mean[ids]
             var = torch.zeros_like(mean).index_add_(0, ids, centred * centred) / n  # population variance
