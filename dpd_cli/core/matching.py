@@ -267,10 +267,8 @@ def _meta_low(
         loss = matching_loss(end, target, start, keep)
         (lam,) = torch.autograd.grad(loss.sum(), end)  # dL/dtheta_N
     # Backward: reuse the kept graphs, recompute the others one step at a time.
-    grad_x = torch.zeros_like(x)
-    grad_a = torch.zeros_like(a)
-    if soft:
-        grad_y = torch.zeros_like(ylog)
+    grad_x, grad_a = torch.zeros_like(x), torch.zeros_like(a)
+    grad_y = torch.zeros_like(ylog) if soft else None
     with torch.enable_grad():
         for n in range(n_steps - 1, -1, -1):
             if n in kept:

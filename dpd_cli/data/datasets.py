@@ -26,7 +26,6 @@ MINI_DIR = Path(__file__).parent / "mini"
 FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
 
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 #: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off: MTT's constants (CIFAR-10's for
 #: CIFAR-100 too), else those of the dataset-condensation code MTT descends from (docs/algorithm.md).
@@ -37,7 +36,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": _CIFAR10_STATS,
     "cifar100": _CIFAR10_STATS,  # MTT normalises CIFAR-100 with CIFAR-10's constants
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "tiny-imagenet": _IMAGENET_STATS,
+    "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -302,12 +301,8 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
         tr_x, te_x = _decode(train_items, mode, size), _decode(test_items, mode, size)
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"Could not decode an image under {root}: {e}. Remove or fix that file.") from e
-    splits = dict(
-        train_images=tr_x,
-        train_labels=torch.tensor([lab for _, lab in train_items]),
-        test_images=te_x,
-        test_labels=torch.tensor([lab for _, lab in test_items]),
-    )
+    tr_y, te_y = (torch.tensor([label for _, label in items]) for items in (train_items, test_items))
+    splits = dict(train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
     if stats is None:
         pixels = tr_x.double() / 255
         stats = tuple(pixels.mean(dim=(0, 2, 3)).tolist()), tuple(pixels.std(dim=(0, 2, 3)).tolist())
@@ -344,12 +339,6 @@ def class_balanced(labels: torch.Tensor, n_classes: int, per_class: int, g: torc
     return picks
 
 
-def _balanced(ds: Dataset, per_class: int, seed: int) -> torch.Tensor:
-    """Sorted indices of ``per_class`` training images per class, drawn by ``class_balanced`` from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
-
-
 def _holdout(ds: Dataset, per_class: int) -> Dataset:
     """Take a seeded, class-balanced validation split of ``per_class`` images per class out of the training set."""
     counts = ds.class_counts()
@@ -359,7 +348,8 @@ def _holdout(ds: Dataset, per_class: int) -> Dataset:
             f"--val-per-class {per_class} would leave no training image of class {ds.classes[c]!r}, which has "
             f"{min(counts)}. Use at most {min(counts) - 1} (a few percent of a class is usual)."
         )
-    val = _balanced(ds, per_class, _VAL_SEED)
+    g = torch.Generator().manual_seed(_VAL_SEED)
+    val = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
     rest = torch.ones(len(ds.train_labels), dtype=torch.bool)
     rest[val] = False
     return replace(
@@ -379,7 +369,8 @@ def _per_class_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
             f"--train-per-class {per_class} is more than the smallest class of {ds.name} holds ({min(counts)}). "
             f"Use at most {min(counts)}."
         )
-    keep = _balanced(ds, per_class, seed)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.cat(class_balanced(ds.train_labels, ds.n_classes, per_class, g)).sort().values
     return replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
 
 
