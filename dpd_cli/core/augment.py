@@ -133,17 +133,6 @@ _DRAW = {
 _APPLY = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale": _scale, "rotate": _rotate}
 
 
-def _family(op: str):
-    def fn(x: torch.Tensor, g: torch.Generator, n: int, rows: slice) -> torch.Tensor:
-        """Draw for the whole batch of ``n``, apply to this part's ``rows`` (``x`` holds just those rows)."""
-        return _APPLY[op](x, *(t[rows] for t in _DRAW[op](x, g, n)))
-
-    return fn
-
-
-_FNS = {op: _family(op) for op in OPS}
-
-
 def _chosen(seed: int, ops: tuple[str, ...]) -> int:
     """The index of the family ``seed`` picks from ``ops`` (``dsa`` and ``dsa_draw_all`` agree through this)."""
     return random.Random(seed).randrange(len(ops))
@@ -165,7 +154,9 @@ def dsa(x: torch.Tensor, seed: int, ops: tuple[str, ...] = OPS, part: tuple[int,
     """
     op = ops[_chosen(seed, ops)]
     lo, n = part if part is not None else (0, x.shape[0])
-    return _FNS[op](x, _generator(x.device, seed), n, slice(lo, lo + x.shape[0]))
+    # Draw for the whole batch of n, apply to this part's rows (x holds just those).
+    drawn = _DRAW[op](x, _generator(x.device, seed), n)
+    return _APPLY[op](x, *(t[lo : lo + x.shape[0]] for t in drawn))
 
 
 def dsa_draw_all(

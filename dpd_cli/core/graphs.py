@@ -29,9 +29,10 @@ across iterations (``--prune-mask ema``, ``--prune-mode network``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
@@ -51,16 +52,8 @@ MASK_SLACK = 1e-3
 
 
 class StaticInputs:
-    """The per-iteration inputs of one meta-gradient, in buffers allocated once.
-
-    Args:
-        n_params: P.
-        n_steps: N.
-        batch: Images per student step, or ``None`` for all of them.
-        image_shape: ``(n_images, C, H, W)`` of the synthetic set.
-        dsa: Whether steps are augmented.
-        device, dtype: Of the parameters and images.
-    """
+    """The per-iteration inputs of one meta-gradient, in buffers allocated once: P parameters, N steps of
+    ``batch`` images each (``None``: all of the synthetic set, ``image_shape`` ``(n_images, C, H, W)``)."""
 
     def __init__(self, n_params: int, n_steps: int, batch: int | None, image_shape, dsa: bool, device, dtype):
         self.start = torch.zeros(n_params, device=device, dtype=dtype)
@@ -68,23 +61,18 @@ class StaticInputs:
         self.index = None if batch is None else torch.zeros((n_steps, batch), dtype=torch.long, device=device)
         self.n_steps, self.dsa = n_steps, dsa
         n = image_shape[0] if batch is None else batch
-        probe = torch.zeros((n, *image_shape[1:]), device=device, dtype=dtype)
-        self.weights = torch.zeros((n_steps, len(OPS)), device=device, dtype=dtype) if dsa else None
-        # Per family, per number it draws: (N, *shape of that number for a batch of n).
-        self.params = None
+        self._probe = torch.zeros((n, *image_shape[1:]), device=device, dtype=dtype)
+        self.weights = self.params = mixes = None
         if dsa:
-            _, drawn = dsa_draw_all(probe, 0)
+            self.weights = torch.zeros((n_steps, len(OPS)), device=device, dtype=dtype)
+            # Per family, per number it draws: (N, *shape of that number for a batch of n).
             self.params = [
-                tuple(torch.zeros((n_steps, *t.shape), device=device, dtype=t.dtype) for t in fam) for fam in drawn
+                tuple(torch.zeros((n_steps, *t.shape), device=device, dtype=t.dtype) for t in fam)
+                for fam in dsa_draw_all(self._probe, 0)[1]
             ]
-        self._probe = probe
-        self.plan = matching.StepPlan(
-            batches=[None if self.index is None else self.index[k] for k in range(n_steps)],
-            seeds=[None] * n_steps,
-            mixes=None
-            if not dsa
-            else [(self.weights[k], [tuple(t[k] for t in fam) for fam in self.params]) for k in range(n_steps)],
-        )
+            mixes = [(self.weights[k], [tuple(t[k] for t in fam) for fam in self.params]) for k in range(n_steps)]
+        batches = [None if self.index is None else self.index[k] for k in range(n_steps)]
+        self.plan = matching.StepPlan(batches, [None] * n_steps, mixes)
 
     def load(self, start: torch.Tensor, target: torch.Tensor, plan: matching.StepPlan) -> None:
         """Write one iteration's expert rows, batches and DSA numbers into the buffers (kernels, no host sync)."""
@@ -119,9 +107,9 @@ def differences(a: matching.MetaResult, b: matching.MetaResult) -> dict[str, flo
     for name, x, y in pairs:
         if x is None or y is None:
             out[name] = math.inf
-            continue
-        diff = float((x.double() - y.double()).norm())
-        out[name] = diff / max(float(y.double().norm()), torch.finfo(y.dtype).tiny)
+        else:
+            diff = float((x.double() - y.double()).norm())
+            out[name] = diff / max(float(y.double().norm()), torch.finfo(y.dtype).tiny)
     if a.keep is None or b.keep is None:
         out["mask"] = 0.0 if a.keep is None and b.keep is None else 1.0
     else:
@@ -179,12 +167,6 @@ class CudaCapture:
         return graph, out
 
 
-@dataclass
-class _Captured:
-    graph: object  # torch.cuda.CUDAGraph, or a test stand-in with replay() and pool()
-    out: matching.MetaResult
-
-
 class GraphedMetaGradient:
     """``matching.meta_gradient`` for one run's fixed shapes, replayed from a CUDA graph.
 
@@ -218,12 +200,22 @@ class GraphedMetaGradient:
         capture=None,
         keep_graphs: int = 0,
     ):
-        self.fm, self.images, self.labels, self.lr, self.memory = fm, images, labels, lr, memory
-        self.keep_graphs = keep_graphs
-        self.label_logits, self.mask_for = label_logits, mask_for
+        # meta_gradient with everything but the expert rows, the plan and the loss mask bound.
+        self._meta = functools.partial(
+            matching.meta_gradient,
+            fm,
+            images,
+            labels,
+            lr,
+            memory=memory,
+            label_logits=label_logits,
+            keep_graphs=keep_graphs,
+        )
+        self.images, self.lr, self.mask_for = images, lr, mask_for
         self.capture = capture or CudaCapture(images.device)
         self.inputs = StaticInputs(fm.n_params, n_steps, batch, tuple(images.shape), dsa, images.device, images.dtype)
-        self.graphs: dict[float, _Captured] = {}
+        #: Per ratio, ``(graph, its outputs)``: a torch.cuda.CUDAGraph (or a test stand-in with replay() and pool()).
+        self.graphs: dict[float, tuple[object, matching.MetaResult]] = {}
         self.enabled = True
         #: Per ratio, the check made before its graph was trusted: ``differences`` of the first replay
         #: from the eager result, and of a second eager run from the first (``None`` if not needed).
@@ -231,33 +223,21 @@ class GraphedMetaGradient:
 
     def _compute(self, ratio: float) -> matching.MetaResult:
         i = self.inputs
-        return matching.meta_gradient(
-            self.fm,
-            self.images,
-            self.labels,
-            self.lr,
-            i.start,
-            i.target,
-            i.plan,
-            self.memory,
-            loss_mask=self.mask_for(ratio),
-            label_logits=self.label_logits,
-            keep_graphs=self.keep_graphs,
-        )
+        return self._meta(start=i.start, target=i.target, plan=i.plan, loss_mask=self.mask_for(ratio))
 
     def __call__(self, start, target, plan: matching.StepPlan, ratio: float) -> tuple[matching.MetaResult, str | None]:
         """This iteration's meta-gradient, and a note when graphs were just turned off (else ``None``)."""
         self.inputs.load(start, target, plan)
         if not self.enabled:
             return self._compute(ratio), None
-        captured = self.graphs.get(ratio)
-        if captured is not None:
-            captured.graph.replay()
-            return _copy_loss(captured.out), None
+        if ratio in self.graphs:
+            graph, out = self.graphs[ratio]
+            graph.replay()
+            return replace(out, loss=out.loss.clone()), None
         # First use of this ratio: the warm-up is the eager result; the graph is used once its replay equals it.
         fn = lambda: self._compute(ratio)  # noqa: E731
         eager = self.capture.warm_up(fn)
-        pool = next(iter(self.graphs.values())).graph.pool() if self.graphs else None
+        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
         try:
             graph, out = self.capture.capture(fn, pool)
             graph.replay()
@@ -276,15 +256,9 @@ class GraphedMetaGradient:
                 eager,
                 f"The CUDA graph's first replay differs from the eager computation ({why}); continuing without graphs.",
             )
-        self.graphs[ratio] = _Captured(graph, out)
-        return _copy_loss(out), None
-
-
-def _copy_loss(res: matching.MetaResult) -> matching.MetaResult:
-    return matching.MetaResult(res.loss.clone(), res.grad_images, res.grad_lr, res.keep, res.grad_labels)
+        self.graphs[ratio] = graph, out
+        return replace(out, loss=out.loss.clone()), None
 
 
 def _copy(res: matching.MetaResult) -> matching.MetaResult:
-    return matching.MetaResult(
-        *(None if t is None else t.clone() for t in (res.loss, res.grad_images, res.grad_lr, res.keep, res.grad_labels))
-    )
+    return matching.MetaResult(*(None if t is None else t.clone() for t in vars(res).values()))

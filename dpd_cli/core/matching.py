@@ -58,15 +58,10 @@ MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | No
 
 @dataclass
 class StepPlan:
-    """The randomness of one unroll, so that it can be replayed exactly.
+    """The randomness of one unroll, so that it can be replayed exactly."""
 
-    Attributes:
-        batches: Per step, indices into the synthetic set, or ``None`` for all images.
-        seeds: Per step, the DSA seed, or ``None`` for no augmentation.
-    """
-
-    batches: list[torch.Tensor | None]
-    seeds: list[int | None]
+    batches: list[torch.Tensor | None]  # per step, indices into the synthetic set, or None for all images
+    seeds: list[int | None]  # per step, the DSA seed, or None for no augmentation
     #: Per step, ``(weights, params)`` for ``dsa_mixed`` instead of a seed (the CUDA-graph path,
     #: ``dpd_cli.core.graphs``: numbers drawn outside the graph, applied inside it).
     mixes: list[tuple] | None = None
@@ -96,12 +91,7 @@ class MetaResult:
 
     def member(self, k: int) -> MetaResult:
         """Member k's result, of K computed at once."""
-        return MetaResult(
-            *(
-                None if t is None else t[k]
-                for t in (self.loss, self.grad_images, self.grad_lr, self.keep, self.grad_labels)
-            )
-        )
+        return MetaResult(*(None if t is None else t[k] for t in vars(self).values()))
 
 
 def matching_loss(
@@ -277,10 +267,8 @@ def _meta_low(
         loss = matching_loss(end, target, start, keep)
         (lam,) = torch.autograd.grad(loss.sum(), end)  # dL/dtheta_N
     # Backward: reuse the kept graphs, recompute the others one step at a time.
-    grad_x = torch.zeros_like(x)
-    grad_a = torch.zeros_like(a)
-    if soft:
-        grad_y = torch.zeros_like(ylog)
+    grad_x, grad_a = torch.zeros_like(x), torch.zeros_like(a)
+    grad_y = torch.zeros_like(ylog) if soft else None
     with torch.enable_grad():
         for n in range(n_steps - 1, -1, -1):
             if n in kept:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -80,10 +81,6 @@ class Group:
         self._call("summing a tensor over the ranks", dist.all_reduce, t)
         return t
 
-    def sum_differentiable(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks as an autograd op: its backward sums the incoming gradients over the ranks too."""
-        return _SumOverRanks.apply(t, self)
-
     def any(self, flag: bool, device) -> bool:
         """True on every rank if ``flag`` is true on any (a stop request seen by one rank stops all)."""
         t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -137,7 +134,7 @@ class ShardedGradient:
             x = dsa(x, seed, part=(lo, n))  # the whole batch's draws, this rank's rows
         ce = F.cross_entropy(fm(theta, x), y, reduction="sum") / n
         (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
-        return self.group.sum_differentiable(g) if create_graph else self.group.sum_(g)
+        return _SumOverRanks.apply(g, self.group) if create_graph else self.group.sum_(g)
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.group.sum_(t.clone()).div_(self.group.world)
@@ -166,23 +163,13 @@ def start(device: torch.device, timeout_s: float, required: bool = True) -> Grou
             "unset RANK and WORLD_SIZE to run one process."
         )
 
-    probe = Group(rank, world, timeout_s)
+    join = functools.partial(Group(rank, world, timeout_s)._call, "joining the other ranks")
     if not dist.is_initialized():
-        nccl = (
-            device.type == "cuda"
-            and dist.is_nccl_available()
-            and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        )
-        probe._call(
-            "joining the other ranks",
-            dist.init_process_group,
-            "nccl" if nccl else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        gpus = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nccl = device.type == "cuda" and dist.is_nccl_available() and gpus
+        join(dist.init_process_group, "nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     # Every rank creates the patient group now, together (new_group is itself collective).
-    patient = probe._call(
-        "joining the other ranks", dist.new_group, backend="gloo", timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S)
-    )
+    patient = join(dist.new_group, backend="gloo", timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S))
     return Group(rank, world, timeout_s, patient)
 
 

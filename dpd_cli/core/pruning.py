@@ -27,27 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = [
-    "CRITERIA",
-    "DIRECTIONS",
-    "MASKS",
-    "MODES",
-    "PruneConfig",
-    "prune_count",
-    "criterion_scores",
-    "select_keep",
-    "prune_keep_mask",
-    "Pruner",
-]
+__all__ = ["CRITERIA", "PruneConfig", "prune_count", "criterion_scores", "select_keep", "prune_keep_mask", "Pruner"]
 
 CRITERIA = ("abs", "relative", "layer-z", "layer-rank")
-DIRECTIONS = ("largest", "smallest")
-MASKS = ("step", "ema")
-MODES = ("loss", "network")
 
 
 @dataclass(frozen=True)
@@ -55,26 +41,18 @@ class PruneConfig:
     ratio: float = 0.0  # rho
     scope: str = "global"  # global | layer
     criterion: str = "abs"  # CRITERIA
-    direction: str = "largest"  # DIRECTIONS
-    mask: str = "step"  # MASKS
+    direction: str = "largest"  # largest | smallest
+    mask: str = "step"  # step | ema
     ema_beta: float = 0.9  # mask "ema": weight of the past
-    mode: str = "loss"  # MODES
+    mode: str = "loss"  # loss | network
     eps: float = 1e-12  # relative criterion: d / (|start - target| + eps)
     warmup: int = 0  # iterations 0..warmup-1 prune nothing
 
     @classmethod
     def from_settings(cls, s) -> PruneConfig:
         """From ``dpd distill``'s settings (their ``prune_*`` fields and ``ema_beta``)."""
-        return cls(
-            s.prune_ratio,
-            s.prune_scope,
-            s.prune_criterion,
-            s.prune_direction,
-            s.prune_mask,
-            s.ema_beta,
-            s.prune_mode,
-            warmup=s.prune_warmup,
-        )
+        fields = ("ratio", "scope", "criterion", "direction", "mask", "mode", "warmup")
+        return cls(ema_beta=s.ema_beta, **{f: getattr(s, f"prune_{f}") for f in fields})
 
     def ratio_at(self, iteration: int) -> float:
         """rho in force at ``iteration`` (0 during the warm-up)."""
@@ -82,18 +60,8 @@ class PruneConfig:
 
     def rule(self) -> dict:
         """The settings in force, as recorded next to the prune counts and in every checkpoint."""
-        rule = {
-            "ratio": self.ratio,
-            "scope": self.scope,
-            "criterion": self.criterion,
-            "direction": self.direction,
-            "mask": self.mask,
-            "mode": self.mode,
-            "warmup": self.warmup,
-        }
-        if self.mask == "ema":
-            rule["ema_beta"] = self.ema_beta
-        return rule
+        rule = {k: v for k, v in asdict(self).items() if k not in ("ema_beta", "eps")}
+        return rule | ({"ema_beta": self.ema_beta} if self.mask == "ema" else {})
 
     def text(self) -> str:
         """``global/abs/largest/step/loss`` (``ema0.9`` for the EMA mask): which parameters are pruned, and how."""
@@ -106,12 +74,6 @@ def prune_count(ratio: float, n: int) -> int:
     if ratio <= 0 or n <= 1:
         return 0
     return min(n - 1, math.ceil(round(ratio * n, 9)))
-
-
-def _segments(layer_sizes: list[int], device) -> torch.Tensor:
-    """(P,) int64: the layer index of every flat entry."""
-    sizes = torch.tensor(layer_sizes, device=device)
-    return torch.repeat_interleave(torch.arange(len(layer_sizes), device=device), sizes)
 
 
 def criterion_scores(
@@ -138,7 +100,8 @@ def criterion_scores(
         if criterion == "relative":
             return d / ((start - target).abs() + eps)
         if criterion == "layer-z":
-            ids = _segments(layer_sizes, d.device)
+            sizes = torch.tensor(layer_sizes, device=d.device)
+            ids = torch.repeat_interleave(torch.arange(len(layer_sizes), device=d.device), sizes)  # (P,) layer index
             n = torch.tensor(layer_sizes, device=d.device, dtype=d.dtype)
             mean = torch.zeros(len(layer_sizes), device=d.device, dtype=d.dtype).index_add_(0, ids, d) / n
             centred = d - mean[ids]
@@ -150,14 +113,9 @@ def criterion_scores(
             )
         if criterion == "layer-rank":
             out = torch.empty_like(d)
-            offset = 0
-            for size in layer_sizes:
-                seg = d[offset : offset + size]
+            for seg, ranks in zip(d.split(layer_sizes), out.split(layer_sizes), strict=True):
                 order = torch.argsort(seg, stable=True)  # ascending: the largest gets rank P_l
-                ranks = torch.empty_like(seg)
-                ranks[order] = torch.arange(1, size + 1, device=d.device, dtype=d.dtype) / size
-                out[offset : offset + size] = ranks
-                offset += size
+                ranks[order] = torch.arange(1, len(seg) + 1, device=d.device, dtype=d.dtype) / len(seg)
             return out
     raise ValueError(f"unknown prune criterion {criterion!r}; known: {', '.join(CRITERIA)}")
 
@@ -172,31 +130,19 @@ def select_keep(
     """
     if ratio <= 0:
         return None
-    largest = direction == "largest"
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if scope == "global":
-        k = prune_count(ratio, scores.numel())
+    sizes = [scores.numel()] if scope == "global" else layer_sizes
+    for seg, kept in zip(scores.split(sizes), keep.split(sizes), strict=True):
+        k = prune_count(ratio, len(seg))
         if k:
-            # index_fill_ takes the value as a kernel argument; `keep[idx] = False` would copy a host
+            # index_fill_ takes the value as a kernel argument; `kept[idx] = False` would copy a host
             # tensor to the device (a synchronisation on CUDA).
-            keep.index_fill_(0, torch.topk(scores, k, largest=largest, sorted=False).indices, False)
-    else:
-        offset = 0
-        for size in layer_sizes:
-            k = prune_count(ratio, size)
-            if k:
-                idx = torch.topk(scores[offset : offset + size], k, largest=largest, sorted=False).indices
-                keep.index_fill_(0, offset + idx, False)
-            offset += size
+            kept.index_fill_(0, torch.topk(seg, k, largest=direction == "largest", sorted=False).indices, False)
     return keep
 
 
 def prune_keep_mask(
-    student_end: torch.Tensor,
-    target: torch.Tensor,
-    start: torch.Tensor,
-    cfg: PruneConfig,
-    layer_sizes: list[int],
+    student_end: torch.Tensor, target: torch.Tensor, start: torch.Tensor, cfg: PruneConfig, layer_sizes: list[int]
 ) -> torch.Tensor | None:
     """This iteration's mask from this iteration's residuals (mask ``step``, mode ``loss``)."""
     if cfg.ratio <= 0:

@@ -101,15 +101,7 @@ def sgd(net: nn.Module | Stack, lrs: list[float], momentum: float, weight_decay:
 
 
 def train_epoch(
-    net: nn.Module | Stack,
-    opt,
-    x,
-    y,
-    batch: int,
-    gen,
-    rng,
-    augment: bool,
-    count_correct: bool = True,
+    net: nn.Module | Stack, opt, x, y, batch: int, gen, rng, augment: bool, count_correct: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One epoch of SGD over ``(x, y)`` (on the device, in training space); checks for a stop before every batch.
 

@@ -26,7 +26,6 @@ MINI_DIR = Path(__file__).parent / "mini"
 FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
 
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 #: Per-channel (mean, std) in [0, 1] pixel units, used when ZCA is off: MTT's constants (CIFAR-10's for
 #: CIFAR-100 too), else those of the dataset-condensation code MTT descends from (docs/algorithm.md).
@@ -37,7 +36,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": _CIFAR10_STATS,
     "cifar100": _CIFAR10_STATS,  # MTT normalises CIFAR-100 with CIFAR-10's constants
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "tiny-imagenet": _IMAGENET_STATS,
+    "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -144,15 +143,13 @@ def _torchvision(name: str, data_dir: Path | None) -> Dataset:
     try:
         if name in ("mnist", "fashion-mnist"):
             cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-            # Files given directly (the four IDX files in data_dir) or torchvision's layout. A given
-            # folder is read as it is (never downloaded into), so a missing file is named, not guessed.
-            if data_dir is not None:
-                raw = root / cls.__name__ / "raw"
-                folder = raw if _find_idx(raw, "train-images-idx3-ubyte") else root
-            else:
+            raw = root / cls.__name__ / "raw"
+            if download:
                 for train in (True, False):
                     cls(str(root), train=train, download=True)
-                folder = root / cls.__name__ / "raw"
+            # Files given directly (the four IDX files in data_dir) or torchvision's layout. A given
+            # folder is read as it is (never downloaded into), so a missing file is named, not guessed.
+            folder = raw if download or _find_idx(raw, "train-images-idx3-ubyte") else root
             classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
             return _load_idx_dataset(name, folder, classes)
         if data_dir is not None and not all((root / f).exists() for f in _EXPECTED[name]):
@@ -207,35 +204,31 @@ def _decode(items: list[tuple[Path, int]], mode: str, size: tuple[int, int]) -> 
         return torch.stack(list(pool.map(one, items))).permute(0, 3, 1, 2).contiguous()
 
 
-def _imagefolder(data_dir: Path) -> Dataset:
-    root = Path(data_dir)
+def _imagefolder(root: Path) -> tuple[list[str], list, list]:
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise DataError(
             f"{root} is not an image folder: it needs train/<class>/<images> and test/<class>/<images>. "
             f"For the CIFAR-10 JPEG copy, unpack the archive and point --data-dir at the unpacked folder."
         )
-    classes, train_items = _list_images(train_dir)
+    classes, train_items = _list_train(train_dir)
     test_classes, test_items = _list_images(test_dir)
-    _check_classes(train_dir, classes, train_items)
     if test_classes != classes:
         raise DataError(f"{root}: train/ and test/ have different class folders ({classes} vs {test_classes}).")
-    return _decoded_folder("imagefolder", root, classes, train_items, test_items, stats=None)
+    return classes, train_items, test_items
 
 
-def _tiny_imagenet(data_dir: Path) -> Dataset:
+def _tiny_imagenet(root: Path) -> tuple[list[str], list, list]:
     """Tiny ImageNet (200 classes, 64x64): ``train/<wnid>/images/*.JPEG``; the labelled validation set
     serves as the test set, either as published (``val/images/*.JPEG`` + ``val/val_annotations.txt``)
     or split into class folders (``val/images/<wnid>/*.JPEG``, the layout MTT's code reads)."""
-    root = Path(data_dir)
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise DataError(
             f"{root} is not a Tiny ImageNet folder: it needs train/<wnid>/images/*.JPEG and val/ "
             "(the unpacked tiny-imagenet-200 archive). Point --data-dir at that folder."
         )
-    classes, train_items = _list_images(train_dir)
-    _check_classes(train_dir, classes, train_items)
+    classes, train_items = _list_train(train_dir)
     images, annotations = val_dir / "images", val_dir / "val_annotations.txt"
     index = {c: i for i, c in enumerate(classes)}
     if images.is_dir() and any(p.is_dir() for p in images.iterdir()):
@@ -265,12 +258,12 @@ def _tiny_imagenet(data_dir: Path) -> Dataset:
             f"{val_dir} holds neither val_annotations.txt nor class folders under images/: "
             "unpack the tiny-imagenet-200 archive as published."
         )
-    return _decoded_folder(
-        "tiny-imagenet", root, classes, train_items, test_items, stats=NORMALIZATION["tiny-imagenet"]
-    )
+    return classes, train_items, test_items
 
 
-def _check_classes(train_dir: Path, classes: list[str], train_items: list) -> None:
+def _list_train(train_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """``_list_images`` of the training split, which must hold at least two classes with images."""
+    classes, train_items = _list_images(train_dir)
     if not classes or not train_items:
         raise DataError(
             f"{train_dir} holds no class folders with images: expected train/<class>/<images> ({', '.join(sorted(_IMAGE_SUFFIXES))})."
@@ -280,13 +273,15 @@ def _check_classes(train_dir: Path, classes: list[str], train_items: list) -> No
             f"{train_dir} has only one class folder ({classes[0]!r}); classification needs at least 2. "
             "Put each class's images in its own folder under train/ and test/."
         )
+    return classes, train_items
 
 
-def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test_items, stats) -> Dataset:
+def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test_items) -> Dataset:
     """Decode listed image files into a Dataset, through a cache keyed by the files' names, sizes and times.
 
-    ``stats`` is the (mean, std) pair; ``None`` computes it from the training images.
+    The (mean, std) pair is ``NORMALIZATION``'s, or for a dataset it does not list, the training images'.
     """
+    stats = NORMALIZATION.get(name)
     listing = hashlib.sha256(name.encode())
     for f, label in train_items + test_items:
         st = f.stat()
@@ -306,12 +301,8 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
         tr_x, te_x = _decode(train_items, mode, size), _decode(test_items, mode, size)
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"Could not decode an image under {root}: {e}. Remove or fix that file.") from e
-    splits = dict(
-        train_images=tr_x,
-        train_labels=torch.tensor([lab for _, lab in train_items]),
-        test_images=te_x,
-        test_labels=torch.tensor([lab for _, lab in test_items]),
-    )
+    tr_y, te_y = (torch.tensor([label for _, label in items]) for items in (train_items, test_items))
+    splits = dict(train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
     if stats is None:
         pixels = tr_x.double() / 255
         stats = tuple(pixels.mean(dim=(0, 2, 3)).tolist()), tuple(pixels.std(dim=(0, 2, 3)).tolist())
@@ -322,6 +313,13 @@ def _decoded_folder(name: str, root: Path, classes: list[str], train_items, test
         storage.save_tensors(cache, stored, "dpd.imagecache", {"source": str(root.resolve()), "classes": classes})
     return Dataset(name, classes, **splits, mean=mean, std=std)
 
+
+#: The datasets read from image files: name -> (what lists their classes and each split's (file, label) pairs,
+#: what ``--data-dir`` must be).
+_FOLDERS = {
+    "imagefolder": (_imagefolder, " with train/<class>/ and test/<class>/ folders"),
+    "tiny-imagenet": (_tiny_imagenet, ": the unpacked tiny-imagenet-200 folder (train/, val/)"),
+}
 
 #: The validation split depends on the dataset and its size only (not on --seed), so that experts,
 #: distillation and evaluation, whatever their seeds, agree on which images it holds.
@@ -393,16 +391,11 @@ def load_dataset(
         raise DataError(f"--data-dir {data_dir} does not exist. Point it at the folder holding the {name} files.")
     if name == "fashion-mnist-mini":
         ds = _load_idx_dataset(name, MINI_DIR, FASHION_CLASSES)
-    elif name == "imagefolder":
+    elif name in _FOLDERS:
+        list_files, needs = _FOLDERS[name]
         if data_dir is None:
-            raise DataError("Dataset imagefolder needs --data-dir with train/<class>/ and test/<class>/ folders.")
-        ds = _imagefolder(Path(data_dir))
-    elif name == "tiny-imagenet":
-        if data_dir is None:
-            raise DataError(
-                "Dataset tiny-imagenet needs --data-dir: the unpacked tiny-imagenet-200 folder (train/, val/)."
-            )
-        ds = _tiny_imagenet(Path(data_dir))
+            raise DataError(f"Dataset {name} needs --data-dir{needs}.")
+        ds = _decoded_folder(name, Path(data_dir), *list_files(Path(data_dir)))
     else:
         ds = _torchvision(name, data_dir)
     if val_per_class is not None:

@@ -41,14 +41,10 @@ _FUSED = True
 
 
 def use_fused() -> bool:
-    """Whether ``conv2d``, ``instance_norm`` and ``avg_pool2`` run dpd's fused Functions (the default).
-
-    The one switch between the two paths of those functions: the fused one (``dpd_cli.models.conv``
-    and ``.norm``: ATen's kernels for the output and first derivative, a written-out second
-    derivative) and the reference one, ``torch.nn.functional`` itself (``F.conv2d``,
-    ``F.group_norm``, ``F.avg_pool2d``, differentiated by PyTorch). Both compute the same function;
-    the tests compare them.
-    """
+    """Whether ``conv2d``, ``instance_norm`` and ``avg_pool2`` run dpd's fused Functions (the default: ATen's kernels
+    for the output and first derivative, a written-out second derivative) or ``torch.nn.functional`` itself, the
+    reference the tests compare them with (``F.conv2d``, ``F.group_norm``, ``F.avg_pool2d``, differentiated by
+    PyTorch). Both compute the same function."""
     return _FUSED
 
 

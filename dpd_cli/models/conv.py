@@ -24,9 +24,6 @@ computed; the second derivative is not differentiable again (``once_differentiab
 convolution (``groups`` G: G convolutions side by side, as K students run as one wide network) is
 block-diagonal, so every identity holds block by block and the same calls take ``groups``. A plain
 backward (no ``create_graph``) computes (gx, gw, gb) without building the node for the second one.
-
-:func:`conv2d` runs this only while ``dpd_cli.models.use_fused()`` is on (the default); otherwise it is
-``F.conv2d`` itself, the reference the tests compare it with.
 """
 
 from __future__ import annotations
@@ -41,11 +38,7 @@ __all__ = ["conv2d"]
 
 
 def _backward(gy, x, w, padding: int, mask, groups: int = 1):
-    """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding, groups)`` at incoming gradient ``gy``; entries not in ``mask``
-    are None.
-
-    gb is a plain sum over (n, h, w).
-    """
+    """``(gx, gw, gb)`` of ``conv2d(x, w, b, padding, groups)`` at incoming gradient ``gy``; None where not ``mask``."""
     gx, gw, _ = torch.ops.aten.convolution_backward(
         gy, x, w, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], groups, [mask[0], mask[1], False]
     )
@@ -106,12 +99,9 @@ class _Conv2dBackward(torch.autograd.Function):
 def conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0, groups: int = 1
 ) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)`` (stride 1, no dilation), twice differentiable
-    with the second derivative in ``aten.convolution`` / ``aten.convolution_backward`` calls.
-
-    With ``dpd_cli.models.use_fused()`` off (or for an input that is not a batch of images) it is
-    ``F.conv2d`` itself.
-    """
+    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)`` (stride 1), twice differentiable with the
+    second derivative in ATen convolution calls; ``F.conv2d`` itself with ``dpd_cli.models.use_fused()`` off (the
+    reference) or for an input that is not a batch of images."""
     if not use_fused() or x.dim() != 4:
         return F.conv2d(x, weight, bias, padding=padding, groups=groups)
     return _Conv2d.apply(x, weight, bias, padding, groups)

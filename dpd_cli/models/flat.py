@@ -37,11 +37,10 @@ class FlatModel:
     def __init__(self, module: nn.Module):
         self.module = module
         self.layers: list[Layer] = []
-        offset = 0
+        self.n_params = 0
         for name, p in module.named_parameters():
-            self.layers.append(Layer(name, tuple(p.shape), offset, p.numel()))
-            offset += p.numel()
-        self.n_params = offset
+            self.layers.append(Layer(name, tuple(p.shape), self.n_params, p.numel()))
+            self.n_params += p.numel()
         self._numels = [layer.numel for layer in self.layers]
 
     @property
@@ -60,9 +59,10 @@ class FlatModel:
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).clone()
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name -> parameter views of ``flat`` ``(P,)``, or ``(K, P)`` (then each with a leading member axis K)."""
+        chunks = torch.split(flat, self._numels, dim=-1)
         return {
-            layer.name: chunk.view(layer.shape)
-            for layer, chunk in zip(self.layers, torch.split(flat, self._numels), strict=True)
+            layer.name: c.reshape(*flat.shape[:-1], *layer.shape) for layer, c in zip(self.layers, chunks, strict=True)
         }
 
     def load_(self, flat: torch.Tensor) -> None:
@@ -74,15 +74,8 @@ class FlatModel:
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The logits at ``flat`` ``(P,)`` on ``x``; or K members' at once: ``flat`` ``(K, P)``, ``x`` ``(K, n, ...)``,
         logits ``(K, n, classes)``, member k the network at ``flat[k]`` on ``x[k]``."""
-        if flat.dim() == 2 and not getattr(self.module, "supports_forward_flat", False):
-            return torch.stack([self(f, xk) for f, xk in zip(flat, x, strict=True)])
-        if flat.dim() == 2:
-            chunks = torch.split(flat, self._numels, dim=1)
-            params = {
-                layer.name: c.reshape(len(flat), *layer.shape) for layer, c in zip(self.layers, chunks, strict=True)
-            }
-        else:
-            params = self.unflatten(flat)
         if getattr(self.module, "supports_forward_flat", False):
-            return self.module.forward_flat(params, x)  # same math, no per-call module swapping
-        return functional_call(self.module, params, (x,))
+            return self.module.forward_flat(self.unflatten(flat), x)  # same math, no per-call module swapping
+        if flat.dim() == 2:
+            return torch.stack([self(f, xk) for f, xk in zip(flat, x, strict=True)])
+        return functional_call(self.module, self.unflatten(flat), (x,))

@@ -25,19 +25,12 @@ __all__ = ["build_model", "ConvNet"]
 
 
 def _norm(kind: str, c: int, twice: bool = True) -> nn.Module:
-    """The norm layer ``kind`` over ``c`` channels.
-
-    ``twice``: the module itself is differentiated twice (ResNet-18 and VGG-11 are their own students,
-    run through ``functional_call``), so instance norm is ``norm.InstanceNorm``: an ``nn.GroupNorm``
-    whose forward is ``norm.instance_norm`` (the same kernels, and its small double-backward graph
-    while ``use_fused()`` is on). Otherwise it is ``nn.GroupNorm`` itself.
-    """
+    """The norm layer ``kind`` over ``c`` channels. With ``twice`` (ResNet-18 and VGG-11 are their own students,
+    differentiated twice through ``functional_call``) instance norm is ``norm.InstanceNorm``, else ``nn.GroupNorm``:
+    an ``nn.GroupNorm(c, c)`` either way, with the same parameters, state dict and numbers."""
     if kind == "instance":
-        # an nn.GroupNorm(c, c) either way: the same parameters, state dict and numbers
-        return InstanceNorm(c, affine=True) if twice else nn.GroupNorm(c, c)
-    if kind == "batch":
-        return nn.BatchNorm2d(c)
-    return nn.Identity()
+        return InstanceNorm(c) if twice else nn.GroupNorm(c, c)
+    return nn.BatchNorm2d(c) if kind == "batch" else nn.Identity()
 
 
 class ConvNet(nn.Module):
@@ -45,14 +38,14 @@ class ConvNet(nn.Module):
         super().__init__()
         c, (h, w) = spec.channels, spec.image_size
         self._pads: list[int] = []
-        self._norm_kind, self._pool_kind, self._width = spec.norm, spec.pool, spec.width
+        self._norm_kind, self._pool_kind = spec.norm, spec.pool
         # Batch norm keeps running statistics in buffers: leave it to functional_call.
         self.supports_forward_flat = spec.norm != "batch"
         for d in range(spec.depth):
             pad = 3 if (d == 0 and spec.channels == 1 and spec.image_size == (28, 28)) else 1
             self.add_module(f"conv{d + 1}", nn.Conv2d(c, spec.width, 3, padding=pad))
-            # The student runs forward_flat (or, with batch norm, functional_call of this module, whose
-            # BatchNorm2d PyTorch differentiates twice itself): the module is plain torch.nn.
+            # The student runs forward_flat (or, with batch norm, functional_call: PyTorch differentiates
+            # BatchNorm2d twice itself), so the module is plain torch.nn.
             self.add_module(f"norm{d + 1}", _norm(spec.norm, spec.width, twice=False))
             self.add_module(f"act{d + 1}", nn.ReLU(inplace=True))
             self.add_module(f"pool{d + 1}", nn.AvgPool2d(2, 2) if spec.pool == "avg" else nn.MaxPool2d(2, 2))
@@ -66,9 +59,8 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for d in range(1, self.depth + 1):
-            x = getattr(self, f"pool{d}")(
-                getattr(self, f"act{d}")(getattr(self, f"norm{d}")(getattr(self, f"conv{d}")(x)))
-            )
+            for part in ("conv", "norm", "act", "pool"):
+                x = getattr(self, f"{part}{d}")(x)
         return self.fc(x.flatten(1))
 
     def forward_flat(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -160,27 +152,23 @@ class VGG11(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+#: AlexNet's convolutions: (out channels, kernel, followed by a 2x2 max-pool).
+_ALEXNET = ((128, 5, True), (192, 5, True), (256, 3, False), (192, 3, False), (192, 3, True))
+
+
 class AlexNet(nn.Module):
     """The small-image AlexNet of the DC benchmark (no norm layers)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        pad = 4 if spec.channels == 1 else 2
-        self.features = nn.Sequential(
-            nn.Conv2d(spec.channels, 128, 5, 1, pad),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),
-            nn.Conv2d(128, 192, 5, 1, 2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),
-            nn.Conv2d(192, 256, 3, 1, 1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 192, 3, 1, 1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(192, 192, 3, 1, 1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),
-        )
+        layers, c = [], spec.channels
+        for i, (cout, kernel, pool) in enumerate(_ALEXNET):
+            pad = kernel // 2 if i > 0 else (4 if spec.channels == 1 else 2)  # grayscale 28 px is padded to 32 px
+            layers += [nn.Conv2d(c, cout, kernel, 1, pad), nn.ReLU(inplace=True)]
+            if pool:
+                layers.append(nn.MaxPool2d(2, 2))
+            c = cout
+        self.features = nn.Sequential(*layers)
         with torch.no_grad():
             n = self.features(torch.zeros(1, spec.channels, *spec.image_size)).numel()
         self.fc = nn.Linear(n, spec.n_classes)

@@ -13,20 +13,14 @@ Here the norm is two autograd nodes instead:
   gradients as before, bit for bit. Its own backward (the second derivative) is the closed form
   below; it is not differentiable again (third order raises instead of being silently wrong).
 
-A plain backward (no ``create_graph``: low memory's forward sweep; expert and evaluation training of
-ResNet-18 and VGG-11, whose modules are their own students) runs the same kernels without building
-``_InstanceNormBackward``'s node: nothing will differentiate it again, and at small batches on a GPU
-each Python node costs launch time. (The ConvNet's module keeps ``nn.GroupNorm`` itself: its student
-is ``forward_flat``, so the module is never differentiated twice.)
+A plain backward (no ``create_graph``: low memory's forward sweep; expert and evaluation training)
+runs the same kernels without building ``_InstanceNormBackward``'s node: nothing will differentiate
+it again, and at small batches on a GPU each Python node costs launch time.
 
 Folding the ReLU in (``relu=True``, used by ``ConvNet.forward_flat``) also removes PyTorch's double
 backward of ``relu``, which back-propagates a zero tensor the size of the activation. ``avg_pool2``
-does the same for the 2x2 average pool.
-
-The three functions (:func:`instance_norm`, :func:`avg_pool2`, and ``conv.conv2d``) run these Functions
-while ``dpd_cli.models.use_fused()`` is on (the default); with it off they are ``torch.nn.functional``
-itself (``F.group_norm`` and ``F.relu``, ``F.avg_pool2d``, ``F.conv2d``), the reference the tests
-compare them with. Either way one code path on every device.
+does the same for the 2x2 average pool. With ``dpd_cli.models.use_fused()`` off, these functions are
+``torch.nn.functional`` itself, the reference the tests compare them with.
 
 Math, per instance (n, c) with M = H*W values, <.> the mean over them, r = 1/sqrt(var + eps),
 xh = (x - mean) r, and dz the incoming gradient after the ReLU mask::
@@ -76,14 +70,12 @@ class _InstanceNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd, y = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = tuple(ctx.needs_input_grad[:3])
         # y (the ReLU's output) only masks: detached, so that no gradient path runs through it.
         y = None if y is None else y.detach()
         if not torch.is_grad_enabled():  # a plain backward (no create_graph): no node for a second derivative
-            dx, dw, db = _norm_backward(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))[1:]
-        else:
-            dx, dw, db = _InstanceNormBackward.apply(dy, x, weight, mean, rstd, y, (need_x, need_w, need_b))
-        return dx, dw, db, None, None
+            return (*_norm_backward(dy, x, weight, mean, rstd, y, mask)[1:], None, None)
+        return (*_InstanceNormBackward.apply(dy, x, weight, mean, rstd, y, mask), None, None)
 
 
 def _norm_backward(dy, x, weight, mean, rstd, y, mask):
@@ -214,30 +206,18 @@ class _AvgPool2Backward(torch.autograd.Function):
 
 
 def avg_pool2(x: torch.Tensor) -> torch.Tensor:
-    """``F.avg_pool2d(x, 2, 2)``, twice differentiable without a zero-filled branch (the same numbers).
-
-    With ``dpd_cli.models.use_fused()`` off it is ``F.avg_pool2d`` itself.
-    """
-    if not use_fused():
-        return F.avg_pool2d(x, 2, 2)
-    return _AvgPool2.apply(x)
+    """``F.avg_pool2d(x, 2, 2)``, twice differentiable without a zero-filled branch (the same numbers); with
+    ``dpd_cli.models.use_fused()`` off, ``F.avg_pool2d`` itself."""
+    return _AvgPool2.apply(x) if use_fused() else F.avg_pool2d(x, 2, 2)
 
 
 def instance_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5, relu: bool = False
 ) -> torch.Tensor:
-    """``F.group_norm(x, C, weight, bias, eps)`` for ``x`` of shape ``(N, C, *)``, twice differentiable in two nodes.
+    """``F.group_norm(x, C, weight, bias, eps)`` for ``x`` ``(N, C, *)``, twice differentiable in two nodes.
 
-    Args:
-        x: ``(N, C, *)``; each (n, c) slice is normalised on its own.
-        weight, bias: ``(C,)`` or both ``None`` (no affine).
-        eps: Added to the variance.
-        relu: Apply ``relu`` to the result, inside the same two nodes (no ReLU node of its own).
-
+    ``weight`` and ``bias`` are ``(C,)`` or both ``None``; ``relu`` applies the ReLU inside the same two nodes.
     With ``dpd_cli.models.use_fused()`` off it is ``F.group_norm`` (then ``F.relu``) itself.
-
-    Returns:
-        Like ``x``.
     """
     if not use_fused() or x.numel() <= 1 or (weight is None) != (bias is None):  # F.group_norm raises on one value
         y = F.group_norm(x, x.shape[1], weight, bias, eps)
@@ -246,14 +226,11 @@ def instance_norm(
 
 
 class InstanceNorm(nn.GroupNorm):
-    """``nn.GroupNorm(C, C)`` computed by :func:`instance_norm`.
+    """``nn.GroupNorm(C, C)`` computed by :func:`instance_norm`: a subclass, so parameter names, state dicts,
+    the flat layout and stored files are those of ``nn.GroupNorm``."""
 
-    A subclass, so parameter names (``weight``, ``bias``), state dicts, the flat layout and
-    stored files are those of ``nn.GroupNorm``.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
-        super().__init__(num_channels, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_channels, num_channels, eps=eps, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return instance_norm(x, self.weight, self.bias, self.eps)

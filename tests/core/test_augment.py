@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpd_cli.core import augment
-from dpd_cli.core.augment import _FNS, OPS, dsa
+from dpd_cli.core.augment import _APPLY, _DRAW, OPS, dsa
 from tests.helpers import assert_close
 
 
@@ -22,7 +22,7 @@ def _only(op):
 
 
 def test_ops_table_matches_public_names():
-    assert set(_FNS) == set(OPS) == {"color", "crop", "cutout", "flip", "scale", "rotate"}
+    assert set(_DRAW) == set(_APPLY) == set(OPS) == {"color", "crop", "cutout", "flip", "scale", "rotate"}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -68,17 +68,15 @@ def test_dsa_does_not_touch_global_rng():
 def test_dsa_chooses_the_op_from_the_seed_and_all_six_appear(monkeypatch):
     x = _x()
     seen = []
-    originals = dict(_FNS)
+    originals = dict(_APPLY)
     for name, fn in originals.items():
-        monkeypatch.setitem(
-            _FNS, name, lambda x, g, n, rows, _fn=fn, _name=name: (seen.append(_name), _fn(x, g, n, rows))[1]
-        )
+        monkeypatch.setitem(_APPLY, name, lambda x, *p, _fn=fn, _name=name: (seen.append(_name), _fn(x, *p))[1])
     for seed in range(60):
         y = dsa(x, seed)
         expected_op = OPS[random.Random(seed).randrange(len(OPS))]
         assert seen[-1] == expected_op
         g = torch.Generator().manual_seed(seed)
-        assert torch.equal(y, originals[expected_op](x, g, len(x), slice(0, len(x))))
+        assert torch.equal(y, originals[expected_op](x, *_DRAW[expected_op](x, g, len(x))))
     assert set(seen) == set(OPS)
     # ops= restricts the choice
     seen.clear()
@@ -95,7 +93,7 @@ def test_dsa_reuses_one_generator_and_replays_what_a_fresh_generator_gives(monke
     expected = []
     for x, seed, ops in cases:  # the behaviour before the generator was kept: a fresh one per call
         op = ops[random.Random(seed).randrange(len(ops))]
-        expected.append(_FNS[op](x, torch.Generator().manual_seed(seed), len(x), slice(0, len(x))))
+        expected.append(_APPLY[op](x, *_DRAW[op](x, torch.Generator().manual_seed(seed), len(x))))
     created = []
     real_generator = torch.Generator
     monkeypatch.setattr(torch, "Generator", lambda *a, **k: (created.append(1), real_generator(*a, **k))[1])
