@@ -155,11 +155,9 @@ class _View:
         self.c.print(text, highlight=False, soft_wrap=True)
 
     def note(self, text: str | None) -> None:
-        """A line between progress updates (above the bars on a terminal)."""
-        if text and self.interactive:
-            self.c.print(text, highlight=False)
-        elif text:
-            self.line(text)
+        """A line between progress updates (above the bars on a terminal, where it wraps)."""
+        if text:
+            self.c.print(text, highlight=False, soft_wrap=not self.interactive)
 
     def emit(self, event: ev.Event) -> None:
         if isinstance(event, ev.Message):
@@ -195,23 +193,22 @@ class _Experts(_View):
     def handle(self, e: ev.Event) -> None:
         if isinstance(e, ev.ExpertsStarted):
             n = len(e.indices)
+            self.clock = _JobClock(
+                n * e.epochs, f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}", live=self.interactive
+            )
             if not self.interactive:
                 self.line(
                     f"experts: {n} to train of {e.total} in {e.folder} ({plural(e.epochs, 'epoch')}, {e.n_params:,} parameters, {e.device})"
                 )
-            else:
-                self.line(
-                    f"Training {n} of {plural(e.total, 'expert')} into {e.folder} ({e.n_params:,} parameters, {e.device})"
-                )
-                self.progress, self.status = self.bars(), Text("")
-                # Counted in epochs, so that the time left is the whole job's.
-                self.t_experts = self.progress.add_task(plural(n, "expert"), total=n * e.epochs)
-                self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
-            self.clock = _JobClock(
-                n * e.epochs, f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}", 1, self.interactive
+                return
+            self.line(
+                f"Training {n} of {plural(e.total, 'expert')} into {e.folder} ({e.n_params:,} parameters, {e.device})"
             )
-            if self.interactive:
-                self.show(Group(self.progress, self.status))
+            self.progress, self.status = self.bars(), Text("")
+            # Counted in epochs, so that the time left is the whole job's.
+            self.t_experts = self.progress.add_task(plural(n, "expert"), total=n * e.epochs)
+            self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
+            self.show(Group(self.progress, self.status))
         elif isinstance(e, ev.ExpertSkipped):
             self.line(f"expert {e.index}: already finished, skipped")
         elif isinstance(e, ev.ExpertStarted) and self.live:
