@@ -168,13 +168,15 @@ class _View:
     def handle(self, event: ev.Event) -> None:
         pass
 
-    def bars(self, *extra: rp.ProgressColumn) -> rp.Progress:
+    def bars(self, *extra: rp.ProgressColumn, eta: str = "") -> rp.Progress:
+        """Each task's description, bar and count, the ``extra`` columns, the time spent and the time left."""
         return rp.Progress(
             rp.TextColumn("{task.description}"),
             rp.BarColumn(),
             rp.MofNCompleteColumn(),
             *extra,
             rp.TimeElapsedColumn(),
+            *([rp.TextColumn(eta)] if eta else []),
             rp.TimeRemainingColumn(),
             console=self.c,
         )
@@ -283,17 +285,7 @@ class _Distill(_View):
             self.rule = f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else ""
             self.kept = f" ({e.keep_graphs} graphs kept)" if e.keep_graphs else ""
             if self.interactive:
-                self.progress = rp.Progress(
-                    rp.TextColumn("distill"),
-                    rp.BarColumn(),
-                    rp.MofNCompleteColumn(),
-                    rp.TaskProgressColumn(),
-                    rp.TextColumn("{task.fields[rate]}"),
-                    rp.TimeElapsedColumn(),
-                    rp.TextColumn("ETA"),
-                    rp.TimeRemainingColumn(),
-                    console=self.c,
-                )
+                self.progress = self.bars(rp.TaskProgressColumn(), rp.TextColumn("{task.fields[rate]}"), eta="ETA")
                 self.task = self.progress.add_task("distill", total=e.iterations, completed=e.start_iteration, rate="")
                 self.show(self.render())
             else:

@@ -142,12 +142,9 @@ def inspect(
         con = show(facts)
         if "grid" in exports:
             g = exports["grid"]
+            images = f"{plural(g['n_images'], 'image')} from {Path(g['source']).name} (iteration {g['iteration']})"
             con.print()
-            con.print(
-                Text(
-                    f"Wrote {g['path']}: {plural(g['n_images'], 'image')} from {Path(g['source']).name} (iteration {g['iteration']})."
-                )
-            )
+            con.print(Text(f"Wrote {g['path']}: {images}."))
         if "plot" in exports:
             con.print(Text(f"Wrote {exports['plot']['path']}."))
 

@@ -186,11 +186,8 @@ def _inspect_run(run_dir: Path) -> dict:
     ppath = run_dir / layout.PRUNE
     if ppath.exists() and layout.PRUNE not in errors:
         try:
-            counts, pmeta = prune_file.load(ppath)
-            pruning = {
-                **prune_file.layer_stats(counts, pmeta["layout"], int(pmeta.get("iterations_pruned") or 0)),
-                "iteration": pmeta.get("iteration"),
-            }
+            stats, pmeta = _layer_stats(ppath)
+            pruning = {**stats, "iteration": pmeta.get("iteration")}
         except StorageError as e:
             errors[layout.PRUNE] = _short_error(e, ppath, layout.PRUNE)
         except (KeyError, TypeError, ValueError) as e:
@@ -255,6 +252,12 @@ def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -
             valid = None
         out.append(_file_entry(p, name, valid, error, fmt))
     return out
+
+
+def _layer_stats(path: Path) -> tuple[dict, dict]:
+    """A prune counts file's statistics per layer (``prune_counts.layer_stats``), and its metadata."""
+    counts, meta = prune_file.load(path)
+    return prune_file.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0)), meta
 
 
 # --- experts folder ---------------------------------------------------------------------------
@@ -523,8 +526,7 @@ def _file_details(path: Path, fmt: str) -> dict:
         meta = facts["meta"]
         return {"dataset": meta.get("dataset"), **shown, "model_tag": experts_file.model_tag(meta.get("model"))}
     if fmt == prune_file.FORMAT:
-        counts, meta = prune_file.load(path)
-        return prune_file.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0))
+        return _layer_stats(path)[0]
     if fmt == preprocess_file.FORMAT:
         return preprocess_file.check_header(path)
     storage.read_meta(path, fmt)  # other dpd formats: the generic checks
