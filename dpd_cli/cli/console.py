@@ -195,9 +195,8 @@ class _Experts(_View):
     def handle(self, e: ev.Event) -> None:
         if isinstance(e, ev.ExpertsStarted):
             n = len(e.indices)
-            self.clock = _JobClock(
-                n * e.epochs, f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}", live=self.interactive
-            )
+            what = f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}"
+            self.clock = _JobClock(n * e.epochs, what, live=self.interactive)
             if not self.interactive:
                 self.line(
                     f"experts: {n} to train of {e.total} in {e.folder} ({plural(e.epochs, 'epoch')}, {e.n_params:,} parameters, {e.device})"
@@ -402,9 +401,8 @@ class _Evaluate(_View):
             accs = self.accs.setdefault(key, [])
             accs.append((e.accuracy, e.val_accuracy))
             vals = [v for _, v in accs if v is not None]
-            text = f"test {sum(a for a, _ in accs) / len(accs):.2%}" + (
-                f"  val {sum(vals) / len(vals):.2%}" if vals else ""
-            )
+            mean_val = f"  val {sum(vals) / len(vals):.2%}" if vals else ""
+            text = f"test {sum(a for a, _ in accs) / len(accs):.2%}{mean_val}"
             if key in self.sets:
                 self.progress.update(self.sets[key], advance=1, acc=text)
             self.note(f"{name}: {e.accuracy:.2%}{val}{diverged}")

@@ -284,14 +284,10 @@ def _prune_table(con: Console, pruning: dict) -> None:
         )
         for rank, r in enumerate(layers)
     ]
-    _put(
-        con, table(("layer", "shape", ">params", ">mean %", ">ever %", ""), _cut(rows, _MAX_LAYER_ROWS, "more layers"))
-    )
-    _put(
-        con,
-        "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once.",
-        "dim",
-    )
+    headers = ("layer", "shape", ">params", ">mean %", ">ever %", "")
+    _put(con, table(headers, _cut(rows, _MAX_LAYER_ROWS, "more layers")))
+    note = "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once."
+    _put(con, note, "dim")
 
 
 def _soft_label_table(con: Console, mass: list[dict]) -> None:
@@ -363,14 +359,12 @@ def _show_run(con: Console, f: dict) -> None:
     rows = []
     if loss:
         low = f"min {_num(loss['min'])} at iteration {loss['min_iteration']}"
-        rows.append(
-            ("loss", f"{sparkline(loss['values'], 30)}  first {_num(loss['first'])}, last {_num(loss['last'])}, {low}")
-        )
+        spark = sparkline(loss["values"], 30)
+        rows.append(("loss", f"{spark}  first {_num(loss['first'])}, last {_num(loss['last'])}, {low}"))
     if alpha:
         start = f" (start {_num(f['alpha_initial'])})" if f["alpha_initial"] is not None else ""
-        rows.append(
-            ("α (lr)", f"{sparkline(alpha['values'], 30)}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}")
-        )
+        spark = sparkline(alpha["values"], 30)
+        rows.append(("α (lr)", f"{spark}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}"))
     if rows:
         _heading(con, "Curves")
         _put(con, _facts_grid(rows))

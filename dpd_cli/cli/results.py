@@ -93,17 +93,15 @@ def selection_note(results: list[dict]) -> str | None:
         if r["source"] != "distilled" or r.get("select") not in ("val", "test-max"):
             continue
         if r["select"] == "val":
-            how = "the best validation accuracy" + (
-                "" if r.get("val_accuracy") is None else f" ({pct(r['val_accuracy'])}%)"
-            )
+            val = "" if r.get("val_accuracy") is None else f" ({pct(r['val_accuracy'])}%)"
+            how = f"the best validation accuracy{val}"
         else:
             how = "† the best TEST accuracy: optimistic, selected on the test set as published tables are"
         its = [c.get("iteration") for c in r.get("checkpoints") or []]
         among = f" of {len(its)} ({', '.join(map(str, its))})" if its else ""
         final = "" if r.get("final_accuracy") is None else f"; the final set scores {pct(r['final_accuracy'])}%"
-        lines.append(
-            f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}."
-        )
+        chosen = f"checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}"
+        lines.append(f"{r['model']}: distilled = {chosen}.")
     return "\n".join(lines) or None
 
 

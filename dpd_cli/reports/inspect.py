@@ -435,15 +435,10 @@ def _inspect_file(path: Path) -> dict:
             meta[k] = v
             warnings.append(f"metadata entry {k!r} is not JSON (shown as text).")
 
-    tensors = [
-        {
-            "name": name,
-            "dtype": e["dtype"],
-            "shape": list(e["shape"]),
-            "bytes": int(e["data_offsets"][1]) - int(e["data_offsets"][0]),
-        }
-        for name, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0]))
-    ]
+    tensors = []  # in file order
+    for name, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0])):
+        start, end = map(int, e["data_offsets"])
+        tensors.append({"name": name, "dtype": e["dtype"], "shape": list(e["shape"]), "bytes": end - start})
     details: dict | None = None
     problems: list[str] = []
     try:
