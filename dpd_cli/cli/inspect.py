@@ -397,10 +397,8 @@ def _state_line(st: dict) -> str:
     if st["status"] == "running":
         return f"running ({of} so far; {st.get('holder') or 'a dpd process'} holds the run's lock)"
     if st["status"] == "resumable":
-        return (
-            f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "
-            f"`dpd distill` command with --resume)"
-        )
+        rerun = "rerun the same `dpd distill` command with --resume"
+        return f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} ({rerun})"
     return f"stopped at {of}; no checkpoint to resume from (rerun `dpd distill` with --force to start over)"
 
 
