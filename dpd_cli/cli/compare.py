@@ -10,7 +10,7 @@ import typer
 from dpd_cli.cli.console import print_result
 from dpd_cli.cli.errors import handle_errors
 from dpd_cli.cli.options import examples_help
-from dpd_cli.cli.results import SOURCE_LABELS, pct, spread
+from dpd_cli.cli.results import SOURCE_LABELS, marks, pct, spread
 
 __all__ = ["compare"]
 
@@ -89,15 +89,12 @@ def lines(result: dict) -> list[str]:
             if cell is None:
                 out.append(f"  {_label(i)}  not evaluated")
                 continue
-            marks = "".join(
-                m for m, key in (("*", "diverged_runs"), ("†", "optimistic"), ("!", "no_gain")) if cell[key]
-            )
             details = [_which(cell)]
             details += [f"{cell['epochs']} epochs"] if cell["epochs"] else []
             details += [f"evaluation loop v{cell['protocol_version']}"] if cell["protocol_version"] else []
             details += [f"no gain: initial images {pct(cell['no_gain']['initial'])}"] if cell["no_gain"] else []
             details = ", ".join(d for d in details if d)
-            out.append(f"  {_label(i)}  {spread(cell['mean'], cell['std'], cell['runs'])}{marks}  {details}")
+            out.append(f"  {_label(i)}  {spread(cell['mean'], cell['std'], cell['runs'])}{marks(cell)}  {details}")
         out += [_difference_line(d) for d in row["differences"] if d is not None]
     cells = [c for row in result["rows"] for c in row["cells"] if c]
     if any(c["diverged_runs"] for c in cells):

@@ -155,11 +155,9 @@ class _View:
         self.c.print(text, highlight=False, soft_wrap=True)
 
     def note(self, text: str | None) -> None:
-        """A line between progress updates (above the bars on a terminal)."""
-        if text and self.interactive:
-            self.c.print(text, highlight=False)
-        elif text:
-            self.line(text)
+        """A line between progress updates (above the bars on a terminal, where it wraps)."""
+        if text:
+            self.c.print(text, highlight=False, soft_wrap=not self.interactive)
 
     def emit(self, event: ev.Event) -> None:
         if isinstance(event, ev.Message):
@@ -170,13 +168,15 @@ class _View:
     def handle(self, event: ev.Event) -> None:
         pass
 
-    def bars(self, *extra: rp.ProgressColumn) -> rp.Progress:
+    def bars(self, *extra: rp.ProgressColumn, eta: str = "") -> rp.Progress:
+        """Each task's description, bar and count, the ``extra`` columns, the time spent and the time left."""
         return rp.Progress(
             rp.TextColumn("{task.description}"),
             rp.BarColumn(),
             rp.MofNCompleteColumn(),
             *extra,
             rp.TimeElapsedColumn(),
+            *([rp.TextColumn(eta)] if eta else []),
             rp.TimeRemainingColumn(),
             console=self.c,
         )
@@ -195,23 +195,21 @@ class _Experts(_View):
     def handle(self, e: ev.Event) -> None:
         if isinstance(e, ev.ExpertsStarted):
             n = len(e.indices)
+            what = f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}"
+            self.clock = _JobClock(n * e.epochs, what, live=self.interactive)
             if not self.interactive:
                 self.line(
                     f"experts: {n} to train of {e.total} in {e.folder} ({plural(e.epochs, 'epoch')}, {e.n_params:,} parameters, {e.device})"
                 )
-            else:
-                self.line(
-                    f"Training {n} of {plural(e.total, 'expert')} into {e.folder} ({e.n_params:,} parameters, {e.device})"
-                )
-                self.progress, self.status = self.bars(), Text("")
-                # Counted in epochs, so that the time left is the whole job's.
-                self.t_experts = self.progress.add_task(plural(n, "expert"), total=n * e.epochs)
-                self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
-            self.clock = _JobClock(
-                n * e.epochs, f"{plural(n, 'expert')} × {plural(e.epochs, 'epoch')}", 1, self.interactive
+                return
+            self.line(
+                f"Training {n} of {plural(e.total, 'expert')} into {e.folder} ({e.n_params:,} parameters, {e.device})"
             )
-            if self.interactive:
-                self.show(Group(self.progress, self.status))
+            self.progress, self.status = self.bars(), Text("")
+            # Counted in epochs, so that the time left is the whole job's.
+            self.t_experts = self.progress.add_task(plural(n, "expert"), total=n * e.epochs)
+            self.t_epochs = self.progress.add_task("epochs ", total=e.epochs)
+            self.show(Group(self.progress, self.status))
         elif isinstance(e, ev.ExpertSkipped):
             self.line(f"expert {e.index}: already finished, skipped")
         elif isinstance(e, ev.ExpertStarted) and self.live:
@@ -286,17 +284,7 @@ class _Distill(_View):
             self.rule = f" ({e.prune_rule})" if e.prune_ratio > 0 and e.prune_rule else ""
             self.kept = f" ({e.keep_graphs} graphs kept)" if e.keep_graphs else ""
             if self.interactive:
-                self.progress = rp.Progress(
-                    rp.TextColumn("distill"),
-                    rp.BarColumn(),
-                    rp.MofNCompleteColumn(),
-                    rp.TaskProgressColumn(),
-                    rp.TextColumn("{task.fields[rate]}"),
-                    rp.TimeElapsedColumn(),
-                    rp.TextColumn("ETA"),
-                    rp.TimeRemainingColumn(),
-                    console=self.c,
-                )
+                self.progress = self.bars(rp.TaskProgressColumn(), rp.TextColumn("{task.fields[rate]}"), eta="ETA")
                 self.task = self.progress.add_task("distill", total=e.iterations, completed=e.start_iteration, rate="")
                 self.show(self.render())
             else:
@@ -413,9 +401,8 @@ class _Evaluate(_View):
             accs = self.accs.setdefault(key, [])
             accs.append((e.accuracy, e.val_accuracy))
             vals = [v for _, v in accs if v is not None]
-            text = f"test {sum(a for a, _ in accs) / len(accs):.2%}" + (
-                f"  val {sum(vals) / len(vals):.2%}" if vals else ""
-            )
+            mean_val = f"  val {sum(vals) / len(vals):.2%}" if vals else ""
+            text = f"test {sum(a for a, _ in accs) / len(accs):.2%}{mean_val}"
             if key in self.sets:
                 self.progress.update(self.sets[key], advance=1, acc=text)
             self.note(f"{name}: {e.accuracy:.2%}{val}{diverged}")

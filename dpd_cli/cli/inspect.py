@@ -142,12 +142,9 @@ def inspect(
         con = show(facts)
         if "grid" in exports:
             g = exports["grid"]
+            images = f"{plural(g['n_images'], 'image')} from {Path(g['source']).name} (iteration {g['iteration']})"
             con.print()
-            con.print(
-                Text(
-                    f"Wrote {g['path']}: {plural(g['n_images'], 'image')} from {Path(g['source']).name} (iteration {g['iteration']})."
-                )
-            )
+            con.print(Text(f"Wrote {g['path']}: {images}."))
         if "plot" in exports:
             con.print(Text(f"Wrote {exports['plot']['path']}."))
 
@@ -185,6 +182,10 @@ def _shape(shape: list[int]) -> str:
     return "×".join(map(str, shape)) or "scalar"
 
 
+def _title(con: Console, what: str, path: str, more: str = "") -> None:
+    con.print(Text.assemble((what + " ", "bold"), path, more))
+
+
 def _heading(con: Console, text: str) -> None:
     con.print()
     con.print(Text(text, style="bold"))
@@ -212,6 +213,23 @@ def _status(word: str) -> Text:
     return Text(word, style={"ok": "green", "INVALID": "bold red", "mismatch": "yellow", "-": "dim"}[word])
 
 
+def _cut(rows: list[tuple], limit: int, more: str, tail: int = 0) -> list[tuple]:
+    """At most ``limit`` rows shown: the first ones, a line saying how many more, then the last ``tail``."""
+    if len(rows) <= limit:
+        return rows
+    line = (Text(f"... {len(rows) - limit} {more} (--json lists all)", style="dim"),)
+    return [*rows[: limit - tail], line, *rows[len(rows) - tail :]]
+
+
+def _files(con: Console, files: list[dict], limit: int | None = None) -> None:
+    """The Files table; ``valid`` None is a file nothing checks."""
+    _heading(con, "Files")
+    rows = [
+        (e["name"], _size(e["size"]), _status({True: "ok", False: "INVALID", None: "-"}[e["valid"]])) for e in files
+    ]
+    _put(con, table(("file", ">size", "status"), _cut(rows, limit, "more", tail=2) if limit else rows))
+
+
 def _warnings(con: Console, warnings: list[str]) -> None:
     if warnings:
         _heading(con, f"Warnings ({len(warnings)})")
@@ -232,20 +250,14 @@ def _evaluation(con: Console, ev: dict | None) -> None:
         _put(con, "no results" + ("" if ev["valid"] else " (the file is unreadable; see the warnings)"))
         return
     _put(con, results_table(results))
-    for note, style in (
-        (selection_note(results), "dim"),
-        (divergence_note(results), "dim"),
-        (below_note(results), "bold red"),
-    ):
+    older = ev["n_entries"] - len(results)
+    notes = [(selection_note(results), "dim"), (divergence_note(results), "dim"), (below_note(results), "bold red")]
+    if older > 0:
+        shown = "The latest result per model, protocol and source is shown"
+        notes.append((f"{shown}; {ev['file']} holds {older} older one{'s' if older > 1 else ''}.", "dim"))
+    for note, style in notes:
         if note:
             _put(con, note, style)
-    older = ev["n_entries"] - len(results)
-    if older > 0:
-        _put(
-            con,
-            f"The latest result per model, protocol and source is shown; {ev['file']} holds {older} older one{'s' if older > 1 else ''}.",
-            "dim",
-        )
 
 
 def _prune_table(con: Console, pruning: dict) -> None:
@@ -270,93 +282,26 @@ def _prune_table(con: Console, pruning: dict) -> None:
             f"{r['ever_pct']:.1f}",
             Text("█" * round(10 * r["mean_pct"] / top) if r["mean_pct"] > 0 else "", style="red"),
         )
-        for rank, r in enumerate(layers[:_MAX_LAYER_ROWS])
+        for rank, r in enumerate(layers)
     ]
-    if len(layers) > _MAX_LAYER_ROWS:
-        rows.append((Text(f"... {len(layers) - _MAX_LAYER_ROWS} more layers (--json lists all)", style="dim"),))
-    _put(con, table(("layer", "shape", ">params", ">mean %", ">ever %", ""), rows))
-    _put(
-        con,
-        "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once.",
-        "dim",
-    )
+    headers = ("layer", "shape", ">params", ">mean %", ">ever %", "")
+    _put(con, table(headers, _cut(rows, _MAX_LAYER_ROWS, "more layers")))
+    note = "mean %: share of the layer pruned in an average pruned iteration; ever %: share pruned at least once."
+    _put(con, note, "dim")
 
 
-# --- run --------------------------------------------------------------------------------------
-def _show_run(con: Console, f: dict) -> None:
-    s, st, syn = f["settings"], f["state"], f["synthetic"]
-    con.print(Text.assemble(("Run directory ", "bold"), f["path"]))
-    images = ""
-    if syn:
-        images = f", {syn['n_images']} images ({syn['ipc']} per class, {_shape(syn['image_shape'])})"
-    elif s.get("ipc"):
-        images = f", {s['ipc']} per class"
-    rho = s.get("prune_ratio")
-    pruning = ""
-    if rho == 0:
-        pruning = "ratio 0: no pruning (plain MTT)"
-    elif rho is not None:
-        warm = f", warm-up {s['prune_warmup']}" if s.get("prune_warmup") else ""
-        pruning = f"ratio {rho:g}, scope {s.get('prune_scope')}, criterion {s.get('prune_criterion')}{warm}"
-    distill = ""
-    if s:
-        distill = (
-            f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
-            f"{s.get('max_start_epoch')}, memory {s.get('memory')}"
-            + (f" (keep-graphs {s['keep_graphs']})" if s.get("keep_graphs") else "")
-            + f", seed {s.get('seed')}"
-        )
-    experts = f["experts_folder"] or ""
-    if experts and f["n_experts"]:
-        experts += f" ({plural(f['n_experts'], 'expert')})"
-    facts = [
-        ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
-        ("model", f["model_tag"] or ""),
-        ("labels", _labels_line(syn)),
-        ("pruning", pruning),
-        ("distill", distill),
-        ("experts", experts),
-        ("changed", "; ".join(_change(c) for c in f.get("changes") or [])),
-        ("state", _state_line(st)),
-    ]
-    _put(con, _facts_grid(facts))
-
-    loss, alpha = f["loss"], f["alpha"]
-    if loss or alpha:
-        _heading(con, "Curves")
-        rows = []
-        if loss:
-            spark = sparkline(loss["values"], 30)
-            rows.append(
-                (
-                    "loss",
-                    f"{spark}  first {_num(loss['first'])}, last {_num(loss['last'])}, "
-                    f"min {_num(loss['min'])} at iteration {loss['min_iteration']}",
-                )
-            )
-        if alpha:
-            start = f" (start {_num(f['alpha_initial'])})" if f["alpha_initial"] is not None else ""
-            spark = sparkline(alpha["values"], 30)
-            rows.append(("α (lr)", f"{spark}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}"))
-        _put(con, _facts_grid(rows))
-    elif st["iteration"]:
-        _put(con, "(no readable metrics.jsonl: no curves)", "dim")
-
-    if f["pruning"]:
-        _prune_table(con, f["pruning"])
-    if syn and syn.get("soft_labels"):
-        _soft_label_table(con, syn["soft_labels"])
-    _evaluation(con, f["evaluation"])
-    _heading(con, "Files")
+def _soft_label_table(con: Console, mass: list[dict]) -> None:
+    _heading(con, "Soft labels by class (mean over the class's images)")
     rows = [
-        (e["name"], _size(e["size"]), _status({True: "ok", False: "INVALID", None: "-"}[e["valid"]]))
-        for e in f["files"]
+        (
+            c["class"],
+            Text(f"{c['own']:.0%}", style="bold red" if c["own"] < 0.5 else ""),
+            ", ".join(f"{t['class']} {t['mass']:.0%}" for t in c["top"]),
+        )
+        for c in mass
     ]
-    _put(con, table(("file", ">size", "status"), rows))
-    _warnings(con, f["warnings"])
-    if f["evaluation"] is None and st["status"] == "finished":
-        con.print()
-        con.print(Text(f"Next: dpd evaluate {f['path']}"))
+    _put(con, table(("class", ">own class", "most mass"), rows))
+    _put(con, "A network trains on the softmax of each image's learned logits instead of its class.", "dim")
 
 
 def _labels_line(syn: dict | None) -> str:
@@ -376,18 +321,66 @@ def _labels_line(syn: dict | None) -> str:
     )
 
 
-def _soft_label_table(con: Console, mass: list[dict]) -> None:
-    _heading(con, "Soft labels by class (mean over the class's images)")
-    rows = [
-        (
-            c["class"],
-            Text(f"{c['own']:.0%}", style="bold red" if c["own"] < 0.5 else ""),
-            ", ".join(f"{t['class']} {t['mass']:.0%}" for t in c["top"]),
+# --- run --------------------------------------------------------------------------------------
+def _show_run(con: Console, f: dict) -> None:
+    s, st, syn = f["settings"], f["state"], f["synthetic"]
+    _title(con, "Run directory", f["path"])
+    images = f", {s['ipc']} per class" if s.get("ipc") else ""
+    if syn:
+        images = f", {syn['n_images']} images ({syn['ipc']} per class, {_shape(syn['image_shape'])})"
+    rho = s.get("prune_ratio")
+    pruning = "ratio 0: no pruning (plain MTT)" if rho == 0 else ""
+    if rho:
+        warm = f", warm-up {s['prune_warmup']}" if s.get("prune_warmup") else ""
+        pruning = f"ratio {rho:g}, scope {s.get('prune_scope')}, criterion {s.get('prune_criterion')}{warm}"
+    distill = ""
+    if s:
+        keep = f" (keep-graphs {s['keep_graphs']})" if s.get("keep_graphs") else ""
+        distill = (
+            f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
+            f"{s.get('max_start_epoch')}, memory {s.get('memory')}{keep}, seed {s.get('seed')}"
         )
-        for c in mass
+    experts = f["experts_folder"] or ""
+    if experts and f["n_experts"]:
+        experts += f" ({plural(f['n_experts'], 'expert')})"
+    facts = [
+        ("dataset", (f["dataset"] or "?") + images + (", ZCA" if s.get("zca") else "")),
+        ("model", f["model_tag"] or ""),
+        ("labels", _labels_line(syn)),
+        ("pruning", pruning),
+        ("distill", distill),
+        ("experts", experts),
+        ("changed", "; ".join(_change(c) for c in f.get("changes") or [])),
+        ("state", _state_line(st)),
     ]
-    _put(con, table(("class", ">own class", "most mass"), rows))
-    _put(con, "A network trains on the softmax of each image's learned logits instead of its class.", "dim")
+    _put(con, _facts_grid(facts))
+
+    loss, alpha = f["loss"], f["alpha"]
+    rows = []
+    if loss:
+        low = f"min {_num(loss['min'])} at iteration {loss['min_iteration']}"
+        spark = sparkline(loss["values"], 30)
+        rows.append(("loss", f"{spark}  first {_num(loss['first'])}, last {_num(loss['last'])}, {low}"))
+    if alpha:
+        start = f" (start {_num(f['alpha_initial'])})" if f["alpha_initial"] is not None else ""
+        spark = sparkline(alpha["values"], 30)
+        rows.append(("α (lr)", f"{spark}  {_num(alpha['first'])} → {_num(alpha['last'])}{start}"))
+    if rows:
+        _heading(con, "Curves")
+        _put(con, _facts_grid(rows))
+    elif st["iteration"]:
+        _put(con, "(no readable metrics.jsonl: no curves)", "dim")
+
+    if f["pruning"]:
+        _prune_table(con, f["pruning"])
+    if syn and syn.get("soft_labels"):
+        _soft_label_table(con, syn["soft_labels"])
+    _evaluation(con, f["evaluation"])
+    _files(con, f["files"])
+    _warnings(con, f["warnings"])
+    if f["evaluation"] is None and st["status"] == "finished":
+        con.print()
+        con.print(Text(f"Next: dpd evaluate {f['path']}"))
 
 
 def _change(c: dict) -> str:
@@ -404,10 +397,8 @@ def _state_line(st: dict) -> str:
     if st["status"] == "running":
         return f"running ({of} so far; {st.get('holder') or 'a dpd process'} holds the run's lock)"
     if st["status"] == "resumable":
-        return (
-            f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} (rerun the same "
-            f"`dpd distill` command with --resume)"
-        )
+        rerun = "rerun the same `dpd distill` command with --resume"
+        return f"stopped at {of}; resumable from checkpoint {st['checkpoint_iteration']} ({rerun})"
     return f"stopped at {of}; no checkpoint to resume from (rerun `dpd distill` with --force to start over)"
 
 
@@ -426,7 +417,7 @@ _TRAINING = {
 
 
 def _show_experts(con: Console, f: dict) -> None:
-    con.print(Text.assemble(("Experts folder ", "bold"), f["path"]))
+    _title(con, "Experts folder", f["path"])
     training = ", ".join(
         fmt(v) if callable(fmt) else fmt.format(("off", "on")[v] if isinstance(v, bool) else v)
         for k, fmt in _TRAINING.items()
@@ -446,11 +437,10 @@ def _show_experts(con: Console, f: dict) -> None:
     accuracy = ""
     if acc["mean"] is not None:
         accuracy = f"final test accuracy {_pct(acc['mean'])} mean (min {_pct(acc['min'])}, max {_pct(acc['max'])})"
-    model = (f["model_tag"] or "?") + (f", {f['n_params']:,} parameters" if f["n_params"] else "")
     facts = [
         ("experts", count),
         ("dataset", f["dataset"] or "?"),
-        ("model", model),
+        ("model", (f["model_tag"] or "?") + (f", {f['n_params']:,} parameters" if f["n_params"] else "")),
         ("epochs", "" if f["epochs"] is None else str(f["epochs"])),
         ("training", training),
         ("accuracy", accuracy),
@@ -475,11 +465,9 @@ def _show_experts(con: Console, f: dict) -> None:
                 _pct(e.get("final_test_accuracy")) if e["valid"] else "",
                 _status("INVALID" if not e["valid"] else "mismatch" if not e.get("compatible") else "ok"),
             )
-            for e in f["experts"][:_MAX_EXPERT_ROWS]
+            for e in f["experts"]
         ]
-        if len(f["experts"]) > _MAX_EXPERT_ROWS:
-            rows.append((Text(f"... {len(f['experts']) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"),))
-        _put(con, table(("file", ">epochs", ">final test acc", "status"), rows))
+        _put(con, table(("file", ">epochs", ">final test acc", "status"), _cut(rows, _MAX_EXPERT_ROWS, "more")))
     _warnings(con, f["warnings"])
 
 
@@ -493,7 +481,7 @@ def _imported(record: dict) -> str:
 
 # --- export folder ----------------------------------------------------------------------------
 def _show_export(con: Console, f: dict) -> None:
-    con.print(Text.assemble(("Export folder ", "bold"), f["path"], f" (dpd export --format {f['format']})"))
+    _title(con, "Export folder", f["path"], f" (dpd export --format {f['format']})")
     shape = f", {_shape(f['image_shape'])}" if f["image_shape"] else ""
     images = f"{plural(f['n_images'] or 0, 'image')} ({f['ipc']} per class, {f['n_classes']} classes{shape})"
     facts = [
@@ -505,13 +493,7 @@ def _show_export(con: Console, f: dict) -> None:
         ("written by", f"dpd {f['written_by']}" if f["written_by"] else "?"),
     ]
     _put(con, _facts_grid(facts))
-    _heading(con, "Files")
-    rows: list[tuple] = [(e["name"], _size(e["size"]), _status("ok" if e["valid"] else "INVALID")) for e in f["files"]]
-    if len(rows) > _MAX_EXPERT_ROWS:  # one PNG per image
-        rows[_MAX_EXPERT_ROWS - 2 : -2] = [
-            (Text(f"... {len(rows) - _MAX_EXPERT_ROWS} more (--json lists all)", style="dim"),)
-        ]
-    _put(con, table(("file", ">size", "status"), rows))
+    _files(con, f["files"], limit=_MAX_EXPERT_ROWS)  # one PNG per image: README and record stay in view
     _put(con, "README.txt says how to load them.", "dim")
     _warnings(con, f["warnings"])
 
@@ -525,6 +507,10 @@ _DETAIL_LABELS = {
     "model_tag": "model",
     "zca": "ZCA",
 }
+_CHECKSUM = {
+    "verified": "verified (the tensor data is as written)",
+    "mismatch": "DAMAGED (the tensor data does not match the checksum recorded when it was written)",
+}
 
 
 def _detail(key: str, value: Any) -> str:
@@ -537,14 +523,8 @@ def _detail(key: str, value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-_CHECKSUM = {
-    "verified": "verified (the tensor data is as written)",
-    "mismatch": "DAMAGED (the tensor data does not match the checksum recorded when it was written)",
-}
-
-
 def _show_file(con: Console, f: dict) -> None:
-    con.print(Text.assemble(("File ", "bold"), f["path"], f" ({_size(f['size'])})"))
+    _title(con, "File", f["path"], f" ({_size(f['size'])})")
     fmt = f["format"] or "a safetensors file not written by dpd (no dpd format metadata)"
     if f["format_version"]:
         fmt += f" version {f['format_version']}"

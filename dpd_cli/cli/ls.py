@@ -93,14 +93,8 @@ def _run_row(e: dict) -> list[str]:
     rho = e["prune_ratio"]
     done = f"{e['iteration']}/{e['iterations']}" if e["iterations"] is not None else str(e["iteration"])
     criterion = (e["prune_criterion"] or "?") if rho else "-"
-    return [
-        str(e["ipc"] or "?"),
-        "?" if rho is None else f"{rho:g}",
-        criterion,
-        done,
-        e["state"],
-        _accuracy(e["evaluation"]),
-    ]
+    rho_text = "?" if rho is None else f"{rho:g}"
+    return [str(e["ipc"] or "?"), rho_text, criterion, done, e["state"], _accuracy(e["evaluation"])]
 
 
 def _experts_row(e: dict) -> list[str]:

@@ -46,6 +46,12 @@ def table(headers: tuple[str, ...], rows: list[tuple]) -> Table:
     return t
 
 
+def marks(r: dict) -> str:
+    """A cell's marks: ``*`` diverged trainings, ``†`` selected on the test set, ``!`` below the baselines or no gain."""
+    flags = (r.get("diverged_runs"), r.get("optimistic"), r.get("below_baselines") or r.get("no_gain"))
+    return "".join(mark for mark, on in zip("*†!", flags, strict=True) if on)
+
+
 def results_table(results: list[dict]) -> Table:
     """The table of ``results`` (the latest entry wins where a model, protocol and source repeat)."""
     sources = [s for s in SOURCE_LABELS if any(r["source"] == s for r in results)]
@@ -53,14 +59,10 @@ def results_table(results: list[dict]) -> Table:
     latest = {(r["model"], r.get("protocol"), str(r["source"])): r for r in results}
     rows = []
     for model, protocol in dict.fromkeys((r["model"], r.get("protocol")) for r in results):
-        cells = []
-        for r in (latest.get((model, protocol, s)) for s in sources):
-            if r is None:
-                cells.append("")
-                continue
-            marks = [m for m, key in (("*", "diverged_runs"), ("†", "optimistic")) if r.get(key)]
-            marks += ["!"] if r.get("below_baselines") or r.get("no_gain") else []
-            cells.append(spread(r.get("mean"), r.get("std"), r.get("runs")) + "".join(marks))
+        cells = [
+            "" if r is None else spread(r.get("mean"), r.get("std"), r.get("runs")) + marks(r)
+            for r in (latest.get((model, protocol, s)) for s in sources)
+        ]
         rows.append((model, protocol, *cells))
     return table(("model", "protocol", *(">" + _label(s) for s in sources)), rows)
 
@@ -91,17 +93,15 @@ def selection_note(results: list[dict]) -> str | None:
         if r["source"] != "distilled" or r.get("select") not in ("val", "test-max"):
             continue
         if r["select"] == "val":
-            how = "the best validation accuracy" + (
-                "" if r.get("val_accuracy") is None else f" ({pct(r['val_accuracy'])}%)"
-            )
+            val = "" if r.get("val_accuracy") is None else f" ({pct(r['val_accuracy'])}%)"
+            how = f"the best validation accuracy{val}"
         else:
             how = "† the best TEST accuracy: optimistic, selected on the test set as published tables are"
         its = [c.get("iteration") for c in r.get("checkpoints") or []]
         among = f" of {len(its)} ({', '.join(map(str, its))})" if its else ""
         final = "" if r.get("final_accuracy") is None else f"; the final set scores {pct(r['final_accuracy'])}%"
-        lines.append(
-            f"{r['model']}: distilled = checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}."
-        )
+        chosen = f"checkpoint {r.get('selected_iteration')}{among}, chosen by {how}{final}"
+        lines.append(f"{r['model']}: distilled = {chosen}.")
     return "\n".join(lines) or None
 
 

@@ -90,20 +90,16 @@ def detect(path: Path) -> str:
     )
 
 
-def inspect(path: Path, expert_epochs: int | None = None, max_experts: int = MAX_DISTANCE_EXPERTS) -> dict:
+def inspect(path: Path, expert_epochs: int | None = None) -> dict:
     """Everything worth knowing about ``path``: ``{"kind", "path", ..., "warnings"}`` (docs/formats.md lists the keys).
 
-    ``expert_epochs`` is M of the experts' parameter distance ``‖θ_t − θ_{t+M}‖``, computed on ``max_experts``.
+    ``expert_epochs`` is M of the experts' parameter distance ``‖θ_t − θ_{t+M}‖``.
     """
     path = Path(path)
     kind = detect(path)
-    if kind == "run":
-        return _inspect_run(path)
     if kind == "experts":
-        return _inspect_experts(path, expert_epochs or DEFAULT_EXPERT_EPOCHS, max_experts)
-    if kind == "export":
-        return _inspect_export(path)
-    return _inspect_file(path)
+        return _inspect_experts(path, expert_epochs or DEFAULT_EXPERT_EPOCHS)
+    return {"run": _inspect_run, "export": _inspect_export, "file": _inspect_file}[kind](path)
 
 
 def _short_error(e: Exception | str, path: Path, name: str) -> str:
@@ -190,11 +186,8 @@ def _inspect_run(run_dir: Path) -> dict:
     ppath = run_dir / layout.PRUNE
     if ppath.exists() and layout.PRUNE not in errors:
         try:
-            counts, pmeta = prune_file.load(ppath)
-            pruning = {
-                **prune_file.layer_stats(counts, pmeta["layout"], int(pmeta.get("iterations_pruned") or 0)),
-                "iteration": pmeta.get("iteration"),
-            }
+            stats, pmeta = _layer_stats(ppath)
+            pruning = {**stats, "iteration": pmeta.get("iteration")}
         except StorageError as e:
             errors[layout.PRUNE] = _short_error(e, ppath, layout.PRUNE)
         except (KeyError, TypeError, ValueError) as e:
@@ -261,8 +254,14 @@ def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -
     return out
 
 
+def _layer_stats(path: Path) -> tuple[dict, dict]:
+    """A prune counts file's statistics per layer (``prune_counts.layer_stats``), and its metadata."""
+    counts, meta = prune_file.load(path)
+    return prune_file.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0)), meta
+
+
 # --- experts folder ---------------------------------------------------------------------------
-def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
+def _inspect_experts(folder: Path, m: int) -> dict:
     facts = experts_file.check(folder, verify=True)
     warnings = list(facts["problems"])
     compat, experts = facts["compat"], facts["experts"]
@@ -278,7 +277,7 @@ def _inspect_experts(folder: Path, m: int, max_experts: int) -> dict:
             f"--expert-epochs {m} is more than the {epochs} epochs the experts have: no parameter distance."
         )
     elif good:
-        distance = _distances([folder / e["file"] for e in good[:max_experts]], m, epochs, warnings)
+        distance = _distances([folder / e["file"] for e in good[:MAX_DISTANCE_EXPERTS]], m, epochs, warnings)
         distance["n_experts_total"] = len(good)
 
     settings = (facts["manifest"] or {}).get("settings") or ref_meta.get("settings") or {}
@@ -397,21 +396,6 @@ def _inspect_export(folder: Path) -> dict:
 
 
 # --- single file ------------------------------------------------------------------------------
-def _decode_meta_lenient(raw: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """Metadata values JSON-decoded where possible; the keys that are not JSON."""
-    meta: dict[str, Any] = {}
-    not_json = []
-    for k, v in raw.items():
-        if k in _ENVELOPE_KEYS:
-            continue
-        try:
-            meta[k] = json.loads(v)
-        except (json.JSONDecodeError, RecursionError):
-            meta[k] = v
-            not_json.append(k)
-    return meta, not_json
-
-
 def _inspect_file(path: Path) -> dict:
     if path.suffix in (".json", ".jsonl"):
         beside = evaluation.target_of(path)
@@ -440,18 +424,21 @@ def _inspect_file(path: Path) -> dict:
             f"{path} is {fmt} format version {version or '?'}; this dpd reads version "
             f"{' or '.join(map(str, readable))}. Use the dpd version that wrote it, or recreate the file."
         )
-    meta, not_json = _decode_meta_lenient(raw)
-    warnings = [f"metadata entry {k!r} is not JSON (shown as text)." for k in not_json]
+    meta: dict[str, Any] = {}  # the metadata values JSON-decoded where possible, else as text
+    warnings = []
+    for k, v in raw.items():
+        if k in _ENVELOPE_KEYS:
+            continue
+        try:
+            meta[k] = json.loads(v)
+        except (json.JSONDecodeError, RecursionError):
+            meta[k] = v
+            warnings.append(f"metadata entry {k!r} is not JSON (shown as text).")
 
-    tensors = [
-        {
-            "name": name,
-            "dtype": e["dtype"],
-            "shape": list(e["shape"]),
-            "bytes": int(e["data_offsets"][1]) - int(e["data_offsets"][0]),
-        }
-        for name, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0]))
-    ]
+    tensors = []  # in file order
+    for name, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0])):
+        start, end = map(int, e["data_offsets"])
+        tensors.append({"name": name, "dtype": e["dtype"], "shape": list(e["shape"]), "bytes": end - start})
     details: dict | None = None
     problems: list[str] = []
     try:
@@ -530,17 +517,11 @@ def _file_details(path: Path, fmt: str) -> dict:
         return synthetic_file.describe(*synthetic_file.load(path))
     if fmt == experts_file.TRAJECTORY:
         facts = experts_file.check_trajectory(path)
-        return {
-            "dataset": facts["meta"].get("dataset"),
-            "index": facts["index"],
-            "epochs": facts["epochs"],
-            "n_params": facts["n_params"],
-            "final_test_accuracy": facts["final_test_accuracy"],
-            "model_tag": experts_file.model_tag(facts["meta"].get("model")),
-        }
+        shown = {k: facts[k] for k in ("index", "epochs", "n_params", "final_test_accuracy")}
+        meta = facts["meta"]
+        return {"dataset": meta.get("dataset"), **shown, "model_tag": experts_file.model_tag(meta.get("model"))}
     if fmt == prune_file.FORMAT:
-        counts, meta = prune_file.load(path)
-        return prune_file.layer_stats(counts, meta["layout"], int(meta.get("iterations_pruned") or 0))
+        return _layer_stats(path)[0]
     if fmt == preprocess_file.FORMAT:
         return preprocess_file.check_header(path)
     storage.read_meta(path, fmt)  # other dpd formats: the generic checks
@@ -552,12 +533,7 @@ def export_grid(path: Path, out: Path) -> dict:
     """Write the synthetic images of a run (or of a synthetic/checkpoint file) as a PNG grid: ``{"path", "source",
     "n_images", "iteration"}``. A run whose synthetic.safetensors is unreadable falls back to its newest checkpoint."""
     path = Path(path)
-    kind = detect(path)
-    if kind == "experts":
-        raise StorageError(
-            f"{path} is an experts folder: it holds trajectories, not images. Pass a run directory to --export-grid."
-        )
-    candidates = [path] if kind == "file" else [path / layout.SYNTHETIC, *layout.checkpoints(path)]
+    candidates = [path] if detect(path) == "file" else [path / layout.SYNTHETIC, *layout.checkpoints(path)]
     errors = []
     for p in candidates:
         if not p.exists():
