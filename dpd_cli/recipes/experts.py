@@ -29,6 +29,7 @@ from dpd_cli.io import storage
 from dpd_cli.io.provenance import versions
 from dpd_cli.models import FlatModel, ModelSpec, build_model
 from dpd_cli.recipes.runtime import build_preprocess, dataset_key, derive_seed, model_spec, prepare_runtime
+from dpd_cli.text import plural
 
 __all__ = ["run"]
 
@@ -149,7 +150,7 @@ def run(settings: ExpertSettings, sink: Sink | None = None) -> Path:
                 kept = len(mine) - len(todo) + n
                 which = f"expert {group[0]}" if len(group) == 1 else f"experts {', '.join(map(str, group))}"
                 raise interrupt.Interrupted(
-                    f"stopped while training {which}; the {kept} finished expert(s) in {folder} are kept. "
+                    f"stopped while training {which}; kept {plural(kept, 'finished expert')} in {folder}. "
                     "Rerun the same command to train the rest (finished experts are skipped)"
                 ) from None
     return folder

@@ -13,6 +13,7 @@ from dpd_cli.config.settings import MPS_REFUSED
 from dpd_cli.data import Dataset, Preprocess, fit_zca
 from dpd_cli.errors import DataError, DeviceError
 from dpd_cli.models import ModelSpec, default_depth
+from dpd_cli.text import plural
 
 __all__ = [
     "dataset_key",
@@ -47,7 +48,9 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0.")
+            raise DeviceError(
+                f"--device {name}: this machine has {plural(torch.cuda.device_count(), 'GPU')}, numbered from 0."
+            )
         return dev
     if name == "mps":
         raise DeviceError(f"--device {MPS_REFUSED}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dpd_cli.artifacts import discover, evaluation, json_number, layout
+from dpd_cli.artifacts import discover, evaluation, json_number, layout, short_message
 from dpd_cli.artifacts import experts as experts_file
 from dpd_cli.artifacts import export as export_file
 from dpd_cli.artifacts import metrics as metrics_file
@@ -102,18 +102,13 @@ def inspect(path: Path, expert_epochs: int | None = None) -> dict:
     return {"run": _inspect_run, "export": _inspect_export, "file": _inspect_file}[kind](path)
 
 
-def _short_error(e: Exception | str, path: Path, name: str) -> str:
-    """The error message with the (long) path replaced by the name shown next to it."""
-    return str(e).replace(str(path), name)
-
-
 def _evaluation(eval_file: Path, warnings: list[str]) -> dict | None:
     """eval.json's latest result per (source, model, protocol) as inspect shows it; None without a file."""
     ev = evaluation.latest(eval_file)
     if ev is None:
         return None
     name = eval_file.name
-    error = _short_error(ev["error"], eval_file, name) if ev["error"] else None
+    error = short_message(ev["error"], eval_file, name) if ev["error"] else None
     if error:
         warnings.append(error)
     if ev["skipped"]:
@@ -171,7 +166,7 @@ def _inspect_run(run_dir: Path) -> dict:
             synthetic = synthetic_file.describe(t, syn_meta)
             del t
         except StorageError as e:
-            errors[layout.SYNTHETIC] = _short_error(e, syn_path, layout.SYNTHETIC)
+            errors[layout.SYNTHETIC] = short_message(e, syn_path, layout.SYNTHETIC)
             syn_meta = None
     syn_meta = syn_meta or {}
     ckpt_meta = scan["checkpoints"][0]["meta"] if scan["checkpoints"] else {}
@@ -189,7 +184,7 @@ def _inspect_run(run_dir: Path) -> dict:
             stats, pmeta = _layer_stats(ppath)
             pruning = {**stats, "iteration": pmeta.get("iteration")}
         except StorageError as e:
-            errors[layout.PRUNE] = _short_error(e, ppath, layout.PRUNE)
+            errors[layout.PRUNE] = short_message(e, ppath, layout.PRUNE)
         except (KeyError, TypeError, ValueError) as e:
             errors[layout.PRUNE] = f"{layout.PRUNE}: cannot read the layer statistics ({e})."
 
@@ -244,7 +239,7 @@ def _run_files(run_dir: Path, errors: dict[str, str], formats: dict[str, str]) -
                 fmt = meta.get("format")
                 storage.verify_data(p, meta)
             except StorageError as e:
-                valid, error = False, _short_error(e, p, name)
+                valid, error = False, short_message(e, p, name)
         elif p.suffix == ".png":
             error = check_png(p)
             valid = error is None
@@ -349,7 +344,7 @@ def _distances(files: list[Path], m: int, epochs: int, warnings: list[str]) -> d
                     if len(window) > m:
                         dist[e - m] = torch.linalg.vector_norm(window[-1] - window[0], dtype=torch.float64)
         except StorageError as e:  # the file changed since it was checked
-            warnings.append(_short_error(e, path, path.name))
+            warnings.append(short_message(e, path, path.name))
             continue
         if not torch.isfinite(dist).all():
             warnings.append(
@@ -445,14 +440,14 @@ def _inspect_file(path: Path) -> dict:
         checksum = "verified" if storage.verify_data(path, raw) else UNVERIFIED
     except StorageError as e:
         checksum = "mismatch"
-        problems.append(_short_error(e, path, path.name))
+        problems.append(short_message(e, path, path.name))
     if fmt is None:  # a safetensors file another tool wrote: its tensors and metadata, nothing dpd-specific
         checksum = "-"
     elif not problems:
         try:
             details = _file_details(path, fmt)
         except StorageError as e:
-            problems.append(_short_error(e, path, path.name))
+            problems.append(short_message(e, path, path.name))
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"{path.name}: metadata does not fit the {fmt} format ({e}).")
 

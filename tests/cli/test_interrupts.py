@@ -432,7 +432,7 @@ def test_ctrl_c_during_experts_keeps_finished_experts(zygote, tmp_path, env):
     assert child.wait(30) == 130, child.stderr
     assert time.monotonic() - t0 < 3
     assert (
-        f"Interrupted: stopped while training expert 2; the 2 finished expert(s) in {out} are kept. Rerun the same command"
+        f"Interrupted: stopped while training expert 2; kept 2 finished experts in {out}. Rerun the same command"
         in child.stderr
     )
     kept = {p: p.stat().st_mtime_ns for p in out.glob("expert_*.safetensors")}
