@@ -43,8 +43,8 @@ __all__ = ["Study", "load", "run", "run_batch", "read_records", "summarise", "po
 RECORDS, SUMMARY = "records.jsonl", "study.json"
 #: What each run reports: the validation-selected checkpoint, the final set and the test-selected one (optimistic).
 METRICS = ("selected", "final", "test_max")
-#: ``--concurrent``'s default (on the CPU, on a GPU): 4 on the CPU, where four seeds as one batch took 0.77-0.91
-#: of the four separate runs' time (IPC 1, one thread: docs/results.md); 8 on a GPU, not measured yet.
+#: ``--concurrent``'s default (on the CPU, on a GPU): 4 on the CPU, where the quick study distilled in 0.74-0.75
+#: of K = 1's time (docs/results.md); 8 on a GPU, not measured yet.
 CONCURRENT = (4, 8)
 #: Settings that say where or how fast a run goes, not what it computes: left out of a record's key.
 _PLACE = set("out experts resume force data_dir device threads log_every dist_timeout host_memory fail_under".split())
