@@ -126,7 +126,7 @@ class BatchRecipe:
             if len(at) > 1:
                 where = ", ".join(f"{r.run_dir} at iteration {r.state.iteration}" for r in self.runs)
                 raise StorageError(
-                    f"--seeds resumes its runs together, but they stopped at different iterations ({where}). "
+                    f"A batch resumes its runs together, but they stopped at different iterations ({where}). "
                     f"Bring the others to iteration {max(at)} on their own (dpd distill --seed S --out DIR "
                     f"--resume --iterations {max(at)}), then resume them together."
                 )
