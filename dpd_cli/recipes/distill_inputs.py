@@ -382,7 +382,7 @@ def cuda_graphs(s: DistillSettings, device: torch.device, group, pruner, in_batc
     if group is not None:
         return "under torchrun"
     if in_batch:
-        return "runs batched together (--seeds, dpd study) run eagerly"
+        return "a batch of runs: --seeds or dpd study"
     if pruner.keeps_state:
         return "--prune-mask ema and --prune-mode network carry state across iterations"
     return None
