@@ -7,8 +7,7 @@
         recipe.checkpoint()                         # exact-resume state + outputs
         run_dir = recipe.train()                    # steps until done, with checkpoints and Ctrl-C handling
 
-The state that must survive a resume lives in one ``DistillState`` (``distill_inputs``); a checkpoint
-holds exactly it.
+The state that must survive a resume lives in one ``DistillState`` (``distill_inputs``); a checkpoint holds it.
 Everything random in iteration ``i`` is derived from ``(seed, i)``, so a resume reproduces an
 uninterrupted run exactly on the same device. ``RunWriter`` writes the run directory.
 """
@@ -116,10 +115,14 @@ class DistillRecipe:
         self.pruned_total = inputs.layer_totals(self.state.prune_counts, self.layer_ids, len(self.sizes))
         self.iterations_pruned = sum(1 for i in range(self.state.iteration) if self.prune.ratio_at(i) > 0)
         s, layers = self.s, [(layer.name, layer.numel) for layer in self.fm.layers]
-        st = self.state
-        where = (str(self.run_dir), st.iteration, s.iterations, layers, self.fm.n_params, len(st.images))
-        how = (len(self.experts), str(self.device), s.memory, s.prune_ratio, self.prune.text(), s.keep_graphs)
-        self.sink.emit(DistillStarted(*where, *how))
+        self.sink.emit(
+            DistillStarted(
+                **{"run_dir": str(self.run_dir), "start_iteration": self.state.iteration, "iterations": s.iterations},
+                **{"layers": layers, "n_params": self.fm.n_params, "n_images": len(self.state.images)},
+                **{"n_experts": len(self.experts), "device": str(self.device), "memory": s.memory},
+                **{"prune_ratio": s.prune_ratio, "prune_rule": self.prune.text(), "keep_graphs": s.keep_graphs},
+            )
+        )
         if not resume:
             self.checkpoint()  # checkpoint 0: the real images the run starts from, always kept
 
