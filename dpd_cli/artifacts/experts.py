@@ -98,7 +98,8 @@ def old_preprocess_message(folder: Path, compat: dict) -> str:
         "MTT does (ZCA fitted on the raw [0, 1] pixels with no normalisation; CIFAR-100 normalised with CIFAR-10's "
         "constants), and experts, synthetic images and test images must share one preprocessing. Train new experts "
         "with `dpd experts` into another folder (--out, or delete this one), or keep using dpd 0.1 for it. "
-        "Synthetic sets already distilled from these experts still evaluate correctly: each file carries its own preprocessing."
+        "Synthetic sets already distilled from these experts still evaluate correctly: each file carries its own "
+        "preprocessing."
     )
 
 
@@ -130,7 +131,8 @@ def read_manifest(folder: Path) -> dict:
         )
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise StorageError(
-            f"{path} is dpd.experts format version {manifest.get('format_version')!r}; this dpd reads version {MANIFEST_VERSION}. "
+            f"{path} is dpd.experts format version {manifest.get('format_version')!r}; this dpd reads version "
+            f"{MANIFEST_VERSION}. "
             "Use the dpd version that wrote it, or train the experts again into another folder."
         )
     return manifest
@@ -251,7 +253,8 @@ def load_preprocess(folder: Path, spec) -> Preprocess:
     path = Path(folder) / PREPROCESS
     if not path.exists():
         raise StorageError(
-            f"{path} is missing; {path.parent} is not a complete experts folder. Rerun `dpd experts` with --out pointing at it (finished experts are kept)."
+            f"{path} is missing; {path.parent} is not a complete experts folder. Rerun `dpd experts` with --out "
+            "pointing at it (finished experts are kept)."
         )
     return preprocess_file.load(path, spec.channels, spec.image_size, "Delete the file and rerun `dpd experts`.")
 
@@ -324,7 +327,8 @@ class ExpertSet:
         rows = self.files[index].rows("trajectory", [t, t + m])
         if not torch.isfinite(rows).all():
             raise StorageError(
-                f"{self.files[index].path} holds NaN or Inf parameters at epoch {t} or {t + m}. Delete it and rerun `dpd experts`."
+                f"{self.files[index].path} holds NaN or Inf parameters at epoch {t} or {t + m}. Delete it and rerun "
+                "`dpd experts`."
             )
         return rows[0], rows[1]
 
@@ -418,7 +422,8 @@ def check(folder: Path, verify: bool = False) -> dict:
     if ref_meta is not None:
         if compat and compat.get("model") not in (None, ref_meta.get("model")):
             problems.append(
-                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' {model_tag(ref_meta.get('model'))}."
+                f"experts.json's model {model_tag(compat.get('model'))} differs from the files' "
+                f"{model_tag(ref_meta.get('model'))}."
             )
         recorded = ref_meta.get("preprocess_fingerprint")
         if preprocess and recorded is not None and preprocess["fingerprint"] != recorded:

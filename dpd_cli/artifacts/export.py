@@ -140,10 +140,12 @@ def readme(fmt: str, info: dict) -> str:
     k = len(info["classes"])
     head = [
         f"dpd export ({fmt}) of {info['source']}",
-        f"Dataset {info['dataset']}: {k} classes, {plural(info['ipc'], 'image')} per class, {plural(n, 'image')} of {c}x{h}x{w}; "
+        f"Dataset {info['dataset']}: {k} classes, {plural(info['ipc'], 'image')} per class, {plural(n, 'image')} of "
+        f"{c}x{h}x{w}; "
         f"learned step size alpha = {info['lr']:.6g}. Written by dpd {info['versions']['dpd']}.",
         "",
-        f"The images live in the networks' training space, {_space(pre, info.get('train_per_class'))}. Test images must be "
+        f"The images live in the networks' training space, {_space(pre, info.get('train_per_class'))}. Test images "
+        "must be "
         "mapped into the same space before a network trained on these images is tested.",
         "",
         "Files",
@@ -153,7 +155,8 @@ def readme(fmt: str, info: dict) -> str:
     )
     end = body.index("") if "" in body else len(body)  # the list of files ends at the first blank line
     ours = [
-        f"  {RECORD}  what was exported, from where, by which dpd (dpd export --force replaces only folders holding it).",
+        f"  {RECORD}  what was exported, from where, by which dpd (dpd export --force replaces only folders holding "
+        "it).",
         f"  {README}  this file.",
     ]
     return "\n".join(w for line in head + body[:end] + ours + body[end:] + [""] for w in _wrap(line))
@@ -224,7 +227,8 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
             "    state = torch.load('zca.pt', weights_only=True)",
             "    zca.load_state_dict(state)   # kornia versions that keep the fit as buffers (e.g. 0.9);",
             "    # older kornia (0.6.3, DATM's environment) keeps it in attributes instead:",
-            "    # zca.mean_vector, zca.transform_matrix, zca.transform_inv = state['mean_vector'], state['transform_matrix'], state['transform_inv']; zca.fitted = True",
+            "    # zca.mean_vector, zca.transform_matrix, zca.transform_inv = state['mean_vector'], "
+            "state['transform_matrix'], state['transform_inv']; zca.fitted = True",
             "    x_test = zca(x)",
         ]
     else:
@@ -233,22 +237,26 @@ def _readme_torch(fmt: str, info: dict) -> list[str]:
     if name:
         zca = " --zca" if pre.has_zca else ""
         lines += [
-            f"With MTT's or DATM's code (dataset {name}{zca}): their get_dataset fits the same preprocessing on the dataset "
+            f"With MTT's or DATM's code (dataset {name}{zca}): their get_dataset fits the same preprocessing on the "
+            "dataset "
             "itself (ZCA: kornia, eps 0.1, raw [0, 1] pixels of the whole training set; else CIFAR-10's or ImageNet's "
             "mean/std, as dpd)."
         ]
         if pre.has_zca and info.get("train_per_class"):
             lines.append(
-                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images with zca.pt instead."
+                "This set's ZCA was fitted on a subset of the training set, so theirs differs: map the test images "
+                "with zca.pt instead."
             )
         lines += [
             "DATM's evaluation (it needs the datm format's [n, K] labels; DIR is this folder):",
-            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt --label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
+            f"    cd DATM/distill && python evaluation.py --dataset {name}{zca} --data_dir DIR/images_best.pt "
+            "--label_dir DIR/labels_best.pt --lr_dir DIR/lr_best.pt",
             "MTT's distill.py saves images_<it>.pt and labels_<it>.pt (and images_best.pt, labels_best.pt) under "
             "logged_files/, but none of MTT's scripts loads them: it evaluates inside distill.py. To use MTT's code, "
             "write a script that loads these files as above, sets args as distill.py does (dsa, dsa_param, "
             "epoch_eval_train, batch_train, device) with args.lr_net = lr, and calls utils.evaluate_synset(0, net, "
-            "images, labels, testloader, args) with net = utils.get_network(...); it needs int64 labels: the mtt format.",
+            "images, labels, testloader, args) with net = utils.get_network(...); it needs int64 labels: the mtt "
+            "format.",
         ]
     else:
         lines.append(
@@ -281,7 +289,8 @@ def _readme_npz(fmt: str, info: dict) -> list[str]:
         )
     lines += [
         f"    classes       str [{k}]              class names; label k is classes[k]",
-        "    meta_json     str []                the synthetic set's metadata as JSON (dataset, model, ipc, settings, ...)",
+        "    meta_json     str []                the synthetic set's metadata as JSON (dataset, model, ipc, settings, "
+        "...)",
         "",
         "Load",
         "    import numpy as np",
@@ -298,17 +307,22 @@ def _readme_npz(fmt: str, info: dict) -> list[str]:
 def _readme_imagefolder(fmt: str, info: dict) -> list[str]:
     k = len(info["classes"])
     lines = [
-        f"  <NN>-<class>/<i>.png  8-bit PNGs ({'grayscale' if info['shape'][1] == 1 else 'RGB'}), one folder per class, "
+        f"  <NN>-<class>/<i>.png  8-bit PNGs ({'grayscale' if info['shape'][1] == 1 else 'RGB'}), one folder per "
+        "class, "
         f"numbered 0..{k - 1} so that sorted folder names give the class indices (as torchvision's ImageFolder assigns "
         "them); i is the image's index in the synthetic set.",
         "",
-        "The images were mapped back to pixels (the ZCA undone, de-normalised), clipped to [0, 1] and rounded to 8 bits: "
-        f"{100 * info['pixels_clipped']:.2f} % of the values lay outside [0, 1] and were clipped. A network trained on these PNGs "
-        "must see them through the same preprocessing as above (the learned alpha assumes it), and still sees them only "
+        "The images were mapped back to pixels (the ZCA undone, de-normalised), clipped to [0, 1] and rounded to 8 "
+        "bits: "
+        f"{100 * info['pixels_clipped']:.2f} % of the values lay outside [0, 1] and were clipped. A network trained on "
+        "these PNGs "
+        "must see them through the same preprocessing as above (the learned alpha assumes it), and still sees them "
+        "only "
         "up to that rounding and clipping: for exact tensors, use --format npz or mtt.",
     ]
     if info["soft_labels"]:
         lines.append(
-            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i (an image folder can only say the class)."
+            f"  label_logits.npy  float32 [n, {k}]: the learned soft labels as logits, row i for image i (an image "
+            "folder can only say the class)."
         )
     return lines

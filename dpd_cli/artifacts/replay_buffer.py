@@ -41,7 +41,8 @@ def find(sources: list[Path]) -> list[Path]:
     each file once, where it first appears."""
     if not sources:
         raise StorageError(
-            "No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them (MTT writes them to <buffer_path>/<dataset>[_NO_ZCA]/<model>/)."
+            "No replay buffers given. Name the replay_buffer_<n>.pt files, or the folder holding them (MTT writes them "
+            "to <buffer_path>/<dataset>[_NO_ZCA]/<model>/)."
         )
     files: list[Path] = []
     for src in map(Path, sources):
@@ -113,12 +114,14 @@ def _load_error(path: Path, e: BaseException) -> StorageError:
     code = [g for g in _globals(path) if _runs_code(g)]
     if code:
         return StorageError(
-            f"{path} holds Python objects that would run code when loaded ({', '.join(dict.fromkeys(code))}); refused — dpd never unpickles."
+            f"{path} holds Python objects that would run code when loaded ({', '.join(dict.fromkeys(code))}); refused "
+            "— dpd never unpickles."
         )
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if m:
         return StorageError(
-            f"{path} holds pickled Python objects ({m.group(1)}), not only tensors and lists. dpd loads replay buffers with "
+            f"{path} holds pickled Python objects ({m.group(1)}), not only tensors and lists. dpd loads replay buffers "
+            "with "
             "torch.load(weights_only=True) and never unpickles other objects (unpickling can run arbitrary code). "
             f"{_SAVE_HINT} Re-save it in that form (plain torch tensors, e.g. torch.from_numpy for NumPy arrays)."
         )
@@ -130,7 +133,8 @@ def _load_error(path: Path, e: BaseException) -> StorageError:
     m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", first)
     reason = (m.group(1) if m else first or type(e).__name__)[:200]
     return StorageError(
-        f"{path} is not a readable PyTorch file ({reason}): it is truncated, corrupted or of another format. Copy it again from where the experts were trained."
+        f"{path} is not a readable PyTorch file ({reason}): it is truncated, corrupted or of another format. Copy it "
+        "again from where the experts were trained."
     )
 
 
@@ -162,7 +166,8 @@ def load(path: Path) -> list[list[list[torch.Tensor]]]:
         if not isinstance(expert, (list, tuple)) or len(expert) < 2:
             what = f"a list of {len(expert)} snapshot(s)" if isinstance(expert, (list, tuple)) else _describe(expert)
             raise StorageError(
-                f"{path}: expert {i} is {what}, expected a list of at least two snapshots (the initialisation and one per epoch). {_SAVE_HINT}"
+                f"{path}: expert {i} is {what}, expected a list of at least two snapshots (the initialisation and one "
+                f"per epoch). {_SAVE_HINT}"
             )
         for e, snapshot in enumerate(expert):
             if not isinstance(snapshot, (list, tuple)) or not snapshot:
@@ -173,7 +178,8 @@ def load(path: Path) -> list[list[list[torch.Tensor]]]:
             for k, p in enumerate(snapshot):
                 if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.layout != torch.strided:
                     raise StorageError(
-                        f"{path}: expert {i}, snapshot {e}, parameter {k} is {_describe(p)}, expected a floating-point tensor. {_SAVE_HINT}"
+                        f"{path}: expert {i}, snapshot {e}, parameter {k} is {_describe(p)}, expected a floating-point "
+                        f"tensor. {_SAVE_HINT}"
                     )
     return [list(map(list, expert)) for expert in data]
 
@@ -185,14 +191,16 @@ def check_layout(path: Path, experts: list, layout: list[list], network: str, hi
     for i, expert in enumerate(experts):
         if len(expert) != n_snapshots:
             raise ExpertsError(
-                f"{path}: expert {i} has {plural(len(expert), 'snapshot')}, expert 0 has {n_snapshots}; every expert of "
+                f"{path}: expert {i} has {plural(len(expert), 'snapshot')}, expert 0 has {n_snapshots}; every expert "
+                "of "
                 "a dpd experts folder has the same number of epochs. Import the buffers of one training setup together."
             )
         for e, snapshot in enumerate(expert):
             for k, ((name, shape), p) in enumerate(zip(layout, snapshot)):
                 if list(p.shape) != list(shape):
                     raise ExpertsError(
-                        f"{path}: expert {i}, snapshot {e}: parameter {k} has shape {list(p.shape)}, but parameter {k} of "
+                        f"{path}: expert {i}, snapshot {e}: parameter {k} has shape {list(p.shape)}, but parameter {k} "
+                        "of "
                         f"dpd's {network} ({name}) has shape {list(shape)}. The buffer holds another network; {hint}"
                     )
             if len(snapshot) != len(layout):

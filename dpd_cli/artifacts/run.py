@@ -45,7 +45,8 @@ def refuse_running(target: Path, instead: str) -> None:
     if newest is None:
         raise OutputExistsError(f"{what} It has no complete checkpoint yet: wait for the run to finish.")
     raise OutputExistsError(
-        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to finish, or {instead.format(checkpoint=newest)}."
+        f"{what} Its newest complete checkpoint is iteration {checkpoint_iteration(newest)}. Wait for the run to "
+        f"finish, or {instead.format(checkpoint=newest)}."
     )
 
 
@@ -90,20 +91,24 @@ def disagreements(
         )
     if prune is not None and checkpoint is not None and prune != checkpoint:
         out.append(
-            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are not the run's current ones. {redo}"
+            f"{PRUNE} is at iteration {prune}, the newest checkpoint at {checkpoint}: the pruning statistics are not "
+            f"the run's current ones. {redo}"
         )
     if metrics is not None and checkpoint is not None:
         if metrics < checkpoint:
             out.append(
-                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines are missing, so the curves stop early."
+                f"{METRICS} ends at iteration {metrics}, before the newest checkpoint ({checkpoint}): its later lines "
+                "are missing, so the curves stop early."
             )
         elif metrics > checkpoint and state["status"] == "resumable":
             out.append(
-                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): a resume redoes iterations {checkpoint + 1}-{metrics}."
+                f"{METRICS} reaches iteration {metrics}, past the newest checkpoint ({checkpoint}): a resume redoes "
+                f"iterations {checkpoint + 1}-{metrics}."
             )
     if missing:
         out.append(
-            f"{METRICS} has no line for {missing} of iterations 1-{metrics} (lines were lost or removed), so the curves have gaps."
+            f"{METRICS} has no line for {missing} of iterations 1-{metrics} (lines were lost or removed), so the "
+            "curves have gaps."
         )
     hashes = {name: h for name, h in settings_hashes.items() if h is not None}
     if len(set(hashes.values())) > 1:
@@ -117,7 +122,8 @@ def disagreements(
     if stale:
         which = ", ".join(f"{m} at iteration {it}" for m, it in stale.items())
         out.append(
-            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). Rerun `dpd evaluate {run_dir}` for current numbers."
+            f"{EVAL}: the latest distilled results ({which}) are not for the run's newest iteration ({now}). Rerun "
+            f"`dpd evaluate {run_dir}` for current numbers."
         )
     return out
 

@@ -97,13 +97,15 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     images, labels = t["images"], t["labels"]
     if tuple(images.shape[1:]) != (spec.channels, *spec.image_size) or len(images) == 0:
         raise StorageError(
-            f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, {spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}"
+            f"{path}: images have shape {tuple(images.shape)}, but the model takes ({spec.channels}, "
+            f"{spec.image_size[0]}, {spec.image_size[1]}) images. {_HINT}"
         )
     if len(images) != len(labels):
         raise StorageError(f"{path}: {len(images)} images but {len(labels)} labels.")
     if labels.min() < 0 or labels.max() >= spec.n_classes:
         raise StorageError(
-            f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {_HINT}"
+            f"{path}: labels must lie in 0..{spec.n_classes - 1}, found {int(labels.min())}..{int(labels.max())}. "
+            f"{_HINT}"
         )
     if not torch.isfinite(images).all() or not torch.isfinite(t["lr"]) or t["lr"] <= 0:
         raise StorageError(f"{path} holds non-finite images or a non-positive learning rate.")

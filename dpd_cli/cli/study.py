@@ -56,8 +56,8 @@ def study(
             min=1,
             help=escape(
                 "Runs distilled at once as one computation, each writing the run directory it would alone (up to "
-                "rounding): batches of up to K runs, a seed's variants together, differing only in per-run settings (default: [study] "
-                "concurrent, else 4 on the CPU and 8 on a GPU, where the gain is not measured yet)."
+                "rounding): batches of up to K runs, a seed's variants together, differing only in per-run settings "
+                "(default: [study] concurrent, else 4 on the CPU and 8 on a GPU, where the gain is not measured yet)."
             ),
         ),
     ] = None,
