@@ -246,6 +246,12 @@ class DistillSettings(DataFields, ModelFields, RunFields):
     expert_epochs: int = _setting(2, "M: expert epochs the student must match.", ge=1)
     max_start_epoch: int = _setting(20, "T+: start epochs are drawn from 0..T+-1.", ge=1)
     lr_img: float = _setting(1000.0, "Learning rate of the synthetic pixels.", gt=0)
+    lr_img_warmup: int = _setting(
+        0, "Ramp the pixels' learning rate linearly up to --lr-img over the first K iterations (0: off).", ge=0
+    )
+    clip_img: float = _setting(
+        0.0, "Clip the norm of each iteration's pixel gradient at C (0: off; metrics.jsonl's grad_norm).", ge=0
+    )
     lr_lr: float = _setting(1e-5, "Learning rate of the learnable step size alpha.", ge=0)
     lr_teacher: float = _setting(0.01, "Initial student step size alpha_0.", gt=0)
     batch_syn: int | None = _setting(None, "Synthetic mini-batch per student step (default: all).", ge=1)

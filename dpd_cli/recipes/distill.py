@@ -242,7 +242,11 @@ class DistillRecipe:
         it = st.iteration
         self.pruner.commit()
         with torch.no_grad():
-            _sgd_(st.images, st.momentum_images, res.grad_images, s.lr_img, _MOMENTUM)
+            grad, grad_norm = res.grad_images, res.grad_images.norm().float()
+            if s.clip_img:  # the gradient scaled to norm <= clip_img, without a host sync
+                grad = grad * (s.clip_img / grad_norm.clamp_min(s.clip_img)).to(grad.dtype)
+            warmup = min(1.0, (it + 1) / s.lr_img_warmup) if s.lr_img_warmup else 1.0
+            _sgd_(st.images, st.momentum_images, grad, s.lr_img * warmup, _MOMENTUM)
             _sgd_(st.lr, st.momentum_lr, res.grad_lr, s.lr_lr, _MOMENTUM)
             if st.label_logits is not None:  # DATM: SGD with its own learning rate and momentum
                 _sgd_(st.label_logits, st.momentum_labels, res.grad_labels, s.lr_y, s.momentum_y)
@@ -255,7 +259,7 @@ class DistillRecipe:
         st.prune_state = self.pruner.state
         st.iteration = it + 1
         record = {"iteration": it + 1, "loss": res.loss.float(), "lr": st.lr.clone(), "pruned": pruned, "expert": e}
-        self._pending.append({**record, "start_epoch": t, "image_std": image_std})
+        self._pending.append({**record, "start_epoch": t, "image_std": image_std, "grad_norm": grad_norm})
 
     def _meta_gradient(self, start, target, plan: matching.StepPlan, ratio: float) -> matching.MetaResult:
         """The iteration's meta-gradient: replayed from a CUDA graph where one was captured, else computed eagerly."""
@@ -298,10 +302,11 @@ class DistillRecipe:
             return
         pending, self._pending = self._pending, []
         dt = (time.perf_counter() - self._window_t0) / len(pending)
-        values = torch.stack([torch.stack([p["loss"], p["lr"].float(), p["image_std"]]) for p in pending]).tolist()
+        keys = ("loss", "lr", "image_std", "grad_norm")
+        values = torch.stack([torch.stack([p[k].float() for k in keys]) for p in pending]).tolist()
         per_layer = torch.stack([p["pruned"] for p in pending]).round().long().tolist()
         records = []
-        for p, (loss, a, image_std), pruned in zip(pending, values, per_layer, strict=True):
+        for p, (loss, a, image_std, grad_norm), pruned in zip(pending, values, per_layer, strict=True):
             if not math.isfinite(loss) or not a > 0:  # a NaN alpha fails "> 0" too
                 raise inputs.diverged(p["iteration"], loss, a, self.writer.checkpoints())
             for text in self.watch.check(p["iteration"], loss, image_std, self.s.lr_img):
@@ -309,7 +314,7 @@ class DistillRecipe:
             self.iterations_pruned += bool(sum(pruned))
             self.pruned_total = [a_ + b_ for a_, b_ in zip(self.pruned_total, pruned, strict=True)]
             layers = {layer.name: c for layer, c in zip(self.fm.layers, pruned, strict=True)}
-            rec = {**p, "loss": loss, "lr": a, "image_std": image_std, "pruned": layers}
+            rec = {**p, "loss": loss, "lr": a, "image_std": image_std, "grad_norm": grad_norm, "pruned": layers}
             rec["pruned_fraction"] = sum(pruned) / self.fm.n_params
             if self.changed:
                 rec["changed"], self.changed = self.changed, {}

@@ -581,3 +581,37 @@ def test_too_large_an_image_step_is_warned_about(dpd, experts, tmp_path):
     r = dpd("distill", "--experts", experts, "--out", tmp_path / "ok", *DISTILL, "--iterations", "8", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["warnings"] == [] and "Warning" not in r.output
+
+
+def _images(run: Path, iteration: int) -> torch.Tensor:
+    return load_synthetic(layout.checkpoint_path(run, iteration))[0]["images"].double()
+
+
+def test_clip_img_caps_the_step_and_grad_norm_is_the_gradients_norm(dpd, experts, tmp_path):
+    """One iteration from zero momentum moves the images by lr_img * g: |step| = lr_img * grad_norm unclipped,
+    lr_img * C clipped at a C below it, and a C above it changes nothing."""
+    args = ["distill", "--experts", experts, *DISTILL, "--iterations", "1", "--checkpoint-every", "1"]
+    assert dpd(*args, "--out", tmp_path / "plain").exit_code == 0
+    grad_norm = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+    runs = {c: tmp_path / f"clip{c}" for c in (grad_norm / 4, grad_norm * 4)}
+    for c, run in runs.items():
+        assert dpd(*args, "--out", run, "--clip-img", c).exit_code == 0
+    runs[0] = tmp_path / "plain"
+    step = {c: (_images(run, 1) - _images(run, 0)).norm().item() for c, run in runs.items()}
+    assert step[0] == pytest.approx(10 * grad_norm, rel=1e-3)
+    assert step[grad_norm / 4] == pytest.approx(10 * grad_norm / 4, rel=1e-3)
+    assert torch.equal(_images(runs[grad_norm * 4], 1), _images(runs[0], 1))
+
+
+def test_lr_img_warmup_equals_a_run_resumed_at_the_full_step(dpd, experts, tmp_path):
+    """--lr-img-warmup 2 steps at lr_img/2, then lr_img: the same images as one iteration at --lr-img 5 resumed at
+    --lr-img 10 (the momentum buffer carried by the checkpoint)."""
+    base = ["distill", "--experts", experts, *DISTILL, "--checkpoint-every", "1", "--keep-checkpoints", "all"]
+    warm, manual = tmp_path / "warm", tmp_path / "manual"
+    assert dpd(*base, "--out", warm, "--iterations", "3", "--lr-img-warmup", "2").exit_code == 0
+    assert dpd(*base, "--out", manual, "--iterations", "1", "--lr-img", "5").exit_code == 0
+    r = dpd(*base, "--out", manual, "--iterations", "3", "--lr-img", "10", "--resume")
+    assert r.exit_code == 0, r.output
+    for it in (1, 2, 3):
+        assert torch.allclose(_images(warm, it), _images(manual, it), rtol=0, atol=1e-6)
+    assert not torch.allclose(_images(warm, 1), _images(tmp_path / "manual", 0))
