@@ -366,7 +366,10 @@ def main(argv=None) -> None:
         plan |= {key: value} if value else {}
     plan["checkpoint_every"] = max(1, min(plan["checkpoint_every"], plan["iterations"]))
     if args.dataset:
-        plan["cells"] = {(args.dataset, ipc): v for (_, ipc), v in plan["cells"].items()}
+        cells = {}  # every cell's variants (in order, once) on this dataset
+        for (_, ipc), vs in plan["cells"].items():
+            cells[args.dataset, ipc] = list(dict.fromkeys(cells.get((args.dataset, ipc), []) + vs))
+        plan["cells"] = cells
     if args.variants is not None:
         wanted = {*args.variants, *map(baseline, args.variants)}
         plan["cells"] = {c: [v for v in vs if v in wanted] for c, vs in plan["cells"].items()}
