@@ -135,11 +135,7 @@ class DistillRecipe:
         self._stack.callback(parallel.stop)
         self.main = self.group is None or self.group.is_main
         if self.group is not None and s.norm == "batch":
-            raise ExpertsError(
-                "--norm batch cannot be distilled over several processes: batch norm mixes the rows that the ranks "
-                "split between them, so the result would depend on the number of ranks. Use --norm instance (MTT's), "
-                "or run one process."
-            )
+            raise ExpertsError(inputs.NORM_BATCH_RANKS)
         self.batch_grad = matching.BatchGradient() if self.group is None else parallel.ShardedGradient(self.group)
 
     def _setup_data(self) -> None:
@@ -242,11 +238,8 @@ class DistillRecipe:
         it = st.iteration
         self.pruner.commit()
         with torch.no_grad():
-            grad, grad_norm = res.grad_images, res.grad_images.norm().float()
-            if s.clip_img:  # the gradient scaled to norm <= clip_img, without a host sync
-                grad = grad * (s.clip_img / grad_norm.clamp_min(s.clip_img)).to(grad.dtype)
-            warmup = min(1.0, (it + 1) / s.lr_img_warmup) if s.lr_img_warmup else 1.0
-            _sgd_(st.images, st.momentum_images, grad, s.lr_img * warmup, _MOMENTUM)
+            grad, lr_img, grad_norm = inputs.image_step(s, it, res.grad_images)
+            _sgd_(st.images, st.momentum_images, grad, lr_img, _MOMENTUM)
             _sgd_(st.lr, st.momentum_lr, res.grad_lr, s.lr_lr, _MOMENTUM)
             if st.label_logits is not None:  # DATM: SGD with its own learning rate and momentum
                 _sgd_(st.label_logits, st.momentum_labels, res.grad_labels, s.lr_y, s.momentum_y)
@@ -302,7 +295,7 @@ class DistillRecipe:
             return
         pending, self._pending = self._pending, []
         dt = (time.perf_counter() - self._window_t0) / len(pending)
-        keys = ("loss", "lr", "image_std", "grad_norm")
+        keys = ("loss", "lr", "image_std", "grad_norm")  # read in one host sync
         values = torch.stack([torch.stack([p[k].float() for k in keys]) for p in pending]).tolist()
         per_layer = torch.stack([p["pruned"] for p in pending]).round().long().tolist()
         records = []

@@ -81,9 +81,22 @@ RESUMABLE = tuple(
 #: Settings a resume may change, each change recorded (``settings.json`` "changes", the next metrics line); the
 #: settings hash covers the values the run started with.
 ADJUSTABLE = ("lr_img", "lr_lr")
+NORM_BATCH_RANKS = (
+    "--norm batch cannot be distilled over several processes: batch norm mixes the rows that the ranks split "
+    "between them, so the result would depend on the number of ranks. Use --norm instance (MTT's), or run one process."
+)
 #: Settings an experts folder decides unless the user gives them (the network, the data it saw).
 FROM_EXPERTS = tuple("dataset data_dir model width depth norm pool zca train_per_class val_per_class".split())
 _NETWORK = ("width", "depth", "norm", "pool")  # the settings a ModelSpec records under the same names
+
+
+def image_step(s: DistillSettings, it: int, grad: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Iteration ``it``'s image gradient and step size under ``--clip-img`` (the gradient scaled to norm <= C, on the
+    device: no host sync) and ``--lr-img-warmup``, and the gradient's norm before clipping (a device scalar)."""
+    norm = grad.norm().float()
+    if s.clip_img:
+        grad = grad * (s.clip_img / norm.clamp_min(s.clip_img)).to(grad.dtype)
+    return grad, s.lr_img * (min(1.0, (it + 1) / s.lr_img_warmup) if s.lr_img_warmup else 1.0), norm
 
 
 def adopt(s: DistillSettings, manifest: dict, spec: ModelSpec) -> DistillSettings:

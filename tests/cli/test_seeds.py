@@ -142,12 +142,13 @@ def _in_float64(recipe: DistillRecipe) -> None:
             setattr(st, name, getattr(st, name).double())
 
 
-#: Variants in one batch: rho 0 (MTT), 0.05, another criterion, direction and step size, network mode with an EMA
-#: mask, and a warm-up with another seed and expert epochs. (Not --prune-scope layer here: the conv biases, which
-#: instance norm leaves without a gradient, tie at 0 up to rounding, and a tie may go either way.)
+#: Variants in one batch: rho 0 (MTT) with a warm-up of the image step, 0.05 with a clipped image gradient,
+#: another criterion, direction and step size, network mode with an EMA mask, and a prune warm-up with another
+#: seed and expert epochs. (Not --prune-scope layer here: the conv biases, which instance norm leaves without a
+#: gradient, tie at 0 up to rounding, and a tie may go either way.)
 VARIANTS = [
-    {"prune_ratio": 0.0},
-    {"prune_ratio": 0.05},
+    {"prune_ratio": 0.0, "lr_img_warmup": 3},
+    {"prune_ratio": 0.05, "clip_img": 1e-3},
     {"prune_ratio": 0.05, "prune_criterion": "relative", "prune_direction": "smallest", "lr_img": 3.0},
     {"prune_ratio": 0.1, "prune_mode": "network", "prune_mask": "ema"},
     {"prune_ratio": 0.05, "prune_warmup": 2, "expert_epochs": 2, "seed": 1},
