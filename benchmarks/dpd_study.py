@@ -18,12 +18,13 @@ MTT (rho 0) against dpd's default (rho 0.01, abs, largest) over 3 seeds; results
     distill   2 variants × 3 seeds × 1,000 iterations × 0.133 s/it       ~800 s  (+ ~10 s per run to start)
     evaluate  6 runs × 5 checkpoints (every 250) × 2 networks × ~3 s     ~180 s
 
-about 24 minutes one run at a time: these minimum sizes do not fit 9 minutes on one GPU. Within 9 minutes
-(``gpu_check.sh --scale``): ``--experts 10 --expert-epochs 24 --iterations 250 --eval-runs 1``, about 180 + 200
-+ 40 s plus ~90 s of start-up, one run at a time. The plan distils its 6 runs as one batch (``[study]
-concurrent = 8``, ``dpd study --concurrent``): at the 4x aggregate speed that gpu_check.sh's batched step asks
-of a batch of 8, the distillation line would shrink to about a quarter -- an estimate, the batch's speed on
-this study is not measured yet. Several processes on one GPU do not help (two torchrun ranks: 0.414 s/it
+about 24 minutes one network and one run at a time. dpd batches all three on a GPU (experts 4 at once,
+evaluation networks 8, the plan's 6 distillations as one batch: ``[study] concurrent = 8``); at the speed-ups
+that gpu_check.sh's batched step asks for (experts 4x, evaluation 5x, distillations 4x) these minimum sizes
+would take about 115 + 30 + 200 + 40 s plus ~90 s of start-up, 8 minutes -- an estimate, not measured.
+``gpu_check.sh --scale`` therefore runs sizes that fit 9 minutes without those speed-ups, ``--experts 10
+--expert-epochs 24 --iterations 250 --eval-runs 1`` (about 180 + 200 + 40 s plus start-up one at a time), and
+``SCALE_ARGS=''`` the minimum sizes. Several processes on one GPU do not help (two torchrun ranks: 0.414 s/it
 against 0.229 for one process).
 
     python benchmarks/dpd_study.py --plan robust --fashion-mnist-dir data/fashion-mnist --out bench-out/dpd-robust
