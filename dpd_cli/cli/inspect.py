@@ -336,6 +336,7 @@ def _show_run(con: Console, f: dict) -> None:
     distill = ""
     if s:
         keep = f" (keep-graphs {s['keep_graphs']})" if s.get("keep_graphs") else ""
+        keep += "".join(f", {k.replace('_', '-')} {s[k]:g}" for k in ("lr_img_warmup", "clip_img") if s.get(k))
         distill = (
             f"syn-steps {s.get('syn_steps')}, expert-epochs {s.get('expert_epochs')}, max-start-epoch "
             f"{s.get('max_start_epoch')}, memory {s.get('memory')}{keep}, seed {s.get('seed')}"

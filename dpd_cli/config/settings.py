@@ -250,7 +250,9 @@ class DistillSettings(DataFields, ModelFields, RunFields):
         0, "Ramp the pixels' learning rate linearly up to --lr-img over the first K iterations (0: off).", ge=0
     )
     clip_img: float = _setting(
-        0.0, "Clip the norm of each iteration's pixel gradient at C (0: off; metrics.jsonl's grad_norm).", ge=0
+        0.0,
+        "Clip the norm of each iteration's pixel gradient at C (0: off; metrics.jsonl records it: grad_norm).",
+        ge=0,
     )
     lr_lr: float = _setting(1e-5, "Learning rate of the learnable step size alpha.", ge=0)
     lr_teacher: float = _setting(0.01, "Initial student step size alpha_0.", gt=0)

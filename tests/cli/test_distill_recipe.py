@@ -615,3 +615,5 @@ def test_lr_img_warmup_equals_a_run_resumed_at_the_full_step(dpd, experts, tmp_p
     for it in (1, 2, 3):
         assert torch.allclose(_images(warm, it), _images(manual, it), rtol=0, atol=1e-6)
     assert not torch.allclose(_images(warm, 1), _images(tmp_path / "manual", 0))
+    shown = dpd("inspect", warm)
+    assert "lr-img-warmup 2, seed 0" in " ".join(shown.output.split()), shown.output
