@@ -544,8 +544,8 @@ def _no_gain(entries: list[dict], lr_img: float | None) -> list[str]:
                 f"{d['model']}: distillation did not help: {why}. Test accuracy (%) by iteration: "
                 + ", ".join(f"{c['iteration']}: {100 * c['mean']:.2f}" for c in curve)
                 + f" (final minus initial {100 * diff['mean']:+.2f} points over {diff['n']} networks{spread}). "
-                f"Too large an image step can do this: try a smaller --lr-img ({smaller}), or DPD pruning "
-                "(--prune-ratio 0.01 or 0.05), which kept 0.7-1.1 points that MTT lost at a tenfold step on Fashion-MNIST."
+                f"Too large an image step can do this: try a smaller --lr-img ({smaller}); DPD pruning (--prune-ratio "
+                "0.01 or 0.05) or --clip-img kept 0.2-1.1 of the points MTT lost at a tenfold step (docs/results.md)."
             ),
         }
         notes.append(d["no_gain"]["message"])

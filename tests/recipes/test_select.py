@@ -177,8 +177,8 @@ def test_no_gain_when_selection_returns_the_initial_images(run_val, monkeypatch)
     )
     assert "Test accuracy (%) by iteration: 0: 91.60, 2: 61.10, 4: 69.60, 6: 80.50" in ng["message"]
     assert (
-        "try a smaller --lr-img (e.g. 1, a tenth of this run's 10), or DPD pruning (--prune-ratio 0.01 or 0.05)"
-        in ng["message"]
+        "try a smaller --lr-img (e.g. 1, a tenth of this run's 10); DPD pruning (--prune-ratio 0.01 or 0.05) or "
+        "--clip-img kept" in ng["message"]
     )
     assert result["warnings"] == [ng["message"]] and result["no_gain"] == ["convnet"] and result["passed"]
     assert json.loads((run_val / "eval.json").read_text())["results"][-1]["no_gain"] == ng
