@@ -104,7 +104,7 @@ _PAPER_VARIANTS = list(VARIANTS)
 #: The robust plan: MTT and two DPD ratios, each at lr_img x scale ("NAME@lrS"); the scales in the order run.
 LR_SCALES = [1, 10, 3, 0.3, 0.1]
 _ROBUST = ["mtt", "abs-largest-0.01", "abs-largest-0.05"]
-# Simpler guards on the step than DPD: a tenth of the step over the first 10 % of the 100 iterations ramping up, or
+# Simpler guards on the step than DPD: the step ramped up from a tenth over the first 10 of the 100 iterations, or
 # the image gradient clipped at 0.0033 (Fashion-MNIST: the median grad_norm of MTT's first 25 iterations at x10).
 VARIANTS |= {
     "mtt-warmup": {"prune_ratio": 0.0, "lr_img_warmup": 10},

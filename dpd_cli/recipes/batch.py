@@ -27,9 +27,9 @@ __all__ = ["BatchRecipe", "PER_RUN", "shared_settings", "train"]
 #: Settings that may differ between the runs of a batch: each changes only its run's own draws (seed, expert
 #: epochs), initial state (init, lr_teacher, label_epoch), updates (learning rates), prune masks, or outputs.
 PER_RUN = frozenset(
-    "seed seeds out resume force lr_img lr_img_warmup clip_img lr_lr lr_teacher lr_y momentum_y label_epoch init expert_epochs "
-    "max_start_epoch prune_ratio prune_scope prune_criterion prune_direction prune_mask prune_ema_beta prune_mode "
-    "prune_warmup checkpoint_every keep_checkpoints log_every cuda_graphs".split()
+    "seed seeds out resume force lr_img lr_img_warmup clip_img lr_lr lr_teacher lr_y momentum_y label_epoch init "
+    "expert_epochs max_start_epoch prune_ratio prune_scope prune_criterion prune_direction prune_mask prune_ema_beta "
+    "prune_mode prune_warmup checkpoint_every keep_checkpoints log_every cuda_graphs".split()
 )
 
 
