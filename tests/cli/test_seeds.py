@@ -170,6 +170,7 @@ def test_a_batch_of_variants_computes_what_each_variant_computes_alone_in_float6
         for _ in range(4):
             b.step()
         together = [r.state for r in b.runs]
+        assert all(p["grad_norm"] > VARIANTS[1]["clip_img"] for p in b.runs[1]._pending)  # the clip bites
     for k, s in enumerate(runs):
         with DistillRecipe(s.model_copy(update={"out": tmp_path / f"one{k}"})) as one:
             _in_float64(one)
